@@ -1,0 +1,1 @@
+"""Elasticsearch and Kibana assets for openai-elastic, and the installer that pushes them."""
