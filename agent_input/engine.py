@@ -1,0 +1,496 @@
+"""The engine: one scheduler for every collector, one driver for every usage stream.
+
+`UsageCollector` turns a `UsageStreamSpec` plus a `StreamConfig` into polls: it works out the
+window (cursor, finalization grace, revision window), pages through the API, compares what it
+reads with what it already emitted, and hands each page's documents to `Delivery`, which stores
+them in the outbox together with the new cursor before sending them. `Engine` runs every
+collector on its own thread and interval; a failing stream reports and carries on (or, for a
+rejected key, stops) without touching the others.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from .ecs import iso_timestamp, usage_event
+from .outputs import Output, OutputError
+from .state import Cursor, Observation, StateStore, group_json
+from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
+
+log = logging.getLogger("agent_input.engine")
+
+Clock = Callable[[], float]
+
+
+class StreamStopped(Exception):
+    """A stream cannot go on (rejected key, missing scope): stop polling it, report why."""
+
+
+def serialize(doc_id: str, doc: Mapping[str, Any]) -> bytes:
+    """One NDJSON line with the deterministic id in the top-level `_id` key."""
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    return f'{{"_id":"{doc_id}",{body[1:]}\n'.encode()
+
+
+# -- delivery ---------------------------------------------------------------------------------
+class Delivery:
+    """Outbox first, then the output; the outbox entry goes only when the output acknowledges."""
+
+    def __init__(self, store: StateStore, output: Output):
+        self.store = store
+        self.output = output
+
+    def replay_pending(self) -> int:
+        """Re-send, byte for byte, every batch a previous run stored but never saw acknowledged."""
+        n = 0
+        for batch in self.store.pending():
+            self._send(batch.batch, batch.stream, batch.payload, batch.events)
+            n += batch.events
+        return n
+
+    def commit_page(self, stream: str, width: str, lines: list[bytes], **state) -> None:
+        payload = b"".join(lines)
+        batch = self.store.commit_page(stream, width, payload=payload, events=len(lines), **state)
+        if batch is not None:
+            self._send(batch, stream, payload, len(lines))
+
+    def commit_events(self, stream: str, lines: list[bytes], kv: Mapping[str, str]) -> None:
+        payload = b"".join(lines)
+        batch = self.store.commit_events(stream, payload, len(lines), kv)
+        if batch is not None:
+            self._send(batch, stream, payload, len(lines))
+
+    def _send(self, batch: int, stream: str, payload: bytes, events: int) -> None:
+        self.output.send(stream, payload, events, lambda: self.store.ack(batch))
+
+
+# -- collectors -------------------------------------------------------------------------------
+@dataclass
+class PollStats:
+    requests: int = 0
+    pages: int = 0
+    events: int = 0
+    corrections: int = 0
+    bad_buckets: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Collector(Protocol):
+    name: str
+    interval: float
+
+    def poll(self, now: float) -> PollStats: ...
+
+
+class BadBucket(ValueError):
+    """A bucket whose data does not match the API reference; it is reported, not emitted."""
+
+
+@dataclass
+class Progress:
+    """Per-stream backfill progress, shown on stderr only when it is a terminal."""
+
+    enabled: bool = field(default_factory=lambda: sys.stderr.isatty())
+    _state: dict = field(default_factory=dict)
+    _last: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def update(self, stream: str, done: float, total: float) -> None:
+        if not self.enabled or total <= 0:
+            return
+        with self._lock:
+            self._state[stream] = min(100, int(100 * done / total))
+            now = time.monotonic()
+            if now - self._last < 0.5 and self._state[stream] < 100:
+                return
+            self._last = now
+            line = "  ".join(f"{k} {v}%" for k, v in sorted(self._state.items()))
+            sys.stderr.write(f"\rbackfill: {line}\x1b[K")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self._state:
+            sys.stderr.write("\n")
+            self._state.clear()
+
+
+def _floor(ts: float, width: int) -> int:
+    return int(math.floor(ts / width)) * width
+
+
+class UsageCollector:
+    """Drives one usage-like endpoint: windows, grace, revisions, pages, outbox."""
+
+    def __init__(
+        self,
+        spec: UsageStreamSpec,
+        config,  # config.StreamConfig
+        client,  # http_client.AdminApiClient
+        delivery: Delivery,
+        *,
+        namespace: str = "default",
+        stop: threading.Event | None = None,
+        progress: Progress | None = None,
+        clock: Clock = time.time,
+        enrich: Callable[[dict], None] | None = None,
+    ):
+        self.spec = spec
+        self.name = spec.name
+        self.config = config
+        self.client = client
+        self.delivery = delivery
+        self.store = delivery.store
+        self.namespace = namespace
+        self.stop = stop or threading.Event()
+        self.progress = progress
+        self.clock = clock
+        self.enrich = enrich
+        self.width = config.bucket_width
+        self.width_s = WIDTH_SECONDS[self.width]
+        self.interval = config.interval
+        self.grace = config.finalization_grace if spec.has_grace else 0
+        self.revision_window = config.effective_revision_window
+
+    # The window a poll at `now` covers, per the seed's worked example.
+    def window(self, now: float) -> tuple[Cursor, int, int, int]:
+        w = self.width_s
+        end = _floor(now - self.grace, w)
+        cur = self.store.cursor(self.name, self.width)
+        if cur is None:
+            origin = _floor(now - self.config.initial_interval, w)
+            cur = Cursor(origin, origin)
+        final_before = _floor(now - self.revision_window, w)
+        resume = max(cur.origin, min(cur.position, final_before))
+        return cur, resume, end, final_before
+
+    def poll(self, now: float) -> PollStats:
+        stats = PollStats()
+        cur, resume, end, final_before = self.window(now)
+        if resume >= end:
+            return stats
+        w = self.width_s
+        created = iso_timestamp(self.clock())
+        seen = self.store.observations(self.name, self.width, resume, end)
+        params: dict[str, Any] = {
+            "start_time": resume,
+            "end_time": end,
+            "bucket_width": self.width,
+            "limit": self.spec.max_limit[self.width],
+        }
+        if self.spec.group_by:
+            params["group_by"] = list(self.spec.group_by)
+
+        contiguous = resume  # every bucket before this was read and good, in order
+        frozen = False
+        position = cur.position
+        carry: dict | None = None  # last bucket of a page: it may continue on the next page
+        page_token = None
+        while True:
+            if page_token:
+                params["page"] = page_token
+            body = self.client.get_json(self.spec.path, params)
+            stats.requests += 1
+            stats.pages += 1
+            buckets, has_more, page_token = self._page(body)
+            if carry is not None:
+                if buckets and buckets[0].get("start_time") == carry.get("start_time"):
+                    merged = dict(buckets[0])
+                    merged["results"] = _results(carry) + _results(buckets[0])
+                    buckets[0] = merged
+                else:
+                    buckets.insert(0, carry)
+                carry = None
+            more = bool(has_more and page_token)
+            if more and buckets:
+                carry = buckets.pop()
+            lines: list[bytes] = []
+            updates: list[tuple[int, str, int, Mapping[str, float]]] = []
+            for bucket in buckets:
+                try:
+                    start, stop_ = self._check_bucket(bucket, resume, end)
+                except BadBucket as exc:
+                    stats.bad_buckets += 1
+                    msg = f"{self.name}: skipped a bucket that does not match the API reference: {exc}"
+                    stats.errors.append(msg)
+                    log.warning(msg)
+                    frozen = True
+                    continue
+                if start is None:
+                    continue
+                try:
+                    self._diff_bucket(bucket, start, stop_, seen.get(start, {}), created, lines, updates, stats)
+                except BadBucket as exc:
+                    stats.bad_buckets += 1
+                    msg = f"{self.name}: bucket {iso_timestamp(start)} not stored, will retry: {exc}"
+                    stats.errors.append(msg)
+                    log.warning(msg)
+                    frozen = True
+                    continue
+                if not frozen:
+                    if start == contiguous:
+                        contiguous = stop_
+                    elif start > contiguous:
+                        frozen = True  # a gap: the API skipped buckets; ask again next poll
+            position = max(position, contiguous)
+            self.delivery.commit_page(
+                self.name,
+                self.width,
+                lines=lines,
+                observations=updates,
+                cursor=Cursor(cur.origin, position),
+                prune_before=min(position, final_before),
+            )
+            stats.events += len(lines)
+            if self.progress:
+                self.progress.update(self.name, contiguous - resume, end - resume)
+            if not more or self.stop.is_set():
+                break
+        if carry is not None:  # only reached when stopped mid-way: the carry is re-read next poll
+            pass
+        return stats
+
+    def _page(self, body: Mapping) -> tuple[list, bool, str | None]:
+        if not isinstance(body, Mapping):
+            raise BadPage("response is not a JSON object")
+        data = body.get("data")
+        if not isinstance(data, list):
+            raise BadPage("response has no `data` list of buckets")
+        token = body.get("next_page")
+        return list(data), bool(body.get("has_more")), token if isinstance(token, str) else None
+
+    def _check_bucket(self, bucket: Any, resume: int, end: int) -> tuple[int | None, int]:
+        if not isinstance(bucket, Mapping):
+            raise BadBucket("bucket is not an object")
+        start, stop_ = bucket.get("start_time"), bucket.get("end_time")
+        if not _is_int(start) or not _is_int(stop_):
+            raise BadBucket(f"start_time/end_time are not integers ({start!r}, {stop_!r})")
+        if stop_ - start != self.width_s:
+            raise BadBucket(f"bucket {start}..{stop_} is not {self.width} wide")
+        if start < resume or stop_ > end:
+            return None, stop_  # outside what we asked for (e.g. the bucket in progress)
+        if not isinstance(_results(bucket), list):
+            raise BadBucket(f"bucket {iso_timestamp(start)} has no results list")
+        return start, stop_
+
+    def _diff_bucket(
+        self,
+        bucket: Mapping,
+        start: int,
+        stop_: int,
+        previous: Mapping[str, Observation],
+        created: str,
+        lines: list[bytes],
+        updates: list,
+        stats: PollStats,
+    ) -> None:
+        """Compare a bucket with what was emitted for it; emit first observations and corrections."""
+        spec = self.spec
+        current: dict[str, tuple[Mapping, dict[str, float]]] = {}
+        for result in _results(bucket):
+            counters = self._counters(result, start)
+            key = group_json(spec.group_key(result))
+            if key in current:  # the same group twice: add them up rather than lose one
+                prev_result, prev_counters = current[key]
+                for k, v in counters.items():
+                    prev_counters[k] = prev_counters.get(k, 0) + v
+            else:
+                current[key] = (result, counters)
+        out: list[tuple[str, dict]] = []
+        for key, (result, counters) in current.items():
+            old = previous.get(key)
+            if old is None:
+                revision, values = 0, counters
+            else:
+                values = _difference(counters, old.counters)
+                if not values:
+                    continue
+                revision = old.revision + 1
+                stats.corrections += 1
+            out.append(self._event(start, stop_, result, values, revision, created))
+            updates.append((start, key, revision, counters))
+        for key, old in previous.items():
+            if key in current or not any(old.counters.values()):
+                continue
+            # the group vanished from a re-read bucket: bring its sum back to zero
+            result = dict(zip(spec.group_by, json.loads(key)))
+            result["object"] = f"organization.usage.{spec.name}.result"
+            zero = {k: 0 for k in old.counters}
+            values = _difference(zero, old.counters)
+            out.append(self._event(start, stop_, result, values, old.revision + 1, created))
+            updates.append((start, key, old.revision + 1, zero))
+            stats.corrections += 1
+        for doc_id, doc in out:
+            lines.append(serialize(doc_id, doc))
+
+    def _event(self, start: int, stop_: int, result: Mapping, values: Mapping, revision: int, created: str):
+        doc_id, doc = usage_event(
+            self.spec,
+            bucket_start=start,
+            bucket_end=stop_,
+            width=self.width,
+            result=result,
+            counters=values,
+            revision=revision,
+            namespace=self.namespace,
+            created=created,
+        )
+        if self.enrich is not None:
+            self.enrich(doc)
+        return doc_id, doc
+
+    def _counters(self, result: Any, start: int) -> dict[str, float]:
+        if not isinstance(result, Mapping):
+            raise BadBucket(f"a result is not an object: {result!r:.80}")
+        counters: dict[str, float] = {}
+        for name in self.spec.counters:
+            value = get_field(result, name)
+            if value is None:
+                if name in self.spec.required:
+                    raise BadBucket(f"result lacks required `{name}` ({_describe(result)})")
+                continue
+            if not _is_number(value):
+                raise BadBucket(f"`{name}` is {value!r:.40}, not a number ({_describe(result)})")
+            counters[name] = value
+        for name in self.spec.dimensions:
+            value = get_field(result, name)
+            if value is not None and not isinstance(value, (str, bool)):
+                raise BadBucket(f"`{name}` is {value!r:.40}, not a string ({_describe(result)})")
+        return counters
+
+
+class BadPage(BadBucket):
+    """A whole page does not match the API reference."""
+
+
+def _results(bucket: Mapping) -> Any:
+    """`results` in the current API; `result` in the older spec the seed was written against."""
+    if "results" in bucket:
+        return bucket["results"]
+    return bucket.get("result")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _describe(result: Mapping) -> str:
+    dims = {k: v for k, v in result.items() if isinstance(v, str)}
+    return ", ".join(f"{k}={v}" for k, v in list(dims.items())[:4]) or "no dimensions"
+
+
+def _difference(new: Mapping[str, float], old: Mapping[str, float]) -> dict[str, float]:
+    """Counter-wise new - old, only where it differs (floats rounded to kill binary noise)."""
+    out: dict[str, float] = {}
+    for key in new.keys() | old.keys():
+        delta = new.get(key, 0) - old.get(key, 0)
+        if isinstance(delta, float):
+            delta = round(delta, 9)
+        if delta:
+            out[key] = delta
+    return out
+
+
+# -- scheduling -------------------------------------------------------------------------------
+StatusCallback = Callable[[str, str, str], None]  # (stream, status, reason)
+
+
+class Engine:
+    """Runs every collector on its own thread and interval until stopped (or once)."""
+
+    def __init__(
+        self,
+        collectors: Iterable[Collector],
+        delivery: Delivery,
+        *,
+        stop: threading.Event | None = None,
+        clock: Clock = time.time,
+        on_status: StatusCallback | None = None,
+        on_poll: Callable[[str, PollStats], None] | None = None,
+    ):
+        self.collectors = list(collectors)
+        self.delivery = delivery
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self.on_status = on_status or (lambda s, st, r: None)
+        self.on_poll = on_poll or (lambda s, p: None)
+        self.failed: dict[str, str] = {}
+        self.totals: dict[str, PollStats] = {c.name: PollStats() for c in self.collectors}
+
+    def run(self, once: bool = False) -> int:
+        """Returns the process exit code: 0, or 1 when a stream failed."""
+        self.delivery.replay_pending()
+        threads = [
+            threading.Thread(target=self._loop, args=(c, once), name=f"stream-{c.name}", daemon=True)
+            for c in self.collectors
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+        return 1 if self.failed else 0
+
+    def _loop(self, collector: Collector, once: bool) -> None:
+        self.on_status(collector.name, "starting", "")
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                stats = collector.poll(self.clock())
+            except StreamStopped as exc:
+                self._fail(collector.name, str(exc))
+                return
+            except OutputError as exc:
+                self._fail(collector.name, str(exc))
+                self.stop.set()
+                return
+            except Exception as exc:  # noqa: BLE001 - one stream's failure must not stop others
+                from .http_client import AuthenticationError, PermissionDeniedError
+
+                if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
+                    self._fail(collector.name, str(exc))
+                    return
+                reason = str(exc) or exc.__class__.__name__
+                log.error("%s: poll failed, cursor kept, will retry: %s", collector.name, reason)
+                self.totals[collector.name].errors.append(reason)
+                self.on_status(collector.name, "degraded", reason)
+                if once:
+                    self.failed[collector.name] = reason
+                    return
+            else:
+                self._add(collector.name, stats)
+                self.on_poll(collector.name, stats)
+                if stats.errors:
+                    self.on_status(collector.name, "degraded", stats.errors[-1])
+                else:
+                    self.on_status(collector.name, "healthy", "")
+                if once:
+                    if stats.errors:
+                        self.failed.setdefault(collector.name, stats.errors[-1])
+                    return
+            if once:
+                return
+            self.stop.wait(max(0.0, collector.interval - (time.monotonic() - started)))
+
+    def _fail(self, name: str, reason: str) -> None:
+        log.error("%s: stopped: %s", name, reason)
+        self.failed[name] = reason
+        self.on_status(name, "failed", reason)
+
+    def _add(self, name: str, stats: PollStats) -> None:
+        t = self.totals[name]
+        t.requests += stats.requests
+        t.pages += stats.pages
+        t.events += stats.events
+        t.corrections += stats.corrections
+        t.bad_buckets += stats.bad_buckets
+        t.errors.extend(stats.errors)

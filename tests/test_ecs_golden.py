@@ -1,0 +1,127 @@
+"""Golden tests: the API results behind each seed example map to the seed's example document.
+
+The seed's examples predate some fields its own tables document (usage_tokens, usage_images) and
+ours (revision, bucket_width); those are checked separately. Fields set by the agent or by time
+(`event.ingested`, `event.created`, `event.agent_id_status`) are excepted.
+"""
+import copy
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from agent_input.ecs import document_id, usage_event
+from agent_input.streams import SEED_USAGE_STREAMS, STREAMS_BY_NAME
+
+SEED = Path(__file__).parent / "fixtures" / "seed"
+
+
+def _ts(iso: str) -> int:
+    return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+
+
+def _dims(base, *names):
+    return {n: base.get(n) for n in names}
+
+
+# What OpenAI's usage API sent for each seed example (1d buckets, as the seed's examples are).
+def api_result(name: str, seed_doc: dict) -> dict:
+    base = seed_doc["openai"]["base"]
+    own = seed_doc["openai"].get(name, {})
+    result = {"object": base["usage_object_type"]}
+    if "num_model_requests" in base:
+        result["num_model_requests"] = base["num_model_requests"]
+    result.update(_dims(base, "project_id", "user_id", "api_key_id", "model"))
+    if name == "code_interpreter_sessions":
+        result["num_sessions"] = own["sessions"]
+        for k in ("user_id", "api_key_id", "model"):
+            result.pop(k)
+    elif name == "vector_stores":
+        result["usage_bytes"] = own["usage_bytes"]
+        for k in ("user_id", "api_key_id", "model"):
+            result.pop(k)
+    else:
+        result.update(own)
+    return result
+
+
+OURS = {"revision", "bucket_width", "usage_tokens", "usage_images"}
+TIME_DEPENDENT = {"ingested", "created", "agent_id_status"}
+
+
+@pytest.mark.parametrize("name", SEED_USAGE_STREAMS)
+def test_seed_example_maps_exactly(name):
+    seed_doc = json.loads((SEED / f"{name}.json").read_text())
+    spec = STREAMS_BY_NAME[name]
+    base = seed_doc["openai"]["base"]
+    result = api_result(name, seed_doc)
+    doc_id, doc = usage_event(
+        spec,
+        bucket_start=_ts(base["start_time"]),
+        bucket_end=_ts(base["end_time"]),
+        width="1d",
+        result=result,
+        counters={c: result[c] for c in spec.counters if c in result},
+        revision=0,
+        namespace="default",
+        created="2025-01-28T21:56:17.149Z",
+    )
+    ours = copy.deepcopy(doc)
+    for f in OURS:
+        ours["openai"]["base"].pop(f, None)
+    expected = copy.deepcopy(seed_doc)
+    for f in TIME_DEPENDENT:
+        expected["event"].pop(f, None)
+        ours["event"].pop(f, None)
+    assert ours == expected
+    assert doc["openai"]["base"]["revision"] == 0
+    assert doc["openai"]["base"]["bucket_width"] == "1d"
+    assert doc_id == document_id(spec.dataset, "1d", _ts(base["start_time"]), spec.group_key(result), 0)
+
+
+def test_normalized_fields():
+    """usage_tokens = input + output for completions (input already holds audio/cached tokens)."""
+    spec = STREAMS_BY_NAME["completions"]
+    result = {"object": "organization.usage.completions.result", "input_tokens": 1000,
+              "input_audio_tokens": 50, "input_cached_tokens": 400, "output_tokens": 500,
+              "output_audio_tokens": 50, "num_model_requests": 5}
+    _, doc = usage_event(spec, bucket_start=0, bucket_end=60, width="1m", result=result,
+                         counters={k: v for k, v in result.items() if k != "object"},
+                         revision=0, namespace="default", created="x")
+    assert doc["openai"]["base"]["usage_tokens"] == 1500
+    images = STREAMS_BY_NAME["images"]
+    _, doc = usage_event(images, bucket_start=0, bucket_end=60, width="1m",
+                         result={"object": "organization.usage.images.result", "images": 3,
+                                 "num_model_requests": 2, "size": "1024x1024", "source": "image.edit"},
+                         counters={"images": 3, "num_model_requests": 2}, revision=0,
+                         namespace="default", created="x")
+    assert doc["openai"]["base"]["usage_images"] == 3
+    assert doc["openai"]["images"] == {"images": 3, "size": "1024x1024", "source": "image.edit"}
+
+
+def test_every_documented_completions_field_is_mapped():
+    spec = STREAMS_BY_NAME["completions"]
+    example = {"object": "organization.usage.completions.result", "input_tokens": 5000,
+               "input_cached_tokens": 1800, "input_cache_write_tokens": 200,
+               "input_uncached_tokens": 3000, "output_tokens": 1000, "input_text_tokens": 2500,
+               "output_text_tokens": 800, "input_cached_text_tokens": 1500,
+               "input_audio_tokens": 300, "input_cached_audio_tokens": 100,
+               "output_audio_tokens": 100, "input_image_tokens": 200,
+               "input_cached_image_tokens": 200, "output_image_tokens": 100,
+               "num_model_requests": 5, "project_id": "proj_abc", "user_id": "user-abc",
+               "api_key_id": "key_abc", "model": "gpt-4o-mini-2024-07-18", "batch": False,
+               "service_tier": "default"}
+    _, doc = usage_event(spec, bucket_start=0, bucket_end=60, width="1m", result=example,
+                         counters={c: example[c] for c in spec.counters}, revision=0,
+                         namespace="default", created="x")
+    comp = doc["openai"]["completions"]
+    base = doc["openai"]["base"]
+    for key, value in example.items():
+        if key == "object":
+            assert base["usage_object_type"] == value
+        elif key in ("project_id", "user_id", "api_key_id", "model", "num_model_requests"):
+            assert base[key] == value
+        else:
+            assert comp[key] == value, key
+    assert base["usage_tokens"] == 6000
