@@ -1,0 +1,267 @@
+"""The usage engine against an in-memory API: windows, grace, revisions, errors, bad data."""
+import json
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+
+from agent_input.engine import Delivery, UsageCollector
+from agent_input.outputs import NdjsonOutput
+from agent_input.streams import STREAMS_BY_NAME
+
+import io
+
+
+def ts(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp())
+
+
+class FakeApi:
+    """Serves completions buckets from `self.data[bucket_start] -> list of results`."""
+
+    def __init__(self, width=60, page_buckets=1440):
+        self.data: dict[int, list[dict]] = {}
+        self.calls: list[dict] = []
+        self.width = width
+        self.page_buckets = page_buckets
+        self.fail_next: Exception | None = None
+        self.override: dict | None = None
+
+    def get_json(self, path, params):
+        self.calls.append(dict(params))
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        if self.override is not None:
+            return self.override
+        start = int(params.get("page") or params["start_time"])
+        end = params["end_time"]
+        buckets = []
+        t = start
+        while t < end and len(buckets) < self.page_buckets:
+            buckets.append({"object": "bucket", "start_time": t, "end_time": t + self.width,
+                            "results": [dict(r) for r in self.data.get(t, [])]})
+            t += self.width
+        more = t < end
+        return {"object": "page", "data": buckets, "has_more": more,
+                "next_page": str(t) if more else None}
+
+
+def result(tokens, model="gpt-4o-mini", requests=1, **kw):
+    r = {"object": "organization.usage.completions.result", "input_tokens": tokens,
+         "output_tokens": 0, "num_model_requests": requests, "project_id": "p1",
+         "user_id": None, "api_key_id": None, "model": model, "batch": False}
+    r.update(kw)
+    return r
+
+
+def stream_config(**kw):
+    cfg = dict(name="completions", bucket_width="1m", interval=300, initial_interval=86400,
+               finalization_grace=0, effective_revision_window=3 * 3600)
+    cfg.update(kw)
+    return SimpleNamespace(**cfg)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    from agent_input.state import StateStore
+
+    def make(api=None, **cfg):
+        api = api or FakeApi()
+        store = StateStore(tmp_path / "state")
+        out = io.BytesIO()
+        delivery = Delivery(store, NdjsonOutput(out))
+        col = UsageCollector(STREAMS_BY_NAME["completions"], stream_config(**cfg), api, delivery,
+                             clock=lambda: 0)
+        return SimpleNamespace(api=api, store=store, out=out, collector=col)
+
+    return make
+
+
+def docs(out: io.BytesIO) -> list[dict]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_seed_grace_example(harness):
+    """Start 10:00, 24h initial, 15m grace, 5m interval: 10:00 yesterday to 9:45, then 9:45 to 9:50."""
+    h = harness(finalization_grace=900, effective_revision_window=0)
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    first = h.api.calls[0]
+    assert first["start_time"] == ts("2026-11-22T10:00:00")
+    assert first["end_time"] == ts("2026-11-23T09:45:00")
+    assert first["limit"] == 1440 and first["bucket_width"] == "1m"
+    assert first["group_by"] == ["project_id", "user_id", "api_key_id", "model", "batch"]
+    h.collector.poll(ts("2026-11-23T10:05:00"))
+    second = h.api.calls[1]
+    assert second["start_time"] == ts("2026-11-23T09:45:00")
+    assert second["end_time"] == ts("2026-11-23T09:50:00")
+
+
+def test_current_bucket_never_emitted(harness):
+    h = harness()
+    now = ts("2026-11-23T10:00:30")
+    h.api.data[ts("2026-11-23T09:59:00")] = [result(5)]
+    h.api.data[ts("2026-11-23T10:00:00")] = [result(7)]  # in progress
+    h.collector.poll(now)
+    assert h.api.calls[0]["end_time"] == ts("2026-11-23T10:00:00")
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
+
+
+def test_revisions_emit_differences_and_sum_to_latest(harness):
+    h = harness()
+    b = ts("2026-11-23T09:58:00")
+    h.api.data[b] = [result(100, requests=2)]
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    h.api.data[b] = [result(130, requests=3)]
+    h.collector.poll(ts("2026-11-23T10:05:00"))
+    h.collector.poll(ts("2026-11-23T10:10:00"))  # unchanged: nothing new
+    h.api.data[b] = [result(150, requests=3)]
+    h.collector.poll(ts("2026-11-23T10:15:00"))
+    got = docs(h.out)
+    assert [d["openai"]["base"]["revision"] for d in got] == [0, 1, 2]
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in got) == 150
+    assert sum(d["openai"]["base"].get("num_model_requests", 0) for d in got) == 3
+    assert sum(d["openai"]["base"]["usage_tokens"] for d in got) == 150
+    assert got[1]["openai"]["completions"] == {"input_tokens": 30, "batch": False}
+    assert len({d["_id"] for d in got}) == 3
+
+
+def test_vanished_group_is_corrected_to_zero(harness):
+    h = harness()
+    b = ts("2026-11-23T09:58:00")
+    h.api.data[b] = [result(100, model="a"), result(50, model="b")]
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    h.api.data[b] = [result(120, model="a")]
+    h.collector.poll(ts("2026-11-23T10:05:00"))
+    per_model = {}
+    for d in docs(h.out):
+        m = d["openai"]["base"]["model"]
+        per_model[m] = per_model.get(m, 0) + d["openai"]["completions"].get("input_tokens", 0)
+    assert per_model == {"a": 120, "b": 0}
+
+
+def test_buckets_older_than_revision_window_are_final(harness):
+    h = harness(effective_revision_window=3600)
+    b = ts("2026-11-23T08:00:00")
+    h.api.data[b] = [result(1)]
+    h.collector.poll(ts("2026-11-23T08:30:00"))
+    h.api.data[b] = [result(2)]
+    h.collector.poll(ts("2026-11-23T10:00:00"))  # 08:00 ended 1h59m ago: outside the window
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 1
+    assert h.api.calls[1]["start_time"] == ts("2026-11-23T08:30:00")  # resumes at the cursor
+    # final buckets are pruned from the observations
+    assert b not in h.store.observations("completions", "1m", 0, 2**40)
+
+
+def test_api_error_keeps_cursor(harness):
+    """The seed's 2.2.0 bug: an API error must neither drop nor rewind the cursor."""
+    h = harness(effective_revision_window=0)
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    before = h.store.cursor("completions", "1m")
+    h.api.fail_next = RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        h.collector.poll(ts("2026-11-23T10:05:00"))
+    assert h.store.cursor("completions", "1m") == before
+    h.collector.poll(ts("2026-11-23T10:10:00"))
+    assert h.api.calls[-1]["start_time"] == before.position
+    assert h.store.cursor("completions", "1m").position == ts("2026-11-23T10:10:00")
+
+
+def test_error_on_second_page_keeps_first_page_and_resumes(harness):
+    api = FakeApi(page_buckets=10)
+    h = harness(api, effective_revision_window=0, initial_interval=3600)
+    now = ts("2026-11-23T10:00:00")
+    for i in range(60):
+        api.data[now - 3600 + 60 * i] = [result(1)]
+    real = api.get_json
+    calls = {"n": 0}
+
+    def flaky(path, params):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("503 after retries")
+        return real(path, params)
+
+    api.get_json = flaky
+    with pytest.raises(RuntimeError):
+        h.collector.poll(now)
+    api.get_json = real
+    h.collector.poll(now + 60)
+    got = docs(h.out)
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in got) == 600
+    assert len({d["_id"] for d in got}) == len(got)
+
+
+def test_bucket_split_across_pages_is_merged(harness):
+    h = harness(effective_revision_window=0, initial_interval=120)
+    now = ts("2026-11-23T10:00:00")
+    b = now - 120
+    pages = [
+        {"object": "page", "data": [{"object": "bucket", "start_time": b, "end_time": b + 60,
+                                     "results": [result(1, model="a")]}],
+         "has_more": True, "next_page": "p2"},
+        {"object": "page", "data": [{"object": "bucket", "start_time": b, "end_time": b + 60,
+                                     "results": [result(2, model="b")]},
+                                    {"object": "bucket", "start_time": b + 60, "end_time": b + 120,
+                                     "results": []}],
+         "has_more": False, "next_page": None},
+    ]
+    h.api.get_json = lambda path, params: pages[1] if params.get("page") else pages[0]
+    h.collector.poll(now)
+    got = docs(h.out)
+    assert sorted(d["openai"]["base"]["model"] for d in got) == ["a", "b"]
+    assert all(d["openai"]["base"]["revision"] == 0 for d in got)
+
+
+def test_bad_bucket_reported_good_ones_kept_cursor_not_past_it(harness):
+    h = harness(effective_revision_window=0, initial_interval=300)
+    now = ts("2026-11-23T10:00:00")
+    bad = now - 180
+    for t in range(now - 300, now, 60):
+        h.api.data[t] = [result(1)]
+    h.api.data[bad] = [result(None)]
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1 and "input_tokens" in stats.errors[0]
+    assert len(docs(h.out)) == 4
+    assert h.store.cursor("completions", "1m").position == bad
+    h.api.data[bad] = [result(1)]
+    h.collector.poll(now + 60)
+    got = docs(h.out)
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in got) == 5  # five buckets of 1
+    assert len({d["_id"] for d in got}) == len(got)
+
+
+def test_older_result_key_accepted(harness):
+    h = harness(effective_revision_window=0, initial_interval=60)
+    now = ts("2026-11-23T10:00:00")
+    h.api.override = {"object": "page", "data": [{"object": "bucket", "start_time": now - 60,
+                      "end_time": now, "result": [result(9, extra_unknown_field=1)]}],
+                      "has_more": False, "next_page": None}
+    h.collector.poll(now)
+    (doc,) = docs(h.out)
+    assert doc["openai"]["completions"]["input_tokens"] == 9
+    assert "extra_unknown_field" not in json.dumps(doc)
+
+
+def test_outbox_replayed_identically_after_crash(harness, tmp_path):
+    h = harness(effective_revision_window=0)
+    now = ts("2026-11-23T10:00:00")
+    h.api.data[now - 60] = [result(4)]
+
+    class Crash(Exception):
+        pass
+
+    class DyingOutput:
+        def send(self, stream, payload, events, on_ack):
+            raise Crash()
+
+    h.collector.delivery.output = DyingOutput()
+    with pytest.raises(Crash):
+        h.collector.poll(now)
+    assert h.store.pending_count() == 1
+    stored = next(h.store.pending()).payload
+    out = io.BytesIO()
+    delivery = Delivery(h.store, NdjsonOutput(out))
+    assert delivery.replay_pending() == 1
+    assert out.getvalue() == stored
+    assert h.store.pending_count() == 0
