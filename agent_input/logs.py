@@ -1,0 +1,153 @@
+"""Logging to stderr, with the admin key redacted everywhere.
+
+stdout belongs to events (NDJSON, the agent protocol), so every log line goes to stderr: ECS JSON
+lines (the `ecs-logging` library) when supervised or piped, a short human format in a terminal.
+
+Redaction has two layers, because a secret can reach a log record in several ways (the message, its
+args, an exception's text, or an exception object the ECS formatter stringifies on its own):
+
+- `RedactingFilter`, a `logging.Filter` on our handler, rewrites the message (args merged in), the
+  cached exception text and stack info of every record that reaches it;
+- `RedactingFormatter` wraps the real formatter and redacts its final output, which also covers the
+  `error.message` the ECS formatter builds straight from the exception object.
+
+Registered secrets (`register_secret`) and anything shaped like a bearer token or an OpenAI key
+(`Bearer sk-...`, `sk-admin-...`) are replaced with `***`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from typing import Iterable, Literal
+
+REDACTED = "***"
+
+# Bearer tokens of any kind, and OpenAI-style keys (sk-..., sk-admin-..., sk-proj-...) on their own.
+_PATTERNS = [
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
+]
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+_HANDLER_NAME = "openai-input-stderr"
+
+
+def register_secret(value: object) -> None:
+    """Redact `value` (a string, or a `config.Secret`) from every log line from now on."""
+    reveal = getattr(value, "reveal", None)
+    text = reveal() if callable(reveal) else value
+    if not isinstance(text, str):
+        return
+    text = text.strip()
+    if len(text) < 4:  # redacting "a" or "" would mangle every line and protect nothing
+        return
+    with _lock:
+        _secrets.add(text)
+
+
+def registered_secrets() -> frozenset[str]:
+    with _lock:
+        return frozenset(_secrets)
+
+
+def redact(text: str, extra: Iterable[str] = ()) -> str:
+    """`text` with every registered secret (plus `extra`) and every bearer token replaced by ***."""
+    if not text:
+        return text
+    secrets = set(registered_secrets())
+    secrets.update(s for s in extra if s)
+    # Longest first, so a secret that contains another is replaced whole.
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    text = _PATTERNS[0].sub(lambda m: m.group(1) + REDACTED, text)
+    text = _PATTERNS[1].sub(REDACTED, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites a record's message, exception text and stack info with secrets redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: keep what we can, never fail logging
+            message = str(record.msg)
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+class RedactingFormatter(logging.Formatter):
+    """Delegates to `inner` and redacts the finished line (covers fields built from exc_info)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+
+def _ecs_formatter() -> logging.Formatter:
+    import ecs_logging
+
+    return ecs_logging.StdlibFormatter()
+
+
+def setup_logging(
+    level: str | int = "INFO",
+    fmt: Literal["auto", "ecs", "text"] = "auto",
+    secrets: Iterable[object] = (),
+) -> logging.Handler:
+    """Send all logging to stderr in the chosen format, with secrets redacted. Idempotent.
+
+    `fmt="auto"` is text when stderr is a terminal, ECS JSON otherwise (a supervisor reads it).
+    Returns the installed handler.
+    """
+    if fmt not in ("auto", "ecs", "text"):
+        raise ValueError(f"log format {fmt!r} is not one of auto, ecs, text")
+    for secret in secrets:
+        register_secret(secret)
+    if fmt == "auto":
+        isatty = getattr(sys.stderr, "isatty", None)
+        fmt = "text" if callable(isatty) and isatty() else "ecs"
+    inner = _ecs_formatter() if fmt == "ecs" else _TextFormatter()
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(RedactingFormatter(inner))
+    root.addHandler(handler)
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+        if not isinstance(level, int):
+            raise ValueError(f"unknown log level {level!r}")
+    root.setLevel(level)
+    # urllib3 logs every connection at DEBUG; keep it one notch quieter than ours.
+    logging.getLogger("urllib3").setLevel(max(level, logging.INFO))
+    return handler
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the `agent_input` hierarchy (pass `__name__`)."""
+    if not name.startswith("agent_input"):
+        name = f"agent_input.{name}"
+    return logging.getLogger(name)
