@@ -1,0 +1,509 @@
+"""Configuration: a YAML file (or an agent-protocol config message) validated against `manifest.yml`.
+
+The manifest is the single source of truth: var names, types, defaults, select options and integer
+bounds are all read from it; nothing is defaulted here. Validation collects every problem before
+failing, so a user fixes the whole file in one go:
+
+    data_streams.completions.bucket_width: '2m' is not allowed (allowed: 1m, 1h, 1d)
+    data_streams.vector_stores.finalization_grace: vector_stores has no finalization grace ...
+
+File shape: global vars at the top level, plus `data_streams: {<name>: {<var>: value}}`.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from . import logs
+
+MANIFEST_PATH = Path(__file__).resolve().parents[1] / "manifest.yml"
+ENV_ADMIN_KEY = "OPENAI_ADMIN_KEY"
+BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"^(?:\d+[smhd])+$")
+_DURATION_PART = re.compile(r"(\d+)([smhd])")
+DURATION_FORM = "a duration like 30s, 5m, 24h, 1d or 1h30m (or an integer number of seconds)"
+# Elasticsearch's rules for the namespace part of a data stream name (plus the data stream rules).
+_NAMESPACE_FORBIDDEN = set('-\\/*?"<>| ,#:')
+
+# Config / StreamConfig fields that are not manifest vars (derived or bookkeeping).
+DERIVED_CONFIG_FIELDS = frozenset({"streams", "api_key_source"})
+DERIVED_STREAM_FIELDS = frozenset({"name"})
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. `str(e) == f"{key}: {message}"`.
+
+    When validation found several problems, the raised error has `key == ""`, its message is the
+    problems one per line ("key: message"), `str(e)` is that message, and `errors` lists them.
+    """
+
+    def __init__(self, key: str, message: str, errors: list["ConfigError"] | None = None) -> None:
+        self.key = key
+        self.message = message
+        self.errors: list[ConfigError] = errors if errors is not None else [self]
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+    def lines(self) -> list[str]:
+        return [str(e) for e in self.errors]
+
+    @classmethod
+    def combine(cls, errors: list["ConfigError"]) -> "ConfigError":
+        if len(errors) == 1:
+            return errors[0]
+        return cls("", "\n".join(str(e) for e in errors), errors)
+
+
+class Secret:
+    """Wraps the admin key so it never shows up in str/repr/format; `.reveal()` gives it back."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __str__(self) -> str:
+        return "***"
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+
+
+def parse_duration(value: str | int, key: str = "") -> int:
+    """Seconds in `value`: "30s", "5m", "24h", "1d", "1h30m", or an int (seconds). Never negative."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"{value!r} is not {DURATION_FORM}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(key, f"{value!r} is negative; expected {DURATION_FORM}")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.startswith("-"):
+            raise ConfigError(key, f"{value!r} is negative; expected {DURATION_FORM}")
+        if _DURATION_RE.match(text):
+            return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    raise ConfigError(key, f"{value!r} is not {DURATION_FORM}")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    name: str
+    enabled: bool
+    interval: int
+    initial_interval: int | None
+    bucket_width: str | None
+    finalization_grace: int
+    revision_window: int | None
+    batch_size: int | None
+    include_archived: bool
+
+    @property
+    def bucket_seconds(self) -> int:
+        if self.bucket_width is None:
+            raise AttributeError(f"data stream {self.name} has no bucket width")
+        return BUCKET_SECONDS[self.bucket_width]
+
+    @property
+    def effective_revision_window(self) -> int:
+        """The explicit revision window, else the manifest's default for the bucket width."""
+        if self.revision_window is not None:
+            return self.revision_window
+        if self.bucket_width is None:
+            return 0
+        var = _stream_vars(self.name).get("revision_window")
+        by_width = (var or {}).get("default_by_bucket_width") or {}
+        if self.bucket_width not in by_width:
+            return 0
+        return parse_duration(by_width[self.bucket_width], f"manifest:{self.name}.revision_window")
+
+
+@dataclass(frozen=True)
+class Config:
+    url: str
+    api_key: Secret
+    proxy_url: str | None
+    ssl_verify: bool
+    ssl_ca_file: str | None
+    http_timeout: float
+    max_retries: int
+    namespace: str
+    preserve_original_event: bool
+    names_refresh_interval: int
+    streams: Mapping[str, StreamConfig]
+    api_key_file: str | None = None
+    # Where the key came from: "config" (api_key), "file" (api_key_file) or "env" (OPENAI_ADMIN_KEY).
+    api_key_source: str = "config"
+
+    def enabled_streams(self) -> list[StreamConfig]:
+        return [s for s in self.streams.values() if s.enabled]
+
+    def stream(self, name: str) -> StreamConfig:
+        return self.streams[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# The manifest
+
+
+@functools.lru_cache(maxsize=None)
+def load_manifest() -> dict:
+    """The parsed manifest.yml at the repository root (cached; treat it as read-only)."""
+    try:
+        text = MANIFEST_PATH.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            "manifest", f"cannot read {MANIFEST_PATH} ({exc.strerror or exc}); the package is incomplete"
+        ) from None
+    try:
+        manifest = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("manifest", f"{MANIFEST_PATH} is not valid YAML: {exc}") from None
+    if not isinstance(manifest, dict) or "policy_templates" not in manifest or "data_streams" not in manifest:
+        raise ConfigError("manifest", f"{MANIFEST_PATH} has no policy_templates/data_streams")
+    return manifest
+
+
+def global_vars() -> dict[str, dict]:
+    """The input's vars by name, in manifest order."""
+    inputs = load_manifest()["policy_templates"][0]["inputs"]
+    return {v["name"]: v for v in inputs[0]["vars"]}
+
+
+def data_streams() -> dict[str, dict]:
+    """The manifest's data streams by name, in manifest order."""
+    return {ds["name"]: ds for ds in load_manifest()["data_streams"]}
+
+
+def _stream_vars(name: str) -> dict[str, dict]:
+    return {v["name"]: v for v in data_streams()[name]["vars"]}
+
+
+def var_default(var: Mapping[str, Any]) -> Any:
+    """A var's default, with "" (no default) as None."""
+    default = var.get("default")
+    return None if default == "" else default
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {str(p)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError("config", f"{str(p)!r} is a directory, not a config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError("config", f"cannot read {str(p)!r}: {reason}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError("config", f"{str(p)!r} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("config", f"{str(p)!r} must be a YAML mapping of settings, not {_kind(data)}")
+    return config_from_dict(data, env=env)
+
+
+def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Config:
+    """Validate a mapping of settings (the config file's shape) into a `Config`."""
+    errors: list[ConfigError] = []
+    if not isinstance(data, Mapping):
+        raise ConfigError("config", f"expected a mapping of settings, not {_kind(data)}")
+    gvars = global_vars()
+    streams_meta = data_streams()
+
+    for key in data:
+        if key == "data_streams" or key in gvars:
+            continue
+        errors.append(_unknown(str(key), str(key), list(gvars) + ["data_streams"], "setting"))
+
+    values: dict[str, Any] = {}
+    for name, var in gvars.items():
+        values[name] = _value(var, data.get(name), name, errors)
+
+    # The admin key: api_key (config), api_key_file, or OPENAI_ADMIN_KEY, in that order.
+    api_key, source = _resolve_key(values, env, errors)
+
+    url = values["url"]
+    if url is not None:
+        _check_url(url, "url", ("http", "https"), errors)
+    proxy_url = values["proxy_url"]
+    if proxy_url is not None:
+        _check_url(proxy_url, "proxy_url", ("http", "https", "socks5", "socks5h"), errors)
+    ca_file = values["ssl_ca_file"]
+    if ca_file is not None:
+        ca = Path(os.path.expanduser(ca_file))
+        if not ca.is_file():
+            errors.append(ConfigError("ssl_ca_file", f"{ca_file!r} is not a readable file (expected a PEM CA bundle)"))
+        elif not os.access(ca, os.R_OK):
+            errors.append(ConfigError("ssl_ca_file", f"{ca_file!r} is not readable"))
+    namespace = values["namespace"]
+    if namespace is not None:
+        _check_namespace(namespace, errors)
+    for name in ("http_timeout", "names_refresh_interval"):
+        if values[name] == 0:
+            errors.append(ConfigError(name, "must be greater than 0s"))
+
+    raw_streams = data.get("data_streams", {})
+    if raw_streams is None:
+        raw_streams = {}
+    if not isinstance(raw_streams, Mapping):
+        errors.append(ConfigError(
+            "data_streams", f"expected a mapping of data stream name to settings, not {_kind(raw_streams)}"
+        ))
+        raw_streams = {}
+    for sname in raw_streams:
+        if sname not in streams_meta:
+            errors.append(_unknown(f"data_streams.{sname}", str(sname), list(streams_meta), "data stream"))
+
+    streams: dict[str, StreamConfig] = {}
+    for sname in streams_meta:
+        raw = raw_streams.get(sname)
+        streams[sname] = _stream(sname, raw, errors)
+
+    if errors:
+        raise ConfigError.combine(errors)
+    logs.register_secret(api_key)
+    return Config(
+        url=url,
+        api_key=api_key,
+        proxy_url=proxy_url,
+        ssl_verify=values["ssl_verify"],
+        ssl_ca_file=os.path.expanduser(ca_file) if ca_file else None,
+        http_timeout=float(values["http_timeout"]),
+        max_retries=values["max_retries"],
+        namespace=namespace,
+        preserve_original_event=values["preserve_original_event"],
+        names_refresh_interval=values["names_refresh_interval"],
+        streams=MappingProxyType(streams),
+        api_key_file=values["api_key_file"],
+        api_key_source=source,
+    )
+
+
+def _stream(sname: str, raw: Any, errors: list[ConfigError]) -> StreamConfig:
+    prefix = f"data_streams.{sname}"
+    svars = _stream_vars(sname)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        errors.append(ConfigError(prefix, f"expected a mapping of settings, not {_kind(raw)}"))
+        raw = {}
+    for key in raw:
+        if key in svars:
+            continue
+        if key in _all_stream_var_names() and key == "finalization_grace":
+            with_grace = [n for n in data_streams() if "finalization_grace" in _stream_vars(n)]
+            errors.append(ConfigError(
+                f"{prefix}.{key}",
+                f"{sname} has no finalization grace (only {', '.join(with_grace)} have one)",
+            ))
+        elif key in _all_stream_var_names():
+            errors.append(ConfigError(
+                f"{prefix}.{key}",
+                f"{sname} has no {key} setting (allowed: {', '.join(svars)})",
+            ))
+        else:
+            errors.append(_unknown(f"{prefix}.{key}", str(key), list(svars), f"setting of {sname}"))
+    v = {name: _value(var, raw.get(name), f"{prefix}.{name}", errors) for name, var in svars.items()}
+    if v.get("interval") == 0:
+        errors.append(ConfigError(f"{prefix}.interval", "must be greater than 0s"))
+    return StreamConfig(
+        name=sname,
+        enabled=bool(v["enabled"]) if v.get("enabled") is not None else False,
+        interval=v.get("interval") or 0,
+        initial_interval=v.get("initial_interval"),
+        bucket_width=v.get("bucket_width"),
+        finalization_grace=v.get("finalization_grace") or 0,
+        revision_window=v.get("revision_window"),
+        batch_size=v.get("batch_size"),
+        include_archived=bool(v.get("include_archived") or False),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _all_stream_var_names() -> frozenset[str]:
+    return frozenset(v["name"] for ds in data_streams().values() for v in ds["vars"])
+
+
+def _value(var: Mapping[str, Any], raw: Any, key: str, errors: list[ConfigError]) -> Any:
+    """The validated, typed value of one var (its manifest default when absent or empty)."""
+    if raw is None or raw == "":
+        raw = var_default(var)
+        if raw is None:
+            if var.get("required"):
+                errors.append(ConfigError(key, f"is required ({_describe_type(var)})"))
+            return None
+    try:
+        return _coerce(var, raw, key)
+    except ConfigError as exc:
+        errors.append(exc)
+        return None
+
+
+def _coerce(var: Mapping[str, Any], raw: Any, key: str) -> Any:
+    vtype = var["type"]
+    if vtype == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise ConfigError(key, f"{raw!r} is not a boolean (expected true or false)")
+    if vtype == "integer":
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise ConfigError(key, f"{raw!r} is not an integer{_bounds(var)}")
+        if isinstance(raw, str):
+            if not re.fullmatch(r"\s*-?\d+\s*", raw):
+                raise ConfigError(key, f"{raw!r} is not an integer{_bounds(var)}")
+            raw = int(raw)
+        lo, hi = var.get("min"), var.get("max")
+        if (lo is not None and raw < lo) or (hi is not None and raw > hi):
+            raise ConfigError(key, f"{raw} is out of range{_bounds(var)}")
+        return raw
+    if vtype == "duration":
+        return parse_duration(raw, key)
+    if vtype == "select":
+        allowed = [str(o["value"]) for o in var.get("options", [])]
+        if not isinstance(raw, str) or raw not in allowed:
+            raise ConfigError(key, f"{raw!r} is not allowed (allowed: {', '.join(allowed)})")
+        return raw
+    if vtype in ("text", "password", "url"):
+        if not isinstance(raw, str):
+            raise ConfigError(key, f"expected a string, not {_kind(raw)}")
+        return raw.strip()
+    raise ConfigError(key, f"manifest type {vtype!r} is not supported")
+
+
+def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[ConfigError]) -> tuple[Secret, str]:
+    inline, path = values.get("api_key"), values.get("api_key_file")
+    if inline and path:
+        errors.append(ConfigError("api_key_file", "set either api_key or api_key_file, not both"))
+        return Secret(""), "config"
+    if inline:
+        return Secret(inline), "config"
+    if path:
+        p = Path(os.path.expanduser(path))
+        try:
+            text = p.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            errors.append(ConfigError("api_key_file", f"{path!r} does not exist (expected a file holding the admin key)"))
+            return Secret(""), "file"
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            errors.append(ConfigError("api_key_file", f"cannot read {path!r}: {reason}"))
+            return Secret(""), "file"
+        if not text:
+            errors.append(ConfigError("api_key_file", f"{path!r} is empty (expected the admin key)"))
+            return Secret(""), "file"
+        if len(text.split()) != 1:
+            errors.append(ConfigError("api_key_file", f"{path!r} must hold only the admin key (one token, no spaces)"))
+            return Secret(""), "file"
+        return Secret(text), "file"
+    from_env = (env.get(ENV_ADMIN_KEY) or "").strip()
+    if from_env:
+        return Secret(from_env), "env"
+    errors.append(ConfigError(
+        "api_key",
+        f"no admin key: set the {ENV_ADMIN_KEY} environment variable or api_key_file "
+        "(a file holding the key); it is never accepted on the command line",
+    ))
+    return Secret(""), "env"
+
+
+def _check_url(value: str, key: str, schemes: tuple[str, ...], errors: list[ConfigError]) -> None:
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme.lower() in schemes and bool(parts.hostname)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        errors.append(ConfigError(key, f"{value!r} is not a valid URL (expected {'|'.join(schemes)}://host[:port][/path])"))
+
+
+def _check_namespace(value: str, errors: list[ConfigError]) -> None:
+    problems = []
+    if not value:
+        problems.append("must not be empty")
+    if len(value) > 100:
+        problems.append(f"is {len(value)} characters long (at most 100)")
+    bad = sorted(set(value) & _NAMESPACE_FORBIDDEN)
+    if bad:
+        problems.append("must not contain " + " ".join(repr(c) for c in bad))
+    if value != value.lower():
+        problems.append("must be lowercase")
+    if value.startswith(("_", "+")):
+        problems.append("must not start with '_' or '+'")
+    if problems:
+        errors.append(ConfigError("namespace", f"{value!r} " + "; ".join(problems)))
+
+
+def _unknown(key: str, name: str, choices: list[str], what: str) -> ConfigError:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(key, f"unknown {what}{hint} (allowed: {', '.join(choices)})")
+
+
+def _bounds(var: Mapping[str, Any]) -> str:
+    lo, hi = var.get("min"), var.get("max")
+    if lo is not None and hi is not None:
+        return f" (allowed: {lo}..{hi})"
+    if lo is not None:
+        return f" (allowed: >= {lo})"
+    if hi is not None:
+        return f" (allowed: <= {hi})"
+    return ""
+
+
+def _describe_type(var: Mapping[str, Any]) -> str:
+    if var["type"] == "duration":
+        return DURATION_FORM
+    if var["type"] == "select":
+        return "one of " + ", ".join(str(o["value"]) for o in var.get("options", []))
+    return f"a {var['type']} value"
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )

@@ -1,0 +1,351 @@
+"""Config loading and validation: every error kind, all errors at once, the admin key's sources."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from agent_input.config import (
+    ConfigError,
+    Secret,
+    StreamConfig,
+    config_from_dict,
+    load_config,
+    parse_duration,
+)
+
+KEY = "sk-admin-CONFIGTESTKEY0123456789"
+ENV = {"OPENAI_ADMIN_KEY": KEY}
+
+
+def errors_of(data, env=ENV):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, env=env)
+    return info.value
+
+
+def one_error(data, env=ENV) -> ConfigError:
+    exc = errors_of(data, env)
+    assert len(exc.errors) == 1, exc.lines()
+    return exc
+
+
+# ---- durations --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("30s", 30), ("5m", 300), ("24h", 86400), ("1d", 86400), ("0s", 0), ("1h30m", 5400),
+    (" 15M ", 900), (45, 45), (0, 0),
+])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "1.5h", "-5m", "five minutes", True, -3, None, [1]])
+def test_bad_duration_names_key_and_allowed_form(bad):
+    with pytest.raises(ConfigError) as info:
+        parse_duration(bad, "data_streams.audit.interval")
+    assert info.value.key == "data_streams.audit.interval"
+    assert "30s, 5m, 24h, 1d" in info.value.message
+    assert str(info.value).startswith("data_streams.audit.interval: ")
+
+
+# ---- ConfigError and Secret -------------------------------------------------------------------
+
+
+def test_config_error_str_is_key_colon_message():
+    e = ConfigError("data_streams.completions.bucket_width", "'2m' is not allowed (allowed: 1m, 1h, 1d)")
+    assert str(e) == "data_streams.completions.bucket_width: '2m' is not allowed (allowed: 1m, 1h, 1d)"
+    assert isinstance(e, ValueError)
+    assert e.lines() == [str(e)]
+
+
+def test_secret_never_shows():
+    s = Secret(KEY)
+    assert str(s) == repr(s) == f"{s}" == "***"
+    assert s.reveal() == KEY
+    assert KEY not in repr(config_from_dict({}, env=ENV))
+    assert KEY not in str(config_from_dict({}, env=ENV))
+    assert Secret("a") == Secret("a") and Secret("a") != Secret("b")
+
+
+# ---- the happy path ---------------------------------------------------------------------------
+
+
+def test_full_file(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    path = tmp_path / "c.yml"
+    path.write_text(f"""
+url: http://127.0.0.1:8080/v1/
+proxy_url: http://proxy:3128
+ssl_verify: false
+ssl_ca_file: {ca}
+http_timeout: 10s
+max_retries: 3
+namespace: prod
+preserve_original_event: true
+names_refresh_interval: 30m
+data_streams:
+  completions:
+    bucket_width: 1h
+    finalization_grace: 15m
+    interval: 1m
+  embeddings:
+    enabled: false
+  vector_stores:
+    revision_window: 0s
+  audit:
+    batch_size: 50
+  rate_limits:
+    include_archived: true
+  costs:
+    initial_interval: 7d
+""")
+    c = load_config(path, env=ENV)
+    assert c.url == "http://127.0.0.1:8080/v1/"
+    assert c.api_key.reveal() == KEY and c.api_key_source == "env"
+    assert (c.proxy_url, c.ssl_verify, c.ssl_ca_file) == ("http://proxy:3128", False, str(ca))
+    assert (c.http_timeout, c.max_retries, c.namespace) == (10.0, 3, "prod")
+    assert c.preserve_original_event is True and c.names_refresh_interval == 1800
+    comp = c.streams["completions"]
+    assert (comp.bucket_width, comp.bucket_seconds, comp.finalization_grace, comp.interval) == ("1h", 3600, 900, 60)
+    assert comp.revision_window is None and comp.effective_revision_window == 86400
+    assert c.streams["embeddings"].enabled is False
+    assert "embeddings" not in [s.name for s in c.enabled_streams()]
+    assert len(c.enabled_streams()) == len(c.streams) - 1
+    assert c.streams["vector_stores"].effective_revision_window == 0
+    assert c.streams["audit"].batch_size == 50
+    assert c.streams["rate_limits"].include_archived is True
+    assert c.streams["costs"].initial_interval == 7 * 86400
+
+
+def test_every_data_stream_present_even_if_unmentioned():
+    c = config_from_dict({}, env=ENV)
+    assert len(c.streams) == 13
+    assert all(isinstance(s, StreamConfig) for s in c.streams.values())
+    with pytest.raises(TypeError):
+        c.streams["x"] = None  # read-only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.url = "x"
+
+
+@pytest.mark.parametrize("width,window", [("1m", 3 * 3600), ("1h", 86400), ("1d", 3 * 86400)])
+def test_revision_window_default_per_width(width, window):
+    c = config_from_dict({"data_streams": {"images": {"bucket_width": width}}}, env=ENV)
+    assert c.streams["images"].revision_window is None
+    assert c.streams["images"].effective_revision_window == window
+
+
+def test_costs_revision_window_default_is_explicit():
+    c = config_from_dict({}, env=ENV)
+    assert c.streams["costs"].revision_window == 3 * 86400
+    assert c.streams["costs"].bucket_width == "1d"
+
+
+def test_empty_stream_section_and_empty_file(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("data_streams:\n  completions:\n")
+    assert load_config(p, env=ENV).streams["completions"].enabled is True
+    p.write_text("")
+    assert load_config(p, env=ENV).url == "https://api.openai.com"
+
+
+def test_protocol_style_strings_are_accepted():
+    c = config_from_dict({"ssl_verify": "false", "max_retries": "2",
+                          "data_streams": {"audit": {"batch_size": "10", "enabled": "true"}}}, env=ENV)
+    assert c.ssl_verify is False and c.max_retries == 2 and c.streams["audit"].batch_size == 10
+
+
+# ---- the admin key ----------------------------------------------------------------------------
+
+
+def test_key_from_config_wins_over_env():
+    c = config_from_dict({"api_key": "sk-admin-from-config-0000"}, env=ENV)
+    assert c.api_key.reveal() == "sk-admin-from-config-0000" and c.api_key_source == "config"
+
+
+def test_key_from_file(tmp_path):
+    f = tmp_path / "key"
+    f.write_text("sk-admin-from-file-000000\n")
+    c = config_from_dict({"api_key_file": str(f)}, env={})
+    assert c.api_key.reveal() == "sk-admin-from-file-000000" and c.api_key_source == "file"
+    assert c.api_key_file == str(f)
+
+
+def test_missing_key():
+    e = one_error({}, env={})
+    assert e.key == "api_key"
+    assert "OPENAI_ADMIN_KEY" in e.message and "api_key_file" in e.message
+
+
+def test_unreadable_key_file(tmp_path):
+    e = one_error({"api_key_file": str(tmp_path / "nope")}, env={})
+    assert e.key == "api_key_file" and "does not exist" in e.message
+    (tmp_path / "empty").write_text("\n")
+    e = one_error({"api_key_file": str(tmp_path / "empty")}, env={})
+    assert "empty" in e.message
+    e = one_error({"api_key_file": str(tmp_path)}, env={})
+    assert e.key == "api_key_file" and "cannot read" in e.message
+    if os.geteuid() != 0:
+        f = tmp_path / "locked"
+        f.write_text("sk-admin-x")
+        f.chmod(0)
+        assert one_error({"api_key_file": str(f)}, env={}).key == "api_key_file"
+
+
+def test_key_and_key_file_together(tmp_path):
+    f = tmp_path / "k"
+    f.write_text("sk-admin-file")
+    e = one_error({"api_key": "sk-admin-inline", "api_key_file": str(f)})
+    assert e.key == "api_key_file" and "not both" in e.message
+
+
+def test_key_never_in_errors(tmp_path):
+    f = tmp_path / "k"
+    f.write_text(f"{KEY} extra words")
+    e = errors_of({"api_key_file": str(f), "max_retries": "many"})
+    assert KEY not in str(e) and KEY not in repr(e)
+
+
+# ---- every error kind -------------------------------------------------------------------------
+
+
+def test_unknown_key_suggests_closest():
+    e = one_error({"proxy_ur": "http://x"})
+    assert e.key == "proxy_ur" and "did you mean 'proxy_url'?" in e.message and "allowed:" in e.message
+
+
+def test_unknown_stream_and_stream_var_suggest():
+    e = errors_of({"data_streams": {"completion": {}, "audit": {"batchsize": 5}}})
+    assert "data_streams.completion: unknown data stream; did you mean 'completions'?" in e.lines()[0]
+    assert e.lines()[1].startswith("data_streams.audit.batchsize: unknown setting of audit; did you mean 'batch_size'?")
+
+
+def test_bucket_width_not_allowed():
+    e = one_error({"data_streams": {"completions": {"bucket_width": "2m"}}})
+    assert str(e) == "data_streams.completions.bucket_width: '2m' is not allowed (allowed: 1m, 1h, 1d)"
+    e = one_error({"data_streams": {"costs": {"bucket_width": "1h"}}})
+    assert str(e) == "data_streams.costs.bucket_width: '1h' is not allowed (allowed: 1d)"
+
+
+@pytest.mark.parametrize("stream", ["code_interpreter_sessions", "vector_stores"])
+def test_grace_on_a_stream_without_one(stream):
+    e = one_error({"data_streams": {stream: {"finalization_grace": "15m"}}})
+    assert e.key == f"data_streams.{stream}.finalization_grace"
+    assert "has no finalization grace" in e.message and "completions" in e.message
+
+
+def test_var_of_another_kind_of_stream():
+    e = one_error({"data_streams": {"audit": {"bucket_width": "1m"}}})
+    assert e.key == "data_streams.audit.bucket_width" and "allowed: enabled, interval" in e.message
+
+
+@pytest.mark.parametrize("value", [0, 101, -1, "lots", 5.5, True])
+def test_batch_size_range_and_type(value):
+    e = one_error({"data_streams": {"rate_limits": {"batch_size": value}}})
+    assert e.key == "data_streams.rate_limits.batch_size" and "1..100" in e.message
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"ssl_verify": "yes"}, "ssl_verify"),
+    ({"preserve_original_event": 1}, "preserve_original_event"),
+    ({"max_retries": "x"}, "max_retries"),
+    ({"url": 5}, "url"),
+    ({"namespace": ["a"]}, "namespace"),
+    ({"http_timeout": "soon"}, "http_timeout"),
+    ({"http_timeout": "0s"}, "http_timeout"),
+    ({"names_refresh_interval": "1w"}, "names_refresh_interval"),
+    ({"data_streams": {"audit": {"enabled": "maybe"}}}, "data_streams.audit.enabled"),
+    ({"data_streams": {"completions": {"interval": "0s"}}}, "data_streams.completions.interval"),
+    ({"data_streams": {"images": {"revision_window": "-1h"}}}, "data_streams.images.revision_window"),
+    ({"data_streams": {"images": {"initial_interval": "yesterday"}}}, "data_streams.images.initial_interval"),
+    ({"data_streams": []}, "data_streams"),
+    ({"data_streams": {"images": "on"}}, "data_streams.images"),
+])
+def test_wrong_types(data, key):
+    e = one_error(data)
+    assert e.key == key, str(e)
+
+
+@pytest.mark.parametrize("url", ["api.openai.com", "ftp://api.openai.com", "https://", "http://h:99999", "://x"])
+def test_bad_url(url):
+    e = one_error({"url": url})
+    assert e.key == "url" and "not a valid URL" in e.message
+
+
+def test_bad_proxy_and_ca(tmp_path):
+    e = errors_of({"proxy_url": "proxy:3128", "ssl_ca_file": str(tmp_path / "none.pem")})
+    assert [x.key for x in e.errors] == ["proxy_url", "ssl_ca_file"]
+    assert config_from_dict({"proxy_url": "socks5h://p:1080"}, env=ENV).proxy_url == "socks5h://p:1080"
+
+
+@pytest.mark.parametrize("ns,fragment", [
+    ("my-ns", "'-'"), ("x" * 101, "at most 100"), ("Prod", "lowercase"), ("a b", "' '"), ("_x", "'_'"),
+])
+def test_bad_namespace(ns, fragment):
+    e = one_error({"namespace": ns})
+    assert e.key == "namespace" and fragment in e.message
+
+
+def test_namespace_100_chars_is_fine():
+    assert config_from_dict({"namespace": "x" * 100}, env=ENV).namespace == "x" * 100
+
+
+def test_all_errors_reported_at_once():
+    e = errors_of({
+        "urll": "x",
+        "namespace": "a-b",
+        "data_streams": {
+            "completions": {"bucket_width": "2m", "interval": "5 minutes"},
+            "vector_stores": {"finalization_grace": "5m"},
+            "audit": {"batch_size": 500},
+        },
+    }, env={})
+    keys = [x.key for x in e.errors]
+    assert keys == ["urll", "api_key", "namespace", "data_streams.completions.interval",
+                    "data_streams.completions.bucket_width", "data_streams.vector_stores.finalization_grace",
+                    "data_streams.audit.batch_size"]
+    assert e.key == ""
+    assert str(e) == e.message == "\n".join(e.lines())
+    assert all(line.startswith(k + ": ") for line, k in zip(str(e).splitlines(), keys))
+
+
+# ---- the file itself --------------------------------------------------------------------------
+
+
+def test_file_missing(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "missing.yml", env=ENV)
+    assert info.value.key == "config" and "does not exist" in info.value.message
+
+
+def test_file_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path, env=ENV)
+    assert "directory" in info.value.message
+
+
+def test_file_not_yaml(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("url: [unclosed\n  namespace: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert info.value.key == "config" and "not valid YAML" in info.value.message and "line" in info.value.message
+
+
+def test_file_not_a_mapping(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("- url\n- namespace\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert "mapping" in info.value.message
+
+
+def test_file_not_utf8(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_bytes(b"url: \xff\xfe\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert info.value.key == "config"
