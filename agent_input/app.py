@@ -1,0 +1,79 @@
+"""Wiring: a `Config` plus a state directory and an output become a running `Engine`.
+
+`collect`, `demo` and the agent protocol's `run` all build their engine here, so the three
+cannot disagree about which streams run or how.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .engine import Clock, Collector, Delivery, Engine, Progress, UsageCollector
+from .http_client import AdminApiClient
+from .outputs import Output
+from .state import StateStore
+from .streams import STREAMS_BY_NAME
+
+log = logging.getLogger("agent_input.app")
+
+# Collectors for data streams that are not usage-like register here (audit, rate limits...):
+# name -> factory(config, stream_config, client, delivery, **common) -> Collector
+EXTRA_COLLECTORS: dict[str, Callable[..., Collector]] = {}
+
+
+def fixed_clock(start: float) -> Clock:
+    """A clock that starts at `start` and then runs at wall speed (`--now`, replays, tests)."""
+    t0 = time.monotonic()
+    return lambda: start + (time.monotonic() - t0)
+
+
+@dataclass
+class Collection:
+    engine: Engine
+    store: StateStore
+    clients: list[AdminApiClient]
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.store.close()
+
+
+def build(
+    config,
+    *,
+    state_dir,
+    output: Output,
+    stop: threading.Event | None = None,
+    clock: Clock = time.time,
+    progress: Progress | None = None,
+    on_status=None,
+    on_poll=None,
+) -> Collection:
+    """One collector per enabled data stream, each with its own HTTP client (sessions are not
+    shared across threads)."""
+    stop = stop or threading.Event()
+    store = StateStore(state_dir)
+    delivery = Delivery(store, output)
+    clients: list[AdminApiClient] = []
+    collectors: list[Collector] = []
+    common = dict(namespace=config.namespace, stop=stop, clock=clock)
+    for stream in config.enabled_streams():
+        client = AdminApiClient.from_config(config)
+        if stream.name in STREAMS_BY_NAME:
+            collector: Collector = UsageCollector(
+                STREAMS_BY_NAME[stream.name], stream, client, delivery, progress=progress, **common
+            )
+        elif stream.name in EXTRA_COLLECTORS:
+            collector = EXTRA_COLLECTORS[stream.name](config, stream, client, delivery, **common)
+        else:
+            log.warning("%s: this collector version does not collect it yet; skipped", stream.name)
+            client.close()
+            continue
+        clients.append(client)
+        collectors.append(collector)
+    engine = Engine(collectors, delivery, stop=stop, clock=clock, on_status=on_status, on_poll=on_poll)
+    return Collection(engine, store, clients)
