@@ -1,0 +1,458 @@
+"""`AdminApiClient`: one `requests.Session` to OpenAI's Admin API, with retries and typed errors.
+
+Retries are a small loop here rather than urllib3's `Retry` on the adapter, because the loop can:
+- sleep through an injectable `sleep` (tests run the whole backoff schedule in microseconds);
+- count what happened (`ClientStats`: 429s, retries, seconds spent honouring Retry-After);
+- honour `Retry-After` as seconds *and* as an HTTP-date, plus OpenAI's `retry-after-ms`, with full
+  jitter and a cap when the server gives no hint;
+- raise typed errors carrying OpenAI's error body, where urllib3's `MaxRetryError` drops it;
+- keep TLS/config errors (not transient) out of the retry path.
+
+The admin key never appears in an exception, a log line or a repr: the Authorization header is
+logged as `Bearer ***` and every message built from a response is passed through `logs.redact`.
+"""
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+from urllib.parse import urlencode
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from . import __version__, logs
+from .config import Secret
+
+log = logs.get_logger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+USER_AGENT = f"openai-elastic/{__version__} python-requests/{requests.__version__}"
+_SCOPE = r"[a-z0-9_]+(?:\.[a-z0-9_]+)+"
+_SCOPE_RE = re.compile(rf"(?i)missing scopes?:?\s*({_SCOPE}(?:\s*,\s*{_SCOPE})*)")
+_SCOPE_TOKEN_RE = re.compile(r"\bapi\.[a-z_]+(?:\.[a-z_]+)+\b")
+
+
+class ApiError(Exception):
+    """A request to the Admin API failed. `str()` is one line and never contains the key."""
+
+    def __init__(self, status: int | None, message: str, code: str | None = None, path: str = "",
+                 *, error_type: str | None = None) -> None:
+        self.status = status
+        self.message = logs.redact(" ".join(str(message).split()))
+        self.code = code
+        self.path = path
+        self.error_type = error_type
+        super().__init__(str(self))
+
+    def summary(self) -> str:
+        status = f"{self.status}" if self.status is not None else "no response"
+        code = f" {self.code}" if self.code else ""
+        return f"{status}{code}"
+
+    def __str__(self) -> str:
+        return logs.redact(f"{self.path}: {self.summary()}: {self.message}" if self.path else
+                           f"{self.summary()}: {self.message}")
+
+
+class AuthenticationError(ApiError):
+    """401: the admin key is wrong, revoked, or not an admin key."""
+
+    def __str__(self) -> str:
+        code = f" {self.code}" if self.code else ""
+        return logs.redact(f"the admin key was rejected ({self.status}{code}): {self.message}")
+
+
+class PermissionDeniedError(ApiError):
+    """403: the key lacks a scope or the organization lacks a feature (e.g. audit logging)."""
+
+    @property
+    def missing_scope(self) -> str | None:
+        m = _SCOPE_RE.search(self.message)
+        if m:
+            return m.group(1).replace(" ", "")
+        m = _SCOPE_TOKEN_RE.search(self.message)
+        return m.group(0) if m else None
+
+    def __str__(self) -> str:
+        scope = self.missing_scope
+        what = f"the key lacks the {scope} scope" if scope else "permission denied"
+        code = f" {self.code}" if self.code else ""
+        return logs.redact(f"{what} ({self.status}{code} on {self.path}): {self.message}")
+
+
+class NotFoundError(ApiError):
+    """404."""
+
+
+class BadRequestError(ApiError):
+    """Any other 4xx: the request itself is wrong (a bug or an unsupported parameter)."""
+
+
+class RetriesExhaustedError(ApiError):
+    """429/5xx/connection errors/timeouts that were still failing after `max_retries` retries."""
+
+
+class MalformedResponseError(ApiError):
+    """A 2xx whose body is not a JSON object."""
+
+
+class TransportError(ApiError):
+    """A non-transient transport failure (TLS verification, invalid URL or proxy): not retried."""
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0  # HTTP attempts made (including retries)
+    retries: int = 0
+    throttled: int = 0  # 429 responses
+    retry_after_seconds_total: float = 0.0  # seconds slept because the server said Retry-After
+    errors: int = 0  # get_json calls that raised
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_retry_after(headers: Mapping[str, str], now: Callable[[], float] = time.time) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` (seconds or HTTP-date); None if absent."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+def _join(base_url: str, path: str) -> str:
+    base = base_url.rstrip("/")
+    if not path.startswith("/"):
+        path = "/" + path
+    if base.endswith("/v1") and (path == "/v1" or path.startswith("/v1/")):
+        path = path[3:]
+    return base + path
+
+
+def _encode_params(params: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """Query pairs: None dropped, bools as true/false, lists repeated (group_by=a&group_by=b)."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in (params or {}).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is None:
+                continue
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            pairs.append((key, str(v)))
+    return pairs
+
+
+class AdminApiClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Secret | str,
+        *,
+        proxy_url: str | None = None,
+        verify: bool = True,
+        ca_file: str | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 8,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        retry_after_cap: float = 600.0,
+        sleep: Callable[[float], None] = time.sleep,
+        session: requests.Session | None = None,
+        user_agent: str = USER_AGENT,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self._key = api_key if isinstance(api_key, Secret) else Secret(api_key)
+        logs.register_secret(self._key)
+        self.timeout = timeout
+        self.max_retries = max(0, int(max_retries))
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.retry_after_cap = retry_after_cap
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self.stats = ClientStats()
+
+        self.session = session or requests.Session()
+        self._owns_session = session is None
+        if self._owns_session:
+            # No adapter-level retries: the loop in get_json owns them.
+            adapter = HTTPAdapter(max_retries=0, pool_connections=4, pool_maxsize=16)
+            self.session.mount("https://", adapter)
+            self.session.mount("http://", adapter)
+        self.session.headers.update({
+            "User-Agent": user_agent,
+            "Accept": "application/json",
+        })
+        if proxy_url:
+            self.session.proxies.update({"http": proxy_url, "https": proxy_url})
+        self.session.verify = ca_file if (verify and ca_file) else bool(verify)
+        if not verify:
+            log.warning("TLS certificate verification is off (ssl_verify: false)")
+
+    @classmethod
+    def from_config(cls, config, **kwargs: Any) -> "AdminApiClient":
+        options = dict(
+            proxy_url=config.proxy_url,
+            verify=config.ssl_verify,
+            ca_file=config.ssl_ca_file,
+            timeout=config.http_timeout,
+            max_retries=config.max_retries,
+        )
+        options.update(kwargs)
+        return cls(config.url, config.api_key, **options)
+
+    def __repr__(self) -> str:
+        return f"AdminApiClient(base_url={self.base_url!r}, api_key=***)"
+
+    # ----------------------------------------------------------------------------------------------
+
+    def url_for(self, path: str) -> str:
+        return _join(self.base_url, path)
+
+    def get_json(self, path: str, params: Mapping[str, Any] | None = None) -> dict:
+        """GET `path` (e.g. "/v1/organization/usage/completions") and return the JSON object."""
+        try:
+            return self._get_json(path, params)
+        except ApiError:
+            self._count(errors=1)
+            raise
+
+    def _get_json(self, path: str, params: Mapping[str, Any] | None) -> dict:
+        url = self.url_for(path)
+        query = _encode_params(params)
+        headers = {"Authorization": f"Bearer {self._key.reveal()}"}
+        attempt = 0
+        while True:
+            self._count(requests=1)
+            started = time.monotonic()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("GET %s?%s headers=%s", url, urlencode(query),
+                          {**self.session.headers, "Authorization": "Bearer ***"})
+            try:
+                response = self.session.get(url, params=query, headers=headers, timeout=self.timeout)
+            except requests.exceptions.SSLError as exc:
+                raise TransportError(None, f"TLS error talking to {self.base_url}: {_reason(exc)}",
+                                     "tls_error", path) from None
+            except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                    requests.exceptions.MissingSchema, requests.exceptions.InvalidProxyURL) as exc:
+                raise TransportError(None, f"invalid URL or proxy: {_reason(exc)}", "invalid_url", path) from None
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as exc:
+                kind = "timeout" if isinstance(exc, requests.exceptions.Timeout) else "connection_error"
+                message = f"{kind.replace('_', ' ')}: {_reason(exc)}"
+                if attempt >= self.max_retries:
+                    raise RetriesExhaustedError(
+                        None, f"still failing after {attempt} retries: {message}", kind, path) from None
+                attempt += 1
+                delay = self._backoff(attempt)
+                log.warning("GET %s failed (%s); retry %d/%d in %.1fs", path, message, attempt,
+                            self.max_retries, delay)
+                self._count(retries=1)
+                self._sleep(delay)
+                continue
+
+            elapsed_ms = (time.monotonic() - started) * 1000
+            status = response.status_code
+            log.debug("GET %s -> %d in %.0f ms", path, status, elapsed_ms)
+            if 200 <= status < 300:
+                return self._parse(response, path)
+
+            message, code, etype = _error_details(response)
+            if status in RETRY_STATUSES:
+                retry_after = parse_retry_after(response.headers)
+                if status == 429:
+                    self._count(throttled=1)
+                if attempt >= self.max_retries:
+                    what = "throttled" if status == 429 else "failing"
+                    raise RetriesExhaustedError(
+                        status, f"still {what} after {attempt} retries: {message}", code, path,
+                        error_type=etype)
+                attempt += 1
+                if retry_after is not None:
+                    delay = min(retry_after, self.retry_after_cap)
+                    self._count(retry_after_seconds_total=delay)
+                else:
+                    delay = self._backoff(attempt)
+                log.warning("GET %s -> %d%s; retry %d/%d in %.1fs", path, status,
+                            f" (Retry-After {retry_after:g}s)" if retry_after is not None else "",
+                            attempt, self.max_retries, delay)
+                self._count(retries=1)
+                self._sleep(delay)
+                continue
+            raise _typed_error(status, message, code, path, etype)
+
+    def _parse(self, response: requests.Response, path: str) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            snippet = response.text[:120] if response.text else "(empty body)"
+            raise MalformedResponseError(response.status_code, f"response is not JSON: {snippet!r}",
+                                         "malformed_response", path) from None
+        if not isinstance(body, dict):
+            raise MalformedResponseError(response.status_code,
+                                         f"expected a JSON object, got {type(body).__name__}",
+                                         "malformed_response", path)
+        return body
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
+        ceiling = min(self.backoff_cap, self.backoff_base * (2 ** (attempt - 1)))
+        return self._rng.uniform(0, ceiling)
+
+    def _count(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+
+    def close(self) -> None:
+        if self._owns_session:
+            self.session.close()
+
+    def __enter__(self) -> "AdminApiClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for a requests/urllib3 exception (their str() nests several reprs)."""
+    text = str(exc)
+    m = re.search(r"\(Caused by \w+\((?:<[^>]*>, )?'?(.*?)'?\)\)?$", text)
+    if m and m.group(1):
+        text = m.group(1)
+    return logs.redact(" ".join(text.split()))[:300]
+
+
+def _error_details(response: requests.Response) -> tuple[str, str | None, str | None]:
+    """(message, code, type) from OpenAI's error body, or the status text when there is none."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            message = err.get("message") or response.reason or "error"
+            code = err.get("code")
+            return str(message), (str(code) if code is not None else None), err.get("type")
+        if isinstance(err, str):
+            return err, None, None
+    text = (response.text or "").strip()
+    message = response.reason or "error"
+    if text:
+        message = f"{message}: {text[:200]}"
+    return message, None, None
+
+
+def _typed_error(status: int, message: str, code: str | None, path: str, etype: str | None) -> ApiError:
+    cls: type[ApiError]
+    if status == 401:
+        cls = AuthenticationError
+    elif status == 403:
+        cls = PermissionDeniedError
+    elif status == 404:
+        cls = NotFoundError
+    elif 400 <= status < 500:
+        cls = BadRequestError
+    else:
+        cls = ApiError
+    return cls(status, message, code, path, error_type=etype)
+
+
+# --------------------------------------------------------------------------------------------------
+# `openai-input check`: one cheap request per enabled kind of endpoint
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    name: str  # "usage", "costs", "audit_logs", "projects"
+    path: str
+    ok: bool
+    message: str  # "OK" or why not, one line, key-free
+    error: ApiError | None = None
+
+
+def _key_hint(config: Any) -> str:
+    source = getattr(config, "api_key_source", "env")
+    return {"config": "the api_key setting", "file": f"the key in {getattr(config, 'api_key_file', None)}"}.get(
+        source, "OPENAI_ADMIN_KEY")
+
+
+def explain(error: ApiError, probe: str, config: Any = None) -> str:
+    """One line telling a user what an error from `probe` means and what to do."""
+    if isinstance(error, AuthenticationError):
+        return f"401: the admin key was rejected — check {_key_hint(config)} ({error.message})"
+    if isinstance(error, PermissionDeniedError):
+        scope = error.missing_scope
+        if scope:
+            return f"403: the key lacks the {scope} scope ({error.message})"
+        if probe == "audit_logs":
+            return ("403: audit logs are not readable — enable audit logging (Data controls > Data "
+                    "retention) and use an Organization Owner's admin key "
+                    f"({error.message})")
+        return f"403: permission denied ({error.message})"
+    if isinstance(error, RetriesExhaustedError):
+        return f"unreachable: {error.message}"
+    return str(error)
+
+
+def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> list[ProbeResult]:
+    """The cheapest request for each kind of endpoint the enabled streams use (limit=1)."""
+    now = time.time() if now is None else now
+    day_start = int(now // 86400) * 86400 - 86400
+    enabled = {s.name: s for s in config.enabled_streams()}
+    probes: list[tuple[str, str, dict[str, Any]]] = []
+    usage = [n for n, s in enabled.items() if s.bucket_width is not None and n != "costs"]
+    if usage:
+        probes.append(("usage", f"/v1/organization/usage/{usage[0]}",
+                       {"start_time": day_start, "bucket_width": "1d", "limit": 1}))
+    if "costs" in enabled:
+        probes.append(("costs", "/v1/organization/costs",
+                       {"start_time": day_start, "bucket_width": "1d", "limit": 1}))
+    if "audit" in enabled:
+        probes.append(("audit_logs", "/v1/organization/audit_logs", {"limit": 1}))
+    if "rate_limits" in enabled:
+        probes.append(("projects", "/v1/organization/projects", {"limit": 1}))
+    results = []
+    for name, path, params in probes:
+        try:
+            client.get_json(path, params)
+        except ApiError as exc:
+            results.append(ProbeResult(name, path, False, explain(exc, name, config), exc))
+        else:
+            results.append(ProbeResult(name, path, True, "OK"))
+    return results
+
+
+__all__ = [
+    "AdminApiClient", "ApiError", "AuthenticationError", "BadRequestError", "ClientStats",
+    "MalformedResponseError", "NotFoundError", "PermissionDeniedError", "RetriesExhaustedError",
+    "TransportError", "ProbeResult", "explain", "parse_retry_after", "probe_api", "RETRY_STATUSES", "USER_AGENT",
+]

@@ -1,0 +1,317 @@
+"""AdminApiClient: URLs and params, typed errors, retries with backoff and Retry-After, redaction."""
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+
+import pytest
+import requests
+import responses
+
+from agent_input.config import Secret, config_from_dict
+from agent_input.http_client import (
+    AdminApiClient,
+    ApiError,
+    AuthenticationError,
+    BadRequestError,
+    MalformedResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    RetriesExhaustedError,
+    TransportError,
+    parse_retry_after,
+    probe_api,
+)
+
+KEY = "sk-admin-HTTPTESTKEY-abcdefghijklmnop"
+BASE = "https://api.openai.com"
+PATH = "/v1/organization/usage/completions"
+URL = BASE + PATH
+OK = {"object": "page", "data": [], "has_more": False, "next_page": None}
+
+
+def err(message, code=None, type_="invalid_request_error"):
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+class FakeSleep:
+    def __init__(self):
+        self.calls: list[float] = []
+
+    def __call__(self, seconds):
+        self.calls.append(seconds)
+
+
+@pytest.fixture
+def sleep():
+    return FakeSleep()
+
+
+@pytest.fixture
+def client(sleep):
+    c = AdminApiClient(BASE, Secret(KEY), sleep=sleep, max_retries=3, rng=random.Random(7))
+    yield c
+    c.close()
+
+
+# ---- URLs, params, headers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", ["https://api.openai.com", "https://api.openai.com/", "https://api.openai.com/v1",
+                                  "https://api.openai.com/v1/"])
+@responses.activate
+def test_base_url_forms(base):
+    responses.get(URL, json=OK)
+    c = AdminApiClient(base, KEY, sleep=FakeSleep())
+    assert c.get_json(PATH) == OK
+    if base.rstrip("/").endswith("/v1"):
+        assert c.get_json(PATH[3:]) == OK  # a path without /v1 also works against a /v1 base
+    assert responses.calls[0].request.url == URL
+
+
+@responses.activate
+def test_base_url_with_prefix_path():
+    responses.get("http://127.0.0.1:9/proxy/v1/organization/costs", json=OK)
+    c = AdminApiClient("http://127.0.0.1:9/proxy/", KEY, sleep=FakeSleep())
+    assert c.get_json("/v1/organization/costs") == OK
+
+
+@responses.activate
+def test_params_lists_repeated_bools_lowercase_none_dropped(client):
+    responses.get(URL, json=OK)
+    client.get_json(PATH, {"start_time": 1700000000, "group_by": ["project_id", "model"], "batch": True,
+                           "page": None})
+    req = responses.calls[0].request
+    assert req.url == URL + "?start_time=1700000000&group_by=project_id&group_by=model&batch=true"
+    assert req.headers["Authorization"] == f"Bearer {KEY}"
+    assert req.headers["User-Agent"].startswith("openai-elastic/")
+
+
+@responses.activate
+def test_from_config():
+    responses.get("http://127.0.0.1:8080/v1/organization/projects", json=OK)
+    config = config_from_dict({"url": "http://127.0.0.1:8080/v1", "max_retries": 2, "http_timeout": "5s",
+                               "proxy_url": "http://proxy:3128"}, env={"OPENAI_ADMIN_KEY": KEY})
+    c = AdminApiClient.from_config(config, sleep=FakeSleep())
+    assert (c.max_retries, c.timeout) == (2, 5.0)
+    assert c.session.proxies["https"] == "http://proxy:3128"
+    c.session.proxies.clear()
+    assert c.get_json("/v1/organization/projects") == OK
+
+
+def test_tls_options():
+    c = AdminApiClient(BASE, KEY, ca_file="/etc/ca.pem")
+    assert c.session.verify == "/etc/ca.pem"
+    assert AdminApiClient(BASE, KEY, verify=False).session.verify is False
+    assert AdminApiClient(BASE, KEY).session.verify is True
+
+
+# ---- typed errors, no retry on 4xx -------------------------------------------------------------
+
+
+@responses.activate
+def test_401_is_authentication_error_not_retried(client, sleep):
+    responses.get(URL, status=401, json=err("Incorrect API key provided: sk-admin-****mnop.", "invalid_api_key"))
+    with pytest.raises(AuthenticationError) as info:
+        client.get_json(PATH)
+    e = info.value
+    assert (e.status, e.code, e.path) == (401, "invalid_api_key", PATH)
+    assert str(e).startswith("the admin key was rejected (401 invalid_api_key): Incorrect API key provided")
+    assert len(responses.calls) == 1 and sleep.calls == []
+    assert client.stats.errors == 1 and client.stats.retries == 0
+
+
+@responses.activate
+def test_403_names_the_missing_scope_not_retried(client, sleep):
+    responses.get(URL, status=403, json=err(
+        "You have insufficient permissions for this operation. Missing scopes: api.usage.read. Check that you "
+        "have the correct role in your organization (Reader, Writer, Owner)."))
+    with pytest.raises(PermissionDeniedError) as info:
+        client.get_json(PATH)
+    assert info.value.missing_scope == "api.usage.read"
+    assert str(info.value).startswith("the key lacks the api.usage.read scope (403")
+    assert len(responses.calls) == 1 and sleep.calls == []
+
+
+@responses.activate
+def test_403_without_scope(client):
+    responses.get(URL, status=403, json=err("Audit logging is not enabled for this organization."))
+    with pytest.raises(PermissionDeniedError) as info:
+        client.get_json(PATH)
+    assert info.value.missing_scope is None
+    assert "permission denied" in str(info.value) and "Audit logging" in str(info.value)
+
+
+@responses.activate
+def test_404_and_400_not_retried(client, sleep):
+    responses.get(URL, status=404, json=err("Project not found", "not_found"))
+    with pytest.raises(NotFoundError) as info:
+        client.get_json(PATH)
+    assert info.value.status == 404 and "Project not found" in str(info.value)
+    responses.replace(responses.GET, URL, status=400, json=err("Invalid value for 'limit'", "invalid_value"))
+    with pytest.raises(BadRequestError) as info:
+        client.get_json(PATH)
+    assert info.value.code == "invalid_value" and "limit" in info.value.message
+    responses.replace(responses.GET, URL, status=422, body="unprocessable")
+    with pytest.raises(BadRequestError) as info:
+        client.get_json(PATH)
+    assert "unprocessable" in str(info.value)
+    assert sleep.calls == [] and len(responses.calls) == 3
+    assert all(isinstance(e, ApiError) for e in (NotFoundError(1, "x"), BadRequestError(1, "x")))
+
+
+@pytest.mark.parametrize("body,ctype", [("<html>oops</html>", "text/html"), ("[1, 2]", "application/json"),
+                                        ("", "application/json")])
+@responses.activate
+def test_malformed_body(client, body, ctype):
+    responses.get(URL, body=body, content_type=ctype)
+    with pytest.raises(MalformedResponseError) as info:
+        client.get_json(PATH)
+    assert info.value.status == 200 and PATH in str(info.value)
+
+
+# ---- retries ------------------------------------------------------------------------------------
+
+
+@responses.activate
+def test_429_with_retry_after_seconds_then_ok(client, sleep):
+    responses.get(URL, status=429, headers={"Retry-After": "7"}, json=err("Rate limit reached", "rate_limit_exceeded"))
+    responses.get(URL, status=429, headers={"retry-after-ms": "1500"}, json=err("Rate limit reached"))
+    responses.get(URL, json=OK)
+    assert client.get_json(PATH) == OK
+    assert sleep.calls == [7.0, 1.5]
+    s = client.stats
+    assert (s.requests, s.retries, s.throttled, s.retry_after_seconds_total, s.errors) == (3, 2, 2, 8.5, 0)
+
+
+@responses.activate
+def test_retry_after_http_date(client, sleep):
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    responses.get(URL, status=503, headers={"Retry-After": when}, body="busy")
+    responses.get(URL, json=OK)
+    assert client.get_json(PATH) == OK
+    assert 27 <= sleep.calls[0] <= 31
+
+
+def test_parse_retry_after_forms():
+    now = lambda: 1_000_000.0  # noqa: E731
+    assert parse_retry_after({}, now) is None
+    assert parse_retry_after({"Retry-After": "12"}, now) == 12.0
+    assert parse_retry_after({"Retry-After": "-3"}, now) == 0.0
+    date = email.utils.formatdate(1_000_020.0, usegmt=True)
+    assert parse_retry_after({"Retry-After": date}, now) == 20.0
+    past = email.utils.formatdate(999_000.0, usegmt=True)
+    assert parse_retry_after({"Retry-After": past}, now) == 0.0
+    assert parse_retry_after({"Retry-After": "soon"}, now) is None
+    assert parse_retry_after({"retry-after-ms": "250", "Retry-After": "9"}, now) == 0.25
+
+
+@responses.activate
+def test_retry_after_is_capped(sleep):
+    c = AdminApiClient(BASE, KEY, sleep=sleep, retry_after_cap=60)
+    responses.get(URL, status=429, headers={"Retry-After": "86400"})
+    responses.get(URL, json=OK)
+    c.get_json(PATH)
+    assert sleep.calls == [60]
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+@responses.activate
+def test_5xx_retried_with_exponential_full_jitter(status, sleep):
+    c = AdminApiClient(BASE, KEY, sleep=sleep, max_retries=6, backoff_base=1.0, backoff_cap=8.0,
+                       rng=random.Random(1))
+    for _ in range(6):
+        responses.get(URL, status=status, body="upstream error")
+    responses.get(URL, json=OK)
+    assert c.get_json(PATH) == OK
+    ceilings = [1, 2, 4, 8, 8, 8]
+    assert len(sleep.calls) == 6
+    assert all(0 <= d <= cap for d, cap in zip(sleep.calls, ceilings)), sleep.calls
+    assert c.stats.retries == 6 and c.stats.throttled == 0
+
+
+@responses.activate
+def test_retries_exhausted(client, sleep):
+    responses.get(URL, status=429, json=err("Rate limit reached for requests", "rate_limit_exceeded"))
+    with pytest.raises(RetriesExhaustedError) as info:
+        client.get_json(PATH)
+    e = info.value
+    assert e.status == 429 and "still throttled after 3 retries" in str(e) and "Rate limit reached" in str(e)
+    assert len(responses.calls) == 4 and len(sleep.calls) == 3
+    assert client.stats.throttled == 4 and client.stats.errors == 1
+
+
+@responses.activate
+def test_connection_errors_and_timeouts_retried(client, sleep):
+    responses.get(URL, body=requests.exceptions.ConnectionError("Connection refused"))
+    responses.get(URL, body=requests.exceptions.ReadTimeout("read timed out"))
+    responses.get(URL, json=OK)
+    assert client.get_json(PATH) == OK
+    assert len(sleep.calls) == 2 and client.stats.retries == 2
+
+
+@responses.activate
+def test_connection_errors_exhausted(client, sleep):
+    responses.get(URL, body=requests.exceptions.ConnectTimeout("connect timed out"))
+    with pytest.raises(RetriesExhaustedError) as info:
+        client.get_json(PATH)
+    assert info.value.status is None and "timed out" in str(info.value)
+    assert len(sleep.calls) == 3
+
+
+@responses.activate
+def test_tls_error_not_retried(client, sleep):
+    responses.get(URL, body=requests.exceptions.SSLError("certificate verify failed"))
+    with pytest.raises(TransportError) as info:
+        client.get_json(PATH)
+    assert "certificate verify failed" in str(info.value) and sleep.calls == []
+
+
+def test_real_connection_refused_is_quick_and_typed(sleep):
+    c = AdminApiClient("http://127.0.0.1:9", KEY, sleep=sleep, max_retries=1, timeout=2)
+    with pytest.raises(RetriesExhaustedError) as info:
+        c.get_json(PATH)
+    assert "connection" in str(info.value).lower() and KEY not in str(info.value)
+
+
+# ---- redaction ----------------------------------------------------------------------------------
+
+
+@responses.activate
+def test_key_never_in_errors_repr_or_debug_logs(caplog, sleep):
+    c = AdminApiClient(BASE, Secret(KEY), sleep=sleep, max_retries=1)
+    assert KEY not in repr(c)
+    # A server that echoes the key back (in the message and a bearer header) must not leak it.
+    responses.get(URL, status=401, json=err(f"Incorrect API key provided: {KEY}", "invalid_api_key"))
+    responses.get(BASE + "/v1/organization/costs", status=500, body=f"Authorization: Bearer {KEY}")
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(AuthenticationError) as a:
+            c.get_json(PATH)
+        with pytest.raises(RetriesExhaustedError) as b:
+            c.get_json("/v1/organization/costs")
+    for e in (a.value, b.value):
+        assert KEY not in str(e) and KEY not in repr(e) and KEY not in e.message
+        assert "***" in str(e)
+    assert "Bearer ***" in caplog.text
+    assert KEY not in caplog.text
+    assert any(r.levelno == logging.DEBUG and "GET" in r.getMessage() for r in caplog.records)
+
+
+# ---- check's probes -----------------------------------------------------------------------------
+
+
+@responses.activate
+def test_probe_api_one_request_per_enabled_kind(client):
+    config = config_from_dict({"data_streams": {"completions": {"enabled": False}}},
+                              env={"OPENAI_ADMIN_KEY": KEY})
+    responses.get(BASE + "/v1/organization/usage/embeddings", json=OK)
+    responses.get(BASE + "/v1/organization/costs", json=OK)
+    responses.get(BASE + "/v1/organization/audit_logs", status=403, json=err("Audit logging is disabled."))
+    responses.get(BASE + "/v1/organization/projects", json=OK)
+    results = probe_api(client, config, now=1_700_000_000)
+    assert [(r.name, r.ok) for r in results] == [("usage", True), ("costs", True), ("audit_logs", False),
+                                                 ("projects", True)]
+    assert "enable audit logging" in results[2].message
+    assert all("limit=1" in call.request.url for call in responses.calls)
