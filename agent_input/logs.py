@@ -20,7 +20,7 @@ import logging
 import re
 import sys
 import threading
-from typing import Iterable, Literal
+from typing import Iterable, Literal, TextIO
 
 REDACTED = "***"
 
@@ -113,25 +113,27 @@ def setup_logging(
     level: str | int = "INFO",
     fmt: Literal["auto", "ecs", "text"] = "auto",
     secrets: Iterable[object] = (),
+    stream: TextIO | None = None,
 ) -> logging.Handler:
     """Send all logging to stderr in the chosen format, with secrets redacted. Idempotent.
 
     `fmt="auto"` is text when stderr is a terminal, ECS JSON otherwise (a supervisor reads it).
-    Returns the installed handler.
+    `stream` (default: the current sys.stderr) is for tests; never pass stdout. Returns the handler.
     """
+    stream = stream if stream is not None else sys.stderr
     if fmt not in ("auto", "ecs", "text"):
         raise ValueError(f"log format {fmt!r} is not one of auto, ecs, text")
     for secret in secrets:
         register_secret(secret)
     if fmt == "auto":
-        isatty = getattr(sys.stderr, "isatty", None)
+        isatty = getattr(stream, "isatty", None)
         fmt = "text" if callable(isatty) and isatty() else "ecs"
     inner = _ecs_formatter() if fmt == "ecs" else _TextFormatter()
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(RedactingFilter())
     handler.setFormatter(RedactingFormatter(inner))

@@ -1,0 +1,128 @@
+"""Logging: stderr only, ECS JSON or text, and the admin key redacted from every part of a record."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from agent_input import logs
+from agent_input.config import Secret
+
+KEY = "sk-admin-LOGTESTKEY-0123456789abcdef"
+
+
+@pytest.fixture
+def stderr():
+    """A fake stderr for setup_logging(stream=...); restores the root logger afterwards.
+
+    (Patching sys.stderr in a fixture does not work: pytest swaps it back for the call phase.)
+    """
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    yield buf
+    for h in list(root.handlers):
+        if h not in saved_handlers:
+            root.removeHandler(h)
+    root.setLevel(saved_level)
+
+
+def test_ecs_lines_on_stderr_only(stderr, capsys):
+    logs.setup_logging("INFO", "ecs")  # the real (captured) sys.stderr
+    logs.get_logger("agent_input.test").info("polled %d buckets", 3)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout belongs to events
+    line = json.loads(captured.err.strip().splitlines()[-1])
+    assert line["message"] == "polled 3 buckets"
+    assert line["log.level"] == "info" and line["log"]["logger"] == "agent_input.test"
+    assert "ecs.version" in line
+
+
+def test_text_format(stderr):
+    logs.setup_logging("DEBUG", "text", stream=stderr)
+    logs.get_logger("x").debug("hello")
+    assert stderr.getvalue().rstrip().endswith("DEBUG   agent_input.x: hello")
+
+
+def test_auto_is_ecs_when_not_a_tty_and_text_on_a_tty(stderr, monkeypatch):
+    logs.setup_logging("INFO", "auto", stream=stderr)
+    logging.getLogger("agent_input").info("piped")
+    assert json.loads(stderr.getvalue())["message"] == "piped"
+    monkeypatch.setattr(stderr, "isatty", lambda: True, raising=False)
+    stderr.seek(0), stderr.truncate()
+    logs.setup_logging("INFO", "auto", stream=stderr)
+    logging.getLogger("agent_input").info("terminal")
+    assert stderr.getvalue().strip().endswith("agent_input: terminal")
+
+
+def test_setup_is_idempotent_and_validates(stderr):
+    logs.setup_logging("INFO", "text", stream=stderr)
+    logs.setup_logging("INFO", "text", stream=stderr)
+    logging.getLogger("agent_input").warning("once")
+    assert stderr.getvalue().count("once") == 1
+    with pytest.raises(ValueError):
+        logs.setup_logging("INFO", "xml", stream=stderr)
+    with pytest.raises(ValueError):
+        logs.setup_logging("LOUD", "text", stream=stderr)
+
+
+def test_get_logger_namespaces():
+    assert logs.get_logger("agent_input.engine").name == "agent_input.engine"
+    assert logs.get_logger("engine").name == "agent_input.engine"
+
+
+@pytest.mark.parametrize("fmt", ["ecs", "text"])
+def test_secret_redacted_from_message_args_and_exceptions(stderr, fmt):
+    logs.setup_logging("DEBUG", fmt, secrets=[Secret(KEY)], stream=stderr)
+    log = logging.getLogger("agent_input.redaction")
+    log.info("key is " + KEY)
+    log.info("key is %s", KEY)
+    log.info("dict %r", {"headers": {"Authorization": f"Bearer {KEY}"}})
+    try:
+        raise RuntimeError(f"boom with {KEY}")
+    except RuntimeError:
+        log.exception("failed")
+    log.warning("stack", stack_info=True, extra={"note": "x"})
+    text = stderr.getvalue()
+    assert KEY not in text
+    assert text.count("***") >= 4
+    if fmt == "ecs":
+        records = [json.loads(x) for x in text.splitlines()]
+        err = next(r for r in records if r["message"] == "failed")
+        assert err["error"]["type"] == "RuntimeError"
+        assert KEY not in err["error"]["message"] and "***" in err["error"]["message"]
+        assert KEY not in err["error"]["stack_trace"]
+
+
+def test_unregistered_bearer_and_openai_shaped_keys_are_redacted(stderr):
+    logs.setup_logging("INFO", "text", stream=stderr)
+    other = "sk-proj-UNREGISTERED0123456789"
+    logging.getLogger("agent_input").info("Authorization: Bearer abc.def-ghi and %s", other)
+    text = stderr.getvalue()
+    assert "abc.def-ghi" not in text and other not in text
+    assert "Bearer ***" in text
+
+
+def test_redact_function():
+    logs.register_secret("s3cr3t-value")
+    logs.register_secret("")  # ignored
+    logs.register_secret("ab")  # too short to be a key: ignored (would mangle every line)
+    assert logs.redact("x s3cr3t-value y") == "x *** y"
+    assert logs.redact("about ab") == "about ab"
+    assert logs.redact("other", extra=["other"]) == "***"
+    assert logs.redact("") == ""
+
+
+def test_filter_alone_redacts_message_args_exc_text():
+    logs.register_secret(KEY)
+    try:
+        raise ValueError(KEY)
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("n", logging.ERROR, __file__, 1, "a %s b", (KEY,), sys.exc_info())
+    assert logs.RedactingFilter().filter(record) is True
+    assert record.getMessage() == "a *** b"
+    assert KEY not in record.exc_text and "***" in record.exc_text
