@@ -1,0 +1,333 @@
+"""Every ES|QL query of the bundle, written once and rendered into panels and rules.
+
+The rate limit headroom semantics (the seed's, made correction-safe):
+
+1. Usage and limits are read together from the usage data streams and `openai.rate_limits`.
+2. Both sides are keyed on the exact project id and the model with a trailing dated snapshot
+   suffix stripped: `REPLACE(model, "-[0-9]{4}-[0-9]{2}-[0-9]{2}$", "")`.
+3. Usage is SUMMED per project, model and 1-minute bucket. This is what makes correction
+   documents (`openai.base.revision` >= 1, carrying only differences) add up to the latest count;
+   no single document is ever read as a minute's total. Only 1m buckets count (a 1h/1d bucket would
+   smear the peak); documents without a width (the seed's collector) are taken as 1m.
+4. The peak (MAX) minute in the window is taken per project and model.
+5. Limits are combined with MAX, never SUM: the family and its dated snapshot report the same
+   numbers and collapse onto one key; MAX over the window also stabilizes a limit that changed.
+6. utilization = peak / limit, per unit: tokens <-> TPM, requests <-> RPM, images <-> images/min.
+   Audio has no comparable usage figure (the limit is in megabytes), so no audio limit column;
+   the audio streams still count as requests against RPM.
+7. Rows exist for every (project, model) that has a limit in the window; no usage means 0%.
+   Usage without a limit has nothing to divide by and is dropped (as an inner join would).
+8. Org-wide: per project first (exactly as above), then per model the SUM of per-project peaks
+   over the SUM of per-project limits: an indicative `limit (aggregate)` and
+   `utilization (approx.)`, never a real throttle boundary.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Streams whose usage is compared with a rate limit (tokens, requests or images per minute).
+HEADROOM_USAGE_DATASETS = (
+    "completions", "embeddings", "moderations", "images", "audio_speeches", "audio_transcriptions",
+)
+SNAPSHOT_SUFFIX_REGEX = "-[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+DEFAULT_THRESHOLD = 0.8
+
+# unit -> (usage field summed per minute, limit field, short name)
+UNITS = {
+    "tpm": ("openai.base.usage_tokens", "openai.rate_limits.max_tokens_per_1_minute", "TPM"),
+    "rpm": ("openai.base.num_model_requests", "openai.rate_limits.max_requests_per_1_minute", "RPM"),
+    "ipm": ("openai.base.usage_images", "openai.rate_limits.max_images_per_1_minute", "images/min"),
+}
+
+
+def index_pattern(dataset: str, namespace: str = "*") -> str:
+    return f"logs-openai.{dataset}-{namespace}"
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the queries read from. Tests point this at scratch indices."""
+
+    namespace: str = "*"
+    prefix: str = "logs-openai."
+
+    def pattern(self, dataset: str) -> str:
+        if self.prefix == "logs-openai.":
+            return index_pattern(dataset, self.namespace)
+        return f"{self.prefix}{dataset}"
+
+    def from_clause(self, datasets) -> str:
+        return "FROM " + ", ".join(self.pattern(d) for d in datasets)
+
+
+DEFAULT_SOURCES = Sources()
+
+
+def normalized_model(expr: str) -> str:
+    return f'REPLACE({expr}, "{SNAPSHOT_SUFFIX_REGEX}", "")'
+
+
+def _per_project_core(sources: Sources) -> list[str]:
+    """The per project and model pipeline up to one row per (project, model) with peak usage and
+    the window's limit per unit. Shared by the panel, the rules and the org-wide rollup."""
+    lines = [
+        sources.from_clause([*HEADROOM_USAGE_DATASETS, "rate_limits"]),
+        "| WHERE openai.base.bucket_width IS NULL OR openai.base.bucket_width == \"1m\"",
+        "| EVAL project_id = COALESCE(openai.base.project_id, openai.rate_limits.project_id),",
+        f"       model = {normalized_model('COALESCE(openai.base.model, openai.rate_limits.model)')},",
+        "       minute = DATE_TRUNC(1 minute, @timestamp)",
+        "| WHERE project_id IS NOT NULL AND model IS NOT NULL",
+        "| EVAL project_model = CONCAT(project_id, \"::\", model)",
+        # 1. usage summed per minute (corrections add up), limits MAX
+        "| STATS " + ", ".join(
+            [f"{u}_used = SUM({usage})" for u, (usage, _, _) in UNITS.items()]
+            + [f"{u}_lim = MAX({limit})" for u, (_, limit, _) in UNITS.items()]
+        ) + " BY project_model, minute",
+        # 2. peak minute per project and model; limit stabilized as the max in the window
+        "| STATS " + ", ".join(
+            [f"peak_{u} = MAX({u}_used)" for u in UNITS]
+            + [f"{u}_limit = MAX({u}_lim)" for u in UNITS]
+        ) + " BY project_model",
+        "| WHERE " + " OR ".join(f"{u}_limit IS NOT NULL" for u in UNITS),
+        "| EVAL " + ", ".join(f"peak_{u} = COALESCE(peak_{u}, 0)" for u in UNITS),
+        "| DISSECT project_model \"%{project_id}::%{model}\"",
+    ]
+    return lines
+
+
+def _utilization(u: str) -> str:
+    return f"{u}_utilization = ROUND(TO_DOUBLE(peak_{u}) / {u}_limit, 4)"
+
+
+PER_PROJECT_COLUMNS = ["project_id", "model"] + [
+    c for u in UNITS for c in (f"peak_{u}", f"{u}_limit", f"{u}_utilization")
+]
+
+
+def headroom_per_project(sources: Sources = DEFAULT_SOURCES) -> str:
+    """Panel: rate limit headroom per project and model (the dashboard time range is the window)."""
+    lines = _per_project_core(sources) + [
+        "| EVAL " + ", ".join(_utilization(u) for u in UNITS),
+        "| SORT tpm_utilization DESC NULLS LAST, rpm_utilization DESC NULLS LAST, project_id, model",
+        "| KEEP " + ", ".join(PER_PROJECT_COLUMNS),
+        "| LIMIT 1000",
+    ]
+    return "\n".join(lines)
+
+
+def org_limit_column(u: str) -> str:
+    return f"{UNITS[u][2]} limit (aggregate)"
+
+
+def org_utilization_column(u: str) -> str:
+    return f"{UNITS[u][2]} utilization (approx.)"
+
+
+def org_usage_column(u: str) -> str:
+    return f"{UNITS[u][2]} sum of project peaks"
+
+
+ORG_COLUMNS = ["model"] + [
+    c for u in UNITS for c in (org_usage_column(u), org_limit_column(u), org_utilization_column(u))
+]
+
+
+def _q(name: str) -> str:
+    """An ES|QL identifier, backquoted when it is not a plain name."""
+    return name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name) else f"`{name}`"
+
+
+def headroom_org_wide(sources: Sources = DEFAULT_SOURCES) -> str:
+    """Panel: org-wide rollup by model: sum of per-project peaks over the sum of per-project
+    limits (each the max within the window). Only projects with a limit for the unit count."""
+    lines = _per_project_core(sources) + [
+        "| EVAL " + ", ".join(f"{u}_counted = CASE({u}_limit IS NOT NULL, peak_{u})" for u in UNITS),
+        "| STATS " + ", ".join(
+            [f"{_q(org_usage_column(u))} = SUM({u}_counted)" for u in UNITS]
+            + [f"{_q(org_limit_column(u))} = SUM({u}_limit)" for u in UNITS]
+        ) + " BY model",
+        "| EVAL " + ", ".join(
+            f"{_q(org_utilization_column(u))} = ROUND(TO_DOUBLE({_q(org_usage_column(u))}) / {_q(org_limit_column(u))}, 4)"
+            for u in UNITS
+        ),
+        f"| SORT {_q(org_utilization_column('tpm'))} DESC NULLS LAST, model",
+        "| KEEP " + ", ".join(_q(c) for c in ORG_COLUMNS),
+        "| LIMIT 1000",
+    ]
+    return "\n".join(lines)
+
+
+def headroom_rule(unit: str = "tpm", threshold: float = DEFAULT_THRESHOLD,
+                  sources: Sources = DEFAULT_SOURCES) -> str:
+    """Rule: one row per project::model whose peak 1-minute utilization reached the threshold.
+
+    The last STATS groups BY `project_model` (`<project_id>::<model>`), which Kibana's per-row
+    alerting (8.19/9.1+) uses as the alert id. Tune with the `WHERE <unit>_utilization >= ...` line.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unknown unit {unit!r}")
+    lines = _per_project_core(sources) + [
+        f"| EVAL {_utilization(unit)}",
+        f"| WHERE {unit}_utilization >= {threshold:g}",
+        f"| SORT {unit}_utilization DESC",
+        f"| KEEP project_model, project_id, model, peak_{unit}, {unit}_limit, {unit}_utilization",
+    ]
+    return "\n".join(lines)
+
+
+def limits_stale_rule(sources: Sources = DEFAULT_SOURCES) -> str:
+    """Rule: no successful rate-limits collection in the rule's time window.
+
+    The collector writes one status document per cycle (`event.action: rate-limits-collection`,
+    `event.outcome`). An ungrouped STATS over no rows still returns one row, so the query returns a
+    row exactly when there was no success in the window (and says how many failures there were)."""
+    return "\n".join([
+        sources.from_clause(["rate_limits"]),
+        "| WHERE event.action == \"rate-limits-collection\"",
+        "| EVAL ok = CASE(event.outcome == \"success\", 1, 0), failed = CASE(event.outcome == \"failure\", 1, 0)",
+        "| STATS successful_collections = SUM(ok), failed_collections = SUM(failed), last_collection = MAX(@timestamp)",
+        "| EVAL successful_collections = COALESCE(successful_collections, 0), failed_collections = COALESCE(failed_collections, 0)",
+        "| WHERE successful_collections == 0",
+    ])
+
+
+def limits_freshness(sources: Sources = DEFAULT_SOURCES) -> str:
+    """Panel: collection cycles and the last success, so a stale headroom table is visible."""
+    return "\n".join([
+        sources.from_clause(["rate_limits"]),
+        "| WHERE event.action == \"rate-limits-collection\"",
+        "| STATS cycles = COUNT(*), last_cycle = MAX(@timestamp), failed_projects = SUM(openai.rate_limits.collection.failed_projects) BY event.outcome",
+        "| SORT event.outcome",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage, costs and audit panels (all sum per bucket: corrections add up)
+
+def _usage(datasets, *tail: str, sources: Sources = DEFAULT_SOURCES) -> str:
+    return "\n".join([sources.from_clause(datasets), *tail])
+
+
+USAGE_TOKEN_DATASETS = ("completions", "embeddings", "moderations")
+ALL_REQUEST_DATASETS = ("completions", "embeddings", "moderations", "images", "audio_speeches",
+                        "audio_transcriptions")
+
+
+def usage_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
+    model = normalized_model("openai.base.model")
+    return {
+        "requests_over_time": _usage(
+            ALL_REQUEST_DATASETS,
+            "| STATS requests = SUM(openai.base.num_model_requests) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), dataset = data_stream.dataset",
+            "| SORT t", sources=sources),
+        "tokens_over_time_by_model": _usage(
+            USAGE_TOKEN_DATASETS,
+            f"| EVAL model = {model}",
+            "| STATS tokens = SUM(openai.base.usage_tokens) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), model",
+            "| SORT t", sources=sources),
+        "by_model": _usage(
+            ALL_REQUEST_DATASETS,
+            "| STATS requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens), images = SUM(openai.base.usage_images) BY model = openai.base.model",
+            "| SORT tokens DESC NULLS LAST", "| LIMIT 50", sources=sources),
+        "by_project": _usage(
+            ALL_REQUEST_DATASETS,
+            "| STATS requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens) BY project_id = openai.base.project_id, project_name = openai.base.project_name",
+            "| SORT tokens DESC NULLS LAST", "| LIMIT 50", sources=sources),
+        "by_user": _usage(
+            ALL_REQUEST_DATASETS,
+            "| STATS requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens) BY user_id = openai.base.user_id, user_email = openai.base.user_email",
+            "| SORT tokens DESC NULLS LAST", "| LIMIT 50", sources=sources),
+        "by_api_key": _usage(
+            ALL_REQUEST_DATASETS,
+            "| STATS requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens) BY api_key_id = openai.base.api_key_id, api_key_name = openai.base.api_key_name",
+            "| SORT tokens DESC NULLS LAST", "| LIMIT 50", sources=sources),
+        "images_by_size": _usage(
+            ("images",),
+            "| STATS images = SUM(openai.images.images) BY size = openai.images.size, source = openai.images.source",
+            "| SORT images DESC", sources=sources),
+        "audio": _usage(
+            ("audio_speeches", "audio_transcriptions"),
+            "| STATS characters = SUM(openai.audio_speeches.characters), seconds = SUM(openai.audio_transcriptions.seconds) BY model = openai.base.model",
+            "| SORT model", sources=sources),
+        "vector_store_bytes": _usage(
+            ("vector_stores",),
+            # a gauge: sum the bucket's documents (corrections), then show the latest bucket's level
+            "| STATS bytes = SUM(openai.vector_stores.usage_bytes) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), project_id = openai.base.project_id",
+            "| SORT t", sources=sources),
+        "code_interpreter_sessions": _usage(
+            ("code_interpreter_sessions",),
+            "| STATS sessions = SUM(openai.code_interpreter_sessions.sessions) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), project_id = openai.base.project_id",
+            "| SORT t", sources=sources),
+        "tool_calls": _usage(
+            ("file_search_calls", "web_search_calls"),
+            "| STATS file_search = SUM(openai.file_search_calls.num_requests), web_search = SUM(openai.web_search_calls.num_requests) BY project_id = openai.base.project_id",
+            "| SORT project_id", sources=sources),
+    }
+
+
+def costs_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
+    return {
+        "cost_over_time": _usage(
+            ("costs",),
+            "| STATS cost = SUM(openai.costs.amount.value) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), currency = openai.costs.amount.currency",
+            "| SORT t", sources=sources),
+        "cost_by_project": _usage(
+            ("costs",),
+            "| STATS cost = SUM(openai.costs.amount.value) BY project_id = openai.base.project_id, project_name = openai.base.project_name, currency = openai.costs.amount.currency",
+            "| SORT cost DESC", "| LIMIT 50", sources=sources),
+        "cost_by_line_item": _usage(
+            ("costs",),
+            "| STATS cost = SUM(openai.costs.amount.value), quantity = SUM(openai.costs.quantity) BY line_item = openai.costs.line_item, unit = openai.costs.quantity_unit, currency = openai.costs.amount.currency",
+            "| SORT cost DESC", "| LIMIT 100", sources=sources),
+    }
+
+
+def audit_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
+    return {
+        "events_over_time": _usage(
+            ("audit",),
+            "| STATS events = COUNT(*) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), action = event.action",
+            "| SORT t", sources=sources),
+        "actors": _usage(
+            ("audit",),
+            "| EVAL actor = COALESCE(user.email, openai.audit.actor.api_key.user.email, openai.audit.actor.api_key.service_account.id, openai.audit.actor.api_key.id)",
+            "| STATS events = COUNT(*) BY actor, actor_type = openai.audit.actor.type",
+            "| SORT events DESC", "| LIMIT 50", sources=sources),
+        "failed_logins": _usage(
+            ("audit",),
+            "| WHERE openai.audit.type IN (\"login.failed\", \"logout.failed\")",
+            "| STATS failures = COUNT(*), last_failure = MAX(@timestamp) BY user_email = user.email, ip = source.ip, country = source.geo.country_iso_code",
+            "| SORT failures DESC", "| LIMIT 50", sources=sources),
+        "source_countries": _usage(
+            ("audit",),
+            "| WHERE source.geo.country_iso_code IS NOT NULL",
+            "| STATS events = COUNT(*), ips = COUNT_DISTINCT(source.ip) BY country = source.geo.country_iso_code",
+            "| SORT events DESC", "| LIMIT 50", sources=sources),
+        "source_ips": _usage(
+            ("audit",),
+            "| WHERE source.ip IS NOT NULL",
+            "| STATS events = COUNT(*), users = COUNT_DISTINCT(user.email) BY ip = source.ip, asn = source.as.number, country = source.geo.country_iso_code",
+            "| SORT events DESC", "| LIMIT 50", sources=sources),
+        "key_lifecycle": _usage(
+            ("audit",),
+            "| WHERE openai.audit.type IN (\"api_key.created\", \"api_key.updated\", \"api_key.deleted\", \"tenant.admin_api_key.created\", \"tenant.admin_api_key.updated\", \"tenant.admin_api_key.deleted\", \"tenant.project_api_key.created\")",
+            "| KEEP @timestamp, openai.audit.type, user.email, openai.audit.project.name, source.ip",
+            "| SORT @timestamp DESC", "| LIMIT 200", sources=sources),
+    }
+
+
+def all_queries() -> dict[str, str]:
+    """Every ES|QL query of the bundle by a stable name (for validation and tests)."""
+    out = {
+        "headroom_per_project": headroom_per_project(),
+        "headroom_org_wide": headroom_org_wide(),
+        "rule_headroom_tpm": headroom_rule("tpm"),
+        "rule_headroom_rpm": headroom_rule("rpm"),
+        "rule_limits_stale": limits_stale_rule(),
+        "limits_freshness": limits_freshness(),
+    }
+    out.update({f"usage.{k}": v for k, v in usage_panels().items()})
+    out.update({f"costs.{k}": v for k, v in costs_panels().items()})
+    out.update({f"audit.{k}": v for k, v in audit_panels().items()})
+    return out
