@@ -347,7 +347,7 @@ def _reason(exc: BaseException) -> str:
     m = re.search(r"\(Caused by \w+\((?:<[^>]*>, )?'?(.*?)'?\)\)?$", text)
     if m and m.group(1):
         text = m.group(1)
-    return logs.redact(" ".join(text.split()))[:300]
+    return logs.redact(" ".join(text.split())).strip("\"'")[:300]
 
 
 def _error_details(response: requests.Response) -> tuple[str, str | None, str | None]:
@@ -440,12 +440,20 @@ def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> 
         probes.append(("audit_logs", "/v1/organization/audit_logs", {"limit": 1}))
     if "rate_limits" in enabled:
         probes.append(("projects", "/v1/organization/projects", {"limit": 1}))
-    results = []
+    results: list[ProbeResult] = []
+    skip: str | None = None
     for name, path, params in probes:
+        if skip:  # every other probe would fail the same way: say so instead of waiting for it
+            results.append(ProbeResult(name, path, False, skip))
+            continue
         try:
             client.get_json(path, params)
         except ApiError as exc:
             results.append(ProbeResult(name, path, False, explain(exc, name, config), exc))
+            if isinstance(exc, AuthenticationError):
+                skip = "skipped: the admin key was rejected"
+            elif exc.status is None:
+                skip = "skipped: the API is unreachable"
         else:
             results.append(ProbeResult(name, path, True, "OK"))
     return results

@@ -1,0 +1,135 @@
+"""`openai-input check --config FILE`: config errors exit 2 with no request; probes exit 1 on failure."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import responses
+from click.testing import CliRunner
+
+from agent_input.cli import main
+
+KEY = "sk-admin-CHECKTESTKEY-0123456789"
+BASE = "https://api.openai.com"
+OK = {"object": "page", "data": [], "has_more": False, "next_page": None}
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+def run(tmp_path, text, env=None):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(text)
+    env = {"OPENAI_ADMIN_KEY": KEY} if env is None else env
+    return CliRunner().invoke(main, ["check", "--config", str(cfg)], env=env, catch_exceptions=False)
+
+
+def only(*names):
+    """A config enabling only the named data streams."""
+    from agent_input.config import data_streams
+
+    lines = ["data_streams:"]
+    for n in data_streams():
+        lines.append(f"  {n}: {{enabled: {'true' if n in names else 'false'}}}")
+    return "\n".join(lines) + "\n"
+
+
+@responses.activate
+def test_config_errors_exit_2_without_a_request(tmp_path):
+    result = run(tmp_path, "namespace: a-b\ndata_streams:\n  completions:\n    bucket_width: 2m\n", env={})
+    assert result.exit_code == 2
+    assert "openai-input: config error:" in result.stderr
+    assert "namespace: 'a-b' must not contain '-'" in result.stderr
+    assert "data_streams.completions.bucket_width: '2m' is not allowed (allowed: 1m, 1h, 1d)" in result.stderr
+    assert "api_key: no admin key" in result.stderr
+    assert "Traceback" not in result.output
+    assert len(responses.calls) == 0
+
+
+def test_missing_config_file_exit_2(tmp_path):
+    result = CliRunner().invoke(main, ["check", "--config", str(tmp_path / "nope.yml")], env={"OPENAI_ADMIN_KEY": KEY})
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_no_key_option_on_the_command_line():
+    result = CliRunner().invoke(main, ["check", "--help"])
+    assert "--api-key" not in result.output and "--key" not in result.output
+
+
+@responses.activate
+def test_all_probes_ok(tmp_path):
+    for path in ("usage/completions", "costs", "audit_logs", "projects"):
+        responses.get(f"{BASE}/v1/organization/{path}", json=OK)
+    result = run(tmp_path, "")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": OK") == 4 and "check OK" in result.output
+    assert all("limit=1" in c.request.url for c in responses.calls)
+    assert len(responses.calls) == 4
+
+
+@responses.activate
+def test_only_enabled_kinds_are_probed(tmp_path):
+    responses.get(f"{BASE}/v1/organization/usage/vector_stores", json=OK)
+    result = run(tmp_path, only("vector_stores"))
+    assert result.exit_code == 0, result.output
+    assert [c.request.url.split("?")[0] for c in responses.calls] == [f"{BASE}/v1/organization/usage/vector_stores"]
+
+
+@responses.activate
+def test_401_bad_key(tmp_path):
+    responses.get(f"{BASE}/v1/organization/usage/completions", status=401, json={
+        "error": {"message": "Incorrect API key provided: sk-admin-****6789.", "type": "invalid_request_error",
+                  "param": None, "code": "invalid_api_key"}})
+    result = run(tmp_path, only("completions", "audit"))
+    assert result.exit_code == 1
+    assert "401: the admin key was rejected — check OPENAI_ADMIN_KEY" in result.output
+    assert "skipped: the admin key was rejected" in result.output  # audit not asked again
+    assert len(responses.calls) == 1
+    assert KEY not in result.output and "Traceback" not in result.output
+
+
+@responses.activate
+def test_401_names_the_key_file(tmp_path):
+    keyfile = tmp_path / "key"
+    keyfile.write_text(KEY)
+    responses.get(f"{BASE}/v1/organization/usage/completions", status=401,
+                  json={"error": {"message": "bad", "type": "x", "param": None, "code": "invalid_api_key"}})
+    result = run(tmp_path, f"api_key_file: {keyfile}\n" + only("completions"), env={})
+    assert result.exit_code == 1 and f"check the key in {keyfile}" in result.output
+
+
+@responses.activate
+def test_403_missing_usage_scope(tmp_path):
+    responses.get(f"{BASE}/v1/organization/usage/completions", status=403, json={"error": {
+        "message": "You have insufficient permissions for this operation. Missing scopes: api.usage.read.",
+        "type": "invalid_request_error", "param": None, "code": None}})
+    responses.get(f"{BASE}/v1/organization/projects", json=OK)
+    result = run(tmp_path, only("completions", "rate_limits"))
+    assert result.exit_code == 1
+    assert "403: the key lacks the api.usage.read scope" in result.output
+    assert "projects    /v1/organization/projects: OK" in result.output
+    assert "check FAILED" in result.stderr
+
+
+@responses.activate
+def test_server_errors_are_retried_briefly_then_reported(tmp_path, monkeypatch):
+    from agent_input.http_client import AdminApiClient
+
+    sleeps: list[float] = []
+    original = AdminApiClient.from_config.__func__
+    monkeypatch.setattr(AdminApiClient, "from_config",
+                        classmethod(lambda cls, c, **kw: original(cls, c, sleep=sleeps.append, **kw)))
+    responses.get(f"{BASE}/v1/organization/usage/completions", status=503, body="unavailable")
+    result = run(tmp_path, only("completions"))
+    assert result.exit_code == 1
+    assert "unreachable: still failing after 2 retries" in result.output
+    assert len(responses.calls) == 3
+    assert len(sleeps) == 2 and all(0 <= d <= 2.0 for d in sleeps)
