@@ -140,7 +140,8 @@ def test_loaded_defaults_equal_manifest_defaults():
 def test_a_changed_manifest_default_changes_the_loaded_config(monkeypatch):
     """No default is hard-coded in Python: edit the manifest, get a different Config."""
     m = yaml.safe_load((ROOT / "manifest.yml").read_text())
-    m["policy_templates"][0]["inputs"][0]["vars"][6]["default"] = "7s"  # http_timeout
+    inp = m["policy_templates"][0]["inputs"][0]
+    inp["vars"] = [dict(v, default="7s") if v["name"] == "http_timeout" else v for v in inp["vars"]]
     for ds in m["data_streams"]:
         if ds["name"] == "audit":
             ds["vars"] = [dict(v, default=42) if v["name"] == "batch_size" else v for v in ds["vars"]]
