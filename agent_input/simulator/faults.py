@@ -1,0 +1,102 @@
+"""Fault injection rules."""
+from __future__ import annotations
+
+import fnmatch
+import random
+import threading
+from dataclasses import asdict, dataclass, fields
+
+FAULT_KINDS = ("429", "500", "502", "503", "401", "403", "404", "reset", "slow", "malformed_json",
+               "invalid_results")
+
+
+@dataclass
+class FaultRule:
+    """Inject `kind` into requests whose path matches `path`.
+
+    path: a prefix of the request path (``/v1/organization/usage/completions``; the ``/v1`` may be left
+        out) or a glob if it contains ``*``, ``?`` or ``[`` (``*/rate_limits``). Empty matches every API path.
+    count: how many matching requests get the fault (None: unlimited). `skip` matching requests pass
+        untouched first, so "fail the 3rd page" is ``skip=2, count=1``.
+    probability: if set, each matching request gets the fault with this probability (seeded, so a
+        run is reproducible); `count` still caps the total.
+    retry_after: the 429's Retry-After header in seconds (an integer >= 1, as the spec says).
+    delay: seconds to sleep for "slow" (then the normal answer is sent).
+    message: overrides the error message of status faults.
+    """
+
+    kind: str
+    path: str = ""
+    count: int | None = 1
+    skip: int = 0
+    probability: float | None = None
+    retry_after: int = 1
+    delay: float = 1.0
+    message: str | None = None
+
+    def __post_init__(self) -> None:
+        self.kind = str(self.kind)
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {', '.join(FAULT_KINDS)}")
+        self.retry_after = max(1, int(self.retry_after))
+        self._seen = 0
+        self._fired = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FaultRule":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown fault rule keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fired"] = self._fired
+        return d
+
+    def matches(self, path: str) -> bool:
+        p = self.path
+        if not p:
+            return True
+        short = path[3:] if path.startswith("/v1/") else path
+        if any(c in p for c in "*?["):
+            return fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(short, p) or \
+                fnmatch.fnmatchcase(short.lstrip("/"), p)
+        return path.startswith(p) or short.startswith(p) or short.lstrip("/").startswith(p.lstrip("/"))
+
+
+class FaultSet:
+    def __init__(self, seed: int):
+        self._rules: list[FaultRule] = []
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed * 7919 + 17)
+
+    def add(self, rule: FaultRule) -> None:
+        with self._lock:
+            self._rules.append(rule)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    def rules(self) -> list[dict]:
+        with self._lock:
+            return [r.to_dict() for r in self._rules]
+
+    def pick(self, path: str) -> FaultRule | None:
+        """The first rule that fires for this request (consuming one of its uses), or None."""
+        with self._lock:
+            for r in self._rules:
+                if r.count is not None and r._fired >= r.count:
+                    continue
+                if not r.matches(path):
+                    continue
+                r._seen += 1
+                if r._seen <= r.skip:
+                    continue
+                if r.probability is not None and self._rng.random() >= r.probability:
+                    continue
+                r._fired += 1
+                return r
+        return None
