@@ -53,3 +53,35 @@ def check(config_path: str, log_level: str) -> None:
         click.echo("check FAILED", err=True)
         sys.exit(1)
     click.echo("check OK")
+
+
+@main.command()
+@click.option("--port", type=int, default=8089, show_default=True, help="Loopback port (0: any free port).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the synthetic organization.")
+@click.option("--org", type=click.Choice(["small", "large"]), default="small", show_default=True,
+              help="Size of the simulated organization.")
+@click.option("--latency-ms", type=int, default=0, show_default=True, help="Added latency per API request.")
+@click.option("--now", "now_text", default=None,
+              help="Freeze the simulated clock here (ISO 8601 or unix seconds); default: follow the wall clock.")
+def simulate(port, seed, org, latency_ms, now_text):
+    """Serve the OpenAI Admin API simulator on loopback until Ctrl-C.
+
+    Prints the base URL and the admin key to stderr. Tests drive it through /_sim/clock,
+    /_sim/faults, /_sim/truth and /_sim/stats.
+    """
+    from datetime import datetime, timezone
+
+    from .simulator import run_simulator
+
+    now = None
+    if now_text is not None:
+        try:
+            now = float(now_text)
+        except ValueError:
+            try:
+                dt = datetime.fromisoformat(now_text.replace("Z", "+00:00"))
+            except ValueError:
+                raise click.BadParameter(f"{now_text!r} is neither ISO 8601 nor unix seconds",
+                                         param_hint="--now") from None
+            now = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now)
