@@ -55,6 +55,239 @@ def check(config_path: str, log_level: str) -> None:
     click.echo("check OK")
 
 
+def _parse_now(value: str | None) -> float | None:
+    """`--now`: ISO 8601 (Z or offset) or unix seconds."""
+    if value is None:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither ISO 8601 nor unix seconds") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _default_state_dir() -> str:
+    import os
+    from pathlib import Path
+
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "openai-input")
+
+
+def _install_stop_handlers(stop) -> None:
+    """SIGINT/SIGTERM: finish the page in flight, flush, save state, exit 0."""
+    import signal
+
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _open_output(kind: str, path: str | None):
+    import sys
+
+    from .outputs import NdjsonFileOutput, NdjsonOutput
+
+    if kind == "ndjson":
+        return NdjsonFileOutput(path) if path else NdjsonOutput(sys.stdout.buffer)
+    raise click.BadParameter(f"unknown output {kind!r}")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    import sys
+
+    click.echo(f"openai-input: {message}", err=True)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="YAML config file (see README); the admin key comes from it, api_key_file or OPENAI_ADMIN_KEY.")
+@click.option("--once", is_flag=True, help="One poll of every enabled stream, then exit.")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Where cursors and the outbox live; the next run resumes from it. "
+                   "[default: $XDG_STATE_HOME/openai-input]")
+@click.option("--output", "output_kind", type=click.Choice(["ndjson"]), default="ndjson", show_default=True,
+              help="ndjson: one ECS document per line, its id in the top-level `_id`.")
+@click.option("--output-path", type=click.Path(dir_okay=False), default=None,
+              help="Append NDJSON to this file instead of stdout.")
+@click.option("--now", "now_text", default=None, hidden=True,
+              help="Pretend the current time is this (ISO 8601 or unix seconds): replays and tests.")
+@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-format", type=click.Choice(["auto", "ecs", "text"]), default="auto", show_default=True)
+def collect(config_path, once, state_dir, output_kind, output_path, now_text, log_level, log_format):
+    """Poll every enabled data stream and emit ECS documents."""
+    import threading
+    import time
+
+    from . import app
+    from .config import ConfigError, load_config
+    from .engine import Progress
+    from .logs import register_secret, setup_logging
+    from .outputs import OutputError
+    from .state import StateError
+
+    setup_logging(log_level, log_format)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        click.echo("openai-input: config error:", err=True)
+        for line in exc.lines():
+            click.echo(f"  {line}", err=True)
+        raise SystemExit(2)
+    register_secret(config.api_key)
+    now = _parse_now(now_text)
+    clock = app.fixed_clock(now) if now is not None else time.time
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        output = _open_output(output_kind, output_path)
+        collection = app.build(config, state_dir=state_dir or _default_state_dir(), output=output,
+                               stop=stop, clock=clock, progress=Progress())
+    except (StateError, OutputError) as exc:
+        _fail(str(exc))
+    try:
+        code = collection.engine.run(once=once)
+    except OutputError as exc:
+        _fail(str(exc))
+    finally:
+        collection.close()
+        output.close()
+    if collection.engine.collectors and once:
+        _print_summary(collection.engine)
+    raise SystemExit(code)
+
+
+def _print_summary(engine) -> None:
+    rows = [("stream", "documents", "corrections", "requests", "status")]
+    for name, t in sorted(engine.totals.items()):
+        status = "failed: " + engine.failed[name] if name in engine.failed else (
+            f"{t.bad_buckets} bad bucket(s)" if t.bad_buckets else "ok")
+        rows.append((name, str(t.events), str(t.corrections), str(t.requests), status))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4], err=True)
+
+
+@main.command()
+@click.option("--out", "out_path", default="out/openai-demo.ndjson", show_default=True,
+              type=click.Path(dir_okay=False), help="Where the demo writes its events (replaced each run).")
+@click.option("--org", type=click.Choice(["small", "large"]), default="small", show_default=True,
+              help="Size of the simulated organization.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--log-level", default="WARNING", show_default=True)
+def demo(out_path, org, seed, log_level):
+    """Collect a realistic day from the built-in OpenAI Admin API simulator.
+
+    Starts the simulator on loopback, runs one backfill poll of every data stream (24h at 1m),
+    moves the simulated clock 30 minutes on and polls again so late revisions arrive as
+    corrections, then prints a per-dataset summary. Nothing leaves this machine.
+    """
+    import secrets
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from . import app
+    from .config import config_from_dict
+    from .engine import Progress
+    from .logs import register_secret, setup_logging
+    from .outputs import NdjsonFileOutput
+    from .simulator import Simulator
+
+    setup_logging(log_level, "text")
+    key = "sk-admin-demo-" + secrets.token_hex(12)
+    register_secret(key)
+    sim = Simulator(seed=seed, org=org, now=time.time(), admin_key=key)
+    url = sim.start()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(b"")
+    click.echo(f"simulator: {url} ({org} organization, seed {seed})", err=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="openai-demo-state-") as state_dir:
+            config = config_from_dict({"url": url, "api_key": key}, env={})
+            output = NdjsonFileOutput(out)
+            collection = app.build(config, state_dir=state_dir, output=output, clock=sim.now,
+                                   progress=Progress())
+            try:
+                started = time.monotonic()
+                collection.engine.run(once=True)
+                backfill_s = time.monotonic() - started
+                sim.advance(30 * 60)
+                collection.engine.run(once=True)
+            finally:
+                collection.close()
+                output.close()
+            _demo_summary(collection.engine, out, sim, backfill_s)
+    finally:
+        sim.stop()
+
+
+def _demo_summary(engine, out, sim, backfill_s) -> None:
+    """Per dataset: documents, corrections, requests, and the stored total of its main counter
+    next to the simulator's final truth for the buckets that have settled."""
+    import json
+    import math
+
+    from .streams import STREAMS_BY_NAME
+
+    now = sim.now()
+    settled_before = int(now - 3 * 3600) // 60 * 60
+    sums: dict[str, float] = {}
+    first: dict[str, int] = {}
+    count: dict[str, int] = {}
+    with open(out, "rb") as fh:
+        for line in fh:
+            doc = json.loads(line)
+            ds = doc["data_stream"]["dataset"].split(".", 1)[1]
+            count[ds] = count.get(ds, 0) + 1
+            spec = STREAMS_BY_NAME.get(ds)
+            if spec is None:
+                continue
+            base = doc["openai"]["base"]
+            start = int(_epoch(base["start_time"]))
+            if start >= settled_before:
+                continue
+            first[ds] = min(first.get(ds, start), start)
+            counter = spec.counters[0]
+            leaf = spec.renames.get(counter, counter)
+            section = base if counter == "num_model_requests" else doc["openai"].get(ds, {})
+            sums[ds] = sums.get(ds, 0) + section.get(leaf, 0)
+    click.echo("")
+    header = f"{'dataset':<27}{'documents':>10}{'corrections':>13}{'requests':>10}  settled total (collected / OpenAI final)"
+    click.echo(header)
+    for name, t in sorted(engine.totals.items()):
+        line = f"{name:<27}{count.get(name, 0):>10}{t.corrections:>13}{t.requests:>10}"
+        spec = STREAMS_BY_NAME.get(name)
+        if spec is not None and name in first:
+            truth = sim.truth(name, first[name], settled_before, "1m", ())
+            final = sum(v.get(spec.counters[0], 0) for v in truth.values())
+            got = sums.get(name, 0)
+            mark = "exact" if math.isclose(got, final) else "DIFFERS"
+            line += f"  {spec.counters[0]}: {got:,.0f} / {final:,.0f} {mark}"
+        if name in engine.failed:
+            line += f"  failed: {engine.failed[name]}"
+        click.echo(line)
+    click.echo(f"\nbackfill of a day took {backfill_s:.1f}s; events in {out}")
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 @main.command()
 @click.option("--port", type=int, default=8089, show_default=True, help="Loopback port (0: any free port).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the synthetic organization.")
@@ -85,3 +318,7 @@ def simulate(port, seed, org, latency_ms, now_text):
                                          param_hint="--now") from None
             now = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
     run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now)
+
+
+if __name__ == "__main__":
+    main()
