@@ -1,16 +1,181 @@
-"""`openai-assets`: the installer. Placeholder until the asset bundle lands (issue 4)."""
+"""`openai-assets`: install, export, validate and uninstall openai-elastic's ES/Kibana assets."""
+from __future__ import annotations
+
+import re
 import sys
 
 import click
 
+from . import elasticsearch as E
+from . import kibana as K
+from . import installer as I
+from .validate import validate_bundle
+
+_DURATION = re.compile(r"^(\d+)(d|h|m)$")
+
+
+def _minutes(text: str, name: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 2h or 1d", param_hint=name)
+    n, unit = int(m.group(1)), m.group(2)
+    return n * {"m": 1, "h": 60, "d": 1440}[unit]
+
+
+def _retention(value: str) -> str:
+    if not re.match(r"^\d+(d|h)$", value):
+        raise click.BadParameter(f"{value!r} is not a retention like 90d", param_hint="--retention")
+    return value
+
+
+def _options(f):
+    opts = [
+        click.option("--es-url", envvar="ES_URL", help="Elasticsearch URL (or ES_URL)."),
+        click.option("--kibana-url", envvar="KIBANA_URL", help="Kibana URL (or KIBANA_URL)."),
+        click.option("--api-key-file", type=click.Path(dir_okay=False),
+                     help="File holding an Elasticsearch API key (else ELASTIC_API_KEY)."),
+        click.option("--username", help="Basic-auth user (else ELASTIC_USERNAME)."),
+        click.option("--password-file", type=click.Path(dir_okay=False),
+                     help="File holding the password (else ELASTIC_PASSWORD)."),
+        click.option("--space", default=None, help="Kibana space id for the data view, dashboards and rules."),
+        click.option("--namespace", default="default", show_default=True,
+                     help="Namespace the router sends documents to when they carry none."),
+        click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA bundle for TLS."),
+        click.option("--insecure", is_flag=True, help="Skip TLS verification (test clusters only)."),
+        click.option("--skip-kibana", is_flag=True, help="Only the Elasticsearch assets."),
+        click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _rule_options(f):
+    opts = [
+        click.option("--retention", "retention", default=E.DEFAULT_RETENTION_ALL, show_default=True,
+                     callback=lambda c, p, v: _retention(v),
+                     help="Data stream lifecycle retention for every dataset but rate_limits."),
+        click.option("--rate-limits-retention", default=E.DEFAULT_RETENTION["rate_limits"], show_default=True,
+                     callback=lambda c, p, v: _retention(v), help="Retention for openai.rate_limits."),
+        click.option("--ilm-policy", default=None,
+                     help="Use this existing ILM policy instead of data stream lifecycle retention."),
+        click.option("--headroom-threshold", type=click.FloatRange(0, 10), default=0.8, show_default=True,
+                     help="Utilization at which the headroom rules fire."),
+        click.option("--headroom-window", default="15m", show_default=True,
+                     help="Look-back of the headroom rules."),
+        click.option("--stale-after", default="1h", show_default=True,
+                     help="Alert when no rate-limits collection succeeded for this long."),
+        click.option("--rules-disabled", is_flag=True, help="Create the rules disabled."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _build_options(kw: dict) -> I.Options:
+    per_ds = dict(E.DEFAULT_RETENTION)
+    per_ds["rate_limits"] = kw["rate_limits_retention"]
+    return I.Options(
+        retention=E.Retention(default=kw["retention"], per_dataset=per_ds, ilm_policy=kw["ilm_policy"]),
+        namespace=kw.get("namespace") or "default",
+        rules=K.RuleOptions(
+            headroom_threshold=kw["headroom_threshold"],
+            headroom_window_minutes=_minutes(kw["headroom_window"], "--headroom-window"),
+            stale_after_minutes=_minutes(kw["stale_after"], "--stale-after"),
+            enabled=not kw["rules_disabled"],
+        ),
+        with_kibana=not kw.get("skip_kibana", False),
+    )
+
+
+def _target(kw: dict) -> I.Target:
+    creds = I.resolve_credentials(kw["api_key_file"], kw["username"], kw["password_file"])
+    verify: bool | str = kw["ca_cert"] or True
+    if kw["insecure"]:
+        verify = False
+    return I.Target(kw["es_url"], kw["kibana_url"], creds, space=kw["space"], verify=verify)
+
+
+def _fail(exc: I.InstallerError) -> None:
+    click.echo(f"openai-assets: {exc}", err=True)
+    sys.exit(exc.code)
+
 
 @click.group()
+@click.version_option(package_name="openai-elastic")
 def main() -> None:
-    """Install openai-elastic's Elasticsearch and Kibana assets."""
+    """Install openai-elastic's Elasticsearch and Kibana assets (8.18+ and 9.x)."""
 
 
 @main.command()
-def install() -> None:
-    """Not yet implemented."""
-    click.echo("openai-assets: not yet implemented", err=True)
-    sys.exit(2)
+@_options
+@_rule_options
+def install(**kw) -> None:
+    """Install or upgrade every asset; reports each as created, updated or unchanged."""
+    try:
+        if not kw["es_url"]:
+            raise I.InstallerError("--es-url (or ES_URL) is required", code=2)
+        if not kw["kibana_url"] and not kw["skip_kibana"]:
+            raise I.InstallerError("--kibana-url (or KIBANA_URL) is required (or pass --skip-kibana)", code=2)
+        inst = I.Installer(_target(kw), _build_options(kw), dry_run=kw["dry_run"], echo=click.echo)
+    except I.InstallerError as exc:
+        _fail(exc)
+        return
+    report = inst.install()
+    verb = "dry run" if kw["dry_run"] else "install"
+    if report.error is not None:
+        click.echo(report.summary(verb), err=True)
+        sys.exit(report.error.code)
+    click.echo(report.summary(verb))
+    if not kw["dry_run"]:
+        click.echo(f"ship events to logs-openai.<dataset>-{inst.o.namespace} directly, or to "
+                   f"logs-openai-{inst.o.namespace} through the {E.ROUTER_PIPELINE} router")
+
+
+@main.command()
+@_options
+@_rule_options
+@click.option("--delete-data", is_flag=True, help="Also delete the logs-openai.* data streams (irreversible).")
+def uninstall(delete_data: bool, **kw) -> None:
+    """Remove what install created. Data streams stay unless --delete-data."""
+    try:
+        if not kw["es_url"]:
+            raise I.InstallerError("--es-url (or ES_URL) is required", code=2)
+        inst = I.Installer(_target(kw), _build_options(kw), dry_run=kw["dry_run"], echo=click.echo)
+    except I.InstallerError as exc:
+        _fail(exc)
+        return
+    report = inst.uninstall(delete_data=delete_data)
+    if report.error is not None:
+        click.echo(report.summary("uninstall"), err=True)
+        sys.exit(report.error.code)
+    click.echo(report.summary("uninstall"))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--kibana-version", default=None,
+              help="Target Kibana version; rules for 8.18/9.0 get one alert for all rows.")
+@click.option("--namespace", default="default", show_default=True)
+@_rule_options
+def export(directory: str, kibana_version: str | None, **kw) -> None:
+    """Write the bundle as files for air-gapped clusters (JSON + importable NDJSON + rules)."""
+    paths = I.export(directory, _build_options(kw), kibana_version)
+    click.echo(f"wrote {len(paths)} files to {directory} (see {directory}/manifest.json for the install order)")
+
+
+@main.command()
+def validate() -> None:
+    """Offline checks: fields, mappings, every ES|QL query parsed with the official grammar."""
+    problems, notes = validate_bundle()
+    for n in notes:
+        click.echo(f"ok  {n}")
+    for p in problems:
+        click.echo(f"ERR {p}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo("bundle valid")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

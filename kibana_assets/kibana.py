@@ -1,0 +1,381 @@
+"""The Kibana side of the bundle: the data view, the dashboards (saved objects) and the rules.
+
+Dashboards are written in the 8.18 saved-object format with every panel a by-value Lens ES|QL
+panel, so each one runs a query from `queries.py`; Kibana migrates the objects forward on import
+into 9.x. Rules are `.es-query` rules with ES|QL (`searchType: esqlQuery`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import MANAGED_BY, PACKAGE, VERSION
+from . import queries as Q
+
+DATA_VIEW_ID = "openai-elastic-logs-openai"
+DATA_VIEW_TITLE = "logs-openai.*"
+DATA_VIEW_NAME = "OpenAI (openai-elastic)"
+TAGS = ["openai", PACKAGE]
+
+# Fixed rule ids (UUID v4, as older Kibana versions require for caller-chosen ids).
+RULE_ID_HEADROOM_TPM = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b01"
+RULE_ID_HEADROOM_RPM = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b02"
+RULE_ID_LIMITS_STALE = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b03"
+
+HEADROOM_RULE_NAME = "[OpenAI] Rate limit headroom low"
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    core = text.split("-")[0]
+    parts = [int(p) for p in core.split(".")[:3]]
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def supports_per_row_alerts(kibana_version: str) -> bool:
+    """ES|QL `.es-query` rules accept `groupBy: "row"` (one alert per row) from 8.19 and 9.1."""
+    v = parse_version(kibana_version)[:2]
+    return (8, 19) <= v < (9, 0) or v >= (9, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data view
+
+
+def data_view() -> dict:
+    """Body for POST /api/data_views/data_view."""
+    return {
+        "data_view": {
+            "id": DATA_VIEW_ID,
+            "title": DATA_VIEW_TITLE,
+            "name": DATA_VIEW_NAME,
+            "timeFieldName": "@timestamp",
+        },
+        "override": True,
+    }
+
+
+def data_view_saved_object() -> dict:
+    """The same data view as an `index-pattern` saved object, for the exported NDJSON."""
+    return {
+        "id": DATA_VIEW_ID,
+        "type": "index-pattern",
+        "attributes": {"title": DATA_VIEW_TITLE, "name": DATA_VIEW_NAME, "timeFieldName": "@timestamp"},
+        "references": [],
+        "coreMigrationVersion": "8.8.0",
+        "typeMigrationVersion": "8.0.0",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboards
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    query: str
+    columns: tuple[tuple[str, str], ...]  # (ES|QL column, lens meta type: string|number|date)
+    kind: str = "table"  # table | bar | line
+    x: str | None = None
+    y: tuple[str, ...] = ()
+    split: str | None = None
+    w: int = 24
+    h: int = 12
+    description: str = ""
+
+
+def _adhoc_id(pattern: str) -> str:
+    return hashlib.sha256(pattern.encode()).hexdigest()[:32]
+
+
+def _lens_attributes(panel: Panel, layer_id: str) -> dict:
+    adhoc = _adhoc_id(DATA_VIEW_TITLE)
+    columns = [
+        {"columnId": name, "fieldName": name, "label": name, "customLabel": True, "meta": {"type": t}}
+        for name, t in panel.columns
+    ]
+    if panel.kind == "table":
+        vis_type = "lnsDatatable"
+        visualization: dict[str, Any] = {
+            "layerId": layer_id, "layerType": "data",
+            "columns": [{"columnId": name, "isTransposed": False} for name, _ in panel.columns],
+            "paging": {"enabled": True, "size": 20},
+        }
+    else:
+        vis_type = "lnsXY"
+        series = "bar_stacked" if panel.kind == "bar" else "line"
+        layer: dict[str, Any] = {
+            "layerId": layer_id, "layerType": "data", "seriesType": series,
+            "xAccessor": panel.x, "accessors": list(panel.y),
+        }
+        if panel.split:
+            layer["splitAccessor"] = panel.split
+        visualization = {
+            "legend": {"isVisible": True, "position": "right"},
+            "valueLabels": "hide", "preferredSeriesType": series, "layers": [layer],
+        }
+    return {
+        "title": panel.title,
+        "description": panel.description,
+        "visualizationType": vis_type,
+        "type": "lens",
+        "references": [],
+        "state": {
+            "visualization": visualization,
+            "query": {"esql": panel.query},
+            "filters": [],
+            "datasourceStates": {
+                "textBased": {"layers": {layer_id: {
+                    "index": adhoc, "query": {"esql": panel.query}, "columns": columns,
+                    "timeField": "@timestamp",
+                }}},
+            },
+            "internalReferences": [],
+            "adHocDataViews": {adhoc: {
+                "id": adhoc, "title": DATA_VIEW_TITLE, "name": DATA_VIEW_TITLE,
+                "timeFieldName": "@timestamp", "sourceFilters": [], "fieldFormats": {},
+                "runtimeFieldMap": {}, "fieldAttrs": {}, "allowNoIndex": False,
+            }},
+        },
+    }
+
+
+def _panels_json(panels: list[Panel]) -> str:
+    out, x, y, row_h = [], 0, 0, 0
+    for i, p in enumerate(panels):
+        if x + p.w > 48:
+            x, y, row_h = 0, y + row_h, 0
+        idx = f"p{i + 1}"
+        out.append({
+            "type": "lens",
+            "panelIndex": idx,
+            "gridData": {"x": x, "y": y, "w": p.w, "h": p.h, "i": idx},
+            "embeddableConfig": {"attributes": _lens_attributes(p, f"layer-{idx}"), "enhancements": {},
+                                 "hidePanelTitles": False},
+            "title": p.title,
+        })
+        x += p.w
+        row_h = max(row_h, p.h)
+    return json.dumps(out, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    id: str
+    title: str
+    description: str
+    panels: list[Panel] = field(default_factory=list)
+    time_from: str = "now-24h"
+
+    def saved_object(self) -> dict:
+        body = {
+            "id": self.id,
+            "type": "dashboard",
+            "attributes": {
+                "title": self.title,
+                "description": self.description,
+                "panelsJSON": _panels_json(self.panels),
+                "optionsJSON": json.dumps({"useMargins": True, "syncColors": False, "syncCursor": True,
+                                           "syncTooltips": False, "hidePanelTitles": False}),
+                "timeRestore": True,
+                "timeFrom": self.time_from,
+                "timeTo": "now",
+                "refreshInterval": {"pause": True, "value": 60000},
+                "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(
+                    {"query": {"query": "", "language": "kuery"}, "filter": []})},
+                "version": 1,
+            },
+            "references": [],
+            "coreMigrationVersion": "8.8.0",
+            "typeMigrationVersion": "8.9.0",
+        }
+        # The installer compares this marker to tell unchanged from updated (Kibana migrates the
+        # rest of the object on import, so a byte comparison would always differ).
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        body["attributes"]["description"] = f"{self.description} [{MANAGED_BY} {VERSION} #{digest}]"
+        return body
+
+
+def fingerprint_of(saved_object: dict) -> str | None:
+    desc = saved_object.get("attributes", {}).get("description") or ""
+    marker = f"[{MANAGED_BY} "
+    if marker in desc and "#" in desc.rsplit(marker, 1)[1]:
+        return desc.rsplit("#", 1)[1].rstrip("]")
+    return None
+
+
+S, N, D = "string", "number", "date"
+
+
+def _per_project_panel() -> Panel:
+    cols = [("project_id", S), ("model", S)] + [
+        (c, N) for u in Q.UNITS for c in (f"peak_{u}", f"{u}_limit", f"{u}_utilization")]
+    return Panel("Rate limit headroom - per project and model", Q.headroom_per_project(), tuple(cols),
+                 w=48, h=14,
+                 description="Peak 1-minute usage (summed per minute, corrections included) over the "
+                             "limit, per project and model (dated snapshots folded onto the family). "
+                             "A limit with no usage shows 0. Needs 1m usage buckets.")
+
+
+def _org_panel() -> Panel:
+    cols = [("model", S)] + [(c, N) for c in Q.ORG_COLUMNS[1:]]
+    return Panel("Rate limit headroom - by model (org-wide)", Q.headroom_org_wide(), tuple(cols),
+                 w=48, h=12,
+                 description="Sum of each project's peak minute over the sum of each project's limit "
+                             "(max within the window). Indicative only: limits are enforced per "
+                             "project, so use limit (aggregate) and utilization (approx.) for "
+                             "comparison and trends.")
+
+
+def dashboards() -> list[Dashboard]:
+    u, c, a = Q.usage_panels(), Q.costs_panels(), Q.audit_panels()
+    usage = Dashboard(
+        "openai-elastic-usage-overview", "[OpenAI] Usage overview",
+        "Requests and tokens by model, project, user and key; images, audio, vector stores and code "
+        "interpreter. All figures sum the bucket documents, so corrections are included.",
+        [
+            Panel("Requests over time by stream", u["requests_over_time"],
+                  (("t", D), ("requests", N), ("dataset", S)), "bar", "t", ("requests",), "dataset"),
+            Panel("Tokens over time by model", u["tokens_over_time_by_model"],
+                  (("t", D), ("tokens", N), ("model", S)), "bar", "t", ("tokens",), "model"),
+            Panel("By model", u["by_model"], (("model", S), ("requests", N), ("tokens", N), ("images", N))),
+            Panel("By project", u["by_project"],
+                  (("project_id", S), ("project_name", S), ("requests", N), ("tokens", N))),
+            Panel("By user", u["by_user"], (("user_id", S), ("user_email", S), ("requests", N), ("tokens", N))),
+            Panel("By API key", u["by_api_key"],
+                  (("api_key_id", S), ("api_key_name", S), ("requests", N), ("tokens", N))),
+            Panel("Images by size", u["images_by_size"], (("size", S), ("source", S), ("images", N))),
+            Panel("Audio: characters and seconds", u["audio"],
+                  (("model", S), ("characters", N), ("seconds", N))),
+            Panel("Vector store bytes", u["vector_store_bytes"],
+                  (("t", D), ("bytes", N), ("project_id", S)), "line", "t", ("bytes",), "project_id"),
+            Panel("Code interpreter sessions", u["code_interpreter_sessions"],
+                  (("t", D), ("sessions", N), ("project_id", S)), "bar", "t", ("sessions",), "project_id"),
+            Panel("File and web search calls", u["tool_calls"],
+                  (("project_id", S), ("file_search", N), ("web_search", N))),
+        ])
+    audit = Dashboard(
+        "openai-elastic-audit", "[OpenAI] Audit logs",
+        "Organization audit events: actions over time, actors, failed logins, source countries and "
+        "IPs, API key lifecycle.",
+        [
+            Panel("Events over time by action", a["events_over_time"],
+                  (("t", D), ("events", N), ("action", S)), "bar", "t", ("events",), "action", w=48),
+            Panel("Actors", a["actors"], (("actor", S), ("actor_type", S), ("events", N))),
+            Panel("Failed logins and logouts", a["failed_logins"],
+                  (("user_email", S), ("ip", S), ("country", S), ("failures", N), ("last_failure", D))),
+            Panel("Source countries", a["source_countries"], (("country", S), ("events", N), ("ips", N))),
+            Panel("Source IPs", a["source_ips"],
+                  (("ip", S), ("asn", N), ("country", S), ("events", N), ("users", N))),
+            Panel("API key lifecycle", a["key_lifecycle"],
+                  (("@timestamp", D), ("openai.audit.type", S), ("user.email", S),
+                   ("openai.audit.project.name", S), ("source.ip", S)), w=48),
+        ], time_from="now-7d")
+    costs = Dashboard(
+        "openai-elastic-costs", "[OpenAI] Costs",
+        "Spend over time, by project and by line item (daily buckets; corrections included).",
+        [
+            Panel("Cost over time", c["cost_over_time"], (("t", D), ("cost", N), ("currency", S)),
+                  "bar", "t", ("cost",), "currency", w=48),
+            Panel("Cost by project", c["cost_by_project"],
+                  (("project_id", S), ("project_name", S), ("currency", S), ("cost", N))),
+            Panel("Cost by line item", c["cost_by_line_item"],
+                  (("line_item", S), ("unit", S), ("currency", S), ("cost", N), ("quantity", N))),
+        ], time_from="now-30d")
+    headroom = Dashboard(
+        "openai-elastic-rate-limit-headroom", "[OpenAI] Rate limit headroom",
+        "How close each project and model is to its rate limits (tokens, requests and images per "
+        "minute). Keep the usage streams at bucket_width 1m.",
+        [
+            _per_project_panel(),
+            _org_panel(),
+            Panel("Rate limit collection status", Q.limits_freshness(),
+                  (("event.outcome", S), ("cycles", N), ("last_cycle", D), ("failed_projects", N)), w=48, h=8),
+        ], time_from="now-15m")
+    return [usage, audit, costs, headroom]
+
+
+def saved_objects() -> list[dict]:
+    """Everything for the exported NDJSON: the data view first, then the dashboards."""
+    return [data_view_saved_object()] + [d.saved_object() for d in dashboards()]
+
+
+def to_ndjson(objects: list[dict]) -> str:
+    return "".join(json.dumps(o, sort_keys=True) + "\n" for o in objects)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    headroom_threshold: float = Q.DEFAULT_THRESHOLD
+    headroom_window_minutes: int = 15
+    stale_after_minutes: int = 60
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    name: str
+    query: str
+    window_minutes: int
+    interval: str
+    alert_delay: int
+    per_row: bool  # wants one alert per row (project::model) where Kibana supports it
+    description: str = ""
+
+    def params(self, kibana_version: str | None) -> dict:
+        per_row = self.per_row and (kibana_version is None or supports_per_row_alerts(kibana_version))
+        return {
+            "searchType": "esqlQuery",
+            "esqlQuery": {"esql": self.query},
+            "timeField": "@timestamp",
+            "timeWindowSize": self.window_minutes,
+            "timeWindowUnit": "m",
+            "threshold": [0],
+            "thresholdComparator": ">",
+            "size": 100,
+            "groupBy": "row" if per_row else "all",
+            "excludeHitsFromPreviousRun": False,
+            "aggType": "count",
+            "sourceFields": [],
+        }
+
+    def update_body(self, kibana_version: str | None, actions: list | None = None) -> dict:
+        """Body for PUT /api/alerting/rule/{id} (no rule_type_id/consumer/enabled there)."""
+        return {
+            "name": self.name,
+            "tags": list(TAGS),
+            "schedule": {"interval": self.interval},
+            "params": self.params(kibana_version),
+            "actions": actions or [],
+            "alert_delay": {"active": self.alert_delay},
+        }
+
+    def create_body(self, kibana_version: str | None, enabled: bool = True) -> dict:
+        body = self.update_body(kibana_version)
+        body.update({"rule_type_id": ".es-query", "consumer": "stackAlerts", "enabled": enabled})
+        return body
+
+
+def rules(options: RuleOptions | None = None) -> list[Rule]:
+    o = options or RuleOptions()
+    return [
+        Rule(RULE_ID_HEADROOM_TPM, HEADROOM_RULE_NAME, Q.headroom_rule("tpm", o.headroom_threshold),
+             o.headroom_window_minutes, "5m", 3, per_row=True,
+             description="Peak 1-minute token usage >= 80% of the TPM limit per project_id::model."),
+        Rule(RULE_ID_HEADROOM_RPM, "[OpenAI] Rate limit RPM headroom low",
+             Q.headroom_rule("rpm", o.headroom_threshold), o.headroom_window_minutes, "5m", 3, per_row=True,
+             description="Peak 1-minute requests >= 80% of the RPM limit per project_id::model."),
+        Rule(RULE_ID_LIMITS_STALE, "[OpenAI] Rate limits are stale", Q.limits_stale_rule(),
+             o.stale_after_minutes, "5m", 1, per_row=False,
+             description="No successful rate-limits collection in the window: headroom alerts "
+                         "would otherwise go silent."),
+    ]

@@ -1,0 +1,85 @@
+"""Offline validation of the bundle (`openai-assets validate`; the tests run the same checks)."""
+from __future__ import annotations
+
+import json
+import re
+
+from . import elasticsearch as E
+from . import fields as F
+from . import kibana as K
+from . import queries as Q
+
+_FROM = re.compile(r"^FROM\s+(.+)$", re.MULTILINE)
+
+
+def datasets_of_query(query: str) -> list[str]:
+    """Short dataset names a query reads (`FROM logs-openai.<ds>-*, ...`)."""
+    m = _FROM.search(query)
+    if not m:
+        return []
+    out = []
+    for src in m.group(1).split(","):
+        src = src.strip()
+        mm = re.match(r"logs-openai\.([a-z_]+)-", src)
+        if mm:
+            out.append(mm.group(1))
+    return out
+
+
+def query_problems(name: str, query: str) -> list[str]:
+    """Syntax errors and references to fields that the query's datasets do not map."""
+    from . import esql  # needs esql-parser
+
+    try:
+        refs = esql.field_references(query)
+    except esql.EsqlSyntaxError as exc:
+        return [f"{name}: ES|QL syntax: {exc}"]
+    known: dict[str, str] = {}
+    for ds in datasets_of_query(query):
+        known.update(F.field_types(ds))
+    return [f"{name}: references {r}, which no dataset it reads maps" for r in refs if r not in known]
+
+
+def panel_queries() -> dict[str, str]:
+    out = {}
+    for d in K.dashboards():
+        for p in json.loads(d.saved_object()["attributes"]["panelsJSON"]):
+            state = p["embeddableConfig"]["attributes"]["state"]
+            out[f"{d.id}/{p['title']}"] = state["query"]["esql"]
+    return out
+
+
+def validate_bundle() -> tuple[list[str], list[str]]:
+    problems: list[str] = []
+    notes: list[str] = []
+    try:
+        types = F.all_field_types()
+        notes.append(f"{len(F.datasets())} datasets, {len(types)} distinct fields, one type each")
+    except F.FieldError as exc:
+        problems.append(str(exc))
+    assets = E.es_assets()
+    components = {a.name for a in assets if a.kind == "component_template"}
+    pipelines = {a.name for a in assets if a.kind == "pipeline"}
+    for a in assets:
+        if a.kind == "index_template":
+            for c in a.body["composed_of"]:
+                if c not in components and c not in a.body.get("ignore_missing_component_templates", []) \
+                        and c not in E.BUILTIN_COMPONENTS:
+                    problems.append(f"{a.label}: composed_of {c} is not in the bundle")
+            pipe = a.body["template"]["settings"]["index"]["default_pipeline"]
+            if pipe not in pipelines:
+                problems.append(f"{a.label}: default_pipeline {pipe} is not in the bundle")
+    notes.append(f"{len(assets)} Elasticsearch assets reference only bundled or built-in parts")
+    queries = dict(Q.all_queries())
+    queries.update({f"panel {k}": v for k, v in panel_queries().items()})
+    queries.update({f"rule {r.name}": r.query for r in K.rules()})
+    try:
+        for name, q in queries.items():
+            problems += query_problems(name, q)
+        notes.append(f"{len(queries)} ES|QL queries parse and reference mapped fields")
+    except ImportError:
+        notes.append("ES|QL grammar check skipped: pip install esql-parser")
+    headroom = next(r for r in K.rules() if r.name == K.HEADROOM_RULE_NAME)
+    if "WHERE tpm_utilization >= 0.8" not in headroom.query:
+        problems.append("headroom rule lost its `WHERE tpm_utilization >= 0.8` line")
+    return problems, notes
