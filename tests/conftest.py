@@ -1,0 +1,74 @@
+"""Shared fixtures: a simulator on loopback and helpers to read collected NDJSON."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from agent_input.streams import STREAMS_BY_NAME, get_field
+
+# 2026-11-23T10:00:00Z: a fixed, minute-aligned start so tests are reproducible.
+T0 = 1763892000.0
+ADMIN_KEY = "sk-admin-test-0123456789abcdef"
+
+
+@pytest.fixture
+def simulator():
+    from agent_input.simulator import Simulator
+
+    sim = Simulator(seed=7, org="small", now=T0, admin_key=ADMIN_KEY)
+    sim.base_url = sim.start()
+    yield sim
+    sim.stop()
+
+
+def read_ndjson(path: Path) -> list[dict]:
+    docs = []
+    with open(path, "rb") as fh:
+        for line in fh:
+            docs.append(json.loads(line))
+    return docs
+
+
+def dedupe(docs: list[dict]) -> list[dict]:
+    """What an index with create-only `_id`s would keep; fails if one id carries two contents."""
+    by_id: dict[str, dict] = {}
+    for d in docs:
+        prev = by_id.setdefault(d["_id"], d)
+        assert prev == d, f"id {d['_id']} was emitted with different content"
+    return list(by_id.values())
+
+
+def stored_totals(docs: list[dict], stream: str, start: int, end: int) -> dict[tuple, dict[str, float]]:
+    """Sum of stored documents per group (the spec's group_by), like a dashboard would."""
+    from datetime import datetime
+
+    spec = STREAMS_BY_NAME[stream]
+    out: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for d in docs:
+        if d["data_stream"]["dataset"] != spec.dataset:
+            continue
+        base = d["openai"]["base"]
+        t = datetime.fromisoformat(base["start_time"].replace("Z", "+00:00")).timestamp()
+        if not (start <= t < end):
+            continue
+        section = d["openai"].get(stream, {})
+        key = []
+        for g in spec.group_by:
+            leaf = spec.renames.get(g, g)
+            key.append(base.get(g) if g in ("project_id", "user_id", "api_key_id", "model") else section.get(leaf))
+        for c in spec.counters:
+            leaf = spec.renames.get(c, c)
+            v = base.get(c) if c == "num_model_requests" else get_field(section, leaf)
+            if v:
+                out[tuple(key)][c] += v
+    return {k: {c: v for c, v in vals.items() if v} for k, vals in out.items() if any(vals.values())}
+
+
+def truth_totals(sim, stream: str, start: int, end: int) -> dict[tuple, dict[str, float]]:
+    spec = STREAMS_BY_NAME[stream]
+    raw = sim.truth(stream, start, end, "1m", spec.group_by)
+    return {k: {c: v for c, v in vals.items() if v and c in spec.counters}
+            for k, vals in raw.items() if any(vals.get(c) for c in spec.counters)}
