@@ -243,7 +243,8 @@ def _demo_summary(engine, out, sim, backfill_s) -> None:
     from .streams import STREAMS_BY_NAME
 
     now = sim.now()
-    settled_before = int(now - 3 * 3600) // 60 * 60
+    # the simulator revises minutes for at most 2h and cost days for at most 2 days
+    settled_before = {"1m": int(now - 3 * 3600) // 60 * 60, "1d": int(now - 3 * 86400) // 86400 * 86400}
     sums: dict[str, float] = {}
     first: dict[str, int] = {}
     count: dict[str, int] = {}
@@ -253,17 +254,19 @@ def _demo_summary(engine, out, sim, backfill_s) -> None:
             ds = doc["data_stream"]["dataset"].split(".", 1)[1]
             count[ds] = count.get(ds, 0) + 1
             spec = STREAMS_BY_NAME.get(ds)
-            if spec is None:
+            if spec is None or doc["event"]["kind"] != "metric":
                 continue
             base = doc["openai"]["base"]
             start = int(_epoch(base["start_time"]))
-            if start >= settled_before:
+            if start >= settled_before[_demo_width(spec)]:
                 continue
             first[ds] = min(first.get(ds, start), start)
             counter = spec.counters[0]
             leaf = spec.renames.get(counter, counter)
             section = base if counter == "num_model_requests" else doc["openai"].get(ds, {})
-            sums[ds] = sums.get(ds, 0) + section.get(leaf, 0)
+            for part in leaf.split("."):
+                section = section.get(part, 0) if isinstance(section, dict) else 0
+            sums[ds] = sums.get(ds, 0) + (section or 0)
     click.echo("")
     header = f"{'dataset':<27}{'documents':>10}{'corrections':>13}{'requests':>10}  settled total (collected / OpenAI final)"
     click.echo(header)
@@ -271,8 +274,10 @@ def _demo_summary(engine, out, sim, backfill_s) -> None:
         line = f"{name:<27}{count.get(name, 0):>10}{t.corrections:>13}{t.requests:>10}"
         spec = STREAMS_BY_NAME.get(name)
         if spec is not None and name in first:
-            truth = sim.truth(name, first[name], settled_before, "1m", ())
-            final = sum(v.get(spec.counters[0], 0) for v in truth.values())
+            width = _demo_width(spec)
+            truth = sim.truth(name, first[name], settled_before[width], width, ())
+            counter = spec.counters[0]  # the simulator names `amount.value` just `amount`
+            final = sum(v.get(counter, v.get(counter.split(".")[0], 0)) for v in truth.values())
             got = sums.get(name, 0)
             mark = "exact" if math.isclose(got, final) else "DIFFERS"
             line += f"  {spec.counters[0]}: {got:,.0f} / {final:,.0f} {mark}"
@@ -280,6 +285,10 @@ def _demo_summary(engine, out, sim, backfill_s) -> None:
             line += f"  failed: {engine.failed[name]}"
         click.echo(line)
     click.echo(f"\nbackfill of a day took {backfill_s:.1f}s; events in {out}")
+
+
+def _demo_width(spec) -> str:
+    return "1m" if "1m" in spec.widths else spec.widths[0]
 
 
 def _epoch(iso: str) -> float:
