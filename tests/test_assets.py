@@ -1,0 +1,371 @@
+"""The asset bundle, offline: fields vs the seed, mappings, templates, pipelines, Kibana objects."""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kibana_assets import elasticsearch as E
+from kibana_assets import fields as F
+from kibana_assets import kibana as K
+from kibana_assets import queries as Q
+from kibana_assets.cli import main
+
+DATA = Path(__file__).parent / "data"
+SEED_TABLES = json.loads((DATA / "seed_fields.json").read_text())["tables"]
+SEED_EXAMPLES = json.loads((DATA / "seed_examples.json").read_text())
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+USAGE = ["completions", "embeddings", "moderations", "images", "audio_speeches", "audio_transcriptions",
+         "code_interpreter_sessions", "vector_stores", "file_search_calls", "web_search_calls"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields: one source of truth
+
+
+def test_every_dataset_has_a_fields_file():
+    assert set(F.datasets()) == set(USAGE) | {"costs", "rate_limits", "audit"}
+
+
+@pytest.mark.parametrize("dataset", sorted(SEED_TABLES))
+def test_types_match_the_seed_table(dataset):
+    ours = F.field_types(dataset)
+    wrong = {n: (t, ours.get(n)) for n, t in SEED_TABLES[dataset].items() if ours.get(n) != t}
+    assert wrong == {}
+
+
+@pytest.mark.parametrize("dataset", sorted(SEED_EXAMPLES))
+def test_seed_example_documents_have_no_undeclared_field(dataset):
+    assert F.undeclared_fields(SEED_EXAMPLES[dataset]) == []
+
+
+def test_seed_extraction_is_current():
+    """tests/data holds the seed's tables frozen; when the seed is beside the repo, re-check."""
+    seeds = sorted((SHARED / "seeds").glob("002_*.txt")) if SHARED.exists() else []
+    if not seeds:
+        pytest.skip("shared/seeds not beside the repository; using the frozen extraction")
+    text = seeds[0].read_text()
+    for ds, table in SEED_TABLES.items():
+        for name, ftype in table.items():
+            assert f"| {name} |" in text and ftype in text
+
+
+def test_everything_the_collector_emits_is_declared():
+    common = {"@timestamp": "date", "ecs.version": "keyword", "data_stream.type": "constant_keyword",
+              "data_stream.dataset": "constant_keyword", "data_stream.namespace": "constant_keyword",
+              "event.kind": "keyword", "event.dataset": "constant_keyword", "event.created": "date",
+              "event.ingested": "date", "event.module": "constant_keyword", "tags": "keyword",
+              "error.message": "match_only_text", "input.type": "keyword"}
+    base = {f"openai.base.{n}": "keyword" for n in
+            ("project_id", "user_id", "api_key_id", "model", "usage_object_type", "bucket_width",
+             "project_name", "user_email", "api_key_name")}
+    base.update({f"openai.base.{n}": "long" for n in ("num_model_requests", "usage_tokens", "usage_images", "revision")})
+    base.update({"openai.base.start_time": "date", "openai.base.end_time": "date"})
+    completions = ["input_tokens", "input_cached_tokens", "input_cache_write_tokens", "input_uncached_tokens",
+                   "output_tokens", "input_text_tokens", "output_text_tokens", "input_cached_text_tokens",
+                   "input_audio_tokens", "input_cached_audio_tokens", "output_audio_tokens",
+                   "input_image_tokens", "input_cached_image_tokens", "output_image_tokens"]
+    stream = {
+        "completions": {**{f"openai.completions.{c}": "long" for c in completions},
+                        "openai.completions.batch": "boolean", "openai.completions.service_tier": "keyword"},
+        "embeddings": {"openai.embeddings.input_tokens": "long"},
+        "moderations": {"openai.moderations.input_tokens": "long"},
+        "images": {"openai.images.images": "long", "openai.images.size": "keyword", "openai.images.source": "keyword"},
+        "audio_speeches": {"openai.audio_speeches.characters": "long"},
+        "audio_transcriptions": {"openai.audio_transcriptions.seconds": "long"},
+        "code_interpreter_sessions": {"openai.code_interpreter_sessions.sessions": "long"},
+        "vector_stores": {"openai.vector_stores.usage_bytes": "long"},
+        "file_search_calls": {"openai.file_search_calls.num_requests": "long",
+                              "openai.file_search_calls.vector_store_id": "keyword"},
+        "web_search_calls": {"openai.web_search_calls.num_requests": "long",
+                             "openai.web_search_calls.context_level": "keyword"},
+    }
+    for ds in USAGE:
+        want = {**common, **base, **stream[ds]}
+        ours = F.field_types(ds)
+        assert {n: ours.get(n) for n in want} == want, ds
+    costs = F.field_types("costs")
+    for n in ("start_time", "end_time", "project_id", "api_key_id", "usage_object_type", "bucket_width",
+              "revision", "project_name", "api_key_name"):
+        assert costs[f"openai.base.{n}"] == base[f"openai.base.{n}"]
+    assert {k: costs[k] for k in ("openai.costs.amount.value", "openai.costs.amount.currency",
+                                   "openai.costs.line_item", "openai.costs.quantity_unit",
+                                   "openai.costs.quantity")} == {
+        "openai.costs.amount.value": "double", "openai.costs.amount.currency": "keyword",
+        "openai.costs.line_item": "keyword", "openai.costs.quantity_unit": "keyword",
+        "openai.costs.quantity": "double"}
+    rl = F.field_types("rate_limits")
+    assert rl["openai.base.project_name"] == "keyword"
+    assert rl["event.action"] == rl["event.outcome"] == "keyword"
+    for n in ("projects", "limits", "failed_projects"):
+        assert rl[f"openai.rate_limits.collection.{n}"] == "long"
+    audit = F.field_types("audit")
+    assert audit["openai.audit.project.id"] == audit["openai.audit.project.name"] == "keyword"
+
+
+def test_status_and_audit_payload_documents_are_declared():
+    status_doc = {"@timestamp": "2026-05-26T06:40:21Z", "ecs": {"version": "8.17.0"},
+                  "data_stream": {"type": "logs", "dataset": "openai.rate_limits", "namespace": "default"},
+                  "event": {"kind": "event", "action": "rate-limits-collection", "outcome": "failure",
+                            "dataset": "openai.rate_limits", "module": "openai", "created": "2026-05-26T06:40:21Z"},
+                  "openai": {"rate_limits": {"collection": {"projects": 3, "limits": 20, "failed_projects": 1}}},
+                  "error": {"message": "projects list: 500"}, "tags": ["openai-rate-limits"], "_id": "abc"}
+    assert F.undeclared_fields(status_doc) == []
+    audit = json.loads(json.dumps(SEED_EXAMPLES["audit"]))
+    audit["openai"]["audit"]["api_key.created"] = {"id": "key_1", "data": {"scopes": ["api.model.request"]}}
+    audit["openai"]["audit"]["project"] = {"id": "proj_1", "name": "P"}
+    assert F.undeclared_fields(audit) == []
+    audit["openai"]["audit"]["surprise"] = 1
+    assert F.undeclared_fields(audit) == ["openai.audit.surprise"]
+
+
+def test_audit_declares_one_flattened_field_per_spec_event_type():
+    spec_path = SHARED / "reference" / "openai-admin-openapi.yaml"
+    declared = {n[len("openai.audit."):] for n, t in F.field_types("audit").items() if t == "flattened"}
+    if not spec_path.exists():
+        assert "api_key.created" in declared and "login.failed" in declared
+        pytest.skip("shared/reference not beside the repository")
+    spec = yaml.safe_load(spec_path.read_text())
+    assert declared == set(spec["components"]["schemas"]["AuditLogEventType"]["enum"])
+
+
+def test_one_type_per_field_across_datasets():
+    types = F.all_field_types()  # raises on a conflict
+    assert types["openai.base.model"] == "keyword"
+
+
+def test_collector_documents_are_declared():
+    """Documents the collector produces, when its mapper exists; the seed's examples otherwise."""
+    try:
+        ecs = importlib.import_module("agent_input.ecs")
+    except ImportError:
+        ecs = None
+    samples = getattr(ecs, "sample_documents", None) if ecs else None
+    docs = list(samples()) if callable(samples) else list(SEED_EXAMPLES.values())
+    for doc in docs:
+        assert F.undeclared_fields(doc) == [], F.dataset_of(doc)
+
+
+def test_mappings_are_nested_properties_with_keyword_limits():
+    m = F.mappings("completions")["properties"]
+    assert m["openai"]["properties"]["completions"]["properties"]["batch"] == {"type": "boolean"}
+    assert m["openai"]["properties"]["base"]["properties"]["model"] == {"type": "keyword", "ignore_above": 1024}
+    assert m["data_stream"]["properties"]["dataset"] == {"type": "constant_keyword"}
+    audit = F.mappings("audit")["properties"]
+    assert audit["event"]["properties"]["original"] == {"type": "keyword", "index": False, "doc_values": False}
+    assert audit["openai"]["properties"]["audit"]["properties"]["api_key"]["properties"]["created"] == {"type": "flattened"}
+    assert audit["source"]["properties"]["geo"]["properties"]["location"] == {"type": "geo_point"}
+
+
+def test_leaf_object_clash_is_rejected(tmp_path, monkeypatch):
+    with pytest.raises(F.FieldError):
+        F._check_tree("x", {"a.b": {}, "a.b.c": {}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Elasticsearch assets
+
+
+def _assets():
+    return {(a.kind, a.name): a.body for a in E.es_assets()}
+
+
+@pytest.mark.parametrize("ds", F.datasets())
+def test_index_template_per_dataset(ds):
+    t = _assets()[("index_template", f"logs-openai.{ds}")]
+    assert t["index_patterns"] == [f"logs-openai.{ds}-*"]
+    assert t["data_stream"] == {}
+    assert t["priority"] > 200
+    assert {"package", "version", "managed_by"} <= set(t["_meta"])
+    assert f"logs-openai.{ds}@package" in t["composed_of"]
+    assert t["composed_of"][-1] == f"logs-openai.{ds}@custom"
+    assert t["ignore_missing_component_templates"] == [f"logs-openai.{ds}@custom"]
+    assert t["template"]["settings"]["index"]["default_pipeline"] == f"logs-openai.{ds}@pipeline"
+    assert "data_stream_options" not in json.dumps(t)  # 8.19+ only
+    c = _assets()[("component_template", f"logs-openai.{ds}@package")]
+    assert c["template"]["mappings"] == F.mappings(ds)
+
+
+def test_custom_component_templates_are_left_to_the_user():
+    assert not any(name.endswith("@custom") for kind, name in _assets() if kind == "component_template")
+
+
+def test_retention_defaults_and_alternatives():
+    t = _assets()[("index_template", "logs-openai.completions")]["template"]
+    assert t["lifecycle"] == {"enabled": True, "data_retention": E.DEFAULT_RETENTION_ALL}
+    assert _assets()[("index_template", "logs-openai.rate_limits")]["template"]["lifecycle"]["data_retention"] == "90d"
+    custom = E.index_template("audit", E.Retention(default="30d"))
+    assert custom["template"]["lifecycle"]["data_retention"] == "30d"
+    ilm = E.index_template("audit", E.Retention(ilm_policy="my-policy"))
+    assert ilm["template"]["settings"]["index"]["lifecycle"] == {"name": "my-policy"}
+    assert ilm["template"]["lifecycle"] == {"enabled": False}
+    assert ilm["_meta"]["fingerprint"] != _assets()[("index_template", "logs-openai.audit")]["_meta"]["fingerprint"]
+
+
+@pytest.mark.parametrize("ds", F.datasets())
+def test_default_pipeline(ds):
+    p = _assets()[("pipeline", f"logs-openai.{ds}@pipeline")]
+    first = p["processors"][0]["set"]
+    assert first["field"] == "event.ingested" and first["value"] == "{{{_ingest.timestamp}}}"
+    # on_failure records the error and keeps the document (no drop/fail processor anywhere)
+    fields = [next(iter(s.values())).get("field") for s in p["on_failure"]]
+    assert "error.message" in fields
+    assert "drop" not in json.dumps(p) and '"fail"' not in json.dumps(p)
+    assert p["processors"][-1]["pipeline"] == {"name": f"logs-openai.{ds}@custom",
+                                               "ignore_missing_pipeline": True, "tag": "custom_pipeline"}
+
+
+def test_rate_limits_pipeline_fills_the_join_keys():
+    p = json.dumps(_assets()[("pipeline", "logs-openai.rate_limits@pipeline")])
+    assert '"field": "openai.base.model", "copy_from": "openai.rate_limits.model"' in p
+    assert '"field": "openai.base.project_id", "copy_from": "openai.rate_limits.project_id"' in p
+
+
+def test_router_reroutes_by_dataset():
+    p = _assets()[("pipeline", E.ROUTER_PIPELINE)]
+    reroute = p["processors"][-1]["reroute"]
+    assert reroute["dataset"] == ["{{data_stream.dataset}}"]
+    assert reroute["namespace"] == ["{{data_stream.namespace}}", "default"]
+    assert "destination" not in reroute
+    assert set(p["processors"][0]["script"]["params"]["known"]) == {f"openai.{d}" for d in F.datasets()}
+    t = _assets()[("index_template", E.ROUTER_TEMPLATE)]
+    assert t["index_patterns"] == ["logs-openai-*"] and t["data_stream"] == {}
+    assert t["template"]["settings"]["index"]["default_pipeline"] == E.ROUTER_PIPELINE
+    # the router's pattern never overlaps a dataset template's
+    assert not any(p.startswith("logs-openai-") for ds in F.datasets()
+                   for p in _assets()[("index_template", f"logs-openai.{ds}")]["index_patterns"])
+    assert E.router_pipeline("prod")["processors"][-1]["reroute"]["namespace"][-1] == "prod"
+
+
+def test_fingerprints_are_stable_and_content_based():
+    a, b = E.es_assets(), E.es_assets()
+    assert [x.body["_meta"]["fingerprint"] for x in a] == [x.body["_meta"]["fingerprint"] for x in b]
+    assert E.fingerprint(a[0].body) == a[0].body["_meta"]["fingerprint"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kibana assets
+
+
+def test_data_view():
+    body = K.data_view()["data_view"]
+    assert body["title"] == "logs-openai.*" and body["timeFieldName"] == "@timestamp"
+    assert K.data_view_saved_object()["type"] == "index-pattern"
+
+
+def _panels(dashboard_id):
+    d = next(d for d in K.dashboards() if d.id == dashboard_id)
+    return json.loads(d.saved_object()["attributes"]["panelsJSON"])
+
+
+def test_dashboards_exist_with_lens_esql_panels():
+    ids = {d.id for d in K.dashboards()}
+    assert ids == {"openai-elastic-usage-overview", "openai-elastic-audit", "openai-elastic-costs",
+                   "openai-elastic-rate-limit-headroom"}
+    for d in K.dashboards():
+        so = d.saved_object()
+        assert so["type"] == "dashboard" and so["attributes"]["timeRestore"] is True
+        for p in json.loads(so["attributes"]["panelsJSON"]):
+            attrs = p["embeddableConfig"]["attributes"]
+            layer = next(iter(attrs["state"]["datasourceStates"]["textBased"]["layers"].values()))
+            assert layer["query"]["esql"] == attrs["state"]["query"]["esql"]
+            assert layer["index"] in attrs["state"]["adHocDataViews"]
+            cols = {c["columnId"] for c in layer["columns"]}
+            vis = attrs["state"]["visualization"]
+            used = {c["columnId"] for c in vis.get("columns", [])} | {
+                a for lyr in vis.get("layers", []) for a in [lyr["xAccessor"], *lyr["accessors"], lyr.get("splitAccessor")] if a}
+            assert used <= cols, p["title"]
+
+
+def test_usage_dashboard_covers_the_issue_list():
+    titles = {p["title"] for p in _panels("openai-elastic-usage-overview")}
+    for want in ("By model", "By project", "By user", "By API key", "Images by size",
+                 "Audio: characters and seconds", "Vector store bytes", "Code interpreter sessions"):
+        assert want in titles
+    audit = {p["title"] for p in _panels("openai-elastic-audit")}
+    assert {"Events over time by action", "Actors", "Failed logins and logouts", "Source countries",
+            "Source IPs", "API key lifecycle"} <= audit
+
+
+def test_headroom_dashboard_has_both_seed_panels():
+    panels = {p["title"]: p for p in _panels("openai-elastic-rate-limit-headroom")}
+    per = panels["Rate limit headroom - per project and model"]
+    org = panels["Rate limit headroom - by model (org-wide)"]
+    per_cols = [c["columnId"] for c in next(iter(per["embeddableConfig"]["attributes"]["state"]["datasourceStates"]["textBased"]["layers"].values()))["columns"]]
+    org_cols = [c["label"] for c in next(iter(org["embeddableConfig"]["attributes"]["state"]["datasourceStates"]["textBased"]["layers"].values()))["columns"]]
+    assert per_cols[:2] == ["project_id", "model"] and "tpm_utilization" in per_cols
+    assert "TPM limit (aggregate)" in org_cols and "TPM utilization (approx.)" in org_cols
+    assert all(any(c.endswith(s) for c in org_cols) for s in ("limit (aggregate)", "utilization (approx.)"))
+
+
+def test_dashboard_fingerprint_marks_content():
+    d = K.dashboards()[0]
+    fp = K.fingerprint_of(d.saved_object())
+    assert fp and len(fp) == 16
+    changed = K.Dashboard(d.id, d.title, d.description + " more", d.panels)
+    assert K.fingerprint_of(changed.saved_object()) != fp
+
+
+def test_headroom_rule_exactly_as_the_seed():
+    rule = next(r for r in K.rules() if r.name == "[OpenAI] Rate limit headroom low")
+    body = rule.create_body("9.1.0")
+    assert body["rule_type_id"] == ".es-query" and body["consumer"] == "stackAlerts"
+    assert body["schedule"] == {"interval": "5m"}
+    assert body["alert_delay"] == {"active": 3}
+    p = body["params"]
+    assert p["searchType"] == "esqlQuery" and p["esqlQuery"]["esql"] == Q.headroom_rule("tpm")
+    assert (p["timeWindowSize"], p["timeWindowUnit"], p["timeField"]) == (15, "m", "@timestamp")
+    assert p["threshold"] == [0] and p["thresholdComparator"] == ">"
+    assert p["groupBy"] == "row"
+    assert "| WHERE tpm_utilization >= 0.8" in p["esqlQuery"]["esql"].splitlines()
+
+
+@pytest.mark.parametrize("version,per_row", [("8.18.0", False), ("8.18.3", False), ("8.19.0", True),
+                                             ("9.0.4", False), ("9.1.0", True), ("9.2.1", True)])
+def test_per_row_grouping_depends_on_kibana_version(version, per_row):
+    assert K.supports_per_row_alerts(version) is per_row
+    rule = K.rules()[0]
+    assert rule.params(version)["groupBy"] == ("row" if per_row else "all")
+
+
+def test_three_rules_with_fixed_ids():
+    rules = K.rules(K.RuleOptions(stale_after_minutes=120))
+    assert [r.id for r in rules] == [K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM, K.RULE_ID_LIMITS_STALE]
+    stale = rules[2]
+    assert stale.window_minutes == 120 and stale.params("9.1.0")["groupBy"] == "all"
+    assert "event.outcome == \"success\"" in stale.query and "WHERE successful_collections == 0" in stale.query
+    assert "rpm_utilization >= 0.8" in rules[1].query
+
+
+# ---------------------------------------------------------------------------------------------
+# export / validate commands
+
+
+def test_export_writes_the_whole_bundle(tmp_path):
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "out"), "--kibana-version", "8.18.0"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest) == len(E.es_assets()) + 1 + len(K.rules())
+    for entry in manifest:
+        assert (out / entry["file"]).exists()
+    ndjson = (out / "kibana/openai-elastic.ndjson").read_text().splitlines()
+    objs = [json.loads(line) for line in ndjson]
+    assert [o["type"] for o in objs] == ["index-pattern"] + ["dashboard"] * 4
+    rule = json.loads((out / f"kibana/rules/{K.RULE_ID_HEADROOM_TPM}.json").read_text())
+    assert rule["params"]["groupBy"] == "all"  # exported for 8.18
+    tmpl = json.loads((out / "elasticsearch/index_templates/logs-openai.completions.json").read_text())
+    assert tmpl["priority"] == E.TEMPLATE_PRIORITY
+
+
+def test_validate_command():
+    pytest.importorskip("esql_parser")
+    result = CliRunner().invoke(main, ["validate"])
+    assert result.exit_code == 0, result.output
+    assert "bundle valid" in result.output

@@ -1,0 +1,208 @@
+"""Headroom semantics: the pure-Python reference pinned by hand-computed cases, and the ES|QL
+that renders it into the panels and rules (parsed with the official grammar)."""
+from __future__ import annotations
+
+import pytest
+
+from kibana_assets import headroom as H
+from kibana_assets import kibana as K
+from kibana_assets import queries as Q
+
+T0 = "2026-05-26T06:40:00.000Z"
+T1 = "2026-05-26T06:41:00.000Z"
+T2 = "2026-05-26T06:42:00.000Z"
+
+
+def usage(ds, ts, project, model, tokens=None, requests=0, images=None, revision=0, width="1m"):
+    base = {"project_id": project, "model": model, "num_model_requests": requests, "revision": revision}
+    if width is not None:
+        base["bucket_width"] = width
+    if tokens is not None:
+        base["usage_tokens"] = tokens
+    if images is not None:
+        base["usage_images"] = images
+    return {"@timestamp": ts, "data_stream": {"dataset": f"openai.{ds}"}, "openai": {"base": base}}
+
+
+def limit(ts, project, model, tpm=None, rpm=None, ipm=None):
+    rl = {"project_id": project, "model": model}
+    for k, v in (("max_tokens_per_1_minute", tpm), ("max_requests_per_1_minute", rpm),
+                 ("max_images_per_1_minute", ipm)):
+        if v is not None:
+            rl[k] = v
+    return {"@timestamp": ts, "data_stream": {"dataset": "openai.rate_limits"}, "openai": {"rate_limits": rl}}
+
+
+def status(ts, outcome="success"):
+    return {"@timestamp": ts, "data_stream": {"dataset": "openai.rate_limits"},
+            "event": {"kind": "event", "action": "rate-limits-collection", "outcome": outcome},
+            "openai": {"rate_limits": {"collection": {"projects": 2, "limits": 5, "failed_projects": 0}}}}
+
+
+# Hand-computed scenario (numbers worked out in the comments)
+DOCS = [
+    # proj_a, gpt-4o-mini (dated snapshot in usage, family + snapshot limits, equal numbers)
+    usage("completions", T0, "proj_a", "gpt-4o-mini-2024-07-18", tokens=100_000, requests=40),
+    usage("completions", T0, "proj_a", "gpt-4o-mini-2024-07-18", tokens=30_000, requests=10),  # other user
+    usage("completions", T1, "proj_a", "gpt-4o-mini-2024-07-18", tokens=120_000, requests=20),
+    # a correction for T1: +50_000 tokens, +5 requests -> T1 = 170_000 tokens / 25 requests
+    usage("completions", T1, "proj_a", "gpt-4o-mini-2024-07-18", tokens=50_000, requests=5, revision=1),
+    limit(T0, "proj_a", "gpt-4o-mini", tpm=200_000, rpm=500),
+    limit(T0, "proj_a", "gpt-4o-mini-2024-07-18", tpm=200_000, rpm=500),
+    # proj_b, gpt-4o-mini: peak at T2 = 60_000 tokens; limit 100_000
+    usage("completions", T2, "proj_b", "gpt-4o-mini", tokens=60_000, requests=6),
+    limit(T1, "proj_b", "gpt-4o-mini", tpm=100_000, rpm=100),
+    # proj_a, omni-moderation: limit, no usage -> 0% row
+    limit(T0, "proj_a", "omni-moderation", tpm=10_000, rpm=1_000),
+    # proj_a, gpt-image-1: images against images/min; dated usage, family limit
+    usage("images", T0, "proj_a", "gpt-image-1-2025-04-23", images=4, requests=4),
+    usage("images", T1, "proj_a", "gpt-image-1-2025-04-23", images=3, requests=3),
+    limit(T0, "proj_a", "gpt-image-1", rpm=50, ipm=5),
+    # usage without any limit: dropped
+    usage("embeddings", T0, "proj_c", "text-embedding-3-small", tokens=999, requests=1),
+    # hourly bucket: ignored (would smear the peak)
+    usage("completions", T0, "proj_b", "gpt-4o-mini", tokens=10_000_000, requests=1000, width="1h"),
+    # collection status document: ignored
+    status(T0),
+]
+
+
+def by_key(rows):
+    return {(r["project_id"], r["model"]): r for r in rows}
+
+
+def test_normalization_strips_only_a_trailing_date():
+    assert H.normalize_model("gpt-4o-mini-2024-07-18") == "gpt-4o-mini"
+    assert H.normalize_model("gpt-image-1-2025-04-23") == "gpt-image-1"
+    assert H.normalize_model("omni-moderation-2024-09-26") == "omni-moderation"
+    assert H.normalize_model("gpt-4o") == "gpt-4o"
+    assert H.normalize_model("text-moderation:2023-10-25") == "text-moderation:2023-10-25"
+    assert H.normalize_model("o1-2024-12-17-preview") == "o1-2024-12-17-preview"
+
+
+def test_per_project_hand_computed():
+    rows = by_key(H.per_project(DOCS))
+    assert set(rows) == {("proj_a", "gpt-4o-mini"), ("proj_b", "gpt-4o-mini"),
+                         ("proj_a", "omni-moderation"), ("proj_a", "gpt-image-1")}
+    a = rows[("proj_a", "gpt-4o-mini")]
+    # T0 = 100k + 30k = 130k, T1 = 120k + 50k (correction) = 170k -> peak 170k over MAX limit 200k
+    assert a["peak_tpm"] == 170_000 and a["tpm_limit"] == 200_000 and a["tpm_utilization"] == 0.85
+    # requests: T0 = 50, T1 = 25 -> peak 50 / 500 (not 1000: MAX, never SUM, of family + snapshot)
+    assert a["peak_rpm"] == 50 and a["rpm_limit"] == 500 and a["rpm_utilization"] == 0.1
+    assert a["ipm_limit"] is None and a["ipm_utilization"] is None
+    b = rows[("proj_b", "gpt-4o-mini")]
+    assert (b["peak_tpm"], b["tpm_limit"], b["tpm_utilization"]) == (60_000, 100_000, 0.6)
+    assert (b["peak_rpm"], b["rpm_utilization"]) == (6, 0.06)
+    m = rows[("proj_a", "omni-moderation")]
+    assert (m["peak_tpm"], m["tpm_utilization"], m["rpm_utilization"]) == (0, 0.0, 0.0)
+    img = rows[("proj_a", "gpt-image-1")]
+    assert (img["peak_ipm"], img["ipm_limit"], img["ipm_utilization"]) == (4, 5, 0.8)
+    assert (img["peak_rpm"], img["rpm_utilization"]) == (4, 0.08)
+    assert img["tpm_limit"] is None
+
+
+def test_org_wide_sums_per_project_peaks_and_limits():
+    rows = {r["model"]: r for r in H.org_wide(DOCS)}
+    mini = rows["gpt-4o-mini"]
+    # per-project peaks 170k (T1) + 60k (T2): different minutes, summed anyway (upper bound)
+    assert mini[Q.org_usage_column("tpm")] == 230_000
+    assert mini[Q.org_limit_column("tpm")] == 300_000
+    assert mini[Q.org_utilization_column("tpm")] == round(230_000 / 300_000, 4) == 0.7667
+    assert mini[Q.org_limit_column("rpm")] == 600 and mini[Q.org_usage_column("rpm")] == 56
+    assert rows["omni-moderation"][Q.org_utilization_column("tpm")] == 0.0
+    assert rows["gpt-image-1"][Q.org_utilization_column("ipm")] == 0.8
+    assert rows["gpt-image-1"][Q.org_limit_column("tpm")] is None
+
+
+def test_limit_changing_within_window_is_stabilized_as_max():
+    docs = [usage("completions", T0, "p", "m", tokens=50), limit(T0, "p", "m", tpm=100), limit(T1, "p", "m", tpm=400)]
+    (row,) = H.per_project(docs)
+    assert (row["tpm_limit"], row["tpm_utilization"]) == (400, 0.125)
+
+
+def test_corrections_can_lower_a_minute():
+    docs = [usage("completions", T0, "p", "m", tokens=90), usage("completions", T0, "p", "m", tokens=-30, revision=1),
+            usage("completions", T1, "p", "m", tokens=70), limit(T0, "p", "m", tpm=100)]
+    (row,) = H.per_project(docs)
+    assert row["peak_tpm"] == 70  # T0 is 60 after the correction, T1 is 70
+
+
+def test_alert_ids_are_project_model():
+    assert H.alerts(DOCS) == ["proj_a::gpt-4o-mini"]
+    assert H.alerts(DOCS, threshold=0.6) == ["proj_a::gpt-4o-mini", "proj_b::gpt-4o-mini"]
+    assert H.alerts(DOCS, unit="rpm", threshold=0.08) == ["proj_a::gpt-4o-mini", "proj_a::gpt-image-1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The ES|QL rendering
+
+
+def test_queries_are_rendered_from_one_definition():
+    per_project, rule = Q.headroom_per_project(), Q.headroom_rule("tpm")
+    core = "\n".join(Q._per_project_core(Q.DEFAULT_SOURCES))
+    assert core in per_project and core in rule and core in Q.headroom_org_wide()
+    rules = {r.name: r for r in K.rules()}
+    assert rules[K.HEADROOM_RULE_NAME].query == rule
+    panels = {p.title: p.query for d in K.dashboards() for p in d.panels}
+    assert panels["Rate limit headroom - per project and model"] == per_project
+    assert panels["Rate limit headroom - by model (org-wide)"] == Q.headroom_org_wide()
+
+
+def test_headroom_query_semantics_in_text():
+    q = Q.headroom_per_project()
+    regex = '"-[0-9]{4}-[0-9]{2}-[0-9]{2}$"'
+    # normalization applied to the one model column both sides feed (usage and limits)
+    assert f"REPLACE(COALESCE(openai.base.model, openai.rate_limits.model), {regex}, \"\")" in q
+    assert "SUM(openai.base.usage_tokens)" in q  # usage summed per minute (corrections)
+    assert "BY project_model, minute" in q
+    assert "MAX(openai.rate_limits.max_tokens_per_1_minute)" in q
+    assert "SUM(openai.rate_limits" not in q  # limits never summed per project
+    assert "COALESCE(peak_tpm, 0)" in q  # 0% rows
+    assert "audio_megabytes" not in q
+
+
+def test_rule_has_the_seed_tuning_line():
+    q = Q.headroom_rule("tpm")
+    assert "| WHERE tpm_utilization >= 0.8" in q.splitlines()
+    assert Q.headroom_rule("tpm", 0.9).count("WHERE tpm_utilization >= 0.9") == 1
+    assert "| WHERE rpm_utilization >= 0.8" in Q.headroom_rule("rpm").splitlines()
+    with pytest.raises(ValueError):
+        Q.headroom_rule("audio")
+
+
+def test_org_wide_columns_are_labelled_aggregate_and_approx():
+    q = Q.headroom_org_wide()
+    for u in Q.UNITS:
+        assert f"`{Q.org_limit_column(u)}`" in q and f"`{Q.org_utilization_column(u)}`" in q
+    assert all("limit (aggregate)" in Q.org_limit_column(u) for u in Q.UNITS)
+    assert all("utilization (approx.)" in Q.org_utilization_column(u) for u in Q.UNITS)
+
+
+esql = pytest.importorskip("kibana_assets.esql", reason="esql-parser is not installed")
+
+
+@pytest.mark.parametrize("name", sorted(Q.all_queries()))
+def test_every_query_parses_and_references_mapped_fields(name):
+    from kibana_assets.validate import query_problems
+
+    assert query_problems(name, Q.all_queries()[name]) == []
+
+
+def test_parser_rejects_broken_esql_and_unknown_fields():
+    from kibana_assets.validate import query_problems
+
+    with pytest.raises(esql.EsqlSyntaxError):
+        esql.parse("FROM x | STATS BY BY")
+    bad = "FROM logs-openai.completions-*\n| STATS x = SUM(openai.base.no_such_field)"
+    assert query_problems("bad", bad) == ["bad: references openai.base.no_such_field, which no dataset it reads maps"]
+    # a field of another dataset does not count
+    other = "FROM logs-openai.costs-*\n| STATS x = SUM(openai.base.usage_tokens)"
+    assert query_problems("other", other)
+
+
+def test_every_panel_and_rule_query_is_valid():
+    from kibana_assets.validate import validate_bundle
+
+    problems, notes = validate_bundle()
+    assert problems == []
+    assert any("ES|QL queries parse" in n for n in notes)
