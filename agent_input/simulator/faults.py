@@ -14,8 +14,8 @@ FAULT_KINDS = ("429", "500", "502", "503", "401", "403", "404", "reset", "slow",
 class FaultRule:
     """Inject `kind` into requests whose path matches `path`.
 
-    path: a prefix of the request path (``/v1/organization/usage/completions``; the ``/v1`` may be left
-        out) or a glob if it contains ``*``, ``?`` or ``[`` (``*/rate_limits``). Empty matches every API path.
+    path: a prefix of the request path (``/v1/organization/usage/completions``; ``/v1`` or
+        ``/v1/organization/`` may be left out: ``usage/completions``) or a glob if it contains ``*``, ``?`` or ``[`` (``*/rate_limits``). Empty matches every API path.
     count: how many matching requests get the fault (None: unlimited). `skip` matching requests pass
         untouched first, so "fail the 3rd page" is ``skip=2, count=1``.
     probability: if set, each matching request gets the fault with this probability (seeded, so a
@@ -59,11 +59,16 @@ class FaultRule:
         p = self.path
         if not p:
             return True
-        short = path[3:] if path.startswith("/v1/") else path
+        # The same path with and without its /v1 and /v1/organization prefixes.
+        forms = [path]
+        if path.startswith("/v1/"):
+            forms.append(path[3:])
+            if path.startswith("/v1/organization/"):
+                forms.append(path[len("/v1/organization"):])
+        forms += [f.lstrip("/") for f in forms[1:]]
         if any(c in p for c in "*?["):
-            return fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(short, p) or \
-                fnmatch.fnmatchcase(short.lstrip("/"), p)
-        return path.startswith(p) or short.startswith(p) or short.lstrip("/").startswith(p.lstrip("/"))
+            return any(fnmatch.fnmatchcase(f, p) for f in forms)
+        return any(f.startswith(p) for f in forms)
 
 
 class FaultSet:

@@ -150,7 +150,7 @@ class UsageModel:
         self._locks = {s: threading.Lock() for s in self._caches}
         self._pools: dict[str, tuple[list, list]] = {}
         # Traffic scale: the number of keys sets how many groups are active (≈ n_keys/80 per stream rate).
-        self._scale = max(1.0, len(org.active_keys) / 12.0) * org.spec.traffic
+        self._scale = max(1.0, len(org.active_keys) / 20.0) * org.spec.traffic
         self._build_pools()
 
     # ------------------------------------------------------------------------------ pools
