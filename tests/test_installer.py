@@ -1,0 +1,501 @@
+"""Contract tests: every request `openai-assets` makes, against a stateful fake of the documented
+Elasticsearch and Kibana APIs served through `responses` (no cluster needed)."""
+from __future__ import annotations
+
+import copy
+import email.parser
+import json
+import re
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import requests
+import responses
+from click.testing import CliRunner
+
+from kibana_assets import elasticsearch as E
+from kibana_assets import kibana as K
+from kibana_assets.cli import main
+
+ES = "http://es.test:9200"
+KB = "http://kb.test:5601"
+API_KEY = "c2VjcmV0LWtleS1kby1ub3QtcHJpbnQ="
+PASSWORD = "hunter2-do-not-print"
+
+
+class FakeStack:
+    """Just enough of Elasticsearch and Kibana, with the documented request/response shapes."""
+
+    def __init__(self, es_version="9.1.3", kb_version="9.1.3"):
+        self.es_version, self.kb_version = es_version, kb_version
+        self.component, self.index, self.pipelines = {}, {}, {}
+        self.data_streams: set[str] = set()  # index template names in use
+        self.data_views, self.saved_objects, self.rules = {}, {}, {}
+        self.calls: list[dict] = []
+        self.missing_privileges: list[str] = []
+        self.forbid: set[tuple[str, str]] = set()  # (method, path regex) answered with 403
+        self.status = {"es": 200, "kb": 200}
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def install(self, rsps: responses.RequestsMock) -> None:
+        for method in ("GET", "PUT", "POST", "DELETE"):
+            rsps.add_callback(method, re.compile(re.escape(ES) + r"/.*"), callback=self._es)
+            rsps.add_callback(method, re.compile(re.escape(KB) + r"/.*"), callback=self._kb)
+
+    def _record(self, service, request):
+        url = urlparse(request.url)
+        body = request.body
+        if isinstance(body, bytes):
+            try:
+                body = body.decode()
+            except UnicodeDecodeError:
+                pass
+        call = {"service": service, "method": request.method, "path": url.path,
+                "query": parse_qs(url.query), "headers": dict(request.headers), "body": body}
+        self.calls.append(call)
+        return call
+
+    def writes(self):
+        reads = {("POST", "/_security/user/_has_privileges"), ("POST", "/api/saved_objects/_export")}
+        return [c for c in self.calls if c["method"] != "GET" and (c["method"], self._strip(c["path"])) not in reads]
+
+    @staticmethod
+    def _strip(path):
+        return re.sub(r"^/s/[^/]+", "", path)
+
+    @staticmethod
+    def _json(status, body, headers=None):
+        return status, {"content-type": "application/json", **(headers or {})}, json.dumps(body)
+
+    def _forbidden(self, method, path):
+        return any(m == method and re.fullmatch(p, path) for m, p in self.forbid)
+
+    # -- Elasticsearch -------------------------------------------------------------------------
+    def _es(self, request):
+        call = self._record("es", request)
+        m, path = call["method"], call["path"]
+        body = json.loads(call["body"]) if call["body"] else None
+        if self._forbidden(m, path):
+            return self._json(403, {"error": {"type": "security_exception", "reason": f"action [{path}] is unauthorized"}})
+        if m == "GET" and path == "/":
+            return self._json(200, {"name": "n", "version": {"number": self.es_version}, "tagline": "You Know, for Search"})
+        if m == "POST" and path == "/_security/user/_has_privileges":
+            cluster = {p: p not in self.missing_privileges for p in body["cluster"]}
+            index = {n: {p: p not in self.missing_privileges for p in i["privileges"]}
+                     for i in body.get("index", []) for n in i["names"]}
+            return self._json(200, {"username": "u", "has_all_requested": not self.missing_privileges,
+                                    "cluster": cluster, "index": index, "application": {}})
+        for prefix, store, kind in (("/_component_template/", self.component, "component"),
+                                    ("/_index_template/", self.index, "index"),
+                                    ("/_ingest/pipeline/", self.pipelines, "pipeline")):
+            if path.startswith(prefix):
+                name = path[len(prefix):]
+                if m == "GET":
+                    if name not in store:
+                        return self._json(404, {"error": {"type": "resource_not_found_exception", "reason": name}})
+                    if kind == "pipeline":
+                        return self._json(200, {name: store[name]})
+                    key = f"{kind}_templates"
+                    return self._json(200, {key: [{"name": name, f"{kind}_template": store[name]}]})
+                if m == "PUT":
+                    store[name] = body
+                    return self._json(200, {"acknowledged": True})
+                if m == "DELETE":
+                    if name not in store:
+                        return self._json(404, {"error": {"type": "resource_not_found_exception", "reason": name}})
+                    if kind == "index" and name in self.data_streams:
+                        return self._json(400, {"error": {"type": "illegal_argument_exception", "reason":
+                            f"unable to remove composable templates [{name}] as they are in use by a data streams [{name}-default]"}})
+                    del store[name]
+                    return self._json(200, {"acknowledged": True})
+        if path.startswith("/_data_stream/") and m == "DELETE":
+            pattern = path[len("/_data_stream/"):]
+            rx = re.compile(pattern.replace(".", r"\.").replace("*", ".*"))
+            hit = {t for t in self.data_streams if rx.fullmatch(t + "-default")}
+            if not hit:
+                return self._json(404, {"error": {"type": "index_not_found_exception", "reason": pattern}})
+            self.data_streams -= hit
+            return self._json(200, {"acknowledged": True})
+        return self._json(400, {"error": {"type": "fake", "reason": f"unexpected {m} {path}"}})
+
+    # -- Kibana ---------------------------------------------------------------------------------
+    def _kb(self, request):
+        call = self._record("kb", request)
+        m, path = call["method"], self._strip(call["path"])
+        if m != "GET" and call["headers"].get("kbn-xsrf") != "true":
+            return self._json(400, {"statusCode": 400, "error": "Bad Request", "message": "Request must contain a kbn-xsrf header."})
+        if self._forbidden(m, path):
+            return self._json(403, {"statusCode": 403, "error": "Forbidden", "message": "Unauthorized to do that"})
+        ctype = call["headers"].get("Content-Type", "")
+        body = json.loads(call["body"]) if call["body"] and ctype.startswith("application/json") else None
+        if m == "GET" and path == "/api/status":
+            return self._json(200, {"name": "kb", "version": {"number": self.kb_version, "build_flavor": "default"},
+                                    "status": {"overall": {"level": "available"}}})
+        if path.startswith("/api/data_views/data_view"):
+            dv_id = path.rsplit("/", 1)[-1]
+            if m == "GET":
+                if dv_id not in self.data_views:
+                    return self._json(404, {"statusCode": 404, "error": "Not Found", "message": f"{dv_id} not found"})
+                return self._json(200, {"data_view": self.data_views[dv_id]})
+            if m == "POST":
+                dv = body["data_view"]
+                if dv["id"] in self.data_views and not body.get("override"):
+                    return self._json(400, {"statusCode": 400, "message": "Duplicate data view"})
+                self.data_views[dv["id"]] = dict(dv, version="WzEsMV0=")
+                return self._json(200, {"data_view": self.data_views[dv["id"]]})
+            if m == "DELETE":
+                if self.data_views.pop(dv_id, None) is None:
+                    return self._json(404, {"statusCode": 404, "message": "not found"})
+                return 200, {}, ""
+        if path == "/api/saved_objects/_export" and m == "POST":
+            lines, missing = [], []
+            for o in body["objects"]:
+                obj = self.saved_objects.get((o["type"], o["id"]))
+                (lines.append(json.dumps(obj)) if obj else missing.append(o))
+            if missing:
+                return self._json(400, {"statusCode": 400, "error": "Bad Request",
+                                        "message": "Error fetching objects to export", "attributes": {"objects": missing}})
+            lines.append(json.dumps({"exportedCount": len(lines), "missingRefCount": 0, "missingReferences": []}))
+            return 200, {"content-type": "application/ndjson"}, "\n".join(lines) + "\n"
+        if path == "/api/saved_objects/_import" and m == "POST":
+            assert ctype.startswith("multipart/form-data; boundary="), ctype
+            msg = email.parser.BytesParser().parsebytes(
+                f"Content-Type: {ctype}\r\n\r\n".encode() + call["body"].encode())
+            parts = msg.get_payload()
+            (part,) = parts
+            assert part.get_param("name", header="content-disposition") == "file"
+            assert part.get_filename().endswith(".ndjson")
+            overwrite = call["query"].get("overwrite") == ["true"]
+            ok = []
+            for line in part.get_payload(decode=True).decode().splitlines():
+                obj = json.loads(line)
+                key = (obj["type"], obj["id"])
+                if key in self.saved_objects and not overwrite:
+                    return self._json(200, {"success": False, "successCount": 0,
+                                            "errors": [{"id": obj["id"], "type": obj["type"], "error": {"type": "conflict"}}]})
+                migrated = copy.deepcopy(obj)
+                migrated["migrationVersion"] = {"dashboard": "10.0.0"}  # Kibana rewrites on import
+                self.saved_objects[key] = migrated
+                ok.append({"id": obj["id"], "type": obj["type"]})
+            return self._json(200, {"success": True, "successCount": len(ok), "successResults": ok})
+        mm = re.fullmatch(r"/api/saved_objects/(\w+)/(.+)", path)
+        if mm and m == "DELETE":
+            if self.saved_objects.pop((mm.group(1), mm.group(2)), None) is None:
+                return self._json(404, {"statusCode": 404, "message": "Saved object not found"})
+            return self._json(200, {})
+        mm = re.fullmatch(r"/api/alerting/rule/([^/]+)", path)
+        if mm:
+            rid = mm.group(1)
+            if m == "GET":
+                if rid not in self.rules:
+                    return self._json(404, {"statusCode": 404, "message": f"Saved object [alert/{rid}] not found"})
+                return self._json(200, self.rules[rid])
+            if m == "POST":
+                if rid in self.rules:
+                    return self._json(409, {"statusCode": 409, "message": "conflict"})
+                for required in ("name", "rule_type_id", "consumer", "schedule", "params"):
+                    assert required in body, required
+                self.rules[rid] = {**body, "id": rid, "mute_all": False, "execution_status": {"status": "pending"},
+                                   "actions": [dict(a, connector_type_id=".email") for a in body.get("actions", [])]}
+                return self._json(200, self.rules[rid])
+            if m == "PUT":
+                if rid not in self.rules:
+                    return self._json(404, {"statusCode": 404})
+                for forbidden in ("rule_type_id", "consumer", "enabled"):
+                    if forbidden in body:
+                        return self._json(400, {"statusCode": 400, "message": f"[request body.{forbidden}]: definition for this key is missing"})
+                for a in body["actions"]:
+                    if "connector_type_id" in a:
+                        return self._json(400, {"statusCode": 400, "message": "[request body.actions.0.connector_type_id]: definition for this key is missing"})
+                self.rules[rid].update(body)
+                self.rules[rid]["actions"] = [dict(a, connector_type_id=".email") for a in body["actions"]]
+                return self._json(200, self.rules[rid])
+            if m == "DELETE":
+                if self.rules.pop(rid, None) is None:
+                    return self._json(404, {"statusCode": 404})
+                return 204, {}, ""
+        return self._json(400, {"statusCode": 400, "message": f"unexpected {m} {path}"})
+
+
+@pytest.fixture
+def stack():
+    fake = FakeStack()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        fake.install(rsps)
+        yield fake
+
+
+def run(*args, env=None):
+    env = {"ELASTIC_API_KEY": API_KEY, **(env or {})}
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def install(*extra, env=None):
+    return run("install", "--es-url", ES, "--kibana-url", KB, *extra, env=env)
+
+
+N_ES = len(E.es_assets())
+N_KB = 1 + len(K.dashboards()) + len(K.rules())
+
+
+# ---------------------------------------------------------------------------------------------
+# install
+
+
+def test_fresh_install_makes_exactly_the_documented_requests(stack):
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert f"install complete: {N_ES + N_KB} created" in result.output
+    calls = [(c["service"], c["method"], c["path"]) for c in stack.calls]
+    # version first, then privileges, then the assets
+    assert calls[:3] == [("es", "GET", "/"), ("kb", "GET", "/api/status"),
+                         ("es", "POST", "/_security/user/_has_privileges")]
+    hp = json.loads(stack.calls[2]["body"])
+    assert set(hp["cluster"]) == {"manage_index_templates", "manage_pipeline"}
+    expected = []
+    for a in E.es_assets():
+        expected += [("es", "GET", a.path), ("es", "PUT", a.path)]
+    expected += [("kb", "GET", f"/api/data_views/data_view/{K.DATA_VIEW_ID}"),
+                 ("kb", "POST", "/api/data_views/data_view")]
+    for d in K.dashboards():
+        expected += [("kb", "POST", "/api/saved_objects/_export"), ("kb", "POST", "/api/saved_objects/_import")]
+    for r in K.rules():
+        expected += [("kb", "GET", f"/api/alerting/rule/{r.id}"), ("kb", "POST", f"/api/alerting/rule/{r.id}")]
+    assert calls[3:] == expected
+    # bodies are the bundle's
+    puts = {c["path"]: json.loads(c["body"]) for c in stack.calls if c["method"] == "PUT"}
+    for a in E.es_assets():
+        assert puts[a.path] == a.body
+    # every Kibana write carries kbn-xsrf; every request carries the API key
+    for c in stack.calls:
+        assert c["headers"]["Authorization"] == f"ApiKey {API_KEY}"
+        if c["service"] == "kb" and c["method"] != "GET":
+            assert c["headers"]["kbn-xsrf"] == "true"
+    imports = [c for c in stack.calls if c["path"] == "/api/saved_objects/_import"]
+    assert all(c["query"] == {"overwrite": ["true"]} for c in imports)
+    assert {k[1] for k in stack.saved_objects} == {d.id for d in K.dashboards()}
+    rule = stack.rules[K.RULE_ID_HEADROOM_TPM]
+    assert rule["name"] == "[OpenAI] Rate limit headroom low" and rule["alert_delay"] == {"active": 3}
+    assert rule["params"]["groupBy"] == "row" and rule["enabled"] is True
+    assert API_KEY not in result.output
+
+
+def test_reinstall_changes_nothing(stack):
+    assert install().exit_code == 0
+    stack.calls.clear()
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert f"install complete: {N_ES + N_KB} unchanged" in result.output
+    assert stack.writes() == []
+
+
+def test_upgrade_updates_only_what_changed_and_keeps_rule_actions(stack):
+    assert install().exit_code == 0
+    # the user wired a connector to the headroom rule and disabled the RPM rule
+    user_action = {"group": "query matched", "id": "my-connector", "uuid": "a1",
+                   "params": {"message": "{{context.message}}"},
+                   "frequency": {"summary": False, "notify_when": "onActionGroupChange", "throttle": None},
+                   "connector_type_id": ".slack"}
+    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [user_action]
+    stack.rules[K.RULE_ID_HEADROOM_RPM]["enabled"] = False
+    # an older bundle left a different component template behind
+    name = "logs-openai.completions@package"
+    stack.component[name]["_meta"]["fingerprint"] = "0000000000000000"
+    stack.calls.clear()
+    result = install("--headroom-threshold", "0.9")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"updated\s+component_template logs-openai.completions@package", result.output)
+    assert re.search(r"updated\s+rule 6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b01", result.output)
+    writes = [(c["method"], c["path"]) for c in stack.writes()]
+    assert writes == [("PUT", f"/_component_template/{name}"),
+                      ("PUT", f"/api/alerting/rule/{K.RULE_ID_HEADROOM_TPM}"),
+                      ("PUT", f"/api/alerting/rule/{K.RULE_ID_HEADROOM_RPM}")]
+    put = json.loads([c for c in stack.writes() if c["path"].endswith(K.RULE_ID_HEADROOM_TPM)][0]["body"])
+    assert set(put) == {"name", "tags", "schedule", "params", "actions", "alert_delay"}
+    assert put["actions"] == [{k: v for k, v in user_action.items() if k != "connector_type_id"}]
+    assert "WHERE tpm_utilization >= 0.9" in put["params"]["esqlQuery"]["esql"]
+    assert stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"][0]["id"] == "my-connector"
+    assert stack.rules[K.RULE_ID_HEADROOM_RPM]["enabled"] is False
+
+
+def test_changed_dashboard_is_reimported(stack):
+    assert install().exit_code == 0
+    key = ("dashboard", "openai-elastic-costs")
+    stack.saved_objects[key]["attributes"]["description"] = "edited [openai-assets 0.0.1 #deadbeefdeadbeef]"
+    stack.calls.clear()
+    result = install()
+    assert re.search(r"updated\s+dashboard openai-elastic-costs", result.output)
+    assert [c["path"] for c in stack.writes()] == ["/api/saved_objects/_import"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(stack):
+    result = install("--dry-run")
+    assert result.exit_code == 0, result.output
+    assert stack.writes() == []
+    assert "would create  index_template logs-openai.completions" in result.output
+    assert f"dry run complete: {N_ES + N_KB} would create" in result.output
+
+
+def test_space_prefixes_every_kibana_path(stack):
+    assert install("--space", "team-ai").exit_code == 0
+    kb_paths = [c["path"] for c in stack.calls if c["service"] == "kb" and c["path"] != "/api/status"]
+    assert kb_paths and all(p.startswith("/s/team-ai/api/") for p in kb_paths)
+
+
+def test_kibana_818_gets_single_alert_rules_and_says_so(stack):
+    stack.es_version = stack.kb_version = "8.18.2"
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert stack.rules[K.RULE_ID_HEADROOM_TPM]["params"]["groupBy"] == "all"
+    assert "per-row alerts need Kibana 8.19 or 9.1+" in result.output
+
+
+def test_basic_auth_from_env_and_password_file(stack, tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD + "\n")
+    result = run("install", "--es-url", ES, "--kibana-url", KB, "--password-file", str(pw),
+                 env={"ELASTIC_API_KEY": "", "ELASTIC_USERNAME": "installer"})
+    assert result.exit_code == 0, result.output
+    import base64
+    want = "Basic " + base64.b64encode(f"installer:{PASSWORD}".encode()).decode()
+    assert all(c["headers"]["Authorization"] == want for c in stack.calls)
+    assert PASSWORD not in result.output
+
+
+def test_api_key_file_wins(stack, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("ZmlsZS1rZXk=")
+    assert install("--api-key-file", str(key), "--skip-kibana").exit_code == 0
+    assert all(c["headers"]["Authorization"] == "ApiKey ZmlsZS1rZXk=" for c in stack.calls)
+    assert not any(c["service"] == "kb" for c in stack.calls)
+
+
+def test_retention_and_ilm_options_reach_the_templates(stack):
+    assert install("--retention", "30d", "--skip-kibana").exit_code == 0
+    t = stack.index["logs-openai.completions"]["template"]
+    assert t["lifecycle"]["data_retention"] == "30d"
+    assert install("--ilm-policy", "openai-logs", "--skip-kibana").exit_code == 0
+    t = stack.index["logs-openai.completions"]["template"]
+    assert t["settings"]["index"]["lifecycle"] == {"name": "openai-logs"} and t["lifecycle"] == {"enabled": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_unreachable_host_is_one_clear_line():
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.GET, ES + "/", body=requests.exceptions.ConnectionError("refused"))
+        result = install()
+    assert result.exit_code == 2
+    assert result.output.splitlines()[0] == \
+        f"install incomplete: cannot reach Elasticsearch at {ES} (connection failed)"
+
+
+def test_bad_credentials(stack):
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.GET, ES + "/", status=401, json={"error": {"type": "security_exception"}})
+        result = install()
+    assert result.exit_code == 3
+    assert "rejected the credentials (401, ELASTIC_API_KEY)" in result.output
+    assert API_KEY not in result.output
+
+
+def test_unsupported_versions_are_refused_before_any_write(stack):
+    stack.es_version = "8.17.4"
+    result = install()
+    assert result.exit_code == 4
+    assert "Elasticsearch 8.17.4 is not supported: openai-assets needs 8.18.0 or later" in result.output
+    assert stack.writes() == []
+    stack.es_version, stack.kb_version = "9.1.0", "10.0.0"
+    result = install()
+    assert result.exit_code == 4 and "Kibana 10.0.0 is not supported" in result.output
+
+
+def test_missing_privilege_from_has_privileges_is_named(stack):
+    stack.missing_privileges = ["manage_pipeline"]
+    result = install()
+    assert result.exit_code == 3
+    assert "missing Elasticsearch privilege: manage_pipeline" in result.output
+    assert stack.writes() == []
+
+
+def test_partial_failure_says_what_was_and_was_not_installed(stack):
+    stack.forbid.add(("PUT", r"/_index_template/logs-openai\.audit"))
+    result = install()
+    assert result.exit_code == 3
+    assert "missing privilege: manage_index_templates is needed to write index_template logs-openai.audit" in result.output
+    done = result.output.split("done:")[1].split("not done:")[0]
+    not_done = result.output.split("not done:")[1]
+    assert "pipeline logs-openai.completions@pipeline" in done
+    assert "index_template logs-openai.audit" in not_done and "rule " in not_done
+    assert "index_template logs-openai.audit" not in done
+
+
+def test_kibana_privilege_error_names_the_feature(stack):
+    stack.forbid.add(("POST", r"/api/alerting/rule/.*"))
+    result = install()
+    assert result.exit_code == 3
+    assert "Stack Rules: All" in result.output
+
+
+def test_missing_urls_and_credentials_files():
+    r = run("install", "--kibana-url", KB)
+    assert r.exit_code == 2 and "--es-url (or ES_URL) is required" in r.output
+    r = run("install", "--es-url", ES, "--kibana-url", KB, "--api-key-file", "/nonexistent/key")
+    assert r.exit_code == 2 and "cannot read API key file /nonexistent/key" in r.output
+    r = run("install", "--es-url", ES, "--kibana-url", KB, env={"ELASTIC_API_KEY": "", "ELASTIC_USERNAME": "u"})
+    assert r.exit_code == 2 and "no password for user u" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# uninstall and export
+
+
+def test_uninstall_removes_assets_but_never_data(stack):
+    assert install().exit_code == 0
+    stack.data_streams.add("logs-openai.completions")
+    stack.calls.clear()
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 0, result.output
+    assert not any(c["path"].startswith("/_data_stream") for c in stack.calls)
+    assert stack.rules == {} and stack.saved_objects == {} and stack.data_views == {}
+    # the template in use stays, with what it references, so ingestion keeps working
+    assert set(stack.index) == {"logs-openai.completions"}
+    assert set(stack.component) == {"logs-openai.completions@package"}
+    assert set(stack.pipelines) == {"logs-openai.completions@pipeline"}
+    assert re.search(r"kept\s+index_template logs-openai.completions", result.output)
+    deletes = [c["path"] for c in stack.calls if c["method"] == "DELETE"]
+    assert f"/api/alerting/rule/{K.RULE_ID_HEADROOM_TPM}" in deletes
+    assert "/api/saved_objects/dashboard/openai-elastic-costs" in deletes
+    assert f"/api/data_views/data_view/{K.DATA_VIEW_ID}" in deletes
+    assert all(c["headers"].get("kbn-xsrf") == "true" for c in stack.calls if c["service"] == "kb" and c["method"] == "DELETE")
+    # a second uninstall finds nothing to delete
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 0 and re.search(r"absent\s+rule", result.output)
+
+
+def test_uninstall_delete_data(stack):
+    assert install().exit_code == 0
+    stack.data_streams.add("logs-openai.completions")
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--delete-data")
+    assert result.exit_code == 0, result.output
+    assert stack.index == {} and stack.component == {} and stack.pipelines == {}
+    assert any(c["method"] == "DELETE" and c["path"] == "/_data_stream/logs-openai.completions-*" for c in stack.calls)
+    hp = json.loads([c for c in stack.calls if c["path"] == "/_security/user/_has_privileges"][-1]["body"])
+    assert hp["index"][0]["privileges"] == ["delete_index"]
+
+
+def test_uninstall_dry_run_deletes_nothing(stack):
+    assert install().exit_code == 0
+    stack.calls.clear()
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert stack.writes() == [] and "would delete" in result.output
+
+
+def test_export_makes_no_requests(tmp_path):
+    with responses.RequestsMock() as rsps:  # any request would raise ConnectionError
+        result = run("export", str(tmp_path / "bundle"))
+        assert len(rsps.calls) == 0
+    assert result.exit_code == 0, result.output
