@@ -8,10 +8,12 @@ stands for the same content, which is what makes re-delivery harmless.
 from __future__ import annotations
 
 import hashlib
-import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any, Mapping
+
+import orjson
 
 from .streams import BASE_COUNTERS, BASE_DIMENSIONS, UsageStreamSpec, get_field
 
@@ -27,8 +29,54 @@ def iso_timestamp(epoch: float) -> str:
 
 def document_id(dataset: str, width: str, bucket_start: int, group: tuple, revision: int) -> str:
     """Deterministic id: the same bucket, group and revision always give the same id."""
-    key = f"{dataset}|{width}|{bucket_start}|{json.dumps(group, separators=(',', ':'))}|{revision}"
-    return hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
+    key = b"%s|%s|%d|%s|%d" % (dataset.encode(), width.encode(), bucket_start, orjson.dumps(group), revision)
+    return hashlib.blake2b(key, digest_size=20).hexdigest()
+
+
+def to_ndjson_line(doc_id: str, doc: Mapping[str, Any]) -> bytes:
+    """One NDJSON line with the deterministic id in the top-level `_id` key.
+
+    orjson: this runs once per event and is most of the mapping path's cost with the stdlib
+    encoder; its output is the same compact UTF-8 JSON.
+    """
+    body = orjson.dumps(doc)
+    return b'{"_id":"' + doc_id.encode() + b'",' + body[1:] + b"\n"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each result field of a spec goes, worked out once per spec, not per event."""
+
+    base_dims: tuple[str, ...]
+    stream_dims: tuple[tuple[str, str], ...]      # (result field, ECS leaf under openai.<name>)
+    base_counters: frozenset[str]
+    renames: Mapping[str, str]
+    normalized: tuple[tuple[str, tuple[str, ...]], ...]
+    nested: bool                                   # some field is a dotted path (costs)
+    dataset: str
+    tag: str
+    group_by: tuple[str, ...]
+
+
+_PLANS: dict[int, tuple[UsageStreamSpec, _Plan]] = {}  # id(spec) -> (spec kept alive, plan)
+
+
+def _plan(spec: UsageStreamSpec) -> _Plan:
+    cached = _PLANS.get(id(spec))
+    if cached is None:
+        plan = _Plan(
+            base_dims=tuple(d for d in spec.dimensions if d in BASE_DIMENSIONS),
+            stream_dims=tuple((d, spec.renames.get(d, d)) for d in spec.dimensions if d not in BASE_DIMENSIONS),
+            base_counters=frozenset(c for c in spec.counters if c in BASE_COUNTERS),
+            renames=spec.renames,
+            normalized=tuple(spec.normalized.items()),
+            nested=any("." in f for f in spec.dimensions + spec.counters + spec.group_by),
+            dataset=spec.dataset,
+            tag=spec.tag,
+            group_by=spec.group_by,
+        )
+        cached = _PLANS[id(spec)] = (spec, plan)
+    return cached[1]
 
 
 def usage_event(
@@ -48,32 +96,46 @@ def usage_event(
     `counters` are the values to store: the full counts for revision 0, the differences for a
     correction. Dimensions come from `result` (null ones are left out, as the seed's examples do).
     """
-    dataset = spec.dataset
-    base: dict[str, Any] = {
-        "start_time": iso_timestamp(bucket_start),
-        "end_time": iso_timestamp(bucket_end),
-    }
-    stream: dict[str, Any] = {}
+    plan = _plan(spec)
+    dataset = plan.dataset
+    start_iso = iso_timestamp(bucket_start)
+    base: dict[str, Any] = {"start_time": start_iso, "end_time": iso_timestamp(bucket_end)}
     obj = result.get("object")
     if obj is not None:
         base["usage_object_type"] = obj
-    for dim in spec.dimensions:
-        value = get_field(result, dim)
-        if value is None:
-            continue
-        if dim in BASE_DIMENSIONS:
+    for dim in plan.base_dims:
+        value = result.get(dim)
+        if value is not None:
             base[dim] = value
-        else:
-            _set_path(stream, spec.renames.get(dim, dim), value)
-    for name, value in counters.items():
-        if name in BASE_COUNTERS:
-            base[name] = value
-        else:
-            _set_path(stream, spec.renames.get(name, name), value)
-    for target, sources in spec.normalized.items():
-        present = [counters[s] for s in sources if s in counters]
-        if present:
-            base[target] = sum(present)
+    stream: dict[str, Any] = {}
+    if plan.nested:
+        for dim, leaf in plan.stream_dims:
+            value = get_field(result, dim)
+            if value is not None:
+                _set_path(stream, leaf, value)
+        for name, value in counters.items():
+            if name in plan.base_counters:
+                base[name] = value
+            else:
+                _set_path(stream, plan.renames.get(name, name), value)
+    else:
+        for dim, leaf in plan.stream_dims:
+            value = result.get(dim)
+            if value is not None:
+                stream[leaf] = value
+        renames = plan.renames
+        for name, value in counters.items():
+            if name in plan.base_counters:
+                base[name] = value
+            else:
+                stream[renames.get(name, name)] = value
+    for target, sources in plan.normalized:
+        total = None
+        for s in sources:
+            if s in counters:
+                total = counters[s] if total is None else total + counters[s]
+        if total is not None:
+            base[target] = total
     base["bucket_width"] = width
     base["revision"] = revision
 
@@ -81,14 +143,15 @@ def usage_event(
     if stream:
         openai[spec.name] = stream
     doc = {
-        "@timestamp": base["start_time"],
+        "@timestamp": start_iso,
         "ecs": {"version": ECS_VERSION},
         "data_stream": {"type": "logs", "dataset": dataset, "namespace": namespace},
         "event": {"kind": "metric", "dataset": dataset, "created": created},
         "openai": openai,
-        "tags": ["forwarded", spec.tag],
+        "tags": ["forwarded", plan.tag],
     }
-    return document_id(dataset, width, bucket_start, spec.group_key(result), revision), doc
+    group = spec.group_key(result) if plan.nested else tuple(map(result.get, plan.group_by))
+    return document_id(dataset, width, bucket_start, group, revision), doc
 
 
 def _set_path(target: dict, dotted: str, value: Any) -> None:

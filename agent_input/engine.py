@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from .ecs import iso_timestamp, usage_event
+from .ecs import iso_timestamp, to_ndjson_line, usage_event
 from .outputs import Output, OutputError
 from .state import Cursor, Observation, StateStore, group_json
 from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
@@ -32,10 +32,7 @@ class StreamStopped(Exception):
     """A stream cannot go on (rejected key, missing scope): stop polling it, report why."""
 
 
-def serialize(doc_id: str, doc: Mapping[str, Any]) -> bytes:
-    """One NDJSON line with the deterministic id in the top-level `_id` key."""
-    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
-    return f'{{"_id":"{doc_id}",{body[1:]}\n'.encode()
+serialize = to_ndjson_line  # one NDJSON line, the deterministic id in the top-level `_id`
 
 
 # -- delivery ---------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
+import orjson
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors (
     stream TEXT NOT NULL, width TEXT NOT NULL,
@@ -66,7 +68,7 @@ class StateError(RuntimeError):
 
 
 def group_json(group: tuple) -> str:
-    return json.dumps(group, separators=(",", ":"))
+    return orjson.dumps(group).decode()
 
 
 class StateStore:
