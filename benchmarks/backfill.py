@@ -28,14 +28,14 @@ from agent_input.streams import MAX_LIMIT, USAGE_STREAMS  # noqa: E402
 DEFAULT_LIMIT = {"1m": 60, "1h": 24, "1d": 7}
 NOW = 1763892000  # 2026-11-23T10:00:00Z
 SCENARIOS = {"24h@1m": ("1m", "24h", 86400), "15d@1h": ("1h", "15d", 15 * 86400), "180d@1d": ("1d", "180d", 180 * 86400)}
-KEY = "sk-admin-bench-0000000000"
+KEY = "sk-admin-sim"  # the simulator's default admin key
 
 
 def start_simulator(org: str, latency_ms: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent_input.cli", "simulate", "--port", str(port), "--seed", "1",
-         "--org", org, "--latency-ms", str(latency_ms), "--now", str(NOW), "--admin-key", KEY],
+         "--org", org, "--latency-ms", str(latency_ms), "--now", str(NOW)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -58,9 +58,7 @@ def _free_port() -> int:
 
 
 def sim_requests(url: str) -> int:
-    stats = json.loads(urllib.request.urlopen(url + "/_sim/stats").read())
-    return int(stats.get("requests_total", stats.get("requests", 0)) if not isinstance(stats.get("requests"), dict)
-               else sum(stats["requests"].values()))
+    return int(json.loads(urllib.request.urlopen(url + "/_sim/stats").read())["requests"])
 
 
 def run(scenario: str, url: str, workdir: Path) -> dict:
