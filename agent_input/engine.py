@@ -316,7 +316,7 @@ class UsageCollector:
                 continue
             # the group vanished from a re-read bucket: bring its sum back to zero
             result = dict(zip(spec.group_by, json.loads(key)))
-            result["object"] = f"organization.usage.{spec.name}.result"
+            result["object"] = spec.object_type
             zero = {k: 0 for k in old.counters}
             values = _difference(zero, old.counters)
             out.append(self._event(start, stop_, result, values, old.revision + 1, created))

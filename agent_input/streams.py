@@ -39,6 +39,13 @@ class UsageStreamSpec:
     required_counters: tuple[str, ...] | None = None
     widths: tuple[str, ...] = ("1m", "1h", "1d")
     max_limit: Mapping[str, int] = field(default_factory=lambda: dict(MAX_LIMIT))
+    # the API's `object` of one result (a group that vanished from a re-read bucket gets it too);
+    # None: organization.usage.<name>.result
+    result_object: str | None = None
+
+    @property
+    def object_type(self) -> str:
+        return self.result_object or f"organization.usage.{self.name}.result"
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -159,15 +166,33 @@ USAGE_STREAMS: tuple[UsageStreamSpec, ...] = (
         group_by=("project_id", "user_id", "api_key_id", "vector_store_id"),
         counters=("num_requests",),
         dimensions=("project_id", "user_id", "api_key_id", "vector_store_id"),
+        result_object="organization.usage.file_searches.result",
     ),
     _usage(
         "web_search_calls",
         group_by=_USER_GROUPS + ("context_level",),
         counters=("num_model_requests", "num_requests"),
         dimensions=_PER_USER_DIMS + ("context_level",),
+        result_object="organization.usage.web_searches.result",
     ),
 )
 
-STREAMS_BY_NAME: Mapping[str, UsageStreamSpec] = {s.name: s for s in USAGE_STREAMS}
+# Costs settle over days: 1d buckets only (the API supports nothing else), up to 180 a page,
+# re-read within the 3d revision window like usage. Amounts and quantities are floats. Kept out of
+# USAGE_STREAMS (whose members all support 1m/1h/1d and the usage truth) but driven by the same engine.
+COSTS = UsageStreamSpec(
+    name="costs",
+    path="/v1/organization/costs",
+    group_by=("project_id", "line_item", "api_key_id"),
+    counters=("amount.value", "quantity"),
+    required_counters=("amount.value",),
+    dimensions=("project_id", "api_key_id", "line_item", "amount.currency", "quantity_unit"),
+    has_grace=False,
+    widths=("1d",),
+    max_limit={"1d": 180},
+    result_object="organization.costs.result",
+)
+
+STREAMS_BY_NAME: Mapping[str, UsageStreamSpec] = {s.name: s for s in USAGE_STREAMS + (COSTS,)}
 # The eight the seed documents; the two search-call streams are ours.
 SEED_USAGE_STREAMS = tuple(s.name for s in USAGE_STREAMS[:8])
