@@ -24,6 +24,16 @@ log = logging.getLogger("agent_input.app")
 EXTRA_COLLECTORS: dict[str, Callable[..., Collector]] = {}
 
 
+def _register_builtin() -> None:
+    from . import audit, rate_limits
+
+    EXTRA_COLLECTORS.setdefault("audit", audit.factory)
+    EXTRA_COLLECTORS.setdefault("rate_limits", rate_limits.factory)
+
+
+_register_builtin()
+
+
 def fixed_clock(start: float) -> Clock:
     """A clock that starts at `start` and then runs at wall speed (`--now`, replays, tests)."""
     t0 = time.monotonic()
@@ -61,11 +71,19 @@ def build(
     clients: list[AdminApiClient] = []
     collectors: list[Collector] = []
     common = dict(namespace=config.namespace, stop=stop, clock=clock)
+    # One name cache for every usage-like stream (project names, user emails, API key names).
+    names = None
+    if any(s.name in STREAMS_BY_NAME for s in config.enabled_streams()):
+        from .names import NameCache
+
+        names = NameCache.from_config(config, clock=clock)
+        clients.append(names.client)
     for stream in config.enabled_streams():
         client = AdminApiClient.from_config(config)
         if stream.name in STREAMS_BY_NAME:
             collector: Collector = UsageCollector(
-                STREAMS_BY_NAME[stream.name], stream, client, delivery, progress=progress, **common
+                STREAMS_BY_NAME[stream.name], stream, client, delivery, progress=progress,
+                enrich=names.enrich if names is not None else None, **common
             )
         elif stream.name in EXTRA_COLLECTORS:
             collector = EXTRA_COLLECTORS[stream.name](config, stream, client, delivery, **common)

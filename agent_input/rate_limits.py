@@ -1,0 +1,208 @@
+"""The `rate_limits` data stream: every project's per-model limits, once per collection cycle.
+
+A cycle lists the projects (`limit` = batch_size, `after`, `include_archived`), then each project's
+`/rate_limits` (paginated), and writes one document per limit with the project's id, name and
+status injected and `collected_at` = the cycle's time = `@timestamp`. Optional limit fields appear
+only when OpenAI sends them. A project whose limits cannot be read (e.g. a 404 because it was deleted
+between the two requests) is reported and skipped; the others still arrive.
+
+Each cycle also writes one status document to the same dataset (`event.action:
+rate-limits-collection`, `event.outcome: success|failure`, `openai.rate_limits.collection.*`), so
+a rule can fire when limits stop arriving: the seed's headroom alert silently stops otherwise.
+
+Document ids come from (cycle time, project, limit id): re-running the same cycle produces the same
+documents. The whole cycle goes to the outbox in one transaction with the cycle's time, and a cycle
+already stored is not collected again.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, Mapping
+
+from .ecs import ECS_VERSION, iso_timestamp
+from .engine import Delivery, PollStats, serialize
+from .http_client import ApiError, AuthenticationError, PermissionDeniedError
+
+log = logging.getLogger("agent_input.rate_limits")
+
+DATASET = "openai.rate_limits"
+PROJECTS = "/v1/organization/projects"
+LIMITS_PAGE = 100  # rate limits per page (the endpoint's default)
+KV_LAST_CYCLE = "rate_limits:last_cycle"
+MAX_PAGES = 10_000
+
+
+class RateLimitsCollector:
+    """The Collector for `openai.rate_limits` (see engine.Collector)."""
+
+    name = "rate_limits"
+
+    def __init__(
+        self,
+        config,
+        stream,
+        client,
+        delivery: Delivery,
+        *,
+        namespace: str = "default",
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.time,
+        **_: Any,
+    ):
+        self.config = config
+        self.client = client
+        self.delivery = delivery
+        self.store = delivery.store
+        self.namespace = namespace
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self.interval = stream.interval
+        self.batch_size = stream.batch_size or 100
+        self.include_archived = bool(stream.include_archived)
+
+    def poll(self, now: float) -> PollStats:
+        stats = PollStats()
+        cycle = int(now)
+        if self.store.get(KV_LAST_CYCLE) == str(cycle):
+            return stats  # this very cycle is already stored (a replay with the same clock)
+        lines: list[bytes] = []
+        projects: list[Mapping] = []
+        failed: list[str] = []
+        fatal: ApiError | None = None
+        error: str | None = None
+        try:
+            projects = list(self._list(PROJECTS, {"include_archived": self.include_archived,
+                                                  "limit": self.batch_size}, stats))
+        except ApiError as exc:
+            error = f"cannot list projects: {exc}"
+            if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
+                fatal = exc
+        limits = 0
+        read = 0
+        for project in projects:
+            if self.stop.is_set():
+                error = error or "stopped before every project was read"
+                break
+            pid = project.get("id")
+            if not isinstance(pid, str):
+                continue
+            try:
+                rows = list(self._list(f"{PROJECTS}/{pid}/rate_limits", {"limit": LIMITS_PAGE}, stats))
+            except ApiError as exc:
+                failed.append(pid)
+                msg = f"rate_limits: skipped project {pid}: {exc}"
+                stats.errors.append(msg)
+                log.warning(msg)
+                if isinstance(exc, AuthenticationError):
+                    fatal = exc
+                    break
+                continue
+            read += 1
+            for row in rows:
+                if not isinstance(row, Mapping) or not isinstance(row.get("id"), str):
+                    continue
+                doc_id, doc = limit_event(row, project, collected=cycle, namespace=self.namespace)
+                lines.append(serialize(doc_id, doc))
+                limits += 1
+        if error is None and failed and read == 0:
+            error = f"the rate limits of all {len(failed)} project(s) failed (first: {failed[0]})"
+        status_id, status = status_event(collected=cycle, projects=read, limits=limits,
+                                         failed_projects=len(failed), error=error, namespace=self.namespace)
+        lines.append(serialize(status_id, status))
+        self.delivery.commit_events(self.name, lines, {KV_LAST_CYCLE: str(cycle)})
+        stats.events += len(lines)
+        if fatal is not None:
+            raise fatal  # a rejected key or missing scope: the engine stops the stream and says why
+        if error is not None:
+            stats.errors.append(f"rate_limits: {error}")
+            log.error("rate_limits: collection failed: %s", error)
+        return stats
+
+    def _list(self, path: str, params: Mapping[str, Any], stats: PollStats) -> Iterator[Mapping]:
+        query = dict(params)
+        after = None
+        for _ in range(MAX_PAGES):
+            if after:
+                query["after"] = after
+            body = self.client.get_json(path, query)
+            stats.requests += 1
+            stats.pages += 1
+            data = body.get("data")
+            if not isinstance(data, list):
+                raise ApiError(200, "response has no `data` list", "malformed_response", path)
+            yield from (d for d in data if isinstance(d, Mapping))
+            last = body.get("last_id") or (data[-1].get("id") if data and isinstance(data[-1], Mapping) else None)
+            if not body.get("has_more") or not data or not isinstance(last, str) or last == after:
+                return
+            after = last
+
+
+def _collected_at(ts: int) -> str:
+    """`2026-05-26T06:40:21Z`, the seed's collected_at form."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _id(*parts: object) -> str:
+    key = "|".join(str(p) for p in parts)
+    return hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
+
+
+def limit_event(row: Mapping[str, Any], project: Mapping[str, Any], *, collected: int,
+                namespace: str = "default") -> tuple[str, dict]:
+    """One rate limit of one project, as the seed's rate_limits example shows."""
+    limit: dict[str, Any] = {k: v for k, v in row.items() if v is not None and not isinstance(v, (dict, list))}
+    pid = project.get("id")
+    limit["project_id"] = pid
+    for src, dst in (("name", "project_name"), ("status", "project_status")):
+        if isinstance(project.get(src), str):
+            limit[dst] = project[src]
+    limit["collected_at"] = _collected_at(collected)
+    base: dict[str, Any] = {}
+    if isinstance(row.get("model"), str):
+        base["model"] = row["model"]
+    base["project_id"] = pid
+    if isinstance(project.get("name"), str):
+        base["project_name"] = project["name"]
+    ts = iso_timestamp(collected)
+    doc = {
+        "@timestamp": ts,
+        "ecs": {"version": ECS_VERSION},
+        "data_stream": {"type": "logs", "dataset": DATASET, "namespace": namespace},
+        "event": {"kind": "metric", "dataset": DATASET, "created": ts},
+        "openai": {"rate_limits": limit, "base": base},
+        "tags": ["forwarded", "openai-rate-limits"],
+    }
+    return _id(DATASET, collected, pid, row["id"]), doc
+
+
+def status_event(*, collected: int, projects: int, limits: int, failed_projects: int, error: str | None,
+                 namespace: str = "default") -> tuple[str, dict]:
+    """The once-per-cycle status document the stale-limits rule reads."""
+    ts = iso_timestamp(collected)
+    doc: dict[str, Any] = {
+        "@timestamp": ts,
+        "ecs": {"version": ECS_VERSION},
+        "data_stream": {"type": "logs", "dataset": DATASET, "namespace": namespace},
+        "event": {
+            "kind": "event",
+            "action": "rate-limits-collection",
+            "outcome": "failure" if error else "success",
+            "dataset": DATASET,
+            "created": ts,
+        },
+        "openai": {"rate_limits": {"collection": {
+            "projects": projects, "limits": limits, "failed_projects": failed_projects,
+        }}},
+        "tags": ["forwarded", "openai-rate-limits"],
+    }
+    if error:
+        doc["error"] = {"message": error}
+    return _id(DATASET, "collection", collected), doc
+
+
+def factory(config, stream, client, delivery, **common) -> RateLimitsCollector:
+    return RateLimitsCollector(config, stream, client, delivery, **common)
