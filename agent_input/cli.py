@@ -93,13 +93,37 @@ def _install_stop_handlers(stop) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _open_output(kind: str, path: str | None):
+def _open_output(kind: str, path: str | None, *, config=None, state_dir: str | None = None, stop=None,
+                 es_url: str | None = None, es_ca_file: str | None = None, rotate_bytes: int | None = None,
+                 rotate_keep: int = 5):
     import sys
 
-    from .outputs import NdjsonFileOutput, NdjsonOutput
+    from .outputs import NdjsonFileOutput, NdjsonOutput, OutputError
 
     if kind == "ndjson":
-        return NdjsonFileOutput(path) if path else NdjsonOutput(sys.stdout.buffer)
+        if rotate_bytes and not path:
+            raise OutputError("--rotate-bytes needs --output-path (stdout cannot be rotated)")
+        if path:
+            return NdjsonFileOutput(path, rotate_bytes=rotate_bytes, rotate_keep=rotate_keep)
+        return NdjsonOutput(sys.stdout.buffer)
+    if kind == "elasticsearch":
+        from .es_output import ElasticsearchOutput, check_cluster, make_client
+
+        if path or rotate_bytes:
+            raise OutputError("--output-path/--rotate-bytes are for --output ndjson, not elasticsearch")
+        url = es_url or (config.es_url if config is not None else None)
+        client = make_client(
+            url,
+            cloud_id=config.es_cloud_id if config is not None else None,
+            ca_file=es_ca_file or (config.es_ssl_ca_file if config is not None else None),
+            verify=config.es_ssl_verify if config is not None else True,
+        )
+        version = check_cluster(client)
+        import logging
+
+        logging.getLogger("agent_input.cli").info("Elasticsearch %s: sending events with create operations", version)
+        return ElasticsearchOutput(client, state_dir=state_dir or _default_state_dir(),
+                                   namespace=config.namespace if config is not None else "default", stop=stop)
     raise click.BadParameter(f"unknown output {kind!r}")
 
 
@@ -117,15 +141,27 @@ def _fail(message: str, code: int = 1) -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Where cursors and the outbox live; the next run resumes from it. "
                    "[default: $XDG_STATE_HOME/openai-input]")
-@click.option("--output", "output_kind", type=click.Choice(["ndjson"]), default="ndjson", show_default=True,
-              help="ndjson: one ECS document per line, its id in the top-level `_id`.")
+@click.option("--output", "output_kind", type=click.Choice(["ndjson", "elasticsearch"]), default="ndjson",
+              show_default=True,
+              help="ndjson: one ECS document per line, its id in the top-level `_id`. elasticsearch: bulk "
+                   "`create` into logs-openai.<dataset>-<namespace> (credentials: ELASTIC_API_KEY or "
+                   "ELASTIC_USERNAME/ELASTIC_PASSWORD).")
 @click.option("--output-path", type=click.Path(dir_okay=False), default=None,
               help="Append NDJSON to this file instead of stdout.")
+@click.option("--rotate-bytes", type=click.IntRange(min=1), default=None,
+              help="Rotate --output-path before it would grow past this many bytes (whole batches only).")
+@click.option("--rotate-keep", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Rotated files to keep (<path>.1 newest ... <path>.N oldest).")
+@click.option("--es-url", default=None,
+              help="Elasticsearch URL for --output elasticsearch [default: es_url from the config].")
+@click.option("--es-ca-file", type=click.Path(dir_okay=False), default=None,
+              help="PEM CA bundle for Elasticsearch's TLS certificate [default: es_ssl_ca_file from the config].")
 @click.option("--now", "now_text", default=None, hidden=True,
               help="Pretend the current time is this (ISO 8601 or unix seconds): replays and tests.")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--log-format", type=click.Choice(["auto", "ecs", "text"]), default="auto", show_default=True)
-def collect(config_path, once, state_dir, output_kind, output_path, now_text, log_level, log_format):
+def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes, rotate_keep, es_url,
+            es_ca_file, now_text, log_level, log_format):
     """Poll every enabled data stream and emit ECS documents."""
     import threading
     import time
@@ -151,8 +187,11 @@ def collect(config_path, once, state_dir, output_kind, output_path, now_text, lo
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
-        output = _open_output(output_kind, output_path)
-        collection = app.build(config, state_dir=state_dir or _default_state_dir(), output=output,
+        state_dir = state_dir or _default_state_dir()
+        output = _open_output(output_kind, output_path, config=config, state_dir=state_dir, stop=stop,
+                              es_url=es_url, es_ca_file=es_ca_file, rotate_bytes=rotate_bytes,
+                              rotate_keep=rotate_keep)
+        collection = app.build(config, state_dir=state_dir, output=output,
                                stop=stop, clock=clock, progress=Progress())
     except (StateError, OutputError) as exc:
         _fail(str(exc))
@@ -165,6 +204,10 @@ def collect(config_path, once, state_dir, output_kind, output_path, now_text, lo
         output.close()
     if collection.engine.collectors and once:
         _print_summary(collection.engine)
+    if output_kind == "elasticsearch":
+        click.echo(f"elasticsearch: {output.created} created, {output.duplicates} already there (409), "
+                   f"{output.rejected} rejected"
+                   + (f" (see {output.dead_letter_path})" if output.rejected else ""), err=True)
     raise SystemExit(code)
 
 
@@ -248,11 +291,13 @@ def _demo_summary(engine, out, sim, backfill_s) -> None:
     sums: dict[str, float] = {}
     first: dict[str, int] = {}
     count: dict[str, int] = {}
+    notes: dict[str, dict] = {}
     with open(out, "rb") as fh:
         for line in fh:
             doc = json.loads(line)
             ds = doc["data_stream"]["dataset"].split(".", 1)[1]
             count[ds] = count.get(ds, 0) + 1
+            _demo_note(notes, ds, doc)
             spec = STREAMS_BY_NAME.get(ds)
             if spec is None or doc["event"]["kind"] != "metric":
                 continue
@@ -281,10 +326,41 @@ def _demo_summary(engine, out, sim, backfill_s) -> None:
             got = sums.get(name, 0)
             mark = "exact" if math.isclose(got, final) else "DIFFERS"
             line += f"  {spec.counters[0]}: {got:,.0f} / {final:,.0f} {mark}"
+        elif name in notes:
+            line += "  " + _demo_note_text(name, notes[name])
         if name in engine.failed:
             line += f"  failed: {engine.failed[name]}"
         click.echo(line)
     click.echo(f"\nbackfill of a day took {backfill_s:.1f}s; events in {out}")
+
+
+def _demo_note(notes: dict, ds: str, doc: dict) -> None:
+    """What the summary says about datasets that are not usage-like (audit, rate limits)."""
+    n = notes.setdefault(ds, {})
+    if ds == "audit":
+        n["events"] = n.get("events", 0) + 1
+        n.setdefault("actions", set()).add(doc["event"].get("action"))
+        actor = doc["openai"]["audit"].get("actor", {}).get("type")
+        n[actor] = n.get(actor, 0) + 1
+    elif ds == "rate_limits":
+        if doc["event"].get("action") == "rate-limits-collection":
+            n["cycles"] = n.get("cycles", 0) + 1
+            n["last"] = doc["event"].get("outcome")
+            n["failed"] = doc["openai"]["rate_limits"]["collection"].get("failed_projects", 0)
+        else:
+            n["limits"] = n.get("limits", 0) + 1
+            n.setdefault("projects", set()).add(doc["openai"]["rate_limits"].get("project_id"))
+
+
+def _demo_note_text(name: str, n: dict) -> str:
+    if name == "audit":
+        return (f"audit events: {n.get('events', 0)} ({len(n.get('actions', ()))} actions; "
+                f"{n.get('session', 0)} by sessions, {n.get('api_key', 0)} by API keys)")
+    if name == "rate_limits":
+        return (f"limits: {n.get('limits', 0)} for {len(n.get('projects', ()))} projects in "
+                f"{n.get('cycles', 0)} collection(s); last {n.get('last', 'none')}, "
+                f"{n.get('failed', 0)} failed project(s)")
+    return ""
 
 
 def _demo_width(spec) -> str:
@@ -327,6 +403,53 @@ def simulate(port, seed, org, latency_ms, now_text):
                                          param_hint="--now") from None
             now = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
     run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now)
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Where cursors and the outbox live, as for collect. [default: $XDG_STATE_HOME/openai-input]")
+@click.option("--ack-on-flush", is_flag=True,
+              help="No supervisor acks (a plain pipe): a batch counts as delivered once written and flushed.")
+@click.option("--ack-timeout", type=float, default=10.0, show_default=True,
+              help="On stop, seconds to wait for the acks of batches already sent.")
+@click.option("--max-inflight", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Batches sent but not acked before the collectors wait (backpressure).")
+@click.option("--now", "now_text", default=None, hidden=True,
+              help="Pretend the current time is this (ISO 8601 or unix seconds): replays and tests.")
+@click.option("--log-level", default="INFO", show_default=True)
+def run(state_dir, ack_on_flush, ack_timeout, max_inflight, now_text, log_level):
+    """Run under a supervisor: the agent NDJSON protocol on stdin/stdout (docs/protocol.md).
+
+    stdin: config, ack and stop messages. stdout: event and status messages, nothing else.
+    stderr: ECS JSON logs. Exit status 0 after a stop, end of stdin, SIGTERM/SIGINT, or when the
+    reader closes stdout.
+    """
+    import threading
+    import time
+
+    from . import app
+    from .logs import setup_logging
+    from .protocol import ProtocolWriter, Runner
+
+    writer = ProtocolWriter.take_stdout()
+    setup_logging(log_level, "ecs")
+    now = _parse_now(now_text)
+    clock = app.fixed_clock(now) if now is not None else time.time
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    runner = Runner(writer, state_dir=state_dir or _default_state_dir(), clock=clock,
+                    ack_on_flush=ack_on_flush, ack_timeout=ack_timeout, max_inflight=max_inflight)
+    try:
+        code = runner.run(stop)
+    except Exception as exc:  # one clear line on stderr, never a traceback on the event stream
+        from .logs import redact
+
+        click.echo(f"openai-input: run failed: {redact(str(exc)) or type(exc).__name__}", err=True)
+        code = 1
+    writer.close()
+    import os
+
+    os._exit(code)  # daemon threads (stdin reader) must not hold the exit
 
 
 if __name__ == "__main__":
