@@ -345,7 +345,6 @@ class Rule:
             "groupBy": "row" if per_row else "all",
             "excludeHitsFromPreviousRun": False,
             "aggType": "count",
-            "sourceFields": [],
         }
 
     def update_body(self, kibana_version: str | None, actions: list | None = None) -> dict:
