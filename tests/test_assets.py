@@ -167,7 +167,40 @@ def _collector_documents():
         except TypeError as exc:  # the collector's mapper changed shape: wire it again
             pytest.skip(f"agent_input.ecs.usage_event signature changed: {exc}")
         docs.append(doc)
+    docs += _collector_limit_and_audit_documents()
     return docs
+
+
+def _collector_limit_and_audit_documents():
+    """The rate-limit, collection-status and audit documents, from the collector's mappers."""
+    out = []
+    try:
+        rl = importlib.import_module("agent_input.rate_limits")
+        row = {"id": "rl_1", "object": "project.rate_limit", "model": "gpt-4o-mini-2024-07-18",
+               "max_requests_per_1_minute": 500, "max_tokens_per_1_minute": 200000,
+               "max_images_per_1_minute": 50, "max_audio_megabytes_per_1_minute": 10,
+               "max_requests_per_1_day": 10000, "max_tokens_per_1_day": 9000000,
+               "batch_1_day_max_input_tokens": 2000000}
+        project = {"id": "proj_a", "name": "A", "status": "active"}
+        out.append(rl.limit_event(row, project, collected=1_700_000_000)[1])
+        out.append(rl.status_event(collected=1_700_000_000, projects=1, limits=1, failed_projects=1,
+                                   error="projects list: 500")[1])
+    except (ImportError, AttributeError, TypeError):
+        pass
+    try:
+        audit = importlib.import_module("agent_input.audit")
+        entry = json.loads(SEED_EXAMPLES["audit"]["event"]["original"])
+        entry["project"] = {"id": "proj_a", "name": "A"}
+        entry["login.succeeded"] = {}
+        out.append(audit.audit_event(entry, preserve_original=True)[1])
+        key_entry = {"id": "audit_log-2", "type": "api_key.created", "effective_at": 1_700_000_000,
+                     "actor": {"type": "api_key", "api_key": {"id": "key_1", "type": "user",
+                                                              "user": {"id": "user-1", "email": "a@b.c"}}},
+                     "api_key.created": {"id": "key_2", "data": {"scopes": ["api.model.request"]}}}
+        out.append(audit.audit_event(key_entry)[1])
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return out
 
 
 def test_collector_documents_are_declared():
