@@ -1,0 +1,240 @@
+"""The audit stream: the seed's example, api-key actors, and exactly-once collection against the
+simulator through many pages, an API error mid-way and a restart; the 403 reported once."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent_input.audit import KV_HWM, AuditCollector, audit_event
+from agent_input.config import config_from_dict
+from agent_input.engine import Delivery
+from agent_input.http_client import AdminApiClient, RetriesExhaustedError
+from agent_input.outputs import NdjsonFileOutput
+from agent_input.state import StateStore
+from kibana_assets.fields import undeclared_fields
+
+from conftest import ADMIN_KEY, T0, read_ndjson
+
+SEED = Path(__file__).parent / "fixtures" / "seed"
+HOUR = 3600
+DAY = 86400
+# Set by Elastic Agent / Elasticsearch, not by a collector.
+AGENT_FIELDS = ("agent", "elastic_agent", "input")
+AGENT_EVENT_FIELDS = ("ingested", "agent_id_status")
+
+
+def _config(url: str = "http://127.0.0.1:1", **audit):
+    return config_from_dict({"url": url, "api_key": ADMIN_KEY, "max_retries": 1,
+                             "preserve_original_event": audit.pop("preserve_original_event", False),
+                             "data_streams": {"audit": audit}}, env={})
+
+
+# -- golden ---------------------------------------------------------------------------------------
+def test_seed_audit_example_from_its_original_event():
+    seed = json.loads((SEED / "audit.json").read_text())
+    api = json.loads(seed["event"]["original"])
+    doc_id, doc = audit_event(api, namespace=seed["data_stream"]["namespace"], preserve_original=True)
+
+    want = copy.deepcopy(seed)
+    for k in AGENT_FIELDS:
+        want.pop(k)
+    for k in AGENT_EVENT_FIELDS:
+        want["event"].pop(k)
+    # The seed's test run also set Elastic's `preserve_duplicate_custom_fields`; we always keep the
+    # openai.audit.* fields that ECS fields duplicate (the seed's table lists them), so the tag says nothing.
+    want["tags"].remove("preserve_duplicate_custom_fields")
+    assert doc == want
+    assert doc_id == api["id"]
+    assert doc["event"]["original"] == seed["event"]["original"]  # byte for byte
+
+
+def test_event_original_and_its_tag_only_when_preserving():
+    seed = json.loads((SEED / "audit.json").read_text())
+    _, doc = audit_event(json.loads(seed["event"]["original"]))
+    assert "original" not in doc["event"]
+    assert doc["tags"] == ["forwarded", "openai-audit"]
+
+
+API_KEY_EVENT = {  # the reference spec's list example (an api-key actor), with a project
+    "id": "audit_log-xxx_yyyymmdd",
+    "object": "organization.audit_log",
+    "type": "project.archived",
+    "effective_at": 1722461446,
+    "project": {"id": "proj_abc", "name": "Project example"},
+    "actor": {"type": "api_key", "api_key": {"id": "key_abc", "type": "user",
+                                             "user": {"id": "user-xxx", "email": "user@example.com"}}},
+    "project.archived": {"id": "proj_abc"},
+}
+
+
+def test_api_key_actor_event():
+    doc_id, doc = audit_event(API_KEY_EVENT)
+    assert doc_id == "audit_log-xxx_yyyymmdd"
+    assert doc == {
+        "@timestamp": "2024-07-31T21:30:46.000Z",
+        "ecs": {"version": "9.3.0"},
+        "data_stream": {"type": "logs", "dataset": "openai.audit", "namespace": "default"},
+        "event": {"action": "project-archived", "category": ["iam"], "dataset": "openai.audit",
+                  "id": "audit_log-xxx_yyyymmdd", "kind": "event", "type": ["change"]},
+        "observer": {"product": "OpenAI", "vendor": "OpenAI"},
+        "openai": {"audit": {
+            "id": "audit_log-xxx_yyyymmdd",
+            "object": "organization.audit_log",
+            "type": "project.archived",
+            "effective_at": "2024-07-31T21:30:46.000Z",
+            "project": {"id": "proj_abc", "name": "Project example", "archived": {"id": "proj_abc"}},
+            "actor": {"type": "api_key", "api_key": {"id": "key_abc", "type": "user",
+                                                     "user": {"id": "user-xxx", "email": "user@example.com"}}},
+        }},
+        "user": {"domain": "example.com", "email": "user@example.com", "id": "user-xxx"},
+        "related": {"user": ["user@example.com", "user-xxx"]},
+        "tags": ["forwarded", "openai-audit"],
+    }
+    assert undeclared_fields(doc) == []
+
+
+def test_service_account_actor_and_payload_as_sent():
+    ev = {
+        "id": "audit_log-sa", "object": "organization.audit_log", "type": "api_key.created", "effective_at": 1722461446,
+        "actor": {"type": "api_key", "api_key": {"id": "key_svc", "type": "service_account",
+                                                 "service_account": {"id": "svc_acct_abc"}}},
+        "api_key.created": {"id": "key_new", "data": {"scopes": ["api.model.request"]}},
+    }
+    _, doc = audit_event(ev)
+    assert doc["event"]["action"] == "api_key-created"
+    assert doc["openai"]["audit"]["actor"]["api_key"] == {"id": "key_svc", "type": "service_account",
+                                                          "service_account": {"id": "svc_acct_abc"}}
+    assert doc["openai"]["audit"]["api_key"]["created"] == {"id": "key_new", "data": {"scopes": ["api.model.request"]}}
+    assert doc["user"] == {"id": "svc_acct_abc"}
+    assert doc["related"] == {"user": ["svc_acct_abc"]}
+    assert "source" not in doc and "user_agent" not in doc
+    assert undeclared_fields(doc) == []
+
+
+def test_ip_details_that_are_not_numbers_are_dropped_not_fatal():
+    seed = json.loads((SEED / "audit.json").read_text())
+    api = json.loads(seed["event"]["original"])
+    details = api["actor"]["session"]["ip_address_details"]
+    details.update(asn="n/a", latitude="", longitude=None)
+    _, doc = audit_event(api)
+    assert "as" not in doc["source"] and "location" not in doc["source"]["geo"]
+    assert "asn" not in doc["openai"]["audit"]["actor"]["session"]["ip_address_details"]
+
+
+# -- against the simulator ---------------------------------------------------------------------------
+def _sim_events(sim, start: int, end: int) -> set[str]:
+    """Ids of every audit event with start <= effective_at <= end, from the simulator's own log."""
+    ids = set()
+    h = start // HOUR * HOUR
+    while h <= end:
+        ids.update(e["id"] for e in sim.audit.hour_events(h) if start <= e["effective_at"] <= end)
+        h += HOUR
+    return ids
+
+
+def _collector(sim, state: Path, out: Path, **audit):
+    cfg = _config(sim.base_url, batch_size=3, **audit)
+    store = StateStore(state)
+    output = NdjsonFileOutput(out)
+    client = AdminApiClient(sim.base_url, ADMIN_KEY, max_retries=1, backoff_base=0.001, backoff_cap=0.01)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=sim.now)
+    return col, store, output, client
+
+
+def test_a_day_of_many_pages_with_an_error_and_a_restart_is_stored_exactly_once(simulator, tmp_path):
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    # the 9th page of the first day fails twice in a row: more than the one retry allowed
+    simulator.add_fault(FaultRule(kind="500", path="/v1/organization/audit_logs", skip=8, count=2))
+    with pytest.raises(RetriesExhaustedError):
+        col.poll(T0)
+    for c in (output, store, client):
+        c.close()
+
+    # restart: a new process on the same state directory, a little later, then steady polling
+    now = T0 + 120
+    simulator.set_time(now)
+    col, store, output, client = _collector(simulator, state, out)
+    stats = col.poll(now)
+    assert stats.pages > 10, "a day at batch_size 3 takes many pages"
+    for _ in range(6):
+        now += 300
+        simulator.set_time(now)
+        col.poll(now)
+    for c in (output, store, client):
+        c.close()
+
+    lines = read_ndjson(out)
+    ids = [d["_id"] for d in lines]
+    assert len(ids) == len(set(ids)), "an audit event was emitted twice"
+    want = _sim_events(simulator, int(T0 - DAY), int(now))
+    assert len(want) > 50
+    assert set(ids) == want
+    for d in lines[:50]:
+        body = {k: v for k, v in d.items() if k != "_id"}
+        assert undeclared_fields(body) == [], undeclared_fields(body)
+        assert d["event"]["id"] == d["_id"] == d["openai"]["audit"]["id"]
+
+
+def test_overlap_catches_late_events_without_doubling(simulator, tmp_path):
+    """An event OpenAI records late (effective_at just before the mark) is still collected once."""
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out, initial_interval="2h")
+    col.poll(T0)
+    hwm = int(store.get(KV_HWM))
+    late = {"id": "audit_log-late", "object": "organization.audit_log", "type": "logout.succeeded",
+            "effective_at": hwm - 30, "actor": {"type": "session", "session": {"user": {"id": "u", "email": "a@b.c"}}}}
+    real = col.client.get_json
+
+    def with_late(path, params):
+        body = real(path, params)
+        if params["effective_at[gte]"] <= late["effective_at"] <= params["effective_at[lte]"]:
+            body = dict(body, data=[late] + body["data"])
+        return body
+
+    col.client.get_json = with_late
+    simulator.set_time(T0 + 300)
+    col.poll(T0 + 300)
+    simulator.set_time(T0 + 600)
+    col.poll(T0 + 600)
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    assert ids.count("audit_log-late") == 1
+    assert len(ids) == len(set(ids))
+    for c in (store, client):
+        c.close()
+
+
+def test_forbidden_is_reported_once_and_the_stream_stays_quiet(tmp_path, caplog):
+    from agent_input.simulator import Simulator
+
+    sim = Simulator(seed=7, org="small", now=T0, admin_key=ADMIN_KEY, audit_logs_enabled=False)
+    sim.base_url = sim.start()
+    try:
+        col, store, output, client = _collector(sim, tmp_path / "state", tmp_path / "audit.ndjson")
+        with caplog.at_level(logging.INFO, logger="agent_input.audit"):
+            first = col.poll(T0)
+            later = [col.poll(T0 + i * 300) for i in range(1, 5)]
+        assert first.requests == 0 and first.errors == [] and first.events == 0
+        assert all(s.requests == 0 and not s.errors for s in later)
+        assert sim.stats()["by_status"].get(403) == 1 or sim.stats()["by_status"].get("403") == 1
+        reports = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(reports) == 1
+        msg = reports[0].getMessage()
+        assert "enable audit logging" in msg and "Owner" in msg
+        assert "audit logging" in col.forbidden
+        assert store.get(KV_HWM) is None  # nothing moved
+        # once enabled (and the back-off over), collection starts
+        sim.audit_logs_enabled = True
+        stats = col.poll(T0 + 7 * HOUR)
+        assert stats.events > 0 and col.forbidden is None
+        for c in (output, store, client):
+            c.close()
+    finally:
+        sim.stop()

@@ -1,0 +1,261 @@
+"""Costs, the two search-call streams and id-to-name enrichment.
+
+Golden tests map the reference spec's example results; against the simulator, costs converge to its
+final amounts through revisions over three simulated days, and names come from the projects, users
+and project API keys endpoints without ever costing a document when a lookup fails."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from agent_input.config import config_from_dict
+from agent_input.ecs import usage_event
+from agent_input.engine import Delivery, UsageCollector
+from agent_input.http_client import AdminApiClient
+from agent_input.names import NameCache
+from agent_input.outputs import NdjsonFileOutput
+from agent_input.state import StateStore
+from agent_input.streams import COSTS, STREAMS_BY_NAME
+from kibana_assets.fields import undeclared_fields
+
+from conftest import ADMIN_KEY, T0, dedupe, read_ndjson
+
+DAY = 86400
+START = 1730419200  # 2024-11-01, the spec's costs example
+CREATED = "2024-11-05T00:00:00.000Z"
+
+
+def _event(spec, result, counters=None, revision=0, width="1d"):
+    from agent_input.streams import get_field
+
+    counters = counters or {c: get_field(result, c) for c in spec.counters if get_field(result, c) is not None}
+    return usage_event(spec, bucket_start=START, bucket_end=START + DAY, width=width, result=result,
+                       counters=counters, revision=revision, namespace="default", created=CREATED)
+
+
+def _envelope(dataset):
+    return {
+        "@timestamp": "2024-11-01T00:00:00.000Z",
+        "ecs": {"version": "9.3.0"},
+        "data_stream": {"type": "logs", "dataset": dataset, "namespace": "default"},
+        "event": {"kind": "metric", "dataset": dataset, "created": CREATED},
+        "tags": ["forwarded", "openai-" + dataset.split(".")[1].replace("_", "-")],
+    }
+
+
+BASE = {"start_time": "2024-11-01T00:00:00.000Z", "end_time": "2024-11-02T00:00:00.000Z"}
+
+
+def test_costs_result():
+    result = {"object": "organization.costs.result", "amount": {"value": 0.06, "currency": "usd"},
+              "line_item": "gpt-4o-mini-2024-07-18, input", "project_id": "proj_abc", "api_key_id": "key_abc",
+              "quantity": 400000.0, "quantity_unit": "tokens"}
+    doc_id, doc = _event(COSTS, result)
+    assert doc == {**_envelope("openai.costs"), "openai": {
+        "base": {**BASE, "usage_object_type": "organization.costs.result", "project_id": "proj_abc",
+                 "api_key_id": "key_abc", "bucket_width": "1d", "revision": 0},
+        "costs": {"line_item": "gpt-4o-mini-2024-07-18, input", "amount": {"currency": "usd", "value": 0.06},
+                  "quantity_unit": "tokens", "quantity": 400000.0},
+    }}
+    assert undeclared_fields(doc) == []
+    # a correction carries only the difference, under the same nesting
+    _, corr = _event(COSTS, result, counters={"amount.value": 0.015}, revision=1)
+    assert corr["openai"]["costs"]["amount"] == {"currency": "usd", "value": 0.015}
+    assert "quantity" not in corr["openai"]["costs"] and corr["openai"]["base"]["revision"] == 1
+    assert COSTS.widths == ("1d",) and COSTS.max_limit == {"1d": 180}
+
+
+def test_costs_ungrouped_result_with_nulls():
+    """The spec's own example: no grouping, every dimension and the quantity null."""
+    result = {"object": "organization.costs.result", "amount": {"value": 0.06, "currency": "usd"},
+              "line_item": None, "project_id": None, "api_key_id": None, "quantity": None, "quantity_unit": None}
+    _, doc = _event(COSTS, result)
+    assert doc["openai"]["costs"] == {"amount": {"currency": "usd", "value": 0.06}}
+    assert set(doc["openai"]["base"]) == {"start_time", "end_time", "usage_object_type", "bucket_width", "revision"}
+
+
+def test_file_search_result():
+    spec = STREAMS_BY_NAME["file_search_calls"]
+    result = {"object": "organization.usage.file_searches.result", "num_requests": 2, "project_id": "proj_abc",
+              "user_id": "user-abc", "api_key_id": "key_abc", "vector_store_id": "vs_abc"}
+    _, doc = _event(spec, result)
+    assert doc == {**_envelope("openai.file_search_calls"), "openai": {
+        "base": {**BASE, "usage_object_type": "organization.usage.file_searches.result", "project_id": "proj_abc",
+                 "user_id": "user-abc", "api_key_id": "key_abc", "bucket_width": "1d", "revision": 0},
+        "file_search_calls": {"vector_store_id": "vs_abc", "num_requests": 2},
+    }}
+    assert undeclared_fields(doc) == []
+    assert spec.object_type == result["object"]
+
+
+def test_web_search_result():
+    spec = STREAMS_BY_NAME["web_search_calls"]
+    result = {"object": "organization.usage.web_searches.result", "num_model_requests": 2, "num_requests": 2,
+              "project_id": "proj_abc", "user_id": "user-abc", "api_key_id": "key_abc",
+              "model": "gpt-4o-mini-2024-07-18", "context_level": "medium"}
+    _, doc = _event(spec, result)
+    assert doc == {**_envelope("openai.web_search_calls"), "openai": {
+        "base": {**BASE, "usage_object_type": "organization.usage.web_searches.result", "project_id": "proj_abc",
+                 "user_id": "user-abc", "api_key_id": "key_abc", "model": "gpt-4o-mini-2024-07-18",
+                 "num_model_requests": 2, "bucket_width": "1d", "revision": 0},
+        "web_search_calls": {"context_level": "medium", "num_requests": 2},
+    }}
+    assert undeclared_fields(doc) == []
+    assert spec.object_type == result["object"]
+
+
+class _Scripted:
+    """A client that answers each request with the next scripted body."""
+
+    def __init__(self, bodies):
+        self.bodies = list(bodies)
+
+    def get_json(self, path, params):
+        return self.bodies.pop(0)
+
+
+def test_a_vanished_cost_group_is_corrected_to_zero_with_the_costs_object(tmp_path):
+    cfg = config_from_dict({"url": "http://127.0.0.1:1", "api_key": ADMIN_KEY,
+                            "data_streams": {"costs": {"initial_interval": "2d"}}}, env={})
+    now = START + 2 * DAY + 3600
+    row = {"object": "organization.costs.result", "amount": {"value": 1.1, "currency": "usd"},
+           "line_item": "x", "project_id": "p", "api_key_id": "k", "quantity": 3.0, "quantity_unit": "tokens"}
+
+    def page(results_by_day):
+        return {"object": "page", "has_more": False, "next_page": None, "data": [
+            {"object": "bucket", "start_time": START + i * DAY, "end_time": START + (i + 1) * DAY, "results": r}
+            for i, r in enumerate(results_by_day)]}
+
+    store = StateStore(tmp_path / "s")
+    out = tmp_path / "c.ndjson"
+    output = NdjsonFileOutput(out)
+    col = UsageCollector(COSTS, cfg.stream("costs"), _Scripted([page([[row], []]), page([[], []])]),
+                         Delivery(store, output), clock=lambda: now)
+    col.poll(now)
+    stats = col.poll(now + 60)
+    output.close()
+    store.close()
+    assert stats.corrections == 1
+    first, zero = read_ndjson(out)
+    assert zero["openai"]["base"]["usage_object_type"] == "organization.costs.result"
+    assert zero["openai"]["costs"]["amount"]["value"] == -1.1 and zero["openai"]["costs"]["quantity"] == -3.0
+    assert zero["openai"]["base"]["revision"] == 1 and zero["openai"]["costs"]["line_item"] == "x"
+
+
+def test_costs_converge_to_final_amounts_through_revisions(simulator, tmp_path):
+    cfg = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 1,
+                            "data_streams": {"costs": {"initial_interval": "4d"}}}, env={})
+    assert cfg.stream("costs").effective_revision_window == 3 * DAY
+    store = StateStore(tmp_path / "state")
+    out = tmp_path / "costs.ndjson"
+    output = NdjsonFileOutput(out)
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1)
+    col = UsageCollector(COSTS, cfg.stream("costs"), client, Delivery(store, output), clock=simulator.now)
+    now, corrections = T0, 0
+    while now <= T0 + 3 * DAY:
+        simulator.set_time(now)
+        corrections += col.poll(now).corrections
+        now += 6 * 3600
+    final_now = now - 6 * 3600
+    for c in (output, store, client):
+        c.close()
+    docs = dedupe(read_ndjson(out))
+    assert corrections > 0, "costs should have been revised after they were first read"
+    origin = int(T0 - 4 * DAY) // DAY * DAY
+    settled_end = int(final_now - 3 * DAY) // DAY * DAY + DAY  # days that ended >= 2 days ago and were re-read
+    got: dict[tuple, float] = defaultdict(float)
+    for d in docs:
+        base = d["openai"]["base"]
+        start = int(__import__("datetime").datetime.fromisoformat(base["start_time"].replace("Z", "+00:00")).timestamp())
+        if origin <= start < settled_end:
+            key = (base.get("project_id"), d["openai"]["costs"].get("line_item"), base.get("api_key_id"))
+            got[key] += d["openai"]["costs"]["amount"]["value"]
+            assert d["openai"]["costs"]["amount"]["currency"] == "usd" or base["revision"] > 0
+    want = simulator.truth("costs", origin, settled_end, "1d", COSTS.group_by)
+    assert want
+    assert set(got) == set(want)
+    for key, v in want.items():
+        assert math.isclose(got[key], v["amount"], rel_tol=1e-9, abs_tol=1e-6), key
+
+
+# -- names ------------------------------------------------------------------------------------
+def _doc(**base):
+    return {"openai": {"base": dict(base)}}
+
+
+def test_names_from_projects_users_and_api_keys(simulator):
+    org = simulator.org
+    key = next(k for k in org.keys if k.owner_type == "user")
+    cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1), clock=simulator.now)
+    doc = _doc(project_id=key.project_id, user_id=key.owner_id, api_key_id=key.id)
+    cache.enrich(doc)
+    assert doc["openai"]["base"]["project_name"] == org.projects_by_id[key.project_id].name
+    assert doc["openai"]["base"]["user_email"] == org.users_by_id[key.owner_id].email
+    assert doc["openai"]["base"]["api_key_name"] == key.name
+    archived = next(p for p in org.projects if p.archived_at is not None)
+    d2 = _doc(project_id=archived.id, user_id="svc_acct_unknown")
+    cache.enrich(d2)
+    assert d2["openai"]["base"] == {"project_id": archived.id, "user_id": "svc_acct_unknown",
+                                    "project_name": archived.name}
+    # cached: no request until the refresh interval has passed
+    before = simulator.stats()["requests"]
+    for _ in range(20):
+        cache.enrich(_doc(project_id=key.project_id))
+    assert simulator.stats()["requests"] == before
+    simulator.advance(3601)
+    cache.enrich(_doc(project_id=key.project_id))
+    assert simulator.stats()["requests"] > before and cache.refreshes == 2
+    cache.close()
+
+
+def test_a_failed_lookup_never_costs_a_document(simulator):
+    from agent_input.simulator import FaultRule
+
+    org = simulator.org
+    key = next(k for k in org.keys if k.owner_type == "user")
+    simulator.add_fault(FaultRule(kind="500", path="/v1/organization/users", count=None))
+    cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    doc = _doc(project_id=key.project_id, user_id=key.owner_id, api_key_id=key.id)
+    cache.enrich(doc)
+    base = doc["openai"]["base"]
+    assert "user_email" not in base
+    assert base["project_name"] == org.projects_by_id[key.project_id].name and base["api_key_name"] == key.name
+    # the whole API down: documents go out as they are
+    simulator.add_fault(FaultRule(kind="reset", count=None))
+    simulator.advance(3 * 3600)
+    d2 = _doc(project_id=key.project_id, user_id=key.owner_id)
+    cache.enrich(d2)
+    assert d2["openai"]["base"]["project_name"] == org.projects_by_id[key.project_id].name  # stale names kept
+    assert "user_email" not in d2["openai"]["base"]
+    cache.close()
+
+
+def test_build_wires_every_stream_and_names(simulator, tmp_path):
+    """What `openai-input demo` runs: every data stream registered, usage and costs carry names."""
+    from agent_input import app
+
+    cfg = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 1,
+                            "data_streams": {n: {"initial_interval": "1h"} for n in
+                                             ("completions", "embeddings", "moderations", "images",
+                                              "audio_speeches", "audio_transcriptions", "file_search_calls",
+                                              "web_search_calls", "code_interpreter_sessions",
+                                              "vector_stores", "audit")}}, env={})
+    out = tmp_path / "all.ndjson"
+    output = NdjsonFileOutput(out)
+    collection = app.build(cfg, state_dir=tmp_path / "state", output=output, clock=simulator.now)
+    try:
+        assert collection.engine.run(once=True) == 0, collection.engine.failed
+    finally:
+        collection.close()
+        output.close()
+    docs = read_ndjson(out)
+    datasets = {d["data_stream"]["dataset"].split(".", 1)[1] for d in docs}
+    assert {"audit", "rate_limits", "costs", "completions"} <= datasets
+    assert {c.name for c in collection.engine.collectors} == set(cfg.streams)
+    usage = [d for d in docs if d["event"]["kind"] == "metric" and "start_time" in d["openai"]["base"]]
+    named = [d for d in usage if d["openai"]["base"].get("project_name")]
+    assert usage and len(named) == len([d for d in usage if d["openai"]["base"].get("project_id")])
+    assert any("api_key_name" in d["openai"]["base"] for d in usage)
+    assert any("user_email" in d["openai"]["base"] for d in usage)
+    for d in docs[:2000]:
+        assert undeclared_fields({k: v for k, v in d.items() if k != "_id"}) == []

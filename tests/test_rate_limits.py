@@ -1,0 +1,175 @@
+"""The rate_limits stream: the seed's example, a multi-page project list with one project failing,
+idempotent cycles, and the status document the stale-limits rule reads."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from agent_input.config import config_from_dict
+from agent_input.ecs import iso_timestamp
+from agent_input.engine import Delivery
+from agent_input.http_client import AdminApiClient, PermissionDeniedError
+from agent_input.outputs import NdjsonFileOutput
+from agent_input.rate_limits import RateLimitsCollector, limit_event, status_event
+from agent_input.state import StateStore
+from kibana_assets.fields import undeclared_fields
+
+from conftest import ADMIN_KEY, T0, read_ndjson
+
+SEED = Path(__file__).parent / "fixtures" / "seed"
+
+
+def _ts(iso: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+
+
+def test_seed_rate_limits_example():
+    seed = json.loads((SEED / "rate_limits.json").read_text())
+    rl = seed["openai"]["rate_limits"]
+    injected = ("project_id", "project_name", "project_status", "collected_at")
+    row = {k: v for k, v in rl.items() if k not in injected}  # what /rate_limits sent
+    project = {"id": rl["project_id"], "object": "organization.project", "name": rl["project_name"],
+               "status": rl["project_status"], "created_at": 1711471533, "archived_at": None}
+    doc_id, doc = limit_event(row, project, collected=_ts(rl["collected_at"]),
+                              namespace=seed["data_stream"]["namespace"])
+    want = copy.deepcopy(seed)
+    for k in ("ingested", "agent_id_status"):
+        want["event"].pop(k)
+    # ours: the join keys the headroom queries use, in the seed's own field table
+    want["openai"]["base"] = {"model": rl["model"], "project_id": rl["project_id"], "project_name": rl["project_name"]}
+    assert doc == want
+    assert undeclared_fields(doc) == []
+    # deterministic: the same cycle gives the same id; another cycle or project another one
+    assert limit_event(row, project, collected=_ts(rl["collected_at"]))[0] == doc_id
+    assert limit_event(row, project, collected=_ts(rl["collected_at"]) + 300)[0] != doc_id
+    assert limit_event(row, dict(project, id="proj_b"), collected=_ts(rl["collected_at"]))[0] != doc_id
+
+
+def test_optional_limit_fields_only_when_present():
+    row = {"object": "project.rate_limit", "id": "rl-ada", "model": "ada", "max_requests_per_1_minute": 600,
+           "max_tokens_per_1_minute": 150000, "max_images_per_1_minute": None}
+    _, doc = limit_event(row, {"id": "p", "name": "P", "status": "active"}, collected=1_700_000_000)
+    assert set(doc["openai"]["rate_limits"]) == {"object", "id", "model", "max_requests_per_1_minute",
+                                                 "max_tokens_per_1_minute", "project_id", "project_name",
+                                                 "project_status", "collected_at"}
+
+
+def test_status_document_fields():
+    _, ok = status_event(collected=1_700_000_000, projects=3, limits=90, failed_projects=1, error=None)
+    assert ok["event"] == {"kind": "event", "action": "rate-limits-collection", "outcome": "success",
+                           "dataset": "openai.rate_limits", "created": "2023-11-14T22:13:20.000Z"}
+    assert ok["openai"]["rate_limits"]["collection"] == {"projects": 3, "limits": 90, "failed_projects": 1}
+    assert "error" not in ok
+    _, bad = status_event(collected=1_700_000_000, projects=0, limits=0, failed_projects=0, error="boom")
+    assert bad["event"]["outcome"] == "failure" and bad["error"] == {"message": "boom"}
+    assert undeclared_fields(ok) == [] and undeclared_fields(bad) == []
+
+
+def _collector(sim, state: Path, out: Path, **stream):
+    cfg = config_from_dict({"url": sim.base_url, "api_key": ADMIN_KEY, "max_retries": 1,
+                            "data_streams": {"rate_limits": stream}}, env={})
+    store = StateStore(state)
+    output = NdjsonFileOutput(out)
+    client = AdminApiClient(sim.base_url, ADMIN_KEY, max_retries=1, backoff_base=0.001, backoff_cap=0.01)
+    col = RateLimitsCollector(cfg, cfg.stream("rate_limits"), client, Delivery(store, output), clock=sim.now)
+    return col, (output, store, client)
+
+
+def test_multi_page_projects_with_one_404_yield_every_other_projects_limits(simulator, tmp_path):
+    from agent_input.simulator import FaultRule
+    from agent_input.simulator.org import rate_limit_rows
+
+    org = simulator.org
+    projects = org.projects  # include_archived: every project
+    assert len(projects) >= 4
+    broken = projects[1]
+    simulator.add_fault(FaultRule(kind="404", path=f"/v1/organization/projects/{broken.id}/rate_limits", count=None))
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out, batch_size=2, include_archived=True)
+    stats = col.poll(T0)
+    for c in closing:
+        c.close()
+    assert stats.requests == 3 + len(projects) - 1, "3 pages of projects, then one per readable project"
+    assert any(broken.id in e for e in stats.errors)
+
+    docs = read_ndjson(out)
+    status = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    limits = [d for d in docs if d["event"]["kind"] == "metric"]
+    assert len(status) == 1
+    assert status[0]["event"]["outcome"] == "success"
+    assert status[0]["openai"]["rate_limits"]["collection"] == {
+        "projects": len(projects) - 1, "limits": len(limits), "failed_projects": 1}
+    for p in projects:
+        got = {d["openai"]["rate_limits"]["id"]: d for d in limits if d["openai"]["rate_limits"]["project_id"] == p.id}
+        if p is broken:
+            assert got == {}
+            continue
+        want = {r["id"]: r for r in rate_limit_rows(org, p)}
+        assert set(got) == set(want), p.id
+        for rid, d in got.items():
+            rl = d["openai"]["rate_limits"]
+            assert {k: rl[k] for k in want[rid]} == want[rid]
+            assert rl["project_name"] == p.name and rl["project_status"] == p.status
+            assert d["openai"]["base"] == {"model": want[rid]["model"], "project_id": p.id, "project_name": p.name}
+            assert d["@timestamp"] == iso_timestamp(T0) == d["event"]["created"]
+            assert rl["collected_at"] == iso_timestamp(T0).replace(".000Z", "Z")
+    assert len({d["_id"] for d in docs}) == len(docs)
+
+
+def test_same_cycle_is_idempotent_and_archived_projects_are_opt_in(simulator, tmp_path):
+    out1, out2 = tmp_path / "a.ndjson", tmp_path / "b.ndjson"
+    col, closing = _collector(simulator, tmp_path / "s1", out1)
+    col.poll(T0)
+    assert col.poll(T0).events == 0  # the same cycle again on the same state: already stored
+    for c in closing:
+        c.close()
+    col, closing = _collector(simulator, tmp_path / "s2", out2)
+    col.poll(T0)
+    for c in closing:
+        c.close()
+    assert out1.read_bytes() == out2.read_bytes()  # same ids, same bytes
+    active = {p.id for p in simulator.org.projects if p.archived_at is None}
+    got = {d["openai"]["rate_limits"]["project_id"] for d in read_ndjson(out1) if d["event"]["kind"] == "metric"}
+    assert got == active
+
+
+def test_project_list_failure_is_a_failure_status_document(simulator, tmp_path):
+    from agent_input.simulator import FaultRule
+
+    simulator.add_fault(FaultRule(kind="500", path="/v1/organization/projects", count=5))
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out)
+    stats = col.poll(T0)
+    assert stats.errors and "cannot list projects" in stats.errors[-1]
+    simulator.clear_faults()
+    simulator.set_time(T0 + 300)
+    col.poll(T0 + 300)
+    for c in closing:
+        c.close()
+    status = [d for d in read_ndjson(out) if d["event"].get("action") == "rate-limits-collection"]
+    assert [s["event"]["outcome"] for s in status] == ["failure", "success"]
+    assert "cannot list projects" in status[0]["error"]["message"]
+    assert status[0]["openai"]["rate_limits"]["collection"] == {"projects": 0, "limits": 0, "failed_projects": 0}
+
+
+def test_missing_scope_writes_a_failure_and_stops_the_stream(tmp_path):
+    from agent_input.simulator import Simulator
+
+    sim = Simulator(seed=7, org="small", now=T0, admin_key="sk-admin-other", restricted_key=ADMIN_KEY)
+    sim.base_url = sim.start()
+    try:
+        out = tmp_path / "limits.ndjson"
+        col, closing = _collector(sim, tmp_path / "state", out)
+        with pytest.raises(PermissionDeniedError):
+            col.poll(T0)
+        for c in closing:
+            c.close()
+        (status,) = read_ndjson(out)
+        assert status["event"]["outcome"] == "failure"
+    finally:
+        sim.stop()
