@@ -149,6 +149,8 @@ class UsageModel:
         self._caches: dict[str, OrderedDict] = {s: OrderedDict() for s in list(STREAMS) + ["costs"]}
         self._locks = {s: threading.Lock() for s in self._caches}
         self._pools: dict[str, tuple[list, list]] = {}
+        self._agg_cache: OrderedDict = OrderedDict()
+        self._agg_lock = threading.Lock()
         # Traffic scale: the number of keys sets how many groups are active (≈ n_keys/80 per stream rate).
         self._scale = max(1.0, len(org.active_keys) / 20.0) * org.spec.traffic
         self._build_pools()
@@ -320,26 +322,7 @@ class UsageModel:
     def _components(self, stream: str, m, rng: random.Random, busy: bool) -> list:
         rnd = rng.random
         if stream == "completions":
-            n = 1 + int(rng.expovariate(0.25 if not busy else 0.08))
-            total_in = int(n * m.avg_in * (0.3 + 1.4 * rnd()))
-            c = rnd() * 0.6 if rnd() < 0.7 else 0.0
-            w = rnd() * 0.08 if rnd() < 0.3 else 0.0
-            a = (0.3 + 0.5 * rnd()) if m.audio else 0.0
-            i = (rnd() * 0.3) if (m.vision and rnd() < 0.25) else 0.0
-            cached = int(total_in * c)
-            cw = int(total_in * w)
-            unc = total_in - cached - cw
-            ia = int(unc * a)
-            ii = int(unc * i * (1 - a))
-            it = unc - ia - ii
-            ca = int(cached * a)
-            ci = int(cached * i * (1 - a))
-            ct = cached - ca - ci
-            out = int(n * m.avg_out * (0.3 + 1.4 * rnd()))
-            oa = int(out * (0.4 + 0.4 * rnd())) if m.audio else 0
-            oi = int(out * 0.5 * rnd()) if (m.vision and rnd() < 0.03) else 0
-            ot = out - oa - oi
-            return [it, ia, ii, ct, ca, ci, cw, ot, oa, oi, n]
+            return _completion_comps(m, rnd, 4.0 if not busy else 12.5)
         if stream in ("embeddings", "moderations"):
             n = 1 + int(rng.expovariate(0.3 if not busy else 0.1))
             return [int(n * m.avg_in * (0.3 + 1.4 * rnd())) + n, n]
@@ -380,6 +363,17 @@ class UsageModel:
         """Aggregated components per group key for the bucket [start, start+width) as seen at `now`
         (or final values). Groups whose visible components are all zero are left out."""
         sd = STREAMS[stream]
+        settled = final or now >= start + width + MAX_SETTLE
+        ckey = None
+        if settled and width > MINUTE:
+            # A settled hour/day bucket never changes again: keep its aggregate.
+            ckey = (stream, start, width, group_by, tuple(sorted((k, frozenset(v)) for k, v in filters.items())))
+            with self._agg_lock:
+                hit = self._agg_cache.get(ckey)
+                if hit is not None:
+                    self._agg_cache.move_to_end(ckey)
+                    return {k: list(v) for k, v in hit.items()}
+        final = settled
         idx = [sd.dims.index(g) for g in group_by]
         if not idx:
             keyf = lambda d: ()  # noqa: E731
@@ -417,22 +411,31 @@ class UsageModel:
                     cur = acc.get(key)
                     if cur is None or v[0] > cur[0]:
                         acc[key] = v
+        if ckey is not None:
+            with self._agg_lock:
+                self._agg_cache[ckey] = {k: tuple(v) for k, v in acc.items()}
+                while len(self._agg_cache) > 256:
+                    self._agg_cache.popitem(last=False)
         return acc
 
     def results(self, stream: str, groups: dict[tuple, list], group_by: tuple[str, ...]) -> list[dict]:
+        """Result objects, in a deterministic order (the order groups first appear in the bucket)."""
         sd = STREAMS[stream]
         derive = sd.derive
-        counters = sd.counters
-        null_dims = {d: None for d in sd.dims}
+        fields = ("object",) + sd.counters + sd.dims
+        obj = (sd.object,)
+        pos = {g: i for i, g in enumerate(group_by)}
+        src = [pos.get(d, -1) for d in sd.dims]
+        if src == list(range(len(sd.dims))):
+            dimvals = lambda key: key  # noqa: E731 - grouped by every dimension, in order
+        else:
+            def dimvals(key, src=src):
+                return tuple([key[j] if j >= 0 else None for j in src])
         out = []
-        for key in sorted(groups, key=_sort_key):
-            comps = groups[key]
-            vals = derive(tuple(comps)) if derive else comps
-            r = {"object": sd.object}
-            r.update(zip(counters, vals))
-            r.update(null_dims)
-            r.update(zip(group_by, key))
-            out.append(r)
+        append = out.append
+        for key, comps in groups.items():
+            vals = derive(comps) if derive else comps
+            append(dict(zip(fields, (*obj, *vals, *dimvals(key)))))
         return out
 
     # ------------------------------------------------------------------------------ costs
@@ -552,6 +555,33 @@ class UsageModel:
             r.update(zip(group_by, key))
             out.append(r)
         return out
+
+
+def _completion_comps(m, rnd, mean_requests: float) -> list:
+    """Final components of one (key, model, batch, tier) pick: input/output split by modality."""
+    n = 1 + int(-mean_requests * math.log(1.0 - rnd()))
+    total_in = int(n * m.avg_in * (0.3 + 1.4 * rnd()))
+    out = int(n * m.avg_out * (0.3 + 1.4 * rnd()))
+    r = rnd()
+    cached = int(total_in * r * 0.857) if r < 0.7 else 0  # ~70% of picks hit the cache
+    r = rnd()
+    cw = int(total_in * r * 0.266) if r < 0.3 else 0
+    unc = total_in - cached - cw
+    if m.audio:
+        a = 0.3 + 0.5 * rnd()
+        ia, ca, oa = int(unc * a), int(cached * a), int(out * (0.4 + 0.4 * rnd()))
+    else:
+        a = 0.0
+        ia = ca = oa = 0
+    ii = ci = oi = 0
+    if m.vision:
+        r = rnd()
+        if r < 0.25:
+            i = r * 1.2 * (1 - a)
+            ii, ci = int(unc * i), int(cached * i)
+        if r > 0.97:
+            oi = int(out * 0.5 * rnd())
+    return [unc - ia - ii, ia, ii, cached - ca - ci, ca, ci, cw, out - oa - oi, oa, oi, n]
 
 
 def _add(merged: dict, units: dict, dims: tuple, amount: int, qty: int, unit: str) -> None:
