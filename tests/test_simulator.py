@@ -393,7 +393,7 @@ def test_revisions_are_monotone_and_reach_truth_within_two_hours(stream):
                 changed_late += 1
         prev = cur
     # at end + 2h every minute is final: it equals truth
-    truth = sim.truth(stream, start, end, "1m", ("_minute",) if False else ())
+    truth = sim.truth(stream, start, end, "1m", ())
     final_total = {c: sum(v[c] for v in prev.values()) for c in STREAMS[stream].counters}
     assert final_total == truth[()]
     later = _minute_groups(sim, stream, start, end, gb, NOW + MAX_SETTLE + 3600)
@@ -518,9 +518,17 @@ def test_vector_stores_is_a_level(http, sim):
                                                   "group_by": "project_id"}).json()["data"][0]["results"]
     mins = get(http, sim, "usage/vector_stores", {"start_time": h0, "bucket_width": "1m", "limit": 60,
                                                   "group_by": "project_id"}).json()["data"]
+    assert hour
     for r in hour:
         levels = [x["usage_bytes"] for b in mins for x in b["results"] if x["project_id"] == r["project_id"]]
         assert r["usage_bytes"] == max(levels)
+    # the minute in progress shows the whole level, not a partial one
+    sim.set_time(NOW + 1)
+    try:
+        cur = get(http, sim, "usage/vector_stores", {"start_time": int(NOW), "bucket_width": "1m"}).json()["data"]
+        assert cur[0]["results"][0]["usage_bytes"] == sim.truth("vector_stores", int(NOW), int(NOW) + 60)[()]["usage_bytes"]
+    finally:
+        sim.set_time(NOW)
 
 
 # ------------------------------------------------------------------------------------ auth

@@ -386,14 +386,15 @@ class UsageModel:
         acc: dict[tuple, list] = {}
         last = start + width if final else min(start + width, int(now // MINUTE * MINUTE) + MINUTE)
         ncomp = len(sd.components)
+        level = sd.level
         for minute in range(start, last, MINUTE):
             e = now - minute
             macc = {} if sd.level else acc
             for dims, fin, p_end, settle in self.minute_rows(stream, minute):
                 if match is not None and not match(dims):
                     continue
-                if final or e >= MINUTE + settle:
-                    vis = fin
+                if final or level or e >= MINUTE + settle:
+                    vis = fin  # a storage level is shown whole from the minute's start
                 else:
                     f = frac(e, p_end, settle)
                     vis = [int(x * f) for x in fin]
