@@ -173,6 +173,17 @@ class UsageModel:
                 cum.append(acc)
             return vals, cum
 
+        def some_keys(share: float, eligible=None) -> list:
+            """Keys using a stream: each with probability `share`, but at least three (the busiest)."""
+            cand = [k for k in keys if eligible is None or eligible(k)]
+            chosen = [k for k in cand if rng.random() < share]
+            for k in cand:  # keys are in descending weight order
+                if len(chosen) >= min(3, len(cand)):
+                    break
+                if k not in chosen:
+                    chosen.append(k)
+            return chosen
+
         def pick_models(models, n):
             if not models:
                 return []
@@ -202,17 +213,13 @@ class UsageModel:
         for stream in ("embeddings", "moderations", "audio_speeches", "audio_transcriptions"):
             entries = []
             share = {"embeddings": 0.5, "moderations": 0.4, "audio_speeches": 0.15, "audio_transcriptions": 0.15}[stream]
-            for k in keys:
-                if rng.random() > share:
-                    continue
+            for k in some_keys(share):
                 for m in pick_models(ms.get(stream, []), 1 + (rng.random() < 0.3)):
                     entries.append(((self._key_dims(k) + (m.name,), m), k.weight))
             self._pools[stream] = pool(entries)
 
         entries = []
-        for k in keys:
-            if rng.random() > 0.2:
-                continue
+        for k in some_keys(0.2):
             for m in pick_models(ms.get("images", []), 1 + (rng.random() < 0.3)):
                 if m.name == "dall-e-2":
                     combos = [(s, src) for s in ("256x256", "512x512", "1024x1024") for src in IMAGE_SOURCES]
@@ -228,20 +235,21 @@ class UsageModel:
         for k in keys:
             proj_weight[k.project_id] = proj_weight.get(k.project_id, 0.0) + k.weight
         entries = [(((pid,), None), w) for pid, w in proj_weight.items() if rng.random() < 0.7]
+        if not entries and proj_weight:
+            pid = max(proj_weight, key=proj_weight.get)
+            entries = [(((pid,), None), proj_weight[pid])]
         self._pools["code_interpreter_sessions"] = pool(entries)
 
         entries = []
-        for k in keys:
+        for k in some_keys(0.4, lambda k: bool(org.projects_by_id[k.project_id].vector_stores)):
             p = org.projects_by_id[k.project_id]
-            if p.vector_stores and rng.random() < 0.4:
+            if p.vector_stores:
                 for vs in rng.sample(p.vector_stores, min(2, len(p.vector_stores))):
                     entries.append(((self._key_dims(k) + (vs,), None), k.weight))
         self._pools["file_search_calls"] = pool(entries)
 
         entries = []
-        for k in keys:
-            if rng.random() > 0.3:
-                continue
+        for k in some_keys(0.3):
             for m in pick_models(ms.get("completions", []), 1):
                 lvl = CONTEXT_LEVELS[rng.randrange(3)]
                 entries.append(((self._key_dims(k) + (m.name, lvl), m), k.weight))
