@@ -54,6 +54,14 @@ Auth
     ``audit_logs_enabled=False`` (or ``POST /_sim/config``) makes audit_logs answer 403 "Audit logging is
     not enabled for this organization".
 
+Faults
+    ``sim.add_fault(FaultRule(kind, path="usage/completions", count=1, skip=0, probability=None,
+    retry_after=1, delay=1.0, message=None))``; kinds: "429" (Retry-After >= 1), "500", "502", "503",
+    "401", "403" (on audit_logs: "audit logging is not enabled"), "404", "reset" (connection dropped with
+    an RST), "slow" (sleep ``delay`` s, then answer), "malformed_json" (200, truncated body),
+    "invalid_results" (200, JSON violating the spec). ``path`` is a prefix (``/v1/organization`` may be
+    left out) or a glob (``*/projects/proj_x/rate_limits``). ``latency`` adds seconds to every API request.
+
 Control interface (no auth)
     ``GET/POST /_sim/clock`` ({"now": ts} or {"advance": s}), ``GET/POST /_sim/faults`` (a JSON list of
     FaultRule fields replaces the rules; [] clears), ``GET /_sim/truth?stream=&start=&end=&bucket_width=
