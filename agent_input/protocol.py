@@ -1,0 +1,424 @@
+"""`openai-input run`: the agent protocol, NDJSON control messages on stdin, events on stdout.
+
+The specification is docs/protocol.md; this module is its implementation:
+
+- `ProtocolWriter` owns the real stdout (fd 1 is re-pointed at stderr at start-up, so nothing but
+  protocol messages can ever reach the supervisor's pipe) and writes one JSON object per line.
+- `ProtocolOutput` is the engine's `Output`: each outbox batch becomes `event` messages numbered
+  with a protocol batch id; the outbox entry is confirmed when an `ack` for that id arrives (or,
+  with `--ack-on-flush`, as soon as the lines are written and flushed). At most `max_inflight`
+  batches wait for acks; after that the collectors block (backpressure), their pages stay on disk.
+- `Runner` reads stdin on its own thread, validates `config` messages with
+  `config.config_from_dict`, (re)builds the engine through `app.build` (the old engine first
+  finishes its in-flight page), turns engine status into `status` messages, and stops gracefully
+  on `stop`, end of stdin, SIGTERM or SIGINT.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .outputs import Ack, OutputError
+
+log = logging.getLogger("agent_input.protocol")
+
+PROTOCOL_VERSION = 1
+STREAM_STATES = ("starting", "healthy", "degraded", "failed")
+INPUT_STATES = ("configuring", "healthy", "degraded", "failed", "stopping", "stopped")
+
+
+class StdoutClosed(OutputError):
+    """The supervisor closed our stdout: nobody can receive events any more."""
+
+
+class ProtocolWriter:
+    """Writes protocol messages, one JSON object per line, to a private duplicate of stdout."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._lock = threading.Lock()
+        self.closed = threading.Event()
+
+    @classmethod
+    def take_stdout(cls) -> "ProtocolWriter":
+        """Keep fd 1 for ourselves and point fd 1 (and sys.stdout) at stderr, so a stray print from
+        any library can only end up in the logs, never in the supervisor's event stream."""
+        import sys
+
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        private = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        return cls(private)
+
+    def write(self, *messages: Mapping[str, Any]) -> None:
+        data = b"".join(
+            json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for m in messages
+        )
+        self.write_bytes(data)
+
+    def write_bytes(self, data: bytes) -> None:
+        with self._lock:
+            if self.closed.is_set():
+                raise StdoutClosed("stdout is closed")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
+                    self.closed.set()
+                    raise StdoutClosed("stdout was closed by the reader") from None
+                raise OutputError(f"cannot write to stdout: {exc.strerror}") from None
+
+    def status(self, scope: str, status: str, message: str = "", **extra: Any) -> None:
+        """A status message; never raises (a closed stdout is noticed by the run loop)."""
+        from .logs import redact
+
+        msg: dict[str, Any] = {"type": "status", "scope": scope, "status": status}
+        msg.update(extra)
+        msg["message"] = redact(message)
+        try:
+            self.write(msg)
+        except OutputError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.closed.set()
+
+
+@dataclass
+class _Inflight:
+    batch: int
+    key: bytes
+    callbacks: list[Ack] = field(default_factory=list)
+
+
+class ProtocolOutput:
+    """The engine's `Output` in protocol mode (see the module doc)."""
+
+    def __init__(self, writer: ProtocolWriter, *, ack_on_flush: bool = False, max_inflight: int = 32,
+                 namespace: str = "default"):
+        self.writer = writer
+        self.ack_on_flush = ack_on_flush
+        self.max_inflight = max(1, max_inflight)
+        self.namespace = namespace
+        self._cond = threading.Condition()
+        self._inflight: dict[int, _Inflight] = {}
+        self._by_key: dict[bytes, int] = {}
+        self._next = 1
+        self._interrupted = False
+        self.events = 0
+        self.acked_batches = 0
+
+    # -- Output ----------------------------------------------------------------------------------
+    def send(self, stream: str, payload: bytes, events: int, on_ack: Ack) -> None:
+        key = hashlib.sha256(payload).digest()
+        with self._cond:
+            existing = self._by_key.get(key)
+            if existing is not None:  # a replay of a batch the supervisor has not acked yet
+                self._inflight[existing].callbacks.append(on_ack)
+                return
+            while len(self._inflight) >= self.max_inflight and not self._interrupted:
+                self._cond.wait(0.5)
+            if self._interrupted:
+                return  # not sent, not acked: it stays in the outbox for the next engine
+            batch = self._next
+            self._next += 1
+            self._inflight[batch] = _Inflight(batch, key, [on_ack])
+            self._by_key[key] = batch
+        try:
+            self.writer.write_bytes(self._encode(batch, stream, payload))
+        except OutputError:
+            with self._cond:
+                self._forget(batch)
+            raise
+        with self._cond:
+            self.events += events
+        if self.ack_on_flush:
+            self.ack(batch)
+
+    def close(self) -> None:
+        pass
+
+    # -- acknowledgements ------------------------------------------------------------------------
+    def ack(self, batch: int) -> bool:
+        """Confirm a batch: its outbox entries are deleted. False when the id is not in flight."""
+        with self._cond:
+            entry = self._forget(batch)
+        if entry is None:
+            return False
+        for cb in entry.callbacks:
+            cb()
+        with self._cond:
+            self.acked_batches += 1
+        return True
+
+    def _forget(self, batch: int) -> _Inflight | None:
+        entry = self._inflight.pop(batch, None)
+        if entry is not None:
+            self._by_key.pop(entry.key, None)
+            self._cond.notify_all()
+        return entry
+
+    def inflight(self) -> int:
+        with self._cond:
+            return len(self._inflight)
+
+    def wait_drained(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.writer.closed.is_set():
+                    return False
+                self._cond.wait(min(left, 0.2))
+        return True
+
+    def interrupt(self) -> None:
+        """Wake senders blocked on backpressure: they return without sending (engine stopping)."""
+        with self._cond:
+            self._interrupted = True
+            self._cond.notify_all()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._interrupted = False
+
+    def _encode(self, batch: int, stream: str, payload: bytes) -> bytes:
+        lines = [line for line in payload.splitlines() if line.strip()]
+        out = []
+        for seq, line in enumerate(lines):
+            doc = json.loads(line)
+            doc_id = doc.pop("_id", None)
+            ds = doc.get("data_stream") if isinstance(doc.get("data_stream"), dict) else {}
+            dataset = ds.get("dataset") or f"openai.{stream}"
+            namespace = ds.get("namespace") or self.namespace
+            msg = {
+                "type": "event",
+                "batch": batch,
+                "seq": seq,
+                "batch_size": len(lines),
+                "stream": stream,
+                "dataset": dataset,
+                "index": f"{ds.get('type') or 'logs'}-{dataset}-{namespace}",
+                "id": doc_id,
+                "document": doc,
+            }
+            out.append(json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+        return b"".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+class Runner:
+    """The `run` loop: control messages in, engine (re)configuration, graceful stop."""
+
+    def __init__(
+        self,
+        writer: ProtocolWriter,
+        *,
+        state_dir: str,
+        clock: Callable[[], float] = time.time,
+        ack_on_flush: bool = False,
+        ack_timeout: float = 10.0,
+        max_inflight: int = 32,
+        stdin=None,
+        env: Mapping[str, str] = os.environ,
+    ):
+        import sys
+
+        self.writer = writer
+        self.state_dir = state_dir
+        self.clock = clock
+        self.ack_timeout = ack_timeout
+        self.env = env
+        self.stdin = stdin if stdin is not None else sys.stdin.buffer
+        self.output = ProtocolOutput(writer, ack_on_flush=ack_on_flush, max_inflight=max_inflight)
+        self.control: queue.Queue = queue.Queue()
+        self.collection = None
+        self.engine_thread: threading.Thread | None = None
+        self.engine_stop: threading.Event | None = None
+        self.revision = 0
+        self.config_id: Any = None
+
+    # -- stdin -----------------------------------------------------------------------------------
+    def _read_stdin(self) -> None:
+        n = 0
+        try:
+            for raw in self.stdin:
+                n += 1
+                self._dispatch(raw, n)
+        except (OSError, ValueError) as exc:
+            log.error("cannot read stdin: %s", exc)
+        self.control.put(("eof", None))
+
+    def _dispatch(self, raw: bytes, n: int) -> None:
+        line = raw.strip()
+        if not line:
+            return
+        try:
+            msg = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.warning("input line %d is not JSON, skipped: %s", n, str(exc)[:200])
+            return
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            log.warning("input line %d is not a message object with a \"type\", skipped", n)
+            return
+        kind = msg["type"]
+        if kind == "ack":
+            self._ack(msg, n)
+        elif kind in ("config", "stop"):
+            self.control.put((kind, msg))
+        else:
+            log.warning("input line %d has unknown message type %r, skipped (known: config, ack, stop)",
+                        n, kind[:40])
+
+    def _ack(self, msg: dict, n: int) -> None:
+        batches = msg.get("batches") if "batches" in msg else [msg.get("batch")]
+        if not isinstance(batches, list) or not batches:
+            log.warning("input line %d: ack needs \"batch\" (an integer) or \"batches\" (a list), skipped", n)
+            return
+        for b in batches:
+            if not isinstance(b, int) or isinstance(b, bool):
+                log.warning("input line %d: ack of %r skipped: batch ids are integers", n, b)
+            elif not self.output.ack(b):
+                log.warning("input line %d: ack of batch %d ignored: not awaiting an ack "
+                            "(already acked, or sent by an earlier process)", n, b)
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _configure(self, msg: dict) -> None:
+        from .config import ConfigError, config_from_dict
+        from .logs import redact, register_secret
+
+        data = msg.get("config")
+        cid = msg.get("id")
+        if isinstance(data, dict) and isinstance(data.get("api_key"), str):
+            register_secret(data["api_key"])  # before any message could echo it
+        try:
+            if not isinstance(data, dict):
+                raise ConfigError("config", "the config message needs a \"config\" object (the config file's settings)")
+            config = config_from_dict(data, env=self.env)
+        except ConfigError as exc:
+            text = redact("; ".join(exc.lines()))
+            log.error("config rejected: %s", text)
+            if self.collection is not None:
+                self.writer.status("input", "degraded",
+                                   f"config rejected, still running revision {self.revision}: {text}",
+                                   config_id=cid, revision=self.revision)
+            else:
+                self.writer.status("input", "failed", f"config rejected, waiting for a valid one: {text}",
+                                   config_id=cid, revision=self.revision)
+            return
+        self.writer.status("input", "configuring", "applying a new config", config_id=cid,
+                           revision=self.revision + 1)
+        self._stop_engine()
+        self.revision += 1
+        self.config_id = cid
+        self.output.namespace = config.namespace
+        self._start_engine(config)
+        names = ", ".join(c.name for c in self.collection.engine.collectors) if self.collection else ""
+        self.writer.status("input", "healthy", f"running revision {self.revision} ({names or 'no streams'})",
+                           config_id=cid, revision=self.revision)
+
+    def _start_engine(self, config) -> None:
+        from . import app
+        from .state import StateError
+
+        stop = threading.Event()
+        self.output.resume()
+        try:
+            collection = app.build(config, state_dir=self.state_dir, output=self.output, stop=stop,
+                                   clock=self.clock, on_status=self._on_status)
+        except (StateError, OutputError) as exc:
+            self.writer.status("input", "failed", str(exc), revision=self.revision)
+            log.error("cannot start: %s", exc)
+            return
+        self.collection, self.engine_stop = collection, stop
+        self.engine_thread = threading.Thread(target=self._run_engine, args=(collection,), name="engine",
+                                              daemon=True)
+        self.engine_thread.start()
+
+    def _run_engine(self, collection) -> None:
+        try:
+            collection.engine.run(once=False)
+        except StdoutClosed:
+            pass
+        except Exception as exc:  # noqa: BLE001 - reported, never a traceback on stdout
+            from .logs import redact
+
+            log.error("engine stopped: %s", redact(str(exc)) or type(exc).__name__)
+            self.writer.status("input", "failed", f"engine stopped: {exc}", revision=self.revision)
+        self.control.put(("engine-ended", collection))
+
+    def _stop_engine(self) -> None:
+        if self.collection is None:
+            return
+        assert self.engine_stop is not None and self.engine_thread is not None
+        self.engine_stop.set()
+        self.output.interrupt()
+        self.engine_thread.join()
+        try:
+            self.collection.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self.collection = None
+        self.engine_thread = None
+
+    def _on_status(self, stream: str, status: str, reason: str) -> None:
+        self.writer.status("stream", status, reason, stream=stream, revision=self.revision)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, stop_signal: threading.Event) -> int:
+        reader = threading.Thread(target=self._read_stdin, name="stdin", daemon=True)
+        reader.start()
+        self.writer.status("input", "starting", f"openai-input protocol {PROTOCOL_VERSION}: waiting for a config",
+                           protocol=PROTOCOL_VERSION)
+        reason = "stop requested"
+        while True:
+            if self.writer.closed.is_set():
+                log.warning("stdout was closed by the reader; stopping")
+                self._stop_engine()
+                return 0
+            if stop_signal.is_set():
+                reason = "signal"
+                break
+            try:
+                kind, msg = self.control.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if kind == "config":
+                self._configure(msg)
+            elif kind == "stop":
+                break
+            elif kind == "eof":
+                reason = "end of stdin"
+                break
+            elif kind == "engine-ended" and msg is self.collection and not self.writer.closed.is_set():
+                failed = self.collection.engine.failed if self.collection else {}
+                self.writer.status("input", "failed",
+                                   "every stream stopped: " + "; ".join(f"{k}: {v}" for k, v in failed.items()),
+                                   revision=self.revision)
+        self.writer.status("input", "stopping", f"{reason}: finishing the page in flight")
+        self._stop_engine()
+        if not self.output.ack_on_flush and self.output.inflight():
+            if not self.output.wait_drained(self.ack_timeout):
+                log.info("%d batches were not acknowledged; they are sent again at the next start",
+                         self.output.inflight())
+        self.writer.status("input", "stopped", "")
+        return 0

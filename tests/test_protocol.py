@@ -1,0 +1,253 @@
+"""Process-level tests of `openai-input run` (docs/protocol.md): the real process, spoken to over
+its stdin/stdout by a test supervisor — configure, receive, acknowledge, reconfigure, kill and
+restart, stop — plus the done-when test: SIGKILL at random points, restart, exactly the truth."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+
+import pytest
+
+from agent_input.state import StateStore
+from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
+
+from conftest import ADMIN_KEY, T0, dedupe, stored_totals, truth_totals
+from protocol_supervisor import Supervisor
+
+HOUR = 3600
+SETTLE = 2 * HOUR
+TWO = ("completions", "embeddings")
+
+
+def _config(url: str, streams=TWO, initial: str = "1h", interval: str = "5m", **top) -> dict:
+    ds = {}
+    for spec in USAGE_STREAMS:
+        ds[spec.name] = ({"initial_interval": initial, "interval": interval} if spec.name in streams
+                         else {"enabled": False})
+    for other in ("audit", "rate_limits", "costs"):
+        ds[other] = {"enabled": False}
+    return {"url": url, "api_key": ADMIN_KEY, "max_retries": 2, "data_streams": ds, **top}
+
+
+def _pending(state) -> int:
+    store = StateStore(state)
+    try:
+        return store.pending_count()
+    finally:
+        store.close()
+
+
+def _assert_clean_streams(sup: Supervisor) -> None:
+    assert not sup.bad_lines, f"non-protocol lines on stdout: {sup.bad_lines[:3]}"
+    for raw in sup.stderr:
+        if raw.strip():
+            json.loads(raw)  # every log line is ECS JSON
+    assert ADMIN_KEY not in sup.stderr_text()
+    assert all(ADMIN_KEY not in json.dumps(m) for m in sup.messages)
+    assert "Traceback" not in sup.stderr_text()
+
+
+def test_configure_receive_acknowledge_stop(simulator, tmp_path):
+    state = tmp_path / "state"
+    sup = Supervisor(state, T0, log_level="INFO")
+    sup.configure(_config(simulator.base_url), cid="policy-1")
+    sup.wait_polled(TWO)
+    events = sup.events()
+    assert events, "no events"
+    for m in events:
+        assert set(m) == {"type", "batch", "seq", "batch_size", "stream", "dataset", "index", "id", "document"}
+        assert m["dataset"] == f"openai.{m['stream']}"
+        assert m["index"] == f"logs-openai.{m['stream']}-default"
+        assert re.fullmatch(r"[0-9a-f]{16,64}", m["id"])
+        assert "_id" not in m["document"]
+        assert m["document"]["data_stream"]["dataset"] == m["dataset"]
+    streams_status = {(m["stream"], m["status"]) for m in sup.statuses("stream")}
+    assert {("completions", "starting"), ("completions", "healthy"), ("embeddings", "healthy")} <= streams_status
+    inputs = [m["status"] for m in sup.statuses("input")]
+    assert inputs[:3] == ["starting", "configuring", "healthy"]
+    assert sup.statuses("input")[2]["config_id"] == "policy-1"
+    assert sup.stop() == 0
+    assert [m["status"] for m in sup.statuses("input")][-2:] == ["stopping", "stopped"]
+    _assert_clean_streams(sup)
+    assert _pending(state) == 0, "every acknowledged batch must have left the outbox"
+    ids = [m["id"] for m in events]
+    assert len(ids) == len(set(ids))
+
+
+def test_bad_config_is_rejected_while_the_old_one_runs_then_reconfigure(simulator, tmp_path):
+    state = tmp_path / "state"
+    sup = Supervisor(state, T0)
+    sup.configure(_config(simulator.base_url, streams=("completions",), interval="1s"))
+    sup.wait_polled(["completions"], revision=1)
+    bad = _config(simulator.base_url, streams=("completions",))
+    bad["data_streams"]["completions"]["bucket_width"] = "2m"
+    bad["namespace"] = "Bad-NS"
+    sup.configure(bad, cid="bad")
+    rejected = sup.wait_for(lambda: [m for m in sup.statuses("input") if m.get("config_id") == "bad"],
+                            what="the rejection")[0]
+    assert rejected["status"] == "degraded"
+    assert "data_streams.completions.bucket_width" in rejected["message"] and "namespace" in rejected["message"]
+    assert "still running revision 1" in rejected["message"]
+    # the old config keeps polling (interval 1s)
+    mark = len(sup.messages)
+    sup.wait_polled(["completions"], revision=1, after=mark)
+    # a good config reconfigures without a restart: new stream, new namespace
+    mark = len(sup.messages)
+    sup.configure(_config(simulator.base_url, streams=TWO, namespace="team"), cid="good")
+    sup.wait_polled(TWO, revision=2, after=mark)
+    later = [m for m in sup.messages[mark:] if m["type"] == "event"]
+    assert {m["index"] for m in later if m["stream"] == "embeddings"} == {"logs-openai.embeddings-team"}
+    assert sup.proc.poll() is None
+    assert sup.stop() == 0
+    _assert_clean_streams(sup)
+
+
+def test_unacknowledged_batches_come_back_identical_after_kill(simulator, tmp_path):
+    state = tmp_path / "state"
+    first = Supervisor(state, T0, ack=False)
+    first.configure(_config(simulator.base_url, streams=("completions",)))
+    first.wait_polled(["completions"])
+    sent = {m["id"]: m["document"] for m in first.events()}
+    first.kill()
+    assert _pending(state) > 0
+    second = Supervisor(state, T0)
+    second.configure(_config(simulator.base_url, streams=("completions",)))
+    second.wait_polled(["completions"])
+    again = {m["id"]: m["document"] for m in second.events()}
+    assert set(sent) <= set(again), "unacknowledged events must be re-emitted"
+    assert all(again[i] == d for i, d in sent.items()), "a re-emitted id must carry the same content"
+    assert second.stop() == 0
+    assert _pending(state) == 0
+
+
+def test_ack_on_flush_counts_writing_as_delivery(simulator, tmp_path):
+    state = tmp_path / "state"
+    sup = Supervisor(state, T0, ack=False, args=["--ack-on-flush"])
+    sup.configure(_config(simulator.base_url, streams=("completions",)))
+    sup.wait_polled(["completions"])
+    assert sup.events()
+    assert sup.stop() == 0
+    assert _pending(state) == 0
+
+
+def test_without_acks_the_outbox_keeps_the_batches(simulator, tmp_path):
+    state = tmp_path / "state"
+    sup = Supervisor(state, T0, ack=False, args=["--ack-timeout", "0.2"])
+    sup.configure(_config(simulator.base_url, streams=("completions",)))
+    sup.wait_polled(["completions"])
+    assert sup.stop() == 0
+    assert _pending(state) == len({m["batch"] for m in sup.events()})
+
+
+def test_malformed_input_lines_are_reported_and_skipped(simulator, tmp_path):
+    sup = Supervisor(tmp_path / "state", T0)
+    for junk in (b"not json", b"[1,2]", b'{"no":"type"}', b'{"type":"dance"}', b'{"type":"ack"}',
+                 b'{"type":"ack","batch":"x"}', b'{"type":"ack","batch":999}', b'{"type":"config"}',
+                 b'{"type":"config","config":[1]}', b"\xff\xfe"):
+        assert sup.send(junk)
+    sup.configure(_config(simulator.base_url, streams=("completions",)))
+    sup.wait_polled(["completions"])
+    assert sup.proc.poll() is None
+    assert sup.stop() == 0
+    err = sup.stderr_text()
+    assert "input line 1 is not JSON" in err and "unknown message type 'dance'" in err
+    assert "ack of batch 999 ignored" in err
+    _assert_clean_streams(sup)
+
+
+def test_stdout_closed_by_the_reader_ends_the_process_cleanly(simulator, tmp_path):
+    sup = Supervisor(tmp_path / "state", T0, ack=False)
+    sup.configure(_config(simulator.base_url, streams=("completions",), interval="1s"))
+    sup.wait_for(lambda: sup.events(), what="a first event")
+    sup.proc.stdout.close()
+    code = sup.proc.wait(timeout=30)
+    assert code == 0
+    sup._err.join(5)
+    assert "Traceback" not in sup.stderr_text()
+    assert "stdout was closed by the reader" in sup.stderr_text()
+
+
+def test_end_of_stdin_and_sigterm_stop_gracefully(simulator, tmp_path):
+    a = Supervisor(tmp_path / "a", T0)
+    a.configure(_config(simulator.base_url, streams=("completions",)))
+    a.wait_polled(["completions"])
+    a.proc.stdin.close()
+    assert a.wait() == 0
+    assert a.statuses("input")[-1]["status"] == "stopped"
+    b = Supervisor(tmp_path / "b", T0)
+    b.configure(_config(simulator.base_url, streams=("completions",)))
+    b.wait_polled(["completions"])
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.wait() == 0
+    assert b.statuses("input")[-1]["status"] == "stopped"
+
+
+def test_failed_stream_is_reported(simulator, tmp_path):
+    sup = Supervisor(tmp_path / "state", T0)
+    cfg = _config(simulator.base_url, streams=("completions",))
+    cfg["api_key"] = "sk-admin-wrong-key-0000000000"
+    sup.configure(cfg)
+    failed = sup.wait_for(lambda: [m for m in sup.statuses("stream") if m["status"] == "failed"],
+                          what="a failed status")[0]
+    assert failed["stream"] == "completions" and failed["message"]
+    assert "sk-admin-wrong-key-0000000000" not in json.dumps(sup.messages) + sup.stderr_text()
+    assert sup.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_with_an_acknowledging_supervisor_gives_truth(simulator, tmp_path):
+    rng = random.Random(5)
+    state = tmp_path / "state"
+    persisted: list[dict] = []
+    streams = [s.name for s in USAGE_STREAMS]
+    cfg = _config(simulator.base_url, streams=streams, initial="1h")
+    now = T0
+    kills = runs = 0
+    while kills < 20 and runs < 40:
+        runs += 1
+        simulator.set_time(now)
+        sup = Supervisor(state, now, persisted=persisted)
+        sup.configure(cfg)
+        try:
+            sup.wait_for(lambda: sup.proc.poll() is not None, timeout=rng.uniform(0.3, 1.5))
+        except AssertionError:
+            pass
+        if sup.proc.poll() is None:
+            sup.proc.send_signal(signal.SIGKILL)
+            kills += 1
+        sup.kill()
+        now += rng.choice((0, 60, 300))
+    assert kills >= 20
+    end_of_test = now + SETTLE + 600
+    while now <= end_of_test:
+        simulator.set_time(now)
+        sup = Supervisor(state, now, persisted=persisted)
+        sup.configure(cfg)
+        sup.wait_polled(streams, timeout=120)
+        assert sup.stop() == 0, sup.stderr_text()[-2000:]
+        now += 900
+    assert _pending(state) == 0
+    docs = dedupe(persisted)
+    settled = int(end_of_test - SETTLE) // 60 * 60
+    store = StateStore(state)
+    wrong = []
+    for spec in USAGE_STREAMS:
+        # The first poll that commits fixes where a stream starts (now - initial_interval); a run
+        # killed before that commit leaves the origin to a later run with a later clock.
+        origin = store.cursor(spec.name, "1m").origin
+        assert T0 - HOUR <= origin <= T0
+        got = stored_totals(docs, spec.name, origin, settled)
+        want = truth_totals(simulator, spec.name, origin, settled)
+        assert want, f"{spec.name}: the simulator produced no usage"
+        if got != want:
+            wrong.append(f"{spec.name}: {_diff(got, want)}")
+    store.close()
+    assert not wrong, wrong
+
+
+def _diff(got: dict, want: dict) -> str:
+    keys = sorted(set(got) | set(want), key=str)
+    bad = [(k, got.get(k), want.get(k)) for k in keys if got.get(k) != want.get(k)]
+    return f"{len(bad)} of {len(keys)} groups differ, e.g. {bad[:1]}"
