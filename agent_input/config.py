@@ -163,6 +163,11 @@ class Config:
     api_key_file: str | None = None
     # Where the key came from: "config" (api_key), "file" (api_key_file) or "env" (OPENAI_ADMIN_KEY).
     api_key_source: str = "config"
+    # The direct Elasticsearch output (collect --output elasticsearch); credentials come from the env.
+    es_url: str | None = None
+    es_cloud_id: str | None = None
+    es_ssl_verify: bool = True
+    es_ssl_ca_file: str | None = None
 
     def enabled_streams(self) -> list[StreamConfig]:
         return [s for s in self.streams.values() if s.enabled]
@@ -277,6 +282,11 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
             errors.append(ConfigError("ssl_ca_file", f"{ca_file!r} is not a readable file (expected a PEM CA bundle)"))
         elif not os.access(ca, os.R_OK):
             errors.append(ConfigError("ssl_ca_file", f"{ca_file!r} is not readable"))
+    if values.get("es_url") is not None:
+        _check_url(values["es_url"], "es_url", ("http", "https"), errors)
+    es_ca = values.get("es_ssl_ca_file")
+    if es_ca is not None and not Path(os.path.expanduser(es_ca)).is_file():
+        errors.append(ConfigError("es_ssl_ca_file", f"{es_ca!r} is not a readable file (expected a PEM CA bundle)"))
     namespace = values["namespace"]
     if namespace is not None:
         _check_namespace(namespace, errors)
@@ -318,6 +328,10 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
         streams=MappingProxyType(streams),
         api_key_file=values["api_key_file"],
         api_key_source=source,
+        es_url=values.get("es_url"),
+        es_cloud_id=values.get("es_cloud_id"),
+        es_ssl_verify=values.get("es_ssl_verify", True),
+        es_ssl_ca_file=os.path.expanduser(es_ca) if es_ca else None,
     )
 
 

@@ -93,7 +93,8 @@ def test_stream_var_sets():
 def test_global_vars_and_defaults():
     g = cfg.global_vars()
     assert list(g) == ["url", "api_key", "api_key_file", "proxy_url", "ssl_verify", "ssl_ca_file", "http_timeout",
-                       "max_retries", "namespace", "preserve_original_event", "names_refresh_interval"]
+                       "max_retries", "namespace", "preserve_original_event", "names_refresh_interval",
+                       "es_url", "es_cloud_id", "es_ssl_verify", "es_ssl_ca_file"]
     assert g["url"]["default"] == "https://api.openai.com"
     assert g["api_key"]["type"] == "password" and g["api_key"]["secret"] is True
     assert g["http_timeout"]["default"] == "30s"

@@ -1,0 +1,372 @@
+"""Direct delivery to Elasticsearch: `create` operations with the deterministic `_id`.
+
+For users without Elastic Agent (`openai-input collect --output elasticsearch`). Each outbox batch
+becomes `create` operations into `logs-<dataset>-<namespace>` (the document's own
+`data_stream.*`), sent with the official client's `helpers.streaming_bulk`. The batch is
+acknowledged (and leaves the outbox) only when every document in it is accounted for:
+
+- **created** (201), or **already there** (409 `version_conflict_engine_exception` on create:
+  the same id always carries the same content, so this is a re-delivery; counted, not an error);
+- **retried**: 429 and 5xx, per item (partial bulk failures) or for the whole request, with
+  exponential backoff inside the helper (`max_retries`, `initial_backoff`) and again, for
+  connection errors and items still failing, in an outer loop (`attempts`); when patience runs
+  out the batch stays in the outbox and `OutputError` stops the collector with one clear line;
+- **rejected** for good (any other 4xx on an item, e.g. a mapping error): reported with the
+  document id and dataset and written, with the error, to the dead-letter file
+  `<state dir>/dead-letter.ndjson` (fsynced) — the rest of the batch is delivered and the batch
+  is acknowledged, so one bad document cannot block its stream forever, and it is never silently
+  lost. If the dead-letter file cannot be written, the batch is not acknowledged.
+
+Backpressure: `send` returns only when the batch is settled, so a collector thread never reads
+its next page while the cluster is behind; memory is bounded by one page per stream (at most
+`chunk_size` documents / `max_chunk_bytes` per request) and at most `max_concurrent` bulk
+requests are in flight across streams. Everything not yet delivered waits on disk, in the outbox.
+
+Compatibility: Elasticsearch 8.18+ and 9.x. The 9.x Python client sends
+`Accept/Content-Type: application/vnd.elasticsearch+json; compatible-with=9`, which 8.x servers
+reject ("Accept version must be either version 8 or 7"); 9.x servers accept compatible-with=8.
+So the client is built with a transport that pins every request to `compatible-with=8`, which both
+understand and which, for the few APIs used here (info, bulk create), means the same thing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .outputs import Ack, OutputError
+
+log = logging.getLogger("agent_input.es_output")
+
+COMPAT_MAJOR = 8
+RETRY_STATUS = (429, 500, 502, 503, 504)
+DEAD_LETTER_NAME = "dead-letter.ndjson"
+ENV_API_KEY = "ELASTIC_API_KEY"
+ENV_USERNAME = "ELASTIC_USERNAME"
+ENV_PASSWORD = "ELASTIC_PASSWORD"
+ENV_CLOUD_ID = "ELASTIC_CLOUD_ID"
+_COMPAT_RE = re.compile(r"compatible-with=\d+")
+
+
+def _compat_transport_class():
+    from elastic_transport import Transport
+
+    class CompatTransport(Transport):
+        """Rewrites `compatible-with=<client major>` to `compatible-with=8` on every request."""
+
+        def perform_request(self, method, target, *, headers=None, **kwargs):  # type: ignore[override]
+            if headers:
+                headers = headers.copy() if hasattr(headers, "copy") else dict(headers)
+                for name in ("accept", "content-type"):
+                    value = headers.get(name)
+                    if isinstance(value, str) and "compatible-with=" in value:
+                        headers[name] = _COMPAT_RE.sub(f"compatible-with={COMPAT_MAJOR}", value)
+                kwargs["headers"] = headers
+            return super().perform_request(method, target, **kwargs)
+
+    return CompatTransport
+
+
+def make_client(
+    url: str | None = None,
+    *,
+    cloud_id: str | None = None,
+    ca_file: str | None = None,
+    verify: bool = True,
+    env: Mapping[str, str] = os.environ,
+    request_timeout: float = 60.0,
+):
+    """An `Elasticsearch` client from a URL or cloud id, with credentials from the environment:
+    `ELASTIC_API_KEY`, else `ELASTIC_USERNAME`/`ELASTIC_PASSWORD` (as for the asset installer).
+    The credentials are registered for redaction before anything can log them."""
+    from elasticsearch import Elasticsearch
+
+    from .logs import register_secret
+
+    cloud_id = cloud_id or (env.get(ENV_CLOUD_ID) or "").strip() or None
+    if not url and not cloud_id:
+        raise OutputError("the elasticsearch output needs --es-url (or es_url in the config) or a cloud id")
+    kwargs: dict[str, Any] = {
+        "transport_class": _compat_transport_class(),
+        "request_timeout": request_timeout,
+        # retries (with backoff) are ours, see ElasticsearchOutput; the transport fails fast
+        "max_retries": 0,
+        "retry_on_timeout": False,
+    }
+    api_key = (env.get(ENV_API_KEY) or "").strip()
+    user, password = env.get(ENV_USERNAME) or "", env.get(ENV_PASSWORD) or ""
+    if api_key:
+        register_secret(api_key)
+        kwargs["api_key"] = api_key
+    elif user or password:
+        if not (user and password):
+            raise OutputError(f"set both {ENV_USERNAME} and {ENV_PASSWORD} (or {ENV_API_KEY})")
+        register_secret(password)
+        kwargs["basic_auth"] = (user, password)
+    else:
+        log.warning("no Elasticsearch credentials (%s or %s/%s): sending requests without auth",
+                    ENV_API_KEY, ENV_USERNAME, ENV_PASSWORD)
+    if cloud_id:
+        kwargs["cloud_id"] = cloud_id
+    else:
+        kwargs["hosts"] = [url]
+    https = bool(cloud_id) or str(url).lower().startswith("https:")
+    if https:
+        kwargs["verify_certs"] = verify
+        if ca_file:
+            if not Path(ca_file).is_file():
+                raise OutputError(f"Elasticsearch CA file {ca_file!r} is not a readable file")
+            kwargs["ca_certs"] = ca_file
+        if not verify:
+            kwargs["ssl_show_warn"] = False
+            log.warning("TLS certificate verification of Elasticsearch is OFF")
+    try:
+        return Elasticsearch(**kwargs)
+    except Exception as exc:  # bad URL, bad cloud id
+        from .logs import redact
+
+        raise OutputError(f"cannot set up the Elasticsearch client: {redact(str(exc))}") from None
+
+
+def target_index(doc: Mapping[str, Any], stream: str, namespace: str) -> tuple[str, str]:
+    """(dataset, data stream name) of a document, from its own `data_stream` fields."""
+    ds = doc.get("data_stream") if isinstance(doc.get("data_stream"), Mapping) else {}
+    dataset = ds.get("dataset") or f"openai.{stream}"
+    ns = ds.get("namespace") or namespace
+    kind = ds.get("type") or "logs"
+    return dataset, f"{kind}-{dataset}-{ns}"
+
+
+class ElasticsearchOutput:
+    """An `Output` that bulk-creates each batch and acknowledges it once settled (see module doc)."""
+
+    def __init__(
+        self,
+        client,
+        *,
+        state_dir: str | Path,
+        namespace: str = "default",
+        chunk_size: int = 500,
+        max_chunk_bytes: int = 10 * 1024 * 1024,
+        max_retries: int = 3,
+        initial_backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        attempts: int = 8,
+        max_concurrent: int = 2,
+        stop: threading.Event | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ):
+        self.client = client
+        self.namespace = namespace
+        self.chunk_size = chunk_size
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_retries = max_retries
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.attempts = max(1, attempts)
+        self.stop = stop or threading.Event()
+        self._sleep = sleep
+        self._slots = threading.BoundedSemaphore(max(1, max_concurrent))
+        self._dead_lock = threading.Lock()
+        self.dead_letter_path = Path(state_dir) / DEAD_LETTER_NAME
+        self._count_lock = threading.Lock()
+        self.created = 0
+        self.duplicates = 0
+        self.rejected = 0
+        self.retried = 0
+        self.events = 0
+
+    # -- the Output protocol ---------------------------------------------------------------------
+    def send(self, stream: str, payload: bytes, events: int, on_ack: Ack) -> None:
+        docs = self._parse(stream, payload)
+        pending: dict[str, dict] = {d["_id"]: d for d in docs}
+        attempt = 0
+        while pending:
+            attempt += 1
+            failure = ""
+            with self._slots:
+                try:
+                    failure = self._bulk(pending)
+                except OutputError:
+                    raise
+                except Exception as exc:  # connection refused/reset, timeout, TLS...
+                    failure = _describe_exc(exc)
+            if not pending:
+                break
+            if attempt >= self.attempts:
+                raise OutputError(
+                    f"Elasticsearch did not take {len(pending)} of {len(docs)} {stream} documents after "
+                    f"{attempt} attempts ({failure}); they stay in the outbox and are sent again at the next start"
+                )
+            delay = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
+            log.warning("%s: %d documents not delivered yet (%s); retrying in %.1fs",
+                        stream, len(pending), failure, delay)
+            with self._count_lock:
+                self.retried += len(pending)
+            if self._wait(delay):
+                log.info("%s: stopping with %d documents undelivered; they stay in the outbox", stream, len(pending))
+                return  # not acknowledged: the batch is re-sent at the next start
+        with self._count_lock:
+            self.events += events
+        on_ack()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - closing must not fail
+            pass
+
+    # -- internals -------------------------------------------------------------------------------
+    def _wait(self, seconds: float) -> bool:
+        if self._sleep is not None:
+            self._sleep(seconds)
+            return self.stop.is_set()
+        return self.stop.wait(seconds)
+
+    def _parse(self, stream: str, payload: bytes) -> list[dict]:
+        docs = []
+        for n, line in enumerate(payload.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                source = json.loads(line)
+                doc_id = source.pop("_id")
+            except (ValueError, KeyError, AttributeError):
+                raise OutputError(f"{stream}: outbox line {n} is not a JSON document with an `_id`") from None
+            dataset, index = target_index(source, stream, self.namespace)
+            docs.append({"_id": doc_id, "_index": index, "dataset": dataset, "_source": source})
+        return docs
+
+    def _bulk(self, pending: dict[str, dict]) -> str:
+        """One pass of streaming_bulk over the pending documents; settled ones leave `pending`.
+        Returns a short description of what is still failing ('' when nothing)."""
+        from elasticsearch import helpers
+
+        actions = (
+            {"_op_type": "create", "_index": d["_index"], "_id": d["_id"], "_source": d["_source"]}
+            for d in list(pending.values())
+        )
+        last = ""
+        for ok, item in helpers.streaming_bulk(
+            self.client,
+            actions,
+            chunk_size=self.chunk_size,
+            max_chunk_bytes=self.max_chunk_bytes,
+            raise_on_error=False,
+            raise_on_exception=False,
+            max_retries=self.max_retries,
+            initial_backoff=self.initial_backoff,
+            max_backoff=self.max_backoff,
+            retry_on_status=RETRY_STATUS,
+            yield_ok=True,
+        ):
+            _op, info = next(iter(item.items()))
+            doc_id = info.get("_id")
+            doc = pending.get(doc_id)
+            if doc is None:
+                continue
+            status = info.get("status")
+            if ok:
+                pending.pop(doc_id)
+                with self._count_lock:
+                    self.created += 1
+            elif status == 409:
+                pending.pop(doc_id)
+                with self._count_lock:
+                    self.duplicates += 1
+            elif status in (401, 403):
+                raise OutputError(
+                    f"Elasticsearch refused the credentials ({status}): check {ENV_API_KEY} or "
+                    f"{ENV_USERNAME}/{ENV_PASSWORD} and the index privileges on {doc['_index']}"
+                )
+            elif isinstance(status, int) and (status in RETRY_STATUS or status >= 500):
+                last = f"HTTP {status}: {_reason(info)}"
+            else:
+                self._dead_letter(doc, status, info)
+                pending.pop(doc_id)
+        return last
+
+    def _dead_letter(self, doc: dict, status: Any, info: Mapping) -> None:
+        error = info.get("error")
+        reason = _reason(info)
+        record = {
+            "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "_id": doc["_id"],
+            "_index": doc["_index"],
+            "dataset": doc["dataset"],
+            "status": status,
+            "error": error if isinstance(error, (dict, str)) else str(error),
+            "document": doc["_source"],
+        }
+        line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+        with self._dead_lock:
+            try:
+                self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.dead_letter_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                try:
+                    view = memoryview(line)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise OutputError(
+                    f"Elasticsearch rejected {doc['dataset']} document {doc['_id']} ({reason}) and it cannot be "
+                    f"written to {self.dead_letter_path}: {exc.strerror}; the batch stays in the outbox"
+                ) from None
+        with self._count_lock:
+            self.rejected += 1
+        log.error("Elasticsearch rejected %s document %s (HTTP %s: %s); written to %s",
+                  doc["dataset"], doc["_id"], status, reason, self.dead_letter_path)
+
+
+def _reason(info: Mapping) -> str:
+    error = info.get("error")
+    if isinstance(error, Mapping):
+        text = f"{error.get('type', 'error')}: {error.get('reason', '')}"
+        cause = error.get("caused_by")
+        if isinstance(cause, Mapping) and cause.get("reason"):
+            text += f" ({cause.get('type')}: {cause.get('reason')})"
+        return text[:500]
+    return str(error)[:500] if error else "no reason given"
+
+
+def _describe_exc(exc: Exception) -> str:
+    from .logs import redact
+
+    text = str(exc) or type(exc).__name__
+    return redact(f"{type(exc).__name__}: {text}")[:300]
+
+
+def check_cluster(client) -> str:
+    """`GET /`: the cluster's version, or OutputError with one clear line (auth, TLS, version)."""
+    from elasticsearch import ApiError
+
+    from .logs import redact
+
+    try:
+        info = client.info()
+    except ApiError as exc:
+        if exc.status_code in (401, 403):
+            raise OutputError(f"Elasticsearch refused the credentials ({exc.status_code}): check "
+                              f"{ENV_API_KEY} or {ENV_USERNAME}/{ENV_PASSWORD}") from None
+        raise OutputError(f"Elasticsearch answered {exc.status_code}: {redact(str(exc.message))}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise OutputError(f"cannot reach Elasticsearch: {_describe_exc(exc)}") from None
+    version = str(info.get("version", {}).get("number", "?"))
+    major = version.split(".")[0]
+    try:
+        major_n, minor_n = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return version
+    if (major_n, minor_n) < (8, 18):
+        log.warning("Elasticsearch %s is older than 8.18, the oldest version this collector is tested with", version)
+    if major_n > 9:
+        log.warning("Elasticsearch %s is newer than 9.x; compatible-with=%d may be refused", version, COMPAT_MAJOR)
+    return version if major else "?"

@@ -1,0 +1,380 @@
+"""Contract tests of the direct Elasticsearch output against a recording fake of the bulk API that
+enforces create-only semantics on `_id` (tests/fake_es.py); the done-when SIGKILL test; and an
+opt-in test against a real cluster (ES_URL)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+import yaml
+
+from agent_input.engine import serialize
+from agent_input.es_output import ElasticsearchOutput, check_cluster, make_client
+from agent_input.outputs import OutputError
+from agent_input.streams import USAGE_STREAMS
+
+from conftest import ADMIN_KEY, T0, dedupe, stored_totals, truth_totals
+from fake_es import FakeElasticsearch
+
+API_KEY = "ZXNfYXBpX2tleV9zZWNyZXQ6dGVzdHRlc3Q="  # what ELASTIC_API_KEY holds (encoded id:key)
+ENV = {"ELASTIC_API_KEY": API_KEY}
+AUTH = f"ApiKey {API_KEY}"
+
+
+def _doc(i: int, dataset: str = "openai.completions", namespace: str = "default", **extra) -> tuple[str, dict]:
+    return f"{dataset}-{i:04d}", {
+        "@timestamp": "2026-11-23T09:00:00.000Z",
+        "data_stream": {"type": "logs", "dataset": dataset, "namespace": namespace},
+        "event": {"dataset": dataset, "kind": "metric"},
+        "openai": {"base": {"num_model_requests": i}},
+        **extra,
+    }
+
+
+def _payload(docs) -> bytes:
+    return b"".join(serialize(i, d) for i, d in docs)
+
+
+@pytest.fixture
+def fake():
+    es = FakeElasticsearch("8.18.0", auth=AUTH)
+    yield es
+    es.close()
+
+
+def _output(url, tmp_path, **kw) -> ElasticsearchOutput:
+    kw.setdefault("initial_backoff", 0.01)
+    kw.setdefault("max_backoff", 0.05)
+    return ElasticsearchOutput(make_client(url, env=ENV), state_dir=tmp_path, **kw)
+
+
+class Acks:
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self):
+        self.n += 1
+
+
+# -- compatibility headers --------------------------------------------------------------------------
+@pytest.mark.parametrize("version", ["8.18.0", "8.19.3", "9.0.0", "9.2.1"])
+def test_works_with_8_18_and_9_x_and_sends_compatible_with_8(tmp_path, version):
+    es = FakeElasticsearch(version, auth=AUTH)
+    try:
+        out = _output(es.url, tmp_path)
+        assert check_cluster(out.client) == version
+        ack = Acks()
+        out.send("completions", _payload([_doc(1), _doc(2)]), 2, ack)
+        assert ack.n == 1 and len(es.docs) == 2
+        for req in es.requests:
+            assert req["headers"]["accept"] == "application/vnd.elasticsearch+json; compatible-with=8"
+            if req["method"] == "POST":
+                assert req["headers"]["content-type"] == "application/vnd.elasticsearch+x-ndjson; compatible-with=8"
+    finally:
+        es.close()
+
+
+def test_the_fake_refuses_what_a_real_8_x_server_refuses(fake):
+    """Without the pinned headers the installed 9.x client is refused by 8.x (the reason for it)."""
+    import elasticsearch
+
+    if not elasticsearch.__versionstr__.startswith("9."):
+        pytest.skip("the installed client is not 9.x")
+    plain = elasticsearch.Elasticsearch(fake.url, api_key=API_KEY)
+    with pytest.raises(elasticsearch.BadRequestError) as exc:
+        plain.info()
+    assert "media_type_header_exception" in str(exc.value)
+
+
+# -- create-only with the deterministic id ----------------------------------------------------------
+def test_create_ops_into_the_dataset_data_stream_with_the_id_stripped_from_the_source(fake, tmp_path):
+    out = _output(fake.url, tmp_path, namespace="ignored")
+    docs = [_doc(1), _doc(2, "openai.embeddings", "team")]
+    ack = Acks()
+    out.send("completions", _payload(docs), 2, ack)
+    assert ack.n == 1
+    assert fake.indices() == {"logs-openai.completions-default", "logs-openai.embeddings-team"}
+    assert fake.docs[("logs-openai.completions-default", docs[0][0])] == docs[0][1]
+    assert not fake.violations
+    # delivered again (a replay after a crash): every create is a 409, counted, not an error
+    again = Acks()
+    out.send("completions", _payload(docs), 2, again)
+    assert again.n == 1 and out.duplicates == 2 and out.created == 2 and out.rejected == 0
+    assert fake.conflicts == 2 and not fake.violations
+
+
+# -- retries ------------------------------------------------------------------------------------------
+def test_partial_bulk_failures_are_retried_per_item(fake, tmp_path):
+    out = _output(fake.url, tmp_path)
+    docs = [_doc(i) for i in range(6)]
+    fake.item_faults = {docs[1][0]: [429, 429], docs[4][0]: [503]}
+    ack = Acks()
+    out.send("completions", _payload(docs), 6, ack)
+    assert ack.n == 1 and len(fake.docs) == 6 and out.created == 6
+    bulk = [r for r in fake.requests if r["path"].startswith("/_bulk")]
+    assert len(bulk) == 3  # all six, then the two failures, then the one still at 429
+
+
+def test_whole_request_429_and_5xx_and_connection_errors_are_retried(fake, tmp_path):
+    out = _output(fake.url, tmp_path)
+    fake.fail_requests = [503, 429, 502]
+    ack = Acks()
+    out.send("completions", _payload([_doc(1)]), 1, ack)
+    assert ack.n == 1 and len(fake.docs) == 1
+
+
+def test_patience_runs_out_with_a_clear_error_and_no_ack(fake, tmp_path):
+    out = _output(fake.url, tmp_path, max_retries=1, attempts=2)
+    fake.fail_requests = [503] * 10
+    ack = Acks()
+    with pytest.raises(OutputError, match=r"did not take 1 of 1 completions documents after 2 attempts.*outbox"):
+        out.send("completions", _payload([_doc(1)]), 1, ack)
+    assert ack.n == 0
+
+
+def test_unreachable_cluster_is_one_clear_line(tmp_path):
+    client = make_client("http://127.0.0.1:9", env=ENV)
+    with pytest.raises(OutputError, match="cannot reach Elasticsearch"):
+        check_cluster(client)
+    out = ElasticsearchOutput(client, state_dir=tmp_path, initial_backoff=0.01, max_backoff=0.01, attempts=2)
+    with pytest.raises(OutputError, match="did not take"):
+        out.send("completions", _payload([_doc(1)]), 1, Acks())
+
+
+# -- permanent rejections ---------------------------------------------------------------------------
+def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_delivered(fake, tmp_path):
+    from agent_input.logs import setup_logging
+
+    buf = io.StringIO()
+    setup_logging("INFO", "ecs", stream=buf)
+    out = _output(fake.url, tmp_path)
+    docs = [_doc(1), _doc(2, bad="not-a-number"), _doc(3)]
+    fake.reject = lambda src: ({"type": "document_parsing_exception",
+                                "reason": "[1:2] failed to parse field [bad] of type [long]"}
+                               if "bad" in src else None)
+    ack = Acks()
+    out.send("completions", _payload(docs), 3, ack)
+    assert ack.n == 1, "a permanently rejected document must not block the batch"
+    assert len(fake.docs) == 2 and out.rejected == 1
+    dead = [json.loads(line) for line in (tmp_path / "dead-letter.ndjson").read_text().splitlines()]
+    assert len(dead) == 1
+    assert dead[0]["_id"] == docs[1][0] and dead[0]["dataset"] == "openai.completions"
+    assert dead[0]["_index"] == "logs-openai.completions-default"
+    assert dead[0]["error"]["type"] == "document_parsing_exception"
+    assert dead[0]["document"] == docs[1][1]
+    logged = buf.getvalue()
+    assert docs[1][0] in logged and "openai.completions" in logged and "document_parsing_exception" in logged
+
+
+def test_an_unwritable_dead_letter_file_keeps_the_batch(fake, tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "dead-letter.ndjson").mkdir()  # a directory where the file should be
+    out = _output(fake.url, tmp_path / "ro")
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"}
+    ack = Acks()
+    with pytest.raises(OutputError, match="cannot be written"):
+        out.send("completions", _payload([_doc(1)]), 1, ack)
+    assert ack.n == 0
+
+
+# -- auth -------------------------------------------------------------------------------------------
+def test_basic_auth_and_wrong_credentials(tmp_path):
+    user, password = "elastic", "s3cret-pass-word"
+    es = FakeElasticsearch("9.1.0", auth="Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        good = make_client(es.url, env={"ELASTIC_USERNAME": user, "ELASTIC_PASSWORD": password})
+        assert check_cluster(good) == "9.1.0"
+        bad = make_client(es.url, env={"ELASTIC_USERNAME": user, "ELASTIC_PASSWORD": "wrong-password"})
+        with pytest.raises(OutputError, match=r"refused the credentials \(401\)"):
+            check_cluster(bad)
+        out = ElasticsearchOutput(bad, state_dir=tmp_path)
+        with pytest.raises(OutputError, match="refused the credentials"):
+            out.send("completions", _payload([_doc(1)]), 1, Acks())
+        with pytest.raises(OutputError, match="set both"):
+            make_client(es.url, env={"ELASTIC_USERNAME": user})
+    finally:
+        es.close()
+
+
+def test_credentials_are_never_logged(fake, tmp_path):
+    from agent_input.logs import redact, setup_logging
+
+    buf = io.StringIO()
+    setup_logging("DEBUG", "ecs", stream=buf)
+    password = "pw-" + uuid.uuid4().hex
+    make_client(fake.url, env={"ELASTIC_USERNAME": "u", "ELASTIC_PASSWORD": password})
+    out = _output(fake.url, tmp_path)
+    out.send("completions", _payload([_doc(1)]), 1, Acks())
+    import logging
+
+    logging.getLogger("agent_input.test").error("leak? %s %s", API_KEY, password)
+    text = buf.getvalue()
+    assert API_KEY not in text and password not in text
+    assert redact(f"x {API_KEY} y") == "x *** y"
+
+
+def test_cloud_id_sets_the_host(tmp_path):
+    cloud_id = "deploy:" + base64.b64encode(b"eu-west-1.aws.found.io:443$abcdef$ghijkl").decode()
+    client = make_client(None, cloud_id=cloud_id, env=ENV)
+    node = next(iter(client.transport.node_pool.all()))
+    assert node.config.host == "abcdef.eu-west-1.aws.found.io" and node.config.scheme == "https"
+    with pytest.raises(OutputError, match="needs --es-url"):
+        make_client(None, env={})
+
+
+# -- TLS --------------------------------------------------------------------------------------------
+@pytest.fixture
+def tls_files(tmp_path):
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run = lambda *a: subprocess.run(["openssl", *map(str, a)], check=True, capture_output=True)  # noqa: E731
+    try:
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+            "-subj", "/CN=test-ca")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+        run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+            "-days", "2", "-extfile", ext)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl cannot make test certificates here: {exc}")
+    return ca, cert, key
+
+
+def test_tls_verification_is_on_by_default_and_a_ca_file_is_honoured(tls_files, tmp_path):
+    ca, cert, key = tls_files
+    es = FakeElasticsearch("9.1.0", auth=AUTH, certfile=str(cert), keyfile=str(key))
+    try:
+        with pytest.raises(OutputError, match="cannot reach Elasticsearch.*(certificate|SSL|TLS)"):
+            check_cluster(make_client(es.url, env=ENV))
+        client = make_client(es.url, ca_file=str(ca), env=ENV)
+        assert check_cluster(client) == "9.1.0"
+        assert check_cluster(make_client(es.url, verify=False, env=ENV)) == "9.1.0"
+        with pytest.raises(OutputError, match="not a readable file"):
+            make_client(es.url, ca_file=str(tmp_path / "missing.pem"), env=ENV)
+    finally:
+        es.close()
+
+
+# -- backpressure -----------------------------------------------------------------------------------
+def test_bounded_requests_and_concurrency_when_the_cluster_is_slow(fake, tmp_path):
+    fake.delay = 0.05
+    out = _output(fake.url, tmp_path, chunk_size=50, max_concurrent=1)
+    acks = Acks()
+    threads = [threading.Thread(target=out.send, args=(f"s{t}", _payload([_doc(t * 1000 + i) for i in range(120)]),
+                                                       120, acks)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert acks.n == 4 and len(fake.docs) == 480
+    assert fake.max_items <= 50, "a bulk request carries at most chunk_size documents"
+    assert fake.max_active == 1, "at most max_concurrent bulk requests are in flight"
+
+
+# -- the command line -------------------------------------------------------------------------------
+def _cli_config(url: str, streams=("completions",), initial="1h", **top) -> dict:
+    ds = {s.name: ({"initial_interval": initial} if s.name in streams else {"enabled": False}) for s in USAGE_STREAMS}
+    for other in ("audit", "rate_limits", "costs"):
+        ds[other] = {"enabled": False}
+    return {"url": url, "api_key": ADMIN_KEY, "max_retries": 2, "data_streams": ds, **top}
+
+
+def _collect(cfg, state, now, *extra, env_extra=ENV) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("OPENAI_ADMIN_KEY", None)
+    env.update(env_extra)
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once", "--state-dir",
+         str(state), "--output", "elasticsearch", "--now", str(now), "--log-level", "ERROR", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def test_collect_output_elasticsearch_with_es_url_from_the_flag_or_the_config(simulator, fake, tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_cli_config(simulator.base_url)))
+    p = _collect(cfg, tmp_path / "s1", T0, "--es-url", fake.url)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()
+    assert out == b"" and fake.docs and "created" in err.decode()
+    assert fake.indices() == {"logs-openai.completions-default"}
+    cfg.write_text(yaml.safe_dump(_cli_config(simulator.base_url, es_url=fake.url)))
+    p = _collect(cfg, tmp_path / "s2", T0)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()
+    assert f"0 created, {len(fake.docs)} already there (409)" in err.decode()
+    assert API_KEY not in err.decode() and ADMIN_KEY not in err.decode()
+    p = _collect(cfg, tmp_path / "s3", T0, env_extra={"ELASTIC_API_KEY": "wrong"})
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "refused the credentials" in err.decode() and "Traceback" not in err.decode()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_restart_gives_truth_in_the_cluster(simulator, fake, tmp_path):
+    from agent_input.state import StateStore
+
+    rng = random.Random(1123)
+    streams = [s.name for s in USAGE_STREAMS]
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_cli_config(simulator.base_url, streams=streams, es_url=fake.url)))
+    state = tmp_path / "state"
+    fake.item_faults = {}
+    now = T0
+    kills = runs = 0
+    while kills < 20 and runs < 60:
+        runs += 1
+        simulator.set_time(now)
+        fake.fail_requests = [503] if rng.random() < 0.3 else []  # and a flaky cluster on top
+        p = _collect(cfg, state, now)
+        try:
+            p.communicate(timeout=rng.uniform(0.3, 1.2))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.communicate()
+            kills += 1
+        now += rng.choice((0, 60, 300))
+    assert kills >= 20
+    end_of_test = now + 2 * 3600 + 600
+    while now <= end_of_test:
+        simulator.set_time(now)
+        p = _collect(cfg, state, now)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+        now += 900
+    assert not fake.violations, fake.violations[:5]
+    docs = dedupe(fake.stored())
+    settled = int(end_of_test - 2 * 3600) // 60 * 60
+    store = StateStore(state)
+    assert store.pending_count() == 0
+    for spec in USAGE_STREAMS:
+        origin = store.cursor(spec.name, "1m").origin
+        assert stored_totals(docs, spec.name, origin, settled) == truth_totals(simulator, spec.name, origin, settled), spec.name
+    store.close()
+
+
+# -- a real cluster, opt-in -------------------------------------------------------------------------
+@pytest.mark.cluster
+@pytest.mark.skipif(not os.environ.get("ES_URL"),
+                    reason="set ES_URL (and ELASTIC_API_KEY or ELASTIC_USERNAME/ELASTIC_PASSWORD, "
+                           "ES_CA_FILE for TLS) to run against a real 8.18+/9.x cluster")
+def test_real_cluster_create_then_409(tmp_path):
+    client = make_client(os.environ["ES_URL"], ca_file=os.environ.get("ES_CA_FILE") or None)
+    version = check_cluster(client)
+    ns = "oetest" + uuid.uuid4().hex[:8]
+    out = ElasticsearchOutput(client, state_dir=tmp_path, namespace=ns, initial_backoff=0.5)
+    docs = [_doc(i, "openai.completions", ns) for i in range(3)]
+    acks = Acks()
+    out.send("completions", _payload(docs), 3, acks)
+    out.send("completions", _payload(docs), 3, acks)
+    try:
+        assert acks.n == 2 and out.created == 3 and out.duplicates == 3 and out.rejected == 0, version
+    finally:
+        client.options(ignore_status=404).indices.delete_data_stream(name=f"logs-openai.completions-{ns}")
