@@ -55,25 +55,67 @@ class NdjsonOutput:
 
 
 class NdjsonFileOutput:
-    """NDJSON appended to a file, fsynced before acknowledging.
+    """NDJSON appended to a file, fsynced before acknowledging; optionally rotated by size.
 
     A crash can leave the last line half written; opening the file cuts it back to the last
     newline, because the batch it belonged to was never acknowledged and will be re-emitted whole.
+    A write that fails part-way is cut back the same way at once.
+
+    Rotation (`rotate_bytes`): before a batch that would take the file past `rotate_bytes`, the
+    file is renamed `<name>.1` (older ones shift to `.2` ... `.<rotate_keep>`, the oldest is
+    dropped) and a new file is started. It happens only between batches, after the previous
+    batch was fsynced, so a rotated file only ever holds whole lines; a batch is never split
+    across files, so one larger than `rotate_bytes` gets a file of its own.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, rotate_bytes: int | None = None, rotate_keep: int = 5):
         self.path = Path(path)
+        if rotate_bytes is not None and rotate_bytes <= 0:
+            raise OutputError(f"rotate bytes must be greater than 0, not {rotate_bytes}")
+        if rotate_keep < 1:
+            raise OutputError(f"rotate keep must be at least 1, not {rotate_keep}")
+        self.rotate_bytes = rotate_bytes
+        self.rotate_keep = rotate_keep
+        self.rotations = 0
+        self._fd = -1
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _truncate_partial_line(self.path)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._open()
         except OSError as exc:
             raise OutputError(f"cannot open output file {self.path}: {exc.strerror}") from None
         self._lock = threading.Lock()
         self.events = 0
 
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+    def rotated_path(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+        for n in range(self.rotate_keep - 1, 0, -1):
+            older = self.rotated_path(n)
+            if older.exists():
+                os.replace(older, self.rotated_path(n + 1))  # replaces (drops) the oldest
+        os.replace(self.path, self.rotated_path(1))
+        _fsync_dir(self.path.parent)
+        self._open()
+        self.rotations += 1
+
     def send(self, stream: str, payload: bytes, events: int, on_ack: Ack) -> None:
         with self._lock:
+            if self._fd < 0:
+                raise OutputError(f"cannot write {self.path}: the output is closed")
+            try:
+                if self.rotate_bytes and self._size and self._size + len(payload) > self.rotate_bytes:
+                    self._rotate()
+            except OSError as exc:
+                raise OutputError(f"cannot rotate {self.path}: {exc.strerror}") from None
+            before = self._size
             try:
                 view = memoryview(payload)
                 while view:
@@ -81,7 +123,12 @@ class NdjsonFileOutput:
                     view = view[written:]
                 os.fsync(self._fd)
             except OSError as exc:
+                try:  # never leave a partial line behind: cut back to where the batch began
+                    os.ftruncate(self._fd, before)
+                except OSError:
+                    pass  # the next open cuts it back to the last newline instead
                 raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+            self._size = before + len(payload)
             self.events += events
         on_ack()
 
@@ -90,6 +137,19 @@ class NdjsonFileOutput:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _truncate_partial_line(path: Path) -> None:

@@ -1,0 +1,207 @@
+"""The NDJSON file output for Elastic Agent's filestream: size-based rotation that never leaves a
+partial line behind, and the agent policy in docs/elastic-agent.md."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent_input.engine import serialize
+from agent_input.outputs import NdjsonFileOutput, OutputError
+from agent_input.streams import USAGE_STREAMS
+
+from conftest import ADMIN_KEY, T0, dedupe, stored_totals, truth_totals
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch(start: int, n: int) -> bytes:
+    return b"".join(serialize(f"id{i:05d}", {"n": i, "pad": "x" * 40}) for i in range(start, start + n))
+
+
+def _lines(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"{path.name} ends with a partial line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_rotation_keeps_n_whole_files_and_never_splits_a_batch(tmp_path):
+    path = tmp_path / "events.ndjson"
+    out = NdjsonFileOutput(path, rotate_bytes=2000, rotate_keep=3)
+    acks = []
+    for b in range(12):
+        out.send("s", _batch(b * 10, 10), 10, lambda: acks.append(1))
+    out.close()
+    assert len(acks) == 12 and out.rotations >= 4
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["events.ndjson", "events.ndjson.1", "events.ndjson.2", "events.ndjson.3"]
+    for f in files:
+        docs = _lines(f)
+        assert f.stat().st_size <= 2000 or len(docs) == 10  # only an oversized single batch may exceed it
+        assert len(docs) % 10 == 0, "a batch was split across files"
+    # newest last: .3 < .2 < .1 < active, contiguous
+    order = [d["n"] for f in reversed(files[1:]) for d in _lines(f)] + [d["n"] for d in _lines(files[0])]
+    assert order == list(range(order[0], 120))
+
+
+def test_a_batch_larger_than_the_limit_gets_its_own_file(tmp_path):
+    path = tmp_path / "e.ndjson"
+    out = NdjsonFileOutput(path, rotate_bytes=100, rotate_keep=2)
+    out.send("s", _batch(0, 5), 5, lambda: None)
+    out.send("s", _batch(5, 5), 5, lambda: None)
+    out.close()
+    assert len(_lines(path)) == 5 and len(_lines(tmp_path / "e.ndjson.1")) == 5
+
+
+def test_a_crash_mid_line_is_cut_back_at_open_and_rotation_keeps_going(tmp_path):
+    path = tmp_path / "e.ndjson"
+    out = NdjsonFileOutput(path, rotate_bytes=1500, rotate_keep=5)
+    out.send("s", _batch(0, 10), 10, lambda: None)
+    out.close()
+    with open(path, "ab") as fh:  # what a SIGKILL in the middle of a write leaves
+        fh.write(_batch(10, 3)[:-37])
+    out = NdjsonFileOutput(path, rotate_bytes=1500, rotate_keep=5)
+    # whole lines of the unacknowledged batch may stay (it is re-emitted: same ids), never a partial one
+    assert [d["n"] for d in _lines(path)] == list(range(12))
+    out.send("s", _batch(10, 10), 10, lambda: None)
+    out.close()
+    for f in tmp_path.iterdir():
+        _lines(f)
+
+
+def test_a_failed_write_is_cut_back_at_once(tmp_path, monkeypatch):
+    path = tmp_path / "e.ndjson"
+    out = NdjsonFileOutput(path)
+    out.send("s", _batch(0, 2), 2, lambda: None)
+    real_write = os.write
+    calls = []
+
+    def half_then_enospc(fd, data):
+        if not calls:
+            calls.append(1)
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_enospc)
+    acked = []
+    with pytest.raises(OutputError, match="No space left"):
+        out.send("s", _batch(2, 4), 4, lambda: acked.append(1))
+    monkeypatch.setattr(os, "write", real_write)
+    assert not acked
+    assert [d["n"] for d in _lines(path)] == [0, 1]
+    out.close()
+
+
+def test_bad_rotation_options_are_clear_errors(tmp_path):
+    with pytest.raises(OutputError, match="rotate bytes"):
+        NdjsonFileOutput(tmp_path / "x", rotate_bytes=0)
+    with pytest.raises(OutputError, match="rotate keep"):
+        NdjsonFileOutput(tmp_path / "x", rotate_bytes=10, rotate_keep=0)
+
+
+# -- the collector with a rotating file, killed at random points -------------------------------------
+def _cfg(url: str) -> dict:
+    ds = {s.name: {"initial_interval": "1h"} for s in USAGE_STREAMS}
+    for other in ("audit", "rate_limits", "costs"):
+        ds[other] = {"enabled": False}
+    return {"url": url, "api_key": ADMIN_KEY, "max_retries": 2, "data_streams": ds}
+
+
+def test_collect_with_rotation_killed_at_random_points_leaves_only_whole_lines_with_ids(simulator, tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_cfg(simulator.base_url)))
+    out = tmp_path / "out" / "events.ndjson"
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+    rng = random.Random(7)
+    now = T0
+
+    def run(timeout):
+        simulator.set_time(now)
+        p = subprocess.Popen([sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+                              "--state-dir", str(state), "--output-path", str(out), "--rotate-bytes", "200000",
+                              "--rotate-keep", "1000", "--now", str(now), "--log-level", "ERROR"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        try:
+            _, err = p.communicate(timeout=timeout)
+            return p.returncode, err
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.communicate()
+            return None, b""
+
+    for _ in range(6):
+        run(rng.uniform(0.3, 1.0))
+        now += rng.choice((0, 60))
+    end = now + 2 * 3600 + 600
+    while now <= end:
+        code, err = run(120)
+        assert code == 0, err.decode()
+        now += 1800
+    files = sorted(out.parent.iterdir())
+    assert len(files) > 2, "expected the file to rotate"
+    docs = []
+    for f in files:
+        for d in _lines(f):
+            assert re.fullmatch(r"[0-9a-f]{16,64}", d["_id"])
+            docs.append(d)
+    docs = dedupe(docs)
+    from agent_input.state import StateStore
+
+    store = StateStore(state)
+    settled = int(end - 2 * 3600) // 60 * 60
+    for spec in USAGE_STREAMS:
+        origin = store.cursor(spec.name, "1m").origin
+        assert stored_totals(docs, spec.name, origin, settled) == truth_totals(simulator, spec.name, origin, settled)
+    store.close()
+
+
+# -- docs/elastic-agent.md -------------------------------------------------------------------------
+def _policy() -> dict:
+    text = (ROOT / "docs" / "elastic-agent.md").read_text()
+    m = re.search(r"<!-- policy:filestream -->\s*```yaml\n(.*?)```", text, re.S)
+    assert m, "docs/elastic-agent.md lost its marked policy snippet"
+    return yaml.safe_load(m.group(1))
+
+
+def test_the_agent_policy_snippet_parses_and_names_the_router_pipeline():
+    from kibana_assets.elasticsearch import ROUTER_PATTERN, ROUTER_PIPELINE
+
+    policy = _policy()
+    (inp,) = [i for i in policy["inputs"] if i["type"] == "filestream"]
+    (stream,) = inp["streams"]
+    ndjson = [p["ndjson"] for p in stream["parsers"] if "ndjson" in p][0]
+    assert ndjson["document_id"] == "_id"
+    assert ndjson["target"] == "" and ndjson["overwrite_keys"] is True and ndjson["expand_keys"] is True
+    assert stream["pipeline"] == ROUTER_PIPELINE
+    target = f"{stream['data_stream']['type']}-{stream['data_stream']['dataset']}-{inp['data_stream']['namespace']}"
+    assert fnmatch.fnmatch(target, ROUTER_PATTERN), "the shipping data stream must get the router as default pipeline"
+    # the paths pick up the active file and its rotations, as NdjsonFileOutput names them
+    (pattern,) = stream["paths"]
+    out = NdjsonFileOutput.__new__(NdjsonFileOutput)
+    out.path = Path("/var/lib/openai-input/events.ndjson")
+    for p in (out.path, out.rotated_path(1), out.rotated_path(12)):
+        assert fnmatch.fnmatch(str(p), pattern)
+    assert stream["id"] and inp["id"]
+
+
+def test_the_documented_collect_command_uses_options_that_exist():
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    text = (ROOT / "docs" / "elastic-agent.md").read_text()
+    help_text = CliRunner().invoke(main, ["collect", "--help"]).output
+    for opt in set(re.findall(r"(--[a-z][a-z-]+)", text)):
+        if opt in ("--help",):
+            continue
+        assert opt in help_text or opt in CliRunner().invoke(main, ["run", "--help"]).output, opt
