@@ -411,9 +411,8 @@ class Runner:
                 break
             elif kind == "engine-ended" and msg is self.collection and not self.writer.closed.is_set():
                 failed = self.collection.engine.failed if self.collection else {}
-                self.writer.status("input", "failed",
-                                   "every stream stopped: " + "; ".join(f"{k}: {v}" for k, v in failed.items()),
-                                   revision=self.revision)
+                why = "; ".join(f"{k}: {v}" for k, v in failed.items()) or "no data stream is enabled"
+                self.writer.status("input", "failed", f"every stream stopped: {why}", revision=self.revision)
         self.writer.status("input", "stopping", f"{reason}: finishing the page in flight")
         self._stop_engine()
         if not self.output.ack_on_flush and self.output.inflight():
