@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from . import memory
 from .engine import Clock, Collector, Delivery, Engine, Progress, UsageCollector
 from .http_client import AdminApiClient
 from .outputs import Output
@@ -66,6 +67,7 @@ def build(
     """One collector per enabled data stream, each with its own HTTP client (sessions are not
     shared across threads)."""
     stop = stop or threading.Event()
+    memory.tune()  # before the stream threads exist: see agent_input/memory.py
     store = StateStore(state_dir)
     delivery = Delivery(store, output)
     clients: list[AdminApiClient] = []

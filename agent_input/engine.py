@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
+from . import memory
 from .ecs import iso_timestamp, to_ndjson_line, usage_event
 from .outputs import Output, OutputError
 from .state import Cursor, Observation, StateStore, group_json
@@ -33,6 +34,14 @@ class StreamStopped(Exception):
 
 
 serialize = to_ndjson_line  # one NDJSON line, the deterministic id in the top-level `_id`
+
+# How many pages are parsed, compared, mapped and stored at once, across every stream thread.
+# The threads still wait for the API concurrently; only the CPU- and memory-heavy part is bounded
+# (the GIL runs one at a time anyway). Unbounded, ten streams each holding a parsed 5,000-result
+# page, its NDJSON lines and the joined payload took a large-org backfill past 300 MB of RSS;
+# one worker measured 120 MB and the same wall time as two (docs/performance.md).
+PAGE_WORKERS = 1
+PAGE_GATE = threading.BoundedSemaphore(PAGE_WORKERS)
 
 
 # -- delivery ---------------------------------------------------------------------------------
@@ -153,6 +162,8 @@ class UsageCollector:
         self.interval = config.interval
         self.grace = config.finalization_grace if spec.has_grace else 0
         self.revision_window = config.effective_revision_window
+        self._extract = _counter_extractor(spec)
+        self._group_key = _group_keyer(spec)
 
     # The window a poll at `now` covers, per the seed's worked example.
     def window(self, now: float) -> tuple[Cursor, int, int, int]:
@@ -183,6 +194,7 @@ class UsageCollector:
         if self.spec.group_by:
             params["group_by"] = list(self.spec.group_by)
 
+        fetch = getattr(self.client, "get_raw", None)  # bytes now, parsed under PAGE_GATE
         contiguous = resume  # every bucket before this was read and good, in order
         frozen = False
         position = cur.position
@@ -191,59 +203,70 @@ class UsageCollector:
         while True:
             if page_token:
                 params["page"] = page_token
-            body = self.client.get_json(self.spec.path, params)
+            if fetch is not None:
+                raw = fetch(self.spec.path, params)  # the network wait: never gated
+            else:
+                raw = None
+                body = self.client.get_json(self.spec.path, params)
             stats.requests += 1
             stats.pages += 1
-            buckets, has_more, page_token = self._page(body)
-            if carry is not None:
-                if buckets and buckets[0].get("start_time") == carry.get("start_time"):
-                    merged = dict(buckets[0])
-                    merged["results"] = _results(carry) + _results(buckets[0])
-                    buckets[0] = merged
-                else:
-                    buckets.insert(0, carry)
-                carry = None
-            more = bool(has_more and page_token)
-            if more and buckets:
-                carry = buckets.pop()
-            lines: list[bytes] = []
-            updates: list[tuple[int, str, int, Mapping[str, float]]] = []
-            for bucket in buckets:
-                try:
-                    start, stop_ = self._check_bucket(bucket, resume, end)
-                except BadBucket as exc:
-                    stats.bad_buckets += 1
-                    msg = f"{self.name}: skipped a bucket that does not match the API reference: {exc}"
-                    stats.errors.append(msg)
-                    log.warning(msg)
-                    frozen = True
-                    continue
-                if start is None:
-                    continue
-                try:
-                    self._diff_bucket(bucket, start, stop_, seen.get(start, {}), created, lines, updates, stats)
-                except BadBucket as exc:
-                    stats.bad_buckets += 1
-                    msg = f"{self.name}: bucket {iso_timestamp(start)} not stored, will retry: {exc}"
-                    stats.errors.append(msg)
-                    log.warning(msg)
-                    frozen = True
-                    continue
-                if not frozen:
-                    if start == contiguous:
-                        contiguous = stop_
-                    elif start > contiguous:
-                        frozen = True  # a gap: the API skipped buckets; ask again next poll
-            position = max(position, contiguous)
-            self.delivery.commit_page(
-                self.name,
-                self.width,
-                lines=lines,
-                observations=updates,
-                cursor=Cursor(cur.origin, position),
-                prune_before=min(position, final_before),
-            )
-            stats.events += len(lines)
+            with PAGE_GATE:  # parse, compare, map, store, send: at most PAGE_WORKERS pages at once
+                if raw is not None:
+                    body = self.client.parse(raw, self.spec.path)
+                    raw = None
+                buckets, has_more, page_token = self._page(body)
+                if carry is not None:
+                    if buckets and buckets[0].get("start_time") == carry.get("start_time"):
+                        merged = dict(buckets[0])
+                        merged["results"] = _results(carry) + _results(buckets[0])
+                        buckets[0] = merged
+                    else:
+                        buckets.insert(0, carry)
+                    carry = None
+                more = bool(has_more and page_token)
+                if more and buckets:
+                    carry = buckets.pop()
+                lines: list[bytes] = []
+                updates: list[tuple[int, str, int, Mapping[str, float]]] = []
+                for bucket in buckets:
+                    try:
+                        start, stop_ = self._check_bucket(bucket, resume, end)
+                    except BadBucket as exc:
+                        stats.bad_buckets += 1
+                        msg = f"{self.name}: skipped a bucket that does not match the API reference: {exc}"
+                        stats.errors.append(msg)
+                        log.warning(msg)
+                        frozen = True
+                        continue
+                    if start is None:
+                        continue
+                    try:
+                        self._diff_bucket(bucket, start, stop_, seen.get(start, {}), created, lines, updates, stats)
+                    except BadBucket as exc:
+                        stats.bad_buckets += 1
+                        msg = f"{self.name}: bucket {iso_timestamp(start)} not stored, will retry: {exc}"
+                        stats.errors.append(msg)
+                        log.warning(msg)
+                        frozen = True
+                        continue
+                    if not frozen:
+                        if start == contiguous:
+                            contiguous = stop_
+                        elif start > contiguous:
+                            frozen = True  # a gap: the API skipped buckets; ask again next poll
+                position = max(position, contiguous)
+                self.delivery.commit_page(
+                    self.name,
+                    self.width,
+                    lines=lines,
+                    observations=updates,
+                    cursor=Cursor(cur.origin, position),
+                    prune_before=min(position, final_before),
+                )
+                body = buckets = None  # drop the parsed page before the next (ungated) fetch
+                stats.events += len(lines)
+                lines = updates = None
+                memory.trim()  # hand the page's freed heap back (see agent_input/memory.py)
             if self.progress:
                 self.progress.update(self.name, contiguous - resume, end - resume)
             if not more or self.stop.is_set():
@@ -288,18 +311,21 @@ class UsageCollector:
     ) -> None:
         """Compare a bucket with what was emitted for it; emit first observations and corrections."""
         spec = self.spec
-        current: dict[str, tuple[Mapping, dict[str, float]]] = {}
+        extract, group_key = self._extract, self._group_key
+        current: dict[str, tuple[Mapping, dict[str, float], tuple]] = {}
         for result in _results(bucket):
-            counters = self._counters(result, start)
-            key = group_json(spec.group_key(result))
+            counters = extract(result)
+            group = group_key(result)
+            key = group_json(group)
             if key in current:  # the same group twice: add them up rather than lose one
-                prev_result, prev_counters = current[key]
+                prev_counters = current[key][1]
                 for k, v in counters.items():
                     prev_counters[k] = prev_counters.get(k, 0) + v
             else:
-                current[key] = (result, counters)
+                current[key] = (result, counters, group)
         out: list[tuple[str, dict]] = []
-        for key, (result, counters) in current.items():
+        event, append, add_update = self._event, out.append, updates.append
+        for key, (result, counters, group) in current.items():
             old = previous.get(key)
             if old is None:
                 revision, values = 0, counters
@@ -309,8 +335,8 @@ class UsageCollector:
                     continue
                 revision = old.revision + 1
                 stats.corrections += 1
-            out.append(self._event(start, stop_, result, values, revision, created))
-            updates.append((start, key, revision, counters))
+            append(event(start, stop_, result, values, revision, created, group))
+            add_update((start, key, revision, counters))
         for key, old in previous.items():
             if key in current or not any(old.counters.values()):
                 continue
@@ -322,10 +348,10 @@ class UsageCollector:
             out.append(self._event(start, stop_, result, values, old.revision + 1, created))
             updates.append((start, key, old.revision + 1, zero))
             stats.corrections += 1
-        for doc_id, doc in out:
-            lines.append(serialize(doc_id, doc))
+        lines.extend([serialize(doc_id, doc) for doc_id, doc in out])
 
-    def _event(self, start: int, stop_: int, result: Mapping, values: Mapping, revision: int, created: str):
+    def _event(self, start: int, stop_: int, result: Mapping, values: Mapping, revision: int, created: str,
+               group: tuple | None = None):
         doc_id, doc = usage_event(
             self.spec,
             bucket_start=start,
@@ -336,12 +362,17 @@ class UsageCollector:
             revision=revision,
             namespace=self.namespace,
             created=created,
+            group=group,
         )
         if self.enrich is not None:
             self.enrich(doc)
         return doc_id, doc
 
     def _counters(self, result: Any, start: int) -> dict[str, float]:
+        return self._extract(result)
+
+    def _counters_checked(self, result: Any) -> dict[str, float]:
+        """The reference check of one result; the fast extractor defers to it for anything unusual."""
         if not isinstance(result, Mapping):
             raise BadBucket(f"a result is not an object: {result!r:.80}")
         counters: dict[str, float] = {}
@@ -363,6 +394,45 @@ class UsageCollector:
 
 class BadPage(BadBucket):
     """A whole page does not match the API reference."""
+
+
+def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float]]:
+    """`result -> counters` for one spec, raising BadBucket on anything the API reference forbids.
+
+    The hot loop of a backfill runs this once per result: plain dicts with flat int/float counters
+    and str/bool/None dimensions take the fast path; anything else (nested fields, int subclasses,
+    non-finite floats, wrong types) goes through the reference check, which raises the message.
+    """
+    if any("." in f for f in spec.counters + spec.dimensions):
+        checker = UsageCollector.__new__(UsageCollector)
+        checker.spec = spec
+        return checker._counters_checked
+    slow = UsageCollector.__new__(UsageCollector)
+    slow.spec = spec
+    # straight-line code per spec (no per-field loop): this runs once per result of a backfill
+    src = ["def extract(result):", "    if type(result) is not dict: return checked(result)",
+           "    get = result.get", "    counters = {}"]
+    for name in spec.counters:
+        missing = "return checked(result)" if name in spec.required else "pass"
+        src += [f"    v = get({name!r}); t = type(v)",
+                f"    if t is int or (t is float and isfinite(v)): counters[{name!r}] = v",
+                f"    elif v is None: {missing}",
+                "    else: return checked(result)"]
+    for name in spec.dimensions:
+        src += [f"    t = type(get({name!r}))",
+                "    if t is not str and t is not NoneType and t is not bool: return checked(result)"]
+    src.append("    return counters")
+    namespace = {"checked": slow._counters_checked, "isfinite": math.isfinite, "NoneType": type(None)}
+    exec(compile("\n".join(src), f"<extract {spec.name}>", "exec"), namespace)  # noqa: S102
+    extract = namespace["extract"]
+    return extract
+
+
+def _group_keyer(spec: UsageStreamSpec) -> Callable[[Mapping], tuple]:
+    if any("." in f for f in spec.group_by):
+        return spec.group_key
+    group_by = spec.group_by
+    return lambda result: tuple(map(result.get, group_by))
 
 
 def _results(bucket: Mapping) -> Any:
@@ -388,7 +458,9 @@ def _describe(result: Mapping) -> str:
 def _difference(new: Mapping[str, float], old: Mapping[str, float]) -> dict[str, float]:
     """Counter-wise new - old, only where it differs (floats rounded to kill binary noise)."""
     out: dict[str, float] = {}
-    for key in new.keys() | old.keys():
+    # in a stable order (new's keys, then old's extras), so a correction's bytes do not depend on
+    # the process's string hash seed
+    for key in list(new) + [k for k in old if k not in new]:
         delta = new.get(key, 0) - old.get(key, 0)
         if isinstance(delta, float):
             delta = round(delta, 9)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import urlencode
 
+import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
@@ -237,13 +238,37 @@ class AdminApiClient:
 
     def get_json(self, path: str, params: Mapping[str, Any] | None = None) -> dict:
         """GET `path` (e.g. "/v1/organization/usage/completions") and return the JSON object."""
+        return self.parse(self.get_raw(path, params), path)
+
+    def get_raw(self, path: str, params: Mapping[str, Any] | None = None) -> bytes:
+        """GET `path` with every retry rule of `get_json`, and return the 2xx body unparsed.
+
+        For callers that bound how many big pages are parsed at once (the usage engine): the
+        wait for the network stays concurrent, the memory-heavy parse does not.
+        """
         try:
-            return self._get_json(path, params)
+            return self._get_raw(path, params)
         except ApiError:
             self._count(errors=1)
             raise
 
-    def _get_json(self, path: str, params: Mapping[str, Any] | None) -> dict:
+    def parse(self, content: bytes, path: str = "") -> dict:
+        """The JSON object in a 2xx body (orjson straight from bytes: no str copy of the page),
+        or MalformedResponseError."""
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            self._count(errors=1)
+            text = content[:120].decode("utf-8", "replace") if content else "(empty body)"
+            raise MalformedResponseError(200, f"response is not JSON: {text!r}", "malformed_response",
+                                         path) from None
+        if not isinstance(body, dict):
+            self._count(errors=1)
+            raise MalformedResponseError(200, f"expected a JSON object, got {type(body).__name__}",
+                                         "malformed_response", path)
+        return body
+
+    def _get_raw(self, path: str, params: Mapping[str, Any] | None) -> bytes:
         url = self.url_for(path)
         query = _encode_params(params)
         headers = {"Authorization": f"Bearer {self._key.reveal()}"}
@@ -281,7 +306,7 @@ class AdminApiClient:
             status = response.status_code
             log.debug("GET %s -> %d in %.0f ms", path, status, elapsed_ms)
             if 200 <= status < 300:
-                return self._parse(response, path)
+                return response.content
 
             message, code, etype = _error_details(response)
             if status in RETRY_STATUSES:
@@ -306,19 +331,6 @@ class AdminApiClient:
                 self._sleep(delay)
                 continue
             raise _typed_error(status, message, code, path, etype)
-
-    def _parse(self, response: requests.Response, path: str) -> dict:
-        try:
-            body = response.json()
-        except ValueError:
-            snippet = response.text[:120] if response.text else "(empty body)"
-            raise MalformedResponseError(response.status_code, f"response is not JSON: {snippet!r}",
-                                         "malformed_response", path) from None
-        if not isinstance(body, dict):
-            raise MalformedResponseError(response.status_code,
-                                         f"expected a JSON object, got {type(body).__name__}",
-                                         "malformed_response", path)
-        return body
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""

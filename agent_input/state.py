@@ -93,6 +93,9 @@ class StateStore:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # 512 KiB page cache per connection (default 2 MiB): there is one connection per
+            # stream thread and the outbox blobs passing through would fill every one of them
+            conn.execute("PRAGMA cache_size=-512")
             self._local.conn = conn
         return conn
 
