@@ -141,12 +141,7 @@ class StateStore:
         (None when the page produced no documents, only a cursor move)."""
         conn = self._conn()
         with _transaction(conn):
-            batch = None
-            if events:
-                batch = conn.execute(
-                    "INSERT INTO outbox (stream, events, payload) VALUES (?, ?, ?)",
-                    (stream, events, payload),
-                ).lastrowid
+            batch = _insert_batch(conn, stream, payload, events)
             conn.executemany(
                 "INSERT OR REPLACE INTO observations VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -194,14 +189,18 @@ class StateStore:
         """Outbox batch plus key/value state (e.g. an audit cursor) in one transaction."""
         conn = self._conn()
         with _transaction(conn):
-            batch = None
-            if events:
-                batch = conn.execute(
-                    "INSERT INTO outbox (stream, events, payload) VALUES (?, ?, ?)",
-                    (stream, events, payload),
-                ).lastrowid
+            batch = _insert_batch(conn, stream, payload, events)
             conn.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)", kv.items())
         return batch
+
+
+def _insert_batch(conn: sqlite3.Connection, stream: str, payload: bytes, events: int) -> int | None:
+    """An outbox row for a non-empty batch (inside the caller's transaction)."""
+    if not events:
+        return None
+    return conn.execute(
+        "INSERT INTO outbox (stream, events, payload) VALUES (?, ?, ?)", (stream, events, payload)
+    ).lastrowid
 
 
 class _transaction:
