@@ -1,0 +1,206 @@
+"""Fault injection from the simulator into the real client and engine: 429 storms (Retry-After
+honoured and counted), 5xx bursts, connection resets, responses slower than the timeout, a page of
+malformed JSON, a page whose results violate the spec. Every good bucket is delivered, each bad one
+is reported with what was wrong, nothing crashes, and the cursor never moves past a bucket that was
+not delivered.
+
+Reads are made 2h after the buckets end (finalization grace) with no revision window, so what is
+read is final and nothing is re-read later: a bucket the cursor skipped would stay missing."""
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from agent_input.engine import Delivery, Engine, UsageCollector
+from agent_input.http_client import AdminApiClient, ApiError
+from agent_input.outputs import NdjsonOutput
+from agent_input.simulator import FaultRule
+from agent_input.state import StateStore
+from agent_input.streams import STREAMS_BY_NAME
+
+from conftest import ADMIN_KEY, T0, dedupe, stored_totals, truth_totals
+
+STREAMS = ("completions", "embeddings")
+START, END = int(T0 - 4 * 3600), int(T0 - 2 * 3600)
+
+
+class Harness:
+    def __init__(self, sim, tmp_path, *, timeout: float = 5.0, max_retries: int = 4):
+        self.sim = sim
+        sim.max_results_per_page = 40  # several pages per stream: faults can hit a middle one
+        self.sleeps: list[float] = []
+        self.store = StateStore(tmp_path / "state")
+        self.out = io.BytesIO()
+        self.delivery = Delivery(self.store, NdjsonOutput(self.out))
+        self.clients, self.collectors = [], []
+        for name in STREAMS:
+            client = AdminApiClient(sim.base_url, ADMIN_KEY, timeout=timeout, max_retries=max_retries,
+                                    backoff_base=0.01, backoff_cap=0.02, sleep=self.sleeps.append)
+            cfg = SimpleNamespace(name=name, bucket_width="1m", interval=300, initial_interval=4 * 3600,
+                                  finalization_grace=2 * 3600, effective_revision_window=0)
+            self.clients.append(client)
+            self.collectors.append(UsageCollector(STREAMS_BY_NAME[name], cfg, client, self.delivery,
+                                                  clock=sim.now))
+
+    def poll_all(self) -> list:
+        """Each stream once, as the engine would: an exception is a failed poll, not a crash."""
+        results = []
+        for c in self.collectors:
+            try:
+                results.append(c.poll(T0))
+            except ApiError as exc:
+                results.append(exc)
+        return results
+
+    def docs(self) -> list[dict]:
+        return dedupe([json.loads(line) for line in self.out.getvalue().splitlines()])
+
+    def delivered_starts(self, stream: str) -> set[int]:
+        from datetime import datetime
+
+        ds = STREAMS_BY_NAME[stream].dataset
+        return {int(datetime.fromisoformat(d["openai"]["base"]["start_time"].replace("Z", "+00:00")).timestamp())
+                for d in self.docs() if d["data_stream"]["dataset"] == ds}
+
+    def assert_cursor_never_past_undelivered(self):
+        """Every bucket with usage below a stream's cursor has been delivered."""
+        for name in STREAMS:
+            cur = self.store.cursor(name, "1m")
+            if cur is None:
+                continue
+            busy = {b for b in range(START, cur.position, 60)
+                    if truth_totals(self.sim, name, b, b + 60)}
+            missing = busy - self.delivered_starts(name)
+            assert not missing, f"{name}: cursor at {cur.position} is past undelivered buckets {sorted(missing)[:3]}"
+
+    def assert_truth(self):
+        self.sim.clear_faults()
+        for _ in range(3):
+            self.poll_all()
+        docs = self.docs()
+        for name in STREAMS:
+            assert self.store.cursor(name, "1m").position == END
+            assert stored_totals(docs, name, START, END) == truth_totals(self.sim, name, START, END), name
+        assert self.store.pending_count() == 0
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+        self.store.close()
+
+
+@pytest.fixture
+def h(simulator, tmp_path):
+    harness = Harness(simulator, tmp_path)
+    yield harness
+    harness.close()
+
+
+def test_429_storm_retry_after_is_honoured_and_counted(h):
+    h.sim.add_fault(FaultRule(kind="429", path="usage/completions", count=4, retry_after=3))
+    stats = h.poll_all()
+    assert not any(isinstance(s, Exception) for s in stats)
+    client = h.clients[0]
+    assert client.stats.throttled == 4 and client.stats.retries == 4
+    assert client.stats.retry_after_seconds_total == 12
+    assert h.sleeps.count(3) == 4, "every Retry-After was slept in full"
+    h.assert_truth()
+
+
+def test_429_storm_longer_than_the_retries_keeps_the_cursor(h):
+    h.sim.add_fault(FaultRule(kind="429", path="usage/completions", skip=1, count=50, retry_after=1))
+    first = h.poll_all()
+    assert isinstance(first[0], ApiError) and "throttled" in str(first[0])
+    assert h.clients[0].stats.throttled == 5  # 1 try + 4 retries
+    h.assert_cursor_never_past_undelivered()
+    h.assert_truth()
+
+
+@pytest.mark.parametrize("kind", ["500", "502", "503"])
+def test_5xx_burst_is_retried(h, kind):
+    h.sim.add_fault(FaultRule(kind=kind, path="usage/", skip=1, count=3))
+    assert not any(isinstance(s, Exception) for s in h.poll_all())
+    assert sum(c.stats.retries for c in h.clients) == 3
+    h.assert_truth()
+
+
+def test_connection_resets_are_retried(h):
+    h.sim.add_fault(FaultRule(kind="reset", path="usage/", skip=2, count=3))
+    assert not any(isinstance(s, Exception) for s in h.poll_all())
+    assert sum(c.stats.retries for c in h.clients) == 3
+    h.assert_truth()
+
+
+def test_responses_slower_than_the_timeout_are_retried(simulator, tmp_path):
+    h = Harness(simulator, tmp_path, timeout=0.3)
+    try:
+        simulator.add_fault(FaultRule(kind="slow", path="usage/embeddings", skip=1, count=2, delay=1.0))
+        assert not any(isinstance(s, Exception) for s in h.poll_all())
+        assert h.clients[1].stats.retries == 2
+        h.assert_truth()
+    finally:
+        h.close()
+
+
+def test_a_malformed_json_page_fails_the_poll_and_keeps_the_cursor(h):
+    h.sim.add_fault(FaultRule(kind="malformed_json", path="usage/completions", skip=2, count=1))
+    first = h.poll_all()
+    assert isinstance(first[0], ApiError) and "not JSON" in str(first[0])
+    assert not isinstance(first[1], Exception)
+    # the first two pages were stored; the cursor stops where the bad page began
+    assert START < h.store.cursor("completions", "1m").position < END
+    h.assert_cursor_never_past_undelivered()
+    h.assert_truth()
+
+
+def test_a_page_violating_the_spec_reports_each_bad_bucket_and_delivers_the_rest(h):
+    h.sim.add_fault(FaultRule(kind="invalid_results", path="usage/completions", skip=1, count=1))
+    first = h.poll_all()
+    stats = first[0]
+    assert stats.bad_buckets == 1
+    assert any("not integers" in e or "not a number" in e or "lacks required" in e for e in stats.errors), stats.errors
+    h.assert_cursor_never_past_undelivered()
+    # the good buckets of that page and of the following pages were delivered in the same poll
+    delivered = h.delivered_starts("completions")
+    busy = {b for b in range(START, END, 60) if truth_totals(h.sim, "completions", b, b + 60)}
+    assert len(busy - delivered) <= 1, "only the bad bucket may be missing"
+    h.assert_truth()
+
+
+def test_results_with_nulls_wrong_types_and_missing_fields_are_named(h, monkeypatch):
+    """The engine's own report for each kind of spec violation in a result."""
+    col = h.collectors[0]
+    base = {"object": "organization.usage.completions.result", "input_tokens": 1, "output_tokens": 2,
+            "num_model_requests": 1, "project_id": "p", "user_id": None, "api_key_id": None,
+            "model": "m", "batch": False}
+    from agent_input.engine import BadBucket
+
+    cases = {
+        "null required": (dict(base, input_tokens=None), "lacks required `input_tokens`"),
+        "missing required": ({k: v for k, v in base.items() if k != "output_tokens"}, "lacks required `output_tokens`"),
+        "string counter": (dict(base, num_model_requests="3"), "`num_model_requests` is '3', not a number"),
+        "bool counter": (dict(base, input_tokens=True), "not a number"),
+        "nan counter": (dict(base, input_tokens=float("nan")), "not a number"),
+        "dimension not a string": (dict(base, project_id=7), "`project_id` is 7, not a string"),
+        "result not an object": ([1, 2], "a result is not an object"),
+    }
+    for name, (result, message) in cases.items():
+        with pytest.raises(BadBucket, match=".*") as info:
+            col._counters(result, 0)
+        assert message in str(info.value), (name, str(info.value))
+
+
+def test_the_engine_reports_and_carries_on(h):
+    """Through Engine.run: a failing stream is degraded with its reason, the other is healthy."""
+    h.sim.add_fault(FaultRule(kind="500", path="usage/completions", count=None))
+    statuses = []
+    engine = Engine(h.collectors, h.delivery, clock=lambda: T0,
+                    on_status=lambda s, st, r: statuses.append((s, st, r)))
+    assert engine.run(once=True) == 1
+    assert ("embeddings", "healthy", "") in statuses
+    assert any(s == "completions" and st == "degraded" and "500" in r for s, st, r in statuses), statuses
+    assert h.store.cursor("completions", "1m") is None
+    h.assert_truth()
