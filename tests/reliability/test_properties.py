@@ -1,0 +1,151 @@
+"""Property-based tests (hypothesis) of the cursor and revision logic against an in-memory API:
+for any sequence of polls, late revisions, API errors part-way through a poll, output failures
+(before or after the bytes went out) and restarts, the delivered documents, deduplicated by id,
+sum to the API's latest counts for every bucket and group; no id ever carries two contents."""
+from __future__ import annotations
+
+import json
+import tempfile
+from types import SimpleNamespace
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent_input.engine import Delivery, UsageCollector
+from agent_input.outputs import OutputError
+from agent_input.state import StateStore
+from agent_input.streams import STREAMS_BY_NAME
+
+W = 60
+T0 = 1763892000
+WINDOW = 30 * 60  # revision window
+SETTLE = 10 * 60  # the fake API revises a bucket for at most 10 minutes after it ends
+MAX_GAP = WINDOW - SETTLE  # so a successful poll always comes before a revision leaves the window
+GROUPS = ("a", "b", "c")
+
+
+class Api:
+    """Completions buckets up to `now` (the bucket in progress included, as the real API does)."""
+
+    def __init__(self, page_buckets: int):
+        self.now = T0
+        self.data: dict[int, dict[str, int]] = {}  # bucket start -> model -> input_tokens
+        self.page_buckets = page_buckets
+        self.fail_at: int | None = None  # the n-th request of the next poll raises
+        self.calls = 0
+
+    def get_json(self, path, params):
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            self.fail_at = None
+            raise ConnectionError("injected API failure")
+        start = int(params.get("page") or params["start_time"])
+        end = min(params["end_time"], self.now // W * W + W)
+        buckets, t = [], start
+        while t < end and len(buckets) < self.page_buckets:
+            results = [{"object": "organization.usage.completions.result", "input_tokens": v, "output_tokens": 0,
+                        "num_model_requests": 1, "project_id": "p", "user_id": None, "api_key_id": None,
+                        "model": m, "batch": False} for m, v in sorted(self.data.get(t, {}).items()) if v]
+            buckets.append({"object": "bucket", "start_time": t, "end_time": t + W, "results": results})
+            t += W
+        more = t < end
+        return {"object": "page", "data": buckets, "has_more": more, "next_page": str(t) if more else None}
+
+
+class Out:
+    def __init__(self):
+        self.delivered: list[bytes] = []
+        self.fail: str | None = None  # "before": nothing written; "after": written, never acked
+
+    def send(self, stream, payload, events, on_ack):
+        mode, self.fail = self.fail, None
+        if mode == "before":
+            raise OutputError("injected: output down")
+        self.delivered.append(payload)
+        if mode == "after":
+            raise OutputError("injected: crash before the ack")
+        on_ack()
+
+    def close(self):
+        pass
+
+
+step = st.tuples(
+    st.integers(0, 12),  # minutes to advance
+    st.lists(st.tuples(st.integers(0, 12), st.sampled_from(GROUPS), st.integers(0, 50)), max_size=4),  # revisions
+    st.sampled_from(["poll", "poll", "api_error", "output_before", "output_after", "restart"]),
+    st.integers(1, 4),  # which request of the poll fails
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(step, min_size=1, max_size=14), page_buckets=st.integers(1, 8),
+       initial=st.integers(1, 40))
+def test_delivered_sums_equal_the_truth(steps, page_buckets, initial):
+    api = Api(page_buckets)
+    for b in range(T0 - initial * W - W, T0, W):  # some history before the first poll
+        api.data[b] = {g: (b // W * 7 + i) % 13 for i, g in enumerate(GROUPS)}
+    out = Out()
+    cfg = SimpleNamespace(name="completions", bucket_width="1m", interval=300, initial_interval=initial * W,
+                          finalization_grace=0, effective_revision_window=WINDOW)
+    with tempfile.TemporaryDirectory() as tmp:
+        def start():
+            store = StateStore(tmp)
+            delivery = Delivery(store, out)
+            delivery.replay_pending()  # what Engine.run does first after a (re)start
+            return store, UsageCollector(STREAMS_BY_NAME["completions"], cfg, api, delivery, clock=lambda: api.now)
+
+        store, col = start()
+        last_ok = api.now
+        for minutes, revisions, action, fail_at in steps:
+            advance = minutes * W
+            if api.now + advance - last_ok > MAX_GAP:  # keep the revision-window promise of the API
+                advance, action = 0, "poll"
+            api.now += advance
+            for age, group, value in revisions:  # late revisions, only of buckets still settling
+                b = (api.now - age * W) // W * W - W
+                if b >= api.now - SETTLE - W and b >= T0 - initial * W - W:
+                    api.data.setdefault(b, {})[group] = value
+            api.calls = 0
+            if action == "restart":
+                store.close()
+                store, col = start()
+                action = "poll"
+            if action == "api_error":
+                api.fail_at = fail_at
+            elif action.startswith("output_"):
+                out.fail = action.split("_")[1]
+            try:
+                col.poll(api.now)
+            except (ConnectionError, OutputError):
+                if action == "output_after" or action == "output_before":
+                    store.close()
+                    store, col = start()  # the process died: restart re-sends the outbox
+                api.fail_at = None
+                continue
+            last_ok = api.now
+        # a last clean restart and poll
+        store.close()
+        store, col = start()
+        api.fail_at, out.fail = None, None
+        col.poll(api.now)
+        origin = store.cursor("completions", "1m").origin
+        end = api.now // W * W
+        store.close()
+
+    by_id: dict[str, dict] = {}
+    for payload in out.delivered:
+        for line in payload.splitlines():
+            doc = json.loads(line)
+            prev = by_id.setdefault(doc["_id"], doc)
+            assert prev == doc, "one id, two contents"
+    got: dict[tuple[int, str], int] = {}
+    for doc in by_id.values():
+        from datetime import datetime
+
+        b = int(datetime.fromisoformat(doc["openai"]["base"]["start_time"].replace("Z", "+00:00")).timestamp())
+        key = (b, doc["openai"]["base"]["model"])
+        got[key] = got.get(key, 0) + doc["openai"]["completions"].get("input_tokens", 0)
+    got = {k: v for k, v in got.items() if v}
+    want = {(b, g): v for b, groups in api.data.items() if origin <= b < end for g, v in groups.items() if v}
+    assert got == want
