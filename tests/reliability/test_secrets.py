@@ -1,0 +1,114 @@
+"""Secret hygiene: with the admin key and Elasticsearch credentials set, run check, collect (NDJSON
+and the direct Elasticsearch output) and run (the agent protocol) at DEBUG level with faults
+injected and wrong credentials, then search everything that was written (stdout, stderr, the
+state directories, output and dead-letter files) for the secrets, plain or base64-encoded."""
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from agent_input.simulator import FaultRule
+
+from conftest import ADMIN_KEY, T0
+from reliability_helpers import full_config
+
+ES_API_KEY = "ZXNfc2VjcmV0X2lkOmVzX3NlY3JldF9rZXlfOTg3NjU0"
+ES_USER, ES_PASSWORD = "elastic", "es-password-Zq8tR4mW2xY7"
+
+
+def _secrets() -> dict[str, bytes]:
+    basic = base64.b64encode(f"{ES_USER}:{ES_PASSWORD}".encode())
+    return {"admin key": ADMIN_KEY.encode(), "ES API key": ES_API_KEY.encode(),
+            "ES password": ES_PASSWORD.encode(), "ES basic auth header": basic,
+            "admin key (base64)": base64.b64encode(ADMIN_KEY.encode())}
+
+
+def _cli(args, env_extra, cwd) -> tuple[int, bytes, bytes]:
+    env = dict(os.environ)
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, "-m", "agent_input.cli", *args], capture_output=True, env=env,
+                          cwd=cwd, timeout=180)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_no_secret_in_anything_written(simulator, tmp_path):
+    from fake_es import FakeElasticsearch
+
+    written: dict[str, bytes] = {}
+    env = {"OPENAI_ADMIN_KEY": ADMIN_KEY, "ELASTIC_API_KEY": ES_API_KEY, "ELASTIC_USERNAME": ES_USER,
+           "ELASTIC_PASSWORD": ES_PASSWORD}
+    cfg = full_config(simulator.base_url)
+    cfg.pop("api_key")  # from OPENAI_ADMIN_KEY, as in production
+    cfg["max_retries"] = 2
+    cfg_path = tmp_path / "openai.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    faults = [FaultRule(kind="429", count=3, retry_after=1), FaultRule(kind="500", path="usage/", count=2),
+              FaultRule(kind="reset", path="usage/", skip=3, count=1),
+              FaultRule(kind="malformed_json", path="usage/images", count=1),
+              FaultRule(kind="invalid_results", path="usage/embeddings", count=1)]
+
+    def arm():
+        simulator.clear_faults()
+        for f in faults:
+            simulator.add_fault(FaultRule(**{k: v for k, v in f.to_dict().items() if k != "fired"}))
+
+    # check, with faults, then with a wrong admin key (the 401 explanation must not echo either key)
+    arm()
+    written["check stdout"], written["check stderr"] = _cli(
+        ["check", "--config", str(cfg_path), "--log-level", "DEBUG"], env, tmp_path)[1:]
+    wrong = dict(env, OPENAI_ADMIN_KEY=ADMIN_KEY[:-4] + "WXYZ")
+    written["check 401 stdout"], written["check 401 stderr"] = _cli(
+        ["check", "--config", str(cfg_path), "--log-level", "DEBUG"], wrong, tmp_path)[1:]
+
+    # collect to NDJSON with faults
+    arm()
+    simulator.set_time(T0)
+    _, written["collect stdout"], written["collect stderr"] = _cli(
+        ["collect", "--config", str(cfg_path), "--once", "--state-dir", str(tmp_path / "state-ndjson"),
+         "--output-path", str(tmp_path / "events.ndjson"), "--now", str(T0), "--log-level", "DEBUG"], env, tmp_path)
+
+    # collect into Elasticsearch (API key), with bulk faults; then with a wrong password
+    es = FakeElasticsearch("8.18.0", auth=f"ApiKey {ES_API_KEY}")
+    try:
+        es.fail_requests = [429, 503]
+        arm()
+        _, written["es stdout"], written["es stderr"] = _cli(
+            ["collect", "--config", str(cfg_path), "--once", "--state-dir", str(tmp_path / "state-es"),
+             "--output", "elasticsearch", "--es-url", es.url, "--now", str(T0), "--log-level", "DEBUG"],
+            env, tmp_path)
+        assert es.docs, "nothing reached the fake cluster: the run did not exercise the output"
+        basic_env = {k: v for k, v in env.items() if k != "ELASTIC_API_KEY"}
+        _, written["es 401 stdout"], written["es 401 stderr"] = _cli(
+            ["collect", "--config", str(cfg_path), "--once", "--state-dir", str(tmp_path / "state-es401"),
+             "--output", "elasticsearch", "--es-url", es.url, "--now", str(T0), "--log-level", "DEBUG"],
+            basic_env, tmp_path)
+    finally:
+        es.close()
+
+    # run: the agent protocol, the admin key inside the config message
+    from protocol_supervisor import Supervisor
+
+    arm()
+    sup = Supervisor(tmp_path / "state-run", T0, log_level="DEBUG")
+    sup.configure(full_config(simulator.base_url))
+    sup.wait_polled(["completions", "costs", "audit"], timeout=120)
+    sup.stop()
+    import json
+
+    written["run stdout"] = json.dumps(sup.messages).encode()
+    written["run stderr"] = sup.stderr_text().encode()
+
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.name != "openai.yml":  # the config is the user's own file
+            written[str(path.relative_to(tmp_path))] = path.read_bytes()
+    assert len(written) > 12
+    assert any(b"429" in v for k, v in written.items() if "stderr" in k), "the faults were not exercised"
+
+    leaks = [f"{what} in {where}" for where, data in written.items() for what, secret in _secrets().items()
+             if secret in data]
+    assert not leaks, leaks
