@@ -255,13 +255,18 @@ class UsageCollector:
                         elif start > contiguous:
                             frozen = True  # a gap: the API skipped buckets; ask again next poll
                 position = max(position, contiguous)
+                prune_before = min(position, final_before)
+                if updates and updates[0][0] < prune_before:
+                    # a backfill's final buckets: their observations would be pruned in the same
+                    # transaction, so they are not written at all (most of a backfill's rows)
+                    updates = [u for u in updates if u[0] >= prune_before]
                 self.delivery.commit_page(
                     self.name,
                     self.width,
                     lines=lines,
                     observations=updates,
                     cursor=Cursor(cur.origin, position),
-                    prune_before=min(position, final_before),
+                    prune_before=prune_before,
                 )
                 body = buckets = None  # drop the parsed page before the next (ungated) fetch
                 stats.events += len(lines)

@@ -145,7 +145,7 @@ class StateStore:
             conn.executemany(
                 "INSERT OR REPLACE INTO observations VALUES (?, ?, ?, ?, ?, ?)",
                 (
-                    (stream, width, b, g, r, json.dumps(c, separators=(",", ":")))
+                    (stream, width, b, g, r, orjson.dumps(c).decode())  # compact JSON, as json.dumps gave
                     for b, g, r, c in observations
                 ),
             )
