@@ -249,6 +249,51 @@ def usage_event(
     return _blake2b(key, digest_size=20).hexdigest(), doc
 
 
+def mapper(spec: UsageStreamSpec, width: str, namespace: str):
+    """`usage_event` with one collector's constants bound, called positionally:
+    `(bucket_start, bucket_end, result, counters, revision, created, group) -> (id, document)`.
+
+    The engine calls this once per event; keyword arguments, the plan lookup and the shared
+    parts' lookup per call were a measurable share of the mapping path. Same documents and ids.
+    """
+    plan = _plan(spec)
+    if plan.build is None:
+        def generic(bucket_start, bucket_end, result, counters, revision, created, group=None):
+            return usage_event(spec, bucket_start=bucket_start, bucket_end=bucket_end, width=width, result=result,
+                               counters=counters, revision=revision, namespace=namespace, created=created,
+                               group=group)
+        return generic
+    build, name, group_by = plan.build, spec.name, plan.group_by
+    prefix = plan.id_prefix + width.encode() + b"|"
+    dumps, blake2b, iso = orjson.dumps, _blake2b, iso_timestamp
+    shared: list = [None, None]  # (created, common parts) of the last call: one poll shares them
+
+    def map_one(bucket_start, bucket_end, result, counters, revision, created, group=None):
+        start_iso = iso(bucket_start)
+        base = {"start_time": start_iso, "end_time": iso(bucket_end)}
+        stream = build(result, counters, base)
+        base["bucket_width"] = width
+        base["revision"] = revision
+        if shared[0] != created:
+            shared[1] = _common(plan, namespace, created)
+            shared[0] = created
+        ecs_, data_stream, event, tags = shared[1]
+        doc = {
+            "@timestamp": start_iso,
+            "ecs": ecs_,
+            "data_stream": data_stream,
+            "event": event,
+            "openai": {"base": base, name: stream} if stream else {"base": base},
+            "tags": tags,
+        }
+        if group is None:
+            group = tuple(map(result.get, group_by))
+        key = b"%s%d|%s|%d" % (prefix, bucket_start, dumps(group), revision)
+        return blake2b(key, digest_size=20).hexdigest(), doc
+
+    return map_one
+
+
 def _set_path(target: dict, dotted: str, value: Any) -> None:
     """Set `a.b.c` inside nested dicts (costs keep `amount.value`)."""
     if "." not in dotted:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from . import memory
-from .ecs import iso_timestamp, to_ndjson_line, usage_event
+from .ecs import iso_timestamp, mapper, to_ndjson_line, usage_event
 from .outputs import Output, OutputError
 from .state import Cursor, Observation, StateStore, group_json
 from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
@@ -163,6 +163,7 @@ class UsageCollector:
         self.grace = config.finalization_grace if spec.has_grace else 0
         self.revision_window = config.effective_revision_window
         self._extract = _counter_extractor(spec)
+        self._map = mapper(spec, self.width, namespace)
         self._group_key = _group_keyer(spec)
 
     # The window a poll at `now` covers, per the seed's worked example.
@@ -357,18 +358,7 @@ class UsageCollector:
 
     def _event(self, start: int, stop_: int, result: Mapping, values: Mapping, revision: int, created: str,
                group: tuple | None = None):
-        doc_id, doc = usage_event(
-            self.spec,
-            bucket_start=start,
-            bucket_end=stop_,
-            width=self.width,
-            result=result,
-            counters=values,
-            revision=revision,
-            namespace=self.namespace,
-            created=created,
-            group=group,
-        )
+        doc_id, doc = self._map(start, stop_, result, values, revision, created, group)
         if self.enrich is not None:
             self.enrich(doc)
         return doc_id, doc
