@@ -80,6 +80,7 @@ def build(
 
         names = NameCache.from_config(config, clock=clock)
         clients.append(names.client)
+        names.warm_up()  # the first listing overlaps the first usage requests
     for stream in config.enabled_streams():
         client = AdminApiClient.from_config(config)
         if stream.name in STREAMS_BY_NAME:

@@ -259,3 +259,26 @@ def test_build_wires_every_stream_and_names(simulator, tmp_path):
     assert any("user_email" in d["openai"]["base"] for d in usage)
     for d in docs[:2000]:
         assert undeclared_fields({k: v for k, v in d.items() if k != "_id"}) == []
+
+
+def test_listings_run_on_their_own_clients_and_one_failure_costs_only_its_names(simulator):
+    """Users and each project's keys are listed concurrently, each worker with its own session."""
+    from agent_input.simulator import FaultRule
+
+    org = simulator.org
+    made: list[AdminApiClient] = []
+
+    def factory():
+        made.append(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0))
+        return made[-1]
+
+    broken = org.projects[0].id
+    simulator.add_fault(FaultRule(kind="500", path=f"/v1/organization/projects/{broken}/api_keys", count=None))
+    cache = NameCache(factory(), clock=simulator.now, client_factory=factory)
+    cache.refresh()
+    assert len(made) > 2, "listings should run on worker clients, not the cache's own"
+    assert any(f"api keys of {broken}" in f for f in cache.failures)
+    healthy = [k for k in org.keys if k.project_id != broken]
+    assert healthy and all(cache.api_key_name(k.id) == k.name for k in healthy)
+    assert all(cache.user_email(u.id) == u.email for u in org.users)
+    cache.close()
