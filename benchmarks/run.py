@@ -13,8 +13,8 @@ What it measures (the simulator always runs in its own process, as the real API 
    seed's default page sizes (60/24/7 buckets) would need, events, wall time, events/s, peak RSS,
    collector CPU, and the critical path: the longest chain of dependent requests x latency, i.e.
    the most pages any one stream needed, or the name cache's listings if that chain is longer
-   (users are cursor-paginated, and names.py lists each project's keys one after another; the
-   listing starts once the first usage page is being mapped, so that page counts too). The
+   (projects first, then users and each project's keys on names.LISTING_WORKERS workers, from
+   the collector's start). The
    ratio wall / critical path is what "streams fetched concurrently" is judged by (target <= 1.3).
 2. Steady state: after the large-org 24h@1m backfill, one long-lived collector (in this process,
    the simulator still remote) polls every 5 simulated minutes with the default revision window
@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent_input.streams import MAX_LIMIT, USAGE_STREAMS, WIDTH_SECONDS  # noqa: E402
+from agent_input.names import LISTING_WORKERS  # noqa: E402
 
 SEED_DEFAULT_LIMIT = {"1m": 60, "1h": 24, "1d": 7}  # the seed's default page sizes
 NOW = 1763892000  # 2026-11-23T10:00:00Z
@@ -58,6 +59,16 @@ KEY = "sk-admin-sim"  # the simulator's default admin key
 BACKFILLS = {"24h@1m": ("1m", 86400), "15d@1h": ("1h", 15 * 86400), "180d@1d": ("1d", 180 * 86400)}
 QUICK_BACKFILLS = {"1h@1m": ("1m", 3600), "2d@1h": ("1h", 2 * 86400), "14d@1d": ("1d", 14 * 86400)}
 NAME_PATHS = re.compile(r"^/v1/organization/(projects|users)(/[^/]+/api_keys)?$")
+
+
+def _names_chain(names_paths: dict[str, int]) -> int:
+    """The name cache's chain of dependent requests: the projects pages (they give the ids), then
+    users and every project's keys on LISTING_WORKERS workers, users' pages one after another.
+    It starts when the collector starts (names.warm_up), beside the first usage requests."""
+    projects = names_paths.get("/v1/organization/projects", 0)
+    users = names_paths.get("/v1/organization/users", 0)
+    keys = sum(n for p, n in names_paths.items() if p.endswith("/api_keys"))
+    return projects + max(users, math.ceil((users + keys) / LISTING_WORKERS)) if names_paths else 0
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -156,9 +167,7 @@ def backfill(sim: Sim, org: str, name: str, width: str, span: int, latency_ms: i
     names_paths = {p: n for p, n in by_path.items() if NAME_PATHS.match(p)}
     per_stream = {p.rsplit("/", 1)[1]: n for p, n in usage_paths.items()}
     long_pole, pole_pages = max(per_stream.items(), key=lambda kv: kv[1]) if per_stream else ("-", 0)
-    # names.refresh lists one page after another, and it starts when the first usage page is
-    # processed (the first document needs the names): that page is part of the chain
-    names_chain = sum(names_paths.values()) + 1 if names_paths else 0
+    names_chain = _names_chain(names_paths)
     chain = max(pole_pages, names_chain)
     with open(out, "rb") as fh:
         events = sum(1 for _ in fh)
@@ -172,7 +181,7 @@ def backfill(sim: Sim, org: str, name: str, width: str, span: int, latency_ms: i
         "events": events, "wall_s": wall, "events_per_s": events / wall if wall else 0.0,
         "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
         "sim_cpu_s": sim.cpu() - sim_cpu0,
-        "long_pole": f"{long_pole} ({pole_pages} pages)" if pole_pages >= names_chain else f"1 page + names ({names_chain - 1})",
+        "long_pole": f"{long_pole} ({pole_pages} pages)" if pole_pages >= names_chain else f"names ({names_chain} deep)",
         "usage_chain": pole_pages, "chain": chain, "critical_s": critical,
         "ratio": wall / critical if critical else float("nan"),
         "state": str(state), "config": str(cfg),
