@@ -30,7 +30,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Delivery, PollStats, serialize
+from .engine import Delivery, PollingCollector, PollStats, serialize
 from .http_client import PermissionDeniedError, explain
 
 log = logging.getLogger("agent_input.audit")
@@ -51,7 +51,7 @@ class BadAuditPage(ValueError):
     """An audit page that does not match the API reference."""
 
 
-class AuditCollector:
+class AuditCollector(PollingCollector):
     """The Collector for `openai.audit` (see engine.Collector)."""
 
     name = "audit"
@@ -68,15 +68,8 @@ class AuditCollector:
         clock: Callable[[], float] = time.time,
         **_: Any,
     ):
+        super().__init__(stream, client, delivery, namespace=namespace, stop=stop, clock=clock)
         self.config = config
-        self.stream = stream
-        self.client = client
-        self.delivery = delivery
-        self.store = delivery.store
-        self.namespace = namespace
-        self.stop = stop or threading.Event()
-        self.clock = clock
-        self.interval = stream.interval
         self.initial_interval = stream.initial_interval or 86400
         self.batch_size = stream.batch_size or 100
         self.preserve_original = bool(getattr(config, "preserve_original_event", False))

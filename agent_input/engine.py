@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from . import memory
-from .ecs import iso_timestamp, mapper, to_ndjson_line, usage_event
+from .ecs import iso_timestamp, mapper, to_ndjson_line
 from .outputs import Output, OutputError
 from .state import Cursor, Observation, StateStore, group_json
 from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
@@ -130,7 +130,33 @@ def _floor(ts: float, width: int) -> int:
     return int(math.floor(ts / width)) * width
 
 
-class UsageCollector:
+class PollingCollector:
+    """What every collector holds: the client it reads with, the delivery it writes through,
+    and when it polls. Subclasses implement `poll(now)` (see `Collector`)."""
+
+    name: str
+
+    def __init__(
+        self,
+        stream,  # config.StreamConfig
+        client,  # http_client.AdminApiClient
+        delivery: Delivery,
+        *,
+        namespace: str = "default",
+        stop: threading.Event | None = None,
+        clock: Clock = time.time,
+    ):
+        self.stream = stream
+        self.client = client
+        self.delivery = delivery
+        self.store = delivery.store
+        self.namespace = namespace
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self.interval = stream.interval
+
+
+class UsageCollector(PollingCollector):
     """Drives one usage-like endpoint: windows, grace, revisions, pages, outbox."""
 
     def __init__(
@@ -146,20 +172,14 @@ class UsageCollector:
         clock: Clock = time.time,
         enrich: Callable[[dict], None] | None = None,
     ):
+        super().__init__(config, client, delivery, namespace=namespace, stop=stop, clock=clock)
         self.spec = spec
         self.name = spec.name
         self.config = config
-        self.client = client
-        self.delivery = delivery
-        self.store = delivery.store
-        self.namespace = namespace
-        self.stop = stop or threading.Event()
         self.progress = progress
-        self.clock = clock
         self.enrich = enrich
         self.width = config.bucket_width
         self.width_s = WIDTH_SECONDS[self.width]
-        self.interval = config.interval
         self.grace = config.finalization_grace if spec.has_grace else 0
         self.revision_window = config.effective_revision_window
         self._extract = _counter_extractor(spec)
@@ -183,7 +203,6 @@ class UsageCollector:
         cur, resume, end, final_before = self.window(now)
         if resume >= end:
             return stats
-        w = self.width_s
         created = iso_timestamp(self.clock())
         seen = self.store.observations(self.name, self.width, resume, end)
         params: dict[str, Any] = {

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Delivery, PollStats, serialize
+from .engine import Delivery, PollingCollector, PollStats, serialize
 from .http_client import ApiError, AuthenticationError, PermissionDeniedError
 
 log = logging.getLogger("agent_input.rate_limits")
@@ -36,7 +36,7 @@ KV_LAST_CYCLE = "rate_limits:last_cycle"
 MAX_PAGES = 10_000
 
 
-class RateLimitsCollector:
+class RateLimitsCollector(PollingCollector):
     """The Collector for `openai.rate_limits` (see engine.Collector)."""
 
     name = "rate_limits"
@@ -53,14 +53,8 @@ class RateLimitsCollector:
         clock: Callable[[], float] = time.time,
         **_: Any,
     ):
+        super().__init__(stream, client, delivery, namespace=namespace, stop=stop, clock=clock)
         self.config = config
-        self.client = client
-        self.delivery = delivery
-        self.store = delivery.store
-        self.namespace = namespace
-        self.stop = stop or threading.Event()
-        self.clock = clock
-        self.interval = stream.interval
         self.batch_size = stream.batch_size or 100
         self.include_archived = bool(stream.include_archived)
 

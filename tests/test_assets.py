@@ -1,7 +1,6 @@
 """The asset bundle, offline: fields vs the seed, mappings, templates, pipelines, Kibana objects."""
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -142,16 +141,12 @@ def test_one_type_per_field_across_datasets():
 
 def _collector_documents():
     """One document per collector stream with every dimension and counter set, built with the
-    collector's own mapper (`agent_input.ecs.usage_event`), or None when it is not there."""
-    try:
-        ecs = importlib.import_module("agent_input.ecs")
-        streams = importlib.import_module("agent_input.streams")
-        specs = list(streams.STREAMS_BY_NAME.values())
-    except (ImportError, AttributeError):
-        return None
+    collector's own mappers, plus rate-limit, collection-status and audit documents."""
+    from agent_input import audit, ecs, rate_limits, streams
+
     docs = []
-    for spec in specs:
-        result = {"object": f"organization.usage.{spec.name}.result"}
+    for spec in streams.STREAMS_BY_NAME.values():
+        result = {"object": spec.object_type}
         for dim in spec.dimensions:
             value = False if dim == "batch" else "x"
             node = result
@@ -160,55 +155,78 @@ def _collector_documents():
                 node = node.setdefault(part, {})
             node[leaf] = value
         counters = {c: 1 for c in spec.counters}
-        try:
-            _id, doc = ecs.usage_event(spec, bucket_start=1_700_000_000, bucket_end=1_700_000_060, width="1m",
-                                       result=result, counters=counters, revision=1, namespace="default",
-                                       created="2026-01-01T00:00:00.000Z")
-        except TypeError as exc:  # the collector's mapper changed shape: wire it again
-            pytest.skip(f"agent_input.ecs.usage_event signature changed: {exc}")
+        _id, doc = ecs.usage_event(spec, bucket_start=1_700_000_000, bucket_end=1_700_000_060, width="1m",
+                                   result=result, counters=counters, revision=1, namespace="default",
+                                   created="2026-01-01T00:00:00.000Z")
+        base = doc["openai"]["base"]  # what names.enrich adds where the id is there
+        for id_field, name_field in (("project_id", "project_name"), ("user_id", "user_email"),
+                                     ("api_key_id", "api_key_name")):
+            if id_field in base:
+                base[name_field] = "n"
         docs.append(doc)
-    docs += _collector_limit_and_audit_documents()
+    row = {"id": "rl_1", "object": "project.rate_limit", "model": "gpt-4o-mini-2024-07-18",
+           "max_requests_per_1_minute": 500, "max_tokens_per_1_minute": 200000,
+           "max_images_per_1_minute": 50, "max_audio_megabytes_per_1_minute": 10,
+           "max_requests_per_1_day": 10000, "max_tokens_per_1_day": 9000000,
+           "batch_1_day_max_input_tokens": 2000000}
+    project = {"id": "proj_a", "name": "A", "status": "active"}
+    docs.append(rate_limits.limit_event(row, project, collected=1_700_000_000)[1])
+    docs.append(rate_limits.status_event(collected=1_700_000_000, projects=1, limits=1, failed_projects=1,
+                                         error="projects list: 500")[1])
+    entry = json.loads(SEED_EXAMPLES["audit"]["event"]["original"])
+    entry["project"] = {"id": "proj_a", "name": "A"}
+    entry["login.succeeded"] = {}
+    docs.append(audit.audit_event(entry, preserve_original=True)[1])
+    key_entry = {"id": "audit_log-2", "type": "api_key.created", "effective_at": 1_700_000_000,
+                 "actor": {"type": "api_key", "api_key": {"id": "key_1", "type": "user",
+                                                          "user": {"id": "user-1", "email": "a@b.c"}}},
+                 "api_key.created": {"id": "key_2", "data": {"scopes": ["api.model.request"]}}}
+    docs.append(audit.audit_event(key_entry)[1])
     return docs
 
 
-def _collector_limit_and_audit_documents():
-    """The rate-limit, collection-status and audit documents, from the collector's mappers."""
-    out = []
-    try:
-        rl = importlib.import_module("agent_input.rate_limits")
-        row = {"id": "rl_1", "object": "project.rate_limit", "model": "gpt-4o-mini-2024-07-18",
-               "max_requests_per_1_minute": 500, "max_tokens_per_1_minute": 200000,
-               "max_images_per_1_minute": 50, "max_audio_megabytes_per_1_minute": 10,
-               "max_requests_per_1_day": 10000, "max_tokens_per_1_day": 9000000,
-               "batch_1_day_max_input_tokens": 2000000}
-        project = {"id": "proj_a", "name": "A", "status": "active"}
-        out.append(rl.limit_event(row, project, collected=1_700_000_000)[1])
-        out.append(rl.status_event(collected=1_700_000_000, projects=1, limits=1, failed_projects=1,
-                                   error="projects list: 500")[1])
-    except (ImportError, AttributeError, TypeError):
-        pass
-    try:
-        audit = importlib.import_module("agent_input.audit")
-        entry = json.loads(SEED_EXAMPLES["audit"]["event"]["original"])
-        entry["project"] = {"id": "proj_a", "name": "A"}
-        entry["login.succeeded"] = {}
-        out.append(audit.audit_event(entry, preserve_original=True)[1])
-        key_entry = {"id": "audit_log-2", "type": "api_key.created", "effective_at": 1_700_000_000,
-                     "actor": {"type": "api_key", "api_key": {"id": "key_1", "type": "user",
-                                                              "user": {"id": "user-1", "email": "a@b.c"}}},
-                     "api_key.created": {"id": "key_2", "data": {"scopes": ["api.model.request"]}}}
-        out.append(audit.audit_event(key_entry)[1])
-    except (ImportError, AttributeError, TypeError):
-        pass
-    return out
-
-
 def test_collector_documents_are_declared():
-    """Documents the collector produces, when its mapper exists; the seed's examples otherwise.
-    (The rate-limit and audit mappers are wired in when they land.)"""
-    docs = _collector_documents() or list(SEED_EXAMPLES.values())
+    """Every field the collector's mappers can write has a mapping (and the seed's examples too)."""
+    docs = _collector_documents() + list(SEED_EXAMPLES.values())
     problems = {F.dataset_of(d): F.undeclared_fields(d) for d in docs}
     assert {k: v for k, v in problems.items() if v} == {}
+
+
+def test_a_simulated_collection_writes_only_declared_fields(tmp_path):
+    """End to end: every stream collected from the simulator (names, corrections, audit, limits)."""
+    from agent_input import app
+    from agent_input.config import config_from_dict
+    from agent_input.outputs import NdjsonFileOutput
+    from agent_input.simulator import Simulator
+
+    now = 1763892000.0
+    sim = Simulator(seed=3, org="small", now=now, admin_key="sk-admin-fields")
+    url = sim.start()
+    out = tmp_path / "events.ndjson"
+    try:
+        config = config_from_dict({"url": url, "api_key": "sk-admin-fields", "max_retries": 1,
+                                   "data_streams": {"costs": {"initial_interval": "3d"}}}, env={})
+        output = NdjsonFileOutput(out)
+        collection = app.build(config, state_dir=tmp_path / "state", output=output, clock=sim.now)
+        try:
+            assert collection.engine.run(once=True) == 0, collection.engine.failed
+            sim.advance(600)  # a second poll: corrections
+            assert collection.engine.run(once=True) == 0, collection.engine.failed
+        finally:
+            collection.close()
+            output.close()
+    finally:
+        sim.stop()
+    seen: dict[str, set] = {}
+    for line in out.read_bytes().splitlines():
+        doc = json.loads(line)
+        doc.pop("_id")
+        missing = F.undeclared_fields(doc)
+        if missing:
+            seen.setdefault(F.dataset_of(doc), set()).update(missing)
+    assert seen == {}
+    datasets = {json.loads(line)["data_stream"]["dataset"] for line in out.read_bytes().splitlines()}
+    assert {"openai.audit", "openai.rate_limits", "openai.costs", "openai.completions"} <= datasets
 
 
 def test_mappings_are_nested_properties_with_keyword_limits():

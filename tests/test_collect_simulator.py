@@ -18,7 +18,7 @@ from agent_input.engine import Delivery, UsageCollector
 from agent_input.http_client import AdminApiClient
 from agent_input.outputs import NdjsonFileOutput
 from agent_input.state import StateStore
-from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
+from agent_input.streams import USAGE_STREAMS
 
 from conftest import ADMIN_KEY, T0, dedupe, read_ndjson, stored_totals, truth_totals
 

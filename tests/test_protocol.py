@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from agent_input.state import StateStore
-from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
+from agent_input.streams import USAGE_STREAMS
 
 from conftest import ADMIN_KEY, T0, dedupe, stored_totals, truth_totals
 from protocol_supervisor import Supervisor

@@ -8,7 +8,6 @@ import base64
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 
