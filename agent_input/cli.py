@@ -10,6 +10,19 @@ def main() -> None:
     """Collect OpenAI organization usage, costs, rate limits and audit logs as ECS events."""
 
 
+def _load_config_or_exit(path: str):
+    """The config, or every problem with it on stderr and exit status 2 (before any request)."""
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo("openai-input: config error:", err=True)
+        for line in exc.lines():
+            click.echo(f"  {line}", err=True)
+        raise SystemExit(2)
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="YAML config file (the admin key comes from it, api_key_file or OPENAI_ADMIN_KEY).")
@@ -21,18 +34,11 @@ def check(config_path: str, log_level: str) -> None:
     """
     import sys
 
-    from .config import ConfigError, load_config
     from .http_client import AdminApiClient, probe_api
     from .logs import setup_logging
 
     setup_logging(log_level, "text" if sys.stderr.isatty() else "ecs")
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        click.echo("openai-input: config error:", err=True)
-        for line in exc.lines():
-            click.echo(f"  {line}", err=True)
-        sys.exit(2)
+    config = _load_config_or_exit(config_path)
     enabled = config.enabled_streams()
     click.echo(f"config OK: {len(enabled)} of {len(config.streams)} data streams enabled "
                f"({', '.join(s.name for s in enabled) or 'none'}); API {config.url}")
@@ -167,20 +173,13 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     import time
 
     from . import app
-    from .config import ConfigError, load_config
     from .engine import Progress
     from .logs import register_secret, setup_logging
     from .outputs import OutputError
     from .state import StateError
 
     setup_logging(log_level, log_format)
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        click.echo("openai-input: config error:", err=True)
-        for line in exc.lines():
-            click.echo(f"  {line}", err=True)
-        raise SystemExit(2)
+    config = _load_config_or_exit(config_path)
     register_secret(config.api_key)
     now = _parse_now(now_text)
     clock = app.fixed_clock(now) if now is not None else time.time
