@@ -249,22 +249,17 @@ class UsageCollector(PollingCollector):
                 lines: list[bytes] = []
                 updates: list[tuple[int, str, int, Mapping[str, float]]] = []
                 for bucket in buckets:
+                    start = None
                     try:
                         start, stop_ = self._check_bucket(bucket, resume, end)
-                    except BadBucket as exc:
-                        stats.bad_buckets += 1
-                        msg = f"{self.name}: skipped a bucket that does not match the API reference: {exc}"
-                        stats.errors.append(msg)
-                        log.warning(msg)
-                        frozen = True
-                        continue
-                    if start is None:
-                        continue
-                    try:
+                        if start is None:
+                            continue
                         self._diff_bucket(bucket, start, stop_, seen.get(start, {}), created, lines, updates, stats)
                     except BadBucket as exc:
+                        # reported, not stored; the cursor stays before it, so a later poll retries
                         stats.bad_buckets += 1
-                        msg = f"{self.name}: bucket {iso_timestamp(start)} not stored, will retry: {exc}"
+                        where = f"bucket {iso_timestamp(start)}" if start is not None else "a bucket"
+                        msg = f"{self.name}: {where} does not match the API reference, not stored: {exc}"
                         stats.errors.append(msg)
                         log.warning(msg)
                         frozen = True
