@@ -185,13 +185,14 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     clock = app.fixed_clock(now) if now is not None else time.time
     stop = threading.Event()
     _install_stop_handlers(stop)
+    progress = Progress()
     try:
         state_dir = state_dir or _default_state_dir()
         output = _open_output(output_kind, output_path, config=config, state_dir=state_dir, stop=stop,
                               es_url=es_url, es_ca_file=es_ca_file, rotate_bytes=rotate_bytes,
                               rotate_keep=rotate_keep)
         collection = app.build(config, state_dir=state_dir, output=output,
-                               stop=stop, clock=clock, progress=Progress())
+                               stop=stop, clock=clock, progress=progress)
     except (StateError, OutputError) as exc:
         _fail(str(exc))
     try:
@@ -199,6 +200,7 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     except OutputError as exc:
         _fail(str(exc))
     finally:
+        progress.finish()
         collection.close()
         output.close()
     if collection.engine.collectors and once:
@@ -260,14 +262,17 @@ def demo(out_path, org, seed, log_level):
         with tempfile.TemporaryDirectory(prefix="openai-demo-state-") as state_dir:
             config = config_from_dict({"url": url, "api_key": key}, env={})
             output = NdjsonFileOutput(out)
+            progress = Progress()
             collection = app.build(config, state_dir=state_dir, output=output, clock=sim.now,
-                                   progress=Progress())
+                                   progress=progress)
             try:
                 started = time.monotonic()
                 collection.engine.run(once=True)
+                progress.finish()
                 backfill_s = time.monotonic() - started
                 sim.advance(30 * 60)
                 collection.engine.run(once=True)
+                progress.finish()
             finally:
                 collection.close()
                 output.close()

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 from . import memory
 from .ecs import iso_timestamp, mapper, to_ndjson_line
@@ -100,12 +100,19 @@ class BadBucket(ValueError):
 
 @dataclass
 class Progress:
-    """Per-stream backfill progress, shown on stderr only when it is a terminal."""
+    """Per-stream backfill progress on one self-rewriting line, only when `stream` is a terminal:
+    piped or supervised output stays clean."""
 
-    enabled: bool = field(default_factory=lambda: sys.stderr.isatty())
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    enabled: bool | None = None  # None: whether `stream` is a terminal
     _state: dict = field(default_factory=dict)
     _last: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.enabled is None:
+            isatty = getattr(self.stream, "isatty", None)
+            self.enabled = bool(isatty and isatty())
 
     def update(self, stream: str, done: float, total: float) -> None:
         if not self.enabled or total <= 0:
@@ -117,13 +124,16 @@ class Progress:
                 return
             self._last = now
             line = "  ".join(f"{k} {v}%" for k, v in sorted(self._state.items()))
-            sys.stderr.write(f"\rbackfill: {line}\x1b[K")
-            sys.stderr.flush()
+            self.stream.write(f"\rbackfill: {line}\x1b[K")
+            self.stream.flush()
 
     def finish(self) -> None:
-        if self.enabled and self._state:
-            sys.stderr.write("\n")
-            self._state.clear()
+        """End the progress line, so what is printed next starts on a line of its own."""
+        with self._lock:
+            if self.enabled and self._state:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._state.clear()
 
 
 def _floor(ts: float, width: int) -> int:
