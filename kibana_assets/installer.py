@@ -288,15 +288,7 @@ class Installer:
             report.pending = [label for label, _ in self.plan()]
             return report
         steps = self.plan()
-        for i, (label, run) in enumerate(steps):
-            try:
-                status, detail = run()
-            except InstallerError as exc:
-                report.error = exc
-                report.pending = [lbl for lbl, _ in steps[i:]]
-                return report
-            report.add(label, status, detail, self.echo)
-        return report
+        return self._run_steps(steps, report)
 
     def _would(self, status: str) -> str:
         return f"would {status[:-1] if status.endswith('d') else status}" if self.dry_run else status
@@ -432,6 +424,10 @@ class Installer:
                     return "kept", "its index template is in use by data streams"
                 return self._delete_es(a.path, ES_PRIVILEGE[a.kind], f"delete {a.label}")
             steps.append((a.label, run))
+        return self._run_steps(steps, report)
+
+    def _run_steps(self, steps: list[tuple[str, Callable[[], tuple[str, str]]]], report: "Report") -> "Report":
+        """Run steps in order; the first failure stops, and the report says what was not done."""
         for i, (label, run) in enumerate(steps):
             try:
                 status, detail = run()
