@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 from . import memory
 from .ecs import iso_timestamp, mapper, to_ndjson_line
+from .http_client import AuthenticationError, PermissionDeniedError
 from .outputs import Output, OutputError
 from .state import Cursor, Observation, StateStore, group_json
 from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
@@ -542,8 +543,6 @@ class Engine:
                 self.stop.set()
                 return
             except Exception as exc:  # noqa: BLE001 - one stream's failure must not stop others
-                from .http_client import AuthenticationError, PermissionDeniedError
-
                 if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
                     self._fail(collector.name, str(exc))
                     return
