@@ -72,3 +72,13 @@ def truth_totals(sim, stream: str, start: int, end: int) -> dict[tuple, dict[str
     raw = sim.truth(stream, start, end, "1m", spec.group_by)
     return {k: {c: v for c, v in vals.items() if v and c in spec.counters}
             for k, vals in raw.items() if any(vals.get(c) for c in spec.counters)}
+
+
+def audit_truth(sim, start: int, end: int) -> set[str]:
+    """Ids of every audit event with start <= effective_at <= end, from the simulator's own log."""
+    ids: set[str] = set()
+    hour = start // 3600 * 3600
+    while hour <= end:
+        ids.update(e["id"] for e in sim.audit.hour_events(hour) if start <= e["effective_at"] <= end)
+        hour += 3600
+    return ids

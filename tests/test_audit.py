@@ -17,7 +17,7 @@ from agent_input.outputs import NdjsonFileOutput
 from agent_input.state import StateStore
 from kibana_assets.fields import undeclared_fields
 
-from conftest import ADMIN_KEY, T0, read_ndjson
+from conftest import ADMIN_KEY, T0, audit_truth, read_ndjson
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 HOUR = 3600
@@ -126,16 +126,6 @@ def test_ip_details_that_are_not_numbers_are_dropped_not_fatal():
 
 
 # -- against the simulator ---------------------------------------------------------------------------
-def _sim_events(sim, start: int, end: int) -> set[str]:
-    """Ids of every audit event with start <= effective_at <= end, from the simulator's own log."""
-    ids = set()
-    h = start // HOUR * HOUR
-    while h <= end:
-        ids.update(e["id"] for e in sim.audit.hour_events(h) if start <= e["effective_at"] <= end)
-        h += HOUR
-    return ids
-
-
 def _collector(sim, state: Path, out: Path, **audit):
     cfg = _config(sim.base_url, batch_size=3, **audit)
     store = StateStore(state)
@@ -173,7 +163,7 @@ def test_a_day_of_many_pages_with_an_error_and_a_restart_is_stored_exactly_once(
     lines = read_ndjson(out)
     ids = [d["_id"] for d in lines]
     assert len(ids) == len(set(ids)), "an audit event was emitted twice"
-    want = _sim_events(simulator, int(T0 - DAY), int(now))
+    want = audit_truth(simulator, int(T0 - DAY), int(now))
     assert len(want) > 50
     assert set(ids) == want
     for d in lines[:50]:

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
 
-from conftest import ADMIN_KEY, stored_totals, truth_totals
+from conftest import ADMIN_KEY, audit_truth, stored_totals, truth_totals
 
 HOUR, DAY = 3600, 86400
 SETTLE = 2 * HOUR  # the simulator revises a minute for at most 2 hours
@@ -48,15 +48,6 @@ def cost_totals_truth(sim, start: int, end: int) -> dict[tuple, float]:
     spec = STREAMS_BY_NAME["costs"]
     raw = sim.truth("costs", start, end, "1d", spec.group_by)
     return {k: v["amount"] for k, v in raw.items() if abs(v.get("amount", 0)) > 1e-9}
-
-
-def audit_truth(sim, start: int, end: int) -> set[str]:
-    ids = set()
-    h = start // HOUR * HOUR
-    while h <= end:
-        ids.update(e["id"] for e in sim.audit.hour_events(h) if start <= e["effective_at"] <= end)
-        h += HOUR
-    return ids
 
 
 def compare_all(sim, docs, store, *, end_of_test: float, audit_since: float | None = None) -> list[str]:
