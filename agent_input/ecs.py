@@ -61,7 +61,8 @@ class _Plan:
     group_by: tuple[str, ...]
     id_prefix: bytes                               # b"<dataset>|": the constant head of every id key
     counter_leaves: tuple[tuple[str, str | None], ...]  # (counter, stream leaf or None for openai.base)
-    build: Any = None                              # compiled flat builder (None for nested specs)
+    # (result, counters, base) -> openai.<name>; fills `base` too. Compiled for flat specs.
+    build: Any = None
 
 
 _PLANS: dict[int, tuple[UsageStreamSpec, _Plan]] = {}  # id(spec) -> (spec kept alive, plan)
@@ -83,17 +84,17 @@ def _plan(spec: UsageStreamSpec) -> _Plan:
             id_prefix=spec.dataset.encode() + b"|",
             counter_leaves=tuple((c, None if c in BASE_COUNTERS else spec.renames.get(c, c)) for c in spec.counters),
         )
-        if not plan.nested:
-            object.__setattr__(plan, "build", _compile_builder(spec, plan))
+        build = _nested_builder(plan) if plan.nested else _compile_builder(spec, plan)
+        object.__setattr__(plan, "build", build)
         cached = _PLANS[id(spec)] = (spec, plan)
     return cached[1]
 
 
 def _compile_builder(spec: UsageStreamSpec, plan: _Plan):
-    """Straight-line Python for one flat spec: (result, counters) -> (openai.base, openai.<name>).
+    """Straight-line Python for one flat spec: (result, counters, base) -> openai.<name>.
 
-    Same fields, same order and same null-skipping as the generic loop it replaces, without the
-    per-field loop and tuple unpacking: the mapping path runs this once per event.
+    The same fields, order and null-skipping as `_nested_builder`, without its per-field loops
+    and path splitting: the mapping path runs this once per event.
     """
     src = ["def build(result, counters, base):", "    get = result.get", "    cget = counters.get",
            "    v = get('object')", "    if v is not None: base['usage_object_type'] = v"]
@@ -121,24 +122,85 @@ def _compile_builder(spec: UsageStreamSpec, plan: _Plan):
     return namespace["build"]
 
 
-_COMMON: dict[tuple, tuple] = {}
+def _nested_builder(plan: _Plan):
+    """The plain builder, for specs with dotted fields (costs' `amount.value`)."""
+
+    def build(result: Mapping[str, Any], counters: Mapping[str, Any], base: dict) -> dict:
+        obj = result.get("object")
+        if obj is not None:
+            base["usage_object_type"] = obj
+        for dim in plan.base_dims:
+            value = get_field(result, dim)
+            if value is not None:
+                base[dim] = value
+        stream: dict[str, Any] = {}
+        for dim, leaf in plan.stream_dims:
+            value = get_field(result, dim)
+            if value is not None:
+                _set_path(stream, leaf, value)
+        for name, value in counters.items():
+            if name in plan.base_counters:
+                base[name] = value
+            else:
+                _set_path(stream, plan.renames.get(name, name), value)
+        for target, sources in plan.normalized:
+            present = [counters[s] for s in sources if s in counters]
+            if present:
+                base[target] = sum(present)
+        return stream
+
+    return build
 
 
-def _common(plan: _Plan, namespace: str, created: str) -> tuple:
-    """The parts every document of a dataset/namespace/poll shares; read-only, shared between
-    documents (nothing mutates them: `enrich` only adds to openai.base)."""
-    key = (plan.dataset, namespace, created)
-    parts = _COMMON.get(key)
-    if parts is None:
-        if len(_COMMON) > 4096:
-            _COMMON.clear()
-        parts = _COMMON[key] = (
-            {"version": ECS_VERSION},
-            {"type": "logs", "dataset": plan.dataset, "namespace": namespace},
-            {"kind": "metric", "dataset": plan.dataset, "created": created},
-            ["forwarded", plan.tag],
-        )
-    return parts
+def mapper(spec: UsageStreamSpec, width: str, namespace: str):
+    """Map results of one stream, width and namespace to ECS documents:
+    `(bucket_start, bucket_end, result, counters, revision, created, group=None) -> (id, document)`.
+
+    `counters` are the values to store: the full counts for revision 0, the differences for a
+    correction. Dimensions come from `result` (null ones are left out, as the seed's examples do).
+    `group` is `spec.group_key(result)` when the caller has it already (the engine does).
+    The parts every document of one poll shares (`ecs`, `data_stream`, `event`, `tags`) are one
+    read-only object per poll: nothing mutates them (`enrich` only adds to openai.base).
+    """
+    plan = _plan(spec)
+    build, name = plan.build, spec.name
+    group_key = spec.group_key if plan.nested else (lambda result, g=plan.group_by: tuple(map(result.get, g)))
+    prefix = plan.id_prefix + width.encode() + b"|"
+    dumps, blake2b, iso = orjson.dumps, _blake2b, iso_timestamp
+    shared: list = [None, None]  # (created, common parts) of the last call: one poll shares them
+
+    def map_one(bucket_start, bucket_end, result, counters, revision, created, group=None):
+        start_iso = iso(bucket_start)
+        base = {"start_time": start_iso, "end_time": iso(bucket_end)}
+        stream = build(result, counters, base)
+        base["bucket_width"] = width
+        base["revision"] = revision
+        if shared[0] != created:
+            shared[1] = (
+                {"version": ECS_VERSION},
+                {"type": "logs", "dataset": plan.dataset, "namespace": namespace},
+                {"kind": "metric", "dataset": plan.dataset, "created": created},
+                ["forwarded", plan.tag],
+            )
+            shared[0] = created
+        ecs_, data_stream, event, tags = shared[1]
+        doc = {
+            "@timestamp": start_iso,
+            "ecs": ecs_,
+            "data_stream": data_stream,
+            "event": event,
+            "openai": {"base": base, name: stream} if stream else {"base": base},
+            "tags": tags,
+        }
+        if group is None:
+            group = group_key(result)
+        key = b"%s%d|%s|%d" % (prefix, bucket_start, dumps(group), revision)
+        return blake2b(key, digest_size=20).hexdigest(), doc
+
+    return map_one
+
+
+_MAPPERS: dict[tuple, Any] = {}  # (id(spec), width, namespace) -> mapper; specs live in _PLANS
 
 
 def usage_event(
@@ -154,144 +216,12 @@ def usage_event(
     created: str,
     group: tuple | None = None,
 ) -> tuple[str, dict]:
-    """Build (id, document) for one result of one bucket.
-
-    `counters` are the values to store: the full counts for revision 0, the differences for a
-    correction. Dimensions come from `result` (null ones are left out, as the seed's examples do).
-    `group` is `spec.group_key(result)` when the caller has it already (the engine does).
-
-    This runs once per event and is the hot part of the mapping path: the non-nested branch uses
-    the spec's precomputed plan and no helper calls.
-    """
-    plan = _plan(spec)
-    start_iso = iso_timestamp(bucket_start)
-    if plan.build is not None:
-        base: dict[str, Any] = {"start_time": start_iso, "end_time": iso_timestamp(bucket_end)}
-        stream = plan.build(result, counters, base)
-        base["bucket_width"] = width
-        base["revision"] = revision
-        ecs_, data_stream, event, tags = _common(plan, namespace, created)
-        doc = {
-            "@timestamp": start_iso,
-            "ecs": ecs_,
-            "data_stream": data_stream,
-            "event": event,
-            "openai": {"base": base, spec.name: stream} if stream else {"base": base},
-            "tags": tags,
-        }
-        if group is None:
-            group = tuple(map(result.get, plan.group_by))
-        key = b"%s%s|%d|%s|%d" % (plan.id_prefix, width.encode(), bucket_start, orjson.dumps(group), revision)
-        return _blake2b(key, digest_size=20).hexdigest(), doc
-    dataset = plan.dataset
-    base = {"start_time": start_iso, "end_time": iso_timestamp(bucket_end)}
-    obj = result.get("object")
-    if obj is not None:
-        base["usage_object_type"] = obj
-    for dim in plan.base_dims:
-        value = result.get(dim)
-        if value is not None:
-            base[dim] = value
-    stream: dict[str, Any] = {}
-    if plan.nested:
-        for dim, leaf in plan.stream_dims:
-            value = get_field(result, dim)
-            if value is not None:
-                _set_path(stream, leaf, value)
-        for name, value in counters.items():
-            if name in plan.base_counters:
-                base[name] = value
-            else:
-                _set_path(stream, plan.renames.get(name, name), value)
-    else:
-        get = result.get
-        for dim, leaf in plan.stream_dims:
-            value = get(dim)
-            if value is not None:
-                stream[leaf] = value
-        if len(counters) == len(plan.counter_leaves):  # every counter present: spec order, no lookups
-            for name, leaf in plan.counter_leaves:
-                if leaf is None:
-                    base[name] = counters[name]
-                else:
-                    stream[leaf] = counters[name]
-        else:
-            renames = plan.renames
-            for name, value in counters.items():
-                if name in plan.base_counters:
-                    base[name] = value
-                else:
-                    stream[renames.get(name, name)] = value
-    for target, sources in plan.normalized:
-        total = None
-        for s in sources:
-            if s in counters:
-                total = counters[s] if total is None else total + counters[s]
-        if total is not None:
-            base[target] = total
-    base["bucket_width"] = width
-    base["revision"] = revision
-
-    openai: dict[str, Any] = {"base": base}
-    if stream:
-        openai[spec.name] = stream
-    doc = {
-        "@timestamp": start_iso,
-        "ecs": {"version": ECS_VERSION},
-        "data_stream": {"type": "logs", "dataset": dataset, "namespace": namespace},
-        "event": {"kind": "metric", "dataset": dataset, "created": created},
-        "openai": openai,
-        "tags": ["forwarded", plan.tag],
-    }
-    if group is None:
-        group = spec.group_key(result) if plan.nested else tuple(map(result.get, plan.group_by))
-    key = b"%s%s|%d|%s|%d" % (plan.id_prefix, width.encode(), bucket_start, orjson.dumps(group), revision)
-    return _blake2b(key, digest_size=20).hexdigest(), doc
-
-
-def mapper(spec: UsageStreamSpec, width: str, namespace: str):
-    """`usage_event` with one collector's constants bound, called positionally:
-    `(bucket_start, bucket_end, result, counters, revision, created, group) -> (id, document)`.
-
-    The engine calls this once per event; keyword arguments, the plan lookup and the shared
-    parts' lookup per call were a measurable share of the mapping path. Same documents and ids.
-    """
-    plan = _plan(spec)
-    if plan.build is None:
-        def generic(bucket_start, bucket_end, result, counters, revision, created, group=None):
-            return usage_event(spec, bucket_start=bucket_start, bucket_end=bucket_end, width=width, result=result,
-                               counters=counters, revision=revision, namespace=namespace, created=created,
-                               group=group)
-        return generic
-    build, name, group_by = plan.build, spec.name, plan.group_by
-    prefix = plan.id_prefix + width.encode() + b"|"
-    dumps, blake2b, iso = orjson.dumps, _blake2b, iso_timestamp
-    shared: list = [None, None]  # (created, common parts) of the last call: one poll shares them
-
-    def map_one(bucket_start, bucket_end, result, counters, revision, created, group=None):
-        start_iso = iso(bucket_start)
-        base = {"start_time": start_iso, "end_time": iso(bucket_end)}
-        stream = build(result, counters, base)
-        base["bucket_width"] = width
-        base["revision"] = revision
-        if shared[0] != created:
-            shared[1] = _common(plan, namespace, created)
-            shared[0] = created
-        ecs_, data_stream, event, tags = shared[1]
-        doc = {
-            "@timestamp": start_iso,
-            "ecs": ecs_,
-            "data_stream": data_stream,
-            "event": event,
-            "openai": {"base": base, name: stream} if stream else {"base": base},
-            "tags": tags,
-        }
-        if group is None:
-            group = tuple(map(result.get, group_by))
-        key = b"%s%d|%s|%d" % (prefix, bucket_start, dumps(group), revision)
-        return blake2b(key, digest_size=20).hexdigest(), doc
-
-    return map_one
+    """Build (id, document) for one result of one bucket: `mapper` with keyword arguments."""
+    key = (id(spec), width, namespace)
+    map_one = _MAPPERS.get(key)
+    if map_one is None:
+        map_one = _MAPPERS[key] = mapper(spec, width, namespace)
+    return map_one(bucket_start, bucket_end, result, counters, revision, created, group)
 
 
 def _set_path(target: dict, dotted: str, value: Any) -> None:

@@ -9,6 +9,7 @@ rejected key, stops) without touching the others.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -391,29 +392,30 @@ class UsageCollector(PollingCollector):
     def _counters(self, result: Any, start: int) -> dict[str, float]:
         return self._extract(result)
 
-    def _counters_checked(self, result: Any) -> dict[str, float]:
-        """The reference check of one result; the fast extractor defers to it for anything unusual."""
-        if not isinstance(result, Mapping):
-            raise BadBucket(f"a result is not an object: {result!r:.80}")
-        counters: dict[str, float] = {}
-        for name in self.spec.counters:
-            value = get_field(result, name)
-            if value is None:
-                if name in self.spec.required:
-                    raise BadBucket(f"result lacks required `{name}` ({_describe(result)})")
-                continue
-            if not _is_number(value):
-                raise BadBucket(f"`{name}` is {value!r:.40}, not a number ({_describe(result)})")
-            counters[name] = value
-        for name in self.spec.dimensions:
-            value = get_field(result, name)
-            if value is not None and not isinstance(value, (str, bool)):
-                raise BadBucket(f"`{name}` is {value!r:.40}, not a string ({_describe(result)})")
-        return counters
-
 
 class BadPage(BadBucket):
     """A whole page does not match the API reference."""
+
+
+def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:
+    """The reference check of one result: its counters, or BadBucket saying what is wrong."""
+    if not isinstance(result, Mapping):
+        raise BadBucket(f"a result is not an object: {result!r:.80}")
+    counters: dict[str, float] = {}
+    for name in spec.counters:
+        value = get_field(result, name)
+        if value is None:
+            if name in spec.required:
+                raise BadBucket(f"result lacks required `{name}` ({_describe(result)})")
+            continue
+        if not _is_number(value):
+            raise BadBucket(f"`{name}` is {value!r:.40}, not a number ({_describe(result)})")
+        counters[name] = value
+    for name in spec.dimensions:
+        value = get_field(result, name)
+        if value is not None and not isinstance(value, (str, bool)):
+            raise BadBucket(f"`{name}` is {value!r:.40}, not a string ({_describe(result)})")
+    return counters
 
 
 def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float]]:
@@ -423,12 +425,9 @@ def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float
     and str/bool/None dimensions take the fast path; anything else (nested fields, int subclasses,
     non-finite floats, wrong types) goes through the reference check, which raises the message.
     """
+    checked = functools.partial(checked_counters, spec)
     if any("." in f for f in spec.counters + spec.dimensions):
-        checker = UsageCollector.__new__(UsageCollector)
-        checker.spec = spec
-        return checker._counters_checked
-    slow = UsageCollector.__new__(UsageCollector)
-    slow.spec = spec
+        return checked
     # straight-line code per spec (no per-field loop): this runs once per result of a backfill
     src = ["def extract(result):", "    if type(result) is not dict: return checked(result)",
            "    get = result.get", "    counters = {}"]
@@ -442,10 +441,9 @@ def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float
         src += [f"    t = type(get({name!r}))",
                 "    if t is not str and t is not NoneType and t is not bool: return checked(result)"]
     src.append("    return counters")
-    namespace = {"checked": slow._counters_checked, "isfinite": math.isfinite, "NoneType": type(None)}
+    namespace = {"checked": checked, "isfinite": math.isfinite, "NoneType": type(None)}
     exec(compile("\n".join(src), f"<extract {spec.name}>", "exec"), namespace)  # noqa: S102
-    extract = namespace["extract"]
-    return extract
+    return namespace["extract"]
 
 
 def _group_keyer(spec: UsageStreamSpec) -> Callable[[Mapping], tuple]:

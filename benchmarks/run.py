@@ -21,7 +21,7 @@ What it measures (the simulator always runs in its own process, as the real API 
    (3h at 1m); requests and CPU seconds per poll (the first poll, which loads the name cache, is
    reported apart).
 3. The mapping and serialization path alone (API results -> ECS -> NDJSON bytes: the engine's
-   compare/extract and ecs.usage_event + to_ndjson_line), on one core, over real simulator pages
+   compare/extract and ecs.mapper + to_ndjson_line), on one core, over real simulator pages
    of every stream; JSON parsing of the pages is shown apart.
 4. The NDJSON protocol path (`openai-input run`: outbox payload -> protocol `event` messages on
    stdout) and the direct Elasticsearch output path (payload -> bulk `create` into a recording
