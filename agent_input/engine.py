@@ -56,6 +56,7 @@ class Delivery:
 
     def replay_pending(self) -> int:
         """Re-send, byte for byte, every batch a previous run stored but never saw acknowledged."""
+        self.store.drop_orphans()  # spool files of batches that never committed, or were acked
         n = 0
         for batch in self.store.pending():
             self._send(batch.batch, batch.stream, batch.payload, batch.events)

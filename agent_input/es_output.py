@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .durable import write_file
 from .outputs import Ack, OutputError
 
 log = logging.getLogger("agent_input.es_output")
@@ -307,14 +308,7 @@ class ElasticsearchOutput:
         with self._dead_lock:
             try:
                 self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.dead_letter_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-                try:
-                    view = memoryview(line)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                write_file(self.dead_letter_path, line, flags=os.O_APPEND | os.O_CREAT, mode=0o640)
             except OSError as exc:
                 raise OutputError(
                     f"Elasticsearch rejected {doc['dataset']} document {doc['_id']} ({reason}) and it cannot be "

@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
+from .durable import fsync_dir, write_all
+
 Ack = Callable[[], None]
 
 
@@ -102,7 +104,10 @@ class NdjsonFileOutput:
             if older.exists():
                 os.replace(older, self.rotated_path(n + 1))  # replaces (drops) the oldest
         os.replace(self.path, self.rotated_path(1))
-        _fsync_dir(self.path.parent)
+        try:
+            fsync_dir(self.path.parent)
+        except OSError:
+            pass  # the rename is done; only its durability across a power cut is not confirmed
         self._open()
         self.rotations += 1
 
@@ -117,10 +122,7 @@ class NdjsonFileOutput:
                 raise OutputError(f"cannot rotate {self.path}: {exc.strerror}") from None
             before = self._size
             try:
-                view = memoryview(payload)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+                write_all(self._fd, payload)
                 os.fsync(self._fd)
             except OSError as exc:
                 try:  # never leave a partial line behind: cut back to where the batch began
@@ -137,19 +139,6 @@ class NdjsonFileOutput:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _truncate_partial_line(path: Path) -> None:

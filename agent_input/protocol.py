@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 
 import orjson
 
+from .durable import write_all
 from .outputs import Ack, OutputError
 
 log = logging.getLogger("agent_input.protocol")
@@ -73,9 +74,7 @@ class ProtocolWriter:
             if self.closed.is_set():
                 raise StdoutClosed("stdout is closed")
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view):]
+                write_all(self.fd, data)
             except OSError as exc:
                 if exc.errno in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
                     self.closed.set()

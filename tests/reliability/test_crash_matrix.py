@@ -13,14 +13,15 @@ import subprocess
 import sys
 import time
 
+import orjson
 import pytest
 import yaml
 
-from agent_input.state import StateStore
+from agent_input.state import INLINE_PAYLOAD_LIMIT, StateStore
 from agent_input.streams import USAGE_STREAMS
 
 from conftest import T0, dedupe, read_ndjson
-from reliability_helpers import HOUR, SETTLE, compare_all, full_config
+from reliability_helpers import HOUR, SETTLE, _epoch, compare_all, full_config
 
 ES_KEY = "ZXNfY3Jhc2hfbWF0cml4OnNlY3JldA=="
 KILLS = 4  # per phase kind below; the slow, exhaustive versions live in tests/test_*.py
@@ -42,7 +43,9 @@ class Driver:
     def __init__(self, kind: str, sim, tmp_path):
         self.kind, self.sim, self.tmp = kind, sim, tmp_path
         self.state = tmp_path / "state"
-        self.cfg = full_config(sim.base_url)
+        # 6h of backfill: the completions batch is larger than the outbox's inline limit, so
+        # kills also land around its spool file; steady-state batches stay inline
+        self.cfg = full_config(sim.base_url, initial="6h")
         self.cfg_path = tmp_path / "config.yml"
         self.cfg_path.write_text(yaml.safe_dump(self.cfg))
         self.out = tmp_path / "events.ndjson"
@@ -151,6 +154,9 @@ def test_sigkill_matrix_backfill_steady_state_delivery(simulator, tmp_path, kind
             d.run(now, None)
         assert outcomes["backfill"] >= KILLS and outcomes["steady"] + outcomes["delivery"] >= KILLS, outcomes
         docs = d.stored()
+        backfill_bytes = sum(len(orjson.dumps(doc)) for doc in docs if doc["data_stream"]["dataset"] ==
+                             "openai.completions" and _epoch(doc["openai"]["base"]["start_time"]) < T0)
+        assert backfill_bytes > INLINE_PAYLOAD_LIMIT, "the backfill must go through a spool file"
         store = StateStore(d.state)
         try:
             assert store.pending_count() == 0, "batches left in the outbox after clean runs"

@@ -1,0 +1,132 @@
+"""The outbox's spool files: a large batch is written to a file of its own before the
+transaction that names it, replayed byte for byte, removed on acknowledgement, and never left
+behind by a crash in any of the windows between those steps."""
+from __future__ import annotations
+
+import io
+import sqlite3
+
+import pytest
+
+from agent_input import state as state_mod
+from agent_input.engine import Delivery
+from agent_input.outputs import NdjsonOutput
+from agent_input.state import INLINE_PAYLOAD_LIMIT, Cursor, StateError, StateStore
+
+
+def _lines(n: int, width: int = 900) -> bytes:
+    return b"".join(b'{"_id":"%08d","pad":"%s"}\n' % (i, b"x" * width) for i in range(n))
+
+
+BIG = _lines(INLINE_PAYLOAD_LIMIT // 900 + 50)  # just over the inline limit
+SMALL = _lines(3)
+
+
+def _commit(store: StateStore, payload: bytes, position: int = 60, observations=()) -> int | None:
+    return store.commit_page("completions", "1m", payload=payload, events=payload.count(b"\n"),
+                             observations=observations, cursor=Cursor(0, position))
+
+
+def _spooled(store: StateStore) -> list[str]:
+    return sorted(p.name for p in store.spool_dir.iterdir())
+
+
+def _replayed(store: StateStore) -> bytes:
+    out = io.BytesIO()
+    Delivery(store, NdjsonOutput(out)).replay_pending()
+    return out.getvalue()
+
+
+def test_large_batch_goes_to_a_spool_file_small_one_stays_inline(tmp_path):
+    store = StateStore(tmp_path)
+    big, small = _commit(store, BIG), _commit(store, SMALL, 120)
+    (name,) = _spooled(store)
+    assert (store.spool_dir / name).read_bytes() == BIG
+    rows = dict(store._conn().execute("SELECT batch, spool FROM outbox").fetchall())
+    assert rows == {big: name, small: None}
+    assert [b.payload for b in store.pending()] == [BIG, SMALL]
+    store.ack(big)
+    assert _spooled(store) == [], "an acknowledged batch's file is removed"
+    assert [b.payload for b in store.pending()] == [SMALL]
+
+
+def test_unacknowledged_spooled_batch_is_replayed_byte_for_byte_by_a_new_process(tmp_path):
+    first = StateStore(tmp_path)
+    _commit(first, BIG)
+    first.close()
+    second = StateStore(tmp_path)  # the restart
+    assert _replayed(second) == BIG
+    assert second.pending_count() == 0 and _spooled(second) == []
+
+
+def test_crash_after_the_file_is_written_but_before_the_commit(tmp_path):
+    store = StateStore(tmp_path)
+    name = store._spool(BIG, BIG.count(b"\n"))  # the file is durable, the process dies here
+    assert _spooled(store) == [name]
+    restarted = StateStore(tmp_path)
+    assert _replayed(restarted) == b"", "a batch that never committed is not emitted"
+    assert _spooled(restarted) == [], "its file is removed at the next start"
+    assert restarted.cursor("completions", "1m") is None
+
+
+def test_crash_after_the_ack_commits_but_before_the_unlink(tmp_path, monkeypatch):
+    store = StateStore(tmp_path)
+    batch = _commit(store, BIG)
+
+    def die(path):
+        raise KeyboardInterrupt  # the process is gone between the row's delete and the unlink
+
+    monkeypatch.setattr(state_mod.os, "unlink", die)
+    with pytest.raises(KeyboardInterrupt):
+        store.ack(batch)
+    monkeypatch.undo()
+    restarted = StateStore(tmp_path)
+    assert _replayed(restarted) == b"", "an acknowledged batch is not sent again"
+    assert _spooled(restarted) == []
+
+
+def test_failed_transaction_removes_its_file_and_keeps_the_cursor(tmp_path):
+    store = StateStore(tmp_path)
+    _commit(store, SMALL, 60)
+
+    def bad_observations():
+        yield (0, "[]", 0, {"input_tokens": 1})
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError):
+        _commit(store, BIG, 120, observations=bad_observations())
+    assert _spooled(store) == []
+    assert store.cursor("completions", "1m") == Cursor(0, 60)
+    assert [b.payload for b in store.pending()] == [SMALL]
+
+
+def test_a_missing_spool_file_is_a_clear_error_not_silent_loss(tmp_path):
+    store = StateStore(tmp_path)
+    batch = _commit(store, BIG)
+    (store.spool_dir / _spooled(store)[0]).unlink()
+    with pytest.raises(StateError, match=rf"outbox batch {batch} \(completions, \d+ documents\): cannot read .*outbox"):
+        _replayed(store)
+
+
+def test_an_unwritable_outbox_folder_is_a_state_error_and_nothing_commits(tmp_path):
+    store = StateStore(tmp_path)
+    store.spool_dir.rmdir()
+    (tmp_path / "outbox").write_text("not a folder")
+    with pytest.raises(StateError, match="cannot write outbox file"):
+        _commit(store, BIG)
+    assert store.cursor("completions", "1m") is None and store.pending_count() == 0
+
+
+def test_state_from_before_spooling_is_upgraded_and_its_batches_replayed(tmp_path):
+    conn = sqlite3.connect(tmp_path / "state.sqlite3")
+    conn.executescript(
+        "CREATE TABLE outbox (batch INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL,"
+        " events INTEGER NOT NULL, payload BLOB NOT NULL);")
+    conn.execute("INSERT INTO outbox (stream, events, payload) VALUES (?, ?, ?)",
+                 ("completions", BIG.count(b"\n"), BIG))
+    conn.commit()
+    conn.close()
+    store = StateStore(tmp_path)
+    assert _replayed(store) == BIG
+    _commit(store, BIG)
+    assert len(_spooled(store)) == 1
