@@ -16,6 +16,7 @@ import math
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
@@ -63,11 +64,10 @@ class Delivery:
             n += batch.events
         return n
 
-    def commit_page(self, stream: str, width: str, lines: list[bytes], **state) -> None:
-        payload = b"".join(lines)
-        batch = self.store.commit_page(stream, width, payload=payload, events=len(lines), **state)
+    def commit_page(self, stream: str, width: str, payload: bytes, events: int, **state) -> None:
+        batch = self.store.commit_page(stream, width, payload=payload, events=events, **state)
         if batch is not None:
-            self._send(batch, stream, payload, len(lines))
+            self._send(batch, stream, payload, events)
 
     def commit_events(self, stream: str, lines: list[bytes], kv: Mapping[str, str]) -> None:
         payload = b"".join(lines)
@@ -227,61 +227,62 @@ class UsageCollector(PollingCollector):
         if self.spec.group_by:
             params["group_by"] = list(self.spec.group_by)
 
-        fetch = getattr(self.client, "get_raw", None)  # bytes now, parsed under PAGE_GATE
         contiguous = resume  # every bucket before this was read and good, in order
         frozen = False
         position = cur.position
         carry: dict | None = None  # last bucket of a page: it may continue on the next page
-        page_token = None
-        while True:
-            if page_token:
-                params["page"] = page_token
-            if fetch is not None:
-                raw = fetch(self.spec.path, params)  # the network wait: never gated
-            else:
-                raw = None
-                body = self.client.get_json(self.spec.path, params)
-            stats.requests += 1
-            stats.pages += 1
-            with PAGE_GATE:  # parse, compare, map, store, send: at most PAGE_WORKERS pages at once
-                if raw is not None:
-                    body = self.client.parse(raw, self.spec.path)
+        with _PageFetcher(self.client, self.spec.path) as pages:
+            pages.request(params)
+            while True:
+                raw = pages.take()  # the network wait: never gated
+                stats.requests += 1
+                stats.pages += 1
+                with PAGE_GATE:  # parse, compare, map: at most PAGE_WORKERS pages at once
+                    body = pages.parse(raw)
                     raw = None
-                buckets, has_more, page_token = self._page(body)
-                if carry is not None:
-                    if buckets and buckets[0].get("start_time") == carry.get("start_time"):
-                        merged = dict(buckets[0])
-                        merged["results"] = _results(carry) + _results(buckets[0])
-                        buckets[0] = merged
-                    else:
-                        buckets.insert(0, carry)
-                    carry = None
-                more = bool(has_more and page_token)
-                if more and buckets:
-                    carry = buckets.pop()
-                lines: list[bytes] = []
-                updates: list[tuple[int, str, int, Mapping[str, float]]] = []
-                for bucket in buckets:
-                    start = None
-                    try:
-                        start, stop_ = self._check_bucket(bucket, resume, end)
-                        if start is None:
+                    buckets, has_more, page_token = self._page(body)
+                    more = bool(has_more and page_token) and not self.stop.is_set()
+                    if more:  # the next page is on its way while this one is worked on
+                        pages.request({**params, "page": page_token})
+                    if carry is not None:
+                        if buckets and buckets[0].get("start_time") == carry.get("start_time"):
+                            merged = dict(buckets[0])
+                            merged["results"] = _results(carry) + _results(buckets[0])
+                            buckets[0] = merged
+                        else:
+                            buckets.insert(0, carry)
+                        carry = None
+                    if has_more and page_token and buckets:
+                        carry = buckets.pop()
+                    lines: list[bytes] = []
+                    updates: list[tuple[int, str, int, Mapping[str, float]]] = []
+                    for bucket in buckets:
+                        start = None
+                        try:
+                            start, stop_ = self._check_bucket(bucket, resume, end)
+                            if start is None:
+                                continue
+                            self._diff_bucket(bucket, start, stop_, seen.get(start, {}), created, lines, updates,
+                                              stats)
+                        except BadBucket as exc:
+                            # reported, not stored; the cursor stays before it, so a later poll retries
+                            stats.bad_buckets += 1
+                            where = f"bucket {iso_timestamp(start)}" if start is not None else "a bucket"
+                            msg = f"{self.name}: {where} does not match the API reference, not stored: {exc}"
+                            stats.errors.append(msg)
+                            log.warning(msg)
+                            frozen = True
                             continue
-                        self._diff_bucket(bucket, start, stop_, seen.get(start, {}), created, lines, updates, stats)
-                    except BadBucket as exc:
-                        # reported, not stored; the cursor stays before it, so a later poll retries
-                        stats.bad_buckets += 1
-                        where = f"bucket {iso_timestamp(start)}" if start is not None else "a bucket"
-                        msg = f"{self.name}: {where} does not match the API reference, not stored: {exc}"
-                        stats.errors.append(msg)
-                        log.warning(msg)
-                        frozen = True
-                        continue
-                    if not frozen:
-                        if start == contiguous:
-                            contiguous = stop_
-                        elif start > contiguous:
-                            frozen = True  # a gap: the API skipped buckets; ask again next poll
+                        if not frozen:
+                            if start == contiguous:
+                                contiguous = stop_
+                            elif start > contiguous:
+                                frozen = True  # a gap: the API skipped buckets; ask again next poll
+                    body = buckets = None  # drop the parsed page before storing and sending
+                    events, payload = len(lines), b"".join(lines)
+                    lines = None
+                # Store and send outside the gate: their fsyncs need no GIL, and another
+                # stream's page can be parsed meanwhile.
                 position = max(position, contiguous)
                 prune_before = min(position, final_before)
                 if updates and updates[0][0] < prune_before:
@@ -291,21 +292,19 @@ class UsageCollector(PollingCollector):
                 self.delivery.commit_page(
                     self.name,
                     self.width,
-                    lines=lines,
+                    payload=payload,
+                    events=events,
                     observations=updates,
                     cursor=Cursor(cur.origin, position),
                     prune_before=prune_before,
                 )
-                body = buckets = None  # drop the parsed page before the next (ungated) fetch
-                stats.events += len(lines)
-                lines = updates = None
+                stats.events += events
+                payload = updates = None
                 memory.trim()  # hand the page's freed heap back (see agent_input/memory.py)
-            if self.progress:
-                self.progress.update(self.name, contiguous - resume, end - resume)
-            if not more or self.stop.is_set():
-                break
-        if carry is not None:  # only reached when stopped mid-way: the carry is re-read next poll
-            pass
+                if self.progress:
+                    self.progress.update(self.name, contiguous - resume, end - resume)
+                if not more or self.stop.is_set():
+                    break  # when stopped mid-way, the carried bucket is re-read next poll
         return stats
 
     def _page(self, body: Mapping) -> tuple[list, bool, str | None]:
@@ -396,6 +395,45 @@ class UsageCollector(PollingCollector):
 
 class BadPage(BadBucket):
     """A whole page does not match the API reference."""
+
+
+class _PageFetcher:
+    """One stream's page requests, one at a time, each started as soon as its token is known.
+
+    While a page is parsed, compared, mapped and stored, the next page is already on the wire
+    (a thread of its own), so a stream's chain of dependent requests costs the API's latency,
+    not latency plus the collector's work per page. There is never more than one request in
+    flight per stream. Clients with `get_raw` hand over bytes, parsed later under PAGE_GATE;
+    others (test doubles) give the parsed object. Leaving the block on an error or a stop
+    drops the answer of a request still in flight (a later poll asks again) without waiting
+    for it, so the error is reported at once.
+    """
+
+    def __init__(self, client, path: str):
+        self.client, self.path = client, path
+        self._raw = getattr(client, "get_raw", None)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-fetch")
+        self._next = None
+
+    def __enter__(self) -> "_PageFetcher":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._next = None
+        return False
+
+    def request(self, params: Mapping[str, Any]) -> None:
+        get = self._raw or self.client.get_json
+        self._next = self._pool.submit(get, self.path, dict(params))
+
+    def take(self):
+        """The requested page (bytes or parsed); the request's own error if it failed."""
+        future, self._next = self._next, None
+        return future.result()
+
+    def parse(self, raw) -> Any:
+        return self.client.parse(raw, self.path) if self._raw is not None else raw
 
 
 def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:

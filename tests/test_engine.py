@@ -192,6 +192,54 @@ def test_error_on_second_page_keeps_first_page_and_resumes(harness):
     assert len({d["_id"] for d in got}) == len(got)
 
 
+def test_next_page_is_requested_while_the_current_one_is_stored_one_request_at_a_time(harness):
+    """A stream's chain of pages costs the API's latency, not latency plus the work per page:
+    page N+1 is on the wire while page N is stored and sent, never two requests at once."""
+    import threading
+    import time
+
+    api = FakeApi(page_buckets=10)
+    h = harness(api, effective_revision_window=0, initial_interval=3600)
+    now = ts("2026-11-23T10:00:00")
+    for i in range(60):
+        api.data[now - 3600 + 60 * i] = [result(1)]
+    real, requested = api.get_json, []
+    in_flight = {"now": 0, "max": 0}
+    lock = threading.Lock()
+    next_requested = threading.Event()
+
+    def get_json(path, params):
+        with lock:
+            in_flight["now"] += 1
+            in_flight["max"] = max(in_flight["max"], in_flight["now"])
+            requested.append(params.get("page"))
+            if len(requested) >= 2:
+                next_requested.set()
+        time.sleep(0.01)
+        with lock:
+            in_flight["now"] -= 1
+        return real(path, params)
+
+    api.get_json = get_json
+    overlapped = []
+
+    class SlowOutput:
+        def send(self, stream, payload, events, on_ack):
+            # the first page's send waits for the second page's request: only a pipelined
+            # engine has made it by then
+            if not overlapped:
+                overlapped.append(next_requested.wait(timeout=5))
+            h.out.write(payload)
+            on_ack()
+
+    h.collector.delivery.output = SlowOutput()
+    h.collector.poll(now)
+    assert overlapped == [True], "page 2 was not requested until page 1 had been sent"
+    assert in_flight["max"] == 1, "never more than one request in flight per stream"
+    assert len(requested) == 6
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 60
+
+
 def test_bucket_split_across_pages_is_merged(harness):
     h = harness(effective_revision_window=0, initial_interval=120)
     now = ts("2026-11-23T10:00:00")
