@@ -11,6 +11,12 @@ have given are simply absent (the previous, stale names are kept) and the next a
 after a short back-off. Only the first load makes callers wait (once, bounded by a client with few
 retries), so the first poll's documents carry names; later refreshes happen on whichever thread
 finds the cache stale while the others go on with the names they have.
+
+The first load is published in two steps, so that it holds documents up as little as it can:
+projects and every project's API keys first (concurrent, a few round trips deep), then the
+organization's users (one cursor chain: 20 pages for 2,000 users). A key's listing names its
+owner's email, which is the usage API's `user_id` for that key, so most documents need only the
+first step; one whose `user_id` is not a key owner waits for the users, as all of them used to.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
 from .http_client import AdminApiClient, ApiError
@@ -54,6 +61,8 @@ class NameCache:
         self._users: dict[str, str] = {}
         self._keys: dict[str, str] = {}
         self._next_refresh: float | None = None  # None: never loaded
+        self._keys_loaded = threading.Event()  # first load: projects and every project's keys are in
+        self._all_loaded = threading.Event()  # first load: done (users too), whatever failed
         self._refresh_lock = threading.Lock()  # one refresh at a time (it also owns the client)
         self._maps_lock = threading.Lock()
         self.refreshes = 0
@@ -97,6 +106,8 @@ class NameCache:
             base = doc.get("openai", {}).get("base")
             if not isinstance(base, dict):
                 return
+            if not self._all_loaded.is_set():
+                self._keys_loaded.wait()  # first load: project and key names, key owners' emails
             # refresh() swaps whole dicts, never mutates them: reading without the lock is safe
             for id_field, name_field, names in (
                 ("project_id", "project_name", self._projects),
@@ -104,7 +115,12 @@ class NameCache:
                 ("api_key_id", "api_key_name", self._keys),
             ):
                 value = base.get(id_field)
-                name = names.get(value) if isinstance(value, str) else None
+                if not isinstance(value, str):
+                    continue
+                name = names.get(value)
+                if name is None and name_field == "user_email" and not self._all_loaded.is_set():
+                    self._all_loaded.wait()  # not a key owner: wait for the organization's users
+                    name = self._users.get(value)
                 if name:
                     base[name_field] = name
         except Exception as exc:  # noqa: BLE001 - enrichment must never cost a document
@@ -117,10 +133,14 @@ class NameCache:
         if due is not None and now < due:
             return
         if due is None:
-            # First load: wait for it (once), so the first documents carry names.
-            with self._refresh_lock:
-                if self._next_refresh is None:
-                    self.refresh()
+            # First load: one thread runs it (warm_up's, or the first caller); enrich waits for
+            # the part it needs (see the module docstring).
+            if self._refresh_lock.acquire(blocking=False):
+                try:
+                    if self._next_refresh is None:
+                        self.refresh()
+                finally:
+                    self._refresh_lock.release()
             return
         # Stale: refresh unless another thread is already at it (then go on with what we have).
         if self._refresh_lock.acquire(blocking=False):
@@ -131,7 +151,17 @@ class NameCache:
                 self._refresh_lock.release()
 
     def refresh(self) -> None:
-        """List projects, users and every project's API keys; keep what a failed listing had."""
+        """List projects, every project's API keys and users; keep what a failed listing had.
+
+        Projects and keys are published as soon as they are in, with the key owners' emails;
+        the users listing, the longest chain, runs alongside and is published when it ends."""
+        try:
+            self._refresh()
+        finally:  # nobody waits forever on a first load, whatever happened to it
+            self._keys_loaded.set()
+            self._all_loaded.set()
+
+    def _refresh(self) -> None:
         failed: list[str] = []
         projects: dict[str, str] | None = {}
         project_ids: list[str] = []
@@ -149,34 +179,45 @@ class NameCache:
             return {u["id"]: u["email"] for u in self._list("/v1/organization/users", {})
                     if isinstance(u.get("id"), str) and isinstance(u.get("email"), str)}
 
-        def list_keys(pid: str) -> dict[str, str]:
-            return {k["id"]: k["name"]
-                    for k in self._list(f"/v1/organization/projects/{pid}/api_keys", {"owner_project_access": "any"})
-                    if isinstance(k.get("id"), str) and isinstance(k.get("name"), str)}
+        def list_keys(pid: str) -> tuple[dict[str, str], dict[str, str]]:
+            names, owners = {}, {}
+            for k in self._list(f"/v1/organization/projects/{pid}/api_keys", {"owner_project_access": "any"}):
+                if isinstance(k.get("id"), str) and isinstance(k.get("name"), str):
+                    names[k["id"]] = k["name"]
+                owner = k.get("owner")
+                user = owner.get("user") if isinstance(owner, Mapping) and owner.get("type") == "user" else None
+                if isinstance(user, Mapping) and isinstance(user.get("id"), str) and isinstance(user.get("email"), str):
+                    owners[user["id"]] = user["email"]
+            return names, owners
 
-        jobs: list[tuple[str, Callable[[], dict[str, str]]]] = [("users", list_users)]
-        jobs += [(f"api keys of {pid}", lambda pid=pid: list_keys(pid)) for pid in project_ids]
-        outcomes = self._run_listings(jobs)
-        users: dict[str, str] | None = None
-        keys: dict[str, str] = {}
-        keys_complete = projects is not None
-        for (label, _), (value, error) in zip(jobs, outcomes):
-            if error is not None:
-                failed.append(f"{label}: {error}")
-                keys_complete = keys_complete and label == "users"
-            elif label == "users":
-                users = value
-            else:
-                keys.update(value)
-        with self._maps_lock:
-            if projects is not None:
-                self._projects = projects
-            if users is not None:
-                self._users = users
-            if keys_complete:
-                self._keys = keys
-            else:  # keep the keys of projects that could not be listed this time
-                self._keys = {**self._keys, **keys}
+        key_jobs = [(f"api keys of {pid}", lambda pid=pid: list_keys(pid)) for pid in project_ids]
+        with self._listings() as run:
+            users_outcome = run([list_users], wait=False)  # the long chain: started first
+            keys: dict[str, str] = {}
+            owners: dict[str, str] = {}
+            keys_complete = projects is not None
+            for (label, _), (value, error) in zip(key_jobs, run([job for _, job in key_jobs])):
+                if error is not None:
+                    failed.append(f"{label}: {error}")
+                    keys_complete = False
+                else:
+                    keys.update(value[0])
+                    owners.update(value[1])
+            with self._maps_lock:
+                if projects is not None:
+                    self._projects = projects
+                if keys_complete:
+                    self._keys = keys
+                else:  # keep the keys of projects that could not be listed this time
+                    self._keys = {**self._keys, **keys}
+                self._users = {**self._users, **owners}
+            self._keys_loaded.set()
+            ((users, error),) = users_outcome()
+        if error is not None:
+            failed.append(f"users: {error}")
+        else:
+            with self._maps_lock:
+                self._users = {**owners, **users}
         self.refreshes += 1
         now = self.clock()
         if failed:
@@ -190,22 +231,37 @@ class NameCache:
         log.debug("names: %d projects, %d users, %d api keys", len(self._projects), len(self._users),
                   len(self._keys))
 
-    def _run_listings(self, jobs: list[tuple[str, Callable[[], dict[str, str]]]]) -> list[tuple[Any, Any]]:
-        """(result, None) or (None, ApiError) per job, in order; concurrently when possible."""
-        def run(job: Callable[[], dict[str, str]]) -> tuple[Any, Any]:
+    @contextmanager
+    def _listings(self) -> Iterator[Callable[..., Any]]:
+        """`run(jobs, wait=True)`: each job's (result, None) or (None, ApiError), in order; with
+        wait=False, a function that waits for them. Concurrent on LISTING_WORKERS threads, each
+        with its own client, when the cache has a client factory; one after another otherwise
+        (then a job not waited for runs when it is waited for)."""
+        def outcome(job: Callable[[], Any]) -> tuple[Any, Any]:
             try:
                 return job(), None
             except ApiError as exc:
                 return None, exc
 
-        if self._client_factory is None or len(jobs) < 2:
-            return [run(job) for _, job in jobs]
+        if self._client_factory is None:
+            def run_serially(jobs, wait: bool = True):
+                return [outcome(job) for job in jobs] if wait else (lambda: [outcome(job) for job in jobs])
+
+            yield run_serially
+            return
+        pool = ThreadPoolExecutor(max_workers=LISTING_WORKERS, thread_name_prefix="names",
+                                  initializer=self._start_worker)
+
+        def run_on_pool(jobs, wait: bool = True):
+            futures = [pool.submit(outcome, job) for job in jobs]
+            collect = lambda: [f.result() for f in futures]  # noqa: E731
+            return collect() if wait else collect
+
         try:
-            with ThreadPoolExecutor(max_workers=LISTING_WORKERS, thread_name_prefix="names",
-                                    initializer=self._start_worker) as pool:
-                return list(pool.map(run, [job for _, job in jobs]))
-        finally:  # the workers are gone: so are their sessions
-            with self._maps_lock:
+            yield run_on_pool
+        finally:
+            pool.shutdown(wait=True)
+            with self._maps_lock:  # the workers are gone: so are their sessions
                 clients, self._worker_clients = self._worker_clients, []
             for c in clients:
                 c.close()

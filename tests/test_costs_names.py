@@ -215,18 +215,63 @@ def test_a_failed_lookup_never_costs_a_document(simulator):
     key = next(k for k in org.keys if k.owner_type == "user")
     simulator.add_fault(FaultRule(kind="500", path="/v1/organization/users", count=None))
     cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    owners = {k.owner_id for k in org.keys}
+    keyless = next(u for u in org.users if u.id not in owners)
     doc = _doc(project_id=key.project_id, user_id=key.owner_id, api_key_id=key.id)
     cache.enrich(doc)
     base = doc["openai"]["base"]
-    assert "user_email" not in base
     assert base["project_name"] == org.projects_by_id[key.project_id].name and base["api_key_name"] == key.name
+    assert base["user_email"] == org.users_by_id[key.owner_id].email, "the key's listing names its owner"
+    d_keyless = _doc(project_id=key.project_id, user_id=keyless.id)
+    cache.enrich(d_keyless)
+    assert "user_email" not in d_keyless["openai"]["base"], "only the users listing knows this one"
     # the whole API down: documents go out as they are
     simulator.add_fault(FaultRule(kind="reset", count=None))
     simulator.advance(3 * 3600)
     d2 = _doc(project_id=key.project_id, user_id=key.owner_id)
     cache.enrich(d2)
     assert d2["openai"]["base"]["project_name"] == org.projects_by_id[key.project_id].name  # stale names kept
-    assert "user_email" not in d2["openai"]["base"]
+    assert d2["openai"]["base"]["user_email"] == org.users_by_id[key.owner_id].email
+    cache.close()
+
+
+def test_first_load_holds_a_document_up_only_for_the_names_it_needs(simulator):
+    """Projects and keys (with their owners' emails) are published before the users listing,
+    the longest chain, ends; only a document whose user owns no key waits for that listing."""
+    import threading
+
+    org = simulator.org
+    release = threading.Event()
+
+    class UsersWaitForRelease(AdminApiClient):
+        def get_json(self, path, params=None):
+            if path.endswith("/organization/users"):
+                assert release.wait(30), "the test never released the users listing"
+            return super().get_json(path, params)
+
+    def factory():
+        return UsersWaitForRelease(simulator.base_url, ADMIN_KEY, max_retries=0)
+
+    cache = NameCache(factory(), clock=simulator.now, client_factory=factory)
+    warm = cache.warm_up()
+    key = next(k for k in org.keys if k.owner_type == "user")
+    owner_doc = _doc(project_id=key.project_id, user_id=key.owner_id, api_key_id=key.id)
+    cache.enrich(owner_doc)  # returns while the users listing is still held back
+    assert not release.is_set() and warm.is_alive()
+    assert owner_doc["openai"]["base"]["user_email"] == org.users_by_id[key.owner_id].email
+    assert owner_doc["openai"]["base"]["api_key_name"] == key.name
+
+    keyless = next(u for u in org.users if u.id not in {k.owner_id for k in org.keys})
+    keyless_doc = _doc(project_id=key.project_id, user_id=keyless.id)
+    waiting = threading.Thread(target=cache.enrich, args=(keyless_doc,))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive(), "a user who owns no key waits for the users listing"
+    release.set()
+    waiting.join(30)
+    warm.join(30)
+    assert keyless_doc["openai"]["base"]["user_email"] == keyless.email
+    assert all(cache.user_email(u.id) == u.email for u in org.users)
     cache.close()
 
 
