@@ -385,7 +385,10 @@ def _epoch(iso: str) -> float:
 @click.option("--latency-ms", type=int, default=0, show_default=True, help="Added latency per API request.")
 @click.option("--now", "now_text", default=None,
               help="Freeze the simulated clock here (ISO 8601 or unix seconds); default: follow the wall clock.")
-def simulate(port, seed, org, latency_ms, now_text):
+@click.option("--cache-responses", is_flag=True,
+              help="Answer a repeated request (same path, query and simulated time) from memory, so a "
+                   "second identical backfill costs the simulator no CPU (benchmarks).")
+def simulate(port, seed, org, latency_ms, now_text, cache_responses):
     """Serve the OpenAI Admin API simulator on loopback until Ctrl-C.
 
     Prints the base URL and the admin key to stderr. Tests drive it through /_sim/clock,
@@ -406,7 +409,7 @@ def simulate(port, seed, org, latency_ms, now_text):
                 raise click.BadParameter(f"{now_text!r} is neither ISO 8601 nor unix seconds",
                                          param_hint="--now") from None
             now = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-    run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now)
+    run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now, cache_responses=cache_responses)
 
 
 @main.command()

@@ -13,6 +13,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
+
 from .audit import AuditLog, decode_id, public
 from .faults import FaultRule, FaultSet
 from .org import ORG_SIZES, Organization, OrgSpec, rate_limit_rows
@@ -420,7 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: object, headers: dict | None = None, raw: bytes | None = None) -> None:
-        data = raw if raw is not None else json.dumps(body, separators=(",", ":")).encode()
+        data = raw if raw is not None else _encode(body)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -457,6 +459,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         try:
             payload = json.loads(raw or b"null")
+            if url.path == "/_sim/config":
+                self.sim._responses.clear()  # page size, audit switch: other answers from now on
             status, body = self.sim._control("POST", url.path, url.query, payload)
         except (ValueError, TypeError, KeyError) as e:
             status, body = 400, {"error": str(e)}
@@ -499,12 +503,23 @@ class _Handler(BaseHTTPRequestHandler):
                 mode = rule.kind
         try:
             sim._auth(self.headers.get("Authorization"), path)
+            cached = sim._responses.get(path, url.query, sim.now()) if mode is None else None
+            if cached is not None:
+                sim._count(path, 200)
+                self._send(200, None, raw=cached)
+                return
             status, body = sim.api.handle(path, url.query)
             headers: dict = {}
         except ApiError as e:
             status, body, headers = e.status, e.body, e.headers
+        if status == 200 and mode is None and sim._responses.enabled:
+            data = _encode(body)
+            sim._responses.put(path, url.query, sim.now(), data)
+            sim._count(path, status)
+            self._send(200, None, raw=data)
+            return
         if status == 200 and mode == "malformed_json":
-            data = json.dumps(body, separators=(",", ":")).encode()
+            data = _encode(body)
             sim._count(path, status)
             self._send(200, None, raw=data[: max(1, len(data) // 2)])
             return
@@ -512,6 +527,49 @@ class _Handler(BaseHTTPRequestHandler):
             body = corrupt(body)
         sim._count(path, status)
         self._send(status, body, headers)
+
+
+def _encode(body: object) -> bytes:
+    """Compact JSON (orjson: a large org's 5,000-result page is most of the simulator's time
+    in the stdlib encoder)."""
+    return orjson.dumps(body)
+
+
+class ResponseCache:
+    """Answers to repeated requests, by (path, query, simulated now), kept up to `max_bytes`.
+
+    Off unless asked for (`simulate --cache-responses`): the benchmarks warm it with one
+    untimed backfill, so the timed one measures the collector against an API that answers in
+    its simulated latency, not latency plus this process's page generation competing for the
+    collector's cores. The simulated time is part of the key and faults are decided before the
+    cache is asked, so only a config change (POST /_sim/config) empties it.
+    """
+
+    def __init__(self, enabled: bool = False, max_bytes: int = 2 << 30):
+        self.enabled, self.max_bytes = enabled, max_bytes
+        self._data: dict[tuple, bytes] = {}
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: str, query: str, now: float) -> bytes | None:
+        if not self.enabled:
+            return None
+        with self._lock:
+            return self._data.get((path, query, now))
+
+    def put(self, path: str, query: str, now: float, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            while self._data and self._size + len(data) > self.max_bytes:
+                self._size -= len(self._data.pop(next(iter(self._data))))  # the oldest first
+            self._data[(path, query, now)] = data
+            self._size += len(data)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._size = 0
 
 
 class _Server(ThreadingHTTPServer):
@@ -530,7 +588,7 @@ class Simulator:
     def __init__(self, seed: int = 1, org: str | OrgSpec = "small", now: float | None = 1763892000.0,
                  admin_key: str = "sk-admin-sim", restricted_key: str | None = None, latency: float = 0.0,
                  max_results_per_page: int = 5000, audit_logs_enabled: bool = True,
-                 running_clock: bool | None = None):
+                 running_clock: bool | None = None, cache_responses: bool = False):
         if isinstance(org, str):
             if org not in ORG_SIZES:
                 raise ValueError(f"unknown org size {org!r}; one of {', '.join(ORG_SIZES)} or an OrgSpec")
@@ -549,6 +607,7 @@ class Simulator:
         self.audit_logs_enabled = audit_logs_enabled
         self.faults = FaultSet(seed)
         self.api = Api(self)
+        self._responses = ResponseCache(cache_responses)
         self._running = (now is None) if running_clock is None else running_clock
         self._clock_lock = threading.Lock()
         self._now = float(now) if now is not None else time.time()
@@ -751,9 +810,10 @@ class Simulator:
         return 404, {"error": f"unknown control endpoint {method} {path}"}
 
 
-def run_simulator(port: int, seed: int, org: str, latency_ms: int, now: float | None) -> None:
+def run_simulator(port: int, seed: int, org: str, latency_ms: int, now: float | None,
+                  cache_responses: bool = False) -> None:
     """Serve until Ctrl-C. Prints the base URL and the admin key to stderr."""
-    sim = Simulator(seed=seed, org=org, now=now, latency=latency_ms / 1000.0)
+    sim = Simulator(seed=seed, org=org, now=now, latency=latency_ms / 1000.0, cache_responses=cache_responses)
     url = sim.start(host="127.0.0.1", port=port)
     clock = "following the wall clock" if sim._running else f"frozen at {int(sim.now())} (move it with POST /_sim/clock)"
     print(f"OpenAI Admin API simulator listening on {url} (seed {seed}, org {org}, clock {clock})", file=sys.stderr)
