@@ -25,7 +25,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .http_client import AdminApiClient, ApiError
 
@@ -101,28 +101,38 @@ class NameCache:
 
     def enrich(self, doc: dict) -> None:
         """Add the names this cache knows to `doc["openai"]["base"]`; never raises."""
+        self.enrich_all((doc,))
+
+    def enrich_all(self, docs: Iterable[dict]) -> None:
+        """`enrich` for a bucket's documents at once: the freshness check and the first-load
+        wait once per call, not once per document (the engine's hot loop); never raises."""
         try:
             self.ensure_fresh()
-            base = doc.get("openai", {}).get("base")
-            if not isinstance(base, dict):
-                return
             if not self._all_loaded.is_set():
                 self._keys_loaded.wait()  # first load: project and key names, key owners' emails
             # refresh() swaps whole dicts, never mutates them: reading without the lock is safe
-            for id_field, name_field, names in (
-                ("project_id", "project_name", self._projects),
-                ("user_id", "user_email", self._users),
-                ("api_key_id", "api_key_name", self._keys),
-            ):
-                value = base.get(id_field)
-                if not isinstance(value, str):
+            projects, users, keys = self._projects, self._users, self._keys
+            for doc in docs:
+                base = doc.get("openai", {}).get("base")
+                if not isinstance(base, dict):
                     continue
-                name = names.get(value)
-                if name is None and name_field == "user_email" and not self._all_loaded.is_set():
-                    self._all_loaded.wait()  # not a key owner: wait for the organization's users
-                    name = self._users.get(value)
+                value = base.get("project_id")
+                name = projects.get(value) if type(value) is str else None
                 if name:
-                    base[name_field] = name
+                    base["project_name"] = name
+                value = base.get("user_id")
+                if type(value) is str:
+                    name = users.get(value)
+                    if name is None and not self._all_loaded.is_set():
+                        self._all_loaded.wait()  # not a key owner: wait for the organization's users
+                        users = self._users
+                        name = users.get(value)
+                    if name:
+                        base["user_email"] = name
+                value = base.get("api_key_id")
+                name = keys.get(value) if type(value) is str else None
+                if name:
+                    base["api_key_name"] = name
         except Exception as exc:  # noqa: BLE001 - enrichment must never cost a document
             log.warning("names: enrichment skipped: %s", exc)
 

@@ -283,12 +283,14 @@ def _map_pages(parsed) -> list[tuple[str, bytes, int]]:
 
     out = []
     for spec, col, body in parsed:
-        lines: list[bytes] = []
+        lines = bytearray()
         updates: list = []
         stats = PollStats()
+        events = 0
         for b in body["data"]:
-            col._diff_bucket(b, b["start_time"], b["end_time"], {}, "2026-11-23T10:00:00.000Z", lines, updates, stats)
-        out.append((spec.name, b"".join(lines), len(lines)))
+            events += col._diff_bucket(b, b["start_time"], b["end_time"], {}, "2026-11-23T10:00:00.000Z", lines,
+                                       updates, stats)
+        out.append((spec.name, bytes(lines), events))
     return out
 
 
