@@ -15,8 +15,9 @@ finds the cache stale while the others go on with the names they have.
 The first load is published in two steps, so that it holds documents up as little as it can:
 projects and every project's API keys first (concurrent, a few round trips deep), then the
 organization's users (one cursor chain: 20 pages for 2,000 users). A key's listing names its
-owner's email, which is the usage API's `user_id` for that key, so most documents need only the
-first step; one whose `user_id` is not a key owner waits for the users, as all of them used to.
+owner: a user's email (the usage API's `user_id` for that key) or a service account's id (no
+email to wait for), so most documents need only the first step; one whose `user_id` neither owns
+a key nor is a service account waits for the users, as all of them used to.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class NameCache:
         self._projects: dict[str, str] = {}
         self._users: dict[str, str] = {}
         self._keys: dict[str, str] = {}
+        self._service_accounts: frozenset[str] = frozenset()  # key owners that are not users
         self._next_refresh: float | None = None  # None: never loaded
         self._keys_loaded = threading.Event()  # first load: projects and every project's keys are in
         self._all_loaded = threading.Event()  # first load: done (users too), whatever failed
@@ -123,7 +125,7 @@ class NameCache:
                 value = base.get("user_id")
                 if type(value) is str:
                     name = users.get(value)
-                    if name is None and not self._all_loaded.is_set():
+                    if name is None and not self._all_loaded.is_set() and value not in self._service_accounts:
                         self._all_loaded.wait()  # not a key owner: wait for the organization's users
                         users = self._users
                         name = users.get(value)
@@ -189,22 +191,29 @@ class NameCache:
             return {u["id"]: u["email"] for u in self._list("/v1/organization/users", {})
                     if isinstance(u.get("id"), str) and isinstance(u.get("email"), str)}
 
-        def list_keys(pid: str) -> tuple[dict[str, str], dict[str, str]]:
-            names, owners = {}, {}
+        def list_keys(pid: str) -> tuple[dict[str, str], dict[str, str], set[str]]:
+            names, owners, service_accounts = {}, {}, set()
             for k in self._list(f"/v1/organization/projects/{pid}/api_keys", {"owner_project_access": "any"}):
                 if isinstance(k.get("id"), str) and isinstance(k.get("name"), str):
                     names[k["id"]] = k["name"]
                 owner = k.get("owner")
-                user = owner.get("user") if isinstance(owner, Mapping) and owner.get("type") == "user" else None
-                if isinstance(user, Mapping) and isinstance(user.get("id"), str) and isinstance(user.get("email"), str):
-                    owners[user["id"]] = user["email"]
-            return names, owners
+                if not isinstance(owner, Mapping):
+                    continue
+                who = owner.get(owner.get("type")) if owner.get("type") in ("user", "service_account") else None
+                if not isinstance(who, Mapping) or not isinstance(who.get("id"), str):
+                    continue
+                if owner["type"] == "service_account":
+                    service_accounts.add(who["id"])
+                elif isinstance(who.get("email"), str):
+                    owners[who["id"]] = who["email"]
+            return names, owners, service_accounts
 
         key_jobs = [(f"api keys of {pid}", lambda pid=pid: list_keys(pid)) for pid in project_ids]
         with self._listings() as run:
             users_outcome = run([list_users], wait=False)  # the long chain: started first
             keys: dict[str, str] = {}
             owners: dict[str, str] = {}
+            service_accounts: set[str] = set()
             keys_complete = projects is not None
             for (label, _), (value, error) in zip(key_jobs, run([job for _, job in key_jobs])):
                 if error is not None:
@@ -213,6 +222,7 @@ class NameCache:
                 else:
                     keys.update(value[0])
                     owners.update(value[1])
+                    service_accounts |= value[2]
             with self._maps_lock:
                 if projects is not None:
                     self._projects = projects
@@ -221,6 +231,7 @@ class NameCache:
                 else:  # keep the keys of projects that could not be listed this time
                     self._keys = {**self._keys, **keys}
                 self._users = {**self._users, **owners}
+                self._service_accounts = self._service_accounts | service_accounts
             self._keys_loaded.set()
             ((users, error),) = users_outcome()
         if error is not None:

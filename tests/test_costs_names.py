@@ -261,6 +261,14 @@ def test_first_load_holds_a_document_up_only_for_the_names_it_needs(simulator):
     assert owner_doc["openai"]["base"]["user_email"] == org.users_by_id[key.owner_id].email
     assert owner_doc["openai"]["base"]["api_key_name"] == key.name
 
+    robot = next(k for k in org.keys if k.owner_type == "service_account")
+    robot_doc = _doc(project_id=robot.project_id, user_id=robot.owner_id, api_key_id=robot.id)
+    robot_enrich = threading.Thread(target=cache.enrich, args=(robot_doc,))
+    robot_enrich.start()
+    robot_enrich.join(10)
+    assert not robot_enrich.is_alive(), "a service account has no email: it must not wait for the users"
+    assert "user_email" not in robot_doc["openai"]["base"] and robot_doc["openai"]["base"]["api_key_name"] == robot.name
+
     keyless = next(u for u in org.users if u.id not in {k.owner_id for k in org.keys})
     keyless_doc = _doc(project_id=key.project_id, user_id=keyless.id)
     waiting = threading.Thread(target=cache.enrich, args=(keyless_doc,))
