@@ -35,8 +35,9 @@ log = logging.getLogger("agent_input.names")
 PAGE_LIMIT = 100  # the list endpoints' maximum
 RETRY_AFTER_FAILURE = 300.0  # seconds before a failed listing is tried again
 # Users and every project's API keys are listed concurrently: with 50 projects the listings were
-# the longest chain of dependent requests in a backfill (71 round trips one after another).
-LISTING_WORKERS = 8
+# the longest chain of dependent requests in a backfill (71 round trips one after another). The
+# first documents wait for the keys (see above): 16 workers list 50 projects' keys in 4 rounds.
+LISTING_WORKERS = 16
 
 
 class NameCache:
