@@ -216,10 +216,7 @@ class StateStore:
             row = conn.execute("SELECT spool FROM outbox WHERE batch=?", (batch,)).fetchone()
             conn.execute("DELETE FROM outbox WHERE batch=?", (batch,))
         if row and row[0]:
-            try:
-                os.unlink(self.spool_dir / row[0])
-            except FileNotFoundError:
-                pass
+            _unlink(self.spool_dir / row[0])
 
     def drop_orphans(self) -> int:
         """Remove outbox files no row names. Only the collector that owns the state calls this,
@@ -231,10 +228,7 @@ class StateStore:
         named = {r[0] for r in self._conn().execute("SELECT spool FROM outbox WHERE spool IS NOT NULL")}
         orphans = files - named
         for name in orphans:
-            try:
-                os.unlink(self.spool_dir / name)
-            except FileNotFoundError:
-                pass
+            _unlink(self.spool_dir / name)
         return len(orphans)
 
     def pending_count(self) -> int:
@@ -265,10 +259,7 @@ class StateStore:
             write_file(path, payload)
             fsync_dir(self.spool_dir)  # the file's name is durable before a row can point at it
         except OSError as exc:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            _unlink(path)
             raise StateError(f"cannot write outbox file {path}: {exc.strerror}") from None
         return name
 
@@ -288,6 +279,7 @@ def _insert_batch(conn: sqlite3.Connection, stream: str, payload: bytes, events:
 
 
 def _unlink(path: Path) -> None:
+    """Remove a spool file if it is there; one left behind is removed at the next start."""
     try:
         os.unlink(path)
     except OSError:
@@ -306,10 +298,10 @@ class _transaction:
         if exc_type is None:
             try:
                 self.conn.execute("COMMIT")
-                return False
-            except BaseException:
+            except sqlite3.Error:  # not committed: nothing may name the spool file
                 self._rollback()
                 raise
+            return False
         self._rollback()
         return False
 
