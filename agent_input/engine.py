@@ -360,7 +360,7 @@ class UsageCollector(PollingCollector):
             else:
                 current[key] = (result, counters, group)
         out: list[tuple[str, dict]] = []
-        event, append, add_update = self._event, out.append, updates.append
+        event, append, add_update = self._map, out.append, updates.append
         for key, (result, counters, group) in current.items():
             old = previous.get(key)
             if old is None:
@@ -381,7 +381,7 @@ class UsageCollector(PollingCollector):
             result["object"] = spec.object_type
             zero = {k: 0 for k in old.counters}
             values = _difference(zero, old.counters)
-            out.append(self._event(start, stop_, result, values, old.revision + 1, created))
+            out.append(self._map(start, stop_, result, values, old.revision + 1, created))
             updates.append((start, key, old.revision + 1, zero))
             stats.corrections += 1
         if self.enrich is not None and out:
@@ -389,10 +389,6 @@ class UsageCollector(PollingCollector):
         for doc_id, doc in out:
             lines += serialize(doc_id, doc)
         return len(out)
-
-    def _event(self, start: int, stop_: int, result: Mapping, values: Mapping, revision: int, created: str,
-               group: tuple | None = None):
-        return self._map(start, stop_, result, values, revision, created, group)
 
 
 class BadPage(BadBucket):

@@ -538,8 +538,8 @@ def _encode(body: object) -> bytes:
 class ResponseCache:
     """Answers to repeated requests, by (path, query, simulated now), kept up to `max_bytes`.
 
-    Off unless asked for (`simulate --cache-responses`): the benchmarks warm it with one
-    untimed backfill, so the timed one measures the collector against an API that answers in
+    Off unless asked for (`simulate --cache-responses`): the benchmarks warm it with a cold
+    run of each backfill, so the repeated run measures the collector against an API that answers in
     its simulated latency, not latency plus this process's page generation competing for the
     collector's cores. The simulated time is part of the key and faults are decided before the
     cache is asked, so only a config change (POST /_sim/config) empties it.
