@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Delivery, PollingCollector, PollStats, serialize
+from .engine import ListingCollector, PollStats, serialize
 from .http_client import PermissionDeniedError, explain
 
 log = logging.getLogger("agent_input.audit")
@@ -51,27 +49,14 @@ class BadAuditPage(ValueError):
     """An audit page that does not match the API reference."""
 
 
-class AuditCollector(PollingCollector):
+class AuditCollector(ListingCollector):
     """The Collector for `openai.audit` (see engine.Collector)."""
 
     name = "audit"
 
-    def __init__(
-        self,
-        config,  # config.Config
-        stream,  # config.StreamConfig
-        client,  # http_client.AdminApiClient
-        delivery: Delivery,
-        *,
-        namespace: str = "default",
-        stop: threading.Event | None = None,
-        clock: Callable[[], float] = time.time,
-        **_: Any,
-    ):
-        super().__init__(stream, client, delivery, namespace=namespace, stop=stop, clock=clock)
-        self.config = config
+    def __init__(self, config, stream, *args: Any, **kwargs: Any):
+        super().__init__(config, stream, *args, **kwargs)
         self.initial_interval = stream.initial_interval or 86400
-        self.batch_size = stream.batch_size or 100
         self.preserve_original = bool(getattr(config, "preserve_original_event", False))
         self.forbidden: str | None = None  # the 403 explanation, while audit logs are not readable
         self._forbidden_until = 0.0
@@ -354,5 +339,4 @@ def _set_path(target: dict, dotted: str, value: Any) -> None:
         target[leaf] = value
 
 
-def factory(config, stream, client, delivery, **common) -> AuditCollector:
-    return AuditCollector(config, stream, client, delivery, **common)
+factory = AuditCollector  # app.EXTRA_COLLECTORS builds it as engine.ListingCollector says

@@ -158,6 +158,7 @@ class PollingCollector:
         namespace: str = "default",
         stop: threading.Event | None = None,
         clock: Clock = time.time,
+        **_: Any,  # what only some collectors take (progress, enrich)
     ):
         self.stream = stream
         self.client = client
@@ -167,6 +168,17 @@ class PollingCollector:
         self.stop = stop or threading.Event()
         self.clock = clock
         self.interval = stream.interval
+
+
+class ListingCollector(PollingCollector):
+    """A collector of a listing endpoint (audit logs, rate limits): it also reads top-level vars
+    from the whole `Config` and pages with the stream's `batch_size`. `app.EXTRA_COLLECTORS`
+    builds one as `Class(config, stream, client, delivery, **common)`."""
+
+    def __init__(self, config, stream, client, delivery: Delivery, **common: Any):  # config: config.Config
+        super().__init__(stream, client, delivery, **common)
+        self.config = config
+        self.batch_size = stream.batch_size or 100
 
 
 class UsageCollector(PollingCollector):

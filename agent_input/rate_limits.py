@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
-import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Delivery, PollingCollector, PollStats, serialize
+from .engine import ListingCollector, PollStats, serialize
 from .http_client import ApiError, AuthenticationError, PermissionDeniedError
 
 log = logging.getLogger("agent_input.rate_limits")
@@ -36,26 +34,13 @@ KV_LAST_CYCLE = "rate_limits:last_cycle"
 MAX_PAGES = 10_000
 
 
-class RateLimitsCollector(PollingCollector):
+class RateLimitsCollector(ListingCollector):
     """The Collector for `openai.rate_limits` (see engine.Collector)."""
 
     name = "rate_limits"
 
-    def __init__(
-        self,
-        config,
-        stream,
-        client,
-        delivery: Delivery,
-        *,
-        namespace: str = "default",
-        stop: threading.Event | None = None,
-        clock: Callable[[], float] = time.time,
-        **_: Any,
-    ):
-        super().__init__(stream, client, delivery, namespace=namespace, stop=stop, clock=clock)
-        self.config = config
-        self.batch_size = stream.batch_size or 100
+    def __init__(self, config, stream, *args: Any, **kwargs: Any):
+        super().__init__(config, stream, *args, **kwargs)
         self.include_archived = bool(stream.include_archived)
 
     def poll(self, now: float) -> PollStats:
@@ -198,5 +183,4 @@ def status_event(*, collected: int, projects: int, limits: int, failed_projects:
     return _id(DATASET, "collection", collected), doc
 
 
-def factory(config, stream, client, delivery, **common) -> RateLimitsCollector:
-    return RateLimitsCollector(config, stream, client, delivery, **common)
+factory = RateLimitsCollector  # app.EXTRA_COLLECTORS builds it as engine.ListingCollector says
