@@ -86,7 +86,7 @@ def build(
         if stream.name in STREAMS_BY_NAME:
             collector: Collector = UsageCollector(
                 STREAMS_BY_NAME[stream.name], stream, client, delivery, progress=progress,
-                enrich=names.enrich_all if names is not None else None, **common
+                names=names, **common
             )
         elif stream.name in EXTRA_COLLECTORS:
             collector = EXTRA_COLLECTORS[stream.name](config, stream, client, delivery, **common)

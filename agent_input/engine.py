@@ -97,6 +97,16 @@ class Collector(Protocol):
     def poll(self, now: float) -> PollStats: ...
 
 
+class Names(Protocol):
+    """What the engine needs of the name cache (`names.NameCache`)."""
+
+    def ready(self) -> None:
+        """Called before a page is worked on: refresh if due, wait out a first load."""
+
+    def enrich_all(self, docs: list[dict]) -> None:
+        """Add the names it knows to each document's openai.base; never raises."""
+
+
 class BadBucket(ValueError):
     """A bucket whose data does not match the API reference; it is reported, not emitted."""
 
@@ -195,14 +205,14 @@ class UsageCollector(PollingCollector):
         stop: threading.Event | None = None,
         progress: Progress | None = None,
         clock: Clock = time.time,
-        enrich: Callable[[list[dict]], None] | None = None,  # names for a bucket's documents
+        names: "Names | None" = None,
     ):
         super().__init__(config, client, delivery, namespace=namespace, stop=stop, clock=clock)
         self.spec = spec
         self.name = spec.name
         self.config = config
         self.progress = progress
-        self.enrich = enrich
+        self.names = names
         self.width = config.bucket_width
         self.width_s = WIDTH_SECONDS[self.width]
         self.grace = config.finalization_grace if spec.has_grace else 0
@@ -249,6 +259,8 @@ class UsageCollector(PollingCollector):
                 raw = pages.take()  # the network wait: never gated
                 stats.requests += 1
                 stats.pages += 1
+                if self.names is not None:
+                    self.names.ready()  # a first load or refresh is waited for here, not in the gate
                 with PAGE_GATE:  # parse, compare, map: at most PAGE_WORKERS pages at once
                     body = pages.parse(raw)
                     raw = None
@@ -396,8 +408,8 @@ class UsageCollector(PollingCollector):
             out.append(self._map(start, stop_, result, values, old.revision + 1, created))
             updates.append((start, key, old.revision + 1, zero))
             stats.corrections += 1
-        if self.enrich is not None and out:
-            self.enrich([doc for _, doc in out])
+        if self.names is not None and out:
+            self.names.enrich_all([doc for _, doc in out])
         for doc_id, doc in out:
             lines += serialize(doc_id, doc)
         return len(out)

@@ -102,6 +102,17 @@ class NameCache:
         with self._maps_lock:
             return self._keys.get(key_id) if key_id else None
 
+    def ready(self) -> None:
+        """Refresh if due and, during the first load, wait for the names documents need first
+        (projects and keys). The engine calls it before it takes its page gate, so that a
+        listing's round trips hold up only the stream that waits, not every stream's pages."""
+        try:
+            self.ensure_fresh()
+            if not self._all_loaded.is_set():
+                self._keys_loaded.wait()
+        except Exception as exc:  # noqa: BLE001 - names must never cost a document
+            log.warning("names: refresh failed: %s", exc)
+
     def enrich(self, doc: dict) -> None:
         """Add the names this cache knows to `doc["openai"]["base"]`; never raises."""
         self.enrich_all((doc,))

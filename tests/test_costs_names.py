@@ -225,9 +225,10 @@ def test_a_failed_lookup_never_costs_a_document(simulator):
     d_keyless = _doc(project_id=key.project_id, user_id=keyless.id)
     cache.enrich(d_keyless)
     assert "user_email" not in d_keyless["openai"]["base"], "only the users listing knows this one"
-    # the whole API down: documents go out as they are
+    # the whole API down: documents go out as they are, and the engine's wait does not raise
     simulator.add_fault(FaultRule(kind="reset", count=None))
     simulator.advance(3 * 3600)
+    cache.ready()
     d2 = _doc(project_id=key.project_id, user_id=key.owner_id)
     cache.enrich(d2)
     assert d2["openai"]["base"]["project_name"] == org.projects_by_id[key.project_id].name  # stale names kept
@@ -255,6 +256,9 @@ def test_first_load_holds_a_document_up_only_for_the_names_it_needs(simulator):
     cache = NameCache(factory(), clock=simulator.now, client_factory=factory)
     warm = cache.warm_up()
     key = next(k for k in org.keys if k.owner_type == "user")
+    cache.ready()  # what the engine waits for before its page gate: projects and keys, not users
+    assert not release.is_set() and warm.is_alive()
+    assert cache.api_key_name(key.id) == key.name and cache.project_name(key.project_id)
     owner_doc = _doc(project_id=key.project_id, user_id=key.owner_id, api_key_id=key.id)
     cache.enrich(owner_doc)  # returns while the users listing is still held back
     assert not release.is_set() and warm.is_alive()

@@ -3,6 +3,7 @@ import json
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
+import orjson
 import pytest
 
 from agent_input.engine import Delivery, UsageCollector
@@ -10,6 +11,7 @@ from agent_input.outputs import NdjsonOutput
 from agent_input.streams import STREAMS_BY_NAME
 
 import io
+import time
 
 
 def ts(text: str) -> int:
@@ -238,6 +240,63 @@ def test_next_page_is_requested_while_the_current_one_is_stored_one_request_at_a
     assert in_flight["max"] == 1, "never more than one request in flight per stream"
     assert len(requested) == 6
     assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 60
+
+
+class FakeRawApi(FakeApi):
+    """FakeApi as AdminApiClient serves it: bytes from `get_raw`, parsed by `parse`."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.raw_calls: list[str | None] = []
+
+    def get_raw(self, path, params):
+        self.raw_calls.append(params.get("page"))
+        return orjson.dumps(self.get_json(path, params))
+
+    def parse(self, content, path=""):
+        return orjson.loads(content)
+
+
+def _hour_of_minutes(api, now):
+    for i in range(60):
+        api.data[now - 3600 + 60 * i] = [result(1)]
+
+
+def test_a_name_load_is_waited_for_outside_the_page_gate(harness):
+    """A stream waiting for the name cache's first load must not hold the page gate: the other
+    streams' pages go on being parsed and stored meanwhile."""
+    import threading
+
+    from agent_input import engine
+
+    loaded = threading.Event()
+    waiting = threading.Event()
+
+    class SlowNames:
+        def ready(self):
+            waiting.set()
+            loaded.wait(5)
+
+        def enrich_all(self, docs):
+            for doc in docs:
+                doc["openai"]["base"]["project_name"] = "Project One"
+
+    api = FakeRawApi()
+    h = harness(api, effective_revision_window=0, initial_interval=3600)
+    h.collector.names = SlowNames()
+    now = ts("2026-11-23T10:00:00")
+    _hour_of_minutes(api, now)
+    t = threading.Thread(target=h.collector.poll, args=(now,))
+    t.start()
+    try:
+        assert waiting.wait(5)
+        assert engine.PAGE_GATE.acquire(timeout=5), "the page gate was held while names loaded"
+        engine.PAGE_GATE.release()
+    finally:
+        loaded.set()
+        t.join(5)
+    out = docs(h.out)
+    assert len(out) == 60 and {d["openai"]["base"]["project_name"] for d in out} == {"Project One"}
 
 
 def test_bucket_split_across_pages_is_merged(harness):
