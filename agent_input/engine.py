@@ -13,12 +13,15 @@ import functools
 import json
 import logging
 import math
+import re
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
+
+import orjson
 
 from . import memory
 from .ecs import iso_timestamp, mapper, to_ndjson_line
@@ -259,6 +262,12 @@ class UsageCollector(PollingCollector):
                 raw = pages.take()  # the network wait: never gated
                 stats.requests += 1
                 stats.pages += 1
+                # The next page goes on the wire now, not when the gate (held by other streams'
+                # pages) lets this one be parsed: the long pole's chain must not queue behind the
+                # other streams' work. The token read off the page's end is checked below.
+                guessed = None if self.stop.is_set() else pages.peek_token(raw)
+                if guessed is not None:
+                    pages.request({**params, "page": guessed})
                 if self.names is not None:
                     self.names.ready()  # a first load or refresh is waited for here, not in the gate
                 with PAGE_GATE:  # parse, compare, map: at most PAGE_WORKERS pages at once
@@ -266,8 +275,10 @@ class UsageCollector(PollingCollector):
                     raw = None
                     buckets, has_more, page_token = self._page(body)
                     more = bool(has_more and page_token) and not self.stop.is_set()
-                    if more:  # the next page is on its way while this one is worked on
+                    if more and page_token != guessed:  # not guessed (or wrongly): ask for it now
                         pages.request({**params, "page": page_token})
+                    elif not more and guessed is not None:
+                        pages.discard()
                     if carry is not None:
                         if buckets and buckets[0].get("start_time") == carry.get("start_time"):
                             merged = dict(buckets[0])
@@ -419,6 +430,9 @@ class BadPage(BadBucket):
     """A whole page does not match the API reference."""
 
 
+_NEXT_PAGE_AT_END = re.compile(rb'"has_more"\s*:\s*true\s*,\s*"next_page"\s*:\s*("(?:[^"\\]|\\.)*")\s*}\s*$')
+
+
 class _PageFetcher:
     """One stream's page requests, one at a time, each started as soon as its token is known.
 
@@ -453,6 +467,28 @@ class _PageFetcher:
         """The requested page (bytes or parsed); the request's own error if it failed."""
         future, self._next = self._next, None
         return future.result()
+
+    def discard(self) -> None:
+        """Forget the request made last (its answer, if one comes, is dropped)."""
+        future, self._next = self._next, None
+        if future is not None:
+            future.cancel()
+
+    def peek_token(self, raw) -> str | None:
+        """The next page's token read off the end of an unparsed page, where the API puts
+        `"has_more": true, "next_page": "<token>"}`; None when the page does not end that way
+        (the token is then taken from the parsed page). A guess: the caller checks it against
+        the parsed page and asks again if they differ, so a wrong guess costs one request."""
+        if self._raw is None or not isinstance(raw, (bytes, bytearray)):
+            return None
+        match = _NEXT_PAGE_AT_END.search(raw, max(0, len(raw) - 1024))
+        if match is None:
+            return None
+        try:
+            token = orjson.loads(match.group(1))
+        except orjson.JSONDecodeError:
+            return None
+        return token if isinstance(token, str) and token else None
 
     def parse(self, raw) -> Any:
         return self.client.parse(raw, self.path) if self._raw is not None else raw

@@ -262,6 +262,66 @@ def _hour_of_minutes(api, now):
         api.data[now - 3600 + 60 * i] = [result(1)]
 
 
+def test_next_page_is_requested_before_the_page_gate_frees(harness):
+    """The long pole's chain must not queue behind other streams' pages: the token at the end of
+    the raw page is read and the next page requested while the page gate is still held."""
+    import threading
+
+    from agent_input import engine
+
+    api = FakeRawApi(page_buckets=20)
+    h = harness(api, effective_revision_window=0, initial_interval=3600)
+    now = ts("2026-11-23T10:00:00")
+    _hour_of_minutes(api, now)
+    engine.PAGE_GATE.acquire()  # another stream's page is being worked on
+    try:
+        t = threading.Thread(target=h.collector.poll, args=(now,))
+        t.start()
+        deadline = time.monotonic() + 5
+        while len(api.raw_calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(api.raw_calls) == 2, "page 2 waited for the gate"
+        assert api.raw_calls[1] == str(now - 3600 + 20 * 60)
+    finally:
+        engine.PAGE_GATE.release()
+    t.join(5)
+    assert api.raw_calls == [None, str(now - 2400), str(now - 1200)], "one request per page, none wasted"
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 60
+
+
+def test_a_wrongly_guessed_token_costs_one_request_not_data(harness, monkeypatch):
+    from agent_input import engine
+
+    api = FakeRawApi(page_buckets=20)
+    h = harness(api, effective_revision_window=0, initial_interval=3600)
+    now = ts("2026-11-23T10:00:00")
+    _hour_of_minutes(api, now)
+    monkeypatch.setattr(engine._PageFetcher, "peek_token", lambda self, raw: "bogus")
+    real = api.get_json
+
+    def get_json(path, params):
+        if params.get("page") == "bogus":  # what the API says to a token it never gave
+            raise ValueError("400 invalid page token")
+        return real(path, params)
+
+    api.get_json = get_json
+    stats = h.collector.poll(now)
+    assert stats.pages == 3 and not stats.errors
+    assert api.raw_calls.count("bogus") == 2  # guessed after pages 1 and 2; the last page has no token
+    assert [c for c in api.raw_calls if c != "bogus"] == [None, str(now - 2400), str(now - 1200)]
+    ids = [d["_id"] for d in docs(h.out)]
+    assert len(ids) == len(set(ids)) == 60
+
+
+def test_the_last_page_asks_for_nothing_more(harness):
+    api = FakeRawApi(page_buckets=60)
+    h = harness(api, effective_revision_window=0, initial_interval=3600)
+    now = ts("2026-11-23T10:00:00")
+    _hour_of_minutes(api, now)
+    h.collector.poll(now)
+    assert api.raw_calls == [None]
+
+
 def test_a_name_load_is_waited_for_outside_the_page_gate(harness):
     """A stream waiting for the name cache's first load must not hold the page gate: the other
     streams' pages go on being parsed and stored meanwhile."""
