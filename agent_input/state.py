@@ -102,6 +102,11 @@ class StateStore:
         self.path = self.directory / "state.sqlite3"
         self.spool_dir = self.directory / "outbox"
         self._local = threading.local()
+        # Write transactions queue here, not in sqlite: a connection that finds the database
+        # locked sleeps in sqlite's busy handler (up to 100 ms a try, not woken when the lock
+        # frees), which made ten streams' page commits wait up to 1.2 s (docs/performance.md).
+        # sqlite's own lock still guards against another process.
+        self._write_lock = threading.Lock()
         self._spool_names = itertools.count()
         try:
             self.spool_dir.mkdir(exist_ok=True)
@@ -212,7 +217,7 @@ class StateStore:
         """The output has the batch durably: drop it from the outbox (row first, then its file:
         a crash in between leaves a file no row names, removed at the next start)."""
         conn = self._conn()
-        with _transaction(conn):
+        with self._transaction(conn):
             row = conn.execute("SELECT spool FROM outbox WHERE batch=?", (batch,)).fetchone()
             conn.execute("DELETE FROM outbox WHERE batch=?", (batch,))
         if row and row[0]:
@@ -263,8 +268,11 @@ class StateStore:
             raise StateError(f"cannot write outbox file {path}: {exc.strerror}") from None
         return name
 
-    def _transaction(self, conn: sqlite3.Connection, spool: str | None) -> "_transaction":
-        return _transaction(conn, on_rollback=(lambda: _unlink(self.spool_dir / spool)) if spool else None)
+    def _transaction(self, conn: sqlite3.Connection, spool: str | None = None) -> "_transaction":
+        """A write transaction (BEGIN IMMEDIATE .. COMMIT) under the store's write lock; rolled
+        back, and its spool file removed, on any error."""
+        return _transaction(conn, self._write_lock,
+                            on_rollback=(lambda: _unlink(self.spool_dir / spool)) if spool else None)
 
 
 def _insert_batch(conn: sqlite3.Connection, stream: str, payload: bytes, events: int,
@@ -287,23 +295,32 @@ def _unlink(path: Path) -> None:
 
 
 class _transaction:
-    def __init__(self, conn: sqlite3.Connection, on_rollback=None):
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock, on_rollback=None):
         self.conn = conn
+        self.lock = lock
         self.on_rollback = on_rollback
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.lock.acquire()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                self.conn.execute("COMMIT")
-            except sqlite3.Error:  # not committed: nothing may name the spool file
-                self._rollback()
-                raise
+        try:
+            if exc_type is None:
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error:  # not committed: nothing may name the spool file
+                    self._rollback()
+                    raise
+                return False
+            self._rollback()
             return False
-        self._rollback()
-        return False
+        finally:
+            self.lock.release()
 
     def _rollback(self) -> None:
         try:

@@ -130,3 +130,31 @@ def test_state_from_before_spooling_is_upgraded_and_its_batches_replayed(tmp_pat
     assert _replayed(store) == BIG
     _commit(store, BIG)
     assert len(_spooled(store)) == 1
+
+
+def test_write_transactions_queue_on_the_store_lock_not_in_sqlite(tmp_path, monkeypatch):
+    """Stream threads' commits wait on a lock that wakes them when it frees, not in sqlite's busy
+    handler (which sleeps up to 100 ms a try): with the lock held, a commit has not begun; once
+    released it goes through at once; a failed BEGIN does not keep the lock."""
+    import threading
+
+    store = StateStore(tmp_path)
+    store._write_lock.acquire()
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (_commit(store, SMALL), done.set()))
+    t.start()
+    assert not done.wait(0.3), "a commit went ahead while another held the write lock"
+    store._write_lock.release()
+    assert done.wait(5)
+    t.join()
+    assert store.cursor("completions", "1m") == Cursor(0, 60)
+
+    class Locked:
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("database is locked")
+
+    with pytest.raises(sqlite3.OperationalError):
+        with store._transaction(Locked()):
+            pass
+    assert store._write_lock.acquire(timeout=1), "a failed BEGIN kept the write lock"
+    store._write_lock.release()
