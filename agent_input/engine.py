@@ -13,20 +13,17 @@ import functools
 import json
 import logging
 import math
-import re
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
-
-import orjson
 
 from . import memory
 from .ecs import iso_timestamp, mapper, to_ndjson_line
 from .http_client import AuthenticationError, PermissionDeniedError
 from .outputs import Output, OutputError
+from .paging import PAGE_GATE, PageFetcher
 from .state import Cursor, Observation, StateStore, group_json
 from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
 
@@ -40,14 +37,6 @@ class StreamStopped(Exception):
 
 
 serialize = to_ndjson_line  # one NDJSON line, the deterministic id in the top-level `_id`
-
-# How many pages are parsed, compared, mapped and stored at once, across every stream thread.
-# The threads still wait for the API concurrently; only the CPU- and memory-heavy part is bounded
-# (the GIL runs one at a time anyway). Unbounded, ten streams each holding a parsed 5,000-result
-# page, its NDJSON lines and the joined payload took a large-org backfill past 300 MB of RSS;
-# one worker measured 120 MB and the same wall time as two (docs/performance.md).
-PAGE_WORKERS = 1
-PAGE_GATE = threading.BoundedSemaphore(PAGE_WORKERS)
 
 
 # -- delivery ---------------------------------------------------------------------------------
@@ -171,7 +160,7 @@ class PollingCollector:
         namespace: str = "default",
         stop: threading.Event | None = None,
         clock: Clock = time.time,
-        **_: Any,  # what only some collectors take (progress, enrich)
+        **_: Any,  # what only some collectors take (progress, names)
     ):
         self.stream = stream
         self.client = client
@@ -256,18 +245,14 @@ class UsageCollector(PollingCollector):
         frozen = False
         position = cur.position
         carry: dict | None = None  # last bucket of a page: it may continue on the next page
-        with _PageFetcher(self.client, self.spec.path) as pages:
+        with PageFetcher(self.client, self.spec.path) as pages:
             pages.request(params)
             while True:
-                raw = pages.take()  # the network wait: never gated
+                # the network wait, never gated; the fetch thread has asked for the next page
+                # already if the token was at the end of this one (`guessed`)
+                raw, guessed = pages.take()
                 stats.requests += 1
                 stats.pages += 1
-                # The next page goes on the wire now, not when the gate (held by other streams'
-                # pages) lets this one be parsed: the long pole's chain must not queue behind the
-                # other streams' work. The token read off the page's end is checked below.
-                guessed = None if self.stop.is_set() else pages.peek_token(raw)
-                if guessed is not None:
-                    pages.request({**params, "page": guessed})
                 if self.names is not None:
                     self.names.ready()  # a first load or refresh is waited for here, not in the gate
                 with PAGE_GATE:  # parse, compare, map: at most PAGE_WORKERS pages at once
@@ -428,70 +413,6 @@ class UsageCollector(PollingCollector):
 
 class BadPage(BadBucket):
     """A whole page does not match the API reference."""
-
-
-_NEXT_PAGE_AT_END = re.compile(rb'"has_more"\s*:\s*true\s*,\s*"next_page"\s*:\s*("(?:[^"\\]|\\.)*")\s*}\s*$')
-
-
-class _PageFetcher:
-    """One stream's page requests, one at a time, each started as soon as its token is known.
-
-    While a page is parsed, compared, mapped and stored, the next page is already on the wire
-    (a thread of its own), so a stream's chain of dependent requests costs the API's latency,
-    not latency plus the collector's work per page. There is never more than one request in
-    flight per stream. Clients with `get_raw` hand over bytes, parsed later under PAGE_GATE;
-    others (test doubles) give the parsed object. Leaving the block on an error or a stop
-    drops the answer of a request still in flight (a later poll asks again) without waiting
-    for it, so the error is reported at once.
-    """
-
-    def __init__(self, client, path: str):
-        self.client, self.path = client, path
-        self._raw = getattr(client, "get_raw", None)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-fetch")
-        self._next = None
-
-    def __enter__(self) -> "_PageFetcher":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._next = None
-        return False
-
-    def request(self, params: Mapping[str, Any]) -> None:
-        get = self._raw or self.client.get_json
-        self._next = self._pool.submit(get, self.path, dict(params))
-
-    def take(self):
-        """The requested page (bytes or parsed); the request's own error if it failed."""
-        future, self._next = self._next, None
-        return future.result()
-
-    def discard(self) -> None:
-        """Forget the request made last (its answer, if one comes, is dropped)."""
-        future, self._next = self._next, None
-        if future is not None:
-            future.cancel()
-
-    def peek_token(self, raw) -> str | None:
-        """The next page's token read off the end of an unparsed page, where the API puts
-        `"has_more": true, "next_page": "<token>"}`; None when the page does not end that way
-        (the token is then taken from the parsed page). A guess: the caller checks it against
-        the parsed page and asks again if they differ, so a wrong guess costs one request."""
-        if self._raw is None or not isinstance(raw, (bytes, bytearray)):
-            return None
-        match = _NEXT_PAGE_AT_END.search(raw, max(0, len(raw) - 1024))
-        if match is None:
-            return None
-        try:
-            token = orjson.loads(match.group(1))
-        except orjson.JSONDecodeError:
-            return None
-        return token if isinstance(token, str) and token else None
-
-    def parse(self, raw) -> Any:
-        return self.client.parse(raw, self.path) if self._raw is not None else raw
 
 
 def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:

@@ -262,41 +262,62 @@ def _hour_of_minutes(api, now):
         api.data[now - 3600 + 60 * i] = [result(1)]
 
 
-def test_next_page_is_requested_before_the_page_gate_frees(harness):
+def test_pages_are_read_ahead_while_the_page_gate_is_held_up_to_a_bound(harness):
     """The long pole's chain must not queue behind other streams' pages: the token at the end of
-    the raw page is read and the next page requested while the page gate is still held."""
+    each raw page is read and the next page requested while the page gate is held elsewhere, up
+    to PAGES_AHEAD pages beyond the one waiting for the gate; one request at a time throughout."""
     import threading
 
-    from agent_input import engine
+    from agent_input import paging
 
-    api = FakeRawApi(page_buckets=20)
+    api = FakeRawApi(page_buckets=5)  # 12 pages
+    assert paging.PAGES_AHEAD < 11
     h = harness(api, effective_revision_window=0, initial_interval=3600)
     now = ts("2026-11-23T10:00:00")
     _hour_of_minutes(api, now)
-    engine.PAGE_GATE.acquire()  # another stream's page is being worked on
+    in_flight = {"now": 0, "max": 0}
+    lock = threading.Lock()
+    real = api.get_raw
+
+    def get_raw(path, params):
+        with lock:
+            in_flight["now"] += 1
+            in_flight["max"] = max(in_flight["max"], in_flight["now"])
+        time.sleep(0.01)
+        try:
+            return real(path, params)
+        finally:
+            with lock:
+                in_flight["now"] -= 1
+
+    api.get_raw = get_raw
+    pages = [None] + [str(now - 3600 + 5 * 60 * i) for i in range(1, 12)]
+    paging.PAGE_GATE.acquire()  # another stream's page is being worked on
     try:
         t = threading.Thread(target=h.collector.poll, args=(now,))
         t.start()
         deadline = time.monotonic() + 5
-        while len(api.raw_calls) < 2 and time.monotonic() < deadline:
+        while len(api.raw_calls) < 1 + paging.PAGES_AHEAD and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert len(api.raw_calls) == 2, "page 2 waited for the gate"
-        assert api.raw_calls[1] == str(now - 3600 + 20 * 60)
+        time.sleep(0.1)  # time enough for a request beyond the bound, if one were made
+        assert api.raw_calls == pages[: 1 + paging.PAGES_AHEAD], "pages 2.. waited for the gate, or no bound"
     finally:
-        engine.PAGE_GATE.release()
+        paging.PAGE_GATE.release()
     t.join(5)
-    assert api.raw_calls == [None, str(now - 2400), str(now - 1200)], "one request per page, none wasted"
+    assert api.raw_calls == pages, "one request per page, none wasted"
+    assert in_flight["max"] == 1, "never more than one request in flight per stream"
     assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 60
 
 
 def test_a_wrongly_guessed_token_costs_one_request_not_data(harness, monkeypatch):
-    from agent_input import engine
+    from agent_input import paging
 
     api = FakeRawApi(page_buckets=20)
     h = harness(api, effective_revision_window=0, initial_interval=3600)
     now = ts("2026-11-23T10:00:00")
     _hour_of_minutes(api, now)
-    monkeypatch.setattr(engine._PageFetcher, "peek_token", lambda self, raw: "bogus")
+    real_peek = paging.PageFetcher.peek_token
+    monkeypatch.setattr(paging.PageFetcher, "peek_token", lambda self, raw: "bogus" if real_peek(self, raw) else None)
     real = api.get_json
 
     def get_json(path, params):
@@ -327,7 +348,7 @@ def test_a_name_load_is_waited_for_outside_the_page_gate(harness):
     streams' pages go on being parsed and stored meanwhile."""
     import threading
 
-    from agent_input import engine
+    from agent_input import paging
 
     loaded = threading.Event()
     waiting = threading.Event()
@@ -350,8 +371,8 @@ def test_a_name_load_is_waited_for_outside_the_page_gate(harness):
     t.start()
     try:
         assert waiting.wait(5)
-        assert engine.PAGE_GATE.acquire(timeout=5), "the page gate was held while names loaded"
-        engine.PAGE_GATE.release()
+        assert paging.PAGE_GATE.acquire(timeout=5), "the page gate was held while names loaded"
+        paging.PAGE_GATE.release()
     finally:
         loaded.set()
         t.join(5)

@@ -1,0 +1,139 @@
+"""How a usage backfill's pages share the process: fetched ahead per stream, worked on one at a time.
+
+A backfill's wall time is bounded below by its longest chain of dependent requests (the stream
+with the most pages: each page's request needs the previous page's `next_page` token) and by the
+CPU its documents cost, under one GIL. Two pieces aim at the larger of the two:
+
+- `PageFetcher`: each stream's requests run on a thread of their own, reading the token off the
+  end of every raw body and asking for the next page at once, up to `PAGES_AHEAD` pages ahead of
+  the page being worked on. A stream's chain then costs the API's latency, not latency plus the
+  time its pages wait for the gate, the name cache or an fsync.
+- `PAGE_GATE`: at most `PAGE_WORKERS` pages are parsed, compared and mapped at once, across
+  every stream, which keeps memory flat (the GIL runs one at a time anyway).
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
+
+import orjson
+
+# How many pages are parsed, compared, mapped and stored at once, across every stream thread.
+# The threads still wait for the API concurrently; only the CPU- and memory-heavy part is bounded
+# (the GIL runs one at a time anyway). Unbounded, ten streams each holding a parsed 5,000-result
+# page, its NDJSON lines and the joined payload took a large-org backfill past 300 MB of RSS;
+# one worker measured 120 MB and the same wall time as two (docs/performance.md).
+PAGE_WORKERS = 1
+PAGE_GATE = threading.BoundedSemaphore(PAGE_WORKERS)
+# How many pages of one stream may be fetched ahead of the one being worked on: enough that a
+# chain does not stall while its pages wait (for the name cache's first load, above all); each is
+# at most one 5,000-result body (3 MB for a large organization's completions).
+PAGES_AHEAD = 4
+
+# where the API puts the next page's token: the last members of the page object
+_NEXT_PAGE_AT_END = re.compile(rb'"has_more"\s*:\s*true\s*,\s*"next_page"\s*:\s*("(?:[^"\\]|\\.)*")\s*}\s*$')
+
+
+class PageFetcher:
+    """One stream's chain of page requests, read ahead of the pages being worked on.
+
+    The fetch thread reads each page's `next_page` token off the end of the raw body and asks for
+    that page at once, up to `ahead` pages beyond the one taken last. The token is a guess that
+    the engine checks against the parsed page: a wrong one restarts the chain at the right token
+    (one wasted request, never data), one on the last page is dropped. There is never more than
+    one request in flight per stream. Clients without `get_raw` (test doubles) give parsed
+    objects: no token to read, one page at a time, the next asked for by `request`. Leaving the
+    block on an error or a stop drops what is still in flight (a later poll asks again) without
+    waiting for it, so the error is reported at once.
+    """
+
+    def __init__(self, client, path: str, ahead: int | None = None):
+        self.client, self.path = client, path
+        self._raw = getattr(client, "get_raw", None)
+        self._ahead = max(1, PAGES_AHEAD if ahead is None else ahead)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-fetch")
+        self._cond = threading.Condition()
+        self._pages: deque = deque()  # (answer, failed, token the next request used), in order
+        self._chain = 0  # bumped by request/discard: answers of an older chain are dropped
+        self._closed = False
+
+    def __enter__(self) -> "PageFetcher":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        with self._cond:
+            self._closed = True
+            self._pages.clear()
+            self._cond.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        return False
+
+    def request(self, params: Mapping[str, Any]) -> None:
+        """Start a chain at this page; what an earlier chain fetched or will fetch is dropped."""
+        with self._cond:
+            self._chain += 1
+            self._pages.clear()
+            self._cond.notify_all()
+            chain = self._chain
+        self._pool.submit(self._fetch, chain, dict(params))
+
+    def discard(self) -> None:
+        """End the chain: the page after the last one was guessed; its answer is dropped."""
+        with self._cond:
+            self._chain += 1
+            self._pages.clear()
+            self._cond.notify_all()
+
+    def take(self) -> tuple[Any, str | None]:
+        """The next page (bytes or parsed) and the token its successor was asked for with (None:
+        not asked for); the request's own error if it failed."""
+        with self._cond:
+            while not self._pages:
+                self._cond.wait()
+            answer, failed, token = self._pages.popleft()
+            self._cond.notify_all()
+        if failed:
+            raise answer
+        return answer, token
+
+    def parse(self, raw) -> Any:
+        return self.client.parse(raw, self.path) if self._raw is not None else raw
+
+    def _fetch(self, chain: int, params: dict) -> None:
+        get = self._raw or self.client.get_json
+        while True:
+            with self._cond:  # at most `ahead` pages fetched and not yet taken
+                while chain == self._chain and not self._closed and len(self._pages) >= self._ahead:
+                    self._cond.wait()
+                if chain != self._chain or self._closed:
+                    return
+            try:
+                answer, failed = get(self.path, params), False
+            except BaseException as exc:  # noqa: BLE001 - handed to take(), which raises it
+                answer, failed = exc, True
+            token = None if failed else self.peek_token(answer)
+            with self._cond:
+                if chain != self._chain or self._closed:
+                    return
+                self._pages.append((answer, failed, token))
+                self._cond.notify_all()
+            if token is None:
+                return
+            params = {**params, "page": token}
+
+    def peek_token(self, raw) -> str | None:
+        """The next page's token read off the end of an unparsed page; None when the page does
+        not end that way (the engine then asks with the token from the parsed page)."""
+        if self._raw is None or not isinstance(raw, (bytes, bytearray)):
+            return None
+        match = _NEXT_PAGE_AT_END.search(raw, max(0, len(raw) - 1024))
+        if match is None:
+            return None
+        try:
+            token = orjson.loads(match.group(1))
+        except orjson.JSONDecodeError:
+            return None
+        return token if isinstance(token, str) and token else None
