@@ -389,7 +389,7 @@ def _epoch(iso: str) -> float:
               help="Answer a repeated request (same path, query and simulated time) from memory, so a "
                    "second identical backfill costs the simulator no CPU (benchmarks).")
 def simulate(port, seed, org, latency_ms, now_text, cache_responses):
-    """Serve the OpenAI Admin API simulator on loopback until Ctrl-C.
+    """Serve the OpenAI Admin API simulator on loopback until Ctrl-C (or SIGTERM); exit 0.
 
     Prints the base URL and the admin key to stderr. Tests drive it through /_sim/clock,
     /_sim/faults, /_sim/truth and /_sim/stats.
@@ -409,7 +409,12 @@ def simulate(port, seed, org, latency_ms, now_text, cache_responses):
                 raise click.BadParameter(f"{now_text!r} is neither ISO 8601 nor unix seconds",
                                          param_hint="--now") from None
             now = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-    run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now, cache_responses=cache_responses)
+    import threading
+
+    stop = threading.Event()
+    _install_stop_handlers(stop)  # a signal only sets the event: it cannot land mid-start-up
+    run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now, cache_responses=cache_responses,
+                  stop=stop)
 
 
 @main.command()

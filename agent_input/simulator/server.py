@@ -811,17 +811,19 @@ class Simulator:
 
 
 def run_simulator(port: int, seed: int, org: str, latency_ms: int, now: float | None,
-                  cache_responses: bool = False) -> None:
-    """Serve until Ctrl-C. Prints the base URL and the admin key to stderr."""
+                  cache_responses: bool = False, stop: threading.Event | None = None) -> None:
+    """Serve until `stop` is set (the CLI sets it on SIGINT/SIGTERM) or Ctrl-C. Prints the base
+    URL and the admin key to stderr."""
+    stop = stop or threading.Event()
     sim = Simulator(seed=seed, org=org, now=now, latency=latency_ms / 1000.0, cache_responses=cache_responses)
-    url = sim.start(host="127.0.0.1", port=port)
-    clock = "following the wall clock" if sim._running else f"frozen at {int(sim.now())} (move it with POST /_sim/clock)"
-    print(f"OpenAI Admin API simulator listening on {url} (seed {seed}, org {org}, clock {clock})", file=sys.stderr)
-    print(f"OPENAI_ADMIN_KEY={sim.admin_key}", file=sys.stderr)
-    print(f"API base: {url}/v1/organization/...", file=sys.stderr, flush=True)
-    try:
-        while True:
-            time.sleep(3600)
+    try:  # from before the server starts: whenever the signal lands, the server is stopped
+        url = sim.start(host="127.0.0.1", port=port)
+        clock = "following the wall clock" if sim._running else f"frozen at {int(sim.now())} (move it with POST /_sim/clock)"
+        print(f"OpenAI Admin API simulator listening on {url} (seed {seed}, org {org}, clock {clock})", file=sys.stderr)
+        print(f"OPENAI_ADMIN_KEY={sim.admin_key}", file=sys.stderr)
+        print(f"API base: {url}/v1/organization/...", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
