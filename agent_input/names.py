@@ -119,11 +119,9 @@ class NameCache:
 
     def enrich_all(self, docs: Iterable[dict]) -> None:
         """`enrich` for a bucket's documents at once: the freshness check and the first-load
-        wait once per call, not once per document (the engine's hot loop); never raises."""
+        wait (`ready`) once per call, not once per document (the engine's hot loop); never raises."""
+        self.ready()  # first load: project and key names, key owners' emails
         try:
-            self.ensure_fresh()
-            if not self._all_loaded.is_set():
-                self._keys_loaded.wait()  # first load: project and key names, key owners' emails
             # refresh() swaps whole dicts, never mutates them: reading without the lock is safe
             projects, users, keys = self._projects, self._users, self._keys
             for doc in docs:

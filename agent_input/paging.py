@@ -41,7 +41,7 @@ class PageFetcher:
     """One stream's chain of page requests, read ahead of the pages being worked on.
 
     The fetch thread reads each page's `next_page` token off the end of the raw body and asks for
-    that page at once, up to `ahead` pages beyond the one taken last. The token is a guess that
+    that page at once, up to `PAGES_AHEAD` pages beyond the one taken last. The token is a guess that
     the engine checks against the parsed page: a wrong one restarts the chain at the right token
     (one wasted request, never data), one on the last page is dropped. There is never more than
     one request in flight per stream. Clients without `get_raw` (test doubles) give parsed
@@ -50,10 +50,10 @@ class PageFetcher:
     waiting for it, so the error is reported at once.
     """
 
-    def __init__(self, client, path: str, ahead: int | None = None):
+    def __init__(self, client, path: str):
         self.client, self.path = client, path
         self._raw = getattr(client, "get_raw", None)
-        self._ahead = max(1, PAGES_AHEAD if ahead is None else ahead)
+        self._ahead = max(1, PAGES_AHEAD)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-fetch")
         self._cond = threading.Condition()
         self._pages: deque = deque()  # (answer, failed, token the next request used), in order
@@ -73,19 +73,19 @@ class PageFetcher:
 
     def request(self, params: Mapping[str, Any]) -> None:
         """Start a chain at this page; what an earlier chain fetched or will fetch is dropped."""
-        with self._cond:
-            self._chain += 1
-            self._pages.clear()
-            self._cond.notify_all()
-            chain = self._chain
-        self._pool.submit(self._fetch, chain, dict(params))
+        self._pool.submit(self._fetch, self._new_chain(), dict(params))
 
     def discard(self) -> None:
         """End the chain: the page after the last one was guessed; its answer is dropped."""
+        self._new_chain()
+
+    def _new_chain(self) -> int:
+        """Drop the current chain's pages and the answers still to come; the next chain's number."""
         with self._cond:
             self._chain += 1
             self._pages.clear()
             self._cond.notify_all()
+            return self._chain
 
     def take(self) -> tuple[Any, str | None]:
         """The next page (bytes or parsed) and the token its successor was asked for with (None:
@@ -105,7 +105,7 @@ class PageFetcher:
     def _fetch(self, chain: int, params: dict) -> None:
         get = self._raw or self.client.get_json
         while True:
-            with self._cond:  # at most `ahead` pages fetched and not yet taken
+            with self._cond:  # at most PAGES_AHEAD pages fetched and not yet taken
                 while chain == self._chain and not self._closed and len(self._pages) >= self._ahead:
                     self._cond.wait()
                 if chain != self._chain or self._closed:
