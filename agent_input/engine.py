@@ -141,6 +141,15 @@ class Progress:
                 self._state.clear()
 
 
+def _pages_left(start: int, end: int, reached: int, pages: int) -> float:
+    """How many more pages a stream will need, judged by how far its first `pages - 1` pages
+    reached: the page gate serves the longest chain first. Before a stream's first page is
+    worked on nothing is known, and it counts as the longest."""
+    if pages <= 1 or reached <= start:
+        return math.inf
+    return (end - reached) * (pages - 1) / (reached - start)
+
+
 def _floor(ts: float, width: int) -> int:
     return int(math.floor(ts / width)) * width
 
@@ -255,7 +264,8 @@ class UsageCollector(PollingCollector):
                 stats.pages += 1
                 if self.names is not None:
                     self.names.ready()  # a first load or refresh is waited for here, not in the gate
-                with PAGE_GATE:  # parse, compare, map: at most PAGE_WORKERS pages at once
+                # parse, compare, map: at most PAGE_WORKERS pages at once, the longest chain first
+                with PAGE_GATE.slot(_pages_left(resume, end, contiguous, stats.pages)):
                     body = pages.parse(raw)
                     raw = None
                     buckets, has_more, page_token = self._page(body)

@@ -9,14 +9,19 @@ CPU its documents cost, under one GIL. Two pieces aim at the larger of the two:
   the page being worked on. A stream's chain then costs the API's latency, not latency plus the
   time its pages wait for the gate, the name cache or an fsync.
 - `PAGE_GATE`: at most `PAGE_WORKERS` pages are parsed, compared and mapped at once, across
-  every stream, which keeps memory flat (the GIL runs one at a time anyway).
+  every stream, which keeps memory flat (the GIL runs one at a time anyway). Waiting pages go in
+  longest chain first: the long pole's pages are worked on as they arrive, so its fetch thread
+  never stalls on a full read-ahead, and the other streams' pages fill the time in between.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 import orjson
@@ -27,7 +32,61 @@ import orjson
 # page, its NDJSON lines and the joined payload took a large-org backfill past 300 MB of RSS;
 # one worker measured 120 MB and the same wall time as two (docs/performance.md).
 PAGE_WORKERS = 1
-PAGE_GATE = threading.BoundedSemaphore(PAGE_WORKERS)
+
+
+class PageGate:
+    """A semaphore whose waiters are let in by priority (highest first, then in arrival order).
+
+    The engine gives a page the number of pages its stream still has to fetch: the stream with the
+    longest chain left is served first, so that its fetch thread never stalls on a full read-ahead
+    while shorter streams' pages, which have time to spare, fill the gate in between.
+    """
+
+    def __init__(self, slots: int = 1):
+        self._lock = threading.Lock()
+        self._free = slots
+        self._slots = slots
+        self._waiters: list[tuple[float, int, threading.Event]] = []
+        self._seq = itertools.count()
+
+    def acquire(self, priority: float = 0.0, timeout: float | None = None) -> bool:
+        """Take a slot, waiting behind every waiter of a higher priority; False on timeout."""
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return True
+            entry = (-priority, next(self._seq), threading.Event())
+            heapq.heappush(self._waiters, entry)
+        if entry[2].wait(timeout):
+            return True
+        with self._lock:
+            if entry[2].is_set():  # handed the slot just as the wait timed out
+                return True
+            self._waiters.remove(entry)
+            heapq.heapify(self._waiters)
+            return False
+
+    def release(self) -> None:
+        """Give the slot back: straight to the first waiter in line, if there is one."""
+        with self._lock:
+            if self._waiters:
+                heapq.heappop(self._waiters)[2].set()  # the slot passes straight to the waiter
+            elif self._free < self._slots:
+                self._free += 1
+            else:
+                raise ValueError("PageGate released too many times")
+
+    @contextmanager
+    def slot(self, priority: float = 0.0):
+        """`with gate.slot(priority):` holds one slot for the block."""
+        self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()
+
+
+PAGE_GATE = PageGate(PAGE_WORKERS)
 # How many pages of one stream may be fetched ahead of the one being worked on: enough that a
 # chain does not stall while its pages wait (for the name cache's first load, above all); each is
 # at most one 5,000-result body (3 MB for a large organization's completions).

@@ -453,3 +453,53 @@ def test_outbox_replayed_identically_after_crash(harness, tmp_path):
     assert delivery.replay_pending() == 1
     assert out.getvalue() == stored
     assert h.store.pending_count() == 0
+
+
+def test_page_gate_lets_the_longest_chain_in_first_then_in_arrival_order():
+    import threading
+
+    from agent_input.paging import PageGate
+
+    gate = PageGate(1)
+    assert gate.acquire(5)
+    order, started = [], []
+
+    def wait(name, priority):
+        started.append(name)
+        with gate.slot(priority):
+            order.append(name)
+
+    threads = []
+    for name, priority in [("short", 1.0), ("long", 20.0), ("first page", float("inf")), ("short too", 1.0)]:
+        t = threading.Thread(target=wait, args=(name, priority))
+        t.start()
+        threads.append(t)
+        while len(started) < len(threads) or len(gate._waiters) < len(threads):
+            time.sleep(0.001)
+    gate.release()
+    for t in threads:
+        t.join(5)
+    assert order == ["first page", "long", "short", "short too"]
+    assert gate.acquire(timeout=0) and not gate.acquire(timeout=0.01)  # one slot, and it is free again
+    gate.release()
+    with pytest.raises(ValueError):
+        gate.release()
+
+
+def test_a_timed_out_waiter_leaves_the_line():
+    from agent_input.paging import PageGate
+
+    gate = PageGate(1)
+    gate.acquire()
+    assert gate.acquire(100, timeout=0.01) is False
+    gate.release()
+    assert gate._waiters == [] and gate.acquire(timeout=0)
+
+
+def test_pages_left_is_judged_by_how_far_the_pages_so_far_reached():
+    from agent_input.engine import _pages_left
+
+    assert _pages_left(0, 1000, 0, 1) == float("inf")  # nothing worked on yet
+    assert _pages_left(0, 1000, 100, 2) == 9  # one page reached a tenth of the window
+    assert _pages_left(0, 1000, 500, 3) == 2  # two pages reached half
+    assert _pages_left(0, 1000, 1000, 5) == 0
