@@ -518,6 +518,13 @@ def _difference(new: Mapping[str, float], old: Mapping[str, float]) -> dict[str,
 # -- scheduling -------------------------------------------------------------------------------
 StatusCallback = Callable[[str, str, str], None]  # (stream, status, reason)
 
+# How long a thread may hold the GIL while another waits for it, while the engine runs (Python's
+# default is 5 ms). A page's commit, a body read or a fetch is a few short steps, each needing
+# the GIL back after a system call; behind a thread mapping a page, each step waited out the
+# whole interval: commits took 0.3-0.45 s instead of 0.05 s and held up the longest chain
+# (docs/performance.md). The mapping thread pays a few more switches.
+SWITCH_INTERVAL = 0.001
+
 
 class Engine:
     """Runs every collector on its own thread and interval until stopped (or once)."""
@@ -548,11 +555,16 @@ class Engine:
             threading.Thread(target=self._loop, args=(c, once), name=f"stream-{c.name}", daemon=True)
             for c in self.collectors
         ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        finally:
+            sys.setswitchinterval(switch)
         return 1 if self.failed else 0
 
     def _loop(self, collector: Collector, once: bool) -> None:

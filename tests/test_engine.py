@@ -503,3 +503,24 @@ def test_pages_left_is_judged_by_how_far_the_pages_so_far_reached():
     assert _pages_left(0, 1000, 100, 2) == 9  # one page reached a tenth of the window
     assert _pages_left(0, 1000, 500, 3) == 2  # two pages reached half
     assert _pages_left(0, 1000, 1000, 5) == 0
+
+
+def test_the_engine_hands_the_gil_over_sooner_while_it_runs_and_restores_it():
+    import sys
+
+    from agent_input import engine as engine_mod
+
+    seen = []
+
+    class Probe:
+        name, interval = "probe", 60
+
+        def poll(self, now):
+            seen.append(sys.getswitchinterval())
+            return engine_mod.PollStats()
+
+    before = sys.getswitchinterval()
+    delivery = SimpleNamespace(replay_pending=lambda: 0)
+    assert engine_mod.Engine([Probe()], delivery).run(once=True) == 0
+    assert seen == [pytest.approx(min(before, engine_mod.SWITCH_INTERVAL))]
+    assert sys.getswitchinterval() == before
