@@ -221,6 +221,8 @@ class UsageCollector(PollingCollector):
         self._extract = _counter_extractor(spec)
         self._map = mapper(spec, self.width, namespace)
         self._group_key = _group_keyer(spec)
+        # every group field is a dimension, which `extract` checks is a str, bool or None
+        self._hashable_groups = set(spec.group_by) <= set(spec.dimensions)
 
     # The window a poll at `now` covers, per the seed's worked example.
     def window(self, now: float) -> tuple[Cursor, int, int, int]:
@@ -295,8 +297,14 @@ class UsageCollector(PollingCollector):
                             start, stop_ = self._check_bucket(bucket, resume, end)
                             if start is None:
                                 continue
-                            events += self._diff_bucket(bucket, start, stop_, seen.get(start, {}), created, lines,
-                                                        updates, stats)
+                            previous = seen.get(start)
+                            if previous is None and not frozen and start == contiguous and start < final_before:
+                                # final and never emitted: its observations would be pruned when the
+                                # cursor moves past it in this page's transaction (most of a backfill)
+                                events += self._emit_bucket(bucket, start, stop_, created, lines)
+                            else:
+                                events += self._diff_bucket(bucket, start, stop_, previous or {}, created, lines,
+                                                            updates, stats)
                         except BadBucket as exc:
                             # reported, not stored; the cursor stays before it, so a later poll retries
                             stats.bad_buckets += 1
@@ -363,6 +371,37 @@ class UsageCollector(PollingCollector):
             raise BadBucket(f"bucket {iso_timestamp(start)} has no results list")
         return start, stop_
 
+    def _emit_bucket(self, bucket: Mapping, start: int, stop_: int, created: str, lines: bytearray) -> int:
+        """`_diff_bucket` for a bucket that is final and was never emitted: every group is a first
+        observation and none is recorded (the cursor passes it in the same transaction). Groups
+        are keyed by their tuple, not its JSON: `extract` has checked every value is a str, bool
+        or None (`_hashable_groups`), so equal tuples are equal JSON."""
+        if not self._hashable_groups:
+            return self._diff_bucket(bucket, start, stop_, {}, created, lines, [], PollStats())
+        extract, group_key = self._extract, self._group_key
+        current: dict[tuple, tuple[Mapping, dict[str, float]]] = {}
+        for result in _results(bucket):
+            counters = extract(result)
+            group = group_key(result)
+            same = current.get(group)
+            if same is None:
+                current[group] = (result, counters)
+            else:  # the same group twice: add them up rather than lose one
+                for k, v in counters.items():
+                    same[1][k] = same[1].get(k, 0) + v
+        event = self._map
+        out = [event(start, stop_, result, counters, 0, created, group)
+               for group, (result, counters) in current.items()]
+        return self._encode(out, lines)
+
+    def _encode(self, out: list[tuple[str, dict]], lines: bytearray) -> int:
+        """Add names to a bucket's documents and append their NDJSON lines; how many."""
+        if self.names is not None and out:
+            self.names.enrich_all([doc for _, doc in out])
+        for doc_id, doc in out:
+            lines += serialize(doc_id, doc)
+        return len(out)
+
     def _diff_bucket(
         self,
         bucket: Mapping,
@@ -414,11 +453,7 @@ class UsageCollector(PollingCollector):
             out.append(self._map(start, stop_, result, values, old.revision + 1, created))
             updates.append((start, key, old.revision + 1, zero))
             stats.corrections += 1
-        if self.names is not None and out:
-            self.names.enrich_all([doc for _, doc in out])
-        for doc_id, doc in out:
-            lines += serialize(doc_id, doc)
-        return len(out)
+        return self._encode(out, lines)
 
 
 class BadPage(BadBucket):

@@ -505,6 +505,38 @@ def test_pages_left_is_judged_by_how_far_the_pages_so_far_reached():
     assert _pages_left(0, 1000, 1000, 5) == 0
 
 
+def test_a_final_never_emitted_bucket_gives_the_same_bytes_without_observations(harness):
+    """The backfill path (`_emit_bucket`) and the compare path (`_diff_bucket`) emit the same
+    documents, byte for byte, a repeated group added up, null dimensions left out."""
+    from agent_input.engine import PollStats
+
+    h = harness(effective_revision_window=0)
+    b = ts("2026-11-23T08:00:00")
+    bucket = {"object": "bucket", "start_time": b, "end_time": b + 60, "results": [
+        result(5, model="a"), result(7, model="b", user_id="u1"), result(11, model="a"), result(1, batch=None)]}
+    created = "2026-11-23T10:00:00.000Z"
+    fast = bytearray()
+    assert h.collector._emit_bucket(bucket, b, b + 60, created, fast) == 3
+    slow, updates = bytearray(), []
+    assert h.collector._diff_bucket(bucket, b, b + 60, {}, created, slow, updates, PollStats()) == 3
+    assert bytes(fast) == bytes(slow)
+    assert [json.loads(x)["openai"]["completions"]["input_tokens"] for x in bytes(fast).splitlines()] == [16, 7, 1]
+
+
+def test_a_backfill_records_observations_only_inside_the_revision_window(harness):
+    h = harness(effective_revision_window=3600)
+    now = ts("2026-11-23T10:00:00")
+    for minute in range(0, 180):
+        h.api.data[now - 3 * 3600 + 60 * minute] = [result(1, model="a"), result(2, model="b")]
+    h.collector.poll(now)
+    seen = h.store.observations("completions", "1m", 0, 2**40)
+    assert sorted(seen) == [now - 3600 + 60 * m for m in range(60)]
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 3 * 180
+    h.api.data[now - 120] = [result(1, model="a"), result(4, model="b")]  # a revision inside the window
+    h.collector.poll(now + 300)
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 3 * 180 + 2
+
+
 def test_the_engine_hands_the_gil_over_sooner_while_it_runs_and_restores_it():
     import sys
 
