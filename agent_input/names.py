@@ -36,8 +36,10 @@ PAGE_LIMIT = 100  # the list endpoints' maximum
 RETRY_AFTER_FAILURE = 300.0  # seconds before a failed listing is tried again
 # Users and every project's API keys are listed concurrently: with 50 projects the listings were
 # the longest chain of dependent requests in a backfill (71 round trips one after another). The
-# first documents wait for the keys (see above): 16 workers list 50 projects' keys in 4 rounds.
-LISTING_WORKERS = 16
+# first documents wait for the keys (see above), and no page is mapped before them: 64 workers
+# list up to 64 projects' keys in one round (16 took four; at 150 ms the large organization's
+# names were in at 0.95 s instead of 0.6 s). Once an hour, at most 64 requests at a time.
+LISTING_WORKERS = 64
 
 
 class NameCache:
