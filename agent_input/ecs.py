@@ -157,7 +157,7 @@ def _nested_builder(plan: _Plan):
     return build
 
 
-def mapper(spec: UsageStreamSpec, width: str, namespace: str):
+def mapper(spec: UsageStreamSpec, width: str, namespace: str, *, for_ndjson: bool = False):
     """Map results of one stream, width and namespace to ECS documents:
     `(bucket_start, bucket_end, result, counters, revision, created, group=None) -> (id, document)`.
 
@@ -166,6 +166,10 @@ def mapper(spec: UsageStreamSpec, width: str, namespace: str):
     `group` is `spec.group_key(result)` when the caller has it already (the engine does).
     The parts every document of one poll shares (`ecs`, `data_stream`, `event`, `tags`) are one
     read-only object per poll: nothing mutates them (`enrich` only adds to openai.base).
+
+    `for_ndjson`: documents made only to be encoded by `ndjson_line` (the engine's): the id is
+    also their first key, `_id`, and the shared parts are encoded once per poll (orjson
+    fragments) instead of once per document. Only openai.base is a plain dict to add names to.
     """
     plan = _plan(spec)
     build, name = plan.build, spec.name
@@ -174,35 +178,45 @@ def mapper(spec: UsageStreamSpec, width: str, namespace: str):
     dumps, blake2b, iso = orjson.dumps, _blake2b, iso_timestamp
     shared: list = [None, None]  # (created, common parts) of the last call: one poll shares them
 
+    def common(created: str) -> tuple:
+        if shared[0] != created:
+            parts = (
+                {"version": ECS_VERSION},
+                {"type": "logs", "dataset": plan.dataset, "namespace": namespace},
+                {"kind": "metric", "dataset": plan.dataset, "created": created},
+                ["forwarded", plan.tag],
+            )
+            shared[1] = tuple(orjson.Fragment(dumps(p)) for p in parts) if for_ndjson else parts
+            shared[0] = created
+        return shared[1]
+
     def map_one(bucket_start, bucket_end, result, counters, revision, created, group=None):
         start_iso = iso(bucket_start)
         base = {"start_time": start_iso, "end_time": iso(bucket_end)}
         stream = build(result, counters, base)
         base["bucket_width"] = width
         base["revision"] = revision
-        if shared[0] != created:
-            shared[1] = (
-                {"version": ECS_VERSION},
-                {"type": "logs", "dataset": plan.dataset, "namespace": namespace},
-                {"kind": "metric", "dataset": plan.dataset, "created": created},
-                ["forwarded", plan.tag],
-            )
-            shared[0] = created
-        ecs_, data_stream, event, tags = shared[1]
-        doc = {
-            "@timestamp": start_iso,
-            "ecs": ecs_,
-            "data_stream": data_stream,
-            "event": event,
-            "openai": {"base": base, name: stream} if stream else {"base": base},
-            "tags": tags,
-        }
+        ecs_, data_stream, event, tags = common(created)
         if group is None:
             group = group_key(result)
         key = b"%s%d|%s|%d" % (prefix, bucket_start, dumps(group), revision)
-        return blake2b(key, digest_size=20).hexdigest(), doc
+        doc_id = blake2b(key, digest_size=20).hexdigest()
+        doc = {"_id": doc_id} if for_ndjson else {}
+        doc["@timestamp"] = start_iso
+        doc["ecs"] = ecs_
+        doc["data_stream"] = data_stream
+        doc["event"] = event
+        doc["openai"] = {"base": base, name: stream} if stream else {"base": base}
+        doc["tags"] = tags
+        return doc_id, doc
 
     return map_one
+
+
+def ndjson_line(doc: Mapping[str, Any]) -> bytes:
+    """The NDJSON line of a document from `mapper(..., for_ndjson=True)`: `to_ndjson_line`'s
+    bytes without its copy, the id being in the document already."""
+    return _dumps(doc, option=_NEWLINE)
 
 
 _MAPPERS: dict[tuple, Any] = {}  # (id(spec), width, namespace) -> mapper; specs live in _PLANS

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 from . import memory
-from .ecs import iso_timestamp, mapper, to_ndjson_line
+from .ecs import iso_timestamp, mapper, ndjson_line, to_ndjson_line
 from .http_client import AuthenticationError, PermissionDeniedError
 from .outputs import Output, OutputError
 from .paging import PAGE_GATE, PageFetcher
@@ -219,7 +219,7 @@ class UsageCollector(PollingCollector):
         self.grace = config.finalization_grace if spec.has_grace else 0
         self.revision_window = config.effective_revision_window
         self._extract = _counter_extractor(spec)
-        self._map = mapper(spec, self.width, namespace)
+        self._map = mapper(spec, self.width, namespace, for_ndjson=True)
         self._group_key = _group_keyer(spec)
         # every group field is a dimension, which `extract` checks is a str, bool or None
         self._hashable_groups = set(spec.group_by) <= set(spec.dimensions)
@@ -398,8 +398,8 @@ class UsageCollector(PollingCollector):
         """Add names to a bucket's documents and append their NDJSON lines; how many."""
         if self.names is not None and out:
             self.names.enrich_all([doc for _, doc in out])
-        for doc_id, doc in out:
-            lines += serialize(doc_id, doc)
+        for _, doc in out:
+            lines += ndjson_line(doc)
         return len(out)
 
     def _diff_bucket(

@@ -125,3 +125,33 @@ def test_every_documented_completions_field_is_mapped():
         else:
             assert comp[key] == value, key
     assert base["usage_tokens"] == 6000
+
+
+@pytest.mark.parametrize("name", SEED_USAGE_STREAMS + ("costs",))
+def test_the_engines_ndjson_documents_encode_to_the_same_bytes(name):
+    """`mapper(..., for_ndjson=True)` + `ndjson_line` (the engine's path) gives the very bytes
+    `to_ndjson_line` gives for the plain document, names added or not."""
+    from agent_input.ecs import mapper, ndjson_line, to_ndjson_line
+
+    spec = STREAMS_BY_NAME[name]
+    if name == "costs":
+        result = {"object": "organization.costs.result", "amount": {"value": 1.5, "currency": "usd"},
+                  "line_item": "gpt-4o, input", "project_id": "proj_1", "api_key_id": None}
+    else:
+        result = api_result(name, json.loads((SEED / f"{name}.json").read_text()))
+    plain, fast = mapper(spec, "1m", "default"), mapper(spec, "1m", "default", for_ndjson=True)
+    for created in ("2026-11-23T10:00:00.000Z", "2026-11-23T10:05:00.000Z"):  # the shared parts change
+        for revision in (0, 2):
+            args = (1_700_000_040, 1_700_000_100, result, _counters(spec, result), revision, created)
+            plain_id, plain_doc = plain(*args)
+            fast_id, fast_doc = fast(*args)
+            assert fast_id == plain_id == fast_doc["_id"]
+            for doc in (plain_doc, fast_doc):
+                doc["openai"]["base"]["project_name"] = "Project One"
+            assert ndjson_line(fast_doc) == to_ndjson_line(plain_id, plain_doc)
+
+
+def _counters(spec, result):
+    from agent_input.engine import checked_counters
+
+    return checked_counters(spec, result)
