@@ -190,7 +190,8 @@ def load_manifest() -> dict:
             "manifest", f"cannot read {MANIFEST_PATH} ({exc.strerror or exc}); the package is incomplete"
         ) from None
     try:
-        manifest = yaml.safe_load(text)
+        # libyaml when PyYAML has it: the pure-Python parser took 26 ms of every start-up (3 ms)
+        manifest = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise ConfigError("manifest", f"{MANIFEST_PATH} is not valid YAML: {exc}") from None
     if not isinstance(manifest, dict) or "policy_templates" not in manifest or "data_streams" not in manifest:

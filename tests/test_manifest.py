@@ -174,3 +174,11 @@ def test_missing_manifest_is_a_clear_error(monkeypatch, tmp_path):
         monkeypatch.undo()
         cfg.load_manifest.cache_clear()
     assert cfg.load_manifest()["name"] == "openai_elastic"
+
+
+def test_the_manifest_reads_the_same_with_libyaml_as_with_the_python_parser():
+    import yaml
+
+    from agent_input.config import MANIFEST_PATH, load_manifest
+
+    assert load_manifest() == yaml.safe_load(MANIFEST_PATH.read_text(encoding="utf-8"))
