@@ -155,6 +155,9 @@ def _collect_once(sim: Sim, cfg: Path, state: Path, out: Path, label: str) -> di
     simulator's requests and CPU while it ran."""
     sim.post("/_sim/clock", {"now": NOW})  # the same clock: the same answers, from the cache if warm
     before, sim_cpu0 = sim.stats(), sim.cpu()
+    # Previous runs' output still being written back by the kernel would land in this run's
+    # fsyncs (a large backfill leaves ~1 GB of dirty pages): each run starts with none.
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
