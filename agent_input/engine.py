@@ -9,6 +9,7 @@ rejected key, stops) without touching the others.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -559,6 +560,28 @@ StatusCallback = Callable[[str, str, str], None]  # (stream, status, reason)
 # whole interval: commits took 0.3-0.45 s instead of 0.05 s and held up the longest chain
 # (docs/performance.md). The mapping thread pays a few more switches.
 SWITCH_INTERVAL = 0.001
+_switch_lock = threading.Lock()
+_switch_users = 0  # engines running in this process
+_switch_saved = 0.0  # the interval before the first of them started
+
+
+@contextlib.contextmanager
+def _short_gil_turns():
+    """SWITCH_INTERVAL while at least one engine of this process runs; the interval it found
+    once the last one ends (engines may overlap: tests, an embedding program)."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, SWITCH_INTERVAL))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
 
 
 class Engine:
@@ -590,16 +613,12 @@ class Engine:
             threading.Thread(target=self._loop, args=(c, once), name=f"stream-{c.name}", daemon=True)
             for c in self.collectors
         ]
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
-        try:
+        with _short_gil_turns():
             for t in threads:
                 t.start()
             for t in threads:
                 while t.is_alive():
                     t.join(0.2)
-        finally:
-            sys.setswitchinterval(switch)
         return 1 if self.failed else 0
 
     def _loop(self, collector: Collector, once: bool) -> None:

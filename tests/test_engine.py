@@ -556,3 +556,42 @@ def test_the_engine_hands_the_gil_over_sooner_while_it_runs_and_restores_it():
     assert engine_mod.Engine([Probe()], delivery).run(once=True) == 0
     assert seen == [pytest.approx(min(before, engine_mod.SWITCH_INTERVAL))]
     assert sys.getswitchinterval() == before
+
+
+def test_overlapping_engines_leave_the_gil_interval_as_they_found_it():
+    """A starts, B starts, A ends (B still runs on the short interval), B ends (the original)."""
+    import sys
+    import threading
+
+    from agent_input import engine as engine_mod
+
+    class Blocking:
+        interval = 60
+
+        def __init__(self, name):
+            self.name, self.polling, self.go = name, threading.Event(), threading.Event()
+
+        def poll(self, now):
+            self.polling.set()
+            assert self.go.wait(5)
+            return engine_mod.PollStats()
+
+    before = sys.getswitchinterval()
+    short = pytest.approx(min(before, engine_mod.SWITCH_INTERVAL))
+    delivery = SimpleNamespace(replay_pending=lambda: 0)
+    a, b = Blocking("a"), Blocking("b")
+    runs = [threading.Thread(target=engine_mod.Engine([c], delivery).run, kwargs={"once": True}) for c in (a, b)]
+    try:
+        runs[0].start()
+        assert a.polling.wait(5)
+        runs[1].start()
+        assert b.polling.wait(5)
+        a.go.set()
+        runs[0].join(5)
+        assert sys.getswitchinterval() == short, "A's end restored the interval under B"
+    finally:
+        a.go.set()
+        b.go.set()
+        for t in runs:
+            t.join(5)
+    assert sys.getswitchinterval() == before
