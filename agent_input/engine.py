@@ -374,26 +374,32 @@ class UsageCollector(PollingCollector):
 
     def _emit_bucket(self, bucket: Mapping, start: int, stop_: int, created: str, lines: bytearray) -> int:
         """`_diff_bucket` for a bucket that is final and was never emitted: every group is a first
-        observation and none is recorded (the cursor passes it in the same transaction). Groups
-        are keyed by their tuple, not its JSON: `extract` has checked every value is a str, bool
-        or None (`_hashable_groups`), so equal tuples are equal JSON."""
+        observation and none is recorded (the cursor passes it in the same transaction)."""
         if not self._hashable_groups:
             return self._diff_bucket(bucket, start, stop_, {}, created, lines, [], PollStats())
+        event = self._map
+        out = [event(start, stop_, result, counters, 0, created, group)
+               for result, counters, group in self._gather(bucket, by_json=False).values()]
+        return self._encode(out, lines)
+
+    def _gather(self, bucket: Mapping, *, by_json: bool) -> dict:
+        """A bucket's results by group: key -> (result, counters, group), a group seen twice
+        added up rather than one lost. The key is the group's JSON (how observations are stored)
+        or, where nothing is looked up, the tuple itself: `extract` has checked every group value
+        is a str, bool or None (`_hashable_groups`), so equal tuples are equal JSON."""
         extract, group_key = self._extract, self._group_key
-        current: dict[tuple, tuple[Mapping, dict[str, float]]] = {}
+        current: dict = {}
         for result in _results(bucket):
             counters = extract(result)
             group = group_key(result)
-            same = current.get(group)
+            key = group_json(group) if by_json else group
+            same = current.get(key)
             if same is None:
-                current[group] = (result, counters)
-            else:  # the same group twice: add them up rather than lose one
+                current[key] = (result, counters, group)
+            else:
                 for k, v in counters.items():
                     same[1][k] = same[1].get(k, 0) + v
-        event = self._map
-        out = [event(start, stop_, result, counters, 0, created, group)
-               for group, (result, counters) in current.items()]
-        return self._encode(out, lines)
+        return current
 
     def _encode(self, out: list[tuple[str, dict]], lines: bytearray) -> int:
         """Add names to a bucket's documents and append their NDJSON lines; how many."""
@@ -417,18 +423,7 @@ class UsageCollector(PollingCollector):
         """Compare a bucket with what was emitted for it; append first observations and
         corrections to `lines`; return how many."""
         spec = self.spec
-        extract, group_key = self._extract, self._group_key
-        current: dict[str, tuple[Mapping, dict[str, float], tuple]] = {}
-        for result in _results(bucket):
-            counters = extract(result)
-            group = group_key(result)
-            key = group_json(group)
-            if key in current:  # the same group twice: add them up rather than lose one
-                prev_counters = current[key][1]
-                for k, v in counters.items():
-                    prev_counters[k] = prev_counters.get(k, 0) + v
-            else:
-                current[key] = (result, counters, group)
+        current = self._gather(bucket, by_json=True)
         out: list[tuple[str, dict]] = []
         event, append, add_update = self._map, out.append, updates.append
         for key, (result, counters, group) in current.items():

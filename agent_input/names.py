@@ -116,13 +116,14 @@ class NameCache:
             log.warning("names: refresh failed: %s", exc)
 
     def enrich(self, doc: dict) -> None:
-        """Add the names this cache knows to `doc["openai"]["base"]`; never raises."""
+        """Add the names this cache knows to `doc["openai"]["base"]` (refreshing first if due);
+        never raises."""
+        self.ready()
         self.enrich_all((doc,))
 
     def enrich_all(self, docs: Iterable[dict]) -> None:
-        """`enrich` for a bucket's documents at once: the freshness check and the first-load
-        wait (`ready`) once per call, not once per document (the engine's hot loop); never raises."""
-        self.ready()  # first load: project and key names, key owners' emails
+        """`enrich` for a bucket's documents at once, without the freshness check: the caller
+        calls `ready()` first (the engine: once per page, not once per bucket); never raises."""
         try:
             # refresh() swaps whole dicts, never mutates them: reading without the lock is safe
             projects, users, keys = self._projects, self._users, self._keys
