@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -25,6 +26,11 @@ from reliability_helpers import HOUR, SETTLE, _epoch, compare_all, full_config
 
 ES_KEY = "ZXNfY3Jhc2hfbWF0cml4OnNlY3JldA=="
 KILLS = 4  # per phase kind below; the slow, exhaustive versions live in tests/test_*.py
+# The backfill phase: 24h of 1m buckets from pages of at most 400 results, each request 20 ms late.
+# That is about 50 committed batches, commits spread out in time, and completions pages of ~460 KB
+# (over the outbox's inline limit: kills also land around their spool files).
+BACKFILL, BACKFILL_PAGE_RESULTS, BACKFILL_LATENCY = "24h", 400, 0.02
+AFTER_BATCHES = (1, 5)  # a backfill run is killed after this many commits of its own (random)
 
 
 def _collect(cfg, state, now, output: str, extra=(), env_extra=None) -> subprocess.Popen:
@@ -43,9 +49,7 @@ class Driver:
     def __init__(self, kind: str, sim, tmp_path):
         self.kind, self.sim, self.tmp = kind, sim, tmp_path
         self.state = tmp_path / "state"
-        # 6h of backfill: the completions batch is larger than the outbox's inline limit, so
-        # kills also land around its spool file; steady-state batches stay inline
-        self.cfg = full_config(sim.base_url, initial="6h")
+        self.cfg = full_config(sim.base_url, initial=BACKFILL)
         self.cfg_path = tmp_path / "config.yml"
         self.cfg_path.write_text(yaml.safe_dump(self.cfg))
         self.out = tmp_path / "events.ndjson"
@@ -61,11 +65,34 @@ class Driver:
         if self.es is not None:
             self.es.close()
 
-    def run(self, now: float, kill_after: float | None, during_delivery: bool = False) -> str:
-        """'completed' or 'killed'."""
+    def committed_batches(self) -> int:
+        """How many batches the state store has ever committed (its outbox's AUTOINCREMENT
+        sequence, read beside the running collector): the progress kills are aimed at, the same
+        however fast this machine runs the collector. 0 before the store exists."""
+        try:
+            conn = sqlite3.connect(f"file:{self.state / 'state.sqlite3'}?mode=ro", uri=True, timeout=0.05)
+            try:
+                row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:  # not created yet, or busy for a moment: no progress seen
+            return 0
+        return row[0] if row else 0
+
+    def run(self, now: float, kill_after: float | None, during_delivery: bool = False,
+            after_batches: int | None = None) -> str:
+        """'completed' or 'killed'. A run is killed after `kill_after` seconds, or once it has
+        committed `after_batches` batches of its own, or (`during_delivery`) while a delivery is in
+        flight, whichever comes first; with none of them, it must complete."""
         self.sim.set_time(now)
+        if after_batches is not None:
+            target = self.committed_batches() + after_batches
+            committed_enough = lambda: self.committed_batches() >= target  # noqa: E731
+            kill_after = 180.0 if kill_after is None else kill_after
+        else:
+            committed_enough = lambda: False  # noqa: E731
         if self.kind == "protocol":
-            return self._run_protocol(now, kill_after, during_delivery)
+            return self._run_protocol(now, kill_after, during_delivery, committed_enough)
         if self.kind == "ndjson":
             proc = _collect(self.cfg_path, self.state, now, "ndjson", ["--output-path", str(self.out)])
         else:
@@ -79,7 +106,9 @@ class Driver:
         while time.monotonic() < deadline and proc.poll() is None:
             if during_delivery and self.es is not None and self.es.active > 0:
                 break  # a bulk request is in flight right now
-            time.sleep(0.005)
+            if committed_enough():
+                break
+            time.sleep(0.003)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -88,7 +117,7 @@ class Driver:
         proc.communicate()
         return "completed"
 
-    def _run_protocol(self, now, kill_after, during_delivery) -> str:
+    def _run_protocol(self, now, kill_after, during_delivery, committed_enough) -> str:
         from protocol_supervisor import Supervisor
 
         sup = Supervisor(self.state, now, persisted=self.persisted)
@@ -102,7 +131,9 @@ class Driver:
             if during_delivery:  # events of a batch are on the pipe: kill before/while it is acked
                 sup.wait_for(lambda: sup.events(), timeout=kill_after)
             else:
-                sup.wait_for(lambda: sup.proc.poll() is not None, timeout=kill_after)
+                deadline = time.monotonic() + kill_after
+                while time.monotonic() < deadline and sup.proc.poll() is None and not committed_enough():
+                    time.sleep(0.003)
         except AssertionError:
             pass
         killed = sup.proc.poll() is None
@@ -127,12 +158,22 @@ def test_sigkill_matrix_backfill_steady_state_delivery(simulator, tmp_path, kind
     try:
         now = T0
         outcomes = {"backfill": 0, "steady": 0, "delivery": 0}
-        # 1. the backfill, killed at random points until one run gets through (the clock stands
-        #    still, so every stream's origin is T0 - initial_interval)
+        # 1. the backfill, killed KILLS times at random points, then run to its end (the clock
+        #    stands still, so every stream's origin is T0 - initial_interval). Each run is killed
+        #    after a random number of its own commits, not after a random time: a fast machine
+        #    once finished the whole backfill before the first timed kill, and later "backfill"
+        #    kills landed only in runs that had nothing left to do.
+        simulator.max_results_per_page, simulator.latency = BACKFILL_PAGE_RESULTS, BACKFILL_LATENCY
         while outcomes["backfill"] < KILLS:
-            if d.run(now, rng.uniform(0.3, 1.6)) == "killed":
-                outcomes["backfill"] += 1
+            if d.run(now, None, after_batches=rng.randint(*AFTER_BATCHES)) != "killed":
+                break
+            outcomes["backfill"] += 1
+        assert outcomes["backfill"] == KILLS, (
+            f"the backfill ended after {outcomes['backfill']} kills: it commits too few batches "
+            f"for {KILLS} kills of up to {AFTER_BATCHES[1]} commits each")
+        assert d.committed_batches() > 0
         d.run(now, None)
+        simulator.latency = 0.0
         # 2. steady state: 5-minute polls while the simulator revises the last two hours,
         #    killed at random points; and 3. kills aimed at delivery (a bulk request or an
         #    unacknowledged batch in flight)
