@@ -88,9 +88,10 @@ class Driver:
         if after_batches is not None:
             target = self.committed_batches() + after_batches
             committed_enough = lambda: self.committed_batches() >= target  # noqa: E731
-            kill_after = 180.0 if kill_after is None else kill_after
         else:
             committed_enough = lambda: False  # noqa: E731
+        if kill_after is None and (after_batches is not None or during_delivery):
+            kill_after = 180.0  # killed when its condition is met (unless it completes first)
         if self.kind == "protocol":
             return self._run_protocol(now, kill_after, during_delivery, committed_enough)
         if self.kind == "ndjson":
@@ -174,19 +175,23 @@ def test_sigkill_matrix_backfill_steady_state_delivery(simulator, tmp_path, kind
         assert d.committed_batches() > 0
         d.run(now, None)
         simulator.latency = 0.0
-        # 2. steady state: 5-minute polls while the simulator revises the last two hours,
-        #    killed at random points; and 3. kills aimed at delivery (a bulk request or an
-        #    unacknowledged batch in flight)
+        # 2. steady state: polls while the simulator revises the last two hours, each killed after
+        #    a random number of its ~12 commits (corrections among them); and 3. kills aimed at
+        #    delivery: a bulk request in flight, events on the pipe not yet acknowledged, or (the
+        #    file) right after the first commit, while its batch is written and acknowledged.
+        #    Timed kills landed mostly in the collector's start-up, before it had read its state.
         now += 300
-        started = time.monotonic()
         d.run(now, None)
-        poll_s = time.monotonic() - started  # one undisturbed poll: kills then land inside one
         runs = 0
         while outcomes["steady"] + outcomes["delivery"] < KILLS and runs < 30:
             runs += 1
             now += rng.choice((0, 60, 300))
             phase = "delivery" if runs % 2 else "steady"
-            if d.run(now, rng.uniform(0.1, max(0.3, 0.9 * poll_s)), during_delivery=(phase == "delivery")) == "killed":
+            if phase == "steady":
+                outcome = d.run(now, None, after_batches=rng.randint(1, 8))
+            else:
+                outcome = d.run(now, None, during_delivery=True, after_batches=1 if kind == "ndjson" else None)
+            if outcome == "killed":
                 outcomes[phase] += 1
         # let every bucket settle and be re-read, without kills
         end_of_test = now + SETTLE + 300
