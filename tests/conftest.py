@@ -82,3 +82,33 @@ def audit_truth(sim, start: int, end: int) -> set[str]:
         ids.update(e["id"] for e in sim.audit.hour_events(hour) if start <= e["effective_at"] <= end)
         hour += 3600
     return ids
+
+
+def committed_batches(state_dir: Path) -> int:
+    """How many batches a collector's state store has ever committed (its outbox's AUTOINCREMENT
+    sequence), read beside the running collector: the progress that crash tests aim their kills
+    at, the same however fast this machine runs the collector. 0 before the store exists."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{Path(state_dir) / 'state.sqlite3'}?mode=ro", uri=True, timeout=0.05)
+        try:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:  # not created yet, or busy for a moment: no progress seen
+        return 0
+    return row[0] if row else 0
+
+
+def wait_for_commits(state_dir: Path, target: int, alive, timeout: float = 180.0) -> bool:
+    """Wait until the store has committed `target` batches in all (True: kill now) or `alive()`
+    turns false first (False: the run ended by itself)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        if committed_batches(state_dir) >= target:
+            return True
+        time.sleep(0.003)
+    return False

@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from agent_input.outputs import NdjsonFileOutput
 from agent_input.state import StateStore
 from agent_input.streams import USAGE_STREAMS
 
-from conftest import ADMIN_KEY, T0, dedupe, read_ndjson, stored_totals, truth_totals
+from conftest import (ADMIN_KEY, T0, committed_batches, dedupe, read_ndjson, stored_totals, truth_totals,
+                      wait_for_commits)
 
 HOUR = 3600
 SETTLE = 2 * HOUR  # the simulator revises a minute bucket for at most 2 hours
@@ -88,22 +88,20 @@ def test_sigkill_at_random_points_then_restart_gives_truth(simulator, tmp_path):
     cfg.write_text(yaml.safe_dump(_config(simulator.base_url, "0s", initial="1h")))
     state, out = tmp_path / "state", tmp_path / "events.ndjson"
     now = T0
-    # one undisturbed run tells how long a poll takes; kills then land anywhere inside one
     simulator.set_time(now)
-    started = time.monotonic()
     assert _run_collector(cfg, state, out, now).wait(timeout=120) == 0
-    duration = time.monotonic() - started
+    # then polls, each killed after a random number of its own commits (a poll commits about
+    # ten): timed kills landed mostly in the collector's start-up, before it had read its state
     kills = runs = 0
     while kills < 20 and runs < 60:
         runs += 1
         simulator.set_time(now)
+        target = committed_batches(state) + rng.randint(1, 6)
         proc = _run_collector(cfg, state, out, now)
-        try:
-            proc.wait(timeout=rng.uniform(0.2, max(0.3, duration * 0.9)))
-        except subprocess.TimeoutExpired:
+        if wait_for_commits(state, target, lambda: proc.poll() is None):
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
             kills += 1
+        proc.communicate()
         now += rng.choice((0, 60, 300))
     # then let it run to completion until every bucket has settled and been re-read
     end_of_test = now + SETTLE + 600

@@ -22,7 +22,7 @@ from agent_input.es_output import ElasticsearchOutput, check_cluster, make_clien
 from agent_input.outputs import OutputError
 from agent_input.streams import USAGE_STREAMS
 
-from conftest import ADMIN_KEY, T0, dedupe, stored_totals, truth_totals
+from conftest import ADMIN_KEY, T0, committed_batches, dedupe, stored_totals, truth_totals, wait_for_commits
 from fake_es import FakeElasticsearch
 
 API_KEY = "ZXNfYXBpX2tleV9zZWNyZXQ6dGVzdHRlc3Q="  # what ELASTIC_API_KEY holds (encoded id:key)
@@ -333,13 +333,13 @@ def test_sigkill_at_random_points_then_restart_gives_truth_in_the_cluster(simula
         runs += 1
         simulator.set_time(now)
         fake.fail_requests = [503] if rng.random() < 0.3 else []  # and a flaky cluster on top
+        # killed after a random number of its own commits (timed kills landed mostly in start-up)
+        target = committed_batches(state) + rng.randint(1, 6)
         p = _collect(cfg, state, now)
-        try:
-            p.communicate(timeout=rng.uniform(0.3, 1.2))
-        except subprocess.TimeoutExpired:
+        if wait_for_commits(state, target, lambda: p.poll() is None):
             p.send_signal(signal.SIGKILL)
-            p.communicate()
             kills += 1
+        p.communicate()
         now += rng.choice((0, 60, 300))
     assert kills >= 20
     end_of_test = now + 2 * 3600 + 600

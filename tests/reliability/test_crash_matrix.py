@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import yaml
 from agent_input.state import INLINE_PAYLOAD_LIMIT, StateStore
 from agent_input.streams import USAGE_STREAMS
 
-from conftest import T0, dedupe, read_ndjson
+from conftest import T0, committed_batches, dedupe, read_ndjson
 from reliability_helpers import HOUR, SETTLE, _epoch, compare_all, full_config
 
 ES_KEY = "ZXNfY3Jhc2hfbWF0cml4OnNlY3JldA=="
@@ -66,18 +65,7 @@ class Driver:
             self.es.close()
 
     def committed_batches(self) -> int:
-        """How many batches the state store has ever committed (its outbox's AUTOINCREMENT
-        sequence, read beside the running collector): the progress kills are aimed at, the same
-        however fast this machine runs the collector. 0 before the store exists."""
-        try:
-            conn = sqlite3.connect(f"file:{self.state / 'state.sqlite3'}?mode=ro", uri=True, timeout=0.05)
-            try:
-                row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-            finally:
-                conn.close()
-        except sqlite3.Error:  # not created yet, or busy for a moment: no progress seen
-            return 0
-        return row[0] if row else 0
+        return committed_batches(self.state)
 
     def run(self, now: float, kill_after: float | None, during_delivery: bool = False,
             after_batches: int | None = None) -> str:
