@@ -14,7 +14,8 @@ finds the cache stale while the others go on with the names they have.
 
 The first load is published in two steps, so that it holds documents up as little as it can:
 projects and every project's API keys first (concurrent, a few round trips deep), then the
-organization's users (one cursor chain: 20 pages for 2,000 users). A key's listing names its
+organization's users (one cursor chain: 20 pages for 2,000 users, started beside the projects
+listing since it needs no project id). A key's listing names its
 owner: a user's email (the usage API's `user_id` for that key) or a service account's id (no
 email to wait for), so most documents need only the first step; one whose `user_id` neither owns
 a key nor is a service account waits for the users, as all of them used to.
@@ -188,17 +189,6 @@ class NameCache:
 
     def _refresh(self) -> None:
         failed: list[str] = []
-        projects: dict[str, str] | None = {}
-        project_ids: list[str] = []
-        try:
-            for p in self._list("/v1/organization/projects", {"include_archived": True}):
-                if isinstance(p.get("id"), str):
-                    project_ids.append(p["id"])
-                    if isinstance(p.get("name"), str):
-                        projects[p["id"]] = p["name"]
-        except ApiError as exc:
-            failed.append(f"projects: {exc}")
-            projects = None
 
         def list_users() -> dict[str, str]:
             return {u["id"]: u["email"] for u in self._list("/v1/organization/users", {})
@@ -221,9 +211,22 @@ class NameCache:
                     owners[who["id"]] = who["email"]
             return names, owners, service_accounts
 
-        key_jobs = [(f"api keys of {pid}", lambda pid=pid: list_keys(pid)) for pid in project_ids]
         with self._listings() as run:
-            users_outcome = run([list_users], wait=False)  # the long chain: started first
+            # the users listing is the longest chain and needs no project id: it starts first,
+            # beside the projects listing rather than after it
+            users_outcome = run([list_users], wait=False)
+            projects: dict[str, str] | None = {}
+            project_ids: list[str] = []
+            try:
+                for p in self._list("/v1/organization/projects", {"include_archived": True}):
+                    if isinstance(p.get("id"), str):
+                        project_ids.append(p["id"])
+                        if isinstance(p.get("name"), str):
+                            projects[p["id"]] = p["name"]
+            except ApiError as exc:
+                failed.append(f"projects: {exc}")
+                projects = None
+            key_jobs = [(f"api keys of {pid}", lambda pid=pid: list_keys(pid)) for pid in project_ids]
             keys: dict[str, str] = {}
             owners: dict[str, str] = {}
             service_accounts: set[str] = set()

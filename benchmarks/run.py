@@ -13,8 +13,8 @@ What it measures (the simulator always runs in its own process, as the real API 
    seed's default page sizes (60/24/7 buckets) would need, events, wall time, events/s, peak RSS,
    collector CPU, and the critical path: the longest chain of dependent requests x latency, i.e.
    the most pages any one stream needed, or the name cache's listings if that chain is longer
-   (projects first, then users and each project's keys on names.LISTING_WORKERS workers, from
-   the collector's start). The ratio wall / critical path is what "streams fetched concurrently"
+   (the users' pages beside the projects' and then each project's keys, on
+   names.LISTING_WORKERS workers, from the collector's start). The ratio wall / critical path is what "streams fetched concurrently"
    is judged by (target <= 1.3). Each backfill runs twice from an empty state: cold, then warm
    against the simulator's response cache (`simulate --cache-responses`), so that the measured
    run meets an API that answers in its simulated latency instead of one that also generates
@@ -66,13 +66,14 @@ NAME_PATHS = re.compile(r"^/v1/organization/(projects|users)(/[^/]+/api_keys)?$"
 
 
 def _names_chain(names_paths: dict[str, int]) -> int:
-    """The name cache's chain of dependent requests: the projects pages (they give the ids), then
-    users and every project's keys on LISTING_WORKERS workers, users' pages one after another.
-    It starts when the collector starts (names.warm_up), beside the first usage requests."""
+    """The name cache's chain of dependent requests: the users' pages one after another on one
+    of LISTING_WORKERS workers, beside the projects pages (they give the ids) and then every
+    project's keys on the other workers. It starts when the collector starts (names.warm_up),
+    beside the first usage requests."""
     projects = names_paths.get("/v1/organization/projects", 0)
     users = names_paths.get("/v1/organization/users", 0)
     keys = sum(n for p, n in names_paths.items() if p.endswith("/api_keys"))
-    return projects + max(users, math.ceil((users + keys) / LISTING_WORKERS)) if names_paths else 0
+    return max(users, projects + math.ceil(keys / (LISTING_WORKERS - 1))) if names_paths else 0
 
 
 # -- processes -----------------------------------------------------------------------------------

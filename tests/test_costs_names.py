@@ -339,3 +339,31 @@ def test_listings_run_on_their_own_clients_and_one_failure_costs_only_its_names(
     assert healthy and all(cache.api_key_name(k.id) == k.name for k in healthy)
     assert all(cache.user_email(u.id) == u.email for u in org.users)
     cache.close()
+
+
+def test_the_users_listing_does_not_wait_for_the_projects_listing(simulator):
+    """The users listing needs no project id and is the longest chain (one page per 100 users):
+    it starts beside the projects listing, not after it."""
+    import threading
+
+    users_asked = threading.Event()
+
+    class ProjectsWaitForUsers(AdminApiClient):
+        def get_json(self, path, params=None):
+            if path.endswith("/organization/users"):
+                users_asked.set()
+            elif path.endswith("/organization/projects"):
+                assert users_asked.wait(5), "the users listing waited for the projects listing"
+            return super().get_json(path, params)
+
+    def factory():
+        return ProjectsWaitForUsers(simulator.base_url, ADMIN_KEY, max_retries=0)
+
+    cache = NameCache(factory(), clock=simulator.now, client_factory=factory)
+    cache.refresh()
+    org = simulator.org
+    assert not cache.failures
+    assert all(cache.user_email(u.id) == u.email for u in org.users)
+    assert all(cache.project_name(p.id) == p.name for p in org.projects)
+    assert all(cache.api_key_name(k.id) == k.name for k in org.keys)
+    cache.close()
