@@ -236,6 +236,19 @@ def test_a_failed_lookup_never_costs_a_document(simulator):
     cache.close()
 
 
+def _cache_calling_before_each_listing(simulator, before) -> NameCache:
+    """A NameCache on worker clients whose every GET first calls `before(path)` (to hold one up)."""
+    class Hooked(AdminApiClient):
+        def get_json(self, path, params=None):
+            before(path)
+            return super().get_json(path, params)
+
+    def factory():
+        return Hooked(simulator.base_url, ADMIN_KEY, max_retries=0)
+
+    return NameCache(factory(), clock=simulator.now, client_factory=factory)
+
+
 def test_first_load_holds_a_document_up_only_for_the_names_it_needs(simulator):
     """Projects and keys (with their owners' emails) are published before the users listing,
     the longest chain, ends; only a document whose user owns no key waits for that listing."""
@@ -244,16 +257,11 @@ def test_first_load_holds_a_document_up_only_for_the_names_it_needs(simulator):
     org = simulator.org
     release = threading.Event()
 
-    class UsersWaitForRelease(AdminApiClient):
-        def get_json(self, path, params=None):
-            if path.endswith("/organization/users"):
-                assert release.wait(30), "the test never released the users listing"
-            return super().get_json(path, params)
+    def hold_users(path):
+        if path.endswith("/organization/users"):
+            assert release.wait(30), "the test never released the users listing"
 
-    def factory():
-        return UsersWaitForRelease(simulator.base_url, ADMIN_KEY, max_retries=0)
-
-    cache = NameCache(factory(), clock=simulator.now, client_factory=factory)
+    cache = _cache_calling_before_each_listing(simulator, hold_users)
     warm = cache.warm_up()
     key = next(k for k in org.keys if k.owner_type == "user")
     cache.ready()  # what the engine waits for before its page gate: projects and keys, not users
@@ -348,18 +356,13 @@ def test_the_users_listing_does_not_wait_for_the_projects_listing(simulator):
 
     users_asked = threading.Event()
 
-    class ProjectsWaitForUsers(AdminApiClient):
-        def get_json(self, path, params=None):
-            if path.endswith("/organization/users"):
-                users_asked.set()
-            elif path.endswith("/organization/projects"):
-                assert users_asked.wait(5), "the users listing waited for the projects listing"
-            return super().get_json(path, params)
+    def projects_wait_for_users(path):
+        if path.endswith("/organization/users"):
+            users_asked.set()
+        elif path.endswith("/organization/projects"):
+            assert users_asked.wait(5), "the users listing waited for the projects listing"
 
-    def factory():
-        return ProjectsWaitForUsers(simulator.base_url, ADMIN_KEY, max_retries=0)
-
-    cache = NameCache(factory(), clock=simulator.now, client_factory=factory)
+    cache = _cache_calling_before_each_listing(simulator, projects_wait_for_users)
     cache.refresh()
     org = simulator.org
     assert not cache.failures
