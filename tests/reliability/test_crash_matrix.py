@@ -67,19 +67,17 @@ class Driver:
     def committed_batches(self) -> int:
         return committed_batches(self.state)
 
-    def run(self, now: float, kill_after: float | None, during_delivery: bool = False,
-            after_batches: int | None = None) -> str:
-        """'completed' or 'killed'. A run is killed after `kill_after` seconds, or once it has
-        committed `after_batches` batches of its own, or (`during_delivery`) while a delivery is in
-        flight, whichever comes first; with none of them, it must complete."""
+    def run(self, now: float, *, after_batches: int | None = None, during_delivery: bool = False) -> str:
+        """'completed' or 'killed'. A run is killed once it has committed `after_batches` batches
+        of its own, or (`during_delivery`) while a delivery is in flight, whichever comes first,
+        unless it completes before; with neither, it must complete."""
         self.sim.set_time(now)
         if after_batches is not None:
             target = self.committed_batches() + after_batches
             committed_enough = lambda: self.committed_batches() >= target  # noqa: E731
         else:
             committed_enough = lambda: False  # noqa: E731
-        if kill_after is None and (after_batches is not None or during_delivery):
-            kill_after = 180.0  # killed when its condition is met (unless it completes first)
+        kill_after = 180.0 if after_batches is not None or during_delivery else None
         if self.kind == "protocol":
             return self._run_protocol(now, kill_after, during_delivery, committed_enough)
         if self.kind == "ndjson":
@@ -116,15 +114,17 @@ class Driver:
             sup.wait_polled(names, timeout=180)
             assert sup.stop() == 0, sup.stderr_text()[-2000:]
             return "completed"
-        try:
-            if during_delivery:  # events of a batch are on the pipe: kill before/while it is acked
-                sup.wait_for(lambda: sup.events(), timeout=kill_after)
-            else:
-                deadline = time.monotonic() + kill_after
-                while time.monotonic() < deadline and sup.proc.poll() is None and not committed_enough():
-                    time.sleep(0.003)
-        except AssertionError:
-            pass
+        # the process lives on after its poll: a poll that ends before the kill point completed
+        if during_delivery:  # events of a batch are on the pipe: kill before/while it is acked
+            kill_now = lambda: bool(sup.events())  # noqa: E731
+        else:
+            kill_now = committed_enough
+        deadline = time.monotonic() + kill_after
+        while time.monotonic() < deadline and sup.proc.poll() is None and not kill_now():
+            if sup.polled(names):
+                assert sup.stop() == 0, sup.stderr_text()[-2000:]
+                return "completed"
+            time.sleep(0.003)
         killed = sup.proc.poll() is None
         if killed:
             sup.proc.send_signal(signal.SIGKILL)
@@ -154,14 +154,13 @@ def test_sigkill_matrix_backfill_steady_state_delivery(simulator, tmp_path, kind
         #    kills landed only in runs that had nothing left to do.
         simulator.max_results_per_page, simulator.latency = BACKFILL_PAGE_RESULTS, BACKFILL_LATENCY
         while outcomes["backfill"] < KILLS:
-            if d.run(now, None, after_batches=rng.randint(*AFTER_BATCHES)) != "killed":
+            if d.run(now, after_batches=rng.randint(*AFTER_BATCHES)) != "killed":
                 break
             outcomes["backfill"] += 1
         assert outcomes["backfill"] == KILLS, (
             f"the backfill ended after {outcomes['backfill']} kills: it commits too few batches "
             f"for {KILLS} kills of up to {AFTER_BATCHES[1]} commits each")
-        assert d.committed_batches() > 0
-        d.run(now, None)
+        d.run(now)
         simulator.latency = 0.0
         # 2. steady state: polls while the simulator revises the last two hours, each killed after
         #    a random number of its ~12 commits (corrections among them); and 3. kills aimed at
@@ -169,23 +168,23 @@ def test_sigkill_matrix_backfill_steady_state_delivery(simulator, tmp_path, kind
         #    file) right after the first commit, while its batch is written and acknowledged.
         #    Timed kills landed mostly in the collector's start-up, before it had read its state.
         now += 300
-        d.run(now, None)
+        d.run(now)
         runs = 0
         while outcomes["steady"] + outcomes["delivery"] < KILLS and runs < 30:
             runs += 1
             now += rng.choice((0, 60, 300))
             phase = "delivery" if runs % 2 else "steady"
             if phase == "steady":
-                outcome = d.run(now, None, after_batches=rng.randint(1, 8))
+                outcome = d.run(now, after_batches=rng.randint(1, 8))
             else:
-                outcome = d.run(now, None, during_delivery=True, after_batches=1 if kind == "ndjson" else None)
+                outcome = d.run(now, during_delivery=True, after_batches=1 if kind == "ndjson" else None)
             if outcome == "killed":
                 outcomes[phase] += 1
         # let every bucket settle and be re-read, without kills
         end_of_test = now + SETTLE + 300
         while now < end_of_test:
             now = min(now + 1800, end_of_test)
-            d.run(now, None)
+            d.run(now)
         assert outcomes["backfill"] >= KILLS and outcomes["steady"] + outcomes["delivery"] >= KILLS, outcomes
         docs = d.stored()
         backfill_bytes = sum(len(orjson.dumps(doc)) for doc in docs if doc["data_stream"]["dataset"] ==
