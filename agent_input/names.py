@@ -15,10 +15,10 @@ finds the cache stale while the others go on with the names they have.
 The first load is published in two steps, so that it holds documents up as little as it can:
 projects and every project's API keys first (concurrent, a few round trips deep), then the
 organization's users (one cursor chain: 20 pages for 2,000 users, started beside the projects
-listing since it needs no project id). A key's listing names its
-owner: a user's email (the usage API's `user_id` for that key) or a service account's id (no
-email to wait for), so most documents need only the first step; one whose `user_id` neither owns
-a key nor is a service account waits for the users, as all of them used to.
+listing since it needs no project id). A key's listing names its owner: a user's email (the
+usage API's `user_id` for that key) or a service account's id (no email to wait for), so most
+documents need only the first step; one whose `user_id` neither owns a key nor is a service
+account waits for the users, as all of them used to.
 """
 from __future__ import annotations
 

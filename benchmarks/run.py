@@ -14,11 +14,12 @@ What it measures (the simulator always runs in its own process, as the real API 
    collector CPU, and the critical path: the longest chain of dependent requests x latency, i.e.
    the most pages any one stream needed, or the name cache's listings if that chain is longer
    (the users' pages beside the projects' and then each project's keys, on
-   names.LISTING_WORKERS workers, from the collector's start). The ratio wall / critical path is what "streams fetched concurrently"
-   is judged by (target <= 1.3). Each backfill runs twice from an empty state: cold, then warm
-   against the simulator's response cache (`simulate --cache-responses`), so that the measured
-   run meets an API that answers in its simulated latency instead of one that also generates
-   every page on the collector's own two cores. The warm run is the figure; the cold one is
+   names.LISTING_WORKERS workers, from the collector's start). The ratio wall / critical path is
+   what "streams fetched concurrently" is judged by (target <= 1.3). Each backfill runs twice
+   from an empty state: cold, then warm against the simulator's response cache
+   (`simulate --cache-responses`), so that the measured run meets an API that answers in its
+   simulated latency instead of one that also generates every page on the collector's own two
+   cores. The warm run is the figure; the cold one is
    printed beside it.
 2. Steady state: after the large-org 24h@1m backfill, one long-lived collector (in this process,
    the simulator still remote) polls every 5 simulated minutes with the default revision window
