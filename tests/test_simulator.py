@@ -777,3 +777,22 @@ def test_response_cache_is_off_by_default_and_bounded():
     assert cache.get("/a", "", NOW) is None and cache.get("/b", "", NOW) == b"123456"
     cache.put("/c", "", NOW, b"x" * 11)  # larger than the whole bound: not kept
     assert cache.get("/c", "", NOW) is None and cache.get("/b", "", NOW) == b"123456"
+
+
+def test_the_server_is_quiet_for_a_client_that_went_away_and_loud_for_its_own_bug(capsys):
+    """Crash tests kill collectors mid-request: those resets are expected. A simulator bug is not,
+    and must not vanish as a silently dropped connection."""
+    from agent_input.simulator.server import _Server
+
+    server = object.__new__(_Server)  # handle_error needs no socket
+    for error in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "Broken pipe")):
+        try:
+            raise error
+        except OSError:
+            server.handle_error(None, ("127.0.0.1", 1))
+    assert capsys.readouterr().err == ""
+    try:
+        raise KeyError("a bug in a handler")
+    except KeyError:
+        server.handle_error(None, ("127.0.0.1", 1))
+    assert "KeyError: 'a bug in a handler'" in capsys.readouterr().err

@@ -577,8 +577,10 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def handle_error(self, request, client_address):  # quiet: resets and client disconnects are expected
-        pass
+    def handle_error(self, request, client_address):
+        """Quiet for a client that went away (killed collectors, timeouts); loud for a bug here."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 # ------------------------------------------------------------------------------------ Simulator
