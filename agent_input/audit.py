@@ -127,6 +127,7 @@ class AuditCollector(ListingCollector):
         params: dict[str, Any] = {"effective_at[gte]": gte, "effective_at[lte]": lte, "limit": self.batch_size}
         events: dict[str, dict] = {}
         after = None
+        followed: set[str] = set()
         for _ in range(MAX_PAGES_PER_SLICE):
             if after:
                 params["after"] = after
@@ -141,8 +142,11 @@ class AuditCollector(ListingCollector):
                     raise BadAuditPage(f"{PATH}: an entry has no string `id`: {ev!r:.80}")
                 events[ev["id"]] = dict(ev)
             last = body.get("last_id") or (data[-1]["id"] if data else None)
-            if not body.get("has_more") or not data or not isinstance(last, str) or last == after:
+            if not body.get("has_more") or not data or not isinstance(last, str):
                 return events
+            if last in followed:  # ending here would pass over events never read
+                raise BadAuditPage(f"{PATH}: last_id {last!r:.60} came back a second time with has_more")
+            followed.add(last)
             after = last
         raise BadAuditPage(f"{PATH}: more than {MAX_PAGES_PER_SLICE} pages for one slice")
 

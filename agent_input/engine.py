@@ -257,6 +257,7 @@ class UsageCollector(PollingCollector):
         frozen = False
         position = cur.position
         carry: dict | None = None  # last bucket of a page: it may continue on the next page
+        tokens: set[str] = set()  # every next_page of this listing: one seen twice is a loop
         with PageFetcher(self.client, self.spec.path) as pages:
             pages.request(params)
             while True:
@@ -273,6 +274,11 @@ class UsageCollector(PollingCollector):
                     raw = None
                     buckets, has_more, page_token = self._page(body)
                     more = bool(has_more and page_token) and not self.stop.is_set()
+                    if more:
+                        if page_token in tokens:
+                            raise BadPage(f"next_page {page_token!r:.60} came back a second time: the listing "
+                                          f"would loop; stopped after {stats.pages} pages")
+                        tokens.add(page_token)
                     if more and page_token != guessed:  # not guessed (or wrongly): ask for it now
                         pages.request({**params, "page": page_token})
                     elif not more and guessed is not None:

@@ -104,6 +104,7 @@ class RateLimitsCollector(ListingCollector):
     def _list(self, path: str, params: Mapping[str, Any], stats: PollStats) -> Iterator[Mapping]:
         query = dict(params)
         after = None
+        followed: set[str] = set()
         for _ in range(MAX_PAGES):
             if after:
                 query["after"] = after
@@ -115,8 +116,12 @@ class RateLimitsCollector(ListingCollector):
                 raise ApiError(200, "response has no `data` list", "malformed_response", path)
             yield from (d for d in data if isinstance(d, Mapping))
             last = body.get("last_id") or (data[-1].get("id") if data and isinstance(data[-1], Mapping) else None)
-            if not body.get("has_more") or not data or not isinstance(last, str) or last == after:
+            if not body.get("has_more") or not data or not isinstance(last, str):
                 return
+            if last in followed:  # ending here would leave projects out without a word
+                raise ApiError(200, f"last_id {last!r:.60} came back a second time with has_more",
+                               "malformed_response", path)
+            followed.add(last)
             after = last
 
 

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -228,3 +229,34 @@ def test_forbidden_is_reported_once_and_the_stream_stays_quiet(tmp_path, caplog)
             c.close()
     finally:
         sim.stop()
+
+
+def test_a_last_id_that_comes_back_is_an_error_not_the_end_of_the_slice(tmp_path):
+    """has_more with a cursor already followed: ending the slice there would move the mark past
+    events never read; looping would never end."""
+    from agent_input.audit import BadAuditPage
+
+    col, store, output, client = _collector(SimpleNamespace(base_url="http://127.0.0.1:1", now=lambda: T0),
+                                            tmp_path / "state", tmp_path / "audit.ndjson")
+
+    def event(i):
+        return {"id": f"audit_log-{i}", "object": "organization.audit_log", "type": "logout.succeeded",
+                "effective_at": T0 - 100 - i}
+
+    pages = {None: ([event(1), event(2)], "audit_log-2"), "audit_log-2": ([event(3)], "audit_log-3"),
+             "audit_log-3": ([event(2)], "audit_log-2")}
+    asked = []
+
+    def get_json(path, params):
+        asked.append(params.get("after"))
+        assert len(asked) < 10, "the slice is looping"
+        data, last = pages[params.get("after")]
+        return {"object": "list", "data": data, "first_id": data[0]["id"], "last_id": last, "has_more": True}
+
+    col.client.get_json = get_json
+    with pytest.raises(BadAuditPage, match="'audit_log-2' came back a second time"):
+        col.poll(T0)
+    assert asked == [None, "audit_log-2", "audit_log-3"]
+    assert store.get(KV_HWM) is None  # nothing passed over
+    for c in (output, store, client):
+        c.close()

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from agent_input.engine import Delivery, UsageCollector
+from agent_input.engine import BadPage, Delivery, UsageCollector
 from agent_input.outputs import NdjsonOutput
 from agent_input.streams import STREAMS_BY_NAME
 
@@ -595,3 +595,33 @@ def test_overlapping_engines_leave_the_gil_interval_as_they_found_it():
         for t in runs:
             t.join(5)
     assert sys.getswitchinterval() == before
+
+
+def test_a_next_page_token_that_comes_back_stops_the_poll_instead_of_looping(harness):
+    """An API bug that hands back a token already followed would otherwise make a poll (and
+    `--once`) run forever, re-sending the same documents each lap."""
+    h = harness(effective_revision_window=0, initial_interval=180)
+    now = ts("2026-11-23T10:00:00")
+    b = now - 180
+    pages = {
+        None: {"object": "page", "data": [{"object": "bucket", "start_time": b, "end_time": b + 60,
+                                           "results": [result(1)]}], "has_more": True, "next_page": "p2"},
+        "p2": {"object": "page", "data": [{"object": "bucket", "start_time": b + 60, "end_time": b + 120,
+                                           "results": [result(1)]}], "has_more": True, "next_page": "p3"},
+        "p3": {"object": "page", "data": [{"object": "bucket", "start_time": b + 120, "end_time": b + 180,
+                                           "results": [result(1)]}], "has_more": True, "next_page": "p2"},
+    }
+    asked = []
+
+    def get_json(path, params):
+        asked.append(params.get("page"))
+        assert len(asked) < 10, "the poll is looping"
+        return pages[params.get("page")]
+
+    h.api.get_json = get_json
+    with pytest.raises(BadPage, match="'p2' came back a second time"):
+        h.collector.poll(now)
+    assert asked == [None, "p2", "p3"]
+    # what came before the loop is kept; p3 and the bucket p2 carried into it are read again next poll
+    assert h.store.cursor("completions", "1m").position == b + 60
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 1

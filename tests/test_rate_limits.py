@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -173,3 +174,28 @@ def test_missing_scope_writes_a_failure_and_stops_the_stream(tmp_path):
         assert status["event"]["outcome"] == "failure"
     finally:
         sim.stop()
+
+
+def test_a_last_id_that_comes_back_is_reported_not_taken_as_the_end(tmp_path):
+    """Ending the projects listing at a repeated cursor would leave projects out without a word."""
+    col, closing = _collector(SimpleNamespace(base_url="http://127.0.0.1:1", now=lambda: T0),
+                              tmp_path / "state", tmp_path / "limits.ndjson")
+    pages = {None: (["proj_a", "proj_b"], "proj_b"), "proj_b": (["proj_c"], "proj_b")}
+    asked = []
+
+    def get_json(path, params):
+        if path.endswith("/rate_limits"):
+            return {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+        asked.append(params.get("after"))
+        assert len(asked) < 10, "the listing is looping"
+        ids, last = pages[params.get("after")]
+        return {"object": "list", "data": [{"id": i, "object": "organization.project", "name": i,
+                                            "created_at": 0, "status": "active"} for i in ids],
+                "first_id": ids[0], "last_id": last, "has_more": True}
+
+    col.client.get_json = get_json
+    stats = col.poll(T0)
+    assert asked == [None, "proj_b"]
+    assert stats.errors and "'proj_b' came back a second time" in stats.errors[-1]
+    for c in closing:
+        c.close()
