@@ -78,11 +78,11 @@ def build(
     if any(s.name in STREAMS_BY_NAME for s in config.enabled_streams()):
         from .names import NameCache
 
-        names = NameCache.from_config(config, clock=clock)
+        names = NameCache.from_config(config, clock=clock, stop=stop)
         clients.append(names.client)
         names.warm_up()  # the first listing overlaps the first usage requests
     for stream in config.enabled_streams():
-        client = AdminApiClient.from_config(config)
+        client = AdminApiClient.from_config(config, stop=stop)
         if stream.name in STREAMS_BY_NAME:
             collector: Collector = UsageCollector(
                 STREAMS_BY_NAME[stream.name], stream, client, delivery, progress=progress,

@@ -636,6 +636,8 @@ class Engine:
                 self.stop.set()
                 return
             except Exception as exc:  # noqa: BLE001 - one stream's failure must not stop others
+                if self.stop.is_set():
+                    return  # cut short by the stop (StoppedError): the cursor is where it was
                 if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
                     self._fail(collector.name, str(exc))
                     return

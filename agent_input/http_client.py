@@ -1,7 +1,8 @@
 """`AdminApiClient`: one `requests.Session` to OpenAI's Admin API, with retries and typed errors.
 
 Retries are a small loop here rather than urllib3's `Retry` on the adapter, because the loop can:
-- sleep through an injectable `sleep` (tests run the whole backoff schedule in microseconds);
+- sleep through an injectable `sleep` (tests run the whole backoff schedule in microseconds), or
+  wait on the collector's `stop` event, so a stop never waits out a Retry-After of minutes;
 - count what happened (`ClientStats`: 429s, retries, seconds spent honouring Retry-After);
 - honour `Retry-After` as seconds *and* as an HTTP-date, plus OpenAI's `retry-after-ms`, with full
   jitter and a cap when the server gives no hint;
@@ -111,6 +112,10 @@ class TransportError(ApiError):
     """A non-transient transport failure (TLS verification, invalid URL or proxy): not retried."""
 
 
+class StoppedError(ApiError):
+    """The collector was told to stop while this request waited to be retried."""
+
+
 @dataclass
 class ClientStats:
     requests: int = 0  # HTTP attempts made (including retries)
@@ -186,6 +191,7 @@ class AdminApiClient:
         backoff_cap: float = 30.0,
         retry_after_cap: float = 600.0,
         sleep: Callable[[float], None] = time.sleep,
+        stop: threading.Event | None = None,
         session: requests.Session | None = None,
         user_agent: str = USER_AGENT,
         rng: random.Random | None = None,
@@ -199,6 +205,9 @@ class AdminApiClient:
         self.backoff_cap = backoff_cap
         self.retry_after_cap = retry_after_cap
         self._sleep = sleep
+        # Waits before a retry end when this is set: a Retry-After of minutes must not hold a
+        # stop (SIGTERM, the agent's stop) up for as long.
+        self._stop = stop
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self.stats = ClientStats()
@@ -305,7 +314,7 @@ class AdminApiClient:
                 log.warning("GET %s failed (%s); retry %d/%d in %.1fs", path, message, attempt,
                             self.max_retries, delay)
                 self._count(retries=1)
-                self._sleep(delay)
+                self._pause(delay, path)
                 continue
 
             elapsed_ms = (time.monotonic() - started) * 1000
@@ -334,9 +343,15 @@ class AdminApiClient:
                             f" (Retry-After {retry_after:g}s)" if retry_after is not None else "",
                             attempt, self.max_retries, delay)
                 self._count(retries=1)
-                self._sleep(delay)
+                self._pause(delay, path)
                 continue
             raise _typed_error(status, message, code, path, etype)
+
+    def _pause(self, delay: float, path: str) -> None:
+        if self._stop is None:
+            self._sleep(delay)
+        elif self._stop.wait(delay):
+            raise StoppedError(None, "stopped while waiting to retry", "stopped", path)
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""

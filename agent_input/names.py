@@ -75,10 +75,12 @@ class NameCache:
         self.failures: list[str] = []
 
     @classmethod
-    def from_config(cls, config, clock: Callable[[], float] = time.time) -> "NameCache":
+    def from_config(cls, config, clock: Callable[[], float] = time.time,
+                    stop: threading.Event | None = None) -> "NameCache":
         # Few retries and a short back-off: a name lookup must never hold usage data up for long.
         def make() -> AdminApiClient:
-            return AdminApiClient.from_config(config, max_retries=min(config.max_retries, 2), backoff_cap=2.0)
+            return AdminApiClient.from_config(config, max_retries=min(config.max_retries, 2), backoff_cap=2.0,
+                                              stop=stop)
 
         return cls(make(), refresh_interval=config.names_refresh_interval, clock=clock, client_factory=make)
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
 from .engine import ListingCollector, PollStats, serialize
-from .http_client import ApiError, AuthenticationError, PermissionDeniedError
+from .http_client import ApiError, AuthenticationError, PermissionDeniedError, StoppedError
 
 log = logging.getLogger("agent_input.rate_limits")
 
@@ -71,6 +71,9 @@ class RateLimitsCollector(ListingCollector):
                 continue
             try:
                 rows = list(self._list(f"{PROJECTS}/{pid}/rate_limits", {"limit": LIMITS_PAGE}, stats))
+            except StoppedError:
+                error = error or "stopped before every project was read"
+                break
             except ApiError as exc:
                 failed.append(pid)
                 msg = f"rate_limits: skipped project {pid}: {exc}"

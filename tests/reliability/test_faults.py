@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -108,6 +110,35 @@ def test_429_storm_retry_after_is_honoured_and_counted(h):
     assert client.stats.retry_after_seconds_total == 12
     assert h.sleeps.count(3) == 4, "every Retry-After was slept in full"
     h.assert_truth()
+
+
+def test_a_stop_ends_a_retry_after_wait_at_once_and_keeps_the_cursor(simulator, tmp_path):
+    """OpenAI may ask for minutes (Retry-After) and the client retries eight times: a stop (SIGTERM,
+    the agent's stop) must not wait that out, and must not be reported as a failed poll."""
+    simulator.add_fault(FaultRule(kind="429", path="usage/completions", skip=1, count=None, retry_after=600))
+    stop = threading.Event()
+    store = StateStore(tmp_path / "state")
+    delivery = Delivery(store, NdjsonOutput(io.BytesIO()))
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=8, stop=stop)
+    cfg = SimpleNamespace(name="completions", bucket_width="1m", interval=300, initial_interval=4 * 3600,
+                          finalization_grace=2 * 3600, effective_revision_window=0)
+    simulator.max_results_per_page = 40
+    engine = Engine([UsageCollector(STREAMS_BY_NAME["completions"], cfg, client, delivery, clock=simulator.now,
+                                    stop=stop)], delivery, stop=stop, clock=simulator.now)
+    runner = threading.Thread(target=engine.run, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 30
+    while not simulator.stats()["by_status"].get("429") and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    runner.join(30)  # a liveness bound only: the wait it cuts short is 600 s
+    assert not runner.is_alive(), "the stop waited for Retry-After"
+    assert engine.failed == {} and engine.totals["completions"].errors == []
+    assert client.stats.retry_after_seconds_total == 600  # the one wait that was begun
+    first_page_end = store.cursor("completions", "1m").position
+    assert START < first_page_end < END  # the first page is kept; nothing past the throttled one
+    client.close()
+    store.close()
 
 
 def test_429_storm_longer_than_the_retries_keeps_the_cursor(h):
