@@ -7,15 +7,22 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
 
 - **created** (201), or **already there** (409 `version_conflict_engine_exception` on create:
   the same id always carries the same content, so this is a re-delivery; counted, not an error);
-- **retried**: 429 and 5xx, per item (partial bulk failures) or for the whole request, with
+- **retried**: 408, 429 and 5xx, per item (partial bulk failures) or for the whole request, with
   exponential backoff inside the helper (`max_retries`, `initial_backoff`) and again, for
   connection errors and items still failing, in an outer loop (`attempts`); when patience runs
   out the batch stays in the outbox and `OutputError` stops the collector with one clear line;
-- **rejected** for good (any other 4xx on an item, e.g. a mapping error): reported with the
+- **split**: a whole request refused with 413 (`http.max_content_length`, or a proxy's body limit
+  below our `max_chunk_bytes`) is sent again as two requests, halving down to one document;
+- **rejected** for good (any other 4xx on an item, e.g. a mapping error, or 413 for a request of
+  one document, which no split can fix): reported with the
   document id and dataset and written, with the error, to the dead-letter file
   `<state dir>/dead-letter.ndjson` (fsynced) — the rest of the batch is delivered and the batch
   is acknowledged, so one bad document cannot block its stream forever, and it is never silently
   lost. If the dead-letter file cannot be written, the batch is not acknowledged.
+
+Any other status for the whole request (401/403, 404, 400...) means nothing reached Elasticsearch
+and retrying will not help (a wrong URL, key or proxy): no document is dead-lettered, the batch
+stays in the outbox and `OutputError` names the status and URL.
 
 Backpressure: `send` returns only when the batch is settled, so a collector thread never reads
 its next page while the cluster is behind; memory is bounded by one page per stream (at most
@@ -45,7 +52,7 @@ from .outputs import Ack, OutputError
 log = logging.getLogger("agent_input.es_output")
 
 COMPAT_MAJOR = 8
-RETRY_STATUS = (429, 500, 502, 503, 504)
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 DEAD_LETTER_NAME = "dead-letter.ndjson"
 ENV_API_KEY = "ELASTIC_API_KEY"
 ENV_USERNAME = "ELASTIC_USERNAME"
@@ -243,20 +250,24 @@ class ElasticsearchOutput:
             docs.append({"_id": doc_id, "_index": index, "dataset": dataset, "_source": source})
         return docs
 
-    def _bulk(self, pending: dict[str, dict]) -> str:
-        """One pass of streaming_bulk over the pending documents; settled ones leave `pending`.
-        Returns a short description of what is still failing ('' when nothing)."""
-        from elasticsearch import helpers
+    def _bulk(self, pending: dict[str, dict], ids: list[str] | None = None, chunk_size: int = 0) -> str:
+        """One pass of streaming_bulk over the pending documents (or those of them in `ids`, in
+        requests of at most `chunk_size`); settled ones leave `pending`. Returns a short
+        description of what is still failing ('' when nothing)."""
+        from elasticsearch import ApiError, helpers
 
+        ids = list(pending) if ids is None else ids
+        chunk_size = chunk_size or self.chunk_size
         actions = (
             {"_op_type": "create", "_index": d["_index"], "_id": d["_id"], "_source": d["_source"]}
-            for d in list(pending.values())
+            for d in (pending[i] for i in ids)
         )
         last = ""
+        too_large: list[tuple[Exception, list[str]]] = []  # per 413'd request: its exception, its ids
         for ok, item in helpers.streaming_bulk(
             self.client,
             actions,
-            chunk_size=self.chunk_size,
+            chunk_size=chunk_size,
             max_chunk_bytes=self.max_chunk_bytes,
             raise_on_error=False,
             raise_on_exception=False,
@@ -272,10 +283,21 @@ class ElasticsearchOutput:
             if doc is None:
                 continue
             status = info.get("status")
+            request_error = info.get("exception")
             if ok:
                 pending.pop(doc_id)
                 with self._count_lock:
                     self.created += 1
+            elif isinstance(request_error, ApiError):
+                # the whole request failed: Elasticsearch judged no document, so none is dead-lettered
+                if status == 413:
+                    if not too_large or too_large[-1][0] is not request_error:
+                        too_large.append((request_error, []))
+                    too_large[-1][1].append(doc_id)
+                elif status in RETRY_STATUS or status >= 500:
+                    last = f"HTTP {status}: {_reason(info)}"
+                else:
+                    raise _refused(request_error, doc)
             elif status == 409:
                 pending.pop(doc_id)
                 with self._count_lock:
@@ -290,6 +312,15 @@ class ElasticsearchOutput:
             else:
                 self._dead_letter(doc, status, info)
                 pending.pop(doc_id)
+        for _exc, group in too_large:
+            if len(group) == 1:
+                doc = pending.pop(group[0])
+                self._dead_letter(doc, 413, {"error": "too large: a bulk request of this document alone was refused "
+                                                      "with HTTP 413 (http.max_content_length, or a proxy's limit)"})
+                continue
+            log.warning("a bulk request of %d documents was too large for Elasticsearch (HTTP 413); "
+                        "sending them in smaller requests", len(group))
+            last = self._bulk(pending, group, (len(group) + 1) // 2) or last
         return last
 
     def _dead_letter(self, doc: dict, status: Any, info: Mapping) -> None:
@@ -329,6 +360,24 @@ def _reason(info: Mapping) -> str:
             text += f" ({cause.get('type')}: {cause.get('reason')})"
         return text[:500]
     return str(error)[:500] if error else "no reason given"
+
+
+def _refused(exc, doc: Mapping) -> OutputError:
+    """The error for a whole bulk request refused with a status that retrying cannot fix (a wrong
+    URL, key or proxy): names the status and the URL, since nothing reached Elasticsearch."""
+    from .logs import redact
+
+    node = getattr(getattr(exc, "meta", None), "node", None)
+    url = f"{node.scheme}://{node.host}:{node.port}{node.path_prefix}/_bulk" if node else "_bulk"
+    status = exc.status_code
+    if status in (401, 403):
+        return OutputError(redact(
+            f"Elasticsearch refused the credentials (HTTP {status} from {url}): check {ENV_API_KEY} or "
+            f"{ENV_USERNAME}/{ENV_PASSWORD} and the index privileges on {doc['_index']}; the batch stays in the outbox"))
+    message = " ".join(str(exc.message).split())[:200]  # a proxy's answer may be a whole HTML page
+    return OutputError(redact(
+        f"Elasticsearch refused the bulk request (HTTP {status} from {url}: {message}): check the Elasticsearch "
+        f"URL and any proxy in front of it; the batch stays in the outbox"))
 
 
 def _describe_exc(exc: Exception) -> str:

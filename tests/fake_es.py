@@ -8,7 +8,8 @@
   ("Accept version must be either version 8 or 7"), a 9.x server takes 8 and 9.
 - auth: when `auth` is set, any other Authorization header gets 401.
 - faults: whole-request statuses (`fail_requests`), per-item statuses by id (`item_faults`),
-  permanent rejections (`reject(source) -> error | None`), a delay per bulk request.
+  permanent rejections (`reject(source) -> error | None`), a delay per bulk request, and a body-size
+  limit (`max_body_bytes`) answered as a proxy in front of the cluster answers it: 413 with an HTML page.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class FakeElasticsearch:
         self.item_faults: dict[str, list[int]] = {}
         self.reject: Callable[[dict], dict | None] | None = None
         self.delay = 0.0
+        self.max_body_bytes = 0
         self.active = 0
         self.max_active = 0
         self.max_items = 0
@@ -103,6 +105,14 @@ class FakeElasticsearch:
         h.end_headers()
         h.wfile.write(data)
 
+    def _reply_html(self, h, status: int, title: str) -> None:
+        data = f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>".encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "text/html")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
     def _handle(self, h, method: str) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
@@ -140,6 +150,8 @@ class FakeElasticsearch:
             if fail:
                 return self._reply(h, fail, {"error": {"type": "unavailable", "reason": f"injected {fail}"},
                                              "status": fail})
+            if self.max_body_bytes and len(body) > self.max_body_bytes:
+                return self._reply_html(h, 413, "413 Request Entity Too Large")
             lines = [line for line in body.split(b"\n") if line.strip()]
             items, errors = [], False
             i = 0

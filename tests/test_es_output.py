@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -148,6 +149,56 @@ def test_unreachable_cluster_is_one_clear_line(tmp_path):
     out = ElasticsearchOutput(client, state_dir=tmp_path, initial_backoff=0.01, max_backoff=0.01, attempts=2)
     with pytest.raises(OutputError, match="did not take"):
         out.send("completions", _payload([_doc(1)]), 1, Acks())
+
+
+def test_a_whole_request_408_is_retried_like_429_and_5xx_and_nothing_is_dead_lettered(fake, tmp_path):
+    out = _output(fake.url, tmp_path)
+    fake.fail_requests = [408, 408]
+    ack = Acks()
+    out.send("completions", _payload([_doc(i) for i in range(3)]), 3, ack)
+    assert ack.n == 1 and len(fake.docs) == 3 and out.created == 3 and out.rejected == 0
+    assert not (tmp_path / "dead-letter.ndjson").exists()
+
+
+# -- whole-request refusals: nothing reached Elasticsearch, so nothing is dead-lettered ---------------
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405])
+def test_a_refused_bulk_request_stops_with_status_and_url_and_keeps_the_batch(fake, tmp_path, status):
+    out = _output(fake.url, tmp_path)
+    fake.fail_requests = [status]
+    payload = _payload([_doc(i) for i in range(3)])
+    ack = Acks()
+    with pytest.raises(OutputError, match=rf"HTTP {status} from {re.escape(fake.url)}/_bulk.*outbox"):
+        out.send("completions", payload, 3, ack)
+    assert ack.n == 0 and out.rejected == 0 and not fake.docs
+    assert not (tmp_path / "dead-letter.ndjson").exists()
+    assert len([r for r in fake.requests if r["path"].startswith("/_bulk")]) == 1, "a configuration problem is not retried"
+    out.send("completions", payload, 3, ack)  # fixed (URL, proxy, key): the batch, still in the outbox, goes through
+    assert ack.n == 1 and len(fake.docs) == 3
+
+
+def test_a_whole_request_413_is_split_into_smaller_requests_and_nothing_is_dead_lettered(fake, tmp_path):
+    out = _output(fake.url, tmp_path)
+    fake.fail_requests = [413]
+    ack = Acks()
+    out.send("completions", _payload([_doc(i) for i in range(3)]), 3, ack)
+    assert ack.n == 1 and len(fake.docs) == 3 and out.rejected == 0
+    assert not (tmp_path / "dead-letter.ndjson").exists()
+    assert len([r for r in fake.requests if r["path"].startswith("/_bulk")]) == 3  # 3 refused, then 2 and 1
+
+
+def test_a_proxy_body_limit_splits_down_to_one_document_and_dead_letters_only_one_too_large_alone(fake, tmp_path):
+    fake.max_body_bytes = 1500  # about four documents; the proxy answers 413 with an HTML page
+    out = _output(fake.url, tmp_path)
+    big = _doc(99, blob="x" * 4000)
+    docs = [_doc(i) for i in range(20)]
+    ack = Acks()
+    out.send("completions", _payload(docs[:10] + [big] + docs[10:]), 21, ack)
+    assert ack.n == 1 and len(fake.docs) == 20 and out.created == 20 and out.rejected == 1
+    assert big[0] not in {i for _idx, i in fake.docs} and not fake.violations
+    dead = [json.loads(line) for line in (tmp_path / "dead-letter.ndjson").read_text().splitlines()]
+    assert [d["_id"] for d in dead] == [big[0]] and dead[0]["status"] == 413
+    assert "too large" in dead[0]["error"] and dead[0]["document"] == big[1]
+    assert len([r for r in fake.requests if r["path"].startswith("/_bulk")]) < 30
 
 
 # -- permanent rejections ---------------------------------------------------------------------------
