@@ -92,6 +92,8 @@ class ProtocolWriter:
             self.write(msg)
         except OutputError:
             pass
+        except TypeError as exc:  # orjson.JSONEncodeError: a value from the supervisor; logged, not fatal
+            log.error("status message %s/%s not sent: %s: %s", scope, status, exc, msg["message"])
 
     def close(self) -> None:
         with self._lock:
@@ -106,6 +108,7 @@ class ProtocolWriter:
 class _Inflight:
     batch: int
     key: bytes
+    stream: str
     callbacks: list[Ack] = field(default_factory=list)
 
 
@@ -113,8 +116,9 @@ class ProtocolOutput:
     """The engine's `Output` in protocol mode (see the module doc)."""
 
     def __init__(self, writer: ProtocolWriter, *, ack_on_flush: bool = False, max_inflight: int = 32,
-                 namespace: str = "default"):
+                 namespace: str = "default", on_status: Callable[[str, str, str], None] | None = None):
         self.writer = writer
+        self.on_status = on_status
         self.ack_on_flush = ack_on_flush
         self.max_inflight = max(1, max_inflight)
         self.namespace = namespace
@@ -140,7 +144,7 @@ class ProtocolOutput:
                 return  # not sent, not acked: it stays in the outbox for the next engine
             batch = self._next
             self._next += 1
-            self._inflight[batch] = _Inflight(batch, key, [on_ack])
+            self._inflight[batch] = _Inflight(batch, key, stream, [on_ack])
             self._by_key[key] = batch
         try:
             self.writer.write_bytes(self._encode(batch, stream, payload))
@@ -158,13 +162,26 @@ class ProtocolOutput:
 
     # -- acknowledgements ------------------------------------------------------------------------
     def ack(self, batch: int) -> bool:
-        """Confirm a batch: its outbox entries are deleted. False when the id is not in flight."""
+        """Confirm a batch: its outbox entries are deleted. False when the id is not in flight.
+
+        A delete that fails (e.g. sqlite "database is locked") is reported, never raised: the
+        caller is the stdin reader, which must go on. The entry stays in the outbox and is sent
+        again (same ids, same content) at the next start or reconfiguration: a duplicate, not a loss."""
         with self._cond:
             entry = self._forget(batch)
         if entry is None:
             return False
         for cb in entry.callbacks:
-            cb()
+            try:
+                cb()
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                from .logs import redact
+
+                reason = (f"acknowledged batch {batch} could not be deleted from the outbox, it is sent "
+                          f"again at the next start: {redact(str(exc)) or type(exc).__name__}")
+                log.error("%s: %s", entry.stream, reason)
+                if self.on_status is not None:
+                    self.on_status(entry.stream, "degraded", reason)
         with self._cond:
             self.acked_batches += 1
         return True
@@ -248,7 +265,8 @@ class Runner:
         self.ack_timeout = ack_timeout
         self.env = env
         self.stdin = stdin if stdin is not None else sys.stdin.buffer
-        self.output = ProtocolOutput(writer, ack_on_flush=ack_on_flush, max_inflight=max_inflight)
+        self.output = ProtocolOutput(writer, ack_on_flush=ack_on_flush, max_inflight=max_inflight,
+                                     on_status=self._on_status)
         self.control: queue.Queue = queue.Queue()
         self.collection = None
         self.engine_thread: threading.Thread | None = None
@@ -258,14 +276,21 @@ class Runner:
 
     # -- stdin -----------------------------------------------------------------------------------
     def _read_stdin(self) -> None:
+        """Reads until end of stdin, then queues `eof`; no line can end this thread early (a dead
+        reader would leave later acks, `stop` and the end of stdin unread: a hung process)."""
         n = 0
         try:
             for raw in self.stdin:
                 n += 1
-                self._dispatch(raw, n)
+                try:
+                    self._dispatch(raw, n)
+                except Exception as exc:  # noqa: BLE001 - a malformed line is never fatal
+                    log.error("input line %d could not be handled, skipped: %s", n,
+                              str(exc)[:200] or type(exc).__name__)
         except (OSError, ValueError) as exc:
             log.error("cannot read stdin: %s", exc)
-        self.control.put(("eof", None))
+        finally:
+            self.control.put(("eof", None))
 
     def _dispatch(self, raw: bytes, n: int) -> None:
         line = raw.strip()
@@ -273,7 +298,7 @@ class Runner:
             return
         try:
             msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
             log.warning("input line %d is not JSON, skipped: %s", n, str(exc)[:200])
             return
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
@@ -309,12 +334,21 @@ class Runner:
         cid = msg.get("id")
         if isinstance(data, dict) and isinstance(data.get("api_key"), str):
             register_secret(data["api_key"])  # before any message could echo it
+        problems: list[ConfigError] = []
+        try:
+            orjson.dumps(cid)
+        except TypeError as exc:  # echoed in every status about this config, so it has to encode
+            problems.append(ConfigError("id", f"cannot be echoed in a status message: {exc} (integers fit "
+                                              "in 64 bits, strings are UTF-8, nesting is at most 254 deep)"))
+            cid = None
         try:
             if not isinstance(data, dict):
                 raise ConfigError("config", "the config message needs a \"config\" object (the config file's settings)")
             config = config_from_dict(data, env=self.env)
         except ConfigError as exc:
-            text = redact("; ".join(exc.lines()))
+            problems.extend(exc.errors)
+        if problems:
+            text = redact("; ".join(map(str, problems)))
             log.error("config rejected: %s", text)
             if self.collection is not None:
                 self.writer.status("input", "degraded",
@@ -331,11 +365,10 @@ class Runner:
         self.config_id = cid
         self.output.namespace = config.namespace
         self._start_engine(config)
-        names = ", ".join(c.name for c in self.collection.engine.collectors) if self.collection else ""
-        self.writer.status("input", "healthy", f"running revision {self.revision} ({names or 'no streams'})",
-                           config_id=cid, revision=self.revision)
 
     def _start_engine(self, config) -> None:
+        """Input `healthy` once the engine is built, before its thread can report a failure; `failed`
+        (and no engine) when it cannot be built, e.g. an unusable state dir."""
         from . import app
         from .state import StateError
 
@@ -345,15 +378,22 @@ class Runner:
             collection = app.build(config, state_dir=self.state_dir, output=self.output, stop=stop,
                                    clock=self.clock, on_status=self._on_status)
         except (StateError, OutputError) as exc:
-            self.writer.status("input", "failed", str(exc), revision=self.revision)
-            log.error("cannot start: %s", exc)
+            self.writer.status("input", "failed", f"cannot start revision {self.revision}: {exc}",
+                               config_id=self.config_id, revision=self.revision)
+            log.error("cannot start revision %d: %s", self.revision, exc)
             return
         self.collection, self.engine_stop = collection, stop
+        names = ", ".join(c.name for c in collection.engine.collectors)
+        self.writer.status("input", "healthy", f"running revision {self.revision} ({names or 'no streams'})",
+                           config_id=self.config_id, revision=self.revision)
         self.engine_thread = threading.Thread(target=self._run_engine, args=(collection,), name="engine",
                                               daemon=True)
         self.engine_thread.start()
 
     def _run_engine(self, collection) -> None:
+        """Queues `engine-ended` with whether the failure was already reported (an exception says
+        more than the run loop's "every stream stopped")."""
+        reported = False
         try:
             collection.engine.run(once=False)
         except StdoutClosed:
@@ -362,8 +402,10 @@ class Runner:
             from .logs import redact
 
             log.error("engine stopped: %s", redact(str(exc)) or type(exc).__name__)
-            self.writer.status("input", "failed", f"engine stopped: {exc}", revision=self.revision)
-        self.control.put(("engine-ended", collection))
+            self.writer.status("input", "failed", f"engine stopped: {exc}", config_id=self.config_id,
+                               revision=self.revision)
+            reported = True
+        self.control.put(("engine-ended", (collection, reported)))
 
     def _stop_engine(self) -> None:
         if self.collection is None:
@@ -408,10 +450,12 @@ class Runner:
             elif kind == "eof":
                 reason = "end of stdin"
                 break
-            elif kind == "engine-ended" and msg is self.collection and not self.writer.closed.is_set():
-                failed = self.collection.engine.failed if self.collection else {}
-                why = "; ".join(f"{k}: {v}" for k, v in failed.items()) or "no data stream is enabled"
-                self.writer.status("input", "failed", f"every stream stopped: {why}", revision=self.revision)
+            elif kind == "engine-ended":
+                collection, reported = msg
+                if collection is self.collection and not reported and not self.writer.closed.is_set():
+                    failed = collection.engine.failed
+                    why = "; ".join(f"{k}: {v}" for k, v in failed.items()) or "no data stream is enabled"
+                    self.writer.status("input", "failed", f"every stream stopped: {why}", revision=self.revision)
         self.writer.status("input", "stopping", f"{reason}: finishing the page in flight")
         self._stop_engine()
         if not self.output.ack_on_flush and self.output.inflight():

@@ -147,3 +147,67 @@ class Supervisor:
 
     def stderr_text(self) -> str:
         return b"".join(self.stderr).decode(errors="replace")
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:  # a failed test must not leave a hung process behind
+            self.kill()
+
+
+class InProcess:
+    """A `protocol.Runner` driven inside the test process (stdin a pipe, stdout a file): for the
+    cases a test has to reach into — a failing outbox delete, an engine that raises — and fast."""
+
+    def __init__(self, state_dir, out_path, **kwargs):
+        from agent_input.protocol import ProtocolWriter, Runner
+
+        read_end, self._stdin = os.pipe()
+        self.out_path = out_path
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.runner = Runner(ProtocolWriter(fd), state_dir=str(state_dir), stdin=os.fdopen(read_end, "rb"),
+                             env={}, **kwargs)
+        self.code: int | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.code = self.runner.run(threading.Event())
+
+    def start(self) -> "InProcess":
+        self._thread.start()
+        return self
+
+    def send(self, msg) -> None:
+        line = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
+        os.write(self._stdin, line + b"\n")
+
+    def messages(self) -> list[dict]:
+        with open(self.out_path, "rb") as fh:
+            return [json.loads(line) for line in fh if line.endswith(b"\n")]
+
+    def statuses(self, scope: str | None = None) -> list[dict]:
+        return [m for m in self.messages() if m["type"] == "status" and (scope is None or m["scope"] == scope)]
+
+    def wait_for(self, predicate, timeout: float = 10.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; messages: {self.messages()[-5:]}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Sends `stop`; the exit code, or None when the runner did not stop in time."""
+        self.send({"type": "stop"})
+        self._thread.join(timeout)
+        return None if self._thread.is_alive() else self.code
+
+    def close(self) -> None:
+        try:
+            os.close(self._stdin)  # end of stdin: a runner still going stops
+        except OSError:
+            pass
+        self._thread.join(10)

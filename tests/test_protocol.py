@@ -7,14 +7,15 @@ import json
 import random
 import re
 import signal
+import sqlite3
 
 import pytest
 
-from agent_input.state import StateStore
+from agent_input.state import StateError, StateStore
 from agent_input.streams import USAGE_STREAMS
 
 from conftest import ADMIN_KEY, T0, committed_batches, dedupe, stored_totals, truth_totals, wait_for_commits
-from protocol_supervisor import Supervisor
+from protocol_supervisor import InProcess, Supervisor
 
 HOUR = 3600
 SETTLE = 2 * HOUR
@@ -194,6 +195,121 @@ def test_failed_stream_is_reported(simulator, tmp_path):
     assert failed["stream"] == "completions" and failed["message"]
     assert "sk-admin-wrong-key-0000000000" not in json.dumps(sup.messages) + sup.stderr_text()
     assert sup.stop() == 0
+
+
+def test_a_deeply_nested_input_line_is_skipped_not_fatal(tmp_path):
+    with Supervisor(tmp_path / "state", T0) as sup:
+        assert sup.send(b"[" * 200_000)  # json.loads: RecursionError, not ValueError
+        assert sup.send(b'{"type":"ack","batch":' + b"[" * 5000 + b"]" * 5000 + b"}")
+        assert sup.stop(timeout=10) == 0, "the stdin reader must outlive a malformed line"
+    err = sup.stderr_text()
+    assert "input line 1 is not JSON" in err and "input line 2 is not JSON" in err
+    assert [m["status"] for m in sup.statuses("input")] == ["starting", "stopping", "stopped"]
+    _assert_clean_streams(sup)
+
+
+def _event_line(doc_id: str) -> bytes:
+    doc = {"_id": doc_id, "data_stream": {"dataset": "openai.audit", "namespace": "default"}}
+    return json.dumps(doc).encode() + b"\n"
+
+
+def test_an_ack_whose_outbox_delete_fails_is_reported_and_the_batch_kept(tmp_path, caplog):
+    """The delete of an acknowledged batch fails (sqlite "database is locked" after the busy
+    timeout): reported, later acks still work, and the batch stays in the outbox to be sent again."""
+    state = tmp_path / "state"
+    store = StateStore(state)
+    first, second = (store.commit_events("audit", _event_line(i), 1, {}) for i in ("a1", "a2"))
+
+    def locked() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    run = InProcess(state, tmp_path / "stdout")
+    try:
+        run.runner.output.send("audit", _event_line("a1"), 1, locked)  # protocol batch 1
+        run.runner.output.send("audit", _event_line("a2"), 1, lambda: store.ack(second))  # batch 2
+        run.start()
+        run.send({"type": "ack", "batch": 1})
+        run.send({"type": "ack", "batch": 2})
+        assert run.stop() == 0, "the stdin reader must outlive a failed outbox delete"
+    finally:
+        run.close()
+    assert [b.batch for b in store.pending()] == [first], "the unconfirmed batch stays, the other is gone"
+    store.close()
+    degraded = [m for m in run.statuses("stream") if m["status"] == "degraded"]
+    assert len(degraded) == 1 and degraded[0]["stream"] == "audit"
+    assert "batch 1" in degraded[0]["message"] and "database is locked" in degraded[0]["message"]
+    assert "database is locked" in caplog.text
+    assert run.statuses("input")[-1]["status"] == "stopped"
+
+
+def test_a_config_id_that_cannot_be_echoed_is_rejected_and_the_old_config_runs(simulator, tmp_path):
+    nested: list = []
+    for _ in range(300):
+        nested = [nested]
+    with Supervisor(tmp_path / "state", T0) as sup:
+        cfg = _config(simulator.base_url, streams=("completions",))
+        sup.configure(cfg, cid="good")
+        sup.wait_for(lambda: [m for m in sup.statuses("input") if m["status"] == "healthy"], what="revision 1")
+        sup.configure(cfg, cid=2**70)  # orjson encodes 64-bit integers at most ...
+        sup.configure(cfg, cid=nested)  # ... and 254 levels of nesting
+        def rejections():
+            found = [m for m in sup.statuses("input") if "rejected" in m["message"]]
+            return found if len(found) == 2 else None
+
+        rejected = sup.wait_for(rejections, 10, "two rejections")
+        assert sup.proc.poll() is None, "a bad config never stops the process"
+        assert sup.stop() == 0
+    assert [m["status"] for m in rejected] == ["degraded", "degraded"]
+    assert all("still running revision 1" in m["message"] and "id: " in m["message"] for m in rejected)
+    assert "64-bit" in rejected[0]["message"] and "nest" in rejected[1]["message"].lower()
+    assert all(m["config_id"] is None for m in rejected)
+    _assert_clean_streams(sup)
+
+
+def test_an_engine_that_cannot_start_is_failed_not_healthy(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with Supervisor(blocker / "state", T0) as sup:
+        sup.configure({"url": "http://127.0.0.1:1", "api_key": ADMIN_KEY}, cid="c1")
+        sup.wait_for(lambda: [m for m in sup.statuses("input") if m["status"] == "failed"], what="failed")
+        assert sup.stop() == 0
+    inputs = sup.statuses("input")
+    assert [m["status"] for m in inputs] == ["starting", "configuring", "failed", "stopping", "stopped"]
+    assert "state directory" in inputs[2]["message"] and "Not a directory" in inputs[2]["message"]
+    assert inputs[2]["config_id"] == "c1" and inputs[2]["revision"] == 1
+    _assert_clean_streams(sup)
+
+
+def test_an_engine_that_raises_is_reported_once_with_its_error(tmp_path, monkeypatch):
+    from agent_input import app
+
+    class Engine:
+        collectors: list = []
+        failed: dict = {}
+
+        def run(self, once=False):
+            raise StateError("outbox batch 3 (completions, 10 documents): cannot read spool: No such file")
+
+    class Collection:
+        engine = Engine()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(app, "build", lambda *a, **kw: Collection())
+    run = InProcess(tmp_path / "state", tmp_path / "stdout").start()
+    try:
+        run.send({"type": "config", "id": "c1", "config": {"url": "http://127.0.0.1:1", "api_key": ADMIN_KEY}})
+        run.wait_for(lambda: run.runner.engine_thread is not None and not run.runner.engine_thread.is_alive(),
+                     what="the engine to end")
+        assert run.stop() == 0  # queued after the engine's end: the loop has handled both
+    finally:
+        run.close()
+    failed = [m for m in run.statuses("input") if m["status"] == "failed"]
+    assert len(failed) == 1, failed
+    assert "engine stopped" in failed[0]["message"] and "cannot read spool" in failed[0]["message"]
+    statuses = [m["status"] for m in run.statuses("input")]
+    assert "healthy" not in statuses[statuses.index("failed"):]
 
 
 @pytest.mark.slow
