@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import click
 
+# One clear usage error for a typo, instead of a ValueError traceback from logging set-up.
+LOG_LEVEL = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="openai-elastic")
@@ -13,20 +16,21 @@ def main() -> None:
 def _load_config_or_exit(path: str):
     """The config, or every problem with it on stderr and exit status 2 (before any request)."""
     from .config import ConfigError, load_config
+    from .logs import redact
 
     try:
         return load_config(path)
     except ConfigError as exc:
         click.echo("openai-input: config error:", err=True)
         for line in exc.lines():
-            click.echo(f"  {line}", err=True)
+            click.echo(f"  {redact(line)}", err=True)  # config.py hides keys already; belt and braces
         raise SystemExit(2)
 
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="YAML config file (the admin key comes from it, api_key_file or OPENAI_ADMIN_KEY).")
-@click.option("--log-level", default="WARNING", show_default=True, help="stderr log level.")
+@click.option("--log-level", type=LOG_LEVEL, default="WARNING", show_default=True, help="stderr log level.")
 def check(config_path: str, log_level: str) -> None:
     """Validate the config, then probe the Admin API once per enabled kind of endpoint.
 
@@ -34,6 +38,7 @@ def check(config_path: str, log_level: str) -> None:
     """
     import sys
 
+    from .config import display_url
     from .http_client import AdminApiClient, probe_api
     from .logs import setup_logging
 
@@ -41,7 +46,7 @@ def check(config_path: str, log_level: str) -> None:
     config = _load_config_or_exit(config_path)
     enabled = config.enabled_streams()
     click.echo(f"config OK: {len(enabled)} of {len(config.streams)} data streams enabled "
-               f"({', '.join(s.name for s in enabled) or 'none'}); API {config.url}")
+               f"({', '.join(s.name for s in enabled) or 'none'}); API {display_url(config.url)}")
     failed = False
     try:
         # A check should answer quickly: a couple of retries, not the collector's full patience.
@@ -164,7 +169,7 @@ def _fail(message: str, code: int = 1) -> None:
               help="PEM CA bundle for Elasticsearch's TLS certificate [default: es_ssl_ca_file from the config].")
 @click.option("--now", "now_text", default=None, hidden=True,
               help="Pretend the current time is this (ISO 8601 or unix seconds): replays and tests.")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", type=LOG_LEVEL, default="INFO", show_default=True)
 @click.option("--log-format", type=click.Choice(["auto", "ecs", "text"]), default="auto", show_default=True)
 def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes, rotate_keep, es_url,
             es_ca_file, now_text, log_level, log_format):
@@ -199,6 +204,10 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
         code = collection.engine.run(once=once)
     except OutputError as exc:
         _fail(str(exc))
+    except StateError as exc:  # e.g. an outbox file of an unacknowledged batch is gone: every start would fail
+        _fail(f"cannot re-send the unacknowledged batches kept in {state_dir}: {exc}. Restore the missing "
+              f"file from a backup, or move {state_dir} aside to start afresh (that batch is then lost and "
+              "the streams read again from initial_interval)")
     finally:
         progress.finish()
         collection.close()
@@ -229,7 +238,7 @@ def _print_summary(engine) -> None:
 @click.option("--org", type=click.Choice(["small", "large"]), default="small", show_default=True,
               help="Size of the simulated organization.")
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--log-level", default="WARNING", show_default=True)
+@click.option("--log-level", type=LOG_LEVEL, default="WARNING", show_default=True)
 def demo(out_path, org, seed, log_level):
     """Collect a realistic day from the built-in OpenAI Admin API simulator.
 
@@ -428,7 +437,7 @@ def simulate(port, seed, org, latency_ms, now_text, cache_responses):
               help="Batches sent but not acked before the collectors wait (backpressure).")
 @click.option("--now", "now_text", default=None, hidden=True,
               help="Pretend the current time is this (ISO 8601 or unix seconds): replays and tests.")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", type=LOG_LEVEL, default="INFO", show_default=True)
 def run(state_dir, ack_on_flush, ack_timeout, max_inflight, now_text, log_level):
     """Run under a supervisor: the agent NDJSON protocol on stdin/stdout (docs/protocol.md).
 

@@ -32,6 +32,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_RE = re.compile(r"^(?:\d+[smhd])+$")
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 DURATION_FORM = "a duration like 30s, 5m, 24h, 1d or 1h30m (or an integer number of seconds)"
+_KEY_FILE_FORM = "expected the path of a file holding the admin key, not the key itself; the value is not shown"
 # Elasticsearch's rules for the namespace part of a data stream name (plus the data stream rules).
 _NAMESPACE_FORBIDDEN = set('-\\/*?"<>| ,#:')
 
@@ -48,8 +49,9 @@ class ConfigError(ValueError):
     """
 
     def __init__(self, key: str, message: str, errors: list["ConfigError"] | None = None) -> None:
-        self.key = key
-        self.message = message
+        # An error line is printed and sent to supervisors: nothing shaped like a key may echo in it.
+        self.key = logs.redact(key)
+        self.message = logs.redact(message)
         self.errors: list[ConfigError] = errors if errors is not None else [self]
         super().__init__(str(self))
 
@@ -64,6 +66,11 @@ class ConfigError(ValueError):
         if len(errors) == 1:
             return errors[0]
         return cls("", "\n".join(str(e) for e in errors), errors)
+
+    def hiding(self, secrets: list[str]) -> "ConfigError":
+        """This error with `secrets` (e.g. a configured key not shaped like one) redacted too."""
+        hidden = [ConfigError(logs.redact(e.key, secrets), logs.redact(e.message, secrets)) for e in self.errors]
+        return ConfigError.combine(hidden)
 
 
 class Secret:
@@ -94,6 +101,24 @@ class Secret:
     def __hash__(self) -> int:
         return hash(("Secret", self._value))
 
+
+
+def format_duration(seconds: int) -> str:
+    """`seconds` the way a config writes it: 0s, 90 -> 1m30s, 86400 -> 1d."""
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        n, seconds = divmod(seconds, size)
+        if n:
+            parts.append(f"{n}{unit}")
+    return "".join(parts) or "0s"
+
+
+def display_url(value: str) -> str:
+    """`value` with any user:password@ replaced by ***@, for echoing a URL in a message or on stdout."""
+    scheme_end = value.find("://")
+    start = scheme_end + 3 if scheme_end >= 0 else 0
+    at = value.rfind("@", start)  # the last @: a password may hold one too
+    return value if at < 0 else value[:start] + "***" + value[at:]
 
 
 def parse_duration(value: str | int, key: str = "") -> int:
@@ -313,8 +338,13 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
         streams[sname] = _stream(sname, raw, errors)
 
     if errors:
-        raise ConfigError.combine(errors)
+        # the key may be pasted into another setting and not look like a key: hide every candidate
+        keys = [k.strip() for k in (api_key.reveal(), values.get("api_key"), env.get(ENV_ADMIN_KEY))
+                if isinstance(k, str)]
+        raise ConfigError.combine(errors).hiding([k for k in keys if len(k) >= 4])
     logs.register_secret(api_key)
+    for u in (url, proxy_url, values.get("es_url")):  # user:password@ in a URL: never in a log line
+        logs.register_secret(urlsplit(u).password if u else None)
     return Config(
         url=url,
         api_key=api_key,
@@ -363,6 +393,14 @@ def _stream(sname: str, raw: Any, errors: list[ConfigError]) -> StreamConfig:
     v = {name: _value(var, raw.get(name), f"{prefix}.{name}", errors) for name, var in svars.items()}
     if v.get("interval") == 0:
         errors.append(ConfigError(f"{prefix}.interval", "must be greater than 0s"))
+    # The first window is [now - initial_interval, now - grace): empty, it stores no cursor, and
+    # every later poll computes the same empty window, collecting nothing while looking healthy.
+    initial, grace = v.get("initial_interval"), v.get("finalization_grace") or 0
+    if initial is not None and initial <= grace:
+        errors.append(ConfigError(f"{prefix}.initial_interval", (
+            f"{format_duration(initial)} must be longer than finalization_grace ({format_duration(grace)}): "
+            "buckets younger than the grace are not read yet, so nothing would ever be collected"
+        ) if grace else "must be greater than 0s (the first poll reads back this far; 0s never collects anything)"))
     return StreamConfig(
         name=sname,
         enabled=bool(v["enabled"]) if v.get("enabled") is not None else False,
@@ -416,7 +454,12 @@ def _coerce(var: Mapping[str, Any], raw: Any, key: str) -> Any:
             raise ConfigError(key, f"{raw} is out of range{_bounds(var)}")
         return raw
     if vtype == "duration":
-        return parse_duration(raw, key)
+        seconds = parse_duration(raw, key)
+        hi = var.get("max")
+        # unbounded, a typo like 999999999999d overflows the scheduler or the HTTP client much later
+        if hi is not None and seconds > parse_duration(hi, f"manifest:{var['name']}.max"):
+            raise ConfigError(key, f"{raw!r} is too long (at most {hi})")
+        return seconds
     if vtype == "select":
         allowed = [str(o["value"]) for o in var.get("options", [])]
         if not isinstance(raw, str) or raw not in allowed:
@@ -437,21 +480,22 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
     if inline:
         return Secret(inline), "config"
     if path:
+        # The value is never echoed: a key pasted here instead of a path would land on stderr.
         p = Path(os.path.expanduser(path))
         try:
             text = p.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
-            errors.append(ConfigError("api_key_file", f"{path!r} does not exist (expected a file holding the admin key)"))
+            errors.append(ConfigError("api_key_file", f"the file does not exist ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
-            errors.append(ConfigError("api_key_file", f"cannot read {path!r}: {reason}"))
+            errors.append(ConfigError("api_key_file", f"cannot read the file: {reason} ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
         if not text:
-            errors.append(ConfigError("api_key_file", f"{path!r} is empty (expected the admin key)"))
+            errors.append(ConfigError("api_key_file", "the file is empty (expected the admin key)"))
             return Secret(""), "file"
         if len(text.split()) != 1:
-            errors.append(ConfigError("api_key_file", f"{path!r} must hold only the admin key (one token, no spaces)"))
+            errors.append(ConfigError("api_key_file", "the file must hold only the admin key (one token, no spaces)"))
             return Secret(""), "file"
         return Secret(text), "file"
     from_env = (env.get(ENV_ADMIN_KEY) or "").strip()
@@ -473,7 +517,9 @@ def _check_url(value: str, key: str, schemes: tuple[str, ...], errors: list[Conf
     except ValueError:
         ok = False
     if not ok:
-        errors.append(ConfigError(key, f"{value!r} is not a valid URL (expected {'|'.join(schemes)}://host[:port][/path])"))
+        errors.append(ConfigError(
+            key, f"{display_url(value)!r} is not a valid URL (expected {'|'.join(schemes)}://host[:port][/path])"
+        ))
 
 
 def _check_namespace(value: str, errors: list[ConfigError]) -> None:

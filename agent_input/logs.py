@@ -139,9 +139,9 @@ def setup_logging(
     handler.setFormatter(RedactingFormatter(inner))
     root.addHandler(handler)
     if isinstance(level, str):
-        level = logging.getLevelName(level.upper())
-        if not isinstance(level, int):
-            raise ValueError(f"unknown log level {level!r}")
+        name, level = level, logging.getLevelName(level.upper())
+        if not isinstance(level, int):  # the name as given, not getLevelName's "Level FOO"
+            raise ValueError(f"unknown log level {name!r} (expected DEBUG, INFO, WARNING, ERROR or CRITICAL)")
     root.setLevel(level)
     # urllib3 logs every connection at DEBUG; keep it one notch quieter than ours.
     logging.getLogger("urllib3").setLevel(max(level, logging.INFO))

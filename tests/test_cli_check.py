@@ -133,3 +133,15 @@ def test_server_errors_are_retried_briefly_then_reported(tmp_path, monkeypatch):
     assert "unreachable: still failing after 2 retries" in result.output
     assert len(responses.calls) == 3
     assert len(sleeps) == 2 and all(0 <= d <= 2.0 for d in sleeps)
+
+
+def test_bad_log_level_is_a_usage_error_not_a_traceback(tmp_path):
+    """`--log-level FOO` raised a ValueError from logging set-up."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("")
+    result = CliRunner().invoke(main, ["check", "--config", str(cfg), "--log-level", "FOO"],
+                                env={"OPENAI_ADMIN_KEY": KEY})
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "Invalid value for '--log-level'" in result.stderr and "Traceback" not in result.output
+    assert CliRunner().invoke(main, ["check", "--config", str(cfg), "--log-level", "debug"],
+                              env={}).exit_code == 2  # lower case is accepted (then: no admin key)

@@ -113,3 +113,37 @@ def test_a_rejected_key_stops_only_its_stream(tmp_path):
     assert healthy.polls >= 5, "the other stream kept polling"
     assert ("audit", "failed") in statuses and "401" in engine.failed["audit"]
     assert ("completions", "healthy") in statuses
+
+
+def test_a_lost_outbox_file_is_one_clear_line_with_what_to_do(tmp_path):
+    """An unacknowledged batch whose file is gone made every start end in a StateError traceback."""
+    from agent_input.state import Cursor
+
+    state = tmp_path / "state"
+    store = StateStore(state)
+    line = b'{"_id":"x","data_stream":{"dataset":"openai.completions"},"a":"' + b"y" * 400 + b'"}\n'
+    store.commit_page("completions", "1m", payload=line * 1000, events=1000, observations=[], cursor=Cursor(0, 0))
+    (spool,) = list(store.spool_dir.iterdir())
+    spool.unlink()
+    store.close()
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump({**_config("http://127.0.0.1:9"), "max_retries": 0}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+         "--state-dir", str(state), "--output-path", str(tmp_path / "events.ndjson"), "--log-level", "CRITICAL"],
+        capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=60)
+    err = proc.stderr.decode()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert spool.name in err and "Restore the missing file" in err and "aside" in err
+
+
+def test_bad_log_level_is_a_usage_error_not_a_traceback(tmp_path):
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config("http://127.0.0.1:9")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+         "--state-dir", str(tmp_path / "state"), "--log-level", "FOO"], capture_output=True, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err and "Invalid value for '--log-level'" in err, err
+    assert not (tmp_path / "state").exists()

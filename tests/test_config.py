@@ -349,3 +349,113 @@ def test_file_not_utf8(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(p, env=ENV)
     assert info.value.key == "config"
+
+
+# ---- bounds and dead windows ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"http_timeout": "99999999999d"}, "http_timeout"),
+    ({"http_timeout": "11m"}, "http_timeout"),
+    ({"names_refresh_interval": 10**30}, "names_refresh_interval"),
+    ({"data_streams": {"completions": {"interval": "999999999999999d"}}}, "data_streams.completions.interval"),
+    ({"data_streams": {"costs": {"interval": "8d"}}}, "data_streams.costs.interval"),
+    ({"data_streams": {"audit": {"initial_interval": "3651d"}}}, "data_streams.audit.initial_interval"),
+    ({"data_streams": {"images": {"finalization_grace": "2d", "initial_interval": "3d"}}},
+     "data_streams.images.finalization_grace"),
+    ({"data_streams": {"images": {"revision_window": "31d"}}}, "data_streams.images.revision_window"),
+    ({"data_streams": {"costs": {"revision_window": 1e300}}}, "data_streams.costs.revision_window"),
+])
+def test_durations_beyond_their_bound_name_the_key(data, key):
+    """A typo'd duration overflowed the scheduler or the HTTP client long after validation."""
+    e = one_error(data)
+    assert e.key == key and "is too long (at most " in e.message, str(e)
+
+
+def test_durations_at_their_bound_are_fine():
+    c = config_from_dict({"http_timeout": "10m", "names_refresh_interval": "7d", "data_streams": {
+        "completions": {"interval": "7d", "initial_interval": "3650d", "finalization_grace": "1d",
+                        "revision_window": "30d"}}}, env=ENV)
+    assert c.http_timeout == 600 and c.streams["completions"].initial_interval == 3650 * 86400
+
+
+def test_every_duration_var_has_a_bound_its_default_respects():
+    from agent_input.config import data_streams, global_vars
+
+    dvars = [v for v in global_vars().values() if v["type"] == "duration"]
+    dvars += [v for ds in data_streams().values() for v in ds["vars"] if v["type"] == "duration"]
+    for var in dvars:
+        assert "max" in var, var["name"]
+        if var["default"] != "":
+            assert parse_duration(var["default"]) <= parse_duration(var["max"]), var["name"]
+
+
+@pytest.mark.parametrize("stream,settings,fragment", [
+    ("completions", {"initial_interval": "0s"}, "greater than 0s"),
+    ("audit", {"initial_interval": 0}, "greater than 0s"),
+    ("costs", {"initial_interval": "0s"}, "greater than 0s"),
+    ("embeddings", {"initial_interval": "5m", "finalization_grace": "10m"},
+     "5m must be longer than finalization_grace (10m)"),
+    ("images", {"initial_interval": "15m", "finalization_grace": "15m"},
+     "15m must be longer than finalization_grace (15m)"),
+])
+def test_initial_interval_must_reach_past_the_grace(stream, settings, fragment):
+    """Otherwise the first window is empty, no cursor is stored, and every poll collects nothing."""
+    e = one_error({"data_streams": {stream: settings}})
+    assert e.key == f"data_streams.{stream}.initial_interval" and fragment in e.message, str(e)
+
+
+def test_initial_interval_just_past_the_grace_is_fine():
+    c = config_from_dict({"data_streams": {"completions": {"initial_interval": "16m",
+                                                           "finalization_grace": "15m"}}}, env=ENV)
+    assert c.streams["completions"].initial_interval == 960
+
+
+# ---- nothing secret echoed --------------------------------------------------------------------
+
+
+def test_api_key_file_value_is_never_echoed():
+    """Users paste the key itself into api_key_file: the error must not print it back."""
+    plain = "Zq8xPASTEDKEY0123456789"
+    for value in (KEY, plain):
+        e = one_error({"api_key_file": value}, env={})
+        assert e.key == "api_key_file" and "does not exist" in e.message
+        assert value not in str(e), str(e)
+
+
+@pytest.mark.parametrize("source", ["api_key", "env"])
+def test_configured_key_never_echoed_by_another_setting(source):
+    """Even a key not shaped like sk-... is redacted when it lands in an echoed value."""
+    plain = "Zq8xPLAINKEY0123456789"
+    data = {"namespace": plain}
+    env = {}
+    if source == "api_key":
+        data["api_key"] = plain
+    else:
+        env = {"OPENAI_ADMIN_KEY": plain}
+    e = errors_of(data, env=env)
+    assert [x.key for x in e.errors] == ["namespace"] and plain not in str(e), str(e)
+    e = one_error({"namespace": "sk-admin-ANYKEYSHAPED0123456789"})
+    assert "sk-admin-ANYKEYSHAPED0123456789" not in str(e), str(e)
+
+
+@pytest.mark.parametrize("key,url", [
+    ("es_url", "https://elastic:S3cretPassw0rd@es.example.com:92OO"),
+    ("proxy_url", "http://proxyuser:S3cretPassw0rd@proxy:80:80"),
+    ("url", "api.openai.com:S3cretPassw0rd@x"),
+    ("es_url", "https://elastic:S3cret@Passw0rd@es:x"),
+])
+def test_url_credentials_never_echoed(key, url):
+    e = one_error({key: url})
+    assert e.key == key and "not a valid URL" in e.message and "***@" in e.message
+    assert "S3cret" not in str(e) and "Passw0rd" not in str(e), str(e)
+
+
+def test_url_passwords_are_redacted_from_logs_once_loaded():
+    from agent_input import logs
+    from agent_input.config import display_url
+
+    config_from_dict({"proxy_url": "http://u:Pr0xyPassw0rd-cfgtest@proxy:3128"}, env=ENV)
+    assert logs.redact("via http://u:Pr0xyPassw0rd-cfgtest@proxy:3128") == "via http://u:***@proxy:3128"
+    assert display_url("https://u:p@host:9200/x") == "https://***@host:9200/x"
+    assert display_url("https://host:9200/x") == "https://host:9200/x"

@@ -64,7 +64,7 @@ def test_setup_is_idempotent_and_validates(stderr):
     assert stderr.getvalue().count("once") == 1
     with pytest.raises(ValueError):
         logs.setup_logging("INFO", "xml", stream=stderr)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown log level 'LOUD'"):  # not getLevelName's "Level LOUD"
         logs.setup_logging("LOUD", "text", stream=stderr)
 
 

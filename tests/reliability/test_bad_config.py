@@ -9,6 +9,8 @@ import sys
 import pytest
 
 KEY = "sk-admin-BADCONFIGCORPUS0123456789"
+# Where a config the collector wrongly accepts would send requests: refused at once, never retried.
+LOCAL = "url: http://127.0.0.1:9\nmax_retries: 0\n"
 
 # name -> (YAML text, the key the error line must name)
 CORPUS = {
@@ -28,6 +30,18 @@ CORPUS = {
     "data_streams not a mapping": ("data_streams: [completions]\n", "data_streams"),
     "missing admin key": ("url: http://127.0.0.1:9\n", "api_key"),
     "api_key_file missing": ("api_key_file: /nonexistent/openai-key\n", "api_key_file"),
+    # beyond any sane bound: passed, then overflowed the scheduler or every request much later
+    "interval of millennia": (f"{LOCAL}data_streams:\n  completions:\n    interval: 999999999999999d\n",
+                              "data_streams.completions.interval"),
+    "http_timeout of millennia": (f"{LOCAL}http_timeout: 99999999999d\n", "http_timeout"),
+    "initial_interval of millennia": (f"{LOCAL}data_streams:\n  costs:\n    initial_interval: 999999999999999d\n",
+                                      "data_streams.costs.initial_interval"),
+    # an empty first window stores no cursor: the stream would collect nothing forever, looking healthy
+    "initial_interval 0s": (f"{LOCAL}data_streams:\n  audit:\n    initial_interval: 0s\n",
+                            "data_streams.audit.initial_interval"),
+    "initial_interval within the grace": (
+        f"{LOCAL}data_streams:\n  embeddings:\n    initial_interval: 5m\n    finalization_grace: 10m\n",
+        "data_streams.embeddings.initial_interval"),
 }
 
 

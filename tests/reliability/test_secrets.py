@@ -18,6 +18,8 @@ from reliability_helpers import full_config
 
 ES_API_KEY = "ZXNfc2VjcmV0X2lkOmVzX3NlY3JldF9rZXlfOTg3NjU0"
 ES_USER, ES_PASSWORD = "elastic", "es-password-Zq8tR4mW2xY7"
+PROXY_PASSWORD = "proxy-password-Hn3kV9pL"
+PLAIN_KEY = "Zq8xPLAINADMINKEY0123456789"  # a configured key not shaped like sk-...
 
 
 def _secrets() -> dict[str, bytes]:
@@ -111,3 +113,43 @@ def test_no_secret_in_anything_written(simulator, tmp_path):
     leaks = [f"{what} in {where}" for where, data in written.items() for what, secret in _secrets().items()
              if secret in data]
     assert not leaks, leaks
+
+
+def test_no_secret_in_config_errors(tmp_path):
+    """A key pasted into the wrong setting, or credentials in a URL with a typo, are never echoed
+    by the config error lines (which still name the key)."""
+    cases = {
+        "key pasted as api_key_file": (f"api_key_file: {ADMIN_KEY}\n", {}, "api_key_file", ADMIN_KEY),
+        "env key pasted as namespace": (f"namespace: {ADMIN_KEY}\n", {"OPENAI_ADMIN_KEY": ADMIN_KEY},
+                                        "namespace", ADMIN_KEY),
+        "plain config key as namespace": (f"api_key: {PLAIN_KEY}\nnamespace: {PLAIN_KEY}\n", {},
+                                          "namespace", PLAIN_KEY),
+        "plain env key as namespace": (f"namespace: {PLAIN_KEY}\n", {"OPENAI_ADMIN_KEY": PLAIN_KEY},
+                                       "namespace", PLAIN_KEY),
+        "es_url password, bad port": (f"es_url: https://{ES_USER}:{ES_PASSWORD}@es.example.com:92OO\n",
+                                      {"OPENAI_ADMIN_KEY": ADMIN_KEY}, "es_url", ES_PASSWORD),
+        "proxy_url password, bad port": (f"proxy_url: http://proxyuser:{PROXY_PASSWORD}@proxy:80:80\n",
+                                         {"OPENAI_ADMIN_KEY": ADMIN_KEY}, "proxy_url", PROXY_PASSWORD),
+    }
+    base = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+    leaks = []
+    for i, (name, (text, env, key, secret)) in enumerate(cases.items()):
+        cfg = tmp_path / f"c{i}.yml"
+        cfg.write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "agent_input.cli", "check", "--config", str(cfg)],
+                              capture_output=True, env={**base, **env}, cwd=tmp_path, timeout=60)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and f"  {key}: ".encode() in proc.stderr, (name, out)
+        if secret.encode() in out:
+            leaks.append(f"{name}: {out.decode()}")
+    assert not leaks, "\n".join(leaks)
+
+
+def test_no_url_password_in_check_output(tmp_path):
+    """`check` echoes the API URL it probes: without the user:password@ of a proxying gateway."""
+    cfg = tmp_path / "openai.yml"
+    cfg.write_text(f"url: http://gateway:{PROXY_PASSWORD}@127.0.0.1:9\nmax_retries: 0\nhttp_timeout: 2s\n")
+    env = {**os.environ, "OPENAI_ADMIN_KEY": ADMIN_KEY}
+    code, out, err = _cli(["check", "--config", str(cfg), "--log-level", "DEBUG"], env, tmp_path)
+    assert b"config OK" in out, (out, err)
+    assert PROXY_PASSWORD.encode() not in out + err, (out + err).decode()
