@@ -87,9 +87,16 @@ class NameCache:
     def warm_up(self) -> threading.Thread:
         """Start the first load now, in the background, so it overlaps the first usage requests
         instead of starting when the first page is mapped (enrich still waits for it once)."""
-        thread = threading.Thread(target=self.ensure_fresh, name="names-warm-up", daemon=True)
+        thread = threading.Thread(target=self._warm_up, name="names-warm-up", daemon=True)
         thread.start()
         return thread
+
+    def _warm_up(self) -> None:
+        try:
+            self.ensure_fresh()
+        except Exception as exc:  # noqa: BLE001 - e.g. a --once run that ended first shut the pools down
+            # not a traceback from a dying thread: the first `ready()` loads again and says if it fails
+            log.debug("names: warm-up ended early: %s", exc)
 
     def close(self) -> None:
         self.client.close()

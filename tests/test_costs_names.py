@@ -370,3 +370,27 @@ def test_the_users_listing_does_not_wait_for_the_projects_listing(simulator):
     assert all(cache.project_name(p.id) == p.name for p in org.projects)
     assert all(cache.api_key_name(k.id) == k.name for k in org.keys)
     cache.close()
+
+
+def test_a_warm_up_that_fails_ends_quietly_and_the_first_lookup_loads_again(simulator, monkeypatch):
+    """A --once run can end while the warm-up still lists (its pools then refuse new work): that
+    must not be a traceback from a dying thread, and a later lookup must still get the names."""
+    import threading
+
+    dying = []
+    monkeypatch.setattr(threading, "excepthook", dying.append)
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0)
+    cache = NameCache(client, refresh_interval=3600, clock=simulator.now)
+    real = cache.ensure_fresh
+
+    def refused():
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    cache.ensure_fresh = refused
+    cache.warm_up().join(10)
+    assert dying == []
+    cache.ensure_fresh = real
+    doc = {"openai": {"base": {"project_id": simulator.org.projects[0].id}}}
+    cache.enrich(doc)
+    assert doc["openai"]["base"]["project_name"] == simulator.org.projects[0].name
+    client.close()
