@@ -105,7 +105,9 @@ def _usage(name: str, **kw) -> UsageStreamSpec:
 USAGE_STREAMS: tuple[UsageStreamSpec, ...] = (
     _usage(
         "completions",
-        group_by=_USER_GROUPS + ("batch",),
+        # service_tier: without it the API adds every tier of a group together (and leaves the
+        # field null), so a priority tier's spend could not be told from the default tier's
+        group_by=_USER_GROUPS + ("batch", "service_tier"),
         counters=_COMPLETIONS_COUNTERS,
         required_counters=("input_tokens", "output_tokens", "num_model_requests"),
         dimensions=_PER_USER_DIMS + ("batch", "service_tier"),

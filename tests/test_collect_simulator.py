@@ -2,6 +2,7 @@
 revisions with grace 0s and 15m, and SIGKILL at random points with a restart."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -17,7 +18,7 @@ from agent_input.engine import Delivery, UsageCollector
 from agent_input.http_client import AdminApiClient
 from agent_input.outputs import NdjsonFileOutput
 from agent_input.state import StateStore
-from agent_input.streams import USAGE_STREAMS
+from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
 
 from conftest import (ADMIN_KEY, T0, committed_batches, dedupe, read_ndjson, stored_totals, truth_totals,
                       wait_for_commits)
@@ -68,6 +69,62 @@ def test_sums_equal_final_truth_through_late_revisions(simulator, tmp_path, grac
         want = truth_totals(simulator, spec.name, origin, settled)
         assert want, f"{spec.name}: the simulator produced no usage"
         assert got == want, f"{spec.name}: stored sums differ from OpenAI's final counts"
+
+
+def _completions(simulator, store, out, spec=None, initial="2h"):
+    config = config_from_dict(_config(simulator.base_url, "0s", initial), env={})
+    output = NdjsonFileOutput(out)
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=2)
+    spec = spec or STREAMS_BY_NAME["completions"]
+    return UsageCollector(spec, config.stream("completions"), client, Delivery(store, output),
+                          clock=simulator.now), output
+
+
+def test_completions_keep_openai_s_service_tiers_apart(simulator, tmp_path):
+    """Grouped by service_tier, each tier's tokens stay their own (a priority tier costs more);
+    without it the API adds the tiers together and leaves the field null."""
+    out = tmp_path / "events.ndjson"
+    collector, output = _completions(simulator, StateStore(tmp_path / "state"), out, initial="4h")
+    simulator.set_time(T0 + SETTLE)
+    collector.poll(T0 + SETTLE)  # the buckets of the two hours before T0 are final by now
+    output.close()
+    origin = int(T0 - 2 * HOUR)
+    docs = [d for d in dedupe(read_ndjson(out)) if d["openai"]["base"]["start_time"] < "2025-11-23T10:00"]
+    assert T0 == 1763892000  # 2025-11-23T10:00:00Z
+    tiers: dict = {}
+    for d in docs:
+        tier = d["openai"]["completions"].get("service_tier")
+        tiers[tier] = tiers.get(tier, 0) + d["openai"]["completions"]["input_tokens"]
+    want = {k[0]: v["input_tokens"]
+            for k, v in simulator.truth("completions", origin, int(T0), "1m", ("service_tier",)).items()
+            if v.get("input_tokens")}
+    assert len(want) > 1 and None not in tiers
+    assert tiers == want
+
+
+def test_a_group_by_that_gains_a_field_keeps_the_stored_totals_exact(simulator, tmp_path):
+    """An upgrade that adds service_tier to the completions group_by re-reads the revision window
+    under new group keys: each old group is brought to zero and each new one first emitted, so the
+    sums stay OpenAI's and no id is reused for other content."""
+    store, out = StateStore(tmp_path / "state"), tmp_path / "events.ndjson"
+    new = STREAMS_BY_NAME["completions"]
+    old = dataclasses.replace(new, group_by=tuple(g for g in new.group_by if g != "service_tier"))
+    before, output = _completions(simulator, store, out, old)
+    simulator.set_time(T0)
+    before.poll(T0)
+    output.close()
+    after, output = _completions(simulator, store, out, new)
+    now = T0 + 300
+    while now <= T0 + SETTLE:
+        simulator.set_time(now)
+        after.poll(now)
+        now += 1800
+    output.close()
+    docs = dedupe(read_ndjson(out))
+    assert any("service_tier" not in d["openai"]["completions"] for d in docs), "the old grouping was stored"
+    origin, settled = int(T0 - 2 * HOUR), int(T0)
+    assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
+                                                                              settled)
 
 
 def _run_collector(cfg: Path, state: Path, out: Path, now: float) -> subprocess.Popen:

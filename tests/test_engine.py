@@ -92,7 +92,7 @@ def test_seed_grace_example(harness):
     assert first["start_time"] == ts("2026-11-22T10:00:00")
     assert first["end_time"] == ts("2026-11-23T09:45:00")
     assert first["limit"] == 1440 and first["bucket_width"] == "1m"
-    assert first["group_by"] == ["project_id", "user_id", "api_key_id", "model", "batch"]
+    assert first["group_by"] == ["project_id", "user_id", "api_key_id", "model", "batch", "service_tier"]
     h.collector.poll(ts("2026-11-23T10:05:00"))
     second = h.api.calls[1]
     assert second["start_time"] == ts("2026-11-23T09:45:00")
