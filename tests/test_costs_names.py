@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import pytest
+
 from agent_input.config import config_from_dict
 from agent_input.ecs import usage_event
-from agent_input.engine import Delivery, UsageCollector
+from agent_input.engine import BadBucket, Delivery, UsageCollector, checked_counters
 from agent_input.http_client import AdminApiClient
 from agent_input.names import NameCache
 from agent_input.outputs import NdjsonFileOutput
@@ -72,6 +74,18 @@ def test_costs_ungrouped_result_with_nulls():
     _, doc = _event(COSTS, result)
     assert doc["openai"]["costs"] == {"amount": {"currency": "usd", "value": 0.06}}
     assert set(doc["openai"]["base"]) == {"start_time", "end_time", "usage_object_type", "bucket_width", "revision"}
+
+
+def test_a_cost_result_without_an_amount_is_stored_not_refused():
+    """The reference requires only `object` of a costs result; refusing one without `amount` would
+    hold the costs cursor at that day for as long as OpenAI sends it."""
+    result = {"object": "organization.costs.result", "line_item": "Web search", "project_id": "proj_abc",
+              "quantity": 12.0, "quantity_unit": "calls"}
+    assert checked_counters(COSTS, result) == {"quantity": 12.0}
+    _, doc = _event(COSTS, result)
+    assert "amount" not in doc["openai"]["costs"] and doc["openai"]["costs"]["quantity"] == 12.0
+    with pytest.raises(BadBucket, match="not a number"):
+        checked_counters(COSTS, dict(result, amount={"value": "12", "currency": "usd"}))
 
 
 def test_file_search_result():
