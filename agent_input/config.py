@@ -535,6 +535,10 @@ def _check_namespace(value: str, errors: list[ConfigError]) -> None:
         problems.append("must be lowercase")
     if value.startswith(("_", "+")):
         problems.append("must not start with '_' or '+'")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no document could be encoded
+        problems.append("is not valid Unicode text")
     if problems:
         errors.append(ConfigError("namespace", f"{value!r} " + "; ".join(problems)))
 

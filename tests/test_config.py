@@ -283,6 +283,7 @@ def test_bad_proxy_and_ca(tmp_path):
 
 @pytest.mark.parametrize("ns,fragment", [
     ("my-ns", "'-'"), ("x" * 101, "at most 100"), ("Prod", "lowercase"), ("a b", "' '"), ("_x", "'_'"),
+    ("team\ud800", "not valid Unicode"),  # a lone surrogate, as JSON "\ud800" decodes: no event could be encoded
 ])
 def test_bad_namespace(ns, fragment):
     e = one_error({"namespace": ns})
