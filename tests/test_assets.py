@@ -240,6 +240,15 @@ def test_mappings_are_nested_properties_with_keyword_limits():
     assert audit["source"]["properties"]["geo"]["properties"]["location"] == {"type": "geo_point"}
 
 
+def test_the_seed_s_units_reach_the_mapping_as_field_meta():
+    """The seed gives `seconds` the unit s and `usage_bytes` byte; as Fleet does, the mapping carries
+    them in `meta.unit`, which Kibana formats by."""
+    seconds = F.mappings("audio_transcriptions")["properties"]["openai"]["properties"]["audio_transcriptions"]
+    assert seconds["properties"]["seconds"] == {"type": "long", "meta": {"unit": "s"}}
+    stores = F.mappings("vector_stores")["properties"]["openai"]["properties"]["vector_stores"]
+    assert stores["properties"]["usage_bytes"] == {"type": "long", "meta": {"unit": "byte"}}
+
+
 def test_leaf_object_clash_is_rejected(tmp_path, monkeypatch):
     with pytest.raises(F.FieldError):
         F._check_tree("x", {"a.b": {}, "a.b.c": {}})

@@ -91,6 +91,8 @@ def _leaf_mapping(f: Mapping[str, Any]) -> dict:
     for key in _MAPPING_EXTRAS:
         if key in f and key not in m:
             m[key] = f[key]
+    if "unit" in f:  # as Fleet maps a field's unit: Kibana formats seconds and bytes by it
+        m["meta"] = {"unit": str(f["unit"])}
     return m
 
 
