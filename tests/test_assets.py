@@ -249,6 +249,15 @@ def test_the_seed_s_units_reach_the_mapping_as_field_meta():
     assert stores["properties"]["usage_bytes"] == {"type": "long", "meta": {"unit": "byte"}}
 
 
+def test_the_pipeline_s_fallback_ecs_version_is_the_collector_s():
+    from agent_input import ecs
+    from kibana_assets import elasticsearch as E
+
+    (fallback,) = [p["set"] for p in E.ingest_pipeline("completions")["processors"]
+                   if p.get("set", {}).get("tag") == "ecs_version"]
+    assert fallback["value"] == ecs.ECS_VERSION == "9.3.0"  # the seed's examples
+
+
 def test_leaf_object_clash_is_rejected(tmp_path, monkeypatch):
     with pytest.raises(F.FieldError):
         F._check_tree("x", {"a.b": {}, "a.b.c": {}})
