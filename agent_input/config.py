@@ -249,6 +249,29 @@ def var_default(var: Mapping[str, Any]) -> Any:
 # Loading and validation
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one mapping is an error: YAML's last-one-wins would
+    silently drop the setting the user wrote first (a merge key's values may still be overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: construct_mapping says so itself
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping (the second would silently "
+                        "replace the first)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Config:
     """Read and validate a YAML config file."""
     p = Path(path)
@@ -262,7 +285,7 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) ->
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError("config", f"cannot read {str(p)!r}: {reason}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -328,6 +328,19 @@ def test_file_is_a_directory(tmp_path):
     assert "directory" in info.value.message
 
 
+def test_a_key_written_twice_is_an_error_not_last_one_wins(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("data_streams:\n  completions:\n    interval: 5m\n    interval: 10m\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert "key 'interval' appears twice" in info.value.message and "line 4" in info.value.message
+    # a merge key's values may still be overridden
+    p.write_text("base: &b {interval: 5m}\ndata_streams:\n  completions:\n    <<: *b\n    interval: 10m\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert info.value.key == "base" and "appears twice" not in str(info.value)  # only: no such setting
+
+
 def test_file_not_yaml(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("url: [unclosed\n  namespace: x\n")
