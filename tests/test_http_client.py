@@ -315,3 +315,53 @@ def test_probe_api_one_request_per_enabled_kind(client):
                                                  ("projects", True)]
     assert "enable audit logging" in results[2].message
     assert all("limit=1" in call.request.url for call in responses.calls)
+
+
+def _socks5_proxy() -> tuple[int, list]:
+    """A minimal SOCKS5 proxy (no auth, CONNECT) on loopback; its list records each target."""
+    import socket
+    import struct
+    import threading
+
+    targets: list = []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def relay(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            b.close()
+
+    def serve(conn):
+        conn.recv(262)  # greeting: version, methods
+        conn.sendall(b"\x05\x00")  # no authentication
+        _ver, _cmd, _rsv, atyp = conn.recv(4)
+        host = conn.recv(conn.recv(1)[0]).decode() if atyp == 3 else socket.inet_ntoa(conn.recv(4))
+        (port,) = struct.unpack("!H", conn.recv(2))
+        targets.append((host, port))
+        upstream = socket.create_connection((host, port))
+        conn.sendall(b"\x05\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", 0))
+        threading.Thread(target=relay, args=(upstream, conn), daemon=True).start()
+        relay(conn, upstream)
+
+    def accept():
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server.getsockname()[1], targets
+
+
+def test_a_socks_proxy_url_is_used_not_refused(simulator):
+    """proxy_url accepts socks5:// and socks5h://; requests needs PySocks for them (requests[socks])."""
+    from conftest import ADMIN_KEY
+
+    port, targets = _socks5_proxy()
+    c = AdminApiClient(simulator.base_url, ADMIN_KEY, proxy_url=f"socks5h://127.0.0.1:{port}", max_retries=0)
+    body = c.get_json("/v1/organization/projects", {"limit": 1})
+    assert body["object"] == "list" and targets and targets[0][1] == int(simulator.base_url.rsplit(":", 1)[1])
+    c.close()
