@@ -151,7 +151,7 @@ def _fail(message: str, code: int = 1) -> None:
 @click.option("--once", is_flag=True, help="One poll of every enabled stream, then exit.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Where cursors and the outbox live; the next run resumes from it. "
-                   "[default: $XDG_STATE_HOME/openai-input]")
+                   "[default: $XDG_STATE_HOME/openai-input, or ~/.local/state/openai-input]")
 @click.option("--output", "output_kind", type=click.Choice(["ndjson", "elasticsearch"]), default="ndjson",
               show_default=True,
               help="ndjson: one ECS document per line, its id in the top-level `_id`. elasticsearch: bulk "
@@ -242,7 +242,8 @@ def _print_summary(engine) -> None:
 def demo(out_path, org, seed, log_level):
     """Collect a realistic day from the built-in OpenAI Admin API simulator.
 
-    Starts the simulator on loopback, runs one backfill poll of every data stream (24h at 1m),
+    Starts the simulator on loopback, runs one backfill poll of every data stream (usage 24h at
+    1m, costs 30 days daily),
     moves the simulated clock 30 minutes on and polls again so late revisions arrive as
     corrections, then prints a per-dataset summary. Nothing leaves this machine.
     """
@@ -428,7 +429,8 @@ def simulate(port, seed, org, latency_ms, now_text, cache_responses):
 
 @main.command()
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-              help="Where cursors and the outbox live, as for collect. [default: $XDG_STATE_HOME/openai-input]")
+              help="Where cursors and the outbox live, as for collect. [default: $XDG_STATE_HOME/openai-input, "
+                   "or ~/.local/state/openai-input]")
 @click.option("--ack-on-flush", is_flag=True,
               help="No supervisor acks (a plain pipe): a batch counts as delivered once written and flushed.")
 @click.option("--ack-timeout", type=float, default=10.0, show_default=True,

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py            # the default run (a few minutes on 2 cores)
     python benchmarks/run.py --quick    # a smoke run on tiny inputs (seconds; used by the tests)
-    python benchmarks/run.py --full     # adds the large-org 180d@1d backfill (tens of minutes)
+    python benchmarks/run.py --full     # adds the large-org 180d@1d backfill (5-10 minutes, simulator-bound)
 
 What it measures (the simulator always runs in its own process, as the real API would be remote):
 
@@ -400,14 +400,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backfill", action="append", help="default: 24h@1m 15d@1h 180d@1d")
     ap.add_argument("--skip", action="append", default=[], choices=["backfill", "steady", "paths"])
     ap.add_argument("--full", action="store_true",
-                    help="also the large-org 180d@1d backfill (simulator-bound: tens of minutes)")
+                    help="also the large-org 180d@1d backfill (simulator-bound: 5-10 minutes)")
     args = ap.parse_args(argv)
     scenarios = QUICK_BACKFILLS if args.quick else BACKFILLS
     if args.backfill:
         scenarios = {k: v for k, v in {**BACKFILLS, **QUICK_BACKFILLS}.items() if k in args.backfill}
     orgs = args.org or (["small"] if args.quick else ["large", "small"])
     # The simulator builds hour and day buckets from its minutes: a large-org 180-day backfill costs
-    # it ~20x the 15-day one (tens of minutes of simulator CPU), so it runs only with --full.
+    # it ~20x the 15-day one (about 5 minutes of simulator CPU here), so it runs only with --full.
     skip = set() if (args.full or args.backfill or args.quick) else {("large", "180d@1d")}
     latency = 20 if args.quick and args.latency_ms == 150 else args.latency_ms
     report: dict = {"machine": machine(), "latency_ms": latency}
