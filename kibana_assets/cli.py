@@ -19,12 +19,23 @@ def _minutes(text: str, name: str) -> int:
     if not m:
         raise click.BadParameter(f"{text!r} is not a duration like 30m, 2h or 1d", param_hint=name)
     n, unit = int(m.group(1)), m.group(2)
+    if n == 0:  # a zero look-back or staleness window would make a rule that never (or always) fires
+        raise click.BadParameter(f"{text!r} must be longer than 0", param_hint=name)
     return n * {"m": 1, "h": 60, "d": 1440}[unit]
 
 
 def _retention(value: str) -> str:
     if not re.match(r"^\d+(d|h)$", value):
         raise click.BadParameter(f"{value!r} is not a retention like 90d", param_hint="--retention")
+    return value
+
+
+def _kibana_version(ctx, param, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            K.parse_version(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--kibana-version") from None
     return value
 
 
@@ -89,6 +100,10 @@ def _build_options(kw: dict) -> I.Options:
 
 
 def _target(kw: dict) -> I.Target:
+    """Checks the URLs (those that will be used) and the credentials before any request."""
+    I.check_url(kw["es_url"], "--es-url")
+    if kw["kibana_url"] and not kw["skip_kibana"]:
+        I.check_url(kw["kibana_url"], "--kibana-url")
     creds = I.resolve_credentials(kw["api_key_file"], kw["username"], kw["password_file"])
     verify: bool | str = kw["ca_cert"] or True
     if kw["insecure"]:
@@ -110,14 +125,19 @@ def main() -> None:
 @main.command()
 @_options
 @_rule_options
-def install(**kw) -> None:
+@click.option("--replace-foreign-assets", is_flag=True,
+              help="Overwrite assets of the same names that another tool manages (e.g. the Elastic OpenAI "
+                   "integration's templates). Without it, install refuses and names them.")
+def install(replace_foreign_assets: bool, **kw) -> None:
     """Install or upgrade every asset; reports each as created, updated or unchanged."""
     try:
         if not kw["es_url"]:
             raise I.InstallerError("--es-url (or ES_URL) is required", code=2)
         if not kw["kibana_url"] and not kw["skip_kibana"]:
             raise I.InstallerError("--kibana-url (or KIBANA_URL) is required (or pass --skip-kibana)", code=2)
-        inst = I.Installer(_target(kw), _build_options(kw), dry_run=kw["dry_run"], echo=click.echo)
+        options = _build_options(kw)
+        options.replace_foreign = replace_foreign_assets
+        inst = I.Installer(_target(kw), options, dry_run=kw["dry_run"], echo=click.echo)
     except I.InstallerError as exc:
         _fail(exc)
         return
@@ -154,13 +174,18 @@ def uninstall(delete_data: bool, **kw) -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--kibana-version", default=None,
+@click.option("--kibana-version", default=None, callback=_kibana_version,
               help="Target Kibana version; rules for 8.18/9.0 get one alert for all rows.")
 @click.option("--namespace", default="default", show_default=True)
 @_rule_options
 def export(directory: str, kibana_version: str | None, **kw) -> None:
     """Write the bundle as files for air-gapped clusters (JSON + importable NDJSON + rules)."""
-    paths = I.export(directory, _build_options(kw), kibana_version)
+    options = _build_options(kw)
+    try:
+        paths = I.export(directory, options, kibana_version)
+    except OSError as exc:
+        _fail(I.InstallerError(f"cannot write the bundle to {directory}: {exc.strerror or exc}"))
+        return
     click.echo(f"wrote {len(paths)} files to {directory} (see {directory}/manifest.json for the install order)")
 
 

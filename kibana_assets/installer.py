@@ -10,10 +10,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 import requests
 
+from agent_input.config import display_url  # every URL the installer prints: user:password@ -> ***@
+
+from . import MANAGED_BY
 from . import elasticsearch as E
 from . import kibana as K
 
@@ -50,6 +54,28 @@ class MissingPrivilege(InstallerError):
 
 
 # ---------------------------------------------------------------------------------------------
+# URLs
+
+
+def check_url(value: str, option: str) -> None:
+    """Reject what requests would turn into a traceback (no scheme, no host, a bad port) with one
+    line naming the option."""
+    shown = display_url(value)
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise InstallerError(f"{option} {shown!r} contains a space or control character", code=2)
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InstallerError(f"{option} {shown!r} must start with http:// or https:// "
+                             "(for example https://localhost:9200)", code=2)
+    try:
+        host, _ = parts.hostname, parts.port
+    except ValueError:
+        raise InstallerError(f"{option} {shown!r} has an invalid port (a number from 1 to 65535)", code=2) from None
+    if not host:
+        raise InstallerError(f"{option} {shown!r} has no host", code=2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Credentials
 
 
@@ -60,6 +86,31 @@ class Credentials:
 
     def __repr__(self) -> str:  # keep secrets out of tracebacks and debug output
         return f"Credentials(source={self.source!r})"
+
+
+def _bad_character(value: str, allow_space: bool) -> str | None:
+    """What kind of character makes `value` unusable in an Authorization header, or None. Names
+    the kind, never the character or where it is, so the message gives nothing of the secret away."""
+    for c in value:
+        if c in "\r\n":
+            return "a line break"
+        if not c.isprintable():
+            return "a control character"
+        if c.isspace() and not allow_space:
+            return "a space"
+    return None
+
+
+def _checked_api_key(key: str, source: str) -> str:
+    """An API key is printable ASCII (base64): anything else would be a traceback from http.client
+    (UnicodeEncodeError) or requests (InvalidHeader, which prints the header, key included)."""
+    bad = _bad_character(key, allow_space=False)
+    if bad is None and not key.isascii():
+        bad = "a non-ASCII character"
+    if bad:
+        raise InstallerError(f"the API key from {source} contains {bad}; it must be the encoded key exactly "
+                             "as Elasticsearch returned it", code=2)
+    return key
 
 
 def _read_secret(path: str, what: str) -> str:
@@ -80,11 +131,16 @@ def resolve_credentials(api_key_file: str | None = None, username: str | None = 
 
     env = os.environ if env is None else env
     if api_key_file:
-        return Credentials("ApiKey " + _read_secret(api_key_file, "API key"), f"--api-key-file {api_key_file}")
+        source = f"--api-key-file {api_key_file}"
+        return Credentials("ApiKey " + _checked_api_key(_read_secret(api_key_file, "API key"), source), source)
     if env.get("ELASTIC_API_KEY"):
-        return Credentials("ApiKey " + env["ELASTIC_API_KEY"].strip(), "ELASTIC_API_KEY")
+        return Credentials("ApiKey " + _checked_api_key(env["ELASTIC_API_KEY"].strip(), "ELASTIC_API_KEY"),
+                           "ELASTIC_API_KEY")
     user = username or env.get("ELASTIC_USERNAME")
     if user:
+        bad = _bad_character(user, allow_space=True)
+        if bad or ":" in user:
+            raise InstallerError(f"the user name contains {bad or 'a colon'}", code=2)
         if password_file:
             password, src = _read_secret(password_file, "password"), f"--password-file {password_file}"
         elif env.get("ELASTIC_PASSWORD"):
@@ -92,6 +148,9 @@ def resolve_credentials(api_key_file: str | None = None, username: str | None = 
         else:
             raise InstallerError(f"no password for user {user}: set ELASTIC_PASSWORD or pass --password-file",
                                  code=2)
+        bad = _bad_character(password, allow_space=True)
+        if bad:
+            raise InstallerError(f"the password from {src} contains {bad}", code=2)
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         return Credentials("Basic " + token, f"user {user} ({src})")
     return Credentials(None, "no credentials")
@@ -121,17 +180,21 @@ class Target:
             raise InstallerError(f"no {service} URL given (--{'es' if service == 'Elasticsearch' else 'kibana'}-url)",
                                  code=2)
         url = base.rstrip("/") + path
+        shown = display_url(base)
         try:
             resp = self.session.request(method, url, timeout=self.timeout, verify=self.verify, **kw)
         except requests.exceptions.SSLError:
-            raise InstallerError(f"TLS verification failed for {service} at {base}: pass --ca-cert PATH "
+            raise InstallerError(f"TLS verification failed for {service} at {shown}: pass --ca-cert PATH "
                                  "(or --insecure for a test cluster)", code=2) from None
         except requests.exceptions.Timeout:
-            raise InstallerError(f"{service} at {base} did not answer within {self.timeout:g}s", code=2) from None
+            raise InstallerError(f"{service} at {shown} did not answer within {self.timeout:g}s", code=2) from None
         except requests.exceptions.ConnectionError:
-            raise InstallerError(f"cannot reach {service} at {base} (connection failed)", code=2) from None
+            raise InstallerError(f"cannot reach {service} at {shown} (connection failed)", code=2) from None
+        except (requests.exceptions.RequestException, UnicodeError) as exc:
+            # Only the exception's type: its text may quote a header, and so the credentials.
+            raise InstallerError(f"request to {service} at {shown} failed ({type(exc).__name__})", code=2) from None
         if resp.status_code == 401:
-            raise InstallerError(f"{service} at {base} rejected the credentials (401, {self.credentials.source}): "
+            raise InstallerError(f"{service} at {shown} rejected the credentials (401, {self.credentials.source}): "
                                  "check ELASTIC_API_KEY or ELASTIC_USERNAME/ELASTIC_PASSWORD", code=3)
         return resp
 
@@ -162,6 +225,34 @@ def _reason(resp: requests.Response) -> str:
     return json.dumps(body)[:300]
 
 
+def _json(resp: requests.Response, expected: str = "a JSON object", text: str | None = None,
+          pick: Callable[[Any], Any] | None = None, hint: str = "") -> Any:
+    """Every JSON body the installer reads goes through here, so a login page, a proxy's error page
+    or a redacted answer is one InstallerError (and the run's done/not-done summary), not a
+    traceback. `text` parses one NDJSON line instead of the body; `pick` digs out the value needed
+    (a KeyError/TypeError in it counts as the wrong shape)."""
+    try:
+        data = json.loads(resp.text if text is None else text)
+        if pick is not None:
+            data = pick(data)
+        elif not isinstance(data, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        method = getattr(resp.request, "method", None) or "request to"
+        ctype = resp.headers.get("content-type") or "none"
+        raise InstallerError(f"{method} {display_url(resp.url or '')} answered with something that is not "
+                             f"{expected} (HTTP {resp.status_code}, content-type {ctype})"
+                             + (f": {hint}" if hint else "")) from None
+    return data
+
+
+def _version_number(data: Any) -> str:
+    number = data["version"]["number"]
+    if not isinstance(number, str) or not number[:1].isdigit():
+        raise TypeError
+    return number
+
+
 def _check(resp: requests.Response, what: str, privilege: str, ok=(200, 201)) -> requests.Response:
     if resp.status_code in ok:
         return resp
@@ -177,7 +268,7 @@ def _check(resp: requests.Response, what: str, privilege: str, ok=(200, 201)) ->
 @dataclass
 class Step:
     label: str
-    status: str  # created|updated|unchanged|deleted|absent|kept|would create|would update|would delete
+    status: str  # created|updated|unchanged|deleted|absent|kept|would create|would update|would delete|refused
     detail: str = ""
 
 
@@ -214,7 +305,10 @@ class Report:
 
 
 def check_version(label: str, version: str) -> None:
-    v = K.parse_version(version)
+    try:
+        v = K.parse_version(version)
+    except ValueError:
+        raise InstallerError(f"{label} reported version {version!r}, which openai-assets cannot read", code=4) from None
     if v < MIN_VERSION or v[0] > MAX_MAJOR:
         raise InstallerError(
             f"{label} {version} is not supported: openai-assets needs 8.18.0 or later within 8.x/9.x", code=4)
@@ -226,6 +320,22 @@ class Options:
     namespace: str = "default"
     rules: K.RuleOptions = field(default_factory=K.RuleOptions)
     with_kibana: bool = True
+    # Overwrite (install) assets whose `_meta.managed_by` is not ours, e.g. the Elastic OpenAI
+    # integration's templates of the same names. Off by default: see `Installer.foreign_es_assets`.
+    replace_foreign: bool = False
+
+
+class ForeignAssets(InstallerError):
+    """Assets with our names already exist and another tool manages them."""
+
+
+def _owner(current: dict | None) -> str | None:
+    meta = (current or {}).get("_meta")
+    return meta.get("managed_by") if isinstance(meta, dict) else None
+
+
+def _owner_text(owner: str | None) -> str:
+    return f"managed by {owner}" if owner else "no _meta.managed_by"
 
 
 class Installer:
@@ -237,15 +347,18 @@ class Installer:
         self.echo = echo or (lambda line: None)
         self.es_version: str | None = None
         self.kibana_version: str | None = None
+        self._es_read: dict[str, dict | None] = {}  # asset path -> body read by the foreign-asset scan
 
     # -- preflight ---------------------------------------------------------------------------
     def preflight(self) -> None:
         resp = _check(self.t.es("GET", "/"), "read the Elasticsearch version", ES_PRIVILEGE["version"])
-        self.es_version = resp.json()["version"]["number"]
+        self.es_version = _json(resp, "an Elasticsearch version document", pick=_version_number,
+                                hint="is --es-url the Elasticsearch URL?")
         check_version("Elasticsearch", self.es_version)
         if self.o.with_kibana:
             resp = _check(self.t.kb("GET", "/api/status"), "read the Kibana version", KIBANA_PRIVILEGE["version"])
-            self.kibana_version = resp.json()["version"]["number"]
+            self.kibana_version = _json(resp, "a Kibana version document", pick=_version_number,
+                                        hint="is --kibana-url the Kibana URL?")
             check_version("Kibana", self.kibana_version)
         self.echo(f"Elasticsearch {self.es_version}" + (f", Kibana {self.kibana_version}" if self.kibana_version else ""))
 
@@ -257,11 +370,13 @@ class Installer:
         resp = self.t.es("POST", "/_security/user/_has_privileges", json=body)
         if resp.status_code != 200:
             return  # security disabled or API unavailable: the writes themselves will tell
-        data = resp.json()
+        data = _json(resp, "a privileges answer",
+                     pick=lambda d: (d, dict(d.get("cluster") or {}), [dict(i) for i in (d.get("index") or {}).values()]))
+        data, cluster, indices = data
         if data.get("has_all_requested", True):
             return
-        missing = [p for p, ok in (data.get("cluster") or {}).items() if not ok]
-        for idx in (data.get("index") or {}).values():
+        missing = [p for p, ok in cluster.items() if not ok]
+        for idx in indices:
             missing += [f"{p} (index privilege on logs-openai.*)" for p, ok in idx.items() if not ok]
         raise MissingPrivilege("missing Elasticsearch privilege: " + ", ".join(sorted(set(missing))))
 
@@ -283,32 +398,72 @@ class Installer:
         try:
             self.preflight()
             self.check_es_privileges(["manage_index_templates", "manage_pipeline"])
+            foreign = self.foreign_es_assets()
         except InstallerError as exc:
             report.error = exc
             report.pending = [label for label, _ in self.plan()]
             return report
+        if foreign and not self.o.replace_foreign:
+            for label, owner in foreign:
+                self.echo(f"{'refused':<13} {label}  ({_owner_text(owner)}, not {MANAGED_BY})")
+            owners = sorted({o or "unknown" for _, o in foreign})
+            why = ("the Elastic OpenAI integration (Fleet) is installed and uses the same names"
+                   if "fleet" in owners else f"another tool manages them ({', '.join(owners)})")
+            report.error = ForeignAssets(
+                f"{len(foreign)} Elasticsearch assets already exist and are not managed by {MANAGED_BY}: {why}. "
+                "Remove those assets (in Fleet: uninstall the integration's assets), or pass "
+                "--replace-foreign-assets to take them over")
+            report.pending = [label for label, _ in self.plan()]
+            return report
         steps = self.plan()
         return self._run_steps(steps, report)
+
+    def foreign_es_assets(self) -> list[tuple[str, str | None]]:
+        """Read every Elasticsearch asset before writing any, and list those another tool manages
+        (label, its `_meta.managed_by`). The names are the same as the Elastic OpenAI integration's,
+        so overwriting them silently would take the integration's templates over, and `uninstall`
+        would then delete them. The reads are kept for `_put_es`."""
+        foreign = []
+        for asset in E.es_assets(self.o.retention, self.o.namespace):
+            current = self._read_es(asset)
+            self._es_read[asset.path] = current
+            if current is not None and _owner(current) != MANAGED_BY:
+                foreign.append((asset.label, _owner(current)))
+        return foreign
+
+    def _read_es(self, asset: E.EsAsset) -> dict | None:
+        """The asset as Elasticsearch has it, or None when it does not exist."""
+        if asset.path in self._es_read:
+            return self._es_read.pop(asset.path)
+        resp = self.t.es("GET", asset.path)
+        if resp.status_code == 404:
+            return None
+        _check(resp, f"read {asset.label}", ES_PRIVILEGE[asset.kind])
+        return _existing_es_body(asset.kind, asset.name, _json(resp)) or {}
 
     def _would(self, status: str) -> str:
         return f"would {status[:-1] if status.endswith('d') else status}" if self.dry_run else status
 
     def _put_es(self, asset: E.EsAsset) -> tuple[str, str]:
         priv = ES_PRIVILEGE[asset.kind]
-        resp = self.t.es("GET", asset.path)
-        if resp.status_code == 404:
+        current = self._read_es(asset)
+        detail = ""
+        if current is None:
             status = "created"
         else:
-            _check(resp, f"read {asset.label}", priv)
-            current = _existing_es_body(asset.kind, asset.name, resp.json())
-            have = ((current or {}).get("_meta") or {}).get("fingerprint")
-            if have == asset.body["_meta"]["fingerprint"]:
+            meta = current.get("_meta") if isinstance(current.get("_meta"), dict) else {}
+            if meta.get("fingerprint") == asset.body["_meta"]["fingerprint"] and _owner(current) == MANAGED_BY:
                 return "unchanged", ""
+            if _owner(current) != MANAGED_BY:
+                if not self.o.replace_foreign:  # install() refuses first; this guards other callers
+                    raise ForeignAssets(f"{asset.label} exists and is {_owner_text(_owner(current))}, not "
+                                        f"{MANAGED_BY}: pass --replace-foreign-assets to take it over")
+                detail = f"taken over from {_owner(current) or 'an unmanaged asset'}"
             status = "updated"
         if self.dry_run:
-            return self._would(status), ""
+            return self._would(status), detail
         _check(self.t.es("PUT", asset.path, json=asset.body), f"write {asset.label}", priv)
-        return status, ""
+        return status, detail
 
     def _data_view(self) -> tuple[str, str]:
         priv = KIBANA_PRIVILEGE["data_view"]
@@ -318,7 +473,7 @@ class Installer:
             status = "created"
         else:
             _check(resp, "read the data view", priv)
-            have = resp.json().get("data_view", {})
+            have = _json(resp, "a data view", pick=lambda d: dict(d.get("data_view") or {}))
             want = body["data_view"]
             if all(have.get(k) == want[k] for k in ("title", "name", "timeFieldName")):
                 return "unchanged", ""
@@ -344,10 +499,10 @@ class Installer:
         resp = self.t.kb("POST", "/api/saved_objects/_import", params={"overwrite": "true"},
                          files={"file": ("openai-elastic.ndjson", ndjson, "application/ndjson")})
         _check(resp, f"import dashboard {dashboard.id}", priv)
-        result = resp.json()
+        result = _json(resp, "an import result")
         if not result.get("success", False):
             errors = "; ".join(f"{e.get('type')}/{e.get('id')}: {(e.get('error') or {}).get('type')}"
-                               for e in result.get("errors", []))
+                               for e in result.get("errors") or [] if isinstance(e, dict))
             raise InstallerError(f"failed to import dashboard {dashboard.id}: {errors or 'unknown error'}")
         return status, ""
 
@@ -361,7 +516,7 @@ class Installer:
         for line in resp.text.splitlines():
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            obj = _json(resp, "NDJSON of saved objects", text=line)
             if obj.get("id") == so_id and obj.get("type") == so_type:
                 return obj
         return None
@@ -380,8 +535,8 @@ class Installer:
                    f"create rule {rule.name}", priv)
             return "created", detail
         _check(resp, f"read rule {rule.name}", priv)
-        current = resp.json()
-        want = rule.update_body(self.kibana_version, actions=_actions_for_update(current.get("actions", [])))
+        current = _json(resp, "a rule", pick=_rule_shape)
+        want = rule.update_body(self.kibana_version, actions=_actions_for_update(current.get("actions") or []))
         if _rule_matches(current, want):
             return "unchanged", detail
         if self.dry_run:
@@ -406,24 +561,19 @@ class Installer:
                     f"/api/alerting/rule/{r.id}", KIBANA_PRIVILEGE["rule"], f"delete rule {r.name}")))
             for d in K.dashboards():
                 steps.append((f"dashboard {d.id}", lambda d=d: self._delete_kb(
-                    f"/api/saved_objects/dashboard/{d.id}", KIBANA_PRIVILEGE["dashboard"], f"delete dashboard {d.id}")))
+                    f"/api/saved_objects/dashboard/{d.id}", KIBANA_PRIVILEGE["dashboard"], f"delete dashboard {d.id}",
+                    exists=lambda: self._export_saved_object("dashboard", d.id) is not None)))
             steps.append((f"data_view {K.DATA_VIEW_ID}", lambda: self._delete_kb(
                 f"/api/data_views/data_view/{K.DATA_VIEW_ID}", KIBANA_PRIVILEGE["data_view"], "delete the data view")))
         assets = E.es_assets(self.o.retention, self.o.namespace)
-        kept_pipelines: set[str] = set()
-        kept_components: set[str] = set()
+        kept: dict[str, str] = {}  # pipeline or component template name -> why it stays
         if delete_data:
             for pattern in [E.ROUTER_PATTERN] + [f"logs-openai.{ds}-*" for ds in E.F.datasets()]:
-                steps.append((f"data_stream {pattern}", lambda p=pattern: self._delete_es(
-                    f"/_data_stream/{p}", ES_PRIVILEGE["data_stream"], f"delete data streams {p}", wildcard=True)))
+                steps.append((f"data_stream {pattern}", lambda p=pattern: self._delete_data_streams(p)))
         for a in [a for a in assets if a.kind == "index_template"]:
-            steps.append((a.label, lambda a=a: self._delete_index_template(a, kept_pipelines, kept_components)))
+            steps.append((a.label, lambda a=a: self._delete_index_template(a, kept)))
         for a in [a for a in assets if a.kind != "index_template"]:
-            def run(a=a):
-                if a.name in kept_pipelines or a.name in kept_components:
-                    return "kept", "its index template is in use by data streams"
-                return self._delete_es(a.path, ES_PRIVILEGE[a.kind], f"delete {a.label}")
-            steps.append((a.label, run))
+            steps.append((a.label, lambda a=a: self._delete_es(a, kept.get(a.name))))
         return self._run_steps(steps, report)
 
     def _run_steps(self, steps: list[tuple[str, Callable[[], tuple[str, str]]]], report: "Report") -> "Report":
@@ -438,40 +588,87 @@ class Installer:
             report.add(label, status, detail, self.echo)
         return report
 
-    def _delete_kb(self, path: str, priv: str, what: str) -> tuple[str, str]:
+    def _delete_kb(self, path: str, priv: str, what: str,
+                   exists: Callable[[], bool] | None = None) -> tuple[str, str]:
+        """`exists` checks presence for a dry run where GET on `path` is not the way to read it
+        (saved objects are read through `_export`)."""
         if self.dry_run:
-            resp = self.t.kb("GET", path) if "/saved_objects/" not in path else None
-            if resp is not None and resp.status_code == 404:
-                return "absent", ""
-            return "would delete", ""
+            if exists is not None:
+                found = exists()
+            else:
+                resp = self.t.kb("GET", path)
+                if resp.status_code != 404:
+                    _check(resp, what.replace("delete", "read", 1), priv)
+                found = resp.status_code != 404
+            return ("would delete", "") if found else ("absent", "")
         resp = self.t.kb("DELETE", path)
         if resp.status_code == 404:
             return "absent", ""
         _check(resp, what, priv, ok=(200, 204))
         return "deleted", ""
 
-    def _delete_es(self, path: str, priv: str, what: str, wildcard: bool = False) -> tuple[str, str]:
+    def _delete_data_streams(self, pattern: str) -> tuple[str, str]:
+        """Lists the matching streams first: Elasticsearch answers a wildcard DELETE that matches
+        nothing with 200, so its answer alone cannot say whether anything was deleted."""
+        priv = ES_PRIVILEGE["data_stream"]
+        resp = self.t.es("GET", f"/_data_stream/{pattern}")
+        names: list[str] = []
+        if resp.status_code != 404:
+            _check(resp, f"list data streams {pattern}", priv)
+            names = _json(resp, "a list of data streams",
+                          pick=lambda d: [str(ds["name"]) for ds in d["data_streams"]])
+        if not names:
+            return "absent", "none found"
         if self.dry_run:
-            resp = self.t.es("GET", path)
-            return ("absent", "") if resp.status_code == 404 else ("would delete", "")
-        resp = self.t.es("DELETE", path)
+            return "would delete", ", ".join(names)
+        resp = self.t.es("DELETE", f"/_data_stream/{pattern}")
+        if resp.status_code == 404:
+            return "absent", "none found"
+        _check(resp, f"delete data streams {pattern}", priv)
+        return "deleted", ", ".join(names)
+
+    def _foreign(self, asset: E.EsAsset) -> tuple[str | None, tuple[str, str] | None]:
+        """Read `asset` before deleting it: (its current body, or a step result when there is
+        nothing to delete or it is not ours). Uninstall never deletes what another tool manages."""
+        current = self._read_es(asset)
+        if current is None:
+            return None, ("absent", "")
+        if _owner(current) != MANAGED_BY:
+            return current, ("kept", f"{_owner_text(_owner(current))}, not {MANAGED_BY}")
+        return current, None
+
+    def _delete_es(self, asset: E.EsAsset, keep_reason: str | None = None) -> tuple[str, str]:
+        _, result = self._foreign(asset)
+        if result:
+            return result
+        if keep_reason:
+            return "kept", keep_reason
+        if self.dry_run:
+            return "would delete", ""
+        resp = self.t.es("DELETE", asset.path)
         if resp.status_code == 404:
             return "absent", ""
-        _check(resp, what, priv)
+        _check(resp, f"delete {asset.label}", ES_PRIVILEGE[asset.kind])
         return "deleted", ""
 
-    def _delete_index_template(self, asset: E.EsAsset, kept_pipelines: set, kept_components: set) -> tuple[str, str]:
+    def _delete_index_template(self, asset: E.EsAsset, kept: dict[str, str]) -> tuple[str, str]:
+        current, result = self._foreign(asset)
+        if result:
+            if result[0] == "kept":  # another tool's template: what it is composed of stays as well
+                for name in current.get("composed_of") or []:
+                    kept.setdefault(str(name), f"used by index template {asset.name}, {_owner_text(_owner(current))}")
+            return result
         if self.dry_run:
-            resp = self.t.es("GET", asset.path)
-            return ("absent", "") if resp.status_code == 404 else ("would delete", "")
+            return "would delete", ""
         resp = self.t.es("DELETE", asset.path)
         if resp.status_code == 404:
             return "absent", ""
         if resp.status_code == 400 and "data stream" in _reason(resp):
             # Elasticsearch refuses to remove a template that live data streams use; keep it and
             # what it references so ingestion keeps working.
-            kept_pipelines.add(asset.body["template"]["settings"]["index"]["default_pipeline"])
-            kept_components.update(asset.body["composed_of"])
+            why = "its index template is in use by data streams"
+            kept[asset.body["template"]["settings"]["index"]["default_pipeline"]] = why
+            kept.update((name, why) for name in asset.body["composed_of"])
             return "kept", "in use by data streams (pass --delete-data to remove data and templates)"
         _check(resp, f"delete {asset.label}", ES_PRIVILEGE[asset.kind])
         return "deleted", ""
@@ -479,13 +676,22 @@ class Installer:
 
 def _existing_es_body(kind: str, name: str, payload: dict) -> dict | None:
     if kind == "pipeline":
-        return payload.get(name)
+        found = payload.get(name)
+        return found if isinstance(found, dict) else None
     key = {"component_template": "component_templates", "index_template": "index_templates"}[kind]
     inner = {"component_template": "component_template", "index_template": "index_template"}[kind]
-    for item in payload.get(key, []):
-        if item.get("name") == name:
-            return item.get(inner)
+    for item in payload.get(key) or []:
+        if isinstance(item, dict) and item.get("name") == name and isinstance(item.get(inner), dict):
+            return item[inner]
     return None
+
+
+def _rule_shape(data: Any) -> dict:
+    """A rule as GET returns it: a dict whose actions, if any, are a list of dicts."""
+    actions = data.get("actions") or []
+    if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+        raise TypeError
+    return data
 
 
 _ACTION_KEYS = ("group", "id", "params", "frequency", "uuid", "alerts_filter", "use_alert_data_for_template")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,11 @@ HEADROOM_RULE_NAME = "[OpenAI] Rate limit headroom low"
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
-    core = text.split("-")[0]
+    """(major, minor, patch) of "9.1.3" or "8.18.0-SNAPSHOT"; ValueError, with a message fit for
+    the user, for anything else."""
+    core = str(text).split("-")[0]
+    if not re.fullmatch(r"\d+(\.\d+){0,2}", core):
+        raise ValueError(f"{text!r} is not a version like 8.18.0")
     parts = [int(p) for p in core.split(".")[:3]]
     while len(parts) < 3:
         parts.append(0)

@@ -108,10 +108,14 @@ class FakeStack:
                             f"unable to remove composable templates [{name}] as they are in use by a data streams [{name}-default]"}})
                     del store[name]
                     return self._json(200, {"acknowledged": True})
-        if path.startswith("/_data_stream/") and m == "DELETE":
+        if path.startswith("/_data_stream/") and m in ("GET", "DELETE"):
             pattern = path[len("/_data_stream/"):]
             rx = re.compile(pattern.replace(".", r"\.").replace("*", ".*"))
             hit = {t for t in self.data_streams if rx.fullmatch(t + "-default")}
+            if m == "GET":  # a wildcard that matches nothing is 200 with an empty list
+                if not hit and "*" not in pattern:
+                    return self._json(404, {"error": {"type": "index_not_found_exception", "reason": pattern}})
+                return self._json(200, {"data_streams": [{"name": t + "-default", "template": t} for t in sorted(hit)]})
             if not hit:
                 return self._json(404, {"error": {"type": "index_not_found_exception", "reason": pattern}})
             self.data_streams -= hit
@@ -252,9 +256,8 @@ def test_fresh_install_makes_exactly_the_documented_requests(stack):
                          ("es", "POST", "/_security/user/_has_privileges")]
     hp = json.loads(stack.calls[2]["body"])
     assert set(hp["cluster"]) == {"manage_index_templates", "manage_pipeline"}
-    expected = []
-    for a in E.es_assets():
-        expected += [("es", "GET", a.path), ("es", "PUT", a.path)]
+    # every Elasticsearch asset is read before any is written (the foreign-asset check)
+    expected = [("es", "GET", a.path) for a in E.es_assets()] + [("es", "PUT", a.path) for a in E.es_assets()]
     expected += [("kb", "GET", f"/api/data_views/data_view/{K.DATA_VIEW_ID}"),
                  ("kb", "POST", "/api/data_views/data_view")]
     for d in K.dashboards():
@@ -383,13 +386,17 @@ def test_retention_and_ilm_options_reach_the_templates(stack):
 # errors
 
 
-def test_unreachable_host_is_one_clear_line():
+@pytest.mark.parametrize("error,says", [
+    (requests.exceptions.ConnectionError("refused"), "cannot reach Elasticsearch at {ES} (connection failed)"),
+    (requests.exceptions.TooManyRedirects("Exceeded 30 redirects."),  # any other failure of requests
+     "request to Elasticsearch at {ES} failed (TooManyRedirects)"),
+])
+def test_a_request_that_fails_is_one_clear_line(error, says):
     with responses.RequestsMock() as rsps:
-        rsps.add(responses.GET, ES + "/", body=requests.exceptions.ConnectionError("refused"))
+        rsps.add(responses.GET, ES + "/", body=error)
         result = install()
     assert result.exit_code == 2
-    assert result.output.splitlines()[0] == \
-        f"install incomplete: cannot reach Elasticsearch at {ES} (connection failed)"
+    assert result.output.splitlines()[0] == "install incomplete: " + says.format(ES=ES)
 
 
 def test_bad_credentials(stack):
@@ -499,3 +506,202 @@ def test_export_makes_no_requests(tmp_path):
         result = run("export", str(tmp_path / "bundle"))
         assert len(rsps.calls) == 0
     assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# input mistakes and odd answers: one line, never a traceback, never a secret
+
+
+def _one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("openai-assets: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("url, says", [
+    ("es:9200", "must start with http:// or https://"),
+    ("localhost:9200", "must start with http:// or https://"),
+    ("//es:9200", "must start with http:// or https://"),
+    ("http://", "has no host"),
+    ("http://es:notaport", "has an invalid port"),
+])
+def test_malformed_urls_are_one_line(url, says):
+    with responses.RequestsMock(assert_all_requests_are_fired=False):
+        line = _one_line_error(run("install", "--es-url", url, "--kibana-url", KB))
+        assert says in line and "--es-url" in line
+        line = _one_line_error(run("install", "--es-url", ES, "--kibana-url", url))
+        assert says in line and "--kibana-url" in line
+        line = _one_line_error(run("uninstall", "--es-url", url, "--skip-kibana"))
+        assert says in line
+
+
+@pytest.mark.parametrize("key, says", [
+    ("…", "a non-ASCII character"),                              # the docs' placeholder pasted as is
+    ("c2VjcmV0LWtleS1k\nby1ub3QtcHJpbnQ=", "a line break"),      # two keys, or a wrapped key
+    ("c2VjcmV0LWtleS1k by1ub3QtcHJpbnQ=", "a space"),
+    ("c2VjcmV0LWtleS1k\x00by1ub3QtcHJpbnQ=", "a control character"),
+])
+def test_api_key_with_bad_characters_is_refused_without_showing_it(key, says, tmp_path):
+    # (an environment variable cannot hold a NUL: that case only comes from a file)
+    for first, second in ((key, None), (None, key)) if "\x00" not in key else ((None, key),):
+        env = {"ELASTIC_API_KEY": first or ""}
+        args = ["install", "--es-url", ES, "--kibana-url", KB]
+        if second is not None:
+            path = tmp_path / "key"
+            path.write_text(second + "\n")
+            args += ["--api-key-file", str(path)]
+        with responses.RequestsMock(assert_all_requests_are_fired=False):
+            line = _one_line_error(run(*args, env=env))
+        assert says in line
+        for part in re.split(r"\s|\x00", key):
+            assert part not in line.split(": ", 1)[1] or part == ""
+
+
+def test_password_with_a_line_break_is_refused_without_showing_it():
+    with responses.RequestsMock(assert_all_requests_are_fired=False):
+        line = _one_line_error(run("install", "--es-url", ES, "--kibana-url", KB,
+                                   env={"ELASTIC_API_KEY": "", "ELASTIC_USERNAME": "u",
+                                        "ELASTIC_PASSWORD": "hunter2\nsecond-line"}))
+    assert "a line break" in line and "hunter2" not in line and "second-line" not in line
+
+
+def test_password_in_a_url_is_never_printed():
+    url = "http://elastic:S3cretPW@es.test:9200"
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.GET, url + "/", body=requests.exceptions.ConnectionError("refused"))
+        result = run("install", "--es-url", url, "--kibana-url", KB)
+    assert result.exit_code == 2
+    assert "cannot reach Elasticsearch at http://***@es.test:9200" in result.output
+    assert "S3cretPW" not in result.output
+    with responses.RequestsMock(assert_all_requests_are_fired=False):
+        line = _one_line_error(run("install", "--es-url", "elastic:S3cretPW@es.test:9200", "--kibana-url", KB))
+    assert "S3cretPW" not in line and "***@es.test:9200" in line
+
+
+def test_es_url_pointing_at_kibana_is_one_line_with_the_summary():
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.GET, ES + "/", body="<!DOCTYPE html><html>Kibana</html>", content_type="text/html")
+        result = install("--skip-kibana")
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[0] == (
+        f"install incomplete: GET {ES}/ answered with something that is not an Elasticsearch version document "
+        "(HTTP 200, content-type text/html): is --es-url the Elasticsearch URL?")
+    assert "not done: pipeline " in result.output
+
+
+def test_kibana_status_without_a_version_is_one_line(stack):
+    stack.kb_version = None
+    result = install()
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"install incomplete: GET {KB}/api/status answered with something that is not "
+                                    "a Kibana version document (HTTP 200, content-type "), result.output
+    assert "is --kibana-url the Kibana URL?" in result.output.splitlines()[0]
+    assert stack.writes() == []
+
+
+def test_non_json_answer_mid_install_still_prints_the_summary():
+    fake = FakeStack()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add(responses.GET, re.compile(re.escape(KB) + r"/api/alerting/rule/.*"), body="<html>gateway</html>",
+                 content_type="text/html")
+        fake.install(rsps)
+        result = install()
+    assert result.exit_code == 1, result.output
+    assert f"install incomplete: GET {KB}/api/alerting/rule/{K.RULE_ID_HEADROOM_TPM} answered with something " \
+        "that is not a rule (HTTP 200, content-type text/html)" in result.output
+    assert "dashboard openai-elastic-costs" in result.output.split("done:")[1].split("not done:")[0]
+    assert "rule " in result.output.split("not done:")[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# assets that belong to someone else (the Elastic OpenAI integration installed by Fleet)
+
+FLEET_META = {"package": {"name": "openai"}, "managed_by": "fleet", "managed": True}
+
+
+def _fleet_owns_completions(stack):
+    stack.index["logs-openai.completions"] = {
+        "index_patterns": ["logs-openai.completions-*"], "priority": 200, "data_stream": {},
+        "composed_of": ["logs-openai.completions@package", "logs-openai.completions@custom"], "_meta": FLEET_META}
+    stack.component["logs-openai.completions@package"] = {"template": {"mappings": {}}, "_meta": FLEET_META}
+
+
+def test_install_refuses_foreign_assets_before_writing_anything(stack):
+    _fleet_owns_completions(stack)
+    for extra in ((), ("--dry-run",)):
+        stack.calls.clear()
+        result = install("--skip-kibana", *extra)
+        assert result.exit_code == 1, result.output
+        assert stack.writes() == []
+        assert re.search(r"refused\s+index_template logs-openai.completions  \(managed by fleet", result.output)
+        assert re.search(r"refused\s+component_template logs-openai.completions@package", result.output)
+        assert "the Elastic OpenAI integration" in result.output and "--replace-foreign-assets" in result.output
+        assert stack.index["logs-openai.completions"]["_meta"] == FLEET_META
+
+
+def test_replace_foreign_assets_takes_them_over(stack):
+    _fleet_owns_completions(stack)
+    result = install("--skip-kibana", "--replace-foreign-assets")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"updated\s+index_template logs-openai.completions  \(taken over from fleet\)", result.output)
+    assert stack.index["logs-openai.completions"]["_meta"]["managed_by"] == "openai-assets"
+
+
+def test_uninstall_never_deletes_foreign_assets(stack):
+    assert install("--skip-kibana").exit_code == 0
+    _fleet_owns_completions(stack)
+    for extra in (("--dry-run",), ()):
+        result = run("uninstall", "--es-url", ES, "--skip-kibana", *extra)
+        assert result.exit_code == 0, result.output
+        assert re.search(r"kept\s+index_template logs-openai.completions  \(managed by fleet", result.output)
+        assert re.search(r"kept\s+component_template logs-openai.completions@package  \(managed by fleet", result.output)
+    assert set(stack.index) == {"logs-openai.completions"} and stack.index["logs-openai.completions"]["_meta"] == FLEET_META
+    assert set(stack.component) == {"logs-openai.completions@package"}
+    assert not any(c["method"] == "DELETE" and "completions" in c["path"] and "pipeline" not in c["path"]
+                   for c in stack.calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# uninstall reports what is really there
+
+
+def test_delete_data_reports_what_was_found(stack):
+    assert install("--skip-kibana").exit_code == 0
+    stack.data_streams.add("logs-openai.completions")
+    result = run("uninstall", "--es-url", ES, "--skip-kibana", "--delete-data", "--dry-run")
+    assert re.search(r"would delete\s+data_stream logs-openai.completions-\*  \(logs-openai.completions-default\)",
+                     result.output)
+    assert re.search(r"absent\s+data_stream logs-openai.audit-\*  \(none found\)", result.output)
+    result = run("uninstall", "--es-url", ES, "--skip-kibana", "--delete-data")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"deleted\s+data_stream logs-openai.completions-\*  \(logs-openai.completions-default\)",
+                     result.output)
+    assert re.search(r"absent\s+data_stream logs-openai-\*  \(none found\)", result.output)
+    deletes = [c["path"] for c in stack.calls if c["method"] == "DELETE" and c["path"].startswith("/_data_stream/")]
+    assert deletes == ["/_data_stream/logs-openai.completions-*"]
+
+
+def test_uninstall_dry_run_checks_that_dashboards_exist(stack):
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "would delete" not in result.output
+    assert re.search(r"absent\s+dashboard openai-elastic-costs", result.output)
+    assert install().exit_code == 0
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--dry-run")
+    assert re.search(r"would delete\s+dashboard openai-elastic-costs", result.output)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad option values
+
+
+def test_bad_option_values_are_one_clear_line(tmp_path):
+    r = run("export", str(tmp_path / "b"), "--kibana-version", "9.x")
+    assert r.exit_code == 2 and "'9.x' is not a version like 8.18.0" in r.output
+    r = run("export", "/proc/nope")
+    assert r.exit_code == 1 and r.output.startswith("openai-assets: cannot write the bundle to /proc/nope"), r.output
+    assert len(r.output.splitlines()) == 1
+    for opt in ("--headroom-window", "--stale-after"):
+        r = run("export", str(tmp_path / "b"), opt, "0m")
+        assert r.exit_code == 2 and "must be longer than 0" in r.output, r.output
