@@ -84,6 +84,10 @@ def _rule_options(f):
 
 
 def _build_options(kw: dict) -> I.Options:
+    """Options from the command line; without the rule options (uninstall, which needs only the
+    assets' names), their defaults."""
+    if "retention" not in kw:
+        return I.Options(namespace=kw.get("namespace") or "default", with_kibana=not kw.get("skip_kibana", False))
     per_ds = dict(E.DEFAULT_RETENTION)
     per_ds["rate_limits"] = kw["rate_limits_retention"]
     return I.Options(
@@ -153,9 +157,9 @@ def install(replace_foreign_assets: bool, **kw) -> None:
 
 
 @main.command()
-@_options
-@_rule_options
-@click.option("--delete-data", is_flag=True, help="Also delete the logs-openai.* data streams (irreversible).")
+@_options  # not the rule options: they tune what install writes, not what uninstall removes
+@click.option("--delete-data", is_flag=True,
+              help="Also delete the logs-openai.* data streams and the logs-openai-* routing ones (irreversible).")
 def uninstall(delete_data: bool, **kw) -> None:
     """Remove what install created. Data streams stay unless --delete-data."""
     try:

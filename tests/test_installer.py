@@ -705,3 +705,12 @@ def test_bad_option_values_are_one_clear_line(tmp_path):
     for opt in ("--headroom-window", "--stale-after"):
         r = run("export", str(tmp_path / "b"), opt, "0m")
         assert r.exit_code == 2 and "must be longer than 0" in r.output, r.output
+
+
+def test_uninstall_offers_only_the_options_it_uses():
+    """The rule and retention options tune what install writes; on uninstall they did nothing."""
+    help_text = run("uninstall", "--help").output
+    assert "--delete-data" in help_text and "--space" in help_text
+    for option in ("--retention", "--ilm-policy", "--headroom-window", "--stale-after", "--rules-disabled"):
+        assert option not in help_text
+    assert run("uninstall", "--es-url", ES, "--retention", "30d").exit_code == 2  # click: no such option
