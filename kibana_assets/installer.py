@@ -348,6 +348,7 @@ class Installer:
         self.es_version: str | None = None
         self.kibana_version: str | None = None
         self._es_read: dict[str, dict | None] = {}  # asset path -> body read by the foreign-asset scan
+        self._templates_read: dict[str, dict | None] = {}  # index templates read to tell data streams apart
 
     # -- preflight ---------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -612,20 +613,38 @@ class Installer:
         nothing with 200, so its answer alone cannot say whether anything was deleted."""
         priv = ES_PRIVILEGE["data_stream"]
         resp = self.t.es("GET", f"/_data_stream/{pattern}")
-        names: list[str] = []
+        found: list[tuple[str, str]] = []  # (data stream, its index template)
         if resp.status_code != 404:
             _check(resp, f"list data streams {pattern}", priv)
-            names = _json(resp, "a list of data streams",
-                          pick=lambda d: [str(ds["name"]) for ds in d["data_streams"]])
-        if not names:
+            found = _json(resp, "a list of data streams",
+                          pick=lambda d: [(str(ds["name"]), str(ds.get("template"))) for ds in d["data_streams"]])
+        if not found:
             return "absent", "none found"
+        names = [name for name, template in found if self._ours(template)]
+        foreign = [name for name, _ in found if name not in names]
+        why = f"their index template is not {MANAGED_BY}'s: {', '.join(foreign)}"
+        kept = f"; kept, {why}" if foreign else ""
+        if not names:
+            return "kept", why
         if self.dry_run:
-            return "would delete", ", ".join(names)
-        resp = self.t.es("DELETE", f"/_data_stream/{pattern}")
+            return "would delete", ", ".join(names) + kept
+        # by name, not by the pattern: the pattern would take another tool's streams along
+        resp = self.t.es("DELETE", f"/_data_stream/{','.join(names)}")
         if resp.status_code == 404:
             return "absent", "none found"
         _check(resp, f"delete data streams {pattern}", priv)
-        return "deleted", ", ".join(names)
+        return "deleted", ", ".join(names) + kept
+
+    def _ours(self, index_template: str) -> bool:
+        """Whether a data stream's index template is one of ours as Elasticsearch has it now. The
+        Elastic OpenAI integration's data streams have our names; their template tells them apart."""
+        asset = next((a for a in E.es_assets(self.o.retention, self.o.namespace)
+                      if a.kind == "index_template" and a.name == index_template), None)
+        if asset is None:
+            return False
+        if asset.path not in self._templates_read:
+            self._templates_read[asset.path] = self._read_es(asset)
+        return _owner(self._templates_read[asset.path]) == MANAGED_BY
 
     def _foreign(self, asset: E.EsAsset) -> tuple[str | None, tuple[str, str] | None]:
         """Read `asset` before deleting it: (its current body, or a step result when there is

@@ -109,8 +109,8 @@ class FakeStack:
                     del store[name]
                     return self._json(200, {"acknowledged": True})
         if path.startswith("/_data_stream/") and m in ("GET", "DELETE"):
-            pattern = path[len("/_data_stream/"):]
-            rx = re.compile(pattern.replace(".", r"\.").replace("*", ".*"))
+            pattern = path[len("/_data_stream/"):]  # a comma-separated list of names or wildcards
+            rx = re.compile("|".join(p.replace(".", r"\.").replace("*", ".*") for p in pattern.split(",")))
             hit = {t for t in self.data_streams if rx.fullmatch(t + "-default")}
             if m == "GET":  # a wildcard that matches nothing is 200 with an empty list
                 if not hit and "*" not in pattern:
@@ -488,7 +488,8 @@ def test_uninstall_delete_data(stack):
     result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--delete-data")
     assert result.exit_code == 0, result.output
     assert stack.index == {} and stack.component == {} and stack.pipelines == {}
-    assert any(c["method"] == "DELETE" and c["path"] == "/_data_stream/logs-openai.completions-*" for c in stack.calls)
+    assert any(c["method"] == "DELETE" and c["path"] == "/_data_stream/logs-openai.completions-default"
+               for c in stack.calls)
     hp = json.loads([c for c in stack.calls if c["path"] == "/_security/user/_has_privileges"][-1]["body"])
     assert hp["index"][0]["privileges"] == ["delete_index"]
 
@@ -679,7 +680,7 @@ def test_delete_data_reports_what_was_found(stack):
                      result.output)
     assert re.search(r"absent\s+data_stream logs-openai-\*  \(none found\)", result.output)
     deletes = [c["path"] for c in stack.calls if c["method"] == "DELETE" and c["path"].startswith("/_data_stream/")]
-    assert deletes == ["/_data_stream/logs-openai.completions-*"]
+    assert deletes == ["/_data_stream/logs-openai.completions-default"]  # by name, never by the pattern
 
 
 def test_uninstall_dry_run_checks_that_dashboards_exist(stack):
@@ -714,3 +715,15 @@ def test_uninstall_offers_only_the_options_it_uses():
     for option in ("--retention", "--ilm-policy", "--headroom-window", "--stale-after", "--rules-disabled"):
         assert option not in help_text
     assert run("uninstall", "--es-url", ES, "--retention", "30d").exit_code == 2  # click: no such option
+
+
+def test_delete_data_keeps_the_data_streams_of_a_foreign_template(stack):
+    """The Elastic OpenAI integration's data streams have our names; only the index template that
+    Elasticsearch gives each stream tells them apart, and a foreign one keeps its data."""
+    assert install("--skip-kibana").exit_code == 0
+    stack.index["logs-openai.embeddings"]["_meta"]["managed_by"] = "fleet"  # Fleet's template, same name
+    stack.data_streams |= {"logs-openai.completions", "logs-openai.embeddings"}
+    result = run("uninstall", "--es-url", ES, "--skip-kibana", "--delete-data")
+    assert "logs-openai.embeddings" in stack.data_streams and "logs-openai.completions" not in stack.data_streams
+    assert re.search(r"kept\s+data_stream logs-openai.embeddings-\*  \(their index template is not "
+                     r"openai-assets's: logs-openai.embeddings-default\)", result.output), result.output
