@@ -153,3 +153,46 @@ def test_no_url_password_in_check_output(tmp_path):
     code, out, err = _cli(["check", "--config", str(cfg), "--log-level", "DEBUG"], env, tmp_path)
     assert b"config OK" in out, (out, err)
     assert PROXY_PASSWORD.encode() not in out + err, (out + err).decode()
+
+
+def test_no_secret_in_what_the_installer_prints_or_exports(tmp_path):
+    """openai-assets with ES credentials set: a 401, an unreachable host named with a password in
+    its URL, a key with a line break in it, a dry run and an exported bundle print or write no
+    credential."""
+    import responses
+    from click.testing import CliRunner
+
+    from kibana_assets.cli import main
+
+    es = "http://127.0.0.1:9200"
+    env = {"ELASTIC_API_KEY": ES_API_KEY, "ELASTIC_USERNAME": "", "ELASTIC_PASSWORD": ""}
+    basic = {"ELASTIC_API_KEY": "", "ELASTIC_USERNAME": ES_USER, "ELASTIC_PASSWORD": ES_PASSWORD}
+    written: dict[str, bytes] = {}
+
+    def assets(name, *args, env):
+        result = CliRunner().invoke(main, list(args), env=env)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        written[name] = (result.output + (result.stderr if result.stderr_bytes is not None else "")).encode()
+        return result
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add(responses.GET, es + "/", status=401, json={"error": {"type": "security_exception",
+                                                                     "reason": "unable to authenticate"}})
+        assert assets("401 api key", "install", "--es-url", es, "--skip-kibana", env=env).exit_code == 3
+        assert assets("401 basic", "install", "--es-url", es, "--skip-kibana", "--dry-run", env=basic).exit_code == 3
+    url = f"http://{ES_USER}:{ES_PASSWORD}@127.0.0.1:1"
+    assert assets("password in URL", "install", "--es-url", url, "--skip-kibana", env=basic).exit_code == 2
+    two_lines = tmp_path / "api.key"
+    two_lines.write_text(ES_API_KEY[:20] + "\n" + ES_API_KEY[20:] + "\n")
+    assert assets("key file with a line break", "uninstall", "--es-url", es, "--skip-kibana",
+                  "--api-key-file", str(two_lines), env=env).exit_code == 2
+    assert assets("export", "export", str(tmp_path / "bundle"), env=basic).exit_code == 0
+    for path in (tmp_path / "bundle").rglob("*"):
+        if path.is_file():
+            written[str(path.relative_to(tmp_path))] = path.read_bytes()
+    assert len(written) > 10
+
+    secrets = {**_secrets(), "first part of a split key": ES_API_KEY[:20].encode()}
+    leaks = [f"{what} in {where}" for where, data in written.items() for what, secret in secrets.items()
+             if secret in data]
+    assert not leaks, leaks
