@@ -29,6 +29,7 @@ MANIFEST_PATH = Path(__file__).resolve().parents[1] / "manifest.yml"
 ENV_ADMIN_KEY = "OPENAI_ADMIN_KEY"
 BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_WIDTH_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 _DURATION_RE = re.compile(r"^(?:\d+[smhd])+$")
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 DURATION_FORM = "a duration like 30s, 5m, 24h, 1d or 1h30m (or an integer number of seconds)"
@@ -121,6 +122,12 @@ def display_url(value: str) -> str:
     return value if at < 0 else value[:start] + "***" + value[at:]
 
 
+def _shown(value: Any) -> str:
+    """A value as an error line quotes it: a typo of thousands of digits is cut, not printed whole."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:45] + f"... ({len(str(value))} characters)"
+
+
 def parse_duration(value: str | int, key: str = "") -> int:
     """Seconds in `value`: "30s", "5m", "24h", "1d", "1h30m", or an int (seconds). Never negative."""
     if isinstance(value, bool):
@@ -135,9 +142,9 @@ def parse_duration(value: str | int, key: str = "") -> int:
         text = value.strip().lower()
         if text.startswith("-"):
             raise ConfigError(key, f"{value!r} is negative; expected {DURATION_FORM}")
-        if _DURATION_RE.match(text):
+        if _DURATION_RE.match(text) and len(text) <= 40:  # int() refuses 4,300+ digits with a ValueError
             return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-    raise ConfigError(key, f"{value!r} is not {DURATION_FORM}")
+    raise ConfigError(key, f"{_shown(value)} is not {DURATION_FORM}")
 
 
 @dataclass(frozen=True)
@@ -291,6 +298,8 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) ->
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
         raise ConfigError("config", f"{str(p)!r} is not valid YAML{where}: {problem}") from None
+    except ValueError as exc:  # PyYAML's own int(): a number of 4,300+ digits
+        raise ConfigError("config", f"{str(p)!r} cannot be read: {str(exc)[:120]}") from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -416,14 +425,21 @@ def _stream(sname: str, raw: Any, errors: list[ConfigError]) -> StreamConfig:
     v = {name: _value(var, raw.get(name), f"{prefix}.{name}", errors) for name, var in svars.items()}
     if v.get("interval") == 0:
         errors.append(ConfigError(f"{prefix}.interval", "must be greater than 0s"))
-    # The first window is [now - initial_interval, now - grace): empty, it stores no cursor, and
-    # every later poll computes the same empty window, collecting nothing while looking healthy.
+    # The first window is [floor(now - initial_interval), floor(now - grace)) in whole buckets: with
+    # no whole bucket in it, it stores no cursor, and every later poll at the same time of day computes
+    # the same empty window, collecting nothing while looking healthy. Only initial - grace >= one
+    # bucket width guarantees a bucket (audit and rate limits have no buckets).
     initial, grace = v.get("initial_interval"), v.get("finalization_grace") or 0
-    if initial is not None and initial <= grace:
+    width = _WIDTH_SECONDS.get(v.get("bucket_width"))
+    if initial is not None and width is not None and initial - grace < width:
         errors.append(ConfigError(f"{prefix}.initial_interval", (
-            f"{format_duration(initial)} must be longer than finalization_grace ({format_duration(grace)}): "
-            "buckets younger than the grace are not read yet, so nothing would ever be collected"
-        ) if grace else "must be greater than 0s (the first poll reads back this far; 0s never collects anything)"))
+            f"{format_duration(initial)} must be at least one bucket width ({v['bucket_width']}) longer than "
+            f"finalization_grace ({format_duration(grace)}): buckets younger than the grace are not read yet, "
+            "and a shorter first window holds no whole bucket, so nothing would ever be collected"
+        ) if grace else (f"{format_duration(initial)} must be at least one bucket width ({v['bucket_width']}): "
+                         "a shorter first window holds no whole bucket, so nothing would ever be collected")))
+    elif initial == 0 and width is None:
+        errors.append(ConfigError(f"{prefix}.initial_interval", "must be greater than 0s"))
     return StreamConfig(
         name=sname,
         enabled=bool(v["enabled"]) if v.get("enabled") is not None else False,
@@ -469,8 +485,8 @@ def _coerce(var: Mapping[str, Any], raw: Any, key: str) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             raise ConfigError(key, f"{raw!r} is not an integer{_bounds(var)}")
         if isinstance(raw, str):
-            if not re.fullmatch(r"\s*-?\d+\s*", raw):
-                raise ConfigError(key, f"{raw!r} is not an integer{_bounds(var)}")
+            if not re.fullmatch(r"\s*-?\d{1,30}\s*", raw):  # int() refuses 4,300+ digits with a ValueError
+                raise ConfigError(key, f"{_shown(raw)} is not an integer{_bounds(var)}")
             raw = int(raw)
         lo, hi = var.get("min"), var.get("max")
         if (lo is not None and raw < lo) or (hi is not None and raw > hi):
@@ -501,6 +517,10 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
         errors.append(ConfigError("api_key_file", "set either api_key or api_key_file, not both"))
         return Secret(""), "config"
     if inline:
+        if _unprintable(inline):
+            errors.append(ConfigError("api_key", "contains a line break, control or non-ASCII character (the value "
+                                                 "is not shown)"))
+            return Secret(""), "config"
         return Secret(inline), "config"
     if path:
         # The value is never echoed: a key pasted here instead of a path would land on stderr.
@@ -510,19 +530,24 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
         except FileNotFoundError:
             errors.append(ConfigError("api_key_file", f"the file does not exist ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path; UnicodeError: not UTF-8
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             errors.append(ConfigError("api_key_file", f"cannot read the file: {reason} ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
         if not text:
             errors.append(ConfigError("api_key_file", "the file is empty (expected the admin key)"))
             return Secret(""), "file"
-        if len(text.split()) != 1:
-            errors.append(ConfigError("api_key_file", "the file must hold only the admin key (one token, no spaces)"))
+        if len(text.split()) != 1 or _unprintable(text):
+            errors.append(ConfigError("api_key_file", "the file must hold only the admin key (one token: no spaces, control or "
+                                                      "non-ASCII characters)"))
             return Secret(""), "file"
         return Secret(text), "file"
     from_env = (env.get(ENV_ADMIN_KEY) or "").strip()
     if from_env:
+        if _unprintable(from_env):
+            errors.append(ConfigError("api_key", f"the {ENV_ADMIN_KEY} environment variable contains a line break, "
+                                                 "control or non-ASCII character (the value is not shown)"))
+            return Secret(""), "env"
         return Secret(from_env), "env"
     errors.append(ConfigError(
         "api_key",
@@ -530,6 +555,13 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
         "(a file holding the key); it is never accepted on the command line",
     ))
     return Secret(""), "env"
+
+
+def _unprintable(key: str) -> bool:
+    """A key with a line break or control character (requests would refuse the header and quote it
+    in its error, where redaction no longer finds the key: it shows `\\n`, not a line break) or a
+    non-ASCII one (a pasted placeholder such as `…`: http.client cannot encode the header)."""
+    return not (key.isascii() and key.isprintable())
 
 
 def _check_url(value: str, key: str, schemes: tuple[str, ...], errors: list[ConfigError]) -> None:

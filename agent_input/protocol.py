@@ -347,6 +347,9 @@ class Runner:
             config = config_from_dict(data, env=self.env)
         except ConfigError as exc:
             problems.extend(exc.errors)
+        except Exception as exc:  # noqa: BLE001 - a validation bug must reject the config, not end the process
+            log.error("config validation failed unexpectedly: %s: %.200s", type(exc).__name__, redact(str(exc)))
+            problems.append(ConfigError("config", f"could not be validated ({type(exc).__name__}); see the log"))
         if problems:
             text = redact("; ".join(map(str, problems)))
             log.error("config rejected: %s", text)

@@ -405,24 +405,28 @@ def test_every_duration_var_has_a_bound_its_default_respects():
 
 
 @pytest.mark.parametrize("stream,settings,fragment", [
-    ("completions", {"initial_interval": "0s"}, "greater than 0s"),
+    ("completions", {"initial_interval": "0s"}, "0s must be at least one bucket width (1m)"),
     ("audit", {"initial_interval": 0}, "greater than 0s"),
-    ("costs", {"initial_interval": "0s"}, "greater than 0s"),
+    ("costs", {"initial_interval": "0s"}, "0s must be at least one bucket width (1d)"),
+    ("costs", {"initial_interval": "12h"}, "12h must be at least one bucket width (1d)"),
+    ("completions", {"initial_interval": "2h", "finalization_grace": "1h", "bucket_width": "1d"},
+     "2h must be at least one bucket width (1d) longer than finalization_grace (1h)"),
     ("embeddings", {"initial_interval": "5m", "finalization_grace": "10m"},
-     "5m must be longer than finalization_grace (10m)"),
+     "5m must be at least one bucket width (1m) longer than finalization_grace (10m)"),
     ("images", {"initial_interval": "15m", "finalization_grace": "15m"},
-     "15m must be longer than finalization_grace (15m)"),
+     "15m must be at least one bucket width (1m) longer than finalization_grace (15m)"),
 ])
-def test_initial_interval_must_reach_past_the_grace(stream, settings, fragment):
-    """Otherwise the first window is empty, no cursor is stored, and every poll collects nothing."""
+def test_initial_interval_must_reach_a_whole_bucket_past_the_grace(stream, settings, fragment):
+    """Otherwise the first window can hold no whole bucket: no cursor is stored, and every poll at
+    the same time of day (a daily costs interval, say) finds it empty and collects nothing."""
     e = one_error({"data_streams": {stream: settings}})
     assert e.key == f"data_streams.{stream}.initial_interval" and fragment in e.message, str(e)
 
 
-def test_initial_interval_just_past_the_grace_is_fine():
-    c = config_from_dict({"data_streams": {"completions": {"initial_interval": "16m",
-                                                           "finalization_grace": "15m"}}}, env=ENV)
-    assert c.streams["completions"].initial_interval == 960
+def test_initial_interval_one_bucket_past_the_grace_is_fine():
+    c = config_from_dict({"data_streams": {"completions": {"initial_interval": "16m", "finalization_grace": "15m"},
+                                           "costs": {"initial_interval": "1d"}}}, env=ENV)
+    assert c.streams["completions"].initial_interval == 960 and c.streams["costs"].initial_interval == 86400
 
 
 # ---- nothing secret echoed --------------------------------------------------------------------
@@ -473,3 +477,31 @@ def test_url_passwords_are_redacted_from_logs_once_loaded():
     assert logs.redact("via http://u:Pr0xyPassw0rd-cfgtest@proxy:3128") == "via http://u:***@proxy:3128"
     assert display_url("https://u:p@host:9200/x") == "https://***@host:9200/x"
     assert display_url("https://host:9200/x") == "https://host:9200/x"
+
+
+def test_a_number_of_thousands_of_digits_is_one_line_cut_short(tmp_path):
+    """int() refuses 4,300+ digits with a plain ValueError: it must be the key's error instead."""
+    for settings, key in (({"max_retries": "1" * 5000}, "max_retries"),
+                          ({"data_streams": {"completions": {"interval": "1" * 5000 + "s"}}},
+                           "data_streams.completions.interval")):
+        e = one_error(settings)
+        assert e.key == key and ("(5000 characters)" in e.message or "(5001 characters)" in e.message)
+        assert len(str(e)) < 200
+    p = tmp_path / "c.yml"
+    p.write_text("max_retries: " + "1" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert info.value.key == "config" and "cannot be read" in info.value.message
+
+
+@pytest.mark.parametrize("settings,env", [
+    ({"api_key": "sk-admin-AAAA\nSECRETTAIL"}, {}),
+    ({}, {"OPENAI_ADMIN_KEY": "sk-admin-AAAA\x00SECRETTAIL"}),
+    ({}, {"OPENAI_ADMIN_KEY": "sk-admin-AAAA\u2026SECRETTAIL"}),  # a pasted placeholder
+])
+def test_a_key_with_a_line_break_or_odd_character_is_refused_without_showing_it(settings, env):
+    """requests would refuse the header and quote it, and its `\\n` escapes the redaction."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(settings, env=env)
+    (e,) = info.value.errors
+    assert e.key == "api_key" and "SECRETTAIL" not in str(e) and "not shown" in e.message

@@ -366,3 +366,24 @@ def _diff(got: dict, want: dict) -> str:
     keys = sorted(set(got) | set(want), key=str)
     bad = [(k, got.get(k), want.get(k)) for k in keys if got.get(k) != want.get(k)]
     return f"{len(bad)} of {len(keys)} groups differ, e.g. {bad[:1]}"
+
+
+def test_a_config_that_breaks_validation_is_rejected_and_the_process_goes_on(tmp_path, monkeypatch):
+    """Validation raising something other than ConfigError (a bug, or Python's own limits such as
+    int() of 4,300+ digits) must reject that config, not end the process."""
+    from agent_input import config as config_module
+
+    def broken(data, env=None):
+        raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+
+    run = InProcess(tmp_path / "state", tmp_path / "stdout").start()
+    try:
+        monkeypatch.setattr(config_module, "config_from_dict", broken)
+        run.send({"type": "config", "id": "c1", "config": {"url": "http://127.0.0.1:1", "api_key": ADMIN_KEY}})
+        run.wait_for(lambda: any(m["status"] == "failed" for m in run.statuses("input")), what="the rejection")
+        assert run.runner.engine_thread is None
+        assert run.stop() == 0  # still reading stdin: the stop is handled
+    finally:
+        run.close()
+    (failed,) = [m for m in run.statuses("input") if m["status"] == "failed"]
+    assert "could not be validated (ValueError)" in failed["message"]

@@ -39,6 +39,8 @@ CORPUS = {
     # an empty first window stores no cursor: the stream would collect nothing forever, looking healthy
     "initial_interval 0s": (f"{LOCAL}data_streams:\n  audit:\n    initial_interval: 0s\n",
                             "data_streams.audit.initial_interval"),
+    "initial_interval under a bucket": (f"{LOCAL}data_streams:\n  costs:\n    initial_interval: 12h\n",
+                                        "data_streams.costs.initial_interval"),
     "initial_interval within the grace": (
         f"{LOCAL}data_streams:\n  embeddings:\n    initial_interval: 5m\n    finalization_grace: 10m\n",
         "data_streams.embeddings.initial_interval"),
