@@ -118,7 +118,8 @@ def display_url(value: str) -> str:
     """`value` with any user:password@ replaced by ***@, for echoing a URL in a message or on stdout."""
     scheme_end = value.find("://")
     start = scheme_end + 3 if scheme_end >= 0 else 0
-    at = value.rfind("@", start)  # the last @: a password may hold one too
+    ends = [i for i in (value.find(c, start) for c in "/?#") if i >= 0]
+    at = value.rfind("@", start, min(ends, default=len(value)))  # the last @ of the authority: a password may hold one
     return value if at < 0 else value[:start] + "***" + value[at:]
 
 

@@ -63,14 +63,19 @@ def check_url(value: str, option: str) -> None:
     shown = display_url(value)
     if any(c.isspace() or not c.isprintable() for c in value):
         raise InstallerError(f"{option} {shown!r} contains a space or control character", code=2)
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise InstallerError(f"{option} {shown!r} is not a valid URL", code=2) from None
     if parts.scheme.lower() not in ("http", "https"):
         raise InstallerError(f"{option} {shown!r} must start with http:// or https:// "
                              "(for example https://localhost:9200)", code=2)
     try:
-        host, _ = parts.hostname, parts.port
+        host, port = parts.hostname, parts.port
     except ValueError:
-        raise InstallerError(f"{option} {shown!r} has an invalid port (a number from 1 to 65535)", code=2) from None
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise InstallerError(f"{option} {shown!r} has an invalid port (a number from 1 to 65535)", code=2)
     if not host:
         raise InstallerError(f"{option} {shown!r} has no host", code=2)
 

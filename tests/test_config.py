@@ -505,3 +505,14 @@ def test_a_key_with_a_line_break_or_odd_character_is_refused_without_showing_it(
         config_from_dict(settings, env=env)
     (e,) = info.value.errors
     assert e.key == "api_key" and "SECRETTAIL" not in str(e) and "not shown" in e.message
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("https://elastic:pa@ss@es:9200/x", "https://***@es:9200/x"),   # the last @ of the authority
+    ("https://es:9200/search?by=a@b.com", "https://es:9200/search?by=a@b.com"),  # an @ past the host is no password
+    ("es:9200", "es:9200"),
+])
+def test_display_url_hides_only_the_user_info(url, shown):
+    from agent_input.config import display_url
+
+    assert display_url(url) == shown

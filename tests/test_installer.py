@@ -526,6 +526,8 @@ def _one_line_error(result, code=2):
     ("//es:9200", "must start with http:// or https://"),
     ("http://", "has no host"),
     ("http://es:notaport", "has an invalid port"),
+    ("http://es:0", "has an invalid port"),
+    ("http://[::1", "is not a valid URL"),  # urlsplit's own ValueError
 ])
 def test_malformed_urls_are_one_line(url, says):
     with responses.RequestsMock(assert_all_requests_are_fired=False):
