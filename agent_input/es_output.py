@@ -43,8 +43,11 @@ import os
 import re
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import orjson
 
 from .durable import write_file
 from .outputs import Ack, OutputError
@@ -250,12 +253,15 @@ class ElasticsearchOutput:
             docs.append({"_id": doc_id, "_index": index, "dataset": dataset, "_source": source})
         return docs
 
-    def _bulk(self, pending: dict[str, dict], ids: list[str] | None = None, chunk_size: int = 0) -> str:
+    def _bulk(self, pending: dict[str, dict], ids: list[str] | None = None, chunk_size: int = 0,
+              split: "_Split | None" = None) -> str:
         """One pass of streaming_bulk over the pending documents (or those of them in `ids`, in
-        requests of at most `chunk_size`); settled ones leave `pending`. Returns a short
-        description of what is still failing ('' when nothing)."""
+        requests of at most `chunk_size`, when a 413 is being split: `split`); settled ones leave
+        `pending`. Returns a short description of what is still failing ('' when nothing)."""
         from elasticsearch import ApiError, helpers
 
+        top = split is None
+        split = split or _Split()
         ids = list(pending) if ids is None else ids
         chunk_size = chunk_size or self.chunk_size
         actions = (
@@ -286,6 +292,7 @@ class ElasticsearchOutput:
             request_error = info.get("exception")
             if ok:
                 pending.pop(doc_id)
+                split.accepted = True
                 with self._count_lock:
                     self.created += 1
             elif isinstance(request_error, ApiError):
@@ -300,6 +307,7 @@ class ElasticsearchOutput:
                     raise _refused(request_error, doc)
             elif status == 409:
                 pending.pop(doc_id)
+                split.accepted = True
                 with self._count_lock:
                     self.duplicates += 1
             elif status in (401, 403):
@@ -314,13 +322,20 @@ class ElasticsearchOutput:
                 pending.pop(doc_id)
         for _exc, group in too_large:
             if len(group) == 1:
-                doc = pending.pop(group[0])
-                self._dead_letter(doc, 413, {"error": "too large: a bulk request of this document alone was refused "
-                                                      "with HTTP 413 (http.max_content_length, or a proxy's limit)"})
+                split.alone.append(group[0])
+                if not split.accepted and len(split.alone) >= 2:
+                    raise split.refused_everything(pending)
                 continue
             log.warning("a bulk request of %d documents was too large for Elasticsearch (HTTP 413); "
                         "sending them in smaller requests", len(group))
-            last = self._bulk(pending, group, (len(group) + 1) // 2) or last
+            last = self._bulk(pending, group, (len(group) + 1) // 2, split) or last
+        if top and split.alone:
+            if not split.accepted:
+                raise split.refused_everything(pending)
+            for doc_id in split.alone:  # others got through: these are too large for the limit
+                self._dead_letter(pending.pop(doc_id), 413, {
+                    "error": "too large: a bulk request of this document alone was refused with HTTP 413 "
+                             "(http.max_content_length, or a proxy's limit)"})
         return last
 
     def _dead_letter(self, doc: dict, status: Any, info: Mapping) -> None:
@@ -360,6 +375,24 @@ def _reason(info: Mapping) -> str:
             text += f" ({cause.get('type')}: {cause.get('reason')})"
         return text[:500]
     return str(error)[:500] if error else "no reason given"
+
+
+@dataclass
+class _Split:
+    """One batch's 413 halving: whether any request got through, and the documents refused alone.
+    A document refused alone is dead-lettered only once another got through: when none does, the
+    limit in front of Elasticsearch is below ordinary documents, a setting to fix, and two single
+    documents refused with nothing accepted end the halving instead of trying every one alone."""
+
+    accepted: bool = False
+    alone: list = field(default_factory=list)
+
+    def refused_everything(self, pending: Mapping[str, dict]) -> OutputError:
+        size = min(len(orjson.dumps(pending[i]["_source"])) for i in self.alone)
+        return OutputError(
+            f"Elasticsearch (or a proxy in front of it) refused even single documents as too large (HTTP 413, "
+            f"one of {size} bytes): raise http.max_content_length or the proxy's body limit; the batch stays "
+            "in the outbox")
 
 
 def _refused(exc, doc: Mapping) -> OutputError:

@@ -201,6 +201,21 @@ def test_a_proxy_body_limit_splits_down_to_one_document_and_dead_letters_only_on
     assert len([r for r in fake.requests if r["path"].startswith("/_bulk")]) < 30
 
 
+def test_a_limit_below_every_document_stops_with_the_batch_kept_instead_of_dead_lettering_it(fake, tmp_path):
+    """A proxy that refuses even one ordinary document is a setting to fix: dead-lettering every
+    document of every batch would empty the outbox into the dead-letter file."""
+    fake.max_body_bytes = 50
+    out = _output(fake.url, tmp_path)
+    ack = Acks()
+    with pytest.raises(OutputError, match="refused even single documents as too large"):
+        out.send("completions", _payload([_doc(i) for i in range(500)]), 500, ack)
+    assert ack.n == 0 and out.rejected == 0 and not (tmp_path / "dead-letter.ndjson").exists()
+    assert len([r for r in fake.requests if r["path"].startswith("/_bulk")]) < 30  # not each document alone
+    fake.max_body_bytes = 0  # the limit raised: the kept batch goes through
+    out.send("completions", _payload([_doc(i) for i in range(500)]), 500, ack)
+    assert ack.n == 1 and len(fake.docs) == 500
+
+
 # -- permanent rejections ---------------------------------------------------------------------------
 def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_delivered(fake, tmp_path):
     from agent_input.logs import setup_logging
