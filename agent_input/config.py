@@ -118,8 +118,16 @@ def display_url(value: str) -> str:
     """`value` with any user:password@ replaced by ***@, for echoing a URL in a message or on stdout."""
     scheme_end = value.find("://")
     start = scheme_end + 3 if scheme_end >= 0 else 0
-    ends = [i for i in (value.find(c, start) for c in "/?#") if i >= 0]
-    at = value.rfind("@", start, min(ends, default=len(value)))  # the last @ of the authority: a password may hold one
+    try:
+        in_authority = "@" in urlsplit(value).netloc
+    except ValueError:
+        in_authority = False
+    end = len(value)
+    if in_authority:  # the @ ends the authority's user info: an @ in the path or query is no password
+        end = min([i for i in (value.find(c, start) for c in "/?#") if i >= 0], default=end)
+    # otherwise the last @ anywhere: a password typed with an unencoded / ? or # ends the authority
+    # early, and hiding too much of a URL is harmless where hiding too little is a leak
+    at = value.rfind("@", start, end)
     return value if at < 0 else value[:start] + "***" + value[at:]
 
 
@@ -527,7 +535,7 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
         # The value is never echoed: a key pasted here instead of a path would land on stderr.
         p = Path(os.path.expanduser(path))
         try:
-            text = p.read_text(encoding="utf-8").strip()
+            text = p.read_text(encoding="utf-8").lstrip("\ufeff").strip()  # a BOM from some editors
         except FileNotFoundError:
             errors.append(ConfigError("api_key_file", f"the file does not exist ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
@@ -568,8 +576,7 @@ def _unprintable(key: str) -> bool:
 def _check_url(value: str, key: str, schemes: tuple[str, ...], errors: list[ConfigError]) -> None:
     try:
         parts = urlsplit(value)
-        ok = parts.scheme.lower() in schemes and bool(parts.hostname)
-        parts.port  # raises ValueError on a bad port
+        ok = parts.scheme.lower() in schemes and bool(parts.hostname) and parts.port != 0  # a bad port: ValueError
     except ValueError:
         ok = False
     if not ok:

@@ -269,7 +269,8 @@ def test_wrong_types(data, key):
     assert e.key == key, str(e)
 
 
-@pytest.mark.parametrize("url", ["api.openai.com", "ftp://api.openai.com", "https://", "http://h:99999", "://x"])
+@pytest.mark.parametrize("url", ["api.openai.com", "ftp://api.openai.com", "https://", "http://h:99999", "://x",
+                                 "http://h:0"])
 def test_bad_url(url):
     e = one_error({"url": url})
     assert e.key == "url" and "not a valid URL" in e.message
@@ -509,10 +510,18 @@ def test_a_key_with_a_line_break_or_odd_character_is_refused_without_showing_it(
 
 @pytest.mark.parametrize("url,shown", [
     ("https://elastic:pa@ss@es:9200/x", "https://***@es:9200/x"),   # the last @ of the authority
-    ("https://es:9200/search?by=a@b.com", "https://es:9200/search?by=a@b.com"),  # an @ past the host is no password
+    ("https://u:pw@es:9200/search?by=a@b.com", "https://***@es:9200/search?by=a@b.com"),  # a query's @ stays
+    ("https://elastic:Ab#cd*9@es:9200", "https://***@es:9200"),  # an unencoded # in the password: still hidden
+    ("https://elastic:a/b?c@es:9200", "https://***@es:9200"),
     ("es:9200", "es:9200"),
 ])
 def test_display_url_hides_only_the_user_info(url, shown):
     from agent_input.config import display_url
 
     assert display_url(url) == shown
+
+
+def test_a_key_file_saved_with_a_bom_is_read(tmp_path):
+    p = tmp_path / "key"
+    p.write_text("\ufeffsk-admin-abc_DEF-123\n", encoding="utf-8")
+    assert config_from_dict({"api_key_file": str(p)}, env={}).api_key.reveal() == "sk-admin-abc_DEF-123"
