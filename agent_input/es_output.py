@@ -290,9 +290,10 @@ class ElasticsearchOutput:
                 continue
             status = info.get("status")
             request_error = info.get("exception")
+            if request_error is None:  # the helper attaches the request's ApiError when the whole request failed
+                split.got_through = True  # Elasticsearch answered for this document, whatever it said
             if ok:
                 pending.pop(doc_id)
-                split.accepted = True
                 with self._count_lock:
                     self.created += 1
             elif isinstance(request_error, ApiError):
@@ -303,11 +304,11 @@ class ElasticsearchOutput:
                     too_large[-1][1].append(doc_id)
                 elif status in RETRY_STATUS or status >= 500:
                     last = f"HTTP {status}: {_reason(info)}"
+                    split.transient = True
                 else:
                     raise _refused(request_error, doc)
             elif status == 409:
                 pending.pop(doc_id)
-                split.accepted = True
                 with self._count_lock:
                     self.duplicates += 1
             elif status in (401, 403):
@@ -323,14 +324,16 @@ class ElasticsearchOutput:
         for _exc, group in too_large:
             if len(group) == 1:
                 split.alone.append(group[0])
-                if not split.accepted and len(split.alone) >= 2:
+                if split.refuses_everything():
                     raise split.refused_everything(pending)
                 continue
             log.warning("a bulk request of %d documents was too large for Elasticsearch (HTTP 413); "
                         "sending them in smaller requests", len(group))
             last = self._bulk(pending, group, (len(group) + 1) // 2, split) or last
         if top and split.alone:
-            if not split.accepted:
+            if not split.got_through:
+                if split.transient:
+                    return last  # nothing judged yet: the outer loop retries, and the halving with it
                 raise split.refused_everything(pending)
             for doc_id in split.alone:  # others got through: these are too large for the limit
                 self._dead_letter(pending.pop(doc_id), 413, {
@@ -379,13 +382,19 @@ def _reason(info: Mapping) -> str:
 
 @dataclass
 class _Split:
-    """One batch's 413 halving: whether any request got through, and the documents refused alone.
-    A document refused alone is dead-lettered only once another got through: when none does, the
-    limit in front of Elasticsearch is below ordinary documents, a setting to fix, and two single
-    documents refused with nothing accepted end the halving instead of trying every one alone."""
+    """One batch's 413 halving: whether any request got through to Elasticsearch (it answered per
+    document, whatever it answered), whether one failed for a passing reason (429/5xx), and the
+    documents refused alone. A document refused alone is dead-lettered only once another request
+    got through: when none does and nothing passing is in the way, the limit in front of
+    Elasticsearch is below ordinary documents, a setting to fix, and two single documents refused
+    end the halving instead of trying every one alone."""
 
-    accepted: bool = False
+    got_through: bool = False
+    transient: bool = False
     alone: list = field(default_factory=list)
+
+    def refuses_everything(self) -> bool:
+        return not self.got_through and not self.transient and len(self.alone) >= 2
 
     def refused_everything(self, pending: Mapping[str, dict]) -> OutputError:
         size = min(len(orjson.dumps(pending[i]["_source"])) for i in self.alone)

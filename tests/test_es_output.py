@@ -216,6 +216,19 @@ def test_a_limit_below_every_document_stops_with_the_batch_kept_instead_of_dead_
     assert ack.n == 1 and len(fake.docs) == 500
 
 
+def test_per_item_failures_count_as_getting_through_when_one_document_is_too_large(fake, tmp_path):
+    """Documents answered with a 503 each reached Elasticsearch: the limit is not below them, so the
+    one document refused alone is dead-lettered and the others retried, not the output stopped."""
+    fake.max_body_bytes = 1500
+    out = _output(fake.url, tmp_path, max_retries=1)
+    docs = [_doc(i) for i in range(20)]
+    fake.item_faults = {d[0]: [503] * 3 for d in docs}
+    big = _doc(99, blob="x" * 4000)
+    ack = Acks()
+    out.send("completions", _payload(docs + [big]), 21, ack)
+    assert ack.n == 1 and len(fake.docs) == 20 and out.rejected == 1
+
+
 # -- permanent rejections ---------------------------------------------------------------------------
 def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_delivered(fake, tmp_path):
     from agent_input.logs import setup_logging
