@@ -29,7 +29,6 @@ MANIFEST_PATH = Path(__file__).resolve().parents[1] / "manifest.yml"
 ENV_ADMIN_KEY = "OPENAI_ADMIN_KEY"
 BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_WIDTH_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 _DURATION_RE = re.compile(r"^(?:\d+[smhd])+$")
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 DURATION_FORM = "a duration like 30s, 5m, 24h, 1d or 1h30m (or an integer number of seconds)"
@@ -439,7 +438,7 @@ def _stream(sname: str, raw: Any, errors: list[ConfigError]) -> StreamConfig:
     # the same empty window, collecting nothing while looking healthy. Only initial - grace >= one
     # bucket width guarantees a bucket (audit and rate limits have no buckets).
     initial, grace = v.get("initial_interval"), v.get("finalization_grace") or 0
-    width = _WIDTH_SECONDS.get(v.get("bucket_width"))
+    width = BUCKET_SECONDS.get(v.get("bucket_width"))
     if initial is not None and width is not None and initial - grace < width:
         errors.append(ConfigError(f"{prefix}.initial_interval", (
             f"{format_duration(initial)} must be at least one bucket width ({v['bucket_width']}) longer than "
