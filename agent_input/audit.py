@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from .ecs import ECS_VERSION, iso_timestamp
 from .engine import ListingCollector, PollStats, serialize
 from .http_client import PermissionDeniedError, explain
+from .paging import cursor_pages
 
 log = logging.getLogger("agent_input.audit")
 
@@ -126,29 +127,15 @@ class AuditCollector(ListingCollector):
         """Every event with gte <= effective_at <= lte, by id (pages newest first, any order)."""
         params: dict[str, Any] = {"effective_at[gte]": gte, "effective_at[lte]": lte, "limit": self.batch_size}
         events: dict[str, dict] = {}
-        after = None
-        followed: set[str] = set()
-        for _ in range(MAX_PAGES_PER_SLICE):
-            if after:
-                params["after"] = after
-            body = self.client.get_json(PATH, params)
+        for data in cursor_pages(self.client.get_json, PATH, params, lambda what: BadAuditPage(f"{PATH}: {what}"),
+                                 MAX_PAGES_PER_SLICE):
             stats.requests += 1
             stats.pages += 1
-            data = body.get("data")
-            if not isinstance(data, list):
-                raise BadAuditPage(f"{PATH}: response has no `data` list")
             for ev in data:
                 if not isinstance(ev, Mapping) or not isinstance(ev.get("id"), str):
                     raise BadAuditPage(f"{PATH}: an entry has no string `id`: {ev!r:.80}")
                 events[ev["id"]] = dict(ev)
-            last = body.get("last_id") or (data[-1]["id"] if data else None)
-            if not body.get("has_more") or not data or not isinstance(last, str):
-                return events
-            if last in followed:  # ending here would pass over events never read
-                raise BadAuditPage(f"{PATH}: last_id {last!r:.60} came back a second time with has_more")
-            followed.add(last)
-            after = last
-        raise BadAuditPage(f"{PATH}: more than {MAX_PAGES_PER_SLICE} pages for one slice")
+        return events
 
 
 def _load_recent(text: str | None) -> dict[str, int]:

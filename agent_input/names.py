@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .http_client import AdminApiClient, ApiError
+from .paging import cursor_pages
 
 log = logging.getLogger("agent_input.names")
 
@@ -322,19 +323,10 @@ class NameCache:
         return getattr(self._worker_local, "client", None) or self.client
 
     def _list(self, path: str, params: Mapping[str, Any]) -> Iterator[dict]:
-        """Every object of a cursor-paginated list (`limit`, `after`, `has_more`, `last_id`)."""
-        query: dict[str, Any] = dict(params, limit=PAGE_LIMIT)
-        seen: set[str] = set()
-        while True:
-            body = self._worker_client().get_json(path, query)
-            data = body.get("data")
-            if not isinstance(data, list):
-                return
-            for item in data:
-                if isinstance(item, Mapping):
-                    yield item
-            last = body.get("last_id") or (data[-1].get("id") if data and isinstance(data[-1], Mapping) else None)
-            if not body.get("has_more") or not data or not isinstance(last, str) or last in seen:
-                return
-            seen.add(last)
-            query["after"] = last
+        """Every object of a listing; a page that breaks the pagination fails the listing (an
+        ApiError, retried after RETRY_AFTER_FAILURE) rather than ending it short without a word."""
+        def bad(what: str) -> ApiError:
+            return ApiError(200, what, "malformed_response", path)
+
+        for data in cursor_pages(self._worker_client().get_json, path, dict(params, limit=PAGE_LIMIT), bad):
+            yield from (item for item in data if isinstance(item, Mapping))

@@ -22,7 +22,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import orjson
 
@@ -196,3 +196,29 @@ class PageFetcher:
         except orjson.JSONDecodeError:
             return None
         return token if isinstance(token, str) and token else None
+
+
+def cursor_pages(get_json: Callable[[str, Mapping[str, Any]], Mapping], path: str, params: Mapping[str, Any],
+                 bad: Callable[[str], Exception], max_pages: int = 100_000) -> Iterator[list]:
+    """The `data` list of each page of an admin listing paginated by cursor (`after` = the previous
+    page's `last_id` while `has_more`): audit logs, projects, rate limits, users, API keys.
+
+    A page without a `data` list, a `last_id` that comes back (ending there would pass over what
+    was never read; following it would never end) or more than `max_pages` pages raise `bad(what)`.
+    """
+    query = dict(params)
+    followed: set[str] = set()
+    for _ in range(max_pages):
+        body = get_json(path, query)
+        data = body.get("data")
+        if not isinstance(data, list):
+            raise bad("response has no `data` list")
+        yield data
+        last = body.get("last_id") or (data[-1].get("id") if data and isinstance(data[-1], Mapping) else None)
+        if not body.get("has_more") or not data or not isinstance(last, str):
+            return
+        if last in followed:
+            raise bad(f"last_id {last!r:.60} came back a second time with has_more")
+        followed.add(last)
+        query["after"] = last
+    raise bad(f"more than {max_pages} pages in one listing")

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping
 from .ecs import ECS_VERSION, iso_timestamp
 from .engine import ListingCollector, PollStats, serialize
 from .http_client import ApiError, AuthenticationError, PermissionDeniedError, StoppedError
+from .paging import cursor_pages
 
 log = logging.getLogger("agent_input.rate_limits")
 
@@ -105,27 +106,13 @@ class RateLimitsCollector(ListingCollector):
         return stats
 
     def _list(self, path: str, params: Mapping[str, Any], stats: PollStats) -> Iterator[Mapping]:
-        query = dict(params)
-        after = None
-        followed: set[str] = set()
-        for _ in range(MAX_PAGES):
-            if after:
-                query["after"] = after
-            body = self.client.get_json(path, query)
+        def bad(what: str) -> ApiError:
+            return ApiError(200, what, "malformed_response", path)
+
+        for data in cursor_pages(self.client.get_json, path, params, bad, MAX_PAGES):
             stats.requests += 1
             stats.pages += 1
-            data = body.get("data")
-            if not isinstance(data, list):
-                raise ApiError(200, "response has no `data` list", "malformed_response", path)
             yield from (d for d in data if isinstance(d, Mapping))
-            last = body.get("last_id") or (data[-1].get("id") if data and isinstance(data[-1], Mapping) else None)
-            if not body.get("has_more") or not data or not isinstance(last, str):
-                return
-            if last in followed:  # ending here would leave projects out without a word
-                raise ApiError(200, f"last_id {last!r:.60} came back a second time with has_more",
-                               "malformed_response", path)
-            followed.add(last)
-            after = last
 
 
 def _collected_at(ts: int) -> str:

@@ -408,3 +408,21 @@ def test_a_warm_up_that_fails_ends_quietly_and_the_first_lookup_loads_again(simu
     cache.enrich(doc)
     assert doc["openai"]["base"]["project_name"] == simulator.org.projects[0].name
     client.close()
+
+
+def test_a_listing_whose_cursor_comes_back_is_a_failure_not_a_short_list():
+    """The names share the audit and rate-limit listings' pagination: a repeated last_id fails the
+    listing (retried later) instead of ending it quietly with the users read so far."""
+    class Looping:
+        def get_json(self, path, params):
+            if path.endswith("/users"):
+                return {"object": "list", "data": [{"id": "user-1", "email": "a@example.com"}],
+                        "has_more": True, "last_id": "user-1"}
+            return {"object": "list", "data": [], "has_more": False, "last_id": None}
+
+        def close(self):
+            pass
+
+    cache = NameCache(Looping(), refresh_interval=3600, clock=lambda: 0.0)
+    cache.ensure_fresh()
+    assert any("users" in f and "'user-1' came back a second time" in f for f in cache.failures), cache.failures

@@ -625,3 +625,27 @@ def test_a_next_page_token_that_comes_back_stops_the_poll_instead_of_looping(har
     # what came before the loop is kept; p3 and the bucket p2 carried into it are read again next poll
     assert h.store.cursor("completions", "1m").position == b + 60
     assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 1
+
+
+def test_cursor_pages_follows_last_id_and_refuses_a_loop_a_missing_list_and_no_end():
+    from agent_input.paging import cursor_pages
+
+    class Bad(Exception):
+        pass
+
+    def listing(pages):
+        def get_json(path, params):
+            return pages[params.get("after")]
+        return get_json
+
+    two = {None: {"data": [1], "has_more": True, "last_id": "a"}, "a": {"data": [2], "has_more": False}}
+    assert list(cursor_pages(listing(two), "/p", {}, Bad)) == [[1], [2]]
+    loop = {None: {"data": [1], "has_more": True, "last_id": "a"}, "a": {"data": [2], "has_more": True, "last_id": "a"}}
+    with pytest.raises(Bad, match="'a' came back a second time"):
+        list(cursor_pages(listing(loop), "/p", {}, Bad))
+    with pytest.raises(Bad, match="no `data` list"):
+        list(cursor_pages(listing({None: {"has_more": False}}), "/p", {}, Bad))
+    endless = {None: {"data": [0], "has_more": True, "last_id": "x0"}}
+    endless.update({f"x{i}": {"data": [i], "has_more": True, "last_id": f"x{i + 1}"} for i in range(10)})
+    with pytest.raises(Bad, match="more than 5 pages"):
+        list(cursor_pages(listing(endless), "/p", {}, Bad, max_pages=5))
