@@ -16,14 +16,13 @@ def main() -> None:
 def _load_config_or_exit(path: str):
     """The config, or every problem with it on stderr and exit status 2 (before any request)."""
     from .config import ConfigError, load_config
-    from .logs import redact
 
     try:
         return load_config(path)
     except ConfigError as exc:
         click.echo("openai-input: config error:", err=True)
         for line in exc.lines():
-            click.echo(f"  {redact(line)}", err=True)  # config.py hides keys already; belt and braces
+            click.echo(f"  {line}", err=True)  # ConfigError has hidden the keys in it
         raise SystemExit(2)
 
 
