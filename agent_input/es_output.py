@@ -12,9 +12,10 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
   connection errors and items still failing, in an outer loop (`attempts`); when patience runs
   out the batch stays in the outbox and `OutputError` stops the collector with one clear line;
 - **split**: a whole request refused with 413 (`http.max_content_length`, or a proxy's body limit
-  below our `max_chunk_bytes`) is sent again as two requests, halving down to one document;
-- **rejected** for good (any other 4xx on an item, e.g. a mapping error, or 413 for a request of
-  one document, which no split can fix): reported with the
+  below our `max_chunk_bytes`) is sent again as two requests, halving down to one document; when
+  no request gets through at all, the limit is below ordinary documents and `OutputError` says so;
+- **rejected** for good (any other 4xx on an item, e.g. a mapping error, or 413 for a document
+  refused alone while others got through): reported with the
   document id and dataset and written, with the error, to the dead-letter file
   `<state dir>/dead-letter.ndjson` (fsynced) — the rest of the batch is delivered and the batch
   is acknowledged, so one bad document cannot block its stream forever, and it is never silently
@@ -312,10 +313,7 @@ class ElasticsearchOutput:
                 with self._count_lock:
                     self.duplicates += 1
             elif status in (401, 403):
-                raise OutputError(
-                    f"Elasticsearch refused the credentials ({status}): check {ENV_API_KEY} or "
-                    f"{ENV_USERNAME}/{ENV_PASSWORD} and the index privileges on {doc['_index']}"
-                )
+                raise _credentials_refused(str(status), doc["_index"])
             elif isinstance(status, int) and (status in RETRY_STATUS or status >= 500):
                 last = f"HTTP {status}: {_reason(info)}"
             else:
@@ -404,6 +402,13 @@ class _Split:
             "in the outbox")
 
 
+def _credentials_refused(what: str, index: str | None = None) -> OutputError:
+    """401/403, from the cluster check, a whole bulk request or one of its documents."""
+    privileges = f" and the index privileges on {index}; the batch stays in the outbox" if index else ""
+    return OutputError(f"Elasticsearch refused the credentials ({what}): check {ENV_API_KEY} or "
+                       f"{ENV_USERNAME}/{ENV_PASSWORD}{privileges}")
+
+
 def _refused(exc, doc: Mapping) -> OutputError:
     """The error for a whole bulk request refused with a status that retrying cannot fix (a wrong
     URL, key or proxy): names the status and the URL, since nothing reached Elasticsearch."""
@@ -413,9 +418,7 @@ def _refused(exc, doc: Mapping) -> OutputError:
     url = f"{node.scheme}://{node.host}:{node.port}{node.path_prefix}/_bulk" if node else "_bulk"
     status = exc.status_code
     if status in (401, 403):
-        return OutputError(redact(
-            f"Elasticsearch refused the credentials (HTTP {status} from {url}): check {ENV_API_KEY} or "
-            f"{ENV_USERNAME}/{ENV_PASSWORD} and the index privileges on {doc['_index']}; the batch stays in the outbox"))
+        return _credentials_refused(f"HTTP {status} from {url}", doc["_index"])
     message = " ".join(str(exc.message).split())[:200]  # a proxy's answer may be a whole HTML page
     return OutputError(redact(
         f"Elasticsearch refused the bulk request (HTTP {status} from {url}: {message}): check the Elasticsearch "
@@ -439,8 +442,7 @@ def check_cluster(client) -> str:
         info = client.info()
     except ApiError as exc:
         if exc.status_code in (401, 403):
-            raise OutputError(f"Elasticsearch refused the credentials ({exc.status_code}): check "
-                              f"{ENV_API_KEY} or {ENV_USERNAME}/{ENV_PASSWORD}") from None
+            raise _credentials_refused(str(exc.status_code)) from None
         raise OutputError(f"Elasticsearch answered {exc.status_code}: {redact(str(exc.message))}") from None
     except Exception as exc:  # noqa: BLE001
         raise OutputError(f"cannot reach Elasticsearch: {_describe_exc(exc)}") from None
