@@ -572,16 +572,33 @@ def _unprintable(key: str) -> bool:
     return not (key.isascii() and key.isprintable())
 
 
-def _check_url(value: str, key: str, schemes: tuple[str, ...], errors: list[ConfigError]) -> None:
+def url_problem(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+    """What makes `value` unusable as a URL with one of `schemes` (requests would fail on it, some
+    of it with a traceback), as the end of a sentence about it; None when it is usable."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "it contains a space or control character"
     try:
         parts = urlsplit(value)
-        ok = parts.scheme.lower() in schemes and bool(parts.hostname) and parts.port != 0  # a bad port: ValueError
-    except ValueError:
-        ok = False
-    if not ok:
-        errors.append(ConfigError(
-            key, f"{display_url(value)!r} is not a valid URL (expected {'|'.join(schemes)}://host[:port][/path])"
-        ))
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return "it cannot be parsed"
+    if parts.scheme.lower() not in schemes:
+        return "it must start with " + " or ".join(f"{s}://" for s in schemes)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or beyond 65535
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        return "it has an invalid port (a number from 1 to 65535)"
+    if not parts.hostname:
+        return "it has no host"
+    return None
+
+
+def _check_url(value: str, key: str, schemes: tuple[str, ...], errors: list[ConfigError]) -> None:
+    problem = url_problem(value, schemes)
+    if problem:
+        errors.append(ConfigError(key, f"{display_url(value)!r} is not a valid URL: {problem} "
+                                       f"({'|'.join(schemes)}://host[:port][/path])"))
 
 
 def _check_namespace(value: str, errors: list[ConfigError]) -> None:

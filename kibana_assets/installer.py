@@ -11,11 +11,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit
 
 import requests
 
-from agent_input.config import display_url  # every URL the installer prints: user:password@ -> ***@
+from agent_input.config import display_url, url_problem  # display_url: user:password@ -> ***@
 
 from . import MANAGED_BY
 from . import elasticsearch as E
@@ -60,24 +59,10 @@ class MissingPrivilege(InstallerError):
 def check_url(value: str, option: str) -> None:
     """Reject what requests would turn into a traceback (no scheme, no host, a bad port) with one
     line naming the option."""
-    shown = display_url(value)
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise InstallerError(f"{option} {shown!r} contains a space or control character", code=2)
-    try:
-        parts = urlsplit(value)
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        raise InstallerError(f"{option} {shown!r} is not a valid URL", code=2) from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InstallerError(f"{option} {shown!r} must start with http:// or https:// "
+    problem = url_problem(value)
+    if problem:
+        raise InstallerError(f"{option} {display_url(value)!r} is not a valid URL: {problem} "
                              "(for example https://localhost:9200)", code=2)
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        port = -1
-    if port is not None and not 1 <= port <= 65535:
-        raise InstallerError(f"{option} {shown!r} has an invalid port (a number from 1 to 65535)", code=2)
-    if not host:
-        raise InstallerError(f"{option} {shown!r} has no host", code=2)
 
 
 # ---------------------------------------------------------------------------------------------
