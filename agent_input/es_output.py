@@ -47,9 +47,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import orjson
 
+from .config import display_url, url_problem
 from .durable import write_file
 from .outputs import Ack, OutputError
 
@@ -103,6 +105,11 @@ def make_client(
     cloud_id = cloud_id or (env.get(ENV_CLOUD_ID) or "").strip() or None
     if not url and not cloud_id:
         raise OutputError("the elasticsearch output needs --es-url (or es_url in the config) or a cloud id")
+    if url and not cloud_id:  # --es-url is not checked with the config: the client's error quotes it whole
+        problem = url_problem(url)
+        if problem:
+            raise OutputError(f"the Elasticsearch URL {display_url(url)!r} is not a valid URL: {problem}")
+        register_secret(urlsplit(url).password)
     kwargs: dict[str, Any] = {
         "transport_class": _compat_transport_class(),
         "request_timeout": request_timeout,
@@ -142,7 +149,8 @@ def make_client(
     except Exception as exc:  # bad URL, bad cloud id
         from .logs import redact
 
-        raise OutputError(f"cannot set up the Elasticsearch client: {redact(str(exc))}") from None
+        message = str(exc).replace(url, display_url(url)) if url else str(exc)
+        raise OutputError(f"cannot set up the Elasticsearch client: {redact(message)}") from None
 
 
 def target_index(doc: Mapping[str, Any], stream: str, namespace: str) -> tuple[str, str]:

@@ -457,3 +457,16 @@ def test_real_cluster_create_then_409(tmp_path):
         assert acks.n == 2 and out.created == 3 and out.duplicates == 3 and out.rejected == 0, version
     finally:
         client.options(ignore_status=404).indices.delete_data_stream(name=f"logs-openai.completions-{ns}")
+
+
+@pytest.mark.parametrize("url,says", [
+    ("es:9200", "must start with http:// or https://"),
+    ("http://elastic:S3cret-pw@es:notaport", "has an invalid port"),
+    ("http://[::1", "cannot be parsed"),
+])
+def test_a_bad_es_url_is_one_line_without_its_password(url, says):
+    """--es-url is given on the command line, not checked with the config: the client's own error
+    would quote it whole, password included."""
+    with pytest.raises(OutputError) as info:
+        make_client(url, env=ENV)
+    assert says in str(info.value) and "S3cret-pw" not in str(info.value)
