@@ -337,8 +337,9 @@ class Installer:
         self.echo = echo or (lambda line: None)
         self.es_version: str | None = None
         self.kibana_version: str | None = None
-        self._es_read: dict[str, dict | None] = {}  # asset path -> body read by the foreign-asset scan
-        self._templates_read: dict[str, dict | None] = {}  # index templates read to tell data streams apart
+        # asset path -> its body as read in this install or uninstall (None: absent): the foreign-asset
+        # scan's reads serve the writes, and one template's read serves all its data streams
+        self._es_read: dict[str, dict | None] = {}
 
     # -- preflight ---------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -386,6 +387,7 @@ class Installer:
 
     def install(self) -> Report:
         report = Report()
+        self._es_read.clear()
         try:
             self.preflight()
             self.check_es_privileges(["manage_index_templates", "manage_pipeline"])
@@ -417,20 +419,20 @@ class Installer:
         foreign = []
         for asset in E.es_assets(self.o.retention, self.o.namespace):
             current = self._read_es(asset)
-            self._es_read[asset.path] = current
             if current is not None and _owner(current) != MANAGED_BY:
                 foreign.append((asset.label, _owner(current)))
         return foreign
 
     def _read_es(self, asset: E.EsAsset) -> dict | None:
-        """The asset as Elasticsearch has it, or None when it does not exist."""
-        if asset.path in self._es_read:
-            return self._es_read.pop(asset.path)
-        resp = self.t.es("GET", asset.path)
-        if resp.status_code == 404:
-            return None
-        _check(resp, f"read {asset.label}", ES_PRIVILEGE[asset.kind])
-        return _existing_es_body(asset.kind, asset.name, _json(resp)) or {}
+        """The asset as Elasticsearch has it, or None when it does not exist; read once a run."""
+        if asset.path not in self._es_read:
+            resp = self.t.es("GET", asset.path)
+            if resp.status_code == 404:
+                self._es_read[asset.path] = None
+            else:
+                _check(resp, f"read {asset.label}", ES_PRIVILEGE[asset.kind])
+                self._es_read[asset.path] = _existing_es_body(asset.kind, asset.name, _json(resp)) or {}
+        return self._es_read[asset.path]
 
     def _would(self, status: str) -> str:
         return f"would {status[:-1] if status.endswith('d') else status}" if self.dry_run else status
@@ -538,6 +540,7 @@ class Installer:
     # -- uninstall ---------------------------------------------------------------------------
     def uninstall(self, delete_data: bool = False) -> Report:
         report = Report()
+        self._es_read.clear()
         try:
             self.preflight()
             self.check_es_privileges(["manage_index_templates", "manage_pipeline"],
@@ -630,11 +633,7 @@ class Installer:
         Elastic OpenAI integration's data streams have our names; their template tells them apart."""
         asset = next((a for a in E.es_assets(self.o.retention, self.o.namespace)
                       if a.kind == "index_template" and a.name == index_template), None)
-        if asset is None:
-            return False
-        if asset.path not in self._templates_read:
-            self._templates_read[asset.path] = self._read_es(asset)
-        return _owner(self._templates_read[asset.path]) == MANAGED_BY
+        return asset is not None and _owner(self._read_es(asset)) == MANAGED_BY
 
     def _foreign(self, asset: E.EsAsset) -> tuple[str | None, tuple[str, str] | None]:
         """Read `asset` before deleting it: (its current body, or a step result when there is
