@@ -26,14 +26,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent_input.ecs import ECS_VERSION
+
 from . import MANAGED_BY, PACKAGE, VERSION
 from . import fields as F
 
 # Above Fleet's integration templates (200) and the built-in `logs` template (100).
 TEMPLATE_PRIORITY = 250
-# For documents that arrive without one (another shipper); the collector's own (agent_input.ecs), as
-# in the seed's examples.
-ECS_VERSION = "9.3.0"
 # Built-in component templates present on 8.18+ and 9.x; give undeclared ECS fields ECS types.
 BUILTIN_COMPONENTS = ("ecs@mappings",)
 ROUTER_PIPELINE = "logs-openai@router"
@@ -131,6 +130,7 @@ def ingest_pipeline(ds: str) -> dict:
     processors: list[dict] = [
         {"set": {"field": "event.ingested", "value": "{{{_ingest.timestamp}}}",
                  "tag": "set_event_ingested"}},
+        # for documents that arrive without one (another shipper): the collector's own, as in the seed
         {"set": {"field": "ecs.version", "value": ECS_VERSION, "override": False, "tag": "ecs_version"}},
         {"set": {"field": "event.module", "value": "openai", "override": False, "tag": "event_module"}},
     ]
