@@ -682,6 +682,14 @@ def test_control_interface(sim):
     stats = requests.get(base + "/_sim/stats", timeout=10).json()
     assert stats["requests"] > 0 and stats["by_status"]["200"] > 0 and stats["faults"]["503"] >= 1
     assert "/v1/organization/users" in stats["by_path"]
+    assert stats["first_request_at"] <= stats["last_answer_at"] <= time.time()
+    stats = requests.post(base + "/_sim/stats", json={}, timeout=10).json()
+    assert stats["requests"] == 0 and stats["by_path"] == {} and stats["first_request_at"] is None
+    before = time.time()
+    requests.get(base + "/v1/organization/users", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    stats = requests.get(base + "/_sim/stats", timeout=10).json()
+    assert before <= stats["first_request_at"] <= stats["last_answer_at"] <= time.time()
+    assert stats["requests"] == 1  # the control requests are not counted
 
 
 def test_cli_simulate_serves_until_interrupted(tmp_path):

@@ -65,7 +65,8 @@ Faults
 Control interface (no auth)
     ``GET/POST /_sim/clock`` ({"now": ts} or {"advance": s}), ``GET/POST /_sim/faults`` (a JSON list of
     FaultRule fields replaces the rules; [] clears), ``GET /_sim/truth?stream=&start=&end=&bucket_width=
-    &group_by=a,b`` (list of {"group": {...}, "totals": {...}}), ``GET /_sim/stats``,
+    &group_by=a,b`` (list of {"group": {...}, "totals": {...}}), ``GET /_sim/stats`` (requests by path and
+    status, faults, and the wall times of the first API request and the last answer; ``POST`` resets them),
     ``GET/POST /_sim/config`` ({"audit_logs_enabled", "latency", "max_results_per_page"}).
 """
 from .faults import FAULT_KINDS, FaultRule

@@ -477,6 +477,13 @@ class _Handler(BaseHTTPRequestHandler):
                 status, body = 400, {"error": str(e)}
             self._send(status, body)
             return
+        arrived = time.time()
+        try:
+            self._api_get(sim, url, path)
+        finally:
+            sim._served(arrived, time.time())
+
+    def _api_get(self, sim: "Simulator", url, path: str) -> None:
         if sim.latency > 0:
             time.sleep(sim.latency)
         rule = sim.faults.pick(path)
@@ -619,6 +626,8 @@ class Simulator:
         self._by_status: Counter = Counter()
         self._faults: Counter = Counter()
         self._requests = 0
+        self._first_arrival: float | None = None  # wall time of the first API request since a reset
+        self._last_answer: float | None = None  # ... and of the last API answer sent
         self._req_id = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -685,6 +694,12 @@ class Simulator:
         with self._stats_lock:
             self._faults[kind] += 1
 
+    def _served(self, arrived: float, done: float) -> None:
+        """An API request's arrival and answer times: the span the API was busy for a client."""
+        with self._stats_lock:
+            self._first_arrival = arrived if self._first_arrival is None else min(self._first_arrival, arrived)
+            self._last_answer = done if self._last_answer is None else max(self._last_answer, done)
+
     def _next_request_id(self) -> int:
         with self._stats_lock:
             self._req_id += 1
@@ -693,7 +708,8 @@ class Simulator:
     def stats(self) -> dict:
         with self._stats_lock:
             return {"requests": self._requests, "by_path": dict(self._by_path), "by_status": dict(self._by_status),
-                    "faults": dict(self._faults), "faults_injected": sum(self._faults.values())}
+                    "faults": dict(self._faults), "faults_injected": sum(self._faults.values()),
+                    "first_request_at": self._first_arrival, "last_answer_at": self._last_answer}
 
     def reset_stats(self) -> None:
         with self._stats_lock:
@@ -701,6 +717,7 @@ class Simulator:
             self._by_path.clear()
             self._by_status.clear()
             self._faults.clear()
+            self._first_arrival = self._last_answer = None
 
     # -------------------------------------------------------------------------- auth
     def _auth(self, header: str | None, path: str) -> None:
@@ -797,7 +814,9 @@ class Simulator:
             t = self.truth(stream, start, end, p.one("bucket_width") or ("1d" if stream == "costs" else "1m"), gb)
             return 200, [{"group": dict(zip(gb, k)), "totals": v} for k, v in sorted(
                 t.items(), key=lambda kv: tuple("" if x is None else str(x) for x in kv[0]))]
-        if path == "/_sim/stats" and method == "GET":
+        if path == "/_sim/stats":
+            if method == "POST":  # any body: counts and times start again from nothing
+                self.reset_stats()
             return 200, self.stats()
         if path == "/_sim/config":
             if method == "POST":
