@@ -8,8 +8,9 @@ What it measures (the simulator always runs in its own process, as the real API 
 
 1. Backfills of every usage stream (the ten of streams.USAGE_STREAMS) for a large and a small
    organization: 24h at 1m, 15 days at 1h, 180 days at 1d, each with a simulated API latency
-   (default 150 ms). The collector is a separate `openai-input collect --once` process, so its
-   peak RSS and CPU come from wait4() of that process alone. Per run: API requests made, what the
+   (default 150 ms). The collector is a separate `openai-input collect --once` process, started
+   by a small spawner process, so its peak RSS and CPU come from wait4() of that process alone
+   (not from this one's RSS, see SPAWNER). Per run: API requests made, what the
    seed's default page sizes (60/24/7 buckets) would need, events, wall time, events/s, peak RSS,
    collector CPU, and the critical path: the longest chain of dependent requests x latency, i.e.
    the most pages any one stream needed, or the name cache's listings if that chain is longer
@@ -20,7 +21,9 @@ What it measures (the simulator always runs in its own process, as the real API 
    (`simulate --cache-responses`), so that the measured run meets an API that answers in its
    simulated latency instead of one that also generates every page on the collector's own two
    cores. The warm run is the figure; the cold one is
-   printed beside it.
+   printed beside it. The wall time is also split, by the simulator's record of its first request
+   and last answer, into the process before its first request, the API span and the time after
+   the last answer.
 2. Steady state: after the large-org 24h@1m backfill, one long-lived collector (in this process,
    the simulator still remote) polls every 5 simulated minutes with the default revision window
    (3h at 1m); requests and CPU seconds per poll (the first poll, which loads the name cache, is
@@ -116,6 +119,12 @@ class Sim:
     def stats(self) -> dict:
         return self.get("/_sim/stats")
 
+    def reset_stats(self) -> dict:
+        req = urllib.request.Request(self.url + "/_sim/stats", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
     def cpu(self) -> float:
         try:
             import psutil
@@ -152,26 +161,52 @@ def _config(url: str, width: str, initial_s: int, streams=None) -> dict:
 
 
 # -- 1. backfills ----------------------------------------------------------------------------------
+# The collector is started by this small process, not by the benchmark itself: on Linux a child's
+# ru_maxrss starts from its parent's RSS when it was spawned (exec keeps the old memory's high-water
+# mark), and the benchmark holds a large org's steady-state collection by the time the small org
+# runs. The spawner also takes the times, so its own start-up is not in them.
+SPAWNER = """
+import json, os, subprocess, sys, time
+t0, spawned = time.perf_counter(), time.time()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+wall, ended = time.perf_counter() - t0, time.time()
+sys.stderr.buffer.write(err)
+print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "wall": wall, "spawned": spawned, "ended": ended,
+                  "maxrss_kb": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}))
+"""
+
+
 def _collect_once(sim: Sim, cfg: Path, state: Path, out: Path, label: str) -> dict:
     """One `collect --once` backfill from an empty state: its wall time, wait4() usage and the
     simulator's requests and CPU while it ran."""
     sim.post("/_sim/clock", {"now": NOW})  # the same clock: the same answers, from the cache if warm
-    before, sim_cpu0 = sim.stats(), sim.cpu()
+    before, sim_cpu0 = sim.reset_stats(), sim.cpu()
     # Previous runs' output still being written back by the kernel would land in this run's
     # fsyncs (a large backfill leaves ~1 GB of dirty pages): each run starts with none.
     os.sync()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
-         "--state-dir", str(state), "--output-path", str(out), "--now", str(NOW), "--log-level", "ERROR"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    spawn = subprocess.run(
+        [sys.executable, "-S", "-c", SPAWNER, sys.executable, "-m", "agent_input.cli", "collect", "--config",
+         str(cfg), "--once", "--state-dir", str(state), "--output-path", str(out), "--now", str(NOW),
+         "--log-level", "ERROR"],
+        cwd=ROOT, capture_output=True,
     )
-    err = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"collector failed ({label}): {err[-2000:]}")
-    return {"wall": wall, "usage": usage, "by_path": _delta(before, sim.stats()), "sim_cpu": sim.cpu() - sim_cpu0}
+    try:
+        run = json.loads(spawn.stdout)
+    except ValueError:
+        raise SystemExit(f"collector spawner failed ({label}): {spawn.stderr.decode()[-2000:]}") from None
+    if run["exit"] != 0:
+        raise SystemExit(f"collector failed ({label}): {spawn.stderr.decode()[-2000:]}")
+    after = sim.stats()
+    # the simulator's wall times of the first request and the last answer (same machine, same
+    # clock) split the wall time in three: the process before its first request, the API span,
+    # and what the process did after its last answer (the last pages' mapping, commits, exit)
+    first, last = after["first_request_at"], after["last_answer_at"]
+    return {"wall": run["wall"], "peak_rss_mb": run["maxrss_kb"] / 1024, "cpu": run["cpu"],
+            "by_path": _delta(before, after), "sim_cpu": sim.cpu() - sim_cpu0,
+            "before_first_s": first - run["spawned"], "api_span_s": last - first,
+            "after_last_s": run["ended"] - last}
 
 
 def backfill(sim: Sim, org: str, name: str, width: str, span: int, latency_ms: int, workdir: Path) -> dict:
@@ -187,7 +222,7 @@ def backfill(sim: Sim, org: str, name: str, width: str, span: int, latency_ms: i
                          f"{org} {name}, cold")
     (workdir / "cold.ndjson").unlink()
     run = _collect_once(sim, cfg, state, out, f"{org} {name}")
-    by_path, usage, wall = run["by_path"], run["usage"], run["wall"]
+    by_path, wall = run["by_path"], run["wall"]
     usage_paths = {p: n for p, n in by_path.items() if "/usage/" in p}
     names_paths = {p: n for p, n in by_path.items() if NAME_PATHS.match(p)}
     per_stream = {p.rsplit("/", 1)[1]: n for p, n in usage_paths.items()}
@@ -204,12 +239,14 @@ def backfill(sim: Sim, org: str, name: str, width: str, span: int, latency_ms: i
         "seed_requests": len(USAGE_STREAMS) * math.ceil(buckets / SEED_DEFAULT_LIMIT[width]),
         "min_requests": len(USAGE_STREAMS) * math.ceil(buckets / MAX_LIMIT[width]),
         "events": events, "wall_s": wall, "events_per_s": events / wall if wall else 0.0,
-        "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": run["peak_rss_mb"], "cpu_s": run["cpu"],
         "sim_cpu_s": run["sim_cpu"], "cold_wall_s": cold["wall"], "cold_sim_cpu_s": cold["sim_cpu"],
         "cold_ratio": cold["wall"] / critical if critical else float("nan"),
         "long_pole": f"{long_pole} ({pole_pages} pages)" if pole_pages >= names_chain else f"names ({names_chain} deep)",
         "usage_chain": pole_pages, "chain": chain, "critical_s": critical,
         "ratio": wall / critical if critical else float("nan"),
+        "before_first_s": run["before_first_s"], "api_span_s": run["api_span_s"], "after_last_s": run["after_last_s"],
+        "span_ratio": run["api_span_s"] / critical if critical else float("nan"),
         "state": str(state), "config": str(cfg),
     }
 
@@ -448,6 +485,14 @@ def main(argv: list[str] | None = None) -> dict:
                                ("long pole", "long_pole", ""), ("critical s", "critical_s", ".1f"),
                                ("wall/critical", "ratio", ".2f"), ("cold wall s", "cold_wall_s", ".1f"),
                                ("cold sim CPU s", "cold_sim_cpu_s", ".1f"), ("cold/critical", "cold_ratio", ".2f")]))
+            print("   where the wall time went, by the simulator's clock: the collector process before its first "
+                  "request\n   (interpreter, imports, config, state), the API span (first request to last answer), "
+                  "and after the\n   last answer (the last pages' mapping and commits, exit)")
+            print(table(rows, [("org", "org", ""), ("backfill", "backfill", ""), ("wall s", "wall_s", ".2f"),
+                               ("before 1st request s", "before_first_s", ".2f"),
+                               ("API span s", "api_span_s", ".2f"), ("after last answer s", "after_last_s", ".2f"),
+                               ("critical s", "critical_s", ".2f"), ("wall/critical", "ratio", ".2f"),
+                               ("API span/critical", "span_ratio", ".2f")]))
             print()
         if steady is not None:
             report["steady"] = steady
