@@ -202,6 +202,60 @@ def test_overlap_catches_late_events_without_doubling(simulator, tmp_path):
         c.close()
 
 
+class _AuditListing:
+    """An in-memory audit log listing: effective_at[gte]/[lte] inclusive, newest first, `after`
+    paging, and nothing after the current time."""
+
+    def __init__(self, times):
+        self.events = [{"id": f"audit_log-{t}-{n}", "object": "organization.audit_log", "type": "logout.succeeded",
+                        "effective_at": t} for n, t in enumerate(times)]
+        self.now = 0
+        self.slices: list[tuple[int, int]] = []
+
+    def get_json(self, path, params):
+        gte, lte = params["effective_at[gte]"], params["effective_at[lte]"]
+        if "after" not in params:
+            self.slices.append((gte, lte))
+        match = sorted((e for e in self.events if gte <= e["effective_at"] <= min(lte, self.now)),
+                       key=lambda e: (-e["effective_at"], e["id"]))
+        if "after" in params:
+            match = match[[e["id"] for e in match].index(params["after"]) + 1:]
+        page = match[: params["limit"]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(match) > len(page)}
+
+
+def test_every_second_of_slices_overlaps_and_close_polls_is_stored_exactly_once(tmp_path):
+    """Events at every second around each boundary the collector draws: the last and first second
+    of a backfill's slices, the edge of the overlap it re-reads (new mark - 300 s), and polls
+    closer together than the overlap. Each is stored once: none skipped, none twice."""
+    from agent_input.audit import OVERLAP, SLICE
+
+    start = int(T0) - 13 * HOUR  # initial_interval 13h: three slices, two inner boundaries
+    times = [t for b in (start + SLICE, start + 2 * SLICE) for t in range(b - 3, b + 3)]
+    times += list(range(int(T0) - OVERLAP - 400, int(T0) + 1500))  # every second around the later polls' marks
+    api = _AuditListing(times)
+    cfg = _config(batch_size=100, initial_interval="13h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=api.get_json),
+                         Delivery(store, output), clock=lambda: api.now)
+    polled = []
+    for now in (T0, T0 + 60, T0 + 100, T0 + 200, T0 + 500, T0 + 560, T0 + 1000, T0 + 1299, T0 + 1300):
+        api.now = now
+        first = len(api.slices)
+        col.poll(now)
+        polled.append(api.slices[first:])
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    want = {e["id"] for e in api.events if e["effective_at"] <= T0 + 1300}
+    assert len(ids) == len(set(ids)), "an event was stored twice"
+    assert set(ids) == want, f"{len(want - set(ids))} events were never stored"
+    for slices in polled:  # within a poll, each slice starts the second after the last one ended
+        assert all(b[0] == a[1] + 1 for a, b in zip(slices, slices[1:])), slices
+    assert len(polled[0]) == 3
+    store.close()
+
+
 def test_forbidden_is_reported_once_and_the_stream_stays_quiet(tmp_path, caplog):
     from agent_input.simulator import Simulator
 
