@@ -81,7 +81,10 @@ def _collector(sim, state: Path, out: Path, **stream):
     return col, (output, store, client)
 
 
-def test_multi_page_projects_with_one_404_yield_every_other_projects_limits(simulator, tmp_path):
+@pytest.mark.parametrize("refusal", ["404", "403"])
+def test_multi_page_projects_with_one_refused_yield_every_other_projects_limits(simulator, tmp_path, refusal):
+    """One project's limits not found, or not readable with this key (403 on that project only),
+    is that project skipped and counted, not the stream stopped."""
     from agent_input.simulator import FaultRule
     from agent_input.simulator.org import rate_limit_rows
 
@@ -89,7 +92,8 @@ def test_multi_page_projects_with_one_404_yield_every_other_projects_limits(simu
     projects = org.projects  # include_archived: every project
     assert len(projects) >= 4
     broken = projects[1]
-    simulator.add_fault(FaultRule(kind="404", path=f"/v1/organization/projects/{broken.id}/rate_limits", count=None))
+    simulator.add_fault(FaultRule(kind=refusal, path=f"/v1/organization/projects/{broken.id}/rate_limits",
+                                  count=None))
     out = tmp_path / "limits.ndjson"
     col, closing = _collector(simulator, tmp_path / "state", out, batch_size=2, include_archived=True)
     stats = col.poll(T0)
