@@ -127,6 +127,7 @@ class ProtocolOutput:
         self._by_key: dict[bytes, int] = {}
         self._next = 1
         self._interrupted = False
+        self._deleting = 0  # acknowledged batches whose outbox entries are being deleted
         self.events = 0
         self.acked_batches = 0
 
@@ -169,21 +170,26 @@ class ProtocolOutput:
         again (same ids, same content) at the next start or reconfiguration: a duplicate, not a loss."""
         with self._cond:
             entry = self._forget(batch)
-        if entry is None:
-            return False
-        for cb in entry.callbacks:
-            try:
-                cb()
-            except Exception as exc:  # noqa: BLE001 - see the docstring
-                from .logs import redact
+            if entry is None:
+                return False
+            self._deleting += 1  # `wait_drained` waits for the delete too, not only the ack
+        try:
+            for cb in entry.callbacks:
+                try:
+                    cb()
+                except Exception as exc:  # noqa: BLE001 - see the docstring
+                    from .logs import redact
 
-                reason = (f"acknowledged batch {batch} could not be deleted from the outbox, it is sent "
-                          f"again at the next start: {redact(str(exc)) or type(exc).__name__}")
-                log.error("%s: %s", entry.stream, reason)
-                if self.on_status is not None:
-                    self.on_status(entry.stream, "degraded", reason)
-        with self._cond:
-            self.acked_batches += 1
+                    reason = (f"acknowledged batch {batch} could not be deleted from the outbox, it is sent "
+                              f"again at the next start: {redact(str(exc)) or type(exc).__name__}")
+                    log.error("%s: %s", entry.stream, reason)
+                    if self.on_status is not None:
+                        self.on_status(entry.stream, "degraded", reason)
+        finally:
+            with self._cond:
+                self._deleting -= 1
+                self.acked_batches += 1
+                self._cond.notify_all()
         return True
 
     def _forget(self, batch: int) -> _Inflight | None:
@@ -198,9 +204,11 @@ class ProtocolOutput:
             return len(self._inflight)
 
     def wait_drained(self, timeout: float) -> bool:
+        """Every batch sent acknowledged and its outbox entry deleted (False on timeout): a process
+        that stopped between the ack and the delete would send the batch again at its next start."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._inflight:
+            while self._inflight or self._deleting:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.writer.closed.is_set():
                     return False

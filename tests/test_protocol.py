@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import sqlite3
+import time
 
 import pytest
 
@@ -75,6 +76,11 @@ def test_configure_receive_acknowledge_stop(simulator, tmp_path):
     assert _pending(state) == 0, "every acknowledged batch must have left the outbox"
     ids = [m["id"] for m in events]
     assert len(ids) == len(set(ids))
+    by_batch: dict[int, list[dict]] = {}
+    for m in events:
+        by_batch.setdefault(m["batch"], []).append(m)
+    for batch in by_batch.values():  # seq numbers a batch's events 0 .. batch_size-1, once each
+        assert sorted(m["seq"] for m in batch) == list(range(batch[0]["batch_size"]))
 
 
 def test_bad_config_is_rejected_while_the_old_one_runs_then_reconfigure(simulator, tmp_path):
@@ -242,6 +248,70 @@ def test_an_ack_whose_outbox_delete_fails_is_reported_and_the_batch_kept(tmp_pat
     assert run.statuses("input")[-1]["status"] == "stopped"
 
 
+def test_an_ack_of_true_is_not_an_ack_of_batch_1(tmp_path, caplog):
+    """JSON `true` is a Python int: taken as batch 1, it would delete a batch never delivered."""
+    state = tmp_path / "state"
+    store = StateStore(state)
+    batch = store.commit_events("audit", _event_line("a1"), 1, {})
+    run = InProcess(state, tmp_path / "stdout", ack_timeout=0.1)
+    try:
+        run.runner.output.send("audit", _event_line("a1"), 1, lambda: store.ack(batch))  # protocol batch 1
+        run.start()
+        run.send({"type": "ack", "batch": True})
+        run.send({"type": "ack", "batches": [True, 1.0]})
+        assert run.stop() == 0
+    finally:
+        run.close()
+    assert [b.batch for b in store.pending()] == [batch]
+    store.close()
+    assert caplog.text.count("batch ids are integers") == 3
+
+
+def test_acks_that_arrive_after_stop_are_waited_for(tmp_path):
+    """On `stop`, the runner waits up to --ack-timeout for the batches in flight, and for their
+    outbox deletes: a supervisor that acknowledges them meanwhile spares them a second delivery at
+    the next start."""
+    state = tmp_path / "state"
+    store = StateStore(state)
+    batch = store.commit_events("audit", _event_line("a1"), 1, {})
+    run = InProcess(state, tmp_path / "stdout", ack_timeout=30)
+
+    def slow_delete():  # the runner must wait for the delete as well as for the ack
+        time.sleep(0.3)
+        store.ack(batch)
+
+    try:
+        run.runner.output.send("audit", _event_line("a1"), 1, slow_delete)
+        run.start()
+        run.send({"type": "stop"})
+        run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "stopping"], what="stopping")
+        time.sleep(0.3)  # the runner is waiting for the ack now, not gone
+        assert run._thread.is_alive(), "the runner stopped without waiting for the batch in flight"
+        run.send({"type": "ack", "batch": 1})
+        assert run.stop() == 0
+    finally:
+        run.close()
+    assert list(store.pending()) == []
+    store.close()
+
+
+def test_a_batch_whose_write_fails_is_not_acknowledged(tmp_path):
+    """stdout fails mid-batch: the batch is forgotten as in flight, but never acknowledged, so it
+    stays in the outbox for the next start."""
+    from agent_input.outputs import OutputError
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter, StdoutClosed
+
+    class BrokenWriter(ProtocolWriter):
+        def write_bytes(self, data):
+            raise StdoutClosed("stdout was closed by the reader")
+
+    output = ProtocolOutput(BrokenWriter(-1))
+    acked = []
+    with pytest.raises(OutputError):
+        output.send("audit", _event_line("a1"), 1, lambda: acked.append(1))
+    assert acked == [] and output.inflight() == 0
+
+
 def test_a_config_id_that_cannot_be_echoed_is_rejected_and_the_old_config_runs(simulator, tmp_path):
     nested: list = []
     for _ in range(300):
@@ -288,7 +358,8 @@ def test_an_engine_that_raises_is_reported_once_with_its_error(tmp_path, monkeyp
         failed: dict = {}
 
         def run(self, once=False):
-            raise StateError("outbox batch 3 (completions, 10 documents): cannot read spool: No such file")
+            raise StateError("outbox batch 3 (completions, 10 documents): cannot read spool: No such file "
+                             f"(key {ADMIN_KEY})")
 
     class Collection:
         engine = Engine()
@@ -308,6 +379,7 @@ def test_an_engine_that_raises_is_reported_once_with_its_error(tmp_path, monkeyp
     failed = [m for m in run.statuses("input") if m["status"] == "failed"]
     assert len(failed) == 1, failed
     assert "engine stopped" in failed[0]["message"] and "cannot read spool" in failed[0]["message"]
+    assert all(ADMIN_KEY not in json.dumps(m) for m in run.messages()), "a status message carried the key"
     statuses = [m["status"] for m in run.statuses("input")]
     assert "healthy" not in statuses[statuses.index("failed"):]
 
