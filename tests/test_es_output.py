@@ -125,6 +125,41 @@ def test_partial_bulk_failures_are_retried_per_item(fake, tmp_path):
     assert len(bulk) == 3  # all six, then the two failures, then the one still at 429
 
 
+@pytest.mark.parametrize("status", [429, 503])
+def test_item_failures_that_outlast_the_helpers_retries_are_retried_not_dead_lettered(fake, tmp_path, status):
+    """With the bulk helper's own retries spent (max_retries=0), a document still answered 429 or
+    503 is sent again by the output's loop: never dead-lettered, the batch acked once stored."""
+    out = _output(fake.url, tmp_path, max_retries=0)
+    docs = [_doc(i) for i in range(3)]
+    fake.item_faults = {docs[1][0]: [status] * 3}
+    ack = Acks()
+    out.send("completions", _payload(docs), 3, ack)
+    assert ack.n == 1 and len(fake.docs) == 3 and out.created == 3 and out.rejected == 0
+    assert not (tmp_path / "dead-letter.ndjson").exists()
+
+
+def test_a_stop_during_a_retry_wait_leaves_the_batch_unacknowledged(fake, tmp_path):
+    stop = threading.Event()
+    out = _output(fake.url, tmp_path, stop=stop, sleep=lambda seconds: stop.set(), max_retries=0)
+    fake.fail_requests = [503] * 5
+    ack = Acks()
+    out.send("completions", _payload([_doc(1), _doc(2)]), 2, ack)
+    assert ack.n == 0 and not fake.docs, "a batch not stored must stay in the outbox"
+
+
+def test_a_document_refused_with_403_stops_the_output_not_dead_lettered(fake, tmp_path):
+    """A per-item 403 (the key lacks the privilege on that data stream) is the credentials' fault:
+    every document would be dead-lettered by the same cause."""
+    out = _output(fake.url, tmp_path)
+    docs = [_doc(1), _doc(2)]
+    fake.item_faults = {docs[0][0]: [403]}
+    ack = Acks()
+    with pytest.raises(OutputError, match="refused the credentials.*index privileges on logs-openai.completions"):
+        out.send("completions", _payload(docs), 2, ack)
+    assert ack.n == 0 and out.rejected == 0
+    assert not (tmp_path / "dead-letter.ndjson").exists()
+
+
 def test_whole_request_429_and_5xx_and_connection_errors_are_retried(fake, tmp_path):
     out = _output(fake.url, tmp_path)
     fake.fail_requests = [503, 429, 502]
