@@ -295,7 +295,11 @@ class AdminApiClient:
             try:
                 response = self.session.get(url, params=query, headers=headers, timeout=self.timeout,
                                             stream=True)
-                body = b"".join(response.iter_content(BODY_CHUNK)) if 200 <= response.status_code < 300 else None
+                body = None
+                if 200 <= response.status_code < 300:
+                    body = b"".join(response.iter_content(BODY_CHUNK))
+                else:  # the error body is read here too (requests keeps it): a connection cut in it is retried
+                    _ = response.content
             except requests.exceptions.SSLError as exc:
                 raise TransportError(None, f"TLS error talking to {self.base_url}: {_reason(exc)}",
                                      "tls_error", path) from None

@@ -252,6 +252,37 @@ def test_connection_errors_and_timeouts_retried(client, sleep):
     assert len(sleep.calls) == 2 and client.stats.retries == 2
 
 
+@pytest.mark.parametrize("status", [200, 503])
+def test_a_connection_cut_mid_body_is_retried(sleep, status):
+    """The connection drops after the headers and part of the body (a proxy or load balancer
+    giving up): the read fails, for a page as for an error body, and the request is sent again."""
+    import json as json_
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    full = json_.dumps(OK).encode()
+    answers = [(status, b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"da" % status),
+               (200, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(full), full))]
+
+    def serve():
+        for _status, raw in answers:
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(raw)
+            conn.close()  # after a short body: the client's read of the rest fails
+
+    threading.Thread(target=serve, daemon=True).start()
+    c = AdminApiClient(f"http://127.0.0.1:{server.getsockname()[1]}", Secret(KEY), sleep=sleep, max_retries=3)
+    try:
+        assert c.get_json(PATH) == OK
+    finally:
+        c.close()
+        server.close()
+    assert len(sleep.calls) == 1 and c.stats.retries == 1
+
+
 @responses.activate
 def test_connection_errors_exhausted(client, sleep):
     responses.get(URL, body=requests.exceptions.ConnectTimeout("connect timed out"))
