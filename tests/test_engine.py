@@ -649,3 +649,95 @@ def test_cursor_pages_follows_last_id_and_refuses_a_loop_a_missing_list_and_no_e
     endless.update({f"x{i}": {"data": [i], "has_more": True, "last_id": f"x{i + 1}"} for i in range(10)})
     with pytest.raises(Bad, match="more than 5 pages"):
         list(cursor_pages(listing(endless), "/p", {}, Bad, max_pages=5))
+
+
+# -- cursor edges found by mutation testing ---------------------------------------------------------
+def test_the_observation_at_the_revision_windows_edge_is_kept_on_a_catch_up_poll(harness):
+    """A poll that catches up after a held cursor drops the observations it would prune, but not
+    the one of the bucket at final_before: without it, the next poll re-emits that bucket as a
+    first observation (same id, maybe other content)."""
+    h = harness(effective_revision_window=180, initial_interval=600)
+    now = ts("2026-11-23T10:00:00")
+    for t in range(now - 600, now + 3600, 60):
+        h.api.data[t] = [result(1)]
+    bad = now - 180  # the first bucket of the revision window
+    h.api.data[bad] = [result(None)]
+    h.collector.poll(now)  # now-120 and now-60 emitted with observations; the cursor held at `bad`
+    assert h.store.cursor("completions", "1m").position == bad
+    h.api.data[bad] = [result(1)]
+    h.api.data[now - 120] = [result(2)]  # revised: below the next poll's final_before
+    later = now + 600
+    h.collector.poll(later)
+    n = len(docs(h.out))
+    h.collector.poll(later + 30)  # the same minute: re-reads [final_before, end), nothing changed
+    got = docs(h.out)
+    assert len(got) == n, "a bucket already emitted came out again"
+    assert len({d["_id"] for d in got}) == len(got)
+
+
+def test_an_entry_that_is_not_a_bucket_holds_the_cursor_and_the_buckets_after_it(harness):
+    """A page with a stray element (not an object) among its buckets: reported, the cursor stays
+    before it, and the buckets after it are compared, not sent down the backfill path that
+    records nothing, so the next poll does not emit them twice."""
+    h = harness(effective_revision_window=0, initial_interval=180)
+    now = ts("2026-11-23T10:00:00")
+    b = [{"object": "bucket", "start_time": t, "end_time": t + 60, "results": [result(1)]}
+         for t in range(now - 180, now, 60)]
+    h.api.override = {"object": "page", "data": [b[0], 42, b[1], b[2]], "has_more": False, "next_page": None}
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1
+    assert h.store.cursor("completions", "1m").position == b[1]["start_time"]
+    h.api.override = {"object": "page", "data": b, "has_more": False, "next_page": None}
+    h.collector.poll(now + 1)
+    got = docs(h.out)
+    assert len({d["_id"] for d in got}) == len(got) == 3
+
+
+def test_a_bad_bucket_inside_the_revision_window_never_moves_the_cursor_back(harness):
+    h = harness(effective_revision_window=600, initial_interval=600)
+    now = ts("2026-11-23T10:00:00")
+    for t in range(now - 600, now + 600, 60):
+        h.api.data[t] = [result(1)]
+    h.collector.poll(now)
+    assert h.store.cursor("completions", "1m").position == now
+    h.api.data[now - 300] = [result(None)]  # re-read inside the window, now bad
+    h.collector.poll(now + 60)
+    assert h.store.cursor("completions", "1m").position >= now
+
+
+def test_an_answer_for_a_dropped_read_ahead_chain_never_reaches_the_engine():
+    """The fetch thread guessed page X; the parsed page named Y, so the chain restarted while X
+    was on its way. X's late answer must be dropped, not taken as Y (its last bucket would be
+    merged with Y's first)."""
+    import threading
+
+    from agent_input.paging import PageFetcher
+
+    class SlowClient:
+        def __init__(self):
+            self.release_x = threading.Event()
+            self.fetching_x = threading.Event()
+
+        def get_raw(self, path, params):
+            page = params.get("page")
+            if page is None:  # the first page, whose tail names "X" (the guess)
+                return b'{"object":"page","data":[1],"has_more":true,"next_page":"X"}'
+            if page == "X":
+                self.fetching_x.set()
+                self.release_x.wait(5)
+                return b'{"object":"page","data":["from X"],"has_more":false,"next_page":null}'
+            return b'{"object":"page","data":["from Y"],"has_more":false,"next_page":null}'
+
+        def parse(self, raw, path):
+            return orjson.loads(raw)
+
+    client = SlowClient()
+    with PageFetcher(client, "/x") as pages:
+        pages.request({})
+        raw, guessed = pages.take()
+        assert guessed == "X"
+        assert client.fetching_x.wait(5)
+        pages.request({"page": "Y"})  # the parsed page said "Y": the chain restarts
+        client.release_x.set()  # X's answer arrives after the restart
+        raw, _ = pages.take()
+        assert pages.parse(raw)["data"] == ["from Y"]

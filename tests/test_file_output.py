@@ -205,3 +205,15 @@ def test_the_documented_collect_command_uses_options_that_exist():
         if opt in ("--help",):
             continue
         assert opt in help_text or opt in CliRunner().invoke(main, ["run", "--help"]).output, opt
+
+
+def test_a_batch_is_fsynced_before_it_is_acknowledged(tmp_path, monkeypatch):
+    from agent_input import outputs
+
+    order = []
+    real = os.fsync
+    monkeypatch.setattr(outputs.os, "fsync", lambda fd: (order.append("fsync"), real(fd))[1])
+    out = NdjsonFileOutput(tmp_path / "events.ndjson")
+    out.send("s", b'{"_id":"a"}\n', 1, lambda: order.append("ack"))
+    out.close()
+    assert order == ["fsync", "ack"]

@@ -158,3 +158,58 @@ def test_write_transactions_queue_on_the_store_lock_not_in_sqlite(tmp_path, monk
             pass
     assert store._write_lock.acquire(timeout=1), "a failed BEGIN kept the write lock"
     store._write_lock.release()
+
+
+# -- durability order and a failed COMMIT (found by mutation testing) -------------------------------
+def test_a_spool_file_and_its_folder_are_fsynced_before_a_row_names_it(tmp_path, monkeypatch):
+    import os
+
+    store = StateStore(tmp_path)
+    seen = []
+    real = state_mod.fsync_dir
+
+    def spy(directory):
+        seen.append((os.fspath(directory), store.pending_count()))
+        real(directory)
+
+    monkeypatch.setattr(state_mod, "fsync_dir", spy)
+    store.commit_page("completions", "1m", payload=BIG, events=BIG.count(b"\n"), observations=(),
+                      cursor=Cursor(0, 60))
+    assert (os.fspath(store.spool_dir), 0) in seen
+    store.close()
+
+
+def test_a_commit_that_fails_rolls_back_removes_its_spool_file_and_the_store_goes_on(tmp_path):
+    class FailingCommit:
+        """The store's connection, whose first COMMIT fails (a disk error, a lock)."""
+
+        def __init__(self, conn):
+            self._conn, self.fail = conn, 1
+
+        def execute(self, sql, *a):
+            if sql == "COMMIT" and self.fail:
+                self.fail -= 1
+                raise sqlite3.OperationalError("disk I/O error")
+            return self._conn.execute(sql, *a)
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+    store = StateStore(tmp_path)
+    store._local.conn = FailingCommit(store._conn())
+    with pytest.raises(sqlite3.OperationalError):
+        store.commit_page("completions", "1m", payload=BIG, events=BIG.count(b"\n"), observations=(),
+                          cursor=Cursor(0, 60))
+    assert _spooled(store) == []
+    store.commit_page("completions", "1m", payload=SMALL, events=3, observations=(), cursor=Cursor(0, 120))
+    assert store.cursor("completions", "1m") == Cursor(0, 120)
+    assert [b.payload for b in store.pending()] == [SMALL]
+    store.close()
+
+
+def test_the_stdout_output_flushes_before_acknowledging():
+    raw = io.BytesIO()
+    acked = []
+    out = NdjsonOutput(io.BufferedWriter(raw, buffer_size=1 << 20))
+    out.send("s", b'{"_id":"a"}\n', 1, lambda: acked.append(raw.getvalue()))
+    assert acked == [b'{"_id":"a"}\n']
