@@ -307,8 +307,13 @@ class AdminApiClient:
                     requests.exceptions.MissingSchema, requests.exceptions.InvalidProxyURL) as exc:
                 raise TransportError(None, f"invalid URL or proxy: {_reason(exc)}", "invalid_url", path) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
-                kind = "timeout" if isinstance(exc, requests.exceptions.Timeout) else "connection_error"
+                    requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as exc:
+                # a body that could not be read whole, or not inflated (a corrupt gzip from a proxy),
+                # is a failed read like a cut connection: asked again, then a clear error
+                kind = ("timeout" if isinstance(exc, requests.exceptions.Timeout) else
+                        "decoding_error" if isinstance(exc, requests.exceptions.ContentDecodingError) else
+                        "connection_error")
                 message = f"{kind.replace('_', ' ')}: {_reason(exc)}"
                 if attempt >= self.max_retries:
                     raise RetriesExhaustedError(

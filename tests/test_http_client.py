@@ -283,6 +283,58 @@ def test_a_connection_cut_mid_body_is_retried(sleep, status):
     assert len(sleep.calls) == 1 and c.stats.retries == 1
 
 
+def _serve_raw(answers):
+    """A one-answer-per-connection HTTP server on loopback; returns (url, server socket)."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        for raw in answers:
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(raw)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}", server
+
+
+def _gzip_answer(status: int, body: bytes) -> bytes:
+    return (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, len(body), body))
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_a_corrupt_gzip_body_is_retried_then_reported(sleep, status):
+    """A body declared gzip that does not inflate (a broken proxy): asked again like a cut
+    connection, and when it never inflates a clear error names it, never a raw requests exception."""
+    import gzip
+    import json as json_
+
+    corrupt = b"\x1f\x8b\x08\x00garbage-not-deflate" * 4
+    good = gzip.compress(json_.dumps(OK).encode())
+    url, server = _serve_raw([_gzip_answer(status, corrupt), _gzip_answer(200, good)])
+    c = AdminApiClient(url, Secret(KEY), sleep=sleep, max_retries=3)
+    try:
+        assert c.get_json(PATH) == OK
+    finally:
+        c.close()
+        server.close()
+    assert len(sleep.calls) == 1 and c.stats.retries == 1
+
+    url, server = _serve_raw([_gzip_answer(200, corrupt)] * 2)
+    c = AdminApiClient(url, Secret(KEY), sleep=sleep, max_retries=1)
+    try:
+        with pytest.raises(RetriesExhaustedError) as info:
+            c.get_json(PATH)
+    finally:
+        c.close()
+        server.close()
+    assert info.value.code == "decoding_error" and "decoding error" in str(info.value)
+
+
 @responses.activate
 def test_connection_errors_exhausted(client, sleep):
     responses.get(URL, body=requests.exceptions.ConnectTimeout("connect timed out"))
