@@ -252,37 +252,6 @@ def test_connection_errors_and_timeouts_retried(client, sleep):
     assert len(sleep.calls) == 2 and client.stats.retries == 2
 
 
-@pytest.mark.parametrize("status", [200, 503])
-def test_a_connection_cut_mid_body_is_retried(sleep, status):
-    """The connection drops after the headers and part of the body (a proxy or load balancer
-    giving up): the read fails, for a page as for an error body, and the request is sent again."""
-    import json as json_
-    import socket
-    import threading
-
-    server = socket.create_server(("127.0.0.1", 0))
-    full = json_.dumps(OK).encode()
-    answers = [(status, b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"da" % status),
-               (200, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                     b"Connection: close\r\n\r\n%s" % (len(full), full))]
-
-    def serve():
-        for _status, raw in answers:
-            conn, _ = server.accept()
-            conn.recv(65536)
-            conn.sendall(raw)
-            conn.close()  # after a short body: the client's read of the rest fails
-
-    threading.Thread(target=serve, daemon=True).start()
-    c = AdminApiClient(f"http://127.0.0.1:{server.getsockname()[1]}", Secret(KEY), sleep=sleep, max_retries=3)
-    try:
-        assert c.get_json(PATH) == OK
-    finally:
-        c.close()
-        server.close()
-    assert len(sleep.calls) == 1 and c.stats.retries == 1
-
-
 def _serve_raw(answers):
     """A one-answer-per-connection HTTP server on loopback; returns (url, server socket)."""
     import socket
@@ -301,6 +270,31 @@ def _serve_raw(answers):
     return f"http://127.0.0.1:{server.getsockname()[1]}", server
 
 
+def _get_from(answers, sleep, max_retries=3):
+    """GET PATH from a loopback server giving `answers` (raw HTTP) in turn: (body, client stats)."""
+    url, server = _serve_raw(answers)
+    c = AdminApiClient(url, Secret(KEY), sleep=sleep, max_retries=max_retries)
+    try:
+        return c.get_json(PATH), c.stats
+    finally:
+        c.close()
+        server.close()
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_a_connection_cut_mid_body_is_retried(sleep, status):
+    """The connection drops after the headers and part of the body (a proxy or load balancer
+    giving up): the read fails, for a page as for an error body, and the request is sent again."""
+    import json as json_
+
+    full = json_.dumps(OK).encode()
+    body, stats = _get_from([  # a short body, then close: the client's read of the rest fails
+        b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"da" % status,
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (len(full), full)], sleep)
+    assert body == OK and len(sleep.calls) == 1 and stats.retries == 1
+
+
 def _gzip_answer(status: int, body: bytes) -> bytes:
     return (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, len(body), body))
@@ -315,23 +309,11 @@ def test_a_corrupt_gzip_body_is_retried_then_reported(sleep, status):
 
     corrupt = b"\x1f\x8b\x08\x00garbage-not-deflate" * 4
     good = gzip.compress(json_.dumps(OK).encode())
-    url, server = _serve_raw([_gzip_answer(status, corrupt), _gzip_answer(200, good)])
-    c = AdminApiClient(url, Secret(KEY), sleep=sleep, max_retries=3)
-    try:
-        assert c.get_json(PATH) == OK
-    finally:
-        c.close()
-        server.close()
-    assert len(sleep.calls) == 1 and c.stats.retries == 1
+    body, stats = _get_from([_gzip_answer(status, corrupt), _gzip_answer(200, good)], sleep)
+    assert body == OK and len(sleep.calls) == 1 and stats.retries == 1
 
-    url, server = _serve_raw([_gzip_answer(200, corrupt)] * 2)
-    c = AdminApiClient(url, Secret(KEY), sleep=sleep, max_retries=1)
-    try:
-        with pytest.raises(RetriesExhaustedError) as info:
-            c.get_json(PATH)
-    finally:
-        c.close()
-        server.close()
+    with pytest.raises(RetriesExhaustedError) as info:
+        _get_from([_gzip_answer(200, corrupt)] * 2, sleep, max_retries=1)
     assert info.value.code == "decoding_error" and "decoding error" in str(info.value)
 
 
