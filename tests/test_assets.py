@@ -464,3 +464,109 @@ def test_validate_command():
     result = CliRunner().invoke(main, ["validate"])
     assert result.exit_code == 0, result.output
     assert "bundle valid" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# gaps found by mutation testing
+
+
+def test_pipelines_only_default_what_the_document_lacks():
+    """docs/assets.md: the pipeline *defaults* ecs.version and event.module, and copies the rate
+    limit's project and model into openai.base.*; none of them overwrites a value the shipper set."""
+    for ds in F.datasets():
+        sets = {p["set"]["tag"]: p["set"] for p in _assets()[("pipeline", f"logs-openai.{ds}@pipeline")]["processors"]
+                if "set" in p}
+        assert sets["ecs_version"]["override"] is False
+        assert (sets["event_module"]["field"], sets["event_module"]["value"], sets["event_module"]["override"]) == \
+            ("event.module", "openai", False)
+    sets = {p["set"]["tag"]: p["set"] for p in _assets()[("pipeline", "logs-openai.rate_limits@pipeline")]["processors"]
+            if "set" in p}
+    assert sets["base_project_id"]["override"] is False and sets["base_model"]["override"] is False
+
+
+@pytest.mark.parametrize("ds", F.datasets())
+def test_pipeline_failure_marks_the_document(ds):
+    on_failure = _assets()[("pipeline", f"logs-openai.{ds}@pipeline")]["on_failure"]
+    assert {"set": {"field": "event.kind", "value": "pipeline_error"}} in on_failure
+    assert {"append": {"field": "tags", "value": "openai-pipeline-error", "allow_duplicates": False}} in on_failure
+
+
+def test_templates_use_the_builtin_ecs_mappings():
+    """`ecs@mappings` first, so ECS fields the bundle does not declare still get their ECS types."""
+    for (kind, name), body in _assets().items():
+        if kind == "index_template":
+            assert body["composed_of"][0] == "ecs@mappings", name
+
+
+def test_es_assets_come_before_the_templates_that_use_them():
+    """Elasticsearch refuses an index template composed of a component template that does not
+    exist yet (unless listed in ignore_missing_component_templates)."""
+    seen = set()
+    for a in E.es_assets():
+        if a.kind == "index_template":
+            missing = [c for c in a.body["composed_of"] if c not in seen
+                       and c not in a.body["ignore_missing_component_templates"] and c not in E.BUILTIN_COMPONENTS]
+            assert missing == [], a.name
+            assert a.body["template"]["settings"]["index"]["default_pipeline"] in seen, a.name
+        seen.add(a.name)
+
+
+def test_dashboard_fingerprint_covers_the_panels():
+    """A panel change must change the marker, or an upgrade would report the dashboard unchanged."""
+    d = K.dashboards()[0]
+    fp = K.fingerprint_of(d.saved_object())
+    p0 = d.panels[0]
+    edited = K.Panel(p0.title, p0.query + "\n| LIMIT 10", p0.columns, p0.kind, p0.x, p0.y, p0.split, p0.w, p0.h)
+    changed = K.Dashboard(d.id, d.title, d.description, [edited, *d.panels[1:]], d.time_from)
+    assert K.fingerprint_of(changed.saved_object()) != fp
+    later = K.Dashboard(d.id, d.title, d.description, d.panels, "now-90d")
+    assert K.fingerprint_of(later.saved_object()) != fp
+
+
+def test_rule_alert_delays_and_options():
+    rules = K.rules(K.RuleOptions(headroom_window_minutes=45, headroom_threshold=0.7))
+    assert [r.alert_delay for r in rules] == [3, 3, 1]
+    assert [r.window_minutes for r in rules[:2]] == [45, 45]
+    assert "WHERE tpm_utilization >= 0.7" in rules[0].query and "WHERE rpm_utilization >= 0.7" in rules[1].query
+    assert rules[0].params(None)["groupBy"] == "row"  # no version given: the newest Kibana's grouping
+
+
+def test_validate_reports_broken_references(monkeypatch):
+    from kibana_assets import validate as V
+
+    real = E.es_assets()
+
+    def broken(*args, **kw):
+        out = []
+        for a in real:
+            if a.kind == "index_template" and a.name == "logs-openai.audit":
+                body = json.loads(json.dumps(a.body))
+                body["composed_of"].append("logs-openai.audit@nowhere")
+                body["template"]["settings"]["index"]["default_pipeline"] = "logs-openai.audit@nowhere"
+                a = E.EsAsset(a.kind, a.name, body)
+            out.append(a)
+        return out
+
+    monkeypatch.setattr(E, "es_assets", broken)
+    problems, _ = V.validate_bundle()
+    assert "index_template logs-openai.audit: composed_of logs-openai.audit@nowhere is not in the bundle" in problems
+    assert "index_template logs-openai.audit: default_pipeline logs-openai.audit@nowhere is not in the bundle" in problems
+    assert len(problems) == 2  # ecs@mappings and the optional @custom are fine
+
+
+def test_validate_reports_a_headroom_rule_without_the_seed_line(monkeypatch):
+    from kibana_assets import validate as V
+
+    real = K.rules
+    monkeypatch.setattr(K, "rules", lambda options=None: real(K.RuleOptions(headroom_threshold=0.9)))
+    problems, _ = V.validate_bundle()
+    assert "headroom rule lost its `WHERE tpm_utilization >= 0.8` line" in problems
+
+
+def test_validate_command_fails_on_a_problem(monkeypatch):
+    from kibana_assets import cli
+
+    monkeypatch.setattr(cli, "validate_bundle", lambda: (["something is broken"], ["checked"]))
+    result = CliRunner().invoke(main, ["validate"])
+    assert result.exit_code == 1
+    assert "ERR something is broken" in result.output and "bundle valid" not in result.output

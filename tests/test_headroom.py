@@ -178,6 +178,68 @@ def test_org_wide_columns_are_labelled_aggregate_and_approx():
     assert all("utilization (approx.)" in Q.org_utilization_column(u) for u in Q.UNITS)
 
 
+def test_a_limit_that_dropped_within_the_window_still_counts_at_its_max():
+    docs = [usage("completions", T0, "p", "m", tokens=50), limit(T0, "p", "m", tpm=400), limit(T1, "p", "m", tpm=100)]
+    (row,) = H.per_project(docs)
+    assert (row["tpm_limit"], row["tpm_utilization"]) == (400, 0.125)  # MAX, not the latest
+
+
+def test_reference_reads_event_dataset_and_epoch_timestamps():
+    """Documents without data_stream.dataset fall back to event.dataset; epoch milliseconds and
+    seconds land in the same minute as the ISO time."""
+    t0_ms = 1779777600000  # 2026-05-26T06:40:00Z
+    assert H._minute(t0_ms) == H._minute(t0_ms // 1000) == H._minute(T0)
+    doc = usage("completions", t0_ms + 30_000, "p", "m", tokens=40)
+    doc["event"] = {"dataset": doc.pop("data_stream")["dataset"]}
+    docs = [doc, usage("completions", T0, "p", "m", tokens=50), limit(T0, "p", "m", tpm=100)]
+    (row,) = H.per_project(docs)
+    assert row["peak_tpm"] == 90  # one minute: 40 + 50
+
+
+def test_headroom_core_semantics_in_text():
+    """The ES|QL lines behind each rule of the queries module docstring (no cluster needed)."""
+    core = Q._per_project_core(Q.DEFAULT_SOURCES)
+    # 3. only 1m buckets; documents without a width (and the limit documents) count
+    assert '| WHERE openai.base.bucket_width IS NULL OR openai.base.bucket_width == "1m"' in core
+    assert "       minute = DATE_TRUNC(1 minute, @timestamp)" in core
+    assert "| WHERE project_id IS NOT NULL AND model IS NOT NULL" in core
+    # 4. the peak minute (MAX of the per-minute sums); 5. limits MAX, never MIN or SUM
+    stats = [line for line in core if line.startswith("| STATS")]
+    assert len(stats) == 2 and stats[1].endswith(" BY project_model")
+    for u in Q.UNITS:
+        assert f"peak_{u} = MAX({u}_used)" in stats[1] and f"{u}_limit = MAX({u}_lim)" in stats[1]
+    # 7. a row for every project and model with a limit for any unit
+    assert "| WHERE tpm_limit IS NOT NULL OR rpm_limit IS NOT NULL OR ipm_limit IS NOT NULL" in core
+    # 6. utilization in floating point: ES|QL divides two integers as an integer (0.85 -> 0)
+    for u in Q.UNITS:
+        ratio = f"{u}_utilization = ROUND(TO_DOUBLE(peak_{u}) / {u}_limit, 4)"
+        assert ratio in Q.headroom_per_project() and ratio in Q.headroom_rule(u)
+    org = Q.headroom_org_wide()
+    assert f"ROUND(TO_DOUBLE(`{Q.org_usage_column('tpm')}`) / `{Q.org_limit_column('tpm')}`, 4)" in org
+    # 8. org-wide: only projects with a limit for the unit add their peak
+    for u in Q.UNITS:
+        assert f"{u}_counted = CASE({u}_limit IS NOT NULL, peak_{u})" in org
+    # the panel lists the tightest first
+    assert "| SORT tpm_utilization DESC NULLS LAST, rpm_utilization DESC NULLS LAST, project_id, model" \
+        in Q.headroom_per_project().splitlines()
+
+
+def test_stale_rule_fires_on_an_empty_window():
+    """The rule relies on an ungrouped STATS still giving one row over no rows (see the query's
+    docstring); the COALESCE turns its empty sums into 0 before the `== 0` test, so the rule also
+    fires when nothing at all arrived in the window."""
+    lines = Q.limits_stale_rule().splitlines()
+    assert lines[1] == '| WHERE event.action == "rate-limits-collection"'
+    assert lines[-1] == "| WHERE successful_collections == 0"
+    assert any("successful_collections = COALESCE(successful_collections, 0)" in line for line in lines[:-1])
+    assert "BY" not in next(line for line in lines if line.startswith("| STATS"))
+
+
+def test_failed_logins_panel_counts_only_failures():
+    q = Q.audit_panels()["failed_logins"]
+    assert '| WHERE openai.audit.type IN ("login.failed", "logout.failed")' in q.splitlines()
+
+
 esql = pytest.importorskip("kibana_assets.esql", reason="esql-parser is not installed")
 
 

@@ -390,6 +390,10 @@ def test_retention_and_ilm_options_reach_the_templates(stack):
     (requests.exceptions.ConnectionError("refused"), "cannot reach Elasticsearch at {ES} (connection failed)"),
     (requests.exceptions.TooManyRedirects("Exceeded 30 redirects."),  # any other failure of requests
      "request to Elasticsearch at {ES} failed (TooManyRedirects)"),
+    # an SSLError is a ConnectionError too: it must still say how to fix it
+    (requests.exceptions.SSLError("certificate verify failed"),
+     "TLS verification failed for Elasticsearch at {ES}: pass --ca-cert PATH (or --insecure for a test cluster)"),
+    (requests.exceptions.ReadTimeout("read timed out"), "Elasticsearch at {ES} did not answer within 30s"),
 ])
 def test_a_request_that_fails_is_one_clear_line(error, says):
     with responses.RequestsMock() as rsps:
@@ -729,3 +733,214 @@ def test_delete_data_keeps_the_data_streams_of_a_foreign_template(stack):
     assert "logs-openai.embeddings" in stack.data_streams and "logs-openai.completions" not in stack.data_streams
     assert re.search(r"kept\s+data_stream logs-openai.embeddings-\*  \(their index template is not "
                      r"openai-assets's: logs-openai.embeddings-default\)", result.output), result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# gaps found by mutation testing
+
+
+def test_the_oldest_supported_version_is_accepted(stack):
+    stack.es_version = stack.kb_version = "8.18.0"
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert stack.rules[K.RULE_ID_HEADROOM_TPM]["params"]["groupBy"] == "all"
+
+
+def test_rule_and_retention_options_reach_the_assets(stack):
+    result = install("--headroom-window", "2h", "--stale-after", "1d", "--rules-disabled",
+                     "--rate-limits-retention", "30d")
+    assert result.exit_code == 0, result.output
+    tpm, rpm, stale = (stack.rules[i] for i in (K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM, K.RULE_ID_LIMITS_STALE))
+    assert (tpm["params"]["timeWindowSize"], tpm["params"]["timeWindowUnit"]) == (120, "m")
+    assert rpm["params"]["timeWindowSize"] == 120
+    assert stale["params"]["timeWindowSize"] == 1440
+    assert [r["enabled"] for r in (tpm, rpm, stale)] == [False, False, False]
+    assert stack.index["logs-openai.rate_limits"]["template"]["lifecycle"]["data_retention"] == "30d"
+    assert stack.index["logs-openai.completions"]["template"]["lifecycle"]["data_retention"] == E.DEFAULT_RETENTION_ALL
+
+
+def test_a_retention_with_trailing_text_is_refused():
+    r = run("install", "--es-url", ES, "--kibana-url", KB, "--retention", "30days")
+    assert r.exit_code == 2 and "is not a retention like 90d" in r.output
+
+
+def test_tls_options_reach_every_request(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked by the fake\n")
+    # (without an option requests verifies with its default bundle, or REQUESTS_CA_BUNDLE)
+    for args, verified in (((), lambda v: v not in (False, str(ca))), (("--ca-cert", str(ca)), lambda v: v == str(ca)),
+                           (("--insecure",), lambda v: v is False)):
+        fake = FakeStack()
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+            fake.install(rsps)
+            assert install("--skip-kibana", "--dry-run", *args).exit_code == 0
+            assert rsps.calls and all(verified(c.request.req_kwargs["verify"]) for c in rsps.calls), args
+
+
+def test_install_without_kibana_url_is_one_line_before_any_request():
+    with responses.RequestsMock() as rsps:  # any request would raise ConnectionError
+        line = _one_line_error(run("install", "--es-url", ES))
+        assert len(rsps.calls) == 0
+    assert "--kibana-url (or KIBANA_URL) is required (or pass --skip-kibana)" in line
+
+
+def test_a_foreign_copy_of_our_asset_is_taken_over_even_with_our_fingerprint(stack):
+    """The fingerprint alone does not make an asset ours: `_meta.managed_by` decides."""
+    assert install("--skip-kibana").exit_code == 0
+    stack.index["logs-openai.completions"]["_meta"]["managed_by"] = "fleet"
+    result = install("--skip-kibana", "--replace-foreign-assets")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"updated\s+index_template logs-openai.completions  \(taken over from fleet\)", result.output)
+    assert stack.index["logs-openai.completions"]["_meta"]["managed_by"] == "openai-assets"
+
+
+def test_a_changed_data_view_is_overwritten(stack):
+    assert install().exit_code == 0
+    stack.data_views[K.DATA_VIEW_ID]["name"] = "renamed by someone"
+    stack.calls.clear()
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"updated\s+data_view {K.DATA_VIEW_ID}", result.output)
+    (post,) = [c for c in stack.writes() if c["path"] == "/api/data_views/data_view"]
+    assert json.loads(post["body"])["override"] is True
+    assert stack.data_views[K.DATA_VIEW_ID]["name"] == K.DATA_VIEW_NAME
+
+
+def test_a_failed_dashboard_import_is_an_error():
+    """The import API answers 200 with `success: false` and `errors` when objects were not imported."""
+    fake = FakeStack()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add(responses.POST, KB + "/api/saved_objects/_import", json={
+            "success": False, "successCount": 0,
+            "errors": [{"id": "openai-elastic-usage-overview", "type": "dashboard", "error": {"type": "unknown"}}]})
+        fake.install(rsps)
+        result = install()
+    assert result.exit_code == 1, result.output
+    assert ("install incomplete: failed to import dashboard openai-elastic-usage-overview: "
+            "dashboard/openai-elastic-usage-overview: unknown") in result.output
+    assert "rule " in result.output.split("not done:")[1]
+
+
+def test_dry_run_of_an_upgrade_writes_nothing(stack):
+    assert install().exit_code == 0
+    stack.data_views[K.DATA_VIEW_ID]["name"] = "renamed"
+    stack.component["logs-openai.completions@package"]["_meta"]["fingerprint"] = "0000000000000000"
+    stack.calls.clear()
+    result = install("--headroom-threshold", "0.9", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert stack.writes() == []
+    assert re.search(rf"would update\s+rule {K.RULE_ID_HEADROOM_TPM}", result.output)
+    assert re.search(rf"would update\s+data_view {K.DATA_VIEW_ID}", result.output)
+    assert re.search(r"would update\s+component_template logs-openai.completions@package", result.output)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r.update(schedule={"interval": "1h"}),
+    lambda r: r.update(alert_delay={"active": 5}),
+    lambda r: r.update(tags=["mine"]),
+    lambda r: r.update(name="renamed"),
+    lambda r: r["params"].update(timeWindowSize=7),
+], ids=["schedule", "alert_delay", "tags", "name", "params"])
+def test_a_rule_edited_in_kibana_is_put_back(stack, edit):
+    """docs/assets.md: an existing rule is updated if its name, tags, schedule, params or alert delay differ."""
+    assert install().exit_code == 0
+    edit(stack.rules[K.RULE_ID_LIMITS_STALE])
+    stack.calls.clear()
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert [(c["method"], c["path"]) for c in stack.writes()] == [("PUT", f"/api/alerting/rule/{K.RULE_ID_LIMITS_STALE}")]
+    want = K.rules()[2].update_body("9.1.3")
+    rule = stack.rules[K.RULE_ID_LIMITS_STALE]
+    assert {k: rule[k] for k in ("name", "tags", "schedule", "alert_delay", "params")} == \
+        {k: want[k] for k in ("name", "tags", "schedule", "alert_delay", "params")}
+
+
+def test_uninstall_keeps_our_component_templates_that_a_foreign_template_uses(stack):
+    """A foreign index template keeps the component templates it is composed of, ours included."""
+    assert install("--skip-kibana").exit_code == 0
+    stack.index["logs-openai.completions"]["_meta"]["managed_by"] = "fleet"
+    result = run("uninstall", "--es-url", ES, "--skip-kibana")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"kept\s+component_template logs-openai.completions@package  "
+                     r"\(used by index template logs-openai.completions, managed by fleet\)", result.output)
+    assert set(stack.component) == {"logs-openai.completions@package"}
+    assert set(stack.index) == {"logs-openai.completions"}
+
+
+def test_another_refusal_to_delete_an_index_template_is_an_error_not_kept():
+    fake = FakeStack()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add(responses.DELETE, ES + "/_index_template/logs-openai.audit", status=400,
+                 json={"error": {"type": "illegal_argument_exception", "reason": "something else went wrong"}})
+        fake.install(rsps)
+        assert install("--skip-kibana").exit_code == 0
+        result = run("uninstall", "--es-url", ES, "--skip-kibana")
+    assert result.exit_code == 1, result.output
+    assert "uninstall incomplete: failed to delete index_template logs-openai.audit: HTTP 400: " \
+        "something else went wrong" in result.output
+    assert "pipeline logs-openai.audit@pipeline" in result.output.split("not done:")[1]
+
+
+def test_uninstall_dry_run_reports_a_missing_kibana_privilege(stack):
+    assert install().exit_code == 0
+    stack.forbid.add(("GET", r"/api/alerting/rule/.*"))
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--dry-run")
+    assert result.exit_code == 3, result.output
+    assert "missing privilege: Kibana feature privilege 'Stack Rules: All'" in result.output
+    assert "is needed to read rule" in result.output
+
+
+def test_a_user_name_with_a_colon_is_refused():
+    """Basic auth cannot carry a colon in the user name (it separates user and password)."""
+    with responses.RequestsMock() as rsps:
+        line = _one_line_error(run("install", "--es-url", ES, "--kibana-url", KB,
+                                   env={"ELASTIC_API_KEY": "", "ELASTIC_USERNAME": "team:ai",
+                                        "ELASTIC_PASSWORD": PASSWORD}))
+        assert len(rsps.calls) == 0
+    assert "the user name contains a colon" in line and PASSWORD not in line
+
+
+def test_credentials_never_show_in_their_repr(tmp_path):
+    from kibana_assets.installer import Target, resolve_credentials
+
+    key = resolve_credentials(env={"ELASTIC_API_KEY": API_KEY})
+    basic = resolve_credentials(env={"ELASTIC_USERNAME": "u", "ELASTIC_PASSWORD": PASSWORD})
+    import base64
+    token = base64.b64encode(f"u:{PASSWORD}".encode()).decode()
+    for creds in (key, basic):
+        for text in (repr(creds), str(creds), repr(Target(ES, KB, creds))):
+            assert API_KEY not in text and PASSWORD not in text and token not in text
+
+
+def test_an_api_key_with_a_trailing_newline_in_the_environment_works(stack):
+    result = install("--skip-kibana", env={"ELASTIC_API_KEY": API_KEY + "\n"})
+    assert result.exit_code == 0, result.output
+    assert all(c["headers"]["Authorization"] == f"ApiKey {API_KEY}" for c in stack.calls)
+
+
+def test_password_in_the_url_is_not_printed_when_the_answer_is_not_json():
+    url = "http://elastic:S3cretPW@es.test:9200"
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.GET, url + "/", body="<html>login</html>", content_type="text/html")
+        result = run("install", "--es-url", url, "--skip-kibana")
+    assert result.exit_code == 1, result.output
+    assert "S3cretPW" not in result.output
+    assert "GET http://***@es.test:9200/ answered with something that is not" in result.output
+
+
+def test_export_manifest_and_rules_follow_the_options(tmp_path):
+    out = tmp_path / "b"
+    result = run("export", str(out), "--rules-disabled")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(m["service"], m["method"], m["path"]) for m in manifest] == (
+        [("elasticsearch", "PUT", a.path) for a in E.es_assets()]
+        + [("kibana", "POST", "/api/saved_objects/_import?overwrite=true")]
+        + [("kibana", "POST", f"/api/alerting/rule/{r.id}") for r in K.rules()])
+    assert all(m["headers"] == {"kbn-xsrf": "true"} for m in manifest if m["service"] == "kibana")
+    for r in K.rules():
+        body = json.loads((out / f"kibana/rules/{r.id}.json").read_text())
+        assert body["enabled"] is False
+    # without --kibana-version the rules are for the newest Kibana: one alert per row
+    tpm = json.loads((out / f"kibana/rules/{K.RULE_ID_HEADROOM_TPM}.json").read_text())
+    assert tpm["params"]["groupBy"] == "row"
