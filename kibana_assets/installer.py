@@ -468,12 +468,16 @@ class Installer:
             _check(resp, "read the data view", priv)
             have = _json(resp, "a data view", pick=lambda d: dict(d.get("data_view") or {}))
             want = body["data_view"]
-            if all(have.get(k) == want[k] for k in ("title", "name", "timeFieldName")):
+            if all(have.get(k) == want[k] for k in K.DATA_VIEW_FIELDS):
                 return "unchanged", ""
             status = "updated"
         if self.dry_run:
             return self._would(status), ""
-        _check(self.t.kb("POST", "/api/data_views/data_view", json=body), "write the data view", priv)
+        if status == "created":
+            _check(self.t.kb("POST", "/api/data_views/data_view", json=body), "write the data view", priv)
+        else:
+            _check(self.t.kb("POST", f"/api/data_views/data_view/{K.DATA_VIEW_ID}", json=K.data_view_update()),
+                   "update the data view", priv)
         return status, ""
 
     def _dashboard(self, dashboard: K.Dashboard) -> tuple[str, str]:

@@ -50,8 +50,11 @@ def supports_per_row_alerts(kibana_version: str) -> bool:
 # Data view
 
 
+DATA_VIEW_FIELDS = ("title", "name", "timeFieldName")  # what we set, compare and put back
+
+
 def data_view() -> dict:
-    """Body for POST /api/data_views/data_view."""
+    """Body for POST /api/data_views/data_view (create; `override` replaces one with our title)."""
     return {
         "data_view": {
             "id": DATA_VIEW_ID,
@@ -61,6 +64,14 @@ def data_view() -> dict:
         },
         "override": True,
     }
+
+
+def data_view_update() -> dict:
+    """Body for POST /api/data_views/data_view/{id}: puts back the fields of ours that were edited.
+    Create's `override` matches an existing data view by title, not id, so it cannot be relied on
+    to replace ours once its title was changed."""
+    want = data_view()["data_view"]
+    return {"data_view": {k: want[k] for k in DATA_VIEW_FIELDS}}
 
 
 def data_view_saved_object() -> dict:

@@ -141,12 +141,25 @@ class FakeStack:
                 if dv_id not in self.data_views:
                     return self._json(404, {"statusCode": 404, "error": "Not Found", "message": f"{dv_id} not found"})
                 return self._json(200, {"data_view": self.data_views[dv_id]})
-            if m == "POST":
+            if m == "POST" and path == "/api/data_views/data_view":
+                # create: `override` replaces a data view with the same *title* (documented); an
+                # existing id under another title is a conflict, as on Kibanas that do not overwrite by id
                 dv = body["data_view"]
-                if dv["id"] in self.data_views and not body.get("override"):
-                    return self._json(400, {"statusCode": 400, "message": "Duplicate data view"})
+                same_title = [i for i, v in self.data_views.items() if v["title"] == dv["title"]]
+                if same_title and not body.get("override"):
+                    return self._json(400, {"statusCode": 400, "message": f"Duplicate data view: {dv['title']}"})
+                for i in same_title:
+                    del self.data_views[i]
+                if dv["id"] in self.data_views:
+                    return self._json(409, {"statusCode": 409, "error": "Conflict",
+                                            "message": f"Saved object [index-pattern/{dv['id']}] conflict"})
                 self.data_views[dv["id"]] = dict(dv, version="WzEsMV0=")
                 return self._json(200, {"data_view": self.data_views[dv["id"]]})
+            if m == "POST":  # update: only the given fields change
+                if dv_id not in self.data_views:
+                    return self._json(404, {"statusCode": 404, "error": "Not Found", "message": f"{dv_id} not found"})
+                self.data_views[dv_id].update(body["data_view"])
+                return self._json(200, {"data_view": self.data_views[dv_id]})
             if m == "DELETE":
                 if self.data_views.pop(dv_id, None) is None:
                     return self._json(404, {"statusCode": 404, "message": "not found"})
@@ -794,16 +807,33 @@ def test_a_foreign_copy_of_our_asset_is_taken_over_even_with_our_fingerprint(sta
     assert stack.index["logs-openai.completions"]["_meta"]["managed_by"] == "openai-assets"
 
 
-def test_a_changed_data_view_is_overwritten(stack):
+@pytest.mark.parametrize("field,value", [("name", "renamed by someone"), ("title", "logs-*"),
+                                         ("timeFieldName", "event.created")])
+def test_a_changed_data_view_is_put_back_through_the_update_api(stack, field, value):
+    """Create's `override` matches by title: a data view of ours whose title was edited is put
+    back by id with the update API, not re-created (which would conflict with its id)."""
     assert install().exit_code == 0
-    stack.data_views[K.DATA_VIEW_ID]["name"] = "renamed by someone"
+    stack.data_views[K.DATA_VIEW_ID][field] = value
     stack.calls.clear()
     result = install()
     assert result.exit_code == 0, result.output
     assert re.search(rf"updated\s+data_view {K.DATA_VIEW_ID}", result.output)
+    (post,) = stack.writes()
+    assert post["path"] == f"/api/data_views/data_view/{K.DATA_VIEW_ID}"
+    assert json.loads(post["body"]) == {"data_view": {"title": K.DATA_VIEW_TITLE, "name": K.DATA_VIEW_NAME,
+                                                      "timeFieldName": "@timestamp"}}
+    assert {k: stack.data_views[K.DATA_VIEW_ID][k] for k in K.DATA_VIEW_FIELDS} == \
+        {k: K.data_view()["data_view"][k] for k in K.DATA_VIEW_FIELDS}
+
+
+def test_a_data_view_is_created_with_override(stack):
+    """A data view of someone else's with our title is replaced (create's documented `override`)."""
+    stack.data_views["theirs"] = {"id": "theirs", "title": K.DATA_VIEW_TITLE, "name": "theirs"}
+    result = install()
+    assert result.exit_code == 0, result.output
     (post,) = [c for c in stack.writes() if c["path"] == "/api/data_views/data_view"]
     assert json.loads(post["body"])["override"] is True
-    assert stack.data_views[K.DATA_VIEW_ID]["name"] == K.DATA_VIEW_NAME
+    assert set(stack.data_views) == {K.DATA_VIEW_ID}
 
 
 def test_a_failed_dashboard_import_is_an_error():
