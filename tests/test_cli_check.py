@@ -145,3 +145,17 @@ def test_bad_log_level_is_a_usage_error_not_a_traceback(tmp_path):
     assert "Invalid value for '--log-level'" in result.stderr and "Traceback" not in result.output
     assert CliRunner().invoke(main, ["check", "--config", str(cfg), "--log-level", "debug"],
                               env={}).exit_code == 2  # lower case is accepted (then: no admin key)
+
+
+def test_an_unexpected_error_is_one_redacted_line_and_exit_1(tmp_path, monkeypatch):
+    """Whatever goes wrong in a probe, `check` says so in one line, without the key, and fails."""
+    from agent_input import http_client
+
+    def broken(client, config):
+        raise RuntimeError(f"proxy said no to Authorization: Bearer {KEY}")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(http_client, "probe_api", broken)
+    result = run(tmp_path, only("completions"))
+    assert result.exit_code == 1
+    assert "check failed: proxy said no" in result.output and KEY not in result.output

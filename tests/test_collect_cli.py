@@ -3,6 +3,7 @@ rejected key stops only its own stream."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -147,3 +148,157 @@ def test_bad_log_level_is_a_usage_error_not_a_traceback(tmp_path):
     err = proc.stderr.decode()
     assert proc.returncode == 2 and "Traceback" not in err and "Invalid value for '--log-level'" in err, err
     assert not (tmp_path / "state").exists()
+
+
+def test_once_exits_1_and_its_summary_names_the_stream_that_failed(simulator, tmp_path):
+    """A --once run (cron, CI) reports a failed stream in its exit status and in its summary."""
+    from agent_input.simulator import FaultRule
+
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/usage/embeddings", count=None))
+    config = _config(simulator.base_url)
+    config["data_streams"]["embeddings"] = {"enabled": True, "initial_interval": "1h"}
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump({**config, "max_retries": 0}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+         "--state-dir", str(tmp_path / "state"), "--output-path", str(tmp_path / "events.ndjson"),
+         "--now", str(T0), "--log-level", "CRITICAL"],
+        capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    rows = {ln.split()[0]: ln for ln in err.splitlines() if ln.strip()}
+    assert "stream" in rows and "documents" in rows["stream"]
+    assert "failed: " in rows["embeddings"] and "403" in rows["embeddings"], err
+    assert rows["completions"].rstrip().endswith("ok"), err
+    assert read_ndjson(tmp_path / "events.ndjson"), "the healthy stream's documents were still written"
+
+
+def test_a_continuous_run_prints_no_summary(simulator, tmp_path):
+    """The per-stream table is for --once; a service's stderr stays its logs."""
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config(simulator.base_url)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--state-dir",
+         str(tmp_path / "state"), "--output-path", str(tmp_path / "events.ndjson"), "--now", str(T0),
+         "--log-level", "ERROR"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and simulator.stats()["requests"] < 2:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"documents" not in stderr and b"completions" not in stderr, stderr.decode()
+
+
+def _collect_until_the_output_opens(tmp_path, monkeypatch, *args, config=None):
+    """`collect` in process up to the output it opens: what it was asked for, or its error."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(config or _config("http://127.0.0.1:9")))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the in-process run installs no handlers
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return CliRunner().invoke(main, ["collect", "--config", str(cfg), "--once", "--state-dir",
+                                         str(tmp_path / "state"), "--log-level", "CRITICAL", *args],
+                                  env={"OPENAI_ADMIN_KEY": None})
+    finally:  # the run set up logging to the runner's stderr, closed now
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_output_options_that_cannot_apply_are_refused(tmp_path, monkeypatch):
+    result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--rotate-bytes", "1000")
+    assert result.exit_code == 1 and "--rotate-bytes needs --output-path" in result.output, result.output
+    result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--output", "elasticsearch",
+                                             "--es-url", "http://127.0.0.1:9", "--output-path", str(tmp_path / "x"))
+    assert result.exit_code == 1 and "are for --output ndjson, not elasticsearch" in result.output, result.output
+
+
+def test_output_defaults_and_flags_reach_the_output(tmp_path, monkeypatch):
+    """--rotate-keep defaults to 5; --es-ca-file wins over the config's es_ssl_ca_file."""
+    from agent_input import es_output, outputs
+
+    seen = {}
+
+    def capture(name):
+        def fake(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            raise outputs.OutputError(f"{name} captured")
+        return fake
+
+    monkeypatch.setattr(outputs, "NdjsonFileOutput", capture("file"))
+    monkeypatch.setattr(es_output, "make_client", capture("es"))
+    result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--output-path", str(tmp_path / "e.ndjson"),
+                                             "--rotate-bytes", "4096")
+    assert "file captured" in result.output
+    assert seen["file"][1] == {"rotate_bytes": 4096, "rotate_keep": 5}
+    config_ca, flag_ca = tmp_path / "config-ca.pem", tmp_path / "flag-ca.pem"
+    for f in (config_ca, flag_ca):
+        f.write_text("-----BEGIN CERTIFICATE-----\n")
+    config = {**_config("http://127.0.0.1:9"), "es_url": "https://es.example:9200", "es_ssl_ca_file": str(config_ca)}
+    result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--output", "elasticsearch", config=config)
+    assert "es captured" in result.output and seen["es"][1]["ca_file"] == str(config_ca)
+    result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--output", "elasticsearch",
+                                             "--es-ca-file", str(flag_ca), config=config)
+    assert seen["es"][1]["ca_file"] == str(flag_ca)
+
+
+def test_default_state_dir_follows_xdg_state_home(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from agent_input.cli import _default_state_dir
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert _default_state_dir() == str(tmp_path / "xdg" / "openai-input")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert _default_state_dir() == str(Path.home() / ".local" / "state" / "openai-input")
+
+
+def test_now_without_an_offset_is_utc(monkeypatch):
+    """`--now 2026-11-23T10:00:00` is the same instant on every machine, whatever its time zone."""
+    from datetime import datetime, timezone
+
+    from agent_input.cli import _parse_now
+
+    if not hasattr(time, "tzset"):
+        pytest.skip("no time.tzset on this platform")
+    utc = datetime(2026, 11, 23, 10, tzinfo=timezone.utc).timestamp()
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        for text in ("2026-11-23T10:00:00", "2026-11-23T10:00:00Z", "2026-11-23T05:00:00-05:00", str(utc)):
+            assert _parse_now(text) == utc, text
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_demo_shows_every_usage_total_equal_to_the_simulators_final_truth(tmp_path):
+    """`openai-input demo`, the first thing a user runs: each usage-like dataset's settled total
+    next to OpenAI's (the simulator's) final one, and a note for audit and rate limits."""
+    from agent_input.streams import STREAMS_BY_NAME
+
+    out = tmp_path / "demo.ndjson"
+    proc = subprocess.run([sys.executable, "-m", "agent_input.cli", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"})
+    assert proc.returncode == 0, proc.stderr
+    rows = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith("backfill")}
+    assert set(STREAMS_BY_NAME) | {"audit", "rate_limits"} <= set(rows), proc.stdout
+    for name, spec in STREAMS_BY_NAME.items():
+        row = rows[name]
+        assert f"{spec.counters[0]}: " in row and row.endswith(" exact"), row
+        got, final = row.split(f"{spec.counters[0]}: ")[1].rsplit(" ", 1)[0].split(" / ")
+        assert got == final and got not in ("0", "0.0"), row
+    assert "audit events: " in rows["audit"] and "limits: " in rows["rate_limits"]
+    assert sum(int(rows[n].split()[2]) for n in STREAMS_BY_NAME) > 0, "the second poll brings late revisions"
+    assert len(read_ndjson(out)) == sum(int(rows[n].split()[1]) for n in rows if n in set(STREAMS_BY_NAME) | {"audit", "rate_limits"})

@@ -42,7 +42,8 @@ def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "1.5h", "-5m", "five minutes", True, -3, None, [1]])
+@pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "1.5h", "-5m", "five minutes", True, -3, -1, -60.0, 1.5,
+                                 None, [1]])
 def test_bad_duration_names_key_and_allowed_form(bad):
     with pytest.raises(ConfigError) as info:
         parse_duration(bad, "data_streams.audit.interval")
@@ -152,6 +153,13 @@ def test_empty_stream_section_and_empty_file(tmp_path):
     assert load_config(p, env=ENV).url == "https://api.openai.com"
 
 
+def test_text_settings_are_stripped():
+    """A quoted YAML value or a protocol message may carry spaces around a URL or a namespace."""
+    c = config_from_dict({"url": " https://api.example.com ", "namespace": " prod ",
+                          "proxy_url": "\thttp://proxy:3128\n"}, env=ENV)
+    assert (c.url, c.namespace, c.proxy_url) == ("https://api.example.com", "prod", "http://proxy:3128")
+
+
 def test_protocol_style_strings_are_accepted():
     c = config_from_dict({"ssl_verify": "false", "max_retries": "2",
                           "data_streams": {"audit": {"batch_size": "10", "enabled": "true"}}}, env=ENV)
@@ -172,6 +180,21 @@ def test_key_from_file(tmp_path):
     c = config_from_dict({"api_key_file": str(f)}, env={})
     assert c.api_key.reveal() == "sk-admin-from-file-000000" and c.api_key_source == "file"
     assert c.api_key_file == str(f)
+
+
+def test_key_from_env_is_stripped():
+    """An env file or `$(cat key)` may leave a trailing space or line break: not part of the key."""
+    c = config_from_dict({}, env={"OPENAI_ADMIN_KEY": "  sk-admin-from-env-0000\n"})
+    assert c.api_key.reveal() == "sk-admin-from-env-0000" and c.api_key_source == "env"
+
+
+def test_a_key_file_holding_more_than_the_key_is_refused_without_showing_it(tmp_path):
+    f = tmp_path / "key"
+    for text in ("sk-admin-first0000 sk-admin-second000\n", "OPENAI_ADMIN_KEY: sk-admin-yaml0000\n"):
+        f.write_text(text)
+        e = one_error({"api_key_file": str(f)}, env={})
+        assert e.key == "api_key_file" and "only the admin key" in e.message
+        assert all(part not in str(e) for part in text.split())
 
 
 def test_missing_key():
@@ -257,6 +280,7 @@ def test_batch_size_range_and_type(value):
     ({"http_timeout": "soon"}, "http_timeout"),
     ({"http_timeout": "0s"}, "http_timeout"),
     ({"names_refresh_interval": "1w"}, "names_refresh_interval"),
+    ({"names_refresh_interval": "0s"}, "names_refresh_interval"),  # would re-list every name for every page
     ({"data_streams": {"audit": {"enabled": "maybe"}}}, "data_streams.audit.enabled"),
     ({"data_streams": {"completions": {"interval": "0s"}}}, "data_streams.completions.interval"),
     ({"data_streams": {"images": {"revision_window": "-1h"}}}, "data_streams.images.revision_window"),
@@ -280,6 +304,8 @@ def test_bad_proxy_and_ca(tmp_path):
     e = errors_of({"proxy_url": "proxy:3128", "ssl_ca_file": str(tmp_path / "none.pem")})
     assert [x.key for x in e.errors] == ["proxy_url", "ssl_ca_file"]
     assert config_from_dict({"proxy_url": "socks5h://p:1080"}, env=ENV).proxy_url == "socks5h://p:1080"
+    e = one_error({"es_ssl_ca_file": str(tmp_path / "es-none.pem")})
+    assert e.key == "es_ssl_ca_file" and "not a readable file" in e.message
 
 
 @pytest.mark.parametrize("ns,fragment", [

@@ -243,10 +243,67 @@ def test_a_failed_lookup_never_costs_a_document(simulator):
     simulator.add_fault(FaultRule(kind="reset", count=None))
     simulator.advance(3 * 3600)
     cache.ready()
-    d2 = _doc(project_id=key.project_id, user_id=key.owner_id)
+    d2 = _doc(project_id=key.project_id, user_id=key.owner_id, api_key_id=key.id)
     cache.enrich(d2)
     assert d2["openai"]["base"]["project_name"] == org.projects_by_id[key.project_id].name  # stale names kept
     assert d2["openai"]["base"]["user_email"] == org.users_by_id[key.owner_id].email
+    assert d2["openai"]["base"]["api_key_name"] == key.name, "no project listed: every key name is kept"
+    cache.close()
+
+
+def test_a_failed_listing_is_tried_again_after_the_short_back_off(simulator):
+    """A listing that failed is tried again after RETRY_AFTER_FAILURE (never later than the
+    refresh interval), not only at the next hourly refresh; a success clears the failures."""
+    from agent_input.names import RETRY_AFTER_FAILURE
+    from agent_input.simulator import FaultRule
+
+    org = simulator.org
+    keyless = next(u for u in org.users if u.id not in {k.owner_id for k in org.keys})
+    for refresh_interval, back_off in ((3600, RETRY_AFTER_FAILURE), (60, 60)):
+        simulator.add_fault(FaultRule(kind="500", path="/v1/organization/users", count=1))
+        cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0),
+                          refresh_interval=refresh_interval, clock=simulator.now)
+        doc = _doc(user_id=keyless.id)
+        cache.enrich(doc)
+        assert "user_email" not in doc["openai"]["base"] and any("users" in f for f in cache.failures)
+        simulator.advance(back_off + 1)
+        doc = _doc(user_id=keyless.id)
+        cache.enrich(doc)
+        assert doc["openai"]["base"].get("user_email") == keyless.email, refresh_interval
+        assert cache.refreshes == 2 and cache.failures == []
+        cache.close()
+
+
+def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulator):
+    from agent_input.simulator import FaultRule
+
+    org = simulator.org
+    cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    cache.refresh()
+    broken = next(p.id for p in org.projects if any(k.project_id == p.id for k in org.keys))
+    simulator.add_fault(FaultRule(kind="500", path=f"/v1/organization/projects/{broken}/api_keys", count=None))
+    simulator.advance(3601)
+    cache.ready()
+    assert cache.refreshes == 2 and any(f"api keys of {broken}" in f for f in cache.failures)
+    assert all(cache.api_key_name(k.id) == k.name for k in org.keys if k.project_id == broken)
+    cache.close()
+
+
+def test_api_keys_are_listed_whatever_their_owners_project_access(simulator):
+    """Without owner_project_access=any the endpoint applies membership-based visibility and may
+    leave enabled keys out (e.g. a key whose owner left the project): their names would be missing."""
+    asked = []
+
+    class Recording(AdminApiClient):
+        def get_json(self, path, params=None):
+            asked.append((path, dict(params or {})))
+            return super().get_json(path, params)
+
+    cache = NameCache(Recording(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    cache.refresh()
+    key_listings = [params for path, params in asked if path.endswith("/api_keys")]
+    assert key_listings and all(p.get("owner_project_access") == "any" for p in key_listings)
+    assert all(p.get("include_archived") is True for path, p in asked if path.endswith("/organization/projects"))
     cache.close()
 
 

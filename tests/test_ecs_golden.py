@@ -155,3 +155,64 @@ def _counters(spec, result):
     from agent_input.engine import checked_counters
 
     return checked_counters(spec, result)
+
+
+def test_event_created_follows_each_poll_of_a_long_lived_mapper():
+    """The engine keeps one mapper per stream for its whole life: the shared parts are cached per
+    `created`, and a later poll's documents must carry that poll's time, not the first poll's."""
+    import orjson
+
+    from agent_input.ecs import mapper, ndjson_line
+
+    spec = STREAMS_BY_NAME["embeddings"]
+    result = {"object": "organization.usage.embeddings.result", "input_tokens": 7, "num_model_requests": 1,
+              "project_id": "proj_1"}
+    for for_ndjson in (False, True):
+        map_one = mapper(spec, "1m", "default", for_ndjson=for_ndjson)
+        for created in ("2026-11-23T10:00:00.000Z", "2026-11-23T10:05:00.000Z", "2026-11-23T10:00:00.000Z"):
+            _, doc = map_one(1_700_000_040, 1_700_000_100, result, {"input_tokens": 7, "num_model_requests": 1},
+                             0, created)
+            event = orjson.loads(ndjson_line(doc))["event"] if for_ndjson else doc["event"]
+            assert event["created"] == created, (for_ndjson, created)
+
+
+def test_iso_timestamp_keeps_milliseconds():
+    """event.created comes from a float clock: its milliseconds are kept (truncated, not rounded)."""
+    from agent_input.ecs import iso_timestamp
+
+    assert iso_timestamp(1_700_000_000) == "2023-11-14T22:13:20.000Z"
+    assert iso_timestamp(1_700_000_000.1239) == "2023-11-14T22:13:20.123Z"
+    assert iso_timestamp(1_700_000_000.9999) == "2023-11-14T22:13:20.999Z"
+
+
+def test_usage_event_keeps_each_namespace_apart():
+    spec = STREAMS_BY_NAME["embeddings"]
+    result = {"object": "organization.usage.embeddings.result", "input_tokens": 7, "num_model_requests": 1}
+    for namespace in ("default", "prod", "default"):
+        _, doc = usage_event(spec, bucket_start=0, bucket_end=60, width="1m", result=result,
+                             counters={"input_tokens": 7, "num_model_requests": 1}, revision=0,
+                             namespace=namespace, created="x")
+        assert doc["data_stream"]["namespace"] == namespace
+
+
+def test_every_usage_dimension_is_grouped_by():
+    """The usage API fills a result's dimension only when the request groups by it (otherwise it adds
+    the groups together and leaves it null: a priority tier's spend, or a web search's context level,
+    could not be told apart)."""
+    from agent_input.streams import USAGE_STREAMS
+
+    for spec in USAGE_STREAMS:
+        assert set(spec.group_by) == set(spec.dimensions), spec.name
+    assert {"batch", "service_tier"} <= set(STREAMS_BY_NAME["completions"].group_by)
+    assert "context_level" in STREAMS_BY_NAME["web_search_calls"].group_by
+
+
+@pytest.mark.parametrize("name", ["embeddings", "moderations"])
+def test_usage_tokens_of_input_only_streams(name):
+    """Headroom queries sum openai.base.usage_tokens: embeddings and moderations have input tokens only."""
+    spec = STREAMS_BY_NAME[name]
+    _, doc = usage_event(spec, bucket_start=0, bucket_end=60, width="1m",
+                         result={"object": spec.object_type, "input_tokens": 42, "num_model_requests": 2},
+                         counters={"input_tokens": 42, "num_model_requests": 2}, revision=0,
+                         namespace="default", created="x")
+    assert doc["openai"]["base"]["usage_tokens"] == 42

@@ -693,6 +693,28 @@ def test_an_entry_that_is_not_a_bucket_holds_the_cursor_and_the_buckets_after_it
     assert len({d["_id"] for d in got}) == len(got) == 3
 
 
+@pytest.mark.parametrize("width, seconds, limit", [("1m", 60, 1440), ("1h", 3600, 168), ("1d", 86400, 31)])
+def test_every_width_asks_for_the_most_buckets_a_page_can_hold(harness, width, seconds, limit):
+    """The API's page maxima per width: the defaults (60/24/7) made backfills many times slower."""
+    h = harness(FakeApi(width=seconds), bucket_width=width, initial_interval=40 * 86400)
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    assert h.api.calls[0]["bucket_width"] == width and h.api.calls[0]["limit"] == limit
+
+
+def test_only_a_missing_required_counter_makes_a_bucket_bad(harness):
+    """completions requires input_tokens, output_tokens and num_model_requests; the per-modality
+    counters are optional (left out of the document, not a bad bucket)."""
+    h = harness(effective_revision_window=0, initial_interval=300)
+    now = ts("2026-11-23T10:00:00")
+    h.api.data[now - 300] = [result(1, requests=None)]
+    h.api.data[now - 240] = [result(2, output_tokens=None)]
+    h.api.data[now - 180] = [result(3)]  # no input_cached_tokens and friends: fine
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 2
+    assert any("num_model_requests" in e for e in stats.errors) and any("output_tokens" in e for e in stats.errors)
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [3]
+
+
 def test_a_bad_bucket_inside_the_revision_window_never_moves_the_cursor_back(harness):
     h = harness(effective_revision_window=600, initial_interval=600)
     now = ts("2026-11-23T10:00:00")
