@@ -216,6 +216,14 @@ def test_list_endpoints_validate_and_paginate(http, sim, validate):
         validate("ProjectApiKeyListResponse", keys)
         for k in keys["data"]:
             assert k["owner"]["type"] in ("user", "service_account")
+        every = {k["id"]: k for k in get(http, sim, f"projects/{p['id']}/api_keys",
+                                          {"limit": 100, "owner_project_access": "any"}).json()["data"]}
+        assert len(every) == len(org.projects_by_id[p["id"]].keys)
+        for access in ("active", "inactive"):
+            some = get(http, sim, f"projects/{p['id']}/api_keys", {"limit": 100, "owner_project_access": access})
+            assert {k["id"] for k in some.json()["data"]} == {i for i, k in every.items() if k["owner_project_access"] == access}
+        # omitted: membership-based visibility leaves out the keys whose owner has no access
+        assert {k["id"] for k in keys["data"]} == {i for i, k in every.items() if k["owner_project_access"] == "active"}
         if p["status"] == "active":
             validate("ProjectUserListResponse", get(http, sim, f"projects/{p['id']}/users").json())
             validate("ProjectServiceAccountListResponse", get(http, sim, f"projects/{p['id']}/service_accounts").json())

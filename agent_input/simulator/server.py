@@ -176,6 +176,9 @@ class Api:
                     items = [sim.org.project_api_key(sim.org.keys_by_id[kid], now) for kid in proj.keys]
                     if access in ("active", "inactive"):
                         items = [i for i in items if i["owner_project_access"] == access]
+                    elif access != "any":  # omitted: "membership-based visibility rules, which may
+                        # exclude some enabled keys" (the spec); here, those whose owner lost access
+                        items = [i for i in items if i["owner_project_access"] == "active"]
                     return 200, self._list(items, p, 20, 100)
             if sub in ("users", "service_accounts") and len(rest) == 3:
                 if proj.archived_at is not None:
