@@ -397,6 +397,46 @@ def test_build_wires_every_stream_and_names(simulator, tmp_path):
         assert undeclared_fields({k: v for k, v in d.items() if k != "_id"}) == []
 
 
+def test_build_gives_each_stream_its_own_client_and_the_clock_and_close_releases_everything(
+        simulator, tmp_path, monkeypatch):
+    """Found by mutation testing: app.build's wiring beyond which collectors exist."""
+    import time
+
+    from agent_input import app
+    from agent_input.state import StateStore as Store
+
+    closed = []
+    for cls in (AdminApiClient, Store):
+        real = cls.close
+        monkeypatch.setattr(cls, "close", lambda self, real=real: (closed.append(self), real(self))[1])
+    tuned = []
+    monkeypatch.setattr(app.memory, "tune", lambda: tuned.append(True) or True)
+    # a stream this version has no collector for is skipped, and the streams after it still run
+    monkeypatch.delitem(app.EXTRA_COLLECTORS, "audit")
+    wanted = ("completions", "embeddings", "audit", "rate_limits", "costs")
+    base = {"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 1}
+    every = [s.name for s in config_from_dict(base, env={}).enabled_streams()]
+    cfg = config_from_dict({**base, "data_streams": {n: {"enabled": n in wanted} for n in every}}, env={})
+    output = NdjsonFileOutput(tmp_path / "out.ndjson")
+    collection = app.build(cfg, state_dir=tmp_path / "state", output=output, clock=simulator.now)
+    collectors = collection.engine.collectors
+    assert tuned == [True], "malloc is tuned before the stream threads exist"
+    assert [c.name for c in collectors] == ["completions", "embeddings", "rate_limits", "costs"]
+    assert all(c.clock == simulator.now for c in collectors)  # a --now replay reaches every collector
+    assert len({id(c.client) for c in collectors}) == len(collectors), "sessions are not shared across threads"
+    names = collectors[0].names
+    assert names is not None and names.client in collection.clients
+    collection.close()
+    output.close()
+    assert collection.store in closed
+    assert {id(c) for c in [names.client, *(c.client for c in collectors)]} <= {id(c) for c in closed}
+    # --now: starts at the given time and then runs at wall speed
+    clock = app.fixed_clock(1000.0)
+    first = clock()
+    time.sleep(0.02)
+    assert 1000.0 <= first < clock() < 1010.0
+
+
 def test_listings_run_on_their_own_clients_and_one_failure_costs_only_its_names(simulator):
     """Users and each project's keys are listed concurrently, each worker with its own session."""
     from agent_input.simulator import FaultRule

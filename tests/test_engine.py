@@ -763,3 +763,33 @@ def test_an_answer_for_a_dropped_read_ahead_chain_never_reaches_the_engine():
         client.release_x.set()  # X's answer arrives after the restart
         raw, _ = pages.take()
         assert pages.parse(raw)["data"] == ["from Y"]
+
+
+# -- agent_input/memory.py (found by mutation testing) ----------------------------------------------
+def test_malloc_is_tuned_once_with_glibc_s_options_and_trimmed(monkeypatch):
+    import platform
+
+    from agent_input import memory
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append(("mallopt", option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+            return 1
+
+    monkeypatch.setattr(memory, "_libc", FakeLibc())
+    monkeypatch.setattr(memory, "_tuned", False)
+    assert memory.tune() is True
+    # M_ARENA_MAX (-8) = 1 and M_MMAP_THRESHOLD (-3) = 256 KiB, from glibc's malloc.h
+    assert calls == [("mallopt", -8, 1), ("mallopt", -3, 256 * 1024)]
+    assert memory.tune() is True and len(calls) == 2, "tuned once per process"
+    memory.trim()
+    assert calls[2:] == [("malloc_trim", 0)]
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        monkeypatch.setattr(memory, "_libc", None)
+        assert memory._load() is not None, "glibc has mallopt and malloc_trim"

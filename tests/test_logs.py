@@ -123,6 +123,52 @@ def test_filter_alone_redacts_message_args_exc_text():
         import sys
 
         record = logging.LogRecord("n", logging.ERROR, __file__, 1, "a %s b", (KEY,), sys.exc_info())
+    record.stack_info = f"Stack (most recent call last):\n  File x, in f\n    call({KEY!r})"
     assert logs.RedactingFilter().filter(record) is True
     assert record.getMessage() == "a *** b"
     assert KEY not in record.exc_text and "***" in record.exc_text
+    assert KEY not in record.stack_info and "***" in record.stack_info
+
+
+# -- found by mutation testing ---------------------------------------------------------------------
+def test_bearer_tokens_are_redacted_in_any_case_and_with_base64_characters(stderr):
+    logs.setup_logging("INFO", "text", stream=stderr)
+    logging.getLogger("agent_input").info("authorization: bearer tok/EN+part==end; AUTHORIZATION: BEARER Up.Per-9")
+    text = stderr.getvalue()
+    for part in ("tok", "EN+part", "part==end", "Up.Per-9"):
+        assert part not in text, text
+    assert text.count("***") == 2
+
+
+def test_a_secret_that_contains_another_is_redacted_whole():
+    short, long = "Zq8-inner-pw", "Zq8-inner-pw-and-its-tail-Xk2"
+    assert logs.redact(f"a {long} b {short} c", extra=[short, long]) == "a *** b *** c"
+
+
+def test_short_and_padded_secrets_are_registered():
+    logs.register_secret("Pw7-x9")  # a short password is still a password (only < 4 is refused)
+    logs.register_secret(" \tpadded-Secret-Q4\n")  # read from a file or an env var with its line break
+    assert logs.redact("pw Pw7-x9 end") == "pw *** end"
+    assert logs.redact("key=padded-Secret-Q4;") == "key=***;"
+
+
+def test_setup_logging_registers_secret_objects_not_shaped_like_keys(stderr):
+    plain = "Zq8xPLAIN-logs-secret-object-0123"  # neither sk-... nor a bearer token: only registration hides it
+    logs.setup_logging("INFO", "ecs", secrets=[Secret(plain)], stream=stderr)
+    logging.getLogger("agent_input").info("configured %s", plain)
+    assert plain not in stderr.getvalue() and "***" in stderr.getvalue()
+    other = "Zq8xPLAIN-logs-register-secret-4567"
+    logs.register_secret(Secret(other))
+    assert logs.redact(f"x {other}") == "x ***"
+
+
+def test_urllib3_stays_at_info_when_we_log_at_debug(stderr):
+    urllib3 = logging.getLogger("urllib3")
+    saved = urllib3.level
+    try:
+        logs.setup_logging("DEBUG", "text", stream=stderr)
+        assert urllib3.level == logging.INFO  # one line per connection otherwise
+        logs.setup_logging("WARNING", "text", stream=stderr)
+        assert urllib3.level == logging.WARNING
+    finally:
+        urllib3.setLevel(saved)

@@ -213,3 +213,53 @@ def test_the_stdout_output_flushes_before_acknowledging():
     out = NdjsonOutput(io.BufferedWriter(raw, buffer_size=1 << 20))
     out.send("s", b'{"_id":"a"}\n', 1, lambda: acked.append(raw.getvalue()))
     assert acked == [b'{"_id":"a"}\n']
+
+
+# -- agent_input/durable.py (found by mutation testing) ---------------------------------------------
+def test_write_file_fsyncs_the_file_and_fsync_dir_the_folder(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from agent_input import durable
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(durable.os, "fsync", spy)
+    path = tmp_path / "batch.ndjson"
+    durable.write_file(path, SMALL)
+    assert synced == [("file", path.stat().st_ino)]
+    durable.fsync_dir(tmp_path)
+    assert synced[1:] == [("dir", tmp_path.stat().st_ino)]
+
+
+def test_write_file_is_private_exclusive_and_closes_its_descriptor(tmp_path, monkeypatch):
+    import os
+
+    from agent_input import durable
+
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(durable.os, "open", lambda *a: opened.append(real_open(*a)) or opened[-1])
+    old_umask = os.umask(0o022)
+    try:
+        durable.write_file(tmp_path / "spool", SMALL)
+        durable.write_file(tmp_path / "dead-letter", b"x\n", flags=os.O_APPEND | os.O_CREAT, mode=0o640)
+        durable.write_file(tmp_path / "dead-letter", b"y\n", flags=os.O_APPEND | os.O_CREAT, mode=0o640)
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "spool").stat().st_mode & 0o777 == 0o600  # events are nobody else's to read
+    assert (tmp_path / "dead-letter").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "dead-letter").read_bytes() == b"x\ny\n"
+    with pytest.raises(FileExistsError):  # a spool file is never overwritten in place
+        durable.write_file(tmp_path / "spool", b"other\n")
+    assert (tmp_path / "spool").read_bytes() == SMALL
+    assert len(opened) == 3
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
