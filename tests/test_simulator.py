@@ -320,6 +320,36 @@ def test_parameter_errors(http, sim, validate):
     validate("ErrorResponse", r.json())
 
 
+def test_the_last_page_of_a_list_says_has_more_false(http, sim):
+    users = get(http, sim, "users", {"limit": 100}).json()["data"]
+    n = len(users)
+    body = get(http, sim, "users", {"limit": n}).json()
+    assert len(body["data"]) == n and body["has_more"] is False
+    body = get(http, sim, "users", {"limit": 2, "after": users[n - 3]["id"]}).json()
+    assert body["data"] == users[n - 2:] and body["has_more"] is False
+    body = get(http, sim, "users", {"limit": 2, "after": users[n - 4]["id"]}).json()
+    assert body["data"] == users[n - 3:n - 1] and body["has_more"] is True
+    pid = sim.org.projects[0].id
+    rl = get(http, sim, f"projects/{pid}/rate_limits", {"limit": 100}).json()["data"]
+    body = get(http, sim, f"projects/{pid}/rate_limits", {"limit": 3, "before": rl[3]["id"]}).json()
+    assert body["data"] == rl[:3] and body["has_more"] is False
+    body = get(http, sim, f"projects/{pid}/rate_limits", {"limit": 3, "before": rl[4]["id"]}).json()
+    assert body["data"] == rl[1:4] and body["has_more"] is True
+
+
+def test_a_page_cursor_of_another_stream_or_a_forged_one_is_refused(http, sim, validate):
+    from agent_input.simulator.server import _page_token
+
+    params = {"start_time": int(NOW) - 3600, "bucket_width": "1m", "limit": 10}
+    token = get(http, sim, "usage/completions", params).json()["next_page"]
+    assert get(http, sim, "usage/completions", {**params, "page": token}).status_code == 200
+    r = get(http, sim, "usage/embeddings", {**params, "page": token})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "page"
+    validate("ErrorResponse", r.json())
+    forged = _page_token("completions", "1m", int(NOW) - 3600 + 30)  # not on a bucket boundary
+    assert get(http, sim, "usage/completions", {**params, "page": forged}).status_code == 400
+
+
 def test_default_width_is_1d_and_future_buckets_are_not_returned(http, sim):
     body = get(http, sim, "usage/completions", {"start_time": int(NOW) - 2 * 86400, "end_time": int(NOW) + 5 * 86400}).json()
     starts = [b["start_time"] for b in body["data"]]
@@ -416,8 +446,24 @@ def test_busy_buckets_settle_late_but_never_after_two_hours():
     settles = [s for m in range(burst_minute, burst_minute + 600, 60)
                for _d, _f, _p, s in model.minute_rows("completions", m)]
     assert max(settles) > 1800 and max(settles) <= MAX_SETTLE
+    assert max(settles) > 3600, "a busy bucket is revised for up to two hours"
     quiet = [s for _d, _f, _p, s in model.minute_rows("completions", int(NOW) - 86400 + 4 * 3600)]
     assert sorted(quiet)[len(quiet) // 2] <= 600  # most groups are final within ~10 minutes
+
+
+def test_quiet_minutes_are_visibly_final_about_ten_minutes_after_they_end():
+    """The per-row settle time reaches the API: most groups show their final counts 10 minutes after
+    their minute ends, and not before the minute has ended."""
+    sim = Simulator(seed=11, org="small", now=NOW)
+    gb = STREAMS["completions"].group_by
+    start, end = int(NOW) - 86400 + 4 * 3600, int(NOW) - 86400 + 4 * 3600 + 1800  # the 04:00 trough
+    final = _minute_groups(sim, "completions", start, end, gb, end + MAX_SETTLE + 60)
+    ten_after = _minute_groups(sim, "completions", start, end, gb, end + 600)
+    at_end = _minute_groups(sim, "completions", start, end, gb, end)
+    same = sum(ten_after.get(k) == v for k, v in final.items())
+    assert final and same >= 0.8 * len(final), (same, len(final))
+    last = {k: v for k, v in final.items() if k[0] == end - 60}  # the minute that has just ended
+    assert last and sum(at_end.get(k) == v for k, v in last.items()) < 0.5 * len(last)
 
 
 def test_hour_and_day_buckets_are_sums_of_visible_minutes(http, sim):
@@ -587,7 +633,10 @@ def test_fault_kinds(http, sim, validate):
             sim.add_fault(FaultRule(kind, path="usage/embeddings"))
             r = get(http, sim, path, params)
             assert r.status_code == int(kind)
+            assert "Retry-After" not in r.headers  # a 5xx exercises the client's own back-off
             validate("ErrorResponse", r.json())
+        sim.add_fault(FaultRule("503", path="usage/embeddings", message="custom outage"))
+        assert get(http, sim, path, params).json()["error"]["message"] == "custom outage"
         sim.add_fault(FaultRule("reset", path="usage/"))
         with pytest.raises(requests.ConnectionError):
             get(http, sim, path, params)
@@ -605,6 +654,8 @@ def test_fault_kinds(http, sim, validate):
         assert r.status_code == 200
         with pytest.raises(AssertionError):
             validate("UsageResponse", r.json())
+        first = r.json()["data"][0]["results"][0]  # the results themselves break the spec, not only the bucket
+        assert first["input_tokens"] is None and isinstance(first["num_model_requests"], str)
         pid = sim.org.projects[1].id
         sim.add_fault(FaultRule("404", path=f"*/projects/{pid}/rate_limits", count=None))
         for _ in range(2):
@@ -620,8 +671,45 @@ def test_fault_kinds(http, sim, validate):
         with pytest.raises(AssertionError):
             validate("ProjectListResponse", get(http, sim, "projects").json())
         assert sim.stats()["faults"]["429"] == 2
+        assert sim.stats()["by_status"]["429"] == 2  # what tests wait on to know a 429 was served
     finally:
         sim.clear_faults()
+
+
+def test_a_reset_fault_is_a_tcp_reset(sim):
+    """Not a polite close: the client sees ECONNRESET, as when a proxy or the API drops it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(sim.base_url)
+    sim.add_fault(FaultRule("reset", path="usage/"))
+    try:
+        with socket.create_connection((u.hostname, u.port), timeout=10) as conn:
+            conn.sendall(f"GET /v1/organization/usage/completions?start_time=1 HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {KEY}\r\n\r\n".encode())
+            with pytest.raises(ConnectionResetError):
+                conn.recv(1024)
+    finally:
+        sim.clear_faults()
+
+
+def test_fault_rule_counts_probabilities_and_bounds():
+    from agent_input.simulator.faults import FaultSet
+
+    assert FaultRule("429", retry_after=0).retry_after == 1  # the spec's Retry-After is >= 1
+    assert FaultRule("429", retry_after=-5).retry_after == 1
+    everything = FaultRule("500")
+    assert everything.matches("/v1/organization/usage/completions") and everything.matches("/v1/organization/users")
+
+    def fired(rule, n=400):
+        faults = FaultSet(4)
+        faults.add(rule)
+        return sum(faults.pick("/v1/organization/users") is not None for _ in range(n))
+
+    assert 15 < fired(FaultRule("503", path="users", probability=0.1, count=None)) < 70
+    assert 330 < fired(FaultRule("503", path="users", probability=0.9, count=None)) < 385
+    assert fired(FaultRule("503", path="users", probability=0.5, count=3)) == 3  # count still caps the total
+    assert fired(FaultRule("503", path="users", count=0)) == 0
 
 
 def test_probabilistic_faults_are_seeded():
@@ -698,6 +786,34 @@ def test_control_interface(sim):
     stats = requests.get(base + "/_sim/stats", timeout=10).json()
     assert before <= stats["first_request_at"] <= stats["last_answer_at"] <= time.time()
     assert stats["requests"] == 1  # the control requests are not counted
+
+
+@pytest.mark.parametrize("fault", [None, "503", "reset"])
+def test_an_answer_is_in_the_stats_before_the_client_has_it(monkeypatch, fault):
+    """A client that reads /_sim/stats right after its answer (or its reset) finds the request's
+    span recorded: the span is written before the answer goes out, not after (it once raced)."""
+    from agent_input.simulator import server
+
+    recorded = server.Simulator._served
+
+    def slow(self, arrived, done):  # widen the window an answer-then-record order would leave
+        time.sleep(0.05)
+        recorded(self, arrived, done)
+
+    monkeypatch.setattr(server.Simulator, "_served", slow)
+    s = Simulator(seed=1, org="small", now=NOW, admin_key=KEY)
+    base = s.start()
+    try:
+        if fault:
+            s.add_fault(FaultRule(kind=fault, count=1))
+        try:
+            requests.get(base + "/v1/organization/users", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        except requests.exceptions.ConnectionError:
+            assert fault == "reset"
+        stats = requests.get(base + "/_sim/stats", timeout=10).json()
+    finally:
+        s.stop()
+    assert stats["first_request_at"] is not None and stats["first_request_at"] <= stats["last_answer_at"]
 
 
 def test_cli_simulate_serves_until_interrupted(tmp_path):

@@ -417,6 +417,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "openai-admin-sim/1.0"
     sim: "Simulator"
+    _api_arrived: float | None = None  # the API request being answered: when it arrived
 
     def log_message(self, format, *args):  # noqa: A002 - quiet
         pass
@@ -426,6 +427,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: object, headers: dict | None = None, raw: bytes | None = None) -> None:
         data = raw if raw is not None else _encode(body)
+        self._answered()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -444,7 +446,15 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _answered(self) -> None:
+        """Record an API request's span before its answer goes out: a client that reads
+        /_sim/stats once it has its answer must find that answer counted."""
+        if self._api_arrived is not None:
+            self.sim._served(self._api_arrived, time.time())
+            self._api_arrived = None
+
     def _reset(self) -> None:
+        self._answered()
         try:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
@@ -480,11 +490,11 @@ class _Handler(BaseHTTPRequestHandler):
                 status, body = 400, {"error": str(e)}
             self._send(status, body)
             return
-        arrived = time.time()
+        self._api_arrived = time.time()
         try:
             self._api_get(sim, url, path)
         finally:
-            sim._served(arrived, time.time())
+            self._answered()  # when no answer was sent (an error in the handler)
 
     def _api_get(self, sim: "Simulator", url, path: str) -> None:
         if sim.latency > 0:
