@@ -8,8 +8,11 @@ args, an exception's text, or an exception object the ECS formatter stringifies 
 
 - `RedactingFilter`, a `logging.Filter` on our handler, rewrites the message (args merged in), the
   cached exception text and stack info of every record that reaches it;
-- `RedactingFormatter` wraps the real formatter and redacts its final output, which also covers the
-  `error.message` the ECS formatter builds straight from the exception object.
+- the ECS formatter redacts every string of the document it builds (`format_to_ecs`, the
+  library's hook) before serializing it: that covers the `error.message` it takes straight from the
+  exception object and `extra` fields, and a secret whose JSON spelling differs from its own (a
+  password with a quote, backslash, control or non-ASCII character) is still found;
+- `RedactingFormatter` wraps either formatter and redacts its final line as well.
 
 Registered secrets (`register_secret`) and anything shaped like a bearer token or an OpenAI key
 (`Bearer sk-...`, `sk-admin-...`) are replaced with `***`.
@@ -103,10 +106,26 @@ class _TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
 
+def _redact_values(value: object) -> object:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact_values(v) for v in value]
+    return value
+
+
 def _ecs_formatter() -> logging.Formatter:
     import ecs_logging
 
-    return ecs_logging.StdlibFormatter()
+    class RedactingEcsFormatter(ecs_logging.StdlibFormatter):
+        """Redacts the document before it is JSON: the finished line holds secrets escaped."""
+
+        def format_to_ecs(self, record: logging.LogRecord) -> dict:
+            return _redact_values(super().format_to_ecs(record))
+
+    return RedactingEcsFormatter()
 
 
 def setup_logging(

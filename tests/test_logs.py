@@ -96,6 +96,38 @@ def test_secret_redacted_from_message_args_and_exceptions(stderr, fmt):
         assert KEY not in err["error"]["stack_trace"]
 
 
+@pytest.mark.parametrize("password", ['pa"ss\\w0rd-Zq8', "pässwörd-1234", "tab\tand\nnewline-9"])
+def test_a_password_that_json_escapes_is_redacted_from_every_ecs_field(stderr, password):
+    """An Elasticsearch or proxy password with a quote, backslash, non-ASCII or control character
+    is escaped in the JSON line; redaction must not depend on how it is spelled there."""
+    logs.setup_logging("INFO", "ecs", secrets=[password], stream=stderr)
+    log = logging.getLogger("agent_input.redaction")
+    log.info("plain %s", password)
+    log.info("in a dict %r", {"password": password})
+    try:
+        raise RuntimeError("auth failed for " + password)
+    except RuntimeError:
+        log.exception("failed")
+    log.warning("with extra", extra={"detail": f"user:{password}@es"})
+
+    def strings(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str):
+            yield value
+
+    records = [json.loads(line) for line in stderr.getvalue().splitlines()]
+    assert len(records) == 4
+    leaked = [text for r in records for text in strings(r) if password in text]
+    assert leaked == []
+    err = next(r for r in records if r["message"] == "failed")
+    assert err["error"]["message"] == "auth failed for ***"
+
+
 def test_unregistered_bearer_and_openai_shaped_keys_are_redacted(stderr):
     logs.setup_logging("INFO", "text", stream=stderr)
     other = "sk-proj-UNREGISTERED0123456789"
