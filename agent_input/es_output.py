@@ -38,6 +38,7 @@ understand and which, for the few APIs used here (info, bulk create), means the 
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -126,7 +127,11 @@ def make_client(
         if not (user and password):
             raise OutputError(f"set both {ENV_USERNAME} and {ENV_PASSWORD} (or {ENV_API_KEY})")
         register_secret(password)
-        kwargs["basic_auth"] = (user, password)
+        # encoded here, as UTF-8 (what Elasticsearch decodes): the client encodes a (user, password)
+        # pair as ASCII and fails on any other character (elastic/elasticsearch-py#1054)
+        token = base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+        register_secret(token)
+        kwargs["basic_auth"] = token
     else:
         log.warning("no Elasticsearch credentials (%s or %s/%s): sending requests without auth",
                     ENV_API_KEY, ENV_USERNAME, ENV_PASSWORD)

@@ -301,12 +301,18 @@ def test_an_unwritable_dead_letter_file_keeps_the_batch(fake, tmp_path):
 
 
 # -- auth -------------------------------------------------------------------------------------------
-def test_basic_auth_and_wrong_credentials(tmp_path):
-    user, password = "elastic", "s3cret-pass-word"
+@pytest.mark.parametrize("password", ["s3cret-pass-word", "pässwörd-€-пароль"])
+def test_basic_auth_and_wrong_credentials(tmp_path, password):
+    """A password with any character works: encoded as UTF-8, as Elasticsearch (and curl, and the
+    asset installer) do; the client's own (user, password) encoding is ASCII-only."""
+    from agent_input.logs import registered_secrets
+
+    user = "elastic"
     es = FakeElasticsearch("9.1.0", auth="Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
         good = make_client(es.url, env={"ELASTIC_USERNAME": user, "ELASTIC_PASSWORD": password})
         assert check_cluster(good) == "9.1.0"
+        assert base64.b64encode(f"{user}:{password}".encode()).decode() in registered_secrets()
         bad = make_client(es.url, env={"ELASTIC_USERNAME": user, "ELASTIC_PASSWORD": "wrong-password"})
         with pytest.raises(OutputError, match=r"refused the credentials \(401\)"):
             check_cluster(bad)
