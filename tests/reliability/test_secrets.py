@@ -17,16 +17,24 @@ from conftest import ADMIN_KEY, T0
 from reliability_helpers import full_config
 
 ES_API_KEY = "ZXNfc2VjcmV0X2lkOmVzX3NlY3JldF9rZXlfOTg3NjU0"
-ES_USER, ES_PASSWORD = "elastic", "es-password-Zq8tR4mW2xY7"
+ES_USER, ES_PASSWORD = "elastic", 'es-pa"ss\\wörd-Zq8tR4mW2xY7'  # a quote, a backslash, non-ASCII: JSON escapes it
 PROXY_PASSWORD = "proxy-password-Hn3kV9pL"
 PLAIN_KEY = "Zq8xPLAINADMINKEY0123456789"  # a configured key not shaped like sk-...
 
 
 def _secrets() -> dict[str, bytes]:
+    """Each secret as written plainly, and as a JSON string would spell it (escaped quotes and
+    backslashes, \\uXXXX for non-ASCII): an ECS log line or a JSON file may hold it either way."""
+    import json
+
     basic = base64.b64encode(f"{ES_USER}:{ES_PASSWORD}".encode())
-    return {"admin key": ADMIN_KEY.encode(), "ES API key": ES_API_KEY.encode(),
-            "ES password": ES_PASSWORD.encode(), "ES basic auth header": basic,
-            "admin key (base64)": base64.b64encode(ADMIN_KEY.encode())}
+    plain = {"admin key": ADMIN_KEY.encode(), "ES API key": ES_API_KEY.encode(),
+             "ES password": ES_PASSWORD.encode(), "ES basic auth header": basic,
+             "admin key (base64)": base64.b64encode(ADMIN_KEY.encode())}
+    escaped = {f"{what} (JSON-escaped{'' if ascii_only else ', UTF-8'})": json.dumps(
+        secret.decode(), ensure_ascii=ascii_only)[1:-1].encode() for what, secret in plain.items()
+        for ascii_only in (True, False)}
+    return {**plain, **{k: v for k, v in escaped.items() if v not in plain.values()}}
 
 
 def _cli(args, env_extra, cwd) -> tuple[int, bytes, bytes]:
