@@ -54,7 +54,8 @@ DATA_VIEW_FIELDS = ("title", "name", "timeFieldName")  # what we set, compare an
 
 
 def data_view() -> dict:
-    """Body for POST /api/data_views/data_view (create; `override` replaces one with our title)."""
+    """Body for POST /api/data_views/data_view (create; `override` replaces a data view with our
+    title, or our name in newer Kibanas)."""
     return {
         "data_view": {
             "id": DATA_VIEW_ID,
@@ -68,8 +69,8 @@ def data_view() -> dict:
 
 def data_view_update() -> dict:
     """Body for POST /api/data_views/data_view/{id}: puts back the fields of ours that were edited.
-    Create's `override` matches an existing data view by title, not id, so it cannot be relied on
-    to replace ours once its title was changed."""
+    Create's `override` matches an existing data view by title (or name), not id, so it cannot be
+    relied on to replace ours once those were changed."""
     want = data_view()["data_view"]
     return {"data_view": {k: want[k] for k in DATA_VIEW_FIELDS}}
 
