@@ -113,6 +113,22 @@ def format_duration(seconds: int) -> str:
     return "".join(parts) or "0s"
 
 
+def credential_problem(value: str, *, allow_space: bool, ascii_only: bool = False) -> str | None:
+    """What kind of character makes `value` unusable in an Authorization header, or None. Names
+    the kind, never the character or where it is, so a message gives nothing of the secret away
+    (an HTTP library's own error quotes the header whole, escaped past redaction)."""
+    for c in value:
+        if c in "\r\n":
+            return "a line break"
+        if not c.isprintable():
+            return "a control character"
+        if c.isspace() and not allow_space:
+            return "a space"
+    if ascii_only and not value.isascii():
+        return "a non-ASCII character"
+    return None
+
+
 def display_url(value: str) -> str:
     """`value` with any user:password@ replaced by ***@, for echoing a URL in a message or on stdout."""
     scheme_end = value.find("://")

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .config import display_url, url_problem
+from .config import credential_problem, display_url, url_problem
 from .durable import write_file
 from .outputs import Ack, OutputError
 
@@ -122,11 +122,20 @@ def make_client(
     user, password = env.get(ENV_USERNAME) or "", env.get(ENV_PASSWORD) or ""
     if api_key:
         register_secret(api_key)
+        bad = credential_problem(api_key, allow_space=False, ascii_only=True)
+        if bad:  # checked here: the HTTP library's error would quote the header, key and all
+            raise OutputError(f"{ENV_API_KEY} contains {bad}; it must be the encoded key exactly as "
+                              "Elasticsearch returned it")
         kwargs["api_key"] = api_key
     elif user or password:
         if not (user and password):
             raise OutputError(f"set both {ENV_USERNAME} and {ENV_PASSWORD} (or {ENV_API_KEY})")
         register_secret(password)
+        for name, value in ((ENV_USERNAME, user), (ENV_PASSWORD, password)):
+            bad = credential_problem(value, allow_space=True) or (
+                "a colon" if name == ENV_USERNAME and ":" in value else None)
+            if bad:
+                raise OutputError(f"{name} contains {bad}")
         # encoded here, as UTF-8 (what Elasticsearch decodes): the client encodes a (user, password)
         # pair as ASCII and fails on any other character (elastic/elasticsearch-py#1054)
         token = base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")

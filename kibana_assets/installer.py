@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import requests
 
-from agent_input.config import display_url, url_problem  # display_url: user:password@ -> ***@
+from agent_input.config import credential_problem, display_url, url_problem  # display_url: user:password@ -> ***@
 
 from . import MANAGED_BY
 from . import elasticsearch as E
@@ -78,25 +78,10 @@ class Credentials:
         return f"Credentials(source={self.source!r})"
 
 
-def _bad_character(value: str, allow_space: bool) -> str | None:
-    """What kind of character makes `value` unusable in an Authorization header, or None. Names
-    the kind, never the character or where it is, so the message gives nothing of the secret away."""
-    for c in value:
-        if c in "\r\n":
-            return "a line break"
-        if not c.isprintable():
-            return "a control character"
-        if c.isspace() and not allow_space:
-            return "a space"
-    return None
-
-
 def _checked_api_key(key: str, source: str) -> str:
     """An API key is printable ASCII (base64): anything else would be a traceback from http.client
     (UnicodeEncodeError) or requests (InvalidHeader, which prints the header, key included)."""
-    bad = _bad_character(key, allow_space=False)
-    if bad is None and not key.isascii():
-        bad = "a non-ASCII character"
+    bad = credential_problem(key, allow_space=False, ascii_only=True)
     if bad:
         raise InstallerError(f"the API key from {source} contains {bad}; it must be the encoded key exactly "
                              "as Elasticsearch returned it", code=2)
@@ -128,7 +113,7 @@ def resolve_credentials(api_key_file: str | None = None, username: str | None = 
                            "ELASTIC_API_KEY")
     user = username or env.get("ELASTIC_USERNAME")
     if user:
-        bad = _bad_character(user, allow_space=True)
+        bad = credential_problem(user, allow_space=True)
         if bad or ":" in user:
             raise InstallerError(f"the user name contains {bad or 'a colon'}", code=2)
         if password_file:
@@ -138,7 +123,7 @@ def resolve_credentials(api_key_file: str | None = None, username: str | None = 
         else:
             raise InstallerError(f"no password for user {user}: set ELASTIC_PASSWORD or pass --password-file",
                                  code=2)
-        bad = _bad_character(password, allow_space=True)
+        bad = credential_problem(password, allow_space=True)
         if bad:
             raise InstallerError(f"the password from {src} contains {bad}", code=2)
         token = base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -325,6 +325,24 @@ def test_basic_auth_and_wrong_credentials(tmp_path, password):
         es.close()
 
 
+@pytest.mark.parametrize("env, says", [
+    ({"ELASTIC_API_KEY": "c2VjcmV0LWtleS1k\nby1ub3QtcHJpbnQ="}, "ELASTIC_API_KEY contains a line break"),
+    ({"ELASTIC_API_KEY": "c2VjcmV0LWtleS1k by1ub3QtcHJpbnQ="}, "ELASTIC_API_KEY contains a space"),
+    ({"ELASTIC_API_KEY": "c2VjcmV0LWtleS1k\x01by1ub3QtcHJpbnQ="}, "ELASTIC_API_KEY contains a control character"),
+    ({"ELASTIC_API_KEY": "c2VjcmV0LWtleS1k…"}, "ELASTIC_API_KEY contains a non-ASCII character"),
+    ({"ELASTIC_USERNAME": "elastic", "ELASTIC_PASSWORD": "c2VjcmV0LWtleS1k\nsecond-line"},
+     "ELASTIC_PASSWORD contains a line break"),
+    ({"ELASTIC_USERNAME": "ela:stic", "ELASTIC_PASSWORD": "c2VjcmV0LWtleS1k"}, "ELASTIC_USERNAME contains a colon"),
+])
+def test_a_credential_unusable_in_a_header_is_refused_without_showing_it(env, says):
+    """A key pasted with a line break (wrapped, or two keys) used to reach the HTTP library, whose
+    error quoted the header with the key in it, escaped where redaction could not find it."""
+    with pytest.raises(OutputError) as info:
+        make_client("http://127.0.0.1:9", env=env)
+    assert str(info.value).startswith(says)
+    assert "c2VjcmV0LWtleS1k" not in str(info.value) and "second-line" not in str(info.value)
+
+
 def test_credentials_are_never_logged(fake, tmp_path):
     from agent_input.logs import redact, setup_logging
 
