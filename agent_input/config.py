@@ -541,9 +541,9 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
         errors.append(ConfigError("api_key_file", "set either api_key or api_key_file, not both"))
         return Secret(""), "config"
     if inline:
-        if _unprintable(inline):
-            errors.append(ConfigError("api_key", "contains a line break, control or non-ASCII character (the value "
-                                                 "is not shown)"))
+        bad = _key_problem(inline)
+        if bad:
+            errors.append(ConfigError("api_key", f"contains {bad} (the value is not shown)"))
             return Secret(""), "config"
         return Secret(inline), "config"
     if path:
@@ -561,16 +561,17 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
         if not text:
             errors.append(ConfigError("api_key_file", "the file is empty (expected the admin key)"))
             return Secret(""), "file"
-        if len(text.split()) != 1 or _unprintable(text):
+        if len(text.split()) != 1 or _key_problem(text):
             errors.append(ConfigError("api_key_file", "the file must hold only the admin key (one token: no spaces, control or "
                                                       "non-ASCII characters)"))
             return Secret(""), "file"
         return Secret(text), "file"
     from_env = (env.get(ENV_ADMIN_KEY) or "").strip()
     if from_env:
-        if _unprintable(from_env):
-            errors.append(ConfigError("api_key", f"the {ENV_ADMIN_KEY} environment variable contains a line break, "
-                                                 "control or non-ASCII character (the value is not shown)"))
+        bad = _key_problem(from_env)
+        if bad:
+            errors.append(ConfigError("api_key", f"the {ENV_ADMIN_KEY} environment variable contains {bad} "
+                                                 "(the value is not shown)"))
             return Secret(""), "env"
         return Secret(from_env), "env"
     errors.append(ConfigError(
@@ -581,11 +582,11 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
     return Secret(""), "env"
 
 
-def _unprintable(key: str) -> bool:
-    """A key with a line break or control character (requests would refuse the header and quote it
-    in its error, where redaction no longer finds the key: it shows `\\n`, not a line break) or a
-    non-ASCII one (a pasted placeholder such as `…`: http.client cannot encode the header)."""
-    return not (key.isascii() and key.isprintable())
+def _key_problem(key: str) -> str | None:
+    """A line break or control character (requests would refuse the header and quote it in its
+    error, where redaction no longer finds the key: it shows `\\n`, not a line break) or a non-ASCII
+    one (a pasted placeholder such as `…`: http.client cannot encode the header)."""
+    return credential_problem(key, allow_space=True, ascii_only=True)
 
 
 def url_problem(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
