@@ -111,19 +111,17 @@ class Sim:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
 
-    def post(self, path: str, body) -> None:
+    def post(self, path: str, body):
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=30).read()
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
 
     def stats(self) -> dict:
         return self.get("/_sim/stats")
 
     def reset_stats(self) -> dict:
-        req = urllib.request.Request(self.url + "/_sim/stats", data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
+        return self.post("/_sim/stats", {})
 
     def cpu(self) -> float:
         try:
