@@ -325,8 +325,5 @@ class NameCache:
     def _list(self, path: str, params: Mapping[str, Any]) -> Iterator[dict]:
         """Every object of a listing; a page that breaks the pagination fails the listing (an
         ApiError, retried after RETRY_AFTER_FAILURE) rather than ending it short without a word."""
-        def bad(what: str) -> ApiError:
-            return ApiError(200, what, "malformed_response", path)
-
-        for data in cursor_pages(self._worker_client().get_json, path, dict(params, limit=PAGE_LIMIT), bad):
+        for data in cursor_pages(self._worker_client().get_json, path, dict(params, limit=PAGE_LIMIT)):
             yield from (item for item in data if isinstance(item, Mapping))

@@ -199,13 +199,19 @@ class PageFetcher:
 
 
 def cursor_pages(get_json: Callable[[str, Mapping[str, Any]], Mapping], path: str, params: Mapping[str, Any],
-                 bad: Callable[[str], Exception], max_pages: int = 100_000) -> Iterator[list]:
+                 bad: Callable[[str], Exception] | None = None, max_pages: int = 100_000) -> Iterator[list]:
     """The `data` list of each page of an admin listing paginated by cursor (`after` = the previous
     page's `last_id` while `has_more`): audit logs, projects, rate limits, users, API keys.
 
     A page without a `data` list, a `last_id` that comes back (ending there would pass over what
-    was never read; following it would never end) or more than `max_pages` pages raise `bad(what)`.
+    was never read; following it would never end) or more than `max_pages` pages raise `bad(what)`,
+    by default the client's MalformedResponseError for `path`.
     """
+    if bad is None:
+        from .http_client import MalformedResponseError
+
+        def bad(what: str) -> Exception:
+            return MalformedResponseError(200, what, "malformed_response", path)
     query = dict(params)
     followed: set[str] = set()
     for _ in range(max_pages):

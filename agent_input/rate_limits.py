@@ -106,10 +106,7 @@ class RateLimitsCollector(ListingCollector):
         return stats
 
     def _list(self, path: str, params: Mapping[str, Any], stats: PollStats) -> Iterator[Mapping]:
-        def bad(what: str) -> ApiError:
-            return ApiError(200, what, "malformed_response", path)
-
-        for data in cursor_pages(self.client.get_json, path, params, bad, MAX_PAGES):
+        for data in cursor_pages(self.client.get_json, path, params, max_pages=MAX_PAGES):
             stats.requests += 1
             stats.pages += 1
             yield from (d for d in data if isinstance(d, Mapping))
