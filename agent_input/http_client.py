@@ -11,6 +11,13 @@ Retries are a small loop here rather than urllib3's `Retry` on the adapter, beca
 
 The admin key never appears in an exception, a log line or a repr: the Authorization header is
 logged as `Bearer ***` and every message built from a response is passed through `logs.redact`.
+
+What the configuration says wins over the environment. requests reads the environment for each
+request (`trust_env`): a proxy from HTTPS_PROXY, a CA bundle from REQUESTS_CA_BUNDLE, and basic
+auth from a ~/.netrc entry for the host, and it lets each of them override what was set on the
+session. So the admin key goes as an auth object (`AuthorizationHeader`), which keeps requests
+from looking in netrc, and `proxy_url`, `ssl_verify: false` and `ssl_ca_file` go with each
+request. The environment's proxy and CA bundle still apply where the configuration sets none.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from urllib.parse import urlencode
 import orjson
 import requests
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 
 from . import __version__, logs
 from .config import Secret
@@ -176,6 +184,28 @@ def _encode_params(params: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     return pairs
 
 
+class AuthorizationHeader(AuthBase):
+    """A request's Authorization header, as requests' auth object.
+
+    requests looks a request's host up in ~/.netrc (or $NETRC) only when it has no auth object,
+    and a match (a `default` entry matches every host) replaces the Authorization header with
+    that entry's basic auth: the admin key would not be sent, and the netrc password would be.
+    With `value` None nothing is set, and netrc is still not read."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Secret | None) -> None:
+        self._value = value
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if self._value:
+            request.headers["Authorization"] = self._value.reveal()
+        return request
+
+    def __repr__(self) -> str:
+        return "AuthorizationHeader(***)"
+
+
 class AdminApiClient:
     def __init__(
         self,
@@ -199,6 +229,7 @@ class AdminApiClient:
         self.base_url = base_url
         self._key = api_key if isinstance(api_key, Secret) else Secret(api_key)
         logs.register_secret(self._key)
+        self._auth = AuthorizationHeader(Secret(f"Bearer {self._key.reveal()}"))
         self.timeout = timeout
         self.max_retries = max(0, int(max_retries))
         self.backoff_base = backoff_base
@@ -284,7 +315,8 @@ class AdminApiClient:
     def _get_raw(self, path: str, params: Mapping[str, Any] | None) -> bytes:
         url = self.url_for(path)
         query = _encode_params(params)
-        headers = {"Authorization": f"Bearer {self._key.reveal()}"}
+        # per request, so that the environment does not override them (module docstring)
+        settings = {"auth": self._auth, "verify": self.session.verify, "proxies": dict(self.session.proxies)}
         attempt = 0
         while True:
             self._count(requests=1)
@@ -293,8 +325,7 @@ class AdminApiClient:
                 log.debug("GET %s?%s headers=%s", url, urlencode(query),
                           {**self.session.headers, "Authorization": "Bearer ***"})
             try:
-                response = self.session.get(url, params=query, headers=headers, timeout=self.timeout,
-                                            stream=True)
+                response = self.session.get(url, params=query, timeout=self.timeout, stream=True, **settings)
                 body = None
                 if 200 <= response.status_code < 300:
                     body = b"".join(response.iter_content(BODY_CHUNK))

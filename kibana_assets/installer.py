@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable
 
 import requests
 
-from agent_input.config import credential_problem, display_url, url_problem  # display_url: user:password@ -> ***@
+from agent_input.config import Secret, credential_problem, display_url, url_problem  # display_url: user:password@ -> ***@
+from agent_input.http_client import AuthorizationHeader
 
 from . import MANAGED_BY
 from . import elasticsearch as E
@@ -147,8 +148,9 @@ class Target:
 
     def __post_init__(self) -> None:
         self.session.headers["User-Agent"] = "openai-assets"
-        if self.credentials.header:
-            self.session.headers["Authorization"] = self.credentials.header
+        # an auth object, not a session header: requests would replace a header with a ~/.netrc
+        # entry's basic auth (agent_input.http_client.AuthorizationHeader)
+        self.session.auth = AuthorizationHeader(Secret(self.credentials.header) if self.credentials.header else None)
 
     def _request(self, service: str, base: str | None, method: str, path: str, **kw) -> requests.Response:
         if not base:

@@ -17,6 +17,8 @@ import uuid
 import pytest
 import requests
 
+from agent_input.config import Secret
+from agent_input.http_client import AuthorizationHeader
 from kibana_assets import fields as F
 from kibana_assets import headroom as H
 from kibana_assets import queries as Q
@@ -34,8 +36,7 @@ pytestmark = [
 def _session() -> requests.Session:
     s = requests.Session()
     creds = resolve_credentials()
-    if creds.header:
-        s.headers["Authorization"] = creds.header
+    s.auth = AuthorizationHeader(Secret(creds.header) if creds.header else None)  # not ~/.netrc's
     s.verify = False if os.environ.get("ES_INSECURE") == "1" else (os.environ.get("ES_CA_CERT") or True)
     return s
 

@@ -108,6 +108,60 @@ def test_tls_options():
     assert AdminApiClient(BASE, KEY).session.verify is True
 
 
+# ---- the configuration wins over the environment ------------------------------------------------
+# requests reads HTTPS_PROXY, REQUESTS_CA_BUNDLE and ~/.netrc for each request and lets them
+# override what is set on the session.
+
+
+@pytest.fixture
+def netrc_default(tmp_path, monkeypatch):
+    """A netrc whose `default` entry matches every host, as $NETRC (requests reads it like ~/.netrc)."""
+    path = tmp_path / "netrc"
+    path.write_text("default login someone password netrc-password-1234\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(path))
+    return "netrc-password-1234"
+
+
+@responses.activate
+def test_a_netrc_entry_does_not_replace_the_admin_key(client, netrc_default):
+    """Without an auth object requests puts a matching netrc entry's basic auth in place of the
+    Authorization header: the API would answer 401 and the netrc password would have gone out."""
+    responses.get(URL, json=OK)
+    assert client.get_json(PATH) == OK
+    assert responses.calls[0].request.headers["Authorization"] == f"Bearer {KEY}"
+    assert "Authorization" not in client.session.headers and "***" in repr(client._auth)
+
+
+@responses.activate
+def test_configured_tls_settings_win_over_requests_ca_bundle(monkeypatch, tmp_path):
+    bundle = tmp_path / "env-ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    responses.get(URL, json=OK)
+    for kwargs, want in (({"verify": False}, False), ({"ca_file": "/etc/ca.pem"}, "/etc/ca.pem"),
+                         ({}, str(bundle))):  # nothing configured: the environment's bundle applies
+        c = AdminApiClient(BASE, KEY, **kwargs)
+        c.get_json(PATH)
+        assert responses.calls[-1].request.req_kwargs["verify"] == want, kwargs
+
+
+def test_a_configured_proxy_wins_over_the_environment(simulator, monkeypatch):
+    """proxy_url is used even when HTTP(S)_PROXY names another proxy (here a closed port)."""
+    from conftest import ADMIN_KEY
+
+    port, targets = _socks5_proxy()
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    c = AdminApiClient(simulator.base_url, ADMIN_KEY, proxy_url=f"socks5h://127.0.0.1:{port}", max_retries=0)
+    assert c.get_json("/v1/organization/projects", {"limit": 1})["object"] == "list" and len(targets) == 1
+    c.close()
+    bare = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0)  # none configured: the environment's
+    with pytest.raises(RetriesExhaustedError, match="proxy"):
+        bare.get_json("/v1/organization/projects", {"limit": 1})
+    bare.close()
+
+
 # ---- typed errors, no retry on 4xx -------------------------------------------------------------
 
 

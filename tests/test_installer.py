@@ -386,6 +386,19 @@ def test_api_key_file_wins(stack, tmp_path):
     assert not any(c["service"] == "kb" for c in stack.calls)
 
 
+def test_a_netrc_entry_never_replaces_or_adds_credentials(stack, tmp_path):
+    """requests would put a matching ~/.netrc entry's basic auth in place of the ApiKey header, and
+    add it where none was given: the installer sends only the credentials it was given."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login someone password netrc-password-1234\n")
+    netrc.chmod(0o600)
+    assert install("--skip-kibana", env={"NETRC": str(netrc)}).exit_code == 0
+    assert stack.calls and all(c["headers"]["Authorization"] == f"ApiKey {API_KEY}" for c in stack.calls)
+    stack.calls.clear()
+    run("install", "--es-url", ES, "--skip-kibana", env={"NETRC": str(netrc), "ELASTIC_API_KEY": ""})
+    assert stack.calls and not any("Authorization" in c["headers"] for c in stack.calls)
+
+
 def test_retention_and_ilm_options_reach_the_templates(stack):
     assert install("--retention", "30d", "--skip-kibana").exit_code == 0
     t = stack.index["logs-openai.completions"]["template"]
