@@ -15,7 +15,6 @@ the gap (the figures are in docs/performance.md):
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 import threading
@@ -34,7 +33,9 @@ def _load():
     global _libc
     if _libc is None and sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            # the process's own symbols, libc's among them: ctypes.util.find_library("c") would run
+            # `ldconfig -p` in a subprocess (15 ms of every start here), or gcc where there is none
+            libc = ctypes.CDLL(None)
             libc.mallopt  # glibc (musl has neither)
             libc.malloc_trim
             _libc = libc
