@@ -224,6 +224,9 @@ class UsageCollector(PollingCollector):
         self._group_key = _group_keyer(spec)
         # every group field is a dimension, which `extract` checks is a str, bool or None
         self._hashable_groups = set(spec.group_by) <= set(spec.dimensions)
+        # dimensions the group key leaves out (costs' currency and unit): kept with each
+        # observation, so that a group's zeroing correction carries them like its first document
+        self._extra_dims = tuple(d for d in spec.dimensions if d not in spec.group_by)
 
     # The window a poll at `now` covers, per the seed's worked example.
     def window(self, now: float) -> tuple[Cursor, int, int, int]:
@@ -232,9 +235,13 @@ class UsageCollector(PollingCollector):
         cur = self.store.cursor(self.name, self.width)
         if cur is None:
             origin = _floor(now - self.config.initial_interval, w)
-            cur = Cursor(origin, origin)
+            cur = Cursor(origin, origin, origin)
         final_before = _floor(now - self.revision_window, w)
-        resume = max(cur.origin, min(cur.position, final_before))
+        # From the first bucket not read since it became final: after a pause longer than the
+        # revision window (an outage, a rejected key, a long interval) the buckets emitted while
+        # still revisable are read once more, not left at what they were then.
+        settled = cur.position if cur.settled is None else cur.settled  # None: a state dir from before
+        resume = max(cur.origin, min(cur.position, final_before, settled))
         return cur, resume, end, final_before
 
     def poll(self, now: float) -> PollStats:
@@ -256,6 +263,7 @@ class UsageCollector(PollingCollector):
         contiguous = resume  # every bucket before this was read and good, in order
         frozen = False
         position = cur.position
+        settled = resume
         carry: dict | None = None  # last bucket of a page: it may continue on the next page
         tokens: set[str] = set()  # every next_page of this listing: one seen twice is a loop
         with PageFetcher(self.client, self.spec.path) as pages:
@@ -297,7 +305,7 @@ class UsageCollector(PollingCollector):
                     # once (a list of them kept ~25 MB more heap live across a large backfill)
                     lines = bytearray()
                     events = 0
-                    updates: list[tuple[int, str, int, Mapping[str, float]]] = []
+                    updates: list[tuple] = []  # (bucket start, group JSON, revision, counters, dims)
                     for bucket in buckets:
                         start = None
                         try:
@@ -332,7 +340,10 @@ class UsageCollector(PollingCollector):
                 # Store and send outside the gate: their fsyncs need no GIL, and another
                 # stream's page can be parsed meanwhile.
                 position = max(position, contiguous)
-                prune_before = min(position, final_before)
+                # final buckets read again in this poll are settled; ones not reached yet keep
+                # their observations for the next poll
+                settled = max(settled, min(contiguous, final_before))
+                prune_before = settled
                 if updates and updates[0][0] < prune_before:
                     # a backfill's final buckets: their observations would be pruned in the same
                     # transaction, so they are not written at all (most of a backfill's rows)
@@ -343,7 +354,7 @@ class UsageCollector(PollingCollector):
                     payload=payload,
                     events=events,
                     observations=updates,
-                    cursor=Cursor(cur.origin, position),
+                    cursor=Cursor(cur.origin, position, settled),
                     prune_before=prune_before,
                 )
                 stats.events += events
@@ -432,6 +443,7 @@ class UsageCollector(PollingCollector):
         current = self._gather(bucket, by_json=True)
         out: list[tuple[str, dict]] = []
         event, append, add_update = self._map, out.append, updates.append
+        extra = self._extra_dims
         for key, (result, counters, group) in current.items():
             old = previous.get(key)
             if old is None:
@@ -443,17 +455,18 @@ class UsageCollector(PollingCollector):
                 revision = old.revision + 1
                 stats.corrections += 1
             append(event(start, stop_, result, values, revision, created, group))
-            add_update((start, key, revision, counters))
+            add_update((start, key, revision, counters,
+                        {d: get_field(result, d) for d in extra} if extra else None))
         for key, old in previous.items():
             if key in current or not any(old.counters.values()):
                 continue
             # the group vanished from a re-read bucket: bring its sum back to zero
-            result = dict(zip(spec.group_by, json.loads(key)))
+            result = _nested(dict(zip(spec.group_by, json.loads(key))), old.dims or {})
             result["object"] = spec.object_type
             zero = {k: 0 for k in old.counters}
             values = _difference(zero, old.counters)
             out.append(self._map(start, stop_, result, values, old.revision + 1, created))
-            updates.append((start, key, old.revision + 1, zero))
+            updates.append((start, key, old.revision + 1, zero, old.dims))
             stats.corrections += 1
         return self._encode(out, lines)
 
@@ -516,6 +529,17 @@ def _group_keyer(spec: UsageStreamSpec) -> Callable[[Mapping], tuple]:
         return spec.group_key
     group_by = spec.group_by
     return lambda result: tuple(map(result.get, group_by))
+
+
+def _nested(result: dict, dims: Mapping[str, Any]) -> dict:
+    """`result` with each dotted dimension set where the API puts it (`amount.currency`)."""
+    for dotted, value in dims.items():
+        *parents, leaf = dotted.split(".")
+        node = result
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result
 
 
 def _results(bucket: Mapping) -> Any:

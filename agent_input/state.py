@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS cursors (
     stream TEXT NOT NULL, width TEXT NOT NULL,
     origin INTEGER NOT NULL,      -- first bucket start ever asked for: never re-read before it
     position INTEGER NOT NULL,    -- start of the first bucket not yet emitted
+    settled INTEGER,              -- every bucket before it was read after it was final (NULL: older state)
     PRIMARY KEY (stream, width)
 );
 CREATE TABLE IF NOT EXISTS observations (
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS observations (
     grp TEXT NOT NULL,            -- JSON of the group key
     revision INTEGER NOT NULL,
     counters TEXT NOT NULL,       -- JSON of the counts emitted so far (sum of all revisions)
+    dims TEXT,                    -- JSON of the dimensions outside the group (costs' currency), or NULL
     PRIMARY KEY (stream, width, bucket_start, grp)
 );
 CREATE TABLE IF NOT EXISTS outbox (
@@ -60,12 +62,18 @@ CREATE TABLE IF NOT EXISTS kv (
 class Cursor:
     origin: int
     position: int
+    # Every bucket before `settled` was read at least once after it became final (older than the
+    # revision window). Between it and `position`, buckets were emitted while OpenAI could still
+    # revise them: the next poll reads them again, however long ago the last one was. None: a
+    # state directory from before this was kept.
+    settled: int | None = None
 
 
 @dataclass(frozen=True)
 class Observation:
     revision: int
     counters: Mapping[str, float]
+    dims: Mapping[str, str | bool | None] | None = None  # what the group key leaves out (costs' currency)
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,11 @@ class StateStore:
         try:
             conn = self._conn()
             conn.executescript(SCHEMA)
-            if "spool" not in {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}:
-                conn.execute("ALTER TABLE outbox ADD COLUMN spool TEXT")  # a state dir from before spooling
+            # columns added since the first release, for a state dir from before them
+            for table, column in (("outbox", "spool TEXT"), ("cursors", "settled INTEGER"),
+                                  ("observations", "dims TEXT")):
+                if column.split()[0] not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"cannot use state file {self.path}: {exc}") from None
 
@@ -141,7 +152,7 @@ class StateStore:
     # -- cursors -----------------------------------------------------------------------------
     def cursor(self, stream: str, width: str) -> Cursor | None:
         row = self._conn().execute(
-            "SELECT origin, position FROM cursors WHERE stream=? AND width=?", (stream, width)
+            "SELECT origin, position, settled FROM cursors WHERE stream=? AND width=?", (stream, width)
         ).fetchone()
         return Cursor(*row) if row else None
 
@@ -150,12 +161,13 @@ class StateStore:
         """What was emitted per bucket start in [start, end), by group JSON."""
         out: dict[int, dict[str, Observation]] = {}
         rows = self._conn().execute(
-            "SELECT bucket_start, grp, revision, counters FROM observations "
+            "SELECT bucket_start, grp, revision, counters, dims FROM observations "
             "WHERE stream=? AND width=? AND bucket_start>=? AND bucket_start<?",
             (stream, width, start, end),
         )
-        for bucket_start, grp, revision, counters in rows:
-            out.setdefault(bucket_start, {})[grp] = Observation(revision, json.loads(counters))
+        for bucket_start, grp, revision, counters, dims in rows:
+            out.setdefault(bucket_start, {})[grp] = Observation(revision, json.loads(counters),
+                                                                json.loads(dims) if dims else None)
         return out
 
     # -- the one transaction -----------------------------------------------------------------
@@ -166,7 +178,7 @@ class StateStore:
         *,
         payload: bytes,
         events: int,
-        observations: Iterable[tuple[int, str, int, Mapping[str, float]]],
+        observations: Iterable[tuple],  # (bucket start, group JSON, revision, counters[, dims])
         cursor: Cursor,
         prune_before: int | None = None,
     ) -> int | None:
@@ -177,15 +189,17 @@ class StateStore:
         with self._transaction(conn, spool):
             batch = _insert_batch(conn, stream, payload, events, spool)
             conn.executemany(
-                "INSERT OR REPLACE INTO observations VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO observations (stream, width, bucket_start, grp, revision, counters, dims) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (stream, width, b, g, r, orjson.dumps(c).decode())  # compact JSON, as json.dumps gave
-                    for b, g, r, c in observations
+                    (stream, width, o[0], o[1], o[2], orjson.dumps(o[3]).decode(),  # compact JSON, as json.dumps gave
+                     orjson.dumps(o[4]).decode() if len(o) > 4 and o[4] else None)
+                    for o in observations
                 ),
             )
             conn.execute(
-                "INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?)",
-                (stream, width, cursor.origin, cursor.position),
+                "INSERT OR REPLACE INTO cursors (stream, width, origin, position, settled) VALUES (?, ?, ?, ?, ?)",
+                (stream, width, cursor.origin, cursor.position, cursor.settled),
             )
             if prune_before is not None:
                 conn.execute(

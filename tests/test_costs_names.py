@@ -154,6 +154,20 @@ def test_a_vanished_cost_group_is_corrected_to_zero_with_the_costs_object(tmp_pa
     assert zero["openai"]["base"]["usage_object_type"] == "organization.costs.result"
     assert zero["openai"]["costs"]["amount"]["value"] == -1.1 and zero["openai"]["costs"]["quantity"] == -3.0
     assert zero["openai"]["base"]["revision"] == 1 and zero["openai"]["costs"]["line_item"] == "x"
+    # the dimensions outside the group key too: the cost panels sum by currency (and unit), so a
+    # correction without them would leave the usd total where it was
+    for field in ("currency", "quantity_unit"):
+        assert _leaf(zero["openai"]["costs"], field) == _leaf(first["openai"]["costs"], field) is not None, field
+
+
+def _leaf(doc, name):
+    """The value of the first key `name` anywhere in `doc`."""
+    for key, value in doc.items():
+        if key == name:
+            return value
+        if isinstance(value, dict) and (found := _leaf(value, name)) is not None:
+            return found
+    return None
 
 
 def test_costs_converge_to_final_amounts_through_revisions(simulator, tmp_path):

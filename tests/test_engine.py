@@ -147,12 +147,56 @@ def test_buckets_older_than_revision_window_are_final(harness):
     b = ts("2026-11-23T08:00:00")
     h.api.data[b] = [result(1)]
     h.collector.poll(ts("2026-11-23T08:30:00"))
-    h.api.data[b] = [result(2)]
     h.collector.poll(ts("2026-11-23T10:00:00"))  # 08:00 ended 1h59m ago: outside the window
+    h.api.data[b] = [result(2)]  # a change after it was final is not asked for again
+    h.collector.poll(ts("2026-11-23T10:05:00"))
     assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 1
-    assert h.api.calls[1]["start_time"] == ts("2026-11-23T08:30:00")  # resumes at the cursor
+    assert h.api.calls[2]["start_time"] == ts("2026-11-23T09:00:00")  # the last poll's final_before
     # final buckets are pruned from the observations
     assert b not in h.store.observations("completions", "1m", 0, 2**40)
+
+
+def test_a_pause_longer_than_the_revision_window_still_reads_revisable_buckets_once_more(harness):
+    """08:00 was read at 08:30, inside its revision window, and the collector did not poll again
+    until 10:00 (stopped, a rejected key, a long interval): 08:00 is read once more, now final, so
+    a revision made meanwhile is not lost. Before, the poll resumed at the cursor (08:30)."""
+    h = harness(effective_revision_window=3600)
+    b = ts("2026-11-23T08:00:00")
+    h.api.data[b] = [result(1)]
+    h.collector.poll(ts("2026-11-23T08:30:00"))
+    assert h.store.cursor("completions", "1m").settled == ts("2026-11-23T07:30:00")
+    h.api.data[b] = [result(2)]  # revised at 08:45, inside the window; nobody polled
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 2
+    assert h.api.calls[1]["start_time"] == ts("2026-11-23T07:30:00")
+    assert h.store.cursor("completions", "1m").settled == ts("2026-11-23T09:00:00")
+    assert b not in h.store.observations("completions", "1m", 0, 2**40)
+
+
+def test_a_poll_stopped_part_way_keeps_the_observations_it_did_not_reach(harness):
+    """A re-read that fails after its first page must not prune what it has not read again."""
+    api = FakeApi(page_buckets=10)
+    h = harness(api, effective_revision_window=3600, initial_interval=3600)
+    start = ts("2026-11-23T08:00:00")
+    for i in range(30):
+        api.data[start + 60 * i] = [result(1)]
+    h.collector.poll(ts("2026-11-23T08:30:00"))  # 08:00-08:29 read, all revisable
+    for i in range(30):
+        api.data[start + 60 * i] = [result(3)]
+    real, calls = api.get_json, {"n": 0}
+
+    def flaky(path, params):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("503 after retries")
+        return real(path, params)
+
+    api.get_json = flaky
+    with pytest.raises(RuntimeError):
+        h.collector.poll(ts("2026-11-23T10:00:00"))  # first page (08:00-08:09) then the failure
+    api.get_json = real
+    h.collector.poll(ts("2026-11-23T10:05:00"))
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 90
 
 
 def test_api_error_keeps_cursor(harness):
