@@ -262,6 +262,7 @@ class UsageCollector(PollingCollector):
 
         contiguous = resume  # every bucket before this was read and good, in order
         frozen = False
+        done: set[int] = set()  # bucket starts handled in this poll
         position = cur.position
         settled = resume
         carry: dict | None = None  # last bucket of a page: it may continue on the next page
@@ -281,6 +282,16 @@ class UsageCollector(PollingCollector):
                     body = pages.parse(raw)
                     raw = None
                     buckets, has_more, page_token = self._page(body)
+                    if has_more and not page_token:
+                        # the rest of the listing cannot be asked for: this page's whole buckets
+                        # are delivered, its last (perhaps continued on the next page) is not,
+                        # and the cursor stays before it
+                        msg = (f"{self.name}: a page says has_more but gives no next_page; the rest is "
+                               f"asked for again next poll")
+                        stats.errors.append(msg)
+                        log.warning(msg)
+                        if buckets:
+                            buckets.pop()
                     more = bool(has_more and page_token) and not self.stop.is_set()
                     if more:
                         if page_token in tokens:
@@ -292,15 +303,15 @@ class UsageCollector(PollingCollector):
                     elif not more and guessed is not None:
                         pages.discard()
                     if carry is not None:
-                        if buckets and buckets[0].get("start_time") == carry.get("start_time"):
+                        if buckets and _whole(buckets[0]) and buckets[0].get("start_time") == carry.get("start_time"):
                             merged = dict(buckets[0])
                             merged["results"] = _results(carry) + _results(buckets[0])
                             buckets[0] = merged
                         else:
                             buckets.insert(0, carry)
                         carry = None
-                    if has_more and page_token and buckets:
-                        carry = buckets.pop()
+                    if has_more and page_token and buckets and _whole(buckets[-1]):
+                        carry = buckets.pop()  # anything else is reported as a bad bucket below
                     # the page's NDJSON, appended line by line: each encoded line is freed at
                     # once (a list of them kept ~25 MB more heap live across a large backfill)
                     lines = bytearray()
@@ -312,6 +323,9 @@ class UsageCollector(PollingCollector):
                             start, stop_ = self._check_bucket(bucket, resume, end)
                             if start is None:
                                 continue
+                            if start in done:
+                                raise BadBucket("it appears twice in the listing (not across a page break)")
+                            done.add(start)
                             previous = seen.get(start)
                             if previous is None and not frozen and start == contiguous and start < final_before:
                                 # final and never emitted: its observations would be pruned when the
@@ -334,6 +348,10 @@ class UsageCollector(PollingCollector):
                                 contiguous = stop_
                             elif start > contiguous:
                                 frozen = True  # a gap: the API skipped buckets; ask again next poll
+                                msg = (f"{self.name}: the API skipped the buckets from {iso_timestamp(contiguous)} "
+                                       f"to {iso_timestamp(start)}; the cursor stays before them")
+                                stats.errors.append(msg)
+                                log.warning(msg)
                     body = buckets = None  # drop the parsed page before storing and sending
                     payload = bytes(lines)
                     lines = None
@@ -383,6 +401,8 @@ class UsageCollector(PollingCollector):
             raise BadBucket(f"start_time/end_time are not integers ({start!r}, {stop_!r})")
         if stop_ - start != self.width_s:
             raise BadBucket(f"bucket {start}..{stop_} is not {self.width} wide")
+        if start % self.width_s:
+            raise BadBucket(f"bucket {start}..{stop_} does not start on a {self.width} boundary")
         if start < resume or stop_ > end:
             return None, stop_  # outside what we asked for (e.g. the bucket in progress)
         if not isinstance(_results(bucket), list):
@@ -488,6 +508,9 @@ def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:
             continue
         if not _is_number(value):
             raise BadBucket(f"`{name}` is {value!r:.40}, not a number ({_describe(result)})")
+        if not -COUNTER_LIMIT < value < COUNTER_LIMIT:
+            raise BadBucket(f"`{name}` is {value!r:.40}, beyond ±2^53 (Kibana would show it rounded, and a "
+                            f"sum could pass Elasticsearch's long) ({_describe(result)})")
         counters[name] = value
     for name in spec.dimensions:
         value = get_field(result, name)
@@ -512,14 +535,14 @@ def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float
     for name in spec.counters:
         missing = "return checked(result)" if name in spec.required else "pass"
         src += [f"    v = get({name!r}); t = type(v)",
-                f"    if t is int or (t is float and isfinite(v)): counters[{name!r}] = v",
+                f"    if (t is int or t is float) and {-COUNTER_LIMIT} < v < {COUNTER_LIMIT}: counters[{name!r}] = v",
                 f"    elif v is None: {missing}",
                 "    else: return checked(result)"]
     for name in spec.dimensions:
         src += [f"    t = type(get({name!r}))",
                 "    if t is not str and t is not NoneType and t is not bool: return checked(result)"]
     src.append("    return counters")
-    namespace = {"checked": checked, "isfinite": math.isfinite, "NoneType": type(None)}
+    namespace = {"checked": checked, "NoneType": type(None)}
     exec(compile("\n".join(src), f"<extract {spec.name}>", "exec"), namespace)  # noqa: S102
     return namespace["extract"]
 
@@ -529,6 +552,11 @@ def _group_keyer(spec: UsageStreamSpec) -> Callable[[Mapping], tuple]:
         return spec.group_key
     group_by = spec.group_by
     return lambda result: tuple(map(result.get, group_by))
+
+
+def _whole(bucket: Any) -> bool:
+    """A bucket that can be carried to the next page and merged: an object with a results list."""
+    return isinstance(bucket, Mapping) and isinstance(_results(bucket), list)
 
 
 def _nested(result: dict, dims: Mapping[str, Any]) -> dict:
@@ -551,6 +579,11 @@ def _results(bucket: Mapping) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# A counter's magnitude stays below 2^53: every integer up to it is exact as a double (Kibana,
+# ES|QL's doubles), and sums of a few stay inside Elasticsearch's long. No real count is near it.
+COUNTER_LIMIT = 2**53
 
 
 def _is_number(value: Any) -> bool:

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
+from agent_input.ecs import iso_timestamp
 from agent_input.engine import BadPage, Delivery, UsageCollector
 from agent_input.outputs import NdjsonOutput
 from agent_input.streams import STREAMS_BY_NAME
@@ -837,3 +838,87 @@ def test_malloc_is_tuned_once_with_glibc_s_options_and_trimmed(monkeypatch):
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         monkeypatch.setattr(memory, "_libc", None)
         assert memory._load() is not None, "glibc has mallopt and malloc_trim"
+
+
+# ---- a listing that breaks the API reference part way: the good buckets still go out ------------
+
+
+class PagedApi:
+    """Serves scripted pages: `pages[i]` is the list of buckets of page i (any JSON at all)."""
+
+    def __init__(self, pages, has_more=None, tokens=None):
+        self.pages, self.calls = pages, []
+        self.has_more = has_more or [i < len(pages) - 1 for i in range(len(pages))]
+        self.tokens = tokens or [str(i + 1) if more else None for i, more in enumerate(self.has_more)]
+
+    def get_json(self, path, params):
+        self.calls.append(dict(params))
+        i = int(params.get("page") or 0)
+        return {"object": "page", "data": self.pages[i], "has_more": self.has_more[i], "next_page": self.tokens[i]}
+
+
+NOW = ts("2026-11-23T10:00:00")
+M = [NOW - 600 + 60 * i for i in range(10)]  # 09:50 ... 09:59
+
+
+def bucket(start, tokens=1, **kw):
+    return {"object": "bucket", "start_time": start, "end_time": start + 60, "results": [result(tokens, **kw)]}
+
+
+def poll_paged(harness, api):
+    h = harness(api, effective_revision_window=3600, initial_interval=600)
+    stats = h.collector.poll(NOW)
+    return h, stats, {d["openai"]["base"]["start_time"]: d for d in docs(h.out)}
+
+
+@pytest.mark.parametrize("bad", ["oops", "null results"])
+def test_a_bad_last_bucket_of_a_page_is_reported_and_the_next_page_delivered(harness, bad):
+    """The last bucket of a page is carried to the next one (it may continue there); one that is
+    not an object with a results list was used before its check and failed every poll."""
+    if bad == "oops":
+        api = PagedApi([[bucket(M[0]), bucket(M[1]), "oops"], [bucket(M[3]), bucket(M[4])]])
+    else:  # a bucket split over the page break, its first part without results
+        split = {"object": "bucket", "start_time": M[2], "end_time": M[2] + 60, "results": None}
+        api = PagedApi([[bucket(M[0]), bucket(M[1]), split], [bucket(M[2]), bucket(M[3]), bucket(M[4])]])
+    h, stats, by_start = poll_paged(harness, api)
+    assert stats.bad_buckets == 1 and len(api.calls) == 2
+    assert all(iso_timestamp(m) in by_start for m in (M[0], M[1], M[3], M[4]))
+    assert h.store.cursor("completions", "1m").position == M[2]  # stays before the bad one
+
+
+def test_a_bucket_twice_in_one_listing_is_reported_not_emitted_twice(harness):
+    api = PagedApi([[bucket(M[0]), bucket(M[1], 10), bucket(M[1], 7), bucket(M[2])]])
+    h, stats, _ = poll_paged(harness, api)
+    ids = [d["_id"] for d in docs(h.out)]
+    assert len(ids) == len(set(ids)) == 3, "one id, one content"
+    assert stats.bad_buckets == 1 and "appears twice" in stats.errors[0]
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 12
+
+
+@pytest.mark.parametrize("value", [2**64 - 1, 2**53, -(2**53), 1e300])
+def test_a_counter_beyond_2_53_is_a_bad_bucket_not_a_failed_poll(harness, value):
+    api = PagedApi([[bucket(M[0]), bucket(M[1], value), bucket(M[2])]])
+    h, stats, by_start = poll_paged(harness, api)
+    assert stats.bad_buckets == 1 and "2^53" in stats.errors[0]
+    assert sorted(by_start) == [iso_timestamp(M[0]), iso_timestamp(M[2])]
+
+
+@pytest.mark.parametrize("token", [None, 7, ""])
+def test_has_more_without_a_next_page_is_reported_and_the_rest_asked_for_again(harness, token):
+    """Before, a missing token ended the listing as if it were complete: 09:53 onwards was never
+    asked for, and the status said ok."""
+    api = PagedApi([[bucket(M[0]), bucket(M[1]), bucket(M[2])]], has_more=[True], tokens=[token])
+    h, stats, by_start = poll_paged(harness, api)
+    assert stats.errors and "no next_page" in stats.errors[0]
+    assert sorted(by_start) == [iso_timestamp(M[0]), iso_timestamp(M[1])]  # the last may go on
+    assert h.store.cursor("completions", "1m").position == M[2]
+    h.collector.poll(NOW + 60)
+    assert api.calls[-1]["start_time"] <= M[2]
+
+
+def test_a_gap_or_an_unaligned_bucket_is_reported(harness):
+    api = PagedApi([[bucket(M[0]), bucket(M[2]), bucket(M[3] + 30)]])
+    h, stats, by_start = poll_paged(harness, api)
+    assert any("skipped the buckets" in e for e in stats.errors)
+    assert stats.bad_buckets == 1 and any("boundary" in e for e in stats.errors)
+    assert h.store.cursor("completions", "1m").position == M[1]
