@@ -6,6 +6,8 @@ the whole delivery guarantee, so an output must never ack early.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import threading
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import BinaryIO, Callable, Protocol
 from .durable import fsync_dir, write_all
 
 Ack = Callable[[], None]
+
+log = logging.getLogger("agent_input.outputs")
 
 
 class Output(Protocol):
@@ -68,6 +72,13 @@ class NdjsonFileOutput:
     dropped) and a new file is started. It happens only between batches, after the previous
     batch was fsynced, so a rotated file only ever holds whole lines; a batch is never split
     across files, so one larger than `rotate_bytes` gets a file of its own.
+
+    The path is checked before every batch: when the open file was deleted or moved away behind
+    the collector's back (a cleanup job, logrotate without copytruncate), the path is opened again
+    (created when missing) and the batch goes there, with a warning. A batch is never acknowledged
+    while the file it went to has no name left (deleted during the write): it is written again to
+    the file now at the path. Creating a file fsyncs its folder, so an acknowledged batch's file
+    survives a power cut.
     """
 
     def __init__(self, path: str | Path, rotate_bytes: int | None = None, rotate_keep: int = 5):
@@ -80,18 +91,54 @@ class NdjsonFileOutput:
         self.rotate_keep = rotate_keep
         self.rotations = 0
         self._fd = -1
+        self.reopens = 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            _truncate_partial_line(self.path)
             self._open()
         except OSError as exc:
-            raise OutputError(f"cannot open output file {self.path}: {exc.strerror}") from None
+            raise OutputError(f"cannot open output file {self.path}: {_reason(exc)}") from None
         self._lock = threading.Lock()
         self.events = 0
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        """Open the file at `path` for appending: a partial last line is cut back; a missing file
+        (and folder) is created, and the folder fsynced so the new name is durable."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_partial_line(self.path)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        try:
+            fd = os.open(self.path, flags | os.O_EXCL, 0o640)
+            created = True
+        except FileExistsError:
+            fd = os.open(self.path, flags, 0o640)
+            created = False
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+        if created:
+            _fsync_dir(self.path.parent)
+
+    def _replaced(self) -> str | None:
+        """Why the open file is no longer the one at `path` (None while it still is)."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return "was deleted or moved away"
+        mine = os.fstat(self._fd)
+        if (at_path.st_dev, at_path.st_ino) != (mine.st_dev, mine.st_ino):
+            return "was replaced by another file (moved away, e.g. by a log rotation tool)"
+        return None
+
+    def _follow_path(self) -> None:
+        """Reopen `path` when the open file was deleted or replaced: writing on would hand batches
+        to a file nobody reads (or nobody can: a deleted one), and acknowledge them."""
+        why = self._replaced()
+        if why is None:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        self._open()
+        self.reopens += 1
+        log.warning("output file %s %s while the collector was writing to it; writing to the file now "
+                    "at that path (%s)", self.path, why, "created anew" if not self._size else "appending")
 
     def rotated_path(self, n: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{n}")
@@ -103,34 +150,45 @@ class NdjsonFileOutput:
             older = self.rotated_path(n)
             if older.exists():
                 os.replace(older, self.rotated_path(n + 1))  # replaces (drops) the oldest
-        os.replace(self.path, self.rotated_path(1))
         try:
-            fsync_dir(self.path.parent)
-        except OSError:
-            pass  # the rename is done; only its durability across a power cut is not confirmed
-        self._open()
+            os.replace(self.path, self.rotated_path(1))
+        except FileNotFoundError:
+            pass  # deleted since the batch before: nothing to keep, a new file is started all the same
+        self._open()  # creates the new file and fsyncs the folder: the renames and the new name
         self.rotations += 1
 
     def send(self, stream: str, payload: bytes, events: int, on_ack: Ack) -> None:
         with self._lock:
             if self._fd < 0:
                 raise OutputError(f"cannot write {self.path}: the output is closed")
-            try:
-                if self.rotate_bytes and self._size and self._size + len(payload) > self.rotate_bytes:
-                    self._rotate()
-            except OSError as exc:
-                raise OutputError(f"cannot rotate {self.path}: {exc.strerror}") from None
-            before = self._size
-            try:
-                write_all(self._fd, payload)
-                os.fsync(self._fd)
-            except OSError as exc:
-                try:  # never leave a partial line behind: cut back to where the batch began
-                    os.ftruncate(self._fd, before)
-                except OSError:
-                    pass  # the next open cuts it back to the last newline instead
-                raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
-            self._size = before + len(payload)
+            for _ in range(_WRITE_ATTEMPTS):
+                try:
+                    self._follow_path()
+                except OSError as exc:
+                    raise OutputError(f"cannot reopen {self.path}: {_reason(exc)}") from None
+                try:
+                    if self.rotate_bytes and self._size and self._size + len(payload) > self.rotate_bytes:
+                        self._rotate()
+                except OSError as exc:
+                    raise OutputError(f"cannot rotate {self.path}: {_reason(exc)}") from None
+                before = self._size
+                try:
+                    write_all(self._fd, payload)
+                    os.fsync(self._fd)
+                    unlinked = os.fstat(self._fd).st_nlink == 0
+                except OSError as exc:
+                    try:  # never leave a partial line behind: cut back to where the batch began
+                        os.ftruncate(self._fd, before)
+                    except OSError:
+                        pass  # the next open cuts it back to the last newline instead
+                    raise OutputError(f"cannot write {self.path}: {_reason(exc)}") from None
+                self._size = before + len(payload)
+                if not unlinked:
+                    break
+                # deleted while the batch was being written: it is nowhere now; write it again
+            else:
+                raise OutputError(f"cannot write {self.path}: it was deleted {_WRITE_ATTEMPTS} times "
+                                  "while a batch was being written to it")
             self.events += events
         on_ack()
 
@@ -139,6 +197,23 @@ class NdjsonFileOutput:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+_WRITE_ATTEMPTS = 3
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's reason for a one-line message (some, like io.UnsupportedOperation, have no strerror)."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fsync_dir(directory)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        # the filesystem cannot fsync a folder: the new name's durability is up to it
 
 
 def _truncate_partial_line(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import random
 import re
@@ -210,10 +211,99 @@ def test_the_documented_collect_command_uses_options_that_exist():
 def test_a_batch_is_fsynced_before_it_is_acknowledged(tmp_path, monkeypatch):
     from agent_input import outputs
 
+    out = NdjsonFileOutput(tmp_path / "events.ndjson")  # (creating it fsyncs the folder)
     order = []
     real = os.fsync
     monkeypatch.setattr(outputs.os, "fsync", lambda fd: (order.append("fsync"), real(fd))[1])
-    out = NdjsonFileOutput(tmp_path / "events.ndjson")
     out.send("s", b'{"_id":"a"}\n', 1, lambda: order.append("ack"))
     out.close()
     assert order == ["fsync", "ack"]
+
+
+# -- the file deleted or replaced behind the collector's back ---------------------------------------
+def test_a_deleted_output_file_is_created_again_and_no_batch_is_acknowledged_into_the_void(tmp_path, caplog):
+    path = tmp_path / "events.ndjson"
+    out = NdjsonFileOutput(path)
+    out.send("s", _batch(0, 2), 2, lambda: None)
+    path.unlink()  # a cleanup job, or `rm` of a file thought to be rotated
+    acks = []
+    with caplog.at_level(logging.WARNING, logger="agent_input.outputs"):
+        out.send("s", _batch(2, 3), 3, lambda: acks.append(1))
+        out.send("s", _batch(5, 1), 1, lambda: acks.append(1))
+    out.close()
+    assert acks == [1, 1]
+    assert [d["n"] for d in _lines(path)] == [2, 3, 4, 5]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "deleted" in warnings[0] and str(path) in warnings[0], warnings
+
+
+def test_a_file_moved_away_by_logrotate_is_left_behind_for_the_file_at_the_path(tmp_path, caplog):
+    path = tmp_path / "events.ndjson"
+    out = NdjsonFileOutput(path)
+    out.send("s", _batch(0, 2), 2, lambda: None)
+    os.rename(path, tmp_path / "events.ndjson-20250101")  # logrotate without copytruncate ...
+    out.send("s", _batch(2, 2), 2, lambda: None)  # ... the path is missing: a new file
+    os.rename(path, tmp_path / "events.ndjson-20250102")
+    path.write_bytes(_batch(100, 1))  # ... with `create`: an empty (here: not empty) file in its place
+    with caplog.at_level(logging.WARNING, logger="agent_input.outputs"):
+        out.send("s", _batch(4, 2), 2, lambda: None)
+    out.close()
+    assert [d["n"] for d in _lines(tmp_path / "events.ndjson-20250101")] == [0, 1]
+    assert [d["n"] for d in _lines(tmp_path / "events.ndjson-20250102")] == [2, 3]
+    assert [d["n"] for d in _lines(path)] == [100, 4, 5]
+    assert out.reopens == 2 and any("replaced" in r.getMessage() for r in caplog.records)
+
+
+def test_a_deleted_file_with_rotation_starts_a_new_file_and_rotates_it_later(tmp_path):
+    path = tmp_path / "e.ndjson"
+    out = NdjsonFileOutput(path, rotate_bytes=300, rotate_keep=2)
+    out.send("s", _batch(0, 2), 2, lambda: None)
+    path.unlink()
+    acks = []
+    for b in range(1, 5):  # the first would have needed a rotation of the deleted file
+        out.send("s", _batch(b * 2, 2), 2, lambda: acks.append(1))
+    out.close()
+    assert len(acks) == 4 and out.rotations >= 1
+    kept = [d["n"] for f in ("e.ndjson.2", "e.ndjson.1", "e.ndjson") if (tmp_path / f).exists()
+            for d in _lines(tmp_path / f)]
+    assert kept == list(range(kept[0], 10)) and kept[0] >= 2
+
+
+def test_a_file_deleted_during_the_write_gets_the_batch_again_before_the_ack(tmp_path, monkeypatch):
+    from agent_input import outputs
+
+    path = tmp_path / "events.ndjson"
+    out = NdjsonFileOutput(path)
+    real = os.fsync
+    deleted = []
+
+    def delete_once(fd):
+        if not deleted:
+            deleted.append(1)
+            path.unlink()  # between the check of the path and the fsync
+        return real(fd)
+
+    monkeypatch.setattr(outputs.os, "fsync", delete_once)
+    acks = []
+    out.send("s", _batch(0, 3), 3, lambda: acks.append(1))
+    out.close()
+    assert acks == [1] and deleted
+    assert [d["n"] for d in _lines(path)] == [0, 1, 2]
+
+
+def test_a_new_file_has_its_folder_fsynced_before_any_batch_is_acknowledged(tmp_path, monkeypatch):
+    from agent_input import outputs
+
+    synced = []
+    real = outputs.fsync_dir
+    monkeypatch.setattr(outputs, "fsync_dir", lambda d: (synced.append(Path(d)), real(d))[1])
+    path = tmp_path / "new" / "events.ndjson"
+    out = NdjsonFileOutput(path)
+    assert synced == [path.parent]
+    out.send("s", _batch(0, 1), 1, lambda: None)
+    path.unlink()
+    out.send("s", _batch(1, 1), 1, lambda: None)
+    out.close()
+    assert synced == [path.parent, path.parent]
+    NdjsonFileOutput(path).close()  # an existing file: nothing new to make durable
+    assert len(synced) == 2
