@@ -157,7 +157,7 @@ def _fail(message: str, code: int = 1) -> None:
                    "`create` into logs-openai.<dataset>-<namespace> (credentials: ELASTIC_API_KEY or "
                    "ELASTIC_USERNAME/ELASTIC_PASSWORD).")
 @click.option("--output-path", type=click.Path(dir_okay=False), default=None,
-              help="Append NDJSON to this file instead of stdout.")
+              help="Append NDJSON to this file (or FIFO, or character device) instead of stdout.")
 @click.option("--rotate-bytes", type=click.IntRange(min=1), default=None,
               help="Rotate --output-path before it would grow past this many bytes (whole batches only).")
 @click.option("--rotate-keep", type=click.IntRange(min=1), default=5, show_default=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
@@ -79,6 +80,11 @@ class NdjsonFileOutput:
     while the file it went to has no name left (deleted during the write): it is written again to
     the file now at the path. Creating a file fsyncs its folder, so an acknowledged batch's file
     survives a power cut.
+
+    A FIFO or a character device (`/dev/stdout` when stdout is a pipe) is written the same way,
+    minus what only a regular file has: no cut-back, no rotation (`rotate_bytes` is refused), no
+    following of the path, and an fsync the device cannot do (EINVAL) is not an error: a batch
+    written whole counts as delivered, as on stdout. A FIFO is opened once a reader has it open.
     """
 
     def __init__(self, path: str | Path, rotate_bytes: int | None = None, rotate_keep: int = 5):
@@ -91,6 +97,7 @@ class NdjsonFileOutput:
         self.rotate_keep = rotate_keep
         self.rotations = 0
         self._fd = -1
+        self._regular = True
         self.reopens = 0
         try:
             self._open()
@@ -102,6 +109,14 @@ class NdjsonFileOutput:
     def _open(self) -> None:
         """Open the file at `path` for appending: a partial last line is cut back; a missing file
         (and folder) is created, and the folder fsynced so the new name is durable."""
+        try:
+            mode = os.stat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            self._open_special(mode)
+            return
+        self._regular = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_partial_line(self.path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
@@ -115,6 +130,32 @@ class NdjsonFileOutput:
         self._size = os.fstat(fd).st_size
         if created:
             _fsync_dir(self.path.parent)
+
+    def _open_special(self, mode: int) -> None:
+        """A FIFO or a character device: appended to as it is (nothing to cut back or create)."""
+        kind = "a pipe (FIFO)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else None
+        if kind is None:
+            what = "a socket" if stat.S_ISSOCK(mode) else "a block device" if stat.S_ISBLK(mode) else "not a file"
+            raise OutputError(f"cannot write {self.path}: it is {what}; give a regular file, a FIFO or "
+                              "a character device such as /dev/stdout")
+        if self.rotate_bytes:
+            raise OutputError(f"cannot rotate {self.path}: it is {kind}, not a regular file "
+                              "(leave out --rotate-bytes)")
+        flags = os.O_WRONLY | os.O_APPEND
+        if stat.S_ISFIFO(mode):
+            try:  # say so rather than hang silently until a reader comes
+                fd = os.open(self.path, flags | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                log.info("waiting for a reader to open the FIFO %s", self.path)
+                fd = os.open(self.path, flags)
+            os.set_blocking(fd, True)  # a slow reader holds the collector back, never drops a batch
+        else:
+            fd = os.open(self.path, flags)
+        self._fd = fd
+        self._regular = False
+        self._size = 0
 
     def _replaced(self) -> str | None:
         """Why the open file is no longer the one at `path` (None while it still is)."""
@@ -130,6 +171,8 @@ class NdjsonFileOutput:
     def _follow_path(self) -> None:
         """Reopen `path` when the open file was deleted or replaced: writing on would hand batches
         to a file nobody reads (or nobody can: a deleted one), and acknowledge them."""
+        if not self._regular:
+            return  # a FIFO or device is not rotated or replaced by anyone: its readers hold it
         why = self._replaced()
         if why is None:
             return
@@ -174,13 +217,18 @@ class NdjsonFileOutput:
                 before = self._size
                 try:
                     write_all(self._fd, payload)
-                    os.fsync(self._fd)
-                    unlinked = os.fstat(self._fd).st_nlink == 0
+                    if self._regular:
+                        os.fsync(self._fd)
+                        unlinked = os.fstat(self._fd).st_nlink == 0
+                    else:
+                        _fsync_if_it_can(self._fd)
+                        unlinked = False
                 except OSError as exc:
-                    try:  # never leave a partial line behind: cut back to where the batch began
-                        os.ftruncate(self._fd, before)
-                    except OSError:
-                        pass  # the next open cuts it back to the last newline instead
+                    if self._regular:
+                        try:  # never leave a partial line behind: cut back to where the batch began
+                            os.ftruncate(self._fd, before)
+                        except OSError:
+                            pass  # the next open cuts it back to the last newline instead
                     raise OutputError(f"cannot write {self.path}: {_reason(exc)}") from None
                 self._size = before + len(payload)
                 if not unlinked:
@@ -205,6 +253,15 @@ _WRITE_ATTEMPTS = 3
 def _reason(exc: OSError) -> str:
     """An OSError's reason for a one-line message (some, like io.UnsupportedOperation, have no strerror)."""
     return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _fsync_if_it_can(fd: int) -> None:
+    """fsync a FIFO or device: a pipe or terminal cannot (EINVAL), and has nothing to make durable."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS):
+            raise
 
 
 def _fsync_dir(directory: Path) -> None:

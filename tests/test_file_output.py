@@ -307,3 +307,62 @@ def test_a_new_file_has_its_folder_fsynced_before_any_batch_is_acknowledged(tmp_
     assert synced == [path.parent, path.parent]
     NdjsonFileOutput(path).close()  # an existing file: nothing new to make durable
     assert len(synced) == 2
+
+
+# -- a FIFO or a character device as --output-path --------------------------------------------------
+def test_a_fifo_is_written_batch_by_batch_once_a_reader_has_it(tmp_path, monkeypatch):
+    import threading
+
+    from agent_input import outputs
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    real = os.fsync
+
+    def like_a_pipe(fd):  # what Linux says to fsync(2) on a pipe; other systems may not
+        if os.path.samestat(os.fstat(fd), os.stat(fifo)):
+            raise OSError(22, "Invalid argument")
+        return real(fd)
+
+    monkeypatch.setattr(outputs.os, "fsync", like_a_pipe)
+    out = NdjsonFileOutput(fifo)  # opens once the reader has
+    acks = []
+    for b in range(3):
+        out.send("s", _batch(b * 4, 4), 4, lambda: acks.append(1))
+    out.close()
+    reader.join(10)
+    assert acks == [1, 1, 1] and out.events == 12
+    assert [json.loads(line)["n"] for line in got[0].splitlines()] == list(range(12))
+    assert fifo.exists() and not list(tmp_path.glob("events.fifo.*"))
+
+
+def test_dev_stdout_as_a_pipe_gets_the_events(tmp_path):
+    code = ("import sys; from agent_input.outputs import NdjsonFileOutput\n"
+            "out = NdjsonFileOutput('/dev/stdout')\n"
+            "out.send('s', b'{\"_id\":\"a\"}\\n', 1, lambda: print('acked', file=sys.stderr))\n"
+            "out.close()\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=60)
+    assert p.returncode == 0 and p.stdout == b'{"_id":"a"}\n' and p.stderr == b"acked\n", p.stderr.decode()
+
+
+def test_rotation_of_a_fifo_is_refused_in_one_line_without_waiting_for_a_reader(tmp_path):
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError) as err:
+        NdjsonFileOutput(fifo, rotate_bytes=1000)  # no reader: a blocking open would hang here
+    assert str(err.value) == f"cannot rotate {fifo}: it is a pipe (FIFO), not a regular file (leave out --rotate-bytes)"
+
+
+def test_a_path_that_cannot_take_lines_is_refused_with_a_reason(tmp_path):
+    import socket
+
+    sock_path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock_path))
+        with pytest.raises(OutputError, match="it is a socket") as err:
+            NdjsonFileOutput(sock_path)
+    assert "None" not in str(err.value) and "\n" not in str(err.value)
