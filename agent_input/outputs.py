@@ -106,16 +106,17 @@ class NdjsonFileOutput:
         self._lock = threading.Lock()
         self.events = 0
 
-    def _open(self) -> None:
+    def _open(self) -> bool:
         """Open the file at `path` for appending: a partial last line is cut back; a missing file
-        (and folder) is created, and the folder fsynced so the new name is durable."""
+        (and folder) is created, and the folder fsynced so the new name is durable. True when it
+        created the file."""
         try:
             mode = os.stat(self.path).st_mode
         except FileNotFoundError:
             mode = None
         if mode is not None and not stat.S_ISREG(mode):
             self._open_special(mode)
-            return
+            return False
         self._regular = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_partial_line(self.path)
@@ -130,6 +131,7 @@ class NdjsonFileOutput:
         self._size = os.fstat(fd).st_size
         if created:
             _fsync_dir(self.path.parent)
+        return created
 
     def _open_special(self, mode: int) -> None:
         """A FIFO or a character device: appended to as it is (nothing to cut back or create)."""
@@ -178,10 +180,10 @@ class NdjsonFileOutput:
             return
         os.close(self._fd)
         self._fd = -1
-        self._open()
+        created = self._open()
         self.reopens += 1
-        log.warning("output file %s %s while the collector was writing to it; writing to the file now "
-                    "at that path (%s)", self.path, why, "created anew" if not self._size else "appending")
+        log.warning("output file %s %s while the collector was writing to it; writing to %s",
+                    self.path, why, "a new file created at that path" if created else "the file now at that path")
 
     def rotated_path(self, n: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{n}")
