@@ -17,7 +17,7 @@ import math
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 from . import memory
@@ -81,6 +81,14 @@ class PollStats:
     corrections: int = 0
     bad_buckets: int = 0
     errors: list[str] = field(default_factory=list)
+
+    def add(self, other: "PollStats") -> None:
+        self.requests += other.requests
+        self.pages += other.pages
+        self.events += other.events
+        self.corrections += other.corrections
+        self.bad_buckets += other.bad_buckets
+        self.errors.extend(other.errors)
 
 
 class Collector(Protocol):
@@ -227,6 +235,42 @@ class UsageCollector(PollingCollector):
         # dimensions the group key leaves out (costs' currency and unit): kept with each
         # observation, so that a group's zeroing correction carries them like its first document
         self._extra_dims = tuple(d for d in spec.dimensions if d not in spec.group_by)
+        self._left: list[UsageCollector] | None = None  # widths this stream left, until final
+
+    def _widths_left(self, now: float) -> list["UsageCollector"]:
+        """Collectors of the bucket widths this stream was collected at before its current one,
+        until each is final up to where the current one starts (`Cursor.retired_at`).
+
+        A change of `bucket_width` is taken over here, once: the width in use goes on up to the
+        first boundary of the new width at or after its cursor (or stops at its cursor when
+        `initial_interval` starts the new width later), and the new width starts there. Their
+        documents never cover the same time, so summing every width stays exact; before, the new
+        width started over at `initial_interval` and the panels counted the overlap twice."""
+        if self._left is None:
+            cursors = self.store.cursors(self.name)
+            mine = cursors.pop(self.width, None)
+            in_use = {w: c for w, c in cursors.items() if c.retired_at is None}
+            if in_use or (mine is not None and mine.retired_at is not None):
+                w = self.width_s
+                reached = max(c.position for c in in_use.values()) if in_use else mine.retired_at
+                handover = -(-reached // w) * w
+                start = max(handover, _floor(now - self.config.initial_interval, w))
+                changed = {width: replace(c, retired_at=start if start == handover else c.position)
+                           for width, c in in_use.items()}
+                changed[self.width] = Cursor(start, start, start)
+                self.store.put_cursors(self.name, changed)
+                cursors.update(changed)
+                log.info("%s: bucket width is now %s, from %s; %s goes on until then and until final",
+                         self.name, self.width, iso_timestamp(start), ", ".join(in_use) or "none")
+            self._left = [
+                UsageCollector(self.spec, replace(self.config, bucket_width=width), self.client, self.delivery,
+                               namespace=self.namespace, stop=self.stop, clock=self.clock, names=self.names)
+                for width, c in cursors.items()
+                if c.retired_at is not None and (c.settled is None or c.settled < c.retired_at)
+            ]
+            for left in self._left:
+                left._left = []
+        return self._left
 
     # The window a poll at `now` covers, per the seed's worked example.
     def window(self, now: float) -> tuple[Cursor, int, int, int]:
@@ -242,10 +286,14 @@ class UsageCollector(PollingCollector):
         # still revisable are read once more, not left at what they were then.
         settled = cur.position if cur.settled is None else cur.settled  # None: a state dir from before
         resume = max(cur.origin, min(cur.position, final_before, settled))
+        if cur.retired_at is not None:  # a width the stream left: only up to where the next one starts
+            end = min(end, cur.retired_at)
         return cur, resume, end, final_before
 
     def poll(self, now: float) -> PollStats:
         stats = PollStats()
+        for left in self._widths_left(now):
+            stats.add(left.poll(now))
         cur, resume, end, final_before = self.window(now)
         if resume >= end:
             return stats
@@ -372,7 +420,7 @@ class UsageCollector(PollingCollector):
                     payload=payload,
                     events=events,
                     observations=updates,
-                    cursor=Cursor(cur.origin, position, settled),
+                    cursor=Cursor(cur.origin, position, settled, cur.retired_at),
                     prune_before=prune_before,
                 )
                 stats.events += events
@@ -726,10 +774,4 @@ class Engine:
         self.on_status(name, "failed", reason)
 
     def _add(self, name: str, stats: PollStats) -> None:
-        t = self.totals[name]
-        t.requests += stats.requests
-        t.pages += stats.pages
-        t.events += stats.events
-        t.corrections += stats.corrections
-        t.bad_buckets += stats.bad_buckets
-        t.errors.extend(stats.errors)
+        self.totals[name].add(stats)

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS cursors (
     origin INTEGER NOT NULL,      -- first bucket start ever asked for: never re-read before it
     position INTEGER NOT NULL,    -- start of the first bucket not yet emitted
     settled INTEGER,              -- every bucket before it was read after it was final (NULL: older state)
+    retired_at INTEGER,           -- the stream moved to another width here: read up to it only (NULL: active)
     PRIMARY KEY (stream, width)
 );
 CREATE TABLE IF NOT EXISTS observations (
@@ -67,6 +68,9 @@ class Cursor:
     # revise them: the next poll reads them again, however long ago the last one was. None: a
     # state directory from before this was kept.
     settled: int | None = None
+    # The stream's bucket width changed: this width is read up to here (and re-read until final),
+    # the new one from here on, so their documents never cover the same time. None: in use.
+    retired_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ class StateStore:
             conn.executescript(SCHEMA)
             # columns added since the first release, for a state dir from before them
             for table, column in (("outbox", "spool TEXT"), ("cursors", "settled INTEGER"),
-                                  ("observations", "dims TEXT")):
+                                  ("cursors", "retired_at INTEGER"), ("observations", "dims TEXT")):
                 if column.split()[0] not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         except sqlite3.DatabaseError as exc:
@@ -152,9 +156,24 @@ class StateStore:
     # -- cursors -----------------------------------------------------------------------------
     def cursor(self, stream: str, width: str) -> Cursor | None:
         row = self._conn().execute(
-            "SELECT origin, position, settled FROM cursors WHERE stream=? AND width=?", (stream, width)
+            "SELECT origin, position, settled, retired_at FROM cursors WHERE stream=? AND width=?", (stream, width)
         ).fetchone()
         return Cursor(*row) if row else None
+
+    def cursors(self, stream: str) -> dict[str, Cursor]:
+        """The stream's cursor of every bucket width it was ever collected at."""
+        rows = self._conn().execute(
+            "SELECT width, origin, position, settled, retired_at FROM cursors WHERE stream=?", (stream,))
+        return {width: Cursor(*rest) for width, *rest in rows}
+
+    def put_cursors(self, stream: str, cursors: Mapping[str, Cursor]) -> None:
+        """Set several of a stream's cursors at once (a change of bucket width)."""
+        conn = self._conn()
+        with self._transaction(conn):
+            conn.executemany(
+                "INSERT OR REPLACE INTO cursors (stream, width, origin, position, settled, retired_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(stream, w, c.origin, c.position, c.settled, c.retired_at) for w, c in cursors.items()])
 
     # -- observations ------------------------------------------------------------------------
     def observations(self, stream: str, width: str, start: int, end: int) -> dict[int, dict[str, Observation]]:
@@ -198,8 +217,9 @@ class StateStore:
                 ),
             )
             conn.execute(
-                "INSERT OR REPLACE INTO cursors (stream, width, origin, position, settled) VALUES (?, ?, ?, ?, ?)",
-                (stream, width, cursor.origin, cursor.position, cursor.settled),
+                "INSERT OR REPLACE INTO cursors (stream, width, origin, position, settled, retired_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (stream, width, cursor.origin, cursor.position, cursor.settled, cursor.retired_at),
             )
             if prune_before is not None:
                 conn.execute(

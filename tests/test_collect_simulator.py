@@ -127,6 +127,46 @@ def test_a_group_by_that_gains_a_field_keeps_the_stored_totals_exact(simulator, 
                                                                               settled)
 
 
+def test_a_changed_bucket_width_hands_over_at_a_boundary_and_sums_stay_exact(simulator, tmp_path):
+    """1m, then 1h, then 1m again, with state kept: each width covers its own time, so summing
+    every document (as the usage panels do) gives OpenAI's figures. Before, the new width started
+    over at initial_interval: the overlap was counted twice (1.9x in the bug hunt's run)."""
+    store, out = StateStore(tmp_path / "state"), tmp_path / "events.ndjson"
+
+    def run(width, initial, since, until):
+        cfg = _config(simulator.base_url, "0s", initial)
+        cfg["data_streams"]["embeddings"]["bucket_width"] = width
+        config = config_from_dict(cfg, env={})
+        output = NdjsonFileOutput(out)
+        client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=2)
+        collector = UsageCollector(STREAMS_BY_NAME["embeddings"], config.stream("embeddings"), client,
+                                   Delivery(store, output), clock=simulator.now)
+        now = since
+        while now <= until:
+            simulator.set_time(now)
+            collector.poll(now)
+            now += 300
+        output.close()
+        client.close()
+        return now
+
+    now = run("1m", "2h", T0 + 1530, T0 + 3 * HOUR)  # 10:25:30: the 1m cursor stops inside an hour
+    now = run("1h", "8h", now, T0 + 7 * HOUR)
+    cursors = store.cursors("embeddings")
+    assert cursors["1m"].retired_at == cursors["1h"].origin == int(T0 + 3 * HOUR)  # 1m at 12:55, on to 13:00
+    run("1m", "24h", now, T0 + 12 * HOUR)
+    cursors = store.cursors("embeddings")
+    assert cursors["1h"].retired_at == cursors["1m"].origin and cursors["1m"].retired_at is None
+    docs = dedupe(read_ndjson(out))
+    spans = sorted((d["openai"]["base"]["start_time"], d["openai"]["base"]["bucket_width"]) for d in docs)
+    assert [w for _, w in spans].count("1h") and [w for _, w in spans].count("1m")
+    hours = {t[:13] for t, w in spans if w == "1h"}
+    assert not any(w == "1m" and t[:13] in hours for t, w in spans), "a minute inside an hour also stored as 1h"
+    origin, settled = int(T0 + 1530 - 2 * HOUR) // 60 * 60, int(T0 + 12 * HOUR - SETTLE) // 3600 * 3600
+    assert stored_totals(docs, "embeddings", origin, settled) == truth_totals(simulator, "embeddings", origin,
+                                                                             settled)
+
+
 def _run_collector(cfg: Path, state: Path, out: Path, now: float) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("OPENAI_ADMIN_KEY", None)
