@@ -19,7 +19,8 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
   document id and dataset and written, with the error, to the dead-letter file
   `<state dir>/dead-letter.ndjson` (fsynced) — the rest of the batch is delivered and the batch
   is acknowledged, so one bad document cannot block its stream forever, and it is never silently
-  lost. If the dead-letter file cannot be written, the batch is not acknowledged.
+  lost. If the dead-letter file cannot be written, the batch is not acknowledged, and a record
+  written only in part (a full disk) is cut back at once, so the file only ever holds whole lines.
 
 Any other status for the whole request (401/403, 404, 400...) means nothing reached Elasticsearch
 and retrying will not help (a wrong URL, key or proxy): no document is dead-lettered, the batch
@@ -53,7 +54,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from .config import credential_problem, display_url, url_problem
-from .durable import write_file
+from .durable import truncate_partial_line, write_all
 from .outputs import Ack, OutputError
 
 log = logging.getLogger("agent_input.es_output")
@@ -377,7 +378,7 @@ class ElasticsearchOutput:
         with self._dead_lock:
             try:
                 self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-                write_file(self.dead_letter_path, line, flags=os.O_APPEND | os.O_CREAT, mode=0o640)
+                _append_record(self.dead_letter_path, line)
             except OSError as exc:
                 raise OutputError(
                     f"Elasticsearch rejected {doc['dataset']} document {doc['_id']} ({reason}) and it cannot be "
@@ -387,6 +388,28 @@ class ElasticsearchOutput:
             self.rejected += 1
         log.error("Elasticsearch rejected %s document %s (HTTP %s: %s); written to %s",
                   doc["dataset"], doc["_id"], status, reason, self.dead_letter_path)
+
+
+def _append_record(path: Path, line: bytes) -> None:
+    """Append one whole record and fsync it, or leave the file as it was (OSError). A write that
+    fails part-way (a full disk, a file-size limit) is cut back at once, and a partial line left
+    by a crash in the middle of a write is cut back first: its batch was never acknowledged and
+    dead-letters its document again, while the record glued onto the fragment would be lost."""
+    truncate_partial_line(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        before = os.fstat(fd).st_size
+        try:
+            write_all(fd, line)
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, before)
+            except OSError:
+                pass  # the next write cuts it back to the last newline instead
+            raise
+    finally:
+        os.close(fd)
 
 
 def _reason(info: Mapping) -> str:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
-from .durable import fsync_dir, write_all
+from .durable import fsync_dir, truncate_partial_line, write_all
 
 Ack = Callable[[], None]
 
@@ -119,7 +119,7 @@ class NdjsonFileOutput:
             return False
         self._regular = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_partial_line(self.path)
+        truncate_partial_line(self.path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
             fd = os.open(self.path, flags | os.O_EXCL, 0o640)
@@ -273,29 +273,3 @@ def _fsync_dir(directory: Path) -> None:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         # the filesystem cannot fsync a folder: the new name's durability is up to it
-
-
-def _truncate_partial_line(path: Path) -> None:
-    if not path.exists():
-        return
-    with open(path, "rb+") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        if size == 0:
-            return
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return
-        # walk back to the last newline
-        pos = size
-        chunk = 65536
-        while pos > 0:
-            start = max(0, pos - chunk)
-            fh.seek(start)
-            data = fh.read(pos - start)
-            idx = data.rfind(b"\n")
-            if idx >= 0:
-                fh.truncate(start + idx + 1)
-                return
-            pos = start
-        fh.truncate(0)

@@ -300,6 +300,48 @@ def test_an_unwritable_dead_letter_file_keeps_the_batch(fake, tmp_path):
     assert ack.n == 0
 
 
+def test_a_dead_letter_write_that_fails_part_way_is_cut_back_and_the_batch_kept(fake, tmp_path, monkeypatch):
+    """A full disk (or a file-size limit) may take part of a record before failing: the fragment
+    must not stay, or the record appended at the retry is glued onto it and both are unreadable."""
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"} if "bad" in src else None
+    first, second = _doc(1, bad=1), _doc(2, bad="x" * 3000)
+    out.send("completions", _payload([first]), 1, Acks())
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if second[0].encode() in bytes(data):
+            real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(27, "File too large")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    ack = Acks()
+    with pytest.raises(OutputError, match=rf"{second[0]}.*cannot be written.*File too large.*stays in the outbox"):
+        out.send("completions", _payload([second]), 1, ack)
+    monkeypatch.setattr(os, "write", real_write)
+    assert ack.n == 0
+    dead_letter = tmp_path / "dead-letter.ndjson"
+    assert [json.loads(line)["_id"] for line in dead_letter.read_bytes().splitlines()] == [first[0]]
+    out.send("completions", _payload([second]), 1, ack)  # space again: the kept batch is dead-lettered whole
+    assert ack.n == 1
+    dead = [json.loads(line) for line in dead_letter.read_bytes().splitlines()]
+    assert [d["_id"] for d in dead] == [first[0], second[0]] and dead[1]["document"] == second[1]
+
+
+def test_a_partial_dead_letter_line_left_by_a_crash_is_cut_back_before_the_next_record(fake, tmp_path):
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"}
+    out.send("completions", _payload([_doc(1)]), 1, Acks())
+    dead_letter = tmp_path / "dead-letter.ndjson"
+    whole = dead_letter.read_bytes()
+    with open(dead_letter, "ab") as fh:  # what a SIGKILL in the middle of a write leaves
+        fh.write(whole[:-40])
+    out.send("completions", _payload([_doc(2)]), 1, Acks())
+    dead = [json.loads(line) for line in dead_letter.read_bytes().splitlines()]
+    assert [d["_id"] for d in dead] == [_doc(1)[0], _doc(2)[0]]
+
+
 # -- auth -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("password", ["s3cret-pass-word", "pässwörd-€-пароль"])
 def test_basic_auth_and_wrong_credentials(tmp_path, password):
