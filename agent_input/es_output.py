@@ -14,10 +14,18 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
 - **split**: a whole request refused with 413 (`http.max_content_length`, or a proxy's body limit
   below our `max_chunk_bytes`) is sent again as two requests, halving down to one document; when
   no request gets through at all, the limit is below ordinary documents and `OutputError` says so;
-- **rejected** for good (any other 4xx on an item, e.g. a mapping error, or 413 for a document
-  refused alone while others got through): reported with the
-  document id and dataset and written, with the error, to the dead-letter file
-  `<state dir>/dead-letter.ndjson` (fsynced) — the rest of the batch is delivered and the batch
+- **refused for its index**: an item error about the target index or the cluster rather than the
+  document — HTTP 401/403/404, or an error type in `INDEX_ERROR_TYPES`: `index_not_found_exception`
+  (auto-creation not allowed by `action.auto_create_index`, or no privilege to create it),
+  `invalid_index_name_exception`, `index_closed_exception`, `cluster_block_exception`,
+  `security_exception` — would be the same for every document bound for that index, so it is
+  treated like a refused request: nothing is dead-lettered, the batch stays in the outbox and
+  `OutputError` names the index and the reason;
+- **rejected** for good (any other 4xx on an item: an error in the document itself, e.g.
+  `mapper_parsing_exception`, `document_parsing_exception`, `strict_dynamic_mapping_exception`, an
+  `illegal_argument_exception` about a field; or 413 for a document refused alone while others got
+  through): reported with the document id and dataset and written, with the error, to the
+  dead-letter file `<state dir>/dead-letter.ndjson` (fsynced) — the rest of the batch is delivered and the batch
   is acknowledged, so one bad document cannot block its stream forever, and it is never silently
   lost. If the dead-letter file cannot be written, the batch is not acknowledged, and a record
   written only in part (a full disk) is cut back at once, so the file only ever holds whole lines.
@@ -62,6 +70,15 @@ log = logging.getLogger("agent_input.es_output")
 COMPAT_MAJOR = 8
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 DEAD_LETTER_NAME = "dead-letter.ndjson"
+# Per-document errors that are about the target index or the cluster, not the document: every
+# document bound for that index gets the same, so they stop delivery instead of dead-lettering.
+INDEX_ERROR_TYPES = frozenset({
+    "index_not_found_exception",  # may not be created: action.auto_create_index, no privilege to create it
+    "invalid_index_name_exception",  # a name Elasticsearch does not allow (e.g. over 255 bytes)
+    "index_closed_exception",  # the write index is closed
+    "cluster_block_exception",  # a write block (read-only index or cluster); the 429 of a full disk is retried
+    "security_exception",  # no privilege on the index
+})
 ENV_API_KEY = "ELASTIC_API_KEY"
 ENV_USERNAME = "ELASTIC_USERNAME"
 ENV_PASSWORD = "ELASTIC_PASSWORD"
@@ -335,10 +352,10 @@ class ElasticsearchOutput:
                 pending.pop(doc_id)
                 with self._count_lock:
                     self.duplicates += 1
-            elif status in (401, 403):
-                raise _credentials_refused(str(status), doc["_index"])
             elif isinstance(status, int) and (status in RETRY_STATUS or status >= 500):
                 last = f"HTTP {status}: {_reason(info)}"
+            elif _about_the_index(status, info):
+                raise _index_refused(status, info, doc["_index"])
             else:
                 self._dead_letter(doc, status, info)
                 pending.pop(doc_id)
@@ -410,6 +427,28 @@ def _append_record(path: Path, line: bytes) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _about_the_index(status: Any, info: Mapping) -> bool:
+    """Whether a document's error is about its target index or the cluster (see the module doc)."""
+    error = info.get("error")
+    kind = error.get("type") if isinstance(error, Mapping) else None
+    return status in (401, 403, 404) or kind in INDEX_ERROR_TYPES
+
+
+def _index_refused(status: Any, info: Mapping, index: str) -> OutputError:
+    """A document refused for a reason of its index or the cluster: every document bound for that
+    index would be refused alike, so none is dead-lettered and delivery stops with the batch kept."""
+    from .logs import redact
+
+    error = info.get("error")
+    kind = error.get("type") if isinstance(error, Mapping) else None
+    if status in (401, 403) and (kind == "security_exception" or kind not in INDEX_ERROR_TYPES):
+        return _credentials_refused(str(status), index)  # not a write block: the key or its privileges
+    return OutputError(redact(
+        f"Elasticsearch cannot write to {index} (HTTP {status}: {_reason(info)}): this is about the index "
+        "or the cluster, not the documents (action.auto_create_index, the index template, a write block, the "
+        "key's privileges...); nothing is dead-lettered and the batch stays in the outbox"))
 
 
 def _reason(info: Mapping) -> str:

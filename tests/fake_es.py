@@ -8,7 +8,9 @@
   ("Accept version must be either version 8 or 7"), a 9.x server takes 8 and 9.
 - auth: when `auth` is set, any other Authorization header gets 401.
 - faults: whole-request statuses (`fail_requests`), per-item statuses by id (`item_faults`),
-  permanent rejections (`reject(source) -> error | None`), a delay per bulk request, and a body-size
+  permanent rejections (`reject(source) -> error | None`), refusals of a target index as a
+  cluster answers them for each of its documents (`refuse_index(index) -> (status, error) | None`,
+  e.g. 404 index_not_found_exception when action.auto_create_index does not allow it), a delay per bulk request, and a body-size
   limit (`max_body_bytes`) answered as a proxy in front of the cluster answers it: 413 with an HTML page.
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ class FakeElasticsearch:
         self.fail_requests: list[int] = []
         self.item_faults: dict[str, list[int]] = {}
         self.reject: Callable[[dict], dict | None] | None = None
+        self.refuse_index: Callable[[str], tuple[int, dict] | None] | None = None
         self.delay = 0.0
         self.max_body_bytes = 0
         self.active = 0
@@ -186,6 +189,9 @@ class FakeElasticsearch:
                 self.violations.append(f"_id inside the source of {doc_id}")
                 return {**base, "status": 400, "error": {"type": "document_parsing_exception",
                                                          "reason": "Field [_id] is a metadata field and cannot be added inside a document"}}
+            refused = self.refuse_index(index) if self.refuse_index is not None else None
+            if refused:
+                return {**base, "status": refused[0], "error": refused[1]}
             faults = self.item_faults.get(doc_id)
             if faults:
                 status = faults.pop(0)

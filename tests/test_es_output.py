@@ -160,6 +160,45 @@ def test_a_document_refused_with_403_stops_the_output_not_dead_lettered(fake, tm
     assert not (tmp_path / "dead-letter.ndjson").exists()
 
 
+@pytest.mark.parametrize("status, error", [
+    (404, {"type": "index_not_found_exception", "reason": "no such index [logs-openai.embeddings-team] and "
+           "[action.auto_create_index] ([logs-openai.c*]) doesn't match", "index": "logs-openai.embeddings-team"}),
+    (400, {"type": "invalid_index_name_exception", "reason": "Invalid index name [.ds-logs-openai.embeddings-team-"
+           "2026.11.23-000001], index name is too long, (256 > 255)"}),
+    (400, {"type": "index_closed_exception", "reason": "closed", "index": "logs-openai.embeddings-team"}),
+    (403, {"type": "cluster_block_exception", "reason": "index [.ds-logs-openai.embeddings-team-2026.11.23-000001] "
+           "blocked by: [FORBIDDEN/8/index write (api)];"}),
+])
+def test_an_item_error_about_the_index_stops_the_output_instead_of_dead_lettering(fake, tmp_path, status, error):
+    """The cluster refusing the index (auto-creation not allowed, a name it does not take, a closed
+    or blocked index) answers so for every document bound for it: dead-lettering them would empty
+    the outbox into the dead-letter file and move the cursor on; the batch waits for the fix."""
+    out = _output(fake.url, tmp_path)
+    refused = "logs-openai.embeddings-team"
+    fake.refuse_index = lambda index: (status, error) if index == refused else None
+    docs = [_doc(1), _doc(2, "openai.embeddings", "team"), _doc(3)]
+    ack = Acks()
+    with pytest.raises(OutputError) as info:
+        out.send("completions", _payload(docs), 3, ack)
+    message = str(info.value)
+    assert f"cannot write to {refused} (HTTP {status}: {error['type']}" in message and "outbox" in message
+    assert "\n" not in message and "refused the credentials" not in message
+    assert ack.n == 0 and out.rejected == 0 and not (tmp_path / "dead-letter.ndjson").exists()
+    fake.refuse_index = None  # fixed (auto-creation allowed, block lifted...): the kept batch goes through
+    out.send("completions", _payload(docs), 3, ack)
+    assert ack.n == 1 and len(fake.docs) == 3 and out.rejected == 0
+
+
+def test_an_item_403_security_exception_is_about_the_credentials(fake, tmp_path):
+    out = _output(fake.url, tmp_path)
+    fake.refuse_index = lambda index: (403, {"type": "security_exception", "reason": "action [indices:data/write/"
+                                             "bulk[s]] is unauthorized for API key id [x] on indices [" + index + "]"})
+    ack = Acks()
+    with pytest.raises(OutputError, match="refused the credentials.*index privileges on logs-openai.completions"):
+        out.send("completions", _payload([_doc(1)]), 1, ack)
+    assert ack.n == 0 and out.rejected == 0 and not (tmp_path / "dead-letter.ndjson").exists()
+
+
 def test_whole_request_429_and_5xx_and_connection_errors_are_retried(fake, tmp_path):
     out = _output(fake.url, tmp_path)
     fake.fail_requests = [503, 429, 502]
