@@ -35,6 +35,11 @@ DURATION_FORM = "a duration like 30s, 5m, 24h, 1d or 1h30m (or an integer number
 _KEY_FILE_FORM = "expected the path of a file holding the admin key, not the key itself; the value is not shown"
 # Elasticsearch's rules for the namespace part of a data stream name (plus the data stream rules).
 _NAMESPACE_FORBIDDEN = set('-\\/*?"<>| ,#:')
+# Elasticsearch refuses an index name over 255 bytes (UTF-8), and a data stream's backing indices
+# are named .ds-<data stream>-<yyyy.MM.dd>-<generation>: the namespace must leave room for the
+# longest one of our datasets (see namespace_max_bytes).
+INDEX_NAME_MAX_BYTES = 255
+_BACKING_INDEX = ".ds-logs-{dataset}-{namespace}-yyyy.MM.dd-000001"  # the date as long as the pattern
 
 # Config / StreamConfig fields that are not manifest vars (derived or bookkeeping).
 DERIVED_CONFIG_FIELDS = frozenset({"streams", "api_key_source"})
@@ -618,12 +623,32 @@ def _check_url(value: str, key: str, schemes: tuple[str, ...], errors: list[Conf
                                        f"({'|'.join(schemes)}://host[:port][/path])"))
 
 
+def longest_backing_index(namespace: str = "<namespace>") -> str:
+    """The longest backing index name of the manifest's datasets for `namespace`."""
+    names = (_BACKING_INDEX.format(dataset=ds["dataset"], namespace=namespace) for ds in data_streams().values())
+    return max(names, key=lambda name: len(name.encode("utf-8")))
+
+
+def namespace_max_bytes() -> int:
+    """The longest namespace, in UTF-8 bytes, whose every backing index name Elasticsearch accepts."""
+    return INDEX_NAME_MAX_BYTES - len(longest_backing_index("").encode("utf-8"))
+
+
 def _check_namespace(value: str, errors: list[ConfigError]) -> None:
     problems = []
     if not value:
         problems.append("must not be empty")
     if len(value) > 100:
         problems.append(f"is {len(value)} characters long (at most 100)")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = 0  # reported below
+    limit = namespace_max_bytes()
+    if size > limit:
+        problems.append(f"is {size} bytes long in UTF-8 (at most {limit}, so that the backing index "
+                        f"{longest_backing_index()} stays within Elasticsearch's {INDEX_NAME_MAX_BYTES}-byte "
+                        "limit on index names)")
     bad = sorted(set(value) & _NAMESPACE_FORBIDDEN)
     if bad:
         problems.append("must not contain " + " ".join(repr(c) for c in bad))

@@ -311,6 +311,7 @@ def test_bad_proxy_and_ca(tmp_path):
 @pytest.mark.parametrize("ns,fragment", [
     ("my-ns", "'-'"), ("x" * 101, "at most 100"), ("Prod", "lowercase"), ("a b", "' '"), ("_x", "'_'"),
     ("team\ud800", "not valid Unicode"),  # a lone surrogate, as JSON "\ud800" decodes: no event could be encoded
+    ("日" * 100, "300 bytes long in UTF-8"),  # 100 characters, but no backing index could be named with it
 ])
 def test_bad_namespace(ns, fragment):
     e = one_error({"namespace": ns})
@@ -319,6 +320,28 @@ def test_bad_namespace(ns, fragment):
 
 def test_namespace_100_chars_is_fine():
     assert config_from_dict({"namespace": "x" * 100}, env=ENV).namespace == "x" * 100
+
+
+def test_namespace_bytes_leave_room_for_the_longest_backing_index_of_every_dataset():
+    """Elasticsearch limits index names to 255 bytes, and a backing index
+    (.ds-logs-<dataset>-<namespace>-yyyy.MM.dd-000001) holds the namespace: a namespace of
+    multi-byte characters passed the 100-character check, then failed when the index was created."""
+    from agent_input import audit, rate_limits
+    from agent_input.config import global_vars, namespace_max_bytes
+    from agent_input.streams import STREAMS_BY_NAME
+
+    limit = namespace_max_bytes()
+    datasets = {s.dataset for s in STREAMS_BY_NAME.values()} | {audit.DATASET, rate_limits.DATASET}
+    backing = [f".ds-logs-{d}-{'x' * limit}-2026.11.23-000001".encode() for d in datasets]
+    assert max(len(b) for b in backing) == 255, "the limit is exactly what the longest dataset leaves"
+    ok = "é" * (limit // 2) + "x" * (limit % 2)
+    assert len(ok.encode()) == limit and config_from_dict({"namespace": ok}, env=ENV).namespace == ok
+    for ns in ("é" * (limit // 2 + 1), "日" * 100):
+        e = one_error({"namespace": ns})
+        assert e.key == "namespace" and f"is {len(ns.encode())} bytes long in UTF-8 (at most {limit}" in e.message
+        assert "\n" not in str(e)
+    description = " ".join(global_vars()["namespace"]["description"].split())
+    assert f"{limit} bytes" in description, "the manifest states the same limit"
 
 
 def test_all_errors_reported_at_once():

@@ -30,6 +30,8 @@ CORPUS = {
     "data_streams not a mapping": ("data_streams: [completions]\n", "data_streams"),
     "missing admin key": ("url: http://127.0.0.1:9\n", "api_key"),
     "api_key_file missing": ("api_key_file: /nonexistent/openai-key\n", "api_key_file"),
+    # 100 characters but 300 bytes: the backing index name would be over Elasticsearch's 255 bytes
+    "namespace too long in bytes": (f"{LOCAL}namespace: {'日' * 100}\n", "namespace"),
     # beyond any sane bound: passed, then overflowed the scheduler or every request much later
     "interval of millennia": (f"{LOCAL}data_streams:\n  completions:\n    interval: 999999999999999d\n",
                               "data_streams.completions.interval"),
