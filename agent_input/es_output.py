@@ -11,6 +11,8 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
   exponential backoff inside the helper (`max_retries`, `initial_backoff`) and again, for
   connection errors and items still failing, in an outer loop (`attempts`); when patience runs
   out the batch stays in the outbox and `OutputError` stops the collector with one clear line;
+  a 2xx answer that is not a bulk answer (a proxy, a broken cluster: no `items`, fewer items than
+  documents, items for documents not sent...) is retried the same way, with a plain reason;
 - **split**: a whole request refused with 413 (`http.max_content_length`, or a proxy's body limit
   below our `max_chunk_bytes`) is sent again as two requests, halving down to one document; when
   no request gets through at all, the limit is below ordinary documents and `OutputError` says so;
@@ -86,11 +88,49 @@ ENV_CLOUD_ID = "ELASTIC_CLOUD_ID"
 _COMPAT_RE = re.compile(r"compatible-with=\d+")
 
 
+class MalformedBulkAnswer(Exception):
+    """A bulk request answered 2xx with a body not shaped as Elasticsearch's bulk answer (a proxy,
+    a broken cluster): its text is a plain reason. Raised before the bulk helper reads the answer,
+    where it would fail with a KeyError or TypeError; the batch is retried like a connection error."""
+
+
+def bulk_answer_problem(body: Any, sent: int | None) -> str | None:
+    """Why a 2xx bulk answer cannot be read, for `sent` documents (None: not known); None when it can."""
+    if not isinstance(body, Mapping):
+        return f"the bulk answer is {_kind(body)}, not a JSON object"
+    if "items" not in body:
+        return "the bulk answer has no `items`"
+    items = body["items"]
+    if not isinstance(items, list):
+        return f"the bulk answer's `items` is {_kind(items)}, not a list"
+    if sent is not None and len(items) != sent:
+        return f"the bulk answer lists {len(items)} item{'' if len(items) == 1 else 's'} for {sent} documents"
+    for n, item in enumerate(items, 1):
+        result = next(iter(item.values())) if isinstance(item, Mapping) and len(item) == 1 else None
+        if not isinstance(result, Mapping):
+            return f"item {n} of the bulk answer is not an {{operation: result}} object"
+        status = result.get("status")
+        if not isinstance(status, int) or isinstance(status, bool):
+            return f"item {n} of the bulk answer has no numeric `status`"
+    return None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "text" if value.strip() else "empty"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object", bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
 def _compat_transport_class():
-    from elastic_transport import Transport
+    from elastic_transport import SerializationError, Transport
 
     class CompatTransport(Transport):
-        """Rewrites `compatible-with=<client major>` to `compatible-with=8` on every request."""
+        """Rewrites `compatible-with=<client major>` to `compatible-with=8` on every request, and
+        checks the shape of a 2xx bulk answer before the bulk helper reads it (`MalformedBulkAnswer`)."""
 
         def perform_request(self, method, target, *, headers=None, **kwargs):  # type: ignore[override]
             if headers:
@@ -100,7 +140,18 @@ def _compat_transport_class():
                     if isinstance(value, str) and "compatible-with=" in value:
                         headers[name] = _COMPAT_RE.sub(f"compatible-with={COMPAT_MAJOR}", value)
                 kwargs["headers"] = headers
-            return super().perform_request(method, target, **kwargs)
+            if target.split("?")[0] != "/_bulk":
+                return super().perform_request(method, target, **kwargs)
+            try:
+                response = super().perform_request(method, target, **kwargs)
+            except SerializationError:  # its text quotes the whole body
+                raise MalformedBulkAnswer("the bulk answer is not valid JSON") from None
+            if 200 <= response.meta.status < 300:
+                body = kwargs.get("body")  # the create operations: an action line, then the document
+                problem = bulk_answer_problem(response.body, len(body) // 2 if isinstance(body, list) else None)
+                if problem:
+                    raise MalformedBulkAnswer(problem)
+            return response
 
     return CompatTransport
 
@@ -246,6 +297,8 @@ class ElasticsearchOutput:
                     failure = self._bulk(pending)
                 except OutputError:
                     raise
+                except MalformedBulkAnswer as exc:
+                    failure = str(exc)
                 except Exception as exc:  # connection refused/reset, timeout, TLS...
                     failure = _describe_exc(exc)
             if not pending:
@@ -311,6 +364,8 @@ class ElasticsearchOutput:
         )
         last = ""
         too_large: list[tuple[Exception, list[str]]] = []  # per 413'd request: its exception, its ids
+        answered: set = set()
+        strays: list = []  # ids in the answer that were not sent
         for ok, item in helpers.streaming_bulk(
             self.client,
             actions,
@@ -328,7 +383,9 @@ class ElasticsearchOutput:
             doc_id = info.get("_id")
             doc = pending.get(doc_id)
             if doc is None:
+                strays.append(doc_id)
                 continue
+            answered.add(doc_id)
             status = info.get("status")
             request_error = info.get("exception")
             if request_error is None:  # the helper attaches the request's ApiError when the whole request failed
@@ -359,6 +416,10 @@ class ElasticsearchOutput:
             else:
                 self._dead_letter(doc, status, info)
                 pending.pop(doc_id)
+        unanswered = sum(1 for i in ids if i not in answered)
+        if unanswered:  # left in `pending`, sent again
+            last = (f"the bulk answer names documents that were not sent (_id {strays[0]!r})" if strays else
+                    f"the bulk answer has no item for {unanswered} of {len(ids)} documents")
         for _exc, group in too_large:
             if len(group) == 1:
                 split.alone.append(group[0])

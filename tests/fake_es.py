@@ -11,7 +11,8 @@
   permanent rejections (`reject(source) -> error | None`), refusals of a target index as a
   cluster answers them for each of its documents (`refuse_index(index) -> (status, error) | None`,
   e.g. 404 index_not_found_exception when action.auto_create_index does not allow it), a delay per bulk request, and a body-size
-  limit (`max_body_bytes`) answered as a proxy in front of the cluster answers it: 413 with an HTML page.
+  limit (`max_body_bytes`) answered as a proxy in front of the cluster answers it: 413 with an HTML page;
+  and a broken answer (`mangle(answer) -> answer`, or bytes sent as they are) after the documents are handled.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class FakeElasticsearch:
         self.item_faults: dict[str, list[int]] = {}
         self.reject: Callable[[dict], dict | None] | None = None
         self.refuse_index: Callable[[str], tuple[int, dict] | None] | None = None
+        self.mangle: Callable[[dict], object] | None = None
         self.delay = 0.0
         self.max_body_bytes = 0
         self.active = 0
@@ -101,6 +103,14 @@ class FakeElasticsearch:
     # -- HTTP ---------------------------------------------------------------------------------------
     def _reply(self, h, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
+        h.send_response(status)
+        h.send_header("X-Elastic-Product", "Elasticsearch")
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _reply_raw(self, h, status: int, data: bytes) -> None:
         h.send_response(status)
         h.send_header("X-Elastic-Product", "Elasticsearch")
         h.send_header("Content-Type", "application/json")
@@ -170,7 +180,12 @@ class FakeElasticsearch:
                 items.append({op: item})
             with self._lock:
                 self.max_items = max(self.max_items, n)
-            return self._reply(h, 200, {"took": 1, "errors": errors, "items": items})
+            answer = {"took": 1, "errors": errors, "items": items}
+            if self.mangle is not None:
+                answer = self.mangle(answer)
+                if isinstance(answer, bytes):
+                    return self._reply_raw(h, 200, answer)
+            return self._reply(h, 200, answer)
         finally:
             with self._lock:
                 self.active -= 1
