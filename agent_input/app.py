@@ -56,7 +56,8 @@ class Collection:
 def build(
     config,
     *,
-    state_dir,
+    state_dir=None,
+    store: StateStore | None = None,
     output: Output,
     stop: threading.Event | None = None,
     clock: Clock = time.time,
@@ -65,10 +66,21 @@ def build(
     on_poll=None,
 ) -> Collection:
     """One collector per enabled data stream, each with its own HTTP client (sessions are not
-    shared across threads)."""
+    shared across threads). The state is `store`, or a store opened on `state_dir` (and closed
+    again if the build fails: it holds the directory's lock)."""
     stop = stop or threading.Event()
     memory.tune()  # before the stream threads exist: see agent_input/memory.py
+    if store is not None:
+        return _build(config, store, output, stop, clock, progress, on_status, on_poll)
     store = StateStore(state_dir)
+    try:
+        return _build(config, store, output, stop, clock, progress, on_status, on_poll)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _build(config, store, output, stop, clock, progress, on_status, on_poll) -> Collection:
     delivery = Delivery(store, output)
     clients: list[AdminApiClient] = []
     collectors: list[Collector] = []

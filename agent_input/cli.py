@@ -149,7 +149,8 @@ def _fail(message: str, code: int = 1) -> None:
               help="YAML config file (see README); the admin key comes from it, api_key_file or OPENAI_ADMIN_KEY.")
 @click.option("--once", is_flag=True, help="One poll of every enabled stream, then exit.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-              help="Where cursors and the outbox live; the next run resumes from it. "
+              help="Where cursors and the outbox live; the next run resumes from it. One collector "
+                   "per state directory: a second one on it stops at its start. "
                    "[default: $XDG_STATE_HOME/openai-input, or ~/.local/state/openai-input]")
 @click.option("--output", "output_kind", type=click.Choice(["ndjson", "elasticsearch"]), default="ndjson",
               show_default=True,
@@ -180,7 +181,7 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     from .engine import Progress
     from .logs import register_secret, setup_logging
     from .outputs import OutputError
-    from .state import StateError
+    from .state import StateError, StateStore
 
     setup_logging(log_level, log_format)
     config = _load_config_or_exit(config_path)
@@ -190,14 +191,20 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     stop = threading.Event()
     _install_stop_handlers(stop)
     progress = Progress()
+    store = None
     try:
         state_dir = state_dir or _default_state_dir()
+        # the state first: its lock stops a second collector on this directory before it opens
+        # (and cuts back the half-written last line of) the first one's output file
+        store = StateStore(state_dir)
         output = _open_output(output_kind, output_path, config=config, state_dir=state_dir, stop=stop,
                               es_url=es_url, es_ca_file=es_ca_file, rotate_bytes=rotate_bytes,
                               rotate_keep=rotate_keep)
-        collection = app.build(config, state_dir=state_dir, output=output,
+        collection = app.build(config, store=store, output=output,
                                stop=stop, clock=clock, progress=progress)
     except (StateError, OutputError) as exc:
+        if store is not None:
+            store.close()  # the directory's lock, for a caller that goes on (CliRunner)
         _fail(str(exc))
     try:
         code = collection.engine.run(once=once)

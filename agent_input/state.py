@@ -13,11 +13,18 @@ on acknowledgement, which cost a third of the collector's CPU and 50 MB of RSS
 (docs/performance.md); a spool file is written once and unlinked. A file no row names (a crash
 between the write and the commit, or between the acknowledgement and the unlink) is removed
 when the collector next starts.
+
+One collector per state directory: a store holds an exclusive lock on `<state dir>/lock` (with
+its pid in it) from when it opens until `close`, so a second collector on the same directory
+stops at its start with a StateError naming the first one's pid, before it removes any file or
+opens its output.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -28,6 +35,13 @@ from typing import Iterable, Iterator, Mapping
 import orjson
 
 from .durable import fsync_dir, write_file
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: the state directory is not locked (see `_lock_directory`)
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("agent_input.state")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors (
@@ -98,6 +112,9 @@ class StateError(RuntimeError):
     """The state directory cannot be used (unwritable, corrupt, locked by another collector)."""
 
 
+LOCK_NAME = "lock"  # `<state dir>/lock`: held by the collector using the directory, holds its pid
+
+
 def group_json(group: tuple) -> str:
     return orjson.dumps(group).decode()
 
@@ -111,6 +128,17 @@ class StateStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.directory}: {exc.strerror}") from None
+        # One collector per state directory, for as long as this store is open: a second one would
+        # emit the same pages again and, at its start, remove the first one's outbox files that are
+        # written but not yet committed (`drop_orphans`).
+        self._lock_file = _lock_directory(self.directory)
+        try:
+            self._open()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _open(self) -> None:
         self.path = self.directory / "state.sqlite3"
         self.spool_dir = self.directory / "outbox"
         self._local = threading.local()
@@ -148,10 +176,20 @@ class StateStore:
         return conn
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close this thread's connection and release the state directory (for another collector,
+        or this process's next store)."""
+        try:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                conn.close()
+                self._local.conn = None
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        lock_file, self._lock_file = self._lock_file, None
+        if lock_file is not None:
+            lock_file.close()  # closing the file releases the flock
 
     # -- cursors -----------------------------------------------------------------------------
     def cursor(self, stream: str, width: str) -> Cursor | None:
@@ -326,6 +364,46 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _lock_directory(directory: Path):
+    """`<directory>/lock`, open and exclusively flock-ed, with this process's pid in it; None where
+    there is no flock. Another holder (another process, or another open store of this one) is a
+    StateError naming its pid. The lock goes with the file: at `close`, or when the process dies."""
+    if fcntl is None:
+        log.debug("no fcntl on this platform: state directory %s is not locked", directory)
+        return None
+    path = directory / LOCK_NAME
+    try:
+        lock_file = open(path, "a+b", buffering=0)  # created if missing, never truncated unlocked
+    except OSError as exc:
+        raise StateError(f"cannot open lock file {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _lock_holder(lock_file)
+        lock_file.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise StateError(f"state directory {directory} is in use by another collector ({holder})") from None
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL):
+            log.warning("state directory %s cannot be locked (%s): make sure no other collector uses it",
+                        directory, exc.strerror)
+            return None
+        raise StateError(f"cannot lock state directory {directory}: {exc.strerror}") from None
+    try:
+        lock_file.truncate(0)
+        os.pwrite(lock_file.fileno(), f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the pid is only for another collector's message
+    return lock_file
+
+
+def _lock_holder(lock_file) -> str:
+    try:
+        pid = os.pread(lock_file.fileno(), 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "pid unknown"
 
 
 class _transaction:

@@ -302,3 +302,22 @@ def test_demo_shows_every_usage_total_equal_to_the_simulators_final_truth(tmp_pa
     assert "audit events: " in rows["audit"] and "limits: " in rows["rate_limits"]
     assert sum(int(rows[n].split()[2]) for n in STREAMS_BY_NAME) > 0, "the second poll brings late revisions"
     assert len(read_ndjson(out)) == sum(int(rows[n].split()[1]) for n in rows if n in set(STREAMS_BY_NAME) | {"audit", "rate_limits"})
+
+
+def test_a_second_collector_on_the_same_state_dir_stops_at_once_with_one_line(tmp_path):
+    """Two collectors on one --state-dir both emitted every page, and the second's start-up could
+    delete the first's outbox files; now the second stops before it touches the state or output."""
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    running = StateStore(state)  # the first collector
+    out.write_bytes(b'{"_id":"a"}\n{"_id":"b","half-writ')  # its output, a batch being written
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump({**_config("http://127.0.0.1:9"), "max_retries": 0}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+         "--state-dir", str(state), "--output-path", str(out), "--log-level", "CRITICAL"],
+        capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=60)
+    running.close()
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip() == f"openai-input: state directory {state} is in use by another collector (pid {os.getpid()})"
+    assert out.read_bytes() == b'{"_id":"a"}\n{"_id":"b","half-writ', "the first collector's output was touched"

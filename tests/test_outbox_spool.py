@@ -31,6 +31,11 @@ def _spooled(store: StateStore) -> list[str]:
     return sorted(p.name for p in store.spool_dir.iterdir())
 
 
+def _die(store: StateStore) -> None:
+    """The process holding `store` is gone: the kernel drops its lock on the state directory."""
+    store._unlock()
+
+
 def _replayed(store: StateStore) -> bytes:
     out = io.BytesIO()
     Delivery(store, NdjsonOutput(out)).replay_pending()
@@ -63,6 +68,7 @@ def test_crash_after_the_file_is_written_but_before_the_commit(tmp_path):
     store = StateStore(tmp_path)
     name = store._spool(BIG, BIG.count(b"\n"))  # the file is durable, the process dies here
     assert _spooled(store) == [name]
+    _die(store)
     restarted = StateStore(tmp_path)
     assert _replayed(restarted) == b"", "a batch that never committed is not emitted"
     assert _spooled(restarted) == [], "its file is removed at the next start"
@@ -80,6 +86,7 @@ def test_crash_after_the_ack_commits_but_before_the_unlink(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         store.ack(batch)
     monkeypatch.undo()
+    _die(store)
     restarted = StateStore(tmp_path)
     assert _replayed(restarted) == b"", "an acknowledged batch is not sent again"
     assert _spooled(restarted) == []

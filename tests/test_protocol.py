@@ -4,6 +4,7 @@ restart, stop — plus the done-when test: SIGKILL at random points, restart, ex
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
@@ -348,6 +349,26 @@ def test_an_engine_that_cannot_start_is_failed_not_healthy(tmp_path):
     assert "state directory" in inputs[2]["message"] and "Not a directory" in inputs[2]["message"]
     assert inputs[2]["config_id"] == "c1" and inputs[2]["revision"] == 1
     _assert_clean_streams(sup)
+
+
+def test_a_state_dir_in_use_by_another_collector_fails_the_config_until_it_is_free(tmp_path):
+    state = tmp_path / "state"
+    other = StateStore(state)  # another collector holds the directory
+    run = InProcess(state, tmp_path / "stdout").start()
+    try:
+        run.send({"type": "config", "id": "c1", "config": _config("http://127.0.0.1:1", streams=())})
+        run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "failed"], what="failed")
+        other.close()
+        run.send({"type": "config", "id": "c2", "config": _config("http://127.0.0.1:1", streams=())})
+        run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "healthy"], what="healthy")
+        assert run.stop() == 0
+    finally:
+        run.close()
+    inputs = run.statuses("input")
+    assert [m["status"] for m in inputs][:3] == ["starting", "configuring", "failed"]
+    assert inputs[2]["message"] == (f"cannot start revision 1: state directory {state} is in use by another "
+                                    f"collector (pid {os.getpid()})")
+    assert [m["config_id"] for m in inputs if m["status"] == "healthy"] == ["c2"]
 
 
 def test_an_engine_that_raises_is_reported_once_with_its_error(tmp_path, monkeypatch):
