@@ -181,7 +181,7 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     from .engine import Progress
     from .logs import register_secret, setup_logging
     from .outputs import OutputError
-    from .state import StateError, StateStore
+    from .state import StateDatabaseError, StateError, StateStore
 
     setup_logging(log_level, log_format)
     config = _load_config_or_exit(config_path)
@@ -210,6 +210,8 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
         code = collection.engine.run(once=once)
     except OutputError as exc:
         _fail(str(exc))
+    except StateDatabaseError as exc:  # sqlite (a full disk, a lock) while re-sending: nothing is lost
+        _fail(f"{exc}; the unacknowledged batches stay in the outbox and are sent again at the next start")
     except StateError as exc:  # e.g. an outbox file of an unacknowledged batch is gone: every start would fail
         _fail(f"cannot re-send the unacknowledged batches kept in {state_dir}: {exc}. Restore the missing "
               f"file from a backup, or move {state_dir} aside to start afresh (that batch is then lost and "

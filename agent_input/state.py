@@ -112,6 +112,12 @@ class StateError(RuntimeError):
     """The state directory cannot be used (unwritable, corrupt, locked by another collector)."""
 
 
+class StateDatabaseError(StateError):
+    """sqlite could not read or write the state file (disk full, I/O error, locked by another
+    program). Nothing is lost: what was being written is rolled back, what is in the outbox stays
+    there; a later attempt, once the cause is gone, goes on from there."""
+
+
 LOCK_NAME = "lock"  # `<state dir>/lock`: held by the collector using the directory, holds its pid
 
 
@@ -162,6 +168,10 @@ class StateStore:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"cannot use state file {self.path}: {exc}") from None
+
+    def _sqlite(self, doing: str) -> "_sqlite_errors":
+        """Turns a sqlite3.Error in its block into a StateDatabaseError naming the state file."""
+        return _sqlite_errors(self.path, doing)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -274,7 +284,9 @@ class StateStore:
         if stream is not None:
             sql += " WHERE stream=?"
             args = (stream,)
-        for batch, name, events, payload, spool in self._conn().execute(sql + " ORDER BY batch", args).fetchall():
+        with self._sqlite("read"):
+            rows = self._conn().execute(sql + " ORDER BY batch", args).fetchall()
+        for batch, name, events, payload, spool in rows:
             if spool is not None:
                 try:
                     payload = (self.spool_dir / spool).read_bytes()
@@ -288,7 +300,8 @@ class StateStore:
     def ack(self, batch: int) -> None:
         """The output has the batch durably: drop it from the outbox (row first, then its file:
         a crash in between leaves a file no row names, removed at the next start)."""
-        conn = self._conn()
+        with self._sqlite("write"):
+            conn = self._conn()
         with self._transaction(conn):
             row = conn.execute("SELECT spool FROM outbox WHERE batch=?", (batch,)).fetchone()
             conn.execute("DELETE FROM outbox WHERE batch=?", (batch,))
@@ -302,7 +315,8 @@ class StateStore:
             files = {p.name for p in self.spool_dir.iterdir() if p.name.endswith(SPOOL_SUFFIX)}
         except OSError:
             return 0
-        named = {r[0] for r in self._conn().execute("SELECT spool FROM outbox WHERE spool IS NOT NULL")}
+        with self._sqlite("read"):
+            named = {r[0] for r in self._conn().execute("SELECT spool FROM outbox WHERE spool IS NOT NULL")}
         orphans = files - named
         for name in orphans:
             _unlink(self.spool_dir / name)
@@ -344,7 +358,8 @@ class StateStore:
         """A write transaction (BEGIN IMMEDIATE .. COMMIT) under the store's write lock; rolled
         back, and its spool file removed, on any error."""
         return _transaction(conn, self._write_lock,
-                            on_rollback=(lambda: _unlink(self.spool_dir / spool)) if spool else None)
+                            on_rollback=(lambda: _unlink(self.spool_dir / spool)) if spool else None,
+                            path=self.path)
 
 
 def _insert_batch(conn: sqlite3.Connection, stream: str, payload: bytes, events: int,
@@ -406,18 +421,62 @@ def _lock_holder(lock_file) -> str:
     return f"pid {pid}" if pid.isdigit() else "pid unknown"
 
 
+_SQLITE_HINTS = {
+    "SQLITE_FULL": "is the disk full?",
+    "SQLITE_IOERR": "is the disk full?",
+    "SQLITE_BUSY": "another program holds a write transaction on it",
+    "SQLITE_LOCKED": "another program holds a write transaction on it",
+    "SQLITE_READONLY": "is it writable?",
+    "SQLITE_CANTOPEN": "is it readable and writable?",
+}
+
+
+def _sqlite_message(path: Path, doing: str, exc: sqlite3.Error) -> str:
+    """E.g. "cannot write state file X: disk I/O error (is the disk full?)"."""
+    name = getattr(exc, "sqlite_errorname", "") or ""  # Python 3.11+
+    hint = next((h for code, h in _SQLITE_HINTS.items() if name == code or name.startswith(code + "_")), None)
+    if hint is None:
+        text = str(exc)
+        hint = ("is the disk full?" if "disk I/O error" in text or "disk is full" in text else
+                "another program holds a write transaction on it" if "is locked" in text else None)
+    return f"cannot {doing} state file {path}: {exc}" + (f" ({hint})" if hint else "")
+
+
+class _sqlite_errors:
+    """sqlite3.Error in the block becomes a StateDatabaseError (a one-line message, no traceback)."""
+
+    def __init__(self, path: Path, doing: str):
+        self.path = path
+        self.doing = doing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+            raise StateDatabaseError(_sqlite_message(self.path, self.doing, exc)) from None
+        return False
+
+
 class _transaction:
-    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock, on_rollback=None):
+    """sqlite3.Error anywhere in it (BEGIN, the statements, COMMIT) is rolled back and raised as
+    StateDatabaseError naming the state file: the callers (a stream thread, the start-up replay,
+    an ack) report one line, and nothing the transaction wrote counts."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock, on_rollback=None, path: Path | None = None):
         self.conn = conn
         self.lock = lock
         self.on_rollback = on_rollback
+        self.path = path
 
     def __enter__(self):
         self.lock.acquire()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except BaseException:
+        except BaseException as exc:
             self.lock.release()
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(exc) from None
             raise
 
     def __exit__(self, exc_type, exc, tb):
@@ -425,14 +484,19 @@ class _transaction:
             if exc_type is None:
                 try:
                     self.conn.execute("COMMIT")
-                except sqlite3.Error:  # not committed: nothing may name the spool file
+                except sqlite3.Error as commit_exc:  # not committed: nothing may name the spool file
                     self._rollback()
-                    raise
+                    raise self._error(commit_exc) from None
                 return False
             self._rollback()
+            if issubclass(exc_type, sqlite3.Error):
+                raise self._error(exc) from None
             return False
         finally:
             self.lock.release()
+
+    def _error(self, exc: sqlite3.Error) -> StateDatabaseError:
+        return StateDatabaseError(_sqlite_message(self.path or Path("state.sqlite3"), "write", exc))
 
     def _rollback(self) -> None:
         try:

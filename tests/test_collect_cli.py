@@ -321,3 +321,43 @@ def test_a_second_collector_on_the_same_state_dir_stops_at_once_with_one_line(tm
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert err.strip() == f"openai-input: state directory {state} is in use by another collector (pid {os.getpid()})"
     assert out.read_bytes() == b'{"_id":"a"}\n{"_id":"b","half-writ', "the first collector's output was touched"
+
+
+PREVIOUS_RUN = """
+import os, sys
+from agent_input.state import StateStore, Cursor
+s = StateStore(sys.argv[1])
+s._conn().execute("PRAGMA wal_autocheckpoint=0")
+s.commit_page("completions", "1m", payload=b'{"_id":"x1","a":1}\\n', events=1, observations=[], cursor=Cursor(0, 0))
+for i in range(20):
+    s.commit_events("audit", b"", 0, {f"k{i}": "v" * 3000})
+os._exit(0)  # killed: its write-ahead log is not checkpointed
+"""
+
+
+def test_a_full_disk_while_re_sending_is_one_line_and_the_batch_is_kept(tmp_path):
+    """The restarted collector re-sends a kept batch, and deleting it from the outbox fails (the
+    disk is full: here, a file size limit below the state's write-ahead log). It was a
+    sqlite3.OperationalError traceback."""
+    import resource
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    subprocess.run([sys.executable, "-c", PREVIOUS_RUN, str(state)], check=True, timeout=60)
+    assert (state / "state.sqlite3-wal").stat().st_size > 40000
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump({**_config("http://127.0.0.1:9"), "max_retries": 0}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+         "--state-dir", str(state), "--output-path", str(out), "--log-level", "CRITICAL"],
+        capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000)))
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"openai-input: cannot write state file {state / 'state.sqlite3'}: disk I/O error "
+                          "(is the disk full?); the unacknowledged batches stay in the outbox"), err
+    assert "Restore the missing file" not in err, "nothing is missing: moving the state aside would lose it"
+    assert read_ndjson(out) == [{"_id": "x1", "a": 1}]
+    store = StateStore(state)
+    assert [b.payload for b in store.pending()] == [b'{"_id":"x1","a":1}\n'], "the batch must stay in the outbox"
+    store.close()
+

@@ -11,7 +11,7 @@ import pytest
 from agent_input import state as state_mod
 from agent_input.engine import Delivery
 from agent_input.outputs import NdjsonOutput
-from agent_input.state import INLINE_PAYLOAD_LIMIT, Cursor, StateError, StateStore
+from agent_input.state import INLINE_PAYLOAD_LIMIT, Cursor, StateDatabaseError, StateError, StateStore
 
 
 def _lines(n: int, width: int = 900) -> bytes:
@@ -100,7 +100,7 @@ def test_failed_transaction_removes_its_file_and_keeps_the_cursor(tmp_path):
         yield (0, "[]", 0, {"input_tokens": 1})
         raise sqlite3.OperationalError("disk I/O error")
 
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StateDatabaseError, match=r"^cannot write state file .*state\.sqlite3: disk I/O error \(is the disk full\?\)$"):
         _commit(store, BIG, 120, observations=bad_observations())
     assert _spooled(store) == []
     assert store.cursor("completions", "1m") == Cursor(0, 60)
@@ -160,7 +160,7 @@ def test_write_transactions_queue_on_the_store_lock_not_in_sqlite(tmp_path, monk
         def execute(self, sql, *args):
             raise sqlite3.OperationalError("database is locked")
 
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StateDatabaseError, match="database is locked"):
         with store._transaction(Locked()):
             pass
     assert store._write_lock.acquire(timeout=1), "a failed BEGIN kept the write lock"
@@ -204,7 +204,7 @@ def test_a_commit_that_fails_rolls_back_removes_its_spool_file_and_the_store_goe
 
     store = StateStore(tmp_path)
     store._local.conn = FailingCommit(store._conn())
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StateDatabaseError, match="disk I/O error"):
         store.commit_page("completions", "1m", payload=BIG, events=BIG.count(b"\n"), observations=(),
                           cursor=Cursor(0, 60))
     assert _spooled(store) == []

@@ -1,15 +1,23 @@
-"""The state directory belongs to one collector at a time: `<state dir>/lock`, held for the life
-of a StateStore, refuses a second one (another process, or another store of this process) with
-one line naming the holder's pid, before it can remove or write anything."""
+"""The state store's own failures, each one line for the user and never a loss:
+
+- the state directory belongs to one collector at a time: `<state dir>/lock`, held for the life
+  of a StateStore, refuses a second one (another process, or another store of this process) with
+  one line naming the holder's pid, before it can remove or write anything;
+- sqlite failing (a full disk, another program's write lock) is a StateDatabaseError naming the
+  state file, with what was being written rolled back and the outbox kept."""
 from __future__ import annotations
 
+import io
 import os
+import sqlite3
 import subprocess
 import sys
 
 import pytest
 
-from agent_input.state import LOCK_NAME, Cursor, StateError, StateStore
+from agent_input.engine import Delivery, Engine, PollStats
+from agent_input.outputs import NdjsonOutput
+from agent_input.state import LOCK_NAME, Cursor, StateDatabaseError, StateError, StateStore
 
 OPEN_STORE = "import sys; from agent_input.state import StateStore; StateStore(sys.argv[1]); print('opened')"
 
@@ -80,3 +88,105 @@ def test_an_engine_that_fails_to_build_releases_the_directory(tmp_path, monkeypa
     with pytest.raises(StateError, match="cannot build"):
         app.build(config, state_dir=tmp_path / "state", output=NdjsonOutput(open(os.devnull, "wb")))
     StateStore(tmp_path / "state").close()
+
+
+# -- sqlite errors ----------------------------------------------------------------------------------
+LINE = b'{"_id":"a1","data_stream":{"dataset":"openai.completions"}}\n'
+
+
+def _write_locked(store: StateStore) -> sqlite3.Connection:
+    """Another program (`sqlite3 state.sqlite3`, say) holds a write transaction; the store gives up
+    after 50 ms instead of its 30 s busy timeout."""
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    store._conn().execute("PRAGMA busy_timeout=50")
+    return holder
+
+
+def test_an_ack_that_cannot_write_is_a_state_error_and_the_batch_stays(tmp_path):
+    """Delivery.replay_pending acks on the main thread: sqlite3.OperationalError escaped `collect`
+    as a traceback."""
+    store = StateStore(tmp_path / "state")
+    batch = store.commit_page("completions", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
+    holder = _write_locked(store)
+    with pytest.raises(StateDatabaseError, match=rf"^cannot write state file {store.path}: database is locked "
+                                                 r"\(another program holds a write transaction on it\)$"):
+        store.ack(batch)
+    holder.rollback()
+    assert [b.batch for b in store.pending()] == [batch], "the batch must stay in the outbox"
+    store.ack(batch)  # once the lock is gone
+    assert store.pending_count() == 0
+    store.close()
+
+
+def test_a_commit_that_cannot_begin_is_a_state_error_and_nothing_moves(tmp_path):
+    store = StateStore(tmp_path / "state")
+    holder = _write_locked(store)
+    with pytest.raises(StateDatabaseError, match="cannot write state file .*: database is locked"):
+        store.commit_page("completions", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
+    holder.rollback()
+    assert store.cursor("completions", "1m") is None and store.pending_count() == 0
+    store.close()
+
+
+class _Malformed:
+    """The store's connection, on a state file that went bad under it."""
+
+    def execute(self, sql, *args):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+
+def test_start_up_reads_that_fail_are_state_errors_and_remove_nothing(tmp_path):
+    store = StateStore(tmp_path / "state")
+    payload = b"".join(b'{"_id":"%06d","pad":"%s"}\n' % (i, b"x" * 900) for i in range(400))
+    store.commit_page("completions", "1m", payload=payload, events=400, observations=(), cursor=Cursor(0, 60))
+    spooled = sorted(store.spool_dir.iterdir())
+    real = store._conn()
+    store._local.conn = _Malformed()
+    for start_up in (store.drop_orphans, lambda: list(store.pending()),
+                     lambda: Delivery(store, NdjsonOutput(io.BytesIO())).replay_pending()):
+        with pytest.raises(StateDatabaseError, match=rf"^cannot read state file {store.path}: database disk "
+                                                     "image is malformed$"):
+            start_up()
+    assert sorted(store.spool_dir.iterdir()) == spooled, "a batch's file was removed"
+    store._local.conn = real
+    store.close()
+
+
+def test_a_stream_whose_commit_fails_does_not_advance_and_is_reported(tmp_path):
+    """On a stream thread a failed commit is that stream's failure (kept cursor, nothing emitted,
+    retried at its next poll; `--once` exits 1 naming the state file), never the others'."""
+    store = StateStore(tmp_path / "state")
+    out = io.BytesIO()
+    delivery = Delivery(store, NdjsonOutput(out))
+
+    def disk_error():
+        yield (0, "[]", 0, {"input_tokens": 1})
+        raise sqlite3.OperationalError("disk I/O error")
+
+    class Completions:
+        name, interval = "completions", 60.0
+
+        def poll(self, now):
+            delivery.commit_page("completions", "1m", LINE, 1, observations=disk_error(), cursor=Cursor(0, 60))
+            return PollStats(events=1)
+
+    class Embeddings:
+        name, interval = "embeddings", 60.0
+
+        def poll(self, now):
+            delivery.commit_page("embeddings", "1m", LINE.replace(b"a1", b"e1"), 1, observations=(),
+                                 cursor=Cursor(0, 60))
+            return PollStats(events=1)
+
+    statuses = []
+    engine = Engine([Completions(), Embeddings()], delivery, on_status=lambda *s: statuses.append(s))
+    assert engine.run(once=True) == 1
+    assert engine.failed["completions"] == (f"cannot write state file {store.path}: disk I/O error "
+                                            "(is the disk full?)")
+    assert ("completions", "degraded", engine.failed["completions"]) in statuses
+    assert store.cursor("completions", "1m") is None, "a stream that failed to commit must not advance"
+    assert store.cursor("embeddings", "1m") == Cursor(0, 60) and "embeddings" not in engine.failed
+    assert out.getvalue() == LINE.replace(b"a1", b"e1"), "only the committed page is emitted"
+    assert store.pending_count() == 0
+    store.close()
