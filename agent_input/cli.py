@@ -264,8 +264,9 @@ def demo(out_path, org, seed, log_level):
     from .config import config_from_dict
     from .engine import Progress
     from .logs import register_secret, setup_logging
-    from .outputs import NdjsonFileOutput
+    from .outputs import NdjsonFileOutput, OutputError
     from .simulator import Simulator
+    from .state import StateError
 
     setup_logging(log_level, "text")
     key = "sk-admin-demo-" + secrets.token_hex(12)
@@ -295,6 +296,8 @@ def demo(out_path, org, seed, log_level):
                 collection.close()
                 output.close()
             _demo_summary(collection.engine, out, sim, backfill_s)
+    except (StateError, OutputError) as exc:  # e.g. a full temporary folder: one line, no traceback
+        _fail(str(exc))
     finally:
         sim.stop()
 

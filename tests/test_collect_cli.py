@@ -361,3 +361,19 @@ def test_a_full_disk_while_re_sending_is_one_line_and_the_batch_is_kept(tmp_path
     assert [b.payload for b in store.pending()] == [b'{"_id":"x1","a":1}\n'], "the batch must stay in the outbox"
     store.close()
 
+
+def test_demo_reports_a_state_error_in_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from agent_input import app
+    from agent_input.cli import main
+    from agent_input.state import StateError
+
+    def full(*a, **kw):
+        raise StateError("cannot write state file /tmp/x/state.sqlite3: disk I/O error (is the disk full?)")
+
+    monkeypatch.setattr(app, "build", full)
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo.ndjson")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.strip().splitlines()[-1] == ("openai-input: cannot write state file /tmp/x/state.sqlite3: "
+                                                       "disk I/O error (is the disk full?)")
