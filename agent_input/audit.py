@@ -20,11 +20,20 @@ re-emission would be a harmless duplicate).
 
 A 403 (audit logging not enabled, or the key is not an Organization Owner's) is reported once, with
 what to enable, and the stream goes quiet: it asks again every `FORBIDDEN_RETRY` seconds, silently.
+
+An event that does not match the API reference (a field of the wrong type, an `effective_at` that is
+not a whole Unix time between 1970 and 9999, an entry with no id), or that fails to map for any
+other reason, is reported (the stream's status and a warning, with its id and what was wrong) and
+skipped; the others of its slice are stored and the mark moves past it. Unlike a usage bucket, an
+audit event never changes once written, so reading it again could not fix it: holding the mark
+before it would only stop the audit stream for good.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
+import reprlib
 from typing import Any, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
@@ -41,6 +50,9 @@ OVERLAP = 300  # re-read this much before the high-water mark: events recorded l
 LAG = 0  # how far behind `now` a poll stops (seconds)
 FORBIDDEN_RETRY = 6 * 3600  # after a 403, ask again this rarely (and say nothing unless it changes)
 MAX_PAGES_PER_SLICE = 100_000  # a safety net against a server that never ends a listing
+
+MAX_EFFECTIVE_AT = 253402300799  # 9999-12-31T23:59:59Z: the last second an ISO date can name
+TYPE_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 KV_HWM = "audit:hwm"
 KV_RECENT = "audit:recent_ids"
@@ -78,26 +90,34 @@ class AuditCollector(ListingCollector):
                 slice_end = min(end, start + SLICE - 1)
                 if end - slice_end < OVERLAP:  # no tiny last slice: one request less
                     slice_end = end
-                events = self._read_slice(start, slice_end, stats)
+                events, bad = self._read_slice(start, slice_end, stats)
                 new_hwm = slice_end + 1
                 keep_from = new_hwm - OVERLAP
                 lines: list[bytes] = []
                 next_recent = {i: t for i, t in recent.items() if t >= keep_from}
+                for what in bad:
+                    self._skip(stats, "an entry", BadAuditPage(what))
                 for ev in sorted(events.values(), key=_order):
                     eid = ev["id"]
                     if eid in recent:
                         continue  # emitted by an earlier slice or poll (the overlap)
+                    # Any failure to map this one event is bad data of this event: reported and
+                    # skipped, never a failure of the slice (that would hold the mark forever).
                     try:
                         doc_id, doc = audit_event(ev, namespace=self.namespace,
                                                   preserve_original=self.preserve_original)
-                    except BadAuditPage as exc:
-                        msg = f"audit: skipped an event that does not match the API reference: {exc}"
-                        stats.errors.append(msg)
-                        log.warning(msg)
+                        line = serialize(doc_id, doc)
+                    except Exception as exc:  # noqa: BLE001 - an unforeseen shape must not block the stream
+                        if not isinstance(exc, BadAuditPage):
+                            log.debug("audit: mapping event %s failed", _short(eid), exc_info=True)
+                        self._skip(stats, f"event {_short(eid)}", exc)
+                        t = ev.get("effective_at")
+                        if type(t) is int and t >= keep_from:
+                            next_recent[eid] = t  # the overlap's re-read skips it without a second report
                         continue
-                    lines.append(serialize(doc_id, doc))
+                    lines.append(line)
                     if ev["effective_at"] >= keep_from:
-                        next_recent[eid] = int(ev["effective_at"])
+                        next_recent[eid] = ev["effective_at"]
                 self.delivery.commit_events(
                     self.name, lines,
                     {KV_HWM: str(new_hwm), KV_RECENT: json.dumps(next_recent, sort_keys=True, separators=(",", ":"))},
@@ -113,6 +133,16 @@ class AuditCollector(ListingCollector):
             self.forbidden = None
         return stats
 
+    @staticmethod
+    def _skip(stats: PollStats, which: str, exc: Exception) -> None:
+        if isinstance(exc, BadAuditPage):
+            why = f"it does not match the API reference: {exc}"
+        else:
+            why = f"it could not be mapped: {type(exc).__name__}: {_clip(str(exc))}"
+        msg = f"audit: skipped {which}, {why}; not stored, and passed (an audit event never changes)"
+        stats.errors.append(msg)
+        log.warning(msg)
+
     def _forbid(self, exc: PermissionDeniedError, now: float) -> None:
         first = self.forbidden is None
         self.forbidden = explain(exc, "audit_logs", self.config)
@@ -123,19 +153,22 @@ class AuditCollector(ListingCollector):
         else:
             log.debug("audit: still forbidden: %s", self.forbidden)
 
-    def _read_slice(self, gte: int, lte: int, stats: PollStats) -> dict[str, dict]:
-        """Every event with gte <= effective_at <= lte, by id (pages newest first, any order)."""
+    def _read_slice(self, gte: int, lte: int, stats: PollStats) -> tuple[dict[str, dict], list[str]]:
+        """Every event with gte <= effective_at <= lte, by id (pages newest first, any order), and
+        what was wrong with each entry that is not an object with a string `id`."""
         params: dict[str, Any] = {"effective_at[gte]": gte, "effective_at[lte]": lte, "limit": self.batch_size}
         events: dict[str, dict] = {}
+        bad: list[str] = []
         for data in cursor_pages(self.client.get_json, PATH, params, lambda what: BadAuditPage(f"{PATH}: {what}"),
                                  MAX_PAGES_PER_SLICE):
             stats.requests += 1
             stats.pages += 1
             for ev in data:
                 if not isinstance(ev, Mapping) or not isinstance(ev.get("id"), str):
-                    raise BadAuditPage(f"{PATH}: an entry has no string `id`: {ev!r:.80}")
+                    bad.append(f"no string `id`: {_short(ev)}")
+                    continue
                 events[ev["id"]] = dict(ev)
-        return events
+        return events, bad
 
 
 def _load_recent(text: str | None) -> dict[str, int]:
@@ -144,6 +177,87 @@ def _load_recent(text: str | None) -> dict[str, int]:
     except ValueError:
         return {}
     return {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxstring, _repr.maxother = 2, 4, 4, 60, 60
+
+
+def _short(value: Any) -> str:
+    """A value as a report shows it: bounded in depth and length, whatever the API sent."""
+    try:
+        text = _repr.repr(value)
+    except Exception:  # noqa: BLE001 - a report must never fail
+        text = f"<{type(value).__name__}>"
+    return _clip(text)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_JSON_TYPE = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+              float: "a number", type(None): "null"}
+
+
+def _wrong(path: str, value: Any, want: str) -> BadAuditPage:
+    got = next((name for t, name in _JSON_TYPE.items() if type(value) is t), type(value).__name__)
+    return BadAuditPage(f"`{path}` is {got} ({_short(value)}), not {want}")
+
+
+def _want(event: Mapping, key: str, path: str, kind: type) -> Any:
+    """event[key] if it is absent/null (None) or of `kind`; else BadAuditPage naming `path`."""
+    value = event.get(key)
+    if value is None:
+        return None
+    if kind is Mapping:
+        if not isinstance(value, Mapping):
+            raise _wrong(path, value, "an object")
+    elif not isinstance(value, kind) or isinstance(value, bool):
+        raise _wrong(path, value, _JSON_TYPE.get(kind, kind.__name__))
+    return value
+
+
+def check_event(event: Any) -> None:
+    """BadAuditPage, naming the field, unless `event` has the shape the API reference's `AuditLog`
+    gives it (optional fields may be absent or null; `ip_address_details`, which the reference
+    does not list but the API sends, must be an object). Unknown fields and event types pass."""
+    if not isinstance(event, Mapping):
+        raise _wrong("entry", event, "an object")
+    if not isinstance(event.get("id"), str):
+        raise _wrong("id", event.get("id"), "a string")
+    etype = event.get("type")
+    if not isinstance(etype, str) or not TYPE_NAME.fullmatch(etype):
+        raise _wrong("type", etype, "an event type name")
+    t = event.get("effective_at")
+    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_EFFECTIVE_AT:
+        raise _wrong("effective_at", t, "a whole Unix time in seconds between 1970 and 9999")
+    _want(event, "project", "project", Mapping)
+    _want(event, etype, etype, Mapping)
+    actor = _want(event, "actor", "actor", Mapping)
+    if actor is None:
+        return
+    _want(actor, "type", "actor.type", str)
+    session = _want(actor, "session", "actor.session", Mapping)
+    if session is not None:
+        _want(session, "ip_address", "actor.session.ip_address", str)
+        _want(session, "ip_address_details", "actor.session.ip_address_details", Mapping)
+        _check_user(session, "actor.session.user")
+    api_key = _want(actor, "api_key", "actor.api_key", Mapping)
+    if api_key is not None:
+        _want(api_key, "id", "actor.api_key.id", str)
+        _want(api_key, "type", "actor.api_key.type", str)
+        _check_user(api_key, "actor.api_key.user")
+        account = _want(api_key, "service_account", "actor.api_key.service_account", Mapping)
+        if account is not None:
+            _want(account, "id", "actor.api_key.service_account.id", str)
+
+
+def _check_user(parent: Mapping, path: str) -> None:
+    user = _want(parent, "user", path, Mapping)
+    if user is not None:
+        _want(user, "id", path + ".id", str)
+        _want(user, "email", path + ".email", str)
 
 
 def _order(ev: Mapping) -> tuple:
@@ -157,15 +271,12 @@ def audit_event(event: Mapping[str, Any], *, namespace: str = "default",
     """(document id, ECS document) for one audit log entry, as the seed's audit example shows.
 
     The id is the audit log id: re-reading an event can only ever produce the same document.
+    An event that does not match the API reference raises BadAuditPage (see `check_event`).
     """
-    eid = event.get("id")
-    etype = event.get("type")
-    effective_at = event.get("effective_at")
-    if not isinstance(eid, str) or not isinstance(etype, str):
-        raise BadAuditPage(f"entry lacks a string id/type ({eid!r}, {etype!r})")
-    if not isinstance(effective_at, (int, float)) or isinstance(effective_at, bool):
-        raise BadAuditPage(f"{eid}: effective_at is {effective_at!r}, not a Unix time")
-    ts = iso_timestamp(effective_at)
+    check_event(event)
+    eid = event["id"]
+    etype = event["type"]
+    ts = iso_timestamp(event["effective_at"])
 
     audit: dict[str, Any] = {}
     for key, value in event.items():
@@ -286,14 +397,15 @@ def _geo(details: Mapping[str, Any]) -> dict:
 
 
 def _to_int(value: Any) -> int | None:
+    """An AS number (32 bits), from a number or a string such as `AS15169`; None if it is none."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
-    try:
-        return int(str(value).strip().upper().removeprefix("AS"))
-    except ValueError:
-        return None
+    if not isinstance(value, int):
+        try:
+            value = int(str(value).strip().upper().removeprefix("AS"))
+        except ValueError:
+            return None
+    return value if 0 <= value < 2**32 else None
 
 
 def _to_float(value: Any) -> float | None:
@@ -301,7 +413,7 @@ def _to_float(value: Any) -> float | None:
         return None
     try:
         f = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float's range
         return None
     return f if f == f and abs(f) != float("inf") else None
 

@@ -314,3 +314,185 @@ def test_a_last_id_that_comes_back_is_an_error_not_the_end_of_the_slice(tmp_path
     assert store.get(KV_HWM) is None  # nothing passed over
     for c in (output, store, client):
         c.close()
+
+
+# -- bad events: reported, skipped, never blocking the stream -------------------------------------
+def _session_event(i, t, **kw):
+    ev = {"id": f"audit_log-{i}", "object": "organization.audit_log", "type": "login.succeeded", "effective_at": t,
+          "actor": {"type": "session", "session": {"user": {"id": "user-1", "email": "a@b.c"}, "ip_address": "1.2.3.4"}}}
+    ev.update(kw)
+    return ev
+
+
+def _bad(i, t, field, value):
+    """An event whose dotted `field` holds `value`."""
+    ev = _session_event(i, t)
+    if field == "actor.api_key":
+        ev["actor"] = {"type": "api_key", "api_key": value}
+        return ev
+    if not field.startswith("actor."):  # a top-level key (the payload's key has dots of its own)
+        ev[field] = value
+        return ev
+    *parents, leaf = field.split(".")
+    target = ev
+    for p in parents:
+        target = target.setdefault(p, {})
+    target[leaf] = value
+    return ev
+
+
+BAD_FIELDS = [
+    ("actor.session.ip_address_details", "n/a", "`actor.session.ip_address_details` is a string ('n/a'), not an object"),
+    ("actor.api_key", {"id": "key_1", "type": "service_account", "service_account": "svc"},
+     "`actor.api_key.service_account` is a string ('svc'), not an object"),
+    ("effective_at", 1e30, "`effective_at` is a number (1e+30)"),
+    ("effective_at", 1722461446.5, "`effective_at` is a number"),
+    ("effective_at", 10**20, "`effective_at` is an integer (100000000000000000000)"),
+    ("effective_at", -5, "`effective_at` is an integer (-5)"),
+    ("effective_at", True, "`effective_at` is a boolean"),
+    ("effective_at", "1722461446", "`effective_at` is a string"),
+    ("actor", ["session"], "`actor` is an array"),
+    ("actor.session", "x", "`actor.session` is a string"),
+    ("actor.session.user", 7, "`actor.session.user` is an integer (7)"),
+    ("actor.session.user.email", {"a": 1}, "`actor.session.user.email` is an object"),
+    ("actor.session.ip_address", 1234, "`actor.session.ip_address` is an integer"),
+    ("project", "proj_1", "`project` is a string ('proj_1'), not an object"),
+    ("login.succeeded", [1, 2], "`login.succeeded` is an array"),
+    ("type", 3, "`type` is an integer (3)"),
+    ("type", "a..b", "`type` is a string ('a..b'), not an event type name"),
+]
+
+
+@pytest.mark.parametrize("field,value,why", BAD_FIELDS, ids=[f"{f}={v!r:.20}" for f, v, _ in BAD_FIELDS])
+def test_an_event_that_does_not_match_the_reference_is_named_with_its_field(field, value, why):
+    from agent_input.audit import BadAuditPage
+
+    with pytest.raises(BadAuditPage) as info:
+        audit_event(_bad(1, 1722461446, field, value))
+    assert why in str(info.value)
+
+
+def test_optional_fields_may_be_null_or_absent():
+    ev = _session_event(1, 1722461446, project=None, actor=None)
+    assert audit_event(ev)[1]["@timestamp"] == "2024-07-31T21:30:46.000Z"
+    ev = _session_event(1, 1722461446)
+    ev["actor"]["session"]["ip_address_details"] = None
+    assert audit_event(ev)[1]["source"] == {"ip": "1.2.3.4"}
+    ev["actor"]["session"]["ip_address_details"] = {"asn": 10**400, "latitude": 10**400, "longitude": 1.0}
+    doc = audit_event(ev)[1]  # an AS number past 32 bits, a latitude past float's range: dropped, not fatal
+    assert doc["source"] == {"ip": "1.2.3.4"}
+    assert doc["openai"]["audit"]["actor"]["session"]["ip_address_details"] == {"longitude": 1.0}
+
+
+def _listing_collector(tmp_path, api):
+    cfg = _config(batch_size=2, initial_interval="1h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=api.get_json),
+                         Delivery(store, output), clock=lambda: api.now)
+    return col, store, output
+
+
+def test_bad_events_are_reported_and_passed_and_the_good_ones_stored(tmp_path, caplog):
+    """One malformed event used to fail its whole slice on every poll: the mark never moved and
+    the good events around it were never sent."""
+    now = int(T0)
+    api = _AuditListing([])
+    api.events = [_session_event(1, now - 900), _session_event(2, now - 800)]
+    api.events += [_bad(10 + n, now - 700 + n, f, v) for n, (f, v, _) in enumerate(BAD_FIELDS)
+                   if f != "effective_at"]  # the listing filters on effective_at: those are below
+    api.events += [_session_event(3, now - 600), _session_event(4, now - 10)]
+    api.now = now
+    col, store, output = _listing_collector(tmp_path, api)
+    with caplog.at_level(logging.WARNING, logger="agent_input.audit"):
+        stats = col.poll(now)
+    bad_ids = {e["id"] for e in api.events} - {f"audit_log-{i}" for i in (1, 2, 3, 4)}
+    assert stats.events == 4
+    assert len(stats.errors) == len(bad_ids)
+    for eid in bad_ids:
+        assert sum(f"event '{eid}'" in e for e in stats.errors) == 1, eid
+    assert all("does not match the API reference" in e for e in stats.errors)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == len(bad_ids)
+    assert store.get(KV_HWM) == str(now + 1)  # passed: an audit event never changes
+
+    # the next poll re-reads the overlap: nothing reported twice, nothing stored twice
+    api.events.append(_session_event(5, now + 100))
+    api.now = now + 300
+    later = col.poll(now + 300)
+    assert later.events == 1 and later.errors == []
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    assert sorted(ids) == [f"audit_log-{i}" for i in (1, 2, 3, 4, 5)]
+    store.close()
+
+
+def test_effective_at_out_of_range_or_not_whole_is_skipped_not_fatal(tmp_path):
+    now = int(T0)
+    api = _AuditListing([])
+    api.events = [_session_event(1, now - 100), _bad(2, now - 50, "effective_at", 1e30),
+                  _bad(3, now - 40, "effective_at", float(now - 40) + 0.5), _session_event(4, now - 30)]
+
+    def unfiltered(path, params):  # a server whose filter lets odd effective_at values through
+        return {"object": "list", "data": api.events, "first_id": "audit_log-1", "last_id": "audit_log-4",
+                "has_more": False}
+
+    api.get_json = unfiltered
+    api.now = now
+    col, store, output = _listing_collector(tmp_path, api)
+    stats = col.poll(now)
+    assert stats.events == 2
+    assert sorted(e.split(",")[0] for e in stats.errors) == ["audit: skipped event 'audit_log-2'",
+                                                            "audit: skipped event 'audit_log-3'"]
+    assert any("`effective_at` is a number (1e+30)" in e for e in stats.errors)
+    assert store.get(KV_HWM) == str(now + 1)
+    output.close()
+    store.close()
+
+
+def test_entries_without_an_id_are_reported_and_the_rest_stored(tmp_path):
+    now = int(T0)
+    data = [_session_event(1, now - 100), "garbage", {"type": "login.succeeded", "effective_at": now - 90},
+            _session_event(2, now - 80)]
+
+    def get_json(path, params):
+        return {"object": "list", "data": data, "first_id": "audit_log-1", "last_id": "audit_log-2", "has_more": False}
+
+    api = SimpleNamespace(get_json=get_json, now=now)
+    col, store, output = _listing_collector(tmp_path, api)
+    stats = col.poll(now)
+    assert stats.events == 2
+    assert len(stats.errors) == 2
+    assert "skipped an entry" in stats.errors[0] and "'garbage'" in stats.errors[0]
+    assert "no string `id`" in stats.errors[1]
+    assert store.get(KV_HWM) == str(now + 1)
+    output.close()
+    store.close()
+
+
+def test_any_failure_to_map_one_event_is_reported_not_a_failed_slice(tmp_path, monkeypatch):
+    """The guard: a shape nobody foresaw (here: mapping raising an arbitrary error for one event,
+    or a value the serializer refuses) skips that event only."""
+    import agent_input.audit as audit_mod
+
+    now = int(T0)
+    api = _AuditListing([])
+    api.events = [_session_event(1, now - 100), _session_event(2, now - 90), _session_event(3, now - 80),
+                  _session_event(4, now - 70, **{"login.succeeded": {"n": 2**70}})]  # orjson: > 64-bit
+    api.now = now
+    real = audit_mod.audit_event
+
+    def flaky(ev, **kw):
+        if ev["id"] == "audit_log-2":
+            raise KeyError("surprise")
+        return real(ev, **kw)
+
+    monkeypatch.setattr(audit_mod, "audit_event", flaky)
+    col, store, output = _listing_collector(tmp_path, api)
+    stats = col.poll(now)
+    assert stats.events == 2
+    assert len(stats.errors) == 2
+    assert "event 'audit_log-2', it could not be mapped: KeyError: 'surprise'" in stats.errors[0]
+    assert "event 'audit_log-4', it could not be mapped: TypeError: Integer exceeds 64-bit range" in stats.errors[1]
+    assert store.get(KV_HWM) == str(now + 1)
+    output.close()
+    assert [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")] == ["audit_log-1", "audit_log-3"]
+    store.close()
