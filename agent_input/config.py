@@ -15,6 +15,7 @@ import difflib
 import functools
 import os
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -151,10 +152,43 @@ def display_url(value: str) -> str:
     return value if at < 0 else value[:start] + "***" + value[at:]
 
 
+_SHOWN_CHARS = 60  # the most of a value an error line quotes
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlong = 1, _SHOWN_CHARS, _SHOWN_CHARS, _SHOWN_CHARS
+
+
 def _shown(value: Any) -> str:
-    """A value as an error line quotes it: a typo of thousands of digits is cut, not printed whole."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:45] + f"... ({len(str(value))} characters)"
+    """A value as an error line quotes it: bounded whatever it is. A string or number past 60
+    characters is cut (a typo of thousands of digits, a 3 MB value sent by a supervisor), a list or
+    mapping is only described (an alias bomb's tree would take minutes and gigabytes to print), and
+    characters that cannot be printed or encoded (a lone surrogate) are escaped, as repr does."""
+    if isinstance(value, Mapping):
+        return f"a mapping of {len(value)} key{'s' if len(value) != 1 else ''}"
+    if isinstance(value, (list, tuple, set)):
+        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
+    if isinstance(value, str):
+        text = repr(value[:_SHOWN_CHARS + 1])
+        if len(value) <= _SHOWN_CHARS and len(text) <= _SHOWN_CHARS + 2:
+            return text
+        return repr(value[:45])[:60] + f"... ({len(value)} characters)"
+    if isinstance(value, int) and not isinstance(value, bool):
+        digits = str(value)
+        return digits if len(digits) <= _SHOWN_CHARS else digits[:45] + f"... ({len(digits)} digits)"
+    try:
+        text = _repr.repr(value)
+    except Exception:  # noqa: BLE001 - an error line must never fail
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= _SHOWN_CHARS else text[:45] + "..."
+
+
+def _key_name(key: Any) -> str:
+    """A setting's or data stream's name as it appears in a key path: as written when it is short
+    printable text, else quoted like a value (escaped, cut), so an odd key cannot make the line
+    unencodable (a lone surrogate) or huge."""
+    text = key if isinstance(key, str) else str(key) if isinstance(key, (int, float, bool, type(None))) else None
+    if text is not None and text and len(text) <= _SHOWN_CHARS and text.isprintable():
+        return text
+    return _shown(key)
 
 
 def parse_duration(value: str | int, key: str = "") -> int:
@@ -163,14 +197,14 @@ def parse_duration(value: str | int, key: str = "") -> int:
         raise ConfigError(key, f"{value!r} is not {DURATION_FORM}")
     if isinstance(value, int):
         if value < 0:
-            raise ConfigError(key, f"{value!r} is negative; expected {DURATION_FORM}")
+            raise ConfigError(key, f"{_shown(value)} is negative; expected {DURATION_FORM}")
         return value
     if isinstance(value, float) and value.is_integer() and value >= 0:
         return int(value)
     if isinstance(value, str):
         text = value.strip().lower()
         if text.startswith("-"):
-            raise ConfigError(key, f"{value!r} is negative; expected {DURATION_FORM}")
+            raise ConfigError(key, f"{_shown(value)} is negative; expected {DURATION_FORM}")
         if _DURATION_RE.match(text) and len(text) <= 40:  # int() refuses 4,300+ digits with a ValueError
             return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
     raise ConfigError(key, f"{_shown(value)} is not {DURATION_FORM}")
@@ -285,9 +319,42 @@ def var_default(var: Mapping[str, Any]) -> Any:
 # Loading and validation
 
 
+MAX_ALIASED_VALUES = 10_000  # what a config file's aliases may add up to, in values (see _StrictLoader)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """safe_load, but a key written twice in one mapping is an error: YAML's last-one-wins would
-    silently drop the setting the user wrote first (a merge key's values may still be overridden)."""
+    silently drop the setting the user wrote first (a merge key's values may still be overridden).
+
+    Anchors, aliases and `<<` merge keys work, but, as in go-yaml (Beats, Elastic Agent), not
+    without bound: an alias that refers to the value it is part of, or aliases that together stand
+    for more than MAX_ALIASED_VALUES values (an "alias bomb": nine lines can stand for 43 million),
+    are an error naming the line, before anything walks the tree."""
+
+    def compose_node(self, parent, index):
+        opening = self.__dict__.setdefault("_open_anchors", set())
+        if not self.check_event(yaml.AliasEvent):
+            anchor = getattr(self.peek_event(), "anchor", None)
+            if anchor is None or anchor in opening:
+                return super().compose_node(parent, index)
+            opening.add(anchor)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                opening.discard(anchor)
+        event = self.peek_event()
+        mark = event.start_mark
+        if event.anchor in opening:
+            raise yaml.composer.ComposerError(
+                None, None, f"the alias *{event.anchor} refers to the value it is part of", mark)
+        node = super().compose_node(parent, index)
+        sizes = self.__dict__.setdefault("_alias_sizes", {})
+        self._aliased = getattr(self, "_aliased", 0) + _node_size(node, sizes)
+        if self._aliased > MAX_ALIASED_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None, f"its aliases stand for more than {MAX_ALIASED_VALUES} values in all (an alias "
+                "bomb?); write the values out, or alias fewer and smaller ones", mark)
+        return node
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -303,9 +370,25 @@ class _StrictLoader(yaml.SafeLoader):
                     continue
                 if duplicate:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} appears twice in one mapping (the second would silently "
+                        None, None, f"key {_shown(key)} appears twice in one mapping (the second would silently "
                         "replace the first)", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+def _node_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for, each alias counted in full (memoized per node)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    n = 1
+    if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+        for item in node.value:
+            for child in (item if isinstance(node, yaml.MappingNode) else (item,)):
+                n += _node_size(child, sizes)
+                if n > MAX_ALIASED_VALUES:
+                    return n  # enough to refuse; not memoized (not measured in full)
+    sizes[id(node)] = n
+    return n
 
 
 def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Config:
@@ -329,6 +412,9 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) ->
         raise ConfigError("config", f"{str(p)!r} is not valid YAML{where}: {problem}") from None
     except ValueError as exc:  # PyYAML's own int(): a number of 4,300+ digits
         raise ConfigError("config", f"{str(p)!r} cannot be read: {str(exc)[:120]}") from None
+    except RecursionError:  # PyYAML's parser recurses once per level: thousands of [ or {
+        raise ConfigError("config", f"{str(p)!r} cannot be read: its lists or mappings are nested too "
+                                    "deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -347,7 +433,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
     for key in data:
         if key == "data_streams" or key in gvars:
             continue
-        errors.append(_unknown(str(key), str(key), list(gvars) + ["data_streams"], "setting"))
+        errors.append(_unknown(_key_name(key), key, list(gvars) + ["data_streams"], "setting"))
 
     values: dict[str, Any] = {}
     for name, var in gvars.items():
@@ -365,15 +451,15 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
     ca_file = values["ssl_ca_file"]
     if ca_file is not None:
         ca = Path(os.path.expanduser(ca_file))
-        if not ca.is_file():
-            errors.append(ConfigError("ssl_ca_file", f"{ca_file!r} is not a readable file (expected a PEM CA bundle)"))
+        if not _is_file(ca):
+            errors.append(ConfigError("ssl_ca_file", f"{_shown(ca_file)} is not a readable file (expected a PEM CA bundle)"))
         elif not os.access(ca, os.R_OK):
-            errors.append(ConfigError("ssl_ca_file", f"{ca_file!r} is not readable"))
+            errors.append(ConfigError("ssl_ca_file", f"{_shown(ca_file)} is not readable"))
     if values.get("es_url") is not None:
         _check_url(values["es_url"], "es_url", ("http", "https"), errors)
     es_ca = values.get("es_ssl_ca_file")
-    if es_ca is not None and not Path(os.path.expanduser(es_ca)).is_file():
-        errors.append(ConfigError("es_ssl_ca_file", f"{es_ca!r} is not a readable file (expected a PEM CA bundle)"))
+    if es_ca is not None and not _is_file(Path(os.path.expanduser(es_ca))):
+        errors.append(ConfigError("es_ssl_ca_file", f"{_shown(es_ca)} is not a readable file (expected a PEM CA bundle)"))
     namespace = values["namespace"]
     if namespace is not None:
         _check_namespace(namespace, errors)
@@ -391,7 +477,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
         raw_streams = {}
     for sname in raw_streams:
         if sname not in streams_meta:
-            errors.append(_unknown(f"data_streams.{sname}", str(sname), list(streams_meta), "data stream"))
+            errors.append(_unknown(f"data_streams.{_key_name(sname)}", sname, list(streams_meta), "data stream"))
 
     streams: dict[str, StreamConfig] = {}
     for sname in streams_meta:
@@ -427,6 +513,14 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
     )
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but a path the system refuses (too long: ENAMETOOLONG) is no file either."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _stream(sname: str, raw: Any, errors: list[ConfigError]) -> StreamConfig:
     prefix = f"data_streams.{sname}"
     svars = _stream_vars(sname)
@@ -450,7 +544,7 @@ def _stream(sname: str, raw: Any, errors: list[ConfigError]) -> StreamConfig:
                 f"{sname} has no {key} setting (allowed: {', '.join(svars)})",
             ))
         else:
-            errors.append(_unknown(f"{prefix}.{key}", str(key), list(svars), f"setting of {sname}"))
+            errors.append(_unknown(f"{prefix}.{_key_name(key)}", key, list(svars), f"setting of {sname}"))
     v = {name: _value(var, raw.get(name), f"{prefix}.{name}", errors) for name, var in svars.items()}
     if v.get("interval") == 0:
         errors.append(ConfigError(f"{prefix}.interval", "must be greater than 0s"))
@@ -509,29 +603,29 @@ def _coerce(var: Mapping[str, Any], raw: Any, key: str) -> Any:
             return raw
         if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
             return raw.strip().lower() == "true"
-        raise ConfigError(key, f"{raw!r} is not a boolean (expected true or false)")
+        raise ConfigError(key, f"{_shown(raw)} is not a boolean (expected true or false)")
     if vtype == "integer":
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-            raise ConfigError(key, f"{raw!r} is not an integer{_bounds(var)}")
+            raise ConfigError(key, f"{_shown(raw)} is not an integer{_bounds(var)}")
         if isinstance(raw, str):
             if not re.fullmatch(r"\s*-?\d{1,30}\s*", raw):  # int() refuses 4,300+ digits with a ValueError
                 raise ConfigError(key, f"{_shown(raw)} is not an integer{_bounds(var)}")
             raw = int(raw)
         lo, hi = var.get("min"), var.get("max")
         if (lo is not None and raw < lo) or (hi is not None and raw > hi):
-            raise ConfigError(key, f"{raw} is out of range{_bounds(var)}")
+            raise ConfigError(key, f"{_shown(raw)} is out of range{_bounds(var)}")
         return raw
     if vtype == "duration":
         seconds = parse_duration(raw, key)
         hi = var.get("max")
         # unbounded, a typo like 999999999999d overflows the scheduler or the HTTP client much later
         if hi is not None and seconds > parse_duration(hi, f"manifest:{var['name']}.max"):
-            raise ConfigError(key, f"{raw!r} is too long (at most {hi})")
+            raise ConfigError(key, f"{_shown(raw)} is too long (at most {hi})")
         return seconds
     if vtype == "select":
         allowed = [str(o["value"]) for o in var.get("options", [])]
         if not isinstance(raw, str) or raw not in allowed:
-            raise ConfigError(key, f"{raw!r} is not allowed (allowed: {', '.join(allowed)})")
+            raise ConfigError(key, f"{_shown(raw)} is not allowed (allowed: {', '.join(allowed)})")
         return raw
     if vtype in ("text", "password", "url"):
         if not isinstance(raw, str):
@@ -619,7 +713,7 @@ def url_problem(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str
 def _check_url(value: str, key: str, schemes: tuple[str, ...], errors: list[ConfigError]) -> None:
     problem = url_problem(value, schemes)
     if problem:
-        errors.append(ConfigError(key, f"{display_url(value)!r} is not a valid URL: {problem} "
+        errors.append(ConfigError(key, f"{_shown(display_url(value))} is not a valid URL: {problem} "
                                        f"({'|'.join(schemes)}://host[:port][/path])"))
 
 
@@ -664,8 +758,10 @@ def _check_namespace(value: str, errors: list[ConfigError]) -> None:
         errors.append(ConfigError("namespace", f"{value!r} " + "; ".join(problems)))
 
 
-def _unknown(key: str, name: str, choices: list[str], what: str) -> ConfigError:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+def _unknown(key: str, name: Any, choices: list[str], what: str) -> ConfigError:
+    # no suggestion for a name that is not short text (difflib on a 3 MB key takes seconds)
+    close = (difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+             if isinstance(name, str) and len(name) <= 100 else [])
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(key, f"unknown {what}{hint} (allowed: {', '.join(choices)})")
 

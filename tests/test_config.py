@@ -574,3 +574,92 @@ def test_a_key_file_saved_with_a_bom_is_read(tmp_path):
     p = tmp_path / "key"
     p.write_text("\ufeffsk-admin-abc_DEF-123\n", encoding="utf-8")
     assert config_from_dict({"api_key_file": str(p)}, env={}).api_key.reveal() == "sk-admin-abc_DEF-123"
+
+
+# ---- what an error line may echo: bounded, encodable ------------------------------------------
+BIG = "x" * 3_000_000  # a value a supervisor can send in a config message
+
+
+@pytest.mark.parametrize("settings,key,shown", [
+    ({"ssl_verify": BIG}, "ssl_verify", "(3000000 characters)"),
+    ({"ssl_verify": list(range(100_000))}, "ssl_verify", "a list of 100000 items is not a boolean"),
+    ({"ssl_verify": {"a": [1, 2]}}, "ssl_verify", "a mapping of 1 key is not a boolean"),
+    ({"max_retries": [BIG]}, "max_retries", "a list of 1 item is not an integer"),
+    ({"max_retries": 10**4000}, "max_retries", "(4001 digits) is out of range"),
+    ({"data_streams": {"completions": {"bucket_width": BIG}}}, "data_streams.completions.bucket_width",
+     "(3000000 characters) is not allowed"),
+    ({"data_streams": {"audit": {"interval": "-" + BIG}}}, "data_streams.audit.interval",
+     "(3000001 characters) is negative"),
+    ({"data_streams": {"audit": {"interval": -10**4000}}}, "data_streams.audit.interval", "digits) is negative"),
+    ({"http_timeout": [1] * 10}, "http_timeout", "a list of 10 items is not a duration"),
+    ({"url": "https://" + BIG + " x"}, "url", "characters) is not a valid URL"),
+    ({"ssl_ca_file": "/" + BIG}, "ssl_ca_file", "characters) is not a readable file"),
+])
+def test_an_echoed_value_is_cut_or_described_never_printed_whole(settings, key, shown):
+    """A 3 MB string sent by a supervisor became a 3 MB status line; a list was printed whole."""
+    e = one_error(settings)
+    assert e.key == key and shown in e.message, str(e)[:300]
+    assert len(str(e)) < 300
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"\ud800x": 1}, "'\\ud800x'"),
+    ({"data_streams": {"\ud800x": {}}}, "data_streams.'\\ud800x'"),
+    ({"data_streams": {"audit": {"inter\udfffval": "5m"}}}, "data_streams.audit.'inter\\udfffval'"),
+    ({"data_streams": {"bad\nname": {}}}, "data_streams.'bad\\nname'"),
+    ({"data_streams": {BIG: {}}}, "data_streams.'" + "x" * 44),
+    ({BIG: 1}, "'" + "x" * 44),
+])
+def test_an_odd_key_is_quoted_escaped_and_cut_in_its_key_path(data, key):
+    """A lone surrogate in a key made the whole rejection unencodable: the supervisor never
+    learned why its config was refused."""
+    e = one_error(data)
+    assert e.key.startswith(key), e.key[:100]
+    assert len(str(e)) < 400
+    str(e).encode("utf-8")  # no UnicodeEncodeError
+
+
+# ---- YAML anchors and aliases -------------------------------------------------------------------
+ALIAS_BOMB = "".join(f"{a}: &{a} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['x'] * 9)}]\n"
+                     for p, a in zip([""] + list("abcdefg"), "abcdefgh")) + "ssl_verify: *h\n"
+
+
+def test_an_alias_bomb_is_refused_at_once_naming_its_line(tmp_path):
+    """Nine lines standing for 43 million values: printing the value took ~55 s and 226 MB."""
+    import time
+
+    p = tmp_path / "c.yml"
+    p.write_text(ALIAS_BOMB)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert time.monotonic() - started < 5
+    e = info.value
+    assert e.key == "config" and "aliases stand for more than 10000 values" in e.message, str(e)
+    assert "(line 5, column " in e.message  # the first alias past the bound: e's
+    assert len(str(e)) < 300
+
+
+def test_aliases_and_merge_keys_within_bounds_still_work(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("data_streams:\n  completions: &usage {interval: 10m, finalization_grace: 0s}\n"
+                 "  embeddings: *usage\n  images: {<<: *usage, interval: 20m}\n")
+    c = load_config(p, env=ENV)
+    assert c.streams["embeddings"].interval == 600 and c.streams["images"].interval == 1200
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("data_streams: &a\n  completions: *a\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert info.value.key == "config" and "*a refers to the value it is part of" in info.value.message
+    assert "line 2" in info.value.message
+
+
+def test_yaml_nested_thousands_deep_is_an_error_not_a_traceback(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("url: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert info.value.key == "config" and "nested too deeply" in info.value.message
