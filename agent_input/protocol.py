@@ -90,10 +90,19 @@ class ProtocolWriter:
         msg["message"] = redact(message)
         try:
             self.write(msg)
+            return
+        except OutputError:
+            return
+        except TypeError as exc:  # orjson.JSONEncodeError: text that is not UTF-8 (a lone surrogate)
+            reason = exc
+        # The supervisor still has to learn why: send it again with such text escaped (\ud800).
+        try:
+            self.write(_encodable(msg))
         except OutputError:
             pass
-        except TypeError as exc:  # orjson.JSONEncodeError: a value from the supervisor; logged, not fatal
-            log.error("status message %s/%s not sent: %s: %s", scope, status, exc, msg["message"])
+        except TypeError as exc:  # a value that is not JSON at all; logged, not fatal
+            log.error("status message %s/%s not sent: %s (first: %s): %s", scope, status, exc, reason,
+                      _encodable(msg["message"]))
 
     def close(self) -> None:
         with self._lock:
@@ -102,6 +111,18 @@ class ProtocolWriter:
             except OSError:
                 pass
             self.closed.set()
+
+
+def _encodable(value: Any) -> Any:
+    """`value` (a message, or any JSON value in it) with every string made encodable as UTF-8:
+    what cannot be (a lone surrogate, as a supervisor's JSON may carry) is written as `\\udXXX`."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, Mapping):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
 
 
 @dataclass

@@ -480,3 +480,42 @@ def test_a_config_that_breaks_validation_is_rejected_and_the_process_goes_on(tmp
         run.close()
     (failed,) = [m for m in run.statuses("input") if m["status"] == "failed"]
     assert "could not be validated (ValueError)" in failed["message"]
+
+
+def test_a_status_with_text_that_is_not_utf8_is_sent_escaped_not_dropped(tmp_path, caplog):
+    """A lone surrogate (JSON "\\ud800" from the supervisor) made orjson refuse the whole status:
+    the supervisor never learned why its config was rejected."""
+    import os
+
+    from agent_input.protocol import ProtocolWriter
+
+    path = tmp_path / "out.ndjson"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    writer = ProtocolWriter(fd)
+    writer.status("input", "failed", "config rejected: data_streams.\ud800x: unknown data stream",
+                  config_id="c\udfff", errors=["a\ud800"])
+    writer.close()
+    (msg,) = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert msg["status"] == "failed" and msg["scope"] == "input"
+    assert msg["message"] == "config rejected: data_streams.\\ud800x: unknown data stream"
+    assert msg["config_id"] == "c\\udfff" and msg["errors"] == ["a\\ud800"]
+    assert not [r for r in caplog.records if "not sent" in r.getMessage()]
+
+
+def test_a_config_with_a_surrogate_key_or_a_huge_value_is_rejected_in_a_short_status(tmp_path):
+    huge = "z" * 3_000_000
+    with Supervisor(tmp_path / "state", T0) as sup:
+        sup.configure({"api_key": ADMIN_KEY, "data_streams": {"\ud800x": {}}}, cid="c1")
+        sup.configure({"api_key": ADMIN_KEY, "namespace": "default", "ssl_verify": huge}, cid="c2")
+
+        def rejections():
+            found = [m for m in sup.statuses("input") if "rejected" in m["message"]]
+            return found if len(found) == 2 else None
+
+        first, second = sup.wait_for(rejections, 20, "two rejections")
+        assert sup.stop() == 0
+    assert first["config_id"] == "c1" and "data_streams.'\\ud800x': unknown data stream" in first["message"]
+    assert second["config_id"] == "c2" and "ssl_verify: 'zzz" in second["message"]
+    assert "(3000000 characters) is not a boolean" in second["message"] and len(second["message"]) < 300
+    assert "not sent" not in sup.stderr_text()
+    _assert_clean_streams(sup)
