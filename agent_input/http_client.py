@@ -301,10 +301,19 @@ class AdminApiClient:
         or MalformedResponseError."""
         try:
             body = orjson.loads(content)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as exc:
             self._count(errors=1)
             text = content[:120].decode("utf-8", "replace") if content else "(empty body)"
-            raise MalformedResponseError(200, f"response is not JSON: {text!r}", "malformed_response",
+            # orjson's reason says what is wrong past the start shown: NaN, bytes that are not
+            # UTF-8, nesting deeper than 1024, a body cut short
+            msg = str(exc.msg)
+            if not content:
+                why = "empty"
+            elif "UTF-8" in msg:  # orjson says "str is not valid UTF-8: surrogates ..." at position 0
+                why = "not valid UTF-8"
+            else:
+                why = f"{msg[:100]} at character {exc.pos}"
+            raise MalformedResponseError(200, f"response is not JSON ({why}): {text!r}", "malformed_response",
                                          path) from None
         if not isinstance(body, dict):
             self._count(errors=1)

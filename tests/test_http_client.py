@@ -226,6 +226,22 @@ def test_malformed_body(client, body, ctype):
     assert info.value.status == 200 and PATH in str(info.value)
 
 
+@pytest.mark.parametrize("body,reason", [
+    (b'{"object": "page", "data": [{"n": NaN}]}', "unexpected character, expected a JSON value at character 34"),
+    (b'{"object": "page", "data": ["\xff"]}', "not valid UTF-8)"),
+    (b'{"object": "page", "data": ' + b"[" * 2000 + b"]" * 2000 + b"}", "depth limit exceeded"),
+    (b'{"object": "page", "data": [', "unexpected end of data at character 28"),
+])
+@responses.activate
+def test_a_body_that_is_not_json_is_reported_with_the_parsers_reason(client, body, reason):
+    """The error showed only the body's start, which looks fine: `{"object": "page", ...`."""
+    responses.get(URL, body=body, content_type="application/json")
+    with pytest.raises(MalformedResponseError) as info:
+        client.get_json(PATH)
+    assert f"response is not JSON ({reason}" in str(info.value), str(info.value)
+    assert len(str(info.value)) < 400
+
+
 # ---- retries ------------------------------------------------------------------------------------
 
 
