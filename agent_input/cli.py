@@ -65,23 +65,30 @@ def check(config_path: str, log_level: str) -> None:
     click.echo("check OK")
 
 
+LATEST_NOW = 253402300799  # 9999-12-31T23:59:59Z: the last second a document's @timestamp can name
+
+
 def _parse_now(value: str | None) -> float | None:
-    """`--now`: ISO 8601 (Z or offset) or unix seconds."""
+    """`--now`: ISO 8601 (Z or offset) or unix seconds, from 1970 to 9999 (nan, inf or 1e20 would
+    fail every stream's every poll with an error of its own)."""
     if value is None:
         return None
+    import math
     from datetime import datetime, timezone
 
     try:
-        return float(value)
+        now = float(value)
     except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither ISO 8601 nor unix seconds") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(f"{value[:60]!r} is neither ISO 8601 nor unix seconds",
+                                     param_hint="'--now'") from None
+        now = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    if not (math.isfinite(now) and 0 <= now <= LATEST_NOW):
+        raise click.BadParameter(f"{value[:60]!r} is not a time from 1970 to 9999 (unix seconds 0..{LATEST_NOW})",
+                                 param_hint="'--now'")
+    return now
 
 
 def _default_state_dir() -> str:
@@ -415,21 +422,9 @@ def simulate(port, seed, org, latency_ms, now_text, cache_responses):
     Prints the base URL and the admin key to stderr. Tests drive it through /_sim/clock,
     /_sim/faults, /_sim/truth and /_sim/stats.
     """
-    from datetime import datetime, timezone
-
     from .simulator import run_simulator
 
-    now = None
-    if now_text is not None:
-        try:
-            now = float(now_text)
-        except ValueError:
-            try:
-                dt = datetime.fromisoformat(now_text.replace("Z", "+00:00"))
-            except ValueError:
-                raise click.BadParameter(f"{now_text!r} is neither ISO 8601 nor unix seconds",
-                                         param_hint="--now") from None
-            now = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    now = _parse_now(now_text)
     import threading
 
     stop = threading.Event()

@@ -282,6 +282,31 @@ def test_now_without_an_offset_is_utc(monkeypatch):
         time.tzset()
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e20", "-5", "0001-01-01T00:00:00"])
+def test_a_now_that_is_no_time_is_refused(text):
+    """`--now nan` was accepted; then every stream failed every poll: "cannot convert float NaN to integer"."""
+    import click
+
+    from agent_input.cli import _parse_now
+
+    with pytest.raises(click.BadParameter, match="not a time from 1970 to 9999"):
+        _parse_now(text)
+
+
+@pytest.mark.parametrize("command", ["collect", "run", "simulate"])
+def test_a_now_that_is_no_time_is_one_usage_line_before_anything_starts(tmp_path, command):
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config("http://127.0.0.1:9")))
+    args = {"collect": ["--config", str(cfg), "--once", "--state-dir", str(tmp_path / "state")],
+            "run": ["--state-dir", str(tmp_path / "state")], "simulate": ["--port", "0"]}[command]
+    proc = subprocess.run([sys.executable, "-m", "agent_input.cli", command, *args, "--now", "nan"],
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "Invalid value for '--now': 'nan' is not a time from 1970 to 9999" in err, err
+    assert not (tmp_path / "state").exists()
+
+
 def test_demo_shows_every_usage_total_equal_to_the_simulators_final_truth(tmp_path):
     """`openai-input demo`, the first thing a user runs: each usage-like dataset's settled total
     next to OpenAI's (the simulator's) final one, and a note for audit and rate limits."""
