@@ -755,7 +755,7 @@ def _check_namespace(value: str, errors: list[ConfigError]) -> None:
     except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no document could be encoded
         problems.append("is not valid Unicode text")
     if problems:
-        errors.append(ConfigError("namespace", f"{value!r} " + "; ".join(problems)))
+        errors.append(ConfigError("namespace", f"{_shown(value)} " + "; ".join(problems)))
 
 
 def _unknown(key: str, name: Any, choices: list[str], what: str) -> ConfigError:

@@ -318,6 +318,11 @@ def test_bad_namespace(ns, fragment):
     assert e.key == "namespace" and fragment in e.message
 
 
+def test_a_huge_namespace_is_quoted_cut_not_whole():
+    e = one_error({"namespace": "x" * 3_000_000})
+    assert e.key == "namespace" and "3000000 characters" in e.message and len(str(e)) < 700
+
+
 def test_namespace_100_chars_is_fine():
     assert config_from_dict({"namespace": "x" * 100}, env=ENV).namespace == "x" * 100
 
