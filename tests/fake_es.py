@@ -102,13 +102,7 @@ class FakeElasticsearch:
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def _reply(self, h, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        h.send_response(status)
-        h.send_header("X-Elastic-Product", "Elasticsearch")
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        self._reply_raw(h, status, json.dumps(body).encode())
 
     def _reply_raw(self, h, status: int, data: bytes) -> None:
         h.send_response(status)

@@ -28,10 +28,13 @@ class FakeApi:
         self.width = width
         self.page_buckets = page_buckets
         self.fail_next: Exception | None = None
+        self.fail_on: tuple[int, Exception] | None = None  # (n, error): the n-th request raises it
         self.override: dict | None = None
 
     def get_json(self, path, params):
         self.calls.append(dict(params))
+        if self.fail_on is not None and len(self.calls) == self.fail_on[0]:
+            raise self.fail_on[1]
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
@@ -184,18 +187,9 @@ def test_a_poll_stopped_part_way_keeps_the_observations_it_did_not_reach(harness
     h.collector.poll(ts("2026-11-23T08:30:00"))  # 08:00-08:29 read, all revisable
     for i in range(30):
         api.data[start + 60 * i] = [result(3)]
-    real, calls = api.get_json, {"n": 0}
-
-    def flaky(path, params):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("503 after retries")
-        return real(path, params)
-
-    api.get_json = flaky
+    api.fail_on = (len(api.calls) + 2, RuntimeError("503 after retries"))
     with pytest.raises(RuntimeError):
-        h.collector.poll(ts("2026-11-23T10:00:00"))  # first page (08:00-08:09) then the failure
-    api.get_json = real
+        h.collector.poll(ts("2026-11-23T10:00:00"))  # first page (07:30-07:39) then the failure
     h.collector.poll(ts("2026-11-23T10:05:00"))
     assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 90
 
@@ -220,19 +214,9 @@ def test_error_on_second_page_keeps_first_page_and_resumes(harness):
     now = ts("2026-11-23T10:00:00")
     for i in range(60):
         api.data[now - 3600 + 60 * i] = [result(1)]
-    real = api.get_json
-    calls = {"n": 0}
-
-    def flaky(path, params):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("503 after retries")
-        return real(path, params)
-
-    api.get_json = flaky
+    api.fail_on = (3, RuntimeError("503 after retries"))
     with pytest.raises(RuntimeError):
         h.collector.poll(now)
-    api.get_json = real
     h.collector.poll(now + 60)
     got = docs(h.out)
     assert sum(d["openai"]["completions"]["input_tokens"] for d in got) == 60
