@@ -238,39 +238,58 @@ class UsageCollector(PollingCollector):
         self._left: list[UsageCollector] | None = None  # widths this stream left, until final
 
     def _widths_left(self, now: float) -> list["UsageCollector"]:
-        """Collectors of the bucket widths this stream was collected at before its current one,
-        until each is final up to where the current one starts (`Cursor.retired_at`).
+        """Collectors of the bucket widths this stream was collected at besides its current one,
+        polled by its thread before it: each until it is final up to where the next width starts
+        (`Cursor.retired_at`).
 
-        A change of `bucket_width` is taken over here, once: the width in use goes on up to the
-        first boundary of the new width at or after its cursor (or stops at its cursor when
-        `initial_interval` starts the new width later), and the new width starts there. Their
+        A change of `bucket_width` is taken over here, once, in one transaction: the width in use
+        goes on up to the first boundary of the new width at or after its cursor, and the new
+        width starts there (however long the collector was stopped: a pause loses nothing). Their
         documents never cover the same time, so summing every width stays exact; before, the new
-        width started over at `initial_interval` and the panels counted the overlap twice."""
-        if self._left is None:
-            cursors = self.store.cursors(self.name)
-            mine = cursors.pop(self.width, None)
-            in_use = {w: c for w, c in cursors.items() if c.retired_at is None}
-            if in_use or (mine is not None and mine.retired_at is not None):
-                w = self.width_s
-                reached = max(c.position for c in in_use.values()) if in_use else mine.retired_at
-                handover = -(-reached // w) * w
-                start = max(handover, _floor(now - self.config.initial_interval, w))
-                changed = {width: replace(c, retired_at=start if start == handover else c.position)
-                           for width, c in in_use.items()}
-                changed[self.width] = Cursor(start, start, start)
+        width started over at `initial_interval` and the panels counted the overlap twice.
+
+        Back to a width that is still being finished: if the width in use since has collected
+        nothing, the change is undone; else the width in use goes on until the old range of this
+        one is final, and the change is taken over then (checked at every poll till then)."""
+        if self._left is not None:
+            return self._left
+        cursors = self.store.cursors(self.name)
+        mine = cursors.pop(self.width, None)
+        in_use = {w: c for w, c in cursors.items() if c.retired_at is None}
+        waiting = False
+        if mine is not None and mine.retired_at is not None and not _finished(mine):
+            if all(c.position <= c.origin for c in in_use.values()):
+                changed = {w: replace(c, retired_at=c.origin, settled=c.origin) for w, c in in_use.items()}
+                changed[self.width] = replace(mine, retired_at=None)
                 self.store.put_cursors(self.name, changed)
                 cursors.update(changed)
-                log.info("%s: bucket width is now %s, from %s; %s goes on until then and until final",
-                         self.name, self.width, iso_timestamp(start), ", ".join(in_use) or "none")
-            self._left = [
-                UsageCollector(self.spec, replace(self.config, bucket_width=width), self.client, self.delivery,
-                               namespace=self.namespace, stop=self.stop, clock=self.clock, names=self.names)
-                for width, c in cursors.items()
-                if c.retired_at is not None and (c.settled is None or c.settled < c.retired_at)
-            ]
-            for left in self._left:
-                left._left = []
-        return self._left
+                log.info("%s: bucket width is %s again; %s had collected nothing", self.name, self.width,
+                         ", ".join(in_use) or "none")
+            else:
+                waiting = True
+                log.info("%s: bucket width %s takes over once its earlier range, up to %s, is final; until "
+                         "then %s goes on", self.name, self.width, iso_timestamp(mine.retired_at),
+                         ", ".join(in_use))
+        elif in_use or (mine is not None and mine.retired_at is not None):
+            w = self.width_s
+            reached = max(c.position for c in in_use.values()) if in_use else mine.retired_at
+            start = -(-reached // w) * w  # the first boundary of this width at or after it
+            changed = {width: replace(c, retired_at=start) for width, c in in_use.items()}
+            changed[self.width] = Cursor(start, start, start)
+            self.store.put_cursors(self.name, changed)
+            cursors.update(changed)
+            log.info("%s: bucket width is now %s, from %s; %s goes on until then and until final",
+                     self.name, self.width, iso_timestamp(start), ", ".join(in_use) or "none")
+        left = [
+            UsageCollector(self.spec, replace(self.config, bucket_width=width), self.client, self.delivery,
+                           namespace=self.namespace, stop=self.stop, clock=self.clock, names=self.names)
+            for width, c in cursors.items()
+            if c.retired_at is None or not _finished(c)  # in use (while this width waits), or unfinished
+        ]
+        for collector in left:
+            collector._left = []
+        self._left = None if waiting else left
+        return left
 
     # The window a poll at `now` covers, per the seed's worked example.
     def window(self, now: float) -> tuple[Cursor, int, int, int]:
@@ -284,8 +303,12 @@ class UsageCollector(PollingCollector):
         # From the first bucket not read since it became final: after a pause longer than the
         # revision window (an outage, a rejected key, a long interval) the buckets emitted while
         # still revisable are read once more, not left at what they were then.
-        settled = cur.position if cur.settled is None else cur.settled  # None: a state dir from before
-        resume = max(cur.origin, min(cur.position, final_before, settled))
+        if cur.settled is None:  # a state dir from before `settled`
+            resume = max(cur.origin, min(cur.position, final_before))
+        else:
+            # never below `settled`: its buckets' observations are gone, so reading them again
+            # (the clock stepped back, a longer revision_window) would emit revision 0 twice
+            resume = max(cur.origin, min(cur.position, cur.settled))
         if cur.retired_at is not None:  # a width the stream left: only up to where the next one starts
             end = min(end, cur.retired_at)
         return cur, resume, end, final_before
@@ -330,7 +353,8 @@ class UsageCollector(PollingCollector):
                     body = pages.parse(raw)
                     raw = None
                     buckets, has_more, page_token = self._page(body)
-                    if has_more and not page_token:
+                    cut_short = has_more and not page_token
+                    if cut_short:
                         # the rest of the listing cannot be asked for: this page's whole buckets
                         # are delivered, its last (perhaps continued on the next page) is not,
                         # and the cursor stays before it
@@ -338,8 +362,6 @@ class UsageCollector(PollingCollector):
                                f"asked for again next poll")
                         stats.errors.append(msg)
                         log.warning(msg)
-                        if buckets:
-                            buckets.pop()
                     more = bool(has_more and page_token) and not self.stop.is_set()
                     if more:
                         if page_token in tokens:
@@ -358,7 +380,9 @@ class UsageCollector(PollingCollector):
                         else:
                             buckets.insert(0, carry)
                         carry = None
-                    if has_more and page_token and buckets and _whole(buckets[-1]):
+                    if cut_short and buckets:
+                        buckets.pop()  # after the merge: it may be the carried bucket's continuation
+                    elif has_more and page_token and buckets and _whole(buckets[-1]):
                         carry = buckets.pop()  # anything else is reported as a bad bucket below
                     # the page's NDJSON, appended line by line: each encoded line is freed at
                     # once (a list of them kept ~25 MB more heap live across a large backfill)
@@ -600,6 +624,11 @@ def _group_keyer(spec: UsageStreamSpec) -> Callable[[Mapping], tuple]:
         return spec.group_key
     group_by = spec.group_by
     return lambda result: tuple(map(result.get, group_by))
+
+
+def _finished(cursor: Cursor) -> bool:
+    """A width the stream left that is final up to where the next one starts."""
+    return cursor.retired_at is not None and cursor.settled is not None and cursor.settled >= cursor.retired_at
 
 
 def _whole(bucket: Any) -> bool:

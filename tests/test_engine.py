@@ -906,3 +906,78 @@ def test_a_gap_or_an_unaligned_bucket_is_reported(harness):
     assert any("skipped the buckets" in e for e in stats.errors)
     assert stats.bad_buckets == 1 and any("boundary" in e for e in stats.errors)
     assert h.store.cursor("completions", "1m").position == M[1]
+
+
+def test_has_more_without_a_next_page_on_the_carried_bucket_s_continuation(harness):
+    """The page cut short holds only the rest of the bucket carried from the page before: that
+    bucket is not delivered half (it is final, and would never be read again)."""
+    api = PagedApi([[bucket(M[0]), bucket(M[1], model="a")], [bucket(M[1], model="b")]],
+                   has_more=[True, True], tokens=["1", None])
+    h, stats, by_start = poll_paged(harness, api)
+    assert sorted(by_start) == [iso_timestamp(M[0])] and stats.errors
+    assert h.store.cursor("completions", "1m").position == M[1]
+
+
+def test_a_clock_stepped_back_never_reuses_an_id_for_other_content(harness):
+    """Buckets before `settled` have no observations left: reading them again (the clock stepped
+    back, or a longer revision_window) would emit revision 0 again under its old id."""
+    h = harness(effective_revision_window=3 * 3600)
+    x = ts("2026-11-23T09:00:00")
+    h.api.data[x] = [result(100)]
+    h.collector.poll(ts("2026-11-23T09:30:00"))
+    h.api.data[x] = [result(130)]
+    h.collector.poll(ts("2026-11-23T10:30:00"))
+    h.collector.poll(ts("2026-11-23T12:05:00"))  # 09:00 final (3h window), read once more, pruned
+    h.collector.poll(ts("2026-11-23T11:25:00"))  # the clock steps back 40 minutes: 09:00 revisable again
+    h.api.data[x] = [result(140)]
+    h.collector.poll(ts("2026-11-23T11:30:00"))
+    contents: dict = {}
+    for d in docs(h.out):
+        contents.setdefault(d["_id"], set()).add(json.dumps(d["openai"]["completions"], sort_keys=True))
+    assert all(len(c) == 1 for c in contents.values()), "one id, two contents"
+
+
+class WidthApi:
+    """Any bucket width, summed from `minutes[start] -> tokens` (one group)."""
+
+    def __init__(self):
+        self.minutes: dict[int, int] = {}
+
+    def get_json(self, path, params):
+        width = {"1m": 60, "1h": 3600, "1d": 86400}[params["bucket_width"]]
+        start, end = int(params.get("page") or params["start_time"]), params["end_time"]
+        data = [{"object": "bucket", "start_time": t, "end_time": t + width,
+                 "results": [result(n)] if (n := sum(v for m, v in self.minutes.items() if t <= m < t + width))
+                 else []} for t in range(start, end, width)]
+        return {"object": "page", "data": data, "has_more": False, "next_page": None}
+
+
+def test_back_to_a_width_still_being_finished_loses_nothing(tmp_path):
+    """1h up to 10:00, 1d from 10:10 (so 1h goes on to midnight), back to 1h at 12:00: the 1d
+    width has collected nothing yet, so the change is undone and 1h goes on from its own cursor.
+    Before, 1h was started over at midnight and 10:00-midnight was never collected."""
+    from dataclasses import replace as _replace
+
+    from agent_input.config import StreamConfig
+    from agent_input.state import StateStore
+
+    api, day = WidthApi(), ts("2026-11-23T00:00:00")
+    for m in range(day - 86400, day + 2 * 86400, 60):
+        api.minutes[m] = 1
+    out = io.BytesIO()
+    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
+                        bucket_width="1h", finalization_grace=0, revision_window=3 * 3600, batch_size=None,
+                        include_archived=False)
+    for now, width in [(day + 10 * 3600, "1h"), (day + 10 * 3600 + 600, "1d"),
+                       *[(day + h * 3600, "1h") for h in range(12, 48)]]:
+        store = StateStore(tmp_path / "state")  # a restart with the config of the moment
+        UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width), api,
+                       Delivery(store, NdjsonOutput(out)), clock=lambda: now).poll(now)
+        store.close()
+    got = {}
+    for d in docs(out):
+        got.setdefault(d["_id"], d)
+    lo, hi = day + 6 * 3600, day + 44 * 3600
+    delivered = sum(d["openai"]["completions"]["input_tokens"] for d in got.values()
+                    if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi)
+    assert delivered == (hi - lo) // 60

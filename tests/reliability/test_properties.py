@@ -24,6 +24,7 @@ T0 = 1763892000
 WINDOW = 30 * 60  # revision window
 SETTLE = 10 * 60  # the fake API revises a bucket for at most 10 minutes after it ends
 GROUPS = ("a", "b", "c")
+WIDTHS = {"1m": 60, "1h": 3600}
 
 
 class Api:
@@ -41,15 +42,20 @@ class Api:
         if self.fail_at is not None and self.calls >= self.fail_at:
             self.fail_at = None
             raise ConnectionError("injected API failure")
+        width = WIDTHS[params["bucket_width"]]
         start = int(params.get("page") or params["start_time"])
-        end = min(params["end_time"], self.now // W * W + W)
+        end = min(params["end_time"], self.now // width * width + width)
         buckets, t = [], start
         while t < end and len(buckets) < self.page_buckets:
+            groups: dict[str, int] = {}
+            for minute in range(t, t + width, W):  # a wider bucket is the sum of its minutes
+                for m, v in self.data.get(minute, {}).items():
+                    groups[m] = groups.get(m, 0) + v
             results = [{"object": "organization.usage.completions.result", "input_tokens": v, "output_tokens": 0,
                         "num_model_requests": 1, "project_id": "p", "user_id": None, "api_key_id": None,
-                        "model": m, "batch": False} for m, v in sorted(self.data.get(t, {}).items()) if v]
-            buckets.append({"object": "bucket", "start_time": t, "end_time": t + W, "results": results})
-            t += W
+                        "model": m, "batch": False} for m, v in sorted(groups.items()) if v]
+            buckets.append({"object": "bucket", "start_time": t, "end_time": t + width, "results": results})
+            t += width
         more = t < end
         return {"object": "page", "data": buckets, "has_more": more, "next_page": str(t) if more else None}
 
@@ -147,3 +153,87 @@ def test_delivered_sums_equal_the_truth(steps, page_buckets, initial):
     got = {k: v for k, v in got.items() if v}
     want = {(b, g): v for b, groups in api.data.items() if origin <= b < end for g, v in groups.items() if v}
     assert got == want
+
+
+width_step = st.tuples(
+    st.one_of(st.integers(0, 12), st.integers(25, 150)),  # minutes to advance: a poll interval, or a pause
+    st.lists(st.tuples(st.integers(0, 12), st.sampled_from(GROUPS), st.integers(0, 50)), max_size=4),  # revisions
+    st.sampled_from(["poll", "api_error", "restart", "1m", "1h", "1m", "1h"]),  # 1m/1h: the config's width changes
+    st.integers(1, 4),  # which request of the poll fails
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(width_step, min_size=1, max_size=12), page_buckets=st.integers(1, 8),
+       initial_hours=st.integers(1, 3), first=st.sampled_from(sorted(WIDTHS)))
+def test_changing_the_bucket_width_keeps_delivered_sums_equal_to_the_truth(steps, page_buckets, initial_hours, first):
+    """The same, with the stream's bucket_width changed back and forth between polls (a restart
+    with another config): every minute is delivered once, at one width or the other, and its
+    latest count; no id carries two contents."""
+    from agent_input.config import StreamConfig
+
+    api = Api(page_buckets)
+    history = T0 - initial_hours * 3600 - 3600
+    for b in range(history, T0, W):
+        api.data[b] = {g: (b // W * 7 + i) % 13 for i, g in enumerate(GROUPS)}
+    out = Out()
+    width = first
+    with tempfile.TemporaryDirectory() as tmp:
+        def start():
+            store = StateStore(tmp)
+            delivery = Delivery(store, out)
+            delivery.replay_pending()
+            cfg = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=initial_hours * 3600,
+                               bucket_width=width, finalization_grace=0, revision_window=WINDOW, batch_size=None,
+                               include_archived=False)
+            return store, UsageCollector(STREAMS_BY_NAME["completions"], cfg, api, delivery, clock=lambda: api.now)
+
+        store, col = start()
+        for minutes, revisions, action, fail_at in steps:
+            api.now += minutes * W
+            for age, group, value in revisions:  # late revisions, only of minutes still settling
+                b = (api.now - age * W) // W * W - W
+                if b >= api.now - SETTLE - W and b >= history:
+                    api.data.setdefault(b, {})[group] = value
+            api.calls = 0
+            if action in WIDTHS or action == "restart":
+                width = action if action in WIDTHS else width
+                store.close()
+                store, col = start()
+            api.fail_at = fail_at if action == "api_error" else None
+            try:
+                col.poll(api.now)
+            except ConnectionError:
+                pass
+            api.fail_at = None
+        # no more revisions: polls until every width left is final and the last hours are in
+        for _ in range(4):
+            api.now += WINDOW + SETTLE
+            store.close()
+            store, col = start()
+            col.poll(api.now)
+        cursors = store.cursors("completions")
+        origin = min(c.origin for c in cursors.values())
+        end = api.now // 3600 * 3600 - 3600
+        store.close()
+
+    from datetime import datetime
+
+    by_id: dict[str, dict] = {}
+    for payload in out.delivered:
+        for line in payload.splitlines():
+            doc = json.loads(line)
+            prev = by_id.setdefault(doc["_id"], doc)
+            assert prev == doc, "one id, two contents"
+    got: dict[str, int] = {}
+    for doc in by_id.values():
+        b = int(datetime.fromisoformat(doc["openai"]["base"]["start_time"].replace("Z", "+00:00")).timestamp())
+        if origin <= b < end:
+            model = doc["openai"]["base"]["model"]
+            got[model] = got.get(model, 0) + doc["openai"]["completions"].get("input_tokens", 0)
+    want: dict[str, int] = {}
+    for b, groups in api.data.items():
+        if origin <= b < end:
+            for g, v in groups.items():
+                want[g] = want.get(g, 0) + v
+    assert {k: v for k, v in got.items() if v} == {k: v for k, v in want.items() if v}
