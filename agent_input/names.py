@@ -9,8 +9,10 @@ Enrichment runs before a document is stored in the outbox, so a replayed batch s
 what it was. A lookup never blocks or drops usage data: when a listing fails, the names it would
 have given are simply absent (the previous, stale names are kept) and the next attempt is made
 after a short back-off. Only the first load makes callers wait (once, bounded by a client with few
-retries), so the first poll's documents carry names; later refreshes happen on whichever thread
-finds the cache stale while the others go on with the names they have.
+retries), so the first poll's documents carry names. A later refresh runs in the background, on one
+thread (the first caller to find the cache stale starts it; the others, and that caller, go on at
+once with the names they have), and publishes its maps all at once when it ends: a slow or hanging
+listing holds up no stream's pages, and a failed one leaves the old names in place.
 
 The first load is published in two steps, so that it holds documents up as little as it can:
 projects and every project's API keys first (concurrent, a few round trips deep), then the
@@ -53,6 +55,7 @@ class NameCache:
         clock: Callable[[], float] = time.time,
         retry_after_failure: float = RETRY_AFTER_FAILURE,
         client_factory: Callable[[], AdminApiClient] | None = None,
+        stop: threading.Event | None = None,
     ):
         self.client = client
         # With a factory, listings run on LISTING_WORKERS threads, each with its own client
@@ -70,7 +73,11 @@ class NameCache:
         self._next_refresh: float | None = None  # None: never loaded
         self._keys_loaded = threading.Event()  # first load: projects and every project's keys are in
         self._all_loaded = threading.Event()  # first load: done (users too), whatever failed
-        self._refresh_lock = threading.Lock()  # one refresh at a time (it also owns the client)
+        # One refresh at a time (it also owns the client). A later refresh's thread holds it from
+        # the moment it is started until it ends: a plain Lock, released by that thread.
+        self._refresh_lock = threading.Lock()
+        self._refreshing: threading.Thread | None = None  # the latest background refresh
+        self._stop = stop  # once set, no background refresh is started
         self._maps_lock = threading.Lock()
         self.refreshes = 0
         self.failures: list[str] = []
@@ -83,7 +90,8 @@ class NameCache:
             return AdminApiClient.from_config(config, max_retries=min(config.max_retries, 2), backoff_cap=2.0,
                                               stop=stop)
 
-        return cls(make(), refresh_interval=config.names_refresh_interval, clock=clock, client_factory=make)
+        return cls(make(), refresh_interval=config.names_refresh_interval, clock=clock, client_factory=make,
+                   stop=stop)
 
     def warm_up(self) -> threading.Thread:
         """Start the first load now, in the background, so it overlaps the first usage requests
@@ -98,6 +106,14 @@ class NameCache:
         except Exception as exc:  # noqa: BLE001 - e.g. a --once run that ended first shut the pools down
             # not a traceback from a dying thread: the first `ready()` loads again and says if it fails
             log.debug("names: warm-up ended early: %s", exc)
+
+    def wait_for_refresh(self, timeout: float | None = None) -> bool:
+        """Wait for a background refresh to end; True when none is running (any more)."""
+        thread = self._refreshing
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def close(self) -> None:
         self.client.close()
@@ -116,9 +132,10 @@ class NameCache:
             return self._keys.get(key_id) if key_id else None
 
     def ready(self) -> None:
-        """Refresh if due and, during the first load, wait for the names documents need first
-        (projects and keys). The engine calls it before it takes its page gate, so that a
-        listing's round trips hold up only the stream that waits, not every stream's pages."""
+        """Start a refresh if due (in the background after the first load) and, during the first
+        load, wait for the names documents need first (projects and keys). The engine calls it
+        before it takes its page gate, so that the first load's round trips hold up only the
+        stream that waits, not every stream's pages."""
         try:
             self.ensure_fresh()
             if not self._all_loaded.is_set():
@@ -136,8 +153,9 @@ class NameCache:
         """`enrich` for a bucket's documents at once, without the freshness check: the caller
         calls `ready()` first (the engine: once per page, not once per bucket); never raises."""
         try:
-            # refresh() swaps whole dicts, never mutates them: reading without the lock is safe
-            projects, users, keys = self._projects, self._users, self._keys
+            # refresh() swaps whole dicts, never mutates them: one consistent set, read at once
+            with self._maps_lock:
+                projects, users, keys = self._projects, self._users, self._keys
             for doc in docs:
                 base = doc.get("openai", {}).get("base")
                 if not isinstance(base, dict):
@@ -178,19 +196,42 @@ class NameCache:
                 finally:
                     self._refresh_lock.release()
             return
-        # Stale: refresh unless another thread is already at it (then go on with what we have).
-        if self._refresh_lock.acquire(blocking=False):
-            try:
-                if self._next_refresh is not None and self.clock() >= self._next_refresh:
-                    self.refresh()
-            finally:
+        # Stale: start a refresh in the background unless one is already running; this thread,
+        # like every other, goes on with the names it has.
+        if self._stop is not None and self._stop.is_set():
+            return
+        if not self._refresh_lock.acquire(blocking=False):
+            return
+        started = False
+        try:
+            if self._next_refresh is not None and self.clock() >= self._next_refresh:
+                thread = threading.Thread(target=self._refresh_in_background, name="names-refresh",
+                                          daemon=True)
+                self._refreshing = thread
+                thread.start()
+                started = True
+        finally:
+            if not started:
                 self._refresh_lock.release()
+
+    def _refresh_in_background(self) -> None:
+        """A later refresh, on its own thread, which holds the refresh lock until it ends."""
+        try:
+            self.refresh()
+        except Exception as exc:  # noqa: BLE001 - e.g. the pools were shut down under it
+            # not a traceback from a dying thread, and not a new thread for every page either
+            self.failures = [f"refresh: {exc}"]
+            self._next_refresh = self.clock() + self.retry_after_failure
+            log.warning("names: refresh failed, next try in %.0fs: %s", self.retry_after_failure, exc)
+        finally:
+            self._refresh_lock.release()
 
     def refresh(self) -> None:
         """List projects, every project's API keys and users; keep what a failed listing had.
 
-        Projects and keys are published as soon as they are in, with the key owners' emails;
-        the users listing, the longest chain, runs alongside and is published when it ends."""
+        On the first load, projects and keys are published as soon as they are in, with the key
+        owners' emails; the users listing, the longest chain, runs alongside and is published when
+        it ends. A later refresh publishes everything at once, when it ends."""
         try:
             self._refresh()
         finally:  # nobody waits forever on a first load, whatever happened to it
@@ -199,6 +240,7 @@ class NameCache:
 
     def _refresh(self) -> None:
         failed: list[str] = []
+        first = not self._all_loaded.is_set()  # publish in two steps (see the module docstring)
 
         def list_users() -> dict[str, str]:
             return {u["id"]: u["email"] for u in self._list("/v1/organization/users", {})
@@ -249,22 +291,22 @@ class NameCache:
                     keys.update(value[0])
                     owners.update(value[1])
                     service_accounts |= value[2]
+            # only this refresh swaps the maps: what it publishes is built from what they hold now
             with self._maps_lock:
-                if projects is not None:
-                    self._projects = projects
-                if keys_complete:
-                    self._keys = keys
-                else:  # keep the keys of projects that could not be listed this time
-                    self._keys = {**self._keys, **keys}
-                self._users = {**self._users, **owners}
-                self._service_accounts = self._service_accounts | service_accounts
-            self._keys_loaded.set()
+                new_projects = projects if projects is not None else self._projects
+                # keep the keys of projects that could not be listed this time
+                new_keys = keys if keys_complete else {**self._keys, **keys}
+                new_users = {**self._users, **owners}
+                new_service_accounts = self._service_accounts | service_accounts
+            if first:
+                self._publish(new_projects, new_keys, new_users, new_service_accounts)
+                self._keys_loaded.set()
             ((users, error),) = users_outcome()
         if error is not None:
             failed.append(f"users: {error}")
         else:
-            with self._maps_lock:
-                self._users = {**owners, **users}
+            new_users = {**owners, **users}
+        self._publish(new_projects, new_keys, new_users, new_service_accounts)
         self.refreshes += 1
         now = self.clock()
         if failed:
@@ -277,6 +319,13 @@ class NameCache:
             self._next_refresh = now + self.refresh_interval
         log.debug("names: %d projects, %d users, %d api keys", len(self._projects), len(self._users),
                   len(self._keys))
+
+    def _publish(self, projects: dict[str, str], keys: dict[str, str], users: dict[str, str],
+                 service_accounts: frozenset[str]) -> None:
+        """Swap in a whole set of maps at once: a reader sees the old set or the new, never a mix."""
+        with self._maps_lock:
+            self._projects, self._keys, self._users = projects, keys, users
+            self._service_accounts = service_accounts
 
     @contextmanager
     def _listings(self) -> Iterator[Callable[..., Any]]:

@@ -231,7 +231,8 @@ def test_names_from_projects_users_and_api_keys(simulator):
         cache.enrich(_doc(project_id=key.project_id))
     assert simulator.stats()["requests"] == before
     simulator.advance(3601)
-    cache.enrich(_doc(project_id=key.project_id))
+    cache.enrich(_doc(project_id=key.project_id))  # starts the refresh in the background
+    assert cache.wait_for_refresh(30)
     assert simulator.stats()["requests"] > before and cache.refreshes == 2
     cache.close()
 
@@ -257,6 +258,7 @@ def test_a_failed_lookup_never_costs_a_document(simulator):
     simulator.add_fault(FaultRule(kind="reset", count=None))
     simulator.advance(3 * 3600)
     cache.ready()
+    assert cache.wait_for_refresh(60) and cache.refreshes == 2 and cache.failures
     d2 = _doc(project_id=key.project_id, user_id=key.owner_id, api_key_id=key.id)
     cache.enrich(d2)
     assert d2["openai"]["base"]["project_name"] == org.projects_by_id[key.project_id].name  # stale names kept
@@ -281,6 +283,8 @@ def test_a_failed_listing_is_tried_again_after_the_short_back_off(simulator):
         cache.enrich(doc)
         assert "user_email" not in doc["openai"]["base"] and any("users" in f for f in cache.failures)
         simulator.advance(back_off + 1)
+        cache.ready()  # starts the retry in the background
+        assert cache.wait_for_refresh(30)
         doc = _doc(user_id=keyless.id)
         cache.enrich(doc)
         assert doc["openai"]["base"].get("user_email") == keyless.email, refresh_interval
@@ -298,6 +302,7 @@ def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulat
     simulator.add_fault(FaultRule(kind="500", path=f"/v1/organization/projects/{broken}/api_keys", count=None))
     simulator.advance(3601)
     cache.ready()
+    assert cache.wait_for_refresh(30)
     assert cache.refreshes == 2 and any(f"api keys of {broken}" in f for f in cache.failures)
     assert all(cache.api_key_name(k.id) == k.name for k in org.keys if k.project_id == broken)
     cache.close()
@@ -537,3 +542,139 @@ def test_a_listing_whose_cursor_comes_back_is_a_failure_not_a_short_list():
     cache = NameCache(Looping(), refresh_interval=3600, clock=lambda: 0.0)
     cache.ensure_fresh()
     assert any("users" in f and "'user-1' came back a second time" in f for f in cache.failures), cache.failures
+
+
+class _FakeOrgApi:
+    """An Admin API with one project, one key and two users whose names a test can change, whose
+    users listing a test can hold up and whose listings it can make fail."""
+
+    def __init__(self):
+        import threading
+
+        self.version = 1
+        self.users_open = threading.Event()
+        self.users_open.set()
+        self.failing: set[str] = set()  # path endings that fail
+        self.asked: list[str] = []
+        self._lock = threading.Lock()
+
+    def client(self):
+        api = self
+
+        class Client:
+            def get_json(self, path, params=None):
+                from agent_input.http_client import RetriesExhaustedError
+
+                with api._lock:
+                    api.asked.append(path)
+                if any(path.endswith(end) for end in api.failing):
+                    raise RetriesExhaustedError(500, "down", None, path)
+                v = api.version
+                if path.endswith("/organization/users"):
+                    assert api.users_open.wait(30), "the test never released the users listing"
+                    data = [{"id": "user-owner", "email": f"owner-v{v}@example.com"},
+                            {"id": "user-keyless", "email": f"keyless-v{v}@example.com"}]
+                elif path.endswith("/organization/projects"):
+                    data = [{"id": "proj-1", "name": f"project v{v}"}]
+                else:
+                    data = [{"id": "key-1", "name": f"key v{v}",
+                             "owner": {"type": "user", "user": {"id": "user-owner", "email": f"owner-v{v}@example.com"}}}]
+                return {"object": "list", "data": data, "has_more": False, "last_id": None}
+
+            def close(self):
+                pass
+
+        return Client()
+
+    def names(self, cache):
+        return (cache.project_name("proj-1"), cache.api_key_name("key-1"), cache.user_email("user-owner"),
+                cache.user_email("user-keyless"))
+
+    @staticmethod
+    def expected(v):
+        return (f"project v{v}", f"key v{v}", f"owner-v{v}@example.com", f"keyless-v{v}@example.com")
+
+
+def test_a_refresh_after_the_first_load_never_holds_a_page_up(caplog):
+    """After the first load, a due refresh runs in the background on one thread: ready() returns
+    at once (a hanging listing used to hold the stream that found the cache stale for as long),
+    documents keep the old names until the whole new set is published at once."""
+    import threading
+    import time
+
+    api, now = _FakeOrgApi(), [0.0]
+    cache = NameCache(api.client(), clock=lambda: now[0], client_factory=api.client)
+    cache.ready()
+    assert api.names(cache) == api.expected(1) and cache.refreshes == 1
+    api.version, now[0] = 2, 3601.0
+    api.users_open.clear()  # the refresh's users listing hangs
+    try:
+        callers = [threading.Thread(target=cache.ready) for _ in range(8)]  # every stream's next page
+        started = time.monotonic()
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(5)
+        assert not any(t.is_alive() for t in callers), "a page waited for a names refresh after the first load"
+        assert time.monotonic() - started < 2
+        assert not cache.wait_for_refresh(0.2), "the refresh goes on in the background"
+        doc = _doc(project_id="proj-1", user_id="user-keyless", api_key_id="key-1")
+        cache.enrich(doc)  # old names, not a mix of old and new: the new set is not published yet
+        assert doc["openai"]["base"] == {"project_id": "proj-1", "user_id": "user-keyless", "api_key_id": "key-1",
+                                         "project_name": "project v1", "user_email": "keyless-v1@example.com",
+                                         "api_key_name": "key v1"}
+        assert api.names(cache) == api.expected(1)
+    finally:
+        api.users_open.set()
+    assert cache.wait_for_refresh(30)
+    assert api.names(cache) == api.expected(2) and cache.refreshes == 2 and cache.failures == []
+    assert api.asked.count("/v1/organization/projects") == 2, "one refresh, not one per caller"
+    # fresh again: nothing is started until the next refresh is due
+    cache.ready()
+    assert cache.wait_for_refresh(0) and api.asked.count("/v1/organization/projects") == 2
+    cache.close()
+
+
+def test_a_failed_background_refresh_keeps_the_old_names_and_backs_off(monkeypatch):
+    """A background refresh that fails keeps the names it had and is tried again after
+    RETRY_AFTER_FAILURE, like a first load's; one that dies of anything else does not leave the
+    cache without a refresh (nor start one for every page), and no refresh starts after stop."""
+    import threading
+
+    from agent_input.names import RETRY_AFTER_FAILURE
+
+    dying = []
+    monkeypatch.setattr(threading, "excepthook", dying.append)
+    api, now, stop = _FakeOrgApi(), [0.0], threading.Event()
+    cache = NameCache(api.client(), clock=lambda: now[0], client_factory=api.client, stop=stop)
+    cache.ready()
+    api.version, now[0] = 2, 3601.0
+    api.failing = {"/organization/projects", "/organization/users", "/api_keys"}
+    cache.ready()
+    assert cache.wait_for_refresh(30)
+    assert api.names(cache) == api.expected(1), "a failed refresh keeps the old names"
+    assert cache.refreshes == 2 and len(cache.failures) == 2  # projects and users (no project: no keys)
+    asked = len(api.asked)
+    now[0] += RETRY_AFTER_FAILURE - 1
+    cache.ready()
+    assert cache.wait_for_refresh(30) and len(api.asked) == asked, "tried again before the back-off"
+    # something other than an API error: the refresh ends quietly and backs off as well
+    real = cache.refresh
+    monkeypatch.setattr(cache, "refresh", lambda: (_ for _ in ()).throw(RuntimeError("pools shut down")))
+    now[0] += 2
+    cache.ready()
+    assert cache.wait_for_refresh(30) and dying == []
+    assert any("pools shut down" in f for f in cache.failures)
+    monkeypatch.setattr(cache, "refresh", real)
+    cache.ready()
+    assert cache.wait_for_refresh(30) and len(api.asked) == asked
+    api.failing = set()
+    now[0] += RETRY_AFTER_FAILURE + 1
+    stop.set()
+    cache.ready()
+    assert cache.wait_for_refresh(0) and len(api.asked) == asked, "a refresh started after stop"
+    stop.clear()
+    cache.ready()
+    assert cache.wait_for_refresh(30)
+    assert api.names(cache) == api.expected(2) and cache.failures == []
+    cache.close()
