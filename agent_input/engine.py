@@ -347,7 +347,7 @@ class UsageCollector(PollingCollector):
                 stats.requests += 1
                 stats.pages += 1
                 if self.names is not None:
-                    self.names.ready()  # a first load or refresh is waited for here, not in the gate
+                    self.names.ready()  # the first load is waited for here (not in the gate); a refresh runs apart
                 # parse, compare, map: at most PAGE_WORKERS pages at once, the longest chain first
                 with PAGE_GATE.slot(_pages_left(resume, end, contiguous, stats.pages)):
                     body = pages.parse(raw)
