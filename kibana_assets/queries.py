@@ -209,7 +209,36 @@ def _usage(datasets, *tail: str, sources: Sources = DEFAULT_SOURCES) -> str:
     return "\n".join([sources.from_clause(datasets), *tail])
 
 
+# A display name (project, user e-mail, API key name) is enrichment, not identity: each document
+# carries the name current when the collector emitted it, so a correction emitted after a rename
+# (or after a failed or late name lookup) carries another name than the bucket's first document.
+# Grouping BY the name would split one id's total over several rows (a downward correction even
+# showing as a negative row). The panels group BY the id only and show the name of the most
+# recently emitted document that has one (`event.created`, else `@timestamp`): the latest non-null
+# name. ES|QL has no "value at the latest time" aggregation on 8.18, so the name is prefixed with a
+# fixed-width timestamp, MAX picks the latest, and SUBSTRING strips the prefix.
+NAME_KEY_TIME = "DATE_FORMAT(\"yyyy-MM-dd'T'HH:mm:ss.SSS\", COALESCE(event.created, @timestamp))"
+_NAME_KEY_PREFIX = len("2026-01-01T00:00:00.000") + 1  # the timestamp and one separator
+
+
+def latest_name(name_field: str, alias: str) -> tuple[str, str, str]:
+    """(EVAL before the STATS, aggregate inside the STATS, EVAL after it) that give one row per id
+    the latest non-null `name_field` as `alias`."""
+    key = f"{alias}_key"
+    return (f"| EVAL {key} = CONCAT({NAME_KEY_TIME}, \"|\", {name_field})",
+            f"{key} = MAX({key})",
+            f"| EVAL {alias} = SUBSTRING({key}, {_NAME_KEY_PREFIX + 1})")
+
+
+def _by_id_with_name(aggs: str, id_field: str, id_alias: str, name_field: str, name_alias: str,
+                     extra_by: str = "") -> list[str]:
+    pre, agg, post = latest_name(name_field, name_alias)
+    by = f"{id_alias} = {id_field}" + (f", {extra_by}" if extra_by else "")
+    return [pre, f"| STATS {aggs}, {agg} BY {by}", post, f"| DROP {name_alias}_key"]
+
+
 USAGE_TOKEN_DATASETS = ("completions", "embeddings", "moderations")
+_REQUESTS_TOKENS = "requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens)"
 ALL_REQUEST_DATASETS = ("completions", "embeddings", "moderations", "images", "audio_speeches",
                         "audio_transcriptions")
 
@@ -232,15 +261,18 @@ def usage_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
             "| SORT tokens DESC NULLS LAST", "| LIMIT 50", sources=sources),
         "by_project": _usage(
             ALL_REQUEST_DATASETS,
-            "| STATS requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens) BY project_id = openai.base.project_id, project_name = openai.base.project_name",
+            *_by_id_with_name(_REQUESTS_TOKENS, "openai.base.project_id", "project_id",
+                              "openai.base.project_name", "project_name"),
             "| SORT tokens DESC NULLS LAST", "| LIMIT 50", sources=sources),
         "by_user": _usage(
             ALL_REQUEST_DATASETS,
-            "| STATS requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens) BY user_id = openai.base.user_id, user_email = openai.base.user_email",
+            *_by_id_with_name(_REQUESTS_TOKENS, "openai.base.user_id", "user_id",
+                              "openai.base.user_email", "user_email"),
             "| SORT tokens DESC NULLS LAST", "| LIMIT 50", sources=sources),
         "by_api_key": _usage(
             ALL_REQUEST_DATASETS,
-            "| STATS requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens) BY api_key_id = openai.base.api_key_id, api_key_name = openai.base.api_key_name",
+            *_by_id_with_name(_REQUESTS_TOKENS, "openai.base.api_key_id", "api_key_id",
+                              "openai.base.api_key_name", "api_key_name"),
             "| SORT tokens DESC NULLS LAST", "| LIMIT 50", sources=sources),
         "images_by_size": _usage(
             ("images",),
@@ -274,7 +306,9 @@ def costs_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
             "| SORT t", sources=sources),
         "cost_by_project": _usage(
             ("costs",),
-            "| STATS cost = SUM(openai.costs.amount.value) BY project_id = openai.base.project_id, project_name = openai.base.project_name, currency = openai.costs.amount.currency",
+            *_by_id_with_name("cost = SUM(openai.costs.amount.value)", "openai.base.project_id", "project_id",
+                              "openai.base.project_name", "project_name",
+                              extra_by="currency = openai.costs.amount.currency"),
             "| SORT cost DESC", "| LIMIT 50", sources=sources),
         "cost_by_line_item": _usage(
             ("costs",),

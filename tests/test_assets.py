@@ -570,3 +570,52 @@ def test_validate_command_fails_on_a_problem(monkeypatch):
     result = CliRunner().invoke(main, ["validate"])
     assert result.exit_code == 1
     assert "ERR something is broken" in result.output and "bundle valid" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Display names are shown, never grouped by (a correction carries the name current when emitted)
+
+NAME_FIELDS = ("openai.base.project_name", "openai.base.user_email", "openai.base.api_key_name")
+
+
+@pytest.mark.parametrize("name", sorted(Q.all_queries()))
+def test_no_panel_groups_by_a_display_name(name):
+    """A correction emitted after a rename (or a failed name lookup) would otherwise split one id's
+    total over two rows, and a downward revision would show as a negative row."""
+    for line in Q.all_queries()[name].splitlines():
+        if line.startswith("| STATS") and " BY " in line:
+            by = line.split(" BY ", 1)[1]
+            assert not any(f in by for f in NAME_FIELDS), line
+
+
+@pytest.mark.parametrize("panel,id_alias,name_alias", [
+    ("usage.by_project", "project_id", "project_name"),
+    ("usage.by_user", "user_id", "user_email"),
+    ("usage.by_api_key", "api_key_id", "api_key_name"),
+    ("costs.cost_by_project", "project_id", "project_name"),
+])
+def test_named_panels_group_by_id_and_show_the_latest_name(panel, id_alias, name_alias):
+    lines = Q.all_queries()[panel].splitlines()
+    stats = next(line for line in lines if line.startswith("| STATS"))
+    assert f" BY {id_alias} = openai.base.{id_alias}" in stats
+    assert f"{name_alias}_key = MAX({name_alias}_key)" in stats
+    assert f"| EVAL {name_alias} = SUBSTRING({name_alias}_key, 25)" in lines
+
+
+def test_latest_name_key_strips_exactly_the_timestamp_prefix():
+    """Emulates the ES|QL: DATE_FORMAT("yyyy-MM-dd'T'HH:mm:ss.SSS") is 23 characters, then "|";
+    MAX over the keys is the latest emitted name; SUBSTRING is 1-based."""
+    from datetime import datetime, timezone
+
+    pre, agg, post = Q.latest_name("openai.base.project_name", "project_name")
+    assert "COALESCE(event.created, @timestamp)" in pre and 'CONCAT(' in pre
+    start = int(post.rsplit("SUBSTRING(project_name_key, ", 1)[1].rstrip(")"))
+
+    def key(ts, name):
+        t = datetime.fromtimestamp(ts, tz=timezone.utc)
+        return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}" + "|" + name
+
+    # revision 0 emitted as "Alpha", the correction after the rename as "Beta", one without a name
+    keys = [key(1730505600, "Alpha"), key(1730509200.5, "Beta")]  # a null name gives a null key
+    assert max(keys)[start - 1:] == "Beta"
+    assert key(1730505600, "Zeta|with bar")[start - 1:] == "Zeta|with bar"
