@@ -284,8 +284,12 @@ def usage_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
             "| SORT model", sources=sources),
         "vector_store_bytes": _usage(
             ("vector_stores",),
-            # a gauge: sum the bucket's documents (corrections), then show the latest bucket's level
-            "| STATS bytes = SUM(openai.vector_stores.usage_bytes) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), project_id = openai.base.project_id",
+            # a storage LEVEL, not a flow: first the API bucket's level (its documents summed, so
+            # corrections add up), then the highest level per display bucket. Summing the API
+            # buckets of a display bucket would multiply the level by their number. (Per width:
+            # a 1h and a 1m bucket starting together are two readings of one level, not two parts.)
+            "| STATS bytes = SUM(openai.vector_stores.usage_bytes) BY start = @timestamp, width = openai.base.bucket_width, project_id = openai.base.project_id",
+            "| STATS bytes = MAX(bytes) BY t = BUCKET(start, 50, ?_tstart, ?_tend), project_id",
             "| SORT t", sources=sources),
         "code_interpreter_sessions": _usage(
             ("code_interpreter_sessions",),

@@ -619,3 +619,30 @@ def test_latest_name_key_strips_exactly_the_timestamp_prefix():
     keys = [key(1730505600, "Alpha"), key(1730509200.5, "Beta")]  # a null name gives a null key
     assert max(keys)[start - 1:] == "Beta"
     assert key(1730505600, "Zeta|with bar")[start - 1:] == "Zeta|with bar"
+
+
+# ---------------------------------------------------------------------------------------------
+# Levels (vector store bytes) are not flows: never summed over time
+
+LEVEL_FIELDS = ("openai.vector_stores.usage_bytes",)  # the simulator's `level=True` counters
+
+
+def test_the_only_level_counter_is_vector_store_bytes():
+    from agent_input.simulator.usage import STREAMS
+
+    levels = {c for sd in STREAMS.values() if sd.level for c in sd.counters}
+    assert levels == {"usage_bytes"}
+
+
+@pytest.mark.parametrize("name", sorted(Q.all_queries()))
+def test_levels_are_summed_per_api_bucket_only(name):
+    """Summing usage_bytes per display bucket multiplies the level by the number of API buckets in
+    it (~30x over a 24h range). Corrections add up per API bucket start (and width); only then
+    does a display bucket take the MAX."""
+    lines = Q.all_queries()[name].splitlines()
+    for i, line in enumerate(lines):
+        if not any(f"SUM({f})" in line for f in LEVEL_FIELDS):
+            continue
+        assert line.startswith("| STATS") and line.endswith(
+            " BY start = @timestamp, width = openai.base.bucket_width, project_id = openai.base.project_id"), line
+        assert lines[i + 1] == "| STATS bytes = MAX(bytes) BY t = BUCKET(start, 50, ?_tstart, ?_tend), project_id"
