@@ -73,14 +73,35 @@ def _rule_options(f):
         click.option("--headroom-threshold", type=click.FloatRange(0, 10), default=0.8, show_default=True,
                      help="Utilization at which the headroom rules fire."),
         click.option("--headroom-window", default="15m", show_default=True,
-                     help="Look-back of the headroom rules."),
+                     help="Usage look-back of the headroom rules (the limits look back --stale-after + 10m)."),
         click.option("--stale-after", default="1h", show_default=True,
-                     help="Alert when no rate-limits collection succeeded for this long."),
+                     help="Alert when no rate-limits collection succeeded for this long (make it "
+                          "longer than the rate_limits interval). The headroom rules use the last "
+                          "known limits for this long plus 10m."),
+        click.option("--stale-horizon", default=None,
+                     help="The stale alert stops once the last rate-limits collection is older than "
+                          "this (a stream turned off); longer than --stale-after. "
+                          "[default: --stale-after + 24h]"),
         click.option("--rules-disabled", is_flag=True, help="Create the rules disabled."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def _rule_opts(kw: dict) -> K.RuleOptions:
+    stale_after = _minutes(kw["stale_after"], "--stale-after")
+    horizon = _minutes(kw["stale_horizon"], "--stale-horizon") if kw.get("stale_horizon") else None
+    if horizon is not None and horizon <= stale_after:
+        raise click.BadParameter(f"{kw['stale_horizon']!r} must be longer than --stale-after "
+                                 f"({kw['stale_after']!r})", param_hint="--stale-horizon")
+    return K.RuleOptions(
+        headroom_threshold=kw["headroom_threshold"],
+        headroom_window_minutes=_minutes(kw["headroom_window"], "--headroom-window"),
+        stale_after_minutes=stale_after,
+        stale_horizon_minutes=horizon,
+        enabled=not kw["rules_disabled"],
+    )
 
 
 def _build_options(kw: dict) -> I.Options:
@@ -93,12 +114,7 @@ def _build_options(kw: dict) -> I.Options:
     return I.Options(
         retention=E.Retention(default=kw["retention"], per_dataset=per_ds, ilm_policy=kw["ilm_policy"]),
         namespace=kw.get("namespace") or "default",
-        rules=K.RuleOptions(
-            headroom_threshold=kw["headroom_threshold"],
-            headroom_window_minutes=_minutes(kw["headroom_window"], "--headroom-window"),
-            stale_after_minutes=_minutes(kw["stale_after"], "--stale-after"),
-            enabled=not kw["rules_disabled"],
-        ),
+        rules=_rule_opts(kw),
         with_kibana=not kw.get("skip_kibana", False),
     )
 

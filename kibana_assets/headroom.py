@@ -24,12 +24,16 @@ def normalize_model(model: str) -> str:
     return _SUFFIX.sub("", model)
 
 
-def _minute(ts: Any) -> datetime:
+def _time(ts: Any) -> datetime:
+    if isinstance(ts, datetime):
+        return ts
     if isinstance(ts, (int, float)):
-        dt = datetime.fromtimestamp(ts / 1000 if ts > 1e11 else ts, tz=timezone.utc)
-    else:
-        dt = datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
-    return dt.replace(second=0, microsecond=0)
+        return datetime.fromtimestamp(ts / 1000 if ts > 1e11 else ts, tz=timezone.utc)
+    return datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
+
+
+def _minute(ts: Any) -> datetime:
+    return _time(ts).replace(second=0, microsecond=0)
 
 
 def _dataset(flat: Mapping[str, Any]) -> str | None:
@@ -37,11 +41,21 @@ def _dataset(flat: Mapping[str, Any]) -> str | None:
     return ds[len("openai."):] if isinstance(ds, str) and ds.startswith("openai.") else None
 
 
-def per_project(docs: Iterable[Mapping[str, Any]]) -> list[dict]:
-    """Rows `{project_id, model, peak_<u>, <u>_limit, <u>_utilization}` for u in tpm/rpm/ipm."""
+def per_project(docs: Iterable[Mapping[str, Any]], *, now: Any = None,
+                usage_minutes: int | None = None) -> list[dict]:
+    """Rows `{project_id, model, peak_<u>, <u>_limit, <u>_utilization}` for u in tpm/rpm/ipm.
+
+    `docs` are the documents in the window (the panel's time range, or the rule's limits
+    look-back). With `now` and `usage_minutes` (the rules): usage only from
+    `[now - usage_minutes, ...]`, and per unit the MAX limit of those minutes if any, else the MAX
+    of all limit documents given (the last known limits)."""
+    since = None
+    if usage_minutes is not None:
+        since = _time(now).timestamp() - usage_minutes * 60
     used: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # (pm, minute) -> u -> sum
     used_seen: dict[tuple, set] = defaultdict(set)  # which units had a non-null value
     limits: dict[tuple, dict[str, int]] = defaultdict(dict)
+    recent_limits: dict[tuple, dict[str, int]] = defaultdict(dict)
     keys: set[tuple] = set()
     for doc in docs:
         flat = flatten(doc)
@@ -51,6 +65,9 @@ def per_project(docs: Iterable[Mapping[str, Any]]) -> list[dict]:
         width = flat.get("openai.base.bucket_width")
         if width not in (None, "1m"):
             continue
+        recent = since is None or _time(flat["@timestamp"]).timestamp() >= since
+        if not recent and flat.get("openai.rate_limits.model") is None:
+            continue  # usage older than the usage window
         project = flat.get("openai.base.project_id")
         if project is None:
             project = flat.get("openai.rate_limits.project_id")
@@ -70,9 +87,11 @@ def per_project(docs: Iterable[Mapping[str, Any]]) -> list[dict]:
             lim = flat.get(limit_field)
             if lim is not None:
                 limits[pm][u] = max(limits[pm].get(u, lim), lim)
+                if recent:
+                    recent_limits[pm][u] = max(recent_limits[pm].get(u, lim), lim)
     rows = []
     for pm in sorted(keys):
-        lim = limits.get(pm, {})
+        lim = {**limits.get(pm, {}), **recent_limits.get(pm, {})}  # per unit: recent, else any
         if not lim:
             continue  # usage without any limit: nothing to divide by
         row: dict[str, Any] = {"project_id": pm[0], "model": pm[1]}
@@ -112,10 +131,37 @@ def org_wide(docs: Iterable[Mapping[str, Any]]) -> list[dict]:
     return out
 
 
-def alerts(docs: Iterable[Mapping[str, Any]], unit: str = "tpm", threshold: float = 0.8) -> list[str]:
-    """Alert ids (`project_id::model`) the headroom rule would report for these documents."""
+def alerts(docs: Iterable[Mapping[str, Any]], unit: str = "tpm", threshold: float = 0.8, *,
+           now: Any = None, usage_minutes: int | None = None) -> list[str]:
+    """Alert ids (`project_id::model`) the headroom rule would report for these documents (those in
+    the rule's time window; `now` and `usage_minutes` as in `per_project`)."""
     return sorted(
         f"{r['project_id']}::{r['model']}"
-        for r in per_project(docs)
+        for r in per_project(docs, now=now, usage_minutes=usage_minutes)
         if r[f"{unit}_utilization"] is not None and r[f"{unit}_utilization"] >= threshold
     )
+
+
+def limits_stale(docs: Iterable[Mapping[str, Any]], *, now: Any, stale_after_minutes: int) -> dict | None:
+    """The row the stale-limits rule returns for the documents in its time window, or None.
+
+    A row when a rate-limits collection ran in the window but none succeeded in the last
+    `stale_after_minutes`; no row when no collection ran at all (stream off, or never on)."""
+    last_success = last_collection = None
+    failed = 0
+    for doc in docs:
+        flat = flatten(doc)
+        if flat.get("event.action") != "rate-limits-collection":
+            continue
+        ts = _time(flat["@timestamp"])
+        last_collection = ts if last_collection is None else max(last_collection, ts)
+        if flat.get("event.outcome") == "success":
+            last_success = ts if last_success is None else max(last_success, ts)
+        elif flat.get("event.outcome") == "failure":
+            failed += 1
+    if last_collection is None:
+        return None
+    now_ts = _time(now).timestamp()
+    if last_success is not None and last_success.timestamp() >= now_ts - stale_after_minutes * 60:
+        return None
+    return {"last_success": last_success, "failed_collections": failed, "last_collection": last_collection}

@@ -329,12 +329,40 @@ def to_ndjson(objects: list[dict]) -> str:
 # Rules
 
 
+RULE_INTERVAL_MINUTES = 5  # every rule runs every 5 minutes (the seed's schedule)
+# How much longer than --stale-after the headroom rules keep using the last known limits: two rule
+# runs, so the stale alert (active from its first run after --stale-after) has taken over before
+# the limits leave the headroom rules' look-back, whatever the two rules' phases and a late run.
+LIMITS_LOOKBACK_MARGIN_MINUTES = 2 * RULE_INTERVAL_MINUTES
+DEFAULT_STALE_HORIZON_MINUTES = 24 * 60
+
+
 @dataclass(frozen=True)
 class RuleOptions:
     headroom_threshold: float = Q.DEFAULT_THRESHOLD
-    headroom_window_minutes: int = 15
-    stale_after_minutes: int = 60
+    headroom_window_minutes: int = Q.DEFAULT_USAGE_WINDOW_MINUTES  # usage look-back (the seed's 15m)
+    stale_after_minutes: int = Q.DEFAULT_STALE_AFTER_MINUTES
+    # the stale rule's time window: it stops firing once the last collection is older than this
+    # (a stream turned off), and never fires on a cluster that has no rate-limits collection.
+    # None: stale_after + 24h, so the alert stays active for a day.
+    stale_horizon_minutes: int | None = None
     enabled: bool = True
+
+    def __post_init__(self):
+        if self.stale_window_minutes <= self.stale_after_minutes:
+            raise ValueError("the stale horizon must be longer than the stale-after duration")
+
+    @property
+    def stale_window_minutes(self) -> int:
+        if self.stale_horizon_minutes is None:
+            return self.stale_after_minutes + DEFAULT_STALE_HORIZON_MINUTES
+        return self.stale_horizon_minutes
+
+    @property
+    def limits_lookback_minutes(self) -> int:
+        """The headroom rules' time window: limits are used for this long after they stop arriving,
+        which outlasts --stale-after by the margin, so the stale rule fires before they age out."""
+        return max(self.headroom_window_minutes, self.stale_after_minutes + LIMITS_LOOKBACK_MARGIN_MINUTES)
 
 
 @dataclass(frozen=True)
@@ -383,15 +411,19 @@ class Rule:
 
 def rules(options: RuleOptions | None = None) -> list[Rule]:
     o = options or RuleOptions()
+    every = f"{RULE_INTERVAL_MINUTES}m"
     return [
-        Rule(RULE_ID_HEADROOM_TPM, HEADROOM_RULE_NAME, Q.headroom_rule("tpm", o.headroom_threshold),
-             o.headroom_window_minutes, "5m", 3, per_row=True,
+        Rule(RULE_ID_HEADROOM_TPM, HEADROOM_RULE_NAME,
+             Q.headroom_rule("tpm", o.headroom_threshold, usage_minutes=o.headroom_window_minutes),
+             o.limits_lookback_minutes, every, 3, per_row=True,
              description="Peak 1-minute token usage >= 80% of the TPM limit per project_id::model."),
         Rule(RULE_ID_HEADROOM_RPM, "[OpenAI] Rate limit RPM headroom low",
-             Q.headroom_rule("rpm", o.headroom_threshold), o.headroom_window_minutes, "5m", 3, per_row=True,
+             Q.headroom_rule("rpm", o.headroom_threshold, usage_minutes=o.headroom_window_minutes),
+             o.limits_lookback_minutes, every, 3, per_row=True,
              description="Peak 1-minute requests >= 80% of the RPM limit per project_id::model."),
-        Rule(RULE_ID_LIMITS_STALE, "[OpenAI] Rate limits are stale", Q.limits_stale_rule(),
-             o.stale_after_minutes, "5m", 1, per_row=False,
-             description="No successful rate-limits collection in the window: headroom alerts "
-                         "would otherwise go silent."),
+        Rule(RULE_ID_LIMITS_STALE, "[OpenAI] Rate limits are stale",
+             Q.limits_stale_rule(stale_after_minutes=o.stale_after_minutes),
+             o.stale_window_minutes, every, 1, per_row=False,
+             description="Rate limits were collected, but none successfully for --stale-after: the "
+                         "headroom rules are working with the last known limits."),
     ]

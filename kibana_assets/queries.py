@@ -20,6 +20,9 @@ The rate limit headroom semantics (the seed's, made correction-safe):
 8. Org-wide: per project first (exactly as above), then per model the SUM of per-project peaks
    over the SUM of per-project limits: an indicative `limit (aggregate)` and
    `utilization (approx.)`, never a real throttle boundary.
+9. The rules (not the panels) look back further for limits than for usage: usage is the last 15
+   minutes (filtered inside the query with NOW()), the limit the MAX over those minutes, else over
+   the rule's longer window (--stale-after + 10m): the last known limits, until the stale rule fires.
 """
 from __future__ import annotations
 
@@ -68,27 +71,51 @@ def normalized_model(expr: str) -> str:
     return f'REPLACE({expr}, "{SNAPSHOT_SUFFIX_REGEX}", "")'
 
 
-def _per_project_core(sources: Sources) -> list[str]:
+def _per_project_core(sources: Sources, usage_minutes: int | None = None) -> list[str]:
     """The per project and model pipeline up to one row per (project, model) with peak usage and
-    the window's limit per unit. Shared by the panel, the rules and the org-wide rollup."""
+    the window's limit per unit. Shared by the panel, the rules and the org-wide rollup.
+
+    Without `usage_minutes` (the panels) the dashboard time range is the window for both sides.
+    With it (the rules), the rule's time window is the longer *limits look-back* and the query
+    itself keeps usage to the last `usage_minutes`; the limit is the MAX over those same minutes
+    when any arrived, else the MAX over the look-back (the last known limits, until the stale rule
+    takes over). So a stalled rate-limits collection does not silence the headroom rules."""
+    recent = f"@timestamp >= NOW() - {usage_minutes} minutes" if usage_minutes else None
     lines = [
         sources.from_clause([*HEADROOM_USAGE_DATASETS, "rate_limits"]),
         "| WHERE openai.base.bucket_width IS NULL OR openai.base.bucket_width == \"1m\"",
+    ]
+    if recent:
+        # usage only from the last usage_minutes; limit documents from the whole look-back
+        lines.append(f"| WHERE openai.rate_limits.model IS NOT NULL OR {recent}")
+    lines += [
         "| EVAL project_id = COALESCE(openai.base.project_id, openai.rate_limits.project_id),",
         f"       model = {normalized_model('COALESCE(openai.base.model, openai.rate_limits.model)')},",
         "       minute = DATE_TRUNC(1 minute, @timestamp)",
         "| WHERE project_id IS NOT NULL AND model IS NOT NULL",
         "| EVAL project_model = CONCAT(project_id, \"::\", model)",
+    ]
+    if recent:
+        lines.append("| EVAL " + ", ".join(f"{u}_recent = CASE({recent}, {limit})"
+                                            for u, (_, limit, _) in UNITS.items()))
+    rec = (lambda fmt: [fmt.format(u=u) for u in UNITS]) if recent else (lambda fmt: [])
+    lines += [
         # 1. usage summed per minute (corrections add up), limits MAX
         "| STATS " + ", ".join(
             [f"{u}_used = SUM({usage})" for u, (usage, _, _) in UNITS.items()]
             + [f"{u}_lim = MAX({limit})" for u, (_, limit, _) in UNITS.items()]
+            + rec("{u}_lim_recent = MAX({u}_recent)")
         ) + " BY project_model, minute",
         # 2. peak minute per project and model; limit stabilized as the max in the window
         "| STATS " + ", ".join(
             [f"peak_{u} = MAX({u}_used)" for u in UNITS]
             + [f"{u}_limit = MAX({u}_lim)" for u in UNITS]
+            + rec("{u}_limit_recent = MAX({u}_lim_recent)")
         ) + " BY project_model",
+    ]
+    if recent:
+        lines.append("| EVAL " + ", ".join(f"{u}_limit = COALESCE({u}_limit_recent, {u}_limit)" for u in UNITS))
+    lines += [
         "| WHERE " + " OR ".join(f"{u}_limit IS NOT NULL" for u in UNITS),
         "| EVAL " + ", ".join(f"peak_{u} = COALESCE(peak_{u}, 0)" for u in UNITS),
         "| DISSECT project_model \"%{project_id}::%{model}\"",
@@ -158,16 +185,22 @@ def headroom_org_wide(sources: Sources = DEFAULT_SOURCES) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_USAGE_WINDOW_MINUTES = 15
+
+
 def headroom_rule(unit: str = "tpm", threshold: float = DEFAULT_THRESHOLD,
-                  sources: Sources = DEFAULT_SOURCES) -> str:
+                  sources: Sources = DEFAULT_SOURCES,
+                  usage_minutes: int = DEFAULT_USAGE_WINDOW_MINUTES) -> str:
     """Rule: one row per project::model whose peak 1-minute utilization reached the threshold.
 
     The last STATS groups BY `project_model` (`<project_id>::<model>`), which Kibana's per-row
     alerting (8.19/9.1+) uses as the alert id. Tune with the `WHERE <unit>_utilization >= ...` line.
+    Usage is the last `usage_minutes` (the seed's 15); the rule's own time window is the longer
+    limits look-back (see `_per_project_core`).
     """
     if unit not in UNITS:
         raise ValueError(f"unknown unit {unit!r}")
-    lines = _per_project_core(sources) + [
+    lines = _per_project_core(sources, usage_minutes) + [
         f"| EVAL {_utilization(unit)}",
         f"| WHERE {unit}_utilization >= {threshold:g}",
         f"| SORT {unit}_utilization DESC",
@@ -176,19 +209,27 @@ def headroom_rule(unit: str = "tpm", threshold: float = DEFAULT_THRESHOLD,
     return "\n".join(lines)
 
 
-def limits_stale_rule(sources: Sources = DEFAULT_SOURCES) -> str:
-    """Rule: no successful rate-limits collection in the rule's time window.
+DEFAULT_STALE_AFTER_MINUTES = 60
+
+
+def limits_stale_rule(sources: Sources = DEFAULT_SOURCES,
+                      stale_after_minutes: int = DEFAULT_STALE_AFTER_MINUTES) -> str:
+    """Rule: the rate-limits collection ran within the rule's time window (the *stale horizon*,
+    24h by default) but none succeeded in the last `stale_after_minutes`.
 
     The collector writes one status document per cycle (`event.action: rate-limits-collection`,
-    `event.outcome`). An ungrouped STATS over no rows still returns one row, so the query returns a
-    row exactly when there was no success in the window (and says how many failures there were)."""
+    `event.outcome`). An ungrouped STATS over no rows still returns one row (all nulls), so the
+    final WHERE requires a collection in the window: a cluster that never had rate-limits data,
+    or a stream turned off longer than the horizon ago, returns no row instead of firing forever.
+    Failing from the first cycle (no success at all) fires; so does a collector that stopped
+    writing, until the horizon passes."""
     return "\n".join([
         sources.from_clause(["rate_limits"]),
         "| WHERE event.action == \"rate-limits-collection\"",
-        "| EVAL ok = CASE(event.outcome == \"success\", 1, 0), failed = CASE(event.outcome == \"failure\", 1, 0)",
-        "| STATS successful_collections = SUM(ok), failed_collections = SUM(failed), last_collection = MAX(@timestamp)",
-        "| EVAL successful_collections = COALESCE(successful_collections, 0), failed_collections = COALESCE(failed_collections, 0)",
-        "| WHERE successful_collections == 0",
+        "| EVAL success_at = CASE(event.outcome == \"success\", @timestamp), failed = CASE(event.outcome == \"failure\", 1, 0)",
+        "| STATS last_success = MAX(success_at), failed_collections = SUM(failed), last_collection = MAX(@timestamp)",
+        f"| WHERE last_collection IS NOT NULL AND (last_success IS NULL OR last_success < NOW() - {stale_after_minutes} minutes)",
+        "| EVAL minutes_since_success = DATE_DIFF(\"minute\", last_success, NOW())",
     ])
 
 

@@ -415,7 +415,11 @@ def test_headroom_rule_exactly_as_the_seed():
     assert body["alert_delay"] == {"active": 3}
     p = body["params"]
     assert p["searchType"] == "esqlQuery" and p["esqlQuery"]["esql"] == Q.headroom_rule("tpm")
-    assert (p["timeWindowSize"], p["timeWindowUnit"], p["timeField"]) == (15, "m", "@timestamp")
+    # the seed's 15-minute usage window is inside the query; the rule's window is the limits
+    # look-back: --stale-after (60m) + 10m, so the last known limits outlast the stale rule's silence
+    assert "| WHERE openai.rate_limits.model IS NOT NULL OR @timestamp >= NOW() - 15 minutes" \
+        in p["esqlQuery"]["esql"].splitlines()
+    assert (p["timeWindowSize"], p["timeWindowUnit"], p["timeField"]) == (70, "m", "@timestamp")
     assert p["threshold"] == [0] and p["thresholdComparator"] == ">"
     assert p["groupBy"] == "row"
     assert "| WHERE tpm_utilization >= 0.8" in p["esqlQuery"]["esql"].splitlines()
@@ -433,8 +437,9 @@ def test_three_rules_with_fixed_ids():
     rules = K.rules(K.RuleOptions(stale_after_minutes=120))
     assert [r.id for r in rules] == [K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM, K.RULE_ID_LIMITS_STALE]
     stale = rules[2]
-    assert stale.window_minutes == 120 and stale.params("9.1.0")["groupBy"] == "all"
-    assert "event.outcome == \"success\"" in stale.query and "WHERE successful_collections == 0" in stale.query
+    assert stale.window_minutes == 120 + 1440 and stale.params("9.1.0")["groupBy"] == "all"
+    assert "event.outcome == \"success\"" in stale.query and "last_success < NOW() - 120 minutes" in stale.query
+    assert [r.window_minutes for r in rules[:2]] == [130, 130]
     assert "rpm_utilization >= 0.8" in rules[1].query
 
 
@@ -526,7 +531,12 @@ def test_dashboard_fingerprint_covers_the_panels():
 def test_rule_alert_delays_and_options():
     rules = K.rules(K.RuleOptions(headroom_window_minutes=45, headroom_threshold=0.7))
     assert [r.alert_delay for r in rules] == [3, 3, 1]
-    assert [r.window_minutes for r in rules[:2]] == [45, 45]
+    assert [r.window_minutes for r in rules[:2]] == [70, 70]  # the limits look-back (60m + 10m)
+    assert all("@timestamp >= NOW() - 45 minutes" in r.query for r in rules[:2])  # usage: 45m
+    wide = K.rules(K.RuleOptions(headroom_window_minutes=120))
+    assert [r.window_minutes for r in wide[:2]] == [120, 120]  # never shorter than the usage window
+    with pytest.raises(ValueError):
+        K.RuleOptions(stale_after_minutes=60, stale_horizon_minutes=60)
     assert "WHERE tpm_utilization >= 0.7" in rules[0].query and "WHERE rpm_utilization >= 0.7" in rules[1].query
     assert rules[0].params(None)["groupBy"] == "row"  # no version given: the newest Kibana's grouping
 

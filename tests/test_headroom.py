@@ -140,7 +140,9 @@ def test_alert_ids_are_project_model():
 def test_queries_are_rendered_from_one_definition():
     per_project, rule = Q.headroom_per_project(), Q.headroom_rule("tpm")
     core = "\n".join(Q._per_project_core(Q.DEFAULT_SOURCES))
-    assert core in per_project and core in rule and core in Q.headroom_org_wide()
+    assert core in per_project and core in Q.headroom_org_wide()
+    rule_core = "\n".join(Q._per_project_core(Q.DEFAULT_SOURCES, usage_minutes=15))
+    assert rule_core in rule and rule_core in Q.headroom_rule("rpm")
     rules = {r.name: r for r in K.rules()}
     assert rules[K.HEADROOM_RULE_NAME].query == rule
     panels = {p.title: p.query for d in K.dashboards() for p in d.panels}
@@ -224,15 +226,123 @@ def test_headroom_core_semantics_in_text():
         in Q.headroom_per_project().splitlines()
 
 
-def test_stale_rule_fires_on_an_empty_window():
-    """The rule relies on an ungrouped STATS still giving one row over no rows (see the query's
-    docstring); the COALESCE turns its empty sums into 0 before the `== 0` test, so the rule also
-    fires when nothing at all arrived in the window."""
+def test_stale_rule_needs_a_collection_in_its_window():
+    """An ungrouped STATS gives one row (of nulls) over no rows: the final WHERE requires a
+    collection in the window, so a cluster without rate-limits data, or a stream turned off longer
+    than the horizon ago, gives no row instead of firing forever."""
     lines = Q.limits_stale_rule().splitlines()
     assert lines[1] == '| WHERE event.action == "rate-limits-collection"'
-    assert lines[-1] == "| WHERE successful_collections == 0"
-    assert any("successful_collections = COALESCE(successful_collections, 0)" in line for line in lines[:-1])
-    assert "BY" not in next(line for line in lines if line.startswith("| STATS"))
+    stats = next(line for line in lines if line.startswith("| STATS"))
+    assert "BY" not in stats and "last_success = MAX(success_at)" in stats
+    assert "last_collection = MAX(@timestamp)" in stats
+    assert "| WHERE last_collection IS NOT NULL AND (last_success IS NULL OR last_success < NOW() - 60 minutes)" in lines
+    assert "NOW() - 90 minutes" in Q.limits_stale_rule(stale_after_minutes=90)
+
+
+MIN = 60
+NOW = 1767225600  # 2026-01-01T00:00:00Z
+
+
+def iso(t):
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def test_stale_model_fires_only_after_a_collection_went_stale():
+    ok = lambda t: status(iso(t))  # noqa: E731
+    fail = lambda t: status(iso(t), "failure")  # noqa: E731
+    stale = lambda docs: H.limits_stale(docs, now=NOW, stale_after_minutes=60)  # noqa: E731
+    assert stale([]) is None  # never collected (fresh install) or the stream is off: no alert
+    assert stale([ok(NOW - 30 * MIN)]) is None
+    assert stale([ok(NOW - 61 * MIN)]) is not None  # the collector stopped writing
+    row = stale([ok(NOW - 90 * MIN), fail(NOW - 30 * MIN), fail(NOW - 25 * MIN)])
+    assert row["failed_collections"] == 2
+    assert stale([fail(NOW - 5 * MIN)])["last_success"] is None  # failing from the first cycle
+    # only the documents in the rule's time window reach it: the window (the horizon) bounds it
+    rule = next(r for r in K.rules() if r.id == K.RULE_ID_LIMITS_STALE)
+    assert rule.window_minutes == 60 + 24 * 60
+
+
+def test_rule_model_keeps_the_last_known_limit_and_prefers_a_recent_one():
+    use = lambda t, tokens: usage("completions", iso(t), "p", "m", tokens=tokens)  # noqa: E731
+    lim = lambda t, tpm: limit(iso(t), "p", "m", tpm=tpm)  # noqa: E731
+    kw = {"now": NOW, "usage_minutes": 15}
+    # limits stopped 40 minutes ago: the rule still compares usage with the last known limit
+    (row,) = H.per_project([lim(NOW - 40 * MIN, 1000), use(NOW - 5 * MIN, 900)], **kw)
+    assert (row["peak_tpm"], row["tpm_limit"], row["tpm_utilization"]) == (900, 1000, 0.9)
+    # a limit inside the usage window wins over an older (higher) one: the seed's MAX over 15m
+    (row,) = H.per_project([lim(NOW - 40 * MIN, 5000), lim(NOW - 10 * MIN, 1000), use(NOW - 5 * MIN, 900)], **kw)
+    assert row["tpm_limit"] == 1000
+    # usage older than the usage window does not count, even though the documents reach the rule
+    (row,) = H.per_project([lim(NOW - 10 * MIN, 1000), use(NOW - 20 * MIN, 990), use(NOW - 5 * MIN, 100)], **kw)
+    assert row["peak_tpm"] == 100
+    # without now/usage_minutes (the panels): the seed's semantics, every document given counts
+    (row,) = H.per_project([lim(NOW - 40 * MIN, 5000), lim(NOW - 10 * MIN, 1000), use(NOW - 20 * MIN, 990)])
+    assert (row["tpm_limit"], row["peak_tpm"]) == (5000, 990)
+
+
+def test_rule_query_text_matches_the_rule_model():
+    q = Q.headroom_rule("tpm", usage_minutes=15).splitlines()
+    assert "| WHERE openai.rate_limits.model IS NOT NULL OR @timestamp >= NOW() - 15 minutes" in q
+    for u, (_, field, _) in Q.UNITS.items():
+        assert any(f"{u}_recent = CASE(@timestamp >= NOW() - 15 minutes, {field})" in line for line in q)
+        assert any(f"{u}_limit = COALESCE({u}_limit_recent, {u}_limit)" in line for line in q)
+    # the panels keep the seed's semantics: the dashboard time range is the window for both sides
+    assert "NOW()" not in Q.headroom_per_project() and "NOW()" not in Q.headroom_org_wide()
+
+
+def test_rate_limits_default_interval_is_five_minutes():
+    """The coverage test below collects every COLLECTION_INTERVAL_MIN minutes: the default."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "manifest.yml").read_text()
+    block = text[text.index("  - name: rate_limits"):]
+    block = block[:block.index("\n  - name: ", 5)]
+    assert "*interval_5m" in block and "default: 5m" in text[text.index("&interval_5m"):][:200]
+    assert COLLECTION_INTERVAL_MIN == 5
+
+
+COLLECTION_INTERVAL_MIN = 5  # the rate_limits stream's default interval (manifest.yml)
+
+
+@pytest.mark.parametrize("unit", ["tpm", "rpm"])
+def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
+    """The seed's weakness: limits stop arriving, the headroom rule goes silent. Limits are
+    collected every 5 minutes until `stop`; usage stays at 95% of the limit throughout. At every
+    minute until the stale alert's horizon, either the headroom rule (its window = the limits
+    look-back) still alerts, or the stale rule has fired on a run at most one schedule interval
+    earlier (whatever the phase of the two 5-minute schedules)."""
+    rules = {r.id: r for r in K.rules()}
+    head = rules[K.RULE_ID_HEADROOM_TPM if unit == "tpm" else K.RULE_ID_HEADROOM_RPM]
+    stale_rule = rules[K.RULE_ID_LIMITS_STALE]
+    o = K.RuleOptions()
+    every = K.RULE_INTERVAL_MINUTES
+    stop = NOW
+    docs = []
+    for t in range(stop - 3 * 60 * MIN, stop + 1, COLLECTION_INTERVAL_MIN * MIN):
+        docs += [limit(iso(t), "p", "gpt-4o", tpm=10_000, rpm=100), status(iso(t))]
+    for t in range(stop - 3 * 60 * MIN, stop + 3 * 60 * MIN, MIN):
+        docs.append(usage("completions", iso(t), "p", "gpt-4o-2024-08-06", tokens=9_500, requests=95))
+    stamps = [(H._time(d["@timestamp"]).timestamp(), d) for d in docs]
+
+    def window(now, minutes):
+        return [d for ts, d in stamps if now - minutes * MIN <= ts <= now]
+
+    def headroom_alerts(now):
+        return H.alerts(window(now, head.window_minutes), unit, now=now, usage_minutes=o.headroom_window_minutes)
+
+    def stale_fires(now):
+        return H.limits_stale(window(now, stale_rule.window_minutes), now=now,
+                              stale_after_minutes=o.stale_after_minutes) is not None
+
+    assert headroom_alerts(stop) == ["p::gpt-4o"] and not stale_fires(stop)
+    # every minute for the first 2h (where the hand-over happens), then every 30 minutes
+    minutes = [*range(0, 120), *range(120, o.stale_window_minutes - every, 30)]
+    silent = [m for m in minutes
+              if not stale_fires(stop + (m - every) * MIN) and not headroom_alerts(stop + m * MIN)]
+    assert silent == []
+    # the stale alert does end: a stream turned off stops alerting after the horizon
+    assert not stale_fires(stop + (o.stale_window_minutes + 1) * MIN)
 
 
 def test_failed_logins_panel_counts_only_failures():

@@ -777,12 +777,24 @@ def test_rule_and_retention_options_reach_the_assets(stack):
                      "--rate-limits-retention", "30d")
     assert result.exit_code == 0, result.output
     tpm, rpm, stale = (stack.rules[i] for i in (K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM, K.RULE_ID_LIMITS_STALE))
-    assert (tpm["params"]["timeWindowSize"], tpm["params"]["timeWindowUnit"]) == (120, "m")
-    assert rpm["params"]["timeWindowSize"] == 120
-    assert stale["params"]["timeWindowSize"] == 1440
+    # usage: the last 2h, inside the query; the rules' window: limits for --stale-after + 10m
+    assert (tpm["params"]["timeWindowSize"], tpm["params"]["timeWindowUnit"]) == (1450, "m")
+    assert rpm["params"]["timeWindowSize"] == 1450
+    assert "@timestamp >= NOW() - 120 minutes" in tpm["params"]["esqlQuery"]["esql"]
+    # stale after 1d; the alert stays active for a day (the default horizon), then stops
+    assert stale["params"]["timeWindowSize"] == 2880
+    assert "last_success < NOW() - 1440 minutes" in stale["params"]["esqlQuery"]["esql"]
     assert [r["enabled"] for r in (tpm, rpm, stale)] == [False, False, False]
     assert stack.index["logs-openai.rate_limits"]["template"]["lifecycle"]["data_retention"] == "30d"
     assert stack.index["logs-openai.completions"]["template"]["lifecycle"]["data_retention"] == E.DEFAULT_RETENTION_ALL
+
+
+def test_stale_horizon_option(stack):
+    result = install("--stale-after", "2h", "--stale-horizon", "7d")
+    assert result.exit_code == 0, result.output
+    assert stack.rules[K.RULE_ID_LIMITS_STALE]["params"]["timeWindowSize"] == 7 * 1440
+    r = run("install", "--es-url", ES, "--kibana-url", KB, "--stale-after", "2h", "--stale-horizon", "1h")
+    assert r.exit_code == 2 and "must be longer than --stale-after" in r.output
 
 
 def test_a_retention_with_trailing_text_is_refused():
