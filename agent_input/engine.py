@@ -338,7 +338,7 @@ class UsageCollector(PollingCollector):
         settled = resume
         carry: dict | None = None  # last bucket of a page: it may continue on the next page
         tokens: set[str] = set()  # every next_page of this listing: one seen twice is a loop
-        with PageFetcher(self.client, self.spec.path) as pages:
+        with PageFetcher(self.client, self.spec.path, self.stop) as pages:
             pages.request(params)
             while True:
                 # the network wait, never gated; the fetch thread has asked for the next page

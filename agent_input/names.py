@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .http_client import AdminApiClient, ApiError
-from .paging import cursor_pages
+from .http_client import AdminApiClient, ApiError, StoppedError
+from .paging import STOP_CHECK, cursor_pages, stopped
 
 log = logging.getLogger("agent_input.names")
 
@@ -139,9 +139,18 @@ class NameCache:
         try:
             self.ensure_fresh()
             if not self._all_loaded.is_set():
-                self._keys_loaded.wait()
+                self._wait(self._keys_loaded, "project and API key names")
+        except StoppedError:
+            raise  # the poll ends here, before documents without their names are stored
         except Exception as exc:  # noqa: BLE001 - names must never cost a document
             log.warning("names: refresh failed: %s", exc)
+
+    def _wait(self, loaded: threading.Event, what: str) -> None:
+        """Wait for a part of the first load; a stop ends the wait (a listing may hang for up to
+        `http_timeout`) with StoppedError."""
+        while not loaded.wait(STOP_CHECK if self._stop is not None else None):
+            if self._stop.is_set():
+                raise stopped(what)
 
     def enrich(self, doc: dict) -> None:
         """Add the names this cache knows to `doc["openai"]["base"]` (refreshing first if due);
@@ -168,7 +177,7 @@ class NameCache:
                 if type(value) is str:
                     name = users.get(value)
                     if name is None and not self._all_loaded.is_set() and value not in self._service_accounts:
-                        self._all_loaded.wait()  # not a key owner: wait for the organization's users
+                        self._wait(self._all_loaded, "user e-mails")  # not a key owner: the organization's users
                         users = self._users
                         name = users.get(value)
                     if name:
@@ -177,6 +186,8 @@ class NameCache:
                 name = keys.get(value) if type(value) is str else None
                 if name:
                     base["api_key_name"] = name
+        except StoppedError:
+            raise  # stopped while waiting: nothing is stored without its names
         except Exception as exc:  # noqa: BLE001 - enrichment must never cost a document
             log.warning("names: enrichment skipped: %s", exc)
 

@@ -96,6 +96,16 @@ PAGES_AHEAD = 4
 _NEXT_PAGE_AT_END = re.compile(rb'"has_more"\s*:\s*true\s*,\s*"next_page"\s*:\s*("(?:[^"\\]|\\.)*")\s*}\s*$')
 
 
+STOP_CHECK = 0.2  # seconds: how often a wait for a page (or a name) looks at the stop event
+
+
+def stopped(what: str, path: str = "") -> Exception:
+    """The StoppedError of a wait cut short by a stop: the poll ends there, its cursor unmoved."""
+    from .http_client import StoppedError
+
+    return StoppedError(None, f"stopped while waiting for {what}", "stopped", path)
+
+
 class PageFetcher:
     """One stream's chain of page requests, read ahead of the pages being worked on.
 
@@ -106,11 +116,12 @@ class PageFetcher:
     one request in flight per stream. Clients without `get_raw` (test doubles) give parsed
     objects: no token to read, one page at a time, the next asked for by `request`. Leaving the
     block on an error or a stop drops what is still in flight (a later poll asks again) without
-    waiting for it, so the error is reported at once.
+    waiting for it, so the error is reported at once; a stop also ends a wait in `take` (a request
+    may hang for up to `http_timeout`, 10 minutes at most).
     """
 
-    def __init__(self, client, path: str):
-        self.client, self.path = client, path
+    def __init__(self, client, path: str, stop: threading.Event | None = None):
+        self.client, self.path, self._stop = client, path, stop
         self._raw = getattr(client, "get_raw", None)
         self._ahead = max(1, PAGES_AHEAD)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-fetch")
@@ -151,7 +162,9 @@ class PageFetcher:
         not asked for); the request's own error if it failed."""
         with self._cond:
             while not self._pages:
-                self._cond.wait()
+                if self._stop is not None and self._stop.is_set():
+                    raise stopped("a page", self.path)
+                self._cond.wait(STOP_CHECK if self._stop is not None else None)
             answer, failed, token = self._pages.popleft()
             self._cond.notify_all()
         if failed:

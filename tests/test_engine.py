@@ -981,3 +981,50 @@ def test_back_to_a_width_still_being_finished_loses_nothing(tmp_path):
     delivered = sum(d["openai"]["completions"]["input_tokens"] for d in got.values()
                     if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi)
     assert delivered == (hi - lo) // 60
+
+
+class HangingApi:
+    """A request that never answers (an API that hangs for up to http_timeout)."""
+
+    def __init__(self):
+        self.release = __import__("threading").Event()
+
+    def get_json(self, path, params):
+        self.release.wait(30)
+        raise RuntimeError("released")
+
+
+def test_a_stop_ends_the_wait_for_a_hanging_page(harness):
+    """Before, a stop (or a new config) waited for the request in flight: up to http_timeout, 10
+    minutes at most, and the supervisor killed the process."""
+    import threading
+
+    from agent_input.http_client import StoppedError
+
+    api = HangingApi()
+    h = harness(api)
+    h.collector.stop = stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(StoppedError):
+        h.collector.poll(NOW)
+    assert time.monotonic() - started < 3 and h.store.cursor("completions", "1m") is None
+    api.release.set()
+
+
+def test_a_stop_ends_the_wait_for_the_first_names():
+    import threading
+
+    from agent_input.http_client import StoppedError
+    from agent_input.names import NameCache
+
+    api, stop = HangingApi(), threading.Event()
+    cache = NameCache(api, stop=stop)
+    threading.Thread(target=cache.ready, daemon=True).start()  # takes the first load, hangs in it
+    time.sleep(0.2)
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(StoppedError):
+        cache.ready()
+    assert time.monotonic() - started < 3
+    api.release.set()
