@@ -114,12 +114,17 @@ class BadBucket(ValueError):
 
 @dataclass
 class Progress:
-    """Per-stream backfill progress on one self-rewriting line, only when `stream` is a terminal:
-    piped or supervised output stays clean."""
+    """Per-stream backfill progress. On a terminal: one self-rewriting line. Otherwise (a log
+    file, systemd, a supervisor) a poll that has run `every` seconds says how far it got, every
+    `every` seconds: to `on_report(stream, message)` (the protocol's stream status), else as an
+    INFO log line. Short polls say nothing."""
 
     stream: TextIO = field(default_factory=lambda: sys.stderr)
-    enabled: bool | None = None  # None: whether `stream` is a terminal
+    enabled: bool | None = None  # the terminal line; None: whether `stream` is a terminal
+    on_report: Callable[[str, str], None] | None = None
+    every: float = 30.0
     _state: dict = field(default_factory=dict)
+    _began: dict = field(default_factory=dict)  # stream -> (when its poll began, when it last said)
     _last: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -128,8 +133,11 @@ class Progress:
             isatty = getattr(self.stream, "isatty", None)
             self.enabled = bool(isatty and isatty())
 
-    def update(self, stream: str, done: float, total: float) -> None:
-        if not self.enabled or total <= 0:
+    def update(self, stream: str, done: float, total: float, reached: float | None = None) -> None:
+        if total <= 0:
+            return
+        if not self.enabled:
+            self._report(stream, done, total, reached)
             return
         with self._lock:
             self._state[stream] = min(100, int(100 * done / total))
@@ -140,6 +148,23 @@ class Progress:
             line = "  ".join(f"{k} {v}%" for k, v in sorted(self._state.items()))
             self.stream.write(f"\rbackfill: {line}\x1b[K")
             self.stream.flush()
+
+    def _report(self, stream: str, done: float, total: float, reached: float | None) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if done >= total:
+                self._began.pop(stream, None)  # this poll is done: the next one counts afresh
+                return
+            began, said = self._began.setdefault(stream, (now, now))
+            if now - said < self.every:
+                return
+            self._began[stream] = (began, now)
+        message = f"backfill {min(99, int(100 * done / total))}%" + (
+            f", up to {iso_timestamp(reached)}" if reached is not None else "")
+        if self.on_report is not None:
+            self.on_report(stream, message)
+        else:
+            log.info("%s: %s", stream, message)
 
     def finish(self) -> None:
         """End the progress line, so what is printed next starts on a line of its own."""
@@ -451,7 +476,7 @@ class UsageCollector(PollingCollector):
                 payload = updates = None
                 memory.trim()  # hand the page's freed heap back (see agent_input/memory.py)
                 if self.progress:
-                    self.progress.update(self.name, contiguous - resume, end - resume)
+                    self.progress.update(self.name, contiguous - resume, end - resume, contiguous)
                 if not more or self.stop.is_set():
                     break  # when stopped mid-way, the carried bucket is re-read next poll
         return stats
@@ -751,9 +776,13 @@ class Engine:
         with _short_gil_turns():
             for t in threads:
                 t.start()
+            told = False
             for t in threads:
                 while t.is_alive():
                     t.join(0.2)
+                    if self.stop.is_set() and not told:
+                        told = True
+                        log.info("stopping: the pages in flight are finished and stored first")
         return 1 if self.failed else 0
 
     def _loop(self, collector: Collector, once: bool) -> None:

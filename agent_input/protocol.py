@@ -302,6 +302,7 @@ class Runner:
         self.engine_stop: threading.Event | None = None
         self.revision = 0
         self.config_id: Any = None
+        self._stream_status: dict[str, str] = {}
 
     # -- stdin -----------------------------------------------------------------------------------
     def _read_stdin(self) -> None:
@@ -402,13 +403,15 @@ class Runner:
         """Input `healthy` once the engine is built, before its thread can report a failure; `failed`
         (and no engine) when it cannot be built, e.g. an unusable state dir."""
         from . import app
+        from .engine import Progress
         from .state import StateError
 
         stop = threading.Event()
         self.output.resume()
         try:
             collection = app.build(config, state_dir=self.state_dir, output=self.output, stop=stop,
-                                   clock=self.clock, on_status=self._on_status)
+                                   clock=self.clock, on_status=self._on_status,
+                                   progress=Progress(enabled=False, on_report=self._on_progress))
         except (StateError, OutputError) as exc:
             self.writer.status("input", "failed", f"cannot start revision {self.revision}: {exc}",
                                config_id=self.config_id, revision=self.revision)
@@ -454,7 +457,16 @@ class Runner:
         self.engine_thread = None
 
     def _on_status(self, stream: str, status: str, reason: str) -> None:
+        self._stream_status[stream] = status
         self.writer.status("stream", status, reason, stream=stream, revision=self.revision)
+
+    def _on_progress(self, stream: str, message: str) -> None:
+        """A long poll's progress (a backfill) as the stream's status message, every 30 s: a stream
+        otherwise says `starting` with no word for as long as its first backfill runs. A stream
+        that is degraded or failed keeps saying why."""
+        status = self._stream_status.get(stream, "starting")
+        if status in ("starting", "healthy"):
+            self.writer.status("stream", status, message, stream=stream, revision=self.revision)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, stop_signal: threading.Event) -> int:

@@ -12,6 +12,7 @@ from agent_input.outputs import NdjsonOutput
 from agent_input.streams import STREAMS_BY_NAME
 
 import io
+import os
 import time
 
 
@@ -1028,3 +1029,39 @@ def test_a_stop_ends_the_wait_for_the_first_names():
         cache.ready()
     assert time.monotonic() - started < 3
     api.release.set()
+
+
+def test_progress_off_a_terminal_reports_a_long_poll_every_so_often(caplog):
+    """Under systemd, Docker or a supervisor there is no terminal: a backfill of many hours said
+    nothing at all (the stream stayed `starting` with no word). A poll that has run `every`
+    seconds now says how far it got, to `on_report` or the log."""
+    from agent_input.engine import Progress
+
+    said: list = []
+    progress = Progress(stream=io.StringIO(), on_report=lambda s, m: said.append((s, m)), every=0)
+    progress.update("completions", 25, 100, ts("2026-11-23T04:00:00"))
+    progress.update("completions", 100, 100, ts("2026-11-23T10:00:00"))  # done: nothing to say
+    assert said == [("completions", "backfill 25%, up to 2026-11-23T04:00:00.000Z")]
+    quiet = Progress(stream=io.StringIO(), on_report=lambda s, m: said.append((s, m)))
+    quiet.update("completions", 25, 100)  # a poll that has not run 30 s yet
+    assert len(said) == 1
+    with caplog.at_level("INFO", logger="agent_input.engine"):
+        Progress(stream=io.StringIO(), every=0).update("embeddings", 1, 2, ts("2026-11-23T04:00:00"))
+    assert "embeddings: backfill 50%, up to 2026-11-23T04:00:00.000Z" in caplog.text
+
+
+def test_protocol_progress_is_the_stream_status_message_unless_it_is_degraded(tmp_path):
+    from agent_input.protocol import ProtocolWriter, Runner
+
+    r, w = os.pipe()
+    runner = Runner(ProtocolWriter(w), state_dir=str(tmp_path), stdin=io.BytesIO())
+    runner._on_status("completions", "starting", "")
+    runner._on_progress("completions", "backfill 40%")
+    runner._on_status("embeddings", "degraded", "a bucket does not match")
+    runner._on_progress("embeddings", "backfill 10%")
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        lines = [json.loads(x) for x in fh.read().splitlines()]
+    assert [(m["stream"], m["status"], m["message"]) for m in lines] == [
+        ("completions", "starting", ""), ("completions", "starting", "backfill 40%"),
+        ("embeddings", "degraded", "a bucket does not match")]
