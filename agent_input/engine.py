@@ -73,6 +73,9 @@ class Delivery:
 
 
 # -- collectors -------------------------------------------------------------------------------
+KEEP_ERRORS = 20  # the last errors a run's totals keep per stream
+
+
 @dataclass
 class PollStats:
     requests: int = 0
@@ -89,6 +92,7 @@ class PollStats:
         self.corrections += other.corrections
         self.bad_buckets += other.bad_buckets
         self.errors.extend(other.errors)
+        del self.errors[:-KEEP_ERRORS]  # a run's totals: an outage of days must not grow them without end
 
 
 class Collector(Protocol):
@@ -806,7 +810,7 @@ class Engine:
                     return
                 reason = str(exc) or exc.__class__.__name__
                 log.error("%s: poll failed, cursor kept, will retry: %s", collector.name, reason)
-                self.totals[collector.name].errors.append(reason)
+                self.totals[collector.name].add(PollStats(errors=[reason]))
                 self.on_status(collector.name, "degraded", reason)
                 if once:
                     self.failed[collector.name] = reason
@@ -814,6 +818,8 @@ class Engine:
             else:
                 self._add(collector.name, stats)
                 self.on_poll(collector.name, stats)
+                if self.stop.is_set():
+                    return  # cut short by the stop: not a clean poll to call healthy
                 if stats.errors:
                     self.on_status(collector.name, "degraded", stats.errors[-1])
                 else:

@@ -57,6 +57,8 @@ class RateLimitsCollector(ListingCollector):
         try:
             projects = list(self._list(PROJECTS, {"include_archived": self.include_archived,
                                                   "limit": self.batch_size}, stats))
+        except StoppedError:
+            raise  # a stop is not a failed collection: nothing is stored, the next start reads a whole cycle
         except ApiError as exc:
             error = f"cannot list projects: {exc}"
             if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
@@ -65,16 +67,14 @@ class RateLimitsCollector(ListingCollector):
         read = 0
         for project in projects:
             if self.stop.is_set():
-                error = error or "stopped before every project was read"
-                break
+                raise StoppedError(None, "stopped before every project was read", "stopped", PROJECTS)
             pid = project.get("id")
             if not isinstance(pid, str):
                 continue
             try:
                 rows = list(self._list(f"{PROJECTS}/{pid}/rate_limits", {"limit": LIMITS_PAGE}, stats))
             except StoppedError:
-                error = error or "stopped before every project was read"
-                break
+                raise
             except ApiError as exc:
                 failed.append(pid)
                 msg = f"rate_limits: skipped project {pid}: {exc}"
@@ -93,6 +93,8 @@ class RateLimitsCollector(ListingCollector):
                 limits += 1
         if error is None and failed and read == 0:
             error = f"the rate limits of all {len(failed)} project(s) failed (first: {failed[0]})"
+        if error is None and fatal is not None:  # a key rejected part way: not a whole cycle
+            error = f"stopped after {read} of {len(projects)} project(s): {fatal}"
         status_id, status = status_event(collected=cycle, projects=read, limits=limits,
                                          failed_projects=len(failed), error=error, namespace=self.namespace)
         lines.append(serialize(status_id, status))

@@ -1065,3 +1065,33 @@ def test_protocol_progress_is_the_stream_status_message_unless_it_is_degraded(tm
     assert [(m["stream"], m["status"], m["message"]) for m in lines] == [
         ("completions", "starting", ""), ("completions", "starting", "backfill 40%"),
         ("embeddings", "degraded", "a bucket does not match")]
+
+
+def test_a_run_s_totals_keep_the_last_errors_only():
+    """An outage of days appended every failed poll's error to the run's totals, never read."""
+    from agent_input.engine import KEEP_ERRORS, PollStats
+
+    totals = PollStats()
+    for i in range(KEEP_ERRORS * 5):
+        totals.add(PollStats(requests=1, errors=[f"error {i}"]))
+    assert totals.requests == KEEP_ERRORS * 5 and totals.errors[-1] == f"error {KEEP_ERRORS * 5 - 1}"
+    assert len(totals.errors) == KEEP_ERRORS
+
+
+def test_a_poll_cut_short_by_a_stop_is_not_reported_healthy():
+    import threading
+
+    from agent_input.engine import Engine, PollStats
+
+    stop, said = threading.Event(), []
+
+    class Stopping:
+        name, interval = "completions", 300
+
+        def poll(self, now):
+            stop.set()  # a stop arrives while the page in flight is finished
+            return PollStats(requests=1)
+
+    delivery = SimpleNamespace(replay_pending=lambda: 0)
+    Engine([Stopping()], delivery, stop=stop, on_status=lambda *a: said.append(a)).run()
+    assert [s for _, s, _ in said] == ["starting"]

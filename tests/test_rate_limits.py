@@ -203,3 +203,57 @@ def test_a_last_id_that_comes_back_is_reported_not_taken_as_the_end(tmp_path):
     assert stats.errors and "'proj_b' came back a second time" in stats.errors[-1]
     for c in closing:
         c.close()
+
+
+def test_a_stop_part_way_stores_nothing_and_is_no_failed_cycle(simulator, tmp_path):
+    """A graceful stop (or a new config) in the middle of a cycle stored the limits read so far
+    and a `failure` status document: every policy change added a failure to the rate-limit
+    failure panels, and an incomplete set of limits."""
+    import threading
+
+    from agent_input.http_client import StoppedError
+
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out)
+    col.stop = threading.Event()
+    real = col._list
+
+    def stop_after_the_projects(path, params, stats):
+        if path != "/v1/organization/projects":
+            col.stop.set()
+        return real(path, params, stats)
+
+    col._list = stop_after_the_projects
+    with pytest.raises(StoppedError):
+        col.poll(T0)
+    for c in closing:
+        c.close()
+    assert not out.exists() or read_ndjson(out) == []
+    col, closing = _collector(simulator, tmp_path / "state", out)
+    col.poll(T0)  # the same cycle, whole, at the next start
+    for c in closing:
+        c.close()
+    docs = read_ndjson(out)
+    assert docs[-1]["event"]["outcome"] == "success" and len(docs) > 1
+
+
+def test_a_key_rejected_part_way_is_a_failed_cycle(simulator, tmp_path):
+    from agent_input.http_client import AuthenticationError
+
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out)
+    real, seen = col._list, []
+
+    def reject_the_second_project(path, params, stats):
+        if path.endswith("/rate_limits"):
+            seen.append(path)
+            if len(seen) == 2:
+                raise AuthenticationError(401, "the admin key was rejected", "invalid_api_key", path)
+        return real(path, params, stats)
+
+    col._list = reject_the_second_project
+    with pytest.raises(AuthenticationError):
+        col.poll(T0)
+    for c in closing:
+        c.close()
+    assert read_ndjson(out)[-1]["event"]["outcome"] == "failure"
