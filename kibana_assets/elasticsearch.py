@@ -164,7 +164,9 @@ def ingest_pipeline(ds: str) -> dict:
 
 # Painless: pick the target dataset. Elastic Agent's filestream input overwrites data_stream.*
 # and event.dataset with its own dataset (e.g. `openai`), so fall back to the collector's tag
-# `openai-<dataset with dashes>`.
+# `openai-<dataset with dashes>`. A dataset this bundle does not know (a newer collector's) is set
+# back to `openai`, the generic stream's own: the reroute below would otherwise send it to a data
+# stream without our templates. It stays in logs-openai-<namespace>, as docs/assets.md says.
 _ROUTER_SCRIPT = """
 String ds = null;
 def d = ctx.data_stream?.dataset;
@@ -185,6 +187,8 @@ if (ds != null && params.known.contains(ds)) {
   if (ctx.data_stream == null) { ctx.data_stream = new HashMap(); }
   ctx.data_stream.dataset = ds;
   ctx.data_stream.type = 'logs';
+} else if (d instanceof String && d.startsWith('openai.')) {
+  ctx.data_stream.dataset = 'openai';
 }
 """.strip()
 

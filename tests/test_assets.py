@@ -336,6 +336,11 @@ def test_router_reroutes_by_dataset():
     assert not any(p.startswith("logs-openai-") for ds in F.datasets()
                    for p in _assets()[("index_template", f"logs-openai.{ds}")]["index_patterns"])
     assert E.router_pipeline("prod")["processors"][-1]["reroute"]["namespace"][-1] == "prod"
+    # an openai.* dataset this bundle does not know is set back to the generic `openai`, which the
+    # reroute's condition does not take: it stays in logs-openai-<namespace>
+    script = p["processors"][0]["script"]["source"]
+    assert "} else if (d instanceof String && d.startsWith('openai.')) {\n  ctx.data_stream.dataset = 'openai';" in script
+    assert reroute["if"].endswith("ctx.data_stream.dataset.startsWith('openai.')")
 
 
 def test_fingerprints_are_stable_and_content_based():
