@@ -39,13 +39,13 @@ def check(config_path: str, log_level: str) -> None:
 
     from .config import display_url
     from .http_client import AdminApiClient, probe_api
-    from .logs import setup_logging
+    from .logs import redact, setup_logging
 
     setup_logging(log_level, "text" if sys.stderr.isatty() else "ecs")
     config = _load_config_or_exit(config_path)
     enabled = config.enabled_streams()
-    click.echo(f"config OK: {len(enabled)} of {len(config.streams)} data streams enabled "
-               f"({', '.join(s.name for s in enabled) or 'none'}); API {display_url(config.url)}")
+    click.echo(redact(f"config OK: {len(enabled)} of {len(config.streams)} data streams enabled "
+                      f"({', '.join(s.name for s in enabled) or 'none'}); API {display_url(config.url)}"))
     failed = False
     try:
         # A check should answer quickly: a couple of retries, not the collector's full patience.
@@ -76,18 +76,20 @@ def _parse_now(value: str | None) -> float | None:
     import math
     from datetime import datetime, timezone
 
+    from .logs import redact
+
     try:
         now = float(value)
     except ValueError:
         try:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise click.BadParameter(f"{value[:60]!r} is neither ISO 8601 nor unix seconds",
+            raise click.BadParameter(redact(f"{value[:60]!r} is neither ISO 8601 nor unix seconds"),
                                      param_hint="'--now'") from None
         now = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
     if not (math.isfinite(now) and 0 <= now <= LATEST_NOW):
-        raise click.BadParameter(f"{value[:60]!r} is not a time from 1970 to 9999 (unix seconds 0..{LATEST_NOW})",
-                                 param_hint="'--now'")
+        raise click.BadParameter(redact(f"{value[:60]!r} is not a time from 1970 to 9999 "
+                                        f"(unix seconds 0..{LATEST_NOW})"), param_hint="'--now'")
     return now
 
 

@@ -513,14 +513,18 @@ def _index_refused(status: Any, info: Mapping, index: str) -> OutputError:
 
 
 def _reason(info: Mapping) -> str:
+    """An item's error for a message: redacted, then cut (a secret cut first would escape the
+    redaction of the whole value)."""
+    from .logs import redact
+
     error = info.get("error")
     if isinstance(error, Mapping):
         text = f"{error.get('type', 'error')}: {error.get('reason', '')}"
         cause = error.get("caused_by")
         if isinstance(cause, Mapping) and cause.get("reason"):
             text += f" ({cause.get('type')}: {cause.get('reason')})"
-        return text[:500]
-    return str(error)[:500] if error else "no reason given"
+        return redact(text)[:500]
+    return redact(str(error))[:500] if error else "no reason given"
 
 
 @dataclass
@@ -564,7 +568,7 @@ def _refused(exc, doc: Mapping) -> OutputError:
     status = exc.status_code
     if status in (401, 403):
         return _credentials_refused(f"HTTP {status} from {url}", doc["_index"])
-    message = " ".join(str(exc.message).split())[:200]  # a proxy's answer may be a whole HTML page
+    message = redact(" ".join(str(exc.message).split()))[:200]  # a proxy's answer may be a whole HTML page
     return OutputError(redact(
         f"Elasticsearch refused the bulk request (HTTP {status} from {url}: {message}): check the Elasticsearch "
         f"URL and any proxy in front of it; the batch stays in the outbox"))

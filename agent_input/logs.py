@@ -31,7 +31,13 @@ REDACTED = "***"
 _PATTERNS = [
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
     re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
+    # an Elasticsearch Authorization value echoed back (a proxy's error page quoting the request):
+    # base64 of an API key or of user:password, 12 characters or more with a digit or + / =
+    re.compile(r"(?i)\b((?:apikey|basic)\s+)(?=[A-Za-z0-9+/=_-]*[0-9+/=])[A-Za-z0-9+/=_-]{12,}"),
 ]
+# A secret cut short (an error line quoting 45 characters of a value, a body cut at 200) is still
+# a secret: any run of at least this many of its first characters is redacted too.
+PREFIX_CHARS = 12
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -66,8 +72,24 @@ def redact(text: str, extra: Iterable[str] = ()) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, REDACTED)
+        if len(secret) > PREFIX_CHARS:
+            text = _redact_prefixes(text, secret)
     text = _PATTERNS[0].sub(lambda m: m.group(1) + REDACTED, text)
     text = _PATTERNS[1].sub(REDACTED, text)
+    text = _PATTERNS[2].sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+def _redact_prefixes(text: str, secret: str) -> str:
+    """`text` with every run of `secret`'s first PREFIX_CHARS or more characters replaced."""
+    head = secret[:PREFIX_CHARS]
+    at = text.find(head)
+    while at >= 0:
+        end = at + PREFIX_CHARS
+        while end < len(text) and end - at < len(secret) and text[end] == secret[end - at]:
+            end += 1
+        text = text[:at] + REDACTED + text[end:]
+        at = text.find(head, at + len(REDACTED))
     return text
 
 

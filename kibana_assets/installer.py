@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import requests
 
 from agent_input.config import Secret, credential_problem, display_url, url_problem  # display_url: user:password@ -> ***@
+from agent_input.logs import redact, register_secret
 from agent_input.http_client import AuthorizationHeader
 
 from . import MANAGED_BY
@@ -41,10 +42,11 @@ KIBANA_PRIVILEGE = {
 
 
 class InstallerError(Exception):
-    """A one-line, user-facing error. `code` is the process exit status."""
+    """A one-line, user-facing error. `code` is the process exit status. Its text is redacted:
+    it may quote an answer, and a proxy's error page can echo the request's Authorization header."""
 
     def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
+        super().__init__(redact(message))
         self.code = code
 
 
@@ -74,6 +76,10 @@ def check_url(value: str, option: str) -> None:
 class Credentials:
     header: str | None  # the Authorization header value; never printed
     source: str  # where it came from, for messages
+
+    def __post_init__(self) -> None:
+        if self.header:  # the encoded value, redacted from every message from now on
+            register_secret(self.header.split(" ", 1)[-1])
 
     def __repr__(self) -> str:  # keep secrets out of tracebacks and debug output
         return f"Credentials(source={self.source!r})"
@@ -127,6 +133,7 @@ def resolve_credentials(api_key_file: str | None = None, username: str | None = 
         bad = credential_problem(password, allow_space=True)
         if bad:
             raise InstallerError(f"the password from {src} contains {bad}", code=2)
+        register_secret(password)
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         return Credentials("Basic " + token, f"user {user} ({src})")
     return Credentials(None, "no credentials")
@@ -187,19 +194,21 @@ class Target:
 
 
 def _reason(resp: requests.Response) -> str:
+    """What an answer says went wrong, redacted before it is cut (a proxy's error page may echo
+    the Authorization header: cut first, the value would no longer match whole)."""
     try:
         body = resp.json()
     except ValueError:
-        return (resp.text or "").strip()[:200] or f"HTTP {resp.status_code}"
+        return redact((resp.text or "").strip())[:200] or f"HTTP {resp.status_code}"
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):
-            return str(err.get("reason") or err.get("type") or err)[:300]
+            return redact(str(err.get("reason") or err.get("type") or err))[:300]
         if body.get("message"):
-            return str(body["message"])[:300]
+            return redact(str(body["message"]))[:300]
         if err:
-            return str(err)[:300]
-    return json.dumps(body)[:300]
+            return redact(str(err))[:300]
+    return redact(json.dumps(body))[:300]
 
 
 def _json(resp: requests.Response, expected: str = "a JSON object", text: str | None = None,

@@ -159,3 +159,8 @@ def test_an_unexpected_error_is_one_redacted_line_and_exit_1(tmp_path, monkeypat
     result = run(tmp_path, only("completions"))
     assert result.exit_code == 1
     assert "check failed: proxy said no" in result.output and KEY not in result.output
+
+
+def test_a_key_in_the_url_is_not_echoed(tmp_path):
+    result = run(tmp_path, f"url: https://127.0.0.1:9/v1?api_key={KEY}\nmax_retries: 0\n" + only("completions"))
+    assert "config OK" in result.output and KEY not in result.output

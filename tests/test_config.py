@@ -668,3 +668,13 @@ def test_yaml_nested_thousands_deep_is_an_error_not_a_traceback(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(p, env=ENV)
     assert info.value.key == "config" and "nested too deeply" in info.value.message
+
+
+def test_a_plain_key_pasted_elsewhere_is_not_quoted_even_cut():
+    """An admin key not shaped like sk-... pasted into another setting: the error line quoted its
+    first 45 characters, and the redaction looked for the whole key only."""
+    plain = "Zq8xPLAINADMINKEY0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH"  # 61 characters
+    for data, env in (({"namespace": plain}, {"OPENAI_ADMIN_KEY": plain}),
+                      ({"api_key": plain, "namespace": plain}, {})):
+        e = errors_of(data, env=env)
+        assert e.errors and all(plain[:12] not in str(x) for x in e.errors), [str(x) for x in e.errors]

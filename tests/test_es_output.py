@@ -668,3 +668,19 @@ def test_a_bad_es_url_is_one_line_without_its_password(url, says):
     with pytest.raises(OutputError) as info:
         make_client(url, env=ENV)
     assert says in str(info.value) and "S3cret-pw" not in str(info.value)
+
+
+def test_a_proxy_answer_echoing_the_api_key_is_redacted_before_it_is_cut():
+    """A proxy's 400 page quoting the request's headers was cut to 200 characters and then
+    redacted: the cut key no longer matched whole and 40 of its 60 characters went out."""
+    from types import SimpleNamespace
+
+    from agent_input.es_output import _reason, _refused
+    from agent_input.logs import register_secret
+
+    key = "VnVhQ2ZHY0JDZGJrUW0tZTVhT3g6dWkybHAyYXhUTm1zeWFrdzl0dk5udw=="
+    register_secret(key)
+    page = "<html>" + "x" * 150 + f"<pre>Authorization: ApiKey {key}</pre></html>"
+    exc = SimpleNamespace(status_code=400, message=page, meta=None)
+    assert key[:12] not in str(_refused(exc, {"_index": "logs-openai.completions-default"}))
+    assert key[:12] not in _reason({"error": {"type": "x", "reason": "y" * 480 + key}})

@@ -999,3 +999,20 @@ def test_export_manifest_and_rules_follow_the_options(tmp_path):
     # without --kibana-version the rules are for the newest Kibana: one alert per row
     tpm = json.loads((out / f"kibana/rules/{K.RULE_ID_HEADROOM_TPM}.json").read_text())
     assert tpm["params"]["groupBy"] == "row"
+
+
+def test_a_proxy_page_echoing_the_authorization_header_is_not_printed():
+    """A proxy that answers with an error page quoting the request's headers: the installer
+    printed up to 300 characters of it, the ApiKey or Basic value included."""
+    import requests as _requests
+
+    from kibana_assets.installer import Credentials, InstallerError, _reason
+
+    Credentials("ApiKey " + API_KEY, "test")  # registered for redaction as the installer does
+    page = f"<html><pre>GET / HTTP/1.1\nAuthorization: ApiKey {API_KEY}\nAccept: */*</pre></html>"
+    resp = _requests.Response()
+    resp.status_code, resp._content = 502, page.encode()
+    assert API_KEY[:12] not in _reason(resp) and "ApiKey ***" in _reason(resp)
+    assert API_KEY[:12] not in str(InstallerError(f"failed: {page}"))
+    basic = "Basic " + __import__("base64").b64encode(f"elastic:{PASSWORD}".encode()).decode()
+    assert basic[6:18] not in str(InstallerError(f"Authorization: {basic[:40]}"))

@@ -204,3 +204,19 @@ def test_urllib3_stays_at_info_when_we_log_at_debug(stderr):
         assert urllib3.level == logging.WARNING
     finally:
         urllib3.setLevel(saved)
+
+
+def test_a_secret_cut_short_is_redacted_too():
+    """An error line quotes 45 characters of a value, a body is cut at 200: the cut secret no
+    longer matched whole, and its first 45 (or 40) characters went out."""
+    from agent_input.logs import redact, register_secret
+
+    plain = "Zq8xPLAINADMINKEY0123456789abcdefghijklmnopqrstuvwxyz"
+    register_secret(plain)
+    assert redact(f"namespace: {plain[:45]!r}... (61 characters)") == "namespace: '***'... (61 characters)"
+    assert redact(f"x {plain[:11]} y") == f"x {plain[:11]} y", "under 12 characters is no secret's prefix"
+    # an Elasticsearch Authorization value a proxy echoed, cut at 200 characters
+    assert redact("<pre>Authorization: ApiKey VnVhQ2ZHY0JDZGJrUW0tZTVhT3g6dWkybHAy") == \
+        "<pre>Authorization: ApiKey ***"
+    assert redact("Authorization: Basic ZWxhc3RpYzplcy1wYTU1d29yZC1a") == "Authorization: Basic ***"
+    assert redact("uses basic authentication") == "uses basic authentication"
