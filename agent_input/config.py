@@ -485,8 +485,10 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
         streams[sname] = _stream(sname, raw, errors)
 
     if errors:
-        # the key may be pasted into another setting and not look like a key: hide every candidate
-        keys = [k.strip() for k in (api_key.reveal(), values.get("api_key"), env.get(ENV_ADMIN_KEY))
+        # a key may be pasted into another setting and not look like a key: hide every candidate,
+        # the Elasticsearch output's credentials too (the es_output reads them from `env` later)
+        keys = [k.strip() for k in (api_key.reveal(), values.get("api_key"), env.get(ENV_ADMIN_KEY),
+                                    env.get("ELASTIC_API_KEY"), env.get("ELASTIC_PASSWORD"))
                 if isinstance(k, str)]
         raise ConfigError.combine(errors).hiding([k for k in keys if len(k) >= 4])
     logs.register_secret(api_key)

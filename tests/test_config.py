@@ -674,7 +674,11 @@ def test_a_plain_key_pasted_elsewhere_is_not_quoted_even_cut():
     """An admin key not shaped like sk-... pasted into another setting: the error line quoted its
     first 45 characters, and the redaction looked for the whole key only."""
     plain = "Zq8xPLAINADMINKEY0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH"  # 61 characters
+    es_key = "VnVhQ2ZHY0JDZGJrUW0tZTVhT3g6dWkybHAyYXhUTm1zeWFrdzl0dk5udw=="
     for data, env in (({"namespace": plain}, {"OPENAI_ADMIN_KEY": plain}),
-                      ({"api_key": plain, "namespace": plain}, {})):
+                      ({"api_key": plain, "namespace": plain}, {}),
+                      ({"namespace": plain, "es_url": plain}, {**ENV, "ELASTIC_API_KEY": plain}),
+                      ({"namespace": es_key}, {**ENV, "ELASTIC_PASSWORD": es_key})):
         e = errors_of(data, env=env)
-        assert e.errors and all(plain[:12] not in str(x) for x in e.errors), [str(x) for x in e.errors]
+        shown = " ".join(str(x) for x in e.errors)
+        assert e.errors and plain[:12] not in shown and es_key[:12] not in shown, shown
