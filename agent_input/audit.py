@@ -112,7 +112,7 @@ class AuditCollector(ListingCollector):
                             log.debug("audit: mapping event %s failed", _short(eid), exc_info=True)
                         self._skip(stats, f"event {_short(eid)}", exc)
                         t = ev.get("effective_at")
-                        if type(t) is int and t >= keep_from:
+                        if type(t) is int and keep_from <= t <= slice_end:
                             next_recent[eid] = t  # the overlap's re-read skips it without a second report
                         continue
                     lines.append(line)
@@ -167,7 +167,11 @@ class AuditCollector(ListingCollector):
                 if not isinstance(ev, Mapping) or not isinstance(ev.get("id"), str):
                     bad.append(f"no string `id`: {_short(ev)}")
                     continue
-                events[ev["id"]] = dict(ev)
+                ev = dict(ev)
+                t = ev.get("effective_at")
+                if type(t) is float and t.is_integer():  # the reference's integer, as JSON Schema reads it
+                    ev["effective_at"] = int(t)
+                events[ev["id"]] = ev
         return events, bad
 
 

@@ -66,6 +66,11 @@ def redact(text: str, extra: Iterable[str] = ()) -> str:
     """`text` with every registered secret (plus `extra`) and every bearer token replaced by ***."""
     if not text:
         return text
+    # the shapes first: a registered secret replaced inside a token would leave the rest of it
+    # unmatched (`Basic ***TU1d29y...`)
+    text = _PATTERNS[0].sub(lambda m: m.group(1) + REDACTED, text)
+    text = _PATTERNS[1].sub(REDACTED, text)
+    text = _PATTERNS[2].sub(lambda m: m.group(1) + REDACTED, text)
     secrets = set(registered_secrets())
     secrets.update(s for s in extra if s)
     # Longest first, so a secret that contains another is replaced whole.
@@ -74,9 +79,6 @@ def redact(text: str, extra: Iterable[str] = ()) -> str:
             text = text.replace(secret, REDACTED)
         if len(secret) > PREFIX_CHARS:
             text = _redact_prefixes(text, secret)
-    text = _PATTERNS[0].sub(lambda m: m.group(1) + REDACTED, text)
-    text = _PATTERNS[1].sub(REDACTED, text)
-    text = _PATTERNS[2].sub(lambda m: m.group(1) + REDACTED, text)
     return text
 
 

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent_input.audit import KV_HWM, AuditCollector, audit_event
+from agent_input.audit import KV_HWM, KV_RECENT, AuditCollector, audit_event
 from agent_input.config import config_from_dict
+from agent_input.ecs import iso_timestamp
 from agent_input.engine import Delivery
 from agent_input.http_client import AdminApiClient, RetriesExhaustedError
 from agent_input.outputs import NdjsonFileOutput
@@ -495,4 +496,23 @@ def test_any_failure_to_map_one_event_is_reported_not_a_failed_slice(tmp_path, m
     assert store.get(KV_HWM) == str(now + 1)
     output.close()
     assert [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")] == ["audit_log-1", "audit_log-3"]
+    store.close()
+
+
+def test_an_effective_at_with_a_zero_fraction_is_the_integer_it_is(tmp_path):
+    """The reference is OpenAPI 3.1 (JSON Schema 2020-12), whose `integer` takes 1770616227.0;
+    such an event was reported as bad and skipped, never stored."""
+    now = int(T0)
+    whole = _session_event(1, now - 900)
+    whole["effective_at"] = float(now - 900)
+    beyond = _session_event(2, now - 800)
+    beyond["effective_at"] = 10**12  # a server that ignores effective_at[lte]: bad, never remembered
+    api = SimpleNamespace(now=now, get_json=lambda path, params: {"object": "list", "data": [whole, beyond],
+                                                         "has_more": False})
+    col, store, output = _listing_collector(tmp_path, api)
+    stats = col.poll(now)
+    output.close()
+    docs = read_ndjson(tmp_path / "audit.ndjson")
+    assert [d["_id"] for d in docs] == [whole["id"]] and docs[0]["@timestamp"].startswith(iso_timestamp(now - 900)[:19])
+    assert len(stats.errors) == 1 and beyond["id"] not in (store.get(KV_RECENT) or "")
     store.close()

@@ -205,6 +205,17 @@ def test_a_last_id_that_comes_back_is_reported_not_taken_as_the_end(tmp_path):
         c.close()
 
 
+def _before_each_listing(col, hook) -> None:
+    """Run `hook(path)` before each listing the collector starts (it may raise, or set the stop)."""
+    real = col._list
+
+    def listing(path, params, stats):
+        hook(path)
+        return real(path, params, stats)
+
+    col._list = listing
+
+
 def test_a_stop_part_way_stores_nothing_and_is_no_failed_cycle(simulator, tmp_path):
     """A graceful stop (or a new config) in the middle of a cycle stored the limits read so far
     and a `failure` status document: every policy change added a failure to the rate-limit
@@ -216,14 +227,7 @@ def test_a_stop_part_way_stores_nothing_and_is_no_failed_cycle(simulator, tmp_pa
     out = tmp_path / "limits.ndjson"
     col, closing = _collector(simulator, tmp_path / "state", out)
     col.stop = threading.Event()
-    real = col._list
-
-    def stop_after_the_projects(path, params, stats):
-        if path != "/v1/organization/projects":
-            col.stop.set()
-        return real(path, params, stats)
-
-    col._list = stop_after_the_projects
+    _before_each_listing(col, lambda path: path != "/v1/organization/projects" and col.stop.set())
     with pytest.raises(StoppedError):
         col.poll(T0)
     for c in closing:
@@ -242,16 +246,15 @@ def test_a_key_rejected_part_way_is_a_failed_cycle(simulator, tmp_path):
 
     out = tmp_path / "limits.ndjson"
     col, closing = _collector(simulator, tmp_path / "state", out)
-    real, seen = col._list, []
+    seen: list = []
 
-    def reject_the_second_project(path, params, stats):
+    def reject_the_second_project(path):
         if path.endswith("/rate_limits"):
             seen.append(path)
             if len(seen) == 2:
                 raise AuthenticationError(401, "the admin key was rejected", "invalid_api_key", path)
-        return real(path, params, stats)
 
-    col._list = reject_the_second_project
+    _before_each_listing(col, reject_the_second_project)
     with pytest.raises(AuthenticationError):
         col.poll(T0)
     for c in closing:

@@ -37,6 +37,14 @@ class Api:
         self.fail_at: int | None = None  # the n-th request of the next poll raises
         self.calls = 0
 
+    def revise(self, revisions, oldest: int) -> None:
+        """Late revisions `(minutes ago, group, value)`, only of minutes still settling (and not
+        before `oldest`, where the history starts)."""
+        for age, group, value in revisions:
+            b = (self.now - age * W) // W * W - W
+            if b >= self.now - SETTLE - W and b >= oldest:
+                self.data.setdefault(b, {})[group] = value
+
     def get_json(self, path, params):
         self.calls += 1
         if self.fail_at is not None and self.calls >= self.fail_at:
@@ -106,10 +114,7 @@ def test_delivered_sums_equal_the_truth(steps, page_buckets, initial):
         store, col = start()
         for minutes, revisions, action, fail_at in steps:
             api.now += minutes * W
-            for age, group, value in revisions:  # late revisions, only of buckets still settling
-                b = (api.now - age * W) // W * W - W
-                if b >= api.now - SETTLE - W and b >= T0 - initial * W - W:
-                    api.data.setdefault(b, {})[group] = value
+            api.revise(revisions, T0 - initial * W - W)
             api.calls = 0
             if action == "restart":
                 store.close()
@@ -137,22 +142,28 @@ def test_delivered_sums_equal_the_truth(steps, page_buckets, initial):
         end = api.now // W * W
         store.close()
 
+    got: dict[tuple[int, str], int] = {}
+    for b, doc in _delivered(out):
+        key = (b, doc["openai"]["base"]["model"])
+        got[key] = got.get(key, 0) + doc["openai"]["completions"].get("input_tokens", 0)
+    got = {k: v for k, v in got.items() if v}
+    want = {(b, g): v for b, groups in api.data.items() if origin <= b < end for g, v in groups.items() if v}
+    assert got == want
+
+
+def _delivered(out: "Out") -> list[tuple[int, dict]]:
+    """(bucket start, document) of every id delivered, as Elasticsearch's `create` keeps them (the
+    first wins), asserting that no id was ever delivered with other content."""
+    from datetime import datetime
+
     by_id: dict[str, dict] = {}
     for payload in out.delivered:
         for line in payload.splitlines():
             doc = json.loads(line)
             prev = by_id.setdefault(doc["_id"], doc)
             assert prev == doc, "one id, two contents"
-    got: dict[tuple[int, str], int] = {}
-    for doc in by_id.values():
-        from datetime import datetime
-
-        b = int(datetime.fromisoformat(doc["openai"]["base"]["start_time"].replace("Z", "+00:00")).timestamp())
-        key = (b, doc["openai"]["base"]["model"])
-        got[key] = got.get(key, 0) + doc["openai"]["completions"].get("input_tokens", 0)
-    got = {k: v for k, v in got.items() if v}
-    want = {(b, g): v for b, groups in api.data.items() if origin <= b < end for g, v in groups.items() if v}
-    assert got == want
+    return [(int(datetime.fromisoformat(d["openai"]["base"]["start_time"].replace("Z", "+00:00")).timestamp()), d)
+            for d in by_id.values()]
 
 
 width_step = st.tuples(
@@ -191,10 +202,7 @@ def test_changing_the_bucket_width_keeps_delivered_sums_equal_to_the_truth(steps
         store, col = start()
         for minutes, revisions, action, fail_at in steps:
             api.now += minutes * W
-            for age, group, value in revisions:  # late revisions, only of minutes still settling
-                b = (api.now - age * W) // W * W - W
-                if b >= api.now - SETTLE - W and b >= history:
-                    api.data.setdefault(b, {})[group] = value
+            api.revise(revisions, history)
             api.calls = 0
             if action in WIDTHS or action == "restart":
                 width = action if action in WIDTHS else width
@@ -217,17 +225,8 @@ def test_changing_the_bucket_width_keeps_delivered_sums_equal_to_the_truth(steps
         end = api.now // 3600 * 3600 - 3600
         store.close()
 
-    from datetime import datetime
-
-    by_id: dict[str, dict] = {}
-    for payload in out.delivered:
-        for line in payload.splitlines():
-            doc = json.loads(line)
-            prev = by_id.setdefault(doc["_id"], doc)
-            assert prev == doc, "one id, two contents"
     got: dict[str, int] = {}
-    for doc in by_id.values():
-        b = int(datetime.fromisoformat(doc["openai"]["base"]["start_time"].replace("Z", "+00:00")).timestamp())
+    for b, doc in _delivered(out):
         if origin <= b < end:
             model = doc["openai"]["base"]["model"]
             got[model] = got.get(model, 0) + doc["openai"]["completions"].get("input_tokens", 0)
