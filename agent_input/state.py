@@ -14,8 +14,8 @@ on acknowledgement, which cost a third of the collector's CPU and 50 MB of RSS
 between the write and the commit, or between the acknowledgement and the unlink) is removed
 when the collector next starts.
 
-One collector per state directory: a store holds an exclusive lock on `<state dir>/lock` (with
-its pid in it) from when it opens until `close`, so a second collector on the same directory
+One collector per state directory: a store holds an exclusive flock on the directory (its pid
+written in `<state dir>/lock`) from when it opens until `close`, so a second collector on the same directory
 stops at its start with a StateError naming the first one's pid, before it removes any file or
 opens its output.
 """
@@ -118,7 +118,7 @@ class StateDatabaseError(StateError):
     there; a later attempt, once the cause is gone, goes on from there."""
 
 
-LOCK_NAME = "lock"  # `<state dir>/lock`: held by the collector using the directory, holds its pid
+LOCK_NAME = "lock"  # `<state dir>/lock`: the pid of the collector that holds the directory's flock
 
 
 def group_json(group: tuple) -> str:
@@ -197,9 +197,9 @@ class StateStore:
             self._unlock()
 
     def _unlock(self) -> None:
-        lock_file, self._lock_file = self._lock_file, None
-        if lock_file is not None:
-            lock_file.close()  # closing the file releases the flock
+        lock, self._lock_file = self._lock_file, None
+        if lock is not None:
+            lock.close()
 
     # -- cursors -----------------------------------------------------------------------------
     def cursor(self, stream: str, width: str) -> Cursor | None:
@@ -381,41 +381,51 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _lock_directory(directory: Path):
-    """`<directory>/lock`, open and exclusively flock-ed, with this process's pid in it; None where
-    there is no flock. Another holder (another process, or another open store of this one) is a
-    StateError naming its pid. The lock goes with the file: at `close`, or when the process dies."""
+class _DirectoryLock:
+    """An exclusive flock on the state directory itself (its own file descriptor): a file in it
+    could be deleted (`lock` holds a pid and looks like a stale pid file) and let a second
+    collector in. `lock` only tells another collector whose lock it met."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)  # closing the descriptor releases the flock
+
+
+def _lock_directory(directory: Path) -> _DirectoryLock | None:
+    """The state directory, exclusively flock-ed, with this process's pid in `<directory>/lock`;
+    None where there is no flock. Another holder (another process, or another open store of this
+    one) is a StateError naming its pid. The lock goes at `close`, or when the process dies."""
     if fcntl is None:
         log.debug("no fcntl on this platform: state directory %s is not locked", directory)
         return None
-    path = directory / LOCK_NAME
     try:
-        lock_file = open(path, "a+b", buffering=0)  # created if missing, never truncated unlocked
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as exc:
-        raise StateError(f"cannot open lock file {path}: {exc.strerror}") from None
+        raise StateError(f"cannot open state directory {directory}: {exc.strerror}") from None
     try:
-        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        holder = _lock_holder(lock_file)
-        lock_file.close()
+        os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise StateError(f"state directory {directory} is in use by another collector ({holder})") from None
+            raise StateError(f"state directory {directory} is in use by another collector "
+                             f"({_lock_holder(directory / LOCK_NAME)})") from None
         if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL):
             log.warning("state directory %s cannot be locked (%s): make sure no other collector uses it",
                         directory, exc.strerror)
             return None
         raise StateError(f"cannot lock state directory {directory}: {exc.strerror}") from None
     try:
-        lock_file.truncate(0)
-        os.pwrite(lock_file.fileno(), f"{os.getpid()}\n".encode(), 0)
+        (directory / LOCK_NAME).write_text(f"{os.getpid()}\n")  # no fsync: a message, not state
     except OSError:
         pass  # the pid is only for another collector's message
-    return lock_file
+    return _DirectoryLock(fd)
 
 
-def _lock_holder(lock_file) -> str:
+def _lock_holder(path: Path) -> str:
     try:
-        pid = os.pread(lock_file.fileno(), 32, 0).decode("ascii", "replace").strip()
+        pid = path.read_bytes()[:32].decode("ascii", "replace").strip()
     except OSError:
         pid = ""
     return f"pid {pid}" if pid.isdigit() else "pid unknown"

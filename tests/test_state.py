@@ -1,7 +1,7 @@
 """The state store's own failures, each one line for the user and never a loss:
 
-- the state directory belongs to one collector at a time: `<state dir>/lock`, held for the life
-  of a StateStore, refuses a second one (another process, or another store of this process) with
+- the state directory belongs to one collector at a time: a flock on the directory, held for
+  the life of a StateStore (`<state dir>/lock` names the holder's pid), refuses a second one (another process, or another store of this process) with
   one line naming the holder's pid, before it can remove or write anything;
 - sqlite failing (a full disk, another program's write lock) is a StateDatabaseError naming the
   state file, with what was being written rolled back and the outbox kept."""
@@ -40,6 +40,18 @@ def test_a_second_store_on_the_same_directory_is_refused_with_the_holders_pid(tm
     store.close()
     assert _open_elsewhere(state).stdout.strip() == "opened", "close releases the directory"
     StateStore(state).close()
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_collector_in(tmp_path):
+    """`lock` holds a pid and looks like a stale pid file: cleaning it up let a second collector
+    take the directory. The flock is on the directory itself; the file only names the holder."""
+    state = tmp_path / "state"
+    store = StateStore(state)
+    (state / LOCK_NAME).unlink()
+    other = _open_elsewhere(state)
+    assert other.returncode == 1 and "in use by another collector (pid unknown)" in other.stderr
+    store.close()
+    assert _open_elsewhere(state).returncode == 0
 
 
 def test_a_refused_collector_removes_nothing_of_the_running_ones(tmp_path):
