@@ -367,7 +367,8 @@ class NameCache:
         try:
             yield run_on_pool
         finally:
-            pool.shutdown(wait=True)
+            # on a stop, listings not started yet are dropped (their futures are cancelled)
+            pool.shutdown(wait=True, cancel_futures=self._stop is not None and self._stop.is_set())
             with self._maps_lock:  # the workers are gone: so are their sessions
                 clients, self._worker_clients = self._worker_clients, []
             for c in clients:
@@ -385,5 +386,19 @@ class NameCache:
     def _list(self, path: str, params: Mapping[str, Any]) -> Iterator[dict]:
         """Every object of a listing; a page that breaks the pagination fails the listing (an
         ApiError, retried after RETRY_AFTER_FAILURE) rather than ending it short without a word."""
-        for data in cursor_pages(self._worker_client().get_json, path, dict(params, limit=PAGE_LIMIT)):
+        for data in cursor_pages(self._stoppable(self._worker_client().get_json), path,
+                                 dict(params, limit=PAGE_LIMIT)):
             yield from (item for item in data if isinstance(item, Mapping))
+
+    def _stoppable(self, get_json: Callable[..., dict]) -> Callable[..., dict]:
+        """`get_json`, refusing to start a request once the collector is stopping: a refresh lists
+        every project's keys and every user, and the process waits for its threads at exit."""
+        if self._stop is None:
+            return get_json
+
+        def get(path: str, params: Mapping[str, Any]) -> dict:
+            if self._stop.is_set():
+                raise stopped("a names listing", path)
+            return get_json(path, params)
+
+        return get

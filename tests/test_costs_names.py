@@ -678,3 +678,27 @@ def test_a_failed_background_refresh_keeps_the_old_names_and_backs_off(monkeypat
     assert cache.wait_for_refresh(30)
     assert api.names(cache) == api.expected(2) and cache.failures == []
     cache.close()
+
+
+def test_a_stopping_collector_starts_no_names_listing():
+    """A refresh lists every user and every project's keys; after a stop it went on asking (70
+    requests after SIGTERM in the lifecycle hunt, the process waiting for them at exit)."""
+    import threading
+
+    from agent_input.names import NameCache
+
+    calls: list = []
+    stop = threading.Event()
+
+    class Listing:
+        def get_json(self, path, params):
+            calls.append(path)
+            stop.set()  # the stop arrives while the first page is read
+            return {"object": "list", "data": [{"id": "proj_1", "name": "one"}], "has_more": len(calls) < 5,
+                    "last_id": f"proj_{len(calls)}"}
+
+        def close(self):
+            pass
+
+    NameCache(Listing(), stop=stop).refresh()
+    assert len(calls) == 1
