@@ -123,7 +123,7 @@ def _open_output(kind: str, path: str | None, *, config=None, state_dir: str | N
         if rotate_bytes and not path:
             raise OutputError("--rotate-bytes needs --output-path (stdout cannot be rotated)")
         if path:
-            return NdjsonFileOutput(path, rotate_bytes=rotate_bytes, rotate_keep=rotate_keep)
+            return NdjsonFileOutput(path, rotate_bytes=rotate_bytes, rotate_keep=rotate_keep, stop=stop)
         return NdjsonOutput(sys.stdout.buffer)
     if kind == "elasticsearch":
         from .es_output import ElasticsearchOutput, check_cluster, make_client
@@ -183,6 +183,7 @@ def _fail(message: str, code: int = 1) -> None:
 def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes, rotate_keep, es_url,
             es_ca_file, now_text, log_level, log_format):
     """Poll every enabled data stream and emit ECS documents."""
+    import sys
     import threading
     import time
 
@@ -214,6 +215,9 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     except (StateError, OutputError) as exc:
         if store is not None:
             store.close()  # the directory's lock, for a caller that goes on (CliRunner)
+        if stop.is_set():  # SIGINT/SIGTERM before the output was open (a FIFO nobody reads): nothing to save
+            click.echo(f"openai-input: {exc}", err=True)
+            sys.exit(0)
         _fail(str(exc))
     try:
         code = collection.engine.run(once=once)

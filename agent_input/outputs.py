@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
@@ -87,8 +88,10 @@ class NdjsonFileOutput:
     written whole counts as delivered, as on stdout. A FIFO is opened once a reader has it open.
     """
 
-    def __init__(self, path: str | Path, rotate_bytes: int | None = None, rotate_keep: int = 5):
+    def __init__(self, path: str | Path, rotate_bytes: int | None = None, rotate_keep: int = 5,
+                 stop: threading.Event | None = None):
         self.path = Path(path)
+        self._stop = stop  # ends the wait for a FIFO's reader (SIGTERM would not end a blocking open)
         if rotate_bytes is not None and rotate_bytes <= 0:
             raise OutputError(f"rotate bytes must be greater than 0, not {rotate_bytes}")
         if rotate_keep < 1:
@@ -145,19 +148,31 @@ class NdjsonFileOutput:
                               "(leave out --rotate-bytes)")
         flags = os.O_WRONLY | os.O_APPEND
         if stat.S_ISFIFO(mode):
-            try:  # say so rather than hang silently until a reader comes
-                fd = os.open(self.path, flags | os.O_NONBLOCK)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                log.info("waiting for a reader to open the FIFO %s", self.path)
-                fd = os.open(self.path, flags)
+            fd = self._open_fifo(flags)
             os.set_blocking(fd, True)  # a slow reader holds the collector back, never drops a batch
         else:
             fd = os.open(self.path, flags)
         self._fd = fd
         self._regular = False
         self._size = 0
+
+    def _open_fifo(self, flags: int) -> int:
+        """Open a FIFO once a reader has it open, saying so rather than hang silently; a stop ends
+        the wait (a blocking open is retried after a signal, so SIGTERM alone never would)."""
+        told = False
+        while True:
+            try:
+                return os.open(self.path, flags | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+            if not told:
+                log.info("waiting for a reader to open the FIFO %s", self.path)
+                told = True
+            if self._stop is not None and self._stop.wait(0.2):
+                raise OutputError(f"stopped while waiting for a reader to open the FIFO {self.path}")
+            if self._stop is None:
+                time.sleep(0.2)
 
     def _replaced(self) -> str | None:
         """Why the open file is no longer the one at `path` (None while it still is)."""

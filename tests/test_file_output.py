@@ -366,3 +366,39 @@ def test_a_path_that_cannot_take_lines_is_refused_with_a_reason(tmp_path):
         with pytest.raises(OutputError, match="it is a socket") as err:
             NdjsonFileOutput(sock_path)
     assert "None" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_stop_ends_the_wait_for_a_fifo_reader(tmp_path):
+    """A blocking open of a FIFO nobody reads is retried after every signal: SIGTERM and SIGINT
+    set the stop, and the collector went on waiting until a SIGKILL."""
+    import threading
+    import time
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(OutputError, match="stopped while waiting for a reader"):
+        NdjsonFileOutput(fifo, stop=stop)
+    assert time.monotonic() - started < 3
+
+
+def test_collect_stopped_while_its_fifo_has_no_reader_exits_0(tmp_path):
+    import time
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("url: http://127.0.0.1:9\n")
+    proc = subprocess.Popen([sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--state-dir",
+                             str(tmp_path / "state"), "--output-path", str(fifo)],
+                            env={**os.environ, "OPENAI_ADMIN_KEY": "sk-admin-fifo-test-000000"},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()  # on a failure: never left waiting on its FIFO
+    assert proc.returncode == 0 and "stopped while waiting for a reader" in err
