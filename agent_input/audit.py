@@ -169,7 +169,7 @@ class AuditCollector(ListingCollector):
                     continue
                 ev = dict(ev)
                 t = ev.get("effective_at")
-                if type(t) is float and t.is_integer():  # the reference's integer, as JSON Schema reads it
+                if type(t) is float and t.is_integer() and 0 <= t <= MAX_EFFECTIVE_AT:  # the reference's integer
                     ev["effective_at"] = int(t)
                 events[ev["id"]] = ev
         return events, bad

@@ -240,7 +240,8 @@ def test_output_defaults_and_flags_reach_the_output(tmp_path, monkeypatch):
     result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--output-path", str(tmp_path / "e.ndjson"),
                                              "--rotate-bytes", "4096")
     assert "file captured" in result.output
-    assert seen["file"][1] == {"rotate_bytes": 4096, "rotate_keep": 5}
+    stop = seen["file"][1].pop("stop")  # ends the wait for a FIFO's reader
+    assert seen["file"][1] == {"rotate_bytes": 4096, "rotate_keep": 5} and not stop.is_set()
     config_ca, flag_ca = tmp_path / "config-ca.pem", tmp_path / "flag-ca.pem"
     for f in (config_ca, flag_ca):
         f.write_text("-----BEGIN CERTIFICATE-----\n")
