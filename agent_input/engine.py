@@ -773,6 +773,7 @@ class Engine:
     def run(self, once: bool = False) -> int:
         """Returns the process exit code: 0, or 1 when a stream failed."""
         self.delivery.replay_pending()
+        log.info("collecting %s", ", ".join(c.name for c in self.collectors) or "nothing (no stream enabled)")
         threads = [
             threading.Thread(target=self._loop, args=(c, once), name=f"stream-{c.name}", daemon=True)
             for c in self.collectors
@@ -818,6 +819,10 @@ class Engine:
             else:
                 self._add(collector.name, stats)
                 self.on_poll(collector.name, stats)
+                if stats.events or stats.errors:  # a journal shows the collector at work, not only its stop
+                    log.info("%s: %d documents (%d corrections) from %d requests%s", collector.name, stats.events,
+                             stats.corrections, stats.requests,
+                             f"; {len(stats.errors)} problem(s) reported" if stats.errors else "")
                 if self.stop.is_set():
                     return  # cut short by the stop: not a clean poll to call healthy
                 if stats.errors:

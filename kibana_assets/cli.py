@@ -136,7 +136,7 @@ def _fail(exc: I.InstallerError) -> None:
     sys.exit(exc.code)
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="openai-elastic")
 def main() -> None:
     """Install openai-elastic's Elasticsearch and Kibana assets (8.18+ and 9.x)."""

@@ -167,9 +167,15 @@ class Target:
         shown = display_url(base)
         try:
             resp = self.session.request(method, url, timeout=self.timeout, verify=self.verify, **kw)
-        except requests.exceptions.SSLError:
-            raise InstallerError(f"TLS verification failed for {service} at {shown}: pass --ca-cert PATH "
-                                 "(or --insecure for a test cluster)", code=2) from None
+        except requests.exceptions.SSLError as exc:
+            text = str(exc)
+            if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text or "wrong version number" in text:
+                raise InstallerError(f"{service} at {shown} does not speak TLS: is it http://?", code=2) from None
+            if self.verify is False:
+                raise InstallerError(f"TLS handshake with {service} at {shown} failed ({_ssl_reason(text)})",
+                                     code=2) from None
+            raise InstallerError(f"TLS verification failed for {service} at {shown} ({_ssl_reason(text)}): pass "
+                                 "--ca-cert PATH (or --insecure for a test cluster)", code=2) from None
         except requests.exceptions.Timeout:
             raise InstallerError(f"{service} at {shown} did not answer within {self.timeout:g}s", code=2) from None
         except requests.exceptions.ConnectionError:
@@ -191,6 +197,15 @@ class Target:
             headers["kbn-xsrf"] = "true"
         prefix = f"/s/{self.space}" if self.space and self.space != "default" else ""
         return self._request("Kibana", self.kibana_url, method, prefix + path, headers=headers, **kw)
+
+
+def _ssl_reason(text: str) -> str:
+    """The OpenSSL reason out of requests' SSLError text, e.g. CERTIFICATE_VERIFY_FAILED."""
+    import re
+
+    found = re.findall(r"\[SSL: ([A-Z_]+)\]|certificate verify failed: ([^()\]]+)", text)
+    return next((a or b.strip() for a, b in found),
+                "certificate verify failed" if "certificate verify failed" in text else "TLS error")
 
 
 def _reason(resp: requests.Response) -> str:
@@ -280,7 +295,9 @@ class Report:
         counts = ", ".join(f"{n} {k}" for k, n in self.counts().items()) or "nothing done"
         if self.error is None:
             return f"{verb} complete: {counts}"
-        done = ", ".join(s.label for s in self.steps) or "nothing"
+        if not self.steps:  # nothing was written: the list of every asset says no more than that
+            return f"{verb} incomplete: {self.error}\n  nothing was written ({len(self.pending)} assets not done)"
+        done = ", ".join(s.label for s in self.steps)
         pending = ", ".join(self.pending) or "nothing"
         return (f"{verb} incomplete: {self.error}\n  done: {counts} ({done})\n"
                 f"  not done: {pending}")

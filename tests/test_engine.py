@@ -1095,3 +1095,21 @@ def test_a_poll_cut_short_by_a_stop_is_not_reported_healthy():
     delivery = SimpleNamespace(replay_pending=lambda: 0)
     Engine([Stopping()], delivery, stop=stop, on_status=lambda *a: said.append(a)).run()
     assert [s for _, s, _ in said] == ["starting"]
+
+
+def test_a_poll_that_emits_or_meets_a_problem_logs_one_info_line(caplog):
+    """Under systemd a continuous collect logged nothing until it stopped: the journal could not
+    tell a working collector from a stuck one."""
+    from agent_input.engine import Engine, PollStats
+
+    class Once:
+        name, interval = "completions", 300
+
+        def poll(self, now):
+            return PollStats(requests=2, events=10, corrections=3)
+
+    delivery = SimpleNamespace(replay_pending=lambda: 0)
+    with caplog.at_level("INFO", logger="agent_input.engine"):
+        Engine([Once()], delivery).run(once=True)
+    assert "collecting completions" in caplog.text
+    assert "completions: 10 documents (3 corrections) from 2 requests" in caplog.text
