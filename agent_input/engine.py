@@ -265,6 +265,7 @@ class UsageCollector(PollingCollector):
         # observation, so that a group's zeroing correction carries them like its first document
         self._extra_dims = tuple(d for d in spec.dimensions if d not in spec.group_by)
         self._left: list[UsageCollector] | None = None  # widths this stream left, until final
+        self._waiting = False  # back to a width still being finished: the change waits for it
 
     def _widths_left(self, now: float) -> list["UsageCollector"]:
         """Collectors of the bucket widths this stream was collected at besides its current one,
@@ -296,9 +297,10 @@ class UsageCollector(PollingCollector):
                          ", ".join(in_use) or "none")
             else:
                 waiting = True
-                log.info("%s: bucket width %s takes over once its earlier range, up to %s, is final; until "
-                         "then %s goes on", self.name, self.width, iso_timestamp(mine.retired_at),
-                         ", ".join(in_use))
+                if not self._waiting:  # said once; checked again at every poll
+                    log.info("%s: bucket width %s takes over once its earlier range, up to %s, is final; "
+                             "until then %s goes on", self.name, self.width, iso_timestamp(mine.retired_at),
+                             ", ".join(in_use))
         elif in_use or (mine is not None and mine.retired_at is not None):
             w = self.width_s
             reached = max(c.position for c in in_use.values()) if in_use else mine.retired_at
@@ -317,7 +319,7 @@ class UsageCollector(PollingCollector):
         ]
         for collector in left:
             collector._left = []
-        self._left = None if waiting else left
+        self._left, self._waiting = (None if waiting else left), waiting
         return left
 
     # The window a poll at `now` covers, per the seed's worked example.
