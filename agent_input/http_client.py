@@ -529,7 +529,7 @@ def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> 
             results.append(ProbeResult(name, path, False, skip))
             continue
         try:
-            client.get_json(path, params)
+            body = client.get_json(path, params)
         except ApiError as exc:
             results.append(ProbeResult(name, path, False, explain(exc, name, config), exc))
             if isinstance(exc, AuthenticationError):
@@ -538,6 +538,11 @@ def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> 
                 skip = "skipped: the API is unreachable"
         else:
             results.append(ProbeResult(name, path, True, "OK"))
+            first = (body.get("data") or [None])[0] if name == "projects" else None
+            if isinstance(first, Mapping) and isinstance(first.get("id"), str):
+                # a key may list projects and still not read their limits: the rate_limits stream
+                # would then fail every cycle, so its own endpoint is asked too (this loop reaches it)
+                probes.append(("rate_limits", f"/v1/organization/projects/{first['id']}/rate_limits", {"limit": 1}))
     return results
 
 

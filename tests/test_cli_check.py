@@ -164,3 +164,17 @@ def test_an_unexpected_error_is_one_redacted_line_and_exit_1(tmp_path, monkeypat
 def test_a_key_in_the_url_is_not_echoed(tmp_path):
     result = run(tmp_path, f"url: https://127.0.0.1:9/v1?api_key={KEY}\nmax_retries: 0\n" + only("completions"))
     assert "config OK" in result.output and KEY not in result.output
+
+
+@responses.activate
+def test_a_key_that_lists_projects_but_not_their_limits_fails_check(tmp_path):
+    """check asked only for the projects: a key without access to the limits passed, and the
+    rate_limits stream then failed every cycle."""
+    responses.get(f"{BASE}/v1/organization/projects", json={"object": "list", "data": [{"id": "proj_1"}],
+                                                           "has_more": False})
+    responses.get(f"{BASE}/v1/organization/projects/proj_1/rate_limits", status=403, json={"error": {
+        "message": "You have insufficient permissions for this operation. Missing scopes: api.management.read.",
+        "type": "invalid_request_error", "param": None, "code": None}})
+    result = run(tmp_path, only("rate_limits"))
+    assert result.exit_code == 1
+    assert "403: the key lacks the api.management.read scope" in result.output
