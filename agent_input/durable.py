@@ -2,6 +2,7 @@
 the outbox's spool files, the NDJSON file output, the dead-letter file and the protocol pipe."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -24,10 +25,15 @@ def write_file(path: Path, data: bytes, *, flags: int = os.O_CREAT | os.O_EXCL, 
 
 
 def fsync_dir(directory: Path) -> None:
-    """Make a file's creation, rename or removal in `directory` durable (OSError when it could not)."""
+    """Make a file's creation, rename or removal in `directory` durable (OSError when it could not).
+    A filesystem that cannot fsync a folder at all (EINVAL, ENOTSUP) leaves the name's durability
+    to itself: that is not an error of the write."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 

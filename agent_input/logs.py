@@ -23,7 +23,7 @@ import logging
 import re
 import sys
 import threading
-from typing import Iterable, Literal, TextIO
+from typing import Callable, Iterable, Literal, Mapping, TextIO
 
 REDACTED = "***"
 
@@ -130,13 +130,14 @@ class _TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
 
-def _redact_values(value: object) -> object:
+def map_strings(value: object, fn: Callable[[str], str], *, keys: bool = False) -> object:
+    """A JSON-like value with `fn` applied to every string in it (and to mapping keys, if asked)."""
     if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {k: _redact_values(v) for k, v in value.items()}
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {(map_strings(k, fn, keys=True) if keys else k): map_strings(v, fn, keys=keys) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_redact_values(v) for v in value]
+        return [map_strings(v, fn, keys=keys) for v in value]
     return value
 
 
@@ -147,7 +148,7 @@ def _ecs_formatter() -> logging.Formatter:
         """Redacts the document before it is JSON: the finished line holds secrets escaped."""
 
         def format_to_ecs(self, record: logging.LogRecord) -> dict:
-            return _redact_values(super().format_to_ecs(record))
+            return map_strings(super().format_to_ecs(record), redact)
 
     return RedactingEcsFormatter()
 

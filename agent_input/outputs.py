@@ -133,7 +133,7 @@ class NdjsonFileOutput:
         self._fd = fd
         self._size = os.fstat(fd).st_size
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return created
 
     def _open_special(self, mode: int) -> None:
@@ -279,12 +279,3 @@ def _fsync_if_it_can(fd: int) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS):
             raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fsync_dir(directory)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-        # the filesystem cannot fsync a folder: the new name's durability is up to it

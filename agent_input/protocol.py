@@ -116,13 +116,9 @@ class ProtocolWriter:
 def _encodable(value: Any) -> Any:
     """`value` (a message, or any JSON value in it) with every string made encodable as UTF-8:
     what cannot be (a lone surrogate, as a supervisor's JSON may carry) is written as `\\udXXX`."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, Mapping):
-        return {_encodable(k): _encodable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encodable(v) for v in value]
-    return value
+    from .logs import map_strings
+
+    return map_strings(value, lambda text: text.encode("utf-8", "backslashreplace").decode("utf-8"), keys=True)
 
 
 @dataclass

@@ -270,3 +270,22 @@ def test_write_file_is_private_exclusive_and_closes_its_descriptor(tmp_path, mon
     for fd in opened:
         with pytest.raises(OSError):
             os.fstat(fd)  # closed
+
+
+def test_fsync_dir_passes_a_filesystem_that_cannot_fsync_a_folder_and_raises_a_real_error(tmp_path, monkeypatch):
+    """One rule for every writer (the outbox's spool files and the file output alike)."""
+    import errno
+    import os
+
+    from agent_input import durable
+
+    def failing(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(durable.os, "fsync", failing(errno.EINVAL))
+    durable.fsync_dir(tmp_path)  # the filesystem cannot: nothing to do about it
+    monkeypatch.setattr(durable.os, "fsync", failing(errno.EIO))
+    with pytest.raises(OSError):
+        durable.fsync_dir(tmp_path)
