@@ -20,15 +20,17 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
   document — HTTP 401/403/404, or an error type in `INDEX_ERROR_TYPES`: `index_not_found_exception`
   (auto-creation not allowed by `action.auto_create_index`, or no privilege to create it),
   `invalid_index_name_exception`, `index_closed_exception`, `cluster_block_exception`,
-  `security_exception` — would be the same for every document bound for that index, so it is
+  `security_exception`, or an `illegal_argument_exception` saying the index's ingest pipeline does
+  not exist (the assets not installed) — would be the same for every document bound for that index, so it is
   treated like a refused request: nothing is dead-lettered, the batch stays in the outbox and
   `OutputError` names the index and the reason;
 - **rejected** for good (any other 4xx on an item: an error in the document itself, e.g.
   `mapper_parsing_exception`, `document_parsing_exception`, `strict_dynamic_mapping_exception`, an
   `illegal_argument_exception` about a field; or 413 for a document refused alone while others got
   through): reported with the document id and dataset and written, with the error, to the
-  dead-letter file `<state dir>/dead-letter.ndjson` (fsynced) — the rest of the batch is delivered and the batch
-  is acknowledged, so one bad document cannot block its stream forever, and it is never silently
+  dead-letter file `<state dir>/dead-letter.ndjson` (fsynced) once the rest of the batch is delivered,
+  just before the batch is acknowledged (a batch stopped part way dead-letters nothing, so its re-sending
+  does not write the same record twice), so one bad document cannot block its stream forever, and it is never silently
   lost. If the dead-letter file cannot be written, the batch is not acknowledged, and a record
   written only in part (a full disk) is cut back at once, so the file only ever holds whole lines.
 
@@ -81,6 +83,10 @@ INDEX_ERROR_TYPES = frozenset({
     "cluster_block_exception",  # a write block (read-only index or cluster); the 429 of a full disk is retried
     "security_exception",  # no privilege on the index
 })
+# An index's default or final pipeline that does not exist (the assets not installed, or removed):
+# Elasticsearch reports it per document as an `illegal_argument_exception` whose only mark is its
+# reason text, "pipeline with id [<id>] does not exist"; every document of that index gets it.
+_MISSING_PIPELINE = re.compile(r"pipeline with id \[[^\]]*\] does not exist")
 ENV_API_KEY = "ELASTIC_API_KEY"
 ENV_USERNAME = "ELASTIC_USERNAME"
 ENV_PASSWORD = "ELASTIC_PASSWORD"
@@ -288,13 +294,17 @@ class ElasticsearchOutput:
     def send(self, stream: str, payload: bytes, events: int, on_ack: Ack) -> None:
         docs = self._parse(stream, payload)
         pending: dict[str, dict] = {d["_id"]: d for d in docs}
+        # Documents Elasticsearch rejected for good, dead-lettered only once the whole batch is
+        # settled: a batch that stops on an index-level error or a stop is sent again whole, and
+        # would otherwise dead-letter them a second time.
+        rejected: list[tuple[dict, Any, Mapping]] = []
         attempt = 0
         while pending:
             attempt += 1
             failure = ""
             with self._slots:
                 try:
-                    failure = self._bulk(pending)
+                    failure = self._bulk(pending, rejected=rejected)
                 except OutputError:
                     raise
                 except MalformedBulkAnswer as exc:
@@ -316,6 +326,8 @@ class ElasticsearchOutput:
             if self._wait(delay):
                 log.info("%s: stopping with %d documents undelivered; they stay in the outbox", stream, len(pending))
                 return  # not acknowledged: the batch is re-sent at the next start
+        for doc, status, info in rejected:
+            self._dead_letter(doc, status, info)
         with self._count_lock:
             self.events += events
         on_ack()
@@ -348,10 +360,11 @@ class ElasticsearchOutput:
         return docs
 
     def _bulk(self, pending: dict[str, dict], ids: list[str] | None = None, chunk_size: int = 0,
-              split: "_Split | None" = None) -> str:
+              split: "_Split | None" = None, *, rejected: list) -> str:
         """One pass of streaming_bulk over the pending documents (or those of them in `ids`, in
         requests of at most `chunk_size`, when a 413 is being split: `split`); settled ones leave
-        `pending`. Returns a short description of what is still failing ('' when nothing)."""
+        `pending`, those rejected for good go to `rejected` (dead-lettered by `send`). Returns a
+        short description of what is still failing ('' when nothing)."""
         from elasticsearch import ApiError, helpers
 
         top = split is None
@@ -414,7 +427,7 @@ class ElasticsearchOutput:
             elif _about_the_index(status, info):
                 raise _index_refused(status, info, doc["_index"])
             else:
-                self._dead_letter(doc, status, info)
+                rejected.append((doc, status, info))
                 pending.pop(doc_id)
         unanswered = sum(1 for i in ids if i not in answered)
         if unanswered:  # left in `pending`, sent again
@@ -428,16 +441,16 @@ class ElasticsearchOutput:
                 continue
             log.warning("a bulk request of %d documents was too large for Elasticsearch (HTTP 413); "
                         "sending them in smaller requests", len(group))
-            last = self._bulk(pending, group, (len(group) + 1) // 2, split) or last
+            last = self._bulk(pending, group, (len(group) + 1) // 2, split, rejected=rejected) or last
         if top and split.alone:
             if not split.got_through:
                 if split.transient:
                     return last  # nothing judged yet: the outer loop retries, and the halving with it
                 raise split.refused_everything(pending)
             for doc_id in split.alone:  # others got through: these are too large for the limit
-                self._dead_letter(pending.pop(doc_id), 413, {
+                rejected.append((pending.pop(doc_id), 413, {
                     "error": "too large: a bulk request of this document alone was refused with HTTP 413 "
-                             "(http.max_content_length, or a proxy's limit)"})
+                             "(http.max_content_length, or a proxy's limit)"}))
         return last
 
     def _dead_letter(self, doc: dict, status: Any, info: Mapping) -> None:
@@ -494,7 +507,12 @@ def _about_the_index(status: Any, info: Mapping) -> bool:
     """Whether a document's error is about its target index or the cluster (see the module doc)."""
     error = info.get("error")
     kind = error.get("type") if isinstance(error, Mapping) else None
-    return status in (401, 403, 404) or kind in INDEX_ERROR_TYPES
+    return status in (401, 403, 404) or kind in INDEX_ERROR_TYPES or _missing_pipeline(error)
+
+
+def _missing_pipeline(error: Any) -> bool:
+    return (isinstance(error, Mapping) and error.get("type") == "illegal_argument_exception"
+            and isinstance(error.get("reason"), str) and _MISSING_PIPELINE.search(error["reason"]) is not None)
 
 
 def _index_refused(status: Any, info: Mapping, index: str) -> OutputError:
@@ -506,6 +524,11 @@ def _index_refused(status: Any, info: Mapping, index: str) -> OutputError:
     kind = error.get("type") if isinstance(error, Mapping) else None
     if status in (401, 403) and (kind == "security_exception" or kind not in INDEX_ERROR_TYPES):
         return _credentials_refused(str(status), index)  # not a write block: the key or its privileges
+    if _missing_pipeline(error):
+        return OutputError(redact(
+            f"Elasticsearch cannot write to {index}: an ingest pipeline its index template names does not exist "
+            f"({_reason(info)}); install the assets (`openai-assets install`) or fix the template's pipeline; "
+            "nothing is dead-lettered and the batch stays in the outbox"))
     return OutputError(redact(
         f"Elasticsearch cannot write to {index} (HTTP {status}: {_reason(info)}): this is about the index "
         "or the cluster, not the documents (action.auto_create_index, the index template, a write block, the "

@@ -189,6 +189,56 @@ def test_an_item_error_about_the_index_stops_the_output_instead_of_dead_letterin
     assert ack.n == 1 and len(fake.docs) == 3 and out.rejected == 0
 
 
+def test_a_missing_ingest_pipeline_stops_the_output_and_says_to_install_the_assets(fake, tmp_path):
+    """Without the assets, an index template naming `logs-openai.<ds>@pipeline` gets every document
+    refused with an `illegal_argument_exception` whose reason is the only mark of it: dead-lettering
+    them would empty the outbox into the dead-letter file."""
+    out = _output(fake.url, tmp_path)
+    fake.refuse_index = lambda index: (400, {"type": "illegal_argument_exception",
+                                             "reason": "pipeline with id [logs-openai.completions@pipeline] does not exist"})
+    ack = Acks()
+    with pytest.raises(OutputError) as info:
+        out.send("completions", _payload([_doc(1), _doc(2)]), 2, ack)
+    message = str(info.value)
+    assert "cannot write to logs-openai.completions-default" in message and "openai-assets install" in message
+    assert "logs-openai.completions@pipeline" in message and "outbox" in message
+    assert ack.n == 0 and out.rejected == 0 and not (tmp_path / "dead-letter.ndjson").exists()
+    # an illegal_argument_exception about the document itself is still the document's
+    fake.refuse_index = lambda index: (400, {"type": "illegal_argument_exception",
+                                             "reason": "field [x] of type [long] cannot take [pipeline]"})
+    out.send("completions", _payload([_doc(3)]), 1, ack)
+    assert ack.n == 1 and out.rejected == 1
+
+
+@pytest.mark.parametrize("interruption", ["index refused", "stop"])
+def test_a_batch_stopped_part_way_dead_letters_its_rejected_document_once_in_all(fake, tmp_path, interruption):
+    """The rejected document of a batch that stops part way (an index-level error after it, a stop
+    during a retry wait) is rejected again when the kept batch is sent again: it must be in the
+    dead-letter file once, not once per sending."""
+    stop = threading.Event()
+    kw = {"stop": stop, "sleep": lambda seconds: stop.set(), "max_retries": 0} if interruption == "stop" else {}
+    out = _output(fake.url, tmp_path, **kw)
+    docs = [_doc(1, bad="x"), _doc(2, "openai.embeddings"), _doc(3)]
+    fake.reject = lambda src: {"type": "document_parsing_exception", "reason": "bad"} if "bad" in src else None
+    if interruption == "stop":
+        fake.item_faults = {docs[1][0]: [503]}
+    else:
+        fake.refuse_index = lambda index: ((404, {"type": "index_not_found_exception", "reason": "no such index"})
+                                           if "embeddings" in index else None)
+    ack = Acks()
+    try:
+        out.send("completions", _payload(docs), 3, ack)
+    except OutputError:
+        assert interruption == "index refused"
+    assert ack.n == 0 and not (tmp_path / "dead-letter.ndjson").exists()
+    fake.refuse_index = None
+    stop.clear()
+    out.send("completions", _payload(docs), 3, ack)  # the kept batch, at the next start
+    assert ack.n == 1 and len(fake.docs) == 2
+    dead = (tmp_path / "dead-letter.ndjson").read_text().splitlines()
+    assert [json.loads(line)["_id"] for line in dead] == [docs[0][0]] and out.rejected == 1
+
+
 def test_an_item_403_security_exception_is_about_the_credentials(fake, tmp_path):
     out = _output(fake.url, tmp_path)
     fake.refuse_index = lambda index: (403, {"type": "security_exception", "reason": "action [indices:data/write/"
