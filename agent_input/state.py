@@ -203,15 +203,17 @@ class StateStore:
 
     # -- cursors -----------------------------------------------------------------------------
     def cursor(self, stream: str, width: str) -> Cursor | None:
-        row = self._conn().execute(
-            "SELECT origin, position, settled, retired_at FROM cursors WHERE stream=? AND width=?", (stream, width)
-        ).fetchone()
+        with self._sqlite("read"):
+            row = self._conn().execute(
+                "SELECT origin, position, settled, retired_at FROM cursors WHERE stream=? AND width=?", (stream, width)
+            ).fetchone()
         return Cursor(*row) if row else None
 
     def cursors(self, stream: str) -> dict[str, Cursor]:
         """The stream's cursor of every bucket width it was ever collected at."""
-        rows = self._conn().execute(
-            "SELECT width, origin, position, settled, retired_at FROM cursors WHERE stream=?", (stream,))
+        with self._sqlite("read"):
+            rows = self._conn().execute(
+                "SELECT width, origin, position, settled, retired_at FROM cursors WHERE stream=?", (stream,)).fetchall()
         return {width: Cursor(*rest) for width, *rest in rows}
 
     def put_cursors(self, stream: str, cursors: Mapping[str, Cursor]) -> None:
@@ -227,11 +229,12 @@ class StateStore:
     def observations(self, stream: str, width: str, start: int, end: int) -> dict[int, dict[str, Observation]]:
         """What was emitted per bucket start in [start, end), by group JSON."""
         out: dict[int, dict[str, Observation]] = {}
-        rows = self._conn().execute(
-            "SELECT bucket_start, grp, revision, counters, dims FROM observations "
-            "WHERE stream=? AND width=? AND bucket_start>=? AND bucket_start<?",
-            (stream, width, start, end),
-        )
+        with self._sqlite("read"):
+            rows = self._conn().execute(
+                "SELECT bucket_start, grp, revision, counters, dims FROM observations "
+                "WHERE stream=? AND width=? AND bucket_start>=? AND bucket_start<?",
+                (stream, width, start, end),
+            ).fetchall()
         for bucket_start, grp, revision, counters, dims in rows:
             out.setdefault(bucket_start, {})[grp] = Observation(revision, json.loads(counters),
                                                                 json.loads(dims) if dims else None)
@@ -323,11 +326,13 @@ class StateStore:
         return len(orphans)
 
     def pending_count(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        with self._sqlite("read"):
+            return self._conn().execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
     # -- small keyed state for other collectors (audit cursor, name caches) ------------------
     def get(self, key: str) -> str | None:
-        row = self._conn().execute("SELECT v FROM kv WHERE k=?", (key,)).fetchone()
+        with self._sqlite("read"):
+            row = self._conn().execute("SELECT v FROM kv WHERE k=?", (key,)).fetchone()
         return row[0] if row else None
 
     def commit_events(self, stream: str, payload: bytes, events: int, kv: Mapping[str, str]) -> int | None:

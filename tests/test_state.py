@@ -165,6 +165,22 @@ def test_start_up_reads_that_fail_are_state_errors_and_remove_nothing(tmp_path):
     store.close()
 
 
+def test_stream_reads_that_fail_are_state_errors_not_raw_sqlite_errors(tmp_path):
+    """A stream's reads (its cursors, what it emitted, its kv state) on a state file gone bad give
+    the same one line naming the file as the writes do, not a bare sqlite3.DatabaseError."""
+    store = StateStore(tmp_path / "state")
+    real = store._conn()
+    store._local.conn = _Malformed()
+    for read in (lambda: store.cursor("completions", "1m"), lambda: store.cursors("completions"),
+                 lambda: store.observations("completions", "1m", 0, 60), store.pending_count,
+                 lambda: store.get("audit.cursor")):
+        with pytest.raises(StateDatabaseError, match=rf"^cannot read state file {store.path}: database disk "
+                                                     "image is malformed$"):
+            read()
+    store._local.conn = real
+    store.close()
+
+
 def test_a_stream_whose_commit_fails_does_not_advance_and_is_reported(tmp_path):
     """On a stream thread a failed commit is that stream's failure (kept cursor, nothing emitted,
     retried at its next poll; `--once` exits 1 naming the state file), never the others'."""
