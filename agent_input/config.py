@@ -493,7 +493,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
         raise ConfigError.combine(errors).hiding([k for k in keys if len(k) >= 4])
     logs.register_secret(api_key)
     for u in (url, proxy_url, values.get("es_url")):  # user:password@ in a URL: never in a log line
-        logs.register_secret(urlsplit(u).password if u else None)
+        logs.register_url_password(u)
     return Config(
         url=url,
         api_key=api_key,

@@ -61,7 +61,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -176,7 +175,7 @@ def make_client(
     The credentials are registered for redaction before anything can log them."""
     from elasticsearch import Elasticsearch
 
-    from .logs import register_secret
+    from .logs import register_secret, register_url_password
 
     cloud_id = cloud_id or (env.get(ENV_CLOUD_ID) or "").strip() or None
     if not url and not cloud_id:
@@ -185,7 +184,7 @@ def make_client(
         problem = url_problem(url)
         if problem:
             raise OutputError(f"the Elasticsearch URL {display_url(url)!r} is not a valid URL: {problem}")
-        register_secret(urlsplit(url).password)
+        register_url_password(url)
     kwargs: dict[str, Any] = {
         "transport_class": _compat_transport_class(),
         "request_timeout": request_timeout,

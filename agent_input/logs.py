@@ -57,6 +57,20 @@ def register_secret(value: object) -> None:
         _secrets.add(text)
 
 
+def register_url_password(url: str | None) -> None:
+    """Redact the password of a `user:password@host` URL, as written and as sent (percent-decoded:
+    `p%40ss` goes out as `p@ss`)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password if url else None
+    except ValueError:  # a malformed URL: its checks say so; nothing here to register
+        return
+    if password:
+        register_secret(password)
+        register_secret(unquote(password))
+
+
 def registered_secrets() -> frozenset[str]:
     with _lock:
         return frozenset(_secrets)

@@ -222,3 +222,17 @@ def test_a_secret_cut_short_is_redacted_too():
     register_secret("ZWxhc3RpYzplcy1wYTU1")  # a registered secret inside the token: the token still goes whole
     assert redact("Authorization: Basic ZWxhc3RpYzplcy1wYTU1d29yZC1a") == "Authorization: Basic ***"
     assert redact("uses basic authentication") == "uses basic authentication"
+
+
+def test_a_url_password_is_redacted_as_written_and_as_sent(tmp_path):
+    """`https://user:p%40ss@es` sends the password `p@ss`: an error echoing either form is redacted."""
+    from agent_input.config import load_config
+
+    config = tmp_path / "openai.yml"
+    config.write_text("api_key: sk-admin-url-password-test-0123456789\n"
+                      "es_url: https://elastic:Zq8%40word%2Fx-71@es.example.com:9200\n"
+                      "proxy_url: http://proxyuser:Kp2%3Aproxy%25y-88@proxy.example.com:3128\n")
+    load_config(config, env={})
+    for written, sent in (("Zq8%40word%2Fx-71", "Zq8@word/x-71"), ("Kp2%3Aproxy%25y-88", "Kp2:proxy%y-88")):
+        text = logs.redact(f"auth failed as elastic:{sent} (url had {written})")
+        assert sent not in text and written not in text, text
