@@ -195,7 +195,8 @@ def uninstall(delete_data: bool, **kw) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--kibana-version", default=None, callback=_kibana_version,
-              help="Target Kibana version; rules for 8.18/9.0 get one alert for all rows.")
+              help="Target Kibana version; rules for 8.18/9.0 get one alert for all rows. Left out: "
+                   "rules for 8.19 and 9.1+ (one alert per project and model).")
 @click.option("--namespace", default="default", show_default=True)
 @_rule_options
 def export(directory: str, kibana_version: str | None, **kw) -> None:

@@ -1003,6 +1003,13 @@ def test_export_manifest_and_rules_follow_the_options(tmp_path):
     # without --kibana-version the rules are for the newest Kibana: one alert per row
     tpm = json.loads((out / f"kibana/rules/{K.RULE_ID_HEADROOM_TPM}.json").read_text())
     assert tpm["params"]["groupBy"] == "row"
+    assert "Left out: rules for 8.19 and 9.1+" in " ".join(run("export", "--help").output.split())
+
+
+def test_rule_descriptions_follow_the_headroom_threshold():
+    tpm, rpm, _stale = K.rules(K.RuleOptions(headroom_threshold=0.9))
+    assert ">= 90% of the TPM limit" in tpm.description and ">= 90% of the RPM limit" in rpm.description
+    assert ">= 80% of the TPM limit" in K.rules()[0].description
 
 
 def test_a_proxy_page_echoing_the_authorization_header_is_not_printed():
