@@ -9,6 +9,9 @@ between the two requests) is reported and skipped; the others still arrive.
 Each cycle also writes one status document to the same dataset (`event.action:
 rate-limits-collection`, `event.outcome: success|failure`, `openai.rate_limits.collection.*`), so
 a rule can fire when limits stop arriving: the seed's headroom alert silently stops otherwise.
+And one document per project whose limits could not be read (`event.action:
+rate-limits-project-failure`, the project's id and name, `error.message`): a project that keeps
+failing while the others are read would otherwise go silent alone, its cycles all successes.
 
 Document ids come from (cycle time, project, limit id): re-running the same cycle produces the same
 documents. The whole cycle goes to the outbox in one transaction with the cycle's time, and a cycle
@@ -77,6 +80,8 @@ class RateLimitsCollector(ListingCollector):
                 raise
             except ApiError as exc:
                 failed.append(pid)
+                doc_id, doc = project_failure_event(project, str(exc), collected=cycle, namespace=self.namespace)
+                lines.append(serialize(doc_id, doc))
                 msg = f"rate_limits: skipped project {pid}: {exc}"
                 stats.errors.append(msg)
                 log.warning(msg)
@@ -114,6 +119,15 @@ class RateLimitsCollector(ListingCollector):
             yield from (d for d in data if isinstance(d, Mapping))
 
 
+def _project_fields(project: Mapping[str, Any]) -> dict[str, Any]:
+    """The project's id, name and status, as injected into its documents."""
+    fields: dict[str, Any] = {"project_id": project.get("id")}
+    for src, dst in (("name", "project_name"), ("status", "project_status")):
+        if isinstance(project.get(src), str):
+            fields[dst] = project[src]
+    return fields
+
+
 def _collected_at(ts: int) -> str:
     """`2026-05-26T06:40:21Z`, the seed's collected_at form."""
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -129,10 +143,7 @@ def limit_event(row: Mapping[str, Any], project: Mapping[str, Any], *, collected
     """One rate limit of one project, as the seed's rate_limits example shows."""
     limit: dict[str, Any] = {k: v for k, v in row.items() if v is not None and not isinstance(v, (dict, list))}
     pid = project.get("id")
-    limit["project_id"] = pid
-    for src, dst in (("name", "project_name"), ("status", "project_status")):
-        if isinstance(project.get(src), str):
-            limit[dst] = project[src]
+    limit.update(_project_fields(project))
     limit["collected_at"] = _collected_at(collected)
     base: dict[str, Any] = {}
     if isinstance(row.get("model"), str):
@@ -150,6 +161,26 @@ def limit_event(row: Mapping[str, Any], project: Mapping[str, Any], *, collected
         "tags": ["forwarded", "openai-rate-limits"],
     }
     return _id(DATASET, collected, pid, row["id"]), doc
+
+
+def project_failure_event(project: Mapping[str, Any], reason: str, *, collected: int,
+                          namespace: str = "default") -> tuple[str, dict]:
+    """One project whose limits could not be read in a cycle (the per-project failing rule reads
+    these beside the limit documents)."""
+    from .logs import redact
+
+    ts = iso_timestamp(collected)
+    doc: dict[str, Any] = {
+        "@timestamp": ts,
+        "ecs": {"version": ECS_VERSION},
+        "data_stream": {"type": "logs", "dataset": DATASET, "namespace": namespace},
+        "event": {"kind": "event", "action": "rate-limits-project-failure", "outcome": "failure",
+                  "dataset": DATASET, "created": ts},
+        "openai": {"rate_limits": _project_fields(project)},
+        "error": {"message": redact(reason)[:1000]},
+        "tags": ["forwarded", "openai-rate-limits"],
+    }
+    return _id(DATASET, "project-failure", collected, project.get("id")), doc
 
 
 def status_event(*, collected: int, projects: int, limits: int, failed_projects: int, error: str | None,

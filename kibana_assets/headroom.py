@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from .fields import flatten
-from .queries import HEADROOM_USAGE_DATASETS, SNAPSHOT_SUFFIX_REGEX, UNITS
+from .queries import HEADROOM_USAGE_DATASETS, PROJECT_FAILURE_ACTION, SNAPSHOT_SUFFIX_REGEX, UNITS
 
 _SUFFIX = re.compile(SNAPSHOT_SUFFIX_REGEX)
 
@@ -165,3 +165,33 @@ def limits_stale(docs: Iterable[Mapping[str, Any]], *, now: Any, stale_after_min
     if last_success is not None and last_success.timestamp() >= now_ts - stale_after_minutes * 60:
         return None
     return {"last_success": last_success, "failed_collections": failed, "last_collection": last_collection}
+
+
+def projects_failing(docs: Iterable[Mapping[str, Any]], *, now: Any, stale_after_minutes: int) -> list[dict]:
+    """The rows the per-project failing rule returns for the documents in its time window (see
+    `queries.project_limits_failing_rule`): projects that failed within `stale_after_minutes // 2`
+    and whose last limits read (else first failure) is older than `stale_after_minutes`."""
+    seen: dict[str, dict] = {}
+    for doc in docs:
+        flat = flatten(doc)
+        pid = flat.get("openai.rate_limits.project_id")
+        failed = flat.get("event.action") == PROJECT_FAILURE_ACTION
+        read = flat.get("openai.rate_limits.model") is not None
+        if pid is None or not (failed or read):
+            continue
+        ts = _time(flat["@timestamp"])
+        row = seen.setdefault(pid, {"project_id": pid, "last_read": None, "last_failure": None,
+                                    "first_failure": None, "failures": 0})
+        if failed:
+            row["failures"] += 1
+            row["last_failure"] = ts if row["last_failure"] is None else max(row["last_failure"], ts)
+            row["first_failure"] = ts if row["first_failure"] is None else min(row["first_failure"], ts)
+        if read:
+            row["last_read"] = ts if row["last_read"] is None else max(row["last_read"], ts)
+    now_ts = _time(now).timestamp()
+    recent = max(1, stale_after_minutes // 2)
+    return sorted(
+        (row for row in seen.values()
+         if row["last_failure"] is not None and row["last_failure"].timestamp() >= now_ts - recent * 60
+         and (row["last_read"] or row["first_failure"]).timestamp() < now_ts - stale_after_minutes * 60),
+        key=lambda r: r["project_id"])

@@ -24,6 +24,7 @@ TAGS = ["openai", PACKAGE]
 RULE_ID_HEADROOM_TPM = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b01"
 RULE_ID_HEADROOM_RPM = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b02"
 RULE_ID_LIMITS_STALE = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b03"
+RULE_ID_PROJECT_LIMITS_FAILING = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b04"
 
 HEADROOM_RULE_NAME = "[OpenAI] Rate limit headroom low"
 
@@ -426,4 +427,9 @@ def rules(options: RuleOptions | None = None) -> list[Rule]:
              o.stale_window_minutes, every, 1, per_row=False,
              description="Rate limits were collected, but none successfully for --stale-after: the "
                          "headroom rules are working with the last known limits."),
+        Rule(RULE_ID_PROJECT_LIMITS_FAILING, "[OpenAI] Rate limits failing for a project",
+             Q.project_limits_failing_rule(stale_after_minutes=o.stale_after_minutes),
+             o.stale_window_minutes, every, 1, per_row=True,
+             description="A project's limits could not be read for --stale-after while it keeps failing: "
+                         "the headroom rules are about to lose its last known limits."),
     ]

@@ -233,6 +233,38 @@ def limits_stale_rule(sources: Sources = DEFAULT_SOURCES,
     ])
 
 
+PROJECT_FAILURE_ACTION = "rate-limits-project-failure"
+
+
+def project_limits_failing_rule(sources: Sources = DEFAULT_SOURCES,
+                                stale_after_minutes: int = DEFAULT_STALE_AFTER_MINUTES) -> str:
+    """Rule: one row per project whose limits keep failing while the collection succeeds.
+
+    The collector writes a document per project whose limits it could not read in a cycle
+    (`event.action: rate-limits-project-failure`) beside the limit documents of the projects it
+    read. A project fires when it failed recently (within half of `stale_after_minutes`: still
+    failing, whatever the collection interval below that) and its last limits read, or its first
+    failure in the window when none was read, is older than `stale_after_minutes` — when the
+    headroom rules are about to lose its last known limits. A project that failed once and went
+    away (deleted between the listing and its limits) does not fire: its one failure is older
+    than half the period by the time its last read is older than all of it. The last STATS
+    groups BY `project_id`, the alert id."""
+    recent = max(1, stale_after_minutes // 2)
+    return "\n".join([
+        sources.from_clause(["rate_limits"]),
+        f"| WHERE openai.rate_limits.model IS NOT NULL OR event.action == \"{PROJECT_FAILURE_ACTION}\"",
+        f"| EVAL failed_at = CASE(event.action == \"{PROJECT_FAILURE_ACTION}\", @timestamp), "
+        "read_at = CASE(openai.rate_limits.model IS NOT NULL, @timestamp), project_id = openai.rate_limits.project_id",
+        "| STATS last_failure = MAX(failed_at), first_failure = MIN(failed_at), last_read = MAX(read_at), "
+        "failures = COUNT(failed_at) BY project_id",
+        f"| WHERE project_id IS NOT NULL AND last_failure >= NOW() - {recent} minutes "
+        f"AND COALESCE(last_read, first_failure) < NOW() - {stale_after_minutes} minutes",
+        "| EVAL minutes_since_read = DATE_DIFF(\"minute\", last_read, NOW())",
+        "| SORT last_read NULLS FIRST, project_id",
+        "| KEEP project_id, last_read, minutes_since_read, last_failure, failures",
+    ])
+
+
 def limits_freshness(sources: Sources = DEFAULT_SOURCES) -> str:
     """Panel: collection cycles and the last success, so a stale headroom table is visible."""
     return "\n".join([
@@ -404,6 +436,7 @@ def all_queries() -> dict[str, str]:
         "rule_headroom_tpm": headroom_rule("tpm"),
         "rule_headroom_rpm": headroom_rule("rpm"),
         "rule_limits_stale": limits_stale_rule(),
+        "rule_project_limits_failing": project_limits_failing_rule(),
         "limits_freshness": limits_freshness(),
     }
     out.update({f"usage.{k}": v for k, v in usage_panels().items()})

@@ -438,12 +438,18 @@ def test_per_row_grouping_depends_on_kibana_version(version, per_row):
     assert rule.params(version)["groupBy"] == ("row" if per_row else "all")
 
 
-def test_three_rules_with_fixed_ids():
+def test_four_rules_with_fixed_ids():
     rules = K.rules(K.RuleOptions(stale_after_minutes=120))
-    assert [r.id for r in rules] == [K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM, K.RULE_ID_LIMITS_STALE]
+    assert [r.id for r in rules] == [K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM, K.RULE_ID_LIMITS_STALE,
+                                     K.RULE_ID_PROJECT_LIMITS_FAILING]
     stale = rules[2]
     assert stale.window_minutes == 120 + 1440 and stale.params("9.1.0")["groupBy"] == "all"
     assert "event.outcome == \"success\"" in stale.query and "last_success < NOW() - 120 minutes" in stale.query
+    failing = rules[3]
+    assert failing.window_minutes == 120 + 1440 and failing.params("9.1.0")["groupBy"] == "row"
+    assert failing.params("9.0.0")["groupBy"] == "all"
+    assert "last_failure >= NOW() - 60 minutes" in failing.query
+    assert "COALESCE(last_read, first_failure) < NOW() - 120 minutes" in failing.query
     assert [r.window_minutes for r in rules[:2]] == [130, 130]
     assert "rpm_utilization >= 0.8" in rules[1].query
 
@@ -535,7 +541,7 @@ def test_dashboard_fingerprint_covers_the_panels():
 
 def test_rule_alert_delays_and_options():
     rules = K.rules(K.RuleOptions(headroom_window_minutes=45, headroom_threshold=0.7))
-    assert [r.alert_delay for r in rules] == [3, 3, 1]
+    assert [r.alert_delay for r in rules] == [3, 3, 1, 1]
     assert [r.window_minutes for r in rules[:2]] == [70, 70]  # the limits look-back (60m + 10m)
     assert all("@timestamp >= NOW() - 45 minutes" in r.query for r in rules[:2])  # usage: 45m
     wide = K.rules(K.RuleOptions(headroom_window_minutes=120))

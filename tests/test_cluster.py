@@ -109,6 +109,36 @@ def test_rule_rows_match_the_reference_alerts(scratch, unit):
     assert sorted(r["project_model"] for r in rows) == H.alerts(DOCS, unit, 0.08)
 
 
+def test_project_failing_rule_rows_match_the_reference():
+    """Documents relative to now (the rule compares with NOW()): p failing for 70 minutes after
+    its last read, q read throughout, r failed once and went away."""
+    import time
+
+    from test_headroom import iso, limit, project_failure
+
+    s = _session()
+    prefix = f"openai-elastic-test-{uuid.uuid4().hex[:8]}-"
+    now = int(time.time()) // 60 * 60
+    docs = [limit(iso(now - 75 * 60), "p", "gpt-4o", tpm=1000), limit(iso(now - 65 * 60), "r", "gpt-4o", tpm=1),
+            project_failure(iso(now - 60 * 60), "r")]
+    for m in range(0, 75, 5):
+        docs += [project_failure(iso(now - m * 60), "p"), limit(iso(now - m * 60), "q", "gpt-4o", tpm=1000)]
+    try:
+        r = s.put(f"{ES_URL}/{prefix}rate_limits", json={"mappings": F.mappings("rate_limits")}, timeout=30)
+        assert r.status_code == 200, r.text
+        lines = [line for doc in docs for line in (json.dumps({"index": {"_index": prefix + "rate_limits"}}),
+                                                   json.dumps(doc))]
+        r = s.post(f"{ES_URL}/_bulk?refresh=true", data="\n".join(lines) + "\n",
+                   headers={"Content-Type": "application/x-ndjson"}, timeout=60)
+        assert r.status_code == 200 and not r.json()["errors"], r.text[:2000]
+        rows = _esql(s, Q.project_limits_failing_rule(Q.Sources(prefix=prefix), stale_after_minutes=60))
+        reference = H.projects_failing(docs, now=time.time(), stale_after_minutes=60)
+        assert [row["project_id"] for row in rows] == [row["project_id"] for row in reference] == ["p"]
+        assert rows[0]["failures"] == reference[0]["failures"] == 15
+    finally:
+        s.delete(f"{ES_URL}/{prefix}*", timeout=30)
+
+
 def test_every_bundle_query_is_accepted_by_the_cluster():
     """Against the real data streams' names: a missing index is fine, a verification error is not."""
     s = _session()

@@ -345,6 +345,85 @@ def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
     assert not stale_fires(stop + (o.stale_window_minutes + 1) * MIN)
 
 
+def project_failure(ts, project):
+    return {"@timestamp": ts, "data_stream": {"dataset": "openai.rate_limits"},
+            "event": {"kind": "event", "action": "rate-limits-project-failure", "outcome": "failure"},
+            "openai": {"rate_limits": {"project_id": project}}, "error": {"message": "HTTP 500"}}
+
+
+def test_project_failing_model_fires_for_a_project_that_keeps_failing_not_one_that_went_away():
+    fail = lambda t, p="p": project_failure(iso(t), p)  # noqa: E731
+    lim = lambda t, p="p": limit(iso(t), p, "gpt-4o", tpm=1000)  # noqa: E731
+    failing = lambda docs: [r["project_id"] for r in H.projects_failing(docs, now=NOW, stale_after_minutes=60)]  # noqa: E731,E501
+    # read 65 minutes ago, failing every 5 minutes since: fires
+    assert failing([lim(NOW - 65 * MIN)] + [fail(NOW - m * MIN) for m in range(0, 65, 5)]) == ["p"]
+    # read 50 minutes ago: the headroom rules still have its limits, not yet
+    assert failing([lim(NOW - 50 * MIN)] + [fail(NOW - m * MIN) for m in range(0, 50, 5)]) == []
+    # failing since the first cycle in the window, never read: fires once failing for 60 minutes
+    assert failing([fail(NOW - m * MIN) for m in range(0, 70, 5)]) == ["p"]
+    assert failing([fail(NOW - m * MIN) for m in range(0, 55, 5)]) == []
+    # failed once, 60 minutes ago, and gone (deleted between the listing and its limits): no alert
+    assert failing([lim(NOW - 65 * MIN), fail(NOW - 60 * MIN)]) == []
+    # recovered: read again after the failures
+    assert failing([fail(NOW - m * MIN) for m in range(10, 90, 5)] + [lim(NOW - 5 * MIN)]) == []
+    # other projects read fine (the cycle succeeds) do not fire; status and limit-less docs are ignored
+    docs = [lim(NOW - m * MIN, "q") for m in range(0, 90, 5)] + [status(iso(NOW))]
+    assert failing(docs + [fail(NOW - m * MIN) for m in range(0, 90, 5)]) == ["p"]
+    row = H.projects_failing([lim(NOW - 65 * MIN)] + [fail(NOW - m * MIN) for m in range(0, 65, 5)],
+                             now=NOW, stale_after_minutes=60)[0]
+    assert row["failures"] == 13 and row["last_read"] == H._time(iso(NOW - 65 * MIN))
+
+
+def test_project_failing_query_text_matches_its_model():
+    q = Q.project_limits_failing_rule(stale_after_minutes=60).splitlines()
+    assert q[0] == "FROM logs-openai.rate_limits-*"
+    assert '| WHERE openai.rate_limits.model IS NOT NULL OR event.action == "rate-limits-project-failure"' in q
+    assert any('failed_at = CASE(event.action == "rate-limits-project-failure", @timestamp)' in line and
+               "read_at = CASE(openai.rate_limits.model IS NOT NULL, @timestamp)" in line for line in q)
+    stats = next(line for line in q if line.startswith("| STATS"))
+    assert stats.endswith(" BY project_id"), "the alert id is the project"
+    for part in ("last_failure = MAX(failed_at)", "first_failure = MIN(failed_at)", "last_read = MAX(read_at)"):
+        assert part in stats
+    assert ("| WHERE project_id IS NOT NULL AND last_failure >= NOW() - 30 minutes "
+            "AND COALESCE(last_read, first_failure) < NOW() - 60 minutes") in q
+
+
+def test_with_the_defaults_a_project_whose_limits_keep_failing_is_never_silent():
+    """One project's limits fail from `stop` on while the others are read (every cycle a
+    success, so the stale rule never fires); its usage stays at 95% of its limit. At every minute
+    until the rule's horizon, either the headroom rule still alerts for it with its last known
+    limits, or the per-project failing rule fired on a run at most one schedule interval earlier."""
+    rules = {r.id: r for r in K.rules()}
+    head, failing_rule = rules[K.RULE_ID_HEADROOM_TPM], rules[K.RULE_ID_PROJECT_LIMITS_FAILING]
+    o = K.RuleOptions()
+    every = K.RULE_INTERVAL_MINUTES
+    stop = NOW
+    docs = []
+    for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, COLLECTION_INTERVAL_MIN * MIN):
+        docs += [limit(iso(t), "q", "gpt-4o", tpm=10_000), status(iso(t))]
+        docs.append(limit(iso(t), "p", "gpt-4o", tpm=10_000) if t <= stop else project_failure(iso(t), "p"))
+    for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, MIN):
+        docs.append(usage("completions", iso(t), "p", "gpt-4o", tokens=9_500, requests=95))
+    stamps = [(H._time(d["@timestamp"]).timestamp(), d) for d in docs]
+
+    def window(now, minutes):
+        return [d for ts, d in stamps if now - minutes * MIN <= ts <= now]
+
+    def headroom_alerts(now):
+        return H.alerts(window(now, head.window_minutes), "tpm", now=now, usage_minutes=o.headroom_window_minutes)
+
+    def failing(now):
+        return [r["project_id"] for r in H.projects_failing(window(now, failing_rule.window_minutes), now=now,
+                                                            stale_after_minutes=o.stale_after_minutes)]
+
+    assert headroom_alerts(stop) == ["p::gpt-4o"] and failing(stop) == []
+    minutes = [*range(0, 120), *range(120, o.stale_window_minutes - every, 30)]
+    silent = [m for m in minutes if "p" not in failing(stop + (m - every) * MIN)
+              and "p::gpt-4o" not in headroom_alerts(stop + m * MIN)]
+    assert silent == []
+    assert all(failing(stop + m * MIN) == ["p"] for m in range(65, 24 * 60, 60)), "it stays active"
+
+
 def test_failed_logins_panel_counts_only_failures():
     q = Q.audit_panels()["failed_logins"]
     assert '| WHERE openai.audit.type IN ("login.failed", "logout.failed")' in q.splitlines()

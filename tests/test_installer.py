@@ -1007,7 +1007,7 @@ def test_export_manifest_and_rules_follow_the_options(tmp_path):
 
 
 def test_rule_descriptions_follow_the_headroom_threshold():
-    tpm, rpm, _stale = K.rules(K.RuleOptions(headroom_threshold=0.9))
+    tpm, rpm, *_others = K.rules(K.RuleOptions(headroom_threshold=0.9))
     assert ">= 90% of the TPM limit" in tpm.description and ">= 90% of the RPM limit" in rpm.description
     assert ">= 80% of the TPM limit" in K.rules()[0].description
 

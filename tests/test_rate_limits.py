@@ -109,6 +109,13 @@ def test_multi_page_projects_with_one_refused_yield_every_other_projects_limits(
     assert status[0]["event"]["outcome"] == "success"
     assert status[0]["openai"]["rate_limits"]["collection"] == {
         "projects": len(projects) - 1, "limits": len(limits), "failed_projects": 1}
+    # the project that failed has a document of its own, for the per-project failing rule
+    (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert failure["event"]["outcome"] == "failure" and failure["@timestamp"] == iso_timestamp(T0)
+    assert failure["openai"]["rate_limits"] == {"project_id": broken.id, "project_name": broken.name,
+                                                "project_status": broken.status}
+    assert refusal in failure["error"]["message"] and ADMIN_KEY not in json.dumps(failure)
+    assert undeclared_fields(failure) == []
     for p in projects:
         got = {d["openai"]["rate_limits"]["id"]: d for d in limits if d["openai"]["rate_limits"]["project_id"] == p.id}
         if p is broken:
