@@ -130,10 +130,11 @@ def _open_output(kind: str, path: str | None, *, config=None, state_dir: str | N
 
         if path or rotate_bytes:
             raise OutputError("--output-path/--rotate-bytes are for --output ndjson, not elasticsearch")
+        # --es-url overrides the config's es_url and es_cloud_id alike (the config allows only one)
         url = es_url or (config.es_url if config is not None else None)
         client = make_client(
             url,
-            cloud_id=config.es_cloud_id if config is not None else None,
+            cloud_id=config.es_cloud_id if config is not None and not es_url else None,
             ca_file=es_ca_file or (config.es_ssl_ca_file if config is not None else None),
             verify=config.es_ssl_verify if config is not None else True,
         )
@@ -173,7 +174,8 @@ def _fail(message: str, code: int = 1) -> None:
 @click.option("--rotate-keep", type=click.IntRange(min=1), default=5, show_default=True,
               help="Rotated files to keep (<path>.1 newest ... <path>.N oldest).")
 @click.option("--es-url", default=None,
-              help="Elasticsearch URL for --output elasticsearch [default: es_url from the config].")
+              help="Elasticsearch URL for --output elasticsearch [default: es_url or es_cloud_id from the "
+                   "config, else ELASTIC_CLOUD_ID].")
 @click.option("--es-ca-file", type=click.Path(dir_okay=False), default=None,
               help="PEM CA bundle for Elasticsearch's TLS certificate [default: es_ssl_ca_file from the config].")
 @click.option("--now", "now_text", default=None, hidden=True,

@@ -457,6 +457,8 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] = os.enviro
             errors.append(ConfigError("ssl_ca_file", f"{_shown(ca_file)} is not readable"))
     if values.get("es_url") is not None:
         _check_url(values["es_url"], "es_url", ("http", "https"), errors)
+        if values.get("es_cloud_id") is not None:  # the client would silently use the cloud id alone
+            errors.append(ConfigError("es_cloud_id", "set either es_url or es_cloud_id, not both"))
     es_ca = values.get("es_ssl_ca_file")
     if es_ca is not None and not _is_file(Path(os.path.expanduser(es_ca))):
         errors.append(ConfigError("es_ssl_ca_file", f"{_shown(es_ca)} is not a readable file (expected a PEM CA bundle)"))

@@ -170,14 +170,16 @@ def make_client(
     env: Mapping[str, str] = os.environ,
     request_timeout: float = 60.0,
 ):
-    """An `Elasticsearch` client from a URL or cloud id, with credentials from the environment:
+    """An `Elasticsearch` client from a URL or cloud id (the cloud id wins when both are given; the
+    `ELASTIC_CLOUD_ID` environment variable is used only without either), with credentials from the environment:
     `ELASTIC_API_KEY`, else `ELASTIC_USERNAME`/`ELASTIC_PASSWORD` (as for the asset installer).
     The credentials are registered for redaction before anything can log them."""
     from elasticsearch import Elasticsearch
 
     from .logs import register_secret, register_url_password
 
-    cloud_id = cloud_id or (env.get(ENV_CLOUD_ID) or "").strip() or None
+    if not url:  # ELASTIC_CLOUD_ID only stands in for a missing URL: it never overrides one given
+        cloud_id = cloud_id or (env.get(ENV_CLOUD_ID) or "").strip() or None
     if not url and not cloud_id:
         raise OutputError("the elasticsearch output needs --es-url (or es_url in the config) or a cloud id")
     if url and not cloud_id:  # --es-url is not checked with the config: the client's error quotes it whole

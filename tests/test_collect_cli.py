@@ -253,6 +253,26 @@ def test_output_defaults_and_flags_reach_the_output(tmp_path, monkeypatch):
     assert seen["es"][1]["ca_file"] == str(flag_ca)
 
 
+def test_es_url_flag_wins_over_the_configs_cloud_id(tmp_path, monkeypatch):
+    """--es-url on the command line overrides the config's es_cloud_id, as it does es_url."""
+    from agent_input import es_output, outputs
+
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise outputs.OutputError("es captured")
+
+    monkeypatch.setattr(es_output, "make_client", capture)
+    config = {**_config("http://127.0.0.1:9"), "es_cloud_id": "deploy:ZXhhbXBsZS5jb20kYSRi"}
+    result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--output", "elasticsearch",
+                                             "--es-url", "http://127.0.0.1:9200", config=config)
+    assert "es captured" in result.output, result.output
+    assert seen["args"] == ("http://127.0.0.1:9200",) and seen["kwargs"]["cloud_id"] is None
+    result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--output", "elasticsearch", config=config)
+    assert seen["args"] == (None,) and seen["kwargs"]["cloud_id"] == "deploy:ZXhhbXBsZS5jb20kYSRi"
+
+
 def test_default_state_dir_follows_xdg_state_home(monkeypatch, tmp_path):
     from pathlib import Path
 

@@ -225,6 +225,12 @@ def test_key_and_key_file_together(tmp_path):
     assert e.key == "api_key_file" and "not both" in e.message
 
 
+def test_es_url_and_es_cloud_id_together_are_refused():
+    """Both set: one of them would be silently ignored (the cloud id won, whatever es_url said)."""
+    e = one_error({"es_url": "http://127.0.0.1:9200", "es_cloud_id": "deploy:ZXhhbXBsZS5jb20kYSRi"}, env=ENV)
+    assert e.key == "es_cloud_id" and "not both" in e.message
+
+
 def test_key_never_in_errors(tmp_path):
     f = tmp_path / "k"
     f.write_text(f"{KEY} extra words")

@@ -558,6 +558,17 @@ def test_cloud_id_sets_the_host(tmp_path):
         make_client(None, env={})
 
 
+def test_an_explicit_url_wins_over_the_elastic_cloud_id_variable():
+    """ELASTIC_CLOUD_ID in the environment (set for other Elastic tools) only stands in for a
+    missing URL: it never sends the events to another cluster than --es-url / es_url names."""
+    cloud_id = "deploy:" + base64.b64encode(b"eu-west-1.aws.found.io:443$abcdef$ghijkl").decode()
+    client = make_client("http://127.0.0.1:9200", env={**ENV, "ELASTIC_CLOUD_ID": cloud_id})
+    node = next(iter(client.transport.node_pool.all()))
+    assert (node.config.host, node.config.port, node.config.scheme) == ("127.0.0.1", 9200, "http")
+    client = make_client(None, env={**ENV, "ELASTIC_CLOUD_ID": cloud_id})
+    assert next(iter(client.transport.node_pool.all())).config.host == "abcdef.eu-west-1.aws.found.io"
+
+
 # -- TLS --------------------------------------------------------------------------------------------
 @pytest.fixture
 def tls_files(tmp_path):
