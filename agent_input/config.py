@@ -732,6 +732,13 @@ def namespace_max_bytes() -> int:
     return INDEX_NAME_MAX_BYTES - len(longest_backing_index("").encode("utf-8"))
 
 
+def namespace_problem(value: str) -> str | None:
+    """What makes `value` unusable as the data stream namespace (quoted, then the reasons), or None."""
+    errors: list[ConfigError] = []
+    _check_namespace(value, errors)
+    return errors[0].message if errors else None
+
+
 def _check_namespace(value: str, errors: list[ConfigError]) -> None:
     problems = []
     if not value:

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from agent_input.config import namespace_problem
+
 from . import elasticsearch as E
 from . import kibana as K
 from . import installer as I
@@ -30,6 +32,14 @@ def _retention(value: str) -> str:
     return value
 
 
+def _namespace(ctx, param, value: str) -> str:
+    """The collector's rule for `namespace`: Elasticsearch's reroute would otherwise rewrite it."""
+    problem = namespace_problem(value)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--namespace")
+    return value
+
+
 def _kibana_version(ctx, param, value: str | None) -> str | None:
     if value is not None:
         try:
@@ -49,7 +59,7 @@ def _options(f):
         click.option("--password-file", type=click.Path(dir_okay=False),
                      help="File holding the password (else ELASTIC_PASSWORD)."),
         click.option("--space", default=None, help="Kibana space id for the data view, dashboards and rules."),
-        click.option("--namespace", default="default", show_default=True,
+        click.option("--namespace", default="default", show_default=True, callback=_namespace,
                      help="Namespace the router sends documents to when they carry none."),
         click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA bundle for TLS."),
         click.option("--insecure", is_flag=True, help="Skip TLS verification (test clusters only)."),
@@ -197,7 +207,8 @@ def uninstall(delete_data: bool, **kw) -> None:
 @click.option("--kibana-version", default=None, callback=_kibana_version,
               help="Target Kibana version; rules for 8.18/9.0 get one alert for all rows. Left out: "
                    "rules for 8.19 and 9.1+ (one alert per project and model).")
-@click.option("--namespace", default="default", show_default=True)
+@click.option("--namespace", default="default", show_default=True, callback=_namespace,
+              help="Namespace the router sends documents to when they carry none.")
 @_rule_options
 def export(directory: str, kibana_version: str | None, **kw) -> None:
     """Write the bundle as files for air-gapped clusters (JSON + importable NDJSON + rules)."""

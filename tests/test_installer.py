@@ -543,6 +543,18 @@ def test_export_makes_no_requests(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.parametrize("command", ["install", "export", "uninstall"])
+@pytest.mark.parametrize("namespace, says", [("Bad-NS", "must not contain '-'; must be lowercase"),
+                                             ("a b", "must not contain ' '"), ("_x", "must not start with")])
+def test_a_namespace_the_collector_refuses_is_refused(stack, tmp_path, command, namespace, says):
+    """The router's fallback namespace follows the collector's rule for `namespace`: Elasticsearch
+    would otherwise rewrite it (bad_ns), and the data stream named in the summary would not exist."""
+    args = [str(tmp_path / "bundle")] if command == "export" else ["--es-url", ES, "--kibana-url", KB]
+    result = run(command, *args, "--namespace", namespace)
+    assert result.exit_code == 2 and "--namespace" in result.output and says in result.output, result.output
+    assert stack.calls == [] and not (tmp_path / "bundle").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # input mistakes and odd answers: one line, never a traceback, never a secret
 
