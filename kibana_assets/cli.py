@@ -46,6 +46,10 @@ def _kibana_version(ctx, param, value: str | None) -> str | None:
             K.parse_version(value)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--kibana-version") from None
+        try:  # the versions install refuses: the bundle would fail there at import
+            I.check_version("Kibana", value)
+        except I.InstallerError as exc:
+            raise click.BadParameter(str(exc), param_hint="--kibana-version") from None
     return value
 
 

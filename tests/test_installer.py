@@ -756,6 +756,14 @@ def test_bad_option_values_are_one_clear_line(tmp_path):
         assert r.exit_code == 2 and "must be longer than 0" in r.output, r.output
 
 
+@pytest.mark.parametrize("version", ["7.17.0", "8.17.4", "10.0.0"])
+def test_export_for_a_kibana_version_install_refuses_is_refused(tmp_path, version):
+    """install refuses these versions (exit 4); an exported bundle would fail on them at import."""
+    r = run("export", str(tmp_path / "b"), "--kibana-version", version)
+    assert r.exit_code == 2 and "needs 8.18.0 or later within 8.x/9.x" in r.output, r.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_uninstall_offers_only_the_options_it_uses():
     """The rule and retention options tune what install writes; on uninstall they did nothing."""
     help_text = run("uninstall", "--help").output
