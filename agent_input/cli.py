@@ -112,24 +112,33 @@ def _install_stop_handlers(stop) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+ROTATE_KEEP = 5  # --rotate-keep's default
+
+
 def _open_output(kind: str, path: str | None, *, config=None, state_dir: str | None = None, stop=None,
                  es_url: str | None = None, es_ca_file: str | None = None, rotate_bytes: int | None = None,
-                 rotate_keep: int = 5):
+                 rotate_keep: int | None = None):
     import sys
 
     from .outputs import NdjsonFileOutput, NdjsonOutput, OutputError
 
     if kind == "ndjson":
+        # an option of the other output, or one that needs another, would be silently ignored
+        if es_url or es_ca_file:
+            raise OutputError("--es-url/--es-ca-file are for --output elasticsearch, not ndjson")
         if rotate_bytes and not path:
             raise OutputError("--rotate-bytes needs --output-path (stdout cannot be rotated)")
+        if rotate_keep is not None and not rotate_bytes:
+            raise OutputError("--rotate-keep needs --rotate-bytes (without it the file is never rotated)")
         if path:
-            return NdjsonFileOutput(path, rotate_bytes=rotate_bytes, rotate_keep=rotate_keep, stop=stop)
+            return NdjsonFileOutput(path, rotate_bytes=rotate_bytes,
+                                    rotate_keep=ROTATE_KEEP if rotate_keep is None else rotate_keep, stop=stop)
         return NdjsonOutput(sys.stdout.buffer)
     if kind == "elasticsearch":
         from .es_output import ElasticsearchOutput, check_cluster, make_client
 
-        if path or rotate_bytes:
-            raise OutputError("--output-path/--rotate-bytes are for --output ndjson, not elasticsearch")
+        if path or rotate_bytes or rotate_keep is not None:
+            raise OutputError("--output-path/--rotate-bytes/--rotate-keep are for --output ndjson, not elasticsearch")
         # --es-url overrides the config's es_url and es_cloud_id alike (the config allows only one)
         url = es_url or (config.es_url if config is not None else None)
         client = make_client(
@@ -171,8 +180,9 @@ def _fail(message: str, code: int = 1) -> None:
               help="Append NDJSON to this file (or FIFO, or character device) instead of stdout.")
 @click.option("--rotate-bytes", type=click.IntRange(min=1), default=None,
               help="Rotate --output-path before it would grow past this many bytes (whole batches only).")
-@click.option("--rotate-keep", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Rotated files to keep (<path>.1 newest ... <path>.N oldest).")
+@click.option("--rotate-keep", type=click.IntRange(min=1), default=None,
+              help=f"Rotated files to keep (<path>.1 newest ... <path>.N oldest), with --rotate-bytes. "
+                   f"[default: {ROTATE_KEEP}]")
 @click.option("--es-url", default=None,
               help="Elasticsearch URL for --output elasticsearch [default: es_url or es_cloud_id from the "
                    "config, else ELASTIC_CLOUD_ID].")

@@ -221,6 +221,14 @@ def test_output_options_that_cannot_apply_are_refused(tmp_path, monkeypatch):
     result = _collect_until_the_output_opens(tmp_path, monkeypatch, "--output", "elasticsearch",
                                              "--es-url", "http://127.0.0.1:9", "--output-path", str(tmp_path / "x"))
     assert result.exit_code == 1 and "are for --output ndjson, not elasticsearch" in result.output, result.output
+    # forgetting --output elasticsearch (or --rotate-bytes) must not quietly write NDJSON (or never rotate)
+    for args, says in ((("--es-url", "http://127.0.0.1:9"), "--es-url/--es-ca-file are for --output elasticsearch"),
+                       (("--es-ca-file", str(tmp_path / "ca.pem")), "--es-url/--es-ca-file are for --output elasticsearch"),
+                       (("--output-path", str(tmp_path / "e.ndjson"), "--rotate-keep", "10"),
+                        "--rotate-keep needs --rotate-bytes")):
+        result = _collect_until_the_output_opens(tmp_path, monkeypatch, *args)
+        assert result.exit_code == 1 and says in result.output, (args, result.output)
+    assert not (tmp_path / "e.ndjson").exists()
 
 
 def test_output_defaults_and_flags_reach_the_output(tmp_path, monkeypatch):
