@@ -30,6 +30,7 @@ before it would only stop the audit stream for good.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -321,7 +322,7 @@ def audit_event(event: Mapping[str, Any], *, namespace: str = "default",
     related_ip: list[str] = []
     if session:
         user = session.get("user") or {}
-        ip = session.get("ip_address")
+        ip = session.get("ip_address")  # a valid address or absent (`_actor`)
         if isinstance(ip, str) and ip:
             source: dict[str, Any] = {"ip": ip}
             related_ip.append(ip)
@@ -372,6 +373,10 @@ def audit_event(event: Mapping[str, Any], *, namespace: str = "default",
 def _actor(actor: Mapping[str, Any]) -> dict:
     out = _copy(actor)
     session = out.get("session")
+    if isinstance(session, dict) and "ip_address" in session and not _is_ip(session["ip_address"]):
+        # mapped `ip` (as source.ip and related.ip): a value that is no address ("", "unknown")
+        # would make Elasticsearch reject the whole event; event.original keeps what was sent
+        del session["ip_address"]
     if isinstance(session, dict) and isinstance(session.get("ip_address_details"), dict):
         details = session["ip_address_details"]
         for key, conv in (("asn", _to_int), ("latitude", _to_float), ("longitude", _to_float)):
@@ -391,13 +396,25 @@ def _geo(details: Mapping[str, Any]) -> dict:
     if isinstance(details.get("country"), str):
         geo["country_iso_code"] = details["country"]
     lat, lon = details.get("latitude"), details.get("longitude")
-    if isinstance(lat, float) and isinstance(lon, float):
+    # a geo_point refuses (and with it the whole event) a latitude beyond ±90 or longitude beyond ±180
+    if isinstance(lat, float) and isinstance(lon, float) and abs(lat) <= 90 and abs(lon) <= 180:
         geo["location"] = {"lat": lat, "lon": lon}
     if isinstance(details.get("region_code"), str):
         geo["region_iso_code"] = details["region_code"]
     if isinstance(details.get("region"), str):
         geo["region_name"] = details["region"]
     return geo
+
+
+def _is_ip(value: Any) -> bool:
+    """An IPv4 or IPv6 address, as a field mapped `ip` accepts it."""
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _to_int(value: Any) -> int | None:

@@ -127,6 +127,44 @@ def test_ip_details_that_are_not_numbers_are_dropped_not_fatal():
     assert "asn" not in doc["openai"]["audit"]["actor"]["session"]["ip_address_details"]
 
 
+@pytest.mark.parametrize("ip", ["", "unknown", "300.1.2.3"])
+def test_an_ip_address_elasticsearch_cannot_index_is_left_out_not_fatal(ip):
+    """openai.audit.actor.session.ip_address, source.ip and related.ip are mapped `ip`: a value that
+    is not an address would make Elasticsearch reject the whole event (the seed's pipeline drops
+    empty values). The rest of the event is kept; event.original keeps what OpenAI sent."""
+    seed = json.loads((SEED / "audit.json").read_text())
+    api = json.loads(seed["event"]["original"])
+    api["actor"]["session"]["ip_address"] = ip
+    _, doc = audit_event(api, preserve_original=True)
+    assert "ip_address" not in doc["openai"]["audit"]["actor"]["session"]
+    assert "ip" not in doc.get("source", {})
+    assert "ip" not in doc.get("related", {})
+    assert doc["user"]["email"] == "muskan.agarwal@crestdata.ai"
+    assert json.loads(doc["event"]["original"])["actor"]["session"]["ip_address"] == ip
+
+
+def test_ipv6_addresses_are_kept():
+    seed = json.loads((SEED / "audit.json").read_text())
+    api = json.loads(seed["event"]["original"])
+    api["actor"]["session"]["ip_address"] = "2001:db8::1"
+    _, doc = audit_event(api)
+    assert doc["source"]["ip"] == "2001:db8::1" and doc["related"]["ip"] == ["2001:db8::1"]
+    assert doc["openai"]["audit"]["actor"]["session"]["ip_address"] == "2001:db8::1"
+
+
+@pytest.mark.parametrize("lat,lon", [("91.5", "72.8"), ("19.07", "-180.5")])
+def test_coordinates_a_geo_point_cannot_hold_are_not_a_location(lat, lon):
+    """source.geo.location is a geo_point: Elasticsearch rejects the event for a latitude beyond
+    ±90 or a longitude beyond ±180. The numbers stay in ip_address_details (mapped double)."""
+    seed = json.loads((SEED / "audit.json").read_text())
+    api = json.loads(seed["event"]["original"])
+    api["actor"]["session"]["ip_address_details"].update(latitude=lat, longitude=lon)
+    _, doc = audit_event(api)
+    assert "location" not in doc["source"]["geo"]
+    assert doc["source"]["geo"]["city_name"] == "Mumbai"
+    assert doc["openai"]["audit"]["actor"]["session"]["ip_address_details"]["latitude"] == float(lat)
+
+
 # -- against the simulator ---------------------------------------------------------------------------
 def _collector(sim, state: Path, out: Path, **audit):
     cfg = _config(sim.base_url, batch_size=3, **audit)
