@@ -275,6 +275,20 @@ def limits_freshness(sources: Sources = DEFAULT_SOURCES) -> str:
     ])
 
 
+def project_limit_failures(sources: Sources = DEFAULT_SOURCES) -> str:
+    """Panel: the projects whose limits could not be read (the reasons are in the documents'
+    `error.message`, which is text, not something ES|QL aggregates on every supported version)."""
+    return "\n".join([
+        sources.from_clause(["rate_limits"]),
+        f"| WHERE event.action == \"{PROJECT_FAILURE_ACTION}\"",
+        *_by_id_with_name("failures = COUNT(*), last_failure = MAX(@timestamp)", "openai.rate_limits.project_id",
+                          "project_id", "openai.rate_limits.project_name", "project_name"),
+        "| SORT last_failure DESC, project_id",
+        "| KEEP project_id, project_name, failures, last_failure",
+        "| LIMIT 100",
+    ])
+
+
 # ---------------------------------------------------------------------------------------------
 # Usage, costs and audit panels (all sum per bucket: corrections add up)
 
@@ -438,6 +452,7 @@ def all_queries() -> dict[str, str]:
         "rule_limits_stale": limits_stale_rule(),
         "rule_project_limits_failing": project_limits_failing_rule(),
         "limits_freshness": limits_freshness(),
+        "project_limit_failures": project_limit_failures(),
     }
     out.update({f"usage.{k}": v for k, v in usage_panels().items()})
     out.update({f"costs.{k}": v for k, v in costs_panels().items()})

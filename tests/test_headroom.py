@@ -457,3 +457,12 @@ def test_every_panel_and_rule_query_is_valid():
     problems, notes = validate_bundle()
     assert problems == []
     assert any("ES|QL queries parse" in n for n in notes)
+
+
+def test_the_headroom_dashboard_lists_the_projects_whose_limits_failed():
+    headroom = next(d for d in K.dashboards() if d.id == "openai-elastic-rate-limit-headroom")
+    panel = next(p for p in headroom.panels if p.title == "Projects whose limits failed")
+    lines = panel.query.splitlines()
+    assert '| WHERE event.action == "rate-limits-project-failure"' in lines
+    assert any(line.startswith("| STATS failures = COUNT(*)") and line.endswith("BY project_id = openai.rate_limits.project_id")
+               for line in lines), "one row per project id, its latest name shown"
