@@ -285,6 +285,8 @@ def test_retry_after_is_capped(sleep):
     responses.get(URL, json=OK)
     c.get_json(PATH)
     assert sleep.calls == [60]
+    # the seconds counted are the seconds waited, not the day the server asked for
+    assert c.stats.retry_after_seconds_total == 60 and c.stats.throttled == 1
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
