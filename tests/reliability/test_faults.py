@@ -201,6 +201,19 @@ def test_a_page_violating_the_spec_reports_each_bad_bucket_and_delivers_the_rest
     h.assert_truth()
 
 
+def test_a_bad_bucket_is_logged_with_what_was_wrong_and_fails_a_once_run(h, caplog):
+    """`collect` shows a bad bucket only through the log and the exit status: the log names the
+    bucket and the fault (the summary row says only "1 bad bucket(s)"), and `--once` exits 1."""
+    h.sim.add_fault(FaultRule(kind="invalid_results", path="usage/completions", skip=1, count=1))
+    engine = Engine(h.collectors, h.delivery, clock=lambda: T0)
+    with caplog.at_level("WARNING", logger="agent_input.engine"):
+        assert engine.run(once=True) == 1
+    assert "completions" in engine.failed and "does not match the API reference" in engine.failed["completions"]
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("completions: ") and "does not match the API reference" in m and
+               ("not integers" in m or "not a number" in m or "lacks required" in m) for m in logged), logged
+
+
 def test_results_with_nulls_wrong_types_and_missing_fields_are_named(h, monkeypatch):
     """The engine's own report for each kind of spec violation in a result."""
     col = h.collectors[0]
