@@ -114,6 +114,28 @@ def test_current_bucket_never_emitted(harness):
     assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
 
 
+def test_a_bucket_past_the_asked_end_time_is_not_emitted(harness):
+    """An API that answers past `end_time` (the bucket in progress, or one still inside the
+    finalization grace): that bucket is not emitted and the cursor stops at the end asked for."""
+
+    class PastEnd(FakeApi):
+        asked: list[int] = []
+
+        def get_json(self, path, params):
+            self.asked.append(params["end_time"])
+            return super().get_json(path, {**params, "end_time": params["end_time"] + 2 * self.width})
+
+    h = harness(PastEnd(), finalization_grace=60)
+    now = ts("2026-11-23T10:00:30")
+    h.api.data[ts("2026-11-23T09:58:00")] = [result(5)]
+    h.api.data[ts("2026-11-23T09:59:00")] = [result(6)]  # within the grace
+    h.api.data[ts("2026-11-23T10:00:00")] = [result(7)]  # in progress
+    h.collector.poll(now)
+    assert set(h.api.asked) == {ts("2026-11-23T09:59:00")}
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
+    assert h.store.cursor("completions", "1m").position == ts("2026-11-23T09:59:00")
+
+
 def test_revisions_emit_differences_and_sum_to_latest(harness):
     h = harness()
     b = ts("2026-11-23T09:58:00")
