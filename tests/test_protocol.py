@@ -313,6 +313,51 @@ def test_a_batch_whose_write_fails_is_not_acknowledged(tmp_path):
     assert acked == [] and output.inflight() == 0
 
 
+def test_a_send_cut_short_by_a_stop_is_neither_written_nor_acknowledged(tmp_path):
+    """A collector blocked on backpressure (max_inflight batches unacknowledged) when the engine
+    stops: its batch was never written, so it must stay in the outbox (no ack) for the next start."""
+    import threading
+
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    output = ProtocolOutput(ProtocolWriter(fd), max_inflight=1)
+    acked: list[str] = []
+    try:
+        output.send("audit", _event_line("a1"), 1, lambda: acked.append("a1"))  # in flight, unacked
+        blocked = threading.Thread(target=output.send,
+                                   args=("audit", _event_line("a2"), 1, lambda: acked.append("a2")))
+        blocked.start()
+        time.sleep(0.3)
+        assert blocked.is_alive(), "the second batch should wait for an ack (backpressure)"
+        output.interrupt()
+        blocked.join(10)
+        assert not blocked.is_alive()
+    finally:
+        os.close(fd)
+    assert acked == [], "a batch the supervisor never received was acknowledged"
+    assert b"a2" not in (tmp_path / "stdout").read_bytes()
+    assert output.ack(1) and acked == ["a1"]
+
+
+def test_a_replayed_batch_in_flight_is_confirmed_by_the_one_ack(tmp_path):
+    """A new engine (a reconfigure) re-sends a batch the supervisor has not acknowledged yet: it is
+    not written twice, and the supervisor's ack of it confirms both senders' outbox entries."""
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    output = ProtocolOutput(ProtocolWriter(fd))
+    acked: list[str] = []
+    try:
+        output.send("audit", _event_line("a1"), 1, lambda: acked.append("first"))
+        output.send("audit", _event_line("a1"), 1, lambda: acked.append("replay"))
+    finally:
+        os.close(fd)
+    assert (tmp_path / "stdout").read_bytes().count(b'"a1"') == 1
+    assert output.ack(1)
+    assert acked == ["first", "replay"]
+
+
 def test_a_config_id_that_cannot_be_echoed_is_rejected_and_the_old_config_runs(simulator, tmp_path):
     nested: list = []
     for _ in range(300):
