@@ -255,14 +255,21 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
 
 
 def _print_summary(engine) -> None:
-    rows = [("stream", "documents", "corrections", "requests", "status")]
+    """One row per stream: what it emitted, the pages it read, how often OpenAI throttled it (429s,
+    and the seconds waited because of Retry-After: each retry is also a WARNING line), its status."""
+    clients = {c.name: getattr(c, "client", None) for c in engine.collectors}
+    rows = [("stream", "documents", "corrections", "requests", "throttled", "status")]
     for name, t in sorted(engine.totals.items()):
         status = "failed: " + engine.failed[name] if name in engine.failed else (
             f"{t.bad_buckets} bad bucket(s)" if t.bad_buckets else "ok")
-        rows.append((name, str(t.events), str(t.corrections), str(t.requests), status))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        stats = getattr(clients.get(name), "stats", None)
+        throttled = getattr(stats, "throttled", 0)
+        waited = getattr(stats, "retry_after_seconds_total", 0.0)
+        rows.append((name, str(t.events), str(t.corrections), str(t.requests),
+                     f"{throttled} ({waited:g}s waited)" if waited else str(throttled), status))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4], err=True)
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5], err=True)
 
 
 @main.command()

@@ -173,6 +173,28 @@ def test_once_exits_1_and_its_summary_names_the_stream_that_failed(simulator, tm
     assert read_ndjson(tmp_path / "events.ndjson"), "the healthy stream's documents were still written"
 
 
+def test_once_summary_counts_the_429s_and_the_seconds_waited(simulator, tmp_path):
+    """A 429 storm is visible where a cron job's owner looks: the summary row, not only the
+    per-retry WARNING lines."""
+    from agent_input.simulator import FaultRule
+
+    simulator.add_fault(FaultRule(kind="429", path="/v1/organization/usage/completions", count=2, retry_after=1))
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config(simulator.base_url)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+         "--state-dir", str(tmp_path / "state"), "--output-path", str(tmp_path / "events.ndjson"),
+         "--now", str(T0), "--log-level", "CRITICAL"],
+        capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    rows = {ln.split()[0]: ln.split() for ln in err.splitlines() if ln.strip()}
+    header = rows["stream"]
+    assert header[4] == "throttled"
+    assert rows["completions"][4:7] == ["2", "(2s", "waited)"], err
+    assert rows["completions"][-1] == "ok", err
+
+
 def test_a_continuous_run_prints_no_summary(simulator, tmp_path):
     """The per-stream table is for --once; a service's stderr stays its logs."""
     cfg = tmp_path / "config.yml"
