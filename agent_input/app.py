@@ -81,8 +81,18 @@ def build(
 
 
 def _build(config, store, output, stop, clock, progress, on_status, on_poll) -> Collection:
-    delivery = Delivery(store, output)
     clients: list[AdminApiClient] = []
+    try:
+        return _build_collectors(config, store, output, stop, clock, progress, on_status, on_poll, clients)
+    except BaseException:
+        for client in clients:  # the sessions (and the names warm-up's pool) of a build that failed part way
+            client.close()
+        raise
+
+
+def _build_collectors(config, store, output, stop, clock, progress, on_status, on_poll,
+                      clients: list[AdminApiClient]) -> Collection:
+    delivery = Delivery(store, output)
     collectors: list[Collector] = []
     common = dict(namespace=config.namespace, stop=stop, clock=clock)
     # One name cache for every usage-like stream (project names, user emails, API key names).
@@ -95,6 +105,7 @@ def _build(config, store, output, stop, clock, progress, on_status, on_poll) -> 
         names.warm_up()  # the first listing overlaps the first usage requests
     for stream in config.enabled_streams():
         client = AdminApiClient.from_config(config, stop=stop)
+        clients.append(client)
         if stream.name in STREAMS_BY_NAME:
             collector: Collector = UsageCollector(
                 STREAMS_BY_NAME[stream.name], stream, client, delivery, progress=progress,
@@ -104,9 +115,9 @@ def _build(config, store, output, stop, clock, progress, on_status, on_poll) -> 
             collector = EXTRA_COLLECTORS[stream.name](config, stream, client, delivery, **common)
         else:
             log.warning("%s: this collector version does not collect it yet; skipped", stream.name)
+            clients.remove(client)
             client.close()
             continue
-        clients.append(client)
         collectors.append(collector)
     engine = Engine(collectors, delivery, stop=stop, clock=clock, on_status=on_status, on_poll=on_poll)
     return Collection(engine, store, clients)

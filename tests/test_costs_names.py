@@ -6,6 +6,7 @@ and project API keys endpoints without ever costing a document when a lookup fai
 from __future__ import annotations
 
 import math
+import threading
 from collections import defaultdict
 
 import pytest
@@ -702,3 +703,32 @@ def test_a_stopping_collector_starts_no_names_listing():
 
     NameCache(Listing(), stop=stop).refresh()
     assert len(calls) == 1
+
+
+def test_a_build_that_fails_part_way_closes_the_clients_it_made(simulator, tmp_path, monkeypatch):
+    """`run` builds a new engine for each config it is sent: a build that fails after some clients
+    exist (a collector's constructor) must not leave their sessions open, one more per attempt."""
+    from agent_input import app
+
+    made, closed = [], []
+    real_init, real_close = AdminApiClient.__init__, AdminApiClient.close
+    # the clients the build makes on its own thread (the names' listing workers close theirs
+    # when their listing ends, on the warm-up's thread)
+    monkeypatch.setattr(AdminApiClient, "__init__", lambda self, *a, **kw: (
+        made.append(self) if threading.current_thread() is threading.main_thread() else None,
+        real_init(self, *a, **kw))[1])
+    monkeypatch.setattr(AdminApiClient, "close", lambda self: (closed.append(self), real_close(self))[1])
+
+    def broken(*a, **kw):
+        raise RuntimeError("cannot build the rate_limits collector")
+
+    monkeypatch.setitem(app.EXTRA_COLLECTORS, "rate_limits", broken)
+    base = {"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 1}
+    every = [s.name for s in config_from_dict(base, env={}).enabled_streams()]
+    wanted = ("completions", "rate_limits", "costs")
+    cfg = config_from_dict({**base, "data_streams": {n: {"enabled": n in wanted} for n in every}}, env={})
+    with pytest.raises(RuntimeError, match="cannot build"):
+        app.build(cfg, state_dir=tmp_path / "state", output=NdjsonFileOutput(tmp_path / "out.ndjson"),
+                  clock=simulator.now)
+    assert len(made) >= 3, "the names client, completions' and rate_limits' clients were made"
+    assert set(map(id, made)) <= set(map(id, closed)), "every client made was closed"
