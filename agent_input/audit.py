@@ -323,15 +323,19 @@ def audit_event(event: Mapping[str, Any], *, namespace: str = "default",
     if session:
         user = session.get("user") or {}
         ip = session.get("ip_address")  # a valid address or absent (`_actor`)
+        source: dict[str, Any] = {}
         if isinstance(ip, str) and ip:
-            source: dict[str, Any] = {"ip": ip}
+            source["ip"] = ip
             related_ip.append(ip)
-            details = session.get("ip_address_details") or {}
+        # without a usable address OpenAI's own details still say where: only the `ip` fields go
+        details = session.get("ip_address_details")
+        if isinstance(details, Mapping):
             if isinstance(details.get("asn"), int):
                 source["as"] = {"number": details["asn"]}
             geo = _geo(details)
             if geo:
                 source["geo"] = geo
+        if source:
             doc["source"] = source
         if isinstance(session.get("ja3"), str):
             doc["tls"] = {"client": {"ja3": session["ja3"]}}

@@ -143,6 +143,20 @@ def test_an_ip_address_elasticsearch_cannot_index_is_left_out_not_fatal(ip):
     assert json.loads(doc["event"]["original"])["actor"]["session"]["ip_address"] == ip
 
 
+@pytest.mark.parametrize("ip", ["", "unknown"])
+def test_an_unindexable_ip_address_leaves_out_only_the_ip_fields_not_the_geo(ip):
+    """Only the `ip`-mapped fields lose the value: the country, city and AS number OpenAI sent
+    still reach source.* (the audit dashboard's by-country panel reads source.geo.country_iso_code)."""
+    seed = json.loads((SEED / "audit.json").read_text())
+    api = json.loads(seed["event"]["original"])
+    api["actor"]["session"]["ip_address"] = ip
+    _, doc = audit_event(api)
+    assert "ip" not in doc["source"] and "ip" not in doc.get("related", {})
+    assert doc["source"]["geo"]["country_iso_code"] == "IN" and doc["source"]["geo"]["city_name"] == "Mumbai"
+    assert doc["source"]["as"] == {"number": 55256}
+    assert undeclared_fields(doc) == []
+
+
 def test_ipv6_addresses_are_kept():
     seed = json.loads((SEED / "audit.json").read_text())
     api = json.loads(seed["event"]["original"])
