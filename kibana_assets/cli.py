@@ -89,9 +89,9 @@ def _rule_options(f):
         click.option("--headroom-window", default="15m", show_default=True,
                      help="Usage look-back of the headroom rules (the limits look back --stale-after + 10m)."),
         click.option("--stale-after", default="1h", show_default=True,
-                     help="Alert when no rate-limits collection succeeded for this long (make it "
-                          "longer than the rate_limits interval). The headroom rules use the last "
-                          "known limits for this long plus 10m."),
+                     help="Alert when no rate-limits collection succeeded, or one project's limits could "
+                          "not be read, for this long (make it at least twice the rate_limits "
+                          "interval). The headroom rules use the last known limits for this long plus 10m."),
         click.option("--stale-horizon", default=None,
                      help="The stale alert stops once the last rate-limits collection is older than "
                           "this (a stream turned off); longer than --stale-after. "

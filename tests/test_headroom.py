@@ -466,3 +466,32 @@ def test_the_headroom_dashboard_lists_the_projects_whose_limits_failed():
     assert '| WHERE event.action == "rate-limits-project-failure"' in lines
     assert any(line.startswith("| STATS failures = COUNT(*)") and line.endswith("BY project_id = openai.rate_limits.project_id")
                for line in lines), "one row per project id, its latest name shown"
+
+
+@pytest.mark.parametrize("interval", [5, 20, 30])
+def test_a_project_failing_every_cycle_stays_alerting_up_to_half_of_stale_after(interval):
+    """The failing rule needs a failure within half of --stale-after to call a project still
+    failing, so a project that fails every cycle of a `rate_limits` interval up to that bound is
+    active at every rule run once it fires (no recovery and new alert per cycle); above it, it
+    is not, which is why `--stale-after` must be at least twice the interval."""
+    stale_after = 60
+    docs = [limit(iso(NOW), "p", "gpt-4o", tpm=1000)]
+    docs += [project_failure(iso(t), "p") for t in range(NOW + interval * MIN, NOW + 10 * 60 * MIN, interval * MIN)]
+
+    def fires(minute):
+        now = NOW + minute * MIN
+        seen = [d for d in docs if H._time(d["@timestamp"]).timestamp() <= now]
+        return H.projects_failing(seen, now=now, stale_after_minutes=stale_after) != []
+
+    first = next(m for m in range(0, 3 * 60) if fires(m))
+    assert first <= stale_after + interval
+    assert all(fires(m) for m in range(first, 8 * 60)), "recovered while still failing"
+
+
+def test_the_stale_after_help_asks_for_twice_the_rate_limits_interval():
+    from click.testing import CliRunner
+
+    from kibana_assets.cli import main
+
+    out = CliRunner().invoke(main, ["install", "--help"]).output
+    assert "at least twice the rate_limits" in " ".join(out.split())
