@@ -216,9 +216,12 @@ def cursor_pages(get_json: Callable[[str, Mapping[str, Any]], Mapping], path: st
     """The `data` list of each page of an admin listing paginated by cursor (`after` = the previous
     page's `last_id` while `has_more`): audit logs, projects, rate limits, users, API keys.
 
-    A page without a `data` list, a `last_id` that comes back (ending there would pass over what
-    was never read; following it would never end) or more than `max_pages` pages raise `bad(what)`,
-    by default the client's MalformedResponseError for `path`.
+    A page without a `data` list or a boolean `has_more` (the reference requires both: reading a
+    missing one as "no more" would end the listing early and pass over the rest unread, which for
+    audit logs moves the mark past them for good), `has_more` with no id to go on from, a
+    `last_id` that comes back (ending there would pass over what was never read; following it
+    would never end) or more than `max_pages` pages raise `bad(what)`, by default the client's
+    MalformedResponseError for `path`.
     """
     if bad is None:
         from .http_client import MalformedResponseError
@@ -232,10 +235,16 @@ def cursor_pages(get_json: Callable[[str, Mapping[str, Any]], Mapping], path: st
         data = body.get("data")
         if not isinstance(data, list):
             raise bad("response has no `data` list")
-        yield data
-        last = body.get("last_id") or (data[-1].get("id") if data and isinstance(data[-1], Mapping) else None)
-        if not body.get("has_more") or not data or not isinstance(last, str):
+        has_more = body.get("has_more")
+        if not isinstance(has_more, bool):
+            raise bad(f"response has no boolean `has_more` ({has_more!r:.40}): the rest of the listing is unknown")
+        if not has_more:
+            yield data
             return
+        last = body.get("last_id") or (data[-1].get("id") if data and isinstance(data[-1], Mapping) else None)
+        if not isinstance(last, str):
+            raise bad("response says has_more but gives no `last_id` to go on from")
+        yield data
         if last in followed:
             raise bad(f"last_id {last!r:.60} came back a second time with has_more")
         followed.add(last)

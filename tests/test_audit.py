@@ -226,6 +226,28 @@ def test_a_day_of_many_pages_with_an_error_and_a_restart_is_stored_exactly_once(
         assert d["event"]["id"] == d["_id"] == d["openai"]["audit"]["id"]
 
 
+def test_a_page_without_has_more_fails_the_slice_rather_than_end_it(simulator, tmp_path):
+    """The reference requires `has_more`. A page without it (the simulator's invalid_results) was
+    read as the end of the listing: the rest of its slice was never read and the mark passed it,
+    so those events were lost for good, with only the entry that lacked an id reported."""
+    from agent_input.audit import BadAuditPage
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    simulator.add_fault(FaultRule(kind="invalid_results", path="/v1/organization/audit_logs", skip=1, count=1))
+    with pytest.raises(BadAuditPage, match="has_more"):
+        col.poll(T0)
+    assert store.get(KV_HWM) is None, "the mark moved past a slice that was not read whole"
+    simulator.set_time(T0 + 60)
+    col.poll(T0 + 60)
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == audit_truth(simulator, int(T0 - DAY), int(T0 + 60))
+
+
 def test_overlap_catches_late_events_without_doubling(simulator, tmp_path):
     """An event OpenAI records late (effective_at just before the mark) is still collected once."""
     state, out = tmp_path / "state", tmp_path / "audit.ndjson"

@@ -697,6 +697,12 @@ def test_cursor_pages_follows_last_id_and_refuses_a_loop_a_missing_list_and_no_e
         list(cursor_pages(listing(loop), "/p", {}, Bad))
     with pytest.raises(Bad, match="no `data` list"):
         list(cursor_pages(listing({None: {"has_more": False}}), "/p", {}, Bad))
+    # has_more is required: a page without it (or with no id to go on from) is not the end of the
+    # listing, or the audit mark would pass over the pages never read
+    for cut in ({"data": [1]}, {"data": [1], "has_more": None}, {"data": [1], "has_more": "false"},
+                {"data": [], "has_more": True}):
+        with pytest.raises(Bad, match="has_more"):
+            list(cursor_pages(listing({None: cut, "a": {"data": [2], "has_more": False}}), "/p", {}, Bad))
     endless = {None: {"data": [0], "has_more": True, "last_id": "x0"}}
     endless.update({f"x{i}": {"data": [i], "has_more": True, "last_id": f"x{i + 1}"} for i in range(10)})
     with pytest.raises(Bad, match="more than 5 pages"):
