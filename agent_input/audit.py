@@ -38,7 +38,7 @@ import reprlib
 from typing import Any, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import ListingCollector, PollStats, serialize
+from .engine import Lines, ListingCollector, PollStats, serialize
 from .http_client import PermissionDeniedError, explain
 from .paging import cursor_pages
 
@@ -94,12 +94,13 @@ class AuditCollector(ListingCollector):
                 events, bad = self._read_slice(start, slice_end, stats)
                 new_hwm = slice_end + 1
                 keep_from = new_hwm - OVERLAP
-                lines: list[bytes] = []
+                lines = Lines()
                 next_recent = {i: t for i, t in recent.items() if t >= keep_from}
                 for what in bad:
                     self._skip(stats, "an entry", BadAuditPage(what))
-                for ev in sorted(events.values(), key=_order):
-                    eid = ev["id"]
+                # each event is let go once mapped: a slice can hold 100,000 events
+                for eid in sorted(events, key=lambda i: _order(events[i])):
+                    ev = events.pop(eid)
                     if eid in recent:
                         continue  # emitted by an earlier slice or poll (the overlap)
                     # Any failure to map this one event is bad data of this event: reported and

@@ -40,6 +40,28 @@ class StreamStopped(Exception):
 serialize = to_ndjson_line  # one NDJSON line, the deterministic id in the top-level `_id`
 
 
+class Lines:
+    """A batch's NDJSON lines, appended into one buffer as they are made.
+
+    Not a list of the lines: orjson (3.12 on) returns each line in a buffer of 4 KiB or more
+    whatever its length, and never shrinks it, so a list of a rate-limits cycle's 171,000 lines
+    (5,000 projects; 138 MB of NDJSON) held 700 MB, and an audit slice of 100,000 events as
+    much. Appended here, each line's buffer is freed at once."""
+
+    __slots__ = ("buf", "count")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.count = 0
+
+    def append(self, line: bytes) -> None:
+        self.buf += line
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+
 # -- delivery ---------------------------------------------------------------------------------
 class Delivery:
     """Outbox first, then the output; the outbox entry goes only when the output acknowledges."""
@@ -62,11 +84,16 @@ class Delivery:
         if batch is not None:
             self._send(batch, stream, payload, events)
 
-    def commit_events(self, stream: str, lines: list[bytes], kv: Mapping[str, str]) -> None:
-        payload = b"".join(lines)
-        batch = self.store.commit_events(stream, payload, len(lines), kv)
+    def commit_events(self, stream: str, lines: "Lines | list[bytes]", kv: Mapping[str, str]) -> None:
+        events = len(lines)
+        if isinstance(lines, Lines):
+            payload = bytes(lines.buf)
+            lines.buf.clear()  # one copy of the payload at a time
+        else:
+            payload = b"".join(lines)
+        batch = self.store.commit_events(stream, payload, events, kv)
         if batch is not None:
-            self._send(batch, stream, payload, len(lines))
+            self._send(batch, stream, payload, events)
 
     def _send(self, batch: int, stream: str, payload: bytes, events: int) -> None:
         self.output.send(stream, payload, events, lambda: self.store.ack(batch))

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import ListingCollector, PollStats, serialize
+from .engine import Lines, ListingCollector, PollStats, serialize
 from .http_client import ApiError, AuthenticationError, PermissionDeniedError, StoppedError
 from .paging import cursor_pages
 
@@ -52,7 +52,7 @@ class RateLimitsCollector(ListingCollector):
         cycle = int(now)
         if self.store.get(KV_LAST_CYCLE) == str(cycle):
             return stats  # this very cycle is already stored (a replay with the same clock)
-        lines: list[bytes] = []
+        lines = Lines()
         projects: list[Mapping] = []
         failed: list[str] = []
         fatal: ApiError | None = None

@@ -590,3 +590,35 @@ def test_an_effective_at_with_a_zero_fraction_is_the_integer_it_is(tmp_path):
     assert [d["_id"] for d in docs] == [whole["id"]] and docs[0]["@timestamp"].startswith(iso_timestamp(now - 900)[:19])
     assert len(stats.errors) == 1 and beyond["id"] not in (store.get(KV_RECENT) or "")
     store.close()
+
+
+def test_a_slice_of_many_events_holds_about_its_payload_not_ten_times_it(tmp_path):
+    """A slice's lines were kept in a list until its transaction, each in the buffer orjson made
+    it in (4 KiB or more, never shrunk, from orjson 3.12 on), next to every parsed event: 102,000
+    events in a 6h slice (171 MB of NDJSON) took the collector to 912 MB of RSS. Each event is
+    now let go once mapped and its line appended to one buffer."""
+    import tracemalloc
+
+    now = int(T0)
+    n = 4000
+    events = [_session_event(i, now - 3000 + i // 2, project={"id": "proj_1", "name": "P"}) for i in range(n)]
+    events.sort(key=lambda e: (-e["effective_at"], e["id"]))
+    pages: dict = {}
+    for k in range(0, n, 100):
+        page = events[k:k + 100]
+        pages[None if k == 0 else events[k - 1]["id"]] = {
+            "object": "list", "data": page, "first_id": page[0]["id"], "last_id": page[-1]["id"],
+            "has_more": k + 100 < n}
+    api = SimpleNamespace(now=now, get_json=lambda path, params: copy.deepcopy(pages[params.get("after")]))
+    col, store, output = _listing_collector(tmp_path, api)
+    tracemalloc.start()
+    try:
+        stats = col.poll(now)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    output.close()
+    store.close()
+    payload = (tmp_path / "audit.ndjson").stat().st_size
+    assert stats.events == n and stats.errors == []
+    assert peak < 4 * payload, f"peak {peak / 1e6:.1f} MB for {payload / 1e6:.1f} MB of NDJSON"
