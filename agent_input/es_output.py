@@ -39,8 +39,10 @@ and retrying will not help (a wrong URL, key or proxy): no document is dead-lett
 stays in the outbox and `OutputError` names the status and URL.
 
 Backpressure: `send` returns only when the batch is settled, so a collector thread never reads
-its next page while the cluster is behind; memory is bounded by one page per stream (at most
-`chunk_size` documents / `max_chunk_bytes` per request) and at most `max_concurrent` bulk
+its next page while the cluster is behind; memory is bounded by one page per stream (a batch is
+parsed and settled `SEND_PART_LINES` documents at a time: a rate-limits cycle or an audit slice is
+one batch of up to hundreds of thousands; at most `chunk_size` documents / `max_chunk_bytes` per
+request) and at most `max_concurrent` bulk
 requests are in flight across streams. Everything not yet delivered waits on disk, in the outbox.
 
 Compatibility: Elasticsearch 8.18+ and 9.x. The 9.x Python client sends
@@ -60,7 +62,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import orjson
 
@@ -252,6 +254,26 @@ def target_index(doc: Mapping[str, Any], stream: str, namespace: str) -> tuple[s
     return dataset, f"{kind}-{dataset}-{ns}"
 
 
+SEND_PART_LINES = 5000  # documents parsed and settled at a time (a usage page's most results)
+
+
+def _parts(payload: bytes, lines: int) -> Iterator[bytes]:
+    """`payload` cut after every `lines`-th newline (the whole of it when it has fewer)."""
+    start, size = 0, len(payload)
+    while start < size:
+        end = start
+        for _ in range(lines):
+            end = payload.find(b"\n", end) + 1
+            if not end:
+                end = size
+                break
+        if start == 0 and end >= size:
+            yield payload
+            return
+        yield payload[start:end]
+        start = end
+
+
 class ElasticsearchOutput:
     """An `Output` that bulk-creates each batch and acknowledges it once settled (see module doc)."""
 
@@ -293,12 +315,26 @@ class ElasticsearchOutput:
 
     # -- the Output protocol ---------------------------------------------------------------------
     def send(self, stream: str, payload: bytes, events: int, on_ack: Ack) -> None:
-        docs = self._parse(stream, payload)
-        pending: dict[str, dict] = {d["_id"]: d for d in docs}
         # Documents Elasticsearch rejected for good, dead-lettered only once the whole batch is
         # settled: a batch that stops on an index-level error or a stop is sent again whole, and
         # would otherwise dead-letter them a second time.
         rejected: list[tuple[dict, Any, Mapping]] = []
+        # A batch is parsed and settled SEND_PART_LINES documents at a time: parsed whole, a
+        # rate-limits cycle of 5,000 projects (171,000 documents, 138 MB) took 1.2 GB of RSS.
+        for part in _parts(payload, SEND_PART_LINES):
+            if not self._send_part(stream, part, rejected):
+                return  # stopped: not acknowledged, the batch is re-sent at the next start
+        for doc, status, info in rejected:
+            self._dead_letter(doc, status, info)
+        with self._count_lock:
+            self.events += events
+        on_ack()
+
+    def _send_part(self, stream: str, payload: bytes, rejected: list) -> bool:
+        """Settle a part of a batch (created, already there, or in `rejected`); False when a stop
+        ended the wait for a retry."""
+        docs = self._parse(stream, payload)
+        pending: dict[str, dict] = {d["_id"]: d for d in docs}
         attempt = 0
         while pending:
             attempt += 1
@@ -326,12 +362,8 @@ class ElasticsearchOutput:
                 self.retried += len(pending)
             if self._wait(delay):
                 log.info("%s: stopping with %d documents undelivered; they stay in the outbox", stream, len(pending))
-                return  # not acknowledged: the batch is re-sent at the next start
-        for doc, status, info in rejected:
-            self._dead_letter(doc, status, info)
-        with self._count_lock:
-            self.events += events
-        on_ack()
+                return False
+        return True
 
     def close(self) -> None:
         try:

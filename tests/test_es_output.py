@@ -745,3 +745,31 @@ def test_a_proxy_answer_echoing_the_api_key_is_redacted_before_it_is_cut():
     exc = SimpleNamespace(status_code=400, message=page, meta=None)
     assert key[:12] not in str(_refused(exc, {"_index": "logs-openai.completions-default"}))
     assert key[:12] not in _reason({"error": {"type": "x", "reason": "y" * 480 + key}})
+
+
+def test_a_large_batch_is_parsed_a_part_at_a_time_and_dead_letters_once_at_the_end(fake, tmp_path, monkeypatch):
+    """A rate-limits cycle (171,000 documents at 5,000 projects) or an audit slice is one outbox
+    batch: parsed whole it took the collector to 1.2 GB of RSS. It is parsed and settled a part at
+    a time, and still acknowledged once, its rejected documents dead-lettered only once it is
+    all settled (a stop in a later part re-sends the whole batch at the next start)."""
+    import agent_input.es_output as es_output
+
+    monkeypatch.setattr(es_output, "SEND_PART_LINES", 3, raising=False)
+    stop = threading.Event()
+    out = _output(fake.url, tmp_path, stop=stop, sleep=lambda seconds: stop.set(), max_retries=0)
+    parsed: list[int] = []
+    parse = out._parse
+    monkeypatch.setattr(out, "_parse", lambda stream, payload: parsed.append(payload.count(b"\n")) or
+                        parse(stream, payload))
+    docs = [_doc(i, bad="x") if i == 1 else _doc(i) for i in range(8)]
+    fake.reject = lambda src: {"type": "document_parsing_exception", "reason": "bad"} if "bad" in src else None
+    fake.item_faults = {docs[7][0]: [503]}  # the last part cannot be settled before the stop
+    ack = Acks()
+    out.send("completions", _payload(docs), len(docs), ack)
+    assert parsed == [3, 3, 2]
+    assert ack.n == 0 and not (tmp_path / "dead-letter.ndjson").exists()
+    stop.clear()
+    out.send("completions", _payload(docs), len(docs), ack)  # the kept batch, at the next start
+    assert ack.n == 1 and len(fake.docs) == 7
+    dead = (tmp_path / "dead-letter.ndjson").read_text().splitlines()
+    assert [json.loads(line)["_id"] for line in dead] == [docs[1][0]] and out.rejected == 1
