@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import queue
+import select
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +51,20 @@ class ProtocolWriter:
         self.fd = fd
         self._lock = threading.Lock()
         self.closed = threading.Event()
+        self._stopping: threading.Event | None = None  # see `give_up_on`
+        self._grace = 0.0
+        self._stop_seen: float | None = None
+        try:  # a pipe or socket can be left unread: its writes wait in steps that can give up
+            mode = os.fstat(fd).st_mode
+            self._waitable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        except OSError:
+            self._waitable = False
+
+    def give_up_on(self, stopping: threading.Event, grace: float) -> None:
+        """Once `stopping` is set, a write the reader leaves waiting for `grace` seconds is given up
+        (StdoutClosed, and stdout counts as closed): a supervisor that no longer reads stdout
+        cannot hold a stop up for ever. The batch cut short stays in the outbox."""
+        self._stopping, self._grace = stopping, grace
 
     @classmethod
     def take_stdout(cls) -> "ProtocolWriter":
@@ -74,12 +90,32 @@ class ProtocolWriter:
             if self.closed.is_set():
                 raise StdoutClosed("stdout is closed")
             try:
-                write_all(self.fd, data)
+                if self._waitable:
+                    self._write_waiting(data)
+                else:
+                    write_all(self.fd, data)
             except OSError as exc:
                 if exc.errno in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
                     self.closed.set()
                     raise StdoutClosed("stdout was closed by the reader") from None
                 raise OutputError(f"cannot write to stdout: {exc.strerror}") from None
+
+    def _write_waiting(self, data: bytes) -> None:
+        """`write_all`, in steps of at most PIPE_BUF bytes, each once the pipe has room for it (a
+        blocking write of that much then never blocks), looking at `_stopping` while it waits."""
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while view:
+            if not poller.poll(200):
+                if self._stopping is not None and self._stopping.is_set():
+                    now = time.monotonic()
+                    self._stop_seen = self._stop_seen or now
+                    if now - self._stop_seen >= self._grace:
+                        self.closed.set()
+                        raise StdoutClosed(f"stdout was not read for {self._grace:g}s after the stop")
+                continue
+            view = view[os.write(self.fd, view[:select.PIPE_BUF]):]
 
     def status(self, scope: str, status: str, message: str = "", **extra: Any) -> None:
         """A status message; never raises (a closed stdout is noticed by the run loop)."""
@@ -471,6 +507,7 @@ class Runner:
     def run(self, stop_signal: threading.Event) -> int:
         reader = threading.Thread(target=self._read_stdin, name="stdin", daemon=True)
         reader.start()
+        self.writer.give_up_on(stop_signal, self.ack_timeout)
         self.writer.status("input", "starting", f"openai-input protocol {PROTOCOL_VERSION}: waiting for a config",
                            protocol=PROTOCOL_VERSION)
         reason = "stop requested"
@@ -489,9 +526,11 @@ class Runner:
             if kind == "config":
                 self._configure(msg)
             elif kind == "stop":
+                stop_signal.set()  # from here on, a write nobody reads is given up (`give_up_on`)
                 break
             elif kind == "eof":
                 reason = "end of stdin"
+                stop_signal.set()
                 break
             elif kind == "engine-ended":
                 collection, reported = msg

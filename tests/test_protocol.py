@@ -177,6 +177,44 @@ def test_stdout_closed_by_the_reader_ends_the_process_cleanly(simulator, tmp_pat
     assert "stdout was closed by the reader" in sup.stderr_text()
 
 
+@pytest.mark.parametrize("how", ["sigterm", "stop", "eof"])
+def test_a_supervisor_that_stops_reading_stdout_cannot_hold_a_stop_up(simulator, tmp_path, how):
+    """The pipe fills during a backfill and the supervisor no longer reads it: a stop still ends
+    the process within about --ack-timeout, the batches it could not send kept in the outbox."""
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "agent_input.cli", "run", "--state-dir", str(state),
+                             "--now", str(T0), "--ack-timeout", "1", "--log-level", "WARNING"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        cfg = _config(simulator.base_url, streams=tuple(s.name for s in USAGE_STREAMS), initial="6h")
+        proc.stdin.write(json.dumps({"type": "config", "config": cfg}).encode() + b"\n")
+        proc.stdin.flush()
+        assert wait_for_commits(state, 2, lambda: proc.poll() is None, timeout=60), "the backfill did not start"
+        time.sleep(1.5)  # stdout was never read: its pipe is full and a stream is blocked writing to it
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            if how == "stop":
+                proc.stdin.write(b'{"type": "stop"}\n')
+            proc.stdin.close()
+        started = time.monotonic()
+        try:
+            code = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{how}: still running 15 s later, blocked on a stdout nobody reads")
+        assert code == 0 and time.monotonic() - started < 10
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _pending(state) > 0  # what the supervisor did not take is sent again at the next start
+
+
 def test_end_of_stdin_and_sigterm_stop_gracefully(simulator, tmp_path):
     a = Supervisor(tmp_path / "a", T0)
     a.configure(_config(simulator.base_url, streams=("completions",)))
