@@ -100,6 +100,17 @@ class ProtocolWriter:
                     raise StdoutClosed("stdout was closed by the reader") from None
                 raise OutputError(f"cannot write to stdout: {exc.strerror}") from None
 
+    def reader_gone(self) -> bool:
+        """Whether the reader closed stdout, found out without writing (a pipe or socket whose
+        reader went away polls as an error or hang-up): the run loop asks between writes, which
+        can be minutes apart while every stream waits for its next poll."""
+        if not self.closed.is_set() and self._waitable:
+            poller = select.poll()
+            poller.register(self.fd, 0)  # POLLERR and POLLHUP are always reported
+            if poller.poll(0):
+                self.closed.set()
+        return self.closed.is_set()
+
     def _write_waiting(self, data: bytes) -> None:
         """`write_all`, in steps of at most PIPE_BUF bytes, each once the pipe has room for it (a
         blocking write of that much then never blocks), looking at `_stopping` while it waits."""
@@ -512,7 +523,7 @@ class Runner:
                            protocol=PROTOCOL_VERSION)
         reason = "stop requested"
         while True:
-            if self.writer.closed.is_set():
+            if self.writer.reader_gone():
                 log.warning("stdout was closed by the reader; stopping")
                 self._stop_engine()
                 return 0

@@ -215,6 +215,36 @@ def test_a_supervisor_that_stops_reading_stdout_cannot_hold_a_stop_up(simulator,
     assert _pending(state) > 0  # what the supervisor did not take is sent again at the next start
 
 
+def test_stdout_closed_while_every_stream_waits_for_its_next_poll_ends_the_process(simulator, tmp_path):
+    """Between polls (interval 5m) nothing is written: the closed stdout is noticed all the same."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "agent_input.cli", "run", "--state-dir", str(tmp_path / "state"),
+                             "--now", str(T0), "--ack-on-flush", "--log-level", "WARNING"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        proc.stdin.write(json.dumps({"type": "config", "config": _config(simulator.base_url)}).encode() + b"\n")
+        proc.stdin.flush()
+        polled = set()
+        while polled != set(TWO):
+            msg = json.loads(proc.stdout.readline())
+            if msg["type"] == "status" and msg["scope"] == "stream" and msg["status"] == "healthy":
+                polled.add(msg["stream"])
+        proc.stdout.close()  # the supervisor goes away; stdin stays open
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("still running 10 s after its stdout was closed")
+        assert code == 0
+        assert b"stdout was closed by the reader" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_end_of_stdin_and_sigterm_stop_gracefully(simulator, tmp_path):
     a = Supervisor(tmp_path / "a", T0)
     a.configure(_config(simulator.base_url, streams=("completions",)))
