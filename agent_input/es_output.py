@@ -44,6 +44,9 @@ parsed and settled `SEND_PART_LINES` documents at a time: a rate-limits cycle or
 one batch of up to hundreds of thousands; at most `chunk_size` documents / `max_chunk_bytes` per
 request) and at most `max_concurrent` bulk
 requests are in flight across streams. Everything not yet delivered waits on disk, in the outbox.
+A stop (SIGTERM) waits for the bulk requests in flight only (and the helper's retries of them): no
+request starts after it, and a batch not wholly delivered is not acknowledged, so it is sent again
+at the next start.
 
 Compatibility: Elasticsearch 8.18+ and 9.x. The 9.x Python client sends
 `Accept/Content-Type: application/vnd.elasticsearch+json; compatible-with=9`, which 8.x servers
@@ -339,16 +342,19 @@ class ElasticsearchOutput:
         while pending:
             attempt += 1
             failure = ""
-            with self._slots:
-                try:
-                    failure = self._bulk(pending, rejected=rejected)
-                except OutputError:
-                    raise
-                except MalformedBulkAnswer as exc:
-                    failure = str(exc)
-                except Exception as exc:  # connection refused/reset, timeout, TLS...
-                    failure = _describe_exc(exc)
-            if not pending:
+            if not self._take_slot():
+                break  # stopped while other streams' requests held every slot
+            try:
+                failure = self._bulk(pending, rejected=rejected)
+            except OutputError:
+                raise
+            except MalformedBulkAnswer as exc:
+                failure = str(exc)
+            except Exception as exc:  # connection refused/reset, timeout, TLS...
+                failure = _describe_exc(exc)
+            finally:
+                self._slots.release()
+            if not pending or self.stop.is_set():
                 break
             if attempt >= self.attempts:
                 raise OutputError(
@@ -361,8 +367,10 @@ class ElasticsearchOutput:
             with self._count_lock:
                 self.retried += len(pending)
             if self._wait(delay):
-                log.info("%s: stopping with %d documents undelivered; they stay in the outbox", stream, len(pending))
-                return False
+                break
+        if pending:  # stopped: not acknowledged, the batch is sent again at the next start
+            log.info("%s: stopping with %d documents undelivered; they stay in the outbox", stream, len(pending))
+            return False
         return True
 
     def close(self) -> None:
@@ -372,6 +380,14 @@ class ElasticsearchOutput:
             pass
 
     # -- internals -------------------------------------------------------------------------------
+    def _take_slot(self) -> bool:
+        """One of the `max_concurrent` request slots, or False once stopped: a stop does not wait
+        for every other stream's requests to a slow cluster before its own batch gives up."""
+        while not self._slots.acquire(timeout=0.2):
+            if self.stop.is_set():
+                return False
+        return True
+
     def _wait(self, seconds: float) -> bool:
         if self._sleep is not None:
             self._sleep(seconds)
@@ -404,9 +420,9 @@ class ElasticsearchOutput:
         split = split or _Split()
         ids = list(pending) if ids is None else ids
         chunk_size = chunk_size or self.chunk_size
-        actions = (
+        actions = (  # after a stop no further request starts: the rest stays pending, in the outbox
             {"_op_type": "create", "_index": d["_index"], "_id": d["_id"], "_source": d["_source"]}
-            for d in (pending[i] for i in ids)
+            for d in (pending[i] for i in ids) if not self.stop.is_set()
         )
         last = ""
         too_large: list[tuple[Exception, list[str]]] = []  # per 413'd request: its exception, its ids

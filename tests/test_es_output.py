@@ -618,6 +618,29 @@ def test_bounded_requests_and_concurrency_when_the_cluster_is_slow(fake, tmp_pat
     assert fake.max_active == 1, "at most max_concurrent bulk requests are in flight"
 
 
+def test_a_stop_ends_a_slow_clusters_delivery_after_the_request_in_flight(fake, tmp_path):
+    """SIGTERM while a slow cluster takes a batch of many requests and other streams wait for a
+    request slot: the request in flight finishes, nothing more is sent, nothing is acknowledged."""
+    import time
+
+    fake.delay = 0.5
+    stop = threading.Event()
+    out = _output(fake.url, tmp_path, chunk_size=10, max_concurrent=1, stop=stop)
+    acks = Acks()
+    threads = [threading.Thread(target=out.send, args=(f"s{t}", _payload([_doc(t * 1000 + i) for i in range(60)]),
+                                                       60, acks)) for t in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # the first request is in flight; 23 more wait
+    stop.set()
+    started = time.monotonic()
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - started < 2, "a stop waits for the request in flight only"
+    assert acks.n == 0, "a batch not wholly stored stays in the outbox"
+    assert len(fake.docs) <= 20
+
+
 # -- the command line -------------------------------------------------------------------------------
 def _cli_config(url: str, streams=("completions",), initial="1h", **top) -> dict:
     ds = {s.name: ({"initial_interval": initial} if s.name in streams else {"enabled": False}) for s in USAGE_STREAMS}
