@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 from . import memory
 from .ecs import iso_timestamp, mapper, ndjson_line, to_ndjson_line
-from .http_client import AuthenticationError, PermissionDeniedError
+from .http_client import AuthenticationError, PermissionDeniedError, StoppedError
 from .outputs import Output, OutputError
 from .paging import PAGE_GATE, PageFetcher
 from .state import Cursor, Observation, StateStore, group_json
@@ -833,8 +833,11 @@ class Engine:
                 self.stop.set()
                 return
             except Exception as exc:  # noqa: BLE001 - one stream's failure must not stop others
-                if self.stop.is_set():
-                    return  # cut short by the stop (StoppedError): the cursor is where it was
+                if self.stop.is_set():  # the cursor is where it was; an error of its own is still said
+                    if not isinstance(exc, StoppedError):  # (the stop's own StoppedError is not one)
+                        log.error("%s: poll failed while stopping, cursor kept: %s", collector.name,
+                                  str(exc) or exc.__class__.__name__)
+                    return
                 if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
                     self._fail(collector.name, str(exc))
                     return

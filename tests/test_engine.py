@@ -1125,6 +1125,36 @@ def test_a_poll_cut_short_by_a_stop_is_not_reported_healthy():
     assert [s for _, s, _ in said] == ["starting"]
 
 
+def test_a_poll_that_fails_for_another_reason_while_stopping_is_logged_not_swallowed(caplog):
+    """SIGTERM lands while a stream stores its page and the store fails (a full disk): only the
+    stop's own StoppedError is quiet; any other error is logged, not dropped with the stop."""
+    import threading
+
+    from agent_input.engine import Engine
+    from agent_input.http_client import StoppedError
+    from agent_input.state import StateDatabaseError
+
+    stop = threading.Event()
+
+    class Failing:
+        interval = 300
+
+        def __init__(self, name, exc):
+            self.name, self.exc = name, exc
+
+        def poll(self, now):
+            stop.set()
+            raise self.exc
+
+    delivery = SimpleNamespace(replay_pending=lambda: 0)
+    disk = StateDatabaseError("cannot write state file s: disk I/O error (is the disk full?)")
+    stopped = StoppedError(None, "stopped while waiting for a page", "stopped", "/x")
+    with caplog.at_level("INFO", logger="agent_input.engine"):
+        Engine([Failing("completions", disk), Failing("costs", stopped)], delivery, stop=stop).run()
+    assert "completions" in caplog.text and "disk I/O error (is the disk full?)" in caplog.text
+    assert "waiting for a page" not in caplog.text
+
+
 def test_a_poll_that_emits_or_meets_a_problem_logs_one_info_line(caplog):
     """Under systemd a continuous collect logged nothing until it stopped: the journal could not
     tell a working collector from a stuck one."""
