@@ -289,6 +289,82 @@ def test_audit_logs_validate_filter_and_paginate(http, sim, validate):
     assert all(e["effective_at"] <= NOW for e in get(http, sim, "audit_logs", {"limit": 100}).json()["data"])
 
 
+def _all_audit(http, sim, params):
+    events, after = [], None
+    while True:
+        r = get(http, sim, "audit_logs", {**params, "limit": 100, **({"after": after} if after else {})})
+        assert r.status_code == 200, r.text
+        b = r.json()
+        events += b["data"]
+        if not b["has_more"]:
+            return events
+        after = b["last_id"]
+
+
+def test_audit_logs_tenant_only_splits_the_two_scopes(http, sim, validate):
+    """Organization events without tenant_only (or with false), tenant-scoped ones with true; the
+    two are disjoint and together are the simulator's whole log (what audit_truth counts)."""
+    from agent_input.simulator.audit import TENANT_SEQ_BASE, decode_id, tenant_scoped
+
+    lo, hi = int(NOW) - 3 * 86400, int(NOW)
+    org = _all_audit(http, sim, {"effective_at[gte]": lo, "effective_at[lte]": hi})
+    assert org == _all_audit(http, sim, {"effective_at[gte]": lo, "effective_at[lte]": hi, "tenant_only": "false"})
+    tenant = _all_audit(http, sim, {"effective_at[gte]": lo, "effective_at[lte]": hi, "tenant_only": "true"})
+    b = get(http, sim, "audit_logs", {"effective_at[gte]": lo, "tenant_only": "true", "limit": 100}).json()
+    validate("ListAuditLogsResponse", b)
+    assert len(tenant) >= 5 and len(org) > 10 * len(tenant)
+    assert not any(tenant_scoped(e["type"]) for e in org)
+    assert all(tenant_scoped(e["type"]) for e in tenant)
+    assert {"tenant.admin_api_key.created", "role.bound_to_resource"} & {e["type"] for e in tenant}
+    for e in tenant:
+        assert isinstance(e[e["type"]], dict) and e[e["type"]]["id"]
+        assert e["actor"]["type"] == "session" and e["actor"]["session"]["user"]["email"]
+        assert decode_id(e["id"])[1] >= TENANT_SEQ_BASE > decode_id(org[0]["id"])[1]
+    times = [e["effective_at"] for e in tenant]
+    assert times == sorted(times, reverse=True)
+    assert not {e["id"] for e in org} & {e["id"] for e in tenant}
+    truth = set()
+    for h in range(lo // 3600 * 3600, hi + 1, 3600):
+        truth |= {e["id"] for e in sim.audit.hour_events(h) if lo <= e["effective_at"] <= hi}
+    assert truth == {e["id"] for e in org} | {e["id"] for e in tenant}
+    # pages of one scope: small pages give the same list
+    small, after = [], None
+    while True:
+        b = get(http, sim, "audit_logs", {"effective_at[gte]": lo, "effective_at[lte]": hi, "tenant_only": "true",
+                                          "limit": 2, **({"after": after} if after else {})}).json()
+        small += b["data"]
+        if not b["has_more"]:
+            break
+        after = b["last_id"]
+    assert small == tenant
+    # event_types still filter within the scope; an organization type with tenant_only is a 400
+    one = tenant[0]["type"]
+    only = _all_audit(http, sim, {"effective_at[gte]": lo, "tenant_only": "true", "event_types[]": [one]})
+    assert only == [e for e in tenant if e["type"] == one]
+    assert _all_audit(http, sim, {"effective_at[gte]": lo, "event_types[]": [one]}) == []
+    r = get(http, sim, "audit_logs", {"tenant_only": "true", "event_types[]": ["login.succeeded", one]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "event_types"
+    validate("ErrorResponse", r.json())
+    for bad in ("yes", "2", "maybe"):
+        r = get(http, sim, "audit_logs", {"tenant_only": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tenant_only"
+        validate("ErrorResponse", r.json())
+
+
+def test_a_fault_rule_with_a_query_hits_only_requests_that_carry_it(http, sim, validate):
+    try:
+        sim.add_fault(FaultRule("403", path="audit_logs", query="tenant_only=true", count=None))
+        assert get(http, sim, "audit_logs", {"limit": 1}).status_code == 200
+        assert get(http, sim, "audit_logs", {"limit": 1, "tenant_only": "false"}).status_code == 200
+        r = get(http, sim, "audit_logs", {"limit": 1, "tenant_only": "true"})
+        assert r.status_code == 403 and "tenant-scoped" in r.json()["error"]["message"]
+        validate("ErrorResponse", r.json())
+        assert sim.faults.rules()[0]["query"] == "tenant_only=true"
+    finally:
+        sim.clear_faults()
+    assert get(http, sim, "audit_logs", {"limit": 1, "tenant_only": "true"}).status_code == 200
+
+
 # ------------------------------------------------------------------------------------ parameters
 @pytest.mark.parametrize("width", ["1m", "1h", "1d"])
 def test_limit_defaults_and_bounds(http, sim, validate, width):

@@ -14,7 +14,9 @@ Served (GET, ``Authorization: Bearer <admin_key>``), shapes and limits per
 - ``/v1/organization/costs`` (1d buckets; group_by project_id, line_item, api_key_id; limit 1..180, default 7)
 - ``/v1/organization/audit_logs`` (newest first; ``effective_at[gte|gt|lte|lt]``; limit 1..100, default 20;
   ``after``/``before`` cursors; filters ``event_types[]``, ``project_ids[]``, ``actor_ids[]``,
-  ``actor_emails[]``, ``resource_ids[]``)
+  ``actor_emails[]``, ``resource_ids[]``; ``tenant_only=true`` lists the tenant-scoped events
+  (``tenant.*``, ``role.bound_to_resource``, ...) and only those, absent or false lists only the
+  organization's: see ``audit.py``)
 - ``/v1/organization/projects`` (+ ``/{id}``, ``/{id}/rate_limits``, ``/{id}/api_keys`` (+ ``/{key}``),
   ``/{id}/users``, ``/{id}/service_accounts``), ``/v1/organization/users`` (+ ``/{id}``)
 
@@ -56,11 +58,13 @@ Auth
 
 Faults
     ``sim.add_fault(FaultRule(kind, path="usage/completions", count=1, skip=0, probability=None,
-    retry_after=1, delay=1.0, message=None))``; kinds: "429" (Retry-After >= 1), "500", "502", "503",
-    "401", "403" (on audit_logs: "audit logging is not enabled"), "404", "reset" (connection dropped with
+    retry_after=1, delay=1.0, message=None, query=""))``; kinds: "429" (Retry-After >= 1), "500", "502",
+    "503", "401", "403" (on audit_logs: "audit logging is not enabled"; with tenant_only=true: "cannot list
+    tenant-scoped audit events"), "404", "reset" (connection dropped with
     an RST), "slow" (sleep ``delay`` s, then answer), "malformed_json" (200, truncated body),
     "invalid_results" (200, JSON violating the spec). ``path`` is a prefix (``/v1/organization`` may be
-    left out) or a glob (``*/projects/proj_x/rate_limits``). ``latency`` adds seconds to every API request.
+    left out) or a glob (``*/projects/proj_x/rate_limits``); ``query`` (``tenant_only=true``) narrows a rule
+    to requests carrying those parameters. ``latency`` adds seconds to every API request.
 
 Control interface (no auth)
     ``GET/POST /_sim/clock`` ({"now": ts} or {"advance": s}), ``GET/POST /_sim/faults`` (a JSON list of

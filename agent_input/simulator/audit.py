@@ -2,6 +2,19 @@
 
 An event id encodes its position in the global order (effective_at, sequence in its hour), so
 ``after``/``before`` cursors work across restarts without any server-side state.
+
+Two scopes, as the API reference's ``tenant_only`` parameter has them:
+
+- organization events (``EVENT_TYPES``): drawn from ``h64(seed, "audit", hour)``, sequences
+  ``0..`` in their hour; listed when ``tenant_only`` is absent or false.
+- tenant-scoped events (``TENANT_EVENT_TYPES``: ``tenant.*``, ``role.bound_to_resource``,
+  ``role.unbound_from_resource``): drawn from a stream of their own, ``h64(seed, "audit-tenant",
+  hour)``, at ``TENANT_RATE`` of the organization's ``audit_events_per_hour``, with sequences from
+  ``TENANT_SEQ_BASE`` on (so no id or position can equal an organization event's); listed only with
+  ``tenant_only=true``. Adding them changed no organization event: same ids, contents and draws.
+
+``hour_events(hour)`` returns both scopes (each event's private ``_tenant`` says which), so the
+simulator's truth is everything an organization's audit log holds.
 """
 from __future__ import annotations
 
@@ -36,6 +49,29 @@ PROJECT_SCOPED = {"api_key.created", "api_key.updated", "api_key.deleted", "proj
                   "project.archived", "rate_limit.updated", "service_account.created", "service_account.updated",
                   "user.added", "user.updated", "user.deleted"}
 SESSION_ONLY = {"login.succeeded", "login.failed", "logout.succeeded"}
+
+# Tenant-scoped events (listed only with tenant_only=true), (type, weight)
+TENANT_EVENT_TYPES: tuple[tuple[str, float], ...] = (
+    ("tenant.admin_api_key.created", 3), ("tenant.admin_api_key.updated", 1), ("tenant.admin_api_key.deleted", 2),
+    ("tenant.project_api_key.created", 1), ("role.bound_to_resource", 2), ("role.unbound_from_resource", 1),
+)
+_TENANT_TYPES = [t for t, _ in TENANT_EVENT_TYPES]
+_TENANT_CUM = []
+_acc = 0.0
+for _t, _w in TENANT_EVENT_TYPES:
+    _acc += _w
+    _TENANT_CUM.append(_acc)
+TENANT_RATE = 0.05  # tenant events per hour, as a fraction of the org's audit_events_per_hour
+TENANT_SEQ_BASE = 3000  # first sequence of an hour's tenant events (an id holds 2 base62 digits: < 3844)
+MAX_SEQ = 62 * 62 - 1
+ADMIN_SCOPES = ("api.organization.read", "api.organization.write", "api.audit_logs.read", "api.usage.read")
+ROLE_PERMISSIONS = ("api.model.request", "api.files.read", "api.files.write", "api.vector_stores.read",
+                    "api.assistants.write")
+
+
+def tenant_scoped(etype: str) -> bool:
+    """Whether the API lists `etype` only with tenant_only=true (the reference's parameter text)."""
+    return etype.startswith("tenant.") or etype in ("role.bound_to_resource", "role.unbound_from_resource")
 
 # (country, city, region, region_code, asn, latitude, longitude, ip prefix)
 LOCATIONS = (
@@ -127,9 +163,17 @@ class AuditLog:
         }
 
     def _generate(self, hour: int) -> list[dict]:
-        org = self.org
         if hour < ORG_EPOCH:
             return []
+        events = self._generate_org(hour)
+        if len(events) > TENANT_SEQ_BASE:
+            raise ValueError(f"{len(events)} audit events in one hour: the ids cannot tell them from tenant events")
+        events += self._generate_tenant(hour)
+        events.sort(key=lambda ev: ev["_pos"])
+        return events
+
+    def _generate_org(self, hour: int) -> list[dict]:
+        org = self.org
         rng = random.Random(h64(self.seed, "audit", hour))
         lam = org.spec.audit_events_per_hour * diurnal(hour + 1800)
         n = max(0, int(lam + rng.gauss(0, math.sqrt(lam)) + 0.5))
@@ -165,8 +209,60 @@ class AuditLog:
             ev["_actor_ids"] = actor_ids
             ev["_actor_email"] = actor_email
             ev["_resource"] = resource
+            ev["_tenant"] = False
             events.append(ev)
         return events
+
+    def _generate_tenant(self, hour: int) -> list[dict]:
+        """The hour's tenant-scoped events, from their own random stream (the organization events'
+        draws are untouched), sequences from TENANT_SEQ_BASE on."""
+        org = self.org
+        rng = random.Random(h64(self.seed, "audit-tenant", hour))
+        lam = org.spec.audit_events_per_hour * TENANT_RATE
+        n, p, limit = 0, rng.random(), math.exp(-lam)  # Poisson (Knuth): lam is small
+        while p > limit and n < MAX_SEQ - TENANT_SEQ_BASE:
+            n += 1
+            p *= rng.random()
+        offsets = sorted(rng.randrange(HOUR) for _ in range(n))
+        owners = [u for u in org.users if u.role == "owner"] or org.users
+        events = []
+        for i, off in enumerate(offsets):
+            eff, seq = hour + off, TENANT_SEQ_BASE + i
+            etype = rng.choices(_TENANT_TYPES, cum_weights=_TENANT_CUM)[0]
+            user = owners[rng.randrange(len(owners))]
+            project = org.projects[rng.randrange(len(org.projects))]
+            payload, resource = self._tenant_payload(rng, etype, project)
+            events.append({
+                "id": encode_id(self.seed, eff, seq),
+                "object": "organization.audit_log",
+                "type": etype,
+                "effective_at": eff,
+                "actor": {"type": "session", "session": self._session(rng, user)},
+                etype: payload,
+                "_pos": (eff, seq),
+                "_actor_ids": {user.id},
+                "_actor_email": user.email,
+                "_resource": resource,
+                "_tenant": True,
+            })
+        return events
+
+    def _tenant_payload(self, rng: random.Random, etype: str, project) -> tuple[dict, str]:
+        if etype.startswith("tenant.admin_api_key."):
+            kid = "key_" + token(16, self.seed, "admin-key", rng.randrange(6))
+            if etype.endswith(".created"):
+                return {"id": kid, "data": {"name": f"admin-key-{rng.randrange(100)}",
+                                            "scopes": rng.sample(ADMIN_SCOPES, 1 + rng.randrange(3))}}, kid
+            if etype.endswith(".updated"):
+                return {"id": kid, "changes_requested": {"name": f"admin-key-{rng.randrange(100)}"}}, kid
+            return {"id": kid}, kid
+        if etype == "tenant.project_api_key.created":
+            kid = "key_" + token(16, self.seed, "tenant-project-key", rng.random())
+            return {"id": kid, "data": {"project_id": project.id,
+                                        "scopes": rng.sample(SCOPES, 1 + rng.randrange(3))}}, kid
+        role = "role_" + token(16, self.seed, "role", rng.randrange(4))
+        return {"id": project.id, "role_id": role, "resource_id": project.id, "resource_type": "api.project",
+                "permissions": rng.sample(ROLE_PERMISSIONS, 1 + rng.randrange(3))}, project.id
 
     def _payload(self, rng: random.Random, etype: str, project, user, key) -> tuple[dict, str | None]:
         org = self.org
@@ -222,14 +318,17 @@ class AuditLog:
     # ------------------------------------------------------------------------------ listing
     def list(self, now: float, limit: int, gte: int | None, lte: int | None, after: tuple | None,
              before: tuple | None, types: set | None, projects: set | None, actors: set | None,
-             emails: set | None, resources: set | None) -> tuple[list[dict], bool]:
-        """Events newest first within [gte, lte] (and effective_at <= now); returns (page, has_more)."""
+             emails: set | None, resources: set | None, tenant_only: bool = False) -> tuple[list[dict], bool]:
+        """Events of one scope (tenant-scoped ones if `tenant_only`, else the organization's) newest
+        first within [gte, lte] (and effective_at <= now); returns (page, has_more)."""
         hi = int(now) if lte is None else min(int(now), lte)
         lo = ORG_EPOCH if gte is None else max(ORG_EPOCH, gte)
 
         def ok(ev) -> bool:
             e = ev["effective_at"]
             if e < lo or e > hi:
+                return False
+            if ev["_tenant"] != tenant_only:
                 return False
             if types is not None and ev["type"] not in types:
                 return False

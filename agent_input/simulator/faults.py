@@ -5,6 +5,7 @@ import fnmatch
 import random
 import threading
 from dataclasses import asdict, dataclass, fields
+from urllib.parse import parse_qsl
 
 FAULT_KINDS = ("429", "500", "502", "503", "401", "403", "404", "reset", "slow", "malformed_json",
                "invalid_results")
@@ -23,6 +24,9 @@ class FaultRule:
     retry_after: the 429's Retry-After header in seconds (an integer >= 1, as the spec says).
     delay: seconds to sleep for "slow" (then the normal answer is sent).
     message: overrides the error message of status faults.
+    query: a query string (``tenant_only=true``) whose every ``name=value`` the request must carry
+        (``name[]`` counts as ``name``; a comma list as its values) for the rule to match it.
+        Empty matches any query.
     """
 
     kind: str
@@ -33,6 +37,7 @@ class FaultRule:
     retry_after: int = 1
     delay: float = 1.0
     message: str | None = None
+    query: str = ""
 
     def __post_init__(self) -> None:
         self.kind = str(self.kind)
@@ -55,7 +60,18 @@ class FaultRule:
         d["fired"] = self._fired
         return d
 
-    def matches(self, path: str) -> bool:
+    def matches(self, path: str, query: str = "") -> bool:
+        return self._matches_query(query) and self._matches_path(path)
+
+    def _matches_query(self, query: str) -> bool:
+        if not self.query:
+            return True
+        have: dict[str, set[str]] = {}
+        for k, v in parse_qsl(query, keep_blank_values=True):
+            have.setdefault(k[:-2] if k.endswith("[]") else k, set()).update(v.split(","))
+        return all(v in have.get(k, ()) for k, v in parse_qsl(self.query, keep_blank_values=True))
+
+    def _matches_path(self, path: str) -> bool:
         p = self.path
         if not p:
             return True
@@ -89,13 +105,13 @@ class FaultSet:
         with self._lock:
             return [r.to_dict() for r in self._rules]
 
-    def pick(self, path: str) -> FaultRule | None:
+    def pick(self, path: str, query: str = "") -> FaultRule | None:
         """The first rule that fires for this request (consuming one of its uses), or None."""
         with self._lock:
             for r in self._rules:
                 if r.count is not None and r._fired >= r.count:
                     continue
-                if not r.matches(path):
+                if not r.matches(path, query):
                     continue
                 r._seen += 1
                 if r._seen <= r.skip:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from .audit import AuditLog, decode_id, public
+from .audit import AuditLog, decode_id, public, tenant_scoped
 from .faults import FaultRule, FaultSet
 from .org import ORG_SIZES, Organization, OrgSpec, rate_limit_rows
 from .usage import (COSTS_GROUP_BY, DAY, LIMITS, STREAMS, WIDTHS, UsageModel, align)
@@ -352,9 +352,15 @@ class Api:
             v = p.many(name)
             return set(v) if v else None
 
-        events, has_more = self.sim.audit.list(self.sim.now(), limit, gte, lte, after, before, s("event_types"),
+        tenant_only = bool(p.bool("tenant_only"))
+        types = s("event_types")
+        if tenant_only and types and any(not tenant_scoped(t) for t in types):
+            wrong = sorted(t for t in types if not tenant_scoped(t))
+            raise ApiError(400, "Invalid value for 'event_types': with 'tenant_only' every event type must be "
+                           f"tenant-scoped, not {', '.join(wrong)}.", "event_types", "invalid_value")
+        events, has_more = self.sim.audit.list(self.sim.now(), limit, gte, lte, after, before, types,
                                                s("project_ids"), s("actor_ids"), s("actor_emails"),
-                                               s("resource_ids"))
+                                               s("resource_ids"), tenant_only=tenant_only)
         data = [public(e) for e in events]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
@@ -499,7 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _api_get(self, sim: "Simulator", url, path: str) -> None:
         if sim.latency > 0:
             time.sleep(sim.latency)
-        rule = sim.faults.pick(path)
+        rule = sim.faults.pick(path, url.query)
         mode = None
         if rule is not None:
             sim._count_fault(rule.kind)
@@ -512,8 +518,12 @@ class _Handler(BaseHTTPRequestHandler):
             elif rule.kind in _STATUS_ERRORS:
                 status, msg, typ, code = _STATUS_ERRORS[rule.kind]
                 if rule.kind == "403" and path.startswith("/v1/organization/audit_logs"):
-                    msg = "Audit logging is not enabled for this organization."
-                    code = "audit_logs_not_enabled"
+                    if Params(url.query).one("tenant_only") in ("true", "1"):
+                        msg = "This organization cannot list tenant-scoped audit events."
+                        code = "tenant_audit_logs_not_available"
+                    else:
+                        msg = "Audit logging is not enabled for this organization."
+                        code = "audit_logs_not_enabled"
                 headers = {"Retry-After": rule.retry_after} if rule.kind == "429" else {}
                 sim._count(path, status)
                 self._send(status, {"error": {"message": rule.message or msg, "type": typ, "param": None,
