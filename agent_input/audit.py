@@ -1,16 +1,26 @@
 """The `audit` data stream: OpenAI's organization audit log as ECS events.
 
+The log has two scopes, and the API lists them apart (the reference's `tenant_only`): the
+organization's events (no `tenant_only`), and the tenant-scoped ones (`tenant_only=true`:
+`tenant.admin_api_key.created`, `role.bound_to_resource`, ..., listed only that way). The collector
+reads both, each as a `Scope` with its own high-water mark and recent ids in the state store:
+`audit:hwm`/`audit:recent_ids` for the organization (the keys from before there were two, so an
+existing state directory goes on where it was), `audit:tenant:hwm`/`audit:tenant:recent_ids` for
+the tenant scope (which starts at `now - initial_interval` when it has no mark, after an upgrade
+too). One poll reads the organization scope, then the tenant scope, each the same way
+(`_poll_scope`).
+
 The API lists events **newest first** with `after` cursors, so an `after` position is no use as a
 durable cursor: events older than it may still be unread. The collector therefore keeps a
-high-water mark instead, `audit:hwm` = every event with `effective_at < hwm` is durable:
+high-water mark instead, `hwm` = every event of the scope with `effective_at < hwm` is durable:
 
 1. A poll at `now` covers `[hwm - overlap, now - lag]`, cut into closed time slices of at most
    `SLICE` seconds, oldest slice first.
 2. A slice is read completely (`effective_at[gte]`/`effective_at[lte]`, `limit` = batch_size,
    `after` = the previous page's `last_id` until `has_more` is false), whatever order the pages
    come in.
-3. Its events, the new high-water mark (slice end + 1) and the ids seen in the overlap are stored in
-   ONE transaction (`StateStore.commit_events`), before anything is emitted.
+3. Its events, the scope's new high-water mark (slice end + 1) and the ids seen in the overlap are
+   stored in ONE transaction (`StateStore.commit_events`), before anything is emitted.
 
 An API error or a crash in the middle of a slice leaves the mark at the slice start: the slice is
 read again from scratch and nothing of it was stored yet, so nothing is lost and nothing doubled.
@@ -18,8 +28,18 @@ The overlap re-reads the last few minutes to catch events OpenAI records late; t
 emitted there are remembered and skipped (and the document id is the audit log id anyway, so a
 re-emission would be a harmless duplicate).
 
-A 403 (audit logging not enabled, or the key is not an Organization Owner's) is reported once, with
-what to enable, and the stream goes quiet: it asks again every `FORBIDDEN_RETRY` seconds, silently.
+A 403 on the organization scope (audit logging not enabled, or the key is not an Organization
+Owner's) is reported once, with what to enable, and the stream goes quiet (both scopes): it asks
+again every `FORBIDDEN_RETRY` seconds, silently.
+
+The tenant scope refused (a 403, or a 400/404: the organization or the key cannot list tenant
+events) is reported once as a warning with the reason; the organization scope goes on collecting,
+and the tenant scope is asked again every `FORBIDDEN_RETRY` seconds with its mark where it was
+(stored at its would-be start if it had none), so it catches up once allowed. Any other failure of
+the tenant scope (5xx after retries, a malformed page) fails its slice as for the organization
+(mark kept, read again next poll) and is reported in the poll's errors, after the organization's
+slices of that poll were stored. A failure of the organization scope ends the poll (like before):
+the tenant scope waits for the next.
 
 An event that does not match the API reference (a field of the wrong type, an `effective_at` that is
 not a whole Unix time between 1970 and 9999, an entry with no id), or that fails to map for any
@@ -35,11 +55,13 @@ import json
 import logging
 import re
 import reprlib
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
 from .engine import Lines, ListingCollector, PollStats, serialize
-from .http_client import PermissionDeniedError, explain
+from .http_client import (ApiError, AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError,
+                          StoppedError, explain)
 from .paging import cursor_pages
 
 log = logging.getLogger("agent_input.audit")
@@ -55,8 +77,25 @@ MAX_PAGES_PER_SLICE = 100_000  # a safety net against a server that never ends a
 MAX_EFFECTIVE_AT = 253402300799  # 9999-12-31T23:59:59Z: the last second an ISO date can name
 TYPE_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
-KV_HWM = "audit:hwm"
+KV_HWM = "audit:hwm"  # the organization scope's keys: the ones from before there were two scopes
 KV_RECENT = "audit:recent_ids"
+KV_TENANT_HWM = "audit:tenant:hwm"
+KV_TENANT_RECENT = "audit:tenant:recent_ids"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One listing of the audit log that the collector reads on its own mark."""
+
+    name: str
+    kv_hwm: str
+    kv_recent: str
+    params: Mapping[str, Any] = field(default_factory=dict)  # added to every request of the scope
+
+
+ORGANIZATION = Scope("organization", KV_HWM, KV_RECENT)
+TENANT = Scope("tenant", KV_TENANT_HWM, KV_TENANT_RECENT, {"tenant_only": "true"})
+SCOPES = (ORGANIZATION, TENANT)
 
 
 class BadAuditPage(ValueError):
@@ -74,66 +113,90 @@ class AuditCollector(ListingCollector):
         self.preserve_original = bool(getattr(config, "preserve_original_event", False))
         self.forbidden: str | None = None  # the 403 explanation, while audit logs are not readable
         self._forbidden_until = 0.0
+        self.tenant_refused: str | None = None  # why, while tenant-scoped events cannot be listed
+        self._tenant_retry_at = 0.0
 
     # -- polling -------------------------------------------------------------------------------
     def poll(self, now: float) -> PollStats:
         stats = PollStats()
         if self.forbidden is not None and now < self._forbidden_until:
             return stats
-        end = int(now) - LAG  # inclusive upper bound of this poll
-        hwm_text = self.store.get(KV_HWM)
-        hwm = int(hwm_text) if hwm_text is not None else int(now - self.initial_interval)
-        # ids already emitted whose effective_at lies in the overlap, with that effective_at
-        recent: dict[str, int] = _load_recent(self.store.get(KV_RECENT))
-        start = max(0, hwm - OVERLAP) if hwm_text is not None else hwm
         try:
-            while start <= end and not self.stop.is_set():
-                slice_end = min(end, start + SLICE - 1)
-                if end - slice_end < OVERLAP:  # no tiny last slice: one request less
-                    slice_end = end
-                events, bad = self._read_slice(start, slice_end, stats)
-                new_hwm = slice_end + 1
-                keep_from = new_hwm - OVERLAP
-                lines = Lines()
-                next_recent = {i: t for i, t in recent.items() if t >= keep_from}
-                for what in bad:
-                    self._skip(stats, "an entry", BadAuditPage(what))
-                # each event is let go once mapped: a slice can hold 100,000 events
-                for eid in sorted(events, key=lambda i: _order(events[i])):
-                    ev = events.pop(eid)
-                    if eid in recent:
-                        continue  # emitted by an earlier slice or poll (the overlap)
-                    # Any failure to map this one event is bad data of this event: reported and
-                    # skipped, never a failure of the slice (that would hold the mark forever).
-                    try:
-                        doc_id, doc = audit_event(ev, namespace=self.namespace,
-                                                  preserve_original=self.preserve_original)
-                        line = serialize(doc_id, doc)
-                    except Exception as exc:  # noqa: BLE001 - an unforeseen shape must not block the stream
-                        if not isinstance(exc, BadAuditPage):
-                            log.debug("audit: mapping event %s failed", _short(eid), exc_info=True)
-                        self._skip(stats, f"event {_short(eid)}", exc)
-                        t = ev.get("effective_at")
-                        if type(t) is int and keep_from <= t <= slice_end:
-                            next_recent[eid] = t  # the overlap's re-read skips it without a second report
-                        continue
-                    lines.append(line)
-                    if ev["effective_at"] >= keep_from:
-                        next_recent[eid] = ev["effective_at"]
-                self.delivery.commit_events(
-                    self.name, lines,
-                    {KV_HWM: str(new_hwm), KV_RECENT: json.dumps(next_recent, sort_keys=True, separators=(",", ":"))},
-                )
-                stats.events += len(lines)
-                recent = next_recent
-                start = new_hwm
+            self._poll_scope(ORGANIZATION, now, stats)
         except PermissionDeniedError as exc:
             self._forbid(exc, now)
             return stats
         if self.forbidden is not None:
             log.warning("audit: audit logs are readable again; collecting")
             self.forbidden = None
+        if self.tenant_refused is None or now >= self._tenant_retry_at:
+            try:
+                self._poll_scope(TENANT, now, stats)
+            except (PermissionDeniedError, NotFoundError, BadRequestError) as exc:
+                self._refuse_tenant(exc, now)
+            except (ApiError, BadAuditPage) as exc:
+                if isinstance(exc, (StoppedError, AuthenticationError)):
+                    raise
+                # the organization scope's slices of this poll are stored: report, don't lose them
+                msg = f"audit: tenant-scoped events: poll failed, mark kept, will retry: {exc}"
+                log.error("%s", msg)
+                stats.errors.append(msg)
+            else:
+                if self.tenant_refused is not None:
+                    log.warning("audit: tenant-scoped events are readable again; collecting from where they stopped")
+                    self.tenant_refused = None
         return stats
+
+    def _poll_scope(self, scope: "Scope", now: float, stats: PollStats) -> None:
+        """Read one scope from its high-water mark to `now - LAG`, slice by slice, each slice's
+        events and the scope's new mark stored in one transaction."""
+        end = int(now) - LAG  # inclusive upper bound of this poll
+        hwm_text = self.store.get(scope.kv_hwm)
+        hwm = int(hwm_text) if hwm_text is not None else int(now - self.initial_interval)
+        # ids already emitted whose effective_at lies in the overlap, with that effective_at
+        recent: dict[str, int] = _load_recent(self.store.get(scope.kv_recent))
+        start = max(0, hwm - OVERLAP) if hwm_text is not None else hwm
+        while start <= end and not self.stop.is_set():
+            slice_end = min(end, start + SLICE - 1)
+            if end - slice_end < OVERLAP:  # no tiny last slice: one request less
+                slice_end = end
+            events, bad = self._read_slice(scope, start, slice_end, stats)
+            new_hwm = slice_end + 1
+            keep_from = new_hwm - OVERLAP
+            lines = Lines()
+            next_recent = {i: t for i, t in recent.items() if t >= keep_from}
+            for what in bad:
+                self._skip(stats, "an entry", BadAuditPage(what))
+            # each event is let go once mapped: a slice can hold 100,000 events
+            for eid in sorted(events, key=lambda i: _order(events[i])):
+                ev = events.pop(eid)
+                if eid in recent:
+                    continue  # emitted by an earlier slice or poll (the overlap)
+                # Any failure to map this one event is bad data of this event: reported and
+                # skipped, never a failure of the slice (that would hold the mark forever).
+                try:
+                    doc_id, doc = audit_event(ev, namespace=self.namespace,
+                                              preserve_original=self.preserve_original)
+                    line = serialize(doc_id, doc)
+                except Exception as exc:  # noqa: BLE001 - an unforeseen shape must not block the stream
+                    if not isinstance(exc, BadAuditPage):
+                        log.debug("audit: mapping event %s failed", _short(eid), exc_info=True)
+                    self._skip(stats, f"event {_short(eid)}", exc)
+                    t = ev.get("effective_at")
+                    if type(t) is int and keep_from <= t <= slice_end:
+                        next_recent[eid] = t  # the overlap's re-read skips it without a second report
+                    continue
+                lines.append(line)
+                if ev["effective_at"] >= keep_from:
+                    next_recent[eid] = ev["effective_at"]
+            self.delivery.commit_events(
+                self.name, lines,
+                {scope.kv_hwm: str(new_hwm),
+                 scope.kv_recent: json.dumps(next_recent, sort_keys=True, separators=(",", ":"))},
+            )
+            stats.events += len(lines)
+            recent = next_recent
+            start = new_hwm
 
     @staticmethod
     def _skip(stats: PollStats, which: str, exc: Exception) -> None:
@@ -155,10 +218,28 @@ class AuditCollector(ListingCollector):
         else:
             log.debug("audit: still forbidden: %s", self.forbidden)
 
-    def _read_slice(self, gte: int, lte: int, stats: PollStats) -> tuple[dict[str, dict], list[str]]:
-        """Every event with gte <= effective_at <= lte, by id (pages newest first, any order), and
-        what was wrong with each entry that is not an object with a string `id`."""
-        params: dict[str, Any] = {"effective_at[gte]": gte, "effective_at[lte]": lte, "limit": self.batch_size}
+    def _refuse_tenant(self, exc: ApiError, now: float) -> None:
+        first = self.tenant_refused is None
+        if self.store.get(TENANT.kv_hwm) is None:
+            # where the scope would have started: kept, so that it catches up from there once allowed
+            # (not from `initial_interval` before that later day)
+            self.delivery.commit_events(self.name, [], {TENANT.kv_hwm: str(int(now - self.initial_interval))})
+        self.tenant_refused = str(exc)
+        self._tenant_retry_at = now + FORBIDDEN_RETRY
+        if first:
+            log.warning("audit: tenant-scoped events (tenant.*, role.bound_to_resource, ...) cannot be listed: %s; "
+                        "organization events go on being collected, and the tenant ones are asked for again "
+                        "every %dh and caught up from where they stopped", self.tenant_refused,
+                        FORBIDDEN_RETRY // 3600)
+        else:
+            log.debug("audit: tenant-scoped events still refused: %s", self.tenant_refused)
+
+    def _read_slice(self, scope: "Scope", gte: int, lte: int,
+                    stats: PollStats) -> tuple[dict[str, dict], list[str]]:
+        """Every event of `scope` with gte <= effective_at <= lte, by id (pages newest first, any
+        order), and what was wrong with each entry that is not an object with a string `id`."""
+        params: dict[str, Any] = {"effective_at[gte]": gte, "effective_at[lte]": lte, "limit": self.batch_size,
+                                  **scope.params}
         events: dict[str, dict] = {}
         bad: list[str] = []
         for data in cursor_pages(self.client.get_json, PATH, params, lambda what: BadAuditPage(f"{PATH}: {what}"),

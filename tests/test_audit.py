@@ -260,7 +260,7 @@ def test_overlap_catches_late_events_without_doubling(simulator, tmp_path):
 
     def with_late(path, params):
         body = real(path, params)
-        if params["effective_at[gte]"] <= late["effective_at"] <= params["effective_at[lte]"]:
+        if not params.get("tenant_only") and params["effective_at[gte]"] <= late["effective_at"] <= params["effective_at[lte]"]:
             body = dict(body, data=[late] + body["data"])
         return body
 
@@ -277,6 +277,15 @@ def test_overlap_catches_late_events_without_doubling(simulator, tmp_path):
         c.close()
 
 
+_EMPTY = {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+
+
+def _organization_only(get_json):
+    """A listing's get_json for an organization without tenant-scoped events: the tenant scope's
+    requests (tenant_only=true) list nothing, the others go to `get_json`."""
+    return lambda path, params: _EMPTY if params.get("tenant_only") else get_json(path, params)
+
+
 class _AuditListing:
     """An in-memory audit log listing: effective_at[gte]/[lte] inclusive, newest first, `after`
     paging, and nothing after the current time."""
@@ -288,6 +297,8 @@ class _AuditListing:
         self.slices: list[tuple[int, int]] = []
 
     def get_json(self, path, params):
+        if params.get("tenant_only"):  # an organization without tenant-scoped events
+            return _EMPTY
         gte, lte = params["effective_at[gte]"], params["effective_at[lte]"]
         if "after" not in params:
             self.slices.append((gte, lte))
@@ -462,7 +473,7 @@ def test_optional_fields_may_be_null_or_absent():
 def _listing_collector(tmp_path, api):
     cfg = _config(batch_size=2, initial_interval="1h")
     store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
-    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=api.get_json),
+    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=_organization_only(api.get_json)),
                          Delivery(store, output), clock=lambda: api.now)
     return col, store, output
 
@@ -609,7 +620,8 @@ def test_a_slice_of_many_events_holds_about_its_payload_not_ten_times_it(tmp_pat
         pages[None if k == 0 else events[k - 1]["id"]] = {
             "object": "list", "data": page, "first_id": page[0]["id"], "last_id": page[-1]["id"],
             "has_more": k + 100 < n}
-    api = SimpleNamespace(now=now, get_json=lambda path, params: copy.deepcopy(pages[params.get("after")]))
+    api = SimpleNamespace(now=now, get_json=_organization_only(
+        lambda path, params: copy.deepcopy(pages[params.get("after")])))
     col, store, output = _listing_collector(tmp_path, api)
     tracemalloc.start()
     try:
@@ -622,3 +634,152 @@ def test_a_slice_of_many_events_holds_about_its_payload_not_ten_times_it(tmp_pat
     payload = (tmp_path / "audit.ndjson").stat().st_size
     assert stats.events == n and stats.errors == []
     assert peak < 4 * payload, f"peak {peak / 1e6:.1f} MB for {payload / 1e6:.1f} MB of NDJSON"
+
+
+# -- the two scopes: organization events and tenant-scoped ones (tenant_only=true) ----------------
+def _truth_by_scope(sim, start: int, end: int) -> tuple[set[str], set[str]]:
+    """(organization ids, tenant-scoped ids) with start <= effective_at <= end."""
+    org, tenant = set(), set()
+    for hour in range(start // HOUR * HOUR, end + 1, HOUR):
+        for e in sim.audit.hour_events(hour):
+            if start <= e["effective_at"] <= end:
+                (tenant if e["_tenant"] else org).add(e["id"])
+    return org, tenant
+
+
+def test_both_scopes_are_stored_exactly_once_across_restarts(simulator, tmp_path):
+    from agent_input.audit import KV_TENANT_HWM, KV_TENANT_RECENT
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    now = int(T0)
+    for run in range(3):  # three processes on one state directory, polling every 5 minutes
+        col, store, output, client = _collector(simulator, state, out)
+        for _ in range(4):
+            simulator.set_time(now)
+            col.poll(now)
+            now += 300
+        assert store.get(KV_TENANT_HWM) == str(now - 300 + 1) and store.get(KV_HWM) == store.get(KV_TENANT_HWM)
+        assert store.get(KV_TENANT_RECENT) is not None
+        for c in (output, store, client):
+            c.close()
+    docs = read_ndjson(out)
+    ids = [d["_id"] for d in docs]
+    assert len(ids) == len(set(ids)), "an audit event was emitted twice"
+    org, tenant = _truth_by_scope(simulator, int(T0 - DAY), now - 300)
+    assert len(tenant) >= 3 and not org & tenant
+    assert set(ids) == org | tenant == audit_truth(simulator, int(T0 - DAY), now - 300)
+    for d in docs:
+        if d["_id"] in tenant:
+            etype = d["openai"]["audit"]["type"]
+            assert etype.startswith("tenant.") or etype.startswith("role.")
+            assert d["user"]["email"] and d["event"]["action"] == etype.replace(".", "-")
+            body = {k: v for k, v in d.items() if k != "_id"}
+            assert undeclared_fields(body) == [], undeclared_fields(body)
+
+
+def test_tenant_scope_refused_keeps_the_organization_flowing_and_catches_up_later(simulator, tmp_path, caplog):
+    from agent_input.audit import FORBIDDEN_RETRY, KV_TENANT_HWM
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    refuse = FaultRule(kind="403", path="/v1/organization/audit_logs", query="tenant_only=true", count=None)
+    simulator.add_fault(refuse)
+    now = int(T0)
+    with caplog.at_level(logging.INFO, logger="agent_input.audit"):
+        for _ in range(6):
+            simulator.set_time(now)
+            stats = col.poll(now)
+            assert stats.errors == [] and stats.requests > 0
+            now += 300
+    assert simulator.faults.rules()[0]["fired"] == 1, "asked again before FORBIDDEN_RETRY"
+    reports = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(reports) == 1 and "tenant-scoped" in reports[0] and "403" in reports[0], reports
+    assert "cannot list tenant-scoped audit events" in reports[0]  # the API's reason
+    assert col.forbidden is None and col.tenant_refused
+    assert store.get(KV_TENANT_HWM) == str(int(T0 - DAY))  # held where the scope would have started
+    org, tenant = _truth_by_scope(simulator, int(T0 - DAY), now - 300)
+    got = {d["_id"] for d in read_ndjson(out)}
+    assert got == org and tenant, "the organization's events flow while the tenant scope is refused"
+
+    # allowed again: still not asked before FORBIDDEN_RETRY has passed, then caught up from its mark
+    simulator.clear_faults()
+    caplog.clear()
+    late = int(T0) + FORBIDDEN_RETRY
+    with caplog.at_level(logging.INFO, logger="agent_input.audit"):
+        for t in (now, late - 300, late, late + 300):
+            simulator.set_time(t)
+            col.poll(t)
+            if t < late:
+                assert col.tenant_refused is not None
+    assert col.tenant_refused is None
+    assert any("readable again" in r.getMessage() for r in caplog.records)
+    for c in (output, store, client):
+        c.close()
+    docs = read_ndjson(out)
+    ids = [d["_id"] for d in docs]
+    assert len(ids) == len(set(ids))
+    org, tenant = _truth_by_scope(simulator, int(T0 - DAY), late + 300)
+    assert set(ids) == org | tenant
+
+
+def test_tenant_scope_400_or_404_is_a_refusal_and_a_500_a_failed_slice(simulator, tmp_path):
+    from agent_input.audit import KV_TENANT_HWM
+    from agent_input.simulator import FaultRule
+
+    col, store, output, client = _collector(simulator, tmp_path / "state", tmp_path / "audit.ndjson")
+    simulator.add_fault(FaultRule(kind="404", path="audit_logs", query="tenant_only=true", count=1))
+    stats = col.poll(T0)
+    assert stats.errors == [] and "404" in col.tenant_refused and store.get(KV_HWM) == str(int(T0) + 1)
+    col.tenant_refused = None  # a new process: asks at once
+    # the 5xx: after the retry the tenant slice fails, its mark stays; the organization's moved on
+    simulator.add_fault(FaultRule(kind="500", path="audit_logs", query="tenant_only=true", count=2))
+    simulator.set_time(T0 + 300)
+    stats = col.poll(T0 + 300)
+    assert len(stats.errors) == 1 and "tenant-scoped events: poll failed, mark kept" in stats.errors[0]
+    assert col.tenant_refused is None
+    assert store.get(KV_HWM) == str(int(T0) + 301) and store.get(KV_TENANT_HWM) == str(int(T0 - DAY))
+    simulator.set_time(T0 + 600)
+    assert col.poll(T0 + 600).errors == []
+    assert store.get(KV_TENANT_HWM) == str(int(T0) + 601)
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == audit_truth(simulator, int(T0 - DAY), int(T0) + 600)
+
+
+def test_an_old_state_directory_goes_on_for_the_organization_and_starts_the_tenant_scope(
+        simulator, tmp_path, monkeypatch):
+    """A state directory of the version that read only the organization scope (only audit:hwm and
+    audit:recent_ids): the organization goes on from its mark, nothing re-emitted; the tenant scope
+    starts at now - initial_interval."""
+    import agent_input.audit as audit_mod
+    from agent_input.audit import KV_TENANT_HWM
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    real = AuditCollector._poll_scope
+    with monkeypatch.context() as m:  # the old collector: the organization scope only
+        m.setattr(AuditCollector, "_poll_scope",
+                  lambda self, scope, now, stats: real(self, scope, now, stats)
+                  if scope is audit_mod.ORGANIZATION else None)
+        col, store, output, client = _collector(simulator, state, out)
+        for t in (T0, T0 + 300):
+            simulator.set_time(t)
+            col.poll(t)
+        assert store.get(KV_TENANT_HWM) is None and store.get(KV_HWM) == str(int(T0) + 301)
+        for c in (output, store, client):
+            c.close()
+    before = [d["_id"] for d in read_ndjson(out)]
+    later = int(T0) + 7200  # upgraded two hours later
+    simulator.set_time(later)
+    col, store, output, client = _collector(simulator, state, out)
+    col.poll(later)
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    assert ids[:len(before)] == before
+    assert len(ids) == len(set(ids)), "the upgrade re-emitted events"
+    org, _ = _truth_by_scope(simulator, int(T0 - DAY), later)
+    _, tenant = _truth_by_scope(simulator, later - DAY, later)
+    assert tenant and set(ids) == org | tenant
