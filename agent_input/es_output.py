@@ -7,10 +7,12 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
 
 - **created** (201), or **already there** (409 `version_conflict_engine_exception` on create:
   the same id always carries the same content, so this is a re-delivery; counted, not an error);
-- **retried**: 408, 429 and 5xx, per item (partial bulk failures) or for the whole request, with
-  exponential backoff inside the helper (`max_retries`, `initial_backoff`) and again, for
-  connection errors and items still failing, in an outer loop (`attempts`); when patience runs
-  out the batch stays in the outbox and `OutputError` stops the collector with one clear line;
+- **retried**: 408, 429 and 5xx, per item (partial bulk failures) or for the whole request, and
+  connection errors, by the output's own loop (`attempts`, exponential backoff from
+  `initial_backoff` up to `max_backoff`: about 2.5 minutes of patience), whose waits end on a
+  stop; the bulk helper's own retries (`max_retries`) are off by default, as they sleep through
+  a stop. When patience runs out the batch stays in the outbox and `OutputError` stops the
+  collector with one clear line;
   a 2xx answer that is not a bulk answer (a proxy, a broken cluster: no `items`, fewer items than
   documents, items for documents not sent...) is retried the same way, with a plain reason;
 - **split**: a whole request refused with 413 (`http.max_content_length`, or a proxy's body limit
@@ -44,7 +46,7 @@ parsed and settled `SEND_PART_LINES` documents at a time: a rate-limits cycle or
 one batch of up to hundreds of thousands; at most `chunk_size` documents / `max_chunk_bytes` per
 request) and at most `max_concurrent` bulk
 requests are in flight across streams. Everything not yet delivered waits on disk, in the outbox.
-A stop (SIGTERM) waits for the bulk requests in flight only (and the helper's retries of them): no
+A stop (SIGTERM) waits for the bulk requests in flight only: no
 request starts after it, and a batch not wholly delivered is not acknowledged, so it is sent again
 at the next start.
 
@@ -288,10 +290,10 @@ class ElasticsearchOutput:
         namespace: str = "default",
         chunk_size: int = 500,
         max_chunk_bytes: int = 10 * 1024 * 1024,
-        max_retries: int = 3,
+        max_retries: int = 0,  # the bulk helper's retries: they sleep through a stop (see the module doc)
         initial_backoff: float = 1.0,
         max_backoff: float = 30.0,
-        attempts: int = 8,
+        attempts: int = 10,
         max_concurrent: int = 2,
         stop: threading.Event | None = None,
         sleep: Callable[[float], None] | None = None,

@@ -125,6 +125,29 @@ def test_partial_bulk_failures_are_retried_per_item(fake, tmp_path):
     assert len(bulk) == 3  # all six, then the two failures, then the one still at 429
 
 
+def test_a_stop_during_a_429_storm_is_not_slept_through_by_the_bulk_helper(fake, tmp_path, monkeypatch):
+    """The bulk helper retries a 429 with time.sleep (1 + 2 + 4 s by its defaults), deaf to a stop:
+    SIGTERM then waited up to 7 s more than the request in flight (Docker stops at 10 s). By
+    default the output makes every retry wait itself, on the stop."""
+    from elasticsearch.helpers import actions
+
+    helper_sleeps: list[float] = []
+    monkeypatch.setattr(actions.time, "sleep", lambda seconds: helper_sleeps.append(seconds))
+    stop = threading.Event()
+    out = ElasticsearchOutput(make_client(fake.url, env=ENV), state_dir=tmp_path, stop=stop,
+                              sleep=lambda seconds: stop.set())
+    docs = [_doc(i) for i in range(3)]
+    fake.item_faults = {docs[1][0]: [429] * 10}
+    ack = Acks()
+    out.send("completions", _payload(docs), 3, ack)
+    assert helper_sleeps == [], "the bulk helper slept through the stop"
+    assert ack.n == 0 and len(fake.docs) == 2, "the document still at 429 keeps the batch in the outbox"
+    stop.clear()
+    fake.item_faults = {}
+    out.send("completions", _payload(docs), 3, ack)
+    assert ack.n == 1 and len(fake.docs) == 3
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_item_failures_that_outlast_the_helpers_retries_are_retried_not_dead_lettered(fake, tmp_path, status):
     """With the bulk helper's own retries spent (max_retries=0), a document still answered 429 or
