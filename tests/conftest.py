@@ -112,3 +112,15 @@ def wait_for_commits(state_dir: Path, target: int, alive, timeout: float = 180.0
             return True
         time.sleep(0.003)
     return False
+
+
+def traced_peak(fn):
+    """(fn(), the peak of the Python memory allocated while it ran), by tracemalloc."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

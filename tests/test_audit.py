@@ -19,7 +19,7 @@ from agent_input.outputs import NdjsonFileOutput
 from agent_input.state import StateStore
 from kibana_assets.fields import undeclared_fields
 
-from conftest import ADMIN_KEY, T0, audit_truth, read_ndjson
+from conftest import ADMIN_KEY, T0, audit_truth, read_ndjson, traced_peak
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 HOUR = 3600
@@ -608,8 +608,6 @@ def test_a_slice_of_many_events_holds_about_its_payload_not_ten_times_it(tmp_pat
     it in (4 KiB or more, never shrunk, from orjson 3.12 on), next to every parsed event: 102,000
     events in a 6h slice (171 MB of NDJSON) took the collector to 912 MB of RSS. Each event is
     now let go once mapped and its line appended to one buffer."""
-    import tracemalloc
-
     now = int(T0)
     n = 4000
     events = [_session_event(i, now - 3000 + i // 2, project={"id": "proj_1", "name": "P"}) for i in range(n)]
@@ -623,12 +621,7 @@ def test_a_slice_of_many_events_holds_about_its_payload_not_ten_times_it(tmp_pat
     api = SimpleNamespace(now=now, get_json=_organization_only(
         lambda path, params: copy.deepcopy(pages[params.get("after")])))
     col, store, output = _listing_collector(tmp_path, api)
-    tracemalloc.start()
-    try:
-        stats = col.poll(now)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    stats, peak = traced_peak(lambda: col.poll(now))
     output.close()
     store.close()
     payload = (tmp_path / "audit.ndjson").stat().st_size

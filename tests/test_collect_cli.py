@@ -150,6 +150,15 @@ def test_bad_log_level_is_a_usage_error_not_a_traceback(tmp_path):
     assert not (tmp_path / "state").exists()
 
 
+def _collect_once(cfg, tmp_path) -> subprocess.CompletedProcess:
+    """`collect --once` at T0 into tmp_path's state and events file, without the environment's key."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+         "--state-dir", str(tmp_path / "state"), "--output-path", str(tmp_path / "events.ndjson"),
+         "--now", str(T0), "--log-level", "CRITICAL"],
+        capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=120)
+
+
 def test_once_exits_1_and_its_summary_names_the_stream_that_failed(simulator, tmp_path):
     """A --once run (cron, CI) reports a failed stream in its exit status and in its summary."""
     from agent_input.simulator import FaultRule
@@ -159,11 +168,7 @@ def test_once_exits_1_and_its_summary_names_the_stream_that_failed(simulator, tm
     config["data_streams"]["embeddings"] = {"enabled": True, "initial_interval": "1h"}
     cfg = tmp_path / "config.yml"
     cfg.write_text(yaml.safe_dump({**config, "max_retries": 0}))
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
-         "--state-dir", str(tmp_path / "state"), "--output-path", str(tmp_path / "events.ndjson"),
-         "--now", str(T0), "--log-level", "CRITICAL"],
-        capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=120)
+    proc = _collect_once(cfg, tmp_path)
     err = proc.stderr.decode()
     assert proc.returncode == 1, err
     rows = {ln.split()[0]: ln for ln in err.splitlines() if ln.strip()}
@@ -181,11 +186,7 @@ def test_once_summary_counts_the_429s_and_the_seconds_waited(simulator, tmp_path
     simulator.add_fault(FaultRule(kind="429", path="/v1/organization/usage/completions", count=2, retry_after=1))
     cfg = tmp_path / "config.yml"
     cfg.write_text(yaml.safe_dump(_config(simulator.base_url)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
-         "--state-dir", str(tmp_path / "state"), "--output-path", str(tmp_path / "events.ndjson"),
-         "--now", str(T0), "--log-level", "CRITICAL"],
-        capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=120)
+    proc = _collect_once(cfg, tmp_path)
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     rows = {ln.split()[0]: ln.split() for ln in err.splitlines() if ln.strip()}

@@ -305,6 +305,12 @@ def test_rate_limits_default_interval_is_five_minutes():
 COLLECTION_INTERVAL_MIN = 5  # the rate_limits stream's default interval (manifest.yml)
 
 
+def _window(docs):
+    """`window(now, minutes)`: the documents a rule run at `now` with that time window sees."""
+    stamps = [(H._time(d["@timestamp"]).timestamp(), d) for d in docs]
+    return lambda now, minutes: [d for ts, d in stamps if now - minutes * MIN <= ts <= now]
+
+
 @pytest.mark.parametrize("unit", ["tpm", "rpm"])
 def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
     """The seed's weakness: limits stop arriving, the headroom rule goes silent. Limits are
@@ -323,10 +329,7 @@ def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
         docs += [limit(iso(t), "p", "gpt-4o", tpm=10_000, rpm=100), status(iso(t))]
     for t in range(stop - 3 * 60 * MIN, stop + 3 * 60 * MIN, MIN):
         docs.append(usage("completions", iso(t), "p", "gpt-4o-2024-08-06", tokens=9_500, requests=95))
-    stamps = [(H._time(d["@timestamp"]).timestamp(), d) for d in docs]
-
-    def window(now, minutes):
-        return [d for ts, d in stamps if now - minutes * MIN <= ts <= now]
+    window = _window(docs)
 
     def headroom_alerts(now):
         return H.alerts(window(now, head.window_minutes), unit, now=now, usage_minutes=o.headroom_window_minutes)
@@ -404,10 +407,7 @@ def test_with_the_defaults_a_project_whose_limits_keep_failing_is_never_silent()
         docs.append(limit(iso(t), "p", "gpt-4o", tpm=10_000) if t <= stop else project_failure(iso(t), "p"))
     for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, MIN):
         docs.append(usage("completions", iso(t), "p", "gpt-4o", tokens=9_500, requests=95))
-    stamps = [(H._time(d["@timestamp"]).timestamp(), d) for d in docs]
-
-    def window(now, minutes):
-        return [d for ts, d in stamps if now - minutes * MIN <= ts <= now]
+    window = _window(docs)
 
     def headroom_alerts(now):
         return H.alerts(window(now, head.window_minutes), "tpm", now=now, usage_minutes=o.headroom_window_minutes)

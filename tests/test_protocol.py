@@ -16,7 +16,7 @@ import pytest
 from agent_input.state import StateError, StateStore
 from agent_input.streams import USAGE_STREAMS
 
-from conftest import ADMIN_KEY, T0, committed_batches, dedupe, stored_totals, truth_totals, wait_for_commits
+from conftest import ADMIN_KEY, T0, committed_batches, dedupe, stored_totals, traced_peak, truth_totals, wait_for_commits
 from protocol_supervisor import InProcess, Supervisor
 
 HOUR = 3600
@@ -638,8 +638,6 @@ def test_encoding_a_large_batch_holds_about_its_messages_not_three_times_them(tm
     """A rate-limits cycle of thousands of projects is one batch: its event messages were kept in
     a list and then joined (3x the result at the peak here; 630 MB of RSS for a cycle of 171,000
     documents). They now go into one buffer as they are made (2x: the payload's lines and it)."""
-    import tracemalloc
-
     from agent_input.protocol import ProtocolOutput, ProtocolWriter
 
     n = 20_000
@@ -647,12 +645,7 @@ def test_encoding_a_large_batch_holds_about_its_messages_not_three_times_them(tm
     fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
     try:
         output = ProtocolOutput(ProtocolWriter(fd))
-        tracemalloc.start()
-        try:
-            encoded = output._encode(1, "rate_limits", payload)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        encoded, peak = traced_peak(lambda: output._encode(1, "rate_limits", payload))
     finally:
         os.close(fd)
     assert encoded.count(b"\n") == n and b'"batch_size":20000' in encoded

@@ -18,7 +18,7 @@ from agent_input.rate_limits import RateLimitsCollector, limit_event, status_eve
 from agent_input.state import StateStore
 from kibana_assets.fields import undeclared_fields
 
-from conftest import ADMIN_KEY, T0, read_ndjson
+from conftest import ADMIN_KEY, T0, read_ndjson, traced_peak
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 
@@ -274,8 +274,6 @@ def test_a_cycle_of_many_projects_holds_about_its_payload_not_ten_times_it(tmp_p
     orjson made it in (4 KiB or more, never shrunk, from orjson 3.12 on): 5,000 projects' 171,000
     limits (138 MB of NDJSON) took the collector to 874 MB of RSS. The cycle now costs about
     twice its payload."""
-    import tracemalloc
-
     from agent_input.outputs import NdjsonOutput
     from agent_input.simulator import Simulator
     from agent_input.simulator.org import rate_limit_rows
@@ -296,12 +294,7 @@ def test_a_cycle_of_many_projects_holds_about_its_payload_not_ten_times_it(tmp_p
         output = NdjsonOutput(fh)
         client = SimpleNamespace(get_json=lambda path, params: limits if path.endswith("/rate_limits") else listing)
         col = RateLimitsCollector(cfg, cfg.stream("rate_limits"), client, Delivery(store, output), clock=lambda: T0)
-        tracemalloc.start()
-        try:
-            stats = col.poll(T0)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        stats, peak = traced_peak(lambda: col.poll(T0))
     store.close()
     payload = (tmp_path / "limits.ndjson").stat().st_size
     assert stats.events == n * len(rows) + 1 and payload > 3_000_000

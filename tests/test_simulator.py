@@ -256,14 +256,7 @@ def test_audit_logs_validate_filter_and_paginate(http, sim, validate):
     assert len({e["id"] for e in events}) == len(events)
     times = [e["effective_at"] for e in events]
     assert times == sorted(times, reverse=True) and lo <= min(times) and max(times) <= hi
-    small_pages, after = [], None
-    while True:
-        b = get(http, sim, "audit_logs", {"effective_at[gte]": lo, "effective_at[lte]": hi, "limit": 37,
-                                          **({"after": after} if after else {})}).json()
-        small_pages += b["data"]
-        if not b["has_more"]:
-            break
-        after = b["last_id"]
+    small_pages = _all_audit(http, sim, {"effective_at[gte]": lo, "effective_at[lte]": hi}, limit=37)
     assert small_pages == events
     # `before` returns the page just newer than an id
     mid = events[50]["id"]
@@ -289,10 +282,10 @@ def test_audit_logs_validate_filter_and_paginate(http, sim, validate):
     assert all(e["effective_at"] <= NOW for e in get(http, sim, "audit_logs", {"limit": 100}).json()["data"])
 
 
-def _all_audit(http, sim, params):
+def _all_audit(http, sim, params, limit: int = 100):
     events, after = [], None
     while True:
-        r = get(http, sim, "audit_logs", {**params, "limit": 100, **({"after": after} if after else {})})
+        r = get(http, sim, "audit_logs", {**params, "limit": limit, **({"after": after} if after else {})})
         assert r.status_code == 200, r.text
         b = r.json()
         events += b["data"]
@@ -328,14 +321,7 @@ def test_audit_logs_tenant_only_splits_the_two_scopes(http, sim, validate):
         truth |= {e["id"] for e in sim.audit.hour_events(h) if lo <= e["effective_at"] <= hi}
     assert truth == {e["id"] for e in org} | {e["id"] for e in tenant}
     # pages of one scope: small pages give the same list
-    small, after = [], None
-    while True:
-        b = get(http, sim, "audit_logs", {"effective_at[gte]": lo, "effective_at[lte]": hi, "tenant_only": "true",
-                                          "limit": 2, **({"after": after} if after else {})}).json()
-        small += b["data"]
-        if not b["has_more"]:
-            break
-        after = b["last_id"]
+    small = _all_audit(http, sim, {"effective_at[gte]": lo, "effective_at[lte]": hi, "tenant_only": "true"}, limit=2)
     assert small == tenant
     # event_types still filter within the scope; an organization type with tenant_only is a 400
     one = tenant[0]["type"]

@@ -22,6 +22,7 @@ import math
 import random
 import threading
 from collections import OrderedDict
+from itertools import accumulate
 
 from .org import ORG_EPOCH, Organization, h64, token
 from .usage import HOUR, diurnal
@@ -39,11 +40,7 @@ EVENT_TYPES: tuple[tuple[str, float], ...] = (
     ("organization.updated", 0.5),
 )
 _TYPES = [t for t, _ in EVENT_TYPES]
-_CUM = []
-_acc = 0.0
-for _t, _w in EVENT_TYPES:
-    _acc += _w
-    _CUM.append(_acc)
+_CUM = list(accumulate(w for _, w in EVENT_TYPES))  # random.choices' cum_weights
 
 PROJECT_SCOPED = {"api_key.created", "api_key.updated", "api_key.deleted", "project.created", "project.updated",
                   "project.archived", "rate_limit.updated", "service_account.created", "service_account.updated",
@@ -56,11 +53,7 @@ TENANT_EVENT_TYPES: tuple[tuple[str, float], ...] = (
     ("tenant.project_api_key.created", 1), ("role.bound_to_resource", 2), ("role.unbound_from_resource", 1),
 )
 _TENANT_TYPES = [t for t, _ in TENANT_EVENT_TYPES]
-_TENANT_CUM = []
-_acc = 0.0
-for _t, _w in TENANT_EVENT_TYPES:
-    _acc += _w
-    _TENANT_CUM.append(_acc)
+_TENANT_CUM = list(accumulate(w for _, w in TENANT_EVENT_TYPES))
 TENANT_RATE = 0.05  # tenant events per hour, as a fraction of the org's audit_events_per_hour
 TENANT_SEQ_BASE = 3000  # first sequence of an hour's tenant events (an id holds 2 base62 digits: < 3844)
 MAX_SEQ = 62 * 62 - 1
