@@ -407,6 +407,11 @@ class AdminApiClient:
         ceiling = min(self.backoff_cap, self.backoff_base * (2 ** (attempt - 1)))
         return self._rng.uniform(0, ceiling)
 
+    def add_stats(self, other: ClientStats) -> None:
+        """Count another client's requests, retries, 429s and waits as this one's (a stream's
+        helper clients, e.g. the rate-limits workers)."""
+        self._count(**other.as_dict())
+
     def _count(self, **deltas: float) -> None:
         with self._lock:
             for name, delta in deltas.items():

@@ -156,6 +156,8 @@ class RateLimitsCollector(ListingCollector):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             for client in clients:
+                # their 429s and Retry-After waits are the stream's (`collect --once`'s summary row)
+                self.client.add_stats(client.stats)
                 client.close()
 
     def _list(self, path: str, params: Mapping[str, Any], stats: PollStats, client=None) -> Iterator[Mapping]:

@@ -336,3 +336,19 @@ def test_projects_limits_are_read_concurrently_each_worker_on_its_own_client(sim
     order = [p.id for p in projects]
     seen = [d["openai"]["rate_limits"]["project_id"] for d in docs]
     assert sorted(set(seen), key=order.index) == list(dict.fromkeys(seen)), "documents in the projects' order"
+
+
+def test_the_workers_429s_count_in_the_stream_s_throttled_figure(simulator, tmp_path):
+    """`collect --once`'s summary row reads the stream's client's counts (429s, Retry-After
+    seconds); the projects' limits are read on the workers' own clients, whose 429s were lost
+    with them: a cycle throttled three times said `throttled 0`."""
+    from agent_input.simulator import FaultRule
+
+    simulator.add_fault(FaultRule(kind="429", path="*/rate_limits", count=3, retry_after=1))
+    col, closing = _collector(simulator, tmp_path / "state", tmp_path / "limits.ndjson")
+    stats = col.poll(T0)
+    for c in closing:
+        c.close()
+    assert not stats.errors and simulator.stats()["faults"] == {"429": 3}
+    assert col.client.stats.throttled == 3
+    assert col.client.stats.retry_after_seconds_total == 3.0
