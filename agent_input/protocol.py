@@ -126,6 +126,7 @@ class ProtocolWriter:
                         self.closed.set()
                         raise StdoutClosed(f"stdout was not read for {self._grace:g}s after the stop")
                 continue
+            self._stop_seen = None  # the reader took some: the grace is for one wait, not the stop's whole time
             view = view[os.write(self.fd, view[:select.PIPE_BUF]):]
 
     def status(self, scope: str, status: str, message: str = "", **extra: Any) -> None:

@@ -650,3 +650,38 @@ def test_encoding_a_large_batch_holds_about_its_messages_not_three_times_them(tm
         os.close(fd)
     assert encoded.count(b"\n") == n and b'"batch_size":20000' in encoded
     assert peak < 2.5 * len(encoded), f"encoding took {peak / len(encoded):.1f}x its result"
+
+
+def test_after_a_stop_a_supervisor_still_reading_slowly_gets_the_whole_batch():
+    """The grace after a stop is for a write the reader leaves waiting that long: it was counted
+    from the first wait after the stop, so a supervisor that read steadily, a pipe-full every
+    0.3 s, was cut off a second later in the middle of a line (a truncated message)."""
+    import threading
+
+    from agent_input.protocol import ProtocolWriter
+
+    r, w = os.pipe()
+    writer = ProtocolWriter(w)
+    stop = threading.Event()
+    writer.give_up_on(stop, 1.0)
+    data = (b'{"x":"' + b"a" * 1000 + b'"}\n') * 640  # ten pipe-fulls
+    got = bytearray()
+
+    def supervisor():
+        while True:
+            time.sleep(0.3)
+            chunk = os.read(r, 65536)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    reader = threading.Thread(target=supervisor)
+    reader.start()
+    stop.set()
+    try:
+        writer.write_bytes(data)
+    finally:
+        os.close(w)
+        reader.join(10)
+        os.close(r)
+    assert bytes(got) == data and not writer.closed.is_set()
