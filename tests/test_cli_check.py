@@ -70,9 +70,27 @@ def test_all_probes_ok(tmp_path):
         responses.get(f"{BASE}/v1/organization/{path}", json=OK)
     result = run(tmp_path, "")
     assert result.exit_code == 0, result.output
-    assert result.output.count(": OK") == 4 and "check OK" in result.output
+    assert result.output.count(": OK") == 5 and "check OK" in result.output  # audit: both scopes
     assert all("limit=1" in c.request.url for c in responses.calls)
-    assert len(responses.calls) == 4
+    assert len(responses.calls) == 5 and "tenant_only=true" in responses.calls[3].request.url
+
+
+@responses.activate
+def test_tenant_scoped_audit_events_not_listable_is_said_not_a_failure(tmp_path):
+    """The audit stream reads a second scope (tenant_only=true); an organization or key that
+    cannot list it gets a warning from the collector and the organization's events only. `check`
+    said OK without asking, so a user could not learn it before collecting."""
+    from responses import matchers
+
+    responses.get(f"{BASE}/v1/organization/audit_logs", status=400, json={"error": {
+        "message": "This organization cannot list tenant-scoped audit events.", "type": "invalid_request_error",
+        "param": "tenant_only", "code": "tenant_audit_logs_not_available"}},
+        match=[matchers.query_param_matcher({"limit": "1", "tenant_only": "true"})])
+    responses.get(f"{BASE}/v1/organization/audit_logs", json=OK, match=[matchers.query_param_matcher({"limit": "1"})])
+    result = run(tmp_path, only("audit"))
+    assert result.exit_code == 0, result.output
+    assert "cannot list tenant-scoped audit events" in result.output and "warning: tenant-scoped" in result.output
+    assert "check OK" in result.output and len(responses.calls) == 2
 
 
 @responses.activate
