@@ -312,9 +312,15 @@ def test_projects_limits_are_read_concurrently_each_worker_on_its_own_client(sim
     calls: list[tuple[str, int]] = []
     closed: list[int] = []
     real_get, real_close = AdminApiClient.get_json, AdminApiClient.close
+    # the first two limits requests wait for each other: one worker taking every project before
+    # the others start (4 small projects) cannot pass, and one at a time breaks the barrier
+    both_in_flight = threading.Barrier(2, timeout=10)
+    first_two = iter(range(2))
 
     def get_json(self, path, params=None, **kw):
         calls.append((threading.current_thread().name, id(self), path))
+        if path.endswith("/rate_limits") and next(first_two, None) is not None:
+            both_in_flight.wait()
         return real_get(self, path, params, **kw)
 
     monkeypatch.setattr(AdminApiClient, "get_json", get_json)
