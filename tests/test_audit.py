@@ -776,3 +776,40 @@ def test_an_old_state_directory_goes_on_for_the_organization_and_starts_the_tena
     org, _ = _truth_by_scope(simulator, int(T0 - DAY), later)
     _, tenant = _truth_by_scope(simulator, later - DAY, later)
     assert tenant and set(ids) == org | tenant
+
+
+def test_a_busy_log_is_read_in_shorter_slices_each_holding_at_most_the_cap(tmp_path, monkeypatch):
+    """A slice is read whole before its one transaction: 100,000 events in 6h took 660 MB. A
+    slice that passes MAX_SLICE_EVENTS is read again as its older half, and the slices grow back
+    once the log is quiet; every event is still stored exactly once, with the slices contiguous."""
+    from agent_input import audit as A
+
+    monkeypatch.setattr(A, "MAX_SLICE_EVENTS", 40)
+    now = int(T0)
+    busy = list(range(now - 3 * HOUR, now - 3 * HOUR + 300))  # 300 events in 5 minutes
+    quiet = list(range(now - 2 * HOUR, now, 600))
+    api = _AuditListing(busy + quiet)
+    api.now = now
+    cfg = _config(batch_size=100, initial_interval="4h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    delivery = Delivery(store, output)
+    batches: list[int] = []
+    real_commit = delivery.commit_events
+    delivery.commit_events = lambda stream, lines, kv: (batches.append(len(lines)), real_commit(stream, lines, kv))[1]
+    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=api.get_json), delivery,
+                         clock=lambda: api.now)
+    col.poll(now)
+    output.close()
+    store.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    assert len(ids) == len(set(ids)) and set(ids) == {e["id"] for e in api.events}
+    assert max(batches) <= 40, "a slice held more than the cap"
+    read_whole = [s for s in api.slices if s[1] >= s[0]]
+    kept = []  # the slices that were stored: each starts the second after the previous one
+    for gte, lte in read_whole:
+        while kept and kept[-1][0] == gte:  # a slice read again as its older half
+            kept.pop()
+        kept.append((gte, lte))
+    assert all(b[0] == a[1] + 1 for a, b in zip(kept, kept[1:])), kept
+    assert kept[0][0] == now - 4 * HOUR and kept[-1][1] == now
+    assert len(kept) < 30, "the slices grow back once the log is quiet"
