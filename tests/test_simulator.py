@@ -990,3 +990,15 @@ def test_the_server_is_quiet_for_a_client_that_went_away_and_loud_for_its_own_bu
     except KeyError:
         server.handle_error(None, ("127.0.0.1", 1))
     assert "KeyError: 'a bug in a handler'" in capsys.readouterr().err
+
+
+def test_an_audit_rate_the_ids_cannot_number_is_refused_when_the_simulator_is_made():
+    """Above ~2,700 events an hour the audit ids' sequence runs into the tenant events' range:
+    each listing of such an hour failed (a dropped connection) instead of one clear error."""
+    from dataclasses import replace
+
+    from agent_input.simulator import OrgSpec, Simulator
+
+    with pytest.raises(ValueError, match="audit_events_per_hour 17000 is more than the simulated audit ids"):
+        Simulator(seed=1, org=replace(OrgSpec(), audit_events_per_hour=17000.0))
+    Simulator(seed=1, org=replace(OrgSpec(), audit_events_per_hour=2500.0))

@@ -118,6 +118,10 @@ def decode_id(event_id: str) -> tuple[int, int] | None:
 
 class AuditLog:
     def __init__(self, org: Organization, cache_hours: int = 5000):
+        rate = org.spec.audit_events_per_hour  # the diurnal peak; an hour rarely passes rate + 6 sigma
+        if rate + 6 * math.sqrt(rate) >= TENANT_SEQ_BASE:
+            raise ValueError(f"audit_events_per_hour {rate:g} is more than the simulated audit ids can number: "
+                             f"keep it under {TENANT_SEQ_BASE - 6 * math.sqrt(TENANT_SEQ_BASE):.0f}")
         self.org = org
         self.seed = org.seed
         self._cache: OrderedDict[int, list] = OrderedDict()
