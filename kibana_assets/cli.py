@@ -40,6 +40,18 @@ def _namespace(ctx, param, value: str) -> str:
     return value
 
 
+_SPACE_ID = re.compile(r"[a-z0-9_-]+")
+
+
+def _space(ctx, param, value: str | None) -> str | None:
+    """Kibana space ids are a-z, 0-9, _ and -, and Kibana routes /s/<id>/ only for those: a space's
+    name (`Marketing`) sent as is gets a 404, or worse a prefix of it taken as the space."""
+    if value is not None and not _SPACE_ID.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not a Kibana space id: ids use only a-z, 0-9, _ and - "
+                                 "(the id in the space's URL, /s/<id>/, not its name)", param_hint="--space")
+    return value
+
+
 def _kibana_version(ctx, param, value: str | None) -> str | None:
     if value is not None:
         try:
@@ -62,7 +74,8 @@ def _options(f):
         click.option("--username", help="Basic-auth user (else ELASTIC_USERNAME)."),
         click.option("--password-file", type=click.Path(dir_okay=False),
                      help="File holding the password (else ELASTIC_PASSWORD)."),
-        click.option("--space", default=None, help="Kibana space id for the data view, dashboards and rules."),
+        click.option("--space", default=None, callback=_space,
+                     help="Kibana space id (as in /s/<id>/) for the data view, dashboards and rules."),
         click.option("--namespace", default="default", show_default=True, callback=_namespace,
                      help="Namespace the router sends documents to when they carry none."),
         click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA bundle for TLS."),

@@ -358,6 +358,18 @@ def test_space_prefixes_every_kibana_path(stack):
     assert kb_paths and all(p.startswith("/s/team-ai/api/") for p in kb_paths)
 
 
+@pytest.mark.parametrize("space", ["Team AI", "Marketing", "team.ai", "ai/team"])
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_a_space_that_is_not_a_kibana_space_id_is_refused_before_any_request(stack, command, space):
+    """Kibana routes /s/<id>/ only for ids of a-z, 0-9, _ and - (its space-id rule): a space *name*
+    (`Marketing`, `Team AI`) was sent as is, and Kibana answered 404 for the version read or, for
+    `team.ai`, took the space `team` and a broken path. Refused as a bad option value instead."""
+    result = run(command, "--es-url", ES, "--kibana-url", KB, "--space", space)
+    assert result.exit_code == 2, result.output
+    assert "--space" in result.output and "a-z, 0-9, _ and -" in result.output, result.output
+    assert stack.calls == []
+
+
 def test_kibana_818_gets_single_alert_rules_and_says_so(stack):
     stack.es_version = stack.kb_version = "8.18.2"
     result = install()
