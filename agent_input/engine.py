@@ -361,8 +361,13 @@ class UsageCollector(PollingCollector):
         # From the first bucket not read since it became final: after a pause longer than the
         # revision window (an outage, a rejected key, a long interval) the buckets emitted while
         # still revisable are read once more, not left at what they were then.
-        if cur.settled is None:  # a state dir from before `settled`
-            resume = max(cur.origin, min(cur.position, final_before))
+        if cur.settled is None:
+            # A state dir from before `settled`: that version pruned the observations before
+            # min(cursor, final_before) at each poll, so the ones it kept are of buckets emitted
+            # while still revisable. They are read once more, however long the collector was
+            # stopped (an upgrade after a pause longer than the window lost their late revisions).
+            first = self.store.first_observation(self.name, self.width)
+            resume = max(cur.origin, min(cur.position, final_before, cur.position if first is None else first))
         else:
             # never below `settled`: its buckets' observations are gone, so reading them again
             # (the clock stepped back, a longer revision_window) would emit revision 0 twice

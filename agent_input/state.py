@@ -240,6 +240,13 @@ class StateStore:
                                                                 json.loads(dims) if dims else None)
         return out
 
+    def first_observation(self, stream: str, width: str) -> int | None:
+        """The earliest bucket start with an observation (None: none kept)."""
+        with self._sqlite("read"):
+            row = self._conn().execute(
+                "SELECT MIN(bucket_start) FROM observations WHERE stream=? AND width=?", (stream, width)).fetchone()
+        return row[0] if row else None
+
     # -- the one transaction -----------------------------------------------------------------
     def commit_page(
         self,

@@ -200,6 +200,30 @@ def test_a_pause_longer_than_the_revision_window_still_reads_revisable_buckets_o
     assert b not in h.store.observations("completions", "1m", 0, 2**40)
 
 
+def test_a_state_dir_from_before_settled_still_reads_revisable_buckets_after_a_long_pause(harness):
+    """An upgrade: the state was written by a version without `settled` (NULL), which kept the
+    observations of the buckets it emitted while revisable. The collector was stopped longer than
+    the revision window (for the upgrade, overnight): those buckets are read once more, as with a
+    newer state. Before, the poll resumed at the cursor and their late revisions were lost."""
+    from dataclasses import replace as _replace
+
+    h = harness(effective_revision_window=3600)
+    b = ts("2026-11-23T08:00:00")
+    h.api.data[b] = [result(1)]
+    h.collector.poll(ts("2026-11-23T08:30:00"))
+    cur = h.store.cursor("completions", "1m")
+    h.store.put_cursors("completions", {"1m": _replace(cur, settled=None)})  # as the older version left it
+    h.api.data[b] = [result(2)]  # revised at 08:45, inside the window; nobody polled
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == 2
+    assert h.api.calls[1]["start_time"] == b
+    assert h.store.cursor("completions", "1m").settled == ts("2026-11-23T09:00:00")
+    contents: dict = {}
+    for d in docs(h.out):
+        contents.setdefault(d["_id"], set()).add(json.dumps(d["openai"]["completions"], sort_keys=True))
+    assert all(len(c) == 1 for c in contents.values()), "one id, two contents"
+
+
 def test_a_poll_stopped_part_way_keeps_the_observations_it_did_not_reach(harness):
     """A re-read that fails after its first page must not prune what it has not read again."""
     api = FakeApi(page_buckets=10)
