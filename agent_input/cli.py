@@ -53,7 +53,7 @@ def check(config_path: str, log_level: str) -> None:
                                         backoff_cap=2.0) as client:
             for result in probe_api(client, config):
                 failed |= not result.ok
-                click.echo(f"  {result.name:<11} {result.path}: {result.message}")
+                click.echo(f"  {result.name:<12} {result.path}: {result.message}")
     except Exception as exc:  # never a traceback from `check`
         from .logs import redact
 

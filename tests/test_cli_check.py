@@ -73,6 +73,8 @@ def test_all_probes_ok(tmp_path):
     assert result.output.count(": OK") == 5 and "check OK" in result.output  # audit: both scopes
     assert all("limit=1" in c.request.url for c in responses.calls)
     assert len(responses.calls) == 5 and "tenant_only=true" in responses.calls[3].request.url
+    probes = [line for line in result.output.splitlines() if line.startswith("  ")]
+    assert len({line.index("/v1/") for line in probes}) == 1, "the probes' paths line up:\n" + "\n".join(probes)
 
 
 @responses.activate
