@@ -243,6 +243,7 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
               "the streams read again from initial_interval)")
     finally:
         progress.finish()
+        undelivered = _undelivered(collection.store)
         collection.close()
         output.close()
     if collection.engine.collectors and once:
@@ -251,7 +252,18 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
         click.echo(f"elasticsearch: {output.created} created, {output.duplicates} already there (409), "
                    f"{output.rejected} rejected"
                    + (f" (see {output.dead_letter_path})" if output.rejected else ""), err=True)
+    if undelivered:  # the summary's documents are collected, not necessarily delivered
+        click.echo(f"{undelivered} batch(es) not delivered yet wait in the outbox ({state_dir}) and are sent "
+                   "first at the next start", err=True)
     raise SystemExit(code)
+
+
+def _undelivered(store) -> int:
+    """Batches the output has not acknowledged (0 when the state cannot say: it has said why)."""
+    try:
+        return store.pending_count()
+    except Exception:  # noqa: BLE001 - a closing report must not fail the exit
+        return 0
 
 
 def _print_summary(engine) -> None:

@@ -696,9 +696,18 @@ def test_collect_output_elasticsearch_with_es_url_from_the_flag_or_the_config(si
     assert p.returncode == 0, err.decode()
     assert f"0 created, {len(fake.docs)} already there (409)" in err.decode()
     assert API_KEY not in err.decode() and ADMIN_KEY not in err.decode()
+    assert "not delivered" not in err.decode()
     p = _collect(cfg, tmp_path / "s3", T0, env_extra={"ELASTIC_API_KEY": "wrong"})
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "refused the credentials" in err.decode() and "Traceback" not in err.decode()
+    # delivery stops part way (the assets not installed): the summary's documents were collected,
+    # not delivered, and the closing lines say where they wait
+    fake.refuse_index = lambda index: (400, {"type": "illegal_argument_exception",
+                                             "reason": f"pipeline with id [{index}@pipeline] does not exist"})
+    p = _collect(cfg, tmp_path / "s4", T0)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err.decode()
+    assert f"batch(es) not delivered yet wait in the outbox ({tmp_path / 's4'})" in err.decode(), err.decode()
 
 
 @pytest.mark.slow
