@@ -17,7 +17,8 @@ high-water mark instead, `hwm` = every event of the scope with `effective_at < h
 1. A poll at `now` covers `[hwm - overlap, now - lag]`, cut into closed time slices of at most
    `SLICE` seconds, oldest slice first. A slice found to hold more than `MAX_SLICE_EVENTS` events
    is let go and read again as its older half (and the slices grow back once the log is quieter),
-   so a busy log never holds more than that in memory.
+   so a busy log never holds more than that in memory. A slice of the overlap so halved ends
+   before the stored mark, which stays where it was (a mark never goes back).
 2. A slice is read completely (`effective_at[gte]`/`effective_at[lte]`, `limit` = batch_size,
    `after` = the previous page's `last_id` until `has_more` is false), whatever order the pages
    come in.
@@ -204,9 +205,13 @@ class AuditCollector(ListingCollector):
                 lines.append(line)
                 if ev["effective_at"] >= keep_from:
                     next_recent[eid] = ev["effective_at"]
+            # The stored mark never goes back: a slice of the overlap read again in halves ends
+            # before it, and a mark stored there (then a crash, an API error or a stop before the
+            # poll's later slices) sent the next poll back over events of the previous poll that
+            # `recent` no longer holds: each emitted a second time.
             self.delivery.commit_events(
                 self.name, lines,
-                {scope.kv_hwm: str(new_hwm),
+                {scope.kv_hwm: str(max(new_hwm, hwm)),
                  scope.kv_recent: json.dumps(next_recent, sort_keys=True, separators=(",", ":"))},
             )
             stats.events += len(lines)

@@ -813,3 +813,45 @@ def test_a_busy_log_is_read_in_shorter_slices_each_holding_at_most_the_cap(tmp_p
     assert all(b[0] == a[1] + 1 for a, b in zip(kept, kept[1:])), kept
     assert kept[0][0] == now - 4 * HOUR and kept[-1][1] == now
     assert len(kept) < 30, "the slices grow back once the log is quiet"
+
+
+def test_a_slice_of_the_overlap_read_in_halves_never_moves_the_mark_back(tmp_path, monkeypatch):
+    """A poll starts OVERLAP before the mark; a busy first slice is read again as its older half,
+    which ends before the mark. That half's mark was stored as it was: an API error (or a crash,
+    or a stop) before the poll's later slices left the mark behind where the previous poll had
+    been, and the next poll went back over events no longer among the recent ids: stored twice
+    (found by tests/reliability/test_properties.py's audit property)."""
+    from agent_input import audit as A
+    from agent_input.http_client import ApiError, RetriesExhaustedError
+
+    monkeypatch.setattr(A, "MAX_SLICE_EVENTS", 4)
+    p = int(T0)
+    api = _AuditListing([p - 400, p - 400] + [p + 5] * 5)  # two before the next overlap, then a burst
+    calls = []
+
+    def get_json(path, params):
+        calls.append(params)
+        if len(calls) == 3:  # the 2nd poll: its whole slice (too many), the older half, then this
+            raise RetriesExhaustedError(500, "server error", path=path)
+        return api.get_json(path, params)
+
+    cfg = _config(batch_size=100, initial_interval="1h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=get_json),
+                         Delivery(store, output), clock=lambda: api.now)
+    api.now = p
+    col.poll(p)
+    assert store.get(KV_HWM) == str(p + 1)
+    calls.clear()
+    api.now = p + 10
+    with pytest.raises(ApiError):
+        col.poll(p + 10)
+    assert [(c["effective_at[gte]"], c["effective_at[lte]"]) for c in calls[:2]] == [(p - 299, p + 10),
+                                                                                    (p - 299, p - 145)]
+    assert store.get(KV_HWM) == str(p + 1), "the mark went back"
+    api.now = p + 20
+    col.poll(p + 20)
+    output.close()
+    store.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    assert sorted(ids) == sorted(e["id"] for e in api.events), "an event was stored twice, or never"
