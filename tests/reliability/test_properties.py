@@ -236,3 +236,194 @@ def test_changing_the_bucket_width_keeps_delivered_sums_equal_to_the_truth(steps
             for g, v in groups.items():
                 want[g] = want.get(g, 0) + v
     assert {k: v for k, v in got.items() if v} == {k: v for k, v in want.items() if v}
+
+
+# -- the audit log: two scopes, late events, bursts, refusals, crashes ------------------------------
+HOUR = 3600
+LATE = 299  # the most an audit event is recorded after its effective_at (the collector re-reads 300 s)
+OVERLAP_EDGE = 330  # events this close to a poll's now fall in the next poll's overlap
+AUDIT_SPAN = 40 * HOUR  # how far the steps take the clock; the collector's initial_interval covers it
+
+
+class Crash(Exception):
+    """The process dies here: the collector object is dropped, a new one starts on the state dir."""
+
+
+class AuditApi:
+    """The audit log listing as tests/test_audit.py's _AuditListing, with both scopes: newest first,
+    `after` paging, effective_at[gte]/[lte] inclusive; an event is listed only once recorded
+    (`effective_at` + its delay, at most LATE). Faults: a 5xx-like ApiError or a Crash on the n-th
+    request of a poll, a 403 on a scope while it is refused."""
+
+    def __init__(self):
+        self.now = T0
+        self.events: list[dict] = []  # with `_tenant`, `_seen_at` and `_bad`, which the listing leaves out
+        self.fail_at: int | None = None
+        self.crash_at: int | None = None
+        self.refuse: set[str] = set()  # "organization", "tenant"
+        self.calls = 0
+
+    def get_json(self, path, params):
+        from agent_input.http_client import PermissionDeniedError, RetriesExhaustedError
+
+        self.calls += 1
+        if self.crash_at is not None and self.calls >= self.crash_at:
+            self.crash_at = None
+            raise Crash("injected: the process died waiting for the API")
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            self.fail_at = None
+            raise RetriesExhaustedError(500, "injected: server error", path=path)
+        tenant = params.get("tenant_only") == "true"
+        if ("tenant" if tenant else "organization") in self.refuse:
+            raise PermissionDeniedError(403, "injected: refused", path=path)
+        gte, lte = params["effective_at[gte]"], params["effective_at[lte]"]
+        match = sorted((e for e in self.events if e["_tenant"] == tenant and e["_seen_at"] <= self.now
+                        and gte <= e["effective_at"] <= lte), key=lambda e: (-e["effective_at"], e["id"]))
+        if "after" in params:
+            match = match[[e["id"] for e in match].index(params["after"]) + 1:]
+        page = [{k: v for k, v in e.items() if not k.startswith("_")} for e in match[:params["limit"]]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(match) > len(page)}
+
+    def add(self, after: int, spec) -> None:
+        """Events of one draw between `after` (exclusive) and `self.now`: one, a burst in one
+        second, or a burst spread over a minute."""
+        position, kind, count, tenant, delay, bad = spec
+        if self.now <= after:
+            return
+        # a position >= 0 is anywhere in the step; one < 0 is that many seconds before now + 1
+        t0 = after + 1 + position % (self.now - after) if position >= 0 else max(after + 1, self.now + 1 + position)
+        for i in range(1 if kind == "one" else count):
+            t = min(self.now, t0 + (i * 37 % 60 if kind == "minute" else 0))
+            n = len(self.events)
+            ev = {"id": f"audit_log-{'t' if tenant else 'o'}{n}", "object": "organization.audit_log",
+                  "type": "a..b" if bad else "login.succeeded", "effective_at": t,
+                  "_tenant": tenant, "_seen_at": t + (delay * (i + 1)) % (LATE + 1), "_bad": bad}
+            self.events.append(ev)
+
+
+class AuditOut:
+    """Records (id, effective_at, the clock when sent) of every line sent, duplicates included. A
+    batch sent but never acknowledged ("after") is sent again by the next process byte for byte:
+    that replay is the outbox's at-least-once, counted once here; anything else twice is a bug."""
+
+    def __init__(self, api: AuditApi):
+        self.api = api
+        self.lines: list[tuple[str, int, int]] = []
+        self.unacked: list[bytes] = []
+        self.fail: str | None = None  # "before": nothing written; "after": written, never acked
+        self.fail_at = 1  # the n-th batch of the poll fails
+        self.sends = 0
+
+    def send(self, stream, payload, events, on_ack):
+        self.sends += 1
+        mode = self.fail if self.sends >= self.fail_at else None
+        if mode:
+            self.fail = None
+        if mode == "before":
+            raise OutputError("injected: output down")
+        if payload in self.unacked:
+            self.unacked.remove(payload)  # the replay of a batch written before the crash
+        else:
+            for line in payload.splitlines():
+                doc = json.loads(line)
+                from datetime import datetime
+
+                t = int(datetime.fromisoformat(doc["@timestamp"].replace("Z", "+00:00")).timestamp())
+                self.lines.append((doc["_id"], t, self.api.now))
+        if mode == "after":
+            self.unacked.append(payload)
+            raise OutputError("injected: crash before the ack")
+        on_ack()
+
+    def close(self):
+        pass
+
+
+audit_event_draw = st.tuples(
+    st.one_of(st.integers(0, 10**6),  # where: anywhere between the last step and now,
+              st.integers(-OVERLAP_EDGE, -1), st.sampled_from([-300, -299, -298, -1])),  # or close to now
+    st.sampled_from(["one", "one", "second", "minute"]),  # one event, a burst in a second, or in a minute
+    st.integers(2, 30),  # a burst's size
+    st.booleans(),  # tenant-scoped
+    st.one_of(st.integers(0, LATE), st.just(LATE)),  # how late it is recorded
+    st.integers(0, 9).map(lambda n: n == 0),  # one in ten does not match the API reference
+)
+audit_step = st.tuples(
+    st.one_of(st.integers(0, 120), st.integers(120, HOUR), st.integers(HOUR, 8 * HOUR)),  # seconds to advance
+    st.lists(audit_event_draw, max_size=3),
+    st.sampled_from(["poll", "poll", "poll", "api_error", "crash_api", "crash_before", "crash_after",
+                     "refuse_tenant", "allow_tenant", "refuse_org", "allow_org", "restart"]),
+    st.integers(1, 12),  # which request (or batch) of the poll fails
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(audit_step, min_size=1, max_size=14), history=st.lists(audit_event_draw, max_size=4),
+       batch_size=st.integers(1, 5), max_slice=st.integers(8, 16))
+def test_audit_delivers_every_event_exactly_once(steps, history, batch_size, max_slice):
+    """For any sequence of polls, late events, bursts, API errors, refusals of either scope and
+    crashes (from the API or the output, at any request or batch), after a settle every good event
+    of both scopes was sent exactly once (duplicates counted, not folded), no bad one at all, and
+    none before the clock reached its effective_at."""
+    from unittest import mock
+
+    from agent_input import audit
+    from agent_input.audit import AuditCollector
+    from agent_input.config import config_from_dict
+
+    api = AuditApi()
+    for spec in history:
+        api.add(T0 - HOUR, spec)
+    out = AuditOut(api)
+    cfg = config_from_dict({"url": "http://127.0.0.1:1", "api_key": "sk-admin-test-0123456789abcdef",
+                            "data_streams": {"audit": {"batch_size": batch_size, "initial_interval": "3d"}}},
+                           env={})
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(audit, "MAX_SLICE_EVENTS", max_slice):
+        def start():
+            store = StateStore(tmp)
+            delivery = Delivery(store, out)
+            delivery.replay_pending()  # what Engine.run does first after a (re)start
+            return store, AuditCollector(cfg, cfg.stream("audit"), api, delivery, clock=lambda: api.now)
+
+        store, col = start()
+        for seconds, events, action, n in steps:
+            before, api.now = api.now, min(api.now + seconds, T0 + AUDIT_SPAN)
+            for spec in events:
+                api.add(before, spec)
+            api.calls, out.sends = 0, 0
+            if action == "restart":
+                store.close()
+                store, col = start()
+            elif action.startswith(("refuse_", "allow_")):
+                scope = "tenant" if action.endswith("tenant") else "organization"
+                (api.refuse.add if action.startswith("refuse") else api.refuse.discard)(scope)
+            elif action == "api_error":
+                api.fail_at = n
+            elif action == "crash_api":
+                api.crash_at = n
+            elif action.startswith("crash_"):
+                out.fail, out.fail_at = action.split("_")[1], n
+            try:
+                col.poll(api.now)
+            except (Crash, OutputError):
+                store.close()
+                store, col = start()  # the process died: the next one re-sends the outbox
+            except audit.ApiError:
+                pass  # the organization scope failed: reported by the engine, the next poll reads again
+            api.fail_at, api.crash_at, out.fail = None, None, None  # a fault belongs to its poll
+        # settle: every event recorded, refusals lifted and their back-off over, one clean poll
+        api.refuse.clear()
+        api.now += audit.FORBIDDEN_RETRY + LATE + 1
+        col.poll(api.now)
+        store.close()
+
+    sent = [eid for eid, _, _ in out.lines]
+    twice = sorted({eid for eid in sent if sent.count(eid) > 1})
+    assert not twice, f"sent more than once: {twice}"
+    want = {e["id"] for e in api.events if not e["_bad"]}
+    assert set(sent) == want, (f"never sent: {sorted(want - set(sent))}, "
+                               f"sent but bad: {sorted(set(sent) - want)}")
+    early = [(eid, t, now) for eid, t, now in out.lines if t > now]
+    assert not early, f"sent before its effective_at: {early}"
+    assert not out.unacked
