@@ -443,7 +443,8 @@ def _epoch(iso: str) -> float:
 
 
 @main.command()
-@click.option("--port", type=int, default=8089, show_default=True, help="Loopback port (0: any free port).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True,
+              help="Loopback port (0: any free port).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the synthetic organization.")
 @click.option("--org", type=click.Choice(["small", "large"]), default="small", show_default=True,
               help="Size of the simulated organization.")
@@ -459,6 +460,8 @@ def simulate(port, seed, org, latency_ms, now_text, cache_responses):
     Prints the base URL and the admin key to stderr. Tests drive it through /_sim/clock,
     /_sim/faults, /_sim/truth and /_sim/stats.
     """
+    import errno
+
     from .simulator import run_simulator
 
     now = _parse_now(now_text)
@@ -466,8 +469,12 @@ def simulate(port, seed, org, latency_ms, now_text, cache_responses):
 
     stop = threading.Event()
     _install_stop_handlers(stop)  # a signal only sets the event: it cannot land mid-start-up
-    run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now, cache_responses=cache_responses,
-                  stop=stop)
+    try:
+        run_simulator(port=port, seed=seed, org=org, latency_ms=latency_ms, now=now,
+                      cache_responses=cache_responses, stop=stop)
+    except OSError as exc:  # the port is taken (or below 1024 for a user): one line, not a traceback
+        _fail(f"cannot serve on 127.0.0.1:{port}: {exc.strerror or exc}"
+              + (" (pick another --port, or 0 for any free one)" if exc.errno == errno.EADDRINUSE else ""))
 
 
 @main.command()

@@ -1002,3 +1002,25 @@ def test_an_audit_rate_the_ids_cannot_number_is_refused_when_the_simulator_is_ma
     with pytest.raises(ValueError, match="audit_events_per_hour 17000 is more than the simulated audit ids"):
         Simulator(seed=1, org=replace(OrgSpec(), audit_events_per_hour=17000.0))
     Simulator(seed=1, org=replace(OrgSpec(), audit_events_per_hour=2500.0))
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_cli_simulate_on_a_taken_or_impossible_port_says_so_in_one_line(taken):
+    """A port in use (another simulator still running) or past 65535 was an OSError traceback."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1] if taken else 70000
+        result = CliRunner().invoke(main, ["simulate", "--port", str(port)])
+    assert result.exit_code == (1 if taken else 2), result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, OSError)
+    if taken:
+        assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in result.output
+    else:
+        assert "70000 is not in the range 0<=x<=65535" in result.output
