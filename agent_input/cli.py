@@ -133,6 +133,9 @@ def _open_output(kind: str, path: str | None, *, config=None, state_dir: str | N
         if path:
             return NdjsonFileOutput(path, rotate_bytes=rotate_bytes,
                                     rotate_keep=ROTATE_KEEP if rotate_keep is None else rotate_keep, stop=stop)
+        if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves it None
+            raise OutputError("stdout is closed: nothing can receive the events (give --output-path, "
+                              "or run it with stdout open)")
         return NdjsonOutput(sys.stdout.buffer)
     if kind == "elasticsearch":
         from .es_output import ElasticsearchOutput, check_cluster, make_client

@@ -72,6 +72,12 @@ class ProtocolWriter:
         any library can only end up in the logs, never in the supervisor's event stream."""
         import sys
 
+        if sys.stdout is None:  # started with stdout closed: fd 1 is no pipe of the supervisor's
+            os.dup2(2, 1)
+            sys.stdout = sys.stderr
+            writer = cls(os.open(os.devnull, os.O_WRONLY))
+            writer.closed.set()  # the run loop sees the reader gone: it stops, as documented
+            return writer
         try:
             sys.stdout.flush()
         except (OSError, ValueError):

@@ -454,3 +454,17 @@ def test_demo_reports_a_state_error_in_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     assert result.output.strip().splitlines()[-1] == ("openai-input: cannot write state file /tmp/x/state.sqlite3: "
                                                        "disk I/O error (is the disk full?)")
+
+
+def test_collect_started_with_stdout_closed_says_so_in_one_line(tmp_path):
+    """`collect >&-` without --output-path: sys.stdout is None, and the ndjson output was an
+    AttributeError traceback; now one line, exit 1, before any request."""
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config("http://127.0.0.1:9")))
+    proc = subprocess.run([sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+                           "--state-dir", str(tmp_path / "state")],
+                          stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("openai-input: stdout is closed: nothing can receive the events "
+                                                    "(give --output-path, or run it with stdout open)")

@@ -685,3 +685,16 @@ def test_after_a_stop_a_supervisor_still_reading_slowly_gets_the_whole_batch():
         reader.join(10)
         os.close(r)
     assert bytes(got) == data and not writer.closed.is_set()
+
+
+def test_run_started_with_stdout_closed_stops_cleanly_without_a_traceback(tmp_path):
+    """`openai-input run >&-`: Python leaves sys.stdout None, and take_stdout's flush of it was an
+    AttributeError traceback; now it is the documented "the reader closed stdout": exit 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "agent_input.cli", "run", "--state-dir", str(tmp_path / "s")],
+                          input=b'{"type": "stop"}\n', stderr=subprocess.PIPE, timeout=60,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert b"Traceback" not in proc.stderr and b"stdout was closed" in proc.stderr
