@@ -316,13 +316,17 @@ def demo(out_path, org, seed, log_level):
     from .state import StateError
 
     setup_logging(log_level, "text")
+    out = Path(out_path)
+    try:  # before the simulator starts: a path that cannot be written is one line, not a traceback
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"")
+    except OSError as exc:  # mkdir's FileExistsError: a file stands where a folder is needed
+        reason = "a file is in the way of its folder" if isinstance(exc, FileExistsError) else exc.strerror or exc
+        _fail(f"cannot write the demo's events to {out}: {reason}")
     key = "sk-admin-demo-" + secrets.token_hex(12)
     register_secret(key)
     sim = Simulator(seed=seed, org=org, now=time.time(), admin_key=key)
     url = sim.start()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(b"")
     click.echo(f"simulator: {url} ({org} organization, seed {seed})", err=True)
     try:
         with tempfile.TemporaryDirectory(prefix="openai-demo-state-") as state_dir:

@@ -456,6 +456,20 @@ def test_demo_reports_a_state_error_in_one_line(tmp_path, monkeypatch):
                                                        "disk I/O error (is the disk full?)")
 
 
+def test_demo_out_under_a_file_says_so_in_one_line(tmp_path):
+    """`demo --out` whose folder cannot be made (a file stands there; a read-only disk) was a
+    FileExistsError/OSError traceback, and the simulator had already started."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "demo.ndjson"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.strip().splitlines() == [f"openai-input: cannot write the demo's events to {out}: a file is in the way of its folder"]
+
+
 def test_collect_started_with_stdout_closed_says_so_in_one_line(tmp_path):
     """`collect >&-` without --output-path: sys.stdout is None, and the ndjson output was an
     AttributeError traceback; now one line, exit 1, before any request."""
