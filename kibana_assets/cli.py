@@ -88,6 +88,14 @@ def _options(f):
     return f
 
 
+def _finite(ctx, param, value: float) -> float:
+    """FloatRange lets `nan` through (no comparison with it is true): the rules would then hold
+    `WHERE tpm_utilization >= nan`, an unknown column, and fail at every run."""
+    if value != value:
+        raise click.BadParameter(f"{value!r} is not a number", param_hint="--headroom-threshold")
+    return value
+
+
 def _rule_options(f):
     opts = [
         click.option("--retention", "retention", default=E.DEFAULT_RETENTION_ALL, show_default=True,
@@ -98,7 +106,7 @@ def _rule_options(f):
         click.option("--ilm-policy", default=None,
                      help="Use this existing ILM policy instead of data stream lifecycle retention."),
         click.option("--headroom-threshold", type=click.FloatRange(0, 10), default=0.8, show_default=True,
-                     help="Utilization at which the headroom rules fire."),
+                     callback=_finite, help="Utilization at which the headroom rules fire."),
         click.option("--headroom-window", default="15m", show_default=True,
                      help="Usage look-back of the headroom rules (the limits look back --stale-after + 10m)."),
         click.option("--stale-after", default="1h", show_default=True,

@@ -1019,6 +1019,16 @@ def test_password_in_the_url_is_not_printed_when_the_answer_is_not_json():
     assert "GET http://***@es.test:9200/ answered with something that is not" in result.output
 
 
+@pytest.mark.parametrize("command", ["export", "install"])
+def test_a_headroom_threshold_that_is_not_a_number_is_refused(tmp_path, command):
+    """click's FloatRange(0, 10) let `nan` through: the rules said `WHERE tpm_utilization >= nan`."""
+    args = [str(tmp_path / "out")] if command == "export" else ["--es-url", ES, "--skip-kibana", "--dry-run"]
+    result = CliRunner().invoke(main, [command, *args, "--headroom-threshold", "nan"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --headroom-threshold: nan is not a number" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_manifest_and_rules_follow_the_options(tmp_path):
     out = tmp_path / "b"
     result = run("export", str(out), "--rules-disabled")
