@@ -391,16 +391,36 @@ def _node_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return n
 
 
+CONFIG_FILE_LIMIT = 10 * 1024 * 1024  # bytes: far past any config; /dev/zero or a wrong file is refused
+SECRET_FILE_LIMIT = 64 * 1024  # bytes: far past any key or password
+
+
+class FileTooLarge(ValueError):
+    """A file read with `read_text_file` holds more than its limit."""
+
+
+def read_text_file(path: str | os.PathLike, limit: int) -> str:
+    """A small text file's UTF-8 text, reading at most `limit` + 1 bytes: a read of the whole of
+    /dev/zero, or of a huge file named by mistake, would take every byte of memory (MemoryError).
+    Raises OSError, UnicodeDecodeError, or FileTooLarge."""
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"it is larger than {limit // 1024} KiB" if limit < 1024 * 1024
+                           else f"it is larger than {limit // (1024 * 1024)} MiB")
+    return data.decode("utf-8")
+
+
 def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Config:
     """Read and validate a YAML config file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_text_file(p, CONFIG_FILE_LIMIT)
     except FileNotFoundError:
         raise ConfigError("config", f"file {str(p)!r} does not exist") from None
     except IsADirectoryError:
         raise ConfigError("config", f"{str(p)!r} is a directory, not a config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, FileTooLarge) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError("config", f"cannot read {str(p)!r}: {reason}") from None
     try:
@@ -653,12 +673,13 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
         # The value is never echoed: a key pasted here instead of a path would land on stderr.
         p = Path(os.path.expanduser(path))
         try:
-            text = p.read_text(encoding="utf-8").lstrip("\ufeff").strip()  # a BOM from some editors
+            text = read_text_file(p, SECRET_FILE_LIMIT).lstrip("\ufeff").strip()  # a BOM from some editors
         except FileNotFoundError:
             errors.append(ConfigError("api_key_file", f"the file does not exist ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the path; UnicodeError: not UTF-8
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            reason = getattr(exc, "strerror", None) or (str(exc) if isinstance(exc, FileTooLarge)
+                                                         else type(exc).__name__)
             errors.append(ConfigError("api_key_file", f"cannot read the file: {reason} ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
         if not text:

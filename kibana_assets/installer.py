@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable
 
 import requests
 
-from agent_input.config import Secret, credential_problem, display_url, url_problem  # display_url: user:password@ -> ***@
+from agent_input.config import (  # display_url: user:password@ -> ***@
+    SECRET_FILE_LIMIT, FileTooLarge, Secret, credential_problem, display_url, read_text_file, url_problem)
 from agent_input.logs import redact, register_secret
 from agent_input.http_client import AuthorizationHeader
 
@@ -97,9 +98,13 @@ def _checked_api_key(key: str, source: str) -> str:
 
 def _read_secret(path: str, what: str) -> str:
     try:
-        value = Path(path).read_text(encoding="utf-8").strip()
+        value = read_text_file(path, SECRET_FILE_LIMIT).strip()
     except OSError as exc:
-        raise InstallerError(f"cannot read {what} file {path}: {exc.strerror}", code=2) from None
+        raise InstallerError(f"cannot read {what} file {path}: {exc.strerror or exc}", code=2) from None
+    except UnicodeDecodeError:  # the value is not shown: it may be the secret itself
+        raise InstallerError(f"cannot read {what} file {path}: it is not UTF-8 text", code=2) from None
+    except FileTooLarge as exc:
+        raise InstallerError(f"cannot read {what} file {path}: {exc}", code=2) from None
     if not value:
         raise InstallerError(f"{what} file {path} is empty", code=2)
     return value

@@ -426,6 +426,19 @@ def test_file_not_utf8(tmp_path):
     assert info.value.key == "config"
 
 
+def test_an_endless_or_huge_config_or_key_file_is_refused_not_read_into_memory(tmp_path):
+    """`--config /dev/zero` or `api_key_file: /dev/zero` (or a huge file named by mistake) read it
+    whole: every byte of memory, then a MemoryError traceback. A bounded read refuses them."""
+    with pytest.raises(ConfigError) as info:
+        load_config("/dev/zero", env=ENV)
+    assert info.value.key == "config" and "larger than 10 MiB" in info.value.message
+    p = tmp_path / "c.yml"
+    p.write_text("api_key_file: /dev/zero\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert info.value.key == "api_key_file" and "larger than 64 KiB" in info.value.message
+
+
 # ---- bounds and dead windows ------------------------------------------------------------------
 
 

@@ -398,6 +398,23 @@ def test_api_key_file_wins(stack, tmp_path):
     assert not any(c["service"] == "kb" for c in stack.calls)
 
 
+@pytest.mark.parametrize("content", [b"\xffkey\xfe", None])
+def test_a_secret_file_that_is_not_text_or_endless_is_one_line(stack, tmp_path, content):
+    """--api-key-file/--password-file not UTF-8 was a UnicodeDecodeError traceback, and /dev/zero a
+    MemoryError one after eating the memory; the bytes are never shown (they may be the secret)."""
+    path = "/dev/zero"
+    if content is not None:
+        (tmp_path / "key").write_bytes(content)
+        path = str(tmp_path / "key")
+    for option in (["--api-key-file", path], ["--username", "u", "--password-file", path]):
+        result = install(*option, "--skip-kibana", env={"ELASTIC_API_KEY": ""})
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        what = "API key" if option[0] == "--api-key-file" else "password"
+        reason = "it is not UTF-8 text" if content else "it is larger than 64 KiB"
+        assert result.output.strip() == f"openai-assets: cannot read {what} file {path}: {reason}"
+    assert not stack.calls
+
+
 def test_a_netrc_entry_never_replaces_or_adds_credentials(stack, tmp_path):
     """requests would put a matching ~/.netrc entry's basic auth in place of the ApiKey header, and
     add it where none was given: the installer sends only the credentials it was given."""
