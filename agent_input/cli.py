@@ -7,7 +7,49 @@ import click
 LOG_LEVEL = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class StdoutSafeGroup(click.Group):
+    """A command group whose output to a stdout that cannot take it (a full disk, `>/dev/full`, an
+    I/O error) is one line on stderr and exit 1, not an OSError traceback from click.echo (click
+    itself handles only EPIPE, a reader that went away)."""
+
+    def __init__(self, *args, prog: str = "openai-input", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prog = prog
+
+    def main(self, *args, **kwargs):
+        import os
+        import sys
+
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:
+            if not _raised_by_echo_to_stdout(exc):
+                raise  # not stdout's error: not ours to word
+            try:  # the unwritten bytes go nowhere, so that the exit's own flush cannot fail again
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+            print(f"{self.prog}: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
+            sys.exit(1)
+
+
+def _raised_by_echo_to_stdout(exc: BaseException) -> bool:
+    """Whether `exc` came out of click.echo writing to stdout (the only way these commands write it)."""
+    import sys
+
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "echo" and frame.f_globals.get("__name__") == "click.utils":
+            return frame.f_locals.get("file") is not sys.stderr
+        tb = tb.tb_next
+    return False
+
+
+@click.group(cls=StdoutSafeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="openai-elastic")
 def main() -> None:
     """Collect OpenAI organization usage, costs, rate limits and audit logs as ECS events."""

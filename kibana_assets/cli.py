@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from agent_input.cli import StdoutSafeGroup
 from agent_input.config import namespace_problem
 
 from . import elasticsearch as E
@@ -171,7 +172,7 @@ def _fail(exc: I.InstallerError) -> None:
     sys.exit(exc.code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=StdoutSafeGroup, prog="openai-assets", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="openai-elastic")
 def main() -> None:
     """Install openai-elastic's Elasticsearch and Kibana assets (8.18+ and 9.x)."""

@@ -482,3 +482,17 @@ def test_collect_started_with_stdout_closed_says_so_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == ("openai-input: stdout is closed: nothing can receive the events "
                                                     "(give --output-path, or run it with stdout open)")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("argv", [["agent_input.cli", "--help"], ["agent_input.cli", "--version"],
+                                  ["kibana_assets.cli", "validate"]])
+def test_a_full_stdout_is_one_line_not_a_traceback(argv):
+    """`openai-input --help > file-on-a-full-disk`: click.echo's OSError (ENOSPC) was a traceback;
+    click handles only EPIPE."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", *argv], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    prog = "openai-assets" if argv[0].startswith("kibana") else "openai-input"
+    assert proc.returncode == 1
+    assert proc.stderr == f"{prog}: cannot write to stdout: No space left on device\n"
