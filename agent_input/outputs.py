@@ -206,10 +206,17 @@ class NdjsonFileOutput:
     def _rotate(self) -> None:
         os.close(self._fd)
         self._fd = -1
-        for n in range(self.rotate_keep - 1, 0, -1):
-            older = self.rotated_path(n)
-            if older.exists():
-                os.replace(older, self.rotated_path(n + 1))  # replaces (drops) the oldest
+        # the rotated files there are, from one listing of the folder: a loop over 1..rotate_keep
+        # asking each name would hold the collector up for ever at `--rotate-keep 99999999999999`
+        prefix = self.path.name + "."
+        present = []
+        with os.scandir(self.path.parent) as entries:
+            for entry in entries:
+                suffix = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
+                if suffix.isascii() and suffix.isdigit() and suffix[0] != "0" and int(suffix) < self.rotate_keep:
+                    present.append(int(suffix))
+        for n in sorted(present, reverse=True):
+            os.replace(self.rotated_path(n), self.rotated_path(n + 1))  # replaces (drops) the oldest
         try:
             os.replace(self.path, self.rotated_path(1))
         except FileNotFoundError:

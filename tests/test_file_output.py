@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,25 @@ def test_bad_rotation_options_are_clear_errors(tmp_path):
         NdjsonFileOutput(tmp_path / "x", rotate_bytes=0)
     with pytest.raises(OutputError, match="rotate keep"):
         NdjsonFileOutput(tmp_path / "x", rotate_bytes=10, rotate_keep=0)
+
+
+def test_a_huge_rotate_keep_rotates_at_once(tmp_path):
+    """`--rotate-keep 99999999999999999999` looped over every number up to it at each rotation:
+    the collector hung on its first rotation. Only the files there are are shifted now."""
+    path = tmp_path / "events.ndjson"
+    (tmp_path / "events.ndjson.2").write_text('{"old": 2}\n')
+    (tmp_path / "events.ndjson.x").write_text("not a rotated file\n")
+    out = NdjsonFileOutput(path, rotate_bytes=100, rotate_keep=10**20)
+    started = time.monotonic()
+    for n in range(3):
+        out.send("s", _batch(n, 1), 1, lambda: None)
+    out.close()
+    assert time.monotonic() - started < 5
+    assert [d["n"] for d in _lines(path)] == [2]
+    assert [d["n"] for d in _lines(tmp_path / "events.ndjson.1")] == [1]
+    assert [d["n"] for d in _lines(tmp_path / "events.ndjson.2")] == [0]
+    assert _lines(tmp_path / "events.ndjson.4") == [{"old": 2}]  # shifted twice, kept
+    assert (tmp_path / "events.ndjson.x").read_text() == "not a rotated file\n"
 
 
 # -- the collector with a rotating file, killed at random points -------------------------------------
