@@ -135,6 +135,14 @@ def _parse_now(value: str | None) -> float | None:
     return now
 
 
+def _not_nan(ctx, param, value: float) -> float:
+    """FloatRange lets `nan` through (no comparison with it is true): as --ack-timeout it made the
+    stop spin for ever, deaf to SIGTERM, waiting for acks with a deadline never reached."""
+    if value != value:
+        raise click.BadParameter(f"{value!r} is not a number of seconds")
+    return value
+
+
 def _default_state_dir() -> str:
     import os
     from pathlib import Path
@@ -532,7 +540,7 @@ def simulate(port, seed, org, latency_ms, now_text, cache_responses):
                    "or ~/.local/state/openai-input]")
 @click.option("--ack-on-flush", is_flag=True,
               help="No supervisor acks (a plain pipe): a batch counts as delivered once written and flushed.")
-@click.option("--ack-timeout", type=float, default=10.0, show_default=True,
+@click.option("--ack-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True, callback=_not_nan,
               help="On stop, seconds to wait for the acks of batches already sent.")
 @click.option("--max-inflight", type=click.IntRange(min=1), default=32, show_default=True,
               help="Batches sent but not acked before the collectors wait (backpressure).")

@@ -698,3 +698,17 @@ def test_run_started_with_stdout_closed_stops_cleanly_without_a_traceback(tmp_pa
                           preexec_fn=lambda: os.close(1))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert b"Traceback" not in proc.stderr and b"stdout was closed" in proc.stderr
+
+
+@pytest.mark.parametrize("value, why", [("nan", "nan is not a number of seconds"),
+                                        ("-1", "-1.0 is not in the range x>=0")])
+def test_an_ack_timeout_that_is_no_time_is_refused_at_start(tmp_path, value, why):
+    """`--ack-timeout nan` was taken: at a stop with batches unacknowledged the process spun at full
+    CPU for ever, SIGTERM included (a deadline of NaN is never reached)."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--state-dir", str(tmp_path / "s"), "--ack-timeout", value])
+    assert result.exit_code == 2 and f"Invalid value for '--ack-timeout': {why}" in result.output
+    assert not (tmp_path / "s").exists()
