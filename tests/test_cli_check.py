@@ -135,7 +135,7 @@ def test_403_missing_usage_scope(tmp_path):
     result = run(tmp_path, only("completions", "rate_limits"))
     assert result.exit_code == 1
     assert "403: the key lacks the api.usage.read scope" in result.output
-    assert "projects    /v1/organization/projects: OK" in result.output
+    assert "projects     /v1/organization/projects: OK" in result.output
     assert "check FAILED" in result.stderr
 
 
