@@ -249,12 +249,16 @@ class PollingCollector:
 class ListingCollector(PollingCollector):
     """A collector of a listing endpoint (audit logs, rate limits): it also reads top-level vars
     from the whole `Config` and pages with the stream's `batch_size`. `app.EXTRA_COLLECTORS`
-    builds one as `Class(config, stream, client, delivery, **common)`."""
+    builds one as `Class(config, stream, client, delivery, client_factory=..., **common)`;
+    `client_factory` makes more clients like `client` for worker threads (a session is not shared
+    across threads); without one, a collector reads one thing at a time on `client`."""
 
-    def __init__(self, config, stream, client, delivery: Delivery, **common: Any):  # config: config.Config
+    def __init__(self, config, stream, client, delivery: Delivery, *,
+                 client_factory: Callable[[], Any] | None = None, **common: Any):  # config: config.Config
         super().__init__(stream, client, delivery, **common)
         self.config = config
         self.batch_size = stream.batch_size or 100
+        self.client_factory = client_factory
 
 
 class UsageCollector(PollingCollector):

@@ -116,8 +116,8 @@ class RateLimitsCollector(ListingCollector):
 
         One project after another would take a cycle of 5,000 projects twelve minutes at 150 ms a
         request, against a 5-minute interval; so the limits are read on up to LIMITS_WORKERS
-        threads, each with a client of its own made like the stream's (a session is not shared
-        across threads). A stop raises StoppedError (the cycle is not stored); the caller stops
+        threads, each with a client of its own from `client_factory` (without one: one project
+        after another on the stream's client). A stop raises StoppedError (the cycle is not stored); the caller stops
         taking results on a rejected key, and the projects not started yet are dropped."""
         def read(project: Mapping, client) -> tuple[Mapping, list[Mapping], ApiError | None, PollStats]:
             own = PollStats()
@@ -137,7 +137,7 @@ class RateLimitsCollector(ListingCollector):
                 stats.add(own)
                 yield project, rows, exc
 
-        if not isinstance(self.client, AdminApiClient) or len(projects) < 2:  # a test's stand-in: one at a time
+        if self.client_factory is None or len(projects) < 2:
             yield from results(read(p, self.client) for p in projects)
             return
         local = threading.local()
@@ -145,7 +145,7 @@ class RateLimitsCollector(ListingCollector):
         lock = threading.Lock()
 
         def start_worker() -> None:
-            local.client = AdminApiClient.from_config(self.config, stop=self.stop)
+            local.client = self.client_factory()
             with lock:
                 clients.append(local.client)
 

@@ -446,6 +446,10 @@ def test_build_gives_each_stream_its_own_client_and_the_clock_and_close_releases
     assert len({id(c.client) for c in collectors}) == len(collectors), "sessions are not shared across threads"
     names = collectors[0].names
     assert names is not None and names.client in collection.clients
+    # a listing collector can make clients of its own for worker threads (rate limits' projects)
+    worker = collectors[2].client_factory()
+    assert isinstance(worker, AdminApiClient) and worker is not collectors[2].client
+    worker.close()
     collection.close()
     output.close()
     assert collection.store in closed

@@ -77,7 +77,9 @@ def _collector(sim, state: Path, out: Path, **stream):
     store = StateStore(state)
     output = NdjsonFileOutput(out)
     client = AdminApiClient(sim.base_url, ADMIN_KEY, max_retries=1, backoff_base=0.001, backoff_cap=0.01)
-    col = RateLimitsCollector(cfg, cfg.stream("rate_limits"), client, Delivery(store, output), clock=sim.now)
+    col = RateLimitsCollector(cfg, cfg.stream("rate_limits"), client, Delivery(store, output), clock=sim.now,
+                              client_factory=lambda: AdminApiClient(sim.base_url, ADMIN_KEY, max_retries=1,
+                                                                    backoff_base=0.001, backoff_cap=0.01))
     return col, (output, store, client)
 
 
