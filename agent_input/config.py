@@ -16,6 +16,9 @@ import functools
 import os
 import re
 import reprlib
+import select
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -399,12 +402,61 @@ class FileTooLarge(ValueError):
     """A file read with `read_text_file` holds more than its limit."""
 
 
+FIFO_WAIT_SECONDS = 10.0  # for a named pipe's writer (a secrets helper, process substitution)
+
+
+class PipeNotWritten(ValueError):
+    """A FIFO read with `read_text_file` had nothing written to it within `FIFO_WAIT_SECONDS`."""
+
+
+def _read_fifo(path: str | os.PathLike, size: int) -> bytes:
+    """Up to `size` bytes from a FIFO, until its writer closes it. Opened non-blocking, so a pipe
+    with no writer yet reads as end-of-file: that only counts once a writer has written."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        chunks: list[bytes] = []
+        got = 0
+        deadline = time.monotonic() + FIFO_WAIT_SECONDS
+        while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if got:
+                    break  # a writer that stalls mid-way: keep what it wrote, its end is not coming
+                raise PipeNotWritten(f"nothing was written to the pipe in {FIFO_WAIT_SECONDS:g} s")
+            ready, _, _ = select.select([fd], [], [], min(left, 0.1))
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, size - got)
+            except BlockingIOError:
+                continue
+            if chunk:
+                chunks.append(chunk)
+                got += len(chunk)
+            elif got:
+                break  # the writer closed its end
+            else:
+                time.sleep(0.05)  # no writer yet (a FIFO without one polls readable at its end)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_text_file(path: str | os.PathLike, limit: int) -> str:
     """A small text file's UTF-8 text, reading at most `limit` + 1 bytes: a read of the whole of
     /dev/zero, or of a huge file named by mistake, would take every byte of memory (MemoryError).
-    Raises OSError, UnicodeDecodeError, or FileTooLarge."""
-    with open(path, "rb") as fh:
-        data = fh.read(limit + 1)
+    A named pipe is read with a bounded wait (`FIFO_WAIT_SECONDS`): a plain open() of a FIFO that
+    no process writes to blocks for ever, before the first log line. Raises OSError,
+    UnicodeDecodeError, or FileTooLarge (a ValueError, as is "nothing was written to the pipe")."""
+    try:
+        is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        is_fifo = False  # open() below reports what is wrong with the path
+    if is_fifo:
+        data = _read_fifo(path, limit + 1)
+    else:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
     if len(data) > limit:
         raise FileTooLarge(f"it is larger than {limit // 1024} KiB" if limit < 1024 * 1024
                            else f"it is larger than {limit // (1024 * 1024)} MiB")
@@ -420,7 +472,7 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) ->
         raise ConfigError("config", f"file {str(p)!r} does not exist") from None
     except IsADirectoryError:
         raise ConfigError("config", f"{str(p)!r} is a directory, not a config file") from None
-    except (OSError, UnicodeDecodeError, FileTooLarge) as exc:
+    except (OSError, UnicodeDecodeError, FileTooLarge, PipeNotWritten) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError("config", f"cannot read {str(p)!r}: {reason}") from None
     try:
@@ -678,8 +730,8 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
             errors.append(ConfigError("api_key_file", f"the file does not exist ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the path; UnicodeError: not UTF-8
-            reason = getattr(exc, "strerror", None) or (str(exc) if isinstance(exc, FileTooLarge)
-                                                         else type(exc).__name__)
+            readable = isinstance(exc, (FileTooLarge, PipeNotWritten))  # says nothing of the key itself
+            reason = getattr(exc, "strerror", None) or (str(exc) if readable else type(exc).__name__)
             errors.append(ConfigError("api_key_file", f"cannot read the file: {reason} ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
         if not text:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import requests
 
 from agent_input.config import (  # display_url: user:password@ -> ***@
-    SECRET_FILE_LIMIT, FileTooLarge, Secret, credential_problem, display_url, read_text_file, url_problem)
+    SECRET_FILE_LIMIT, FileTooLarge, PipeNotWritten, Secret, credential_problem, display_url, read_text_file, url_problem)
 from agent_input.logs import redact, register_secret
 from agent_input.http_client import AuthorizationHeader
 
@@ -103,7 +103,7 @@ def _read_secret(path: str, what: str) -> str:
         raise InstallerError(f"cannot read {what} file {path}: {exc.strerror or exc}", code=2) from None
     except UnicodeDecodeError:  # the value is not shown: it may be the secret itself
         raise InstallerError(f"cannot read {what} file {path}: it is not UTF-8 text", code=2) from None
-    except FileTooLarge as exc:
+    except (FileTooLarge, PipeNotWritten) as exc:
         raise InstallerError(f"cannot read {what} file {path}: {exc}", code=2) from None
     if not value:
         raise InstallerError(f"{what} file {path} is empty", code=2)

@@ -439,6 +439,41 @@ def test_an_endless_or_huge_config_or_key_file_is_refused_not_read_into_memory(t
     assert info.value.key == "api_key_file" and "larger than 64 KiB" in info.value.message
 
 
+def test_a_key_file_that_is_a_fifo_nobody_writes_is_refused_not_waited_on_for_ever(tmp_path, monkeypatch):
+    """`api_key_file` naming a named pipe (FIFO) that no process writes to: open() blocked for ever,
+    so `collect` and `run` hung silently before their first log line. It is given a bounded wait."""
+    import agent_input.config as config_module
+    monkeypatch.setattr(config_module, "FIFO_WAIT_SECONDS", 0.3)
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    p = tmp_path / "c.yml"
+    p.write_text(f"api_key_file: {fifo}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert info.value.key == "api_key_file"
+    assert "nothing was written to the pipe" in info.value.message
+
+
+def test_a_key_file_that_is_a_fifo_with_a_writer_is_read(tmp_path):
+    """Process substitution (`api_key_file: /dev/fd/63`) and named pipes fed by a secrets helper
+    still work: the writer's bytes are read up to its end."""
+    import threading
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "w") as fh:
+            fh.write("sk-admin-from-a-pipe\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    p = tmp_path / "c.yml"
+    p.write_text(f"api_key_file: {fifo}\n")
+    cfg = load_config(p, env={})
+    writer.join(5)
+    assert cfg.api_key.reveal() == "sk-admin-from-a-pipe"
+
+
 # ---- bounds and dead windows ------------------------------------------------------------------
 
 

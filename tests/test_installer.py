@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import email.parser
 import json
+import os
 import re
 from urllib.parse import parse_qs, urlparse
 
@@ -412,6 +413,19 @@ def test_a_secret_file_that_is_not_text_or_endless_is_one_line(stack, tmp_path, 
         what = "API key" if option[0] == "--api-key-file" else "password"
         reason = "it is not UTF-8 text" if content else "it is larger than 64 KiB"
         assert result.output.strip() == f"openai-assets: cannot read {what} file {path}: {reason}"
+    assert not stack.calls
+
+
+def test_a_secret_file_that_is_a_fifo_nobody_writes_is_one_line_not_a_hang(stack, tmp_path, monkeypatch):
+    """--api-key-file naming a named pipe with no writer blocked in open() for ever."""
+    import agent_input.config as config_module
+    monkeypatch.setattr(config_module, "FIFO_WAIT_SECONDS", 0.2)
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    result = install("--api-key-file", str(fifo), "--skip-kibana", env={"ELASTIC_API_KEY": ""})
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip() == (f"openai-assets: cannot read API key file {fifo}: "
+                                     "nothing was written to the pipe in 0.2 s")
     assert not stack.calls
 
 
