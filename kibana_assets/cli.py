@@ -27,9 +27,12 @@ def _minutes(text: str, name: str) -> int:
     return n * {"m": 1, "h": 60, "d": 1440}[unit]
 
 
-def _retention(value: str) -> str:
+def _retention(param: click.Parameter, value: str) -> str:
+    name = param.opts[0]
     if not re.match(r"^\d+(d|h)$", value):
-        raise click.BadParameter(f"{value!r} is not a retention like 90d", param_hint="--retention")
+        raise click.BadParameter(f"{value!r} is not a retention like 90d", param_hint=name)
+    if int(value[:-1]) == 0:  # data stream lifecycle could delete each document as it lands
+        raise click.BadParameter(f"{value!r} must be longer than 0", param_hint=name)
     return value
 
 
@@ -100,10 +103,10 @@ def _finite(ctx, param, value: float) -> float:
 def _rule_options(f):
     opts = [
         click.option("--retention", "retention", default=E.DEFAULT_RETENTION_ALL, show_default=True,
-                     callback=lambda c, p, v: _retention(v),
+                     callback=lambda c, p, v: _retention(p, v),
                      help="Data stream lifecycle retention for every dataset but rate_limits."),
         click.option("--rate-limits-retention", default=E.DEFAULT_RETENTION["rate_limits"], show_default=True,
-                     callback=lambda c, p, v: _retention(v), help="Retention for openai.rate_limits."),
+                     callback=lambda c, p, v: _retention(p, v), help="Retention for openai.rate_limits."),
         click.option("--ilm-policy", default=None,
                      help="Use this existing ILM policy instead of data stream lifecycle retention."),
         click.option("--headroom-threshold", type=click.FloatRange(0, 10), default=0.8, show_default=True,

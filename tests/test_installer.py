@@ -869,6 +869,17 @@ def test_a_retention_with_trailing_text_is_refused():
     assert r.exit_code == 2 and "is not a retention like 90d" in r.output
 
 
+@pytest.mark.parametrize("option", ["--retention", "--rate-limits-retention"])
+@pytest.mark.parametrize("value", ["0d", "0h", "000d"])
+def test_a_zero_retention_is_refused_naming_the_option(stack, option, value):
+    """`--retention 0d` was installed: data stream lifecycle may then delete every document as
+    soon as it lands, emptying the dashboards. Nothing is sent."""
+    r = run("install", "--es-url", ES, "--kibana-url", KB, option, value)
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for {option}: '{value}' must be longer than 0" in r.output
+    assert not stack.calls
+
+
 def test_tls_options_reach_every_request(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked by the fake\n")
