@@ -35,6 +35,9 @@ def test_quick_run_produces_every_figure(capsys):
     assert min(row["before_first_s"], row["api_span_s"], row["after_last_s"]) > 0 and not math.isnan(row["span_ratio"])
     assert abs(parts - row["wall_s"]) < 0.05 * row["wall_s"] + 0.01
     assert "where the wall time went" in printed
+    # measured as an installed collector starts: from bytecode, not compiling its modules each run
+    assert report["bytecode"].startswith("collector bytecode compiled") and report["bytecode"] in printed
+    assert (ROOT / "agent_input" / "__pycache__").is_dir()
     assert row["peak_rss_mb"] < 200, "the benchmark's own RSS was counted as the collector's"
     assert report["steady"]["requests_per_poll"] > 0
     paths = report["paths"]
