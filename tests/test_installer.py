@@ -7,6 +7,7 @@ import email.parser
 import json
 import os
 import re
+import uuid
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -25,13 +26,23 @@ PASSWORD = "hunter2-do-not-print"
 
 
 class FakeStack:
-    """Just enough of Elasticsearch and Kibana, with the documented request/response shapes."""
+    """Just enough of Elasticsearch and Kibana, with the documented request/response shapes.
+
+    Kibana spaces as Kibana 8.x has them: data views, dashboards and rules are `multiple-isolated`
+    (or `multiple`) saved-object types, so an id is unique across *all* spaces. The stores are
+    keyed by id alone and `self.space` says which space holds each object: a read, update or
+    delete through another space's `/s/<id>/` path does not see it (404), creating the id again
+    from another space is a 409 conflict, and `_import` gives the object a new random id
+    (`destinationId`), as Kibana's import does for an unresolvable conflict."""
 
     def __init__(self, es_version="9.1.3", kb_version="9.1.3"):
         self.es_version, self.kb_version = es_version, kb_version
         self.component, self.index, self.pipelines = {}, {}, {}
         self.data_streams: set[str] = set()  # index template names in use
         self.data_views, self.saved_objects, self.rules = {}, {}, {}
+        # ("index-pattern", id) / (type, id) / ("alert", id) -> the space that holds the object;
+        # objects a test puts in the stores directly are in the default space
+        self.space: dict[tuple[str, str], str] = {}
         self.calls: list[dict] = []
         self.missing_privileges: list[str] = []
         self.forbid: set[tuple[str, str]] = set()  # (method, path regex) answered with 403
@@ -63,6 +74,20 @@ class FakeStack:
     @staticmethod
     def _strip(path):
         return re.sub(r"^/s/[^/]+", "", path)
+
+    @staticmethod
+    def _space_of_path(path):
+        mm = re.match(r"^/s/([^/]+)/", path)
+        return mm.group(1) if mm else "default"
+
+    def in_space(self, key, space):
+        return self.space.get(key, "default") == space
+
+    def objects_in(self, space):
+        """{(kind, id)} of every object in `space`: index-pattern (data views), dashboard, alert."""
+        keys = ([("index-pattern", i) for i in self.data_views] + list(self.saved_objects)
+                + [("alert", i) for i in self.rules])
+        return {k for k in keys if self.in_space(k, space)}
 
     @staticmethod
     def _json(status, body, headers=None):
@@ -127,6 +152,7 @@ class FakeStack:
     def _kb(self, request):
         call = self._record("kb", request)
         m, path = call["method"], self._strip(call["path"])
+        space = self._space_of_path(call["path"])
         if m != "GET" and call["headers"].get("kbn-xsrf") != "true":
             return self._json(400, {"statusCode": 400, "error": "Bad Request", "message": "Request must contain a kbn-xsrf header."})
         if self._forbidden(m, path):
@@ -138,37 +164,42 @@ class FakeStack:
                                     "status": {"overall": {"level": "available"}}})
         if path.startswith("/api/data_views/data_view"):
             dv_id = path.rsplit("/", 1)[-1]
+            visible = dv_id in self.data_views and self.in_space(("index-pattern", dv_id), space)
             if m == "GET":
-                if dv_id not in self.data_views:
+                if not visible:
                     return self._json(404, {"statusCode": 404, "error": "Not Found", "message": f"{dv_id} not found"})
                 return self._json(200, {"data_view": self.data_views[dv_id]})
             if m == "POST" and path == "/api/data_views/data_view":
                 # create: `override` replaces a data view with the same *title* (documented); an
                 # existing id under another title is a conflict, as on Kibanas that do not overwrite by id
                 dv = body["data_view"]
-                same_title = [i for i, v in self.data_views.items() if v["title"] == dv["title"]]
+                same_title = [i for i, v in self.data_views.items()
+                              if v["title"] == dv["title"] and self.in_space(("index-pattern", i), space)]
                 if same_title and not body.get("override"):
                     return self._json(400, {"statusCode": 400, "message": f"Duplicate data view: {dv['title']}"})
                 for i in same_title:
                     del self.data_views[i]
-                if dv["id"] in self.data_views:
+                if dv["id"] in self.data_views:  # in this space or in any other
                     return self._json(409, {"statusCode": 409, "error": "Conflict",
                                             "message": f"Saved object [index-pattern/{dv['id']}] conflict"})
                 self.data_views[dv["id"]] = dict(dv, version="WzEsMV0=")
+                self.space[("index-pattern", dv["id"])] = space
                 return self._json(200, {"data_view": self.data_views[dv["id"]]})
             if m == "POST":  # update: only the given fields change
-                if dv_id not in self.data_views:
+                if not visible:
                     return self._json(404, {"statusCode": 404, "error": "Not Found", "message": f"{dv_id} not found"})
                 self.data_views[dv_id].update(body["data_view"])
                 return self._json(200, {"data_view": self.data_views[dv_id]})
             if m == "DELETE":
-                if self.data_views.pop(dv_id, None) is None:
+                if not visible:
                     return self._json(404, {"statusCode": 404, "message": "not found"})
+                del self.data_views[dv_id]
                 return 200, {}, ""
         if path == "/api/saved_objects/_export" and m == "POST":
             lines, missing = [], []
             for o in body["objects"]:
-                obj = self.saved_objects.get((o["type"], o["id"]))
+                key = (o["type"], o["id"])
+                obj = self.saved_objects.get(key) if self.in_space(key, space) else None
                 (lines.append(json.dumps(obj)) if obj else missing.append(o))
             if missing:
                 return self._json(400, {"statusCode": 400, "error": "Bad Request",
@@ -188,36 +219,49 @@ class FakeStack:
             for line in part.get_payload(decode=True).decode().splitlines():
                 obj = json.loads(line)
                 key = (obj["type"], obj["id"])
-                if key in self.saved_objects and not overwrite:
+                result = {"id": obj["id"], "type": obj["type"]}
+                if key in self.saved_objects and not self.in_space(key, space):
+                    # Kibana's import (check_conflicts): the id exists in another space, an
+                    # unresolvable conflict, so the object is created under a new random id
+                    result["destinationId"] = str(uuid.uuid4())
+                    key = (obj["type"], result["destinationId"])
+                elif key in self.saved_objects and not overwrite:
                     return self._json(200, {"success": False, "successCount": 0,
                                             "errors": [{"id": obj["id"], "type": obj["type"], "error": {"type": "conflict"}}]})
                 migrated = copy.deepcopy(obj)
+                migrated["id"] = key[1]
                 migrated["migrationVersion"] = {"dashboard": "10.0.0"}  # Kibana rewrites on import
                 self.saved_objects[key] = migrated
-                ok.append({"id": obj["id"], "type": obj["type"]})
+                self.space[key] = space
+                ok.append(result)
             return self._json(200, {"success": True, "successCount": len(ok), "successResults": ok})
         mm = re.fullmatch(r"/api/saved_objects/(\w+)/(.+)", path)
         if mm and m == "DELETE":
-            if self.saved_objects.pop((mm.group(1), mm.group(2)), None) is None:
+            key = (mm.group(1), mm.group(2))
+            if key not in self.saved_objects or not self.in_space(key, space):
                 return self._json(404, {"statusCode": 404, "message": "Saved object not found"})
+            del self.saved_objects[key]
             return self._json(200, {})
         mm = re.fullmatch(r"/api/alerting/rule/([^/]+)", path)
         if mm:
             rid = mm.group(1)
+            visible = rid in self.rules and self.in_space(("alert", rid), space)
             if m == "GET":
-                if rid not in self.rules:
+                if not visible:
                     return self._json(404, {"statusCode": 404, "message": f"Saved object [alert/{rid}] not found"})
                 return self._json(200, self.rules[rid])
             if m == "POST":
-                if rid in self.rules:
-                    return self._json(409, {"statusCode": 409, "message": "conflict"})
+                if rid in self.rules:  # in this space or in any other: rule ids are unique across spaces
+                    return self._json(409, {"statusCode": 409, "error": "Conflict",
+                                            "message": f"Saved object [alert/{rid}] conflict"})
                 for required in ("name", "rule_type_id", "consumer", "schedule", "params"):
                     assert required in body, required
                 self.rules[rid] = {**body, "id": rid, "mute_all": False, "execution_status": {"status": "pending"},
                                    "actions": [dict(a, connector_type_id=".email") for a in body.get("actions", [])]}
+                self.space[("alert", rid)] = space
                 return self._json(200, self.rules[rid])
             if m == "PUT":
-                if rid not in self.rules:
+                if not visible:
                     return self._json(404, {"statusCode": 404})
                 for forbidden in ("rule_type_id", "consumer", "enabled"):
                     if forbidden in body:
@@ -229,8 +273,9 @@ class FakeStack:
                 self.rules[rid]["actions"] = [dict(a, connector_type_id=".email") for a in body["actions"]]
                 return self._json(200, self.rules[rid])
             if m == "DELETE":
-                if self.rules.pop(rid, None) is None:
+                if not visible:
                     return self._json(404, {"statusCode": 404})
+                del self.rules[rid]
                 return 204, {}, ""
         return self._json(400, {"statusCode": 400, "message": f"unexpected {m} {path}"})
 
