@@ -238,12 +238,14 @@ def uninstall(delete_data: bool, **kw) -> None:
                    "rules for 8.19 and 9.1+ (one alert per project and model).")
 @click.option("--namespace", default="default", show_default=True, callback=_namespace,
               help="Namespace the router sends documents to when they carry none.")
+@click.option("--space", default=None, callback=_space,
+              help="Kibana space id the Kibana files are for: that space's ids and /s/<id>/ paths, as install uses.")
 @_rule_options
-def export(directory: str, kibana_version: str | None, **kw) -> None:
+def export(directory: str, kibana_version: str | None, space: str | None, **kw) -> None:
     """Write the bundle as files for air-gapped clusters (JSON + importable NDJSON + rules)."""
     options = _build_options(kw)
     try:
-        paths = I.export(directory, options, kibana_version)
+        paths = I.export(directory, options, kibana_version, space)
     except OSError as exc:
         _fail(I.InstallerError(f"cannot write the bundle to {directory}: {exc.strerror or exc}"))
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -196,11 +197,13 @@ class Target:
     def es(self, method: str, path: str, **kw) -> requests.Response:
         return self._request("Elasticsearch", self.es_url, method, path, **kw)
 
-    def kb(self, method: str, path: str, **kw) -> requests.Response:
+    def kb(self, method: str, path: str, space: str | None = None, **kw) -> requests.Response:
+        """A Kibana request in the target's space, or in `space`."""
         headers = dict(kw.pop("headers", {}) or {})
         if method != "GET":
             headers["kbn-xsrf"] = "true"
-        prefix = f"/s/{self.space}" if self.space and self.space != "default" else ""
+        space = space or self.space
+        prefix = f"/s/{space}" if space and space != "default" else ""
         return self._request("Kibana", self.kibana_url, method, prefix + path, headers=headers, **kw)
 
 
@@ -257,6 +260,18 @@ def _version_number(data: Any) -> str:
     if not isinstance(number, str) or not number[:1].isdigit():
         raise TypeError
     return number
+
+
+def _taken_elsewhere(kind: str, so_id: str, space: str) -> "InstallerError":
+    """The error for an id that another Kibana space holds (Kibana 8+: ids are unique across all
+    spaces). Our ids differ per space, so that space has objects that an openai-assets without
+    per-space ids installed there under the default space's ids."""
+    how = ("an openai-assets before per-space ids installed there with the default space's ids: run "
+           "`openai-assets install --space <that space>` once, which moves them to that space's ids, "
+           "then install here again" if space == K.DEFAULT_SPACE else
+           "another space holds an object with this space's id (shared or moved there?): delete it, or "
+           "remove it from that space, then install again")
+    return InstallerError(f"{kind} {so_id} exists in another Kibana space: {how}")
 
 
 def _check(resp: requests.Response, what: str, privilege: str, ok=(200, 201)) -> requests.Response:
@@ -353,6 +368,8 @@ class Installer:
         self.o = options or Options()
         self.dry_run = dry_run
         self.echo = echo or (lambda line: None)
+        # the Kibana space: each space has its own ids for our objects (kibana.object_id)
+        self.space = K.space_id(target.space)
         self.es_version: str | None = None
         self.kibana_version: str | None = None
         # asset path -> its body as read in this install or uninstall (None: absent): the foreign-asset
@@ -396,10 +413,10 @@ class Installer:
         for asset in E.es_assets(self.o.retention, self.o.namespace):
             steps.append((asset.label, lambda a=asset: self._put_es(a)))
         if self.o.with_kibana:
-            steps.append((f"data_view {K.DATA_VIEW_ID}", self._data_view))
-            for d in K.dashboards():
+            steps.append((f"data_view {K.data_view_id(self.space)}", self._data_view))
+            for d in K.dashboards(self.space):
                 steps.append((f"dashboard {d.id}", lambda d=d: self._dashboard(d)))
-            for r in K.rules(self.o.rules):
+            for r in K.rules(self.o.rules, self.space):
                 steps.append((f"rule {r.id} {r.name}", lambda r=r: self._rule(r)))
         return steps
 
@@ -476,12 +493,35 @@ class Installer:
         _check(self.t.es("PUT", asset.path, json=asset.body), f"write {asset.label}", priv)
         return status, detail
 
+    def _legacy_id(self, default_id: str, exists: Callable[[str], bool]) -> str | None:
+        """Outside the default space: the default space's id when this space holds an object under
+        it (an install by an openai-assets without per-space ids), to move to this space's id."""
+        if self.space == K.DEFAULT_SPACE:
+            return None
+        return default_id if exists(default_id) else None
+
+    def _found(self, path: str, what: str, priv: str) -> bool:
+        resp = self.t.kb("GET", path)
+        if resp.status_code == 404:
+            return False
+        _check(resp, what, priv)
+        return True
+
+    def _drop_legacy(self, path: str, what: str, priv: str) -> None:
+        resp = self.t.kb("DELETE", path)
+        if resp.status_code != 404:
+            _check(resp, what, priv, ok=(200, 204))
+
     def _data_view(self) -> tuple[str, str]:
         priv = KIBANA_PRIVILEGE["data_view"]
-        body = K.data_view()
-        resp = self.t.kb("GET", f"/api/data_views/data_view/{K.DATA_VIEW_ID}")
+        body = K.data_view(self.space)
+        dv_id = body["data_view"]["id"]
+        path = "/api/data_views/data_view/"
+        resp = self.t.kb("GET", path + dv_id)
+        legacy = None
         if resp.status_code == 404:
             status = "created"
+            legacy = self._legacy_id(K.DATA_VIEW_ID, lambda i: self._found(path + i, "read the data view", priv))
         else:
             _check(resp, "read the data view", priv)
             have = _json(resp, "a data view", pick=lambda d: dict(d.get("data_view") or {}))
@@ -489,27 +529,36 @@ class Installer:
             if all(have.get(k) == want[k] for k in K.DATA_VIEW_FIELDS):
                 return "unchanged", ""
             status = "updated"
+        detail = f"moved from {legacy}" if legacy else ""
         if self.dry_run:
-            return self._would(status), ""
+            return self._would(status), detail
         if status == "created":
-            _check(self.t.kb("POST", "/api/data_views/data_view", json=body), "write the data view", priv)
+            resp = self.t.kb("POST", "/api/data_views/data_view", json=body)
+            if resp.status_code == 409:
+                raise _taken_elsewhere("data view", dv_id, self.space)
+            _check(resp, "write the data view", priv)
+            if legacy:  # `override` has replaced it already unless its title was edited
+                self._drop_legacy(path + legacy, "delete the data view's earlier id", priv)
         else:
-            _check(self.t.kb("POST", f"/api/data_views/data_view/{K.DATA_VIEW_ID}", json=K.data_view_update()),
-                   "update the data view", priv)
-        return status, ""
+            _check(self.t.kb("POST", path + dv_id, json=K.data_view_update()), "update the data view", priv)
+        return status, detail
 
     def _dashboard(self, dashboard: K.Dashboard) -> tuple[str, str]:
         priv = KIBANA_PRIVILEGE["dashboard"]
         so = dashboard.saved_object()
         existing = self._export_saved_object("dashboard", dashboard.id)
+        legacy = None
         if existing is None:
             status = "created"
+            legacy = self._legacy_id(dashboard.default_id,
+                                     lambda i: self._export_saved_object("dashboard", i) is not None)
         elif K.fingerprint_of(existing) == K.fingerprint_of(so):
             return "unchanged", ""
         else:
             status = "updated"
+        detail = f"moved from {legacy}" if legacy else ""
         if self.dry_run:
-            return self._would(status), ""
+            return self._would(status), detail
         ndjson = K.to_ndjson([so])
         resp = self.t.kb("POST", "/api/saved_objects/_import", params={"overwrite": "true"},
                          files={"file": ("openai-elastic.ndjson", ndjson, "application/ndjson")})
@@ -519,7 +568,16 @@ class Installer:
             errors = "; ".join(f"{e.get('type')}/{e.get('id')}: {(e.get('error') or {}).get('type')}"
                                for e in result.get("errors") or [] if isinstance(e, dict))
             raise InstallerError(f"failed to import dashboard {dashboard.id}: {errors or 'unknown error'}")
-        return status, ""
+        for done in result.get("successResults") or []:
+            moved = done.get("destinationId") if isinstance(done, dict) else None
+            if moved and moved != dashboard.id:
+                # Kibana created it under a new random id: another space holds ours. A copy under
+                # an id no later run knows would be left behind at every install: remove it.
+                self._drop_legacy(f"/api/saved_objects/dashboard/{moved}", f"delete dashboard {moved}", priv)
+                raise _taken_elsewhere("dashboard", dashboard.id, self.space)
+        if legacy:
+            self._drop_legacy(f"/api/saved_objects/dashboard/{legacy}", f"delete dashboard {legacy}", priv)
+        return status, detail
 
     def _export_saved_object(self, so_type: str, so_id: str) -> dict | None:
         resp = self.t.kb("POST", "/api/saved_objects/_export",
@@ -544,11 +602,7 @@ class Installer:
         if rule.per_row and self.kibana_version and not K.supports_per_row_alerts(self.kibana_version):
             detail = "one alert for all rows: per-row alerts need Kibana 8.19 or 9.1+"
         if resp.status_code == 404:
-            if self.dry_run:
-                return "would create", detail
-            _check(self.t.kb("POST", path, json=rule.create_body(self.kibana_version, self.o.rules.enabled)),
-                   f"create rule {rule.name}", priv)
-            return "created", detail
+            return self._create_rule(rule, detail)
         _check(resp, f"read rule {rule.name}", priv)
         current = _json(resp, "a rule", pick=_rule_shape)
         want = rule.update_body(self.kibana_version, actions=_actions_for_update(current.get("actions") or []))
@@ -558,6 +612,32 @@ class Installer:
             return "would update", detail
         _check(self.t.kb("PUT", path, json=want), f"update rule {rule.name}", priv)
         return "updated", (detail + "; " if detail else "") + "actions kept"
+
+    def _create_rule(self, rule: K.Rule, detail: str) -> tuple[str, str]:
+        """Create `rule`; outside the default space, one under the default space's id here (an
+        earlier version's) is moved to this space's id with its actions and enabled state."""
+        priv = KIBANA_PRIVILEGE["rule"]
+        legacy: dict | None = None
+        if self.space != K.DEFAULT_SPACE:
+            resp = self.t.kb("GET", f"/api/alerting/rule/{rule.default_id}")
+            if resp.status_code != 404:
+                _check(resp, f"read rule {rule.name}", priv)
+                legacy = _json(resp, "a rule", pick=_rule_shape)
+        if legacy is not None:
+            detail = (detail + "; " if detail else "") + f"moved from {rule.default_id}, actions kept"
+        if self.dry_run:
+            return "would create", detail
+        body = rule.create_body(self.kibana_version, self.o.rules.enabled)
+        if legacy is not None:
+            body["actions"] = _actions_for_update(legacy.get("actions") or [])
+            body["enabled"] = bool(legacy.get("enabled", body["enabled"]))
+        resp = self.t.kb("POST", f"/api/alerting/rule/{rule.id}", json=body)
+        if resp.status_code == 409:
+            raise _taken_elsewhere("rule", rule.id, self.space)
+        _check(resp, f"create rule {rule.name}", priv)
+        if legacy is not None:
+            self._drop_legacy(f"/api/alerting/rule/{rule.default_id}", f"delete rule {rule.default_id}", priv)
+        return "created", detail
 
     # -- uninstall ---------------------------------------------------------------------------
     def uninstall(self, delete_data: bool = False) -> Report:
@@ -570,27 +650,66 @@ class Installer:
         except InstallerError as exc:
             report.error = exc
             return report
+        try:
+            elsewhere = self._installed_in_other_spaces() if self.o.with_kibana else []
+        except InstallerError as exc:
+            report.error = exc
+            return report
         steps: list[tuple[str, Callable[[], tuple[str, str]]]] = []
         if self.o.with_kibana:
-            for r in K.rules(self.o.rules):
-                steps.append((f"rule {r.id} {r.name}", lambda r=r: self._delete_kb(
-                    f"/api/alerting/rule/{r.id}", KIBANA_PRIVILEGE["rule"], f"delete rule {r.name}")))
-            for d in K.dashboards():
-                steps.append((f"dashboard {d.id}", lambda d=d: self._delete_kb(
-                    f"/api/saved_objects/dashboard/{d.id}", KIBANA_PRIVILEGE["dashboard"], f"delete dashboard {d.id}",
-                    exists=lambda: self._export_saved_object("dashboard", d.id) is not None)))
-            steps.append((f"data_view {K.DATA_VIEW_ID}", lambda: self._delete_kb(
-                f"/api/data_views/data_view/{K.DATA_VIEW_ID}", KIBANA_PRIVILEGE["data_view"], "delete the data view")))
+            # this space's ids only: the other spaces' objects have their own ids and stay
+            dv_id = K.data_view_id(self.space)
+            for r in K.rules(self.o.rules, self.space):
+                steps.append((f"rule {r.id} {r.name}", lambda r=r: self._delete_kb_both(
+                    "/api/alerting/rule/", r.id, r.default_id, KIBANA_PRIVILEGE["rule"], f"delete rule {r.name}")))
+            for d in K.dashboards(self.space):
+                steps.append((f"dashboard {d.id}", lambda d=d: self._delete_kb_both(
+                    "/api/saved_objects/dashboard/", d.id, d.default_id, KIBANA_PRIVILEGE["dashboard"],
+                    f"delete dashboard {d.id}",
+                    exists=lambda i: self._export_saved_object("dashboard", i) is not None)))
+            steps.append((f"data_view {dv_id}", lambda: self._delete_kb_both(
+                "/api/data_views/data_view/", dv_id, K.DATA_VIEW_ID, KIBANA_PRIVILEGE["data_view"],
+                "delete the data view")))
         assets = E.es_assets(self.o.retention, self.o.namespace)
+        stream_patterns = [E.ROUTER_PATTERN] + [f"logs-openai.{ds}-*" for ds in E.F.datasets()]
+        if elsewhere:
+            # the Elasticsearch assets (and data) serve every space's install: they stay
+            why = (f"Kibana space{'s' if len(elsewhere) > 1 else ''} {', '.join(elsewhere)} still "
+                   f"{'have' if len(elsewhere) > 1 else 'has'} openai-assets' dashboards: uninstall there too")
+            for label in [f"data_stream {p}" for p in stream_patterns if delete_data] + [a.label for a in assets]:
+                steps.append((label, lambda: ("kept", why)))
+            return self._run_steps(steps, report)
         kept: dict[str, str] = {}  # pipeline or component template name -> why it stays
         if delete_data:
-            for pattern in [E.ROUTER_PATTERN] + [f"logs-openai.{ds}-*" for ds in E.F.datasets()]:
+            for pattern in stream_patterns:
                 steps.append((f"data_stream {pattern}", lambda p=pattern: self._delete_data_streams(p)))
         for a in [a for a in assets if a.kind == "index_template"]:
             steps.append((a.label, lambda a=a: self._delete_index_template(a, kept)))
         for a in [a for a in assets if a.kind != "index_template"]:
             steps.append((a.label, lambda a=a: self._delete_es(a, kept.get(a.name))))
         return self._run_steps(steps, report)
+
+    def _installed_in_other_spaces(self) -> list[str]:
+        """The other Kibana spaces (of those the user can see) that hold our data view, under their
+        id or an earlier version's (the default space's): the Elasticsearch assets serve them too.
+        A space whose data view cannot be read (403) counts as using them. Without the Spaces
+        API's answer, none (the uninstall of before)."""
+        resp = self.t.kb("GET", "/api/spaces/space")
+        if resp.status_code != 200:
+            return []
+        ids = _json(resp, "a list of spaces", pick=lambda d: [str(sp["id"]) for sp in d])
+        out = []
+        for sp in ids:
+            if sp == self.space or not re.fullmatch(r"[a-z0-9_-]+", sp):
+                continue
+            for dv_id in dict.fromkeys([K.data_view_id(sp), K.DATA_VIEW_ID]):
+                found = self.t.kb("GET", f"/api/data_views/data_view/{dv_id}", space=sp)
+                if found.status_code in (200, 403):
+                    out.append(sp)
+                    break
+                if found.status_code != 404:
+                    _check(found, f"read the data view of space {sp}", KIBANA_PRIVILEGE["data_view"])
+        return out
 
     def _run_steps(self, steps: list[tuple[str, Callable[[], tuple[str, str]]]], report: "Report") -> "Report":
         """Run steps in order; the first failure stops, and the report says what was not done."""
@@ -603,6 +722,20 @@ class Installer:
                 return report
             report.add(label, status, detail, self.echo)
         return report
+
+    def _delete_kb_both(self, prefix: str, so_id: str, default_id: str, priv: str, what: str,
+                        exists: Callable[[str], bool] | None = None) -> tuple[str, str]:
+        """Delete `prefix + so_id`; outside the default space, also what an earlier version left in
+        this space under the default space's id (never another space's: paths are this space's)."""
+        status, detail = self._delete_kb(prefix + so_id, priv, what,
+                                          exists=(lambda: exists(so_id)) if exists else None)
+        if self.space == K.DEFAULT_SPACE or default_id == so_id:
+            return status, detail
+        old, _ = self._delete_kb(prefix + default_id, priv, what,
+                                 exists=(lambda: exists(default_id)) if exists else None)
+        if old in ("deleted", "would delete"):
+            return old, f"and {default_id}, from an earlier openai-assets"
+        return status, detail
 
     def _delete_kb(self, path: str, priv: str, what: str,
                    exists: Callable[[], bool] | None = None) -> tuple[str, str]:
@@ -747,10 +880,14 @@ def _rule_matches(current: dict, want: dict) -> bool:
 # Export
 
 
-def export(directory: str | Path, options: Options | None = None, kibana_version: str | None = None) -> list[Path]:
+def export(directory: str | Path, options: Options | None = None, kibana_version: str | None = None,
+           space: str | None = None) -> list[Path]:
     """Write the whole bundle as files; returns the paths written. `manifest.json` lists, in
-    install order, the request that applies each file."""
+    install order, the request that applies each file. `space`: the Kibana space the Kibana files
+    are for, with that space's ids (as install uses there) and `/s/<space>` paths."""
     options = options or Options()
+    space = K.space_id(space)
+    kb_prefix = "" if space == K.DEFAULT_SPACE else f"/s/{space}"
     root = Path(directory)
     written: list[Path] = []
     manifest: list[dict] = []
@@ -769,14 +906,15 @@ def export(directory: str | Path, options: Options | None = None, kibana_version
         write(rel, json.dumps(asset.body, indent=2, sort_keys=True) + "\n")
         manifest.append({"service": "elasticsearch", "method": "PUT", "path": asset.path, "file": rel})
     rel = "kibana/openai-elastic.ndjson"
-    write(rel, K.to_ndjson(K.saved_objects()))
-    manifest.append({"service": "kibana", "method": "POST", "path": "/api/saved_objects/_import?overwrite=true",
+    write(rel, K.to_ndjson(K.saved_objects(space)))
+    manifest.append({"service": "kibana", "method": "POST",
+                     "path": f"{kb_prefix}/api/saved_objects/_import?overwrite=true",
                      "file": rel, "multipart_field": "file", "headers": {"kbn-xsrf": "true"}})
-    for rule in K.rules(options.rules):
+    for rule in K.rules(options.rules, space):
         rel = f"kibana/rules/{rule.id}.json"
         body = rule.create_body(kibana_version, options.rules.enabled)
         write(rel, json.dumps(body, indent=2, sort_keys=True) + "\n")
-        manifest.append({"service": "kibana", "method": "POST", "path": f"/api/alerting/rule/{rule.id}",
+        manifest.append({"service": "kibana", "method": "POST", "path": f"{kb_prefix}/api/alerting/rule/{rule.id}",
                          "file": rel, "headers": {"kbn-xsrf": "true"}})
     write("manifest.json", json.dumps(manifest, indent=2) + "\n")
     return written

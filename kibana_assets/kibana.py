@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,49 @@ RULE_ID_LIMITS_STALE = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b03"
 RULE_ID_PROJECT_LIMITS_FAILING = "6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b04"
 
 HEADROOM_RULE_NAME = "[OpenAI] Rate limit headroom low"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ids per Kibana space
+#
+# Since Kibana 8.0 data views, dashboards and rules are `multiple-isolated` (or `multiple`)
+# saved-object types: an id is unique across *all* spaces. Creating one that another space holds
+# is a 409 conflict (data views, rules), and `_import` creates it under a new random id instead
+# (dashboards), so each install would add a copy. So each space gets its own ids: the default
+# space keeps the ids above (existing installs upgrade in place); another space's are derived from
+# the space id, the same on every run.
+
+DEFAULT_SPACE = "default"
+# uuid5 namespace of the rules' per-space ids (any fixed UUID; never change it: ids would move)
+_RULE_ID_NAMESPACE = uuid.UUID("6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b00")
+
+
+def space_id(space: str | None) -> str:
+    return space or DEFAULT_SPACE
+
+
+def object_id(base_id: str, space: str | None) -> str:
+    """A saved object's id in `space`: `<space>.<base id>` outside the default space. A space id
+    has no `.` (a-z, 0-9, `_`, `-`) and the default space's ids have none, so two (space, asset)
+    pairs never share an id."""
+    sp = space_id(space)
+    return base_id if sp == DEFAULT_SPACE else f"{sp}.{base_id}"
+
+
+def rule_id(base_id: str, space: str | None) -> str:
+    """A rule's id in `space`: outside the default space, a UUID v4-shaped id (older Kibanas take
+    only UUID v1/v4 as a caller-chosen rule id) made from uuid5(space, base id)."""
+    sp = space_id(space)
+    if sp == DEFAULT_SPACE:
+        return base_id
+    raw = bytearray(uuid.uuid5(_RULE_ID_NAMESPACE, f"{sp}/{base_id}").bytes)
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return str(uuid.UUID(bytes=bytes(raw)))
+
+
+def data_view_id(space: str | None = None) -> str:
+    return object_id(DATA_VIEW_ID, space)
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
@@ -54,12 +99,12 @@ def supports_per_row_alerts(kibana_version: str) -> bool:
 DATA_VIEW_FIELDS = ("title", "name", "timeFieldName")  # what we set, compare and put back
 
 
-def data_view() -> dict:
+def data_view(space: str | None = None) -> dict:
     """Body for POST /api/data_views/data_view (create; `override` replaces a data view with our
     title, or our name in newer Kibanas)."""
     return {
         "data_view": {
-            "id": DATA_VIEW_ID,
+            "id": data_view_id(space),
             "title": DATA_VIEW_TITLE,
             "name": DATA_VIEW_NAME,
             "timeFieldName": "@timestamp",
@@ -76,10 +121,10 @@ def data_view_update() -> dict:
     return {"data_view": {k: want[k] for k in DATA_VIEW_FIELDS}}
 
 
-def data_view_saved_object() -> dict:
+def data_view_saved_object(space: str | None = None) -> dict:
     """The same data view as an `index-pattern` saved object, for the exported NDJSON."""
     return {
-        "id": DATA_VIEW_ID,
+        "id": data_view_id(space),
         "type": "index-pattern",
         "attributes": {"title": DATA_VIEW_TITLE, "name": DATA_VIEW_NAME, "timeFieldName": "@timestamp"},
         "references": [],
@@ -183,11 +228,13 @@ def _panels_json(panels: list[Panel]) -> str:
 
 @dataclass(frozen=True)
 class Dashboard:
-    id: str
+    id: str  # in the space the dashboard was made for (`dashboards(space)`)
     title: str
     description: str
     panels: list[Panel] = field(default_factory=list)
     time_from: str = "now-24h"
+    space: str | None = None
+    default_id: str = ""  # its id in the default space (what earlier versions used in every space)
 
     def saved_object(self) -> dict:
         body = {
@@ -207,7 +254,8 @@ class Dashboard:
                     {"query": {"query": "", "language": "kuery"}, "filter": []})},
                 "version": 1,
             },
-            "references": [],
+            # a reference to one of our objects must name this space's id: space_references()
+            "references": space_references([], self.space),
             "coreMigrationVersion": "8.8.0",
             "typeMigrationVersion": "8.9.0",
         }
@@ -216,6 +264,14 @@ class Dashboard:
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
         body["attributes"]["description"] = f"{self.description} [{MANAGED_BY} {VERSION} #{digest}]"
         return body
+
+
+def space_references(references: list[dict], space: str | None) -> list[dict]:
+    """`references` (written with the default space's ids) with each reference to one of our saved
+    objects given `space`'s id: a dashboard in team-a must point at team-a's data view and
+    dashboards, never at the default space's (which that space cannot see)."""
+    ours = {DATA_VIEW_ID} | set(DASHBOARD_IDS)
+    return [dict(r, id=object_id(r["id"], space)) if r.get("id") in ours else dict(r) for r in references]
 
 
 def fingerprint_of(saved_object: dict) -> str | None:
@@ -249,7 +305,12 @@ def _org_panel() -> Panel:
                              "comparison and trends.")
 
 
-def dashboards() -> list[Dashboard]:
+DASHBOARD_IDS = ("openai-elastic-usage-overview", "openai-elastic-audit", "openai-elastic-costs",
+                 "openai-elastic-rate-limit-headroom")  # in the default space
+
+
+def dashboards(space: str | None = None) -> list[Dashboard]:
+    """The dashboards, with their ids in `space` (see object_id)."""
     u, c, a = Q.usage_panels(), Q.costs_panels(), Q.audit_panels()
     usage = Dashboard(
         "openai-elastic-usage-overview", "[OpenAI] Usage overview",
@@ -318,12 +379,14 @@ def dashboards() -> list[Dashboard]:
                   description="Projects whose rate limits could not be read; the reasons are in the "
                               "rate-limits-project-failure documents' error.message."),
         ], time_from="now-15m")
-    return [usage, audit, costs, headroom]
+    out = [usage, audit, costs, headroom]
+    assert tuple(d.id for d in out) == DASHBOARD_IDS
+    return [dataclasses.replace(d, id=object_id(d.id, space), space=space, default_id=d.id) for d in out]
 
 
-def saved_objects() -> list[dict]:
+def saved_objects(space: str | None = None) -> list[dict]:
     """Everything for the exported NDJSON: the data view first, then the dashboards."""
-    return [data_view_saved_object()] + [d.saved_object() for d in dashboards()]
+    return [data_view_saved_object(space)] + [d.saved_object() for d in dashboards(space)]
 
 
 def to_ndjson(objects: list[dict]) -> str:
@@ -380,6 +443,7 @@ class Rule:
     alert_delay: int
     per_row: bool  # wants one alert per row (project::model) where Kibana supports it
     description: str = ""
+    default_id: str = ""  # its id in the default space (what earlier versions used in every space)
 
     def params(self, kibana_version: str | None) -> dict:
         per_row = self.per_row and (kibana_version is None or supports_per_row_alerts(kibana_version))
@@ -414,10 +478,11 @@ class Rule:
         return body
 
 
-def rules(options: RuleOptions | None = None) -> list[Rule]:
+def rules(options: RuleOptions | None = None, space: str | None = None) -> list[Rule]:
+    """The rules, with their ids in `space` (see rule_id)."""
     o = options or RuleOptions()
     every = f"{RULE_INTERVAL_MINUTES}m"
-    return [
+    out = [
         Rule(RULE_ID_HEADROOM_TPM, HEADROOM_RULE_NAME,
              Q.headroom_rule("tpm", o.headroom_threshold, usage_minutes=o.headroom_window_minutes),
              o.limits_lookback_minutes, every, 3, per_row=True,
@@ -437,3 +502,4 @@ def rules(options: RuleOptions | None = None) -> list[Rule]:
              description="A project's limits could not be read for --stale-after while it keeps failing: "
                          "the headroom rules are about to lose its last known limits."),
     ]
+    return [dataclasses.replace(r, id=rule_id(r.id, space), default_id=r.id) for r in out]

@@ -162,6 +162,9 @@ class FakeStack:
         if m == "GET" and path == "/api/status":
             return self._json(200, {"name": "kb", "version": {"number": self.kb_version, "build_flavor": "default"},
                                     "status": {"overall": {"level": "available"}}})
+        if m == "GET" and path == "/api/spaces/space":  # the spaces the user may see
+            ids = ["default"] + sorted(set(self.space.values()) - {"default"})
+            return self._json(200, [{"id": i, "name": i.title(), "disabledFeatures": []} for i in ids])
         if path.startswith("/api/data_views/data_view"):
             dv_id = path.rsplit("/", 1)[-1]
             visible = dv_id in self.data_views and self.in_space(("index-pattern", dv_id), space)
@@ -402,6 +405,212 @@ def test_space_prefixes_every_kibana_path(stack):
     assert install("--space", "team-ai").exit_code == 0
     kb_paths = [c["path"] for c in stack.calls if c["service"] == "kb" and c["path"] != "/api/status"]
     assert kb_paths and all(p.startswith("/s/team-ai/api/") for p in kb_paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kibana spaces: ids are unique across all spaces, so each space gets its own
+
+
+def _kb_ids(space=None):
+    """{(kind, id)} install writes into `space`, as the fake Kibana keys them."""
+    return ({("index-pattern", K.data_view_id(space))} | {("dashboard", d.id) for d in K.dashboards(space)}
+            | {("alert", r.id) for r in K.rules(space=space)})
+
+
+def test_a_second_space_gets_its_own_objects_and_both_installs_work(stack):
+    assert install().exit_code == 0
+    result = install("--space", "team-a")
+    assert result.exit_code == 0, result.output
+    assert f"install complete: {N_ES} unchanged, {N_KB} created" in result.output
+    assert stack.objects_in("default") == _kb_ids() == _kb_ids("default")
+    assert stack.objects_in("team-a") == _kb_ids("team-a")
+    assert not _kb_ids() & _kb_ids("team-a")
+    # nothing else: no copy that Kibana imported under a random id
+    assert len(stack.saved_objects) == 2 * len(K.dashboards()) and len(stack.rules) == 2 * len(K.rules())
+    # the same dashboards, rules and data view in each space, under that space's ids
+    titles = lambda sp: sorted(stack.saved_objects[("dashboard", d.id)]["attributes"]["title"] for d in K.dashboards(sp))
+    assert titles(None) == titles("team-a")
+    assert {stack.rules[r.id]["name"] for r in K.rules(space="team-a")} == {r.name for r in K.rules()}
+    assert stack.data_views[K.data_view_id("team-a")]["title"] == K.DATA_VIEW_TITLE
+
+
+@pytest.mark.parametrize("first, second", [(None, "team-a"), ("team-a", None), ("team-a", "team-b")])
+def test_installs_in_two_spaces_in_either_order_are_idempotent(stack, first, second):
+    space = lambda sp: ("--space", sp) if sp else ()
+    for sp in (first, second):
+        result = install(*space(sp))
+        assert result.exit_code == 0, result.output
+    for sp in (first, second):
+        stack.calls.clear()
+        result = install(*space(sp))
+        assert result.exit_code == 0, result.output
+        assert f"install complete: {N_ES + N_KB} unchanged" in result.output
+        assert stack.writes() == []
+    assert stack.objects_in(first or "default") == _kb_ids(first)
+    assert stack.objects_in(second or "default") == _kb_ids(second)
+
+
+def test_uninstall_of_one_space_leaves_the_other_whole(stack):
+    assert install().exit_code == 0
+    assert install("--space", "team-a").exit_code == 0
+    stack.rules[K.rule_id(K.RULE_ID_HEADROOM_TPM, None)]["actions"] = [{"group": "query matched", "id": "c1", "params": {}}]
+    es_before = copy.deepcopy((stack.component, stack.index, stack.pipelines))
+    stack.calls.clear()
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--space", "team-a")
+    assert result.exit_code == 0, result.output
+    assert f"uninstall complete: {N_KB} deleted, {N_ES} kept" in result.output, result.output
+    assert "Kibana space default still has openai-assets' dashboards" in result.output
+    assert stack.objects_in("team-a") == set()
+    assert stack.objects_in("default") == _kb_ids()
+    # the Elasticsearch assets serve the default space's install: untouched
+    assert (stack.component, stack.index, stack.pipelines) == es_before
+    assert not [c for c in stack.writes() if c["service"] == "es"]
+    assert stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"][0]["id"] == "c1"
+    # the default space's install is intact: a reinstall there changes nothing
+    stack.calls.clear()
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert stack.writes() == [] and f"install complete: {N_ES + N_KB} unchanged" in result.output
+    # and the other way round
+    assert install("--space", "team-a").exit_code == 0
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--delete-data")
+    assert result.exit_code == 0, result.output
+    assert stack.objects_in("default") == set() and stack.objects_in("team-a") == _kb_ids("team-a")
+    assert re.search(r"kept\s+data_stream logs-openai-\*\s+\(Kibana space team-a still has", result.output)
+    assert stack.index and stack.pipelines  # kept for team-a
+    # the last space's uninstall removes them
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--space", "team-a")
+    assert result.exit_code == 0, result.output
+    assert stack.objects_in("team-a") == set() and stack.index == {} and stack.pipelines == {}
+
+
+@pytest.mark.parametrize("how", ["earlier version's ids", "unreadable"])
+def test_uninstall_keeps_the_elasticsearch_assets_another_space_may_use(stack, how):
+    assert install().exit_code == 0
+    if how == "unreadable":  # team-a's data view cannot be read: counted as an install there
+        assert install("--space", "team-a", "--skip-kibana").exit_code == 0
+        stack.space[("dashboard", "elsewhere")] = "team-a"
+        stack.forbid.add(("GET", r"/api/data_views/data_view/team-a\..*"))
+    else:  # team-a holds an earlier version's install, under the default space's ids
+        stack.space[("index-pattern", K.DATA_VIEW_ID)] = "team-a"
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 0, result.output
+    assert "Kibana space team-a still has" in result.output and stack.index and stack.pipelines
+
+
+def test_references_resolve_within_the_space(stack):
+    assert install().exit_code == 0
+    assert install("--space", "team-a").exit_code == 0
+    for sp in ("default", "team-a"):
+        have = stack.objects_in(sp)
+        for key in have:
+            if key[0] in ("index-pattern", "alert"):
+                continue
+            for ref in stack.saved_objects[key].get("references", []):
+                assert (ref["type"], ref["id"]) in have, (sp, key, ref)
+    # what install imports refers only to the same space's objects, whatever a future panel adds
+    for sp in (None, "team-a"):
+        ours = {i for _, i in _kb_ids(sp)}
+        for obj in K.saved_objects(sp):
+            assert obj["id"] in ours
+            assert all(ref["id"] in ours for ref in obj.get("references", [])), obj["id"]
+
+
+def test_space_ids_are_stable_unique_and_kibana_valid():
+    spaces = [None, "default", "team-a", "team-b", "a", "team_a", "a-team", "x" * 60]
+    sets = {sp: _kb_ids(sp) for sp in spaces}
+    assert sets[None] == sets["default"]
+    # the default space keeps the ids every earlier install used
+    assert {i for _, i in sets[None]} == ({K.DATA_VIEW_ID} | {d.id for d in K.dashboards()}
+                                          | {K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM,
+                                             K.RULE_ID_LIMITS_STALE, K.RULE_ID_PROJECT_LIMITS_FAILING})
+    every = [i for sp in spaces[1:] for _, i in sets[sp]]
+    assert len(every) == len(set(every))  # unique across spaces and assets
+    assert _kb_ids("team-a") == _kb_ids("team-a")  # stable
+    v4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+    for sp in spaces:
+        for kind, i in sets[sp]:
+            if kind == "alert":
+                assert v4.fullmatch(i), i  # a caller-chosen rule id is a UUID v4
+            else:
+                assert re.fullmatch(r"[a-z0-9_.-]+", i) and len(i) < 200, i
+
+
+def test_an_install_into_a_space_by_an_earlier_version_is_moved_to_the_space_ids(stack):
+    """Before per-space ids, an install into one non-default space used the default space's ids
+    there. Installing into that space again moves each object to the space's ids (the user's rule
+    actions and enabled state kept) instead of leaving a second copy of everything."""
+    legacy = {("index-pattern", K.DATA_VIEW_ID)} | {("dashboard", d.id) for d in K.dashboards()} | {
+        ("alert", r.id) for r in K.rules()}
+    assert install().exit_code == 0  # the earlier version's objects, moved to team-a
+    for key in legacy:
+        stack.space[key] = "team-a"
+    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}}]
+    stack.rules[K.RULE_ID_LIMITS_STALE]["enabled"] = False
+    # the default space cannot take those ids while team-a holds them: said, with what to do
+    result = install()
+    assert result.exit_code == 1, result.output
+    assert "install --space" in result.output and "another Kibana space" in result.output, result.output
+    assert len(stack.saved_objects) == len(K.dashboards())  # no stray copy left behind
+    result = install("--space", "team-a")
+    assert result.exit_code == 0, result.output
+    assert "moved from" in result.output
+    assert stack.objects_in("team-a") == _kb_ids("team-a")
+    tpm = stack.rules[K.rule_id(K.RULE_ID_HEADROOM_TPM, "team-a")]
+    assert [a["id"] for a in tpm["actions"]] == ["my-connector"]
+    assert "connector_type_id" in tpm["actions"][0]  # Kibana's own field, not sent back by us
+    assert stack.rules[K.rule_id(K.RULE_ID_LIMITS_STALE, "team-a")]["enabled"] is False
+    assert stack.rules[K.rule_id(K.RULE_ID_HEADROOM_RPM, "team-a")]["enabled"] is True
+    # now the default space installs, and both are idempotent
+    assert install().exit_code == 0
+    assert stack.objects_in("default") == _kb_ids()
+    for extra in ((), ("--space", "team-a")):
+        stack.calls.clear()
+        assert install(*extra).exit_code == 0 and stack.writes() == []
+
+
+def test_a_dashboard_kibana_imports_under_a_new_id_is_removed_and_an_error(stack):
+    """Kibana's import creates an object whose id another space holds under a new random id, and
+    says so with `destinationId`: left there, every install would add one more copy."""
+    assert install().exit_code == 0
+    costs = ("dashboard", "openai-elastic-costs")
+    stack.space[costs] = "team-a"
+    stack.calls.clear()
+    result = install()
+    assert result.exit_code == 1, result.output
+    assert "dashboard openai-elastic-costs exists in another Kibana space" in result.output
+    assert "install --space <that space>" in result.output
+    assert set(stack.saved_objects) == {("dashboard", d.id) for d in K.dashboards()}
+    assert [c["method"] for c in stack.writes()] == ["POST", "DELETE"]  # the import, then its copy
+
+
+def test_uninstall_of_a_space_also_removes_an_earlier_version_s_objects_there(stack):
+    assert install().exit_code == 0
+    for key in list(stack.objects_in("default")):
+        stack.space[key] = "team-a"
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--space", "team-a", "--skip-kibana")
+    assert result.exit_code == 0
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--space", "team-a")
+    assert result.exit_code == 0, result.output
+    assert stack.objects_in("team-a") == set(), result.output
+
+
+def test_export_for_a_space_matches_install(stack, tmp_path):
+    assert install("--space", "team-a").exit_code == 0
+    assert run("export", str(tmp_path), "--space", "team-a").exit_code == 0
+    objs = [json.loads(line) for line in (tmp_path / "kibana/openai-elastic.ndjson").read_text().splitlines()]
+    assert {(o["type"], o["id"]) for o in objs} | {("alert", r.id) for r in K.rules(space="team-a")} == _kb_ids("team-a")
+    for o in objs:
+        if o["type"] == "dashboard":
+            assert K.fingerprint_of(o) == K.fingerprint_of(stack.saved_objects[("dashboard", o["id"])])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    kb = [m for m in manifest if m["service"] == "kibana"]
+    assert kb and all(m["path"].startswith("/s/team-a/api/") for m in kb)
+    assert {m["path"].rsplit("/", 1)[1] for m in kb if "alerting" in m["path"]} == {r.id for r in K.rules(space="team-a")}
+    assert sorted(p.name for p in (tmp_path / "kibana/rules").iterdir()) == sorted(
+        f"{r.id}.json" for r in K.rules(space="team-a"))
+    # a `.` is refused as in install: it is what keeps `<space>.<id>` apart from every other id
+    assert run("export", str(tmp_path / "x"), "--space", "team.ai").exit_code == 2
 
 
 @pytest.mark.parametrize("space", ["Team AI", "Marketing", "team.ai", "ai/team"])
