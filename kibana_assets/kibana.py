@@ -6,11 +6,11 @@ into 9.x. Rules are `.es-query` rules with ES|QL (`searchType: esqlQuery`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import uuid
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
