@@ -142,29 +142,28 @@ def alerts(docs: Iterable[Mapping[str, Any]], unit: str = "tpm", threshold: floa
     )
 
 
-def limits_stale(docs: Iterable[Mapping[str, Any]], *, now: Any, stale_after_minutes: int) -> dict | None:
-    """The row the stale-limits rule returns for the documents in its time window, or None.
-
-    A row when a rate-limits collection ran in the window but none succeeded in the last
-    `stale_after_minutes`; no row when no collection ran at all (stream off, or never on)."""
-    last_success = last_collection = None
-    failed = 0
+def limits_stale(docs: Iterable[Mapping[str, Any]], *, now: Any, stale_after_minutes: int) -> list[dict]:
+    """The rows the stale-limits rule returns for the documents in its time window: one per
+    namespace (`data_stream.namespace`, one per collector) in which a rate-limits collection ran
+    but none succeeded in the last `stale_after_minutes`; none for a namespace without any
+    collection (stream off, or never on)."""
+    seen: dict[Any, dict] = {}
     for doc in docs:
         flat = flatten(doc)
         if flat.get("event.action") != "rate-limits-collection":
             continue
         ts = _time(flat["@timestamp"])
-        last_collection = ts if last_collection is None else max(last_collection, ts)
+        row = seen.setdefault(flat.get("data_stream.namespace"), {
+            "namespace": flat.get("data_stream.namespace"), "last_success": None,
+            "failed_collections": 0, "last_collection": None})
+        row["last_collection"] = ts if row["last_collection"] is None else max(row["last_collection"], ts)
         if flat.get("event.outcome") == "success":
-            last_success = ts if last_success is None else max(last_success, ts)
+            row["last_success"] = ts if row["last_success"] is None else max(row["last_success"], ts)
         elif flat.get("event.outcome") == "failure":
-            failed += 1
-    if last_collection is None:
-        return None
-    now_ts = _time(now).timestamp()
-    if last_success is not None and last_success.timestamp() >= now_ts - stale_after_minutes * 60:
-        return None
-    return {"last_success": last_success, "failed_collections": failed, "last_collection": last_collection}
+            row["failed_collections"] += 1
+    since = _time(now).timestamp() - stale_after_minutes * 60
+    return [row for _, row in sorted(seen.items(), key=lambda kv: str(kv[0]))
+            if row["last_success"] is None or row["last_success"].timestamp() < since]
 
 
 def projects_failing(docs: Iterable[Mapping[str, Any]], *, now: Any, stale_after_minutes: int) -> list[dict]:

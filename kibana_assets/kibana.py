@@ -493,9 +493,9 @@ def rules(options: RuleOptions | None = None, space: str | None = None) -> list[
              description=f"Peak 1-minute requests >= {o.headroom_threshold:.0%} of the RPM limit per project_id::model."),
         Rule(RULE_ID_LIMITS_STALE, "[OpenAI] Rate limits are stale",
              Q.limits_stale_rule(stale_after_minutes=o.stale_after_minutes),
-             o.stale_window_minutes, every, 1, per_row=False,
-             description="Rate limits were collected, but none successfully for --stale-after: the "
-                         "headroom rules are working with the last known limits."),
+             o.stale_window_minutes, every, 1, per_row=True,
+             description="Rate limits were collected in a namespace, but none successfully for "
+                         "--stale-after: the headroom rules are working with the last known limits."),
         Rule(RULE_ID_PROJECT_LIMITS_FAILING, "[OpenAI] Rate limits failing for a project",
              Q.project_limits_failing_rule(stale_after_minutes=o.stale_after_minutes),
              o.stale_window_minutes, every, 1, per_row=True,

@@ -214,20 +214,22 @@ DEFAULT_STALE_AFTER_MINUTES = 60
 
 def limits_stale_rule(sources: Sources = DEFAULT_SOURCES,
                       stale_after_minutes: int = DEFAULT_STALE_AFTER_MINUTES) -> str:
-    """Rule: the rate-limits collection ran within the rule's time window (the *stale horizon*,
-    24h by default) but none succeeded in the last `stale_after_minutes`.
+    """Rule: one row per namespace whose rate-limits collection ran within the rule's time window
+    (the *stale horizon*, 24h by default) but none succeeded in the last `stale_after_minutes`.
 
     The collector writes one status document per cycle (`event.action: rate-limits-collection`,
-    `event.outcome`). An ungrouped STATS over no rows still returns one row (all nulls), so the
-    final WHERE requires a collection in the window: a cluster that never had rate-limits data,
-    or a stream turned off longer than the horizon ago, returns no row instead of firing forever.
-    Failing from the first cycle (no success at all) fires; so does a collector that stopped
-    writing, until the horizon passes."""
+    `event.outcome`). Collectors of several OpenAI organizations are told apart by their namespace,
+    so the last STATS groups BY it, the alert id: an ungrouped one would let a collector that still
+    succeeds hide another one that stopped, whose projects the headroom rules then silently lose. Only namespaces with a collection in the window get a row (the final WHERE
+    keeps that explicit): a cluster that never had rate-limits data, or a stream turned off longer
+    than the horizon ago, returns no row instead of firing forever. Failing from the first cycle
+    (no success at all) fires; so does a collector that stopped writing, until the horizon passes."""
     return "\n".join([
         sources.from_clause(["rate_limits"]),
         "| WHERE event.action == \"rate-limits-collection\"",
         "| EVAL success_at = CASE(event.outcome == \"success\", @timestamp), failed = CASE(event.outcome == \"failure\", 1, 0)",
-        "| STATS last_success = MAX(success_at), failed_collections = SUM(failed), last_collection = MAX(@timestamp)",
+        "| STATS last_success = MAX(success_at), failed_collections = SUM(failed), last_collection = MAX(@timestamp)"
+        " BY namespace = data_stream.namespace",
         f"| WHERE last_collection IS NOT NULL AND (last_success IS NULL OR last_success < NOW() - {stale_after_minutes} minutes)",
         "| EVAL minutes_since_success = DATE_DIFF(\"minute\", last_success, NOW())",
     ])

@@ -443,7 +443,7 @@ def test_four_rules_with_fixed_ids():
     assert [r.id for r in rules] == [K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM, K.RULE_ID_LIMITS_STALE,
                                      K.RULE_ID_PROJECT_LIMITS_FAILING]
     stale = rules[2]
-    assert stale.window_minutes == 120 + 1440 and stale.params("9.1.0")["groupBy"] == "all"
+    assert stale.window_minutes == 120 + 1440 and stale.params("9.1.0")["groupBy"] == "row"
     assert "event.outcome == \"success\"" in stale.query and "last_success < NOW() - 120 minutes" in stale.query
     failing = rules[3]
     assert failing.window_minutes == 120 + 1440 and failing.params("9.1.0")["groupBy"] == "row"

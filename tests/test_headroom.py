@@ -33,8 +33,9 @@ def limit(ts, project, model, tpm=None, rpm=None, ipm=None):
     return {"@timestamp": ts, "data_stream": {"dataset": "openai.rate_limits"}, "openai": {"rate_limits": rl}}
 
 
-def status(ts, outcome="success"):
-    return {"@timestamp": ts, "data_stream": {"dataset": "openai.rate_limits"},
+def status(ts, outcome="success", namespace=None):
+    ds = {"dataset": "openai.rate_limits", **({"namespace": namespace} if namespace else {})}
+    return {"@timestamp": ts, "data_stream": ds,
             "event": {"kind": "event", "action": "rate-limits-collection", "outcome": outcome},
             "openai": {"rate_limits": {"collection": {"projects": 2, "limits": 5, "failed_projects": 0}}}}
 
@@ -233,7 +234,8 @@ def test_stale_rule_needs_a_collection_in_its_window():
     lines = Q.limits_stale_rule().splitlines()
     assert lines[1] == '| WHERE event.action == "rate-limits-collection"'
     stats = next(line for line in lines if line.startswith("| STATS"))
-    assert "BY" not in stats and "last_success = MAX(success_at)" in stats
+    assert stats.endswith(" BY namespace = data_stream.namespace"), "one row (alert) per collector"
+    assert "last_success = MAX(success_at)" in stats
     assert "last_collection = MAX(@timestamp)" in stats
     assert "| WHERE last_collection IS NOT NULL AND (last_success IS NULL OR last_success < NOW() - 60 minutes)" in lines
     assert "NOW() - 90 minutes" in Q.limits_stale_rule(stale_after_minutes=90)
@@ -252,12 +254,12 @@ def test_stale_model_fires_only_after_a_collection_went_stale():
     ok = lambda t: status(iso(t))  # noqa: E731
     fail = lambda t: status(iso(t), "failure")  # noqa: E731
     stale = lambda docs: H.limits_stale(docs, now=NOW, stale_after_minutes=60)  # noqa: E731
-    assert stale([]) is None  # never collected (fresh install) or the stream is off: no alert
-    assert stale([ok(NOW - 30 * MIN)]) is None
-    assert stale([ok(NOW - 61 * MIN)]) is not None  # the collector stopped writing
-    row = stale([ok(NOW - 90 * MIN), fail(NOW - 30 * MIN), fail(NOW - 25 * MIN)])
+    assert stale([]) == []  # never collected (fresh install) or the stream is off: no alert
+    assert stale([ok(NOW - 30 * MIN)]) == []
+    assert stale([ok(NOW - 61 * MIN)]) != []  # the collector stopped writing
+    (row,) = stale([ok(NOW - 90 * MIN), fail(NOW - 30 * MIN), fail(NOW - 25 * MIN)])
     assert row["failed_collections"] == 2
-    assert stale([fail(NOW - 5 * MIN)])["last_success"] is None  # failing from the first cycle
+    assert stale([fail(NOW - 5 * MIN)])[0]["last_success"] is None  # failing from the first cycle
     # only the documents in the rule's time window reach it: the window (the horizon) bounds it
     rule = next(r for r in K.rules() if r.id == K.RULE_ID_LIMITS_STALE)
     assert rule.window_minutes == 60 + 24 * 60
@@ -336,7 +338,7 @@ def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
 
     def stale_fires(now):
         return H.limits_stale(window(now, stale_rule.window_minutes), now=now,
-                              stale_after_minutes=o.stale_after_minutes) is not None
+                              stale_after_minutes=o.stale_after_minutes) != []
 
     assert headroom_alerts(stop) == ["p::gpt-4o"] and not stale_fires(stop)
     # every minute for the first 2h (where the hand-over happens), then every 30 minutes
@@ -346,6 +348,42 @@ def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
     assert silent == []
     # the stale alert does end: a stream turned off stops alerting after the horizon
     assert not stale_fires(stop + (o.stale_window_minutes + 1) * MIN)
+
+
+def test_a_stopped_collector_is_not_hidden_by_another_organization_s():
+    """Two organizations, one collector each (namespaces `orga` and `orgb`), limits every 5
+    minutes. `orgb`'s collector stops at `stop`; `orga`'s goes on succeeding. Its projects' usage
+    stays at 95% of the limit: at every minute, either the headroom rule still alerts for `orgb`'s
+    project or the stale rule fired for `orgb`. An ungrouped stale rule saw `orga`'s successes
+    and stayed quiet, while the headroom rule lost `orgb`'s limits after 70 minutes."""
+    rules = {r.id: r for r in K.rules()}
+    head, stale_rule = rules[K.RULE_ID_HEADROOM_TPM], rules[K.RULE_ID_LIMITS_STALE]
+    assert stale_rule.params("9.1.0")["groupBy"] == "row"  # one alert per namespace
+    o = K.RuleOptions()
+    every = K.RULE_INTERVAL_MINUTES
+    stop = NOW
+    docs = []
+    for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, COLLECTION_INTERVAL_MIN * MIN):
+        docs += [limit(iso(t), "pa", "gpt-4o", tpm=10_000), status(iso(t), namespace="orga")]
+        if t <= stop:
+            docs += [limit(iso(t), "pb", "gpt-4o", tpm=10_000), status(iso(t), namespace="orgb")]
+    for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, MIN):
+        docs.append(usage("completions", iso(t), "pb", "gpt-4o", tokens=9_500, requests=95))
+    window = _window(docs)
+
+    def headroom_alerts(now):
+        return H.alerts(window(now, head.window_minutes), "tpm", now=now, usage_minutes=o.headroom_window_minutes)
+
+    def stale(now):
+        return [r["namespace"] for r in H.limits_stale(window(now, stale_rule.window_minutes), now=now,
+                                                       stale_after_minutes=o.stale_after_minutes)]
+
+    assert headroom_alerts(stop) == ["pb::gpt-4o"] and stale(stop) == []
+    minutes = [*range(0, 120), *range(120, o.stale_window_minutes - every, 30)]
+    silent = [m for m in minutes if "orgb" not in stale(stop + (m - every) * MIN)
+              and not headroom_alerts(stop + m * MIN)]
+    assert silent == []
+    assert stale(stop + 2 * 60 * MIN) == ["orgb"]  # only the collector that stopped
 
 
 def project_failure(ts, project):
