@@ -373,7 +373,8 @@ def dashboards(space: str | None = None) -> list[Dashboard]:
             _per_project_panel(),
             _org_panel(),
             Panel("Rate limit collection status", Q.limits_freshness(),
-                  (("event.outcome", S), ("cycles", N), ("last_cycle", D), ("failed_projects", N)), w=24, h=8),
+                  (("namespace", S), ("event.outcome", S), ("cycles", N), ("last_cycle", D), ("failed_projects", N)),
+                  w=24, h=8),
             Panel("Projects whose limits failed", Q.project_limit_failures(),
                   (("project_id", S), ("project_name", S), ("failures", N), ("last_failure", D)), w=24, h=8,
                   description="Projects whose rate limits could not be read; the reasons are in the "

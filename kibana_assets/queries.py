@@ -268,12 +268,15 @@ def project_limits_failing_rule(sources: Sources = DEFAULT_SOURCES,
 
 
 def limits_freshness(sources: Sources = DEFAULT_SOURCES) -> str:
-    """Panel: collection cycles and the last success, so a stale headroom table is visible."""
+    """Panel: collection cycles and the last success per namespace (one collector per OpenAI
+    organization, as the stale rule groups them), so a stale headroom table is visible even while
+    another organization's collector keeps succeeding."""
     return "\n".join([
         sources.from_clause(["rate_limits"]),
         "| WHERE event.action == \"rate-limits-collection\"",
-        "| STATS cycles = COUNT(*), last_cycle = MAX(@timestamp), failed_projects = SUM(openai.rate_limits.collection.failed_projects) BY event.outcome",
-        "| SORT event.outcome",
+        "| STATS cycles = COUNT(*), last_cycle = MAX(@timestamp), failed_projects = SUM(openai.rate_limits.collection.failed_projects)"
+        " BY namespace = data_stream.namespace, event.outcome",
+        "| SORT namespace, event.outcome",
     ])
 
 

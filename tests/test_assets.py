@@ -404,6 +404,16 @@ def test_headroom_dashboard_has_both_seed_panels():
     assert all(any(c.endswith(s) for c in org_cols) for s in ("limit (aggregate)", "utilization (approx.)"))
 
 
+def test_collection_status_panel_shows_each_collector_apart():
+    """One collector per OpenAI organization, told apart by namespace (as the stale rule groups
+    them): grouped only by outcome, a collector that kept succeeding hid one that had stopped."""
+    panels = {p["title"]: p for p in _panels("openai-elastic-rate-limit-headroom")}
+    status = panels["Rate limit collection status"]
+    layer = next(iter(status["embeddableConfig"]["attributes"]["state"]["datasourceStates"]["textBased"]["layers"].values()))
+    assert [c["columnId"] for c in layer["columns"]][:2] == ["namespace", "event.outcome"]
+    assert Q.limits_freshness().splitlines()[-2].endswith("BY namespace = data_stream.namespace, event.outcome")
+
+
 def test_dashboard_fingerprint_marks_content():
     d = K.dashboards()[0]
     fp = K.fingerprint_of(d.saved_object())
