@@ -5,6 +5,7 @@ Elasticsearch's ANTLR grammar) and list the source fields a query references.
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 
 from antlr4 import CommonTokenStream, InputStream
@@ -86,3 +87,72 @@ def field_references(query: str) -> list[str]:
         if n not in created and n not in seen:
             seen.append(n)
     return seen
+
+
+class _Columns(EsqlBaseParserListener):
+    """Follows the column list through the processing commands, in order (the parse tree's
+    pre-order walk meets them in query order). None: still the source's columns."""
+
+    def __init__(self) -> None:
+        self.cols: list[str] | None = None
+
+    @staticmethod
+    def _name(field) -> str:
+        if field.qualifiedName() is not None and field.ASSIGN() is not None:
+            return _unquote(field.qualifiedName().getText())
+        return _unquote(field.getText())  # ES|QL names an unassigned column after its expression
+
+    def _matching(self, patterns) -> list[str]:
+        return [c for c in self.cols or [] if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
+
+    @staticmethod
+    def _patterns(ctx) -> list[str]:
+        return [_unquote(p.getText()) for p in ctx.qualifiedNamePatterns().qualifiedNamePattern()]
+
+    def enterStatsCommand(self, ctx):  # noqa: N802
+        aggs = [self._name(a.field()) for a in ctx.aggFields().aggField()] if ctx.aggFields() else []
+        groups = [self._name(f) for f in ctx.fields().field()] if ctx.fields() else []
+        self.cols = aggs + groups
+
+    def _add(self, names: list[str]) -> None:
+        if self.cols is not None:  # a column assigned again moves to the end
+            self.cols = [c for c in self.cols if c not in names] + names
+
+    def enterEvalCommand(self, ctx):  # noqa: N802
+        self._add([self._name(f) for f in ctx.fields().field()])
+
+    def enterDissectCommand(self, ctx):  # noqa: N802
+        self._add(re.findall(r"%\{(?:\?|\+|\*|&)?([^}:]+)[^}]*\}", ctx.string().getText()))
+
+    def enterGrokCommand(self, ctx):  # noqa: N802
+        self._add(re.findall(r"%\{[^}:]+:([^}:]+)[^}]*\}", ctx.string().getText()))
+
+    def enterKeepCommand(self, ctx):  # noqa: N802
+        patterns = self._patterns(ctx)
+        if self.cols is None:
+            self.cols = [p for p in patterns if "*" not in p] if all("*" not in p for p in patterns) else None
+            return
+        kept: list[str] = []
+        for p in patterns:
+            kept += [c for c in self.cols if fnmatch.fnmatchcase(c, p) and c not in kept]
+        self.cols = kept
+
+    def enterDropCommand(self, ctx):  # noqa: N802
+        if self.cols is not None:
+            dropped = set(self._matching(self._patterns(ctx)))
+            self.cols = [c for c in self.cols if c not in dropped]
+
+    def enterRenameClause(self, ctx):  # noqa: N802
+        names = [_unquote(p.getText()) for p in ctx.qualifiedNamePattern()]
+        old, new = (names[1], names[0]) if ctx.ASSIGN() is not None else (names[0], names[1])
+        if self.cols is not None:
+            self.cols = [new if c == old else c for c in self.cols if c != new or c == old]
+
+
+def output_columns(query: str) -> list[str] | None:
+    """The columns a query returns, in order, once a STATS or KEEP has fixed them (None while they
+    are the source index's): what a Lens ES|QL panel's declared columns must be found in."""
+    tree, _ = parse(query)
+    columns = _Columns()
+    ParseTreeWalker().walk(columns, tree)
+    return columns.cols

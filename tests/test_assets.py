@@ -383,6 +383,32 @@ def test_dashboards_exist_with_lens_esql_panels():
             assert used <= cols, p["title"]
 
 
+@pytest.mark.parametrize("panel", [pytest.param(p, id=f"{d.id}:{p.title}") for d in K.dashboards() for p in d.panels])
+def test_every_panel_declares_exactly_the_columns_its_query_returns(panel):
+    """A Lens ES|QL panel declares its columns; one its query does not return shows empty, and a
+    returned one it does not declare is never shown (the collection status panel's namespace
+    column was nearly missed that way). Checked on the parsed query, command by command."""
+    from kibana_assets import esql
+
+    returned = esql.output_columns(panel.query)
+    assert returned is not None, "the query's columns are the index's: end it with STATS or KEEP"
+    assert sorted(c for c, _ in panel.columns) == sorted(returned)
+
+
+@pytest.mark.parametrize("query,want", [
+    ("FROM i | STATS n = COUNT(*), MAX(x) BY a, b = c", ["n", "MAX(x)", "a", "b"]),
+    ("FROM i | STATS n = COUNT(*) BY a | EVAL n = n * 2, m = 1 | DROP a", ["n", "m"]),
+    ("FROM i | STATS n = COUNT(*) BY a | RENAME a AS b | KEEP b, n*", ["b", "n"]),
+    ('FROM i | STATS n = COUNT(*) BY pm | DISSECT pm "%{p}::%{m}" | KEEP p, m, n', ["p", "m", "n"]),
+    ("FROM i | KEEP a, b | SORT a | LIMIT 5", ["a", "b"]),
+    ("FROM i | WHERE a > 1 | EVAL b = 2", None),
+])
+def test_output_columns_follows_each_command(query, want):
+    from kibana_assets import esql
+
+    assert esql.output_columns(query) == want
+
+
 def test_usage_dashboard_covers_the_issue_list():
     titles = {p["title"] for p in _panels("openai-elastic-usage-overview")}
     for want in ("By model", "By project", "By user", "By API key", "Images by size",
