@@ -14,7 +14,8 @@ The API lists events **newest first** with `after` cursors, so an `after` positi
 durable cursor: events older than it may still be unread. The collector therefore keeps a
 high-water mark instead, `hwm` = every event of the scope with `effective_at < hwm` is durable:
 
-1. A poll at `now` covers `[hwm - overlap, now - lag]`, cut into closed time slices of at most
+1. A poll at `now` covers `[hwm - overlap, now - lag]` (no further than the API's own time, the
+   `Date` of its last answer, when that is behind `now`), cut into closed time slices of at most
    `SLICE` seconds, oldest slice first. A slice found to hold more than `MAX_SLICE_EVENTS` events
    is let go and read again as its older half (and the slices grow back once the log is quieter),
    so a busy log never holds more than that in memory. A slice of the overlap so halved ends
@@ -177,6 +178,13 @@ class AuditCollector(ListingCollector):
             events, bad = read
             if len(events) < MAX_SLICE_EVENTS // 4:
                 length = min(SLICE, length * 2)
+            # A local clock ahead of OpenAI's: the API has not reached slice_end yet, and events it
+            # records meanwhile would fall behind the mark (and the overlap, once more than 5
+            # minutes ahead) for good. The mark stops at the API's own time (its Date header).
+            served_to = getattr(self.client, "server_date", None)
+            behind = type(served_to) is int and served_to < slice_end
+            if behind:
+                slice_end = max(start - 1, served_to)
             new_hwm = slice_end + 1
             keep_from = new_hwm - OVERLAP
             lines = Lines()
@@ -217,6 +225,8 @@ class AuditCollector(ListingCollector):
             stats.events += len(lines)
             recent = next_recent
             start = new_hwm
+            if behind:
+                break  # the rest is in the API's future: the next poll reads it
 
     @staticmethod
     def _skip(stats: PollStats, which: str, exc: Exception) -> None:

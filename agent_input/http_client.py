@@ -161,6 +161,18 @@ def parse_retry_after(headers: Mapping[str, str], now: Callable[[], float] = tim
     return max(0.0, when.timestamp() - now())
 
 
+def server_date(headers: Mapping[str, str]) -> int | None:
+    """The `Date` header as Unix seconds, or None when absent, unreadable or without a zone."""
+    value = headers.get("Date")
+    try:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return int(when.timestamp())
+
+
 def _join(base_url: str, path: str) -> str:
     base = base_url.rstrip("/")
     if not path.startswith("/"):
@@ -242,6 +254,9 @@ class AdminApiClient:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self.stats = ClientStats()
+        # The API's clock, from the `Date` header of the last 2xx response (whole Unix seconds;
+        # None without one): the audit collector never marks as read a time the API has not reached.
+        self.server_date: int | None = None
 
         self.session = session or requests.Session()
         self._owns_session = session is None
@@ -370,6 +385,7 @@ class AdminApiClient:
             status = response.status_code
             log.debug("GET %s -> %d in %.0f ms", path, status, elapsed_ms)
             if body is not None:
+                self.server_date = server_date(response.headers)
                 return body
 
             message, code, etype = _error_details(response)

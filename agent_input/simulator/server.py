@@ -431,6 +431,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_error(self, format, *args):  # noqa: A002
         pass
 
+    def date_time_string(self, timestamp=None):
+        """The `Date` header: the simulated clock's time, as OpenAI's is its own clock's."""
+        return super().date_time_string(self.sim.now() if timestamp is None else timestamp)
+
     def _send(self, status: int, body: object, headers: dict | None = None, raw: bytes | None = None) -> None:
         data = raw if raw is not None else _encode(body)
         self._answered()
