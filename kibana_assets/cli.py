@@ -15,6 +15,7 @@ from . import installer as I
 from .validate import validate_bundle
 
 _DURATION = re.compile(r"^(\d+)(d|h|m)$")
+MAX_WINDOW_MINUTES = 365 * 1440
 
 
 def _minutes(text: str, name: str) -> int:
@@ -24,7 +25,10 @@ def _minutes(text: str, name: str) -> int:
     n, unit = int(m.group(1)), m.group(2)
     if n == 0:  # a zero look-back or staleness window would make a rule that never (or always) fires
         raise click.BadParameter(f"{text!r} must be longer than 0", param_hint=name)
-    return n * {"m": 1, "h": 60, "d": 1440}[unit]
+    minutes = n * {"m": 1, "h": 60, "d": 1440}[unit]
+    if minutes > MAX_WINDOW_MINUTES:  # a rule's `NOW() - N minutes` and time window past any data
+        raise click.BadParameter(f"{text!r} is longer than 365d", param_hint=name)
+    return minutes
 
 
 def _retention(param: click.Parameter, value: str) -> str:

@@ -1118,6 +1118,17 @@ def test_stale_horizon_option(stack):
     assert r.exit_code == 2 and "must be longer than --stale-after" in r.output
 
 
+@pytest.mark.parametrize("option", ["--stale-after", "--stale-horizon", "--headroom-window"])
+def test_a_rule_window_past_a_year_is_refused(stack, tmp_path, option):
+    """`--stale-after 99999999999999d` was written into the rules as `NOW() - 143999999999998560
+    minutes` and a time window of 1.4e17 minutes: rules that fail at every run, or never fire."""
+    r = run("install", "--es-url", ES, "--kibana-url", KB, option, "99999999999999d")
+    assert r.exit_code == 2 and f"Invalid value for {option}: '99999999999999d' is longer than 365d" in r.output
+    assert not stack.calls
+    r = run("export", str(tmp_path / "bundle"), option, "366d")
+    assert r.exit_code == 2 and "is longer than 365d" in r.output and not (tmp_path / "bundle").exists()
+
+
 def test_a_retention_with_trailing_text_is_refused():
     r = run("install", "--es-url", ES, "--kibana-url", KB, "--retention", "30days")
     assert r.exit_code == 2 and "is not a retention like 90d" in r.output
