@@ -21,6 +21,7 @@ request. The environment's proxy and CA bundle still apply where the configurati
 """
 from __future__ import annotations
 
+import datetime
 import email.utils
 import logging
 import random
@@ -152,25 +153,28 @@ def parse_retry_after(headers: Mapping[str, str], now: Callable[[], float] = tim
         return max(0.0, float(value))
     except ValueError:
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - now())
+    when = _http_date(value)
+    return None if when is None else max(0.0, when - now())
 
 
-def server_date(headers: Mapping[str, str]) -> int | None:
-    """The `Date` header as Unix seconds, or None when absent, unreadable or without a zone."""
-    value = headers.get("Date")
+def _http_date(value: str | None) -> float | None:
+    """An HTTP-date as Unix seconds, or None. HTTP dates are GMT (RFC 9110): one written with
+    `-0000` comes back from the parser without a zone, and is read as GMT, not the host's zone."""
     try:
         when = email.utils.parsedate_to_datetime(value) if value else None
     except (TypeError, ValueError, IndexError):
         return None
-    if when is None or when.tzinfo is None:
+    if when is None:
         return None
-    return int(when.timestamp())
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def server_date(headers: Mapping[str, str]) -> int | None:
+    """The `Date` header as Unix seconds, or None when absent or unreadable."""
+    when = _http_date(headers.get("Date"))
+    return None if when is None else int(when)
 
 
 def _join(base_url: str, path: str) -> str:

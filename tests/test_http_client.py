@@ -22,6 +22,7 @@ from agent_input.http_client import (
     RetriesExhaustedError,
     TransportError,
     parse_retry_after,
+    server_date,
     probe_api,
 )
 
@@ -276,6 +277,24 @@ def test_parse_retry_after_forms():
     assert parse_retry_after({"Retry-After": past}, now) == 0.0
     assert parse_retry_after({"Retry-After": "soon"}, now) is None
     assert parse_retry_after({"retry-after-ms": "250", "Retry-After": "9"}, now) == 0.25
+
+
+def test_a_retry_after_date_without_a_known_zone_is_gmt_whatever_the_host_zone(monkeypatch):
+    """HTTP dates are GMT (RFC 9110), but `-0000` makes Python's parser return a naive time, which
+    .timestamp() read in the host's zone: on a UTC+10 host a 20 s wait became 0 (or 10 h + 20 s)."""
+    import time as time_module
+
+    monkeypatch.setenv("TZ", "Australia/Sydney")
+    time_module.tzset()
+    try:
+        now = lambda: 1_000_000.0  # noqa: E731
+        date = email.utils.formatdate(1_000_020.0).replace("+0000", "-0000")  # 'Mon, 12 Jan 1970 13:47:00 -0000'
+        assert date.endswith("-0000")
+        assert parse_retry_after({"Retry-After": date}, now) == 20.0
+        assert server_date({"Date": date}) == 1_000_020
+    finally:
+        monkeypatch.delenv("TZ")
+        time_module.tzset()
 
 
 @responses.activate
