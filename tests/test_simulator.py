@@ -382,6 +382,25 @@ def test_parameter_errors(http, sim, validate):
     validate("ErrorResponse", r.json())
 
 
+@pytest.mark.parametrize("path,params", [
+    ("usage/completions", {"start_time": f"{int(NOW) - 3600}.0"}),
+    ("usage/completions", {"start_time": "1e9"}),
+    ("usage/completions", {"start_time": "1_763_888_400"}),
+    ("usage/completions", {"start_time": int(NOW) - 3600, "end_time": f"{int(NOW)}.0"}),
+    ("usage/completions", {"start_time": int(NOW) - 3600, "bucket_width": "1m", "limit": "60.0"}),
+    ("costs", {"start_time": f"{int(NOW) - 86400}.0"}),
+    ("audit_logs", {"effective_at[gte]": f"{int(NOW) - 3600}.0"}),
+    ("projects", {"limit": "10.0"}),
+])
+def test_an_integer_parameter_written_as_a_decimal_is_refused(http, sim, validate, path, params):
+    """The reference types these `integer`: a collector sending `end_time=1763892000.0` (a float
+    time passed on) must fail here as it would against OpenAI, not pass unnoticed."""
+    r = get(http, sim, path, params)
+    assert r.status_code == 400, r.text
+    validate("ErrorResponse", r.json())
+    assert r.json()["error"]["code"] == "invalid_type"
+
+
 def test_the_last_page_of_a_list_says_has_more_false(http, sim):
     users = get(http, sim, "users", {"limit": 100}).json()["data"]
     n = len(users)

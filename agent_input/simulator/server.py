@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import struct
 import sys
@@ -37,6 +38,9 @@ def redact_key(key: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ parameters
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 class Params:
     """Query parameters: repeated names and `name[]` both give lists."""
 
@@ -63,17 +67,17 @@ class Params:
             if required:
                 raise ApiError(400, f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
             return default
-        try:
+        if _INTEGER.fullmatch(v):
             return int(v)
+        # `1.0`, `1e9`, `1_000`: the reference's `integer`, written as a query value, is digits only
+        # (Python's int()/float() take all three: a collector sending a float time would pass here)
+        try:
+            float(v.replace("_", "x"))
+            got = "a decimal number"
         except ValueError:
-            try:
-                f = float(v)
-            except ValueError:
-                f = None
-            if f is not None and f.is_integer():
-                return int(f)
-            raise ApiError(400, f"Invalid type for '{name}': expected an integer, but got a string instead.",
-                           name, "invalid_type")
+            got = "a string"
+        raise ApiError(400, f"Invalid type for '{name}': expected an integer, but got {got} instead.",
+                       name, "invalid_type")
 
     def bool(self, name: str) -> bool | None:
         v = self.one(name)
