@@ -401,6 +401,20 @@ def test_an_integer_parameter_written_as_a_decimal_is_refused(http, sim, validat
     assert r.json()["error"]["code"] == "invalid_type"
 
 
+@pytest.mark.parametrize("stream,name,good", [
+    ("images", "sizes", "1024x1024"), ("images", "sources", "image.edit"),
+    ("web_search_calls", "context_levels", "high"),
+])
+def test_a_filter_value_outside_the_reference_enum_is_refused(http, sim, validate, stream, name, good):
+    params = {"start_time": int(NOW) - 3600, "bucket_width": "1h"}
+    assert get(http, sim, f"usage/{stream}", {**params, name: good}).status_code == 200
+    for bad in ("bogus", [good, "bogus"]):
+        r = get(http, sim, f"usage/{stream}", {**params, name: bad})
+        assert r.status_code == 400, r.text
+        validate("ErrorResponse", r.json())
+        assert r.json()["error"]["param"] == name
+
+
 def test_the_last_page_of_a_list_says_has_more_false(http, sim):
     users = get(http, sim, "users", {"limit": 100}).json()["data"]
     n = len(users)

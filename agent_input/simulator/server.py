@@ -19,7 +19,8 @@ import orjson
 from .audit import AuditLog, decode_id, public, tenant_scoped
 from .faults import FaultRule, FaultSet
 from .org import ORG_SIZES, Organization, OrgSpec, rate_limit_rows
-from .usage import (COSTS_GROUP_BY, DAY, LIMITS, STREAMS, WIDTHS, UsageModel, align)
+from .usage import (CONTEXT_LEVELS, COSTS_GROUP_BY, DAY, IMAGE_SIZES, IMAGE_SOURCES, LIMITS, STREAMS, WIDTHS,
+                    UsageModel, align)
 
 
 class ApiError(Exception):
@@ -39,6 +40,8 @@ def redact_key(key: str) -> str:
 
 # ------------------------------------------------------------------------------------ parameters
 _INTEGER = re.compile(r"-?[0-9]+")
+#: usage filters whose values the reference enumerates
+FILTER_ENUMS = {"sizes": IMAGE_SIZES, "sources": IMAGE_SOURCES, "context_levels": CONTEXT_LEVELS}
 
 
 class Params:
@@ -294,6 +297,11 @@ class Api:
                     filters[dim] = {v}
                 continue
             vals = p.many(param)
+            allowed = FILTER_ENUMS.get(param)
+            wrong = [v for v in vals if allowed is not None and v not in allowed]
+            if wrong:
+                raise ApiError(400, f"Invalid value for '{param}': '{wrong[0]}' is not supported. Supported values "
+                               f"are: {', '.join(allowed)}.", param, "invalid_value")
             if vals:
                 filters[dim] = set(vals)
         model = self.sim.usage
