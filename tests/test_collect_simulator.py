@@ -214,3 +214,132 @@ def test_sigkill_at_random_points_then_restart_gives_truth(simulator, tmp_path):
     settled = int(end_of_test - SETTLE) // 60 * 60
     for spec in USAGE_STREAMS:
         assert stored_totals(docs, spec.name, origin, settled) == truth_totals(simulator, spec.name, origin, settled), spec.name
+
+
+# ------------------------------------------------------------------------------------ requests vs the reference
+SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-admin-openapi.yaml"
+
+
+def _reference_operations() -> list[tuple]:
+    import re
+
+    spec = yaml.safe_load(SPEC_PATH.read_text())
+    ops = []
+    for path, item in spec["paths"].items():
+        if "get" in item:
+            pattern = re.compile("^/v1" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$")
+            ops.append((pattern, path, {p["name"]: p for p in item["get"].get("parameters", []) if p["in"] == "query"}))
+    return ops
+
+
+def _limit_bounds(param: dict, query: dict) -> tuple[int, int]:
+    """The bounds the reference's `limit` description gives (per bucket_width for usage)."""
+    import re
+
+    text = param.get("description", "")
+    width = query.get("bucket_width") or "1d"  # the usage endpoints' default
+    per_width = dict((w, int(m)) for w, m in re.findall(r"bucket_width=(\w+)`: default: \d+, max: (\d+)", text))
+    if per_width:
+        return 1, per_width[width]
+    m = re.search(r"between 1 and (\d+)", text)
+    return 1, int(m.group(1)) if m else 2**31
+
+
+def _reference_problems(ops, path: str, query: str) -> list[str]:
+    """What in one request the reference does not declare: the path, a parameter's name, type,
+    enum value or `limit` bound."""
+    import re
+    from urllib.parse import parse_qsl
+
+    op = next(((p, params) for pattern, p, params in ops if pattern.match(path)), None)
+    if op is None:
+        return [f"{path}: not in the reference"]
+    ref_path, declared = op
+    pairs = parse_qsl(query, keep_blank_values=True)
+    problems = []
+    for name, value in pairs:
+        param = declared.get(name)
+        schema = None
+        if param is not None:
+            schema = param["schema"]
+            if schema.get("type") == "array":
+                schema = schema["items"]
+        else:  # an object parameter's member, effective_at[gte]
+            m = re.fullmatch(r"(\w+)\[(\w+)\]", name)
+            if m and m.group(1) in declared and declared[m.group(1)]["schema"].get("type") == "object":
+                schema = declared[m.group(1)]["schema"]["properties"].get(m.group(2))
+        if schema is None:
+            problems.append(f"{ref_path}: `{name}` is not a parameter of it")
+            continue
+        kind = schema.get("type")
+        if kind == "integer" and not re.fullmatch(r"-?[0-9]+", value):
+            problems.append(f"{ref_path}: `{name}={value}` is not an integer")
+        elif kind == "boolean" and value not in ("true", "false"):
+            problems.append(f"{ref_path}: `{name}={value}` is not a boolean")
+        elif "enum" in schema and value not in schema["enum"]:
+            problems.append(f"{ref_path}: `{name}={value}` is not one of {schema['enum']}")
+        elif name == "limit" and kind == "integer":
+            lo, hi = _limit_bounds(param, dict(pairs))
+            if not lo <= int(value) <= hi:
+                problems.append(f"{ref_path}: `limit={value}` is outside {lo}..{hi}")
+    for name, param in declared.items():
+        if param.get("required") and name not in dict(pairs):
+            problems.append(f"{ref_path}: required `{name}` is missing")
+    return problems
+
+
+@pytest.mark.parametrize("width", ["1m", "1h", "1d"])
+def test_every_request_the_collector_makes_is_one_the_reference_declares(simulator, tmp_path, width):
+    """The simulator takes what OpenAI may refuse (any unknown parameter, `name[]` for `name`), so
+    the collector's own requests are held to the reference: every stream, both audit scopes, the
+    name lookups, the rate limits and `check`'s probes, at each bucket width."""
+    from agent_input import app
+    from agent_input.http_client import probe_api
+
+    seen: list[tuple[str, str]] = []
+    handle = simulator.api.handle
+    simulator.api.handle = lambda path, query: seen.append((path, query)) or handle(path, query)
+    streams = {s.name: {"bucket_width": width, "initial_interval": "1d"} for s in USAGE_STREAMS}
+    streams.update(costs={"initial_interval": "10d"}, audit={"initial_interval": "1d"},
+                   rate_limits={"include_archived": True})
+    config = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 0,
+                               "data_streams": streams}, env={})
+    collection = app.build(config, state_dir=tmp_path / "state", output=NdjsonFileOutput(tmp_path / "out.ndjson"),
+                           clock=simulator.now)
+    try:
+        assert collection.engine.run(once=True) == 0
+        simulator.advance(1800)
+        assert collection.engine.run(once=True) == 0
+    finally:
+        collection.close()
+    with AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0) as client:
+        assert all(r.ok for r in probe_api(client, config, now=simulator.now()))
+    ops = _reference_operations()
+    problems = sorted({p for path, query in seen for p in _reference_problems(ops, path, query)})
+    assert not problems, "\n".join(problems)
+    called = {next(p for pattern, p, _ in ops if pattern.match(path)) for path, _ in seen}
+    assert called >= {"/organization/usage/completions", "/organization/costs", "/organization/audit_logs",
+                      "/organization/projects", "/organization/projects/{project_id}/rate_limits",
+                      "/organization/projects/{project_id}/api_keys", "/organization/users"}
+    assert any("tenant_only=true" in q for p, q in seen if p.endswith("/audit_logs"))
+
+
+def test_the_request_check_finds_what_the_reference_does_not_declare():
+    ops = _reference_operations()
+    ok = "start_time=1&end_time=61&bucket_width=1m&limit=1440&group_by=project_id&group_by=service_tier"
+    assert _reference_problems(ops, "/v1/organization/usage/completions", ok) == []
+    for query, why in (("end_time=60", "required `start_time` is missing"),
+                       ("start_time=1.0", "`start_time=1.0` is not an integer"),
+                       ("start_time=1&bucket_width=1h&limit=169", "`limit=169` is outside 1..168"),
+                       ("start_time=1&limit=32", "`limit=32` is outside 1..31"),
+                       ("start_time=1&group_by=size", "`group_by=size` is not one of"),
+                       ("start_time=1&group_by[]=model", "`group_by[]` is not a parameter of it"),
+                       ("start_time=1&batch=1", "`batch=1` is not a boolean")):
+        problems = _reference_problems(ops, "/v1/organization/usage/completions", query)
+        assert any(why in p for p in problems), (query, problems)
+    assert _reference_problems(ops, "/v1/organization/costs", "start_time=1&bucket_width=1h")
+    assert _reference_problems(ops, "/v1/organization/costs", "start_time=1&limit=181")
+    assert not _reference_problems(ops, "/v1/organization/audit_logs", "effective_at[gte]=1&limit=100&tenant_only=true")
+    assert _reference_problems(ops, "/v1/organization/audit_logs", "effective_at[after]=1")
+    assert _reference_problems(ops, "/v1/organization/projects", "limit=101")
+    assert _reference_problems(ops, "/v1/organization/nothing", "")
