@@ -535,7 +535,7 @@ class UsageCollector(PollingCollector):
     def _check_bucket(self, bucket: Any, resume: int, end: int) -> tuple[int | None, int]:
         if not isinstance(bucket, Mapping):
             raise BadBucket("bucket is not an object")
-        start, stop_ = bucket.get("start_time"), bucket.get("end_time")
+        start, stop_ = _as_int(bucket.get("start_time")), _as_int(bucket.get("end_time"))
         if not _is_int(start) or not _is_int(stop_):
             raise BadBucket(f"start_time/end_time are not integers ({start!r}, {stop_!r})")
         if stop_ - start != self.width_s:
@@ -723,6 +723,12 @@ def _results(bucket: Mapping) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_int(value: Any) -> Any:
+    """A bucket time written as a whole float (`1763895540.0`, the same JSON number) as its int;
+    anything else as it is, for the check to judge."""
+    return int(value) if type(value) is float and value.is_integer() else value
 
 
 # A counter's magnitude stays below 2^53: every integer up to it is exact as a double (Kibana,

@@ -507,6 +507,33 @@ def test_older_result_key_accepted(harness):
     assert "extra_unknown_field" not in json.dumps(doc)
 
 
+def test_a_bucket_time_written_as_a_whole_float_is_taken_as_its_integer(harness):
+    """`"start_time": 1763895540.0` is the same instant as 1763895540 (JSON has one number type,
+    and the audit stream takes it): it was a bad bucket, holding the cursor at every poll."""
+    h = harness(effective_revision_window=0, initial_interval=60)
+    now = ts("2026-11-23T10:00:00")
+    h.api.override = {"object": "page", "data": [{"object": "bucket", "start_time": float(now - 60),
+                      "end_time": float(now), "results": [result(9)]}], "has_more": False, "next_page": None}
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 0, stats.errors
+    (doc,) = docs(h.out)
+    assert doc["openai"]["base"]["start_time"] == "2026-11-23T09:59:00.000Z"
+    assert h.store.cursor("completions", "1m").position == now
+    # the same bucket as an integer later is the same document, not a second one
+    h.api.override["data"][0].update(start_time=now - 60, end_time=now)
+    h.collector.poll(now + 30)
+    assert len(docs(h.out)) == 1
+
+
+def test_a_bucket_time_with_a_fraction_is_still_a_bad_bucket(harness):
+    h = harness(effective_revision_window=0, initial_interval=60)
+    now = ts("2026-11-23T10:00:00")
+    h.api.override = {"object": "page", "data": [{"object": "bucket", "start_time": now - 59.5,
+                      "end_time": now + 0.5, "results": [result(9)]}], "has_more": False, "next_page": None}
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1 and "not integers" in stats.errors[0]
+
+
 def test_outbox_replayed_identically_after_crash(harness, tmp_path):
     h = harness(effective_revision_window=0)
     now = ts("2026-11-23T10:00:00")
