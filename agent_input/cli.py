@@ -286,8 +286,8 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
         _fail(str(exc))
     try:
         code = collection.engine.run(once=once)
-    except OutputError as exc:
-        _fail(str(exc))
+    except OutputError as exc:  # re-sending the outbox failed: its batches wait there, as after a refused batch
+        _fail(str(exc) + _waiting(_undelivered(collection.store), state_dir, "; "))
     except StateDatabaseError as exc:  # sqlite (a full disk, a lock) while re-sending: nothing is lost
         _fail(f"{exc}; the unacknowledged batches stay in the outbox and are sent again at the next start")
     except StateError as exc:  # e.g. an outbox file of an unacknowledged batch is gone: every start would fail
@@ -306,9 +306,16 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
                    f"{output.rejected} rejected"
                    + (f" (see {output.dead_letter_path})" if output.rejected else ""), err=True)
     if undelivered:  # the summary's documents are collected, not necessarily delivered
-        click.echo(f"{undelivered} batch(es) not delivered yet wait in the outbox ({state_dir}) and are sent "
-                   "first at the next start", err=True)
+        click.echo(_waiting(undelivered, state_dir), err=True)
     raise SystemExit(code)
+
+
+def _waiting(undelivered: int, state_dir: str, prefix: str = "") -> str:
+    """What the closing line says of the batches left in the outbox ('' when none)."""
+    if not undelivered:
+        return ""
+    return (f"{prefix}{undelivered} batch(es) not delivered yet wait in the outbox ({state_dir}) and are sent "
+            "first at the next start")
 
 
 def _undelivered(store) -> int:

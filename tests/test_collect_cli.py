@@ -496,3 +496,25 @@ def test_a_full_stdout_is_one_line_not_a_traceback(argv):
     prog = "openai-assets" if argv[0].startswith("kibana") else "openai-input"
     assert proc.returncode == 1
     assert proc.stderr == f"{prog}: cannot write to stdout: No space left on device\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_batches_left_from_a_run_before_that_cannot_be_resent_are_counted_at_exit(tmp_path):
+    """The outbox of a run before is re-sent first; an output that refuses it (stdout on a full
+    disk) ended with only "cannot write events: ...", not how many batches wait in the outbox, as
+    the closing line says when a stream's batch is refused."""
+    store = StateStore(tmp_path / "state")
+    store.commit_events("completions", b'{"_id":"a"}\n', 1, {})
+    store.commit_events("completions", b'{"_id":"b"}\n', 1, {})
+    store.close()
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config("http://127.0.0.1:9")))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once",
+                               "--state-dir", str(tmp_path / "state"), "--log-level", "ERROR"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "openai-input: cannot write events: [Errno 28] No space left on device; 2 batch(es) not delivered yet "
+        f"wait in the outbox ({tmp_path / 'state'}) and are sent first at the next start")
