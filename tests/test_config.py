@@ -428,15 +428,33 @@ def test_file_not_utf8(tmp_path):
 
 def test_an_endless_or_huge_config_or_key_file_is_refused_not_read_into_memory(tmp_path):
     """`--config /dev/zero` or `api_key_file: /dev/zero` (or a huge file named by mistake) read it
-    whole: every byte of memory, then a MemoryError traceback. A bounded read refuses them."""
-    with pytest.raises(ConfigError) as info:
-        load_config("/dev/zero", env=ENV)
-    assert info.value.key == "config" and "larger than 10 MiB" in info.value.message
+    whole: every byte of memory, then a MemoryError traceback. A bounded read refuses them.
+    Run in a process with 1 GiB of address space and a timeout: were the read unbounded again, the
+    test fails (MemoryError) instead of taking the machine's memory."""
+    import resource
+    import subprocess
+    import sys
+
     p = tmp_path / "c.yml"
     p.write_text("api_key_file: /dev/zero\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(p, env={})
-    assert info.value.key == "api_key_file" and "larger than 64 KiB" in info.value.message
+    script = (
+        "from agent_input.config import ConfigError, load_config\n"
+        "for path, env in (('/dev/zero', {'OPENAI_ADMIN_KEY': 'sk-admin-x'}), (%r, {})):\n"
+        "    try:\n"
+        "        load_config(path, env=env)\n"
+        "    except ConfigError as exc:\n"
+        "        print(exc.key, '|', exc.message)\n" % str(p)
+    )
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          preexec_fn=limit_memory)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    config_line, key_line = proc.stdout.splitlines()
+    assert config_line.startswith("config |") and "larger than 10 MiB" in config_line
+    assert key_line.startswith("api_key_file |") and "larger than 64 KiB" in key_line
 
 
 def test_a_key_file_that_is_a_fifo_nobody_writes_is_refused_not_waited_on_for_ever(tmp_path, monkeypatch):

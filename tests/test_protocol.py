@@ -705,10 +705,11 @@ def test_run_started_with_stdout_closed_stops_cleanly_without_a_traceback(tmp_pa
 def test_an_ack_timeout_that_is_no_time_is_refused_at_start(tmp_path, value, why):
     """`--ack-timeout nan` was taken: at a stop with batches unacknowledged the process spun at full
     CPU for ever, SIGTERM included (a deadline of NaN is never reached)."""
-    from click.testing import CliRunner
+    import subprocess
+    import sys
 
-    from agent_input.cli import main
-
-    result = CliRunner().invoke(main, ["run", "--state-dir", str(tmp_path / "s"), "--ack-timeout", value])
-    assert result.exit_code == 2 and f"Invalid value for '--ack-timeout': {why}" in result.output
+    # a process with a timeout: were the value taken, `run` would start and wait on its input
+    proc = subprocess.run([sys.executable, "-m", "agent_input.cli", "run", "--state-dir", str(tmp_path / "s"),
+                           "--ack-timeout", value], stdin=subprocess.PIPE, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and f"Invalid value for '--ack-timeout': {why}" in proc.stderr.decode()
     assert not (tmp_path / "s").exists()
