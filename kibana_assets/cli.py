@@ -14,7 +14,7 @@ from . import kibana as K
 from . import installer as I
 from .validate import validate_bundle
 
-_DURATION = re.compile(r"^(\d+)(d|h|m)$")
+_DURATION = re.compile(r"^([0-9]+)(d|h|m)$")  # ASCII digits: Python's \d also takes "３０"
 MAX_WINDOW_MINUTES = 365 * 1440
 
 
@@ -33,7 +33,7 @@ def _minutes(text: str, name: str) -> int:
 
 def _retention(param: click.Parameter, value: str) -> str:
     name = param.opts[0]
-    if not re.match(r"^\d+(d|h)$", value):
+    if not re.fullmatch(r"[0-9]+(d|h)", value):  # sent as typed: Elasticsearch reads ASCII digits
         raise click.BadParameter(f"{value!r} is not a retention like 90d", param_hint=name)
     if int(value[:-1]) == 0:  # data stream lifecycle could delete each document as it lands
         raise click.BadParameter(f"{value!r} must be longer than 0", param_hint=name)

@@ -1129,8 +1129,11 @@ def test_a_rule_window_past_a_year_is_refused(stack, tmp_path, option):
     assert r.exit_code == 2 and "is longer than 365d" in r.output and not (tmp_path / "bundle").exists()
 
 
-def test_a_retention_with_trailing_text_is_refused():
-    r = run("install", "--es-url", ES, "--kibana-url", KB, "--retention", "30days")
+@pytest.mark.parametrize("value", ["30days", "\uff13\uff10d", "30d\n"])
+def test_a_retention_with_trailing_text_or_non_ascii_digits_is_refused(value):
+    """Full-width digits passed Python's \\d and were sent to Elasticsearch as typed, failing the
+    install part-way; a trailing newline passed `$`."""
+    r = run("install", "--es-url", ES, "--kibana-url", KB, "--retention", value)
     assert r.exit_code == 2 and "is not a retention like 90d" in r.output
 
 
