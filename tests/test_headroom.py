@@ -313,6 +313,28 @@ def _window(docs):
     return lambda now, minutes: [d for ts, d in stamps if now - minutes * MIN <= ts <= now]
 
 
+def _watched(docs, head, watch_rule, watch, unit="tpm"):
+    """For a never-silent check: the headroom rule's alerts and a watching rule's rows at `now`
+    (its Python model `watch`), each over the documents its own time window sees, and
+    `silent(alert, watched)`: the minutes after NOW (each minute for the first 2 h, where the
+    hand-over happens, then every 30 until the horizon) at which the headroom rule does not alert
+    `alert` and the watching rule's run one schedule interval earlier (whatever the phase of the
+    two schedules) has no row `watched(rows)` accepts."""
+    o, every, window = K.RuleOptions(), K.RULE_INTERVAL_MINUTES, _window(docs)
+
+    def alerts(now):
+        return H.alerts(window(now, head.window_minutes), unit, now=now, usage_minutes=o.headroom_window_minutes)
+
+    def rows(now):
+        return watch(window(now, watch_rule.window_minutes), now=now, stale_after_minutes=o.stale_after_minutes)
+
+    def silent(alert, watched):
+        minutes = [*range(0, 120), *range(120, o.stale_window_minutes - every, 30)]
+        return [m for m in minutes if not watched(rows(NOW + (m - every) * MIN)) and alert not in alerts(NOW + m * MIN)]
+
+    return alerts, rows, silent
+
+
 @pytest.mark.parametrize("unit", ["tpm", "rpm"])
 def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
     """The seed's weakness: limits stop arriving, the headroom rule goes silent. Limits are
@@ -324,30 +346,17 @@ def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
     head = rules[K.RULE_ID_HEADROOM_TPM if unit == "tpm" else K.RULE_ID_HEADROOM_RPM]
     stale_rule = rules[K.RULE_ID_LIMITS_STALE]
     o = K.RuleOptions()
-    every = K.RULE_INTERVAL_MINUTES
     stop = NOW
     docs = []
     for t in range(stop - 3 * 60 * MIN, stop + 1, COLLECTION_INTERVAL_MIN * MIN):
         docs += [limit(iso(t), "p", "gpt-4o", tpm=10_000, rpm=100), status(iso(t))]
     for t in range(stop - 3 * 60 * MIN, stop + 3 * 60 * MIN, MIN):
         docs.append(usage("completions", iso(t), "p", "gpt-4o-2024-08-06", tokens=9_500, requests=95))
-    window = _window(docs)
-
-    def headroom_alerts(now):
-        return H.alerts(window(now, head.window_minutes), unit, now=now, usage_minutes=o.headroom_window_minutes)
-
-    def stale_fires(now):
-        return H.limits_stale(window(now, stale_rule.window_minutes), now=now,
-                              stale_after_minutes=o.stale_after_minutes) != []
-
-    assert headroom_alerts(stop) == ["p::gpt-4o"] and not stale_fires(stop)
-    # every minute for the first 2h (where the hand-over happens), then every 30 minutes
-    minutes = [*range(0, 120), *range(120, o.stale_window_minutes - every, 30)]
-    silent = [m for m in minutes
-              if not stale_fires(stop + (m - every) * MIN) and not headroom_alerts(stop + m * MIN)]
-    assert silent == []
+    headroom_alerts, stale, silent = _watched(docs, head, stale_rule, H.limits_stale, unit)
+    assert headroom_alerts(stop) == ["p::gpt-4o"] and stale(stop) == []
+    assert silent("p::gpt-4o", bool) == []
     # the stale alert does end: a stream turned off stops alerting after the horizon
-    assert not stale_fires(stop + (o.stale_window_minutes + 1) * MIN)
+    assert stale(stop + (o.stale_window_minutes + 1) * MIN) == []
 
 
 def test_a_stopped_collector_is_not_hidden_by_another_organization_s():
@@ -359,8 +368,6 @@ def test_a_stopped_collector_is_not_hidden_by_another_organization_s():
     rules = {r.id: r for r in K.rules()}
     head, stale_rule = rules[K.RULE_ID_HEADROOM_TPM], rules[K.RULE_ID_LIMITS_STALE]
     assert stale_rule.params("9.1.0")["groupBy"] == "row"  # one alert per namespace
-    o = K.RuleOptions()
-    every = K.RULE_INTERVAL_MINUTES
     stop = NOW
     docs = []
     for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, COLLECTION_INTERVAL_MIN * MIN):
@@ -369,21 +376,11 @@ def test_a_stopped_collector_is_not_hidden_by_another_organization_s():
             docs += [limit(iso(t), "pb", "gpt-4o", tpm=10_000), status(iso(t), namespace="orgb")]
     for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, MIN):
         docs.append(usage("completions", iso(t), "pb", "gpt-4o", tokens=9_500, requests=95))
-    window = _window(docs)
-
-    def headroom_alerts(now):
-        return H.alerts(window(now, head.window_minutes), "tpm", now=now, usage_minutes=o.headroom_window_minutes)
-
-    def stale(now):
-        return [r["namespace"] for r in H.limits_stale(window(now, stale_rule.window_minutes), now=now,
-                                                       stale_after_minutes=o.stale_after_minutes)]
-
+    headroom_alerts, stale, silent = _watched(docs, head, stale_rule, H.limits_stale)
+    namespaces = lambda rows: [r["namespace"] for r in rows]  # noqa: E731
     assert headroom_alerts(stop) == ["pb::gpt-4o"] and stale(stop) == []
-    minutes = [*range(0, 120), *range(120, o.stale_window_minutes - every, 30)]
-    silent = [m for m in minutes if "orgb" not in stale(stop + (m - every) * MIN)
-              and not headroom_alerts(stop + m * MIN)]
-    assert silent == []
-    assert stale(stop + 2 * 60 * MIN) == ["orgb"]  # only the collector that stopped
+    assert silent("pb::gpt-4o", lambda rows: "orgb" in namespaces(rows)) == []
+    assert namespaces(stale(stop + 2 * 60 * MIN)) == ["orgb"]  # only the collector that stopped
 
 
 def project_failure(ts, project):
@@ -436,8 +433,6 @@ def test_with_the_defaults_a_project_whose_limits_keep_failing_is_never_silent()
     limits, or the per-project failing rule fired on a run at most one schedule interval earlier."""
     rules = {r.id: r for r in K.rules()}
     head, failing_rule = rules[K.RULE_ID_HEADROOM_TPM], rules[K.RULE_ID_PROJECT_LIMITS_FAILING]
-    o = K.RuleOptions()
-    every = K.RULE_INTERVAL_MINUTES
     stop = NOW
     docs = []
     for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, COLLECTION_INTERVAL_MIN * MIN):
@@ -445,21 +440,11 @@ def test_with_the_defaults_a_project_whose_limits_keep_failing_is_never_silent()
         docs.append(limit(iso(t), "p", "gpt-4o", tpm=10_000) if t <= stop else project_failure(iso(t), "p"))
     for t in range(stop - 3 * 60 * MIN, stop + 30 * 60 * MIN, MIN):
         docs.append(usage("completions", iso(t), "p", "gpt-4o", tokens=9_500, requests=95))
-    window = _window(docs)
-
-    def headroom_alerts(now):
-        return H.alerts(window(now, head.window_minutes), "tpm", now=now, usage_minutes=o.headroom_window_minutes)
-
-    def failing(now):
-        return [r["project_id"] for r in H.projects_failing(window(now, failing_rule.window_minutes), now=now,
-                                                            stale_after_minutes=o.stale_after_minutes)]
-
+    headroom_alerts, failing, silent = _watched(docs, head, failing_rule, H.projects_failing)
+    projects = lambda rows: [r["project_id"] for r in rows]  # noqa: E731
     assert headroom_alerts(stop) == ["p::gpt-4o"] and failing(stop) == []
-    minutes = [*range(0, 120), *range(120, o.stale_window_minutes - every, 30)]
-    silent = [m for m in minutes if "p" not in failing(stop + (m - every) * MIN)
-              and "p::gpt-4o" not in headroom_alerts(stop + m * MIN)]
-    assert silent == []
-    assert all(failing(stop + m * MIN) == ["p"] for m in range(65, 24 * 60, 60)), "it stays active"
+    assert silent("p::gpt-4o", lambda rows: "p" in projects(rows)) == []
+    assert all(projects(failing(stop + m * MIN)) == ["p"] for m in range(65, 24 * 60, 60)), "it stays active"
 
 
 def test_failed_logins_panel_counts_only_failures():
