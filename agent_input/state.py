@@ -148,6 +148,12 @@ class StateStore:
         self.path = self.directory / "state.sqlite3"
         self.spool_dir = self.directory / "outbox"
         self._local = threading.local()
+        # Every connection opened, whichever thread uses it: `close` closes them all. A connection
+        # is not freed with its thread (its statement cache refers back to it), only by a full
+        # garbage collection, so each `run` reconfiguration left the old store's open until then.
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
         # Write transactions queue here, not in sqlite: a connection that finds the database
         # locked sleeps in sqlite's busy handler (up to 100 ms a try, not woken when the lock
         # frees), which made ten streams' page commits wait up to 1.2 s (docs/performance.md).
@@ -176,25 +182,42 @@ class StateStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # used by this thread only; `close` (once the threads are done) closes it from its own
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             # 512 KiB page cache per connection (default 2 MiB): there is one connection per
             # stream thread and the outbox blobs passing through would fill every one of them
             conn.execute("PRAGMA cache_size=-512")
+            with self._conns_lock:
+                self._conns.append(conn)
             self._local.conn = conn
         return conn
 
     def close(self) -> None:
-        """Close this thread's connection and release the state directory (for another collector,
-        or this process's next store)."""
+        """Close every thread's connection and release the state directory (for another collector,
+        or this process's next store). Called once the threads that used the store are done; an
+        ack after it (a batch sent before a reconfiguration) opens a connection for that ack only."""
         try:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
+            with self._write_lock, self._conns_lock:  # not under a transaction in flight (a late ack)
+                conns, self._conns = self._conns, []
+                self._local = threading.local()  # a thread that uses the store again connects anew
+                self._closed = True
+            for conn in conns:
                 conn.close()
-                self._local.conn = None
         finally:
             self._unlock()
+
+    def _release_if_closed(self) -> None:
+        """After `close`: this thread's connection goes at once, not at a later `close`."""
+        if self._closed:
+            with self._conns_lock:
+                conn = getattr(self._local, "conn", None)
+                self._local.conn = None
+                if conn is not None and conn in self._conns:
+                    self._conns.remove(conn)
+            if conn is not None:
+                conn.close()
 
     def _unlock(self) -> None:
         lock, self._lock_file = self._lock_file, None
@@ -312,9 +335,12 @@ class StateStore:
         a crash in between leaves a file no row names, removed at the next start)."""
         with self._sqlite("write"):
             conn = self._conn()
-        with self._transaction(conn):
-            row = conn.execute("SELECT spool FROM outbox WHERE batch=?", (batch,)).fetchone()
-            conn.execute("DELETE FROM outbox WHERE batch=?", (batch,))
+        try:
+            with self._transaction(conn):
+                row = conn.execute("SELECT spool FROM outbox WHERE batch=?", (batch,)).fetchone()
+                conn.execute("DELETE FROM outbox WHERE batch=?", (batch,))
+        finally:
+            self._release_if_closed()
         if row and row[0]:
             _unlink(self.spool_dir / row[0])
 

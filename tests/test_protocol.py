@@ -713,3 +713,38 @@ def test_an_ack_timeout_that_is_no_time_is_refused_at_start(tmp_path, value, why
                            "--ack-timeout", value], stdin=subprocess.PIPE, capture_output=True, timeout=60)
     assert proc.returncode == 2 and f"Invalid value for '--ack-timeout': {why}" in proc.stderr.decode()
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_reconfigurations_do_not_leave_state_files_open(tmp_path):
+    """Every config builds a new state store; the old one's connections (the engine thread's,
+    the streams') stayed open until a full garbage collection: a supervisor that reconfigures
+    often saw the process's open files climb."""
+    import gc
+
+    state = tmp_path / "state"
+
+    def open_state_files() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}").startswith(str(state))
+            except OSError:
+                pass
+        return n
+
+    gc.disable()
+    run = InProcess(state, tmp_path / "stdout").start()
+    try:
+        counts = []
+        for i in range(1, 6):
+            run.send({"type": "config", "id": i, "config": _config("http://127.0.0.1:1", streams=())})
+            run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "failed"
+                                  and m.get("revision") == i and "every stream stopped" in m["message"]],
+                         what=f"revision {i} to run and end")
+            counts.append(open_state_files())
+        assert run.stop() == 0
+    finally:
+        run.close()
+        gc.enable()
+    assert counts == [counts[0]] * 5, counts
