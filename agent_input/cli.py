@@ -152,10 +152,21 @@ def _default_state_dir() -> str:
 
 
 def _install_stop_handlers(stop) -> None:
-    """SIGINT/SIGTERM: finish the page in flight, flush, save state, exit 0."""
+    """SIGINT/SIGTERM: finish the page in flight, flush, save state, exit 0.
+
+    A handler runs on the main thread between two bytecodes, so a second signal can run it again
+    inside the first one's `stop.set()`, which holds the event's (not reentrant) lock: that
+    waited for ever, and the stream threads with it (two SIGINTs a fraction of a millisecond
+    apart, as `timeout` sends them to the process and to its group). Only the first signal sets
+    the event; a later one finds it set, or being set."""
     import signal
 
+    signalled: list[int] = []
+
     def handler(signum, frame):
+        if signalled:
+            return
+        signalled.append(signum)
         stop.set()
 
     signal.signal(signal.SIGINT, handler)

@@ -55,6 +55,37 @@ def test_collect_runs_until_stopped_then_flushes_saves_and_exits_0(simulator, tm
     assert store.cursor("completions", "1m") is not None
 
 
+def test_a_second_signal_during_the_first_ones_stop_does_not_hang_the_stop():
+    """A stop signal's handler sets the stop event, which takes the event's lock; a second signal
+    landing while the first one's set() holds it (two SIGINTs 0.4 ms apart, as `timeout` sends
+    them to the process and its group) ran the handler again on the same thread: it waited for
+    that lock for ever, and so did every stream thread. 4 of 25 such stops hung."""
+    from agent_input.cli import _install_stop_handlers
+
+    class SignalledDuringSet(threading.Event):
+        def set(self):
+            with self._cond:  # what Event.set holds when the second signal's handler runs
+                if not getattr(self, "interrupted", False):
+                    self.interrupted = True
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+                self._flag = True
+                self._cond.notify_all()
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop = SignalledDuringSet()
+    try:
+        _install_stop_handlers(stop)
+        first = threading.Thread(target=signal.getsignal(signal.SIGTERM), args=(signal.SIGTERM, None),
+                                 daemon=True)
+        first.start()
+        first.join(10)
+        assert not first.is_alive(), "the second signal's handler waits for ever on the stop event's lock"
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+    assert stop.is_set() and stop.interrupted
+
+
 def test_progress_only_on_a_terminal():
     class Tty(io.StringIO):
         def isatty(self):
