@@ -154,20 +154,31 @@ def _default_state_dir() -> str:
 def _install_stop_handlers(stop) -> None:
     """SIGINT/SIGTERM: finish the page in flight, flush, save state, exit 0.
 
-    A handler runs on the main thread between two bytecodes, so a second signal can run it again
-    inside the first one's `stop.set()`, which holds the event's (not reentrant) lock: that
-    waited for ever, and the stream threads with it (two SIGINTs a fraction of a millisecond
-    apart, as `timeout` sends them to the process and to its group). Only the first signal sets
-    the event; a later one finds it set, or being set."""
+    A handler runs on the main thread between two bytecodes, wherever that thread is, so it must
+    not take a lock the interrupted code may hold: `stop.set()` takes the event's (not reentrant)
+    lock, and a second signal inside the first handler's set() (two SIGINTs a fraction of a
+    millisecond apart, as `timeout` sends them to the process and to its group), or a signal
+    while the main thread sets the event itself (`run` does), waited for that lock for ever, and
+    the stream threads with it. The handler only puts the signal on a SimpleQueue (safe in a
+    handler: it is reentrant); a relay thread sets the event, and ends once the event is set."""
+    import queue
     import signal
+    import threading
 
-    signalled: list[int] = []
+    signals: queue.SimpleQueue = queue.SimpleQueue()
+
+    def relay() -> None:
+        while not stop.is_set():
+            try:
+                signals.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            stop.set()
+
+    threading.Thread(target=relay, name="stop-signals", daemon=True).start()
 
     def handler(signum, frame):
-        if signalled:
-            return
-        signalled.append(signum)
-        stop.set()
+        signals.put(signum)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

@@ -80,10 +80,32 @@ def test_a_second_signal_during_the_first_ones_stop_does_not_hang_the_stop():
         first.start()
         first.join(10)
         assert not first.is_alive(), "the second signal's handler waits for ever on the stop event's lock"
+        assert stop.wait(10) and stop.interrupted
     finally:
         signal.signal(signal.SIGINT, saved[0])
         signal.signal(signal.SIGTERM, saved[1])
-    assert stop.is_set() and stop.interrupted
+
+
+def test_a_signal_while_the_main_thread_holds_the_stop_event_s_lock_does_not_hang():
+    """`run`'s main thread sets the stop event itself: a SIGTERM handled while it is inside
+    set() (the handler runs on that same thread) waited for the event's lock for ever. The
+    handler takes no lock; the event is set once the lock is free."""
+    from agent_input.cli import _install_stop_handlers
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop = threading.Event()
+    try:
+        _install_stop_handlers(stop)
+        handler = signal.getsignal(signal.SIGTERM)
+        with stop._cond:  # what the interrupted thread holds inside Event.set()
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (handler(signal.SIGTERM, None), done.set()), daemon=True)
+            t.start()
+            assert done.wait(10), "the handler waited for the stop event's lock"
+        assert stop.wait(10)
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 def test_progress_only_on_a_terminal():
