@@ -236,8 +236,21 @@ def test_mappings_are_nested_properties_with_keyword_limits():
     assert m["data_stream"]["properties"]["dataset"] == {"type": "constant_keyword"}
     audit = F.mappings("audit")["properties"]
     assert audit["event"]["properties"]["original"] == {"type": "keyword", "index": False, "doc_values": False}
-    assert audit["openai"]["properties"]["audit"]["properties"]["api_key"]["properties"]["created"] == {"type": "flattened"}
+    assert audit["openai"]["properties"]["audit"]["properties"]["api_key"]["properties"]["created"] == {"type": "flattened", "ignore_above": 1024}
     assert audit["source"]["properties"]["geo"]["properties"]["location"] == {"type": "geo_point"}
+
+
+def test_every_flattened_audit_payload_has_an_ignore_above():
+    """An audit payload leaf is indexed as one keyword term: a value past Lucene's 32,766-byte
+    term limit had the whole event rejected by Elasticsearch (and dead-lettered)."""
+    def leaves(props, prefix=""):
+        for name, m in props.items():
+            yield from leaves(m["properties"], f"{prefix}{name}.") if "properties" in m else [(prefix + name, m)]
+
+    audit = F.mappings("audit")["properties"]["openai"]["properties"]["audit"]["properties"]
+    payloads = [(n, m) for n, m in leaves(audit) if m.get("type") == "flattened"]
+    assert len(payloads) > 100
+    assert all(m.get("ignore_above") == 1024 for _, m in payloads), [n for n, m in payloads if "ignore_above" not in m]
 
 
 def test_the_seed_s_units_reach_the_mapping_as_field_meta():

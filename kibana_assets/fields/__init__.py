@@ -88,6 +88,10 @@ def _leaf_mapping(f: Mapping[str, Any]) -> dict:
     m: dict[str, Any] = {"type": f["type"]}
     if f["type"] == "keyword" and f.get("index", True) is not False:
         m["ignore_above"] = f.get("ignore_above", KEYWORD_IGNORE_ABOVE)
+    elif f["type"] == "flattened":
+        # each leaf of an audit payload is a keyword term: one longer than Lucene's 32,766 bytes
+        # had the whole event rejected (dead-lettered); above this it is kept in _source, unindexed
+        m["ignore_above"] = f.get("ignore_above", KEYWORD_IGNORE_ABOVE)
     for key in _MAPPING_EXTRAS:
         if key in f and key not in m:
             m[key] = f[key]
