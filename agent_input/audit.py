@@ -39,7 +39,9 @@ again every `FORBIDDEN_RETRY` seconds, silently.
 The tenant scope refused (a 403, or a 400/404: the organization or the key cannot list tenant
 events) is reported once as a warning with the reason; the organization scope goes on collecting,
 and the tenant scope is asked again every `FORBIDDEN_RETRY` seconds with its mark where it was
-(stored at its would-be start if it had none), so it catches up once allowed. Any other failure of
+(stored at its would-be start if it had none), so it catches up once allowed. The refusal is kept
+in the state (`audit:tenant:refused`: when and why), so a collector started again within those
+hours (`collect --once` from cron) neither asks nor warns again. Any other failure of
 the tenant scope (5xx after retries, a malformed page) fails its slice as for the organization
 (mark kept, read again next poll) and is reported in the poll's errors, after the organization's
 slices of that poll were stored. A failure of the organization scope ends the poll (like before):
@@ -88,6 +90,7 @@ KV_HWM = "audit:hwm"  # the organization scope's keys: the ones from before ther
 KV_RECENT = "audit:recent_ids"
 KV_TENANT_HWM = "audit:tenant:hwm"
 KV_TENANT_RECENT = "audit:tenant:recent_ids"
+KV_TENANT_REFUSED = "audit:tenant:refused"  # {"at": unix seconds, "why": ...} while refused; "" once readable
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class AuditCollector(ListingCollector):
         self._forbidden_until = 0.0
         self.tenant_refused: str | None = None  # why, while tenant-scoped events cannot be listed
         self._tenant_retry_at = 0.0
+        self._tenant_refusal_read = False  # the state's record of a refusal, read at the first poll
 
     # -- polling -------------------------------------------------------------------------------
     def poll(self, now: float) -> PollStats:
@@ -136,7 +140,10 @@ class AuditCollector(ListingCollector):
         if self.forbidden is not None:
             log.warning("audit: audit logs are readable again; collecting")
             self.forbidden = None
+        if not self._tenant_refusal_read:
+            self._recall_tenant_refusal(now)
         if self.tenant_refused is None or now >= self._tenant_retry_at:
+            asked = stats.requests
             try:
                 self._poll_scope(TENANT, now, stats)
             except (PermissionDeniedError, NotFoundError, BadRequestError) as exc:
@@ -149,10 +156,27 @@ class AuditCollector(ListingCollector):
                 log.error("%s", msg)
                 stats.errors.append(msg)
             else:
-                if self.tenant_refused is not None:
+                if self.tenant_refused is not None and stats.requests > asked:  # not a stop before asking
                     log.warning("audit: tenant-scoped events are readable again; collecting from where they stopped")
                     self.tenant_refused = None
+                    self.delivery.commit_events(self.name, [], {KV_TENANT_REFUSED: ""})
         return stats
+
+    def _recall_tenant_refusal(self, now: float) -> None:
+        """A refusal an earlier process recorded: as if this process had met it. Not asked again
+        before FORBIDDEN_RETRY has passed since, and then a refusal again is not news (debug) and
+        an answer is ("readable again")."""
+        self._tenant_refusal_read = True
+        try:
+            record = json.loads(self.store.get(KV_TENANT_REFUSED) or "{}")
+            at, why = float(record["at"]), str(record["why"])
+        except (ValueError, TypeError, KeyError):  # none, cleared, or not ours to read: ask
+            return
+        # a clock now before the record (set back) asks at once rather than wait past the retry
+        self.tenant_refused = why
+        self._tenant_retry_at = at + FORBIDDEN_RETRY if at <= now else now
+        log.debug("audit: tenant-scoped events refused at %s: %s; asked again from %s",
+                  iso_timestamp(at), why, iso_timestamp(self._tenant_retry_at))
 
     def _poll_scope(self, scope: "Scope", now: float, stats: PollStats) -> None:
         """Read one scope from its high-water mark to `now - LAG`, slice by slice, each slice's
@@ -250,10 +274,12 @@ class AuditCollector(ListingCollector):
 
     def _refuse_tenant(self, exc: ApiError, now: float) -> None:
         first = self.tenant_refused is None
+        kv = {KV_TENANT_REFUSED: json.dumps({"at": int(now), "why": str(exc)})}
         if self.store.get(TENANT.kv_hwm) is None:
             # where the scope would have started: kept, so that it catches up from there once allowed
             # (not from `initial_interval` before that later day)
-            self.delivery.commit_events(self.name, [], {TENANT.kv_hwm: str(int(now - self.initial_interval))})
+            kv[TENANT.kv_hwm] = str(int(now - self.initial_interval))
+        self.delivery.commit_events(self.name, [], kv)
         self.tenant_refused = str(exc)
         self._tenant_retry_at = now + FORBIDDEN_RETRY
         if first:

@@ -742,6 +742,60 @@ def test_tenant_scope_refused_keeps_the_organization_flowing_and_catches_up_late
     assert set(ids) == org | tenant
 
 
+def test_a_tenant_refusal_is_remembered_across_processes_until_it_is_asked_again(simulator, tmp_path, caplog):
+    """`collect --once` from cron is a new process every 5 minutes: each asked the refused tenant
+    scope again and warned again. The refusal is kept in the state for FORBIDDEN_RETRY."""
+    from agent_input.audit import FORBIDDEN_RETRY
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", query="tenant_only=true", count=None))
+
+    def one_process(now):
+        col, store, output, client = _collector(simulator, state, out)
+        simulator.set_time(now)
+        try:
+            with caplog.at_level(logging.DEBUG, logger="agent_input.audit"):
+                caplog.clear()
+                assert col.poll(now).errors == []
+            return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], col.tenant_refused
+        finally:
+            for c in (output, store, client):
+                c.close()
+
+    warned, refused = one_process(int(T0))
+    assert len(warned) == 1 and "tenant-scoped" in warned[0] and refused
+    for later in (300, 600, FORBIDDEN_RETRY - 300):
+        warned, refused = one_process(int(T0) + later)
+        assert warned == [] and "403" in refused
+    assert simulator.faults.rules()[0]["fired"] == 1, "a later process asked the refused scope again"
+    # past FORBIDDEN_RETRY it is asked again; once allowed, the record is cleared
+    warned, refused = one_process(int(T0) + FORBIDDEN_RETRY)
+    assert simulator.faults.rules()[0]["fired"] == 2 and warned == [] and refused
+    simulator.clear_faults()
+    warned, refused = one_process(int(T0) + 2 * FORBIDDEN_RETRY)
+    assert refused is None and any("readable again" in w for w in warned)
+    warned, refused = one_process(int(T0) + 2 * FORBIDDEN_RETRY + 300)
+    assert refused is None and warned == []
+
+
+def test_a_stop_on_the_tenant_retry_is_not_taken_for_the_scope_being_readable(simulator, tmp_path, caplog):
+    from agent_input.audit import FORBIDDEN_RETRY
+    from agent_input.simulator import FaultRule
+
+    col, store, output, client = _collector(simulator, tmp_path / "state", tmp_path / "audit.ndjson")
+    simulator.add_fault(FaultRule(kind="403", path="audit_logs", query="tenant_only=true", count=None))
+    col.poll(T0)
+    assert col.tenant_refused
+    col.stop.set()  # SIGTERM as the 6-hourly retry comes: nothing is asked
+    with caplog.at_level(logging.INFO, logger="agent_input.audit"):
+        col.poll(T0 + FORBIDDEN_RETRY)
+    assert not any("readable again" in r.getMessage() for r in caplog.records)
+    assert col.tenant_refused and simulator.faults.rules()[0]["fired"] == 1
+    for c in (output, store, client):
+        c.close()
+
+
 def test_tenant_scope_400_or_404_is_a_refusal_and_a_500_a_failed_slice(simulator, tmp_path):
     from agent_input.audit import KV_TENANT_HWM
     from agent_input.simulator import FaultRule
