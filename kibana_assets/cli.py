@@ -138,13 +138,21 @@ def _rule_opts(kw: dict) -> K.RuleOptions:
     if horizon is not None and horizon <= stale_after:
         raise click.BadParameter(f"{kw['stale_horizon']!r} must be longer than --stale-after "
                                  f"({kw['stale_after']!r})", param_hint="--stale-horizon")
-    return K.RuleOptions(
+    options = K.RuleOptions(
         headroom_threshold=kw["headroom_threshold"],
         headroom_window_minutes=_minutes(kw["headroom_window"], "--headroom-window"),
         stale_after_minutes=stale_after,
         stale_horizon_minutes=horizon,
         enabled=not kw["rules_disabled"],
     )
+    # the windows derived from --stale-after (its +24h horizon, its +10m limits look-back) keep
+    # to the same bound as the options themselves
+    derived = max(options.stale_window_minutes, options.limits_lookback_minutes)
+    if derived > MAX_WINDOW_MINUTES:
+        raise click.BadParameter(f"{kw['stale_after']!r} makes the rules' time window longer than 365d "
+                                 f"(--stale-after + {'10m' if horizon else '24h, the default --stale-horizon'})",
+                                 param_hint="--stale-after")
+    return options
 
 
 def _build_options(kw: dict) -> I.Options:

@@ -1129,6 +1129,18 @@ def test_a_rule_window_past_a_year_is_refused(stack, tmp_path, option):
     assert r.exit_code == 2 and "is longer than 365d" in r.output and not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.parametrize("args", [["--stale-after", "365d"], ["--stale-after", "525595m", "--stale-horizon", "365d"]])
+def test_a_stale_after_whose_derived_windows_pass_a_year_is_refused(tmp_path, args):
+    """`--stale-after 365d` passed the 365d bound but wrote rules looking back 366d (its default
+    +24h horizon) and 365d+10m (the limits look-back)."""
+    r = run("export", str(tmp_path / "b"), *args)
+    assert r.exit_code == 2 and "Invalid value for --stale-after" in r.output and "longer than 365d" in r.output
+    r = run("export", str(tmp_path / "c"), "--stale-after", "364d")
+    assert r.exit_code == 0, r.output
+    windows = [json.loads(p.read_text())["params"]["timeWindowSize"] for p in (tmp_path / "c" / "kibana" / "rules").iterdir()]
+    assert max(windows) <= 365 * 1440
+
+
 @pytest.mark.parametrize("value", ["30days", "\uff13\uff10d", "30d\n"])
 def test_a_retention_with_trailing_text_or_non_ascii_digits_is_refused(value):
     """Full-width digits passed Python's \\d and were sent to Elasticsearch as typed, failing the
