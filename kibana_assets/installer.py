@@ -512,24 +512,40 @@ class Installer:
         if resp.status_code != 404:
             _check(resp, what, priv, ok=(200, 204))
 
+    def _left_behind(self, status: str, detail: str, default_id: str, exists: Callable[[str], bool],
+                     drop: Callable[[str], None]) -> tuple[str, str]:
+        """For an object this space has under its own id (`status` unchanged or updated): one
+        under the default space's id here as well is what a move that stopped between its create
+        and its delete (a failed request, an interrupt) left. It is deleted now: left, a rule fired
+        twice, and the default space's install stayed refused with advice (`install --space
+        <this space>`) that did not help."""
+        legacy = self._legacy_id(default_id, exists)
+        if legacy is None:
+            return (status if status == "unchanged" else self._would(status)), detail
+        if not self.dry_run:
+            drop(legacy)
+        return self._would("updated"), (detail + "; " if detail else "") + f"deleted {legacy}, left by an earlier move"
+
     def _data_view(self) -> tuple[str, str]:
         priv = KIBANA_PRIVILEGE["data_view"]
         body = K.data_view(self.space)
         dv_id = body["data_view"]["id"]
         path = "/api/data_views/data_view/"
+        found = lambda i: self._found(path + i, "read the data view", priv)  # noqa: E731
         resp = self.t.kb("GET", path + dv_id)
         legacy = None
         if resp.status_code == 404:
             status = "created"
-            legacy = self._legacy_id(K.DATA_VIEW_ID, lambda i: self._found(path + i, "read the data view", priv))
+            legacy = self._legacy_id(K.DATA_VIEW_ID, found)
         else:
             _check(resp, "read the data view", priv)
             have = _json(resp, "a data view", pick=lambda d: dict(d.get("data_view") or {}))
             want = body["data_view"]
-            if all(have.get(k) == want[k] for k in K.DATA_VIEW_FIELDS):
-                return "unchanged", ""
-            status = "updated"
+            status = "unchanged" if all(have.get(k) == want[k] for k in K.DATA_VIEW_FIELDS) else "updated"
         detail = f"moved from {legacy}" if legacy else ""
+        if status != "created" and (status == "unchanged" or self.dry_run):
+            return self._left_behind(status, detail, K.DATA_VIEW_ID, found,
+                                     lambda i: self._drop_legacy(path + i, "delete the data view's earlier id", priv))
         if self.dry_run:
             return self._would(status), detail
         if status == "created":
@@ -539,23 +555,25 @@ class Installer:
             _check(resp, "write the data view", priv)
             if legacy:  # `override` has replaced it already unless its title was edited
                 self._drop_legacy(path + legacy, "delete the data view's earlier id", priv)
-        else:
-            _check(self.t.kb("POST", path + dv_id, json=K.data_view_update()), "update the data view", priv)
-        return status, detail
+            return status, detail
+        _check(self.t.kb("POST", path + dv_id, json=K.data_view_update()), "update the data view", priv)
+        return self._left_behind(status, detail, K.DATA_VIEW_ID, found,
+                                 lambda i: self._drop_legacy(path + i, "delete the data view's earlier id", priv))
 
     def _dashboard(self, dashboard: K.Dashboard) -> tuple[str, str]:
         priv = KIBANA_PRIVILEGE["dashboard"]
         so = dashboard.saved_object()
+        exists = lambda i: self._export_saved_object("dashboard", i) is not None  # noqa: E731
+        drop = lambda i: self._drop_legacy(f"/api/saved_objects/dashboard/{i}", f"delete dashboard {i}", priv)  # noqa: E731
         existing = self._export_saved_object("dashboard", dashboard.id)
         legacy = None
         if existing is None:
             status = "created"
-            legacy = self._legacy_id(dashboard.default_id,
-                                     lambda i: self._export_saved_object("dashboard", i) is not None)
-        elif K.fingerprint_of(existing) == K.fingerprint_of(so):
-            return "unchanged", ""
+            legacy = self._legacy_id(dashboard.default_id, exists)
         else:
-            status = "updated"
+            status = "unchanged" if K.fingerprint_of(existing) == K.fingerprint_of(so) else "updated"
+            if status == "unchanged" or self.dry_run:
+                return self._left_behind(status, "", dashboard.default_id, exists, drop)
         detail = f"moved from {legacy}" if legacy else ""
         if self.dry_run:
             return self._would(status), detail
@@ -576,7 +594,9 @@ class Installer:
                 self._drop_legacy(f"/api/saved_objects/dashboard/{moved}", f"delete dashboard {moved}", priv)
                 raise _taken_elsewhere("dashboard", dashboard.id, self.space)
         if legacy:
-            self._drop_legacy(f"/api/saved_objects/dashboard/{legacy}", f"delete dashboard {legacy}", priv)
+            drop(legacy)
+        if status == "updated":
+            return self._left_behind(status, detail, dashboard.default_id, exists, drop)
         return status, detail
 
     def _export_saved_object(self, so_type: str, so_id: str) -> dict | None:
@@ -606,12 +626,15 @@ class Installer:
         _check(resp, f"read rule {rule.name}", priv)
         current = _json(resp, "a rule", pick=_rule_shape)
         want = rule.update_body(self.kibana_version, actions=_actions_for_update(current.get("actions") or []))
+        exists = lambda i: self._found(f"/api/alerting/rule/{i}", f"read rule {rule.name}", priv)  # noqa: E731
+        drop = lambda i: self._drop_legacy(f"/api/alerting/rule/{i}", f"delete rule {i}", priv)  # noqa: E731
         if _rule_matches(current, want):
-            return "unchanged", detail
+            return self._left_behind("unchanged", detail, rule.default_id, exists, drop)
         if self.dry_run:
-            return "would update", detail
+            return self._left_behind("updated", detail, rule.default_id, exists, drop)
         _check(self.t.kb("PUT", path, json=want), f"update rule {rule.name}", priv)
-        return "updated", (detail + "; " if detail else "") + "actions kept"
+        return self._left_behind("updated", (detail + "; " if detail else "") + "actions kept",
+                                 rule.default_id, exists, drop)
 
     def _create_rule(self, rule: K.Rule, detail: str) -> tuple[str, str]:
         """Create `rule`; outside the default space, one under the default space's id here (an

@@ -569,6 +569,33 @@ def test_an_install_into_a_space_by_an_earlier_version_is_moved_to_the_space_ids
         assert install(*extra).exit_code == 0 and stack.writes() == []
 
 
+@pytest.mark.parametrize("stuck", [("DELETE", r"/api/alerting/rule/" + K.RULE_ID_HEADROOM_TPM),
+                                   ("DELETE", r"/api/saved_objects/dashboard/openai-elastic-costs")])
+def test_a_move_stopped_between_create_and_delete_is_finished_by_the_next_install(stack, stuck):
+    """A move creates the space's object, then deletes the old one. When that delete failed (a
+    5xx, a dropped connection, Ctrl-C), the next install found the space's id there, said
+    `unchanged` and left the old object for good: the old rule fired beside the new one, and the
+    default space's install stayed refused, its advice (`install --space team-a`) no help."""
+    assert install().exit_code == 0
+    for key in list(stack.objects_in("default")):
+        stack.space[key] = "team-a"  # an earlier version's install in team-a
+    stack.forbid.add(stuck)
+    assert install("--space", "team-a").exit_code != 0
+    stack.forbid.clear()
+    stack.calls.clear()
+    result = install("--space", "team-a", "--dry-run")
+    assert result.exit_code == 0 and stack.writes() == [], result.output
+    assert re.search(r"would update\s+\S+ \S+.*deleted \S+, left by an earlier move", result.output), result.output
+    result = install("--space", "team-a")
+    assert result.exit_code == 0, result.output
+    assert "left by an earlier move" in result.output
+    assert stack.objects_in("team-a") == _kb_ids("team-a")
+    assert install().exit_code == 0 and stack.objects_in("default") == _kb_ids()
+    stack.calls.clear()
+    result = install("--space", "team-a")
+    assert stack.writes() == [] and f"install complete: {N_ES + N_KB} unchanged" in result.output
+
+
 def test_a_dashboard_kibana_imports_under_a_new_id_is_removed_and_an_error(stack):
     """Kibana's import creates an object whose id another space holds under a new random id, and
     says so with `destinationId`: left there, every install would add one more copy."""
