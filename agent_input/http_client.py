@@ -28,6 +28,7 @@ import random
 import re
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import urlencode
@@ -275,6 +276,10 @@ class AdminApiClient:
         })
         if proxy_url:
             self.session.proxies.update({"http": proxy_url, "https": proxy_url})
+        # requests takes a proxy from the environment (HTTPS_PROXY, ...) where proxy_url sets none:
+        # its user:password@ is as secret as proxy_url's, and urllib3 quotes a malformed one whole
+        for env_proxy in urllib.request.getproxies().values():
+            logs.register_url_password(env_proxy)
         self.session.verify = ca_file if (verify and ca_file) else bool(verify)
         if not verify:
             log.warning("TLS certificate verification is off (ssl_verify: false)")

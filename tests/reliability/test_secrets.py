@@ -204,3 +204,17 @@ def test_no_secret_in_what_the_installer_prints_or_exports(tmp_path):
     leaks = [f"{what} in {where}" for where, data in written.items() for what, secret in secrets.items()
              if secret in data]
     assert not leaks, leaks
+
+
+def test_no_environment_proxy_password_in_check_output(tmp_path):
+    """A proxy from HTTPS_PROXY/HTTP_PROXY (requests applies it where proxy_url is not set) is as
+    secret as proxy_url: urllib3 quotes a malformed one whole ("Failed to parse: http://u:p@..."),
+    and that text reaches the probe lines and the retry warnings."""
+    cfg = tmp_path / "openai.yml"
+    cfg.write_text("url: http://127.0.0.1:9\nmax_retries: 0\nhttp_timeout: 2s\n")
+    proxy = f"http://proxyuser:{PROXY_PASSWORD}@127.0.0.1:99999"
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(OPENAI_ADMIN_KEY=ADMIN_KEY, HTTPS_PROXY=proxy, HTTP_PROXY=proxy, ALL_PROXY=proxy)
+    code, out, err = _cli(["check", "--config", str(cfg), "--log-level", "DEBUG"], env, tmp_path)
+    assert code == 1 and b"invalid URL or proxy" in out, (out + err).decode()
+    assert PROXY_PASSWORD.encode() not in out + err, (out + err).decode()
