@@ -98,6 +98,11 @@ def _checked_api_key(key: str, source: str) -> str:
 
 
 def _read_secret(path: str, what: str) -> str:
+    if not os.path.lexists(path):
+        # not shown: a path that names nothing may be the secret itself, pasted in place of its file
+        option = "--api-key-file" if what == "API key" else "--password-file"
+        raise InstallerError(f"the {what} file given to {option} does not exist (the value is not shown: "
+                             f"pass the path of a file holding the {what})", code=2)
     try:
         value = read_text_file(path, SECRET_FILE_LIMIT).strip()
     except OSError as exc:

@@ -710,6 +710,22 @@ def test_a_secret_file_that_is_a_fifo_nobody_writes_is_one_line_not_a_hang(stack
     assert not stack.calls
 
 
+@pytest.mark.parametrize("env_set", [False, True])
+def test_a_secret_pasted_in_place_of_its_file_is_never_echoed(stack, tmp_path, env_set):
+    """`--api-key-file "$ELASTIC_API_KEY"` or `--password-file "$ELASTIC_PASSWORD"` (the value
+    instead of a path) was echoed whole: "cannot read API key file <the key>: No such file"."""
+    key, password = "RVNBUElLRVlodW50c2VjcmV0MTIzNDU2Nzg5", "Hp@ss:w/rd?#%HuntEsPw9"
+    for option, secret, what, env in (
+            (["--api-key-file", key], key, "--api-key-file", {"ELASTIC_API_KEY": key if env_set else ""}),
+            (["--username", "u", "--password-file", password], password, "--password-file",
+             {"ELASTIC_API_KEY": "", "ELASTIC_PASSWORD": password if env_set else ""})):
+        result = install(*option, "--skip-kibana", env=env)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert what in result.output and "does not exist" in result.output, result.output
+        assert secret[:8] not in result.output, result.output
+    assert not stack.calls
+
+
 def test_a_netrc_entry_never_replaces_or_adds_credentials(stack, tmp_path):
     """requests would put a matching ~/.netrc entry's basic auth in place of the ApiKey header, and
     add it where none was given: the installer sends only the credentials it was given."""
@@ -808,7 +824,8 @@ def test_missing_urls_and_credentials_files():
     r = run("install", "--kibana-url", KB)
     assert r.exit_code == 2 and "--es-url (or ES_URL) is required" in r.output
     r = run("install", "--es-url", ES, "--kibana-url", KB, "--api-key-file", "/nonexistent/key")
-    assert r.exit_code == 2 and "cannot read API key file /nonexistent/key" in r.output
+    assert r.exit_code == 2 and "API key file given to --api-key-file does not exist" in r.output
+    assert "/nonexistent/key" not in r.output  # it might be the key itself
     r = run("install", "--es-url", ES, "--kibana-url", KB, env={"ELASTIC_API_KEY": "", "ELASTIC_USERNAME": "u"})
     assert r.exit_code == 2 and "no password for user u" in r.output
 
