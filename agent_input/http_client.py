@@ -327,7 +327,8 @@ class AdminApiClient:
             body = orjson.loads(content)
         except orjson.JSONDecodeError as exc:
             self._count(errors=1)
-            text = content[:120].decode("utf-8", "replace") if content else "(empty body)"
+            # redacted before it is cut: a secret the cut fell inside would keep its first characters
+            text = logs.redact(content[:4096].decode("utf-8", "replace"))[:120] if content else "(empty body)"
             # orjson's reason says what is wrong past the start shown: NaN, bytes that are not
             # UTF-8, nesting deeper than 1024, a body cut short
             msg = str(exc.msg)

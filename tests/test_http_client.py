@@ -243,6 +243,21 @@ def test_a_body_that_is_not_json_is_reported_with_the_parsers_reason(client, bod
     assert len(str(info.value)) < 400
 
 
+@responses.activate
+def test_a_secret_cut_by_the_bodys_quoted_start_is_not_shown_in_part(client):
+    """The error quotes a non-JSON body's first 120 bytes, and was redacted after the cut: a
+    registered secret the cut fell inside left its first characters, too few for the prefix rule."""
+    from agent_input.logs import register_secret
+
+    secret = "GatewayEchoedSecret-0123456789abcdef"
+    register_secret(secret)
+    start = b"<html>proxy says: " + b"." * (120 - 18 - 10)
+    responses.get(URL, body=start + secret.encode() + b"</html>", content_type="text/html")
+    with pytest.raises(MalformedResponseError) as info:
+        client.get_json(PATH)
+    assert secret[:10] not in str(info.value) and "***" in str(info.value), str(info.value)
+
+
 # ---- retries ------------------------------------------------------------------------------------
 
 
