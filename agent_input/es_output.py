@@ -68,6 +68,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -224,7 +225,7 @@ def make_client(
         token = base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
         register_secret(token)
         kwargs["basic_auth"] = token
-    else:
+    elif not (url and urlsplit(url).username):  # the client sends a URL's user:password@ itself
         log.warning("no Elasticsearch credentials (%s or %s/%s): sending requests without auth",
                     ENV_API_KEY, ENV_USERNAME, ENV_PASSWORD)
     if cloud_id:

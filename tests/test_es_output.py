@@ -537,6 +537,27 @@ def test_basic_auth_and_wrong_credentials(tmp_path, password):
         es.close()
 
 
+def test_credentials_in_the_url_are_used_and_not_called_missing(caplog):
+    """`--es-url https://user:password@host` authenticates (the client sends the URL's user and
+    password), yet the output warned 'no Elasticsearch credentials: sending requests without auth'."""
+    import logging
+
+    user, password = "elastic", "url-pass-word"
+    es = FakeElasticsearch("9.1.0", auth="Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        url = es.url.replace("http://", f"http://{user}:{password}@")
+        with caplog.at_level(logging.WARNING, logger="agent_input.es_output"):
+            client = make_client(url, env={})
+        assert check_cluster(client) == "9.1.0"
+        assert not any("without auth" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="agent_input.es_output"):
+            make_client(es.url, env={})
+        assert any("without auth" in r.getMessage() for r in caplog.records)
+    finally:
+        es.close()
+
+
 @pytest.mark.parametrize("env, says", [
     ({"ELASTIC_API_KEY": "c2VjcmV0LWtleS1k\nby1ub3QtcHJpbnQ="}, "ELASTIC_API_KEY contains a line break"),
     ({"ELASTIC_API_KEY": "c2VjcmV0LWtleS1k by1ub3QtcHJpbnQ="}, "ELASTIC_API_KEY contains a space"),
