@@ -375,6 +375,7 @@ class Installer:
         self.echo = echo or (lambda line: None)
         # the Kibana space: each space has its own ids for our objects (kibana.object_id)
         self.space = K.space_id(target.space)
+        self._rolled: set[str] = set()  # index templates whose data streams were rolled over
         self.es_version: str | None = None
         self.kibana_version: str | None = None
         # asset path -> its body as read in this install or uninstall (None: absent): the foreign-asset
@@ -496,7 +497,40 @@ class Installer:
         if self.dry_run:
             return self._would(status), detail
         _check(self.t.es("PUT", asset.path, json=asset.body), f"write {asset.label}", priv)
+        if status == "updated" and asset.kind in ("component_template", "index_template"):
+            rolled = self._roll_over_streams(asset.name.removesuffix("@package"))
+            detail = "; ".join(d for d in (detail, rolled) if d)
         return status, detail
+
+    def _roll_over_streams(self, template: str) -> str:
+        """A template applies when a backing index is created: an existing data stream's write
+        index keeps the mappings it was made with, so an upgrade's (the audit payload's
+        ignore_above) did not apply, for up to the lifecycle's 30 days, to what it fixes. Each
+        existing stream of updated index template `template` is rolled over lazily (a new backing
+        index at its next write). Without the privilege for that (`manage` on the stream, not in
+        the documented installer role) the install goes on and says what to run."""
+        if template in self._rolled:
+            return ""
+        self._rolled.add(template)
+        resp = self.t.es("GET", f"/_data_stream/{template}-*")
+        if resp.status_code != 200:
+            return "existing data streams keep the earlier mappings until their next rollover"
+        names = _json(resp, "a list of data streams", pick=lambda d: [
+            str(ds["name"]) for ds in d["data_streams"] if ds.get("template") == template])
+        rolled, left = [], []
+        for name in names:
+            ok = self.t.es("POST", f"/{name}/_rollover", params={"lazy": "true"}).status_code == 200
+            (rolled if ok else left).append(name)
+        parts = []
+        if rolled:
+            parts.append(f"{', '.join(rolled)} " + ("rolls over at its" if len(rolled) == 1 else "roll over at their")
+                         + " next write")
+        if left:
+            parts.append(f"{', '.join(left)} " + ("keeps" if len(left) == 1 else "keep") + " the earlier mappings "
+                         f"until {'its' if len(left) == 1 else 'their'} next rollover: "
+                         + ", ".join(f"POST {n}/_rollover" for n in left)
+                         + " applies them now (with the manage privilege on it)")
+        return "; ".join(parts)
 
     def _legacy_id(self, default_id: str, exists: Callable[[str], bool]) -> str | None:
         """Outside the default space: the default space's id when this space holds an object under

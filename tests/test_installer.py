@@ -39,6 +39,7 @@ class FakeStack:
         self.es_version, self.kb_version = es_version, kb_version
         self.component, self.index, self.pipelines = {}, {}, {}
         self.data_streams: set[str] = set()  # index template names in use
+        self.rollovers: list[tuple[str, dict]] = []  # (data stream, query) of each POST <stream>/_rollover
         self.data_views, self.saved_objects, self.rules = {}, {}, {}
         # ("index-pattern", id) / (type, id) / ("alert", id) -> the space that holds the object;
         # objects a test puts in the stores directly are in the default space
@@ -146,6 +147,14 @@ class FakeStack:
                 return self._json(404, {"error": {"type": "index_not_found_exception", "reason": pattern}})
             self.data_streams -= hit
             return self._json(200, {"acknowledged": True})
+        mm = re.fullmatch(r"/([^/_][^/]*)/_rollover", path)
+        if mm and m == "POST":
+            if not any(t + "-default" == mm.group(1) for t in self.data_streams):
+                return self._json(404, {"error": {"type": "index_not_found_exception", "reason": mm.group(1)}})
+            self.rollovers.append((mm.group(1), call["query"]))
+            lazy = call["query"].get("lazy") == ["true"]
+            return self._json(200, {"acknowledged": True, "rolled_over": not lazy, "lazy": lazy, "dry_run": False,
+                                    "old_index": ".ds-x-1", "new_index": ".ds-x-1" if lazy else ".ds-x-2"})
         return self._json(400, {"error": {"type": "fake", "reason": f"unexpected {m} {path}"}})
 
     # -- Kibana ---------------------------------------------------------------------------------
@@ -381,6 +390,35 @@ def test_upgrade_updates_only_what_changed_and_keeps_rule_actions(stack):
     assert "WHERE tpm_utilization >= 0.9" in put["params"]["esqlQuery"]["esql"]
     assert stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"][0]["id"] == "my-connector"
     assert stack.rules[K.RULE_ID_HEADROOM_RPM]["enabled"] is False
+
+
+def test_an_updated_template_reaches_the_data_streams_that_exist(stack):
+    """A template applies when a backing index is created: an upgrade's new mappings (the audit
+    payload's ignore_above) left the live write index as it was, rejecting what they fix, until a
+    rollover that may be a month away. Each existing stream of an updated template is rolled over
+    lazily (at its next write); without the privilege for it, the install says what to run."""
+    assert install().exit_code == 0
+    stack.data_streams |= {"logs-openai.audit", "logs-openai.completions"}
+    stack.component["logs-openai.audit@package"]["_meta"]["fingerprint"] = "0000000000000000"
+    stack.index["logs-openai.audit"]["_meta"]["fingerprint"] = "0000000000000000"
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert stack.rollovers == [("logs-openai.audit-default", {"lazy": ["true"]})]  # once, and only audit's
+    assert re.search(r"updated\s+component_template logs-openai.audit@package\s+\(logs-openai.audit-default "
+                     r"rolls over at its next write", result.output), result.output
+    # the documented installer role may not roll over: not a failure, the way to apply it is named
+    stack.rollovers.clear()
+    stack.forbid.add(("POST", r"/[^/]+/_rollover"))
+    stack.component["logs-openai.audit@package"]["_meta"]["fingerprint"] = "0000000000000000"
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert stack.rollovers == []
+    assert "logs-openai.audit-default keeps the earlier mappings until its next rollover: " \
+           "POST logs-openai.audit-default/_rollover applies them now" in result.output
+    # a dry run reads, and writes nothing
+    stack.calls.clear()
+    stack.component["logs-openai.audit@package"]["_meta"]["fingerprint"] = "0000000000000000"
+    assert install("--dry-run").exit_code == 0 and stack.writes() == []
 
 
 def test_changed_dashboard_is_reimported(stack):
