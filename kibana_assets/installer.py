@@ -376,6 +376,7 @@ class Installer:
         # the Kibana space: each space has its own ids for our objects (kibana.object_id)
         self.space = K.space_id(target.space)
         self._rolled: set[str] = set()  # index templates whose data streams were rolled over
+        self._other_spaces: list[str] | None = None  # read once, by a dry run's _held_elsewhere
         self.es_version: str | None = None
         self.kibana_version: str | None = None
         # asset path -> its body as read in this install or uninstall (None: absent): the foreign-asset
@@ -546,6 +547,20 @@ class Installer:
         _check(resp, what, priv)
         return True
 
+    def _held_elsewhere(self, kind: str, so_id: str, held: Callable[[str], bool]) -> None:
+        """A dry run's create in the default space: raise as `install` would when another space
+        holds the id (an earlier version's install there): its create is a 409 conflict, or a copy
+        Kibana imports under a new id, and it stops there. `held(space)` reads the id in a space."""
+        if not self.dry_run or self.space != K.DEFAULT_SPACE:
+            return
+        if self._other_spaces is None:
+            resp = self.t.kb("GET", "/api/spaces/space")
+            self._other_spaces = [] if resp.status_code != 200 else [
+                sp for sp in _json(resp, "a list of spaces", pick=lambda d: [str(x["id"]) for x in d])
+                if sp != self.space and re.fullmatch(r"[a-z0-9_-]+", sp)]
+        if any(held(sp) for sp in self._other_spaces):
+            raise _taken_elsewhere(kind, so_id, self.space)
+
     def _drop_legacy(self, path: str, what: str, priv: str) -> None:
         resp = self.t.kb("DELETE", path)
         if resp.status_code != 404:
@@ -576,6 +591,8 @@ class Installer:
         if resp.status_code == 404:
             status = "created"
             legacy = self._legacy_id(K.DATA_VIEW_ID, found)
+            self._held_elsewhere("data view", dv_id,
+                                 lambda sp: self.t.kb("GET", path + dv_id, space=sp).status_code == 200)
         else:
             _check(resp, "read the data view", priv)
             have = _json(resp, "a data view", pick=lambda d: dict(d.get("data_view") or {}))
@@ -609,6 +626,8 @@ class Installer:
         if existing is None:
             status = "created"
             legacy = self._legacy_id(dashboard.default_id, exists)
+            self._held_elsewhere("dashboard", dashboard.id,
+                                 lambda sp: self._export_saved_object("dashboard", dashboard.id, sp) is not None)
         else:
             status = "unchanged" if K.fingerprint_of(existing) == K.fingerprint_of(so) else "updated"
             if status == "unchanged" or self.dry_run:
@@ -638,8 +657,8 @@ class Installer:
             return self._left_behind(status, detail, dashboard.default_id, exists, drop)
         return status, detail
 
-    def _export_saved_object(self, so_type: str, so_id: str) -> dict | None:
-        resp = self.t.kb("POST", "/api/saved_objects/_export",
+    def _export_saved_object(self, so_type: str, so_id: str, space: str | None = None) -> dict | None:
+        resp = self.t.kb("POST", "/api/saved_objects/_export", space=space,
                          json={"objects": [{"type": so_type, "id": so_id}], "includeReferencesDeep": False,
                                "excludeExportDetails": False})
         if resp.status_code in (400, 404):
@@ -687,6 +706,8 @@ class Installer:
                 legacy = _json(resp, "a rule", pick=_rule_shape)
         if legacy is not None:
             detail = (detail + "; " if detail else "") + f"moved from {rule.default_id}, actions kept"
+        self._held_elsewhere("rule", rule.id, lambda sp: self.t.kb(
+            "GET", f"/api/alerting/rule/{rule.id}", space=sp).status_code == 200)
         if self.dry_run:
             return "would create", detail
         body = rule.create_body(self.kibana_version, self.o.rules.enabled)

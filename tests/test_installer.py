@@ -607,6 +607,24 @@ def test_an_install_into_a_space_by_an_earlier_version_is_moved_to_the_space_ids
         assert install(*extra).exit_code == 0 and stack.writes() == []
 
 
+@pytest.mark.parametrize("held", ["index-pattern", "dashboard", "alert"])
+def test_a_dry_run_in_the_default_space_says_what_install_would_stop_at(stack, held):
+    """An earlier version's install in team-a holds the default space's ids: `install` there stops
+    at the first of them (409, or a copy Kibana imports under a new id), but `--dry-run` said
+    `would create` for each and exited 0, so the plan hid the failure and its remedy."""
+    assert install().exit_code == 0
+    for key in list(stack.objects_in("default")):
+        if key[0] == held:
+            stack.space[key] = "team-a"
+    stack.calls.clear()
+    result = install("--dry-run")
+    assert stack.writes() == []
+    assert result.exit_code == 1, result.output
+    assert "exists in another Kibana space" in result.output and "install --space" in result.output, result.output
+    real = install()
+    assert real.exit_code == 1 and "exists in another Kibana space" in real.output, real.output
+
+
 @pytest.mark.parametrize("stuck", [("DELETE", r"/api/alerting/rule/" + K.RULE_ID_HEADROOM_TPM),
                                    ("DELETE", r"/api/saved_objects/dashboard/openai-elastic-costs")])
 def test_a_move_stopped_between_create_and_delete_is_finished_by_the_next_install(stack, stuck):
