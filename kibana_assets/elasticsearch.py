@@ -66,6 +66,16 @@ def with_fingerprint(body: dict) -> dict:
     return body
 
 
+def with_content_fingerprint(template: dict) -> dict:
+    """A template's body with `_meta.content_fingerprint`: the hash of all but its `_meta`, what
+    applies to a backing index. `_meta.fingerprint` changes with the bundle's version too, at
+    every upgrade; this one only when the mappings or settings do (the installer rolls the data
+    streams over then, and only then)."""
+    template = copy.deepcopy(template)
+    template["_meta"]["content_fingerprint"] = fingerprint({k: v for k, v in template.items() if k != "_meta"})
+    return with_fingerprint(template)
+
+
 @dataclass(frozen=True)
 class Retention:
     """Where retention comes from.
@@ -99,7 +109,7 @@ def index_template_name(ds: str) -> str:
 
 
 def component_template(ds: str) -> dict:
-    return with_fingerprint({
+    return with_content_fingerprint({
         "template": {"mappings": F.mappings(ds)},
         "_meta": meta({"dataset": f"openai.{ds}", "fields": f"kibana_assets/fields/{ds}.yml"}),
     })
@@ -113,7 +123,7 @@ def index_template(ds: str, retention: Retention) -> dict:
         template["lifecycle"] = {"enabled": False}
     else:
         template["lifecycle"] = {"enabled": True, "data_retention": retention.for_dataset(ds)}
-    return with_fingerprint({
+    return with_content_fingerprint({
         "index_patterns": [f"logs-openai.{ds}-*"],
         "data_stream": {},
         "priority": TEMPLATE_PRIORITY,
@@ -216,7 +226,7 @@ def router_pipeline(default_namespace: str = "default") -> dict:
 
 
 def router_index_template() -> dict:
-    return with_fingerprint({
+    return with_content_fingerprint({
         "index_patterns": [ROUTER_PATTERN],
         "data_stream": {},
         "priority": TEMPLATE_PRIORITY,

@@ -483,6 +483,7 @@ class Installer:
         priv = ES_PRIVILEGE[asset.kind]
         current = self._read_es(asset)
         detail = ""
+        reshaped = False  # what applies to a backing index changed: not only the _meta (a new version)
         if current is None:
             status = "created"
         else:
@@ -495,10 +496,11 @@ class Installer:
                                         f"{MANAGED_BY}: pass --replace-foreign-assets to take it over")
                 detail = f"taken over from {_owner(current) or 'an unmanaged asset'}"
             status = "updated"
+            reshaped = meta.get("content_fingerprint") != asset.body["_meta"].get("content_fingerprint")
         if self.dry_run:
             return self._would(status), detail
         _check(self.t.es("PUT", asset.path, json=asset.body), f"write {asset.label}", priv)
-        if status == "updated" and asset.kind in ("component_template", "index_template"):
+        if reshaped and asset.kind in ("component_template", "index_template"):
             rolled = self._roll_over_streams(asset.name.removesuffix("@package"))
             detail = "; ".join(d for d in (detail, rolled) if d)
         return status, detail

@@ -397,10 +397,15 @@ def test_an_updated_template_reaches_the_data_streams_that_exist(stack):
     payload's ignore_above) left the live write index as it was, rejecting what they fix, until a
     rollover that may be a month away. Each existing stream of an updated template is rolled over
     lazily (at its next write); without the privilege for it, the install says what to run."""
+    def changed(store, name):  # as an earlier version wrote it: other mappings (or no content mark)
+        stack_meta = store[name]["_meta"]
+        stack_meta["fingerprint"] = "0000000000000000"
+        stack_meta["content_fingerprint"] = "1111111111111111"
+
     assert install().exit_code == 0
     stack.data_streams |= {"logs-openai.audit", "logs-openai.completions"}
-    stack.component["logs-openai.audit@package"]["_meta"]["fingerprint"] = "0000000000000000"
-    stack.index["logs-openai.audit"]["_meta"]["fingerprint"] = "0000000000000000"
+    changed(stack.component, "logs-openai.audit@package")
+    changed(stack.index, "logs-openai.audit")
     result = install()
     assert result.exit_code == 0, result.output
     assert stack.rollovers == [("logs-openai.audit-default", {"lazy": ["true"]})]  # once, and only audit's
@@ -409,7 +414,7 @@ def test_an_updated_template_reaches_the_data_streams_that_exist(stack):
     # the documented installer role may not roll over: not a failure, the way to apply it is named
     stack.rollovers.clear()
     stack.forbid.add(("POST", r"/[^/]+/_rollover"))
-    stack.component["logs-openai.audit@package"]["_meta"]["fingerprint"] = "0000000000000000"
+    changed(stack.component, "logs-openai.audit@package")
     result = install()
     assert result.exit_code == 0, result.output
     assert stack.rollovers == []
@@ -417,8 +422,28 @@ def test_an_updated_template_reaches_the_data_streams_that_exist(stack):
            "POST logs-openai.audit-default/_rollover applies them now" in result.output
     # a dry run reads, and writes nothing
     stack.calls.clear()
-    stack.component["logs-openai.audit@package"]["_meta"]["fingerprint"] = "0000000000000000"
+    changed(stack.component, "logs-openai.audit@package")
     assert install("--dry-run").exit_code == 0 and stack.writes() == []
+    # an earlier version's template, without the content mark: rolled over, as it cannot be told
+    stack.forbid.clear()
+    stack.rollovers.clear()
+    del stack.index["logs-openai.audit"]["_meta"]["content_fingerprint"]
+    stack.index["logs-openai.audit"]["_meta"]["fingerprint"] = "0000000000000000"
+    assert install().exit_code == 0 and stack.rollovers == [("logs-openai.audit-default", {"lazy": ["true"]})]
+
+
+def test_a_new_version_with_the_same_mappings_rolls_no_data_stream_over(stack, monkeypatch):
+    """Every asset's `_meta` holds the bundle's version, bumped at any change (a dashboard's): each
+    upgrade updated every template, and each of them rolled all its data streams over (a new
+    backing index per stream and namespace at every upgrade, said to bring mappings that were
+    the same). Only a change to what applies to a backing index rolls its streams over."""
+    assert install().exit_code == 0
+    stack.data_streams |= {"logs-openai.audit", "logs-openai.completions", "logs-openai"}
+    monkeypatch.setattr(E, "VERSION", "99.0.0")
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert re.search(r"updated\s+index_template logs-openai.audit\n", result.output), result.output
+    assert stack.rollovers == [] and "next write" not in result.output, result.output
 
 
 def test_changed_dashboard_is_reimported(stack):
