@@ -477,7 +477,8 @@ def _error_details(response: requests.Response) -> tuple[str, str | None, str | 
             return str(message), (str(code) if code is not None else None), err.get("type")
         if isinstance(err, str):
             return err, None, None
-    text = (response.text or "").strip()
+    # redacted before it is cut: a secret the cut fell inside would keep its first characters
+    text = logs.redact((response.text or "")[:4096].strip())
     message = response.reason or "error"
     if text:
         message = f"{message}: {text[:200]}"

@@ -258,6 +258,22 @@ def test_a_secret_cut_by_the_bodys_quoted_start_is_not_shown_in_part(client):
     assert secret[:10] not in str(info.value) and "***" in str(info.value), str(info.value)
 
 
+@responses.activate
+def test_a_secret_cut_by_an_error_bodys_quoted_start_is_not_shown_in_part(client):
+    """An error answer that is not JSON (a proxy's or gateway's page) is quoted to its first 200
+    characters, and was redacted after that cut: a registered secret the cut fell inside kept up
+    to 11 characters, too few for the prefix rule, in the error check prints and collect logs."""
+    from agent_input.logs import register_secret
+
+    secret = "GatewayEchoedErrSecret-0123456789abcdef"
+    register_secret(secret)
+    start = "<html>gateway says: " + "." * (200 - 20 - 10)
+    responses.get(URL, body=start + secret + "</html>", status=400, content_type="text/html")
+    with pytest.raises(BadRequestError) as info:
+        client.get_json(PATH)
+    assert secret[:10] not in str(info.value) and "***" in str(info.value), str(info.value)
+
+
 # ---- retries ------------------------------------------------------------------------------------
 
 
