@@ -537,6 +537,23 @@ def test_bad_events_are_reported_and_passed_and_the_good_ones_stored(tmp_path, c
     store.close()
 
 
+def test_a_bad_event_in_the_overlap_is_reported_once_not_at_every_re_read(tmp_path):
+    """A skipped event within the last OVERLAP seconds is read again by the next poll: it is
+    remembered with the ids emitted there, so that poll neither reports nor stores it."""
+    now = int(T0)
+    api = _AuditListing([])
+    api.events = [_session_event(1, now - 20), _bad(2, now - 10, "actor.session.ip_address_details", "n/a")]
+    api.now = now
+    col, store, output = _listing_collector(tmp_path, api)
+    first = col.poll(now)
+    assert first.events == 1 and len(first.errors) == 1 and "audit_log-2" in first.errors[0]
+    api.now = now + 60
+    later = col.poll(now + 60)  # re-reads [now + 1 - 300, now + 60]: both events again
+    assert later.errors == [], "the bad event was reported again by the overlap's re-read"
+    assert later.events == 0
+    output.close()
+    store.close()
+
 def test_effective_at_out_of_range_or_not_whole_is_skipped_not_fatal(tmp_path):
     now = int(T0)
     api = _AuditListing([])
@@ -779,6 +796,37 @@ def test_a_tenant_refusal_is_remembered_across_processes_until_it_is_asked_again
     assert refused is None and warned == []
 
 
+def test_a_refusal_recorded_in_the_future_is_asked_again_at_once(simulator, tmp_path):
+    """A clock set back (a refusal stored at a time after `now`): waiting FORBIDDEN_RETRY from the
+    record would hold the tenant scope for longer than the retry; it is asked at once instead."""
+    import json as _json
+
+    from agent_input.audit import KV_TENANT_REFUSED
+
+    col, store, output, client = _collector(simulator, tmp_path / "state", tmp_path / "audit.ndjson")
+    store.commit_events("audit", b"", 0, {KV_TENANT_REFUSED: _json.dumps({"at": int(T0) + 3 * HOUR, "why": "403"})})
+    simulator.set_time(T0)
+    stats = col.poll(T0)
+    assert stats.errors == []
+    assert col.tenant_refused is None, "the tenant scope was not asked (the record is in the future)"
+    assert store.get(KV_TENANT_REFUSED) == ""
+    for c in (output, store, client):
+        c.close()
+
+
+def test_a_rejected_key_on_the_tenant_scope_stops_the_stream_like_the_organization_s(simulator, tmp_path):
+    """A 401 is not a failed slice to report and retry: the engine stops the stream and says why."""
+    from agent_input.http_client import AuthenticationError
+    from agent_input.simulator import FaultRule
+
+    col, store, output, client = _collector(simulator, tmp_path / "state", tmp_path / "audit.ndjson")
+    simulator.add_fault(FaultRule(kind="401", path="audit_logs", query="tenant_only=true", count=None))
+    with pytest.raises(AuthenticationError):
+        col.poll(T0)
+    assert store.get(KV_HWM) == str(int(T0) + 1)  # the organization's slices of that poll are stored
+    for c in (output, store, client):
+        c.close()
+
 def test_a_stop_on_the_tenant_retry_is_not_taken_for_the_scope_being_readable(simulator, tmp_path, caplog):
     from agent_input.audit import FORBIDDEN_RETRY
     from agent_input.simulator import FaultRule
@@ -935,3 +983,21 @@ def test_a_slice_of_the_overlap_read_in_halves_never_moves_the_mark_back(tmp_pat
     store.close()
     ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
     assert sorted(ids) == sorted(e["id"] for e in api.events), "an event was stored twice, or never"
+
+
+def test_a_slice_of_exactly_the_cap_is_read_once_not_halved(tmp_path, monkeypatch):
+    """Only a slice of MORE than MAX_SLICE_EVENTS events is read again in halves."""
+    from agent_input import audit as A
+
+    monkeypatch.setattr(A, "MAX_SLICE_EVENTS", 4)
+    now = int(T0)
+    api = _AuditListing([now - 400, now - 300, now - 200, now - 100])
+    api.now = now
+    cfg = _config(batch_size=100, initial_interval="1h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=api.get_json),
+                         Delivery(store, output), clock=lambda: api.now)
+    assert col.poll(now).events == 4
+    assert api.slices == [(now - HOUR, now)], "a slice of exactly the cap was read again in halves"
+    output.close()
+    store.close()
