@@ -135,6 +135,33 @@ def test_multi_page_projects_with_one_refused_yield_every_other_projects_limits(
     assert len({d["_id"] for d in docs}) == len(docs)
 
 
+def test_every_project_failing_is_a_failed_cycle_with_one_failure_document_each(simulator, tmp_path):
+    """No project's limits read: the cycle is a failure (the stale-limits rule's signal), and each
+    project has its own failure document (ids apart: a shared id is one document in the index)."""
+    from agent_input.simulator import FaultRule
+
+    org = simulator.org
+    projects = [p for p in org.projects if p.archived_at is None]
+    assert len(projects) >= 2
+    # an API error quoting a key: the failure document's message is redacted like a log line
+    simulator.add_fault(FaultRule(kind="404", path="*/rate_limits", count=None,
+                                  message="no such project (key sk-proj-abcdefghijklmnop)"))
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out)
+    stats = col.poll(T0)
+    for c in closing:
+        c.close()
+    docs = read_ndjson(out)
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "failure"
+    assert f"all {len(projects)} project(s) failed" in status["error"]["message"]
+    assert any(f"all {len(projects)} project(s) failed" in e for e in stats.errors)
+    failures = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert {d["openai"]["rate_limits"]["project_id"] for d in failures} == {p.id for p in projects}
+    assert len({d["_id"] for d in failures}) == len(projects), "two projects' failures share a document id"
+    for d in failures:
+        assert "sk-proj-abcdefghijklmnop" not in d["error"]["message"] and "***" in d["error"]["message"]
+
 def test_same_cycle_is_idempotent_and_archived_projects_are_opt_in(simulator, tmp_path):
     out1, out2 = tmp_path / "a.ndjson", tmp_path / "b.ndjson"
     col, closing = _collector(simulator, tmp_path / "s1", out1)
