@@ -549,6 +549,29 @@ def test_a_listing_whose_cursor_comes_back_is_a_failure_not_a_short_list():
     assert any("users" in f and "'user-1' came back a second time" in f for f in cache.failures), cache.failures
 
 
+def test_a_key_owner_the_users_listing_lacks_keeps_the_email_its_key_gave():
+    """A key's listing names its owner's email; a users listing without that user (a member
+    removed while their key lives on, a listing of another moment) does not take the email away."""
+    class Api:
+        def get_json(self, path, params):
+            if path.endswith("/organization/users"):
+                data = [{"id": "user-member", "email": "member@example.com"}]
+            elif path.endswith("/organization/projects"):
+                data = [{"id": "proj-1", "name": "project"}]
+            else:
+                data = [{"id": "key-1", "name": "key",
+                         "owner": {"type": "user", "user": {"id": "user-gone", "email": "gone@example.com"}}}]
+            return {"object": "list", "data": data, "has_more": False, "last_id": None}
+
+        def close(self):
+            pass
+
+    cache = NameCache(Api(), refresh_interval=3600, clock=lambda: 0.0)
+    cache.ensure_fresh()
+    assert cache.failures == []
+    assert cache.user_email("user-gone") == "gone@example.com"
+    assert cache.user_email("user-member") == "member@example.com"
+
 class _FakeOrgApi:
     """An Admin API with one project, one key and two users whose names a test can change, whose
     users listing a test can hold up and whose listings it can make fail."""
