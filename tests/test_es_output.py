@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -148,7 +149,7 @@ def test_a_stop_during_a_429_storm_is_not_slept_through_by_the_bulk_helper(fake,
     assert ack.n == 1 and len(fake.docs) == 3
 
 
-@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("status", [429, 503, 507])
 def test_item_failures_that_outlast_the_helpers_retries_are_retried_not_dead_lettered(fake, tmp_path, status):
     """With the bulk helper's own retries spent (max_retries=0), a document still answered 429 or
     503 is sent again by the output's loop: never dead-lettered, the batch acked once stored."""
@@ -160,6 +161,22 @@ def test_item_failures_that_outlast_the_helpers_retries_are_retried_not_dead_let
     assert ack.n == 1 and len(fake.docs) == 3 and out.created == 3 and out.rejected == 0
     assert not (tmp_path / "dead-letter.ndjson").exists()
 
+
+def test_a_stop_while_other_streams_hold_every_request_slot_gives_up_the_batch(fake, tmp_path):
+    """max_concurrent requests are in flight for other streams (a slow cluster): a stop does not
+    wait for them before this batch gives up, unacknowledged."""
+    stop = threading.Event()
+    out = _output(fake.url, tmp_path, stop=stop, max_concurrent=1)
+    assert out._slots.acquire(timeout=1)  # another stream's request, in flight for long
+    ack = Acks()
+    sender = threading.Thread(target=out.send, args=("completions", _payload([_doc(1)]), 1, ack), daemon=True)
+    sender.start()
+    time.sleep(0.3)
+    stop.set()
+    sender.join(5)
+    assert not sender.is_alive(), "the stop waited for another stream's request slot"
+    assert ack.n == 0 and not fake.docs
+    out._slots.release()
 
 def test_a_stop_during_a_retry_wait_leaves_the_batch_unacknowledged(fake, tmp_path):
     stop = threading.Event()
@@ -191,6 +208,8 @@ def test_a_document_refused_with_403_stops_the_output_not_dead_lettered(fake, tm
     (400, {"type": "index_closed_exception", "reason": "closed", "index": "logs-openai.embeddings-team"}),
     (403, {"type": "cluster_block_exception", "reason": "index [.ds-logs-openai.embeddings-team-2026.11.23-000001] "
            "blocked by: [FORBIDDEN/8/index write (api)];"}),
+    # a 404 is about the target whatever its type says: never the document's fault
+    (404, {"type": "resource_not_found_exception", "reason": "no such target [logs-openai.embeddings-team]"}),
 ])
 def test_an_item_error_about_the_index_stops_the_output_instead_of_dead_lettering(fake, tmp_path, status, error):
     """The cluster refusing the index (auto-creation not allowed, a name it does not take, a closed
@@ -279,6 +298,17 @@ def test_whole_request_429_and_5xx_and_connection_errors_are_retried(fake, tmp_p
     out.send("completions", _payload([_doc(1)]), 1, ack)
     assert ack.n == 1 and len(fake.docs) == 1
 
+
+def test_each_retry_waits_longer_up_to_max_backoff(fake, tmp_path):
+    """The output's own loop backs off exponentially from initial_backoff to max_backoff: a retry
+    that does not wait hammers a cluster that is already refusing (429) or down (503)."""
+    waits: list[float] = []
+    out = _output(fake.url, tmp_path, initial_backoff=1.0, max_backoff=3.0, attempts=10, sleep=waits.append)
+    fake.fail_requests = [503, 429, 503, 502]
+    ack = Acks()
+    out.send("completions", _payload([_doc(1)]), 1, ack)
+    assert ack.n == 1 and len(fake.docs) == 1
+    assert waits == [1.0, 2.0, 3.0, 3.0]
 
 def test_patience_runs_out_with_a_clear_error_and_no_ack(fake, tmp_path):
     out = _output(fake.url, tmp_path, max_retries=1, attempts=2)
@@ -391,6 +421,19 @@ def test_a_whole_request_413_is_split_into_smaller_requests_and_nothing_is_dead_
     assert len([r for r in fake.requests if r["path"].startswith("/_bulk")]) == 3  # 3 refused, then 2 and 1
 
 
+def test_a_passing_failure_while_splitting_a_413_is_retried_not_taken_for_a_limit_below_every_document(
+        fake, tmp_path):
+    """Two documents refused alone (413) while the only other request met a 503: nothing was judged,
+    so the limit is not known to be below ordinary documents; the batch is retried, not the output
+    stopped with 'refused even single documents'."""
+    out = _output(fake.url, tmp_path)
+    # 3 documents refused (413), then 2 of them (413) and the third (503), then each of the 2 alone
+    fake.fail_requests = [413, 413, 503, 413, 413]
+    ack = Acks()
+    out.send("completions", _payload([_doc(i) for i in range(3)]), 3, ack)
+    assert ack.n == 1 and len(fake.docs) == 3 and out.rejected == 0
+    assert not (tmp_path / "dead-letter.ndjson").exists()
+
 def test_a_proxy_body_limit_splits_down_to_one_document_and_dead_letters_only_one_too_large_alone(fake, tmp_path):
     fake.max_body_bytes = 1500  # about four documents; the proxy answers 413 with an HTML page
     out = _output(fake.url, tmp_path)
@@ -458,6 +501,25 @@ def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_deliv
     logged = buf.getvalue()
     assert docs[1][0] in logged and "openai.completions" in logged and "document_parsing_exception" in logged
 
+
+def test_a_dead_letter_record_is_fsynced_before_the_batch_is_acknowledged(fake, tmp_path, monkeypatch):
+    """The acknowledgement removes the batch from the outbox: the rejected document's only copy is
+    then its dead-letter record, which must be on disk first."""
+    import agent_input.es_output as es_mod
+
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(es_mod.os, "fsync", fsync)
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"} if "bad" in src else None
+    out.send("completions", _payload([_doc(1), _doc(2, bad="x")]), 2, lambda: events.append("ack"))
+    dead = str(tmp_path / "dead-letter.ndjson")
+    assert events == [f"fsync {dead}", "ack"], events
 
 def test_an_unwritable_dead_letter_file_keeps_the_batch(fake, tmp_path):
     (tmp_path / "ro").mkdir()
