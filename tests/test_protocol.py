@@ -426,6 +426,44 @@ def test_a_replayed_batch_in_flight_is_confirmed_by_the_one_ack(tmp_path):
     assert acked == ["first", "replay"]
 
 
+def test_a_connection_reset_on_stdout_is_the_reader_gone_not_a_write_error(tmp_path, monkeypatch):
+    """A supervisor on a socket that goes away may reset the connection (ECONNRESET): that is
+    stdout closed (the run loop stops), like EPIPE, not an output error to retry for ever."""
+    import errno
+
+    import agent_input.protocol as protocol_mod
+    from agent_input.protocol import ProtocolWriter, StdoutClosed
+
+    def reset(fd, data):
+        raise OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+
+    monkeypatch.setattr(protocol_mod, "write_all", reset)
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    writer = ProtocolWriter(fd)
+    try:
+        with pytest.raises(StdoutClosed):
+            writer.write({"type": "status"})
+        assert writer.closed.is_set() and writer.reader_gone()
+    finally:
+        os.close(fd)
+
+
+def test_waiting_for_acks_at_a_stop_ends_at_once_when_stdout_is_closed(tmp_path):
+    """Nobody can ack once stdout is closed: the stop does not wait the whole ack_timeout."""
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    writer = ProtocolWriter(fd)
+    output = ProtocolOutput(writer)
+    try:
+        output.send("audit", _event_line("a1"), 1, lambda: None)
+        writer.closed.set()  # the reader went away
+        started = time.monotonic()
+        assert output.wait_drained(10) is False
+        assert time.monotonic() - started < 2, "the stop waited for acks nobody can send"
+    finally:
+        os.close(fd)
+
 def test_a_config_id_that_cannot_be_echoed_is_rejected_and_the_old_config_runs(simulator, tmp_path):
     nested: list = []
     for _ in range(300):
