@@ -56,6 +56,19 @@ def test_rotation_keeps_n_whole_files_and_never_splits_a_batch(tmp_path):
     assert order == list(range(order[0], 120))
 
 
+def test_a_file_may_grow_to_exactly_the_rotation_size(tmp_path):
+    """--rotate-bytes N is the most a file holds: a batch that brings it to exactly N bytes stays in
+    it; only one that would take it past N starts a new file."""
+    path = tmp_path / "e.ndjson"
+    one = _batch(0, 1)
+    out = NdjsonFileOutput(path, rotate_bytes=2 * len(one))
+    out.send("s", one, 1, lambda: None)
+    out.send("s", _batch(1, 1), 1, lambda: None)
+    assert out.rotations == 0 and path.stat().st_size == 2 * len(one)
+    out.send("s", _batch(2, 1), 1, lambda: None)
+    out.close()
+    assert out.rotations == 1 and [d["n"] for d in _lines(out.rotated_path(1))] == [0, 1]
+
 def test_a_batch_larger_than_the_limit_gets_its_own_file(tmp_path):
     path = tmp_path / "e.ndjson"
     out = NdjsonFileOutput(path, rotate_bytes=100, rotate_keep=2)
