@@ -55,6 +55,28 @@ def test_large_batch_goes_to_a_spool_file_small_one_stays_inline(tmp_path):
     assert [b.payload for b in store.pending()] == [SMALL]
 
 
+def test_a_batch_of_exactly_the_inline_limit_stays_inline_and_an_empty_one_is_no_batch(tmp_path):
+    """Batches up to INLINE_PAYLOAD_LIMIT bytes stay in sqlite (a file of its own costs two
+    fsyncs); a commit without documents (a cursor or mark move) adds nothing to the outbox."""
+    store = StateStore(tmp_path)
+    line = b'{"_id":"x","pad":"%s"}\n'
+    pad = INLINE_PAYLOAD_LIMIT - len(line % b"")
+    exact = line % (b"x" * pad)
+    assert len(exact) == INLINE_PAYLOAD_LIMIT
+    assert _commit(store, exact) is not None and _spooled(store) == []
+    assert store.commit_events("audit", b"", 0, {"audit:hwm": "1"}) is None
+    assert store.pending_count() == 1 and store.get("audit:hwm") == "1"
+    store.close()
+
+
+def test_the_state_database_syncs_every_commit_to_disk(tmp_path):
+    """A page committed is durable before it is emitted (synchronous=FULL in WAL mode): a power
+    cut must not lose a cursor move whose documents the output already has."""
+    store = StateStore(tmp_path)
+    assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
 def test_unacknowledged_spooled_batch_is_replayed_byte_for_byte_by_a_new_process(tmp_path):
     first = StateStore(tmp_path)
     _commit(first, BIG)
