@@ -518,3 +518,16 @@ def test_the_stale_after_help_asks_for_twice_the_rate_limits_interval():
 
     out = CliRunner().invoke(main, ["install", "--help"]).output
     assert "at least twice the rate_limits" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("unit", Q.UNITS)
+def test_each_rule_returns_the_columns_its_reference_rows_have(unit):
+    """An alert shows the rule's columns: the headroom rule's are the reference's per-project row
+    (`per_project`: the limit beside the peak, or the utilization cannot be checked) plus the alert
+    id; the failing rule's are `projects_failing`'s row, with the minutes since the last read."""
+    from kibana_assets import esql
+
+    assert esql.output_columns(Q.headroom_rule(unit)) == [
+        "project_model", "project_id", "model", f"peak_{unit}", f"{unit}_limit", f"{unit}_utilization"]
+    assert sorted(esql.output_columns(Q.project_limits_failing_rule())) == sorted(
+        ["project_id", "last_read", "minutes_since_read", "last_failure", "failures"])
