@@ -579,6 +579,16 @@ def test_references_resolve_within_the_space(stack):
             assert all(ref["id"] in ours for ref in obj.get("references", [])), obj["id"]
 
 
+def test_a_reference_to_our_data_view_or_a_dashboard_gets_the_space_s_id():
+    """Dashboards have no references today (ES|QL panels); one a future panel adds to our data view
+    or another of our dashboards must name this space's object, and any other stays as it is."""
+    refs = [{"type": "index-pattern", "id": K.DATA_VIEW_ID, "name": "dv"},
+            {"type": "dashboard", "id": K.DASHBOARD_IDS[0], "name": "d"},
+            {"type": "tag", "id": "someone-elses", "name": "t"}]
+    assert [r["id"] for r in K.space_references(refs, "team-a")] == [
+        K.data_view_id("team-a"), K.object_id(K.DASHBOARD_IDS[0], "team-a"), "someone-elses"]
+    assert K.space_references(refs, None) == refs
+
 def test_space_ids_are_stable_unique_and_kibana_valid():
     spaces = [None, "default", "team-a", "team-b", "a", "team_a", "a-team", "x" * 60]
     sets = {sp: _kb_ids(sp) for sp in spaces}
