@@ -267,16 +267,19 @@ def _version_number(data: Any) -> str:
     return number
 
 
-def _taken_elsewhere(kind: str, so_id: str, space: str) -> "InstallerError":
+def _taken_elsewhere(kind: str, so_id: str, space: str, holder: str | None = None) -> "InstallerError":
     """The error for an id that another Kibana space holds (Kibana 8+: ids are unique across all
     spaces). Our ids differ per space, so that space has objects that an openai-assets without
-    per-space ids installed there under the default space's ids."""
+    per-space ids installed there under the default space's ids. `holder`: that space, when the
+    user can see it."""
+    that = holder or "<that space>"
     how = ("an openai-assets before per-space ids installed there with the default space's ids: run "
-           "`openai-assets install --space <that space>` once, which moves them to that space's ids, "
+           f"`openai-assets install --space {that}` once, which moves them to that space's ids, "
            "then install here again" if space == K.DEFAULT_SPACE else
            "another space holds an object with this space's id (shared or moved there?): delete it, or "
            "remove it from that space, then install again")
-    return InstallerError(f"{kind} {so_id} exists in another Kibana space: {how}")
+    where = f"Kibana space {holder}" if holder else "another Kibana space"
+    return InstallerError(f"{kind} {so_id} exists in {where}: {how}")
 
 
 def _check(resp: requests.Response, what: str, privilege: str, ok=(200, 201)) -> requests.Response:
@@ -555,13 +558,19 @@ class Installer:
         Kibana imports under a new id, and it stops there. `held(space)` reads the id in a space."""
         if not self.dry_run or self.space != K.DEFAULT_SPACE:
             return
+        holder = self._space_holding(held)
+        if holder is not None:
+            raise _taken_elsewhere(kind, so_id, self.space, holder)
+
+    def _space_holding(self, held: Callable[[str], bool]) -> str | None:
+        """The first other space (of those the user can see) where `held(space)`, or None: named in
+        the error, so the user knows which space's install to run."""
         if self._other_spaces is None:
             resp = self.t.kb("GET", "/api/spaces/space")
             self._other_spaces = [] if resp.status_code != 200 else [
                 sp for sp in _json(resp, "a list of spaces", pick=lambda d: [str(x["id"]) for x in d])
                 if sp != self.space and re.fullmatch(r"[a-z0-9_-]+", sp)]
-        if any(held(sp) for sp in self._other_spaces):
-            raise _taken_elsewhere(kind, so_id, self.space)
+        return next((sp for sp in self._other_spaces if held(sp)), None)
 
     def _drop_legacy(self, path: str, what: str, priv: str) -> None:
         resp = self.t.kb("DELETE", path)
@@ -588,13 +597,13 @@ class Installer:
         dv_id = body["data_view"]["id"]
         path = "/api/data_views/data_view/"
         found = lambda i: self._found(path + i, "read the data view", priv)  # noqa: E731
+        held = lambda sp: self.t.kb("GET", path + dv_id, space=sp).status_code == 200  # noqa: E731
         resp = self.t.kb("GET", path + dv_id)
         legacy = None
         if resp.status_code == 404:
             status = "created"
             legacy = self._legacy_id(K.DATA_VIEW_ID, found)
-            self._held_elsewhere("data view", dv_id,
-                                 lambda sp: self.t.kb("GET", path + dv_id, space=sp).status_code == 200)
+            self._held_elsewhere("data view", dv_id, held)
         else:
             _check(resp, "read the data view", priv)
             have = _json(resp, "a data view", pick=lambda d: dict(d.get("data_view") or {}))
@@ -609,7 +618,7 @@ class Installer:
         if status == "created":
             resp = self.t.kb("POST", "/api/data_views/data_view", json=body)
             if resp.status_code == 409:
-                raise _taken_elsewhere("data view", dv_id, self.space)
+                raise _taken_elsewhere("data view", dv_id, self.space, self._space_holding(held))
             _check(resp, "write the data view", priv)
             if legacy:  # `override` has replaced it already unless its title was edited
                 self._drop_legacy(path + legacy, "delete the data view's earlier id", priv)
@@ -623,13 +632,13 @@ class Installer:
         so = dashboard.saved_object()
         exists = lambda i: self._export_saved_object("dashboard", i) is not None  # noqa: E731
         drop = lambda i: self._drop_legacy(f"/api/saved_objects/dashboard/{i}", f"delete dashboard {i}", priv)  # noqa: E731
+        held = lambda sp: self._export_saved_object("dashboard", dashboard.id, sp) is not None  # noqa: E731
         existing = self._export_saved_object("dashboard", dashboard.id)
         legacy = None
         if existing is None:
             status = "created"
             legacy = self._legacy_id(dashboard.default_id, exists)
-            self._held_elsewhere("dashboard", dashboard.id,
-                                 lambda sp: self._export_saved_object("dashboard", dashboard.id, sp) is not None)
+            self._held_elsewhere("dashboard", dashboard.id, held)
         else:
             status = "unchanged" if K.fingerprint_of(existing) == K.fingerprint_of(so) else "updated"
             if status == "unchanged" or self.dry_run:
@@ -652,7 +661,7 @@ class Installer:
                 # Kibana created it under a new random id: another space holds ours. A copy under
                 # an id no later run knows would be left behind at every install: remove it.
                 self._drop_legacy(f"/api/saved_objects/dashboard/{moved}", f"delete dashboard {moved}", priv)
-                raise _taken_elsewhere("dashboard", dashboard.id, self.space)
+                raise _taken_elsewhere("dashboard", dashboard.id, self.space, self._space_holding(held))
         if legacy:
             drop(legacy)
         if status == "updated":
@@ -708,8 +717,8 @@ class Installer:
                 legacy = _json(resp, "a rule", pick=_rule_shape)
         if legacy is not None:
             detail = (detail + "; " if detail else "") + f"moved from {rule.default_id}, actions kept"
-        self._held_elsewhere("rule", rule.id, lambda sp: self.t.kb(
-            "GET", f"/api/alerting/rule/{rule.id}", space=sp).status_code == 200)
+        held = lambda sp: self.t.kb("GET", f"/api/alerting/rule/{rule.id}", space=sp).status_code == 200  # noqa: E731
+        self._held_elsewhere("rule", rule.id, held)
         if self.dry_run:
             return "would create", detail
         body = rule.create_body(self.kibana_version, self.o.rules.enabled)
@@ -718,7 +727,7 @@ class Installer:
             body["enabled"] = bool(legacy.get("enabled", body["enabled"]))
         resp = self.t.kb("POST", f"/api/alerting/rule/{rule.id}", json=body)
         if resp.status_code == 409:
-            raise _taken_elsewhere("rule", rule.id, self.space)
+            raise _taken_elsewhere("rule", rule.id, self.space, self._space_holding(held))
         _check(resp, f"create rule {rule.name}", priv)
         if legacy is not None:
             self._drop_legacy(f"/api/alerting/rule/{rule.default_id}", f"delete rule {rule.default_id}", priv)

@@ -623,7 +623,8 @@ def test_an_install_into_a_space_by_an_earlier_version_is_moved_to_the_space_ids
     # the default space cannot take those ids while team-a holds them: said, with what to do
     result = install()
     assert result.exit_code == 1, result.output
-    assert "install --space" in result.output and "another Kibana space" in result.output, result.output
+    # the space that holds them is named, and so is the command to run there
+    assert "exists in Kibana space team-a" in result.output and "install --space team-a`" in result.output, result.output
     assert len(stack.saved_objects) == len(K.dashboards())  # no stray copy left behind
     result = install("--space", "team-a")
     assert result.exit_code == 0, result.output
@@ -642,6 +643,19 @@ def test_an_install_into_a_space_by_an_earlier_version_is_moved_to_the_space_ids
         assert install(*extra).exit_code == 0 and stack.writes() == []
 
 
+def test_a_space_the_user_cannot_list_is_not_named_but_the_remedy_is_given(stack):
+    """Without the Spaces API (403), the refusal cannot say which space holds the ids: it says so
+    and gives the command with a placeholder."""
+    assert install().exit_code == 0
+    for key in list(stack.objects_in("default")):
+        if key[0] == "index-pattern":
+            stack.space[key] = "team-a"
+    stack.forbid.add(("GET", r"/api/spaces/space"))
+    result = install()
+    assert result.exit_code == 1
+    assert "exists in another Kibana space" in result.output and "install --space <that space>`" in result.output
+
+
 @pytest.mark.parametrize("held", ["index-pattern", "dashboard", "alert"])
 def test_a_dry_run_in_the_default_space_says_what_install_would_stop_at(stack, held):
     """An earlier version's install in team-a holds the default space's ids: `install` there stops
@@ -655,9 +669,9 @@ def test_a_dry_run_in_the_default_space_says_what_install_would_stop_at(stack, h
     result = install("--dry-run")
     assert stack.writes() == []
     assert result.exit_code == 1, result.output
-    assert "exists in another Kibana space" in result.output and "install --space" in result.output, result.output
+    assert "exists in Kibana space team-a" in result.output and "install --space team-a`" in result.output, result.output
     real = install()
-    assert real.exit_code == 1 and "exists in another Kibana space" in real.output, real.output
+    assert real.exit_code == 1 and "exists in Kibana space team-a" in real.output, real.output
 
 
 @pytest.mark.parametrize("stuck", [("DELETE", r"/api/alerting/rule/" + K.RULE_ID_HEADROOM_TPM),
@@ -696,8 +710,8 @@ def test_a_dashboard_kibana_imports_under_a_new_id_is_removed_and_an_error(stack
     stack.calls.clear()
     result = install()
     assert result.exit_code == 1, result.output
-    assert "dashboard openai-elastic-costs exists in another Kibana space" in result.output
-    assert "install --space <that space>" in result.output
+    assert "dashboard openai-elastic-costs exists in Kibana space team-a" in result.output
+    assert "install --space team-a`" in result.output
     assert set(stack.saved_objects) == {("dashboard", d.id) for d in K.dashboards()}
     assert [c["method"] for c in stack.writes()] == ["POST", "DELETE"]  # the import, then its copy
 
