@@ -379,7 +379,7 @@ class Installer:
         # the Kibana space: each space has its own ids for our objects (kibana.object_id)
         self.space = K.space_id(target.space)
         self._rolled: set[str] = set()  # index templates whose data streams were rolled over
-        self._other_spaces: list[str] | None = None  # read once, by a dry run's _held_elsewhere
+        self._other_spaces: list[str] | None = None  # read once, by _other_space_ids
         self.es_version: str | None = None
         self.kibana_version: str | None = None
         # asset path -> its body as read in this install or uninstall (None: absent): the foreign-asset
@@ -565,12 +565,17 @@ class Installer:
     def _space_holding(self, held: Callable[[str], bool]) -> str | None:
         """The first other space (of those the user can see) where `held(space)`, or None: named in
         the error, so the user knows which space's install to run."""
+        return next((sp for sp in self._other_space_ids() if held(sp)), None)
+
+    def _other_space_ids(self) -> list[str]:
+        """The ids of the Kibana spaces other than this one that the user can see (`GET
+        /api/spaces/space`, read once); none without the Spaces API's answer."""
         if self._other_spaces is None:
             resp = self.t.kb("GET", "/api/spaces/space")
             self._other_spaces = [] if resp.status_code != 200 else [
                 sp for sp in _json(resp, "a list of spaces", pick=lambda d: [str(x["id"]) for x in d])
                 if sp != self.space and re.fullmatch(r"[a-z0-9_-]+", sp)]
-        return next((sp for sp in self._other_spaces if held(sp)), None)
+        return self._other_spaces
 
     def _drop_legacy(self, path: str, what: str, priv: str) -> None:
         resp = self.t.kb("DELETE", path)
@@ -788,14 +793,8 @@ class Installer:
         id or an earlier version's (the default space's): the Elasticsearch assets serve them too.
         A space whose data view cannot be read (403) counts as using them. Without the Spaces
         API's answer, none (the uninstall of before)."""
-        resp = self.t.kb("GET", "/api/spaces/space")
-        if resp.status_code != 200:
-            return []
-        ids = _json(resp, "a list of spaces", pick=lambda d: [str(sp["id"]) for sp in d])
         out = []
-        for sp in ids:
-            if sp == self.space or not re.fullmatch(r"[a-z0-9_-]+", sp):
-                continue
+        for sp in self._other_space_ids():
             for dv_id in dict.fromkeys([K.data_view_id(sp), K.DATA_VIEW_ID]):
                 found = self.t.kb("GET", f"/api/data_views/data_view/{dv_id}", space=sp)
                 if found.status_code in (200, 403):
