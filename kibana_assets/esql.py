@@ -122,7 +122,20 @@ class _Columns(EsqlBaseParserListener):
         self._add([self._name(f) for f in ctx.fields().field()])
 
     def enterDissectCommand(self, ctx):  # noqa: N802
-        self._add(re.findall(r"%\{(?:\?|\+|\*|&)?([^}:]+)[^}]*\}", ctx.string().getText()))
+        # Dissect's key modifiers: `?name` and `%{}` are skipped, `+name[/n]` appends to `name`,
+        # `name->` pads; `*key`/`&key` name a column after the text, unknown until the query runs.
+        names: list[str] = []
+        for key in re.findall(r"%\{([^}]*)\}", ctx.string().getText()):
+            key = key.removesuffix("->")
+            if key[:1] in ("*", "&"):
+                self.cols = None
+                return
+            if not key or key.startswith("?"):
+                continue
+            name = key.removeprefix("+").split("/")[0]
+            if name not in names:
+                names.append(name)
+        self._add(names)
 
     def enterGrokCommand(self, ctx):  # noqa: N802
         self._add(re.findall(r"%\{[^}:]+:([^}:]+)[^}]*\}", ctx.string().getText()))
@@ -151,7 +164,8 @@ class _Columns(EsqlBaseParserListener):
 
 def output_columns(query: str) -> list[str] | None:
     """The columns a query returns, in order, once a STATS or KEEP has fixed them (None while they
-    are the source index's): what a Lens ES|QL panel's declared columns must be found in."""
+    are the source index's, or once a DISSECT names columns after the data): what a Lens ES|QL
+    panel's declared columns must be found in."""
     tree, _ = parse(query)
     columns = _Columns()
     ParseTreeWalker().walk(columns, tree)

@@ -413,6 +413,8 @@ def test_every_panel_declares_exactly_the_columns_its_query_returns(panel):
     ("FROM i | STATS n = COUNT(*) BY a | EVAL n = n * 2, m = 1 | DROP a", ["n", "m"]),
     ("FROM i | STATS n = COUNT(*) BY a | RENAME a AS b | KEEP b, n*", ["b", "n"]),
     ('FROM i | STATS n = COUNT(*) BY pm | DISSECT pm "%{p}::%{m}" | KEEP p, m, n', ["p", "m", "n"]),
+    ('FROM i | STATS n = COUNT(*) BY pm | DISSECT pm "%{?x} %{}:%{p->} %{+p/2} %{m}"', ["n", "pm", "p", "m"]),
+    ('FROM i | STATS n = COUNT(*) BY pm | DISSECT pm "%{*k}=%{&k}"', None),
     ("FROM i | KEEP a, b | SORT a | LIMIT 5", ["a", "b"]),
     ("FROM i | WHERE a > 1 | EVAL b = 2", None),
 ])
