@@ -309,8 +309,8 @@ class UsageCollector(PollingCollector):
         documents never cover the same time, so summing every width stays exact; before, the new
         width started over at `initial_interval` and the panels counted the overlap twice.
 
-        Back to a width that is still being finished: if the width in use since has collected
-        nothing, the change is undone; else the width in use goes on until the old range of this
+        Back to a width that is still being finished: if the widths used since (the one in use and
+        any in between) have collected nothing, the change is undone; else the width in use goes on until the old range of this
         one is final, and the change is taken over then (checked at every poll till then)."""
         if self._left is not None:
             return self._left
@@ -319,13 +319,17 @@ class UsageCollector(PollingCollector):
         in_use = {w: c for w, c in cursors.items() if c.retired_at is None}
         waiting = False
         if mine is not None and mine.retired_at is not None and not _finished(mine):
-            if all(c.position <= c.origin for c in in_use.values()):
-                changed = {w: replace(c, retired_at=c.origin, settled=c.origin) for w, c in in_use.items()}
+            # every width that started where this one stopped, or later: the one in use, and any
+            # in between (1m -> 1h -> 1d -> 1m), which goes on up to where the next one starts
+            later = {w: c for w, c in cursors.items() if c.retired_at is None or c.origin >= mine.retired_at}
+            if all(c.position <= c.origin for c in later.values()):
+                changed = {w: replace(c, retired_at=c.origin, settled=c.origin) for w, c in later.items()
+                           if c.retired_at is None or not _finished(c)}
                 changed[self.width] = replace(mine, retired_at=None)
                 self.store.put_cursors(self.name, changed)
                 cursors.update(changed)
                 log.info("%s: bucket width is %s again; %s had collected nothing", self.name, self.width,
-                         ", ".join(in_use) or "none")
+                         ", ".join(later) or "none")
             else:
                 waiting = True
                 if not self._waiting:  # said once; checked again at every poll

@@ -1063,6 +1063,41 @@ def test_back_to_a_width_still_being_finished_loses_nothing(tmp_path):
     assert delivered == (hi - lo) // 60
 
 
+@pytest.mark.parametrize("hour_collects", [True, False])
+def test_back_to_a_width_through_a_third_one_counts_no_time_twice(tmp_path, hour_collects):
+    """1m until 10:10, then 1h (1m goes on to 11:00), then 1d (1h goes on to midnight), then 1m
+    again while its range is still revisable and 1d has collected nothing: undoing the change
+    must also undo 1h's range. Before, 1m went on from 11:00 while 1h still covered 11:00 to
+    midnight, and those 13 hours were delivered twice (3720 minutes for 2940)."""
+    from dataclasses import replace as _replace
+
+    from agent_input.config import StreamConfig
+    from agent_input.state import StateStore
+
+    api, day = WidthApi(), ts("2026-11-23T00:00:00")
+    for m in range(day - 86400, day + 3 * 86400, 60):
+        api.minutes[m] = 1
+    out = io.BytesIO()
+    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
+                        bucket_width="1m", finalization_grace=0, revision_window=3 * 3600, batch_size=None,
+                        include_archived=False)
+    hour = day + (12 if hour_collects else 10) * 3600  # at 12:00, 1h has its 11:00 bucket
+    plan = [(day + 10 * 3600 + 300, "1m"), (day + 10 * 3600 + 600, "1h"), (hour + 900, "1h"),
+            (hour + 1200, "1d"), (hour + 1800, "1m"), *[(day + h * 3600, "1m") for h in range(13, 60)]]
+    for now, width in plan:
+        store = StateStore(tmp_path / "state")  # a restart with the config of the moment
+        UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width), api,
+                       Delivery(store, NdjsonOutput(out)), clock=lambda: now).poll(now)
+        store.close()
+    got = {}
+    for d in docs(out):
+        got.setdefault(d["_id"], d)
+    lo, hi = day + 7 * 3600, day + 56 * 3600
+    delivered = sum(d["openai"]["completions"]["input_tokens"] for d in got.values()
+                    if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi)
+    assert delivered == (hi - lo) // 60
+
+
 class HangingApi:
     """A request that never answers (an API that hangs for up to http_timeout)."""
 
