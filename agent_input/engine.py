@@ -297,6 +297,7 @@ class UsageCollector(PollingCollector):
         self._extra_dims = tuple(d for d in spec.dimensions if d not in spec.group_by)
         self._left: list[UsageCollector] | None = None  # widths this stream left, until final
         self._waiting = False  # back to a width still being finished: the change waits for it
+        self._told_origin = False  # the warning that initial_interval reaches before the state's start
 
     def _widths_left(self, now: float) -> list["UsageCollector"]:
         """Collectors of the bucket widths this stream was collected at besides its current one,
@@ -365,6 +366,8 @@ class UsageCollector(PollingCollector):
         if cur is None:
             origin = _floor(now - self.config.initial_interval, w)
             cur = Cursor(origin, origin, origin)
+        elif cur.retired_at is None and not self._told_origin:
+            self._tell_origin(now)
         final_before = _floor(now - self.revision_window, w)
         # From the first bucket not read since it became final: after a pause longer than the
         # revision window (an outage, a rejected key, a long interval) the buckets emitted while
@@ -383,6 +386,19 @@ class UsageCollector(PollingCollector):
         if cur.retired_at is not None:  # a width the stream left: only up to where the next one starts
             end = min(end, cur.retired_at)
         return cur, resume, end, final_before
+
+    def _tell_origin(self, now: float) -> None:
+        """`initial_interval` only sets where a stream's first poll starts: raised later, with
+        state in place, it reaches before what was ever collected and nothing is read there.
+        Said once (per process), not silently ignored."""
+        self._told_origin = True
+        first = min(c.origin for c in self.store.cursors(self.name).values())
+        asked = _floor(now - self.config.initial_interval, self.width_s)
+        if asked < first:
+            log.warning("%s: initial_interval reaches back to %s, but the state directory collected this stream "
+                        "from %s on: initial_interval applies to a stream's first run only, so nothing before %s "
+                        "is collected (a new state directory would deliver everything after it a second time)",
+                        self.name, iso_timestamp(asked), iso_timestamp(first), iso_timestamp(first))
 
     def poll(self, now: float) -> PollStats:
         stats = PollStats()

@@ -1098,6 +1098,28 @@ def test_back_to_a_width_through_a_third_one_counts_no_time_twice(tmp_path, hour
     assert delivered == (hi - lo) // 60
 
 
+def test_an_initial_interval_raised_with_state_in_place_is_said_not_silently_ignored(tmp_path, caplog):
+    """initial_interval sets where a stream's first poll starts; raised from 24h to 30d on a state
+    directory that holds a backfill, nothing before the first start is read. Before, nothing said
+    so: the operator waited for 30 days of history that never came."""
+    from agent_input.state import StateStore
+
+    store, out = StateStore(tmp_path / "state"), io.BytesIO()
+    now = ts("2026-11-23T10:00:00")
+    for initial, then in ((86400, now), (86400, now + 300), (30 * 86400, now + 600), (30 * 86400, now + 900)):
+        caplog.clear()
+        collector = UsageCollector(STREAMS_BY_NAME["completions"], stream_config(initial_interval=initial),
+                                   FakeApi(), Delivery(store, NdjsonOutput(out)), clock=lambda: then)
+        collector.poll(then)
+        collector.poll(then + 60)
+        said = [r for r in caplog.records if "initial_interval" in r.getMessage()]
+        if initial == 86400:
+            assert not said
+        else:
+            assert len(said) == 1 and said[0].levelname == "WARNING"
+            assert "2026-11-22T10:00:00" in said[0].getMessage()  # where the state's collection began
+
+
 class HangingApi:
     """A request that never answers (an API that hangs for up to http_timeout)."""
 
