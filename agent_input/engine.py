@@ -311,8 +311,9 @@ class UsageCollector(PollingCollector):
         width started over at `initial_interval` and the panels counted the overlap twice.
 
         Back to a width that is still being finished: if the widths used since (the one in use and
-        any in between) have collected nothing, the change is undone; else the width in use goes on until the old range of this
-        one is final, and the change is taken over then (checked at every poll till then)."""
+        any in between) have collected nothing, the change is undone; else the width in use goes on
+        until the old range of this one is final, and the change is taken over then (checked at
+        every poll till then)."""
         if self._left is not None:
             return self._left
         cursors = self.store.cursors(self.name)
