@@ -227,9 +227,13 @@ def limits_stale_rule(sources: Sources = DEFAULT_SOURCES,
     return "\n".join([
         sources.from_clause(["rate_limits"]),
         "| WHERE event.action == \"rate-limits-collection\"",
-        "| EVAL success_at = CASE(event.outcome == \"success\", @timestamp), failed = CASE(event.outcome == \"failure\", 1, 0)",
+        # `namespace` is made by EVAL, not by `BY namespace = data_stream.namespace`: Kibana (8.19,
+        # 9.1+) takes a per-row alert's id from the last BY's plain columns only, and with none, from
+        # every column (minutes_since_success too): a new alert at each run (kibana#267816)
+        "| EVAL success_at = CASE(event.outcome == \"success\", @timestamp), failed = CASE(event.outcome == \"failure\", 1, 0),"
+        " namespace = data_stream.namespace",
         "| STATS last_success = MAX(success_at), failed_collections = SUM(failed), last_collection = MAX(@timestamp)"
-        " BY namespace = data_stream.namespace",
+        " BY namespace",
         f"| WHERE last_collection IS NOT NULL AND (last_success IS NULL OR last_success < NOW() - {stale_after_minutes} minutes)",
         "| EVAL minutes_since_success = DATE_DIFF(\"minute\", last_success, NOW())",
     ])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -718,3 +719,43 @@ def test_levels_are_summed_per_api_bucket_only(name):
         assert line.startswith("| STATS") and line.endswith(
             " BY start = @timestamp, width = openai.base.bucket_width, project_id = openai.base.project_id"), line
         assert lines[i + 1] == "| STATS bytes = MAX(bytes) BY t = BUCKET(start, 50, ?_tstart, ?_tend), project_id"
+
+
+def _kibana_alert_id_fields(query: str) -> list[str]:
+    """The alert id columns Kibana 8.19 and 9.1+ take for an ES|QL rule with `groupBy: "row"`
+    (stack_alerts' `getAlertIdFields`): the plain column names of the last STATS's BY that the
+    query returns. A `name = expression` grouping is not a column in Kibana's AST and is skipped
+    (kibana#267816); with none left, every returned column makes up the id."""
+    from kibana_assets import esql
+
+    tree, _ = esql.parse(query)
+    stats = []
+
+    def walk(node):
+        if type(node).__name__ == "StatsCommandContext":
+            stats.append(node)
+        for child in getattr(node, "children", None) or []:
+            walk(child)
+
+    walk(tree)
+    columns = esql.output_columns(query) or []
+    fields = []
+    if stats and stats[-1].fields() is not None:
+        for f in stats[-1].fields().field():
+            if f.ASSIGN() is None and re.fullmatch(r"[A-Za-z_@][A-Za-z0-9_.@]*", f.getText()):
+                fields.append(f.getText())
+    fields = [f for f in fields if f in columns]
+    return fields or columns
+
+
+@pytest.mark.parametrize("rule_id,alert_id", [(K.RULE_ID_HEADROOM_TPM, ["project_model"]),
+                                              (K.RULE_ID_HEADROOM_RPM, ["project_model"]),
+                                              (K.RULE_ID_LIMITS_STALE, ["namespace"]),
+                                              (K.RULE_ID_PROJECT_LIMITS_FAILING, ["project_id"])])
+def test_per_row_rules_alert_id_is_what_kibana_takes(rule_id, alert_id):
+    """A per-row alert's id must not contain a column that changes from run to run (a count, a
+    time, minutes since): each run would end the alert and start a new one."""
+    pytest.importorskip("esql_parser")
+    rule = next(r for r in K.rules() if r.id == rule_id)
+    assert rule.per_row and rule.params("8.19.0")["groupBy"] == "row"
+    assert _kibana_alert_id_fields(rule.query) == alert_id
