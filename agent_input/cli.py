@@ -326,7 +326,9 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     if output_kind == "elasticsearch":
         click.echo(f"elasticsearch: {output.created} created, {output.duplicates} already there (409), "
                    f"{output.rejected} rejected"
-                   + (f" (see {output.dead_letter_path})" if output.rejected else ""), err=True)
+                   + (f" (see {output.dead_letter_path})" if output.rejected else "")
+                   + (f", {output.failure_stored} kept in a failure store (see the warnings)"
+                      if output.failure_stored else ""), err=True)
     if undelivered:  # the summary's documents are collected, not necessarily delivered
         click.echo(_waiting(undelivered, state_dir), err=True)
     raise SystemExit(code)

@@ -7,6 +7,12 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
 
 - **created** (201), or **already there** (409 `version_conflict_engine_exception` on create:
   the same id always carries the same content, so this is a re-delivery; counted, not an error);
+- **stored in the failure store** (201 with `"failure_store": "used"`): Elasticsearch 9.2+ turns a
+  data stream's failure store on by default for new `logs-*-*` data streams, ours included, and a
+  document that would have been rejected (a mapping conflict, an ingest pipeline failure) is kept
+  there instead, in `<data stream>::failures`, outside every dashboard's sums. It is in
+  Elasticsearch, so it is not dead-lettered, but each batch with such documents logs a WARNING
+  naming the data stream, how many, the first ids and where to read them, and they are counted;
 - **retried**: 408, 429 and 5xx, per item (partial bulk failures) or for the whole request, and
   connection errors, by the output's own loop (`attempts`, exponential backoff from
   `initial_backoff` up to `max_backoff`: about 2.5 minutes of patience), whose waits end on a
@@ -316,6 +322,7 @@ class ElasticsearchOutput:
         self.created = 0
         self.duplicates = 0
         self.rejected = 0
+        self.failure_stored = 0
         self.retried = 0
         self.events = 0
 
@@ -325,20 +332,27 @@ class ElasticsearchOutput:
         # settled: a batch that stops on an index-level error or a stop is sent again whole, and
         # would otherwise dead-letter them a second time.
         rejected: list[tuple[dict, Any, Mapping]] = []
+        stored: dict[str, list[tuple[str, str]]] = {}  # data stream -> (id, dataset) kept in its failure store
         # A batch is parsed and settled SEND_PART_LINES documents at a time: parsed whole, a
         # rate-limits cycle of 5,000 projects (171,000 documents, 138 MB) took 1.2 GB of RSS.
         for part in _parts(payload, SEND_PART_LINES):
-            if not self._send_part(stream, part, rejected):
+            if not self._send_part(stream, part, rejected, stored):
                 return  # stopped: not acknowledged, the batch is re-sent at the next start
         for doc, status, info in rejected:
             self._dead_letter(doc, status, info)
+        for index, ids in stored.items():
+            log.warning("Elasticsearch kept %d %s document%s in the failure store of %s, not in the data stream "
+                        "(a mapping conflict or an ingest pipeline failure): the dashboards do not count %s. "
+                        "Read the error with `FROM %s::failures`, fix its cause and reindex them; first ids: %s",
+                        len(ids), ids[0][1], "" if len(ids) == 1 else "s", index,
+                        "it" if len(ids) == 1 else "them", index, ", ".join(i for i, _ in ids[:3]))
         with self._count_lock:
             self.events += events
         on_ack()
 
-    def _send_part(self, stream: str, payload: bytes, rejected: list) -> bool:
-        """Settle a part of a batch (created, already there, or in `rejected`); False when a stop
-        ended the wait for a retry."""
+    def _send_part(self, stream: str, payload: bytes, rejected: list, stored: dict) -> bool:
+        """Settle a part of a batch (created, already there, kept in a failure store: `stored`, or
+        in `rejected`); False when a stop ended the wait for a retry."""
         docs = self._parse(stream, payload)
         pending: dict[str, dict] = {d["_id"]: d for d in docs}
         attempt = 0
@@ -348,7 +362,7 @@ class ElasticsearchOutput:
             if not self._take_slot():
                 break  # stopped while other streams' requests held every slot
             try:
-                failure = self._bulk(pending, rejected=rejected)
+                failure = self._bulk(pending, rejected=rejected, stored=stored)
             except OutputError:
                 raise
             except MalformedBulkAnswer as exc:
@@ -412,7 +426,7 @@ class ElasticsearchOutput:
         return docs
 
     def _bulk(self, pending: dict[str, dict], ids: list[str] | None = None, chunk_size: int = 0,
-              split: "_Split | None" = None, *, rejected: list) -> str:
+              split: "_Split | None" = None, *, rejected: list, stored: dict) -> str:
         """One pass of streaming_bulk over the pending documents (or those of them in `ids`, in
         requests of at most `chunk_size`, when a 413 is being split: `split`); settled ones leave
         `pending`, those rejected for good go to `rejected` (dead-lettered by `send`). Returns a
@@ -457,6 +471,11 @@ class ElasticsearchOutput:
                 split.got_through = True  # Elasticsearch answered for this document, whatever it said
             if ok:
                 pending.pop(doc_id)
+                if info.get("failure_store") == "used":
+                    stored.setdefault(doc["_index"], []).append((doc_id, doc["dataset"]))
+                    with self._count_lock:
+                        self.failure_stored += 1
+                    continue
                 with self._count_lock:
                     self.created += 1
             elif isinstance(request_error, ApiError):
@@ -493,7 +512,8 @@ class ElasticsearchOutput:
                 continue
             log.warning("a bulk request of %d documents was too large for Elasticsearch (HTTP 413); "
                         "sending them in smaller requests", len(group))
-            last = self._bulk(pending, group, (len(group) + 1) // 2, split, rejected=rejected) or last
+            last = self._bulk(pending, group, (len(group) + 1) // 2, split, rejected=rejected,
+                              stored=stored) or last
         if top and split.alone:
             if not split.got_through:
                 if split.transient:

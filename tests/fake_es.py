@@ -8,7 +8,9 @@
   ("Accept version must be either version 8 or 7"), a 9.x server takes 8 and 9.
 - auth: when `auth` is set, any other Authorization header gets 401.
 - faults: whole-request statuses (`fail_requests`), per-item statuses by id (`item_faults`),
-  permanent rejections (`reject(source) -> error | None`), refusals of a target index as a
+  permanent rejections (`reject(source) -> error | None`; with `failure_store` on, as 9.2+ has it
+  for new `logs-*-*` data streams, such a document is kept in `failures` and answered 201 with
+  `"failure_store": "used"` and the failure index), refusals of a target index as a
   cluster answers them for each of its documents (`refuse_index(index) -> (status, error) | None`,
   e.g. 404 index_not_found_exception when action.auto_create_index does not allow it), a delay per bulk request, and a body-size
   limit (`max_body_bytes`) answered as a proxy in front of the cluster answers it: 413 with an HTML page;
@@ -49,6 +51,8 @@ class FakeElasticsearch:
         self.fail_requests: list[int] = []
         self.item_faults: dict[str, list[int]] = {}
         self.reject: Callable[[dict], dict | None] | None = None
+        self.failure_store = False
+        self.failures: dict[tuple[str, str], dict] = {}
         self.refuse_index: Callable[[str], tuple[int, dict] | None] | None = None
         self.mangle: Callable[[dict], object] | None = None
         self.delay = 0.0
@@ -209,6 +213,10 @@ class FakeElasticsearch:
                                                             "reason": f"injected {status}"}}
             if self.reject is not None:
                 err = self.reject(source)
+                if err and self.failure_store and re.fullmatch(r"logs-[^-]+-[^-]+", index or ""):
+                    self.failures[(index, doc_id)] = {"document": source, "error": err}
+                    return {"_index": f".fs-{index}-2026.12.01-000002", "_id": doc_id, "_version": 1,
+                            "result": "created", "status": 201, "failure_store": "used"}
                 if err:
                     return {**base, "status": 400, "error": err}
             key = (index, doc_id)

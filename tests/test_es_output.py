@@ -502,6 +502,31 @@ def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_deliv
     assert docs[1][0] in logged and "openai.completions" in logged and "document_parsing_exception" in logged
 
 
+def test_a_document_kept_in_a_failure_store_is_said_and_counted_not_taken_as_created(fake, tmp_path):
+    """Elasticsearch 9.2+ turns the failure store on for new logs-*-* data streams: a document
+    with a mapping conflict is answered 201 with "failure_store": "used" and kept in
+    `<data stream>::failures`, outside every dashboard's sums. Before, it was counted as created
+    and nothing said so: the totals came out low in silence."""
+    from agent_input.logs import setup_logging
+
+    buf = io.StringIO()
+    setup_logging("INFO", "ecs", stream=buf)
+    fake.failure_store = True
+    out = _output(fake.url, tmp_path)
+    docs = [_doc(1), _doc(2, bad="not-a-number"), _doc(3)]
+    fake.reject = lambda src: ({"type": "document_parsing_exception",
+                                "reason": "[1:2] failed to parse field [bad] of type [long]"}
+                               if "bad" in src else None)
+    ack = Acks()
+    out.send("completions", _payload(docs), 3, ack)
+    assert ack.n == 1 and len(fake.docs) == 2 and len(fake.failures) == 1
+    assert (out.created, out.failure_stored, out.rejected) == (2, 1, 0)
+    assert not (tmp_path / "dead-letter.ndjson").exists(), "Elasticsearch keeps it: no second copy"
+    warnings = [line for line in buf.getvalue().splitlines() if "failure store" in line]
+    assert len(warnings) == 1 and '"log.level":"warn' in warnings[0].replace(" ", ""), warnings
+    assert docs[1][0] in warnings[0] and "logs-openai.completions-default::failures" in warnings[0]
+
+
 def test_a_dead_letter_record_is_fsynced_before_the_batch_is_acknowledged(fake, tmp_path, monkeypatch):
     """The acknowledgement removes the batch from the outbox: the rejected document's only copy is
     then its dead-letter record, which must be on disk first."""
@@ -911,3 +936,18 @@ def test_a_large_batch_is_parsed_a_part_at_a_time_and_dead_letters_once_at_the_e
     assert ack.n == 1 and len(fake.docs) == 7
     dead = (tmp_path / "dead-letter.ndjson").read_text().splitlines()
     assert [json.loads(line)["_id"] for line in dead] == [docs[1][0]] and out.rejected == 1
+
+
+def test_collect_says_how_many_documents_a_failure_store_kept(simulator, fake, tmp_path):
+    """The closing line of `collect --output elasticsearch` counts the documents Elasticsearch
+    9.2+ kept in a failure store: they are neither created nor dead-lettered."""
+    fake.failure_store = True
+    fake.reject = lambda src: {"type": "document_parsing_exception", "reason": "failed to parse"}
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_cli_config(simulator.base_url, es_url=fake.url)))
+    p = _collect(cfg, tmp_path / "s", T0)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()
+    assert fake.failures and not fake.docs
+    assert f"0 created, 0 already there (409), 0 rejected, {len(fake.failures)} kept in a failure store" \
+        in err.decode()
