@@ -322,8 +322,11 @@ class NameCache:
         now = self.clock()
         if failed:
             self.failures = failed
-            log.warning("names: %d listing(s) failed, documents may lack names until the next try "
-                        "in %.0fs: %s", len(failed), self.retry_after_failure, failed[0])
+            # cut short by a stop: the collector stores nothing more, so no document lacks a name
+            # (a warning here was a second line after `collect`'s one-line reason for stopping)
+            level = logging.DEBUG if self._stop is not None and self._stop.is_set() else logging.WARNING
+            log.log(level, "names: %d listing(s) failed, documents may lack names until the next try "
+                    "in %.0fs: %s", len(failed), self.retry_after_failure, failed[0])
             self._next_refresh = now + self.retry_after_failure
         else:
             self.failures = []
