@@ -14,6 +14,7 @@ from typing import Callable
 from . import memory
 from .engine import Clock, Collector, Delivery, Engine, Progress, UsageCollector
 from .http_client import AdminApiClient
+from .org_guard import OrganizationGuard
 from .outputs import Output
 from .state import StateStore
 from .streams import STREAMS_BY_NAME
@@ -95,14 +96,22 @@ def _build_collectors(config, store, output, stop, clock, progress, on_status, o
     delivery = Delivery(store, output)
     collectors: list[Collector] = []
     common = dict(namespace=config.namespace, stop=stop, clock=clock)
+    # The state directory's organization: nothing is written to it (so nothing is sent) until the
+    # key is known to reach the organization it was collected for (see agent_input/org_guard.py).
+    guard = OrganizationGuard(store, client_factory=lambda: AdminApiClient.from_config(config, stop=stop),
+                              stop=stop) if config.enabled_streams() else None
     # One name cache for every usage-like stream (project names, user emails, API key names).
     names = None
     if any(s.name in STREAMS_BY_NAME for s in config.enabled_streams()):
         from .names import NameCache
 
         names = NameCache.from_config(config, clock=clock, stop=stop)
+        names.org_guard = guard  # its first projects listing is the check's: no request added
         clients.append(names.client)
         names.warm_up()  # the first listing overlaps the first usage requests
+    elif guard is not None:
+        guard.start()  # no name cache: the check lists the projects itself, beside the first requests
+    store.write_check = guard.wait if guard is not None else None
     for stream in config.enabled_streams():
         client = AdminApiClient.from_config(config, stop=stop)
         clients.append(client)
@@ -121,5 +130,6 @@ def _build_collectors(config, store, output, stop, clock, progress, on_status, o
             client.close()
             continue
         collectors.append(collector)
-    engine = Engine(collectors, delivery, stop=stop, clock=clock, on_status=on_status, on_poll=on_poll)
+    engine = Engine(collectors, delivery, stop=stop, clock=clock, on_status=on_status, on_poll=on_poll,
+                    guard=guard)
     return Collection(engine, store, clients)

@@ -278,6 +278,7 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     from .engine import Progress
     from .logs import register_secret, setup_logging
     from .outputs import OutputError
+    from .org_guard import OrganizationMismatch
     from .state import StateDatabaseError, StateError, StateStore
 
     setup_logging(log_level, log_format)
@@ -308,6 +309,8 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
         _fail(str(exc))
     try:
         code = collection.engine.run(once=once)
+    except OrganizationMismatch as exc:  # another organization's key on this state: nothing was stored or sent
+        _fail(str(exc))
     except OutputError as exc:  # re-sending the outbox failed: its batches wait there, as after a refused batch
         _fail(str(exc) + _waiting(_undelivered(collection.store), state_dir, "; "))
     except StateDatabaseError as exc:  # sqlite (a full disk, a lock) while re-sending: nothing is lost

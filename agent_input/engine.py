@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 from . import memory
 from .ecs import iso_timestamp, mapper, ndjson_line, to_ndjson_line
 from .http_client import AuthenticationError, PermissionDeniedError, StoppedError
+from .org_guard import OrganizationMismatch, OrganizationUnverified
 from .outputs import Output, OutputError
 from .paging import PAGE_GATE, PageFetcher
 from .state import Cursor, Observation, StateStore, group_json
@@ -825,8 +826,14 @@ class Engine:
         clock: Clock = time.time,
         on_status: StatusCallback | None = None,
         on_poll: Callable[[str, PollStats], None] | None = None,
+        guard: "OrganizationGuard | None" = None,
     ):
         self.collectors = list(collectors)
+        # the state directory's organization check (agent_input/org_guard.py): it refuses every
+        # write for another organization's key; the first stream that meets the refusal stops the
+        # engine, and `run` raises it (nothing was stored or sent)
+        self.guard = guard
+        self.refused: OrganizationMismatch | None = None
         self.delivery = delivery
         self.stop = stop or threading.Event()
         self.clock = clock
@@ -836,7 +843,15 @@ class Engine:
         self.totals: dict[str, PollStats] = {c.name: PollStats() for c in self.collectors}
 
     def run(self, once: bool = False) -> int:
-        """Returns the process exit code: 0, or 1 when a stream failed."""
+        """Returns the process exit code: 0, or 1 when a stream failed. Raises OrganizationMismatch
+        when the key reaches another organization than the state directory's."""
+        if self.guard is not None and self.delivery.store.pending_count():
+            # the batches left in the outbox are not sent to another organization's output
+            # either; only a start with such batches waits for the check here
+            try:
+                self.guard.wait()
+            except OrganizationUnverified as exc:  # cannot tell: the streams' writes wait for it
+                log.debug("re-sending the outbox before the organization check: %s", exc)
         self.delivery.replay_pending()
         log.info("collecting %s", ", ".join(c.name for c in self.collectors) or "nothing (no stream enabled)")
         threads = [
@@ -853,6 +868,8 @@ class Engine:
                     if self.stop.is_set() and not told:
                         told = True
                         log.info("stopping: the pages in flight are finished and stored first")
+        if self.refused is not None:
+            raise self.refused
         return 1 if self.failed else 0
 
     def _loop(self, collector: Collector, once: bool) -> None:
@@ -863,6 +880,14 @@ class Engine:
                 stats = collector.poll(self.clock())
             except StreamStopped as exc:
                 self._fail(collector.name, str(exc))
+                return
+            except OrganizationMismatch as exc:
+                # another organization's key: every stream stops, the caller says it once
+                if self.refused is None:
+                    self.refused = exc
+                self.failed[collector.name] = str(exc)
+                self.on_status(collector.name, "failed", str(exc))
+                self.stop.set()
                 return
             except OutputError as exc:
                 self._fail(collector.name, str(exc))

@@ -79,6 +79,9 @@ class NameCache:
         self._refreshing: threading.Thread | None = None  # the latest background refresh
         self._stop = stop  # once set, no background refresh is started
         self._maps_lock = threading.Lock()
+        # told the first load's projects listing (or why it failed): the state directory's
+        # organization check (`org_guard.OrganizationGuard`) needs no listing of its own
+        self.org_guard = None
         self.refreshes = 0
         self.failures: list[str] = []
 
@@ -246,6 +249,9 @@ class NameCache:
         try:
             self._refresh()
         finally:  # nobody waits forever on a first load, whatever happened to it
+            guard = self.org_guard
+            if guard is not None and not guard.reported():
+                guard.unavailable("the first listing of names ended early")
             self._keys_loaded.set()
             self._all_loaded.set()
 
@@ -280,8 +286,12 @@ class NameCache:
             users_outcome = run([list_users], wait=False)
             projects: dict[str, str] | None = {}
             project_ids: list[str] = []
+            listed: list[Mapping] = []
+            guard = self.org_guard if first else None
             try:
                 for p in self._list("/v1/organization/projects", {"include_archived": True}):
+                    if guard is not None:
+                        listed.append(p)
                     if isinstance(p.get("id"), str):
                         project_ids.append(p["id"])
                         if isinstance(p.get("name"), str):
@@ -289,6 +299,11 @@ class NameCache:
             except ApiError as exc:
                 failed.append(f"projects: {exc}")
                 projects = None
+                if guard is not None:
+                    guard.unavailable(str(exc))
+            else:
+                if guard is not None:
+                    guard.observe(listed)  # before a document can wait for the keys below
             key_jobs = [(f"api keys of {pid}", lambda pid=pid: list_keys(pid)) for pid in project_ids]
             keys: dict[str, str] = {}
             owners: dict[str, str] = {}

@@ -30,7 +30,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import orjson
 
@@ -160,6 +160,10 @@ class StateStore:
         # sqlite's own lock still guards against another process.
         self._write_lock = threading.Lock()
         self._spool_names = itertools.count()
+        # Called before every write of collected data (a batch, a cursor, a mark); raises to refuse
+        # it. The engine's organization check (`org_guard`): nothing is written for another
+        # organization's key.
+        self.write_check: Callable[[], None] | None = None
         try:
             self.spool_dir.mkdir(exist_ok=True)
         except OSError as exc:
@@ -241,6 +245,7 @@ class StateStore:
 
     def put_cursors(self, stream: str, cursors: Mapping[str, Cursor]) -> None:
         """Set several of a stream's cursors at once (a change of bucket width)."""
+        self._check_write()
         conn = self._conn()
         with self._transaction(conn):
             conn.executemany(
@@ -284,6 +289,7 @@ class StateStore:
     ) -> int | None:
         """Store a page's outbox batch, observations and cursor atomically; return the batch id
         (None when the page produced no documents, only a cursor move)."""
+        self._check_write()
         conn = self._conn()
         spool = self._spool(payload, events)
         with self._transaction(conn, spool):
@@ -370,12 +376,23 @@ class StateStore:
 
     def commit_events(self, stream: str, payload: bytes, events: int, kv: Mapping[str, str]) -> int | None:
         """Outbox batch plus key/value state (e.g. an audit cursor) in one transaction."""
+        self._check_write()
         conn = self._conn()
         spool = self._spool(payload, events)
         with self._transaction(conn, spool):
             batch = _insert_batch(conn, stream, payload, events, spool)
             conn.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)", kv.items())
         return batch
+
+    def put_kv(self, key: str, value: str) -> None:
+        """One key of the state's own bookkeeping (not collected data: no `write_check`)."""
+        conn = self._conn()
+        with self._transaction(conn):
+            conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+
+    def _check_write(self) -> None:
+        if self.write_check is not None:
+            self.write_check()
 
     # -- spool files -------------------------------------------------------------------------
     def _spool(self, payload: bytes, events: int) -> str | None:

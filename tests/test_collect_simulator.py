@@ -343,3 +343,145 @@ def test_the_request_check_finds_what_the_reference_does_not_declare():
     assert _reference_problems(ops, "/v1/organization/audit_logs", "effective_at[after]=1")
     assert _reference_problems(ops, "/v1/organization/projects", "limit=101")
     assert _reference_problems(ops, "/v1/organization/nothing", "")
+
+
+# -- a state directory used with another organization's key --------------------------------------
+OTHER_KEY = "sk-admin-other-org-0123456789abcdef"
+
+
+@pytest.fixture
+def other_org():
+    """A second organization (another seed: other projects, users, usage) with its own key."""
+    from agent_input.simulator import Simulator
+
+    sim = Simulator(seed=8, org="small", now=T0, admin_key=OTHER_KEY)
+    sim.base_url = sim.start()
+    yield sim
+    sim.stop()
+
+
+def _org_config(url: str, key: str, *, usage: bool = True) -> dict:
+    streams = {s.name: {"enabled": False} for s in USAGE_STREAMS}
+    if usage:
+        streams["completions"] = {"initial_interval": "2h"}
+    streams.update(audit={"initial_interval": "2h"}, rate_limits={}, costs={"enabled": usage})
+    return {"url": url, "api_key": key, "max_retries": 1, "data_streams": streams}
+
+
+def _collect_with(sim, key: str, state: Path, out: Path, *, usage: bool = True) -> int:
+    """One `run(once=True)` of every stream, as `collect --once` builds it."""
+    from agent_input import app
+
+    config = config_from_dict(_org_config(sim.base_url, key, usage=usage), env={})
+    output = NdjsonFileOutput(out)
+    collection = app.build(config, state_dir=state, output=output, clock=sim.now)
+    try:
+        return collection.engine.run(once=True)
+    finally:
+        collection.close()
+        output.close()
+
+
+def _state_rows(state: Path) -> dict:
+    import sqlite3
+
+    with sqlite3.connect(state / "state.sqlite3") as db:
+        return {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall())
+                for t in ("cursors", "observations", "outbox", "kv")}
+
+
+@pytest.mark.parametrize("usage", [True, False], ids=["with-names", "audit-and-limits-only"])
+def test_another_organization_s_key_on_a_state_directory_is_refused_before_anything_is_written(
+        simulator, other_org, tmp_path, usage):
+    """The default --state-dir is shared by every config: a second organization's collector on it
+    read its own buckets against the first one's observations and brought every group of the
+    first one in the revision window to zero (425 negative corrections), inherited its cursors
+    (its own history never read) and its audit marks, without a word."""
+    from agent_input.state import StateError
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    assert _collect_with(simulator, ADMIN_KEY, state, out, usage=usage) == 0
+    delivered, before = out.read_bytes(), _state_rows(state)
+    assert delivered
+    simulator.advance(300)
+    other_org.set_time(simulator.now())
+    try:
+        _collect_with(other_org, OTHER_KEY, state, out, usage=usage)
+        refusal = None
+    except StateError as exc:  # org_guard.OrganizationMismatch
+        refusal = str(exc)
+    assert out.read_bytes() == delivered, "nothing of the other organization may be delivered"
+    assert _state_rows(state) == before, "no cursor, observation, mark or batch may be written"
+    assert refusal and refusal.startswith(f"state directory {state} holds the collection of another OpenAI "
+                                          f"organization") and "its own --state-dir" in refusal, refusal
+    # the right key goes on as before; the other organization in a directory of its own too
+    assert _collect_with(simulator, ADMIN_KEY, state, out, usage=usage) == 0
+    assert _collect_with(other_org, OTHER_KEY, tmp_path / "other", tmp_path / "other.ndjson", usage=usage) == 0
+    if usage:
+        docs = dedupe(read_ndjson(out))
+        start, end = int(T0 - 2 * HOUR), int(T0)
+        got = stored_totals(docs, "completions", start, end)
+        assert got and all(v.get("input_tokens", 0) > 0 for v in got.values()), "a group was brought to zero"
+        mine = {p.id for p in simulator.org.projects}
+        assert {d["openai"].get("base", {}).get("project_id") for d in docs} - {None} <= mine
+
+
+def test_a_state_directory_from_before_the_check_is_fingerprinted_not_refused(simulator, other_org, tmp_path):
+    from agent_input.org_guard import KV_PROJECTS, OrganizationMismatch
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    assert _collect_with(simulator, ADMIN_KEY, state, out) == 0
+    store = StateStore(state)
+    recorded = store.get(KV_PROJECTS)
+    with store._transaction(store._conn()):  # what an earlier version left: no fingerprint
+        store._conn().execute("DELETE FROM kv WHERE k=?", (KV_PROJECTS,))
+    store.close()
+    assert recorded and 0 < len(yaml.safe_load(recorded)) <= 16
+    simulator.advance(300)
+    assert _collect_with(simulator, ADMIN_KEY, state, out) == 0  # the same organization: recorded again
+    store = StateStore(state)
+    assert store.get(KV_PROJECTS) == recorded
+    store.close()
+    other_org.set_time(simulator.now())
+    with pytest.raises(OrganizationMismatch):
+        _collect_with(other_org, OTHER_KEY, state, out)
+
+
+def test_a_projects_listing_that_fails_holds_the_writes_until_the_check_can_be_done(simulator, tmp_path):
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    assert _collect_with(simulator, ADMIN_KEY, state, out) == 0
+    delivered, before = out.read_bytes(), _state_rows(state)
+    simulator.advance(300)
+    simulator.add_fault(FaultRule(kind="500", path="*/organization/projects", count=None))
+    assert _collect_with(simulator, ADMIN_KEY, state, out) == 1
+    assert out.read_bytes() == delivered and _state_rows(state) == before
+    simulator.clear_faults()  # the next poll checks, and collects what the failed one held back
+    assert _collect_with(simulator, ADMIN_KEY, state, out) == 0
+    assert len(out.read_bytes()) > len(delivered)
+
+
+def test_collect_once_with_another_organization_s_key_exits_1_with_one_line(simulator, other_org, tmp_path):
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+
+    def collect(sim, key: str) -> subprocess.CompletedProcess:
+        cfg = tmp_path / "config.yml"
+        cfg.write_text(yaml.safe_dump(_org_config(sim.base_url, key)))
+        return subprocess.run(
+            [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once", "--state-dir",
+             str(state), "--output-path", str(out), "--now", str(T0), "--log-level", "WARNING"],
+            capture_output=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}, timeout=120)
+
+    first = collect(simulator, ADMIN_KEY)
+    assert first.returncode == 0, first.stderr.decode()
+    delivered = out.read_bytes()
+    refused = collect(other_org, OTHER_KEY)
+    err = refused.stderr.decode()
+    assert refused.returncode == 1, err
+    mine = sorted(simulator.org.projects, key=lambda p: (p.created_at, p.id))
+    assert err.splitlines() == [f"openai-input: state directory {state} holds the collection of another OpenAI "
+                                f"organization: none of its {len(mine)} recorded project(s) (e.g. {mine[0].id}) is "
+                                f"among the {len(other_org.org.projects)} project(s) this admin key lists; nothing "
+                                f"was stored or sent. Give each organization its own --state-dir"], err
+    assert OTHER_KEY not in err and out.read_bytes() == delivered

@@ -1,0 +1,211 @@
+"""Which OpenAI organization a state directory belongs to, and the check that keeps another's key off it.
+
+A state directory's cursors, observations and audit marks describe one organization. Used with a
+key of another one (a second config run without `--state-dir` shares the default directory), the
+collector read the other organization's buckets against the first one's observations: every group
+of the first one in the revision window was "vanished" and brought to zero by corrections, the
+other organization's history before the inherited cursors was never read, and its audit log went
+on from the first one's marks. Nothing said so.
+
+OpenAI's Admin API has no "who am I" endpoint, but project ids (`proj_...`) are global and projects
+are archived, never deleted: the organization's listing with archived projects included holds every
+project it ever had. So the state keeps a fingerprint in its `kv` table (`org:projects`): the ids of
+the organization's oldest FINGERPRINT_SIZE projects, recorded from the first complete listing. A
+later listing that holds none of them is another organization's. The oldest ones, so that new
+projects change nothing; a few, so that the state stays small whatever the organization's size.
+
+The listing is the one the name cache makes anyway when the engine starts (`names.NameCache`,
+started beside the first usage requests): no request is added before them. Until the check has
+passed, nothing is written to the state (`StateStore.write_check`): no outbox batch, so nothing is
+delivered, and no cursor, observation, audit mark or rate-limits cycle. A usage page waits for the
+name cache's first load anyway, so only audit and rate limits may wait a little longer. Outcomes:
+
+- no fingerprint yet (a new directory, or one written by a version before this check): nothing
+  is held; the listing records it (an organization with no project records nothing yet);
+- the listing shares a project with the fingerprint: writes go on;
+- it shares none: `OrganizationMismatch`, naming the directory; the engine stops before it stored
+  or delivered anything (`collect` exits 1 with that line, `run` reports the input `failed`);
+- it failed (a 5xx after retries, a 403): the check cannot be done, and the writes are held:
+  each write that needs it lists the projects again (at most every RETRY_AFTER seconds) and,
+  while that fails, fails its poll with `OrganizationUnverified` (the cursor stays: the poll is
+  read again later, nothing is lost).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from .http_client import ApiError
+from .paging import STOP_CHECK, cursor_pages, stopped
+from .state import StateError, StateStore
+
+log = logging.getLogger("agent_input.org_guard")
+
+KV_PROJECTS = "org:projects"  # JSON list of the organization's oldest project ids
+FINGERPRINT_SIZE = 16
+RETRY_AFTER = 60.0  # seconds between two listings by the check itself, while the check cannot be done
+PROJECTS = "/v1/organization/projects"
+PAGE_LIMIT = 100
+
+
+class OrganizationMismatch(StateError):
+    """The admin key reaches another organization than the one the state directory was collected for."""
+
+
+class OrganizationUnverified(RuntimeError):
+    """The check could not be done (the projects listing failed): nothing is stored until it can."""
+
+
+def fingerprint(projects: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The ids of the oldest FINGERPRINT_SIZE projects (by `created_at`, then id)."""
+    def created(p: Mapping[str, Any]) -> float:
+        value = p.get("created_at")
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("inf")
+
+    ids = sorted(((created(p), p["id"]) for p in projects if isinstance(p.get("id"), str)))
+    out: list[str] = []
+    for _, pid in ids:
+        if pid not in out:
+            out.append(pid)
+        if len(out) == FINGERPRINT_SIZE:
+            break
+    return out
+
+
+def recorded_fingerprint(store: StateStore) -> list[str]:
+    """The fingerprint the state directory holds ([] if none, or not one this version can read)."""
+    try:
+        value = json.loads(store.get(KV_PROJECTS) or "[]")
+    except ValueError:
+        return []
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def mismatch_message(state_dir: Any, recorded: list[str], listed: int) -> str:
+    return (f"state directory {state_dir} holds the collection of another OpenAI organization: none of its "
+            f"{len(recorded)} recorded project(s) (e.g. {recorded[0]}) is among the {listed} project(s) this "
+            f"admin key lists; nothing was stored or sent. Give each organization its own --state-dir")
+
+
+class OrganizationGuard:
+    """The check, for one engine. `wait()` before every state write; `observe(projects)` or
+    `unavailable(reason)` from the first projects listing (the name cache's), or `start()` for a
+    listing of its own when there is no name cache."""
+
+    def __init__(self, store: StateStore, *, client_factory: Callable[[], Any] | None = None,
+                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 retry_after: float = RETRY_AFTER):
+        self.store = store
+        self.recorded = recorded_fingerprint(store)
+        self._client_factory = client_factory
+        self._stop = stop
+        self._clock = clock
+        self._retry_after = retry_after
+        self._lock = threading.Lock()  # one outcome at a time, one listing of its own at a time
+        self._decided = threading.Event()  # the first listing has landed (or failed)
+        self.passed = not self.recorded  # nothing recorded: nothing to protect yet, nothing is held
+        self.refusal: str | None = None  # the mismatch's message
+        self.unverified: str | None = None  # why the check could not be done
+        self._retry_at = 0.0
+        self._observed = False
+
+    # -- the listing's outcome -----------------------------------------------------------------
+    def observe(self, projects: list[Mapping[str, Any]]) -> None:
+        """A complete listing of the key's projects, archived included."""
+        with self._lock:
+            self._observe(projects)
+
+    def _observe(self, projects: list[Mapping[str, Any]]) -> None:
+        self._observed = True
+        if self.refusal is not None:
+            return
+        if not self.recorded:
+            found = fingerprint(projects)
+            if found:
+                try:
+                    self.store.put_kv(KV_PROJECTS, json.dumps(found))
+                    self.recorded = found
+                except StateError as exc:  # recorded at a later start; nothing else depends on it
+                    log.warning("cannot record the organization's fingerprint: %s", exc)
+            self.passed, self.unverified = True, None
+        else:
+            listed = {p.get("id") for p in projects}
+            if listed.intersection(self.recorded):
+                self.passed, self.unverified = True, None
+            else:
+                self.refusal = mismatch_message(self.store.directory, self.recorded, len(listed))
+        self._decided.set()
+
+    def unavailable(self, reason: str) -> None:
+        """The listing failed: the check cannot be done (yet)."""
+        with self._lock:
+            self._unavailable(reason)
+
+    def _unavailable(self, reason: str) -> None:
+        if not self.passed and self.refusal is None:
+            self.unverified = (f"cannot check that this admin key reaches the organization state directory "
+                               f"{self.store.directory} was collected for (listing its projects failed: "
+                               f"{reason}); nothing is stored until it can")
+            self._retry_at = self._clock() + self._retry_after
+        self._decided.set()
+
+    def reported(self) -> bool:
+        """Whether a listing's outcome came in (the name cache calls `unavailable` when its first
+        load ended without one)."""
+        return self._decided.is_set()
+
+    # -- a listing of its own ------------------------------------------------------------------
+    def start(self) -> threading.Thread:
+        """List the projects now, in the background (an engine without a name cache)."""
+        thread = threading.Thread(target=self._check_in_background, name="org-check", daemon=True)
+        thread.start()
+        return thread
+
+    def _check_in_background(self) -> None:
+        try:
+            with self._lock:
+                self._check_now()
+        except Exception as exc:  # noqa: BLE001 - a stop, or pools shut down: a waiting write lists again
+            with self._lock:
+                self._unavailable(str(exc) or type(exc).__name__)
+
+    def _check_now(self) -> None:
+        """List the projects with a client of its own (under `_lock`)."""
+        if self._client_factory is None:
+            return
+        client = self._client_factory()
+        try:
+            projects = [p for data in cursor_pages(client.get_json, PROJECTS,
+                                                    {"include_archived": True, "limit": PAGE_LIMIT})
+                        for p in data if isinstance(p, Mapping)]
+        except ApiError as exc:
+            if self._stop is not None and self._stop.is_set():
+                raise
+            self._unavailable(str(exc))
+            return
+        finally:
+            client.close()
+        self._observe(projects)
+
+    # -- before a write ------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Return once the check has passed; OrganizationMismatch when it found another
+        organization, OrganizationUnverified when it cannot be done (after listing again if the
+        last try is RETRY_AFTER old), StoppedError on a stop."""
+        if self.passed:
+            return
+        while not self._decided.wait(STOP_CHECK if self._stop is not None else None):
+            if self._stop.is_set():
+                raise stopped("the organization check")
+        if self.unverified is not None and self.refusal is None:
+            with self._lock:
+                if not self.passed and self.refusal is None and self._clock() >= self._retry_at:
+                    self._check_now()
+        if self.passed:
+            return
+        if self.refusal is not None:
+            raise OrganizationMismatch(self.refusal)
+        raise OrganizationUnverified(self.unverified or "the organization check did not run")
