@@ -786,3 +786,37 @@ def test_reconfigurations_do_not_leave_state_files_open(tmp_path):
         run.close()
         gc.enable()
     assert counts == [counts[0]] * 5, counts
+
+
+def test_a_reconfiguration_with_another_organization_s_key_is_failed_and_a_corrected_one_runs(simulator, tmp_path):
+    """`run` keeps one state directory across configs: a new key that reaches another organization
+    is checked again and refused (input `failed`, nothing sent or stored), and the process goes on
+    to take a corrected config."""
+    from agent_input.simulator import Simulator
+
+    other_key = "sk-admin-other-org-0123456789abcdef"
+    other = Simulator(seed=8, org="small", now=T0, admin_key=other_key)
+    other.base_url = other.start()
+    state = tmp_path / "state"
+    sup = Supervisor(state, T0)
+    try:
+        sup.configure(_config(simulator.base_url, streams=("completions",)), cid="a")
+        sup.wait_polled(["completions"], revision=1)
+        sent = len(sup.events())
+        wrong = _config(other.base_url, streams=("completions",))
+        wrong["api_key"] = other_key
+        sup.configure(wrong, cid="b")
+        failed = sup.wait_for(lambda: [m for m in sup.statuses("input")
+                                       if m["status"] == "failed" and m.get("revision") == 2], what="a refusal")[0]
+        assert f"state directory {state} holds the collection of another OpenAI organization" in failed["message"]
+        assert "its own --state-dir" in failed["message"]
+        assert len(sup.events()) == sent, "nothing of the other organization may be sent"
+        assert sup.proc.poll() is None
+        mark = len(sup.messages)
+        sup.configure(_config(simulator.base_url, streams=("completions",), initial="1h"), cid="a-again")
+        sup.wait_polled(["completions"], revision=3, after=mark)
+        assert sup.stop() == 0
+        assert other_key not in json.dumps(sup.messages) + sup.stderr_text()
+        assert "Traceback" not in sup.stderr_text()
+    finally:
+        other.stop()
