@@ -852,6 +852,8 @@ class Engine:
                 self.guard.wait()
             except OrganizationUnverified as exc:  # cannot tell: the streams' writes wait for it
                 log.debug("re-sending the outbox before the organization check: %s", exc)
+            except StoppedError:  # stopped while the check lists: nothing was sent, the outbox waits
+                return 1 if self.failed else 0
         self.delivery.replay_pending()
         log.info("collecting %s", ", ".join(c.name for c in self.collectors) or "nothing (no stream enabled)")
         threads = [

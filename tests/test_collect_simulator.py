@@ -485,3 +485,20 @@ def test_collect_once_with_another_organization_s_key_exits_1_with_one_line(simu
                                 f"among the {len(other_org.org.projects)} project(s) this admin key lists; nothing "
                                 f"was stored or sent. Give each organization its own --state-dir"], err
     assert OTHER_KEY not in err and out.read_bytes() == delivered
+
+
+def test_batches_left_in_the_outbox_are_not_sent_to_another_organization_s_output(simulator, other_org, tmp_path):
+    from agent_input.org_guard import OrganizationMismatch
+
+    state = tmp_path / "state"
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "a.ndjson") == 0
+    store = StateStore(state)  # a batch the output had not acknowledged when the collector stopped
+    store.commit_events("audit", b'{"_id":"left-over"}\n', 1, {})
+    store.close()
+    other_org.set_time(simulator.now())
+    with pytest.raises(OrganizationMismatch):
+        _collect_with(other_org, OTHER_KEY, state, tmp_path / "b.ndjson")
+    assert not (tmp_path / "b.ndjson").read_bytes()
+    assert len(_state_rows(state)["outbox"]) == 1  # still waiting, for this organization's next start
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "a2.ndjson") == 0
+    assert b'"left-over"' in (tmp_path / "a2.ndjson").read_bytes()
