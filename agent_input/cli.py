@@ -71,9 +71,13 @@ def _load_config_or_exit(path: str):
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="YAML config file (the admin key comes from it, api_key_file or OPENAI_ADMIN_KEY).")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Also check that the key reaches the organization this state directory was collected "
+                   "for (read only). [default: the one collect uses by default]")
 @click.option("--log-level", type=LOG_LEVEL, default="WARNING", show_default=True, help="stderr log level.")
-def check(config_path: str, log_level: str) -> None:
-    """Validate the config, then probe the Admin API once per enabled kind of endpoint.
+def check(config_path: str, log_level: str, state_dir: str | None = None) -> None:
+    """Validate the config, then probe the Admin API once per enabled kind of endpoint, and the state
+    directory's organization when it records one.
 
     Exit status: 0 all good, 1 a probe failed, 2 the config is invalid (no request is made).
     """
@@ -96,6 +100,13 @@ def check(config_path: str, log_level: str) -> None:
             for result in probe_api(client, config):
                 failed |= not result.ok
                 click.echo(f"  {result.name:<12} {result.path}: {result.message}")
+            if not failed:
+                from .org_guard import check_state_dir
+
+                org = check_state_dir(client, state_dir or _default_state_dir())
+                if org is not None:
+                    failed |= not org[0]
+                    click.echo(f"  {'state dir':<12} {org[1]}")
     except Exception as exc:  # never a traceback from `check`
         from .logs import redact
 

@@ -209,3 +209,42 @@ class OrganizationGuard:
         if self.refusal is not None:
             raise OrganizationMismatch(self.refusal)
         raise OrganizationUnverified(self.unverified or "the organization check did not run")
+
+
+def read_recorded(state_dir: Any) -> list[str]:
+    """The fingerprint of a state directory, read without taking it (a collector may be running on
+    it): [] when there is no state file or no record."""
+    import sqlite3
+    from pathlib import Path
+
+    path = Path(state_dir) / "state.sqlite3"
+    if not path.is_file():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("SELECT v FROM kv WHERE k=?", (KV_PROJECTS,)).fetchone()
+        finally:
+            conn.close()
+        value = json.loads(row[0]) if row else []
+    except (sqlite3.Error, ValueError):
+        return []
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
+    """`openai-input check`: whether the key reaches the organization `state_dir` was collected
+    for (ok, message), or None when the directory records none."""
+    recorded = read_recorded(state_dir)
+    if not recorded:
+        return None
+    try:
+        listed = {p.get("id") for data in cursor_pages(client.get_json, PROJECTS,
+                                                        {"include_archived": True, "limit": PAGE_LIMIT})
+                  for p in data if isinstance(p, Mapping)}
+    except ApiError as exc:
+        return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
+                       f"(listing the projects failed: {exc}); collect would store nothing until it can")
+    if listed.intersection(recorded):
+        return True, f"state directory {state_dir} was collected for this key's organization"
+    return False, mismatch_message(state_dir, recorded, len(listed)).replace("; nothing was stored or sent", "")

@@ -502,3 +502,27 @@ def test_batches_left_in_the_outbox_are_not_sent_to_another_organization_s_outpu
     assert len(_state_rows(state)["outbox"]) == 1  # still waiting, for this organization's next start
     assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "a2.ndjson") == 0
     assert b'"left-over"' in (tmp_path / "a2.ndjson").read_bytes()
+
+
+def test_check_says_whether_the_key_reaches_the_state_directory_s_organization(simulator, other_org, tmp_path):
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    state = tmp_path / "state"
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "events.ndjson") == 0
+
+    def check(sim, key: str):
+        cfg = tmp_path / "config.yml"
+        cfg.write_text(yaml.safe_dump(_org_config(sim.base_url, key)))
+        return CliRunner().invoke(main, ["check", "--config", str(cfg), "--state-dir", str(state)])
+
+    ok = check(simulator, ADMIN_KEY)
+    assert ok.exit_code == 0 and f"state directory {state} was collected for this key's organization" in ok.output
+    refused = check(other_org, OTHER_KEY)
+    assert refused.exit_code == 1, refused.output
+    assert f"state directory {state} holds the collection of another OpenAI organization" in refused.output
+    assert "its own --state-dir" in refused.output
+    fresh = CliRunner().invoke(main, ["check", "--config", str(tmp_path / "config.yml"), "--state-dir",
+                                      str(tmp_path / "new")])
+    assert fresh.exit_code == 0 and "state dir" not in fresh.output and not (tmp_path / "new").exists()
