@@ -20,8 +20,11 @@ passed, nothing is written to the state (`StateStore.write_check`): no outbox ba
 delivered, and no cursor, observation, audit mark or rate-limits cycle. A usage page waits for the
 name cache's first load anyway, so only audit and rate limits may wait a little longer. Outcomes:
 
-- no fingerprint yet (a new directory, or one written by a version before this check): nothing
-  is held; the listing records it (an organization with no project records nothing yet);
+- no fingerprint yet: in a new directory nothing is held, and the listing records it (an
+  organization with no project records nothing yet). A directory written by a version before this
+  check has none either, but its stored usage observations name projects (`proj_...`) of its
+  organization: writes are held until the listing holds at least one of them (then it is
+  recorded), and one that holds none is another organization's, refused as below;
 - the listing shares a project with the fingerprint: writes go on;
 - it shares none: `OrganizationMismatch`, naming the directory; the engine stops before it stored
   or delivered anything (`collect` exits 1 with that line, `run` reports the input `failed`);
@@ -84,10 +87,10 @@ def recorded_fingerprint(store: StateStore) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def mismatch_message(state_dir: Any, recorded: list[str], listed: int) -> str:
-    return (f"state directory {state_dir} holds the collection of another OpenAI organization: none of its "
-            f"{len(recorded)} recorded project(s) (e.g. {recorded[0]}) is among the {listed} project(s) this "
-            f"admin key lists; nothing was stored or sent. Give each organization its own --state-dir")
+def mismatch_message(state_dir: Any, recorded: list[str], listed: int, what: str = "recorded project(s)") -> str:
+    return (f"state directory {state_dir} holds the collection of another OpenAI organization: none of the "
+            f"{len(recorded)} {what} (e.g. {recorded[0]}) is among the {listed} project(s) this admin key "
+            f"lists; nothing was stored or sent. Give each organization its own --state-dir")
 
 
 class OrganizationGuard:
@@ -106,7 +109,9 @@ class OrganizationGuard:
         self._retry_after = retry_after
         self._lock = threading.Lock()  # one outcome at a time, one listing of its own at a time
         self._decided = threading.Event()  # the first listing has landed (or failed)
-        self.passed = not self.recorded  # nothing recorded: nothing to protect yet, nothing is held
+        # state from before the fingerprint: the projects its stored usage names stand for it
+        self.seen = sorted(store.observed_values("proj_")) if not self.recorded else []
+        self.passed = not self.recorded and not self.seen  # nothing to protect yet: nothing is held
         self.refusal: str | None = None  # the mismatch's message
         self.unverified: str | None = None  # why the check could not be done
         self._retry_at = 0.0
@@ -123,6 +128,14 @@ class OrganizationGuard:
         if self.refusal is not None:
             return
         if not self.recorded:
+            # state from before the fingerprint: its stored usage names projects of its organization,
+            # every one of which the listing (archived included) holds if the key is that organization's
+            listed = {p.get("id") for p in projects}
+            if self.seen and not listed.intersection(self.seen):
+                self.refusal = mismatch_message(self.store.directory, self.seen, len(listed),
+                                                what="project(s) its stored usage names")
+                self._decided.set()
+                return
             found = fingerprint(projects)
             if found:
                 try:

@@ -384,6 +384,23 @@ class StateStore:
             conn.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)", kv.items())
         return batch
 
+    def observed_values(self, prefix: str, limit: int = 200) -> set[str]:
+        """Up to `limit` distinct group values starting with `prefix` (`proj_`) in the stored
+        observations: what the state holds of an organization before it kept a fingerprint."""
+        pattern = '%"' + prefix.replace("%", "").replace("_", "\\_") + "%"
+        with self._sqlite("read"):
+            rows = self._conn().execute(
+                "SELECT grp FROM observations WHERE grp LIKE ? ESCAPE '\\' LIMIT ?", (pattern, limit)).fetchall()
+        found: set[str] = set()
+        for (grp,) in rows:
+            try:
+                values = orjson.loads(grp)
+            except orjson.JSONDecodeError:
+                continue
+            found.update(v for v in (values if isinstance(values, list) else [])
+                         if isinstance(v, str) and v.startswith(prefix))
+        return found
+
     def put_kv(self, key: str, value: str) -> None:
         """One key of the state's own bookkeeping (not collected data: no `write_check`)."""
         conn = self._conn()

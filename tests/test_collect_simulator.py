@@ -447,6 +447,28 @@ def test_a_state_directory_from_before_the_check_is_fingerprinted_not_refused(si
         _collect_with(other_org, OTHER_KEY, state, out)
 
 
+def test_a_state_directory_from_before_the_check_is_refused_to_another_organization(simulator, other_org, tmp_path):
+    """State an earlier version wrote has no fingerprint, but its stored usage names the projects
+    of its organization: another organization's key, which lists none of them, is refused, not
+    given the directory (its first listing would have recorded the wrong fingerprint)."""
+    from agent_input.org_guard import KV_PROJECTS, OrganizationMismatch
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    assert _collect_with(simulator, ADMIN_KEY, state, out) == 0
+    store = StateStore(state)
+    with store._transaction(store._conn()):  # what an earlier version left: no fingerprint
+        store._conn().execute("DELETE FROM kv WHERE k=?", (KV_PROJECTS,))
+    assert store.observed_values("proj_") <= {p.id for p in simulator.org.projects}
+    store.close()
+    delivered, before = out.read_bytes(), _state_rows(state)
+    simulator.advance(300)
+    other_org.set_time(simulator.now())
+    with pytest.raises(OrganizationMismatch, match="project.s. its stored usage names"):
+        _collect_with(other_org, OTHER_KEY, state, out)
+    assert out.read_bytes() == delivered and _state_rows(state) == before
+    assert _collect_with(simulator, ADMIN_KEY, state, out) == 0  # its own organization goes on
+
+
 def test_a_projects_listing_that_fails_holds_the_writes_until_the_check_can_be_done(simulator, tmp_path):
     from agent_input.simulator import FaultRule
 
@@ -481,7 +503,7 @@ def test_collect_once_with_another_organization_s_key_exits_1_with_one_line(simu
     assert refused.returncode == 1, err
     mine = sorted(simulator.org.projects, key=lambda p: (p.created_at, p.id))
     assert err.splitlines() == [f"openai-input: state directory {state} holds the collection of another OpenAI "
-                                f"organization: none of its {len(mine)} recorded project(s) (e.g. {mine[0].id}) is "
+                                f"organization: none of the {len(mine)} recorded project(s) (e.g. {mine[0].id}) is "
                                 f"among the {len(other_org.org.projects)} project(s) this admin key lists; nothing "
                                 f"was stored or sent. Give each organization its own --state-dir"], err
     assert OTHER_KEY not in err and out.read_bytes() == delivered
