@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -105,6 +106,12 @@ class PendingBatch:
 # Batches up to this size stay inline in sqlite (a steady-state poll's handful of documents); a
 # file of its own costs two fsyncs (file and folder), which only pays off for large batches.
 INLINE_PAYLOAD_LIMIT = 256 * 1024
+
+# How long a write transaction waits for another program's write lock on the state file (sqlite's
+# busy timeout), counted from when it starts waiting: the stream threads queue for the store's own
+# write lock first, and each waiting out the whole timeout again after the one before it made ten
+# streams' failed commits take minutes (a `--once` run, or a SIGTERM, waited 13 x 30 s).
+BUSY_TIMEOUT = 30.0
 SPOOL_SUFFIX = ".ndjson"
 
 
@@ -187,7 +194,7 @@ class StateStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             # used by this thread only; `close` (once the threads are done) closes it from its own
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             # 512 KiB page cache per connection (default 2 MiB): there is one connection per
@@ -552,8 +559,13 @@ class _transaction:
         self.path = path
 
     def __enter__(self):
-        self.lock.acquire()
+        started = time.monotonic()
+        if not self.lock.acquire(timeout=BUSY_TIMEOUT):  # another thread waited out the lock before us
+            raise self._error(sqlite3.OperationalError("database is locked"))
         try:
+            # what is left of the wait, not a whole busy timeout more after the queue for the lock
+            left = BUSY_TIMEOUT - (time.monotonic() - started)
+            self.conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
             self.conn.execute("BEGIN IMMEDIATE")
         except BaseException as exc:
             self.lock.release()

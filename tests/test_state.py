@@ -17,6 +17,7 @@ import pytest
 
 from agent_input.engine import Delivery, Engine, PollStats
 from agent_input.outputs import NdjsonOutput
+from agent_input import state as state_module
 from agent_input.state import LOCK_NAME, Cursor, StateDatabaseError, StateError, StateStore
 
 OPEN_STORE = "import sys; from agent_input.state import StateStore; StateStore(sys.argv[1]); print('opened')"
@@ -106,21 +107,21 @@ def test_an_engine_that_fails_to_build_releases_the_directory(tmp_path, monkeypa
 LINE = b'{"_id":"a1","data_stream":{"dataset":"openai.completions"}}\n'
 
 
-def _write_locked(store: StateStore) -> sqlite3.Connection:
+def _write_locked(store: StateStore, monkeypatch) -> sqlite3.Connection:
     """Another program (`sqlite3 state.sqlite3`, say) holds a write transaction; the store gives up
     after 50 ms instead of its 30 s busy timeout."""
     holder = sqlite3.connect(store.path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    store._conn().execute("PRAGMA busy_timeout=50")
+    monkeypatch.setattr(state_module, "BUSY_TIMEOUT", 0.05)
     return holder
 
 
-def test_an_ack_that_cannot_write_is_a_state_error_and_the_batch_stays(tmp_path):
+def test_an_ack_that_cannot_write_is_a_state_error_and_the_batch_stays(tmp_path, monkeypatch):
     """Delivery.replay_pending acks on the main thread: sqlite3.OperationalError escaped `collect`
     as a traceback."""
     store = StateStore(tmp_path / "state")
     batch = store.commit_page("completions", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
-    holder = _write_locked(store)
+    holder = _write_locked(store, monkeypatch)
     with pytest.raises(StateDatabaseError, match=rf"^cannot write state file {store.path}: database is locked "
                                                  r"\(another program holds a write transaction on it\)$"):
         store.ack(batch)
@@ -131,13 +132,47 @@ def test_an_ack_that_cannot_write_is_a_state_error_and_the_batch_stays(tmp_path)
     store.close()
 
 
-def test_a_commit_that_cannot_begin_is_a_state_error_and_nothing_moves(tmp_path):
+def test_a_commit_that_cannot_begin_is_a_state_error_and_nothing_moves(tmp_path, monkeypatch):
     store = StateStore(tmp_path / "state")
-    holder = _write_locked(store)
+    holder = _write_locked(store, monkeypatch)
     with pytest.raises(StateDatabaseError, match="cannot write state file .*: database is locked"):
         store.commit_page("completions", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
     holder.rollback()
     assert store.cursor("completions", "1m") is None and store.pending_count() == 0
+    store.close()
+
+
+def test_streams_queued_behind_another_programs_write_lock_give_up_together(tmp_path, monkeypatch):
+    """Each stream thread waits for the store's write lock, then for sqlite's: every one of them
+    waited a whole busy timeout more after the one before it gave up, so with another program
+    holding a write transaction a `--once` run of 13 streams (or a SIGTERM) took 13 x 30 s. The
+    wait is counted from when a commit starts waiting, so they all give up after one timeout."""
+    import threading
+    import time
+
+    store = StateStore(tmp_path / "state")
+    holder = _write_locked(store, monkeypatch)
+    monkeypatch.setattr(state_module, "BUSY_TIMEOUT", 0.5)
+    errors = []
+
+    def commit(n):
+        try:
+            store.commit_page(f"s{n}", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
+        except StateDatabaseError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=commit, args=(n,)) for n in range(6)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    elapsed = time.monotonic() - started
+    holder.rollback()
+    assert len(errors) == 6 and all("database is locked" in e for e in errors), errors
+    assert elapsed < 1.5, f"the commits gave up one after another ({elapsed:.1f}s for 6 x 0.5s)"
+    store.commit_page("s0", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))  # lock gone
+    assert store.cursor("s0", "1m") == Cursor(0, 60)
     store.close()
 
 
