@@ -171,10 +171,7 @@ class StateStore:
         # it. The engine's organization check (`org_guard`): nothing is written for another
         # organization's key.
         self.write_check: Callable[[], None] | None = None
-        try:
-            self.spool_dir.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise StateError(f"cannot create outbox folder {self.spool_dir}: {exc.strerror}") from None
+        self._refuse_emptied_state()
         try:
             conn = self._conn()
             conn.executescript(SCHEMA)
@@ -185,6 +182,32 @@ class StateStore:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"cannot use state file {self.path}: {exc}") from None
+        try:  # after the state file has its schema: see `_refuse_emptied_state`
+            self.spool_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create outbox folder {self.spool_dir}: {exc.strerror}") from None
+
+    def _refuse_emptied_state(self) -> None:
+        """A state file cut to 0 bytes (a backup restored badly, a truncation) is a new, empty
+        database to sqlite: the collector started afresh from `initial_interval` without a word, its
+        unacknowledged batches gone, and emitted revision 0 of buckets again under ids that already
+        carried other counts (kept by `create`: the stored totals stayed low). `outbox/` is made
+        only once the file has its schema, so an empty file beside it was emptied; without it (a
+        crash inside the very first open) there was nothing in it to lose."""
+        try:
+            if self.path.stat().st_size or not self.spool_dir.is_dir():
+                return
+        except OSError:
+            return  # a new state directory (no file yet), or one sqlite will say is unusable
+        try:
+            if os.stat(f"{self.path}-wal").st_size:
+                return  # the pages are all in the write-ahead log still: sqlite reads them from there
+        except OSError:
+            pass
+        raise StateError(
+            f"state file {self.path} is empty (0 bytes: truncated, or restored from a bad backup), so its "
+            f"cursors and unacknowledged batches are gone. Restore it from a backup, or move {self.directory} "
+            "aside to start afresh (the streams then read again from initial_interval)")
 
     def _sqlite(self, doing: str) -> "_sqlite_errors":
         """Turns a sqlite3.Error in its block into a StateDatabaseError naming the state file."""

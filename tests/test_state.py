@@ -305,3 +305,29 @@ def test_closing_a_store_closes_the_connections_of_every_thread_that_used_it(tmp
         again.close()
     finally:
         gc.enable()
+
+
+def test_a_state_file_cut_to_0_bytes_is_refused_in_one_line_not_taken_for_a_new_one(tmp_path):
+    """sqlite takes an empty file for a new database: after a bad restore the collector started
+    afresh without a word, its outbox gone, and re-emitted revision 0 of buckets already emitted
+    (the same ids with other counts, which `create` drops: totals stayed low)."""
+    store = StateStore(tmp_path / "state")
+    store.commit_page("completions", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
+    store.close()
+    os.truncate(store.path, 0)
+    with pytest.raises(StateError, match=rf"^state file {store.path} is empty \(0 bytes: truncated, or restored "
+                                         r"from a bad backup\), so its cursors and unacknowledged batches are "
+                                         rf"gone\. Restore it .*, or move {tmp_path / 'state'} aside"):
+        StateStore(tmp_path / "state")
+    assert os.path.getsize(store.path) == 0, "the emptied file must be left as it is"
+    StateStore(tmp_path / "state2").close()  # a new directory is no emptied one
+
+
+def test_an_empty_state_file_from_a_crash_inside_the_first_open_starts_afresh(tmp_path):
+    """A crash between sqlite creating the file and writing its header leaves 0 bytes, and no
+    `outbox/` yet: nothing was collected, so that directory still opens."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.sqlite3").write_bytes(b"")
+    store = StateStore(tmp_path / "state")
+    assert store.cursor("completions", "1m") is None and store.spool_dir.is_dir()
+    store.close()
