@@ -180,8 +180,12 @@ class StateStore:
                                   ("cursors", "retired_at INTEGER"), ("observations", "dims TEXT")):
                 if column.split()[0] not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            identity = os.stat(self.path)
         except sqlite3.DatabaseError as exc:
             raise StateError(f"cannot use state file {self.path}: {exc}") from None
+        except OSError as exc:
+            raise StateError(f"cannot use state file {self.path}: {exc.strerror}") from None
+        self._identity = (identity.st_dev, identity.st_ino)
         try:  # after the state file has its schema: see `_refuse_emptied_state`
             self.spool_dir.mkdir(exist_ok=True)
         except OSError as exc:
@@ -208,6 +212,23 @@ class StateStore:
             f"state file {self.path} is empty (0 bytes: truncated, or restored from a bad backup), so its "
             f"cursors and unacknowledged batches are gone. Restore it from a backup, or move {self.directory} "
             "aside to start afresh (the streams then read again from initial_interval)")
+
+    def _still_there(self) -> None:
+        """Inside a write transaction that moves state on: the state file is still the one at its
+        path. Deleted (the state directory removed by a cleanup) or replaced under the open
+        connections, it took every later commit with it without an error: cursors and outbox
+        written where no start would find them, the next start afresh from initial_interval."""
+        try:
+            at_path = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            at_path = None
+        except OSError:
+            return  # cannot look (a folder made unsearchable): sqlite still writes to its open file
+        if at_path is None or (at_path.st_dev, at_path.st_ino) != self._identity:
+            raise StateDatabaseError(
+                f"state file {self.path} was {'deleted' if at_path is None else 'replaced'} while the "
+                "collector was running: nothing more is stored or emitted; restart the collector (it goes on "
+                "from the state file then at that path, or afresh without one)")
 
     def _sqlite(self, doing: str) -> "_sqlite_errors":
         """Turns a sqlite3.Error in its block into a StateDatabaseError naming the state file."""
@@ -278,6 +299,7 @@ class StateStore:
         self._check_write()
         conn = self._conn()
         with self._transaction(conn):
+            self._still_there()
             conn.executemany(
                 "INSERT OR REPLACE INTO cursors (stream, width, origin, position, settled, retired_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -323,6 +345,7 @@ class StateStore:
         conn = self._conn()
         spool = self._spool(payload, events)
         with self._transaction(conn, spool):
+            self._still_there()
             batch = _insert_batch(conn, stream, payload, events, spool)
             conn.executemany(
                 "INSERT OR REPLACE INTO observations (stream, width, bucket_start, grp, revision, counters, dims) "
@@ -410,6 +433,7 @@ class StateStore:
         conn = self._conn()
         spool = self._spool(payload, events)
         with self._transaction(conn, spool):
+            self._still_there()
             batch = _insert_batch(conn, stream, payload, events, spool)
             conn.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)", kv.items())
         return batch

@@ -331,3 +331,28 @@ def test_an_empty_state_file_from_a_crash_inside_the_first_open_starts_afresh(tm
     store = StateStore(tmp_path / "state")
     assert store.cursor("completions", "1m") is None and store.spool_dir.is_dir()
     store.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_state_directory_removed_under_a_running_collector_stops_its_commits_in_one_line(tmp_path, how):
+    """sqlite writes on into a state file that has no name left (a cleanup removed the state
+    directory) or that another file replaced: every later cursor and batch was stored where no
+    start would find it, silently, and the next start began afresh from initial_interval."""
+    import shutil
+
+    directory = tmp_path / "state"
+    store = StateStore(directory)
+    store.commit_page("completions", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
+    if how == "deleted":
+        shutil.rmtree(directory)
+    else:
+        (tmp_path / "restored").write_bytes(store.path.read_bytes())
+        os.replace(tmp_path / "restored", store.path)
+    for commit in (lambda: store.commit_page("completions", "1m", payload=LINE, events=1, observations=(),
+                                             cursor=Cursor(0, 120)),
+                   lambda: store.commit_events("audit", LINE, 1, {"audit:hwm": "60"}),
+                   lambda: store.put_cursors("completions", {"1d": Cursor(0, 86400)})):
+        with pytest.raises(StateDatabaseError, match=rf"^state file {store.path} was {how} while the collector "
+                                                     "was running: nothing more is stored or emitted"):
+            commit()
+    store.close()
