@@ -338,14 +338,23 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     if collection.engine.collectors and once:
         _print_summary(collection.engine)
     if output_kind == "elasticsearch":
-        click.echo(f"elasticsearch: {output.created} created, {output.duplicates} already there (409), "
-                   f"{output.rejected} rejected"
-                   + (f" (see {output.dead_letter_path})" if output.rejected else "")
-                   + (f", {output.failure_stored} kept in a failure store (see the warnings)"
-                      if output.failure_stored else ""), err=True)
+        _report(f"elasticsearch: {output.created} created, {output.duplicates} already there (409), "
+                f"{output.rejected} rejected" + (f" (see {output.dead_letter_path})" if output.rejected else "")
+                + (f", {output.failure_stored} kept in a failure store (see the warnings)"
+                   if output.failure_stored else ""))
     if undelivered:  # the summary's documents are collected, not necessarily delivered
-        click.echo(_waiting(undelivered, state_dir), err=True)
+        _report(_waiting(undelivered, state_dir))
     raise SystemExit(code)
+
+
+def _report(line: str) -> None:
+    """A closing report line on stderr. A stderr that cannot take it (the logs' disk is full) loses
+    the line, as it loses the log lines, but must not turn the exit status of a run that collected
+    and delivered everything into 1 (an OSError out of the command)."""
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        pass
 
 
 def _waiting(undelivered: int, state_dir: str, prefix: str = "") -> str:
@@ -379,7 +388,7 @@ def _print_summary(engine) -> None:
                      f"{throttled} ({waited:g}s waited)" if waited else str(throttled), status))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5], err=True)
+        _report("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
 
 
 @main.command()

@@ -571,3 +571,20 @@ def test_batches_left_from_a_run_before_that_cannot_be_resent_are_counted_at_exi
     assert proc.stderr.strip().splitlines()[-1] == (
         "openai-input: cannot write events: [Errno 28] No space left on device; 2 batch(es) not delivered yet "
         f"wait in the outbox ({tmp_path / 'state'}) and are sent first at the next start")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_log_disk_does_not_fail_a_once_run_that_delivered_everything(simulator, tmp_path):
+    """stderr on a full disk (`2>>/var/log/openai.log`): the closing summary's click.echo raised
+    OSError out of `collect --once`, which exited 1 (a traceback nobody could read) although
+    every stream had collected and every batch was delivered."""
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config(simulator.base_url)))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--once", "--state-dir",
+             str(tmp_path / "state"), "--output-path", str(tmp_path / "events.ndjson"), "--now", str(T0)],
+            stdout=subprocess.PIPE, stderr=full, timeout=120)
+    assert proc.returncode == 0
+    assert read_ndjson(tmp_path / "events.ndjson")
+    assert StateStore(tmp_path / "state").pending_count() == 0
