@@ -571,11 +571,23 @@ def _sqlite_message(path: Path, doing: str, exc: sqlite3.Error) -> str:
     """E.g. "cannot write state file X: disk I/O error (is the disk full?)"."""
     name = getattr(exc, "sqlite_errorname", "") or ""  # Python 3.11+
     hint = next((h for code, h in _SQLITE_HINTS.items() if name == code or name.startswith(code + "_")), None)
-    if hint is None:
+    if (name.startswith("SQLITE_CANTOPEN") or "unable to open" in str(exc)) and _out_of_descriptors():
+        hint = "too many open files: raise the collector's limit, `ulimit -n` or systemd's LimitNOFILE"
+    elif hint is None:
         text = str(exc)
         hint = ("is the disk full?" if "disk I/O error" in text or "disk is full" in text else
                 "another program holds a write transaction on it" if "is locked" in text else None)
     return f"cannot {doing} state file {path}: {exc}" + (f" ({hint})" if hint else "")
+
+
+def _out_of_descriptors() -> bool:
+    """Whether this process cannot open a file now (EMFILE/ENFILE): sqlite reports that as
+    "unable to open database file", the same words as a file it may not read."""
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    return False
 
 
 class _sqlite_errors:

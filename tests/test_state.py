@@ -356,3 +356,36 @@ def test_a_state_directory_removed_under_a_running_collector_stops_its_commits_i
                                                      "was running: nothing more is stored or emitted"):
             commit()
     store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf") or sys.platform != "linux", reason="uses RLIMIT_NOFILE")
+def test_a_thread_that_cannot_open_its_connection_for_lack_of_descriptors_says_so(tmp_path):
+    """`ulimit -n 32` with every stream on: a stream thread's own sqlite connection cannot be
+    opened (EMFILE), which sqlite words "unable to open database file", and the hint sent the user
+    to the file's permissions ("is it readable and writable?") instead of the open-files limit."""
+    script = f'''
+import os, resource, threading
+from agent_input.state import StateStore, StateError
+store = StateStore({str(tmp_path / "state")!r})
+store.cursor("completions", "1m")
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+out = []
+def read():
+    try:
+        store.cursor("completions", "1m")
+    except StateError as exc:
+        out.append(str(exc))
+t = threading.Thread(target=read); t.start(); t.join()
+print(out[0] if out else "no error")
+'''
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: __import__("resource").setrlimit(
+                              __import__("resource").RLIMIT_NOFILE, (64, 64)))
+    assert proc.stdout.strip() == (f"cannot read state file {tmp_path / 'state' / 'state.sqlite3'}: unable to "
+                                   "open database file (too many open files: raise the collector's limit, "
+                                   "`ulimit -n` or systemd's LimitNOFILE)"), proc.stdout + proc.stderr
