@@ -473,7 +473,15 @@ class StateStore:
         name = f"{os.getpid()}-{threading.get_ident()}-{next(self._spool_names)}{SPOOL_SUFFIX}"
         path = self.spool_dir / name
         try:
-            write_file(path, payload)
+            try:
+                write_file(path, payload)
+            except FileNotFoundError:
+                # outbox/ was removed under the running collector (a cleanup of old empty folders:
+                # in steady state only a large batch uses it): made again, as at the start, rather
+                # than failing every large batch until a restart
+                self.spool_dir.mkdir(exist_ok=True)
+                fsync_dir(self.directory)
+                write_file(path, payload)
             fsync_dir(self.spool_dir)  # the file's name is durable before a row can point at it
         except OSError as exc:
             _unlink(path)

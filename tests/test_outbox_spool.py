@@ -146,6 +146,18 @@ def test_an_unwritable_outbox_folder_is_a_state_error_and_nothing_commits(tmp_pa
     assert store.cursor("completions", "1m") is None and store.pending_count() == 0
 
 
+def test_an_outbox_folder_removed_under_a_running_collector_is_made_again(tmp_path):
+    """In steady state only a large batch (a backfill after an outage) uses outbox/, so it can sit
+    empty for weeks and be removed by a cleanup of old empty folders (systemd-tmpfiles under
+    /var/tmp): every large batch then failed "cannot write outbox file ...: No such file or
+    directory" at every poll until the collector was restarted."""
+    store = StateStore(tmp_path)
+    store.spool_dir.rmdir()
+    batch = _commit(store, BIG)
+    assert len(_spooled(store)) == 1
+    assert [(b.batch, b.payload) for b in store.pending()] == [(batch, BIG)]
+    assert store.cursor("completions", "1m") == Cursor(0, 60)
+
 def test_state_from_before_spooling_is_upgraded_and_its_batches_replayed(tmp_path):
     conn = sqlite3.connect(tmp_path / "state.sqlite3")
     conn.executescript(
