@@ -103,6 +103,11 @@ class PendingBatch:
     payload: bytes
 
 
+# The layout and meaning of the state file, in sqlite's `user_version`: a version that reads a
+# file stamped higher refuses it rather than misread a newer layout (a downgrade). Files from before
+# the stamp (0) are migrated in place. Raise it with any change an older version would misread.
+STATE_VERSION = 1
+
 # Batches up to this size stay inline in sqlite (a steady-state poll's handful of documents); a
 # file of its own costs two fsyncs (file and folder), which only pays off for large batches.
 INLINE_PAYLOAD_LIMIT = 256 * 1024
@@ -174,12 +179,20 @@ class StateStore:
         self._refuse_emptied_state()
         try:
             conn = self._conn()
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found > STATE_VERSION:  # before anything here changes it
+                raise StateError(
+                    f"state file {self.path} was written by a newer openai-input (state version {found}; this one "
+                    f"reads up to {STATE_VERSION}): run that version or a later one, or move {self.directory} aside "
+                    "to start afresh (the streams then read again from initial_interval)")
             conn.executescript(SCHEMA)
             # columns added since the first release, for a state dir from before them
             for table, column in (("outbox", "spool TEXT"), ("cursors", "settled INTEGER"),
                                   ("cursors", "retired_at INTEGER"), ("observations", "dims TEXT")):
                 if column.split()[0] not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            if found < STATE_VERSION:
+                conn.execute(f"PRAGMA user_version={STATE_VERSION}")
             identity = os.stat(self.path)
         except sqlite3.DatabaseError as exc:
             raise StateError(f"cannot use state file {self.path}: {exc}") from None

@@ -389,3 +389,28 @@ print(out[0] if out else "no error")
     assert proc.stdout.strip() == (f"cannot read state file {tmp_path / 'state' / 'state.sqlite3'}: unable to "
                                    "open database file (too many open files: raise the collector's limit, "
                                    "`ulimit -n` or systemd's LimitNOFILE)"), proc.stdout + proc.stderr
+
+
+def test_a_state_file_a_newer_version_wrote_is_refused_untouched_and_an_older_one_is_stamped(tmp_path):
+    """A downgrade: an older collector opened a newer version's state file without noticing and
+    ran on a layout it did not know. The file carries its version in sqlite's user_version now;
+    one stamped higher is refused in one line before anything in it changes. A file from before
+    the stamp (0) is migrated and stamped."""
+    state = tmp_path / "state"
+    store = StateStore(state)
+    store.close()
+    with sqlite3.connect(state / "state.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == state_module.STATE_VERSION
+        db.execute("PRAGMA user_version=0")  # what a version before the stamp left
+    StateStore(state).close()
+    with sqlite3.connect(state / "state.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == state_module.STATE_VERSION
+        db.execute(f"PRAGMA user_version={state_module.STATE_VERSION + 1}")
+        db.execute("CREATE TABLE future (x)")
+    before = (state / "state.sqlite3").read_bytes()
+    with pytest.raises(StateError) as refused:
+        StateStore(state)
+    assert "written by a newer openai-input" in str(refused.value) and "\n" not in str(refused.value)
+    assert (state / "state.sqlite3").read_bytes() == before
+    elsewhere = _open_elsewhere(state)  # the refused store let go of the directory's lock
+    assert elsewhere.returncode != 0 and "written by a newer openai-input" in elsewhere.stderr
