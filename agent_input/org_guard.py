@@ -29,7 +29,8 @@ name cache's first load anyway, so only audit and rate limits may wait a little 
 - it shares none: `OrganizationMismatch`, naming the directory; the engine stops before it stored
   or delivered anything (`collect` exits 1 with that line, `run` reports the input `failed`);
 - it failed (a 5xx after retries, a 403): the check cannot be done, and the writes are held:
-  each write that needs it lists the projects again (at most every RETRY_AFTER seconds) and,
+  each write that needs it lists the projects again (at once after the name cache's listing,
+  whose client retries little, then at most every RETRY_AFTER seconds) and,
   while that fails, fails its poll with `OrganizationUnverified` (the cursor stays: the poll is
   read again later, nothing is lost).
 """
@@ -153,9 +154,12 @@ class OrganizationGuard:
         self._decided.set()
 
     def unavailable(self, reason: str) -> None:
-        """The listing failed: the check cannot be done (yet)."""
+        """The name cache's listing failed: the check cannot be done yet. That client retries
+        little (a name must not hold usage up), so the first write that needs the check lists
+        again at once, with the collector's own retries: a short 5xx must not hold a whole run."""
         with self._lock:
             self._unavailable(reason)
+            self._retry_at = self._clock()
 
     def _unavailable(self, reason: str) -> None:
         if not self.passed and self.refusal is None:

@@ -548,3 +548,30 @@ def test_check_says_whether_the_key_reaches_the_state_directory_s_organization(s
     fresh = CliRunner().invoke(main, ["check", "--config", str(tmp_path / "config.yml"), "--state-dir",
                                       str(tmp_path / "new")])
     assert fresh.exit_code == 0 and "state dir" not in fresh.output and not (tmp_path / "new").exists()
+
+
+def test_a_short_5xx_on_the_name_cache_s_projects_listing_does_not_hold_a_whole_run(simulator, tmp_path):
+    """The name cache's listing retries little (two retries, 2 s back-off: a name must not hold
+    usage up), and the check took its failure for the collector's: a blip of six 5xx, which the
+    collector's own retries ride out, held every write of a `collect --once` on a directory with a
+    fingerprint (exit 1, nothing stored), while a new directory collected everything."""
+    from agent_input import app
+    from agent_input.simulator import FaultRule
+
+    def collect(out: Path) -> int:
+        settings = _org_config(simulator.base_url, ADMIN_KEY)
+        del settings["max_retries"]  # the default
+        output = NdjsonFileOutput(out)
+        collection = app.build(config_from_dict(settings, env={}), state_dir=tmp_path / "state", output=output,
+                               clock=simulator.now)
+        try:
+            return collection.engine.run(once=True)
+        finally:
+            collection.close()
+            output.close()
+
+    assert collect(tmp_path / "a.ndjson") == 0
+    simulator.advance(300)
+    simulator.add_fault(FaultRule(kind="500", path="*/organization/projects", count=6))
+    assert collect(tmp_path / "b.ndjson") == 0
+    assert (tmp_path / "b.ndjson").read_bytes()
