@@ -71,11 +71,14 @@ class Delivery:
         self.store = store
         self.output = output
 
-    def replay_pending(self) -> int:
-        """Re-send, byte for byte, every batch a previous run stored but never saw acknowledged."""
-        self.store.drop_orphans()  # spool files of batches that never committed, or were acked
+    def replay_pending(self, up_to: int | None = None, drop_orphans: bool = True) -> int:
+        """Re-send, byte for byte, every batch a previous run stored but never saw acknowledged
+        (those up to batch `up_to`). `drop_orphans` only while no stream thread runs: a batch's
+        spool file is written before the row that names it."""
+        if drop_orphans:
+            self.store.drop_orphans()  # spool files of batches that never committed, or were acked
         n = 0
-        for batch in self.store.pending():
+        for batch in self.store.pending(up_to=up_to):
             self._send(batch.batch, batch.stream, batch.payload, batch.events)
             n += batch.events
         return n
@@ -834,6 +837,8 @@ class Engine:
         # engine, and `run` raises it (nothing was stored or sent)
         self.guard = guard
         self.refused: OrganizationMismatch | None = None
+        self._deferred: int | None = None  # the outbox's last batch at start, re-sent once the check passes
+        self._deferred_lock = threading.Lock()
         self.delivery = delivery
         self.stop = stop or threading.Event()
         self.clock = clock
@@ -850,11 +855,17 @@ class Engine:
             # either; only a start with such batches waits for the check here
             try:
                 self.guard.wait()
-            except OrganizationUnverified as exc:  # cannot tell: the streams' writes wait for it
-                log.debug("re-sending the outbox before the organization check: %s", exc)
+            except OrganizationUnverified as exc:
+                # cannot tell yet: they are sent once a stream's write has passed the check, those
+                # up to the last one now only (the streams' own batches are sent as they commit)
+                self.delivery.store.drop_orphans()  # now, before a stream thread spools a batch
+                self._deferred = self.delivery.store.last_batch()
+                log.warning("%d batch(es) left in the outbox wait for the organization check: %s",
+                            self.delivery.store.pending_count(), exc)
             except StoppedError:  # stopped while the check lists: nothing was sent, the outbox waits
                 return 1 if self.failed else 0
-        self.delivery.replay_pending()
+        if self._deferred is None:
+            self.delivery.replay_pending()
         log.info("collecting %s", ", ".join(c.name for c in self.collectors) or "nothing (no stream enabled)")
         threads = [
             threading.Thread(target=self._loop, args=(c, once), name=f"stream-{c.name}", daemon=True)
@@ -874,12 +885,25 @@ class Engine:
             raise self.refused
         return 1 if self.failed else 0
 
+    def _replay_deferred(self) -> None:
+        """The outbox's batches a start held back while the organization check could not be done,
+        once a write has passed it (they are this organization's then): sent by the first stream
+        thread that gets here, those up to the start's last batch only, since the streams' own
+        later batches are in flight already."""
+        if self._deferred is None or self.guard is None or not self.guard.passed:
+            return
+        with self._deferred_lock:
+            if self._deferred is not None:
+                self.delivery.replay_pending(up_to=self._deferred, drop_orphans=False)
+                self._deferred = None
+
     def _loop(self, collector: Collector, once: bool) -> None:
         self.on_status(collector.name, "starting", "")
         while not self.stop.is_set():
             started = time.monotonic()
             try:
                 stats = collector.poll(self.clock())
+                self._replay_deferred()
             except StreamStopped as exc:
                 self._fail(collector.name, str(exc))
                 return

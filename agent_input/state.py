@@ -382,13 +382,17 @@ class StateStore:
         return batch
 
     # -- outbox ------------------------------------------------------------------------------
-    def pending(self, stream: str | None = None) -> Iterator[PendingBatch]:
-        """Unacknowledged batches, oldest first (re-emitted at start-up, byte for byte)."""
-        sql = "SELECT batch, stream, events, payload, spool FROM outbox"
+    def pending(self, stream: str | None = None, up_to: int | None = None) -> Iterator[PendingBatch]:
+        """Unacknowledged batches, oldest first (re-emitted at start-up, byte for byte); of one
+        stream, or up to batch `up_to` only, when given."""
+        sql = "SELECT batch, stream, events, payload, spool FROM outbox WHERE 1"
         args: tuple = ()
         if stream is not None:
-            sql += " WHERE stream=?"
-            args = (stream,)
+            sql += " AND stream=?"
+            args += (stream,)
+        if up_to is not None:
+            sql += " AND batch<=?"
+            args += (up_to,)
         with self._sqlite("read"):
             rows = self._conn().execute(sql + " ORDER BY batch", args).fetchall()
         for batch, name, events, payload, spool in rows:
@@ -429,6 +433,11 @@ class StateStore:
         for name in orphans:
             _unlink(self.spool_dir / name)
         return len(orphans)
+
+    def last_batch(self) -> int | None:
+        """The newest batch in the outbox (None when it is empty)."""
+        with self._sqlite("read"):
+            return self._conn().execute("SELECT MAX(batch) FROM outbox").fetchone()[0]
 
     def pending_count(self) -> int:
         with self._sqlite("read"):

@@ -526,6 +526,30 @@ def test_batches_left_in_the_outbox_are_not_sent_to_another_organization_s_outpu
     assert b'"left-over"' in (tmp_path / "a2.ndjson").read_bytes()
 
 
+def test_batches_left_in_the_outbox_wait_while_the_check_cannot_be_done(simulator, other_org, tmp_path):
+    """With the projects listing refused (403), the check cannot be done: the start re-sent the
+    outbox anyway, so one organization's left-over batch went to another organization's output
+    and was acknowledged there, lost to its own. It waits now, and goes out once a write of this
+    run has passed the check."""
+    from agent_input.simulator import FaultRule
+
+    state = tmp_path / "state"
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "a.ndjson") == 0
+    store = StateStore(state)  # a batch the output had not acknowledged when the collector stopped
+    store.commit_events("audit", b'{"_id":"left-over"}\n', 1, {})
+    store.close()
+    other_org.set_time(simulator.now())
+    other_org.add_fault(FaultRule(kind="403", path="*/organization/projects", count=None))
+    assert _collect_with(other_org, OTHER_KEY, state, tmp_path / "b.ndjson") == 1
+    assert b'"left-over"' not in (tmp_path / "b.ndjson").read_bytes()
+    assert len(_state_rows(state)["outbox"]) == 1
+    # its own organization, while the listing fails for the first write only: sent after the check
+    simulator.add_fault(FaultRule(kind="403", path="*/organization/projects", count=1))
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "a2.ndjson") == 0
+    assert (tmp_path / "a2.ndjson").read_bytes().count(b'"left-over"') == 1
+    assert not _state_rows(state)["outbox"]
+
+
 def test_check_says_whether_the_key_reaches_the_state_directory_s_organization(simulator, other_org, tmp_path):
     from click.testing import CliRunner
 
