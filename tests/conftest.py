@@ -14,6 +14,23 @@ T0 = 1763892000.0
 ADMIN_KEY = "sk-admin-test-0123456789abcdef"
 
 
+# What the programs read from the environment: a developer's shell (the README has them export
+# OPENAI_ADMIN_KEY and ELASTIC_API_KEY), a CI job set up for the real-cluster tests (ES_URL,
+# KIBANA_URL, ELASTIC_USERNAME/ELASTIC_PASSWORD) or a machine behind a proxy must not change what
+# a test sees. Tests that want one set it themselves (monkeypatch, a subprocess's or CliRunner's env).
+HOST_ENV = ("OPENAI_ADMIN_KEY", "ELASTIC_API_KEY", "ELASTIC_USERNAME", "ELASTIC_PASSWORD", "ELASTIC_CLOUD_ID",
+            "ES_URL", "KIBANA_URL", "XDG_STATE_HOME", "NETRC", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+            "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def _no_host_environment(request, monkeypatch):
+    """Each test starts without the variables above; the opt-in real-cluster tests keep them."""
+    if request.node.get_closest_marker("cluster") is None:
+        for name in HOST_ENV:
+            monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def simulator():
     from agent_input.simulator import Simulator

@@ -198,3 +198,27 @@ def test_a_key_that_lists_projects_but_not_their_limits_fails_check(tmp_path):
     result = run(tmp_path, only("rate_limits"))
     assert result.exit_code == 1
     assert "403: the key lacks the api.management.read scope" in result.output
+
+
+def test_the_tests_do_not_depend_on_the_developers_environment():
+    """The README has a user export OPENAI_ADMIN_KEY and ELASTIC_API_KEY, and the real-cluster tests
+    want ES_URL, KIBANA_URL and ELASTIC_USERNAME/ELASTIC_PASSWORD: from such a shell (or CI job) a
+    test that means "no key given" or "no --es-url" found them (CliRunner's env only adds to
+    os.environ) and failed; a proxy in the environment took the simulator's requests. All 6 failed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPENAI_ADMIN_KEY": "sk-admin-fromshell-0123456789abcdef", "ES_URL": "http://127.0.0.1:9",
+           "KIBANA_URL": "http://127.0.0.1:9", "ELASTIC_USERNAME": "elastic", "ELASTIC_PASSWORD": "changeme",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    tests = ["tests/test_cli_check.py::test_config_errors_exit_2_without_a_request",
+             "tests/test_cli_check.py::test_bad_log_level_is_a_usage_error_not_a_traceback",
+             "tests/test_installer.py::test_missing_urls_and_credentials_files",
+             "tests/test_installer.py::test_a_netrc_entry_never_replaces_or_adds_credentials",
+             "tests/test_installer.py::test_install_without_kibana_url_is_one_line_before_any_request",
+             "tests/test_collect_cli.py::test_once_exits_1_and_its_summary_names_the_stream_that_failed"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
