@@ -332,7 +332,9 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
               "the streams read again from initial_interval)")
     finally:
         progress.finish()
-        undelivered = _undelivered(collection.store)
+        # delivered, but their outbox entries could not be deleted (a full disk): said apart
+        unremoved = len(getattr(collection.engine.delivery, "unremoved", ()))
+        undelivered = max(0, _undelivered(collection.store) - unremoved)
         collection.close()
         output.close()
     if collection.engine.collectors and once:
@@ -344,6 +346,9 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
                    if output.failure_stored else ""))
     if undelivered:  # the summary's documents are collected, not necessarily delivered
         _report(_waiting(undelivered, state_dir))
+    if unremoved:
+        _report(f"{unremoved} batch(es) were delivered but could not be deleted from the outbox ({state_dir}): "
+                "they are sent again at the next start, duplicates by _id")
     raise SystemExit(code)
 
 

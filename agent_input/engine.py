@@ -26,7 +26,7 @@ from .http_client import AuthenticationError, PermissionDeniedError, StoppedErro
 from .org_guard import OrganizationMismatch, OrganizationUnverified
 from .outputs import Output, OutputError
 from .paging import PAGE_GATE, PageFetcher
-from .state import Cursor, Observation, StateStore, group_json
+from .state import Cursor, Observation, StateError, StateStore, group_json
 from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
 
 log = logging.getLogger("agent_input.engine")
@@ -70,6 +70,7 @@ class Delivery:
     def __init__(self, store: StateStore, output: Output):
         self.store = store
         self.output = output
+        self.unremoved: set[int] = set()  # delivered, but their outbox entries could not be deleted
 
     def replay_pending(self, up_to: int | None = None, drop_orphans: bool = True) -> int:
         """Re-send, byte for byte, every batch a previous run stored but never saw acknowledged
@@ -100,7 +101,21 @@ class Delivery:
             self._send(batch, stream, payload, events)
 
     def _send(self, batch: int, stream: str, payload: bytes, events: int) -> None:
-        self.output.send(stream, payload, events, lambda: self.store.ack(batch))
+        self.output.send(stream, payload, events, lambda: self._ack(batch, stream))
+
+    def _ack(self, batch: int, stream: str) -> None:
+        """The output has the batch. A delete from the outbox that fails (a full disk) is said,
+        not raised: the page's cursor and documents are stored and delivered, so failing the poll
+        ("cursor kept, will retry") said the opposite of what happened. The entry stays and is
+        sent again at the next start: a duplicate by `_id`, not a loss."""
+        try:
+            self.store.ack(batch)
+        except StateError as exc:
+            self.unremoved.add(batch)
+            if getattr(self.output, "reports_ack_failures", False):
+                raise  # the protocol's output says it itself: logged, and a `degraded` status
+            log.error("%s: batch %d was delivered, but cannot be deleted from the outbox (%s): it is sent again "
+                      "at the next start, a duplicate by _id", stream, batch, exc)
 
 
 # -- collectors -------------------------------------------------------------------------------

@@ -186,6 +186,10 @@ class _Inflight:
 class ProtocolOutput:
     """The engine's `Output` in protocol mode (see the module doc)."""
 
+    # an acknowledged batch whose outbox delete fails is this output's to report (`ack`: logged
+    # and a `degraded` status): `Delivery` lets the error through to it
+    reports_ack_failures = True
+
     def __init__(self, writer: ProtocolWriter, *, ack_on_flush: bool = False, max_inflight: int = 32,
                  namespace: str = "default", on_status: Callable[[str, str, str], None] | None = None):
         self.writer = writer

@@ -414,3 +414,23 @@ def test_a_state_file_a_newer_version_wrote_is_refused_untouched_and_an_older_on
     assert (state / "state.sqlite3").read_bytes() == before
     elsewhere = _open_elsewhere(state)  # the refused store let go of the directory's lock
     assert elsewhere.returncode != 0 and "written by a newer openai-input" in elsewhere.stderr
+
+
+def test_a_delivered_batch_whose_outbox_delete_fails_is_said_not_a_failed_poll(tmp_path, monkeypatch, caplog):
+    """On a full disk the page's commit went through and the output took the batch, then deleting
+    it from the outbox failed: the poll failed with "cursor kept, will retry" although the cursor
+    had moved and the documents were delivered. The batch is said to be delivered and kept, to be
+    sent again at the next start (a duplicate by _id)."""
+    store, out = StateStore(tmp_path / "state"), io.BytesIO()
+    delivery = Delivery(store, NdjsonOutput(out))
+
+    def full(batch):
+        raise StateDatabaseError("cannot write state file x: disk I/O error (is the disk full?)")
+
+    monkeypatch.setattr(store, "ack", full)
+    delivery.commit_events("audit", [b'{"_id":"a"}\n'], {"audit:mark": "1"})  # no exception: it was delivered
+    assert out.getvalue() == b'{"_id":"a"}\n' and store.get("audit:mark") == "1"
+    assert len(delivery.unremoved) == 1 and store.pending_count() == 1
+    said = [r for r in caplog.records if "was delivered, but cannot be deleted from the outbox" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "ERROR"
+    store.close()
