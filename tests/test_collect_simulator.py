@@ -509,15 +509,22 @@ def test_collect_once_with_another_organization_s_key_exits_1_with_one_line(simu
     assert OTHER_KEY not in err and out.read_bytes() == delivered
 
 
-def test_batches_left_in_the_outbox_are_not_sent_to_another_organization_s_output(simulator, other_org, tmp_path):
-    from agent_input.org_guard import OrganizationMismatch
-
+def _collected_with_a_batch_left_over(simulator, other_org, tmp_path) -> Path:
+    """A state directory of the first organization whose outbox holds a batch the output had not
+    acknowledged when the collector stopped (`{"_id":"left-over"}`); the other one's clock set."""
     state = tmp_path / "state"
     assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "a.ndjson") == 0
-    store = StateStore(state)  # a batch the output had not acknowledged when the collector stopped
+    store = StateStore(state)
     store.commit_events("audit", b'{"_id":"left-over"}\n', 1, {})
     store.close()
     other_org.set_time(simulator.now())
+    return state
+
+
+def test_batches_left_in_the_outbox_are_not_sent_to_another_organization_s_output(simulator, other_org, tmp_path):
+    from agent_input.org_guard import OrganizationMismatch
+
+    state = _collected_with_a_batch_left_over(simulator, other_org, tmp_path)
     with pytest.raises(OrganizationMismatch):
         _collect_with(other_org, OTHER_KEY, state, tmp_path / "b.ndjson")
     assert not (tmp_path / "b.ndjson").read_bytes()
@@ -533,12 +540,7 @@ def test_batches_left_in_the_outbox_wait_while_the_check_cannot_be_done(simulato
     run has passed the check."""
     from agent_input.simulator import FaultRule
 
-    state = tmp_path / "state"
-    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "a.ndjson") == 0
-    store = StateStore(state)  # a batch the output had not acknowledged when the collector stopped
-    store.commit_events("audit", b'{"_id":"left-over"}\n', 1, {})
-    store.close()
-    other_org.set_time(simulator.now())
+    state = _collected_with_a_batch_left_over(simulator, other_org, tmp_path)
     other_org.add_fault(FaultRule(kind="403", path="*/organization/projects", count=None))
     assert _collect_with(other_org, OTHER_KEY, state, tmp_path / "b.ndjson") == 1
     assert b'"left-over"' not in (tmp_path / "b.ndjson").read_bytes()

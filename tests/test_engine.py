@@ -1032,35 +1032,42 @@ class WidthApi:
         return {"object": "page", "data": data, "has_more": False, "next_page": None}
 
 
-def test_back_to_a_width_still_being_finished_loses_nothing(tmp_path):
-    """1h up to 10:00, 1d from 10:10 (so 1h goes on to midnight), back to 1h at 12:00: the 1d
-    width has collected nothing yet, so the change is undone and 1h goes on from its own cursor.
-    Before, 1h was started over at midnight and 10:00-midnight was never collected."""
+def _minutes_delivered_through(tmp_path, plan, days: int, lo: int, hi: int) -> int:
+    """Polls of completions at the bucket widths of `plan` ((time, width), a restart with the
+    config of the moment each) over an API with 1 token in every minute of `days` days from the
+    day before 2026-11-23; the tokens delivered in [lo, hi), deduplicated by `_id`."""
     from dataclasses import replace as _replace
 
     from agent_input.config import StreamConfig
     from agent_input.state import StateStore
 
     api, day = WidthApi(), ts("2026-11-23T00:00:00")
-    for m in range(day - 86400, day + 2 * 86400, 60):
+    for m in range(day - 86400, day + days * 86400, 60):
         api.minutes[m] = 1
     out = io.BytesIO()
     base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
-                        bucket_width="1h", finalization_grace=0, revision_window=3 * 3600, batch_size=None,
+                        bucket_width=plan[0][1], finalization_grace=0, revision_window=3 * 3600, batch_size=None,
                         include_archived=False)
-    for now, width in [(day + 10 * 3600, "1h"), (day + 10 * 3600 + 600, "1d"),
-                       *[(day + h * 3600, "1h") for h in range(12, 48)]]:
-        store = StateStore(tmp_path / "state")  # a restart with the config of the moment
+    for now, width in plan:
+        store = StateStore(tmp_path / "state")
         UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width), api,
                        Delivery(store, NdjsonOutput(out)), clock=lambda: now).poll(now)
         store.close()
     got = {}
     for d in docs(out):
         got.setdefault(d["_id"], d)
+    return sum(d["openai"]["completions"]["input_tokens"] for d in got.values()
+               if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi)
+
+
+def test_back_to_a_width_still_being_finished_loses_nothing(tmp_path):
+    """1h up to 10:00, 1d from 10:10 (so 1h goes on to midnight), back to 1h at 12:00: the 1d
+    width has collected nothing yet, so the change is undone and 1h goes on from its own cursor.
+    Before, 1h was started over at midnight and 10:00-midnight was never collected."""
+    day = ts("2026-11-23T00:00:00")
+    plan = [(day + 10 * 3600, "1h"), (day + 10 * 3600 + 600, "1d"), *[(day + h * 3600, "1h") for h in range(12, 48)]]
     lo, hi = day + 6 * 3600, day + 44 * 3600
-    delivered = sum(d["openai"]["completions"]["input_tokens"] for d in got.values()
-                    if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi)
-    assert delivered == (hi - lo) // 60
+    assert _minutes_delivered_through(tmp_path, plan, 2, lo, hi) == (hi - lo) // 60
 
 
 @pytest.mark.parametrize("hour_collects", [True, False])
@@ -1069,33 +1076,12 @@ def test_back_to_a_width_through_a_third_one_counts_no_time_twice(tmp_path, hour
     again while its range is still revisable and 1d has collected nothing: undoing the change
     must also undo 1h's range. Before, 1m went on from 11:00 while 1h still covered 11:00 to
     midnight, and those 13 hours were delivered twice (3720 minutes for 2940)."""
-    from dataclasses import replace as _replace
-
-    from agent_input.config import StreamConfig
-    from agent_input.state import StateStore
-
-    api, day = WidthApi(), ts("2026-11-23T00:00:00")
-    for m in range(day - 86400, day + 3 * 86400, 60):
-        api.minutes[m] = 1
-    out = io.BytesIO()
-    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
-                        bucket_width="1m", finalization_grace=0, revision_window=3 * 3600, batch_size=None,
-                        include_archived=False)
+    day = ts("2026-11-23T00:00:00")
     hour = day + (12 if hour_collects else 10) * 3600  # at 12:00, 1h has its 11:00 bucket
     plan = [(day + 10 * 3600 + 300, "1m"), (day + 10 * 3600 + 600, "1h"), (hour + 900, "1h"),
             (hour + 1200, "1d"), (hour + 1800, "1m"), *[(day + h * 3600, "1m") for h in range(13, 60)]]
-    for now, width in plan:
-        store = StateStore(tmp_path / "state")  # a restart with the config of the moment
-        UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width), api,
-                       Delivery(store, NdjsonOutput(out)), clock=lambda: now).poll(now)
-        store.close()
-    got = {}
-    for d in docs(out):
-        got.setdefault(d["_id"], d)
     lo, hi = day + 7 * 3600, day + 56 * 3600
-    delivered = sum(d["openai"]["completions"]["input_tokens"] for d in got.values()
-                    if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi)
-    assert delivered == (hi - lo) // 60
+    assert _minutes_delivered_through(tmp_path, plan, 3, lo, hi) == (hi - lo) // 60
 
 
 def test_an_initial_interval_raised_with_state_in_place_is_said_not_silently_ignored(tmp_path, caplog):

@@ -478,7 +478,9 @@ def test_per_item_failures_count_as_getting_through_when_one_document_is_too_lar
 
 
 # -- permanent rejections ---------------------------------------------------------------------------
-def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_delivered(fake, tmp_path):
+def _send_one_bad_of_three(fake, tmp_path):
+    """A batch of three documents whose second has a mapping conflict, sent with ECS logs captured:
+    (output, docs, acks, the log text)."""
     from agent_input.logs import setup_logging
 
     buf = io.StringIO()
@@ -490,6 +492,11 @@ def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_deliv
                                if "bad" in src else None)
     ack = Acks()
     out.send("completions", _payload(docs), 3, ack)
+    return out, docs, ack, buf.getvalue()
+
+
+def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_delivered(fake, tmp_path):
+    out, docs, ack, logged = _send_one_bad_of_three(fake, tmp_path)
     assert ack.n == 1, "a permanently rejected document must not block the batch"
     assert len(fake.docs) == 2 and out.rejected == 1
     dead = [json.loads(line) for line in (tmp_path / "dead-letter.ndjson").read_text().splitlines()]
@@ -498,7 +505,6 @@ def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_deliv
     assert dead[0]["_index"] == "logs-openai.completions-default"
     assert dead[0]["error"]["type"] == "document_parsing_exception"
     assert dead[0]["document"] == docs[1][1]
-    logged = buf.getvalue()
     assert docs[1][0] in logged and "openai.completions" in logged and "document_parsing_exception" in logged
 
 
@@ -507,22 +513,12 @@ def test_a_document_kept_in_a_failure_store_is_said_and_counted_not_taken_as_cre
     with a mapping conflict is answered 201 with "failure_store": "used" and kept in
     `<data stream>::failures`, outside every dashboard's sums. Before, it was counted as created
     and nothing said so: the totals came out low in silence."""
-    from agent_input.logs import setup_logging
-
-    buf = io.StringIO()
-    setup_logging("INFO", "ecs", stream=buf)
     fake.failure_store = True
-    out = _output(fake.url, tmp_path)
-    docs = [_doc(1), _doc(2, bad="not-a-number"), _doc(3)]
-    fake.reject = lambda src: ({"type": "document_parsing_exception",
-                                "reason": "[1:2] failed to parse field [bad] of type [long]"}
-                               if "bad" in src else None)
-    ack = Acks()
-    out.send("completions", _payload(docs), 3, ack)
+    out, docs, ack, logged = _send_one_bad_of_three(fake, tmp_path)
     assert ack.n == 1 and len(fake.docs) == 2 and len(fake.failures) == 1
     assert (out.created, out.failure_stored, out.rejected) == (2, 1, 0)
     assert not (tmp_path / "dead-letter.ndjson").exists(), "Elasticsearch keeps it: no second copy"
-    warnings = [line for line in buf.getvalue().splitlines() if "failure store" in line]
+    warnings = [line for line in logged.splitlines() if "failure store" in line]
     assert len(warnings) == 1 and '"log.level":"warn' in warnings[0].replace(" ", ""), warnings
     assert docs[1][0] in warnings[0] and "logs-openai.completions-default::failures" in warnings[0]
 
