@@ -854,6 +854,7 @@ class Engine:
         self.refused: OrganizationMismatch | None = None
         self._deferred: int | None = None  # the outbox's last batch at start, re-sent once the check passes
         self._deferred_lock = threading.Lock()
+        self._replay_error: Exception | None = None  # the held-back batches' re-send failed: `run` raises it
         self.delivery = delivery
         self.stop = stop or threading.Event()
         self.clock = clock
@@ -898,19 +899,30 @@ class Engine:
                         log.info("stopping: the pages in flight are finished and stored first")
         if self.refused is not None:
             raise self.refused
+        if self._replay_error is not None:  # as a start's re-send raises it (the caller says it)
+            raise self._replay_error
         return 1 if self.failed else 0
 
-    def _replay_deferred(self) -> None:
+    def _replay_deferred(self) -> bool:
         """The outbox's batches a start held back while the organization check could not be done,
         once a write has passed it (they are this organization's then): sent by the first stream
         thread that gets here, those up to the start's last batch only, since the streams' own
-        later batches are in flight already."""
+        later batches are in flight already. Called after a poll that went through (its documents
+        are counted first): a re-send that fails (an outbox file gone, the output refusing) is not
+        that poll's failure, whose cursor moved; it stops the engine and `run` raises it, as the
+        start's re-send does. False then."""
         if self._deferred is None or self.guard is None or not self.guard.passed:
-            return
+            return self._replay_error is None
         with self._deferred_lock:
-            if self._deferred is not None:
-                self.delivery.replay_pending(up_to=self._deferred, drop_orphans=False)
+            if self._deferred is not None and self._replay_error is None:
+                try:
+                    self.delivery.replay_pending(up_to=self._deferred, drop_orphans=False)
+                except Exception as exc:  # noqa: BLE001 - raised by `run`, once every stream stopped
+                    self._replay_error = exc
+                    self.stop.set()
+                    return False
                 self._deferred = None
+        return self._replay_error is None
 
     def _loop(self, collector: Collector, once: bool) -> None:
         self.on_status(collector.name, "starting", "")
@@ -918,7 +930,6 @@ class Engine:
             started = time.monotonic()
             try:
                 stats = collector.poll(self.clock())
-                self._replay_deferred()
             except StreamStopped as exc:
                 self._fail(collector.name, str(exc))
                 return
@@ -957,6 +968,8 @@ class Engine:
                     log.info("%s: %d documents (%d corrections) from %d requests%s", collector.name, stats.events,
                              stats.corrections, stats.requests,
                              f"; {len(stats.errors)} problem(s) reported" if stats.errors else "")
+                if not self._replay_deferred():
+                    return
                 if self.stop.is_set():
                     return  # cut short by the stop: not a clean poll to call healthy
                 if stats.errors:

@@ -552,6 +552,51 @@ def test_batches_left_in_the_outbox_wait_while_the_check_cannot_be_done(simulato
     assert not _state_rows(state)["outbox"]
 
 
+@pytest.mark.parametrize("spool_gone", [False, True], ids=["sent", "outbox-file-gone"])
+def test_batches_held_back_at_the_start_are_sent_by_the_first_stream_past_the_check(
+        simulator, tmp_path, monkeypatch, caplog, spool_gone):
+    """The check fails at the start (the names' listing and the start's own try), then passes at
+    a stream's first write: the held-back batch goes out from that stream's thread. A re-send
+    that failed there (its outbox file gone) failed every stream's poll instead, each "poll
+    failed, cursor kept, will retry" with 0 documents, though every poll had delivered its pages
+    and moved its cursor; it is raised by `run`, as the start's re-send raises it."""
+    import logging
+
+    from agent_input import app
+    from agent_input.org_guard import OrganizationGuard
+    from agent_input.simulator import FaultRule
+    from agent_input.state import StateError
+
+    monkeypatch.setitem(OrganizationGuard.__init__.__kwdefaults__, "retry_after", 0.0)  # a write lists again
+    state = tmp_path / "state"
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "a.ndjson") == 0
+    store = StateStore(state)  # a batch the output had not acknowledged; large: in a file of its own
+    store.commit_events("audit", b'{"_id":"left-over","pad":"' + b"x" * 300_000 + b'"}\n', 1, {})
+    spool = _state_rows(state)["outbox"][0][-1]
+    store.close()
+    if spool_gone:
+        (state / "outbox" / spool).unlink()
+    simulator.advance(600)
+    simulator.add_fault(FaultRule(kind="403", path="*/organization/projects", count=2))
+    config = config_from_dict(_org_config(simulator.base_url, ADMIN_KEY), env={})
+    output = NdjsonFileOutput(tmp_path / "a2.ndjson")
+    collection = app.build(config, state_dir=state, output=output, clock=simulator.now)
+    try:
+        if spool_gone:
+            with pytest.raises(StateError, match="cannot read .*" + spool):
+                collection.engine.run(once=True)
+        else:
+            assert collection.engine.run(once=True) == 0
+    finally:
+        collection.close()
+        output.close()
+    assert any("wait for the organization check" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if "poll failed" in r.getMessage()]
+    assert collection.engine.totals["completions"].events > 0  # delivered, and counted
+    assert (tmp_path / "a2.ndjson").read_bytes().count(b'"left-over"') == (0 if spool_gone else 1)
+    assert len(_state_rows(state)["outbox"]) == (1 if spool_gone else 0)
+
+
 def test_check_says_whether_the_key_reaches_the_state_directory_s_organization(simulator, other_org, tmp_path):
     from click.testing import CliRunner
 
