@@ -40,11 +40,12 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .http_client import ApiError
 from .paging import STOP_CHECK, cursor_pages, stopped
-from .state import StateError, StateStore
+from .state import STATE_VERSION, StateError, StateStore, newer_state_message
 
 log = logging.getLogger("agent_input.org_guard")
 
@@ -228,31 +229,33 @@ class OrganizationGuard:
         raise OrganizationUnverified(self.unverified or "the organization check did not run")
 
 
-def read_recorded(state_dir: Any) -> list[str]:
-    """The fingerprint of a state directory, read without taking it (a collector may be running on
-    it): [] when there is no state file or no record."""
+def read_recorded(state_dir: Any) -> tuple[int, list[str]]:
+    """The state version and fingerprint of a state directory, read without taking it (a collector
+    may be running on it): (0, []) when there is no state file or no record."""
     import sqlite3
-    from pathlib import Path
 
     path = Path(state_dir) / "state.sqlite3"
     if not path.is_file():
-        return []
+        return 0, []
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
             row = conn.execute("SELECT v FROM kv WHERE k=?", (KV_PROJECTS,)).fetchone()
         finally:
             conn.close()
         value = json.loads(row[0]) if row else []
     except (sqlite3.Error, ValueError):
-        return []
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+        return 0, []
+    return version, [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
     """`openai-input check`: whether the key reaches the organization `state_dir` was collected
     for (ok, message), or None when the directory records none."""
-    recorded = read_recorded(state_dir)
+    version, recorded = read_recorded(state_dir)
+    if version > STATE_VERSION:  # collect would refuse the file itself
+        return False, newer_state_message(Path(state_dir) / "state.sqlite3", version)
     if not recorded:
         return None
     try:

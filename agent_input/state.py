@@ -108,6 +108,15 @@ class PendingBatch:
 # the stamp (0) are migrated in place. Raise it with any change an older version would misread.
 STATE_VERSION = 1
 
+
+
+def newer_state_message(path: Path, found: int) -> str:
+    """Why a state file stamped by a newer version is not used (see STATE_VERSION)."""
+    return (f"state file {path} was written by a newer openai-input (state version {found}; this one reads up "
+            f"to {STATE_VERSION}): run that version or a later one, or move {path.parent} aside to start afresh "
+            "(the streams then read again from initial_interval)")
+
+
 # Batches up to this size stay inline in sqlite (a steady-state poll's handful of documents); a
 # file of its own costs two fsyncs (file and folder), which only pays off for large batches.
 INLINE_PAYLOAD_LIMIT = 256 * 1024
@@ -181,10 +190,7 @@ class StateStore:
             conn = self._conn()
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found > STATE_VERSION:  # before anything here changes it
-                raise StateError(
-                    f"state file {self.path} was written by a newer openai-input (state version {found}; this one "
-                    f"reads up to {STATE_VERSION}): run that version or a later one, or move {self.directory} aside "
-                    "to start afresh (the streams then read again from initial_interval)")
+                raise StateError(newer_state_message(self.path, found))
             conn.executescript(SCHEMA)
             # columns added since the first release, for a state dir from before them
             for table, column in (("outbox", "spool TEXT"), ("cursors", "settled INTEGER"),

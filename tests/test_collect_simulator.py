@@ -619,6 +619,14 @@ def test_check_says_whether_the_key_reaches_the_state_directory_s_organization(s
     fresh = CliRunner().invoke(main, ["check", "--config", str(tmp_path / "config.yml"), "--state-dir",
                                       str(tmp_path / "new")])
     assert fresh.exit_code == 0 and "state dir" not in fresh.output and not (tmp_path / "new").exists()
+    import sqlite3
+
+    from agent_input.state import STATE_VERSION
+
+    with sqlite3.connect(state / "state.sqlite3") as db:  # as a newer version leaves it: collect refuses it
+        db.execute(f"PRAGMA user_version={STATE_VERSION + 1}")
+    newer = check(simulator, ADMIN_KEY)
+    assert newer.exit_code == 1 and "was written by a newer openai-input" in newer.output, newer.output
 
 
 def test_a_short_5xx_on_the_name_cache_s_projects_listing_does_not_hold_a_whole_run(simulator, tmp_path):
