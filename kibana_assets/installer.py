@@ -39,6 +39,10 @@ KIBANA_PRIVILEGE = {
     "data_view": "Kibana feature privilege 'Data View Management: All'",
     "dashboard": "Kibana feature privileges 'Dashboard: All' and 'Saved Objects Management: All'",
     "rule": "Kibana feature privilege 'Stack Rules: All' (Management > Stack Rules)",
+    # Kibana reads the connectors of a rule written with actions (the ones the user attached,
+    # which updates and moves send back): `get` on connectors, which Stack Rules does not grant
+    "rule_actions": "Kibana feature privileges 'Stack Rules: All' and 'Actions and Connectors: Read' "
+                    "(Management > Actions and Connectors; the rule has connectors attached)",
     "version": "any Kibana privilege in the space (to read /api/status)",
 }
 
@@ -706,7 +710,8 @@ class Installer:
             return self._left_behind("unchanged", detail, rule.default_id, exists, drop)
         if self.dry_run:
             return self._left_behind("updated", detail, rule.default_id, exists, drop)
-        _check(self.t.kb("PUT", path, json=want), f"update rule {rule.name}", priv)
+        _check(self.t.kb("PUT", path, json=want), f"update rule {rule.name}",
+               KIBANA_PRIVILEGE["rule_actions"] if want["actions"] else priv)
         return self._left_behind("updated", (detail + "; " if detail else "") + "actions kept",
                                  rule.default_id, exists, drop)
 
@@ -733,7 +738,7 @@ class Installer:
         resp = self.t.kb("POST", f"/api/alerting/rule/{rule.id}", json=body)
         if resp.status_code == 409:
             raise _taken_elsewhere("rule", rule.id, self.space, self._space_holding(held))
-        _check(resp, f"create rule {rule.name}", priv)
+        _check(resp, f"create rule {rule.name}", KIBANA_PRIVILEGE["rule_actions"] if body["actions"] else priv)
         if legacy is not None:
             self._drop_legacy(f"/api/alerting/rule/{rule.default_id}", f"delete rule {rule.default_id}", priv)
         return "created", detail

@@ -47,6 +47,9 @@ class FakeStack:
         self.calls: list[dict] = []
         self.missing_privileges: list[str] = []
         self.forbid: set[tuple[str, str]] = set()  # (method, path regex) answered with 403
+        # whether the user may read connectors (Kibana feature 'Actions and Connectors': Read):
+        # Kibana reads the connectors of a rule written with actions, and answers 403 without it
+        self.connectors_readable = True
         self.status = {"es": 200, "kb": 200}
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -262,6 +265,8 @@ class FakeStack:
                 if not visible:
                     return self._json(404, {"statusCode": 404, "message": f"Saved object [alert/{rid}] not found"})
                 return self._json(200, self.rules[rid])
+            if m in ("POST", "PUT") and body.get("actions") and not self.connectors_readable:
+                return self._json(403, {"statusCode": 403, "error": "Forbidden", "message": "Unauthorized to get actions"})
             if m == "POST":
                 if rid in self.rules:  # in this space or in any other: rule ids are unique across spaces
                     return self._json(409, {"statusCode": 409, "error": "Conflict",
@@ -923,6 +928,23 @@ def test_kibana_privilege_error_names_the_feature(stack):
     result = install()
     assert result.exit_code == 3
     assert "Stack Rules: All" in result.output
+
+
+def test_a_rule_with_connectors_names_the_connectors_privilege(stack):
+    """Kibana reads the connectors of a rule written with actions (the rules client's
+    validateActions: actionsClient.getBulk, authorized as `get` on connectors, which the feature
+    'Actions and Connectors' grants from Read; Stack Rules: All does not). An upgrade sends a
+    rule's actions back, so an installer without it was refused half way through the install,
+    and the error named 'Stack Rules: All', which the user had."""
+    assert install().exit_code == 0
+    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}}]
+    stack.connectors_readable = False
+    result = install("--headroom-threshold", "0.9")
+    assert result.exit_code == 3
+    assert "Actions and Connectors: Read" in result.output, result.output
+    # a rule without actions needs no more than Stack Rules: All
+    del stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"]
+    assert install("--headroom-threshold", "0.9").exit_code == 0
 
 
 def test_missing_urls_and_credentials_files():
