@@ -37,7 +37,8 @@ ES_PRIVILEGE = {
 }
 KIBANA_PRIVILEGE = {
     "data_view": "Kibana feature privilege 'Data View Management: All'",
-    "dashboard": "Kibana feature privileges 'Dashboard: All' and 'Saved Objects Management: All'",
+    # _import/_export leave authorization to the saved objects client: the dashboard type's own
+    "dashboard": "Kibana feature privilege 'Dashboard: All' (Analytics > Dashboard)",
     "rule": "Kibana feature privilege 'Stack Rules: All' (Management > Stack Rules)",
     # Kibana reads the connectors of a rule written with actions (the ones the user attached,
     # which updates and moves send back): `get` on connectors, which Stack Rules does not grant

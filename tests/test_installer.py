@@ -947,6 +947,18 @@ def test_a_rule_with_connectors_names_the_connectors_privilege(stack):
     assert install("--headroom-threshold", "0.9").exit_code == 0
 
 
+def test_a_dashboard_privilege_error_names_only_the_dashboard_feature(stack):
+    """Kibana's `_import` and `_export` routes leave authorization to the saved objects client,
+    which checks the type's own privileges (a dashboard: Dashboard, All to write). 'Saved Objects
+    Management: All' grants `all` on every saved-object type of the space: the least-privilege
+    role asked for it, and the error sent the user to grant it, though no request needs it."""
+    stack.forbid.add(("POST", r"/api/saved_objects/_import"))
+    result = install()
+    assert result.exit_code == 3
+    assert "Dashboard: All" in result.output
+    assert "Saved Objects Management" not in result.output
+
+
 def test_missing_urls_and_credentials_files():
     r = run("install", "--kibana-url", KB)
     assert r.exit_code == 2 and "--es-url (or ES_URL) is required" in r.output
