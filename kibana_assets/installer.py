@@ -25,6 +25,7 @@ from . import elasticsearch as E
 from . import kibana as K
 
 MIN_VERSION = (8, 18, 0)
+RULES_READ = "logs-openai.*-*"  # the rules' ES|QL reads logs-openai.<dataset>-*
 MAX_MAJOR = 9  # 9.x is the newest major we know the APIs of
 
 # Elasticsearch privilege per asset kind (named in errors and in docs/assets.md).
@@ -404,22 +405,35 @@ class Installer:
             check_version("Kibana", self.kibana_version)
         self.echo(f"Elasticsearch {self.es_version}" + (f", Kibana {self.kibana_version}" if self.kibana_version else ""))
 
-    def check_es_privileges(self, cluster: Iterable[str], index_privs: Iterable[str] = ()) -> None:
+    def check_es_privileges(self, cluster: Iterable[str], index_privs: Iterable[str] = (),
+                            rules_read: bool = False) -> None:
+        """`rules_read`: also `read` on what the rules query. They run with an API key Kibana
+        grants for these credentials: without it, every run of every rule fails."""
         body: dict = {"cluster": sorted(set(cluster))}
         index_privs = list(index_privs)
         if index_privs:
             body["index"] = [{"names": ["logs-openai.*", "logs-openai-*"], "privileges": index_privs}]
+        if rules_read:
+            body.setdefault("index", []).append({"names": [RULES_READ], "privileges": ["read"]})
         resp = self.t.es("POST", "/_security/user/_has_privileges", json=body)
         if resp.status_code != 200:
             return  # security disabled or API unavailable: the writes themselves will tell
         data = _json(resp, "a privileges answer",
-                     pick=lambda d: (d, dict(d.get("cluster") or {}), [dict(i) for i in (d.get("index") or {}).values()]))
+                     pick=lambda d: (d, dict(d.get("cluster") or {}),
+                                     {str(n): dict(i) for n, i in (d.get("index") or {}).items()}))
         data, cluster, indices = data
         if data.get("has_all_requested", True):
             return
         missing = [p for p, ok in cluster.items() if not ok]
-        for idx in indices:
-            missing += [f"{p} (index privilege on logs-openai.*)" for p, ok in idx.items() if not ok]
+        for name, privs in indices.items():
+            for p, ok in privs.items():
+                if ok:
+                    continue
+                if name == RULES_READ and p == "read":
+                    missing.append(f"read (index privilege on {RULES_READ}: the rules run with your credentials' "
+                                   "API key and query those indices)")
+                else:
+                    missing.append(f"{p} (index privilege on logs-openai.*)")
         raise MissingPrivilege("missing Elasticsearch privilege: " + ", ".join(sorted(set(missing))))
 
     # -- install -----------------------------------------------------------------------------
@@ -440,7 +454,7 @@ class Installer:
         self._es_read.clear()
         try:
             self.preflight()
-            self.check_es_privileges(["manage_index_templates", "manage_pipeline"])
+            self.check_es_privileges(["manage_index_templates", "manage_pipeline"], rules_read=self.o.with_kibana)
             foreign = self.foreign_es_assets()
         except InstallerError as exc:
             report.error = exc

@@ -111,9 +111,12 @@ class FakeStack:
             return self._json(200, {"name": "n", "version": {"number": self.es_version}, "tagline": "You Know, for Search"})
         if m == "POST" and path == "/_security/user/_has_privileges":
             cluster = {p: p not in self.missing_privileges for p in body["cluster"]}
-            index = {n: {p: p not in self.missing_privileges for p in i["privileges"]}
-                     for i in body.get("index", []) for n in i["names"]}
-            return self._json(200, {"username": "u", "has_all_requested": not self.missing_privileges,
+            index = {}  # Elasticsearch merges the entries that name the same index
+            for i in body.get("index", []):
+                for n in i["names"]:
+                    index.setdefault(n, {}).update({p: p not in self.missing_privileges for p in i["privileges"]})
+            granted = all(cluster.values()) and all(ok for privs in index.values() for ok in privs.values())
+            return self._json(200, {"username": "u", "has_all_requested": granted,
                                     "cluster": cluster, "index": index, "application": {}})
         for prefix, store, kind in (("/_component_template/", self.component, "component"),
                                     ("/_index_template/", self.index, "index"),
@@ -909,6 +912,26 @@ def test_missing_privilege_from_has_privileges_is_named(stack):
     assert result.exit_code == 3
     assert "missing Elasticsearch privilege: manage_pipeline" in result.output
     assert stack.writes() == []
+
+
+def test_the_rules_read_privilege_is_checked_before_anything_is_written(stack):
+    """The rules run with the API key of whoever installs them (Kibana grants one for the request's
+    credentials), and their ES|QL reads `logs-openai.<dataset>-*`: without `read` there every run
+    of every rule failed, while `install` said complete. It is asked, on the names the rules read,
+    only when rules are installed."""
+    stack.missing_privileges = ["read"]
+    result = install()
+    assert result.exit_code == 3
+    assert "missing Elasticsearch privilege: read (index privilege on logs-openai.*-*" in result.output
+    assert "rules" in result.output.split("missing Elasticsearch privilege:")[1].splitlines()[0]
+    assert stack.writes() == []
+    hp = json.loads([c for c in stack.calls if c["path"] == "/_security/user/_has_privileges"][-1]["body"])
+    assert hp["index"] == [{"names": ["logs-openai.*-*"], "privileges": ["read"]}]
+    # without Kibana there are no rules, and nothing reads the indices
+    stack.calls.clear()
+    assert install("--skip-kibana").exit_code == 0
+    hp = json.loads([c for c in stack.calls if c["path"] == "/_security/user/_has_privileges"][-1]["body"])
+    assert "index" not in hp
 
 
 def test_partial_failure_says_what_was_and_was_not_installed(stack):
