@@ -29,7 +29,9 @@ import yaml
 
 from . import logs
 
-MANIFEST_PATH = Path(__file__).resolve().parents[1] / "manifest.yml"
+# the package's own copy (a link to the repository root's in a checkout), so that an installed
+# package has it: a wheel holds only what is inside its packages
+MANIFEST_PATH = Path(__file__).resolve().parent / "manifest.yml"
 ENV_ADMIN_KEY = "OPENAI_ADMIN_KEY"
 BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -280,7 +282,7 @@ class Config:
 
 @functools.lru_cache(maxsize=None)
 def load_manifest() -> dict:
-    """The parsed manifest.yml at the repository root (cached; treat it as read-only)."""
+    """The parsed manifest.yml (cached; treat it as read-only)."""
     try:
         text = MANIFEST_PATH.read_text(encoding="utf-8")
     except OSError as exc:
