@@ -120,6 +120,12 @@ class NdjsonFileOutput:
         if mode is not None and not stat.S_ISREG(mode):
             self._open_special(mode)
             return False
+        if self.rotate_bytes and self.path.is_symlink():
+            # rotation renames `path`: a link (/dev/stdout -> /proc/self/fd/1 with stdout in a file)
+            # would be moved away, and dropped as the oldest, with a plain file left in its place
+            raise OutputError(f"cannot rotate {self.path}: it is a symbolic link (to {os.readlink(self.path)}), "
+                              "and rotation would move the link, not the file (give the file's own path, "
+                              "or leave out --rotate-bytes)")
         self._regular = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_partial_line(self.path)

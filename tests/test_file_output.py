@@ -442,3 +442,23 @@ def test_collect_stopped_while_its_fifo_has_no_reader_exits_0(tmp_path):
     finally:
         proc.kill()  # on a failure: never left waiting on its FIFO
     assert proc.returncode == 0 and "stopped while waiting for a reader" in err
+
+
+def test_rotation_of_a_symbolic_link_is_refused_and_the_link_left_alone(tmp_path):
+    """`--output-path /dev/stdout --rotate-bytes N` with stdout redirected to a file: /dev/stdout
+    is a link to /proc/self/fd/1, which os.stat follows to a regular file. Rotation renamed the
+    link itself (to /dev/stdout.1, then dropped it as the oldest) and created a plain file in its
+    place: /dev/stdout was gone for every program on the host."""
+    target = tmp_path / "stdout-file"
+    target.write_bytes(b"")
+    link = tmp_path / "stdout"
+    link.symlink_to(target)
+    with pytest.raises(OutputError) as err:
+        NdjsonFileOutput(link, rotate_bytes=100, rotate_keep=2)
+    assert str(err.value) == (f"cannot rotate {link}: it is a symbolic link (to {target}), and rotation would "
+                              "move the link, not the file (give the file's own path, or leave out --rotate-bytes)")
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["stdout", "stdout-file"]
+    out = NdjsonFileOutput(link)  # without rotation a link is written through, as before
+    out.send("s", _batch(0, 3), 3, lambda: None)
+    out.close()
+    assert link.is_symlink() and len(_lines(target)) == 3
