@@ -844,6 +844,15 @@ def test_determinism_by_seed(http):
 
 
 # ------------------------------------------------------------------------------------ control interface
+def test_a_control_request_missing_a_parameter_is_answered_400_naming_it(sim):
+    """`GET /_sim/truth` without `start`/`end` (simulate --help lists the endpoint) closed the
+    connection with no answer and a traceback on the simulator's stderr."""
+    r = requests.get(sim.base_url + "/_sim/truth", params={"stream": "completions"}, timeout=10)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "start" and "start" in r.json()["error"]["message"]
+    assert requests.get(sim.base_url + "/_sim/clock", timeout=10).status_code == 200
+
+
 def test_control_interface(sim):
     base = sim.base_url
     assert requests.get(base + "/_sim/clock", timeout=10).json() == {"now": NOW}

@@ -497,6 +497,8 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/_sim/config":
                 self.sim._responses.clear()  # page size, audit switch: other answers from now on
             status, body = self.sim._control("POST", url.path, url.query, payload)
+        except ApiError as e:  # a missing or malformed query parameter, worded as the API words it
+            status, body = e.status, e.body
         except (ValueError, TypeError, KeyError) as e:
             status, body = 400, {"error": str(e)}
         self._send(status, body)
@@ -508,6 +510,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/_sim/"):
             try:
                 status, body = sim._control("GET", path, url.query, None)
+            except ApiError as e:  # e.g. /_sim/truth without start or end
+                status, body = e.status, e.body
             except (ValueError, TypeError, KeyError) as e:
                 status, body = 400, {"error": str(e)}
             self._send(status, body)
