@@ -853,6 +853,18 @@ def test_a_control_request_missing_a_parameter_is_answered_400_naming_it(sim):
     assert requests.get(sim.base_url + "/_sim/clock", timeout=10).status_code == 200
 
 
+def test_a_clock_out_of_range_is_answered_400_and_leaves_the_clock_alone(sim):
+    """POST /_sim/clock with a time no timestamp can hold (1e30, Infinity, NaN, or an advance that
+    gets there) was taken: that request and every later one, the API's included, then failed with
+    a dropped connection and a traceback, until the simulator was restarted."""
+    before = requests.get(sim.base_url + "/_sim/clock", timeout=10).json()["now"]
+    for body in ('{"now": 1e30}', '{"now": Infinity}', '{"now": NaN}', '{"now": -1e30}', '{"advance": 1e30}'):
+        r = requests.post(sim.base_url + "/_sim/clock", data=body, timeout=10)
+        assert r.status_code == 400 and "now" in r.json()["error"], (body, r.text)
+    assert requests.get(sim.base_url + "/_sim/clock", timeout=10).json()["now"] == before
+    assert requests.get(sim.base_url + "/v1/organization/projects", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).ok
+
+
 def test_control_interface(sim):
     base = sim.base_url
     assert requests.get(base + "/_sim/clock", timeout=10).json() == {"now": NOW}

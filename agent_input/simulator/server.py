@@ -42,6 +42,7 @@ def redact_key(key: str) -> str:
 _INTEGER = re.compile(r"-?[0-9]+")
 #: usage filters whose values the reference enumerates
 FILTER_ENUMS = {"sizes": IMAGE_SIZES, "sources": IMAGE_SOURCES, "context_levels": CONTEXT_LEVELS}
+_CLOCK_END = 253402300800  # 10000-01-01: the first time datetime (and the answers) cannot hold
 
 
 class Params:
@@ -684,8 +685,11 @@ class Simulator:
             return self._now
 
     def set_time(self, ts: float) -> None:
+        ts = float(ts)
+        if not 0 <= ts < _CLOCK_END:  # NaN too: a clock past it failed every later request
+            raise ValueError(f"now must be a Unix time from 0 to {_CLOCK_END - 1}, not {ts}")
         with self._clock_lock:
-            self._now = float(ts)
+            self._now = ts
             self._anchor = time.time()
 
     def advance(self, seconds: float) -> None:
