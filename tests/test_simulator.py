@@ -853,6 +853,18 @@ def test_a_control_request_missing_a_parameter_is_answered_400_naming_it(sim):
     assert requests.get(sim.base_url + "/_sim/clock", timeout=10).status_code == 200
 
 
+def test_a_truth_range_too_long_to_sum_is_answered_400_not_a_thread_held_for_ever(sim):
+    """`GET /_sim/truth` sums bucket by bucket: end=10^23 held the request's thread for ever."""
+    for start, end in ((0, 10 ** 23), (0, 3 * 366 * 86400), (100, 50), (-60, 60)):
+        r = requests.get(sim.base_url + "/_sim/truth", params={"stream": "completions", "start": start, "end": end},
+                         timeout=10)
+        assert r.status_code == 400 and "span at most" in r.text, (start, end, r.text)
+    end = int(sim.now()) // 86400 * 86400
+    r = requests.get(sim.base_url + "/_sim/truth", params={"stream": "completions", "start": end - 30 * 86400,
+                                                           "end": end, "bucket_width": "1d"}, timeout=30)
+    assert r.status_code == 200 and r.json()
+
+
 def test_a_clock_out_of_range_is_answered_400_and_leaves_the_clock_alone(sim):
     """POST /_sim/clock with a time no timestamp can hold (1e30, Infinity, NaN, or an advance that
     gets there) was taken: that request and every later one, the API's included, then failed with

@@ -43,6 +43,7 @@ _INTEGER = re.compile(r"-?[0-9]+")
 #: usage filters whose values the reference enumerates
 FILTER_ENUMS = {"sizes": IMAGE_SIZES, "sources": IMAGE_SOURCES, "context_levels": CONTEXT_LEVELS}
 _CLOCK_END = 253402300800  # 10000-01-01: the first time datetime (and the answers) cannot hold
+TRUTH_MAX_SPAN = 2 * 366 * 86400  # /_sim/truth: two years (summed minute by minute, ~20 s)
 
 
 class Params:
@@ -858,7 +859,12 @@ class Simulator:
             stream = p.one("stream")
             start, end = p.int("start", required=True), p.int("end", required=True)
             gb = tuple(p.many("group_by"))
-            t = self.truth(stream, start, end, p.one("bucket_width") or ("1d" if stream == "costs" else "1m"), gb)
+            width = p.one("bucket_width") or ("1d" if stream == "costs" else "1m")
+            if not 0 <= start <= end <= _CLOCK_END or end - start > TRUTH_MAX_SPAN:
+                # the truth is summed minute by minute (~30 ms a day): 10^23 seconds held the thread for ever
+                raise ValueError(f"start and end must lie within 0..{_CLOCK_END}, start first, and span at most "
+                                 f"{TRUTH_MAX_SPAN // 86400} days")
+            t = self.truth(stream, start, end, width, gb)
             return 200, [{"group": dict(zip(gb, k)), "totals": v} for k, v in sorted(
                 t.items(), key=lambda kv: tuple("" if x is None else str(x) for x in kv[0]))]
         if path == "/_sim/stats":
