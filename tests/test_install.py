@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -99,3 +100,27 @@ def test_the_installed_programs_run_outside_the_checkout(wheel, tmp_path):
     assert all(f"\n{ds} " in proc.stdout for ds in datasets), proc.stdout
     assert "exact" in proc.stdout and "DIFFERS" not in proc.stdout and "failed:" not in proc.stdout, proc.stdout
     assert (tmp_path / "events.ndjson").stat().st_size > 0
+
+
+def test_the_sdist_holds_the_checkout(tmp_path):
+    """`python -m build` makes a source distribution too: the tree a packager unpacks to build and
+    test from. Setuptools alone puts in it the packages and tests/test_*.py, without conftest.py,
+    fake_es.py, the fixtures, the root manifest.yml or the docs the tests read: a suite that fails
+    to collect. Every tracked file but the CI and git ones must be in it."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    tracked = [name for name in listed.decode().split("\0") if name and not name.startswith(".")]
+    src = tmp_path / "src"
+    for name in tracked:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name, follow_symlinks=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))",
+         str(tmp_path / "dist")], cwd=src, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tarfile.open(tmp_path / "dist" / proc.stdout.split()[-1]) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        held = {name.partition("/")[2] for name in tar.getnames()}
+    missing = set(tracked) - held
+    assert not missing, f"not in the sdist {top} (MANIFEST.in): {sorted(missing)}"
