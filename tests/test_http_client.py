@@ -243,6 +243,23 @@ def test_a_body_that_is_not_json_is_reported_with_the_parsers_reason(client, bod
     assert len(str(info.value)) < 400
 
 
+def test_the_installed_orjson_has_a_nesting_limit():
+    """The depth case above holds only for orjson 3.9.15 and later: before it (CVE-2024-27454)
+    `loads` recursed without a limit, and a 200 body nested a million deep (a broken gateway)
+    killed the installed collector with a segmentation fault, exit 139, no line saying why.
+    `pip install` keeps an older orjson that the declared floor admits (a shared venv, a
+    distribution's package), so the floor must exclude those versions."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    (orjson_req,) = [r for r in map(Requirement, tomllib.loads(text)["project"]["dependencies"]) if r.name == "orjson"]
+    assert not orjson_req.specifier.contains("3.9.14"), orjson_req
+    assert orjson_req.specifier.contains("3.9.15"), orjson_req
+
+
 @responses.activate
 def test_a_secret_cut_by_the_bodys_quoted_start_is_not_shown_in_part(client):
     """The error quotes a non-JSON body's first 120 bytes, and was redacted after the cut: a
