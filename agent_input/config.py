@@ -29,9 +29,11 @@ import yaml
 
 from . import logs
 
-# the package's own copy (a link to the repository root's in a checkout), so that an installed
-# package has it: a wheel holds only what is inside its packages
-MANIFEST_PATH = Path(__file__).resolve().parent / "manifest.yml"
+# An installed package reads its own copy (setup.py puts the root manifest.yml into the wheel: a
+# wheel holds only what is inside its packages); a checkout reads the repository root's.
+MANIFEST_PATH = next((p for p in (Path(__file__).resolve().parent / "manifest.yml",
+                                  Path(__file__).resolve().parents[1] / "manifest.yml") if p.is_file()),
+                     Path(__file__).resolve().parent / "manifest.yml")
 ENV_ADMIN_KEY = "OPENAI_ADMIN_KEY"
 BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -33,10 +33,10 @@ def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "manifest.yml"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "manifest.yml"):  # setup.py copies the manifest in
         shutil.copy2(ROOT / name, src / name)
-    for package in PACKAGES:  # agent_input/manifest.yml is a link to ../manifest.yml: kept as one
-        shutil.copytree(ROOT / package, src / package, symlinks=True, ignore=_JUNK)
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, src / package, ignore=_JUNK)
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
          "--wheel-dir", str(tmp / "dist"), str(src)],

@@ -182,25 +182,3 @@ def test_the_manifest_reads_the_same_with_libyaml_as_with_the_python_parser():
     from agent_input.config import MANIFEST_PATH, load_manifest
 
     assert load_manifest() == yaml.safe_load(MANIFEST_PATH.read_text(encoding="utf-8"))
-
-
-def test_an_installed_package_carries_the_files_it_reads():
-    """`pip install .` (README, "Installing the programs") installs only what pyproject.toml's
-    package data names: every file the packages read at run time (the manifest, the field
-    definitions) must lie inside a package and be named there, or an installed collector stops at
-    its first config ("the package is incomplete") and the installer ships no mappings."""
-    import fnmatch
-
-    import pytest
-
-    from kibana_assets import fields
-
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
-    for path in (cfg.MANIFEST_PATH, *fields.FIELDS_DIR.glob("*.yml")):
-        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-        package, _, inside = str(rel).partition("/")
-        assert package in ("agent_input", "kibana_assets") and inside, f"{rel} is outside the packages"
-        assert any(fnmatch.fnmatch(inside, pattern) for pattern in data.get(package, [])), \
-            f"{rel} is not in [tool.setuptools.package-data]"
-        assert path.read_text(encoding="utf-8")
