@@ -592,7 +592,8 @@ def test_batches_held_back_at_the_start_are_sent_by_the_first_stream_past_the_ch
         output.close()
     assert any("wait for the organization check" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if "poll failed" in r.getMessage()]
-    assert collection.engine.totals["completions"].events > 0  # delivered, and counted
+    if not spool_gone:  # (when the re-send fails, the streams still polling stop where they are, by timing)
+        assert collection.engine.totals["completions"].events > 0  # delivered, and counted
     assert (tmp_path / "a2.ndjson").read_bytes().count(b'"left-over"') == (0 if spool_gone else 1)
     assert len(_state_rows(state)["outbox"]) == (1 if spool_gone else 0)
 
