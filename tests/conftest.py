@@ -31,12 +31,18 @@ def _no_host_environment(request, monkeypatch):
             monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def simulator():
+def started_simulator(seed: int = 7, admin_key: str = ADMIN_KEY):
+    """A small organization's simulator at T0, serving on a free port (`base_url`); stop it after."""
     from agent_input.simulator import Simulator
 
-    sim = Simulator(seed=7, org="small", now=T0, admin_key=ADMIN_KEY)
+    sim = Simulator(seed=seed, org="small", now=T0, admin_key=admin_key)
     sim.base_url = sim.start()
+    return sim
+
+
+@pytest.fixture
+def simulator():
+    sim = started_simulator()
     yield sim
     sim.stop()
 

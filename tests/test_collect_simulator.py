@@ -20,8 +20,8 @@ from agent_input.outputs import NdjsonFileOutput
 from agent_input.state import StateStore
 from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
 
-from conftest import (ADMIN_KEY, T0, committed_batches, dedupe, read_ndjson, stored_totals, truth_totals,
-                      wait_for_commits)
+from conftest import (ADMIN_KEY, T0, committed_batches, dedupe, read_ndjson, started_simulator, stored_totals,
+                      truth_totals, wait_for_commits)
 
 HOUR = 3600
 SETTLE = 2 * HOUR  # the simulator revises a minute bucket for at most 2 hours
@@ -352,10 +352,7 @@ OTHER_KEY = "sk-admin-other-org-0123456789abcdef"
 @pytest.fixture
 def other_org():
     """A second organization (another seed: other projects, users, usage) with its own key."""
-    from agent_input.simulator import Simulator
-
-    sim = Simulator(seed=8, org="small", now=T0, admin_key=OTHER_KEY)
-    sim.base_url = sim.start()
+    sim = started_simulator(seed=8, admin_key=OTHER_KEY)
     yield sim
     sim.stop()
 
