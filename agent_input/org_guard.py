@@ -229,34 +229,49 @@ class OrganizationGuard:
         raise OrganizationUnverified(self.unverified or "the organization check did not run")
 
 
-def read_recorded(state_dir: Any) -> tuple[int, list[str]]:
-    """The state version and fingerprint of a state directory, read without taking it (a collector
-    may be running on it): (0, []) when there is no state file or no record."""
+def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
+    """The state version, fingerprint and, without one (a directory an earlier version wrote), the
+    projects its stored usage names, read without taking the directory (a collector may be running
+    on it): (0, [], []) when there is no state file or nothing to read."""
     import sqlite3
+
+    import orjson
 
     path = Path(state_dir) / "state.sqlite3"
     if not path.is_file():
-        return 0, []
+        return 0, [], []
+    seen: set[str] = set()
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             row = conn.execute("SELECT v FROM kv WHERE k=?", (KV_PROJECTS,)).fetchone()
+            if row is None:  # as StateStore.observed_values("proj_") reads them
+                for (grp,) in conn.execute("SELECT grp FROM observations WHERE grp LIKE ? ESCAPE '\\' LIMIT 200",
+                                           ('%"proj\\_%',)):
+                    try:
+                        values = orjson.loads(grp)
+                    except orjson.JSONDecodeError:
+                        continue
+                    seen.update(v for v in (values if isinstance(values, list) else [])
+                                if isinstance(v, str) and v.startswith("proj_"))
         finally:
             conn.close()
         value = json.loads(row[0]) if row else []
     except (sqlite3.Error, ValueError):
-        return 0, []
-    return version, [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+        return 0, [], []
+    recorded = [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    return version, recorded, sorted(seen) if not recorded else []
 
 
 def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
     """`openai-input check`: whether the key reaches the organization `state_dir` was collected
-    for (ok, message), or None when the directory records none."""
-    version, recorded = read_recorded(state_dir)
+    for (ok, message), or None when the directory records none (nor, from an earlier version, any
+    project in its stored usage: collect would record this key's organization at its start)."""
+    version, recorded, seen = read_recorded(state_dir)
     if version > STATE_VERSION:  # collect would refuse the file itself
         return False, newer_state_message(Path(state_dir) / "state.sqlite3", version)
-    if not recorded:
+    if not recorded and not seen:
         return None
     try:
         listed = {p.get("id") for data in cursor_pages(client.get_json, PROJECTS,
@@ -265,6 +280,8 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
     except ApiError as exc:
         return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
                        f"(listing the projects failed: {exc}); collect would store nothing until it can")
-    if listed.intersection(recorded):
+    if listed.intersection(recorded or seen):  # without a fingerprint, as OrganizationGuard judges it
         return True, f"state directory {state_dir} was collected for this key's organization"
-    return False, mismatch_message(state_dir, recorded, len(listed)).replace("; nothing was stored or sent", "")
+    what = "recorded project(s)" if recorded else "project(s) its stored usage names"
+    return False, mismatch_message(state_dir, recorded or seen, len(listed), what).replace(
+        "; nothing was stored or sent", "")

@@ -627,6 +627,38 @@ def test_check_says_whether_the_key_reaches_the_state_directory_s_organization(s
     assert newer.exit_code == 1 and "was written by a newer openai-input" in newer.output, newer.output
 
 
+def test_check_on_a_state_directory_from_before_the_check_refuses_another_organization_s_key(
+        simulator, other_org, tmp_path):
+    """The upgrade steps run `check` before the first start: on a directory an earlier version
+    wrote (no fingerprint yet) it said "check OK" for another organization's key, which collect
+    then refuses. It judges by the projects the stored usage names, as collect does."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+    from agent_input.org_guard import KV_PROJECTS
+
+    state = tmp_path / "state"
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "events.ndjson") == 0
+    store = StateStore(state)
+    with store._transaction(store._conn()):  # what an earlier version left: no fingerprint
+        store._conn().execute("DELETE FROM kv WHERE k=?", (KV_PROJECTS,))
+    store.close()
+    before = _state_rows(state)
+
+    def check(sim, key: str):
+        cfg = tmp_path / "config.yml"
+        cfg.write_text(yaml.safe_dump(_org_config(sim.base_url, key)))
+        return CliRunner().invoke(main, ["check", "--config", str(cfg), "--state-dir", str(state)])
+
+    refused = check(other_org, OTHER_KEY)
+    assert refused.exit_code == 1, refused.output
+    assert f"state directory {state} holds the collection of another OpenAI organization" in refused.output
+    assert "project(s) its stored usage names" in refused.output
+    ok = check(simulator, ADMIN_KEY)
+    assert ok.exit_code == 0 and f"state directory {state} was collected for this key's organization" in ok.output
+    assert _state_rows(state) == before  # check records nothing: collect does, at its start
+
+
 def test_a_short_5xx_on_the_name_cache_s_projects_listing_does_not_hold_a_whole_run(simulator, tmp_path):
     """The name cache's listing retries little (two retries, 2 s back-off: a name must not hold
     usage up), and the check took its failure for the collector's: a blip of six 5xx, which the
