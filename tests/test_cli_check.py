@@ -29,6 +29,8 @@ def run(tmp_path, text, env=None):
     cfg = tmp_path / "c.yml"
     cfg.write_text(text)
     env = {"OPENAI_ADMIN_KEY": KEY} if env is None else env
+    # check looks at collect's default state directory: this machine's own, unless it is moved
+    env = {"XDG_STATE_HOME": str(tmp_path / "xdg-state"), **env}
     return CliRunner().invoke(main, ["check", "--config", str(cfg)], env=env, catch_exceptions=False)
 
 
