@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .http_client import ApiError
 from .paging import STOP_CHECK, cursor_pages, stopped
-from .state import STATE_VERSION, StateError, StateStore, newer_state_message
+from .state import STATE_VERSION, StateError, StateStore, newer_state_message, observed_values_in
 
 log = logging.getLogger("agent_input.org_guard")
 
@@ -235,8 +235,6 @@ def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
     on it): (0, [], []) when there is no state file or nothing to read."""
     import sqlite3
 
-    import orjson
-
     path = Path(state_dir) / "state.sqlite3"
     if not path.is_file():
         return 0, [], []
@@ -246,15 +244,8 @@ def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             row = conn.execute("SELECT v FROM kv WHERE k=?", (KV_PROJECTS,)).fetchone()
-            if row is None:  # as StateStore.observed_values("proj_") reads them
-                for (grp,) in conn.execute("SELECT grp FROM observations WHERE grp LIKE ? ESCAPE '\\' LIMIT 200",
-                                           ('%"proj\\_%',)):
-                    try:
-                        values = orjson.loads(grp)
-                    except orjson.JSONDecodeError:
-                        continue
-                    seen.update(v for v in (values if isinstance(values, list) else [])
-                                if isinstance(v, str) and v.startswith("proj_"))
+            if row is None:  # as the collector's check reads them (StateStore.observed_values)
+                seen = observed_values_in(conn, "proj_")
         finally:
             conn.close()
         value = json.loads(row[0]) if row else []

@@ -110,6 +110,22 @@ STATE_VERSION = 1
 
 
 
+def observed_values_in(conn: sqlite3.Connection, prefix: str, limit: int = 200) -> set[str]:
+    """`StateStore.observed_values` on a connection of its own (`check` reads the state read-only,
+    without taking the directory)."""
+    pattern = '%"' + prefix.replace("%", "").replace("_", "\\_") + "%"
+    rows = conn.execute("SELECT grp FROM observations WHERE grp LIKE ? ESCAPE '\\' LIMIT ?", (pattern, limit))
+    found: set[str] = set()
+    for (grp,) in rows:
+        try:
+            values = orjson.loads(grp)
+        except orjson.JSONDecodeError:
+            continue
+        found.update(v for v in (values if isinstance(values, list) else [])
+                     if isinstance(v, str) and v.startswith(prefix))
+    return found
+
+
 def newer_state_message(path: Path, found: int) -> str:
     """Why a state file stamped by a newer version is not used (see STATE_VERSION)."""
     return (f"state file {path} was written by a newer openai-input (state version {found}; this one reads up "
@@ -469,19 +485,8 @@ class StateStore:
     def observed_values(self, prefix: str, limit: int = 200) -> set[str]:
         """Up to `limit` distinct group values starting with `prefix` (`proj_`) in the stored
         observations: what the state holds of an organization before it kept a fingerprint."""
-        pattern = '%"' + prefix.replace("%", "").replace("_", "\\_") + "%"
         with self._sqlite("read"):
-            rows = self._conn().execute(
-                "SELECT grp FROM observations WHERE grp LIKE ? ESCAPE '\\' LIMIT ?", (pattern, limit)).fetchall()
-        found: set[str] = set()
-        for (grp,) in rows:
-            try:
-                values = orjson.loads(grp)
-            except orjson.JSONDecodeError:
-                continue
-            found.update(v for v in (values if isinstance(values, list) else [])
-                         if isinstance(v, str) and v.startswith(prefix))
-        return found
+            return observed_values_in(self._conn(), prefix, limit)
 
     def put_kv(self, key: str, value: str) -> None:
         """One key of the state's own bookkeeping (not collected data: no `write_check`)."""
