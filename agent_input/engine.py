@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 from . import memory
 from .ecs import iso_timestamp, mapper, ndjson_line, to_ndjson_line
 from .http_client import AuthenticationError, PermissionDeniedError, StoppedError
-from .org_guard import OrganizationMismatch, OrganizationUnverified
+from .org_guard import OrganizationGuard, OrganizationMismatch, OrganizationUnverified
 from .outputs import Output, OutputError
 from .paging import PAGE_GATE, PageFetcher
 from .state import Cursor, Observation, StateError, StateStore, group_json
@@ -844,7 +844,7 @@ class Engine:
         clock: Clock = time.time,
         on_status: StatusCallback | None = None,
         on_poll: Callable[[str, PollStats], None] | None = None,
-        guard: "OrganizationGuard | None" = None,
+        guard: OrganizationGuard | None = None,
     ):
         self.collectors = list(collectors)
         # the state directory's organization check (agent_input/org_guard.py): it refuses every

@@ -117,7 +117,6 @@ class OrganizationGuard:
         self.refusal: str | None = None  # the mismatch's message
         self.unverified: str | None = None  # why the check could not be done
         self._retry_at = 0.0
-        self._observed = False
 
     # -- the listing's outcome -----------------------------------------------------------------
     def observe(self, projects: list[Mapping[str, Any]]) -> None:
@@ -126,7 +125,6 @@ class OrganizationGuard:
             self._observe(projects)
 
     def _observe(self, projects: list[Mapping[str, Any]]) -> None:
-        self._observed = True
         if self.refusal is not None:
             return
         if not self.recorded:
