@@ -676,6 +676,14 @@ def _describe_exc(exc: Exception) -> str:
     return redact(f"{type(exc).__name__}: {text}")[:300]
 
 
+def _at(client) -> str:
+    """" at <url>" of the client's node (without credentials: they travel in headers), or ''."""
+    try:
+        return f" at {client.transport.node_pool.all()[0].base_url}"
+    except Exception:  # noqa: BLE001 - a client of another shape (a test's fake): say it without
+        return ""
+
+
 def check_cluster(client) -> str:
     """`GET /`: the cluster's version, or OutputError with one clear line (auth, TLS, version)."""
     from elasticsearch import ApiError
@@ -689,7 +697,7 @@ def check_cluster(client) -> str:
             raise _credentials_refused(str(exc.status_code)) from None
         raise OutputError(f"Elasticsearch answered {exc.status_code}: {redact(str(exc.message))}") from None
     except Exception as exc:  # noqa: BLE001
-        raise OutputError(f"cannot reach Elasticsearch: {_describe_exc(exc)}") from None
+        raise OutputError(f"cannot reach Elasticsearch{_at(client)}: {_describe_exc(exc)}") from None
     version = str(info.get("version", {}).get("number", "?"))
     major = version.split(".")[0]
     try:

@@ -320,9 +320,10 @@ def test_patience_runs_out_with_a_clear_error_and_no_ack(fake, tmp_path):
 
 
 def test_unreachable_cluster_is_one_clear_line(tmp_path):
-    client = make_client("http://127.0.0.1:9", env=ENV)
-    with pytest.raises(OutputError, match="cannot reach Elasticsearch"):
+    client = make_client("http://user:pw-in-url@127.0.0.1:9/es", env=ENV)
+    with pytest.raises(OutputError, match="cannot reach Elasticsearch at http://127.0.0.1:9/es: ") as refused:
         check_cluster(client)
+    assert "pw-in-url" not in str(refused.value)
     out = ElasticsearchOutput(client, state_dir=tmp_path, initial_backoff=0.01, max_backoff=0.01, attempts=2)
     with pytest.raises(OutputError, match="did not take"):
         out.send("completions", _payload([_doc(1)]), 1, Acks())
