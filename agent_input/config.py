@@ -485,6 +485,8 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) ->
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
+        if problem.startswith("found undefined alias"):  # its name is the user's text: a key typed `*sk-...`
+            problem = "a value starting with * is read as an alias, and none has that name (quote the value)"
         raise ConfigError("config", f"{str(p)!r} is not valid YAML{where}: {problem}") from None
     except ValueError as exc:  # PyYAML's own int(): a number of 4,300+ digits
         raise ConfigError("config", f"{str(p)!r} cannot be read: {str(exc)[:120]}") from None

@@ -402,6 +402,17 @@ def test_a_key_written_twice_is_an_error_not_last_one_wins(tmp_path):
     assert info.value.key == "base" and "appears twice" not in str(info.value)  # only: no such setting
 
 
+def test_an_unquoted_key_read_as_a_yaml_alias_is_not_echoed(tmp_path):
+    """`api_key: *<key>` (a stray * before the key) is a YAML alias: the parser's error named it,
+    so a key that does not start with sk- (not caught by the redaction) was printed."""
+    p = tmp_path / "c.yml"
+    p.write_text("api_key: *adminSECRET0123456789abcdef\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert "adminSECRET0123456789abcdef" not in str(info.value)
+    assert "line 1" in info.value.message and "quote the value" in info.value.message
+
+
 def test_file_not_yaml(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("url: [unclosed\n  namespace: x\n")
