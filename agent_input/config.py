@@ -31,9 +31,9 @@ from . import logs
 
 # An installed package reads its own copy (setup.py puts the root manifest.yml into the wheel: a
 # wheel holds only what is inside its packages); a checkout reads the repository root's.
-MANIFEST_PATH = next((p for p in (Path(__file__).resolve().parent / "manifest.yml",
-                                  Path(__file__).resolve().parents[1] / "manifest.yml") if p.is_file()),
-                     Path(__file__).resolve().parent / "manifest.yml")
+_PACKAGE_DIR = Path(__file__).resolve().parent
+MANIFEST_PATH = (_PACKAGE_DIR / "manifest.yml" if (_PACKAGE_DIR / "manifest.yml").is_file()
+                 else _PACKAGE_DIR.parent / "manifest.yml")
 ENV_ADMIN_KEY = "OPENAI_ADMIN_KEY"
 BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -80,18 +80,31 @@ def fingerprint(projects: Iterable[Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def recorded_fingerprint(store: StateStore) -> list[str]:
-    """The fingerprint the state directory holds ([] if none, or not one this version can read)."""
+def parse_fingerprint(text: str | None) -> list[str]:
+    """The fingerprint as the state holds it (JSON; [] if none, or not one this version can read)."""
     try:
-        value = json.loads(store.get(KV_PROJECTS) or "[]")
+        value = json.loads(text or "[]")
     except ValueError:
         return []
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def mismatch_message(state_dir: Any, recorded: list[str], listed: int, what: str = "recorded project(s)") -> str:
+def list_projects(client: Any) -> list[Mapping[str, Any]]:
+    """Every project the key lists, archived ones included (ApiError when the listing fails)."""
+    return [p for data in cursor_pages(client.get_json, PROJECTS, {"include_archived": True, "limit": PAGE_LIMIT})
+            for p in data if isinstance(p, Mapping)]
+
+
+def refusal_reason(state_dir: Any, listed: set, recorded: list[str], seen: list[str]) -> str | None:
+    """Why the key's projects (`listed`) are another organization's: none of them is in the
+    fingerprint (`recorded`) or, without one (a directory an earlier version wrote), among the
+    projects its stored usage names (`seen`). None when one is, or when there is nothing to compare."""
+    known = recorded or seen
+    if not known or listed.intersection(known):
+        return None
+    what = "recorded project(s)" if recorded else "project(s) its stored usage names"
     return (f"state directory {state_dir} holds the collection of another OpenAI organization: none of the "
-            f"{len(recorded)} {what} (e.g. {recorded[0]}) is among the {listed} project(s) this admin key "
+            f"{len(known)} {what} (e.g. {known[0]}) is among the {len(listed)} project(s) this admin key "
             f"lists; nothing was stored or sent. Give each organization its own --state-dir")
 
 
@@ -104,7 +117,7 @@ class OrganizationGuard:
                  stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
                  retry_after: float = RETRY_AFTER):
         self.store = store
-        self.recorded = recorded_fingerprint(store)
+        self.recorded = parse_fingerprint(store.get(KV_PROJECTS))
         self._client_factory = client_factory
         self._stop = stop
         self._clock = clock
@@ -127,16 +140,10 @@ class OrganizationGuard:
     def _observe(self, projects: list[Mapping[str, Any]]) -> None:
         if self.refusal is not None:
             return
-        if not self.recorded:
-            # state from before the fingerprint: its stored usage names projects of its organization,
-            # every one of which the listing (archived included) holds if the key is that organization's
-            listed = {p.get("id") for p in projects}
-            if self.seen and not listed.intersection(self.seen):
-                self.refusal = mismatch_message(self.store.directory, self.seen, len(listed),
-                                                what="project(s) its stored usage names")
-                self._decided.set()
-                return
-            found = fingerprint(projects)
+        listed = {p.get("id") for p in projects}
+        self.refusal = refusal_reason(self.store.directory, listed, self.recorded, self.seen)
+        if self.refusal is None:
+            found = fingerprint(projects) if not self.recorded else []
             if found:
                 try:
                     self.store.put_kv(KV_PROJECTS, json.dumps(found))
@@ -144,12 +151,6 @@ class OrganizationGuard:
                 except StateError as exc:  # recorded at a later start; nothing else depends on it
                     log.warning("cannot record the organization's fingerprint: %s", exc)
             self.passed, self.unverified = True, None
-        else:
-            listed = {p.get("id") for p in projects}
-            if listed.intersection(self.recorded):
-                self.passed, self.unverified = True, None
-            else:
-                self.refusal = mismatch_message(self.store.directory, self.recorded, len(listed))
         self._decided.set()
 
     def unavailable(self, reason: str) -> None:
@@ -194,9 +195,7 @@ class OrganizationGuard:
             return
         client = self._client_factory()
         try:
-            projects = [p for data in cursor_pages(client.get_json, PROJECTS,
-                                                    {"include_archived": True, "limit": PAGE_LIMIT})
-                        for p in data if isinstance(p, Mapping)]
+            projects = list_projects(client)
         except ApiError as exc:
             if self._stop is not None and self._stop.is_set():
                 raise
@@ -236,21 +235,19 @@ def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
     path = Path(state_dir) / "state.sqlite3"
     if not path.is_file():
         return 0, [], []
-    seen: set[str] = set()
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             row = conn.execute("SELECT v FROM kv WHERE k=?", (KV_PROJECTS,)).fetchone()
-            if row is None:  # as the collector's check reads them (StateStore.observed_values)
-                seen = observed_values_in(conn, "proj_")
+            recorded = parse_fingerprint(row[0] if row else None)
+            # as the collector's check reads them (StateStore.observed_values)
+            seen = [] if recorded else sorted(observed_values_in(conn, "proj_"))
         finally:
             conn.close()
-        value = json.loads(row[0]) if row else []
-    except (sqlite3.Error, ValueError):
+    except sqlite3.Error:
         return 0, [], []
-    recorded = [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-    return version, recorded, sorted(seen) if not recorded else []
+    return version, recorded, seen
 
 
 def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
@@ -263,14 +260,11 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
     if not recorded and not seen:
         return None
     try:
-        listed = {p.get("id") for data in cursor_pages(client.get_json, PROJECTS,
-                                                        {"include_archived": True, "limit": PAGE_LIMIT})
-                  for p in data if isinstance(p, Mapping)}
+        listed = {p.get("id") for p in list_projects(client)}
     except ApiError as exc:
         return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
                        f"(listing the projects failed: {exc}); collect would store nothing until it can")
-    if listed.intersection(recorded or seen):  # without a fingerprint, as OrganizationGuard judges it
+    refused = refusal_reason(state_dir, listed, recorded, seen)  # as OrganizationGuard judges it
+    if refused is None:
         return True, f"state directory {state_dir} was collected for this key's organization"
-    what = "recorded project(s)" if recorded else "project(s) its stored usage names"
-    return False, mismatch_message(state_dir, recorded or seen, len(listed), what).replace(
-        "; nothing was stored or sent", "")
+    return False, refused.replace("; nothing was stored or sent", "")

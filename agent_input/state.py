@@ -109,7 +109,6 @@ class PendingBatch:
 STATE_VERSION = 1
 
 
-
 def observed_values_in(conn: sqlite3.Connection, prefix: str, limit: int = 200) -> set[str]:
     """`StateStore.observed_values` on a connection of its own (`check` reads the state read-only,
     without taking the directory)."""
