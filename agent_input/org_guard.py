@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -236,7 +237,10 @@ def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
     if not path.is_file():
         return 0, [], []
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        # as_uri quotes what a URI would read otherwise (`#`, `?`, `%`, spaces) and writes a
+        # Windows path as file:///C:/...: `file:{path}` cut "Team #2/state.sqlite3" at the `#`
+        uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=5)
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             row = conn.execute("SELECT v FROM kv WHERE k=?", (KV_PROJECTS,)).fetchone()

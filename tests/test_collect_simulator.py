@@ -659,6 +659,21 @@ def test_check_on_a_state_directory_from_before_the_check_refuses_another_organi
     assert _state_rows(state) == before  # check records nothing: collect does, at its start
 
 
+@pytest.mark.parametrize("name", ["a#b", "why?", "100%25", "Données 状态"])
+def test_check_reads_the_organization_of_a_state_directory_whose_path_has_uri_characters(tmp_path, name):
+    """`check` opened the state file as the URI `file:<path>?mode=ro`, unquoted: a `#`, `?` or `%XX`
+    in the path (a folder named "Team #2") cut it short, the file was "not there", and check said
+    nothing about the organization (nor about a newer version's file) instead of judging it."""
+    from agent_input.org_guard import KV_PROJECTS, read_recorded
+    from agent_input.state import STATE_VERSION
+
+    state = tmp_path / name
+    store = StateStore(state)
+    store.put_kv(KV_PROJECTS, '["proj_a", "proj_b"]')
+    store.close()
+    assert read_recorded(state) == (STATE_VERSION, ["proj_a", "proj_b"], [])
+
+
 def test_a_short_5xx_on_the_name_cache_s_projects_listing_does_not_hold_a_whole_run(simulator, tmp_path):
     """The name cache's listing retries little (two retries, 2 s back-off: a name must not hold
     usage up), and the check took its failure for the collector's: a blip of six 5xx, which the
