@@ -103,7 +103,8 @@ def check(config_path: str, log_level: str, state_dir: str | None = None) -> Non
             if not failed:
                 from .org_guard import check_state_dir
 
-                org = check_state_dir(client, state_dir or _default_state_dir())
+                state_dir = state_dir or _default_state_dir(required=False)
+                org = check_state_dir(client, state_dir) if state_dir else None
                 if org is not None:
                     failed |= not org[0]
                     click.echo(f"  {'state dir':<12} {org[1]}")
@@ -154,11 +155,22 @@ def _not_nan(ctx, param, value: float) -> float:
     return value
 
 
-def _default_state_dir() -> str:
+def _default_state_dir(required: bool = True) -> str | None:
+    """$XDG_STATE_HOME/openai-input, else ~/.local/state/openai-input. A user with no home (no
+    $HOME and no passwd entry: a container's arbitrary uid) has no default: a usage error, or None
+    when not `required` (check, which only looks at it)."""
     import os
     from pathlib import Path
 
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".local" / "state")
+        except (RuntimeError, KeyError):  # RuntimeError from 3.11, KeyError (pwd) before
+            if not required:
+                return None
+            raise click.UsageError("no home directory for the default state directory: give --state-dir "
+                                   "(or set XDG_STATE_HOME)") from None
     return str(Path(base) / "openai-input")
 
 

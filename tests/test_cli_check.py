@@ -157,6 +157,24 @@ def test_server_errors_are_retried_briefly_then_reported(tmp_path, monkeypatch):
     assert len(sleeps) == 2 and all(0 <= d <= 2.0 for d in sleeps)
 
 
+@responses.activate
+def test_no_home_directory_skips_the_default_state_directory_s_check(tmp_path, monkeypatch):
+    """Without a home (no $HOME, no passwd entry: a container's arbitrary uid) there is no default
+    state directory to look at: check turned every probe's OK into "check failed: Could not
+    determine home directory", exit 1; it now checks what it can and says OK."""
+    from pathlib import Path
+
+    def home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", classmethod(home))
+    for path in ("usage/completions", "costs", "audit_logs", "projects"):
+        responses.get(f"{BASE}/v1/organization/{path}", json=OK)
+    result = run(tmp_path, "", env={"OPENAI_ADMIN_KEY": KEY, "XDG_STATE_HOME": None, "HOME": None})
+    assert result.exit_code == 0, result.output
+    assert "check OK" in result.output and "state dir" not in result.output
+
+
 def test_bad_log_level_is_a_usage_error_not_a_traceback(tmp_path):
     """`--log-level FOO` raised a ValueError from logging set-up."""
     cfg = tmp_path / "c.yml"

@@ -368,6 +368,42 @@ def test_default_state_dir_follows_xdg_state_home(monkeypatch, tmp_path):
     assert _default_state_dir() == str(Path.home() / ".local" / "state" / "openai-input")
 
 
+def _no_home(monkeypatch):
+    """A container's arbitrary user: no $HOME and no passwd entry, so there is no home directory."""
+    from pathlib import Path
+
+    def home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(home))
+
+
+@pytest.mark.parametrize("command", ["collect", "run"])
+def test_no_home_directory_and_no_state_dir_is_one_usage_line_not_a_traceback(monkeypatch, tmp_path, command):
+    """Started without --state-dir by a user with no home (OpenShift's random uid, a bare
+    `docker run --user`), collect and run died with a RuntimeError traceback from Path.home()."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    _no_home(monkeypatch)
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config("http://127.0.0.1:9")))
+    args = (["collect", "--config", str(cfg), "--once", "--output-path", str(tmp_path / "events.ndjson")]
+            if command == "collect" else ["run"])
+    if command == "run":  # run takes fd 1 for the protocol: keep the test runner's
+        import agent_input.protocol as protocol
+
+        monkeypatch.setattr(protocol.ProtocolWriter, "take_stdout",
+                            classmethod(lambda cls: cls(os.open(os.devnull, os.O_WRONLY))))
+    result = CliRunner().invoke(main, args, input="")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "no home directory for the default state directory: give --state-dir" in result.output
+    assert not isinstance(result.exception, RuntimeError)
+
+
 def test_now_without_an_offset_is_utc(monkeypatch):
     """`--now 2026-11-23T10:00:00` is the same instant on every machine, whatever its time zone."""
     from datetime import datetime, timezone
