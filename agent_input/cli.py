@@ -10,7 +10,9 @@ LOG_LEVEL = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case
 class StdoutSafeGroup(click.Group):
     """A command group whose output to a stdout that cannot take it (a full disk, `>/dev/full`, an
     I/O error) is one line on stderr and exit 1, not an OSError traceback from click.echo (click
-    itself handles only EPIPE, a reader that went away)."""
+    itself handles only EPIPE, a reader that went away). A character stdout's encoding cannot
+    write (a path or name outside cp1252, Windows' code page when stdout is redirected) is written
+    as `\\uXXXX`, as on stderr, not a UnicodeEncodeError that failed the command."""
 
     def __init__(self, *args, prog: str = "openai-input", **kwargs):
         super().__init__(*args, **kwargs)
@@ -20,6 +22,10 @@ class StdoutSafeGroup(click.Group):
         import os
         import sys
 
+        try:
+            sys.stdout.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass  # None (stdout closed), not a TextIOWrapper, or already unusable
         try:
             return super().main(*args, **kwargs)
         except OSError as exc:

@@ -659,6 +659,22 @@ def test_check_on_a_state_directory_from_before_the_check_refuses_another_organi
     assert _state_rows(state) == before  # check records nothing: collect does, at its start
 
 
+def test_check_s_report_survives_a_stdout_that_cannot_encode_the_state_directory_s_name(simulator, tmp_path):
+    """stdout in a legacy code page (Windows' cp1252 when piped or redirected, a Latin-1 locale):
+    check's line naming a state directory "Données 状态" raised UnicodeEncodeError, and check said
+    "check failed: 'charmap' codec can't encode ...", exit 1, for a key and directory that were fine."""
+    state = tmp_path / "Données 状态"
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "events.ndjson") == 0
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_org_config(simulator.base_url, ADMIN_KEY)))
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    proc = subprocess.run([sys.executable, "-m", "agent_input.cli", "check", "--config", str(cfg),
+                           "--state-dir", str(state)], capture_output=True, env=env, timeout=120)
+    out = proc.stdout.decode("cp1252")
+    assert proc.returncode == 0, (out, proc.stderr.decode("cp1252", "replace"))
+    assert "Données \\u72b6\\u6001 was collected for this key's organization" in out and "check OK" in out
+
+
 @pytest.mark.parametrize("name", ["a#b", "why?", "100%25", "Données 状态"])
 def test_check_reads_the_organization_of_a_state_directory_whose_path_has_uri_characters(tmp_path, name):
     """`check` opened the state file as the URI `file:<path>?mode=ro`, unquoted: a `#`, `?` or `%XX`
