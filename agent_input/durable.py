@@ -6,6 +6,27 @@ import errno
 import os
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not on Windows, where the collector does not run (docs/elastic-agent.md)
+    fcntl = None  # type: ignore[assignment]
+
+# macOS: fsync(2) hands the data to the drive, whose own cache a power loss can still drop;
+# F_FULLFSYNC asks the drive to flush it (Apple's fsync(2) man page). Elsewhere fsync is enough.
+_FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None)
+
+
+def fsync(fd: int) -> None:
+    """Make what was written to `fd` durable (OSError when it could not): F_FULLFSYNC where the
+    system has it, else (or on a filesystem that refuses it) os.fsync."""
+    if _FULLFSYNC is not None:
+        try:
+            fcntl.fcntl(fd, _FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
 
 def write_all(fd: int, data: bytes) -> None:
     """`os.write` until every byte is taken: a pipe or a full disk may take less per call."""
@@ -19,7 +40,7 @@ def write_file(path: Path, data: bytes, *, flags: int = os.O_CREAT | os.O_EXCL, 
     fd = os.open(path, os.O_WRONLY | flags, mode)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 

@@ -79,7 +79,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from .config import credential_problem, display_url, url_problem
-from .durable import truncate_partial_line, write_all
+from .durable import fsync, truncate_partial_line, write_all
 from .outputs import Ack, OutputError
 
 log = logging.getLogger("agent_input.es_output")
@@ -564,7 +564,7 @@ def _append_record(path: Path, line: bytes) -> None:
         before = os.fstat(fd).st_size
         try:
             write_all(fd, line)
-            os.fsync(fd)
+            fsync(fd)
         except OSError:
             try:
                 os.ftruncate(fd, before)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
-from .durable import fsync_dir, truncate_partial_line, write_all
+from .durable import fsync, fsync_dir, truncate_partial_line, write_all
 
 Ack = Callable[[], None]
 
@@ -248,7 +248,7 @@ class NdjsonFileOutput:
                 try:
                     write_all(self._fd, payload)
                     if self._regular:
-                        os.fsync(self._fd)
+                        fsync(self._fd)
                         unlinked = os.fstat(self._fd).st_nlink == 0
                     else:
                         _fsync_if_it_can(self._fd)

@@ -275,6 +275,9 @@ class StateStore:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # macOS: a commit is on the drive, not in its cache (durable.fsync says why); no-ops elsewhere
+            conn.execute("PRAGMA fullfsync=ON")
+            conn.execute("PRAGMA checkpoint_fullfsync=ON")
             # 512 KiB page cache per connection (default 2 MiB): there is one connection per
             # stream thread and the outbox blobs passing through would fill every one of them
             conn.execute("PRAGMA cache_size=-512")

@@ -75,6 +75,9 @@ def test_the_state_database_syncs_every_commit_to_disk(tmp_path):
     store = StateStore(tmp_path)
     assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # macOS: the commit reaches the drive, not only its cache (F_FULLFSYNC; no-ops elsewhere)
+    assert store._conn().execute("PRAGMA fullfsync").fetchone()[0] == 1
+    assert store._conn().execute("PRAGMA checkpoint_fullfsync").fetchone()[0] == 1
     store.close()
 
 def test_unacknowledged_spooled_batch_is_replayed_byte_for_byte_by_a_new_process(tmp_path):
@@ -323,3 +326,48 @@ def test_fsync_dir_passes_a_filesystem_that_cannot_fsync_a_folder_and_raises_a_r
     monkeypatch.setattr(durable.os, "fsync", failing(errno.EIO))
     with pytest.raises(OSError):
         durable.fsync_dir(tmp_path)
+
+
+class _FakeFcntl:
+    """fcntl on macOS, as far as durable.fsync uses it: F_FULLFSYNC, or a filesystem refusing it."""
+
+    def __init__(self, refuse: bool = False):
+        self.calls: list[tuple[int, int]] = []
+        self.refuse = refuse
+
+    def fcntl(self, fd, cmd):
+        self.calls.append((fd, cmd))
+        if self.refuse:
+            raise OSError(45, "Operation not supported")  # ENOTSUP on macOS
+        return 0
+
+
+def test_where_the_system_has_f_fullfsync_every_durable_write_uses_it(tmp_path, monkeypatch):
+    """macOS: fsync leaves the data in the drive's cache, which a power cut drops; the outbox's
+    spool files, the file output and the dead-letter file are acknowledged only after F_FULLFSYNC."""
+    from agent_input import durable, es_output, outputs
+    from agent_input.outputs import NdjsonFileOutput
+
+    fake, plain = _FakeFcntl(), []
+    monkeypatch.setattr(durable, "fcntl", fake)
+    monkeypatch.setattr(durable, "_FULLFSYNC", 51)
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: plain.append(fd))
+    durable.write_file(tmp_path / "spool", SMALL)
+    monkeypatch.setattr(outputs, "fsync_dir", lambda d: None)  # a folder's fsync is not this test's
+    file_out = NdjsonFileOutput(tmp_path / "events.ndjson")
+    file_out.send("s", b'{"_id":"a"}\n', 1, lambda: None)
+    file_out.close()
+    es_output._append_record(tmp_path / "dead-letter.ndjson", b'{"_id":"b"}\n')
+    assert len(fake.calls) == 3 and all(cmd == 51 for _, cmd in fake.calls)
+    assert plain == []  # F_FULLFSYNC did it: no second, weaker sync
+
+
+def test_a_filesystem_that_refuses_f_fullfsync_gets_a_plain_fsync(tmp_path, monkeypatch):
+    from agent_input import durable
+
+    fake, plain = _FakeFcntl(refuse=True), []
+    monkeypatch.setattr(durable, "fcntl", fake)
+    monkeypatch.setattr(durable, "_FULLFSYNC", 51)
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: plain.append(fd))
+    durable.write_file(tmp_path / "spool", SMALL)
+    assert len(fake.calls) == 1 and len(plain) == 1
