@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .http_client import ApiError
 from .paging import STOP_CHECK, cursor_pages, stopped
-from .state import STATE_VERSION, StateError, StateStore, newer_state_message, observed_values_in
+from .state import (STATE_VERSION, StateError, StateStore, emptied_state_message, newer_state_message,
+                    observed_values_in)
 
 log = logging.getLogger("agent_input.org_guard")
 
@@ -230,12 +231,16 @@ class OrganizationGuard:
 def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
     """The state version, fingerprint and, without one (a directory an earlier version wrote), the
     projects its stored usage names, read without taking the directory (a collector may be running
-    on it): (0, [], []) when there is no state file or nothing to read."""
+    on it): (0, [], []) when there is no state file or nothing to read. StateError for a file
+    collect refuses at its start: emptied, or not an sqlite database."""
     import sqlite3
 
     path = Path(state_dir) / "state.sqlite3"
     if not path.is_file():
         return 0, [], []
+    emptied = emptied_state_message(Path(state_dir))
+    if emptied is not None:
+        raise StateError(emptied)
     try:
         # as_uri quotes what a URI would read otherwise (`#`, `?`, `%`, spaces) and writes a
         # Windows path as file:///C:/...: `file:{path}` cut "Team #2/state.sqlite3" at the `#`
@@ -249,8 +254,10 @@ def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
             seen = [] if recorded else sorted(observed_values_in(conn, "proj_"))
         finally:
             conn.close()
-    except sqlite3.Error:
+    except sqlite3.OperationalError:  # e.g. no kv table yet: collect makes it
         return 0, [], []
+    except sqlite3.DatabaseError as exc:  # "file is not a database": collect stops on it too
+        raise StateError(f"cannot use state file {path}: {exc}") from None
     return version, recorded, seen
 
 
@@ -258,7 +265,10 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
     """`openai-input check`: whether the key reaches the organization `state_dir` was collected
     for (ok, message), or None when the directory records none (nor, from an earlier version, any
     project in its stored usage: collect would record this key's organization at its start)."""
-    version, recorded, seen = read_recorded(state_dir)
+    try:
+        version, recorded, seen = read_recorded(state_dir)
+    except StateError as exc:  # collect refuses the file itself
+        return False, str(exc)
     if version > STATE_VERSION:  # collect would refuse the file itself
         return False, newer_state_message(Path(state_dir) / "state.sqlite3", version)
     if not recorded and not seen:

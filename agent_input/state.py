@@ -132,6 +132,26 @@ def newer_state_message(path: Path, found: int) -> str:
             "(the streams then read again from initial_interval)")
 
 
+def emptied_state_message(directory: Path) -> str | None:
+    """Why the state file of `directory` is refused as emptied, or None. `outbox/` is made only
+    once the file has its schema, so an empty file beside it was emptied; without it (a crash
+    inside the very first open) there was nothing in it to lose."""
+    path = Path(directory) / "state.sqlite3"
+    try:
+        if path.stat().st_size or not (Path(directory) / "outbox").is_dir():
+            return None
+    except OSError:
+        return None  # a new state directory (no file yet), or one sqlite will say is unusable
+    try:
+        if os.stat(f"{path}-wal").st_size:
+            return None  # the pages are all in the write-ahead log still: sqlite reads them from there
+    except OSError:
+        pass
+    return (f"state file {path} is empty (0 bytes: truncated, or restored from a bad backup), so its "
+            f"cursors and unacknowledged batches are gone. Restore it from a backup, or move {Path(directory)} "
+            "aside to start afresh (the streams then read again from initial_interval)")
+
+
 # Batches up to this size stay inline in sqlite (a steady-state poll's handful of documents); a
 # file of its own costs two fsyncs (file and folder), which only pays off for large batches.
 INLINE_PAYLOAD_LIMIT = 256 * 1024
@@ -229,23 +249,11 @@ class StateStore:
         """A state file cut to 0 bytes (a backup restored badly, a truncation) is a new, empty
         database to sqlite: the collector started afresh from `initial_interval` without a word, its
         unacknowledged batches gone, and emitted revision 0 of buckets again under ids that already
-        carried other counts (kept by `create`: the stored totals stayed low). `outbox/` is made
-        only once the file has its schema, so an empty file beside it was emptied; without it (a
-        crash inside the very first open) there was nothing in it to lose."""
-        try:
-            if self.path.stat().st_size or not self.spool_dir.is_dir():
-                return
-        except OSError:
-            return  # a new state directory (no file yet), or one sqlite will say is unusable
-        try:
-            if os.stat(f"{self.path}-wal").st_size:
-                return  # the pages are all in the write-ahead log still: sqlite reads them from there
-        except OSError:
-            pass
-        raise StateError(
-            f"state file {self.path} is empty (0 bytes: truncated, or restored from a bad backup), so its "
-            f"cursors and unacknowledged batches are gone. Restore it from a backup, or move {self.directory} "
-            "aside to start afresh (the streams then read again from initial_interval)")
+        carried other counts (kept by `create`: the stored totals stayed low). See
+        `emptied_state_message`."""
+        message = emptied_state_message(self.directory)
+        if message is not None:
+            raise StateError(message)
 
     def _still_there(self) -> None:
         """Inside a write transaction that moves state on: the state file is still the one at its

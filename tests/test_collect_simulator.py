@@ -690,6 +690,30 @@ def test_check_reads_the_organization_of_a_state_directory_whose_path_has_uri_ch
     assert read_recorded(state) == (STATE_VERSION, ["proj_a", "proj_b"], [])
 
 
+@pytest.mark.parametrize("damage", ["emptied", "not-a-database"])
+def test_check_fails_on_a_state_file_collect_refuses(simulator, tmp_path, damage):
+    """A state file cut to 0 bytes, or one that is not an sqlite database, is refused by collect
+    at its start; `check` read nothing from it and said "check OK" (as it did for a newer version's
+    file before it said that collect refuses it)."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+    from agent_input.state import StateError
+
+    state = tmp_path / "state"
+    assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "events.ndjson") == 0
+    for left in state.glob("state.sqlite3-*"):
+        left.unlink()
+    (state / "state.sqlite3").write_bytes(b"" if damage == "emptied" else b"not sqlite " * 500)
+    with pytest.raises(StateError) as refused:  # what collect says at its start
+        StateStore(state)
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_org_config(simulator.base_url, ADMIN_KEY)))
+    result = CliRunner().invoke(main, ["check", "--config", str(cfg), "--state-dir", str(state)])
+    assert result.exit_code == 1, result.output
+    assert str(refused.value) in result.output and "check OK" not in result.output
+
+
 def test_a_short_5xx_on_the_name_cache_s_projects_listing_does_not_hold_a_whole_run(simulator, tmp_path):
     """The name cache's listing retries little (two retries, 2 s back-off: a name must not hold
     usage up), and the check took its failure for the collector's: a blip of six 5xx, which the
