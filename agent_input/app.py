@@ -98,8 +98,9 @@ def _build_collectors(config, store, output, stop, clock, progress, on_status, o
     common = dict(namespace=config.namespace, stop=stop, clock=clock)
     # The state directory's organization: nothing is written to it (so nothing is sent) until the
     # key is known to reach the organization it was collected for (see agent_input/org_guard.py).
+    # With no stream enabled nothing is written, but batches left in the outbox would still be sent.
     guard = OrganizationGuard(store, client_factory=lambda: AdminApiClient.from_config(config, stop=stop),
-                              stop=stop) if config.enabled_streams() else None
+                              stop=stop) if config.enabled_streams() or store.pending_count() else None
     # One name cache for every usage-like stream (project names, user emails, API key names).
     names = None
     if any(s.name in STREAMS_BY_NAME for s in config.enabled_streams()):

@@ -530,6 +530,33 @@ def test_batches_left_in_the_outbox_are_not_sent_to_another_organization_s_outpu
     assert b'"left-over"' in (tmp_path / "a2.ndjson").read_bytes()
 
 
+def test_batches_left_in_the_outbox_are_not_sent_by_a_config_with_no_stream_enabled(simulator, other_org, tmp_path):
+    """With every stream disabled the engine was built without the check: the start re-sent the
+    first organization's left-over batch to the other organization's output without a look."""
+    from agent_input import app
+    from agent_input.org_guard import OrganizationMismatch
+
+    state = _collected_with_a_batch_left_over(simulator, other_org, tmp_path)
+
+    def run_with_no_stream(sim, key: str, out: Path) -> int:
+        settings = _org_config(sim.base_url, key)
+        settings["data_streams"] = {name: {"enabled": False} for name in settings["data_streams"]}
+        output = NdjsonFileOutput(out)
+        collection = app.build(config_from_dict(settings, env={}), state_dir=state, output=output, clock=sim.now)
+        try:
+            return collection.engine.run(once=True)
+        finally:
+            collection.close()
+            output.close()
+
+    with pytest.raises(OrganizationMismatch):
+        run_with_no_stream(other_org, OTHER_KEY, tmp_path / "b.ndjson")
+    assert not (tmp_path / "b.ndjson").read_bytes()
+    assert len(_state_rows(state)["outbox"]) == 1
+    assert run_with_no_stream(simulator, ADMIN_KEY, tmp_path / "a2.ndjson") == 0  # its own organization's
+    assert (tmp_path / "a2.ndjson").read_bytes().count(b'"left-over"') == 1
+
+
 def test_batches_left_in_the_outbox_wait_while_the_check_cannot_be_done(simulator, other_org, tmp_path):
     """With the projects listing refused (403), the check cannot be done: the start re-sent the
     outbox anyway, so one organization's left-over batch went to another organization's output
