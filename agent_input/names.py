@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .http_client import AdminApiClient, ApiError, StoppedError
+from .http_client import AdminApiClient, ApiError, PermissionDeniedError, StoppedError
 from .paging import STOP_CHECK, cursor_pages, stopped
 
 log = logging.getLogger("agent_input.names")
@@ -300,7 +300,7 @@ class NameCache:
                 failed.append(f"projects: {exc}")
                 projects = None
                 if guard is not None:
-                    guard.unavailable(str(exc))
+                    guard.unavailable(str(exc), forbidden=isinstance(exc, PermissionDeniedError))
             else:
                 if guard is not None:
                     guard.observe(listed)  # before a document can wait for the keys below

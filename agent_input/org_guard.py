@@ -33,6 +33,13 @@ name cache's first load anyway, so only audit and rate limits may wait a little 
   whose client retries little, then at most every RETRY_AFTER seconds) and,
   while that fails, fails its poll with `OrganizationUnverified` (the cursor stays: the poll is
   read again later, nothing is lost).
+
+One exception to the last: a key that may not list the projects at all (403) never records a
+fingerprint, and its directory's second start would look like one from before this check (stored
+usage, no fingerprint) and be held for ever, an outage for the right organization. So a new
+directory is marked (`org:started`) when this check first opens it; without a fingerprint, a
+marked directory whose listing is refused (403) goes on as at its first start, with a warning
+that it is not protected. A 5xx still holds it: that listing will work again.
 """
 from __future__ import annotations
 
@@ -42,9 +49,9 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
-from .http_client import ApiError
+from .http_client import ApiError, PermissionDeniedError
 from .paging import STOP_CHECK, cursor_pages, stopped
 from .state import (STATE_VERSION, StateError, StateStore, emptied_state_message, newer_state_message,
                     observed_values_in)
@@ -52,6 +59,7 @@ from .state import (STATE_VERSION, StateError, StateStore, emptied_state_message
 log = logging.getLogger("agent_input.org_guard")
 
 KV_PROJECTS = "org:projects"  # JSON list of the organization's oldest project ids
+KV_STARTED = "org:started"  # "1": this check opened the directory new (no fingerprint is then no upgrade)
 FINGERPRINT_SIZE = 16
 RETRY_AFTER = 60.0  # seconds between two listings by the check itself, while the check cannot be done
 PROJECTS = "/v1/organization/projects"
@@ -129,6 +137,13 @@ class OrganizationGuard:
         # state from before the fingerprint: the projects its stored usage names stand for it
         self.seen = sorted(store.observed_values("proj_")) if not self.recorded else []
         self.passed = not self.recorded and not self.seen  # nothing to protect yet: nothing is held
+        self.started = store.get(KV_STARTED) is not None
+        if self.passed and not self.started:
+            try:
+                store.put_kv(KV_STARTED, "1")
+                self.started = True
+            except StateError as exc:  # marked at a later start; nothing else depends on it
+                log.warning("cannot mark the state directory as started with the organization check: %s", exc)
         self.refusal: str | None = None  # the mismatch's message
         self.unverified: str | None = None  # why the check could not be done
         self._retry_at = 0.0
@@ -155,16 +170,25 @@ class OrganizationGuard:
             self.passed, self.unverified = True, None
         self._decided.set()
 
-    def unavailable(self, reason: str) -> None:
-        """The name cache's listing failed: the check cannot be done yet. That client retries
-        little (a name must not hold usage up), so the first write that needs the check lists
-        again at once, with the collector's own retries: a short 5xx must not hold a whole run."""
+    def unavailable(self, reason: str, *, forbidden: bool = False) -> None:
+        """The name cache's listing failed (`forbidden`: refused, 403): the check cannot be done
+        yet. That client retries little (a name must not hold usage up), so the first write that
+        needs the check lists again at once, with the collector's own retries: a short 5xx must
+        not hold a whole run."""
         with self._lock:
-            self._unavailable(reason)
+            self._unavailable(reason, forbidden)
             self._retry_at = self._clock()
 
-    def _unavailable(self, reason: str) -> None:
-        if not self.passed and self.refusal is None:
+    def _unavailable(self, reason: str, forbidden: bool = False) -> None:
+        if forbidden and not self.recorded and self.refusal is None and (self.passed or self.started):
+            # this key may not list the projects, and never could here: as at the first start
+            if not self.passed or not self._decided.is_set():
+                log.warning("this admin key may not list the organization's projects (%s): state directory %s "
+                            "records no organization, so another organization's key on it would not be "
+                            "refused. Let the key read the projects once to record it", reason,
+                            self.store.directory)
+            self.passed, self.unverified = True, None
+        elif not self.passed and self.refusal is None:
             self.unverified = (f"cannot check that this admin key reaches the organization state directory "
                                f"{self.store.directory} was collected for (listing its projects failed: "
                                f"{reason}); nothing is stored until it can")
@@ -201,7 +225,7 @@ class OrganizationGuard:
         except ApiError as exc:
             if self._stop is not None and self._stop.is_set():
                 raise
-            self._unavailable(str(exc))
+            self._unavailable(str(exc), isinstance(exc, PermissionDeniedError))
             return
         finally:
             client.close()
@@ -228,16 +252,25 @@ class OrganizationGuard:
         raise OrganizationUnverified(self.unverified or "the organization check did not run")
 
 
-def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
+class Recorded(NamedTuple):
+    """What a state directory says of its organization (`read_recorded`)."""
+
+    version: int  # STATE_VERSION of the file; 0 when there is none
+    recorded: list[str]  # the fingerprint
+    seen: list[str]  # without one: the projects its stored usage names
+    started: bool  # this check opened it new (KV_STARTED)
+
+
+def read_recorded(state_dir: Any) -> Recorded:
     """The state version, fingerprint and, without one (a directory an earlier version wrote), the
     projects its stored usage names, read without taking the directory (a collector may be running
-    on it): (0, [], []) when there is no state file or nothing to read. StateError for a file
-    collect refuses at its start: emptied, or not an sqlite database."""
+    on it): nothing when there is no state file or nothing to read. StateError for a file collect
+    refuses at its start: emptied, or not an sqlite database."""
     import sqlite3
 
     path = Path(state_dir) / "state.sqlite3"
     if not path.is_file():
-        return 0, [], []
+        return Recorded(0, [], [], False)
     emptied = emptied_state_message(Path(state_dir))
     if emptied is not None:
         raise StateError(emptied)
@@ -252,13 +285,14 @@ def read_recorded(state_dir: Any) -> tuple[int, list[str], list[str]]:
             recorded = parse_fingerprint(row[0] if row else None)
             # as the collector's check reads them (StateStore.observed_values)
             seen = [] if recorded else sorted(observed_values_in(conn, "proj_"))
+            started = conn.execute("SELECT 1 FROM kv WHERE k=?", (KV_STARTED,)).fetchone() is not None
         finally:
             conn.close()
     except sqlite3.OperationalError:  # e.g. no kv table yet: collect makes it
-        return 0, [], []
+        return Recorded(0, [], [], False)
     except sqlite3.DatabaseError as exc:  # "file is not a database": collect stops on it too
         raise StateError(f"cannot use state file {path}: {exc}") from None
-    return version, recorded, seen
+    return Recorded(version, recorded, seen, started)
 
 
 def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
@@ -266,7 +300,7 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
     for (ok, message), or None when the directory records none (nor, from an earlier version, any
     project in its stored usage: collect would record this key's organization at its start)."""
     try:
-        version, recorded, seen = read_recorded(state_dir)
+        version, recorded, seen, started = read_recorded(state_dir)
     except StateError as exc:  # collect refuses the file itself
         return False, str(exc)
     if version > STATE_VERSION:  # collect would refuse the file itself
@@ -276,6 +310,10 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
     try:
         listed = {p.get("id") for p in list_projects(client)}
     except ApiError as exc:
+        if isinstance(exc, PermissionDeniedError) and started and not recorded:  # as OrganizationGuard
+            return True, (f"state directory {state_dir} is not checked against this key's organization (listing "
+                          f"the projects is refused: {exc}); collect goes on without the check, as it did "
+                          "when it started the directory")
         return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
                        f"(listing the projects failed: {exc}); collect would store nothing until it can")
     refused = refusal_reason(state_dir, listed, recorded, seen)  # as OrganizationGuard judges it

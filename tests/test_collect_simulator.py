@@ -357,19 +357,19 @@ def other_org():
     sim.stop()
 
 
-def _org_config(url: str, key: str, *, usage: bool = True) -> dict:
+def _org_config(url: str, key: str, *, usage: bool = True, rate_limits: bool = True) -> dict:
     streams = {s.name: {"enabled": False} for s in USAGE_STREAMS}
     if usage:
         streams["completions"] = {"initial_interval": "2h"}
-    streams.update(audit={"initial_interval": "2h"}, rate_limits={}, costs={"enabled": usage})
+    streams.update(audit={"initial_interval": "2h"}, rate_limits={"enabled": rate_limits}, costs={"enabled": usage})
     return {"url": url, "api_key": key, "max_retries": 1, "data_streams": streams}
 
 
-def _collect_with(sim, key: str, state: Path, out: Path, *, usage: bool = True) -> int:
+def _collect_with(sim, key: str, state: Path, out: Path, *, usage: bool = True, rate_limits: bool = True) -> int:
     """One `run(once=True)` of every stream, as `collect --once` builds it."""
     from agent_input import app
 
-    config = config_from_dict(_org_config(sim.base_url, key, usage=usage), env={})
+    config = config_from_dict(_org_config(sim.base_url, key, usage=usage, rate_limits=rate_limits), env={})
     output = NdjsonFileOutput(out)
     collection = app.build(config, state_dir=state, output=output, clock=sim.now)
     try:
@@ -423,16 +423,25 @@ def test_another_organization_s_key_on_a_state_directory_is_refused_before_anyth
         assert {d["openai"].get("base", {}).get("project_id") for d in docs} - {None} <= mine
 
 
+def _as_an_earlier_version_left_it(state: Path) -> str | None:
+    """Take the organization check's keys out of a state directory, as a version from before the
+    check left it: no fingerprint, no mark of a start with the check. The fingerprint it held."""
+    from agent_input.org_guard import KV_PROJECTS, KV_STARTED
+
+    store = StateStore(state)
+    recorded = store.get(KV_PROJECTS)
+    with store._transaction(store._conn()):
+        store._conn().execute("DELETE FROM kv WHERE k IN (?, ?)", (KV_PROJECTS, KV_STARTED))
+    store.close()
+    return recorded
+
+
 def test_a_state_directory_from_before_the_check_is_fingerprinted_not_refused(simulator, other_org, tmp_path):
     from agent_input.org_guard import KV_PROJECTS, OrganizationMismatch
 
     state, out = tmp_path / "state", tmp_path / "events.ndjson"
     assert _collect_with(simulator, ADMIN_KEY, state, out) == 0
-    store = StateStore(state)
-    recorded = store.get(KV_PROJECTS)
-    with store._transaction(store._conn()):  # what an earlier version left: no fingerprint
-        store._conn().execute("DELETE FROM kv WHERE k=?", (KV_PROJECTS,))
-    store.close()
+    recorded = _as_an_earlier_version_left_it(state)
     assert recorded and 0 < len(yaml.safe_load(recorded)) <= 16
     simulator.advance(300)
     assert _collect_with(simulator, ADMIN_KEY, state, out) == 0  # the same organization: recorded again
@@ -452,9 +461,8 @@ def test_a_state_directory_from_before_the_check_is_refused_to_another_organizat
 
     state, out = tmp_path / "state", tmp_path / "events.ndjson"
     assert _collect_with(simulator, ADMIN_KEY, state, out) == 0
+    _as_an_earlier_version_left_it(state)
     store = StateStore(state)
-    with store._transaction(store._conn()):  # what an earlier version left: no fingerprint
-        store._conn().execute("DELETE FROM kv WHERE k=?", (KV_PROJECTS,))
     assert store.observed_values("proj_") <= {p.id for p in simulator.org.projects}
     store.close()
     delivered, before = out.read_bytes(), _state_rows(state)
@@ -479,6 +487,52 @@ def test_a_projects_listing_that_fails_holds_the_writes_until_the_check_can_be_d
     simulator.clear_faults()  # the next poll checks, and collects what the failed one held back
     assert _collect_with(simulator, ADMIN_KEY, state, out) == 0
     assert len(out.read_bytes()) > len(delivered)
+
+
+def test_a_key_that_may_not_list_the_projects_is_not_held_from_its_directory_s_second_start(
+        simulator, tmp_path, caplog):
+    """A key refused the projects listing (403) collected fine at a new directory's first start
+    (nothing to protect yet) but recorded no fingerprint; from the second start on, the directory
+    looked like one from before the check (stored usage, no fingerprint), and every poll was held
+    for ever: an outage for the right organization. It goes on as at its first start, and says
+    the directory is not protected; `check` says so too, and passes."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    simulator.add_fault(FaultRule(kind="403", path="*/organization/projects", count=None))
+    with caplog.at_level(logging.WARNING, logger="agent_input.org_guard"):  # (rate limits list the projects)
+        assert _collect_with(simulator, ADMIN_KEY, state, out, rate_limits=False) == 0
+        first = out.read_bytes()
+        simulator.advance(600)
+        assert _collect_with(simulator, ADMIN_KEY, state, out, rate_limits=False) == 0
+    assert len(out.read_bytes()) > len(first)
+    warned = [r.getMessage() for r in caplog.records if "may not list the organization's projects" in r.getMessage()]
+    assert len(warned) == 2 and "would not be refused" in warned[0], warned
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_org_config(simulator.base_url, ADMIN_KEY, rate_limits=False)))
+    result = CliRunner().invoke(main, ["check", "--config", str(cfg), "--state-dir", str(state)])
+    assert f"state directory {state} is not checked against this key's organization" in result.output
+    assert "collect goes on without the check" in result.output
+
+
+def test_a_directory_from_before_the_check_is_still_held_while_the_listing_is_refused(simulator, tmp_path):
+    """The exception above is for directories the check started: one an earlier version wrote
+    holds usage of an organization nobody has checked yet, and waits for a listing."""
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    assert _collect_with(simulator, ADMIN_KEY, state, out, rate_limits=False) == 0
+    _as_an_earlier_version_left_it(state)
+    delivered, before = out.read_bytes(), _state_rows(state)
+    simulator.advance(300)
+    simulator.add_fault(FaultRule(kind="403", path="*/organization/projects", count=None))
+    assert _collect_with(simulator, ADMIN_KEY, state, out, rate_limits=False) == 1
+    assert out.read_bytes() == delivered and _state_rows(state) == before
 
 
 def test_collect_once_with_another_organization_s_key_exits_1_with_one_line(simulator, other_org, tmp_path):
@@ -666,10 +720,7 @@ def test_check_on_a_state_directory_from_before_the_check_refuses_another_organi
 
     state = tmp_path / "state"
     assert _collect_with(simulator, ADMIN_KEY, state, tmp_path / "events.ndjson") == 0
-    store = StateStore(state)
-    with store._transaction(store._conn()):  # what an earlier version left: no fingerprint
-        store._conn().execute("DELETE FROM kv WHERE k=?", (KV_PROJECTS,))
-    store.close()
+    _as_an_earlier_version_left_it(state)
     before = _state_rows(state)
 
     def check(sim, key: str):
@@ -714,7 +765,7 @@ def test_check_reads_the_organization_of_a_state_directory_whose_path_has_uri_ch
     store = StateStore(state)
     store.put_kv(KV_PROJECTS, '["proj_a", "proj_b"]')
     store.close()
-    assert read_recorded(state) == (STATE_VERSION, ["proj_a", "proj_b"], [])
+    assert read_recorded(state) == (STATE_VERSION, ["proj_a", "proj_b"], [], False)
 
 
 @pytest.mark.parametrize("damage", ["emptied", "not-a-database"])
