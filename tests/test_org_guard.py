@@ -1,0 +1,87 @@
+"""The state directory's organization check (agent_input/org_guard.py), without a simulator: the
+fingerprint's choice of projects and the guard's judgement of a listing."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from agent_input.http_client import StoppedError
+from agent_input.org_guard import (FINGERPRINT_SIZE, KV_PROJECTS, OrganizationGuard, OrganizationMismatch,
+                                   fingerprint)
+from agent_input.state import StateStore
+
+
+def _projects(n: int, base: int = 1_700_000_000, prefix: str = "proj_a") -> list[dict]:
+    return [{"id": f"{prefix}{i:03d}", "created_at": base + i} for i in range(n)]
+
+
+def test_the_fingerprint_is_the_16_oldest_projects_oldest_first():
+    """16, the oldest: an organization's newest projects change nothing, and the state stays small."""
+    assert FINGERPRINT_SIZE == 16
+    listed = _projects(40)[::-1]  # the listing's order (newest first) does not matter
+    assert fingerprint(listed) == [f"proj_a{i:03d}" for i in range(16)]
+
+
+def test_projects_without_a_creation_time_come_after_the_dated_ones():
+    """A project whose `created_at` is missing (or not a number) is not taken for the oldest:
+    it would stand in the fingerprint before the organization's real oldest projects."""
+    undated = [{"id": "proj_undated"}, {"id": "proj_bool", "created_at": True}, {"id": "proj_text", "created_at": "1"}]
+    dated = _projects(16)
+    assert fingerprint(undated + dated) == [p["id"] for p in dated]
+    assert fingerprint(undated + dated[:2]) == ["proj_a000", "proj_a001", "proj_bool", "proj_text", "proj_undated"]
+    assert fingerprint([{"id": 5}, {"name": "x"}, dated[0], dated[0]]) == ["proj_a000"]
+
+
+def _guard(tmp_path, recorded: list[str] | None = None, **kwargs) -> OrganizationGuard:
+    store = StateStore(tmp_path / "state")
+    if recorded is not None:
+        import json
+
+        store.put_kv(KV_PROJECTS, json.dumps(recorded))
+    return OrganizationGuard(store, **kwargs)
+
+
+def test_a_listing_that_holds_one_recorded_project_is_the_same_organization(tmp_path):
+    """Sharing one project is enough: the listing need not hold every recorded one."""
+    recorded = [p["id"] for p in _projects(16)]
+    guard = _guard(tmp_path, recorded)
+    guard.observe([{"id": recorded[7], "created_at": 1}, *_projects(30, prefix="proj_b")])
+    guard.wait()
+    assert guard.passed and guard.refusal is None
+    assert guard.store.get(KV_PROJECTS) is not None and guard.recorded == recorded  # not re-recorded
+    guard.store.close()
+
+
+def test_a_refusal_is_not_lifted_by_a_later_listing(tmp_path):
+    """Once another organization's key was found, the engine stops: a later listing (the check's
+    own, say) does not turn it into a pass."""
+    recorded = [p["id"] for p in _projects(3)]
+    guard = _guard(tmp_path, recorded)
+    guard.observe(_projects(3, prefix="proj_b"))
+    guard.observe(_projects(3))
+    with pytest.raises(OrganizationMismatch):
+        guard.wait()
+    guard.store.close()
+
+
+def test_a_stop_during_the_check_s_own_listing_is_a_stop_not_an_unverified_check(tmp_path):
+    """A write waiting for the check's own listing when the collector is stopped ends as a stop
+    (the engine says nothing of it), not as "cannot check the organization", which the stream
+    logs as a failed poll."""
+    stop = threading.Event()
+
+    class Client:
+        def get_json(self, path, params):
+            stop.set()
+            raise StoppedError(None, "stopped while waiting for a page", "stopped", path)
+
+        def close(self):
+            pass
+
+    guard = _guard(tmp_path, ["proj_a000"], client_factory=Client, stop=stop, clock=lambda: 100.0)
+    guard.unavailable("HTTP 503")  # the name cache's listing failed: the first write lists again
+    with pytest.raises(StoppedError):
+        guard.wait()
+    assert not guard.passed and guard.refusal is None  # a stop is no outcome
+    guard.store.close()
