@@ -434,3 +434,92 @@ def test_a_delivered_batch_whose_outbox_delete_fails_is_said_not_a_failed_poll(t
     said = [r for r in caplog.records if "was delivered, but cannot be deleted from the outbox" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "ERROR"
     store.close()
+
+
+def test_a_refused_write_check_stores_nothing_of_any_kind(tmp_path):
+    """`write_check` (the organization check) runs before every write of collected data: a page,
+    an audit or rate-limits batch, a change of bucket width's cursors. Refused, none of them leaves
+    a row, nor a large batch's file in outbox/."""
+    store = StateStore(tmp_path / "state")
+    store.commit_page("completions", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
+    rows = _rows(store)
+
+    def refuse():
+        raise StateError("another organization")
+
+    store.write_check = refuse
+    big = b'{"_id":"big","pad":"' + b"x" * (state_module.INLINE_PAYLOAD_LIMIT + 10) + b'"}\n'
+    for write in (lambda: store.commit_page("completions", "1m", payload=big, events=1, observations=(),
+                                            cursor=Cursor(0, 120)),
+                  lambda: store.commit_events("audit", big, 1, {"audit:mark": "1"}),
+                  lambda: store.put_cursors("completions", {"1h": Cursor(0, 3600)})):
+        with pytest.raises(StateError, match="another organization"):
+            write()
+    assert _rows(store) == rows and not list(store.spool_dir.iterdir())
+    store.close()
+
+
+def _rows(store: StateStore) -> dict:
+    with sqlite3.connect(store.path) as db:
+        return {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall()) for t in ("cursors", "outbox", "kv")}
+
+
+def test_a_state_directory_replaced_by_a_file_stops_its_commits_in_one_line(tmp_path):
+    """The state file's path now goes through a file (ENOTDIR): as gone as a deleted one."""
+    import shutil
+
+    directory = tmp_path / "state"
+    store = StateStore(directory)
+    shutil.rmtree(directory)
+    directory.write_text("not a directory")
+    with pytest.raises(StateDatabaseError, match=rf"^state file {store.path} was deleted while the collector"):
+        store.commit_events("audit", LINE, 1, {"audit:hwm": "60"})
+    store.close()
+
+
+def test_pending_up_to_a_batch_leaves_the_later_ones_out(tmp_path):
+    """The batches a start held back are re-sent up to the start's last one only: the streams'
+    own later batches are already on their way (re-sent again, they are duplicates)."""
+    store = StateStore(tmp_path / "state")
+    batches = [store.commit_events("audit", LINE, 1, {}) for _ in range(3)]
+    assert [b.batch for b in store.pending(up_to=batches[1])] == batches[:2]
+    assert [b.batch for b in store.pending()] == batches
+    store.close()
+
+
+def test_a_commit_queued_behind_another_thread_waits_one_busy_timeout_in_all(tmp_path, monkeypatch):
+    """The busy timeout counts from when a commit starts waiting: the wait for the store's own
+    write lock and then for sqlite's add up to one timeout, not one each."""
+    import threading
+    import time
+
+    store = StateStore(tmp_path / "state")
+    monkeypatch.setattr(state_module, "BUSY_TIMEOUT", 0.6)
+
+    def hold(seconds):
+        with store._write_lock:
+            time.sleep(seconds)
+
+    def commit_time() -> float:
+        started = time.monotonic()
+        with pytest.raises(StateDatabaseError, match="database is locked"):
+            store.commit_page("completions", "1m", payload=LINE, events=1, observations=(), cursor=Cursor(0, 60))
+        return time.monotonic() - started
+
+    # another thread holds the store's lock longer than the timeout: the commit gives up at it
+    holder = threading.Thread(target=hold, args=(2.0,))
+    holder.start()
+    time.sleep(0.05)
+    assert commit_time() < 1.5
+    holder.join()
+    # then another program holds sqlite's lock: what is left of the timeout, not a whole one more
+    program = _write_locked(store, monkeypatch)
+    monkeypatch.setattr(state_module, "BUSY_TIMEOUT", 1.0)
+    holder = threading.Thread(target=hold, args=(0.6,))
+    holder.start()
+    time.sleep(0.05)
+    assert commit_time() < 1.4
+    holder.join()
+    program.rollback()
+    assert store.cursor("completions", "1m") is None
+    store.close()
