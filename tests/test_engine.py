@@ -1060,14 +1060,17 @@ def _minutes_delivered_through(tmp_path, plan, days: int, lo: int, hi: int) -> i
                if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi)
 
 
-def test_back_to_a_width_still_being_finished_loses_nothing(tmp_path):
+def test_back_to_a_width_still_being_finished_loses_nothing(tmp_path, caplog):
     """1h up to 10:00, 1d from 10:10 (so 1h goes on to midnight), back to 1h at 12:00: the 1d
     width has collected nothing yet, so the change is undone and 1h goes on from its own cursor.
     Before, 1h was started over at midnight and 10:00-midnight was never collected."""
+    caplog.set_level("INFO", logger="agent_input.engine")
     day = ts("2026-11-23T00:00:00")
     plan = [(day + 10 * 3600, "1h"), (day + 10 * 3600 + 600, "1d"), *[(day + h * 3600, "1h") for h in range(12, 48)]]
     lo, hi = day + 6 * 3600, day + 44 * 3600
     assert _minutes_delivered_through(tmp_path, plan, 2, lo, hi) == (hi - lo) // 60
+    # undone at once (1d's cursor never moved from its origin), not waited out
+    assert any("bucket width is 1h again; 1d had collected nothing" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("hour_collects", [True, False])
@@ -1092,7 +1095,9 @@ def test_an_initial_interval_raised_with_state_in_place_is_said_not_silently_ign
 
     store, out = StateStore(tmp_path / "state"), io.BytesIO()
     now = ts("2026-11-23T10:00:00")
-    for initial, then in ((86400, now), (86400, now + 300), (30 * 86400, now + 600), (30 * 86400, now + 900)):
+    # (a restart within the first start's minute asks for exactly where the state begins: not said)
+    for initial, then in ((86400, now), (86400, now + 20), (86400, now + 300), (30 * 86400, now + 600),
+                          (30 * 86400, now + 900)):
         caplog.clear()
         collector = UsageCollector(STREAMS_BY_NAME["completions"], stream_config(initial_interval=initial),
                                    FakeApi(), Delivery(store, NdjsonOutput(out)), clock=lambda: then)
@@ -1105,6 +1110,17 @@ def test_an_initial_interval_raised_with_state_in_place_is_said_not_silently_ign
             assert len(said) == 1 and said[0].levelname == "WARNING"
             assert "2026-11-22T10:00:00" in said[0].getMessage()  # where the state's collection began
 
+
+
+def test_a_changed_bucket_width_is_not_taken_for_a_raised_initial_interval(tmp_path, caplog):
+    """The state's collection of a stream begins at its first width's origin: the width in use
+    since a change starts later, and comparing initial_interval with it warned at every start
+    after a width change although initial_interval never changed."""
+    day = ts("2026-11-23T00:00:00")
+    plan = [(day + 10 * 3600, "1m"), (day + 10 * 3600 + 600, "1h"), (day + 10 * 3600 + 900, "1h"),
+            (day + 12 * 3600, "1h")]
+    _minutes_delivered_through(tmp_path, plan, 1, day, day + 86400)
+    assert not [r for r in caplog.records if "initial_interval" in r.getMessage()]
 
 class HangingApi:
     """A request that never answers (an API that hangs for up to http_timeout)."""
