@@ -523,3 +523,23 @@ def test_a_commit_queued_behind_another_thread_waits_one_busy_timeout_in_all(tmp
     program.rollback()
     assert store.cursor("completions", "1m") is None
     store.close()
+
+
+def test_an_output_that_reports_ack_failures_itself_is_given_the_failed_delete(tmp_path, monkeypatch):
+    """The protocol's output says a failed outbox delete itself (logged, and a `degraded` status):
+    it gets the StateError, and the batch is still counted as delivered but kept."""
+    store, out = StateStore(tmp_path / "state"), io.BytesIO()
+
+    class Reporting(NdjsonOutput):
+        reports_ack_failures = True
+
+    delivery = Delivery(store, Reporting(out))
+
+    def full(batch):
+        raise StateDatabaseError("cannot write state file x: disk I/O error (is the disk full?)")
+
+    monkeypatch.setattr(store, "ack", full)
+    with pytest.raises(StateDatabaseError, match="disk I/O error"):
+        delivery.commit_events("audit", [b'{"_id":"a"}\n'], {"audit:mark": "1"})
+    assert out.getvalue() == b'{"_id":"a"}\n' and len(delivery.unremoved) == 1 and store.pending_count() == 1
+    store.close()
