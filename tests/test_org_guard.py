@@ -85,3 +85,31 @@ def test_a_stop_during_the_check_s_own_listing_is_a_stop_not_an_unverified_check
         guard.wait()
     assert not guard.passed and guard.refusal is None  # a stop is no outcome
     guard.store.close()
+
+
+@pytest.mark.parametrize("started, forbidden, passes", [
+    (True, True, True),  # the check started it, and this key never could list: as at that start
+    (True, False, False),  # a 5xx: that listing will work again, wait for it
+    (False, True, False),  # an earlier version's directory: nobody checked its organization yet
+])
+def test_a_refused_listing_passes_only_a_directory_the_check_started(tmp_path, started, forbidden, passes):
+    import time
+
+    from agent_input.org_guard import KV_STARTED, OrganizationUnverified
+
+    store = StateStore(tmp_path / "state")
+    with store._transaction(store._conn()):  # stored usage naming a project: something to protect
+        store._conn().execute("INSERT INTO observations VALUES ('completions', '1m', 1700000000, "
+                              "'[\"proj_x\", \"gpt-4o\"]', 0, '{}', NULL)")
+    if started:
+        store.put_kv(KV_STARTED, "1")
+    guard = OrganizationGuard(store, clock=time.monotonic)
+    assert not guard.passed and guard.seen == ["proj_x"]
+    guard.unavailable("permission denied (403)" if forbidden else "500", forbidden=forbidden)
+    if passes:
+        guard.wait()
+        assert guard.passed and guard.store.get(KV_PROJECTS) is None  # nothing recorded
+    else:
+        with pytest.raises(OrganizationUnverified):
+            guard.wait()
+    store.close()
