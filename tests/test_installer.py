@@ -970,6 +970,21 @@ def test_a_rule_with_connectors_names_the_connectors_privilege(stack):
     assert install("--headroom-threshold", "0.9").exit_code == 0
 
 
+def test_a_rule_moved_into_a_space_with_its_connectors_names_the_connectors_privilege(stack):
+    """The move of an earlier version's rule to a space's id creates the new rule with the old
+    one's actions: Kibana reads their connectors there too, so a refusal names the same privilege
+    as an update's, not 'Stack Rules: All', which the user had."""
+    assert install().exit_code == 0  # the earlier version's objects, moved to team-a
+    for key in {("index-pattern", K.DATA_VIEW_ID)} | {("dashboard", d.id) for d in K.dashboards()} | {
+            ("alert", r.id) for r in K.rules()}:
+        stack.space[key] = "team-a"
+    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}}]
+    stack.connectors_readable = False
+    result = install("--space", "team-a")
+    assert result.exit_code == 3, result.output
+    assert "Actions and Connectors: Read" in result.output, result.output
+
+
 def test_a_dashboard_privilege_error_names_only_the_dashboard_feature(stack):
     """Kibana's `_import` and `_export` routes leave authorization to the saved objects client,
     which checks the type's own privileges (a dashboard: Dashboard, All to write). 'Saved Objects
