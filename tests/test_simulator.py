@@ -23,6 +23,18 @@ WIDTH_LIMITS = {"1m": (60, 1440, 60), "1h": (24, 168, 3600), "1d": (7, 31, 86400
 
 
 # ------------------------------------------------------------------------------------ fixtures
+def _without_discriminators(node):
+    """The schema with every `discriminator` dropped. In OpenAPI 3.1 it is only a hint: `oneOf` alone
+    decides. openapi-schema-validator before 0.9 resolved it, and the spec's has no mapping, so its
+    implicit one (the `object` value as a schema name, "organization.usage.completions.result")
+    named no schema and every bucket's results were "could not be resolved"."""
+    if isinstance(node, dict):
+        return {k: _without_discriminators(v) for k, v in node.items() if k != "discriminator"}
+    if isinstance(node, list):
+        return [_without_discriminators(v) for v in node]
+    return node
+
+
 @pytest.fixture(scope="module")
 def spec():
     return yaml.safe_load(SPEC_PATH.read_text())
@@ -30,7 +42,8 @@ def spec():
 
 @pytest.fixture(scope="module")
 def validate(spec):
-    registry = Registry().with_resource("urn:spec", Resource.from_contents(spec, default_specification=DRAFT202012))
+    schema = _without_discriminators(spec)
+    registry = Registry().with_resource("urn:spec", Resource.from_contents(schema, default_specification=DRAFT202012))
     cache = {}
 
     def check(name: str, body) -> None:
