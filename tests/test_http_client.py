@@ -4,6 +4,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import re
 import time
 
 import pytest
@@ -228,10 +229,12 @@ def test_malformed_body(client, body, ctype):
 
 
 @pytest.mark.parametrize("body,reason", [
-    (b'{"object": "page", "data": [{"n": NaN}]}', "unexpected character, expected a JSON value at character 34"),
-    (b'{"object": "page", "data": ["\xff"]}', "not valid UTF-8)"),
-    (b'{"object": "page", "data": ' + b"[" * 2000 + b"]" * 2000 + b"}", "depth limit exceeded"),
-    (b'{"object": "page", "data": [', "unexpected end of data at character 28"),
+    # orjson words a reason its own way, and its words changed: the older of each pair is the floor's
+    (b'{"object": "page", "data": [{"n": NaN}]}', r"unexpected character(, expected a JSON value)? at character 34"),
+    (b'{"object": "page", "data": ["\xff"]}', r"not valid UTF-8\)"),
+    (b'{"object": "page", "data": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+     r"(depth limit|array and object recursion depth) exceeded"),
+    (b'{"object": "page", "data": [', r"unexpected end of data at character 28"),
 ])
 @responses.activate
 def test_a_body_that_is_not_json_is_reported_with_the_parsers_reason(client, body, reason):
@@ -239,7 +242,7 @@ def test_a_body_that_is_not_json_is_reported_with_the_parsers_reason(client, bod
     responses.get(URL, body=body, content_type="application/json")
     with pytest.raises(MalformedResponseError) as info:
         client.get_json(PATH)
-    assert f"response is not JSON ({reason}" in str(info.value), str(info.value)
+    assert re.search(r"response is not JSON \(" + reason, str(info.value)), str(info.value)
     assert len(str(info.value)) < 400
 
 
