@@ -37,7 +37,8 @@ def test_ecs_lines_on_stderr_only(stderr, capsys):
     line = json.loads(captured.err.strip().splitlines()[-1])
     assert line["message"] == "polled 3 buckets"
     assert line["log.level"] == "info" and line["log"]["logger"] == "agent_input.test"
-    assert "ecs.version" in line
+    # the ECS logging spec allows either form: ecs-logging 2.2+ writes "ecs.version", 2.1 {"ecs": {"version"}}
+    assert line.get("ecs.version") or line.get("ecs", {}).get("version")
 
 
 def test_text_format(stderr):
