@@ -317,6 +317,7 @@ class UsageCollector(PollingCollector):
         self._left: list[UsageCollector] | None = None  # widths this stream left, until final
         self._waiting = False  # back to a width still being finished: the change waits for it
         self._told_origin = False  # the warning that initial_interval reaches before the state's start
+        self._unrecorded: Cursor | None = None  # the first poll's start, while no cursor is stored
 
     def _widths_left(self, now: float) -> list["UsageCollector"]:
         """Collectors of the bucket widths this stream was collected at besides its current one,
@@ -383,9 +384,10 @@ class UsageCollector(PollingCollector):
         w = self.width_s
         end = _floor(now - self.grace, w)
         cur = self.store.cursor(self.name, self.width)
+        self._unrecorded = None
         if cur is None:
             origin = _floor(now - self.config.initial_interval, w)
-            cur = Cursor(origin, origin, origin)
+            cur = self._unrecorded = Cursor(origin, origin, origin)
         elif cur.retired_at is None and not self._told_origin:
             self._tell_origin(now)
         final_before = _floor(now - self.revision_window, w)
@@ -421,6 +423,25 @@ class UsageCollector(PollingCollector):
                         self.name, iso_timestamp(asked), iso_timestamp(first), iso_timestamp(first))
 
     def poll(self, now: float) -> PollStats:
+        try:
+            return self._poll(now)
+        except (AuthenticationError, PermissionDeniedError):
+            self._keep_origin()
+            raise
+
+    def _keep_origin(self) -> None:
+        """A first poll refused (401, 403: a key without api.usage.read): its start is stored, so
+        that once the key is fixed, perhaps days later, the stream reads from there rather than
+        from `initial_interval` before that later day (the refused time was never collected)."""
+        cur, self._unrecorded = self._unrecorded, None
+        if cur is None or self.store.cursor(self.name, self.width) is not None:
+            return
+        try:
+            self.store.put_cursors(self.name, {self.width: cur})
+        except Exception as exc:  # noqa: BLE001 - e.g. the organization check holds writes: next start
+            log.debug("%s: cannot keep the first poll's start: %s", self.name, exc)
+
+    def _poll(self, now: float) -> PollStats:
         stats = PollStats()
         for left in self._widths_left(now):
             stats.add(left.poll(now))

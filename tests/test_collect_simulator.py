@@ -102,6 +102,33 @@ def test_completions_keep_openai_s_service_tiers_apart(simulator, tmp_path):
     assert tiers == want
 
 
+def test_a_first_poll_refused_403_keeps_its_start_for_when_the_scope_is_granted(simulator, tmp_path):
+    """A key without api.usage.read at the stream's first start: once the scope is granted, hours
+    later, the stream collects from where that first start asked, not from `initial_interval`
+    before the day it was granted (the refused hours were lost, every total low)."""
+    from agent_input.http_client import PermissionDeniedError
+    from agent_input.simulator.faults import FaultRule
+
+    out = tmp_path / "events.ndjson"
+    store = StateStore(tmp_path / "state")
+    simulator.add_fault(FaultRule(kind="403", path="usage/completions", count=None,
+                                  message="Missing scopes: api.usage.read."))
+    collector, output = _completions(simulator, store, out)
+    simulator.set_time(T0)
+    with pytest.raises(PermissionDeniedError):
+        collector.poll(T0)
+    simulator.clear_faults()
+    collector, output = _completions(simulator, store, out)  # the next start, the scope granted
+    later = T0 + 4 * HOUR
+    simulator.set_time(later)
+    collector.poll(later)
+    output.close()
+    origin, settled = int(T0 - 2 * HOUR), int(later - SETTLE)
+    docs = dedupe(read_ndjson(out))
+    assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
+                                                                              settled)
+
+
 def test_a_group_by_that_gains_a_field_keeps_the_stored_totals_exact(simulator, tmp_path):
     """An upgrade that adds service_tier to the completions group_by re-reads the revision window
     under new group keys: each old group is brought to zero and each new one first emitted, so the
