@@ -264,6 +264,18 @@ class AuditCollector(ListingCollector):
 
     def _forbid(self, exc: PermissionDeniedError, now: float) -> None:
         first = self.forbidden is None
+        # A scope with no mark yet is held where it would have started: once the log is readable
+        # (a key given api.audit_logs.read days later) it is caught up from there, not from
+        # `initial_interval` before that later day, which never read the refused days' events.
+        kv = {scope.kv_hwm: str(int(now - self.initial_interval))
+              for scope in SCOPES if self.store.get(scope.kv_hwm) is None}
+        if kv:
+            try:
+                self.delivery.commit_events(self.name, [], kv)
+            except StoppedError:
+                raise
+            except Exception as exc_kv:  # noqa: BLE001 - e.g. the organization check holds writes: next time
+                log.debug("audit: cannot keep where the stream starts: %s", exc_kv)
         self.forbidden = explain(exc, "audit_logs", self.config)
         self._forbidden_until = now + FORBIDDEN_RETRY
         if first:

@@ -386,7 +386,7 @@ def test_forbidden_is_reported_once_and_the_stream_stays_quiet(tmp_path, caplog)
         msg = reports[0].getMessage()
         assert "enable audit logging" in msg and "Owner" in msg
         assert "audit logging" in col.forbidden
-        assert store.get(KV_HWM) is None  # nothing moved
+        assert store.get(KV_HWM) == str(int(T0 - DAY))  # held where the stream would have started
         # once enabled (and the back-off over), collection starts
         sim.audit_logs_enabled = True
         stats = col.poll(T0 + 7 * HOUR)
@@ -395,6 +395,30 @@ def test_forbidden_is_reported_once_and_the_stream_stays_quiet(tmp_path, caplog)
             c.close()
     finally:
         sim.stop()
+
+
+def test_a_key_without_the_audit_scope_at_the_first_start_loses_nothing_once_granted(simulator, tmp_path):
+    """A key that lacks api.audit_logs.read at the stream's first start: once the scope is granted
+    (and asked again), both scopes are read from where that first start would have begun, not from
+    `initial_interval` before the later day (the events of the refused hours were never stored)."""
+    from agent_input.audit import FORBIDDEN_RETRY, KV_TENANT_HWM
+    from agent_input.simulator import FaultRule
+
+    col, store, output, client = _collector(simulator, tmp_path / "state", tmp_path / "audit.ndjson")
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", count=None,
+                                  message="Missing scopes: api.audit_logs.read."))
+    simulator.set_time(T0)
+    assert col.poll(T0).events == 0 and col.forbidden
+    assert store.get(KV_HWM) == store.get(KV_TENANT_HWM) == str(int(T0 - DAY))
+    simulator.clear_faults()
+    later = int(T0) + 2 * FORBIDDEN_RETRY  # a day later than the first start, to the second
+    simulator.set_time(later)
+    col.poll(later)
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    org, tenant = _truth_by_scope(simulator, int(T0 - DAY), later - 120)
+    assert len(ids) == len(set(ids)) and org <= set(ids) and tenant <= set(ids)
 
 
 def test_a_last_id_that_comes_back_is_an_error_not_the_end_of_the_slice(tmp_path):
