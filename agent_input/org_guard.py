@@ -37,9 +37,11 @@ name cache's first load anyway, so only audit and rate limits may wait a little 
 One exception to the last: a key that may not list the projects at all (403) never records a
 fingerprint, and its directory's second start would look like one from before this check (stored
 usage, no fingerprint) and be held for ever, an outage for the right organization. So a new
-directory is marked (`org:started`) when this check first opens it; without a fingerprint, a
-marked directory whose listing is refused (403) goes on as at its first start, with a warning
-that it is not protected. A 5xx still holds it: that listing will work again.
+directory whose first listing is refused (403) is marked (`org:started`); without a fingerprint,
+a marked directory whose listing is refused goes on as at its first start, with a warning that
+it is not protected. A 5xx still holds it: that listing will work again. A new directory whose
+first listing failed otherwise (a 5xx) is not marked: its key could list, and another
+organization's key refused the listing is held there, as on an earlier version's directory.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ from .state import (STATE_VERSION, StateError, StateStore, emptied_state_message
 log = logging.getLogger("agent_input.org_guard")
 
 KV_PROJECTS = "org:projects"  # JSON list of the organization's oldest project ids
-KV_STARTED = "org:started"  # "1": this check opened the directory new (no fingerprint is then no upgrade)
+KV_STARTED = "org:started"  # "1": this check opened the directory new, and its key was refused the listing
 FINGERPRINT_SIZE = 16
 RETRY_AFTER = 60.0  # seconds between two listings by the check itself, while the check cannot be done
 PROJECTS = "/v1/organization/projects"
@@ -137,13 +139,8 @@ class OrganizationGuard:
         # state from before the fingerprint: the projects its stored usage names stand for it
         self.seen = sorted(store.observed_values("proj_")) if not self.recorded else []
         self.passed = not self.recorded and not self.seen  # nothing to protect yet: nothing is held
+        self.new = self.passed
         self.started = store.get(KV_STARTED) is not None
-        if self.passed and not self.started:
-            try:
-                store.put_kv(KV_STARTED, "1")
-                self.started = True
-            except StateError as exc:  # marked at a later start; nothing else depends on it
-                log.warning("cannot mark the state directory as started with the organization check: %s", exc)
         self.refusal: str | None = None  # the mismatch's message
         self.unverified: str | None = None  # why the check could not be done
         self._retry_at = 0.0
@@ -182,6 +179,12 @@ class OrganizationGuard:
     def _unavailable(self, reason: str, forbidden: bool = False) -> None:
         if forbidden and not self.recorded and self.refusal is None and (self.passed or self.started):
             # this key may not list the projects, and never could here: as at the first start
+            if self.new and not self.started:  # that first start: only a refused key is marked
+                try:
+                    self.store.put_kv(KV_STARTED, "1")
+                    self.started = True
+                except StateError as exc:  # marked at a later start; nothing else depends on it
+                    log.warning("cannot mark the state directory as started with the organization check: %s", exc)
             if not self.passed or not self._decided.is_set():
                 log.warning("this admin key may not list the organization's projects (%s): state directory %s "
                             "records no organization, so another organization's key on it would not be "
@@ -258,7 +261,7 @@ class Recorded(NamedTuple):
     version: int  # STATE_VERSION of the file; 0 when there is none
     recorded: list[str]  # the fingerprint
     seen: list[str]  # without one: the projects its stored usage names
-    started: bool  # this check opened it new (KV_STARTED)
+    started: bool  # this check opened it new with a key refused the listing (KV_STARTED)
 
 
 def read_recorded(state_dir: Any) -> Recorded:

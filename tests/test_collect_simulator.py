@@ -562,6 +562,29 @@ def test_a_directory_from_before_the_check_is_still_held_while_the_listing_is_re
     assert out.read_bytes() == delivered and _state_rows(state) == before
 
 
+def test_a_new_directory_whose_first_listing_failed_is_not_left_open_to_a_refused_key(
+        simulator, other_org, tmp_path):
+    """The exception above is for a key refused the listing from the directory's first start on.
+    Every new directory was marked as started with the check, whatever its first listing did: one
+    whose first listing met a 5xx (the name cache retries little) recorded no fingerprint, and
+    another organization's key refused the listing (403) then passed on it, with a warning only,
+    and brought the first organization's groups to zero in its own output (616 documents)."""
+    from agent_input.org_guard import KV_STARTED
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    simulator.add_fault(FaultRule(kind="500", path="*/organization/projects", count=None))
+    assert _collect_with(simulator, ADMIN_KEY, state, out, rate_limits=False) == 0
+    assert KV_STARTED not in dict(_state_rows(state)["kv"])  # the key was not refused: no exception for it
+    simulator.clear_faults()
+    before = _state_rows(state)
+    simulator.advance(600)
+    other_org.set_time(simulator.now())
+    other_org.add_fault(FaultRule(kind="403", path="*/organization/projects", count=None))
+    assert _collect_with(other_org, OTHER_KEY, state, tmp_path / "b.ndjson", rate_limits=False) == 1
+    assert not (tmp_path / "b.ndjson").read_bytes() and _state_rows(state) == before
+
+
 def test_collect_once_with_another_organization_s_key_exits_1_with_one_line(simulator, other_org, tmp_path):
     state, out = tmp_path / "state", tmp_path / "events.ndjson"
 
