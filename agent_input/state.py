@@ -215,6 +215,10 @@ class StateStore:
         # frees), which made ten streams' page commits wait up to 1.2 s (docs/performance.md).
         # sqlite's own lock still guards against another process.
         self._write_lock = threading.Lock()
+        # Spool file names: this store's own token, then a count. Not the thread's id with a count
+        # from 0: a new store in the same process (a reconfiguration) met the names of the old
+        # one's files still waiting for an ack, the system reusing the ids of ended threads.
+        self._spool_token = os.urandom(6).hex()
         self._spool_names = itertools.count()
         # Called before every write of collected data (a batch, a cursor, a mark); raises to refuse
         # it. The engine's organization check (`org_guard`): nothing is written for another
@@ -513,7 +517,7 @@ class StateStore:
         """Write a large batch to its own durable file before the transaction that names it."""
         if not events or len(payload) <= INLINE_PAYLOAD_LIMIT:
             return None
-        name = f"{os.getpid()}-{threading.get_ident()}-{next(self._spool_names)}{SPOOL_SUFFIX}"
+        name = self._spool_name()
         path = self.spool_dir / name
         try:
             try:
@@ -526,10 +530,15 @@ class StateStore:
                 fsync_dir(self.directory)
                 write_file(path, payload)
             fsync_dir(self.spool_dir)  # the file's name is durable before a row can point at it
+        except FileExistsError:  # another batch's file (the create is exclusive): not this one's to remove
+            raise StateError(f"cannot write outbox file {path}: it exists already") from None
         except OSError as exc:
             _unlink(path)
             raise StateError(f"cannot write outbox file {path}: {exc.strerror}") from None
         return name
+
+    def _spool_name(self) -> str:
+        return f"{os.getpid()}-{self._spool_token}-{next(self._spool_names)}{SPOOL_SUFFIX}"
 
     def _transaction(self, conn: sqlite3.Connection, spool: str | None = None) -> "_transaction":
         """A write transaction (BEGIN IMMEDIATE .. COMMIT) under the store's write lock; rolled

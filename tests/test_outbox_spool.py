@@ -161,6 +161,35 @@ def test_an_outbox_folder_removed_under_a_running_collector_is_made_again(tmp_pa
     assert [(b.batch, b.payload) for b in store.pending()] == [(batch, BIG)]
     assert store.cursor("completions", "1m") == Cursor(0, 60)
 
+def test_a_new_store_in_the_same_process_never_writes_over_or_removes_a_pending_batch_s_file(tmp_path):
+    """A reconfiguration in protocol mode opens a new store on the same directory in the same
+    process, while the old engine's spooled batches wait for the supervisor's ack. Spool files were
+    named pid-thread-counter with the counter starting again at 0, and the system reuses a thread's
+    id for the next thread it starts (the main thread here stands for a new stream thread): the new
+    store's first large batch met the name of an old one, its exclusive create failed, and the error
+    path removed the OLD batch's file. That batch was lost from the outbox, and every later start
+    failed on it ("cannot read")."""
+    old = StateStore(tmp_path)
+    first = _commit(old, BIG)
+    old.close()
+    new = StateStore(tmp_path)
+    other = BIG.replace(b"x", b"y")
+    second = _commit(new, other, 120)
+    assert len(_spooled(new)) == 2
+    assert [(b.batch, b.payload) for b in new.pending()] == [(first, BIG), (second, other)]
+
+
+def test_a_spool_name_that_exists_already_is_an_error_that_leaves_that_file_alone(tmp_path, monkeypatch):
+    store = StateStore(tmp_path)
+    first = _commit(store, BIG)
+    (taken,) = _spooled(store)
+    monkeypatch.setattr(store, "_spool_name", lambda: taken)  # whatever made the name meet another
+    with pytest.raises(StateError, match="cannot write outbox file .*exists"):
+        _commit(store, BIG.replace(b"x", b"y"), 120)
+    assert [(b.batch, b.payload) for b in store.pending()] == [(first, BIG)]
+    assert store.cursor("completions", "1m") == Cursor(0, 60)
+
+
 def test_state_from_before_spooling_is_upgraded_and_its_batches_replayed(tmp_path):
     conn = sqlite3.connect(tmp_path / "state.sqlite3")
     conn.executescript(
