@@ -420,8 +420,11 @@ class StateStore:
     # -- outbox ------------------------------------------------------------------------------
     def pending(self, stream: str | None = None, up_to: int | None = None) -> Iterator[PendingBatch]:
         """Unacknowledged batches, oldest first (re-emitted at start-up, byte for byte); of one
-        stream, or up to batch `up_to` only, when given."""
-        sql = "SELECT batch, stream, events, payload, spool FROM outbox WHERE 1"
+        stream, or up to batch `up_to` only, when given. Each is read when its turn comes, and one
+        acknowledged by then is left out: in protocol mode the supervisor acks what an earlier engine
+        of this process sent while a new one re-sends the outbox (a reconfiguration), and that ack
+        removes the row, then its spool file."""
+        sql = "SELECT batch FROM outbox WHERE 1"
         args: tuple = ()
         if stream is not None:
             sql += " AND stream=?"
@@ -430,17 +433,28 @@ class StateStore:
             sql += " AND batch<=?"
             args += (up_to,)
         with self._sqlite("read"):
-            rows = self._conn().execute(sql + " ORDER BY batch", args).fetchall()
-        for batch, name, events, payload, spool in rows:
+            batches = [row[0] for row in self._conn().execute(sql + " ORDER BY batch", args)]
+        for batch in batches:
+            row = self._pending_row(batch)
+            if row is None:
+                continue  # acknowledged since the list was read
+            name, events, payload, spool = row
             if spool is not None:
                 try:
                     payload = (self.spool_dir / spool).read_bytes()
                 except OSError as exc:
+                    if isinstance(exc, FileNotFoundError) and self._pending_row(batch) is None:
+                        continue  # acknowledged between the row's read and the file's
                     raise StateError(
                         f"outbox batch {batch} ({name}, {events} documents): cannot read "
                         f"{self.spool_dir / spool}: {exc.strerror}"
                     ) from None
             yield PendingBatch(batch, name, events, bytes(payload))
+
+    def _pending_row(self, batch: int) -> tuple | None:
+        with self._sqlite("read"):
+            return self._conn().execute(
+                "SELECT stream, events, payload, spool FROM outbox WHERE batch=?", (batch,)).fetchone()
 
     def ack(self, batch: int) -> None:
         """The output has the batch durably: drop it from the outbox (row first, then its file:

@@ -426,6 +426,54 @@ def test_a_replayed_batch_in_flight_is_confirmed_by_the_one_ack(tmp_path):
     assert acked == ["first", "replay"]
 
 
+def test_a_batch_acked_while_a_new_engine_re_sends_the_outbox_is_skipped_not_an_error(tmp_path):
+    """A reconfigure: the new engine re-sends the outbox while the supervisor acknowledges what
+    the old engine had sent. An ack landing between the re-send's read of the outbox rows and its
+    read of a later batch removed that batch's row and spool file: the start failed with "outbox
+    batch N: cannot read ..." (the input `failed` until the next config), and an inline batch
+    acked the same way was written to the supervisor a second time."""
+    import threading
+
+    from agent_input.engine import Delivery
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+    from agent_input.state import INLINE_PAYLOAD_LIMIT, Cursor
+
+    def lines(tag: str, n: int) -> bytes:
+        return b"".join(_event_line(f"{tag}{i:06d}-" + "x" * 900) for i in range(n))
+
+    batches = [lines("a", 3), lines("b", INLINE_PAYLOAD_LIMIT // 900 + 50), lines("c", 3)]  # b: spooled
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    output = ProtocolOutput(ProtocolWriter(fd))
+    old = StateStore(tmp_path / "state")
+    for i, payload in enumerate(batches):
+        Delivery(old, output).commit_page("audit", "1m", payload, payload.count(b"\n"), observations=(),
+                                          cursor=Cursor(0, 60 * (i + 1)))
+    old.close()  # the old engine stopped; its three batches are in flight (protocol batches 1-3)
+    assert len(os.listdir(tmp_path / "state" / "outbox")) == 1
+    new = StateStore(tmp_path / "state")
+    real_send, sent = output.send, []
+
+    def send(stream, payload, events, on_ack):
+        real_send(stream, payload, events, on_ack)
+        sent.append(payload)
+        if len(sent) == 1:  # the stdin reader's acks of the old engine's 2nd and 3rd batches land now
+            reader = threading.Thread(target=lambda: [output.ack(2), output.ack(3)])
+            reader.start()
+            reader.join()
+
+    output.send = send
+    try:
+        Delivery(new, output).replay_pending()
+        written = (tmp_path / "stdout").read_bytes()
+    finally:
+        os.close(fd)
+    assert sent == batches[:1]
+    for tag in "abc":
+        assert written.count(f'"{tag}000000-'.encode()) == 1
+    assert output.ack(1) and new.pending_count() == 0
+    assert os.listdir(tmp_path / "state" / "outbox") == []
+
+
 def test_a_connection_reset_on_stdout_is_the_reader_gone_not_a_write_error(tmp_path, monkeypatch):
     """A supervisor on a socket that goes away may reset the connection (ECONNRESET): that is
     stdout closed (the run loop stops), like EPIPE, not an output error to retry for ever."""
