@@ -1281,3 +1281,143 @@ def test_a_poll_that_emits_or_meets_a_problem_logs_one_info_line(caplog):
         Engine([Once()], delivery).run(once=True)
     assert "collecting completions" in caplog.text
     assert "completions: 10 documents (3 corrections) from 2 requests" in caplog.text
+
+
+class _HeldGuard:
+    """An organization check that cannot be done at the start, and passes when `passed` is set."""
+
+    def __init__(self):
+        self.passed = False
+
+    def wait(self):
+        from agent_input.org_guard import OrganizationUnverified
+
+        raise OrganizationUnverified("the projects listing failed (503)")
+
+
+class _Hooked:
+    """A stream whose poll runs `body` on its own thread."""
+
+    interval = 60.0
+
+    def __init__(self, name, body):
+        self.name, self.body = name, body
+
+    def poll(self, now):
+        from agent_input.engine import PollStats
+
+        self.body()
+        return PollStats()
+
+
+class _RecordingOutput:
+    def __init__(self, hold=None):
+        self.sent: list[tuple[str, bytes]] = []
+        self.hold = hold or (lambda stream: None)
+
+    def send(self, stream, payload, events, on_ack):
+        self.sent.append((stream, payload))
+        self.hold(stream)
+        on_ack()
+
+    def close(self):
+        pass
+
+
+def _with_a_batch_held_back(tmp_path):
+    from agent_input.state import StateStore
+
+    store = StateStore(tmp_path)
+    store.commit_events("audit", b'{"_id":"left-over"}\n', 1, {})  # the outbox at the start
+    return store
+
+
+def test_the_held_back_re_send_leaves_out_a_stream_s_batch_in_flight(tmp_path, monkeypatch):
+    """The start's batches wait for the organization check; the first stream past it re-sends
+    them (those up to the start's last batch) while another stream's own new batch is committed
+    and still being sent: that one is not sent a second time."""
+    import threading
+
+    from agent_input import engine as engine_mod
+
+    store = _with_a_batch_held_back(tmp_path)
+    in_flight, replayed = threading.Event(), threading.Event()
+
+    def hold(stream):  # a's batch is committed (its row in the outbox) and being sent
+        if threading.current_thread().name == "stream-a":
+            in_flight.set()
+            assert replayed.wait(10)
+
+    output = _RecordingOutput(hold=hold)
+    delivery = engine_mod.Delivery(store, output)
+    guard = _HeldGuard()
+
+    def b_passes_the_check():
+        assert in_flight.wait(10)
+        guard.passed = True
+
+    engine = engine_mod.Engine([_Hooked("a", lambda: delivery.commit_events("a", [b'{"_id":"a1"}\n'], {})),
+                                _Hooked("b", b_passes_the_check)], delivery, guard=guard)
+    real = engine._replay_deferred
+
+    def replay_then_release():
+        try:
+            return real()
+        finally:
+            if guard.passed:
+                replayed.set()
+
+    monkeypatch.setattr(engine, "_replay_deferred", replay_then_release)
+    assert engine.run(once=True) == 0
+    assert sorted(output.sent) == [("a", b'{"_id":"a1"}\n'), ("audit", b'{"_id":"left-over"}\n')]
+    assert store.pending_count() == 0
+
+
+def test_the_held_back_re_send_leaves_a_stream_s_half_written_batch_file_alone(tmp_path, monkeypatch):
+    """A stream writes its large batch's outbox file before the row that names it: the held-back
+    re-send, run meanwhile on another stream's thread, must not take that file for an orphan
+    (orphans go at the start only, before any stream thread runs)."""
+    import threading
+
+    from agent_input import engine as engine_mod
+    from agent_input.state import INLINE_PAYLOAD_LIMIT
+
+    store = _with_a_batch_held_back(tmp_path)
+    spooled, replayed = threading.Event(), threading.Event()
+    files_after_replay: list[list[str]] = []
+    real_spool = store._spool
+
+    def spool_then_wait(payload, events):
+        name = real_spool(payload, events)
+        if threading.current_thread().name == "stream-a":
+            spooled.set()
+            assert replayed.wait(10)
+        return name
+
+    monkeypatch.setattr(store, "_spool", spool_then_wait)
+    output = _RecordingOutput()
+    delivery = engine_mod.Delivery(store, output)
+    guard = _HeldGuard()
+    big = [b'{"_id":"a%06d","pad":"%s"}\n' % (i, b"x" * 900) for i in range(INLINE_PAYLOAD_LIMIT // 900 + 50)]
+
+    def b_passes_the_check():
+        assert spooled.wait(10)
+        guard.passed = True
+
+    engine = engine_mod.Engine([_Hooked("a", lambda: delivery.commit_events("a", list(big), {})),
+                                _Hooked("b", b_passes_the_check)], delivery, guard=guard)
+    real = engine._replay_deferred
+
+    def replay_then_release():
+        try:
+            return real()
+        finally:
+            if guard.passed and not replayed.is_set():
+                files_after_replay.append(os.listdir(store.spool_dir))
+                replayed.set()
+
+    monkeypatch.setattr(engine, "_replay_deferred", replay_then_release)
+    assert engine.run(once=True) == 0
+    assert len(files_after_replay[0]) == 1, "stream a's batch file was removed before its row was written"
+    assert sorted(s for s, _ in output.sent) == ["a", "audit"]
+    assert store.pending_count() == 0
