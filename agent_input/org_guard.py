@@ -66,6 +66,9 @@ FINGERPRINT_SIZE = 16
 RETRY_AFTER = 60.0  # seconds between two listings by the check itself, while the check cannot be done
 PROJECTS = "/v1/organization/projects"
 PAGE_LIMIT = 100
+# a refused listing (403) does not pass by itself: what the user has to do, said where the check holds
+FORBIDDEN_HINT = ("; let this key list the projects (the api.management.read scope): a directory an earlier "
+                  "version started, or that recorded its organization, waits for that listing")
 
 
 class OrganizationMismatch(StateError):
@@ -194,7 +197,7 @@ class OrganizationGuard:
         elif not self.passed and self.refusal is None:
             self.unverified = (f"cannot check that this admin key reaches the organization state directory "
                                f"{self.store.directory} was collected for (listing its projects failed: "
-                               f"{reason}); nothing is stored until it can")
+                               f"{reason}); nothing is stored until it can" + (FORBIDDEN_HINT if forbidden else ""))
             self._retry_at = self._clock() + self._retry_after
         self._decided.set()
 
@@ -318,7 +321,8 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
                           f"the projects is refused: {exc}); collect goes on without the check, as it did "
                           "when it started the directory")
         return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
-                       f"(listing the projects failed: {exc}); collect would store nothing until it can")
+                       f"(listing the projects failed: {exc}); collect would store nothing until it can"
+                       + (FORBIDDEN_HINT if isinstance(exc, PermissionDeniedError) else ""))
     refused = refusal_reason(state_dir, listed, recorded, seen)  # as OrganizationGuard judges it
     if refused is None:
         return True, f"state directory {state_dir} was collected for this key's organization"

@@ -562,6 +562,30 @@ def test_a_directory_from_before_the_check_is_still_held_while_the_listing_is_re
     assert out.read_bytes() == delivered and _state_rows(state) == before
 
 
+def test_a_directory_held_because_the_listing_is_refused_says_what_to_do(simulator, tmp_path):
+    """An earlier version's directory whose key may not list the projects (403) is held for good:
+    `collect` and `check` said only "nothing is stored until it can", and a 403 never goes away by
+    itself. Both name what lifts it: the key listing the projects (api.management.read)."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    assert _collect_with(simulator, ADMIN_KEY, state, out, rate_limits=False) == 0
+    _as_an_earlier_version_left_it(state)
+    simulator.advance(300)
+    simulator.add_fault(FaultRule(kind="403", path="*/organization/projects", count=None))
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_org_config(simulator.base_url, ADMIN_KEY, rate_limits=False)))
+    ran = CliRunner().invoke(main, ["collect", "--once", "--config", str(cfg), "--state-dir", str(state),
+                                    "--output-path", str(out), "--now", str(int(simulator.now()))])
+    checked = CliRunner().invoke(main, ["check", "--config", str(cfg), "--state-dir", str(state)])
+    for result in (ran, checked):
+        assert result.exit_code == 1
+        assert "let this key list the projects (the api.management.read scope)" in result.output, result.output
+
+
 def test_a_new_directory_whose_first_listing_failed_is_not_left_open_to_a_refused_key(
         simulator, other_org, tmp_path):
     """The exception above is for a key refused the listing from the directory's first start on.
