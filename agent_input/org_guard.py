@@ -67,7 +67,7 @@ RETRY_AFTER = 60.0  # seconds between two listings by the check itself, while th
 PROJECTS = "/v1/organization/projects"
 PAGE_LIMIT = 100
 # a refused listing (403) does not pass by itself: what the user has to do, said where the check holds
-FORBIDDEN_HINT = ("; let this key list the projects (the api.management.read scope): a directory an earlier "
+FORBIDDEN_HINT = ("; let this key list the projects (the refusal names the scope it lacks): a directory an earlier "
                   "version started, or that recorded its organization, waits for that listing")
 
 

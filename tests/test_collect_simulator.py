@@ -565,7 +565,7 @@ def test_a_directory_from_before_the_check_is_still_held_while_the_listing_is_re
 def test_a_directory_held_because_the_listing_is_refused_says_what_to_do(simulator, tmp_path):
     """An earlier version's directory whose key may not list the projects (403) is held for good:
     `collect` and `check` said only "nothing is stored until it can", and a 403 never goes away by
-    itself. Both name what lifts it: the key listing the projects (api.management.read)."""
+    itself. Both name what lifts it: the key listing the projects."""
     from click.testing import CliRunner
 
     from agent_input.cli import main
@@ -583,7 +583,7 @@ def test_a_directory_held_because_the_listing_is_refused_says_what_to_do(simulat
     checked = CliRunner().invoke(main, ["check", "--config", str(cfg), "--state-dir", str(state)])
     for result in (ran, checked):
         assert result.exit_code == 1
-        assert "let this key list the projects (the api.management.read scope)" in result.output, result.output
+        assert "let this key list the projects (the refusal names the scope it lacks)" in result.output, result.output
 
 
 def test_a_new_directory_whose_first_listing_failed_is_not_left_open_to_a_refused_key(
