@@ -181,6 +181,7 @@ class _Inflight:
     key: bytes
     stream: str
     callbacks: list[Ack] = field(default_factory=list)
+    engine: int = 0  # the engine (see `ProtocolOutput.resume`) that sent it
 
 
 class ProtocolOutput:
@@ -203,6 +204,12 @@ class ProtocolOutput:
         self._next = 1
         self._interrupted = False
         self._deleting = 0  # acknowledged batches whose outbox entries are being deleted
+        # Acknowledged batches an engine's outbox re-send may still meet: the re-send reads a row,
+        # then sends it, and an ack of the batch can land in between (or its delete still run).
+        # key -> its delete is done. Kept for a batch sent before the current engine started until
+        # the next engine starts; forgotten at once for the current engine's own (never re-sent).
+        self._acked: dict[bytes, bool] = {}
+        self._engine = 0
         self.events = 0
         self.acked_batches = 0
 
@@ -214,13 +221,20 @@ class ProtocolOutput:
             if existing is not None:  # a replay of a batch the supervisor has not acked yet
                 self._inflight[existing].callbacks.append(on_ack)
                 return
+            acked = key in self._acked
+            if acked:  # a replay of a batch the supervisor acked since the re-send read it
+                self._deleting += 1
+        if acked:
+            self._confirm(None, stream, [on_ack])
+            return
+        with self._cond:
             while len(self._inflight) >= self.max_inflight and not self._interrupted:
                 self._cond.wait(0.5)
             if self._interrupted:
                 return  # not sent, not acked: it stays in the outbox for the next engine
             batch = self._next
             self._next += 1
-            self._inflight[batch] = _Inflight(batch, key, stream, [on_ack])
+            self._inflight[batch] = _Inflight(batch, key, stream, [on_ack], self._engine)
             self._by_key[key] = batch
         try:
             self.writer.write_bytes(self._encode(batch, stream, payload))
@@ -248,24 +262,37 @@ class ProtocolOutput:
             if entry is None:
                 return False
             self._deleting += 1  # `wait_drained` waits for the delete too, not only the ack
+            self._acked[entry.key] = False
         try:
-            for cb in entry.callbacks:
+            self._confirm(batch, entry.stream, entry.callbacks)
+        finally:
+            with self._cond:
+                self.acked_batches += 1
+                if entry.engine == self._engine:
+                    self._acked.pop(entry.key, None)
+                else:
+                    self._acked[entry.key] = True
+        return True
+
+    def _confirm(self, batch: int | None, stream: str, callbacks: list[Ack]) -> None:
+        """Run an acknowledged batch's outbox deletes (`_deleting` was counted up for them)."""
+        try:
+            for cb in callbacks:
                 try:
                     cb()
-                except Exception as exc:  # noqa: BLE001 - see the docstring
+                except Exception as exc:  # noqa: BLE001 - see `ack`
                     from .logs import redact
 
-                    reason = (f"acknowledged batch {batch} could not be deleted from the outbox, it is sent "
-                              f"again at the next start: {redact(str(exc)) or type(exc).__name__}")
-                    log.error("%s: %s", entry.stream, reason)
+                    which = "batch" if batch is None else f"batch {batch}"
+                    reason = (f"acknowledged {which} could not be deleted from the outbox, it is sent again "
+                              f"at the next start: {redact(str(exc)) or type(exc).__name__}")
+                    log.error("%s: %s", stream, reason)
                     if self.on_status is not None:
-                        self.on_status(entry.stream, "degraded", reason)
+                        self.on_status(stream, "degraded", reason)
         finally:
             with self._cond:
                 self._deleting -= 1
-                self.acked_batches += 1
                 self._cond.notify_all()
-        return True
 
     def _forget(self, batch: int) -> _Inflight | None:
         entry = self._inflight.pop(batch, None)
@@ -297,8 +324,12 @@ class ProtocolOutput:
             self._cond.notify_all()
 
     def resume(self) -> None:
+        """A new engine starts: senders are no longer interrupted, and an acknowledged batch whose
+        outbox delete is done can no longer be met by its outbox re-send."""
         with self._cond:
             self._interrupted = False
+            self._engine += 1
+            self._acked = {key: done for key, done in self._acked.items() if not done}
 
     def _encode(self, batch: int, stream: str, payload: bytes) -> bytearray:
         """The batch's event messages, appended into one buffer as they are made (a list of them,

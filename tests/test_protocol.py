@@ -474,6 +474,45 @@ def test_a_batch_acked_while_a_new_engine_re_sends_the_outbox_is_skipped_not_an_
     assert os.listdir(tmp_path / "state" / "outbox") == []
 
 
+def test_a_batch_acked_just_after_the_re_send_read_its_row_is_not_written_again(tmp_path):
+    """A reconfigure: the new engine re-sends the outbox, and the supervisor's ack of an old batch
+    still in flight lands after the re-send read that batch's row but before it reached the output
+    (or while the ack's outbox delete was still running). The output no longer knew the batch, and
+    wrote it to the supervisor a second time under a new batch id: a duplicate of every event
+    within one process (seen in about 1 run in 4 driving `run` with the supervisor acknowledging
+    during the reconfiguration)."""
+    import threading
+
+    from agent_input.engine import Delivery
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+    from agent_input.state import Cursor
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    output = ProtocolOutput(ProtocolWriter(fd))
+    old = StateStore(tmp_path / "state")
+    Delivery(old, output).commit_page("audit", "1m", _event_line("a1"), 1, observations=(), cursor=Cursor(0, 60))
+    old.close()  # the old engine stopped; its batch is in flight (protocol batch 1)
+    output.resume()  # the new engine starts
+    new = StateStore(tmp_path / "state")
+    real_send = output.send
+
+    def send(stream, payload, events, on_ack):
+        # the row was read; the stdin reader's ack of batch 1 lands now, before the output has it
+        reader = threading.Thread(target=output.ack, args=(1,))
+        reader.start()
+        reader.join()
+        real_send(stream, payload, events, on_ack)
+
+    output.send = send
+    try:
+        Delivery(new, output).replay_pending()
+        written = (tmp_path / "stdout").read_bytes()
+    finally:
+        os.close(fd)
+    assert written.count(b'"a1"') == 1, "an acknowledged batch was written to the supervisor again"
+    assert output.inflight() == 0 and new.pending_count() == 0
+
+
 def test_a_connection_reset_on_stdout_is_the_reader_gone_not_a_write_error(tmp_path, monkeypatch):
     """A supervisor on a socket that goes away may reset the connection (ECONNRESET): that is
     stdout closed (the run loop stops), like EPIPE, not an output error to retry for ever."""
