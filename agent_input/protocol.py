@@ -590,7 +590,8 @@ class Runner:
                 if collection is self.collection and not reported and not self.writer.closed.is_set():
                     failed = collection.engine.failed
                     why = "; ".join(f"{k}: {v}" for k, v in failed.items()) or "no data stream is enabled"
-                    self.writer.status("input", "failed", f"every stream stopped: {why}", revision=self.revision)
+                    self.writer.status("input", "failed", f"every stream stopped: {why}", config_id=self.config_id,
+                                       revision=self.revision)
         self.writer.status("input", "stopping", f"{reason}: finishing the page in flight")
         self._stop_engine()
         if not self.output.ack_on_flush and self.output.inflight():

@@ -589,6 +589,24 @@ def test_an_engine_that_cannot_start_is_failed_not_healthy(tmp_path):
     _assert_clean_streams(sup)
 
 
+def test_a_config_whose_every_stream_stopped_is_failed_under_its_own_id(tmp_path):
+    """The input `failed` "every stream stopped" is a status about the running config: it echoes
+    that config's `id`, as its `healthy` and an "engine stopped" failure do (docs/protocol.md).
+    It said `config_id: null`: a supervisor could not tell which of its configs had failed."""
+    run = InProcess(tmp_path / "state", tmp_path / "stdout").start()
+    try:
+        for cid in ("policy-1", "policy-2"):
+            run.send({"type": "config", "id": cid, "config": _config("http://127.0.0.1:1", streams=())})
+            run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "failed"
+                                  and "every stream stopped" in m["message"] and m["revision"] == int(cid[-1])],
+                         what=f"{cid} to end")
+        assert run.stop() == 0
+    finally:
+        run.close()
+    failed = [m for m in run.statuses("input") if m["status"] == "failed"]
+    assert [(m["revision"], m["config_id"]) for m in failed] == [(1, "policy-1"), (2, "policy-2")]
+
+
 def test_a_state_dir_in_use_by_another_collector_fails_the_config_until_it_is_free(tmp_path):
     state = tmp_path / "state"
     other = StateStore(state)  # another collector holds the directory
