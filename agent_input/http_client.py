@@ -506,7 +506,7 @@ def _typed_error(status: int, message: str, code: str | None, path: str, etype: 
 
 @dataclass(frozen=True)
 class ProbeResult:
-    name: str  # "usage", "costs", "audit_logs", "audit_tenant", "projects", "rate_limits"
+    name: str  # "usage", "costs", "audit_logs", "audit_tenant", "projects", "rate_limits", "users", "api_keys"
     path: str
     ok: bool
     message: str  # "OK" or why not, one line, key-free
@@ -537,11 +537,39 @@ def explain(error: ApiError, probe: str, config: Any = None) -> str:
     return str(error)
 
 
+# What a listing only the names (and the state directory's organization check) need cannot give
+# when it is refused: `check` warns with it and goes on, since the collector does too.
+_NAMES_LOST = {
+    "users": "usage documents lack openai.base.user_email (but for users who own a listed API key)",
+    "api_keys": "usage and costs documents lack openai.base.api_key_name (and the e-mails of the keys' owners)",
+}
+
+
+def _refusal_warning(exc: PermissionDeniedError, lost: str) -> str:
+    """A name listing's 403, as check's warning: the scope (or OpenAI's reason) and what is lost."""
+    scope = exc.missing_scope
+    what = f"the key lacks the {scope} scope" if scope else "permission denied"
+    return f"warning: 403: {what}, so {lost} ({exc.message})"
+
+
+def _projects_lost(names: bool) -> str:
+    lost = ("usage and costs documents lack openai.base.project_name and api_key_name, and " if names else "")
+    return (lost + "the state directory cannot be tied to its organization (a new one is collected without "
+            "the check that refuses another organization's key; one that recorded its organization stores "
+            "nothing until the listing works)")
+
+
 def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> list[ProbeResult]:
-    """The cheapest request for each kind of endpoint the enabled streams use (limit=1)."""
+    """The cheapest request for each kind of endpoint the enabled streams use (limit=1), and for the
+    listings the collector makes beside them: the projects (the state directory's organization
+    check, the names, the rate limits), and, for usage and costs, the users and a project's API
+    keys (names only). A refused (403) listing that only names or the organization check need is a
+    warning (ok), as the collector goes on without them; the rate limits need the projects."""
     now = time.time() if now is None else now
     day_start = int(now // 86400) * 86400 - 86400
     enabled = {s.name: s for s in config.enabled_streams()}
+    # usage and costs documents carry names (agent_input/names.py): their listings are asked too
+    names = any(s.bucket_width is not None for s in enabled.values())
     probes: list[tuple[str, str, dict[str, Any]]] = []
     usage = [n for n, s in enabled.items() if s.bucket_width is not None and n != "costs"]
     if usage:
@@ -552,8 +580,10 @@ def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> 
                        {"start_time": day_start, "bucket_width": "1d", "limit": 1}))
     if "audit" in enabled:
         probes.append(("audit_logs", "/v1/organization/audit_logs", {"limit": 1}))
-    if "rate_limits" in enabled:
+    if enabled:  # every stream's writes wait for the organization check, which lists the projects
         probes.append(("projects", "/v1/organization/projects", {"limit": 1}))
+    if names:
+        probes.append(("users", "/v1/organization/users", {"limit": 1}))
     results: list[ProbeResult] = []
     skip: str | None = None
     for name, path, params in probes:
@@ -563,6 +593,13 @@ def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> 
         try:
             body = client.get_json(path, params)
         except (PermissionDeniedError, BadRequestError, NotFoundError) as exc:
+            if isinstance(exc, PermissionDeniedError) and (
+                    name in _NAMES_LOST or (name == "projects" and "rate_limits" not in enabled)):
+                # the collector goes on without these names (and, for the projects, without the
+                # organization check: org_guard.py); the rate limits cannot, so that one fails
+                lost = _NAMES_LOST.get(name) or _projects_lost(names)
+                results.append(ProbeResult(name, path, True, _refusal_warning(exc, lost), exc))
+                continue
             if name != "audit_tenant":
                 results.append(ProbeResult(name, path, False, explain(exc, name, config), exc))
                 continue
@@ -583,9 +620,15 @@ def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> 
                               ("audit_tenant", path, {"limit": 1, "tenant_only": "true"}))
             first = (body.get("data") or [None])[0] if name == "projects" else None
             if isinstance(first, Mapping) and isinstance(first.get("id"), str):
-                # a key may list projects and still not read their limits: the rate_limits stream
-                # would then fail every cycle, so its own endpoint is asked too (this loop reaches it)
-                probes.append(("rate_limits", f"/v1/organization/projects/{first['id']}/rate_limits", {"limit": 1}))
+                at = probes.index((name, path, params)) + 1
+                if names:  # the API key names are listed per project: the first one's keys stand for all
+                    probes.insert(at, ("api_keys", f"/v1/organization/projects/{first['id']}/api_keys",
+                                       {"limit": 1}))
+                if "rate_limits" in enabled:
+                    # a key may list projects and still not read their limits: the rate_limits stream
+                    # would then fail every cycle, so its own endpoint is asked too (this loop reaches it)
+                    probes.insert(at, ("rate_limits", f"/v1/organization/projects/{first['id']}/rate_limits",
+                                       {"limit": 1}))
     return results
 
 

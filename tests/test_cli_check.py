@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import responses
@@ -25,6 +26,47 @@ def _restore_root_logger():
     root.setLevel(level)
 
 
+# The listings check asks beside the streams' own endpoints (the names and the state directory's
+# organization check need them): `run` answers them OK unless the test registered them itself.
+NAME_PROBES = {
+    "projects": f"{BASE}/v1/organization/projects",
+    "users": f"{BASE}/v1/organization/users",
+    "api_keys": re.compile(rf"{re.escape(BASE)}/v1/organization/projects/[^/]+/api_keys"),
+}
+
+
+def names_ok() -> None:
+    """Register the name listings' probes as OK (an empty page), each unless the test did already."""
+    def taken(url) -> bool:
+        for r in responses.registered():
+            if isinstance(url, str) and r.url == url:
+                return True
+            if not isinstance(url, str) and (isinstance(r.url, str) and url.fullmatch(r.url.split("?")[0])
+                                             or getattr(r.url, "pattern", None) == url.pattern):
+                return True
+        return False
+
+    for url in NAME_PROBES.values():
+        if not taken(url):
+            responses.get(url, json=OK)
+
+
+@pytest.fixture(autouse=True)
+def _forget_unused_registrations():
+    """`run` registers the name probes also in a test that does not activate `responses`: they
+    must not carry over into the next test."""
+    yield
+    responses.reset()
+
+
+def probed(*kinds: str) -> list[str]:
+    """The paths of the requests made, but those of the name probes (unless named in `kinds`)."""
+    skip = [u for k, u in NAME_PROBES.items() if k not in kinds]
+    return [c.request.url.split("?")[0] for c in responses.calls
+            if not any(u == c.request.url.split("?")[0] if isinstance(u, str) else u.fullmatch(
+                c.request.url.split("?")[0]) for u in skip)]
+
+
 def stderr(result) -> str:
     """What the command wrote to stderr. click 8.2+ always keeps it apart (`output` has both); 8.1's
     default CliRunner mixes it into `output` and has no `stderr`: there, the whole output."""
@@ -40,6 +82,7 @@ def run(tmp_path, text, env=None):
     env = {"OPENAI_ADMIN_KEY": KEY} if env is None else env
     # check looks at collect's default state directory: this machine's own, unless it is moved
     env = {"XDG_STATE_HOME": str(tmp_path / "xdg-state"), **env}
+    names_ok()
     return CliRunner().invoke(main, ["check", "--config", str(cfg)], env=env, catch_exceptions=False)
 
 
@@ -77,13 +120,18 @@ def test_no_key_option_on_the_command_line():
 
 @responses.activate
 def test_all_probes_ok(tmp_path):
-    for path in ("usage/completions", "costs", "audit_logs", "projects"):
+    for path in ("usage/completions", "costs", "audit_logs", "projects/proj_1/rate_limits"):
         responses.get(f"{BASE}/v1/organization/{path}", json=OK)
+    responses.get(f"{BASE}/v1/organization/projects", json={**OK, "data": [{"id": "proj_1"}]})
     result = run(tmp_path, "")
     assert result.exit_code == 0, result.output
-    assert result.output.count(": OK") == 5 and "check OK" in result.output  # audit: both scopes
+    # audit: both scopes; the projects, their first one's limits and API keys, the users
+    assert result.output.count(": OK") == 8 and "check OK" in result.output
     assert all("limit=1" in c.request.url for c in responses.calls)
-    assert len(responses.calls) == 5 and "tenant_only=true" in responses.calls[3].request.url
+    assert len(responses.calls) == 8 and "tenant_only=true" in responses.calls[3].request.url
+    assert [c.request.url.split("?")[0].removeprefix(BASE) for c in responses.calls[4:]] == [
+        "/v1/organization/projects", "/v1/organization/projects/proj_1/rate_limits",
+        "/v1/organization/projects/proj_1/api_keys", "/v1/organization/users"]
     probes = [line for line in result.output.splitlines() if line.startswith("  ")]
     assert len({line.index("/v1/") for line in probes}) == 1, "the probes' paths line up:\n" + "\n".join(probes)
 
@@ -103,7 +151,7 @@ def test_tenant_scoped_audit_events_not_listable_is_said_not_a_failure(tmp_path)
     result = run(tmp_path, only("audit"))
     assert result.exit_code == 0, result.output
     assert "cannot list tenant-scoped audit events" in result.output and "warning: tenant-scoped" in result.output
-    assert "check OK" in result.output and len(responses.calls) == 2
+    assert "check OK" in result.output and len(probed()) == 2
 
 
 @responses.activate
@@ -111,7 +159,9 @@ def test_only_enabled_kinds_are_probed(tmp_path):
     responses.get(f"{BASE}/v1/organization/usage/vector_stores", json=OK)
     result = run(tmp_path, only("vector_stores"))
     assert result.exit_code == 0, result.output
-    assert [c.request.url.split("?")[0] for c in responses.calls] == [f"{BASE}/v1/organization/usage/vector_stores"]
+    # and the listings its names and the state directory's organization check need
+    assert probed("projects", "users") == [f"{BASE}/v1/organization/usage/vector_stores",
+                                           f"{BASE}/v1/organization/projects", f"{BASE}/v1/organization/users"]
 
 
 @responses.activate
@@ -162,7 +212,7 @@ def test_server_errors_are_retried_briefly_then_reported(tmp_path, monkeypatch):
     result = run(tmp_path, only("completions"))
     assert result.exit_code == 1
     assert "unreachable: still failing after 2 retries" in result.output
-    assert len(responses.calls) == 3
+    assert len(probed()) == 3
     assert len(sleeps) == 2 and all(0 <= d <= 2.0 for d in sleeps)
 
 
@@ -227,6 +277,55 @@ def test_a_key_that_lists_projects_but_not_their_limits_fails_check(tmp_path):
     result = run(tmp_path, only("rate_limits"))
     assert result.exit_code == 1
     assert "403: the key lacks the api.management.read scope" in result.output
+
+
+def refused(scope: str) -> dict:
+    return {"error": {"message": f"You have insufficient permissions for this operation. Missing scopes: {scope}.",
+                      "type": "invalid_request_error", "param": None, "code": None}}
+
+
+@responses.activate
+@pytest.mark.parametrize("listing, scope, lost", [
+    ("users", "api.organization.users.read", "usage documents lack openai.base.user_email"),
+    ("projects/proj_1/api_keys", "api.management.read", "usage and costs documents lack openai.base.api_key_name"),
+])
+def test_a_refused_name_listing_is_a_warning_naming_the_scope_and_what_is_lost(tmp_path, listing, scope, lost):
+    """check never asked for the users or a project's API keys: a key without their scope got
+    "check OK", and the collector's documents then lacked those names with only a log line to say so."""
+    responses.get(f"{BASE}/v1/organization/usage/completions", json=OK)
+    responses.get(f"{BASE}/v1/organization/projects", json={**OK, "data": [{"id": "proj_1"}]})
+    responses.get(f"{BASE}/v1/organization/{listing}", status=403, json=refused(scope))
+    result = run(tmp_path, only("completions"))
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if f"/v1/organization/{listing}:" in line)
+    assert f"warning: 403: the key lacks the {scope} scope, so {lost}" in line, line
+    assert "check OK" in result.output
+
+
+@responses.activate
+@pytest.mark.parametrize("streams", [("completions",), ("audit",)])
+def test_a_refused_projects_listing_is_probed_and_a_warning_without_rate_limits(tmp_path, streams):
+    """Without rate limits check did not list the projects at all, although the names and the state
+    directory's organization check need them: a key that may not list them got "check OK"."""
+    responses.get(f"{BASE}/v1/organization/projects", status=403, json=refused("api.organization.projects.read"))
+    responses.get(f"{BASE}/v1/organization/usage/completions", json=OK)
+    responses.get(f"{BASE}/v1/organization/audit_logs", json=OK)
+    result = run(tmp_path, only(*streams))
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if "/v1/organization/projects:" in line)
+    assert "warning: 403: the key lacks the api.organization.projects.read scope" in line, line
+    assert "the state directory cannot be tied to its organization" in line
+    assert ("openai.base.project_name" in line) == (streams == ("completions",))
+    assert "check OK" in result.output
+
+
+@responses.activate
+def test_a_refused_projects_listing_still_fails_check_for_the_rate_limits(tmp_path):
+    responses.get(f"{BASE}/v1/organization/projects", status=403, json=refused("api.organization.projects.read"))
+    result = run(tmp_path, only("rate_limits"))
+    assert result.exit_code == 1, result.output
+    assert "403: the key lacks the api.organization.projects.read scope" in result.output
+    assert "warning" not in result.output and "check FAILED" in stderr(result)
 
 
 def test_the_tests_do_not_depend_on_the_developers_environment():

@@ -517,9 +517,10 @@ def test_probe_api_one_request_per_enabled_kind(client):
     responses.get(BASE + "/v1/organization/costs", json=OK)
     responses.get(BASE + "/v1/organization/audit_logs", status=403, json=err("Audit logging is disabled."))
     responses.get(BASE + "/v1/organization/projects", json=OK)
+    responses.get(BASE + "/v1/organization/users", json=OK)
     results = probe_api(client, config, now=1_700_000_000)
     assert [(r.name, r.ok) for r in results] == [("usage", True), ("costs", True), ("audit_logs", False),
-                                                 ("projects", True)]
+                                                 ("projects", True), ("users", True)]
     assert "enable audit logging" in results[2].message
     assert all("limit=1" in call.request.url for call in responses.calls)
 
