@@ -4,7 +4,10 @@ A cycle lists the projects (`limit` = batch_size, `after`, `include_archived`), 
 `/rate_limits` (paginated; up to LIMITS_WORKERS projects at once), and writes one document per limit with the project's id, name and
 status injected and `collected_at` = the cycle's time = `@timestamp`. Optional limit fields appear
 only when OpenAI sends them. A project whose limits cannot be read (e.g. a 404 because it was deleted
-between the two requests) is reported and skipped; the others still arrive.
+between the two requests) is reported and skipped; the others still arrive. Projects that fail
+alike (a key without the limits' scope fails them all) are reported in one line per cycle; when
+every project is refused for one missing scope, the stream stops after storing the cycle, as for a
+refused projects listing.
 
 Each cycle also writes one status document to the same dataset (`event.action:
 rate-limits-collection`, `event.outcome: success|failure`, `openai.rate_limits.collection.*`), so
@@ -72,6 +75,7 @@ class RateLimitsCollector(ListingCollector):
                 fatal = exc
         limits = 0
         read = 0
+        refusals: dict[tuple, list[tuple[str, ApiError]]] = {}  # alike failures, said once (`_skipped`)
         each = closing(self._each_projects_limits([p for p in projects if isinstance(p.get("id"), str)], stats))
         with each as results:  # leaving it (a rejected key, an error) drops the projects not read yet
             for project, rows, exc in results:
@@ -80,9 +84,7 @@ class RateLimitsCollector(ListingCollector):
                     failed.append(pid)
                     doc_id, doc = project_failure_event(project, str(exc), collected=cycle, namespace=self.namespace)
                     lines.append(serialize(doc_id, doc))
-                    msg = f"rate_limits: skipped project {pid}: {exc}"
-                    stats.errors.append(msg)
-                    log.warning(msg)
+                    refusals.setdefault(_alike(exc), []).append((pid, exc))
                     if isinstance(exc, AuthenticationError):
                         fatal = exc
                         break
@@ -94,6 +96,17 @@ class RateLimitsCollector(ListingCollector):
                     doc_id, doc = limit_event(row, project, collected=cycle, namespace=self.namespace)
                     lines.append(serialize(doc_id, doc))
                     limits += 1
+        refused = _refused_for_a_scope(refusals) if fatal is None and read == 0 else None
+        for alike in refusals.values():
+            msg = _skipped(alike)
+            stats.errors.append(msg)
+            if refused is None:  # else the engine says it, once, stopping the stream
+                log.warning(msg)
+        if refused is not None:
+            # no project's limits may be read with this key: the stream cannot go on, as when the
+            # projects listing is refused (docs/protocol.md: `failed`, naming the scope)
+            fatal = refused
+            error = f"the rate limits of all {len(failed)} project(s) failed (first: {failed[0]}): {refused}"
         if error is None and failed and read == 0:
             error = f"the rate limits of all {len(failed)} project(s) failed (first: {failed[0]})"
         if error is None and fatal is not None:  # a key rejected part way: not a whole cycle
@@ -165,6 +178,41 @@ class RateLimitsCollector(ListingCollector):
             stats.requests += 1
             stats.pages += 1
             yield from (d for d in data if isinstance(d, Mapping))
+
+
+SKIPPED_IDS_SHOWN = 3  # project ids a line about projects that failed alike names
+
+
+def _alike(exc: ApiError) -> tuple:
+    """Failures that are the same refusal (the same kind, status and missing scope) are one line:
+    a key without the limits' scope failed every project of a 5,000-project organization alike,
+    a WARNING each, every cycle."""
+    scope = exc.missing_scope if isinstance(exc, PermissionDeniedError) else None
+    return type(exc).__name__, exc.status, scope, None if scope else exc.code
+
+
+def _skipped(alike: list[tuple[str, ApiError]]) -> str:
+    """One line for the projects that failed alike in a cycle: the count, the first ids, why."""
+    (pid, exc), n = alike[0], len(alike)
+    if n == 1:
+        return f"rate_limits: skipped project {pid}: {exc}"
+    ids = ", ".join(p for p, _ in alike[:SKIPPED_IDS_SHOWN]) + (", ..." if n > SKIPPED_IDS_SHOWN else "")
+    scope = exc.missing_scope if isinstance(exc, PermissionDeniedError) else None
+    why = f"the key lacks the {scope} scope ({exc.status}): {exc.message}" if scope else f"first: {exc}"
+    return f"rate_limits: skipped {n} projects ({ids}): {why}"
+
+
+def _refused_for_a_scope(refusals: dict[tuple, list[tuple[str, ApiError]]]) -> PermissionDeniedError | None:
+    """When every project failed with a 403 naming one missing scope, that refusal, for them all."""
+    if len(refusals) != 1:
+        return None
+    ((_, status, scope, _),) = refusals
+    if status != 403 or not scope:
+        return None
+    (alike,) = refusals.values()
+    exc = alike[0][1]
+    return PermissionDeniedError(403, f"every project's rate limits were refused ({len(alike)} project(s)): "
+                                 f"{exc.message}", exc.code, f"{PROJECTS}/*/rate_limits", error_type=exc.error_type)
 
 
 def _project_fields(project: Mapping[str, Any]) -> dict[str, Any]:

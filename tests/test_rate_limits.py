@@ -162,6 +162,88 @@ def test_every_project_failing_is_a_failed_cycle_with_one_failure_document_each(
     for d in failures:
         assert "sk-proj-abcdefghijklmnop" not in d["error"]["message"] and "***" in d["error"]["message"]
 
+SCOPE_403 = ("You have insufficient permissions for this operation. Missing scopes: api.management.read. Check "
+             "that you have the correct role in your organization.")
+
+
+def test_projects_refused_alike_are_one_warning_per_cycle_with_their_count_and_scope(simulator, tmp_path, caplog):
+    """A key without the limits' scope logged one WARNING per project per cycle (5,000 lines every
+    5 minutes for a large organization): projects that fail alike are one line, with the count,
+    the scope and the first ids; each still has its failure document (the per-project rule's data)."""
+    import logging
+
+    from agent_input.simulator import FaultRule
+
+    projects = [p for p in simulator.org.projects if p.archived_at is None]
+    assert len(projects) >= 4
+    # every project's limits but one (the first request) are refused
+    simulator.add_fault(FaultRule(kind="403", path="*/rate_limits", count=None, skip=1, message=SCOPE_403))
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out)
+    with caplog.at_level(logging.WARNING, logger="agent_input.rate_limits"):
+        stats = col.poll(T0)
+    for c in closing:
+        c.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent_input.rate_limits"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"rate_limits: skipped {len(projects) - 1} projects (")
+    assert "the key lacks the api.management.read scope (403)" in lines[0]
+    assert lines[0].split(":")[1].count("proj_") == min(3, len(projects) - 1)  # the first few ids
+    assert stats.errors == lines
+    docs = read_ndjson(out)
+    failures = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert len(failures) == len(projects) - 1
+    assert all("api.management.read" in d["error"]["message"] for d in failures)
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "success"
+    assert status["openai"]["rate_limits"]["collection"]["failed_projects"] == len(projects) - 1
+
+
+def test_every_project_refused_for_a_missing_scope_stops_the_stream_naming_it_once(simulator, tmp_path, caplog):
+    """Every project's limits refused for the same missing scope is the key's refusal, not the
+    projects': the stream stops as when the projects listing is refused (`failed`, naming the
+    scope, said once), after storing the cycle's failure documents; it logged a WARNING per
+    project and an ERROR at every cycle, for ever."""
+    import logging
+    import threading
+
+    from agent_input import app
+    from agent_input.simulator import FaultRule
+
+    projects = [p for p in simulator.org.projects if p.archived_at is None]
+    simulator.add_fault(FaultRule(kind="403", path="*/rate_limits", count=None, message=SCOPE_403))
+    out = tmp_path / "limits.ndjson"
+    from agent_input.config import data_streams
+
+    streams = {n: {"enabled": n == "rate_limits"} for n in data_streams()}
+    cfg = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 0,
+                            "data_streams": streams}, env={})
+    output = NdjsonFileOutput(out)
+    stop = threading.Event()
+    collection = app.build(cfg, state_dir=tmp_path / "state", output=output, clock=simulator.now, stop=stop)
+    runner = threading.Thread(target=collection.engine.run, kwargs={"once": False})
+    try:
+        with caplog.at_level(logging.WARNING):
+            runner.start()
+            runner.join(20)  # it ends by itself: its only stream stopped
+            stopped_by_itself = not runner.is_alive()
+            stop.set()
+            runner.join()
+    finally:
+        collection.close()
+        output.close()
+    assert stopped_by_itself, "the stream went on polling"
+    failed = collection.engine.failed["rate_limits"]
+    assert "the key lacks the api.management.read scope" in failed and f"({len(projects)} project(s))" in failed
+    said = [r for r in caplog.records if r.name.startswith("agent_input") and r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in said] == [f"rate_limits: stopped: {failed}"]
+    docs = read_ndjson(out)
+    failures = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert {d["openai"]["rate_limits"]["project_id"] for d in failures} == {p.id for p in projects}
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "failure" and "api.management.read" in status["error"]["message"]
+
+
 def test_same_cycle_is_idempotent_and_archived_projects_are_opt_in(simulator, tmp_path):
     out1, out2 = tmp_path / "a.ndjson", tmp_path / "b.ndjson"
     col, closing = _collector(simulator, tmp_path / "s1", out1)
