@@ -34,14 +34,17 @@ re-emission would be a harmless duplicate).
 
 A 403 on the organization scope (audit logging not enabled, or the key is not an Organization
 Owner's) is reported once, with what to enable, and the stream goes quiet (both scopes): it asks
-again every `FORBIDDEN_RETRY` seconds, silently.
+again every `FORBIDDEN_RETRY` seconds, silently. The refusal is kept in the state
+(`audit:refused`: when and why, with each scope's would-be start mark), so a collector started
+again (`collect --once` from cron) asks once (a fix is read at once) and does not report the same
+refusal again.
 
 The tenant scope refused (a 403, or a 400/404: the organization or the key cannot list tenant
 events) is reported once as a warning with the reason; the organization scope goes on collecting,
 and the tenant scope is asked again every `FORBIDDEN_RETRY` seconds with its mark where it was
 (stored at its would-be start if it had none), so it catches up once allowed. The refusal is kept
-in the state (`audit:tenant:refused`: when and why), so a collector started again within those
-hours (`collect --once` from cron) neither asks nor warns again. Any other failure of
+in the state (`audit:tenant:refused`: when and why), so a collector started again (`collect
+--once` from cron) asks once and does not warn of the same refusal again. Any other failure of
 the tenant scope (5xx after retries, a malformed page) fails its slice as for the organization
 (mark kept, read again next poll) and is reported in the poll's errors, after the organization's
 slices of that poll were stored. A failure of the organization scope ends the poll (like before):
@@ -91,6 +94,7 @@ KV_RECENT = "audit:recent_ids"
 KV_TENANT_HWM = "audit:tenant:hwm"
 KV_TENANT_RECENT = "audit:tenant:recent_ids"
 KV_TENANT_REFUSED = "audit:tenant:refused"  # {"at": unix seconds, "why": ...} while refused; "" once readable
+KV_REFUSED = "audit:refused"  # the same for the organization scope (the whole stream): its 403
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,16 @@ TENANT = Scope("tenant", KV_TENANT_HWM, KV_TENANT_RECENT, {"tenant_only": "true"
 SCOPES = (ORGANIZATION, TENANT)
 
 
+def _recall(text: str | None) -> tuple[float, str] | None:
+    """A refusal record (`KV_REFUSED`, `KV_TENANT_REFUSED`): (when, why), or None when there is
+    none (never refused, cleared once readable, or not ours to read)."""
+    try:
+        record = json.loads(text or "{}")
+        return float(record["at"]), str(record["why"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 class BadAuditPage(ValueError):
     """An audit page that does not match the API reference."""
 
@@ -123,6 +137,7 @@ class AuditCollector(ListingCollector):
         self.preserve_original = bool(getattr(config, "preserve_original_event", False))
         self.forbidden: str | None = None  # the 403 explanation, while audit logs are not readable
         self._forbidden_until = 0.0
+        self._refusal_read = False  # the state's record of the organization scope's 403, read at the first poll
         self.tenant_refused: str | None = None  # why, while tenant-scoped events cannot be listed
         self._tenant_retry_at = 0.0
         self._tenant_refusal_read = False  # the state's record of a refusal, read at the first poll
@@ -130,6 +145,8 @@ class AuditCollector(ListingCollector):
     # -- polling -------------------------------------------------------------------------------
     def poll(self, now: float) -> PollStats:
         stats = PollStats()
+        if not self._refusal_read:
+            self._recall_refusal(now)
         if self.forbidden is not None and now < self._forbidden_until:
             return stats
         try:
@@ -137,9 +154,10 @@ class AuditCollector(ListingCollector):
         except PermissionDeniedError as exc:
             self._forbid(exc, now)
             return stats
-        if self.forbidden is not None:
+        if self.forbidden is not None and stats.requests:  # (not a stop before asking)
             log.warning("audit: audit logs are readable again; collecting")
             self.forbidden = None
+            self.delivery.commit_events(self.name, [], {KV_REFUSED: ""})
         if not self._tenant_refusal_read:
             self._recall_tenant_refusal(now)
         if self.tenant_refused is None or now >= self._tenant_retry_at:
@@ -162,21 +180,30 @@ class AuditCollector(ListingCollector):
                     self.delivery.commit_events(self.name, [], {KV_TENANT_REFUSED: ""})
         return stats
 
-    def _recall_tenant_refusal(self, now: float) -> None:
-        """A refusal an earlier process recorded: as if this process had met it. Not asked again
-        before FORBIDDEN_RETRY has passed since, and then a refusal again is not news (debug) and
-        an answer is ("readable again")."""
-        self._tenant_refusal_read = True
-        try:
-            record = json.loads(self.store.get(KV_TENANT_REFUSED) or "{}")
-            at, why = float(record["at"]), str(record["why"])
-        except (ValueError, TypeError, KeyError):  # none, cleared, or not ours to read: ask
+    def _recall_refusal(self, now: float) -> None:
+        """The organization scope's 403 as an earlier process recorded it (`collect --once` from
+        cron): asked again at once (a key fixed, or the log enabled, since is read now), but the
+        same refusal again is not news: the ERROR is not logged at every run."""
+        self._refusal_read = True
+        recalled = _recall(self.store.get(KV_REFUSED))
+        if recalled is None:
             return
-        # a clock now before the record (set back) asks at once rather than wait past the retry
-        self.tenant_refused = why
-        self._tenant_retry_at = at + FORBIDDEN_RETRY if at <= now else now
+        at, self.forbidden = recalled
+        self._forbidden_until = now
+        log.debug("audit: audit logs refused at %s: %s; asked again from %s", iso_timestamp(at), self.forbidden,
+                  iso_timestamp(self._forbidden_until))
+
+    def _recall_tenant_refusal(self, now: float) -> None:
+        """A refusal an earlier process recorded: asked again at once, a refusal with the same
+        reason is not news (debug), and an answer is ("readable again")."""
+        self._tenant_refusal_read = True
+        recalled = _recall(self.store.get(KV_TENANT_REFUSED))
+        if recalled is None:
+            return
+        at, self.tenant_refused = recalled
+        self._tenant_retry_at = now
         log.debug("audit: tenant-scoped events refused at %s: %s; asked again from %s",
-                  iso_timestamp(at), why, iso_timestamp(self._tenant_retry_at))
+                  iso_timestamp(at), self.tenant_refused, iso_timestamp(self._tenant_retry_at))
 
     def _poll_scope(self, scope: "Scope", now: float, stats: PollStats) -> None:
         """Read one scope from its high-water mark to `now - LAG`, slice by slice, each slice's
@@ -263,21 +290,24 @@ class AuditCollector(ListingCollector):
         log.warning(msg)
 
     def _forbid(self, exc: PermissionDeniedError, now: float) -> None:
-        first = self.forbidden is None
+        why = explain(exc, "audit_logs", self.config)
+        first = self.forbidden != why  # new, or its reason changed: said; the same again is not news
         # A scope with no mark yet is held where it would have started: once the log is readable
         # (a key given api.audit_logs.read days later) it is caught up from there, not from
         # `initial_interval` before that later day, which never read the refused days' events.
         kv = {scope.kv_hwm: str(int(now - self.initial_interval))
               for scope in SCOPES if self.store.get(scope.kv_hwm) is None}
-        if kv:
-            try:
-                self.delivery.commit_events(self.name, [], kv)
-            except StoppedError:
-                raise
-            except Exception as exc_kv:  # noqa: BLE001 - e.g. the organization check holds writes: next time
-                log.debug("audit: cannot keep where the stream starts: %s", exc_kv)
-        self.forbidden = explain(exc, "audit_logs", self.config)
+        self.forbidden = why
         self._forbidden_until = now + FORBIDDEN_RETRY
+        # the refusal is kept too (as the tenant scope's is): a process started again (`collect
+        # --once` from cron) asks once, and does not log the same refusal again
+        kv[KV_REFUSED] = json.dumps({"at": int(now), "why": self.forbidden})
+        try:
+            self.delivery.commit_events(self.name, [], kv)
+        except StoppedError:
+            raise
+        except Exception as exc_kv:  # noqa: BLE001 - e.g. the organization check holds writes: next time
+            log.debug("audit: cannot keep the refusal and where the stream starts: %s", exc_kv)
         if first:
             log.error("audit: %s; the audit stream stays quiet and asks again every %dh",
                       self.forbidden, FORBIDDEN_RETRY // 3600)
@@ -285,7 +315,7 @@ class AuditCollector(ListingCollector):
             log.debug("audit: still forbidden: %s", self.forbidden)
 
     def _refuse_tenant(self, exc: ApiError, now: float) -> None:
-        first = self.tenant_refused is None
+        first = self.tenant_refused != str(exc)  # new, or its reason changed
         kv = {KV_TENANT_REFUSED: json.dumps({"at": int(now), "why": str(exc)})}
         if self.store.get(TENANT.kv_hwm) is None:
             # where the scope would have started: kept, so that it catches up from there once allowed

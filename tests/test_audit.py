@@ -783,10 +783,10 @@ def test_tenant_scope_refused_keeps_the_organization_flowing_and_catches_up_late
     assert set(ids) == org | tenant
 
 
-def test_a_tenant_refusal_is_remembered_across_processes_until_it_is_asked_again(simulator, tmp_path, caplog):
-    """`collect --once` from cron is a new process every 5 minutes: each asked the refused tenant
-    scope again and warned again. The refusal is kept in the state for FORBIDDEN_RETRY."""
-    from agent_input.audit import FORBIDDEN_RETRY
+def test_a_tenant_refusal_is_remembered_across_processes_and_not_warned_again(simulator, tmp_path, caplog):
+    """`collect --once` from cron is a new process every 5 minutes: each warned again about the
+    refused tenant scope. The refusal is kept in the state: a new process asks once (a fix is read
+    at once) and says nothing when the answer is the same refusal."""
     from agent_input.simulator import FaultRule
 
     state, out = tmp_path / "state", tmp_path / "audit.ndjson"
@@ -806,18 +806,64 @@ def test_a_tenant_refusal_is_remembered_across_processes_until_it_is_asked_again
 
     warned, refused = one_process(int(T0))
     assert len(warned) == 1 and "tenant-scoped" in warned[0] and refused
-    for later in (300, 600, FORBIDDEN_RETRY - 300):
+    for n, later in enumerate((300, 600), start=2):
         warned, refused = one_process(int(T0) + later)
         assert warned == [] and "403" in refused
-    assert simulator.faults.rules()[0]["fired"] == 1, "a later process asked the refused scope again"
-    # past FORBIDDEN_RETRY it is asked again; once allowed, the record is cleared
-    warned, refused = one_process(int(T0) + FORBIDDEN_RETRY)
-    assert simulator.faults.rules()[0]["fired"] == 2 and warned == [] and refused
+        assert simulator.faults.rules()[0]["fired"] == n, "a new process did not ask once"
+    # allowed within FORBIDDEN_RETRY: the next process reads it at once, and the record is cleared
     simulator.clear_faults()
-    warned, refused = one_process(int(T0) + 2 * FORBIDDEN_RETRY)
+    warned, refused = one_process(int(T0) + 900)
     assert refused is None and any("readable again" in w for w in warned)
-    warned, refused = one_process(int(T0) + 2 * FORBIDDEN_RETRY + 300)
+    warned, refused = one_process(int(T0) + 1200)
     assert refused is None and warned == []
+
+
+def test_an_organization_refusal_is_remembered_across_processes_and_not_logged_again(simulator, tmp_path, caplog):
+    """The organization scope's 403 (audit logging off, or not an Owner's key) was kept only in
+    memory: `collect --once` from cron logged the ERROR at every run. It is kept in the state like
+    the tenant scope's, with each scope's would-be start mark: a new process asks once (the log
+    enabled since is read at once, from the marks) and says nothing of the same refusal."""
+    from agent_input.audit import KV_TENANT_HWM
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", count=None))
+
+    def one_process(now):
+        col, store, output, client = _collector(simulator, state, out)
+        simulator.set_time(now)
+        try:
+            with caplog.at_level(logging.DEBUG, logger="agent_input.audit"):
+                caplog.clear()
+                stats = col.poll(now)
+                assert stats.errors == []
+            marks = (store.get(KV_HWM), store.get(KV_TENANT_HWM))
+            return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], col.forbidden, marks
+        finally:
+            for c in (output, store, client):
+                c.close()
+
+    start = str(int(T0 - DAY))
+    said, forbidden, marks = one_process(int(T0))
+    assert len(said) == 1 and "enable audit logging" in said[0] and forbidden
+    assert marks == (start, start)  # each scope held where it would have started
+    for n, later in enumerate((300, 600), start=2):
+        said, forbidden, marks = one_process(int(T0) + later)
+        assert said == [] and "enable audit logging" in forbidden and marks == (start, start)
+        assert simulator.faults.rules()[0]["fired"] == n, "a new process did not ask once"
+    # enabled within FORBIDDEN_RETRY: the next process reads it at once; the record is cleared
+    simulator.clear_faults()
+    said, forbidden, _ = one_process(int(T0) + 900)
+    assert forbidden is None and any("readable again" in w for w in said)
+    said, forbidden, _ = one_process(int(T0) + 1200)
+    assert forbidden is None and said == []
+    from agent_input.audit import KV_REFUSED
+
+    store = StateStore(state)
+    assert store.get(KV_REFUSED) == ""
+    store.close()
+    org, tenant = _truth_by_scope(simulator, int(T0 - DAY), int(T0) + 1200 - 120)
+    assert org <= {d["_id"] for d in read_ndjson(out)}, "the refused days' events were not caught up"
 
 
 def test_a_refusal_recorded_in_the_future_is_asked_again_at_once(simulator, tmp_path):
