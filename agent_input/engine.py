@@ -141,6 +141,19 @@ class PollStats:
         del self.errors[:-KEEP_ERRORS]  # a run's totals: an outage of days must not grow them without end
 
 
+def delivered_before(exc: BaseException, stats: PollStats) -> BaseException:
+    """Note on a poll's exception what it delivered before it raised (pages committed, a cycle
+    stored), so that the run's totals (`collect --once`'s summary) count it; `exc` for `raise`."""
+    prior = getattr(exc, "delivered", None)
+    if isinstance(prior, PollStats) and prior is not stats:
+        stats.add(prior)  # a width left behind, polled inside this one
+    try:
+        exc.delivered = stats  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return exc
+
+
 class Collector(Protocol):
     name: str
     interval: float
@@ -423,11 +436,13 @@ class UsageCollector(PollingCollector):
                         self.name, iso_timestamp(asked), iso_timestamp(first), iso_timestamp(first))
 
     def poll(self, now: float) -> PollStats:
+        stats = PollStats()
         try:
-            return self._poll(now)
-        except (AuthenticationError, PermissionDeniedError):
-            self._keep_origin()
-            raise
+            return self._poll(now, stats)
+        except BaseException as exc:
+            if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
+                self._keep_origin()
+            raise delivered_before(exc, stats)
 
     def _keep_origin(self) -> None:
         """A first poll refused (401, 403: a key without api.usage.read): its start is stored, so
@@ -441,8 +456,7 @@ class UsageCollector(PollingCollector):
         except Exception as exc:  # noqa: BLE001 - e.g. the organization check holds writes: next start
             log.debug("%s: cannot keep the first poll's start: %s", self.name, exc)
 
-    def _poll(self, now: float) -> PollStats:
-        stats = PollStats()
+    def _poll(self, now: float, stats: PollStats) -> PollStats:
         for left in self._widths_left(now):
             stats.add(left.poll(now))
         cur, resume, end, final_before = self.window(now)
@@ -952,6 +966,7 @@ class Engine:
             try:
                 stats = collector.poll(self.clock())
             except StreamStopped as exc:
+                self._count_delivered(collector.name, exc)
                 self._fail(collector.name, str(exc))
                 return
             except OrganizationMismatch as exc:
@@ -963,10 +978,12 @@ class Engine:
                 self.stop.set()
                 return
             except OutputError as exc:
+                self._count_delivered(collector.name, exc)
                 self._fail(collector.name, str(exc))
                 self.stop.set()
                 return
             except Exception as exc:  # noqa: BLE001 - one stream's failure must not stop others
+                self._count_delivered(collector.name, exc)
                 if self.stop.is_set():  # the cursor is where it was; an error of its own is still said
                     if not isinstance(exc, StoppedError):  # (the stop's own StoppedError is not one)
                         log.error("%s: poll failed while stopping, cursor kept: %s", collector.name,
@@ -1009,6 +1026,13 @@ class Engine:
         log.error("%s: stopped: %s", name, reason)
         self.failed[name] = reason
         self.on_status(name, "failed", reason)
+
+    def _count_delivered(self, name: str, exc: BaseException) -> None:
+        """What a failed poll delivered before it raised (`delivered_before`) is in the totals:
+        the failure itself is said apart, so its notes (errors) are not added twice."""
+        done = getattr(exc, "delivered", None)
+        if isinstance(done, PollStats) and (done.requests or done.events):
+            self._add(name, PollStats(done.requests, done.pages, done.events, done.corrections, done.bad_buckets))
 
     def _add(self, name: str, stats: PollStats) -> None:
         self.totals[name].add(stats)

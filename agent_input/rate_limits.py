@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Lines, ListingCollector, PollStats, serialize
+from .engine import Lines, ListingCollector, PollStats, delivered_before, serialize
 from .http_client import AdminApiClient, ApiError, AuthenticationError, PermissionDeniedError, StoppedError
 from .paging import cursor_pages
 
@@ -116,8 +116,8 @@ class RateLimitsCollector(ListingCollector):
         lines.append(serialize(status_id, status))
         self.delivery.commit_events(self.name, lines, {KV_LAST_CYCLE: str(cycle)})
         stats.events += len(lines)
-        if fatal is not None:
-            raise fatal  # a rejected key or missing scope: the engine stops the stream and says why
+        if fatal is not None:  # a rejected key or missing scope: the engine stops the stream and says why
+            raise delivered_before(fatal, stats)  # (the cycle's documents are stored, and counted)
         if error is not None:
             stats.errors.append(f"rate_limits: {error}")
             log.error("rate_limits: collection failed: %s", error)

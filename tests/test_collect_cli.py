@@ -625,3 +625,32 @@ def test_a_full_log_disk_does_not_fail_a_once_run_that_delivered_everything(simu
     assert proc.returncode == 0
     assert read_ndjson(tmp_path / "events.ndjson")
     assert StateStore(tmp_path / "state").pending_count() == 0
+
+
+@pytest.mark.parametrize("case", ["usage-page-after-delivered-ones", "rate-limits-refused"])
+def test_once_summary_counts_what_a_failed_stream_delivered_before_it_failed(simulator, tmp_path, case):
+    """A stream that delivered documents and then failed (a later page's 5xx; a rate-limits cycle
+    stored, then stopped for a missing scope) showed 0 documents and 0 requests in the summary,
+    while the events file held its documents: the summary is what a cron job's owner reconciles."""
+    from agent_input.simulator import FaultRule
+
+    config = _config(simulator.base_url)
+    if case == "rate-limits-refused":
+        config["data_streams"]["completions"] = {"enabled": False}
+        config["data_streams"]["rate_limits"] = {"enabled": True}
+        simulator.add_fault(FaultRule(kind="403", path="*/rate_limits", count=None,
+                                      message="Missing scopes: api.management.read"))
+        stream, dataset = "rate_limits", "openai.rate_limits"
+    else:  # two pages (1,440 one-minute buckets each): the second fails for good
+        config["data_streams"]["completions"] = {"initial_interval": "2d"}
+        simulator.add_fault(FaultRule(kind="500", path="usage/completions", skip=1, count=None))
+        stream, dataset = "completions", "openai.completions"
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump({**config, "max_retries": 0}))
+    proc = _collect_once(cfg, tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    written = sum(1 for d in read_ndjson(tmp_path / "events.ndjson") if d["data_stream"]["dataset"] == dataset)
+    assert written > 0, err
+    row = next(ln for ln in err.splitlines() if ln.split()[:1] == [stream])
+    assert f" {written:,} " in f" {row} " or f" {written} " in f" {row} ", (written, err)
