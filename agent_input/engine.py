@@ -398,9 +398,13 @@ class UsageCollector(PollingCollector):
         end = _floor(now - self.grace, w)
         cur = self.store.cursor(self.name, self.width)
         self._unrecorded = None
+        asked = _floor(now - self.config.initial_interval, w)
+        if cur is not None and asked < cur.origin and self._never_read(cur):
+            # only a refused first poll's start (`_keep_origin`), nothing read since: a raised
+            # initial_interval is still this stream's first run's, and delivers nothing twice
+            cur = None
         if cur is None:
-            origin = _floor(now - self.config.initial_interval, w)
-            cur = self._unrecorded = Cursor(origin, origin, origin)
+            cur = self._unrecorded = Cursor(asked, asked, asked)
         elif cur.retired_at is None and not self._told_origin:
             self._tell_origin(now)
         final_before = _floor(now - self.revision_window, w)
@@ -449,12 +453,19 @@ class UsageCollector(PollingCollector):
         that once the key is fixed, perhaps days later, the stream reads from there rather than
         from `initial_interval` before that later day (the refused time was never collected)."""
         cur, self._unrecorded = self._unrecorded, None
-        if cur is None or self.store.cursor(self.name, self.width) is not None:
+        stored = None if cur is None else self.store.cursor(self.name, self.width)
+        if cur is None or (stored is not None and not (self._never_read(stored) and cur.origin < stored.origin)):
             return
         try:
             self.store.put_cursors(self.name, {self.width: cur})
         except Exception as exc:  # noqa: BLE001 - e.g. the organization check holds writes: next start
             log.debug("%s: cannot keep the first poll's start: %s", self.name, exc)
+
+    def _never_read(self, cur: Cursor) -> bool:
+        """The stream's only cursor is a start nothing was read from (a refused first poll's)."""
+        return (cur.retired_at is None and cur.position == cur.origin == cur.settled
+                and set(self.store.cursors(self.name)) == {self.width}
+                and self.store.first_observation(self.name, self.width) is None)
 
     def _poll(self, now: float, stats: PollStats) -> PollStats:
         for left in self._widths_left(now):

@@ -129,6 +129,35 @@ def test_a_first_poll_refused_403_keeps_its_start_for_when_the_scope_is_granted(
                                                                               settled)
 
 
+def test_initial_interval_raised_while_the_first_polls_are_refused_still_applies(simulator, tmp_path, caplog):
+    """A refused first poll keeps its start; nothing was read from it, so an initial_interval
+    raised before the key works (the upgrade note's advice) is still the first run's: it reaches
+    further back, a refused start raising it keeps that, and no WARNING claims a collection."""
+    from agent_input.http_client import PermissionDeniedError
+    from agent_input.simulator.faults import FaultRule
+
+    out = tmp_path / "events.ndjson"
+    store = StateStore(tmp_path / "state")
+    simulator.add_fault(FaultRule(kind="403", path="usage/completions", count=None,
+                                  message="Missing scopes: api.usage.read."))
+    for at, initial in ((T0, "2h"), (T0 + HOUR, "6h")):  # refused, then refused with it raised
+        collector, output = _completions(simulator, store, out, initial=initial)
+        simulator.set_time(at)
+        with pytest.raises(PermissionDeniedError):
+            collector.poll(at)
+    simulator.clear_faults()
+    later = T0 + HOUR + SETTLE
+    collector, output = _completions(simulator, store, out, initial="2h")  # granted (lowered again)
+    simulator.set_time(later)
+    collector.poll(later)
+    output.close()
+    origin, settled = int(T0 + HOUR - 6 * HOUR), int(later - SETTLE)
+    docs = dedupe(read_ndjson(out))
+    assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
+                                                                              settled)
+    assert "initial_interval reaches back" not in caplog.text
+
+
 def test_a_group_by_that_gains_a_field_keeps_the_stored_totals_exact(simulator, tmp_path):
     """An upgrade that adds service_tier to the completions group_by re-reads the revision window
     under new group keys: each old group is brought to zero and each new one first emitted, so the
