@@ -65,7 +65,7 @@ import logging
 import re
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
 from .engine import Lines, ListingCollector, PollStats, serialize
@@ -95,6 +95,9 @@ KV_TENANT_HWM = "audit:tenant:hwm"
 KV_TENANT_RECENT = "audit:tenant:recent_ids"
 KV_TENANT_REFUSED = "audit:tenant:refused"  # {"at": unix seconds, "why": ...} while refused; "" once readable
 KV_REFUSED = "audit:refused"  # the same for the organization scope (the whole stream): its 403
+# {mark key: value}: marks stored at a scope's would-be start while it was refused, nothing read from
+# them yet, so an initial_interval raised meanwhile still reaches further back (as a first run's does)
+KV_UNREAD = "audit:unread_marks"
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,13 @@ class AuditCollector(ListingCollector):
         events and the scope's new mark stored in one transaction."""
         end = int(now) - LAG  # inclusive upper bound of this poll
         hwm_text = self.store.get(scope.kv_hwm)
-        hwm = int(hwm_text) if hwm_text is not None else int(now - self.initial_interval)
+        unread = self._unread_marks()
+        if hwm_text is not None and unread.get(scope.kv_hwm) == hwm_text:
+            # a refusal's would-be start that nothing was read from: this is still the scope's
+            # first read, and an initial_interval raised since reaches further back (no overlap)
+            hwm, hwm_text = min(int(hwm_text), int(now - self.initial_interval)), None
+        else:
+            hwm = int(hwm_text) if hwm_text is not None else int(now - self.initial_interval)
         # ids already emitted whose effective_at lies in the overlap, with that effective_at
         recent: dict[str, int] = _load_recent(self.store.get(scope.kv_recent))
         start = max(0, hwm - OVERLAP) if hwm_text is not None else hwm
@@ -268,11 +277,11 @@ class AuditCollector(ListingCollector):
             # before it, and a mark stored there (then a crash, an API error or a stop before the
             # poll's later slices) sent the next poll back over events of the previous poll that
             # `recent` no longer holds: each emitted a second time.
-            self.delivery.commit_events(
-                self.name, lines,
-                {scope.kv_hwm: str(max(new_hwm, hwm)),
-                 scope.kv_recent: json.dumps(next_recent, sort_keys=True, separators=(",", ":"))},
-            )
+            kv = {scope.kv_hwm: str(max(new_hwm, hwm)),
+                  scope.kv_recent: json.dumps(next_recent, sort_keys=True, separators=(",", ":"))}
+            if unread.pop(scope.kv_hwm, None) is not None:  # read from now on
+                kv[KV_UNREAD] = json.dumps(unread, sort_keys=True)
+            self.delivery.commit_events(self.name, lines, kv)
             stats.events += len(lines)
             recent = next_recent
             start = new_hwm
@@ -289,14 +298,30 @@ class AuditCollector(ListingCollector):
         stats.errors.append(msg)
         log.warning(msg)
 
+    def _unread_marks(self) -> dict[str, str]:
+        try:
+            value = json.loads(self.store.get(KV_UNREAD) or "{}")
+        except ValueError:
+            return {}
+        return {k: v for k, v in value.items() if isinstance(v, str)} if isinstance(value, dict) else {}
+
+    def _would_be_starts(self, scopes: Iterable["Scope"], now: float) -> dict[str, str]:
+        """The kv writes that hold each of `scopes` without a mark at its would-be start, and
+        record those marks as unread (KV_UNREAD)."""
+        unread = self._unread_marks()
+        kv = {scope.kv_hwm: str(int(now - self.initial_interval))
+              for scope in scopes if self.store.get(scope.kv_hwm) is None}
+        if kv:
+            kv[KV_UNREAD] = json.dumps({**unread, **kv}, sort_keys=True)
+        return kv
+
     def _forbid(self, exc: PermissionDeniedError, now: float) -> None:
         why = explain(exc, "audit_logs", self.config)
         first = self.forbidden != why  # new, or its reason changed: said; the same again is not news
         # A scope with no mark yet is held where it would have started: once the log is readable
         # (a key given api.audit_logs.read days later) it is caught up from there, not from
         # `initial_interval` before that later day, which never read the refused days' events.
-        kv = {scope.kv_hwm: str(int(now - self.initial_interval))
-              for scope in SCOPES if self.store.get(scope.kv_hwm) is None}
+        kv = self._would_be_starts(SCOPES, now)
         self.forbidden = why
         self._forbidden_until = now + FORBIDDEN_RETRY
         # the refusal is kept too (as the tenant scope's is): a process started again (`collect
@@ -316,11 +341,9 @@ class AuditCollector(ListingCollector):
 
     def _refuse_tenant(self, exc: ApiError, now: float) -> None:
         first = self.tenant_refused != str(exc)  # new, or its reason changed
-        kv = {KV_TENANT_REFUSED: json.dumps({"at": int(now), "why": str(exc)})}
-        if self.store.get(TENANT.kv_hwm) is None:
-            # where the scope would have started: kept, so that it catches up from there once allowed
-            # (not from `initial_interval` before that later day)
-            kv[TENANT.kv_hwm] = str(int(now - self.initial_interval))
+        # where the scope would have started: kept, so that it catches up from there once allowed
+        # (not from `initial_interval` before that later day)
+        kv = {KV_TENANT_REFUSED: json.dumps({"at": int(now), "why": str(exc)}), **self._would_be_starts([TENANT], now)}
         self.delivery.commit_events(self.name, [], kv)
         self.tenant_refused = str(exc)
         self._tenant_retry_at = now + FORBIDDEN_RETRY

@@ -1071,3 +1071,39 @@ def test_a_slice_of_exactly_the_cap_is_read_once_not_halved(tmp_path, monkeypatc
     assert api.slices == [(now - HOUR, now)], "a slice of exactly the cap was read again in halves"
     output.close()
     store.close()
+
+
+def test_initial_interval_raised_while_the_log_was_refused_still_reaches_back(simulator, tmp_path):
+    """The marks stored at each scope's would-be start on a 403 held the first read there: an
+    initial_interval raised before the log was readable (README's advice for time refused under
+    an earlier version) reached nothing, and 2 days' events were missing. Nothing was read from
+    those marks, so the raised value still counts, as for a first run."""
+    from agent_input.audit import KV_UNREAD
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", count=None,
+                                  message="Missing scopes: api.audit_logs.read."))
+    simulator.set_time(T0)
+    col.poll(T0)
+    assert col.forbidden and store.get(KV_HWM) == str(int(T0 - DAY))
+    for c in (output, store, client):
+        c.close()
+    simulator.clear_faults()
+    later = int(T0) + 600
+    col, store, output, client = _collector(simulator, state, out, initial_interval="2d")
+    simulator.set_time(later)
+    assert col.poll(later).errors == []
+    assert _json_loads(store.get(KV_UNREAD)) == {}  # read from now on: a later raise changes nothing
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    org, tenant = _truth_by_scope(simulator, later - 2 * DAY, later - 120)
+    assert org <= set(ids) and tenant <= set(ids) and len(ids) == len(set(ids))
+
+
+def _json_loads(text):
+    import json as _json
+
+    return _json.loads(text or "{}")
