@@ -113,3 +113,65 @@ def test_a_refused_listing_passes_only_a_directory_the_check_started(tmp_path, s
         with pytest.raises(OrganizationUnverified):
             guard.wait()
     store.close()
+
+
+def test_a_refused_listing_holds_a_started_directory_once_it_recorded_its_organization(tmp_path):
+    """The pass for a refused listing (403) is for a directory that records no organization: one
+    the check started with a key refused the listing, then recorded (the key was let list the
+    projects once), is held again when a key is refused it, as any recorded directory is. Passing
+    it let another organization's key without the projects scope write into it unchecked."""
+    from agent_input.org_guard import KV_STARTED, OrganizationUnverified
+
+    guard = _guard(tmp_path, [p["id"] for p in _projects(3)], clock=lambda: 100.0)
+    guard.store.put_kv(KV_STARTED, "1")
+    guard = OrganizationGuard(guard.store, clock=lambda: 100.0)
+    assert guard.started and guard.recorded
+    guard.unavailable("permission denied (403)", forbidden=True)
+    with pytest.raises(OrganizationUnverified):
+        guard.wait()
+    assert not guard.passed
+    guard.store.close()
+
+
+@pytest.mark.parametrize("forbidden", [True, False])
+def test_only_a_refused_listing_is_told_to_let_the_key_list_the_projects(tmp_path, forbidden):
+    """The hold's message says what lifts it: for a refused listing (403), letting the key list the
+    projects; a 5xx will work again by itself, and telling the user to change the key's scopes for
+    it sends them looking for a permission they already have."""
+    from agent_input.org_guard import FORBIDDEN_HINT, OrganizationUnverified
+
+    guard = _guard(tmp_path, [p["id"] for p in _projects(3)], clock=lambda: 100.0)
+    guard.unavailable("permission denied (403)" if forbidden else "HTTP 503", forbidden=forbidden)
+    with pytest.raises(OrganizationUnverified) as raised:
+        guard.wait()
+    assert (FORBIDDEN_HINT in str(raised.value)) is forbidden
+    assert str(raised.value).endswith("nothing is stored until it can" + (FORBIDDEN_HINT if forbidden else ""))
+    guard.store.close()
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_check_passes_a_refused_listing_only_where_collect_would(tmp_path, recorded):
+    """`openai-input check` judges a refused listing (403) as the collector's check does: a
+    directory the check started with a key refused the listing goes on unchecked, but once that
+    directory recorded its organization collect holds it, and check must say so, not "OK"."""
+    import json
+
+    from agent_input.http_client import PermissionDeniedError
+    from agent_input.org_guard import FORBIDDEN_HINT, KV_STARTED, check_state_dir
+
+    store = StateStore(tmp_path / "state")
+    with store._transaction(store._conn()):  # stored usage naming a project: something to protect
+        store._conn().execute("INSERT INTO observations VALUES ('completions', '1m', 1700000000, "
+                              "'[\"proj_x\", \"gpt-4o\"]', 0, '{}', NULL)")
+    store.put_kv(KV_STARTED, "1")
+    if recorded:
+        store.put_kv(KV_PROJECTS, json.dumps(["proj_x"]))
+    store.close()
+
+    class Refused:
+        def get_json(self, path, params):
+            raise PermissionDeniedError(403, "insufficient permissions", path=path)
+
+    ok, message = check_state_dir(Refused(), tmp_path / "state")
+    assert ok is not recorded
+    assert (FORBIDDEN_HINT in message) is recorded
