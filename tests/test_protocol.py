@@ -513,6 +513,63 @@ def test_a_batch_acked_just_after_the_re_send_read_its_row_is_not_written_again(
     assert output.inflight() == 0 and new.pending_count() == 0
 
 
+def test_an_old_engine_s_acknowledged_batch_is_forgotten_once_the_next_engine_starts(tmp_path):
+    """The output keeps an old engine's acknowledged batch only while the outbox re-send of the
+    engine after it may meet it: from the engine after that on, its record is dropped (kept for
+    ever, it grew with every reconfiguration, and a new batch with the same bytes was deleted from
+    the outbox without being written)."""
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    output, acked = ProtocolOutput(ProtocolWriter(fd)), []
+    try:
+        output.send("audit", _event_line("a1"), 1, lambda: acked.append(1))  # engine 0's batch 1
+        output.resume()  # engine 1: its re-send may still meet batch 1
+        assert output.ack(1) and acked == [1]
+        output.send("audit", _event_line("a1"), 1, lambda: acked.append(2))  # that re-send: not written
+        assert acked == [1, 2] and output.inflight() == 0
+        output.resume()  # engine 2: batch 1 cannot come back from engine 1's re-send any more
+        output.send("audit", _event_line("a1"), 1, lambda: acked.append(3))
+        assert output.inflight() == 1 and acked == [1, 2]  # written, waiting for its own ack
+        written = (tmp_path / "stdout").read_bytes()
+    finally:
+        os.close(fd)
+    assert written.count(b'"a1"') == 2
+
+
+def test_a_batch_whose_ack_is_still_deleting_when_the_next_engine_starts_is_not_written_again(tmp_path):
+    """An old engine's batch acknowledged just before a reconfiguration, its outbox delete still
+    running when the new engine starts and re-sends the outbox (which read the batch's row before
+    the delete): that re-send is confirmed by the ack, not written to the supervisor again."""
+    import threading
+
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    output, deleting, deleted, acked = ProtocolOutput(ProtocolWriter(fd)), threading.Event(), threading.Event(), []
+
+    def slow_delete():
+        deleting.set()
+        deleted.wait(10)
+        acked.append("old")
+
+    try:
+        output.send("audit", _event_line("a1"), 1, slow_delete)  # engine 0's batch 1
+        reader = threading.Thread(target=output.ack, args=(1,))  # the stdin reader's ack
+        reader.start()
+        assert deleting.wait(10)
+        output.resume()  # the new engine starts while batch 1's delete runs
+        output.send("audit", _event_line("a1"), 1, lambda: acked.append("re-send"))
+        deleted.set()
+        reader.join(10)
+        written = (tmp_path / "stdout").read_bytes()
+    finally:
+        deleted.set()
+        os.close(fd)
+    assert written.count(b'"a1"') == 1, "an acknowledged batch was written to the supervisor again"
+    assert sorted(acked) == ["old", "re-send"] and output.inflight() == 0
+
+
 def test_a_connection_reset_on_stdout_is_the_reader_gone_not_a_write_error(tmp_path, monkeypatch):
     """A supervisor on a socket that goes away may reset the connection (ECONNRESET): that is
     stdout closed (the run loop stops), like EPIPE, not an output error to retry for ever."""
