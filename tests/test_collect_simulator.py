@@ -102,20 +102,22 @@ def test_completions_keep_openai_s_service_tiers_apart(simulator, tmp_path):
     assert tiers == want
 
 
-def test_a_first_poll_refused_403_keeps_its_start_for_when_the_scope_is_granted(simulator, tmp_path):
+@pytest.mark.parametrize("kind", ["403", "401"])
+def test_a_first_poll_refused_403_keeps_its_start_for_when_the_scope_is_granted(simulator, tmp_path, kind):
     """A key without api.usage.read at the stream's first start: once the scope is granted, hours
     later, the stream collects from where that first start asked, not from `initial_interval`
-    before the day it was granted (the refused hours were lost, every total low)."""
-    from agent_input.http_client import PermissionDeniedError
+    before the day it was granted (the refused hours were lost, every total low). A key refused
+    outright (401: revoked, mistyped) and fixed later keeps its start the same way."""
+    from agent_input.http_client import AuthenticationError, PermissionDeniedError
     from agent_input.simulator.faults import FaultRule
 
     out = tmp_path / "events.ndjson"
     store = StateStore(tmp_path / "state")
-    simulator.add_fault(FaultRule(kind="403", path="usage/completions", count=None,
+    simulator.add_fault(FaultRule(kind=kind, path="usage/completions", count=None,
                                   message="Missing scopes: api.usage.read."))
     collector, output = _completions(simulator, store, out)
     simulator.set_time(T0)
-    with pytest.raises(PermissionDeniedError):
+    with pytest.raises(PermissionDeniedError if kind == "403" else AuthenticationError):
         collector.poll(T0)
     simulator.clear_faults()
     collector, output = _completions(simulator, store, out)  # the next start, the scope granted
