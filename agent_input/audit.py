@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Lines, ListingCollector, PollStats, serialize
+from .engine import Lines, ListingCollector, PollStats, delivered_before, serialize
 from .http_client import (ApiError, AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError,
                           StoppedError, explain)
 from .paging import cursor_pages
@@ -148,6 +148,12 @@ class AuditCollector(ListingCollector):
     # -- polling -------------------------------------------------------------------------------
     def poll(self, now: float) -> PollStats:
         stats = PollStats()
+        try:
+            return self._poll(now, stats)
+        except BaseException as exc:  # slices stored before it are delivered: counted in the totals
+            raise delivered_before(exc, stats)
+
+    def _poll(self, now: float, stats: PollStats) -> PollStats:
         if not self._refusal_read:
             self._recall_refusal(now)
         if self.forbidden is not None and now < self._forbidden_until:

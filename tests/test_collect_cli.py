@@ -627,10 +627,10 @@ def test_a_full_log_disk_does_not_fail_a_once_run_that_delivered_everything(simu
     assert StateStore(tmp_path / "state").pending_count() == 0
 
 
-@pytest.mark.parametrize("case", ["usage-page-after-delivered-ones", "rate-limits-refused"])
+@pytest.mark.parametrize("case", ["usage-page-after-delivered-ones", "rate-limits-refused", "audit-slice-after-stored-ones"])
 def test_once_summary_counts_what_a_failed_stream_delivered_before_it_failed(simulator, tmp_path, case):
     """A stream that delivered documents and then failed (a later page's 5xx; a rate-limits cycle
-    stored, then stopped for a missing scope) showed 0 documents and 0 requests in the summary,
+    stored, then stopped for a missing scope; an audit slice stored, the next one's 5xx) showed 0 documents and 0 requests in the summary,
     while the events file held its documents: the summary is what a cron job's owner reconciles."""
     from agent_input.simulator import FaultRule
 
@@ -641,6 +641,11 @@ def test_once_summary_counts_what_a_failed_stream_delivered_before_it_failed(sim
         simulator.add_fault(FaultRule(kind="403", path="*/rate_limits", count=None,
                                       message="Missing scopes: api.management.read"))
         stream, dataset = "rate_limits", "openai.rate_limits"
+    elif case == "audit-slice-after-stored-ones":  # 6h slices of 2 days: the second fails for good
+        config["data_streams"]["completions"] = {"enabled": False}
+        config["data_streams"]["audit"] = {"enabled": True, "initial_interval": "2d"}
+        simulator.add_fault(FaultRule(kind="500", path="audit_logs", skip=1, count=None))
+        stream, dataset = "audit", "openai.audit"
     else:  # two pages (1,440 one-minute buckets each): the second fails for good
         config["data_streams"]["completions"] = {"initial_interval": "2d"}
         simulator.add_fault(FaultRule(kind="500", path="usage/completions", skip=1, count=None))
