@@ -194,25 +194,26 @@ class AuditCollector(ListingCollector):
         cron): asked again at once (a key fixed, or the log enabled, since is read now), but the
         same refusal again is not news: the ERROR is not logged at every run."""
         self._refusal_read = True
-        recalled = _recall(self.store.get(KV_REFUSED))
-        if recalled is None:
-            return
-        at, self.forbidden = recalled
-        self._forbidden_until = now
-        log.debug("audit: audit logs refused at %s: %s; asked again from %s", iso_timestamp(at), self.forbidden,
-                  iso_timestamp(self._forbidden_until))
+        why = self._recalled(KV_REFUSED, "audit logs")
+        if why is not None:
+            self.forbidden, self._forbidden_until = why, now
 
     def _recall_tenant_refusal(self, now: float) -> None:
-        """A refusal an earlier process recorded: asked again at once, a refusal with the same
-        reason is not news (debug), and an answer is ("readable again")."""
+        """The same for the tenant scope: asked again at once, a refusal with the same reason is
+        not news (debug), and an answer is ("readable again")."""
         self._tenant_refusal_read = True
-        recalled = _recall(self.store.get(KV_TENANT_REFUSED))
+        why = self._recalled(KV_TENANT_REFUSED, "tenant-scoped events")
+        if why is not None:
+            self.tenant_refused, self._tenant_retry_at = why, now
+
+    def _recalled(self, key: str, what: str) -> str | None:
+        """The reason of the refusal an earlier process recorded under `key`, or None."""
+        recalled = _recall(self.store.get(key))
         if recalled is None:
-            return
-        at, self.tenant_refused = recalled
-        self._tenant_retry_at = now
-        log.debug("audit: tenant-scoped events refused at %s: %s; asked again from %s",
-                  iso_timestamp(at), self.tenant_refused, iso_timestamp(self._tenant_retry_at))
+            return None
+        at, why = recalled
+        log.debug("audit: %s refused at %s: %s; asked again now", what, iso_timestamp(at), why)
+        return why
 
     def _poll_scope(self, scope: "Scope", now: float, stats: PollStats) -> None:
         """Read one scope from its high-water mark to `now - LAG`, slice by slice, each slice's

@@ -783,6 +783,21 @@ def test_tenant_scope_refused_keeps_the_organization_flowing_and_catches_up_late
     assert set(ids) == org | tenant
 
 
+def _one_process(simulator, state, out, caplog, now, read):
+    """One `collect --once` of audit at `now`: the WARNING-or-worse lines it logged, and
+    `read(collector, store)` before it closes."""
+    col, store, output, client = _collector(simulator, state, out)
+    simulator.set_time(now)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="agent_input.audit"):
+            caplog.clear()
+            assert col.poll(now).errors == []
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], read(col, store)
+    finally:
+        for c in (output, store, client):
+            c.close()
+
+
 def test_a_tenant_refusal_is_remembered_across_processes_and_not_warned_again(simulator, tmp_path, caplog):
     """`collect --once` from cron is a new process every 5 minutes: each warned again about the
     refused tenant scope. The refusal is kept in the state: a new process asks once (a fix is read
@@ -793,16 +808,7 @@ def test_a_tenant_refusal_is_remembered_across_processes_and_not_warned_again(si
     simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", query="tenant_only=true", count=None))
 
     def one_process(now):
-        col, store, output, client = _collector(simulator, state, out)
-        simulator.set_time(now)
-        try:
-            with caplog.at_level(logging.DEBUG, logger="agent_input.audit"):
-                caplog.clear()
-                assert col.poll(now).errors == []
-            return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], col.tenant_refused
-        finally:
-            for c in (output, store, client):
-                c.close()
+        return _one_process(simulator, state, out, caplog, now, lambda col, store: col.tenant_refused)
 
     warned, refused = one_process(int(T0))
     assert len(warned) == 1 and "tenant-scoped" in warned[0] and refused
@@ -830,18 +836,10 @@ def test_an_organization_refusal_is_remembered_across_processes_and_not_logged_a
     simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", count=None))
 
     def one_process(now):
-        col, store, output, client = _collector(simulator, state, out)
-        simulator.set_time(now)
-        try:
-            with caplog.at_level(logging.DEBUG, logger="agent_input.audit"):
-                caplog.clear()
-                stats = col.poll(now)
-                assert stats.errors == []
-            marks = (store.get(KV_HWM), store.get(KV_TENANT_HWM))
-            return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], col.forbidden, marks
-        finally:
-            for c in (output, store, client):
-                c.close()
+        said, (forbidden, marks) = _one_process(
+            simulator, state, out, caplog, now,
+            lambda col, store: (col.forbidden, (store.get(KV_HWM), store.get(KV_TENANT_HWM))))
+        return said, forbidden, marks
 
     start = str(int(T0 - DAY))
     said, forbidden, marks = one_process(int(T0))
