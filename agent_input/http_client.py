@@ -95,11 +95,15 @@ class PermissionDeniedError(ApiError):
         m = _SCOPE_TOKEN_RE.search(self.message)
         return m.group(0) if m else None
 
-    def __str__(self) -> str:
+    @property
+    def refusal(self) -> str:
+        """What was refused, in a user's words: the missing scope when OpenAI names it."""
         scope = self.missing_scope
-        what = f"the key lacks the {scope} scope" if scope else "permission denied"
+        return f"the key lacks the {scope} scope" if scope else "permission denied"
+
+    def __str__(self) -> str:
         code = f" {self.code}" if self.code else ""
-        return logs.redact(f"{what} ({self.status}{code} on {self.path}): {self.message}")
+        return logs.redact(f"{self.refusal} ({self.status}{code} on {self.path}): {self.message}")
 
 
 class NotFoundError(ApiError):
@@ -547,9 +551,7 @@ _NAMES_LOST = {
 
 def _refusal_warning(exc: PermissionDeniedError, lost: str) -> str:
     """A name listing's 403, as check's warning: the scope (or OpenAI's reason) and what is lost."""
-    scope = exc.missing_scope
-    what = f"the key lacks the {scope} scope" if scope else "permission denied"
-    return f"warning: 403: {what}, so {lost} ({exc.message})"
+    return f"warning: 403: {exc.refusal}, so {lost} ({exc.message})"
 
 
 def _projects_lost(names: bool) -> str:

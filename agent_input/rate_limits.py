@@ -197,8 +197,8 @@ def _skipped(alike: list[tuple[str, ApiError]]) -> str:
     if n == 1:
         return f"rate_limits: skipped project {pid}: {exc}"
     ids = ", ".join(p for p, _ in alike[:SKIPPED_IDS_SHOWN]) + (", ..." if n > SKIPPED_IDS_SHOWN else "")
-    scope = exc.missing_scope if isinstance(exc, PermissionDeniedError) else None
-    why = f"the key lacks the {scope} scope ({exc.status}): {exc.message}" if scope else f"first: {exc}"
+    scoped = isinstance(exc, PermissionDeniedError) and exc.missing_scope
+    why = f"{exc.refusal} ({exc.status}): {exc.message}" if scoped else f"first: {exc}"
     return f"rate_limits: skipped {n} projects ({ids}): {why}"
 
 
