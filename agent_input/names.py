@@ -69,6 +69,8 @@ class NameCache:
         self._projects: dict[str, str] = {}
         self._users: dict[str, str] = {}
         self._keys: dict[str, str] = {}
+        # key owners' emails as the keys' listings gave them (a few owners are in no users listing)
+        self._owners: dict[str, str] = {}
         self._service_accounts: frozenset[str] = frozenset()  # key owners that are not users
         self._next_refresh: float | None = None  # None: never loaded
         self._keys_loaded = threading.Event()  # first load: projects and every project's keys are in
@@ -320,19 +322,20 @@ class NameCache:
             # only this refresh swaps the maps: what it publishes is built from what they hold now
             with self._maps_lock:
                 new_projects = projects if projects is not None else self._projects
-                # keep the keys of projects that could not be listed this time
+                # keep the keys of projects that could not be listed this time, and their owners' emails
                 new_keys = keys if keys_complete else {**self._keys, **keys}
+                owners = owners if keys_complete else {**self._owners, **owners}
                 new_users = {**self._users, **owners}
                 new_service_accounts = self._service_accounts | service_accounts
             if first:
-                self._publish(new_projects, new_keys, new_users, new_service_accounts)
+                self._publish(new_projects, new_keys, new_users, new_service_accounts, owners)
                 self._keys_loaded.set()
             ((users, error),) = users_outcome()
         if error is not None:
             failed.append(f"users: {error}")
         else:
             new_users = {**owners, **users}
-        self._publish(new_projects, new_keys, new_users, new_service_accounts)
+        self._publish(new_projects, new_keys, new_users, new_service_accounts, owners)
         self.refreshes += 1
         now = self.clock()
         if failed:
@@ -350,11 +353,11 @@ class NameCache:
                   len(self._keys))
 
     def _publish(self, projects: dict[str, str], keys: dict[str, str], users: dict[str, str],
-                 service_accounts: frozenset[str]) -> None:
+                 service_accounts: frozenset[str], owners: dict[str, str]) -> None:
         """Swap in a whole set of maps at once: a reader sees the old set or the new, never a mix."""
         with self._maps_lock:
             self._projects, self._keys, self._users = projects, keys, users
-            self._service_accounts = service_accounts
+            self._service_accounts, self._owners = service_accounts, owners
 
     @contextmanager
     def _listings(self) -> Iterator[Callable[..., Any]]:

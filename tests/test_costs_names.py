@@ -572,6 +572,41 @@ def test_a_key_owner_the_users_listing_lacks_keeps_the_email_its_key_gave():
     assert cache.user_email("user-gone") == "gone@example.com"
     assert cache.user_email("user-member") == "member@example.com"
 
+
+@pytest.mark.parametrize("failing", ["/organization/projects", "/api_keys"])
+def test_a_failed_key_listing_keeps_the_email_a_key_gave_its_owner(failing):
+    """Emails that only a key's listing gives (its owner is not in the users listing) are kept,
+    like the key names, when a later refresh cannot list the projects or that project's keys: a
+    refresh whose users listing succeeded used to drop them, and documents lost the email."""
+    from agent_input.http_client import RetriesExhaustedError
+
+    now, fail = [0.0], [False]
+
+    class Api:
+        def get_json(self, path, params):
+            if fail[0] and path.endswith(failing):
+                raise RetriesExhaustedError(503, "down", None, path)
+            if path.endswith("/organization/users"):
+                data = [{"id": "user-member", "email": "member@example.com"}]
+            elif path.endswith("/organization/projects"):
+                data = [{"id": "proj-1", "name": "project"}]
+            else:
+                data = [{"id": "key-1", "name": "key",
+                         "owner": {"type": "user", "user": {"id": "user-gone", "email": "gone@example.com"}}}]
+            return {"object": "list", "data": data, "has_more": False, "last_id": None}
+
+        def close(self):
+            pass
+
+    cache = NameCache(Api(), refresh_interval=3600, clock=lambda: now[0])
+    cache.ensure_fresh()
+    assert cache.user_email("user-gone") == "gone@example.com"
+    fail[0], now[0] = True, 3601.0
+    cache.ensure_fresh()
+    assert cache.wait_for_refresh(30) and cache.refreshes == 2 and cache.failures
+    assert cache.api_key_name("key-1") == "key" and cache.user_email("user-member") == "member@example.com"
+    assert cache.user_email("user-gone") == "gone@example.com", "a failed listing keeps the previous names"
+
 class _FakeOrgApi:
     """An Admin API with one project, one key and two users whose names a test can change, whose
     users listing a test can hold up and whose listings it can make fail."""
