@@ -8,7 +8,8 @@ projects, users and each project's API keys at most once per `names_refresh_inte
 Enrichment runs before a document is stored in the outbox, so a replayed batch stays byte for byte
 what it was. A lookup never blocks or drops usage data: when a listing fails, the names it would
 have given are simply absent (the previous, stale names are kept) and the next attempt is made
-after a short back-off. Only the first load makes callers wait (once, bounded by a client with few
+after a short back-off (at the next refresh when every failed listing was refused, 403: a scope
+the key lacks is not granted in minutes, and each attempt lists everything again). Only the first load makes callers wait (once, bounded by a client with few
 retries), so the first poll's documents carry names. A later refresh runs in the background, on one
 thread (the first caller to find the cache stale starts it; the others, and that caller, go on at
 once with the names they have), and publishes its maps all at once when it ends: a slow or hanging
@@ -259,6 +260,7 @@ class NameCache:
 
     def _refresh(self) -> None:
         failed: list[str] = []
+        refused = 0  # of them, refused (403): a missing scope, which a retry in minutes does not give
         first = not self._all_loaded.is_set()  # publish in two steps (see the module docstring)
 
         def list_users() -> dict[str, str]:
@@ -300,6 +302,7 @@ class NameCache:
                             projects[p["id"]] = p["name"]
             except ApiError as exc:
                 failed.append(f"projects: {exc}")
+                refused += isinstance(exc, PermissionDeniedError)
                 projects = None
                 if guard is not None:
                     guard.unavailable(str(exc), forbidden=isinstance(exc, PermissionDeniedError))
@@ -314,6 +317,7 @@ class NameCache:
             for (label, _), (value, error) in zip(key_jobs, run([job for _, job in key_jobs])):
                 if error is not None:
                     failed.append(f"{label}: {error}")
+                    refused += isinstance(error, PermissionDeniedError)
                     keys_complete = False
                 else:
                     keys.update(value[0])
@@ -333,19 +337,26 @@ class NameCache:
             ((users, error),) = users_outcome()
         if error is not None:
             failed.append(f"users: {error}")
+            refused += isinstance(error, PermissionDeniedError)
         else:
             new_users = {**owners, **users}
         self._publish(new_projects, new_keys, new_users, new_service_accounts, owners)
         self.refreshes += 1
         now = self.clock()
         if failed:
+            # only refusals (a key without a listing's scope, which `check` reports): asked again at
+            # the next refresh, not every few minutes (every listing again, and a warning each time)
+            only_refused = refused == len(failed)
+            wait = self.refresh_interval if only_refused else self.retry_after_failure
+            said = only_refused and failed == self.failures  # the same refusals as last time
             self.failures = failed
             # cut short by a stop: the collector stores nothing more, so no document lacks a name
             # (a warning here was a second line after `collect`'s one-line reason for stopping)
-            level = logging.DEBUG if self._stop is not None and self._stop.is_set() else logging.WARNING
+            stopping = self._stop is not None and self._stop.is_set()
+            level = logging.DEBUG if stopping or said else logging.WARNING
             log.log(level, "names: %d listing(s) failed, documents may lack names until the next try "
-                    "in %.0fs: %s", len(failed), self.retry_after_failure, failed[0])
-            self._next_refresh = now + self.retry_after_failure
+                    "in %.0fs: %s", len(failed), wait, failed[0])
+            self._next_refresh = now + wait
         else:
             self.failures = []
             self._next_refresh = now + self.refresh_interval

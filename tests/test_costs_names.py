@@ -293,6 +293,42 @@ def test_a_failed_listing_is_tried_again_after_the_short_back_off(simulator):
         cache.close()
 
 
+def test_a_refused_listing_is_asked_again_at_the_next_refresh_and_said_once(simulator, caplog):
+    """A key without a listing's scope (403: `check` warns that the names it gives are lost) is
+    refused at every try: the whole set of listings (71 requests in a large organization) used to
+    be made again every RETRY_AFTER_FAILURE, each time with a WARNING, all day long. A refusal is
+    asked again at the next refresh, said at WARNING once; a short failure still backs off briefly."""
+    import logging
+
+    from agent_input.names import RETRY_AFTER_FAILURE
+    from agent_input.simulator import FaultRule
+
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/users", count=None,
+                                  message="Missing scopes: api.organization.users.read."))
+    cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    with caplog.at_level(logging.DEBUG, logger="agent_input.names"):
+        cache.ready()
+        assert cache.refreshes == 1 and any("users" in f for f in cache.failures)
+        for _ in range(12):  # an hour of polls, one every 5 minutes
+            simulator.advance(RETRY_AFTER_FAILURE + 1)
+            cache.ready()
+            assert cache.wait_for_refresh(30)
+        assert cache.refreshes == 2, "refused listings are asked again at the next refresh"
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "listing(s) failed" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    key = next(k for k in simulator.org.keys if k.owner_type == "user")
+    assert cache.project_name(key.project_id) and cache.api_key_name(key.id) == key.name
+    # a 5xx beside the refusal: the short back-off again
+    simulator.add_fault(FaultRule(kind="500", path="/v1/organization/projects", count=1))
+    simulator.advance(3601)
+    cache.ready()
+    assert cache.wait_for_refresh(30) and cache.refreshes == 3
+    simulator.advance(RETRY_AFTER_FAILURE + 1)
+    cache.ready()
+    assert cache.wait_for_refresh(30) and cache.refreshes == 4
+    cache.close()
+
+
 def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulator):
     from agent_input.simulator import FaultRule
 
