@@ -1,7 +1,8 @@
 """Names, not only ids: project names, user emails and API key names for usage, costs and limits.
 
 One `NameCache` is shared by every stream's collector (thread-safe). It lists the organization's
-projects, users and each project's API keys at most once per `names_refresh_interval` and
+projects, users and each project's API keys at most once per `names_refresh_interval` (sooner
+when documents name an id it lacks: a project or key created since, see EARLY_REFRESH_AFTER) and
 `enrich(doc)` adds `openai.base.project_name`, `openai.base.user_email` and
 `openai.base.api_key_name` where it knows the id.
 
@@ -45,6 +46,10 @@ RETRY_AFTER_FAILURE = 300.0  # seconds before a failed listing is tried again
 # list up to 64 projects' keys in one round (16 took four; at 150 ms the large organization's
 # names were in at 0.95 s instead of 0.6 s). Once an hour, at most 64 requests at a time.
 LISTING_WORKERS = 64
+# A project, key or user id that the names do not have (created since the last listing) brings the
+# next refresh forward to this long after the last one, once per id: their documents went out
+# without names until the hourly refresh.
+EARLY_REFRESH_AFTER = 300.0
 
 
 class NameCache:
@@ -74,6 +79,9 @@ class NameCache:
         self._owners: dict[str, str] = {}
         self._service_accounts: frozenset[str] = frozenset()  # key owners that are not users
         self._next_refresh: float | None = None  # None: never loaded
+        self._listed_at: float | None = None  # when the last refresh ended
+        self._asked: set[str] = set()  # ids not named that brought a refresh forward (once each)
+        self._early = False  # an id not named was met since the last refresh began
         self._keys_loaded = threading.Event()  # first load: projects and every project's keys are in
         self._all_loaded = threading.Event()  # first load: done (users too), whatever failed
         # One refresh at a time (it also owns the client). A later refresh's thread holds it from
@@ -171,6 +179,7 @@ class NameCache:
             # refresh() swaps whole dicts, never mutates them: one consistent set, read at once
             with self._maps_lock:
                 projects, users, keys = self._projects, self._users, self._keys
+            unknown: list[str] = []
             for doc in docs:
                 base = doc.get("openai", {}).get("base")
                 if not isinstance(base, dict):
@@ -179,6 +188,8 @@ class NameCache:
                 name = projects.get(value) if type(value) is str else None
                 if name:
                     base["project_name"] = name
+                elif type(value) is str and value and value not in projects:
+                    unknown.append(value)
                 value = base.get("user_id")
                 if type(value) is str:
                     name = users.get(value)
@@ -188,14 +199,32 @@ class NameCache:
                         name = users.get(value)
                     if name:
                         base["user_email"] = name
+                    elif value and value not in users and value not in self._service_accounts:
+                        unknown.append(value)
                 value = base.get("api_key_id")
                 name = keys.get(value) if type(value) is str else None
                 if name:
                     base["api_key_name"] = name
+                elif type(value) is str and value and value not in keys:
+                    unknown.append(value)
+            if unknown:
+                self._refresh_early(unknown)
         except StoppedError:
             raise  # stopped while waiting: nothing is stored without its names
         except Exception as exc:  # noqa: BLE001 - enrichment must never cost a document
             log.warning("names: enrichment skipped: %s", exc)
+
+    def _refresh_early(self, ids: list[str]) -> None:
+        """Bring the next refresh forward for ids the names lack (each id once)."""
+        with self._maps_lock:
+            new = set(ids) - self._asked
+            if not new or self._listed_at is None:
+                return  # asked before, or the first load (which lists them) is not over
+            self._asked |= new
+            self._early = True
+            due = self._listed_at + EARLY_REFRESH_AFTER
+            if self._next_refresh is not None and due < self._next_refresh:
+                self._next_refresh = due
 
     # -- refresh -------------------------------------------------------------------------------
     def ensure_fresh(self) -> None:
@@ -259,6 +288,8 @@ class NameCache:
             self._all_loaded.set()
 
     def _refresh(self) -> None:
+        with self._maps_lock:
+            self._early = False  # ids met from here on may be created after this listing
         failed: list[str] = []
         refused = 0  # of them, refused (403): a missing scope, which a retry in minutes does not give
         first = not self._all_loaded.is_set()  # publish in two steps (see the module docstring)
@@ -360,6 +391,10 @@ class NameCache:
         else:
             self.failures = []
             self._next_refresh = now + self.refresh_interval
+        with self._maps_lock:
+            self._listed_at = now
+            if self._early:  # an id not named was met while this refresh ran: it may not have it
+                self._next_refresh = min(self._next_refresh, now + EARLY_REFRESH_AFTER)
         log.debug("names: %d projects, %d users, %d api keys", len(self._projects), len(self._users),
                   len(self._keys))
 

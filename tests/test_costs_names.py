@@ -329,6 +329,46 @@ def test_a_refused_listing_is_asked_again_at_the_next_refresh_and_said_once(simu
     cache.close()
 
 
+def test_a_project_or_key_created_after_a_listing_is_named_within_minutes_not_an_hour(simulator):
+    """Usage of a project or key the last listing did not have (created since) brings the next
+    refresh forward to EARLY_REFRESH_AFTER after the last one: its documents used to go out without
+    names until the hourly refresh. An id no listing has (a deleted key) asks for it once only."""
+    from agent_input.names import EARLY_REFRESH_AFTER
+    from agent_input.simulator.org import ApiKey, Project
+
+    org = simulator.org
+    cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    cache.ready()
+    user = org.users[0]
+    project = Project(id="proj_created_later", name="Created later", created_at=int(simulator.now()),
+                      archived_at=None, users=[(user.id, "owner", int(simulator.now()))])
+    key = ApiKey(id="key_created_later", name="fresh", project_id=project.id, owner_type="user", owner_id=user.id,
+                 created_at=int(simulator.now()), weight=1.0, redacted_value="sk-proj-ab***cdef")
+    project.keys.append(key.id)
+    org.projects.append(project)
+    org.projects_by_id[project.id] = project
+    org.keys.append(key)
+    org.keys_by_id[key.id] = key
+
+    def names():
+        doc = _doc(project_id=project.id, api_key_id=key.id, user_id=user.id)
+        cache.ready()
+        assert cache.wait_for_refresh(30)
+        cache.enrich_all([doc])
+        return doc["openai"]["base"].get("project_name"), doc["openai"]["base"].get("api_key_name")
+
+    assert names() == (None, None) and cache.refreshes == 1  # not listed yet: asks for an early refresh
+    simulator.advance(EARLY_REFRESH_AFTER + 1)
+    names()  # starts it
+    assert names() == ("Created later", "fresh") and cache.refreshes == 2
+    for _ in range(3):  # an id no listing has asks once, not every few minutes
+        cache.enrich_all([_doc(api_key_id="key_deleted")])
+        simulator.advance(EARLY_REFRESH_AFTER + 1)
+        names()
+    assert cache.refreshes == 3
+    cache.close()
+
+
 def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulator):
     from agent_input.simulator import FaultRule
 
