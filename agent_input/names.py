@@ -10,8 +10,8 @@ Enrichment runs before a document is stored in the outbox, so a replayed batch s
 what it was. A lookup never blocks or drops usage data: when a listing fails, the names it would
 have given are simply absent (the previous, stale names are kept) and the next attempt is made
 after a short back-off (at the next refresh when every failed listing was refused, 403: a scope
-the key lacks is not granted in minutes, and each attempt lists everything again). Only the first load makes callers wait (once, bounded by a client with few
-retries), so the first poll's documents carry names. A later refresh runs in the background, on one
+the key lacks is not granted in minutes, and each attempt lists everything again). Only the first load makes callers wait (once, bounded by a client with a few
+quick retries), so the first poll's documents carry names. A later refresh runs in the background, on one
 thread (the first caller to find the cache stale starts it; the others, and that caller, go on at
 once with the names they have), and publishes its maps all at once when it ends: a slow or hanging
 listing holds up no stream's pages, and a failed one leaves the old names in place.
@@ -40,6 +40,8 @@ log = logging.getLogger("agent_input.names")
 
 PAGE_LIMIT = 100  # the list endpoints' maximum
 RETRY_AFTER_FAILURE = 300.0  # seconds before a failed listing is tried again
+# retries of one listing request (full jitter, 0.5 s doubling, capped at 2 s: at most 5.5 s of waits)
+NAMES_MAX_RETRIES = 4
 # Users and every project's API keys are listed concurrently: with 50 projects the listings were
 # the longest chain of dependent requests in a backfill (71 round trips one after another). The
 # first documents wait for the keys (see above), and no page is mapped before them: 64 workers
@@ -99,10 +101,12 @@ class NameCache:
     @classmethod
     def from_config(cls, config, clock: Callable[[], float] = time.time,
                     stop: threading.Event | None = None) -> "NameCache":
-        # Few retries and a short back-off: a name lookup must never hold usage data up for long.
+        # A short back-off: a name lookup must never hold usage data up for long. Enough retries to
+        # ride out a blip, though (at most ~5 s of waits, once): the first load's names are on the
+        # first backfill's documents for good, and its next try comes after a `--once` run ended.
         def make() -> AdminApiClient:
-            return AdminApiClient.from_config(config, max_retries=min(config.max_retries, 2), backoff_cap=2.0,
-                                              stop=stop)
+            return AdminApiClient.from_config(config, max_retries=min(config.max_retries, NAMES_MAX_RETRIES),
+                                              backoff_cap=2.0, stop=stop)
 
         return cls(make(), refresh_interval=config.names_refresh_interval, clock=clock, client_factory=make,
                    stop=stop)

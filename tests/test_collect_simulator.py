@@ -415,19 +415,21 @@ def other_org():
     sim.stop()
 
 
-def _org_config(url: str, key: str, *, usage: bool = True, rate_limits: bool = True) -> dict:
+def _org_config(url: str, key: str, *, usage: bool = True, rate_limits: bool = True, max_retries: int = 1) -> dict:
     streams = {s.name: {"enabled": False} for s in USAGE_STREAMS}
     if usage:
         streams["completions"] = {"initial_interval": "2h"}
     streams.update(audit={"initial_interval": "2h"}, rate_limits={"enabled": rate_limits}, costs={"enabled": usage})
-    return {"url": url, "api_key": key, "max_retries": 1, "data_streams": streams}
+    return {"url": url, "api_key": key, "max_retries": max_retries, "data_streams": streams}
 
 
-def _collect_with(sim, key: str, state: Path, out: Path, *, usage: bool = True, rate_limits: bool = True) -> int:
+def _collect_with(sim, key: str, state: Path, out: Path, *, usage: bool = True, rate_limits: bool = True,
+                  max_retries: int = 1) -> int:
     """One `run(once=True)` of every stream, as `collect --once` builds it."""
     from agent_input import app
 
-    config = config_from_dict(_org_config(sim.base_url, key, usage=usage, rate_limits=rate_limits), env={})
+    config = config_from_dict(_org_config(sim.base_url, key, usage=usage, rate_limits=rate_limits,
+                                          max_retries=max_retries), env={})
     output = NdjsonFileOutput(out)
     collection = app.build(config, state_dir=state, output=output, clock=sim.now)
     try:
@@ -922,3 +924,22 @@ def test_a_short_5xx_on_the_name_cache_s_projects_listing_does_not_hold_a_whole_
     simulator.add_fault(FaultRule(kind="500", path="*/organization/projects", count=6))
     assert collect(tmp_path / "b.ndjson") == 0
     assert (tmp_path / "b.ndjson").read_bytes()
+
+
+def test_a_short_5xx_blip_on_the_projects_listing_does_not_leave_the_first_backfill_unnamed(simulator, tmp_path):
+    """The first load of the names is the only one that holds pages up, and it gave up after three
+    attempts (about a second): a 503 on the projects listing for three requests left every
+    document of a new directory's first backfill without a project or key name, for good (the
+    next try was five minutes later, after a `--once` run had ended). It rides out a short blip."""
+    import json
+
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    simulator.add_fault(FaultRule(kind="503", path="*/organization/projects", count=4))
+    # the default max_retries (8): the streams' own requests would ride out far more than this
+    assert _collect_with(simulator, ADMIN_KEY, state, out, rate_limits=False, max_retries=8) == 0
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    usage = [d for d in docs if d.get("openai", {}).get("base", {}).get("project_id")]
+    assert usage, "the backfill delivered no usage with a project"
+    assert all(d["openai"]["base"].get("project_name") for d in usage)
