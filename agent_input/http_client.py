@@ -52,6 +52,8 @@ USER_AGENT = f"openai-elastic/{__version__} python-requests/{requests.__version_
 _SCOPE = r"[a-z0-9_]+(?:\.[a-z0-9_]+)+"
 _SCOPE_RE = re.compile(rf"(?i)missing scopes?:?\s*({_SCOPE}(?:\s*,\s*{_SCOPE})*)")
 _SCOPE_TOKEN_RE = re.compile(r"\bapi\.[a-z_]+(?:\.[a-z_]+)+\b")
+# a token like a scope that is a host name (api.openai.com in a proxy's page or a link), not a scope
+_HOST_END_RE = re.compile(r"\.(?:com|org|net|io|ai|dev|co)$")
 
 
 class ApiError(Exception):
@@ -92,8 +94,10 @@ class PermissionDeniedError(ApiError):
         m = _SCOPE_RE.search(self.message)
         if m:
             return m.group(1).replace(" ", "")
-        m = _SCOPE_TOKEN_RE.search(self.message)
-        return m.group(0) if m else None
+        for m in _SCOPE_TOKEN_RE.finditer(self.message):
+            if not _HOST_END_RE.search(m.group(0)) and self.message[m.end():m.end() + 1] != "/":
+                return m.group(0)
+        return None
 
     @property
     def refusal(self) -> str:

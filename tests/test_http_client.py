@@ -200,6 +200,23 @@ def test_403_without_scope(client):
     assert "permission denied" in str(info.value) and "Audit logging" in str(info.value)
 
 
+@pytest.mark.parametrize("body", [
+    {"json": err("Access to api.openai.com is denied by your network's policy.")},
+    {"body": "<html><title>403 Forbidden</title>Blocked: https://api.openai.com/v1/organization</html>"},
+])
+@responses.activate
+def test_403_naming_the_api_host_is_not_a_missing_scope(client, body):
+    """A 403 whose text names the API's host (a proxy's block page, a message with a link) was read
+    as the key lacking "the api.openai.com scope": check and the logs sent the user after a scope
+    that does not exist, and the rate limits stream stopped as for a missing scope."""
+    responses.get(URL, status=403, **body)
+    with pytest.raises(PermissionDeniedError) as info:
+        client.get_json(PATH)
+    assert info.value.missing_scope is None
+    assert info.value.refusal == "permission denied"
+    assert "api.openai.com scope" not in str(info.value)
+
+
 @responses.activate
 def test_404_and_400_not_retried(client, sleep):
     responses.get(URL, status=404, json=err("Project not found", "not_found"))
