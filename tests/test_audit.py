@@ -1105,3 +1105,97 @@ def _json_loads(text):
     import json as _json
 
     return _json.loads(text or "{}")
+
+
+def test_a_kept_refusal_whose_reason_changed_is_said_again(simulator, tmp_path, caplog):
+    """A kept refusal is quiet only when the answer is the same one: a new process refused for
+    another reason (audit logging turned off since the key's scope was granted, a 404 instead of a
+    403 on the tenant scope) says so, for each scope, or the user acts on a stale reason."""
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", count=None,
+                                  message="Missing scopes: api.audit_logs.read."))
+    said, _ = _one_process(simulator, state, out, caplog, int(T0), lambda col, store: None)
+    assert len(said) == 1 and "api.audit_logs.read" in said[0]
+    simulator.clear_faults()
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", count=None,
+                                  message="Audit logging is not enabled for this organization."))
+    said, forbidden = _one_process(simulator, state, out, caplog, int(T0) + 300, lambda col, store: col.forbidden)
+    assert len(said) == 1 and "not enabled" in said[0] and "not enabled" in forbidden, said
+
+    state2 = tmp_path / "state2"
+    simulator.clear_faults()
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", query="tenant_only=true", count=None))
+    said, _ = _one_process(simulator, state2, out, caplog, int(T0) + 600, lambda col, store: None)
+    assert len(said) == 1 and "403" in said[0]
+    simulator.clear_faults()
+    simulator.add_fault(FaultRule(kind="404", path="/v1/organization/audit_logs", query="tenant_only=true", count=None))
+    said, refused = _one_process(simulator, state2, out, caplog, int(T0) + 900, lambda col, store: col.tenant_refused)
+    assert len(said) == 1 and "404" in said[0] and "404" in refused, said
+
+
+def test_a_stop_before_asking_keeps_the_organization_refusal(simulator, tmp_path, caplog):
+    """A process stopped (SIGTERM) before its first poll asked anything has not seen the log
+    readable: the kept refusal stays, and no "readable again" is said (the next process would
+    otherwise log the same refusal as news)."""
+    from agent_input.audit import KV_REFUSED
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    simulator.add_fault(FaultRule(kind="403", path="/v1/organization/audit_logs", count=None))
+    _one_process(simulator, state, out, caplog, int(T0), lambda col, store: None)
+    col, store, output, client = _collector(simulator, state, out)
+    kept = store.get(KV_REFUSED)
+    assert kept
+    col.stop.set()
+    with caplog.at_level(logging.INFO, logger="agent_input.audit"):
+        caplog.clear()
+        col.poll(T0 + 300)
+    assert not any("readable again" in r.getMessage() for r in caplog.records)
+    assert store.get(KV_REFUSED) == kept and col.forbidden
+    assert simulator.faults.rules()[0]["fired"] == 1
+    for c in (output, store, client):
+        c.close()
+
+
+@pytest.mark.parametrize("record", ["null", "[1, 2]", "7", '"403"', '{"at": 5}', "not json"])
+def test_a_refusal_record_that_is_not_ours_to_read_is_asked(simulator, tmp_path, record):
+    """A refusal record that is not an object with `at` and `why` (another version's, damaged) is
+    no refusal: the stream asks and collects rather than fail every poll."""
+    from agent_input.audit import KV_REFUSED, KV_TENANT_REFUSED
+
+    col, store, output, client = _collector(simulator, tmp_path / "state", tmp_path / "audit.ndjson")
+    store.commit_events("audit", b"", 0, {KV_REFUSED: record, KV_TENANT_REFUSED: record})
+    simulator.set_time(T0)
+    stats = col.poll(T0)
+    assert stats.errors == [] and stats.events > 0
+    assert col.forbidden is None and col.tenant_refused is None
+    for c in (output, store, client):
+        c.close()
+
+
+def test_an_unread_mark_starts_the_first_read_at_it_without_the_overlap(tmp_path):
+    """The first read after a refusal starts at the would-be start, like a first run's (no
+    OVERLAP before it: that is before the window asked for); a mark moved since the record was
+    written (by a release that does not know it) is an ordinary mark, read from with the overlap."""
+    from agent_input.audit import KV_UNREAD, OVERLAP
+
+    api = _AuditListing([])
+    cfg = _config(batch_size=100)
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=api.get_json),
+                         Delivery(store, output), clock=lambda: api.now)
+    start = int(T0 - DAY)
+    store.commit_events("audit", b"", 0, {KV_HWM: str(start), KV_UNREAD: json.dumps({KV_HWM: str(start)})})
+    api.now = int(T0) + 600
+    col.poll(api.now)
+    assert api.slices[0][0] == start
+    moved = int(T0) - HOUR  # the record says `start`, the mark is elsewhere: it was read from
+    store.commit_events("audit", b"", 0, {KV_HWM: str(moved), KV_UNREAD: json.dumps({KV_HWM: str(start)})})
+    api.slices.clear()
+    api.now = int(T0) + 900
+    col.poll(api.now)
+    assert api.slices[0][0] == moved - OVERLAP
+    output.close()
+    store.close()
