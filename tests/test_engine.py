@@ -1421,3 +1421,48 @@ def test_the_held_back_re_send_leaves_a_stream_s_half_written_batch_file_alone(t
     assert len(files_after_replay[0]) == 1, "stream a's batch file was removed before its row was written"
     assert sorted(s for s, _ in output.sent) == ["a", "audit"]
     assert store.pending_count() == 0
+
+
+def test_delivered_before_keeps_what_an_inner_poll_delivered_and_counts_it_once():
+    """A width left behind polled inside the stream's poll delivered pages, then failed: what it
+    delivered is in the outer poll's note (the run's totals count it); the same note made again
+    with the same stats adds nothing twice."""
+    from agent_input.engine import PollStats, delivered_before
+
+    exc = RuntimeError("a later page's 5xx")
+    inner = PollStats(requests=2, pages=2, events=30)
+    assert delivered_before(exc, inner) is exc and exc.delivered is inner
+    outer = PollStats(requests=1, pages=1, events=5)
+    delivered_before(exc, outer)
+    assert exc.delivered is outer and (outer.requests, outer.pages, outer.events) == (3, 3, 35)
+    delivered_before(exc, outer)
+    assert (outer.requests, outer.pages, outer.events) == (3, 3, 35)
+
+
+@pytest.mark.parametrize("kind", ["stream-stopped", "output", "api-5xx", "refused", "requests-only"])
+def test_a_failed_poll_s_delivered_part_is_in_the_run_s_totals_once(kind):
+    """What a poll delivered before it failed is counted in the totals (collect --once's summary),
+    whichever way it failed, requests made without a document too; its notes (errors) are not
+    added beside the failure's own."""
+    from agent_input.engine import Engine, PollStats, StreamStopped, delivered_before
+    from agent_input.http_client import ApiError, PermissionDeniedError
+    from agent_input.outputs import OutputError
+
+    exc = {"stream-stopped": StreamStopped("cannot go on"), "output": OutputError("disk full"),
+           "api-5xx": ApiError(500, "server error"), "refused": PermissionDeniedError(403, "Missing scopes: a.b"),
+           "requests-only": ApiError(502, "bad gateway")}[kind]
+    done = PollStats(requests=3, pages=3, events=0 if kind == "requests-only" else 40,
+                     errors=["rate_limits: skipped 2 projects"])
+
+    class Failing:
+        name, interval = "completions", 300
+
+        def poll(self, now):
+            raise delivered_before(exc, done)
+
+    engine = Engine([Failing()], SimpleNamespace(replay_pending=lambda: 0))
+    engine.run(once=True)
+    totals = engine.totals["completions"]
+    assert (totals.requests, totals.pages, totals.events) == (3, 3, done.events)
+    assert "rate_limits: skipped 2 projects" not in totals.errors
+    assert "completions" in engine.failed
