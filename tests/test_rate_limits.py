@@ -469,3 +469,75 @@ def test_the_workers_429s_count_in_the_stream_s_throttled_figure(simulator, tmp_
     assert not stats.errors and simulator.stats()["faults"] == {"429": 3}
     assert col.client.stats.throttled == 3
     assert col.client.stats.retry_after_seconds_total == 3.0
+
+
+def test_projects_refused_for_different_scopes_are_a_line_each_and_do_not_stop_the_stream(simulator, tmp_path,
+                                                                                         caplog):
+    """Only one missing scope refusing every project is the key's refusal: projects refused for
+    two different scopes are two lines, each naming its scope, and the stream goes on (a failed
+    cycle), not stopped naming one scope as if it were the only one missing."""
+    import logging
+
+    from agent_input.simulator import FaultRule
+
+    projects = [p for p in simulator.org.projects if p.archived_at is None]
+    assert len(projects) >= 3
+    simulator.add_fault(FaultRule(kind="403", path=f"projects/{projects[0].id}/rate_limits", count=None,
+                                  message=SCOPE_403.replace("api.management.read", "api.projects.read")))
+    simulator.add_fault(FaultRule(kind="403", path="*/rate_limits", count=None, message=SCOPE_403))
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out)
+    with caplog.at_level(logging.WARNING, logger="agent_input.rate_limits"):
+        stats = col.poll(T0)  # no raise: the stream is not stopped
+    for c in closing:
+        c.close()
+    lines = sorted(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
+    assert len(lines) == 2, lines
+    assert any("api.projects.read" in ln and projects[0].id in ln and "api.management.read" not in ln for ln in lines)
+    assert any(f"skipped {len(projects) - 1} projects" in ln and "api.management.read" in ln for ln in lines)
+    assert any("the rate limits of all" in e for e in stats.errors)
+
+
+def test_alike_failures_are_the_same_kind_status_and_scope_and_only_one_scope_stops():
+    """The grouping of failures into one line (and the stop): the same missing scope is alike
+    whatever the code; other failures are alike only with the same status and code; a 403 that
+    names no scope (a project's own restriction) or a mix of kinds is no reason to stop."""
+    from agent_input.http_client import NotFoundError
+    from agent_input.rate_limits import _alike, _refused_for_a_scope
+
+    def scope(s, code=None):
+        return PermissionDeniedError(403, f"Missing scopes: {s}.", code, "/p")
+
+    assert _alike(scope("api.management.read", "a")) == _alike(scope("api.management.read", "b"))
+    assert _alike(scope("api.management.read")) != _alike(scope("api.projects.read"))
+    assert _alike(PermissionDeniedError(403, "not allowed")) != _alike(scope("api.management.read"))
+    assert _alike(NotFoundError(404, "gone", "project_not_found")) != _alike(NotFoundError(404, "gone", "other"))
+
+    def grouped(*errors):
+        refusals: dict = {}
+        for n, exc in enumerate(errors):
+            refusals.setdefault(_alike(exc), []).append((f"proj_{n}", exc))
+        return _refused_for_a_scope(refusals)
+
+    stop = grouped(scope("api.management.read"), scope("api.management.read"))
+    assert stop is not None and stop.missing_scope == "api.management.read" and "(2 project(s))" in stop.message
+    assert grouped(PermissionDeniedError(403, "not allowed"), PermissionDeniedError(403, "not allowed")) is None
+    assert grouped(scope("api.management.read"), NotFoundError(404, "gone")) is None
+    assert grouped(scope("api.management.read"), scope("api.projects.read")) is None
+
+
+def test_a_line_for_projects_failed_alike_names_their_count_and_first_ids():
+    from agent_input.http_client import NotFoundError
+    from agent_input.rate_limits import SKIPPED_IDS_SHOWN, _skipped
+
+    exc = PermissionDeniedError(403, "Missing scopes: api.management.read.", None, "/p")
+    assert _skipped([("proj_a", exc)]) == f"rate_limits: skipped project proj_a: {exc}"
+    two = _skipped([("proj_a", exc), ("proj_b", exc)])
+    assert two.startswith("rate_limits: skipped 2 projects (proj_a, proj_b): the key lacks the api.management.read")
+    ids = [f"proj_{n}" for n in range(SKIPPED_IDS_SHOWN + 1)]
+    shown = _skipped([(p, exc) for p in ids[:SKIPPED_IDS_SHOWN]])
+    assert f"({', '.join(ids[:SKIPPED_IDS_SHOWN])})" in shown and "..." not in shown
+    more = _skipped([(p, exc) for p in ids])
+    assert f"({', '.join(ids[:SKIPPED_IDS_SHOWN])}, ...)" in more and ids[-1] not in more
+    gone = NotFoundError(404, "not found", None, "/p")
+    assert _skipped([("proj_a", gone), ("proj_b", gone)]) == f"rate_limits: skipped 2 projects (proj_a, proj_b): first: {gone}"
