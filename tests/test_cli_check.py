@@ -350,3 +350,31 @@ def test_the_tests_do_not_depend_on_the_developers_environment():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+@responses.activate
+def test_costs_alone_probes_the_api_key_names_its_documents_carry(tmp_path):
+    """costs documents carry openai.base.api_key_name (and the project's name): with costs the only
+    stream enabled, a key that may not list a project's API keys is still a warning, with OpenAI's
+    own reason."""
+    responses.get(f"{BASE}/v1/organization/costs", json=OK)
+    responses.get(f"{BASE}/v1/organization/projects", json={**OK, "data": [{"id": "proj_1"}]})
+    responses.get(f"{BASE}/v1/organization/projects/proj_1/api_keys", status=403, json=refused("api.management.read"))
+    result = run(tmp_path, only("costs"))
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if "/api_keys:" in line)
+    assert "warning: 403: the key lacks the api.management.read scope" in line
+    assert "(You have insufficient permissions for this operation. Missing scopes: api.management.read.)" in line
+
+
+@responses.activate
+def test_a_name_listing_not_found_is_a_failure_not_a_warning(tmp_path):
+    """Only a refusal (403) of a name listing is what the collector goes on without: a 404 (a
+    wrong url, a proxy) fails check as any other probe's."""
+    responses.get(f"{BASE}/v1/organization/usage/completions", json=OK)
+    responses.get(f"{BASE}/v1/organization/users", status=404,
+                  json={"error": {"message": "Not found", "type": "invalid_request_error", "param": None, "code": None}})
+    result = run(tmp_path, only("completions"))
+    assert result.exit_code == 1, result.output
+    line = next(line for line in result.output.splitlines() if "/v1/organization/users:" in line)
+    assert "warning" not in line and "check FAILED" in stderr(result)
