@@ -65,6 +65,8 @@ def per_project(docs: Iterable[Mapping[str, Any]], *, now: Any = None,
         width = flat.get("openai.base.bucket_width")
         if width not in (None, "1m"):
             continue
+        if flat.get("openai.completions.batch") is True:
+            continue  # Batch API usage: limited by the batch queue, not per minute
         recent = since is None or _time(flat["@timestamp"]).timestamp() >= since
         if not recent and flat.get("openai.rate_limits.model") is None:
             continue  # usage older than the usage window

@@ -5,7 +5,9 @@ The rate limit headroom semantics (the seed's, made correction-safe):
 1. Usage and limits are read together from the usage data streams and `openai.rate_limits`.
 2. Both sides are keyed on the exact project id and the model with a trailing dated snapshot
    suffix stripped: `REPLACE(model, "-[0-9]{4}-[0-9]{2}-[0-9]{2}$", "")`.
-3. Usage is SUMMED per project, model and 1-minute bucket. This is what makes correction
+3. Batch API usage (completions with `batch: true`) is left out: OpenAI limits batches separately
+   (their queue, `batch_1_day_max_input_tokens`), never against TPM/RPM.
+   Usage is SUMMED per project, model and 1-minute bucket. This is what makes correction
    documents (`openai.base.revision` >= 1, carrying only differences) add up to the latest count;
    no single document is ever read as a minute's total. Only 1m buckets count (a 1h/1d bucket would
    smear the peak); documents without a width (the seed's collector) are taken as 1m.
@@ -84,6 +86,8 @@ def _per_project_core(sources: Sources, usage_minutes: int | None = None) -> lis
     lines = [
         sources.from_clause([*HEADROOM_USAGE_DATASETS, "rate_limits"]),
         "| WHERE openai.base.bucket_width IS NULL OR openai.base.bucket_width == \"1m\"",
+        # Batch API usage has limits of its own (the batch queue), not the per-minute ones
+        "| WHERE openai.completions.batch IS NULL OR openai.completions.batch == false",
     ]
     if recent:
         # usage only from the last usage_minutes; limit documents from the whole look-back

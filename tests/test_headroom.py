@@ -121,6 +121,24 @@ def test_limit_changing_within_window_is_stabilized_as_max():
     assert (row["tpm_limit"], row["tpm_utilization"]) == (400, 0.125)
 
 
+def test_batch_usage_does_not_count_against_the_per_minute_limits():
+    """OpenAI's Batch API has limits of its own (`batch_1_day_max_input_tokens`, the queue),
+    separate from the per-minute ones: a batch job finishing a million tokens in a minute is not
+    TPM or RPM pressure. Completions are grouped by `batch`, so its documents are left out."""
+    batch = usage("completions", T0, "p", "gpt-4o-mini-2024-07-18", tokens=1_000_000, requests=500)
+    batch["openai"]["completions"] = {"batch": True}
+    sync = usage("completions", T0, "p", "gpt-4o-mini-2024-07-18", tokens=20_000, requests=20)
+    sync["openai"]["completions"] = {"batch": False}
+    docs = [batch, sync, usage("completions", T1, "p", "gpt-4o-mini", tokens=30_000, requests=30),  # no batch field
+            limit(T0, "p", "gpt-4o-mini", tpm=200_000, rpm=500)]
+    (row,) = H.per_project(docs)
+    assert (row["peak_tpm"], row["peak_rpm"]) == (30_000, 30)
+    assert H.alerts(docs) == [] and H.alerts(docs, "rpm") == []
+    assert H.alerts(docs, now=T1, usage_minutes=15) == []
+    for q in (Q.headroom_per_project(), Q.headroom_org_wide(), Q.headroom_rule("tpm"), Q.headroom_rule("rpm")):
+        assert "| WHERE openai.completions.batch IS NULL OR openai.completions.batch == false" in q.splitlines()
+
+
 def test_corrections_can_lower_a_minute():
     docs = [usage("completions", T0, "p", "m", tokens=90), usage("completions", T0, "p", "m", tokens=-30, revision=1),
             usage("completions", T1, "p", "m", tokens=70), limit(T0, "p", "m", tpm=100)]
