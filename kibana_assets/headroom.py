@@ -55,6 +55,7 @@ def per_project(docs: Iterable[Mapping[str, Any]], *, now: Any = None,
     used: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # (pm, minute) -> u -> sum
     used_seen: dict[tuple, set] = defaultdict(set)  # which units had a non-null value
     limits: dict[tuple, dict[str, int]] = defaultdict(dict)
+    latest: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # u -> (minute, MAX limit of that minute)
     recent_limits: dict[tuple, dict[str, int]] = defaultdict(dict)
     keys: set[tuple] = set()
     for doc in docs:
@@ -89,11 +90,16 @@ def per_project(docs: Iterable[Mapping[str, Any]], *, now: Any = None,
             lim = flat.get(limit_field)
             if lim is not None:
                 limits[pm][u] = max(limits[pm].get(u, lim), lim)
+                last = latest[pm].get(u)
+                if last is None or (minute, lim) > last:
+                    latest[pm][u] = (minute, lim)
                 if recent:
                     recent_limits[pm][u] = max(recent_limits[pm].get(u, lim), lim)
     rows = []
     for pm in sorted(keys):
-        lim = {**limits.get(pm, {}), **recent_limits.get(pm, {})}  # per unit: recent, else any
+        # per unit: the MAX of the usage window, else (the rules) the latest limit, (panels) the MAX
+        known = {u: v for u, (_, v) in latest.get(pm, {}).items()} if since is not None else limits.get(pm, {})
+        lim = {**known, **recent_limits.get(pm, {})}
         if not lim:
             continue  # usage without any limit: nothing to divide by
         row: dict[str, Any] = {"project_id": pm[0], "model": pm[1]}

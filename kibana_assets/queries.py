@@ -23,8 +23,10 @@ The rate limit headroom semantics (the seed's, made correction-safe):
    over the SUM of per-project limits: an indicative `limit (aggregate)` and
    `utilization (approx.)`, never a real throttle boundary.
 9. The rules (not the panels) look back further for limits than for usage: usage is the last 15
-   minutes (filtered inside the query with NOW()), the limit the MAX over those minutes, else over
-   the rule's longer window (--stale-after + 10m): the last known limits, until the stale rule fires.
+   minutes (filtered inside the query with NOW()), the limit the MAX over those minutes, else the
+   latest limit in the rule's longer window (--stale-after + 10m): the last known limits, until the
+   stale rule fires. (Not the MAX over that window: a limit lowered shortly before the limits
+   stopped would be read at its old, higher value.)
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ HEADROOM_USAGE_DATASETS = (
 )
 SNAPSHOT_SUFFIX_REGEX = "-[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 DEFAULT_THRESHOLD = 0.8
+# The rules' last known limit is the one of the latest minute that has one. ES|QL (8.18) has no
+# "value at the latest time" aggregation, so each minute's limit is packed behind its minute
+# number (minutes since the epoch * LIMIT_AT_SCALE + limit), MAX picks the latest, and the modulo
+# unpacks it. A limit is far below LIMIT_AT_SCALE, and the packed value fits a long until 2100.
+LIMIT_AT_SCALE = 100_000_000_000
 
 # unit -> (usage field summed per minute, limit field, short name)
 UNITS = {
@@ -80,8 +87,10 @@ def _per_project_core(sources: Sources, usage_minutes: int | None = None) -> lis
     Without `usage_minutes` (the panels) the dashboard time range is the window for both sides.
     With it (the rules), the rule's time window is the longer *limits look-back* and the query
     itself keeps usage to the last `usage_minutes`; the limit is the MAX over those same minutes
-    when any arrived, else the MAX over the look-back (the last known limits, until the stale rule
-    takes over). So a stalled rate-limits collection does not silence the headroom rules."""
+    when any arrived, else the latest one in the look-back (the last known limits, until the stale
+    rule takes over). So a stalled rate-limits collection does not silence the headroom rules.
+    "The last known limits" is the limit of the latest minute that has one, not the MAX over the
+    look-back."""
     recent = f"@timestamp >= NOW() - {usage_minutes} minutes" if usage_minutes else None
     lines = [
         sources.from_clause([*HEADROOM_USAGE_DATASETS, "rate_limits"]),
@@ -110,15 +119,25 @@ def _per_project_core(sources: Sources, usage_minutes: int | None = None) -> lis
             + [f"{u}_lim = MAX({limit})" for u, (_, limit, _) in UNITS.items()]
             + rec("{u}_lim_recent = MAX({u}_recent)")
         ) + " BY project_model, minute",
+    ]
+    if recent:
+        # each minute's limit packed behind the minute, so that MAX gives the latest one
+        lines.append("| EVAL " + ", ".join(
+            f"{u}_lim_at = CASE({u}_lim IS NOT NULL, TO_LONG(minute) / 60000 * {LIMIT_AT_SCALE} + {u}_lim)"
+            for u in UNITS))
+    lines += [
         # 2. peak minute per project and model; limit stabilized as the max in the window
         "| STATS " + ", ".join(
             [f"peak_{u} = MAX({u}_used)" for u in UNITS]
             + [f"{u}_limit = MAX({u}_lim)" for u in UNITS]
             + rec("{u}_limit_recent = MAX({u}_lim_recent)")
+            + rec("{u}_limit_last = MAX({u}_lim_at)")
         ) + " BY project_model",
     ]
     if recent:
-        lines.append("| EVAL " + ", ".join(f"{u}_limit = COALESCE({u}_limit_recent, {u}_limit)" for u in UNITS))
+        # the MAX over the usage window (the seed's), else the latest limit of the look-back
+        lines.append("| EVAL " + ", ".join(
+            f"{u}_limit = COALESCE({u}_limit_recent, {u}_limit_last % {LIMIT_AT_SCALE})" for u in UNITS))
     lines += [
         "| WHERE " + " OR ".join(f"{u}_limit IS NOT NULL" for u in UNITS),
         "| EVAL " + ", ".join(f"peak_{u} = COALESCE(peak_{u}, 0)" for u in UNITS),

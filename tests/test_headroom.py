@@ -307,7 +307,11 @@ def test_rule_query_text_matches_the_rule_model():
     assert "| WHERE openai.rate_limits.model IS NOT NULL OR @timestamp >= NOW() - 15 minutes" in q
     for u, (_, field, _) in Q.UNITS.items():
         assert any(f"{u}_recent = CASE(@timestamp >= NOW() - 15 minutes, {field})" in line for line in q)
-        assert any(f"{u}_limit = COALESCE({u}_limit_recent, {u}_limit)" in line for line in q)
+        # else the latest limit of the look-back: packed behind its minute, MAX, unpacked
+        assert any(f"{u}_lim_at = CASE({u}_lim IS NOT NULL, TO_LONG(minute) / 60000 * {Q.LIMIT_AT_SCALE} + {u}_lim)"
+                   in line for line in q)
+        assert any(f"{u}_limit_last = MAX({u}_lim_at)" in line for line in q)
+        assert any(f"{u}_limit = COALESCE({u}_limit_recent, {u}_limit_last % {Q.LIMIT_AT_SCALE})" in line for line in q)
     # the panels keep the seed's semantics: the dashboard time range is the window for both sides
     assert "NOW()" not in Q.headroom_per_project() and "NOW()" not in Q.headroom_org_wide()
 
@@ -376,6 +380,34 @@ def test_with_the_defaults_a_stalled_collection_is_never_silent(unit):
     assert silent("p::gpt-4o", bool) == []
     # the stale alert does end: a stream turned off stops alerting after the horizon
     assert stale(stop + (o.stale_window_minutes + 1) * MIN) == []
+
+
+def test_the_last_known_limit_is_the_latest_not_the_highest_in_the_look_back():
+    """A project's limit lowered (an admin edited it), then limits stop arriving: once none is
+    left in the usage window, the rule compares usage with the limit that arrived last, not with
+    the higher one from before the change that is still in its look-back. With the MAX, a project
+    at 95% of its real limit read 47.5% for 45 minutes, and the rule's alert delay never passed
+    before the stale rule took over, 70 minutes without an alert."""
+    use = lambda t: usage("completions", iso(t), "p", "gpt-4o", tokens=9_500, requests=95)  # noqa: E731
+    lim = lambda t, tpm: limit(iso(t), "p", "gpt-4o", tpm=tpm, rpm=100)  # noqa: E731
+    docs = [lim(NOW - m * MIN, 20_000) for m in range(60, 30, -5)] + [lim(NOW - m * MIN, 10_000) for m in (30, 25)]
+    docs += [use(NOW - m * MIN) for m in range(0, 5)]
+    (row,) = H.per_project(docs, now=NOW, usage_minutes=15)
+    assert (row["tpm_limit"], row["tpm_utilization"]) == (10_000, 0.95)
+    # the panels keep the seed's MAX over the dashboard's time range
+    (row,) = H.per_project(docs)
+    assert row["tpm_limit"] == 20_000
+    # minute by minute: the headroom rule or the stale rule, never neither
+    rules = {r.id: r for r in K.rules()}
+    head, stale_rule = rules[K.RULE_ID_HEADROOM_TPM], rules[K.RULE_ID_LIMITS_STALE]
+    stop = NOW
+    docs = []
+    for t in range(stop - 3 * 60 * MIN, stop + 1, COLLECTION_INTERVAL_MIN * MIN):
+        docs += [limit(iso(t), "p", "gpt-4o", tpm=20_000 if t < stop - 30 * MIN else 10_000), status(iso(t))]
+    for t in range(stop - 3 * 60 * MIN, stop + 3 * 60 * MIN, MIN):
+        docs.append(usage("completions", iso(t), "p", "gpt-4o", tokens=9_500))
+    _, _, silent = _watched(docs, head, stale_rule, H.limits_stale)
+    assert silent("p::gpt-4o", bool) == []
 
 
 def test_a_stopped_collector_is_not_hidden_by_another_organization_s():
