@@ -84,6 +84,9 @@ class NameCache:
         self._listed_at: float | None = None  # when the last refresh ended
         self._asked: set[str] = set()  # ids not named that brought a refresh forward (once each)
         self._early = False  # an id not named was met since the last refresh began
+        # the kinds of id ("projects", "keys", "users") whose listing the last refresh was refused
+        # (403): a refresh sooner cannot name them, so their ids bring none forward
+        self._refused: frozenset[str] = frozenset()
         self._keys_loaded = threading.Event()  # first load: projects and every project's keys are in
         self._all_loaded = threading.Event()  # first load: done (users too), whatever failed
         # One refresh at a time (it also owns the client). A later refresh's thread holds it from
@@ -183,6 +186,7 @@ class NameCache:
             # refresh() swaps whole dicts, never mutates them: one consistent set, read at once
             with self._maps_lock:
                 projects, users, keys = self._projects, self._users, self._keys
+                refused = self._refused
             unknown: list[str] = []
             for doc in docs:
                 base = doc.get("openai", {}).get("base")
@@ -192,7 +196,7 @@ class NameCache:
                 name = projects.get(value) if type(value) is str else None
                 if name:
                     base["project_name"] = name
-                elif type(value) is str and value and value not in projects:
+                elif type(value) is str and value and value not in projects and "projects" not in refused:
                     unknown.append(value)
                 value = base.get("user_id")
                 if type(value) is str:
@@ -203,13 +207,14 @@ class NameCache:
                         name = users.get(value)
                     if name:
                         base["user_email"] = name
-                    elif value and value not in users and value not in self._service_accounts:
+                    elif (value and value not in users and value not in self._service_accounts
+                          and "users" not in refused):
                         unknown.append(value)
                 value = base.get("api_key_id")
                 name = keys.get(value) if type(value) is str else None
                 if name:
                     base["api_key_name"] = name
-                elif type(value) is str and value and value not in keys:
+                elif type(value) is str and value and value not in keys and "keys" not in refused:
                     unknown.append(value)
             if unknown:
                 self._refresh_early(unknown)
@@ -296,6 +301,7 @@ class NameCache:
             self._early = False  # ids met from here on may be created after this listing
         failed: list[str] = []
         refused = 0  # of them, refused (403): a missing scope, which a retry in minutes does not give
+        refused_kinds: set[str] = set()
         first = not self._all_loaded.is_set()  # publish in two steps (see the module docstring)
 
         def list_users() -> dict[str, str]:
@@ -337,7 +343,9 @@ class NameCache:
                             projects[p["id"]] = p["name"]
             except ApiError as exc:
                 failed.append(f"projects: {exc}")
-                refused += isinstance(exc, PermissionDeniedError)
+                if isinstance(exc, PermissionDeniedError):
+                    refused += 1
+                    refused_kinds |= {"projects", "keys"}  # no project, no key listing
                 projects = None
                 if guard is not None:
                     guard.unavailable(str(exc), forbidden=isinstance(exc, PermissionDeniedError))
@@ -352,7 +360,9 @@ class NameCache:
             for (label, _), (value, error) in zip(key_jobs, run([job for _, job in key_jobs])):
                 if error is not None:
                     failed.append(f"{label}: {error}")
-                    refused += isinstance(error, PermissionDeniedError)
+                    if isinstance(error, PermissionDeniedError):
+                        refused += 1
+                        refused_kinds.add("keys")
                     keys_complete = False
                 else:
                     keys.update(value[0])
@@ -372,7 +382,9 @@ class NameCache:
             ((users, error),) = users_outcome()
         if error is not None:
             failed.append(f"users: {error}")
-            refused += isinstance(error, PermissionDeniedError)
+            if isinstance(error, PermissionDeniedError):
+                refused += 1
+                refused_kinds.add("users")
         else:
             new_users = {**owners, **users}
         self._publish(new_projects, new_keys, new_users, new_service_accounts, owners)
@@ -396,7 +408,7 @@ class NameCache:
             self.failures = []
             self._next_refresh = now + self.refresh_interval
         with self._maps_lock:
-            self._listed_at = now
+            self._listed_at, self._refused = now, frozenset(refused_kinds)
             if self._early:  # an id not named was met while this refresh ran: it may not have it
                 self._next_refresh = min(self._next_refresh, now + EARLY_REFRESH_AFTER)
         log.debug("names: %d projects, %d users, %d api keys", len(self._projects), len(self._users),

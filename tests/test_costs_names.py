@@ -369,6 +369,31 @@ def test_a_project_or_key_created_after_a_listing_is_named_within_minutes_not_an
     cache.close()
 
 
+@pytest.mark.parametrize("refused, doc", [
+    ("/v1/organization/users", lambda i: _doc(user_id=f"user_not_listed_{i}")),
+    ("/v1/organization/projects", lambda i: _doc(project_id=f"proj_not_listed_{i}", api_key_id=f"key_{i}")),
+])
+def test_ids_of_a_refused_listing_do_not_bring_refreshes_forward(simulator, refused, doc):
+    """A key refused a listing (403, a scope `check` warns about) is asked again at the next
+    refresh, not every few minutes. But every id that listing would have named is unknown, and
+    each new one brought the next refresh, every listing again, forward to 5 minutes: a day of
+    users (or projects) met for the first time re-listed everything up to 12 times an hour."""
+    from agent_input.names import EARLY_REFRESH_AFTER
+    from agent_input.simulator import FaultRule
+
+    simulator.add_fault(FaultRule(kind="403", path=refused, count=None, message="Missing scopes: api.x.read."))
+    cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    cache.ready()
+    assert cache.refreshes == 1 and cache.failures
+    for i in range(12):  # an hour: a document of an id not seen before every 5 minutes
+        cache.enrich_all([doc(i)])
+        simulator.advance(EARLY_REFRESH_AFTER + 1)
+        cache.ready()
+        assert cache.wait_for_refresh(30)
+    assert cache.refreshes == 2, "only the regular refresh"
+    cache.close()
+
+
 def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulator):
     from agent_input.simulator import FaultRule
 
