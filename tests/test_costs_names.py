@@ -708,6 +708,145 @@ def test_a_failed_key_listing_keeps_the_email_a_key_gave_its_owner(failing):
     assert cache.api_key_name("key-1") == "key" and cache.user_email("user-member") == "member@example.com"
     assert cache.user_email("user-gone") == "gone@example.com", "a failed listing keeps the previous names"
 
+class _EarlyApi:
+    """Projects, keys and users a test can change; a listing can fail or be held up."""
+
+    def __init__(self):
+        from agent_input.http_client import RetriesExhaustedError
+
+        self.error = RetriesExhaustedError
+        self.projects = {"proj-1": "one", "proj-2": "two"}
+        self.keys = {"proj-1": [("key-1", "user-gone", "gone@example.com")],
+                     "proj-2": [("key-2", "user-old", "old@example.com")]}
+        self.service_accounts = {"proj-1": [("key-sa", "svc-1")]}
+        self.users = {"user-member": "member@example.com"}
+        self.failing: set[str] = set()
+        self.hold = threading.Event()
+        self.hold.set()
+
+    def get_json(self, path, params):
+        if any(path.endswith(f) for f in self.failing):
+            raise self.error(503, "down", None, path)
+        if path.endswith("/organization/users"):
+            self.hold.wait(30)
+            data = [{"id": i, "email": e} for i, e in self.users.items()]
+        elif path.endswith("/organization/projects"):
+            data = [{"id": i, "name": n} for i, n in self.projects.items()]
+        else:
+            pid = path.split("/")[-2]
+            data = [{"id": k, "name": k, "owner": {"type": "user", "user": {"id": u, "email": e}}}
+                    for k, u, e in self.keys.get(pid, [])]
+            data += [{"id": k, "name": k, "owner": {"type": "service_account", "service_account": {"id": sa}}}
+                     for k, sa in self.service_accounts.get(pid, [])]
+        return {"object": "list", "data": data, "has_more": False, "last_id": None}
+
+    def close(self):
+        pass
+
+
+def _early_cache(api, now, **kwargs):
+    cache = NameCache(api, refresh_interval=3600, clock=lambda: now[0], **kwargs)
+    return cache
+
+
+@pytest.mark.parametrize("doc", [_doc(project_id="proj-new"), _doc(api_key_id="key-new"), _doc(user_id="user-new")])
+def test_an_id_not_named_brings_the_refresh_forward_once_after_the_first_load(doc):
+    """Each kind of id the maps lack moves the next refresh to EARLY_REFRESH_AFTER after the last
+    listing; one met before the first load ended (which lists it) is asked for once it has."""
+    import copy
+
+    from agent_input.names import EARLY_REFRESH_AFTER
+
+    now = [1000.0]
+    cache = _early_cache(_EarlyApi(), now)
+    if "user_id" not in doc["openai"]["base"]:  # (a user id waits for the first load's users)
+        cache.enrich_all([copy.deepcopy(doc)])  # before the first load: not a reason, not forgotten either
+    cache.ensure_fresh()
+    assert cache._next_refresh == 1000.0 + 3600
+    now[0] = 1100.0
+    cache.enrich_all([copy.deepcopy(doc)])
+    assert cache._next_refresh == 1000.0 + EARLY_REFRESH_AFTER
+
+
+def test_a_key_owner_that_is_a_service_account_brings_no_refresh_forward():
+    now = [1000.0]
+    cache = _early_cache(_EarlyApi(), now)
+    cache.ensure_fresh()
+    cache.enrich_all([_doc(user_id="svc-1", project_id="proj-1", api_key_id="key-sa")])
+    assert cache._next_refresh == 1000.0 + 3600
+
+
+@pytest.mark.parametrize("failing, after", [(set(), 3600.0), ({"/api_keys"}, 60.0)])
+def test_an_id_met_while_a_refresh_runs_brings_the_next_one_forward(failing, after):
+    """The refresh that was running may have listed before the id was created: the next one comes
+    EARLY_REFRESH_AFTER after it ends, or sooner when a failure's back-off is shorter."""
+    from agent_input.names import EARLY_REFRESH_AFTER
+
+    now, api = [1000.0], _EarlyApi()
+    cache = _early_cache(api, now, retry_after_failure=60.0)
+    cache.ensure_fresh()
+    api.hold.clear()
+    api.failing = failing
+    now[0] = 1000.0 + 3600
+    cache.ensure_fresh()  # a background refresh, held up in the users listing
+    cache.enrich_all([_doc(project_id="proj-new")])
+    now[0] = 5000.0
+    api.hold.set()
+    assert cache.wait_for_refresh(30) and cache.refreshes == 2
+    assert cache._next_refresh == 5000.0 + min(after, EARLY_REFRESH_AFTER)
+
+
+def test_a_short_failure_said_the_same_way_twice_is_still_a_warning(caplog):
+    """Only refusals (403) are said once: a 5xx is a WARNING at each try."""
+    import logging
+
+    now, api = [0.0], _EarlyApi()
+    api.failing = {"/organization/users"}
+    cache = _early_cache(api, now)
+    with caplog.at_level(logging.DEBUG, logger="agent_input.names"):
+        cache.ensure_fresh()
+        now[0] = 301.0
+        cache.ensure_fresh()
+        assert cache.wait_for_refresh(30) and cache.refreshes == 2
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "listing(s) failed" in r.getMessage()]
+    assert len(warned) == 2
+
+
+def test_key_owners_emails_follow_the_listings():
+    """A changed owner email is taken even when another project's keys could not be listed; a
+    deleted key's owner who is no member loses the email; the users listing wins over a key's."""
+    now, api = [0.0], _EarlyApi()
+    cache = _early_cache(api, now)
+    cache.ensure_fresh()
+    assert cache.user_email("user-old") == "old@example.com"
+    api.keys["proj-2"] = [("key-2", "user-old", "new@example.com")]
+    api.failing = {"proj-1/api_keys"}
+    now[0] = 3601.0
+    cache.ensure_fresh()
+    assert cache.wait_for_refresh(30) and cache.failures
+    assert cache.user_email("user-old") == "new@example.com"
+    assert cache.user_email("user-gone") == "gone@example.com"  # kept: its project's keys failed
+    api.failing = set()
+    api.keys["proj-1"] = []  # key-1 deleted
+    api.users["user-old"] = "member-now@example.com"
+    now[0] = 3601.0 * 2
+    cache.ensure_fresh()
+    assert cache.wait_for_refresh(30) and not cache.failures
+    assert cache.user_email("user-gone") is None
+    assert cache.user_email("user-old") == "member-now@example.com"
+
+
+def test_the_names_client_retries_as_few_times_as_the_configuration_says():
+    from agent_input.names import NAMES_MAX_RETRIES
+
+    for configured, expected in ((1, 1), (8, NAMES_MAX_RETRIES)):
+        config = config_from_dict({"url": "http://127.0.0.1:9", "api_key": ADMIN_KEY, "max_retries": configured},
+                                  env={})
+        cache = NameCache.from_config(config)
+        assert cache.client.max_retries == expected
+        cache.close()
+
+
 class _FakeOrgApi:
     """An Admin API with one project, one key and two users whose names a test can change, whose
     users listing a test can hold up and whose listings it can make fail."""

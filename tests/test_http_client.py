@@ -217,6 +217,18 @@ def test_403_naming_the_api_host_is_not_a_missing_scope(client, body):
     assert "api.openai.com scope" not in str(info.value)
 
 
+@pytest.mark.parametrize("message, scope", [
+    ("Blocked: see https://api.proxy.corp/deny", None),  # a host without a known top-level domain, then a path
+    ("Access to api.openai.com is refused: this key needs api.organization.read.", "api.organization.read"),
+    ("This key needs api.conversations.read.", "api.conversations.read"),  # ".co" inside a scope's word
+])
+def test_403_scope_tokens_beside_host_names(message, scope):
+    """A host name is skipped for the scope after it; a word that merely starts like a top-level
+    domain is still a scope, and a token that runs into a URL path is not."""
+    error = PermissionDeniedError(403, message, None, PATH)
+    assert error.missing_scope == scope
+
+
 @responses.activate
 def test_404_and_400_not_retried(client, sleep):
     responses.get(URL, status=404, json=err("Project not found", "not_found"))
