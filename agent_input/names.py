@@ -40,7 +40,8 @@ log = logging.getLogger("agent_input.names")
 
 PAGE_LIMIT = 100  # the list endpoints' maximum
 RETRY_AFTER_FAILURE = 300.0  # seconds before a failed listing is tried again
-# retries of one listing request (full jitter, 0.5 s doubling, capped at 2 s: at most 5.5 s of waits)
+# retries of one listing request (full jitter, 0.5 s doubling, capped at 2 s: at most 5.5 s of waits,
+# unless a 429's Retry-After asks for longer, which is honoured like any request's)
 NAMES_MAX_RETRIES = 4
 # Users and every project's API keys are listed concurrently: with 50 projects the listings were
 # the longest chain of dependent requests in a backfill (71 round trips one after another). The
@@ -105,7 +106,8 @@ class NameCache:
     def from_config(cls, config, clock: Callable[[], float] = time.time,
                     stop: threading.Event | None = None) -> "NameCache":
         # A short back-off: a name lookup must never hold usage data up for long. Enough retries to
-        # ride out a blip, though (at most ~5 s of waits, once): the first load's names are on the
+        # ride out a blip, though (~5 s of back-off at most, once; a 429's Retry-After is honoured
+        # as by any request): the first load's names are on the
         # first backfill's documents for good, and its next try comes after a `--once` run ended.
         def make() -> AdminApiClient:
             return AdminApiClient.from_config(config, max_retries=min(config.max_retries, NAMES_MAX_RETRIES),
@@ -403,14 +405,16 @@ class NameCache:
             level = logging.DEBUG if stopping or said else logging.WARNING
             log.log(level, "names: %d listing(s) failed, documents may lack names until the next try "
                     "in %.0fs: %s", len(failed), wait, failed[0])
-            self._next_refresh = now + wait
+            due = now + wait
         else:
             self.failures = []
-            self._next_refresh = now + self.refresh_interval
+            due = now + self.refresh_interval
+        # the due time and when it was listed change together: `_refresh_early` reads both
         with self._maps_lock:
             self._listed_at, self._refused = now, frozenset(refused_kinds)
             if self._early:  # an id not named was met while this refresh ran: it may not have it
-                self._next_refresh = min(self._next_refresh, now + EARLY_REFRESH_AFTER)
+                due = min(due, now + EARLY_REFRESH_AFTER)
+            self._next_refresh = due
         log.debug("names: %d projects, %d users, %d api keys", len(self._projects), len(self._users),
                   len(self._keys))
 
