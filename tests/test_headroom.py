@@ -582,3 +582,38 @@ def test_each_rule_returns_the_columns_its_reference_rows_have(unit):
         "project_model", "project_id", "model", f"peak_{unit}", f"{unit}_limit", f"{unit}_utilization"]
     assert sorted(esql.output_columns(Q.project_limits_failing_rule())) == sorted(
         ["project_id", "last_read", "minutes_since_read", "last_failure", "failures"])
+
+
+def _headroom_queries():
+    """Every query the headroom panels and rules run, by name."""
+    headroom = next(d for d in K.dashboards() if d.id == "openai-elastic-rate-limit-headroom")
+    from kibana_assets.validate import datasets_of_query
+
+    out = {f"panel {p.title}": p.query for p in headroom.panels
+           if set(Q.HEADROOM_USAGE_DATASETS) <= set(datasets_of_query(p.query))}
+    rules = {r.id: r for r in K.rules()}
+    for rid in (K.RULE_ID_HEADROOM_TPM, K.RULE_ID_HEADROOM_RPM):
+        out[f"rule {rules[rid].name}"] = rules[rid].query
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(_headroom_queries()))
+def test_every_field_a_headroom_query_names_is_mapped_on_each_dataset_it_reads(name):
+    """ES|QL fails a query naming a column that no index it reads maps ("Unknown column"). The
+    headroom reads six usage data streams and rate_limits, of which any may not exist yet (a
+    stream disabled or never used; a fresh organization with limits but no usage): each field it
+    names must resolve on each of them alone. `openai.rate_limits.*` fields on rate_limits (which
+    the headroom cannot do without); every other one on every dataset of the FROM, rate_limits too.
+    `openai.completions.batch` was mapped only on completions: an organization with embeddings
+    usage and no completions stream had failing headroom panels and rules."""
+    from kibana_assets import fields as F
+    from kibana_assets.validate import datasets_of_query
+
+    query = _headroom_queries()[name]
+    read = datasets_of_query(query)
+    assert sorted(read) == sorted([*Q.HEADROOM_USAGE_DATASETS, "rate_limits"])
+    unresolved = []
+    for ref in esql.field_references(query):
+        on = ["rate_limits"] if ref.startswith("openai.rate_limits.") else read
+        unresolved += [(ref, ds) for ds in on if ref not in F.field_types(ds)]
+    assert unresolved == []
