@@ -12,6 +12,7 @@ from agent_input.config import namespace_problem
 from . import elasticsearch as E
 from . import kibana as K
 from . import installer as I
+from . import queries as Q
 from .validate import validate_bundle
 
 _DURATION = re.compile(r"^([0-9]+)(d|h|m)$")  # ASCII digits: Python's \d also takes "３０"
@@ -115,8 +116,11 @@ def _rule_options(f):
                      help="Use this existing ILM policy instead of data stream lifecycle retention."),
         click.option("--headroom-threshold", type=click.FloatRange(0, 10), default=0.8, show_default=True,
                      callback=_finite, help="Utilization at which the headroom rules fire."),
-        click.option("--headroom-window", default="15m", show_default=True,
-                     help="Usage look-back of the headroom rules (the limits look back --stale-after + 10m)."),
+        click.option("--headroom-window", default=f"{Q.DEFAULT_USAGE_WINDOW_MINUTES}m", show_default=True,
+                     help="Usage look-back of the headroom rules (the limits look back --stale-after + 10m). "
+                          "The seed's 15m plus up to 6m before a minute is collected and 1m of margin, so one "
+                          "breaching minute is seen by the 3 runs the alert delay needs; add the usage "
+                          "streams' finalization grace when they have one."),
         click.option("--stale-after", default="1h", show_default=True,
                      help="Alert when no rate-limits collection succeeded, or one project's limits could "
                           "not be read, for this long (make it at least twice the rate_limits "

@@ -409,7 +409,7 @@ DEFAULT_STALE_HORIZON_MINUTES = 24 * 60
 @dataclass(frozen=True)
 class RuleOptions:
     headroom_threshold: float = Q.DEFAULT_THRESHOLD
-    headroom_window_minutes: int = Q.DEFAULT_USAGE_WINDOW_MINUTES  # usage look-back (the seed's 15m)
+    headroom_window_minutes: int = Q.DEFAULT_USAGE_WINDOW_MINUTES  # usage look-back (22m: the seed's 15m + lag)
     stale_after_minutes: int = Q.DEFAULT_STALE_AFTER_MINUTES
     # the stale rule's time window: it stops firing once the last collection is older than this
     # (a stream turned off), and never fires on a cluster that has no rate-limits collection.

@@ -22,8 +22,8 @@ The rate limit headroom semantics (the seed's, made correction-safe):
 8. Org-wide: per project first (exactly as above), then per model the SUM of per-project peaks
    over the SUM of per-project limits: an indicative `limit (aggregate)` and
    `utilization (approx.)`, never a real throttle boundary.
-9. The rules (not the panels) look back further for limits than for usage: usage is the last 15
-   minutes (filtered inside the query with NOW()), the limit the MAX over those minutes, else the
+9. The rules (not the panels) look back further for limits than for usage: usage is the last 22
+   minutes (the seed's 15 plus the collector's lag; filtered inside the query with NOW()), the limit the MAX over those minutes, else the
    latest limit in the rule's longer window (--stale-after + 10m): the last known limits, until the
    stale rule fires. (Not the MAX over that window: a limit lowered shortly before the limits
    stopped would be read at its old, higher value.)
@@ -208,7 +208,14 @@ def headroom_org_wide(sources: Sources = DEFAULT_SOURCES) -> str:
     return "\n".join(lines)
 
 
-DEFAULT_USAGE_WINDOW_MINUTES = 15
+# The rules' usage look-back. The seed's 15m is three times the 5-minute schedule, so that one
+# breaching minute would stay in view of the three consecutive runs the alert delay of 3 needs. But
+# a minute is searchable only after its bucket closed (1m) and the collector's next poll (the usage
+# streams poll every 5m), so with 15m it is in view for 15m less up to 6m: two runs, and a single
+# breaching minute never alerted. 22m = 5m (usage interval) + 1m (the bucket closing) + 15m (three
+# runs) + 1m for the seconds a poll takes and a run starts late. Add the collector's finalization
+# grace when it has one (`--headroom-window`). The panels keep the dashboard's time range.
+DEFAULT_USAGE_WINDOW_MINUTES = 22
 
 
 def headroom_rule(unit: str = "tpm", threshold: float = DEFAULT_THRESHOLD,
@@ -218,7 +225,8 @@ def headroom_rule(unit: str = "tpm", threshold: float = DEFAULT_THRESHOLD,
 
     The last STATS groups BY `project_model` (`<project_id>::<model>`), which Kibana's per-row
     alerting (8.19/9.1+) uses as the alert id. Tune with the `WHERE <unit>_utilization >= ...` line.
-    Usage is the last `usage_minutes` (the seed's 15); the rule's own time window is the longer
+    Usage is the last `usage_minutes` (22 by default, the seed's 15 plus the collector's lag: see
+    DEFAULT_USAGE_WINDOW_MINUTES); the rule's own time window is the longer
     limits look-back (see `_per_project_core`).
     """
     if unit not in UNITS:

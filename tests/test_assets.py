@@ -472,9 +472,10 @@ def test_headroom_rule_exactly_as_the_seed():
     assert body["alert_delay"] == {"active": 3}
     p = body["params"]
     assert p["searchType"] == "esqlQuery" and p["esqlQuery"]["esql"] == Q.headroom_rule("tpm")
-    # the seed's 15-minute usage window is inside the query; the rule's window is the limits
-    # look-back: --stale-after (60m) + 10m, so the last known limits outlast the stale rule's silence
-    assert "| WHERE openai.rate_limits.model IS NOT NULL OR @timestamp >= NOW() - 15 minutes" \
+    # the usage window (22m: the seed's 15m plus the collector's lag, so that one breaching minute
+    # is seen by 3 runs) is inside the query; the rule's window is the limits look-back:
+    # --stale-after (60m) + 10m, so the last known limits outlast the stale rule's silence
+    assert "| WHERE openai.rate_limits.model IS NOT NULL OR @timestamp >= NOW() - 22 minutes" \
         in p["esqlQuery"]["esql"].splitlines()
     assert (p["timeWindowSize"], p["timeWindowUnit"], p["timeField"]) == (70, "m", "@timestamp")
     assert p["threshold"] == [0] and p["thresholdComparator"] == ">"
@@ -523,6 +524,7 @@ def test_export_writes_the_whole_bundle(tmp_path):
     assert [o["type"] for o in objs] == ["index-pattern"] + ["dashboard"] * 4
     rule = json.loads((out / f"kibana/rules/{K.RULE_ID_HEADROOM_TPM}.json").read_text())
     assert rule["params"]["groupBy"] == "all"  # exported for 8.18
+    assert "@timestamp >= NOW() - 22 minutes" in rule["params"]["esqlQuery"]["esql"]  # the usage window
     tmpl = json.loads((out / "elasticsearch/index_templates/logs-openai.completions.json").read_text())
     assert tmpl["priority"] == E.TEMPLATE_PRIORITY
 

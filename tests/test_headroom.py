@@ -160,7 +160,7 @@ def test_queries_are_rendered_from_one_definition():
     per_project, rule = Q.headroom_per_project(), Q.headroom_rule("tpm")
     core = "\n".join(Q._per_project_core(Q.DEFAULT_SOURCES))
     assert core in per_project and core in Q.headroom_org_wide()
-    rule_core = "\n".join(Q._per_project_core(Q.DEFAULT_SOURCES, usage_minutes=15))
+    rule_core = "\n".join(Q._per_project_core(Q.DEFAULT_SOURCES, usage_minutes=22))
     assert rule_core in rule and rule_core in Q.headroom_rule("rpm")
     rules = {r.name: r for r in K.rules()}
     assert rules[K.HEADROOM_RULE_NAME].query == rule
@@ -617,3 +617,58 @@ def test_every_field_a_headroom_query_names_is_mapped_on_each_dataset_it_reads(n
         on = ["rate_limits"] if ref.startswith("openai.rate_limits.") else read
         unresolved += [(ref, ds) for ds in on if ref not in F.field_types(ds)]
     assert unresolved == []
+
+
+USAGE_INTERVAL_MIN = 5  # the usage streams' default interval (manifest.yml)
+POLL_SECONDS = 10  # a poll's own duration and the index refresh, before a bucket is searchable
+
+
+def _runs_seeing_one_breaching_minute(window_minutes, poll_wait, run_phase, late_shift=0):
+    """The longest streak of consecutive headroom rule runs (every 5 minutes, each 0, 5 or 20 s late)
+    that alert on a single breaching minute M (95% of the TPM limit; every other minute 10%). The
+    bucket [M, M+1m) is in the index only once it closed, at the collector's first poll from M+1m
+    on (`poll_wait` later, below one USAGE_INTERVAL_MIN), plus POLL_SECONDS: up to 6m10s after M.
+    A run sees it from then until M leaves the usage window (`NOW() - window`)."""
+    rule = next(r for r in K.rules(K.RuleOptions(headroom_window_minutes=window_minutes))
+                if r.id == K.RULE_ID_HEADROOM_TPM)
+    m = NOW
+    lag = MIN + poll_wait + POLL_SECONDS
+    docs = [(t, limit(iso(t), "p", "gpt-4o", tpm=10_000, rpm=100))  # (searchable from, document)
+            for t in range(m - 90 * MIN, m + 60 * MIN, COLLECTION_INTERVAL_MIN * MIN)]
+    docs += [(t + lag, usage("completions", iso(t), "p", "gpt-4o", tokens=9_500 if t == m else 1_000))
+             for t in range(m - 30 * MIN, m + 40 * MIN, MIN)]
+    streak = best = 0
+    for k in range(8):
+        now = m + run_phase + k * K.RULE_INTERVAL_MINUTES * MIN + RUN_LATE[(k + late_shift) % len(RUN_LATE)]
+        seen = [d for at, d in docs
+                if at <= now and now - rule.window_minutes * MIN <= H._time(d["@timestamp"]).timestamp() <= now]
+        fired = H.alerts(seen, "tpm", now=now, usage_minutes=window_minutes) == ["p::gpt-4o"]
+        streak = streak + 1 if fired else 0
+        best = max(best, streak)
+    return best
+
+
+POLL_WAITS = (0, 100, 200, USAGE_INTERVAL_MIN * MIN - 1)  # from the bucket's close to the next poll
+RUN_PHASES = range(3, K.RULE_INTERVAL_MINUTES * MIN, 10)
+RUN_LATE = (0, 5, 20)  # seconds a run starts late: Kibana's task manager, NOW() at query time
+
+
+def _worst(window_minutes):
+    return min(_runs_seeing_one_breaching_minute(window_minutes, w, r, s)
+               for w in POLL_WAITS for r in RUN_PHASES for s in range(len(RUN_LATE)))
+
+
+def test_one_breaching_minute_fires_the_headroom_rule_on_its_own():
+    """The seed: "one breaching minute stays in view across the three consecutive runs that the
+    alertDelay of 3 requires". With its 15-minute usage window it does not: the minute reaches the
+    index up to one usage interval plus the bucket's minute after it began, so it is in view for
+    15 minutes less that lag, two runs, and never alerts. The default window (22m) keeps it in
+    view of 3 runs whatever the phases of the collector's polls and the rule's runs; 21m would
+    leave no room for the seconds a poll takes and a run starts late."""
+    o = K.RuleOptions()
+    head = next(r for r in K.rules() if r.id == K.RULE_ID_HEADROOM_TPM)
+    assert head.alert_delay == 3 and head.interval == f"{K.RULE_INTERVAL_MINUTES}m"
+    assert o.headroom_window_minutes == Q.DEFAULT_USAGE_WINDOW_MINUTES == 22
+    assert f"@timestamp >= NOW() - {o.headroom_window_minutes} minutes" in head.query
+    assert _worst(15) < head.alert_delay and _worst(21) < head.alert_delay
+    assert _worst(o.headroom_window_minutes) >= head.alert_delay

@@ -396,6 +396,9 @@ def test_upgrade_updates_only_what_changed_and_keeps_rule_actions(stack):
     assert set(put) == {"name", "tags", "schedule", "params", "actions", "alert_delay"}
     assert put["actions"] == [{k: v for k, v in user_action.items() if k != "connector_type_id"}]
     assert "WHERE tpm_utilization >= 0.9" in put["params"]["esqlQuery"]["esql"]
+    # the default usage window: one breaching minute is seen by the 3 runs of the alert delay
+    assert "@timestamp >= NOW() - 22 minutes" in put["params"]["esqlQuery"]["esql"]
+    assert (put["params"]["timeWindowSize"], put["alert_delay"]) == (70, {"active": 3})
     assert stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"][0]["id"] == "my-connector"
     assert stack.rules[K.RULE_ID_HEADROOM_RPM]["enabled"] is False
 
