@@ -523,6 +523,12 @@ def test_parser_rejects_broken_esql_and_unknown_fields():
     # a field of another dataset does not count
     other = "FROM logs-openai.costs-*\n| STATS x = SUM(openai.base.usage_tokens)"
     assert query_problems("other", other)
+    # nor one mapped on another dataset of the FROM only: without that one's data stream, ES|QL
+    # fails the query ("Unknown column"; the usage overview's audio and tool call panels did)
+    some = "FROM logs-openai.completions-*, logs-openai.embeddings-*\n| STATS x = SUM(openai.completions.input_tokens)"
+    assert query_problems("some", some) == [
+        "some: references openai.completions.input_tokens, which embeddings does not map:"
+        " ES|QL fails (Unknown column) while no data stream that maps it exists"]
 
 
 def test_every_panel_and_rule_query_is_valid():
