@@ -26,11 +26,6 @@ def datasets_of_query(query: str) -> list[str]:
     return out
 
 
-# Field prefixes a query may name on these datasets alone. The headroom names the limits, mapped
-# on rate_limits only (for now): it fails without a rate_limits data stream.
-_ONLY_ON = {"openai.rate_limits.": ("rate_limits",)}
-
-
 def query_problems(name: str, query: str) -> list[str]:
     """Syntax errors and references to fields that a dataset the query reads does not map.
 
@@ -48,8 +43,7 @@ def query_problems(name: str, query: str) -> list[str]:
     types = {ds: F.field_types(ds) for ds in read}
     problems = []
     for r in refs:
-        on = next((only for prefix, only in _ONLY_ON.items() if r.startswith(prefix)), read)
-        missing = [ds for ds in read if ds in on and r not in types[ds]]
+        missing = [ds for ds in read if r not in types[ds]]
         if not read or len(missing) == len(read):
             problems.append(f"{name}: references {r}, which no dataset it reads maps")
         elif missing:
