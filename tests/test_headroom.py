@@ -135,6 +135,11 @@ def test_batch_usage_does_not_count_against_the_per_minute_limits():
     assert (row["peak_tpm"], row["peak_rpm"]) == (30_000, 30)
     assert H.alerts(docs) == [] and H.alerts(docs, "rpm") == []
     assert H.alerts(docs, now=T1, usage_minutes=15) == []
+    # a batch group's corrections (revision >= 1, the same group key) are left out as well
+    fix = usage("completions", T1, "p", "gpt-4o-mini-2024-07-18", tokens=900_000, requests=400, revision=1)
+    fix["openai"]["completions"] = {"batch": True}
+    (row,) = H.per_project([*docs, fix])
+    assert (row["peak_tpm"], row["peak_rpm"]) == (30_000, 30)
     for q in (Q.headroom_per_project(), Q.headroom_org_wide(), Q.headroom_rule("tpm"), Q.headroom_rule("rpm")):
         assert "| WHERE openai.completions.batch IS NULL OR openai.completions.batch == false" in q.splitlines()
 
@@ -300,6 +305,44 @@ def test_rule_model_keeps_the_last_known_limit_and_prefers_a_recent_one():
     # without now/usage_minutes (the panels): the seed's semantics, every document given counts
     (row,) = H.per_project([lim(NOW - 40 * MIN, 5000), lim(NOW - 10 * MIN, 1000), use(NOW - 20 * MIN, 990)])
     assert (row["tpm_limit"], row["peak_tpm"]) == (5000, 990)
+
+
+def test_rule_model_takes_the_max_of_the_usage_window_and_of_the_latest_minute():
+    """The ES|QL it models: a limit lowered *inside* the usage window still counts at its MAX
+    there (the seed's stabilization, COALESCE's first argument), and the last known limit is the
+    MAX of the latest minute that has one (the family and a dated snapshot collapse onto one key,
+    and MAX over the packed minute+limit picks the highest of that minute), whatever the order of
+    the documents."""
+    lim = lambda t, tpm, model="m": limit(iso(t), "p", model, tpm=tpm)  # noqa: E731
+    use = usage("completions", iso(NOW - 5 * MIN), "p", "m", tokens=900)
+    kw = {"now": NOW, "usage_minutes": 15}
+    (row,) = H.per_project([lim(NOW - 12 * MIN, 2000), lim(NOW - 8 * MIN, 1000), use], **kw)
+    assert row["tpm_limit"] == 2000
+    # the window's first minute is in it (`@timestamp >= NOW() - 15 minutes`), usage and limit alike
+    edge = [lim(NOW - 15 * MIN, 1000), usage("completions", iso(NOW - 15 * MIN), "p", "m", tokens=950)]
+    (row,) = H.per_project([lim(NOW - 40 * MIN, 5000), *edge], **kw)
+    assert (row["peak_tpm"], row["tpm_limit"]) == (950, 1000)
+    latest = [lim(NOW - 60 * MIN, 5000), lim(NOW - 30 * MIN, 800), lim(NOW - 30 * MIN, 1000, "m-2024-08-06")]
+    for docs in (latest, latest[::-1]):
+        (row,) = H.per_project([*docs, use], **kw)
+        assert (row["tpm_limit"], row["tpm_utilization"]) == (1000, 0.9)
+
+
+def test_the_packed_last_known_limit_keeps_the_latest_minute_and_its_limit():
+    """The rules pack each minute's limit behind the minute (`TO_LONG(minute) / 60000 *
+    LIMIT_AT_SCALE + limit`) so that MAX gives the latest minute's. A limit reaching the scale
+    would spill into the minute: a later minute with a lower limit would lose to an earlier one
+    with a higher limit, and `% LIMIT_AT_SCALE` would return a wrong limit. OpenAI's per-minute
+    limits reach hundreds of millions of tokens (and custom ones more): keep ample room, and the
+    packed value inside a signed long for this century."""
+    def pack(minute_ms, lim):
+        return minute_ms // 60000 * Q.LIMIT_AT_SCALE + lim
+
+    biggest = 10**10  # 10 billion per minute: far above any limit OpenAI publishes
+    t = 4102444800000  # 2100-01-01T00:00:00Z
+    assert pack(t + 60000, 1) > pack(t, biggest)
+    assert pack(t, biggest) % Q.LIMIT_AT_SCALE == biggest
+    assert pack(t, Q.LIMIT_AT_SCALE - 1) < 2**63
 
 
 def test_rule_query_text_matches_the_rule_model():
@@ -528,6 +571,12 @@ def test_parser_rejects_broken_esql_and_unknown_fields():
     some = "FROM logs-openai.completions-*, logs-openai.embeddings-*\n| STATS x = SUM(openai.completions.input_tokens)"
     assert query_problems("some", some) == [
         "some: references openai.completions.input_tokens, which embeddings does not map:"
+        " ES|QL fails (Unknown column) while no data stream that maps it exists"]
+    # the limits too: each dataset of the FROM, whatever its namespace (no field is exempt)
+    limits = ("FROM logs-openai.rate_limits-orga, logs-openai.costs-orga\n"
+              "| STATS x = MAX(openai.rate_limits.max_tokens_per_1_minute)")
+    assert query_problems("limits", limits) == [
+        "limits: references openai.rate_limits.max_tokens_per_1_minute, which costs does not map:"
         " ES|QL fails (Unknown column) while no data stream that maps it exists"]
 
 
