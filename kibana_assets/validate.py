@@ -40,8 +40,10 @@ def query_problems(name: str, query: str) -> list[str]:
     except esql.EsqlSyntaxError as exc:
         return [f"{name}: ES|QL syntax: {exc}"]
     read = datasets_of_query(query)
+    problems = [f"{name}: reads logs-openai.{ds}, a data stream no fields file defines"
+                for ds in read if ds not in F.datasets()]
+    read = [ds for ds in read if ds in F.datasets()]
     types = {ds: F.field_types(ds) for ds in read}
-    problems = []
     for r in refs:
         missing = [ds for ds in read if r not in types[ds]]
         if not read or len(missing) == len(read):

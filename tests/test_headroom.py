@@ -578,6 +578,11 @@ def test_parser_rejects_broken_esql_and_unknown_fields():
     assert query_problems("limits", limits) == [
         "limits: references openai.rate_limits.max_tokens_per_1_minute, which costs does not map:"
         " ES|QL fails (Unknown column) while no data stream that maps it exists"]
+    # a data stream the assets do not define (a typo) is a problem, not a FileNotFoundError
+    typo = "FROM logs-openai.completion-*\n| STATS x = SUM(openai.base.usage_tokens)"
+    assert query_problems("typo", typo) == [
+        "typo: reads logs-openai.completion, a data stream no fields file defines",
+        "typo: references openai.base.usage_tokens, which no dataset it reads maps"]
 
 
 def test_every_panel_and_rule_query_is_valid():
