@@ -650,24 +650,35 @@ def test_a_listing_whose_cursor_comes_back_is_a_failure_not_a_short_list():
     assert any("users" in f and "'user-1' came back a second time" in f for f in cache.failures), cache.failures
 
 
+class _OwnerOutsideUsersApi:
+    """One project, one key whose owner (user-gone) the users listing lacks; `failing` (a path
+    ending) answers 503 while `fail[0]` is set."""
+
+    def __init__(self, failing: str = "", fail: list | None = None):
+        self.failing, self.fail = failing, fail or [False]
+
+    def get_json(self, path, params):
+        from agent_input.http_client import RetriesExhaustedError
+
+        if self.fail[0] and path.endswith(self.failing):
+            raise RetriesExhaustedError(503, "down", None, path)
+        if path.endswith("/organization/users"):
+            data = [{"id": "user-member", "email": "member@example.com"}]
+        elif path.endswith("/organization/projects"):
+            data = [{"id": "proj-1", "name": "project"}]
+        else:
+            data = [{"id": "key-1", "name": "key",
+                     "owner": {"type": "user", "user": {"id": "user-gone", "email": "gone@example.com"}}}]
+        return {"object": "list", "data": data, "has_more": False, "last_id": None}
+
+    def close(self):
+        pass
+
+
 def test_a_key_owner_the_users_listing_lacks_keeps_the_email_its_key_gave():
     """A key's listing names its owner's email; a users listing without that user (a member
     removed while their key lives on, a listing of another moment) does not take the email away."""
-    class Api:
-        def get_json(self, path, params):
-            if path.endswith("/organization/users"):
-                data = [{"id": "user-member", "email": "member@example.com"}]
-            elif path.endswith("/organization/projects"):
-                data = [{"id": "proj-1", "name": "project"}]
-            else:
-                data = [{"id": "key-1", "name": "key",
-                         "owner": {"type": "user", "user": {"id": "user-gone", "email": "gone@example.com"}}}]
-            return {"object": "list", "data": data, "has_more": False, "last_id": None}
-
-        def close(self):
-            pass
-
-    cache = NameCache(Api(), refresh_interval=3600, clock=lambda: 0.0)
+    cache = NameCache(_OwnerOutsideUsersApi(), refresh_interval=3600, clock=lambda: 0.0)
     cache.ensure_fresh()
     assert cache.failures == []
     assert cache.user_email("user-gone") == "gone@example.com"
@@ -679,27 +690,8 @@ def test_a_failed_key_listing_keeps_the_email_a_key_gave_its_owner(failing):
     """Emails that only a key's listing gives (its owner is not in the users listing) are kept,
     like the key names, when a later refresh cannot list the projects or that project's keys: a
     refresh whose users listing succeeded used to drop them, and documents lost the email."""
-    from agent_input.http_client import RetriesExhaustedError
-
     now, fail = [0.0], [False]
-
-    class Api:
-        def get_json(self, path, params):
-            if fail[0] and path.endswith(failing):
-                raise RetriesExhaustedError(503, "down", None, path)
-            if path.endswith("/organization/users"):
-                data = [{"id": "user-member", "email": "member@example.com"}]
-            elif path.endswith("/organization/projects"):
-                data = [{"id": "proj-1", "name": "project"}]
-            else:
-                data = [{"id": "key-1", "name": "key",
-                         "owner": {"type": "user", "user": {"id": "user-gone", "email": "gone@example.com"}}}]
-            return {"object": "list", "data": data, "has_more": False, "last_id": None}
-
-        def close(self):
-            pass
-
-    cache = NameCache(Api(), refresh_interval=3600, clock=lambda: now[0])
+    cache = NameCache(_OwnerOutsideUsersApi(failing, fail), refresh_interval=3600, clock=lambda: now[0])
     cache.ensure_fresh()
     assert cache.user_email("user-gone") == "gone@example.com"
     fail[0], now[0] = True, 3601.0
