@@ -189,7 +189,11 @@ def _install_stop_handlers(stop) -> None:
     millisecond apart, as `timeout` sends them to the process and to its group), or a signal
     while the main thread sets the event itself (`run` does), waited for that lock for ever, and
     the stream threads with it. The handler only puts the signal on a SimpleQueue (safe in a
-    handler: it is reentrant); a relay thread sets the event, and ends once the event is set."""
+    handler: it is reentrant); a relay thread sets the event, and ends once the event is set.
+
+    When the command returns (its click context closes), the previous handlers are put back and
+    the relay ends: a process that goes on (CliRunner, an embedding program, a test suite) gets
+    its Ctrl-C and SIGTERM back instead of setting a finished command's stop event."""
     import queue
     import signal
     import threading
@@ -199,9 +203,11 @@ def _install_stop_handlers(stop) -> None:
     def relay() -> None:
         while not stop.is_set():
             try:
-                signals.get(timeout=1.0)
+                signum = signals.get(timeout=1.0)
             except queue.Empty:
                 continue
+            if signum is None:  # the command returned: nothing more to relay
+                return
             stop.set()
 
     threading.Thread(target=relay, name="stop-signals", daemon=True).start()
@@ -209,8 +215,17 @@ def _install_stop_handlers(stop) -> None:
     def handler(signum, frame):
         signals.put(signum)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def give_back() -> None:
+        for sig, old in previous.items():
+            if old is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(sig, old)
+        signals.put(None)
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(give_back)
 
 
 ROTATE_KEEP = 5  # --rotate-keep's default

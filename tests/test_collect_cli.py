@@ -108,6 +108,52 @@ def test_a_signal_while_the_main_thread_holds_the_stop_event_s_lock_does_not_han
         signal.signal(signal.SIGTERM, saved[1])
 
 
+@pytest.mark.parametrize("command", ["collect", "run", "simulate"])
+def test_a_command_run_in_process_gives_the_signals_back_when_it_returns(monkeypatch, tmp_path, command):
+    """collect, run and simulate take SIGINT/SIGTERM for their stop and kept them after they
+    returned: in a process that goes on (CliRunner, an embedding program, this test suite) Ctrl-C
+    and SIGTERM then only set a finished command's stop event, and a relay thread per command
+    polled on for ever. After test_no_home_directory_and_no_state_dir_is_one_usage_line_not_a_traceback
+    had run, pytest itself ignored Ctrl-C and `timeout`'s SIGTERM."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    _no_home(monkeypatch)  # collect and run stop at their default state directory, after taking the signals
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config("http://127.0.0.1:9")))
+    if command == "run":  # run takes fd 1 for the protocol: keep the test runner's
+        import agent_input.protocol as protocol
+
+        monkeypatch.setattr(protocol.ProtocolWriter, "take_stdout",
+                            classmethod(lambda cls: cls(os.open(os.devnull, os.O_WRONLY))))
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    before = set(threading.enumerate())
+    try:
+        with socket.socket() as busy:  # simulate stops at a port in use
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            args = {"collect": ["collect", "--config", str(cfg), "--once"], "run": ["run"],
+                    "simulate": ["simulate", "--port", str(busy.getsockname()[1])]}[command]
+            result = CliRunner().invoke(main, args, input="")
+        assert result.exit_code in (1, 2), (result.output, result.exception)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == saved
+        relays = lambda: [t for t in set(threading.enumerate()) - before if t.name == "stop-signals"]  # noqa: E731
+        deadline = time.monotonic() + 10
+        while relays() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not relays(), "the command's signal relay thread outlived it"
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def test_progress_only_on_a_terminal():
     class Tty(io.StringIO):
         def isatty(self):
