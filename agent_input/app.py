@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import memory
 from .engine import Clock, Collector, Delivery, Engine, Progress, UsageCollector
@@ -18,6 +18,9 @@ from .org_guard import OrganizationGuard
 from .outputs import Output
 from .state import StateStore
 from .streams import STREAMS_BY_NAME
+
+if TYPE_CHECKING:
+    from .names import NameCache
 
 log = logging.getLogger("agent_input.app")
 
@@ -47,8 +50,11 @@ class Collection:
     engine: Engine
     store: StateStore
     clients: list[AdminApiClient]
+    names: NameCache | None = None  # its background listings end (and are waited for) first
 
     def close(self) -> None:
+        if self.names is not None:
+            self.names.close()
         for c in self.clients:
             c.close()
         self.store.close()
@@ -83,16 +89,20 @@ def build(
 
 def _build(config, store, output, stop, clock, progress, on_status, on_poll) -> Collection:
     clients: list[AdminApiClient] = []
+    caches: list = []  # the name cache, once made: its warm-up lists in the background
     try:
-        return _build_collectors(config, store, output, stop, clock, progress, on_status, on_poll, clients)
+        return _build_collectors(config, store, output, stop, clock, progress, on_status, on_poll, clients,
+                                 caches)
     except BaseException:
+        for cache in caches:  # the warm-up of a build that failed part way lists no more, and is waited for
+            cache.close()
         for client in clients:  # the sessions (and the names warm-up's pool) of a build that failed part way
             client.close()
         raise
 
 
 def _build_collectors(config, store, output, stop, clock, progress, on_status, on_poll,
-                      clients: list[AdminApiClient]) -> Collection:
+                      clients: list[AdminApiClient], caches: list) -> Collection:
     delivery = Delivery(store, output)
     collectors: list[Collector] = []
     common = dict(namespace=config.namespace, stop=stop, clock=clock)
@@ -109,6 +119,7 @@ def _build_collectors(config, store, output, stop, clock, progress, on_status, o
         names = NameCache.from_config(config, clock=clock, stop=stop)
         names.org_guard = guard  # its first projects listing is the check's: no request added
         clients.append(names.client)
+        caches.append(names)
         names.warm_up()  # the first listing overlaps the first usage requests
     elif guard is not None:
         guard.start()  # no name cache: the check lists the projects itself, beside the first requests
@@ -133,4 +144,4 @@ def _build_collectors(config, store, output, stop, clock, progress, on_status, o
         collectors.append(collector)
     engine = Engine(collectors, delivery, stop=stop, clock=clock, on_status=on_status, on_poll=on_poll,
                     guard=guard)
-    return Collection(engine, store, clients)
+    return Collection(engine, store, clients, names)

@@ -53,6 +53,9 @@ LISTING_WORKERS = 64
 # next refresh forward to this long after the last one, once per id: their documents went out
 # without names until the hourly refresh.
 EARLY_REFRESH_AFTER = 300.0
+# How long `close()` waits for a listing in flight to end (a request that hangs may take longer:
+# its thread is then left to end by itself).
+CLOSE_WAIT = 5.0
 
 
 class NameCache:
@@ -94,7 +97,9 @@ class NameCache:
         # the moment it is started until it ends: a plain Lock, released by that thread.
         self._refresh_lock = threading.Lock()
         self._refreshing: threading.Thread | None = None  # the latest background refresh
+        self._warming: threading.Thread | None = None  # warm_up's thread
         self._stop = stop  # once set, no background refresh is started
+        self._closed = threading.Event()  # set by close(): the same, for this cache only
         self._maps_lock = threading.Lock()
         # told the first load's projects listing (or why it failed): the state directory's
         # organization check (`org_guard.OrganizationGuard`) needs no listing of its own
@@ -120,6 +125,7 @@ class NameCache:
         """Start the first load now, in the background, so it overlaps the first usage requests
         instead of starting when the first page is mapped (enrich still waits for it once)."""
         thread = threading.Thread(target=self._warm_up, name="names-warm-up", daemon=True)
+        self._warming = thread
         thread.start()
         return thread
 
@@ -138,8 +144,20 @@ class NameCache:
         thread.join(timeout)
         return not thread.is_alive()
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_WAIT) -> None:
+        """End the background listings (the warm-up's, a refresh's: no request is started after
+        this, listings not begun are dropped), wait up to `timeout` for the ones in flight, and
+        close the client. Nothing of the cache asks the API after it (a collection's close, a
+        build that failed part way)."""
+        self._closed.set()
+        deadline = time.monotonic() + timeout
+        for thread in (self._warming, self._refreshing):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
         self.client.close()
+
+    def _stopping(self) -> bool:
+        return self._closed.is_set() or (self._stop is not None and self._stop.is_set())
 
     # -- lookups -------------------------------------------------------------------------------
     def project_name(self, project_id: str | None) -> str | None:
@@ -255,7 +273,7 @@ class NameCache:
             return
         # Stale: start a refresh in the background unless one is already running; this thread,
         # like every other, goes on with the names it has.
-        if self._stop is not None and self._stop.is_set():
+        if self._stopping():
             return
         if not self._refresh_lock.acquire(blocking=False):
             return
@@ -401,7 +419,7 @@ class NameCache:
             self.failures = failed
             # cut short by a stop: the collector stores nothing more, so no document lacks a name
             # (a warning here was a second line after `collect`'s one-line reason for stopping)
-            stopping = self._stop is not None and self._stop.is_set()
+            stopping = self._stopping()
             level = logging.DEBUG if stopping or said else logging.WARNING
             log.log(level, "names: %d listing(s) failed, documents may lack names until the next try "
                     "in %.0fs: %s", len(failed), wait, failed[0])
@@ -455,7 +473,7 @@ class NameCache:
             yield run_on_pool
         finally:
             # on a stop, listings not started yet are dropped (their futures are cancelled)
-            pool.shutdown(wait=True, cancel_futures=self._stop is not None and self._stop.is_set())
+            pool.shutdown(wait=True, cancel_futures=self._stopping())
             with self._maps_lock:  # the workers are gone: so are their sessions
                 clients, self._worker_clients = self._worker_clients, []
             for c in clients:
@@ -478,13 +496,11 @@ class NameCache:
             yield from (item for item in data if isinstance(item, Mapping))
 
     def _stoppable(self, get_json: Callable[..., dict]) -> Callable[..., dict]:
-        """`get_json`, refusing to start a request once the collector is stopping: a refresh lists
+        """`get_json`, refusing to start a request once the collector is stopping (or the cache is
+        closed): a refresh lists
         every project's keys and every user, and the process waits for its threads at exit."""
-        if self._stop is None:
-            return get_json
-
         def get(path: str, params: Mapping[str, Any]) -> dict:
-            if self._stop.is_set():
+            if self._stopping():
                 raise stopped("a names listing", path)
             return get_json(path, params)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import defaultdict
 
 import pytest
@@ -562,6 +563,32 @@ def test_build_gives_each_stream_its_own_client_and_the_clock_and_close_releases
     assert 1000.0 <= first < clock() < 1010.0
 
 
+def test_a_collection_closed_while_the_names_load_asks_nothing_more(simulator, tmp_path):
+    """`Collection.close()` closed the clients but left the names' warm-up listing every project's
+    keys on 64 workers, with clients of their own: its requests went on after close (and after
+    the test), into a later test's simulator or `responses` mock (a later test counted a
+    request to /v1/organization/projects/proj_.../api_keys that was not its own, in random order
+    under load). Close now ends the listings and waits for them."""
+    from agent_input import app
+
+    simulator.latency = 0.02  # the first load is still listing when close() comes
+    base = {"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 1}
+    every = [s.name for s in config_from_dict(base, env={}).enabled_streams()]
+    cfg = config_from_dict({**base, "data_streams": {n: {"enabled": n == "completions"} for n in every}}, env={})
+    output = NdjsonFileOutput(tmp_path / "out.ndjson")
+    before = set(threading.enumerate())
+    collection = app.build(cfg, state_dir=tmp_path / "state", output=output, clock=simulator.now)
+    deadline = time.monotonic() + 10
+    while simulator.stats()["requests"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    collection.close()
+    output.close()
+    asked = simulator.stats()["requests"]
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith("names")]
+    time.sleep(0.3)
+    assert simulator.stats()["requests"] == asked, "requests were made after close()"
+
+
 def test_listings_run_on_their_own_clients_and_one_failure_costs_only_its_names(simulator):
     """Users and each project's keys are listed concurrently, each worker with its own session."""
     from agent_input.simulator import FaultRule
@@ -1021,13 +1048,12 @@ def test_a_build_that_fails_part_way_closes_the_clients_it_made(simulator, tmp_p
     every = [s.name for s in config_from_dict(base, env={}).enabled_streams()]
     wanted = ("completions", "rate_limits", "costs")
     cfg = config_from_dict({**base, "data_streams": {n: {"enabled": n in wanted} for n in every}}, env={})
+    before = set(threading.enumerate())
     with pytest.raises(RuntimeError, match="cannot build"):
         app.build(cfg, state_dir=tmp_path / "state", output=NdjsonFileOutput(tmp_path / "out.ndjson"),
                   clock=simulator.now)
     assert len(made) >= 3, "the names client, completions' and rate_limits' clients were made"
     assert set(map(id, made)) <= set(map(id, closed)), "every client made was closed"
-    # the warm-up started before the failure ends on its own: let it, while the simulator still
-    # answers (it made a later test's `responses` count a request that was not the test's)
-    for thread in threading.enumerate():
-        if thread.name.startswith("names"):
-            thread.join(30)
+    # the warm-up started before the failure is ended and waited for by the failed build: left
+    # listing, it made a later test's `responses` count a request that was not the test's
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith("names")]
