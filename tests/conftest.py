@@ -31,6 +31,24 @@ def _no_host_environment(request, monkeypatch):
             monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """`setup_logging` (collect, check and demo run in process by CliRunner; the output tests that
+    read the ECS lines) puts a handler on the root logger and sets its level and urllib3's; 13
+    tests left them: every later test's records (down to DEBUG after
+    test_credentials_are_never_logged) were formatted into a finished test's stream."""
+    import logging
+
+    root, urllib3 = logging.getLogger(), logging.getLogger("urllib3")
+    handlers, levels = list(root.handlers), (root.level, urllib3.level)
+    yield
+    for h in list(root.handlers):
+        if h not in handlers and not type(h).__module__.startswith("_pytest"):
+            root.removeHandler(h)
+    root.setLevel(levels[0])
+    urllib3.setLevel(levels[1])
+
+
 def started_simulator(seed: int = 7, admin_key: str = ADMIN_KEY):
     """A small organization's simulator at T0, serving on a free port (`base_url`); stop it after."""
     from agent_input.simulator import Simulator
