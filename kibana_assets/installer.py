@@ -719,6 +719,7 @@ class Installer:
         _check(resp, f"read rule {rule.name}", priv)
         current = _json(resp, "a rule", pick=_rule_shape)
         want = rule.update_body(self.kibana_version, actions=_actions_for_update(current.get("actions") or []))
+        want["tags"] = _tags_kept(want["tags"], current)
         exists = lambda i: self._found(f"/api/alerting/rule/{i}", f"read rule {rule.name}", priv)  # noqa: E731
         drop = lambda i: self._drop_legacy(f"/api/alerting/rule/{i}", f"delete rule {i}", priv)  # noqa: E731
         if _rule_matches(current, want):
@@ -750,6 +751,7 @@ class Installer:
         if legacy is not None:
             body["actions"] = _actions_for_update(legacy.get("actions") or [])
             body["enabled"] = bool(legacy.get("enabled", body["enabled"]))
+            body["tags"] = _tags_kept(body["tags"], legacy)
         resp = self.t.kb("POST", f"/api/alerting/rule/{rule.id}", json=body)
         if resp.status_code == 409:
             raise _taken_elsewhere("rule", rule.id, self.space, self._space_holding(held))
@@ -976,6 +978,13 @@ _ACTION_KEYS = ("group", "id", "params", "frequency", "uuid", "alerts_filter", "
 def _actions_for_update(actions: list[dict]) -> list[dict]:
     """The rule's current actions in the shape PUT accepts: the user's actions survive upgrades."""
     return [{k: a[k] for k in _ACTION_KEYS if k in a} for a in actions]
+
+
+def _tags_kept(ours: list[str], current: dict) -> list[str]:
+    """Our tags, then the ones the user added to the rule in Kibana: an install keeps those."""
+    tags = current.get("tags")
+    extra = [t for t in tags if isinstance(t, str) and t not in ours] if isinstance(tags, list) else []
+    return [*ours, *dict.fromkeys(extra)]
 
 
 def _rule_matches(current: dict, want: dict) -> bool:

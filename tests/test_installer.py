@@ -403,6 +403,23 @@ def test_upgrade_updates_only_what_changed_and_keeps_rule_actions(stack):
     assert stack.rules[K.RULE_ID_HEADROOM_RPM]["enabled"] is False
 
 
+def test_tags_a_user_added_to_a_rule_survive_installs(stack):
+    """A tag added in Kibana (to find or group the rules) was replaced by ours at every install,
+    the same version's too: the rule was reported updated and the tag was gone."""
+    assert install().exit_code == 0
+    stack.rules[K.RULE_ID_HEADROOM_TPM]["tags"] = [*K.TAGS, "team-payments"]
+    legacy = dict(stack.rules[K.RULE_ID_HEADROOM_RPM])
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert re.search(r"unchanged\s+rule 6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b01", result.output), result.output
+    assert stack.rules[K.RULE_ID_HEADROOM_TPM]["tags"] == [*K.TAGS, "team-payments"]
+    # an upgrade that changes the rule keeps the tag too
+    result = install("--headroom-threshold", "0.9")
+    assert re.search(r"updated\s+rule 6f1c2a52-3b7e-4c8e-9a51-0e6a1d3f7b01", result.output), result.output
+    assert stack.rules[K.RULE_ID_HEADROOM_TPM]["tags"] == [*K.TAGS, "team-payments"]
+    assert stack.rules[K.RULE_ID_HEADROOM_RPM]["tags"] == legacy["tags"]
+
+
 def test_an_updated_template_reaches_the_data_streams_that_exist(stack):
     """A template applies when a backing index is created: an upgrade's new mappings (the audit
     payload's ignore_above) left the live write index as it was, rejecting what they fix, until a
@@ -1479,7 +1496,8 @@ def test_dry_run_of_an_upgrade_writes_nothing(stack):
     lambda r: r["params"].update(timeWindowSize=7),
 ], ids=["schedule", "alert_delay", "tags", "name", "params"])
 def test_a_rule_edited_in_kibana_is_put_back(stack, edit):
-    """docs/assets.md: an existing rule is updated if its name, tags, schedule, params or alert delay differ."""
+    """docs/assets.md: an existing rule is updated if its name, tags, schedule, params or alert delay
+    differ (our tags put back, the user's own kept)."""
     assert install().exit_code == 0
     edit(stack.rules[K.RULE_ID_LIMITS_STALE])
     stack.calls.clear()
@@ -1488,6 +1506,8 @@ def test_a_rule_edited_in_kibana_is_put_back(stack, edit):
     assert [(c["method"], c["path"]) for c in stack.writes()] == [("PUT", f"/api/alerting/rule/{K.RULE_ID_LIMITS_STALE}")]
     want = K.rules()[2].update_body("9.1.3")
     rule = stack.rules[K.RULE_ID_LIMITS_STALE]
+    if "mine" in rule["tags"]:  # ours are put back; a tag the user added is kept
+        want["tags"] = [*K.TAGS, "mine"]
     assert {k: rule[k] for k in ("name", "tags", "schedule", "alert_delay", "params")} == \
         {k: want[k] for k in ("name", "tags", "schedule", "alert_delay", "params")}
 
