@@ -58,6 +58,25 @@ EARLY_REFRESH_AFTER = 300.0
 CLOSE_WAIT = 5.0
 
 
+class _EitherSet:
+    """An Event's `is_set()` and `wait()` for "either of these is set" (`stop` may be None)."""
+
+    def __init__(self, stop: threading.Event | None, closed: threading.Event):
+        self._stop, self._closed = stop, closed
+
+    def is_set(self) -> bool:
+        return self._closed.is_set() or (self._stop is not None and self._stop.is_set())
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            (self._closed if self._stop is None else self._stop).wait(min(left, STOP_CHECK))
+        return True
+
+
 class NameCache:
     def __init__(
         self,
@@ -114,12 +133,19 @@ class NameCache:
         # ride out a blip, though (~5 s of back-off at most, once; a 429's Retry-After is honoured
         # as by any request): the first load's names are on the
         # first backfill's documents for good, and its next try comes after a `--once` run ended.
+        # the clients' retry waits end on the collector's stop and on close() alike: a closed
+        # cache's listing waiting out a 429's Retry-After must not ask again (nor hold close up)
+        closed = threading.Event()
+        halt = _EitherSet(stop, closed)
+
         def make() -> AdminApiClient:
             return AdminApiClient.from_config(config, max_retries=min(config.max_retries, NAMES_MAX_RETRIES),
-                                              backoff_cap=2.0, stop=stop)
+                                              backoff_cap=2.0, stop=halt)
 
-        return cls(make(), refresh_interval=config.names_refresh_interval, clock=clock, client_factory=make,
-                   stop=stop)
+        cache = cls(make(), refresh_interval=config.names_refresh_interval, clock=clock, client_factory=make,
+                    stop=stop)
+        cache._closed = closed
+        return cache
 
     def warm_up(self) -> threading.Thread:
         """Start the first load now, in the background, so it overlaps the first usage requests

@@ -1057,3 +1057,26 @@ def test_a_build_that_fails_part_way_closes_the_clients_it_made(simulator, tmp_p
     # the warm-up started before the failure is ended and waited for by the failed build: left
     # listing, it made a later test's `responses` count a request that was not the test's
     assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith("names")]
+
+
+def test_a_closed_cache_s_listing_waiting_to_retry_asks_nothing_more(simulator):
+    """close() said no request is started after it, but a listing waiting out a 429's Retry-After
+    (the names clients' waits ended on the collector's stop only) asked again after close, and
+    close() (then the process's exit: `collect --once` had nothing to collect while the users
+    listing was throttled) waited for every retry."""
+    from agent_input.simulator import FaultRule
+
+    rule = FaultRule(kind="429", path="/v1/organization/users", count=None, retry_after=3)
+    simulator.add_fault(rule)
+    cfg = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY}, env={})
+    cache = NameCache.from_config(cfg, clock=simulator.now, stop=threading.Event())
+    cache.warm_up()
+    deadline = time.monotonic() + 10
+    while rule.to_dict()["fired"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rule.to_dict()["fired"] == 1
+    started = time.monotonic()
+    cache.close()
+    assert time.monotonic() - started < 2.0, "close() waited out the Retry-After"
+    time.sleep(3.5)
+    assert rule.to_dict()["fired"] == 1, "the users listing was asked again after close()"
