@@ -1080,3 +1080,33 @@ def test_a_closed_cache_s_listing_waiting_to_retry_asks_nothing_more(simulator):
     assert time.monotonic() - started < 2.0, "close() waited out the Retry-After"
     time.sleep(3.5)
     assert rule.to_dict()["fired"] == 1, "the users listing was asked again after close()"
+
+
+def test_a_listing_that_hangs_does_not_hold_the_process_exit_after_close(simulator, tmp_path):
+    """close() waits up to CLOSE_WAIT for a listing in flight and then leaves it, but the listing
+    workers were a ThreadPoolExecutor's, which the interpreter joins at exit: `collect --once` with
+    a users listing that hung exited only when the request timed out (http_timeout, up to 10
+    minutes), and a Ctrl-C meanwhile was a KeyboardInterrupt traceback from threading's shutdown."""
+    import subprocess
+    import sys
+
+    from agent_input.simulator import FaultRule
+
+    rule = FaultRule(kind="slow", path="/v1/organization/users", count=None, delay=8)
+    simulator.add_fault(rule)
+    script = tmp_path / "names_exit.py"
+    script.write_text(
+        "import sys, time\n"
+        "from agent_input.config import config_from_dict\n"
+        "from agent_input.names import NameCache\n"
+        f"cfg = config_from_dict({{'url': {simulator.base_url!r}, 'api_key': {ADMIN_KEY!r}}}, env={{}})\n"
+        "cache = NameCache.from_config(cfg)\n"
+        "cache.warm_up()\n"
+        "time.sleep(1.0)\n"
+        "cache.close(timeout=0.2)\n"
+        "print('closed', flush=True)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "closed\n", done.stderr
+    assert rule.to_dict()["fired"] == 1, "the users listing was not asked (or asked again)"
+    assert time.monotonic() - started < 6.0, "the exit waited for the listing that hung"
