@@ -52,9 +52,12 @@ class Collection:
     clients: list[AdminApiClient]
     names: NameCache | None = None  # its background listings end (and are waited for) first
 
-    def close(self) -> None:
+    def close(self, names_wait: float | None = None) -> None:
+        """`names_wait`: how long the name cache waits for a listing in flight (its default when
+        None). `run` passes 0: a reconfiguration must not wait on a listing whose result the old
+        cache no longer needs (a hanging one held every new config up 5 s)."""
         if self.names is not None:
-            self.names.close()
+            self.names.close() if names_wait is None else self.names.close(names_wait)
         for c in self.clients:
             c.close()
         self.store.close()

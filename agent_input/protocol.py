@@ -538,7 +538,8 @@ class Runner:
         self.output.interrupt()
         self.engine_thread.join()
         try:
-            self.collection.close()
+            # no wait for the old name cache's listing in flight (its daemon thread ends by itself)
+            self.collection.close(names_wait=0)
         except Exception:  # noqa: BLE001
             pass
         self.collection = None

@@ -982,3 +982,38 @@ def test_a_reconfiguration_with_another_organization_s_key_is_failed_and_a_corre
         assert "Traceback" not in sup.stderr_text()
     finally:
         other.stop()
+
+
+def test_a_reconfiguration_does_not_wait_for_the_old_name_cache_s_listing(tmp_path):
+    """`run` closes the old collection on the protocol loop at each new config: the name cache's
+    close waits up to 5 s for a listing in flight, so a hanging names listing held every new
+    revision (and a stop queued behind it) 5 s. The old cache's result is thrown away: no wait."""
+    import io
+    import threading
+
+    from agent_input.app import Collection
+    from agent_input.protocol import ProtocolWriter, Runner
+
+    waits = []
+
+    class Names:
+        def close(self, timeout=5.0):
+            waits.append(timeout)
+
+    class Engine:
+        pass
+
+    class Store:
+        def close(self):
+            pass
+
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        runner = Runner(ProtocolWriter(fd), state_dir=str(tmp_path / "state"), stdin=io.BytesIO(b""))
+        runner.collection = Collection(Engine(), Store(), [], Names())
+        runner.engine_stop, runner.engine_thread = threading.Event(), threading.Thread(target=lambda: None)
+        runner.engine_thread.start()
+        runner._stop_engine()
+    finally:
+        os.close(fd)
+    assert waits == [0] and runner.collection is None
