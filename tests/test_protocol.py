@@ -461,12 +461,7 @@ def test_a_batch_acked_while_a_new_engine_re_sends_the_outbox_is_skipped_not_an_
             reader.start()
             reader.join()
 
-    output.send = send
-    try:
-        Delivery(new, output).replay_pending()
-        written = (tmp_path / "stdout").read_bytes()
-    finally:
-        os.close(fd)
+    written = _replay_with(output, send, new, fd, tmp_path / "stdout")
     assert sent == batches[:1]
     for tag in "abc":
         assert written.count(f'"{tag}000000-'.encode()) == 1
@@ -503,12 +498,7 @@ def test_a_batch_acked_just_after_the_re_send_read_its_row_is_not_written_again(
         reader.join()
         real_send(stream, payload, events, on_ack)
 
-    output.send = send
-    try:
-        Delivery(new, output).replay_pending()
-        written = (tmp_path / "stdout").read_bytes()
-    finally:
-        os.close(fd)
+    written = _replay_with(output, send, new, fd, tmp_path / "stdout")
     assert written.count(b'"a1"') == 1, "an acknowledged batch was written to the supervisor again"
     assert output.inflight() == 0 and new.pending_count() == 0
 
@@ -1017,3 +1007,15 @@ def test_a_reconfiguration_does_not_wait_for_the_old_name_cache_s_listing(tmp_pa
     finally:
         os.close(fd)
     assert waits == [0] and runner.collection is None
+
+
+def _replay_with(output, send, store, fd: int, stdout) -> bytes:
+    """The new engine's outbox re-send through `output` whose `send` is hooked; what the supervisor read."""
+    from agent_input.engine import Delivery
+
+    output.send = send
+    try:
+        Delivery(store, output).replay_pending()
+        return stdout.read_bytes()
+    finally:
+        os.close(fd)
