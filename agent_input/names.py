@@ -139,6 +139,7 @@ class NameCache:
         retry_after_failure: float = RETRY_AFTER_FAILURE,
         client_factory: Callable[[], AdminApiClient] | None = None,
         stop: threading.Event | None = None,
+        closed: threading.Event | None = None,
     ):
         self.client = client
         # With a factory, listings run on LISTING_WORKERS threads, each with its own client
@@ -170,7 +171,9 @@ class NameCache:
         self._refreshing: threading.Thread | None = None  # the latest background refresh
         self._warming: threading.Thread | None = None  # warm_up's thread
         self._stop = stop  # once set, no background refresh is started
-        self._closed = threading.Event()  # set by close(): the same, for this cache only
+        # set by close(): like stop, for this cache only (`from_config` shares it with its clients)
+        self._closed = closed if closed is not None else threading.Event()
+        self._halt = _EitherSet(stop, self._closed)  # stop or close
         self._maps_lock = threading.Lock()
         # told the first load's projects listing (or why it failed): the state directory's
         # organization check (`org_guard.OrganizationGuard`) needs no listing of its own
@@ -194,10 +197,8 @@ class NameCache:
             return AdminApiClient.from_config(config, max_retries=min(config.max_retries, NAMES_MAX_RETRIES),
                                               backoff_cap=2.0, stop=halt)
 
-        cache = cls(make(), refresh_interval=config.names_refresh_interval, clock=clock, client_factory=make,
-                    stop=stop)
-        cache._closed = closed
-        return cache
+        return cls(make(), refresh_interval=config.names_refresh_interval, clock=clock, client_factory=make,
+                   stop=stop, closed=closed)
 
     def warm_up(self) -> threading.Thread:
         """Start the first load now, in the background, so it overlaps the first usage requests
@@ -235,7 +236,7 @@ class NameCache:
         self.client.close()
 
     def _stopping(self) -> bool:
-        return self._closed.is_set() or (self._stop is not None and self._stop.is_set())
+        return self._halt.is_set()
 
     # -- lookups -------------------------------------------------------------------------------
     def project_name(self, project_id: str | None) -> str | None:
