@@ -44,26 +44,49 @@ def parse(query: str):
 
 
 class _Names(EsqlBaseParserListener):
+    """Walks a query in order: a name is a reference to a source field unless a command before it
+    created a column of that name (EVAL/STATS/BY assignments, the columns an unassigned aggregate or
+    group is named after, RENAME's new name, DISSECT's and GROK's keys)."""
+
     def __init__(self) -> None:
-        self.qualified: list[str] = []
-        self.assigned: set[str] = set()
-        self.dissect_patterns: list[str] = []
+        self.refs: list[str] = []
+        self.created: set[str] = set()
+
+    def _read(self, name: str) -> None:
+        if name not in self.created and name not in self.refs:
+            self.refs.append(name)
 
     def enterQualifiedName(self, ctx):  # noqa: N802
-        self.qualified.append(_unquote(ctx.getText()))
+        parent = ctx.parentCtx
+        if isinstance(parent, EsqlBaseParser.FieldContext) and parent.ASSIGN() is not None \
+                and parent.qualifiedName() is ctx:
+            return  # the column an assignment creates, not a read
+        self._read(_unquote(ctx.getText()))
 
-    def enterField(self, ctx):  # noqa: N802
-        # `name = expr` in EVAL/STATS/BY creates a column
+    def exitField(self, ctx):  # noqa: N802
+        # after its expression: `x = x + 1` reads the source's x. An unassigned field (`SUM(a)`,
+        # `BY a`) is a column named after its text, as written.
         if ctx.qualifiedName() is not None and ctx.ASSIGN() is not None:
-            self.assigned.add(_unquote(ctx.qualifiedName().getText()))
+            self.created.add(_unquote(ctx.qualifiedName().getText()))
+        else:
+            self.created.update({_unquote(ctx.getText()), _source_text(ctx)})
 
-    def enterAggField(self, ctx):  # noqa: N802
-        f = ctx.field()
-        if f is not None and f.qualifiedName() is not None and f.ASSIGN() is not None:
-            self.assigned.add(_unquote(f.qualifiedName().getText()))
+    def enterRenameClause(self, ctx):  # noqa: N802
+        old, new = _unquote(ctx.oldName.getText()), _unquote(ctx.newName.getText())
+        if "*" not in old:
+            self._read(old)
+        self.created.add(new)
 
-    def enterDissectCommand(self, ctx):  # noqa: N802
-        self.dissect_patterns.append(ctx.string().getText())
+    def exitDissectCommand(self, ctx):  # noqa: N802
+        for key in re.findall(r"%\{([^}]*)\}", ctx.string().getText()):
+            self.created.add(key.removesuffix("->").lstrip("+?*&").split("/")[0])
+
+    def exitGrokCommand(self, ctx):  # noqa: N802
+        self.created.update(re.findall(r"%\{[^}:]+:([^}:]+)[^}]*\}", ctx.string().getText()))
+
+
+def _source_text(ctx) -> str:
+    return _unquote(ctx.start.getInputStream().getText(ctx.start.start, ctx.stop.stop))
 
 
 def _unquote(name: str) -> str:
@@ -73,20 +96,14 @@ def _unquote(name: str) -> str:
 def field_references(query: str) -> list[str]:
     """Names the query reads that it did not create itself: its references to source fields.
 
-    A name counts as created once an EVAL/STATS/BY assignment or a DISSECT pattern defines it;
-    uses before that point are rare in our queries and would be reported (which is the safe side).
+    A name counts as created from the command that creates it on (an EVAL/STATS/BY assignment, an
+    unassigned aggregate's or group's column, RENAME's new name, a DISSECT or GROK key); a use
+    before that point, or RENAME's old name, is a reference.
     """
     tree, _ = parse(query)
     names = _Names()
     ParseTreeWalker().walk(names, tree)
-    created = set(names.assigned)
-    for pattern in names.dissect_patterns:
-        created.update(re.findall(r"%\{([^}]+)\}", pattern))
-    seen: list[str] = []
-    for n in names.qualified:
-        if n not in created and n not in seen:
-            seen.append(n)
-    return seen
+    return names.refs
 
 
 class _Columns(EsqlBaseParserListener):

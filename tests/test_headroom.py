@@ -585,6 +585,32 @@ def test_parser_rejects_broken_esql_and_unknown_fields():
         "typo: references openai.base.usage_tokens, which no dataset it reads maps"]
 
 
+def test_field_references_follow_the_columns_each_command_creates_in_order():
+    """A column a RENAME, GROK or unassigned aggregate creates is not a source field (validate
+    reported one as a field no dataset maps), and a name read before the command that creates it
+    is one: RENAME's old name, or a WHERE before the EVAL (ES|QL fails it: Unknown column), were
+    passed without a check."""
+    from kibana_assets.validate import query_problems
+
+    src = "FROM logs-openai.completions-*\n"
+    ok = {
+        "rename": "| RENAME openai.base.model AS m\n| STATS t = SUM(openai.base.usage_tokens) BY m",
+        "rename_assign": "| RENAME m = openai.base.model\n| STATS t = SUM(openai.base.usage_tokens) BY m",
+        "grok": "| GROK openai.base.model \"%{WORD:family}-%{GREEDYDATA:rest}\"\n| STATS c = COUNT(*) BY family",
+        "unassigned": "| STATS SUM(openai.base.usage_tokens) BY openai.base.model\n"
+                      "| SORT `SUM(openai.base.usage_tokens)` DESC",
+        "reassigned": "| EVAL openai.base.model = CONCAT(openai.base.model, \"!\")\n| KEEP openai.base.model",
+    }
+    for name, tail in ok.items():
+        assert query_problems(name, src + tail) == [], name
+    bad = {
+        "rename_old": ("| RENAME openai.base.no_such AS m\n| KEEP m", "openai.base.no_such"),
+        "before": ("| WHERE tokens > 0\n| EVAL tokens = openai.base.usage_tokens", "tokens"),
+    }
+    for name, (tail, ref) in bad.items():
+        assert query_problems(name, src + tail) == [f"{name}: references {ref}, which no dataset it reads maps"]
+
+
 def test_every_panel_and_rule_query_is_valid():
     from kibana_assets.validate import validate_bundle
 
