@@ -138,7 +138,7 @@ def _build_collectors(config, store, output, stop, clock, progress, on_status, o
         elif stream.name in EXTRA_COLLECTORS:
             collector = EXTRA_COLLECTORS[stream.name](
                 config, stream, client, delivery, client_factory=lambda: AdminApiClient.from_config(config, stop=stop),
-                **common)
+                progress=progress, **common)
         else:
             log.warning("%s: this collector version does not collect it yet; skipped", stream.name)
             clients.remove(client)

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Lines, ListingCollector, PollStats, delivered_before, serialize
+from .engine import Lines, ListingCollector, PollStats, Progress, delivered_before, serialize
 from .http_client import (ApiError, AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError,
                           StoppedError, explain)
 from .paging import cursor_pages
@@ -134,8 +134,9 @@ class AuditCollector(ListingCollector):
 
     name = "audit"
 
-    def __init__(self, config, stream, *args: Any, **kwargs: Any):
+    def __init__(self, config, stream, *args: Any, progress: Progress | None = None, **kwargs: Any):
         super().__init__(config, stream, *args, **kwargs)
+        self.progress = progress  # a backfill's progress, slice by slice, as the usage streams'
         self.initial_interval = stream.initial_interval or 86400
         self.preserve_original = bool(getattr(config, "preserve_original_event", False))
         self.forbidden: str | None = None  # the 403 explanation, while audit logs are not readable
@@ -230,6 +231,7 @@ class AuditCollector(ListingCollector):
         # ids already emitted whose effective_at lies in the overlap, with that effective_at
         recent: dict[str, int] = _load_recent(self.store.get(scope.kv_recent))
         start = max(0, hwm - OVERLAP) if hwm_text is not None else hwm
+        first = start  # where this poll began, for its progress
         length = SLICE  # shorter while the log is busier than MAX_SLICE_EVENTS a slice
         while start <= end and not self.stop.is_set():
             slice_end = min(end, start + length - 1)
@@ -292,6 +294,9 @@ class AuditCollector(ListingCollector):
             stats.events += len(lines)
             recent = next_recent
             start = new_hwm
+            if self.progress is not None:  # done once the last slice is stored (or the API's time reached)
+                self.progress.update(self.name, end + 1 - first if behind else start - first, end + 1 - first,
+                                     slice_end)
             if behind:
                 break  # the rest is in the API's future: the next poll reads it
 

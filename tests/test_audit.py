@@ -368,6 +368,28 @@ def test_every_second_of_slices_overlaps_and_close_polls_is_stored_exactly_once(
     store.close()
 
 
+def test_a_long_backfill_reports_its_progress_as_the_usage_streams_do(tmp_path):
+    """`collect` promises every stream's backfill percentage (a terminal's line, else a log line
+    or the protocol's status every 30 s). The audit stream reported none: a 30-day audit backfill
+    ran for minutes without a word of how far it got."""
+    from agent_input.engine import Progress
+
+    reports: list[tuple[str, str]] = []
+    api = _AuditListing([int(T0) - 12 * HOUR, int(T0) - HOUR])
+    api.now = int(T0)
+    cfg = _config(batch_size=100, initial_interval="13h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), SimpleNamespace(get_json=api.get_json), Delivery(store, output),
+                         clock=lambda: api.now,
+                         progress=Progress(enabled=False, every=0, on_report=lambda s, m: reports.append((s, m))))
+    col.poll(T0)
+    output.close()
+    store.close()
+    # after each of the 3 slices but the last, of the organization's events, then of the tenant's
+    assert [m[:len("backfill 46%")] for s, m in reports if s == "audit"] == ["backfill 46%", "backfill 92%"] * 2
+    assert reports[0][1] == f"backfill 46%, up to {iso_timestamp(int(T0) - 13 * HOUR + 6 * HOUR - 1)}"
+
+
 def test_forbidden_is_reported_once_and_the_stream_stays_quiet(tmp_path, caplog):
     from agent_input.simulator import Simulator
 
