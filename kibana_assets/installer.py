@@ -273,6 +273,13 @@ def _version_number(data: Any) -> str:
     return number
 
 
+def _version_and_flavor(data: Any) -> tuple[str, bool]:
+    """(version number, whether it is Elastic Cloud Serverless). A Serverless project reports
+    `build_flavor: serverless` and a version number that says nothing of its features (8.11.0 for
+    years, later the next release's): it is always the newest, so the number is not checked."""
+    return _version_number(data), data["version"].get("build_flavor") == "serverless"
+
+
 def _taken_elsewhere(kind: str, so_id: str, space: str, holder: str | None = None) -> "InstallerError":
     """The error for an id that another Kibana space holds (Kibana 8+: ids are unique across all
     spaces). Our ids differ per space, so that space has objects that an openai-assets without
@@ -388,6 +395,7 @@ class Installer:
         self._other_spaces: list[str] | None = None  # read once, by _other_space_ids
         self.es_version: str | None = None
         self.kibana_version: str | None = None
+        self.es_serverless = self.kibana_serverless = False  # build_flavor: serverless
         # asset path -> its body as read in this install or uninstall (None: absent): the foreign-asset
         # scan's reads serve the writes, and one template's read serves all its data streams
         self._es_read: dict[str, dict | None] = {}
@@ -395,15 +403,26 @@ class Installer:
     # -- preflight ---------------------------------------------------------------------------
     def preflight(self) -> None:
         resp = _check(self.t.es("GET", "/"), "read the Elasticsearch version", ES_PRIVILEGE["version"])
-        self.es_version = _json(resp, "an Elasticsearch version document", pick=_version_number,
-                                hint="is --es-url the Elasticsearch URL?")
-        check_version("Elasticsearch", self.es_version)
+        self.es_version, self.es_serverless = _json(resp, "an Elasticsearch version document",
+                                                    pick=_version_and_flavor, hint="is --es-url the Elasticsearch URL?")
+        if not self.es_serverless:
+            check_version("Elasticsearch", self.es_version)
         if self.o.with_kibana:
             resp = _check(self.t.kb("GET", "/api/status"), "read the Kibana version", KIBANA_PRIVILEGE["version"])
-            self.kibana_version = _json(resp, "a Kibana version document", pick=_version_number,
-                                        hint="is --kibana-url the Kibana URL?")
-            check_version("Kibana", self.kibana_version)
-        self.echo(f"Elasticsearch {self.es_version}" + (f", Kibana {self.kibana_version}" if self.kibana_version else ""))
+            self.kibana_version, self.kibana_serverless = _json(resp, "a Kibana version document",
+                                                                pick=_version_and_flavor,
+                                                                hint="is --kibana-url the Kibana URL?")
+            if not self.kibana_serverless:
+                check_version("Kibana", self.kibana_version)
+        shown = lambda name, v, sv: f"{name} serverless (reports {v})" if sv else f"{name} {v}"  # noqa: E731
+        self.echo(shown("Elasticsearch", self.es_version, self.es_serverless)
+                  + (f", {shown('Kibana', self.kibana_version, self.kibana_serverless)}" if self.kibana_version else ""))
+
+    @property
+    def rules_kibana_version(self) -> str | None:
+        """The Kibana version the rules are written for; None (the newest) on Serverless, whose
+        version number does not say what it supports."""
+        return None if self.kibana_serverless else self.kibana_version
 
     def check_es_privileges(self, cluster: Iterable[str], index_privs: Iterable[str] = (),
                             rules_read: bool = False) -> None:
@@ -712,13 +731,13 @@ class Installer:
         path = f"/api/alerting/rule/{rule.id}"
         resp = self.t.kb("GET", path)
         detail = ""
-        if rule.per_row and self.kibana_version and not K.supports_per_row_alerts(self.kibana_version):
+        if rule.per_row and self.rules_kibana_version and not K.supports_per_row_alerts(self.rules_kibana_version):
             detail = "one alert for all rows: per-row alerts need Kibana 8.19 or 9.1+"
         if resp.status_code == 404:
             return self._create_rule(rule, detail)
         _check(resp, f"read rule {rule.name}", priv)
         current = _json(resp, "a rule", pick=_rule_shape)
-        want = rule.update_body(self.kibana_version, actions=_actions_for_update(current.get("actions") or []))
+        want = rule.update_body(self.rules_kibana_version, actions=_actions_for_update(current.get("actions") or []))
         want["tags"] = _tags_kept(want["tags"], current)
         exists = lambda i: self._found(f"/api/alerting/rule/{i}", f"read rule {rule.name}", priv)  # noqa: E731
         drop = lambda i: self._drop_legacy(f"/api/alerting/rule/{i}", f"delete rule {i}", priv)  # noqa: E731
@@ -747,7 +766,7 @@ class Installer:
         self._held_elsewhere("rule", rule.id, held)
         if self.dry_run:
             return "would create", detail
-        body = rule.create_body(self.kibana_version, self.o.rules.enabled)
+        body = rule.create_body(self.rules_kibana_version, self.o.rules.enabled)
         if legacy is not None:
             body["actions"] = _actions_for_update(legacy.get("actions") or [])
             body["enabled"] = bool(legacy.get("enabled", body["enabled"]))

@@ -37,6 +37,7 @@ class FakeStack:
 
     def __init__(self, es_version="9.1.3", kb_version="9.1.3"):
         self.es_version, self.kb_version = es_version, kb_version
+        self.es_flavor = self.kb_flavor = "default"  # version.build_flavor: "serverless" on Elastic Cloud Serverless
         self.component, self.index, self.pipelines = {}, {}, {}
         self.data_streams: set[str] = set()  # index template names in use
         self.rollovers: list[tuple[str, dict]] = []  # (data stream, query) of each POST <stream>/_rollover
@@ -108,7 +109,8 @@ class FakeStack:
         if self._forbidden(m, path):
             return self._json(403, {"error": {"type": "security_exception", "reason": f"action [{path}] is unauthorized"}})
         if m == "GET" and path == "/":
-            return self._json(200, {"name": "n", "version": {"number": self.es_version}, "tagline": "You Know, for Search"})
+            return self._json(200, {"name": "n", "version": {"number": self.es_version, "build_flavor": self.es_flavor},
+                                    "tagline": "You Know, for Search"})
         if m == "POST" and path == "/_security/user/_has_privileges":
             cluster = {p: p not in self.missing_privileges for p in body["cluster"]}
             index = {}  # Elasticsearch merges the entries that name the same index
@@ -175,7 +177,7 @@ class FakeStack:
         ctype = call["headers"].get("Content-Type", "")
         body = json.loads(call["body"]) if call["body"] and ctype.startswith("application/json") else None
         if m == "GET" and path == "/api/status":
-            return self._json(200, {"name": "kb", "version": {"number": self.kb_version, "build_flavor": "default"},
+            return self._json(200, {"name": "kb", "version": {"number": self.kb_version, "build_flavor": self.kb_flavor},
                                     "status": {"overall": {"level": "available"}}})
         if m == "GET" and path == "/api/spaces/space":  # the spaces the user may see
             ids = ["default"] + sorted(set(self.space.values()) - {"default"})
@@ -924,6 +926,24 @@ def test_unsupported_versions_are_refused_before_any_write(stack):
     stack.es_version, stack.kb_version = "9.1.0", "10.0.0"
     result = install()
     assert result.exit_code == 4 and "Kibana 10.0.0 is not supported" in result.output
+
+
+def test_serverless_projects_are_installed_whatever_version_they_report(stack):
+    """Elastic Cloud Serverless answers `GET /` with `build_flavor: serverless` and a version
+    number that is not its feature level (8.11.0 for years: "Clients should detect a Serverless
+    environment by checking for build_flavor: serverless", Elasticsearch's `GET /` reference). It
+    was refused as "Elasticsearch 8.11.0 is not supported" (exit 4), with nothing installed."""
+    stack.es_version, stack.es_flavor = "8.11.0", "serverless"
+    stack.kb_version, stack.kb_flavor = "8.16.0", "serverless"
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert "Elasticsearch serverless (reports 8.11.0), Kibana serverless (reports 8.16.0)" in result.output
+    assert len(stack.index) == len([a for a in E.es_assets() if a.kind == "index_template"])
+    # Serverless Kibana is the newest: one alert per row, never the 8.18/9.0 fallback
+    assert stack.rules[K.RULE_ID_HEADROOM_TPM]["params"]["groupBy"] == "row"
+    assert "per-row alerts need" not in result.output
+    again = install()
+    assert again.exit_code == 0 and f"{N_ES + N_KB} unchanged" in again.output, again.output
 
 
 def test_missing_privilege_from_has_privileges_is_named(stack):
