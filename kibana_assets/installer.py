@@ -424,6 +424,12 @@ class Installer:
         version number does not say what it supports."""
         return None if self.kibana_serverless else self.kibana_version
 
+    def check_serverless_options(self) -> None:
+        """What Serverless cannot do, refused before anything is written."""
+        if self.es_serverless and self.o.retention.ilm_policy:
+            raise InstallerError("--ilm-policy: Elasticsearch Serverless has no ILM (data stream lifecycle only): "
+                                 "drop --ilm-policy and set the retention with --retention", code=2)
+
     def check_es_privileges(self, cluster: Iterable[str], index_privs: Iterable[str] = (),
                             rules_read: bool = False) -> None:
         """`rules_read`: also `read` on what the rules query. They run with an API key Kibana
@@ -473,6 +479,7 @@ class Installer:
         self._es_read.clear()
         try:
             self.preflight()
+            self.check_serverless_options()
             self.check_es_privileges(["manage_index_templates", "manage_pipeline"], rules_read=self.o.with_kibana)
             foreign = self.foreign_es_assets()
         except InstallerError as exc:

@@ -133,6 +133,10 @@ class FakeStack:
                     key = f"{kind}_templates"
                     return self._json(200, {key: [{"name": name, f"{kind}_template": store[name]}]})
                 if m == "PUT":
+                    settings = ((body.get("template") or {}).get("settings") or {}).get("index") or {}
+                    if self.es_flavor == "serverless" and "lifecycle" in settings:  # no ILM there
+                        return self._json(400, {"error": {"type": "illegal_argument_exception", "reason":
+                            "Settings [index.lifecycle.name] are not available when running in serverless mode"}})
                     store[name] = body
                     return self._json(200, {"acknowledged": True})
                 if m == "DELETE":
@@ -944,6 +948,16 @@ def test_serverless_projects_are_installed_whatever_version_they_report(stack):
     assert "per-row alerts need" not in result.output
     again = install()
     assert again.exit_code == 0 and f"{N_ES + N_KB} unchanged" in again.output, again.output
+
+
+def test_ilm_policy_on_serverless_is_refused_before_any_write(stack):
+    """Serverless has no ILM (data stream lifecycle only): the index templates were refused at
+    the first one, after the pipelines and component templates were written."""
+    stack.es_version, stack.es_flavor = "8.11.0", "serverless"
+    result = install("--ilm-policy", "my-policy")
+    assert result.exit_code == 2
+    assert "--ilm-policy: Elasticsearch Serverless has no ILM" in result.output
+    assert stack.writes() == []
 
 
 def test_missing_privilege_from_has_privileges_is_named(stack):
