@@ -38,6 +38,7 @@ class FakeStack:
     def __init__(self, es_version="9.1.3", kb_version="9.1.3"):
         self.es_version, self.kb_version = es_version, kb_version
         self.es_flavor = self.kb_flavor = "default"  # version.build_flavor: "serverless" on Elastic Cloud Serverless
+        self.dashboards_api = True  # Serverless Kibana's DELETE /api/dashboards/{id}
         self.component, self.index, self.pipelines = {}, {}, {}
         self.data_streams: set[str] = set()  # index template names in use
         self.rollovers: list[tuple[str, dict]] = []  # (data stream, query) of each POST <stream>/_rollover
@@ -260,6 +261,18 @@ class FakeStack:
                 ok.append(result)
             return self._json(200, {"success": True, "successCount": len(ok), "successResults": ok})
         mm = re.fullmatch(r"/api/saved_objects/(\w+)/(.+)", path)
+        if mm and m == "DELETE" and self.kb_flavor == "serverless":
+            # the saved objects CRUD routes are `internal` on Serverless (elastic/kibana#184408), and
+            # internal routes answer this to a request without x-elastic-internal-origin
+            return self._json(400, {"statusCode": 400, "error": "Bad Request", "message":
+                f"uri [{call['path']}] with method [delete] exists but is not available with the current configuration"})
+        mm_dash = re.fullmatch(r"/api/dashboards/([^/]+)", path)
+        if mm_dash and m == "DELETE" and self.kb_flavor == "serverless" and self.dashboards_api:
+            key = ("dashboard", mm_dash.group(1))  # Serverless's public dashboards API
+            if key not in self.saved_objects or not self.in_space(key, space):
+                return self._json(404, {"statusCode": 404, "error": "Not Found", "message": "not found"})
+            del self.saved_objects[key]
+            return 200, {}, ""
         if mm and m == "DELETE":
             key = (mm.group(1), mm.group(2))
             if key not in self.saved_objects or not self.in_space(key, space):
@@ -1086,6 +1099,38 @@ def test_uninstall_removes_assets_but_never_data(stack):
     # a second uninstall finds nothing to delete
     result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
     assert result.exit_code == 0 and re.search(r"absent\s+rule", result.output)
+
+
+def _serverless(stack):
+    stack.es_version, stack.es_flavor = "8.11.0", "serverless"
+    stack.kb_version, stack.kb_flavor = "9.4.0", "serverless"
+
+
+def test_uninstall_on_serverless_deletes_the_dashboards_through_the_dashboards_api(stack):
+    """Serverless Kibana keeps only `_import`/`_export` of the saved objects API public: `DELETE
+    /api/saved_objects/dashboard/<id>` is answered 400 "... exists but is not available with the
+    current configuration" whether or not the dashboard exists. Uninstall stopped at the first
+    dashboard, every time: the data view and the Elasticsearch assets were never removed."""
+    _serverless(stack)
+    assert install().exit_code == 0
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 0, result.output
+    assert stack.saved_objects == {} and stack.data_views == {} and stack.index == {}
+    assert re.search(r"deleted\s+dashboard openai-elastic-costs", result.output)
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 0 and re.search(r"absent\s+dashboard openai-elastic-costs", result.output)
+
+
+def test_uninstall_on_serverless_without_a_dashboard_delete_api_keeps_them_and_says_so(stack):
+    _serverless(stack)
+    stack.dashboards_api = False
+    assert install().exit_code == 0
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 0, result.output
+    assert len(stack.saved_objects) == len(K.dashboards())
+    assert re.search(r"kept\s+dashboard openai-elastic-costs  \(this Kibana has no API to delete it: "
+                     r"delete it in Stack Management > Saved objects\)", result.output)
+    assert stack.data_views == {} and stack.index == {}  # the rest is removed
 
 
 def test_uninstall_delete_data(stack):
