@@ -699,6 +699,10 @@ def check_cluster(client) -> str:
     except Exception as exc:  # noqa: BLE001
         raise OutputError(f"cannot reach Elasticsearch{_at(client)}: {_describe_exc(exc)}") from None
     version = str(info.get("version", {}).get("number", "?"))
+    if info.get("version", {}).get("build_flavor") == "serverless":
+        # Elastic Cloud Serverless: always the newest, whatever number it reports (8.11.0 for
+        # years); it is told by its flavor (Elasticsearch's `GET /` reference), not the number
+        return f"serverless (reports {version})"
     major = version.split(".")[0]
     try:
         major_n, minor_n = (int(x) for x in version.split(".")[:2])

@@ -42,6 +42,7 @@ class FakeElasticsearch:
     def __init__(self, version: str = "8.18.0", *, auth: str | None = None, certfile: str | None = None,
                  keyfile: str | None = None):
         self.version = version
+        self.build_flavor = "default"  # "serverless": Elastic Cloud Serverless (GET / reports 8.11.0 there)
         self.major = int(version.split(".")[0])
         self.auth = auth
         self.docs: dict[tuple[str, str], dict] = {}
@@ -145,7 +146,7 @@ class FakeElasticsearch:
         path = h.path.split("?")[0]
         if method == "GET" and path == "/":
             return self._reply(h, 200, {"name": "fake", "cluster_name": "fake", "version": {
-                "number": self.version, "build_flavor": "default"}, "tagline": "You Know, for Search"})
+                "number": self.version, "build_flavor": self.build_flavor}, "tagline": "You Know, for Search"})
         if method in ("POST", "PUT") and path == "/_bulk":
             return self._bulk(h, body)
         return self._reply(h, 404, {"error": {"type": "not_found", "reason": path}, "status": 404})

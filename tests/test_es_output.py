@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -81,6 +82,24 @@ def test_works_with_8_18_and_9_x_and_sends_compatible_with_8(tmp_path, version):
             assert req["headers"]["accept"] == "application/vnd.elasticsearch+json; compatible-with=8"
             if req["method"] == "POST":
                 assert req["headers"]["content-type"] == "application/vnd.elasticsearch+x-ndjson; compatible-with=8"
+    finally:
+        es.close()
+
+
+def test_a_serverless_project_is_not_warned_about_as_an_old_version(tmp_path, caplog):
+    """Elastic Cloud Serverless reports `build_flavor: serverless` and a version number that is not
+    its feature level (8.11.0 for years): every start warned that it was older than 8.18, the
+    oldest version tested, and sent nothing differently."""
+    es = FakeElasticsearch("8.11.0", auth=AUTH)
+    es.build_flavor = "serverless"
+    try:
+        out = _output(es.url, tmp_path)
+        with caplog.at_level(logging.WARNING, logger="agent_input.es_output"):
+            assert check_cluster(out.client) == "serverless (reports 8.11.0)"
+        assert not [r for r in caplog.records if "older than" in r.getMessage()]
+        ack = Acks()
+        out.send("completions", _payload([_doc(1)]), 1, ack)
+        assert ack.n == 1 and len(es.docs) == 1
     finally:
         es.close()
 
