@@ -60,11 +60,12 @@ class ProtocolWriter:
         except OSError:
             self._waitable = False
 
-    def give_up_on(self, stopping: threading.Event, grace: float) -> None:
-        """Once `stopping` is set, a write the reader leaves waiting for `grace` seconds is given up
-        (StdoutClosed, and stdout counts as closed): a supervisor that no longer reads stdout
-        cannot hold a stop up for ever. The batch cut short stays in the outbox."""
-        self._stopping, self._grace = stopping, grace
+    def give_up_on(self, stopping: threading.Event, grace: float, *more: threading.Event) -> None:
+        """Once `stopping` (or one of `more`) is set, a write the reader leaves waiting for `grace`
+        seconds is given up (StdoutClosed, and stdout counts as closed): a supervisor that no longer
+        reads stdout cannot hold a stop up for ever. The batch cut short stays in the outbox."""
+        self._stopping = _AnyOf(stopping, *more) if more else stopping
+        self._grace = grace
 
     @classmethod
     def take_stdout(cls) -> "ProtocolWriter":
@@ -165,6 +166,16 @@ class ProtocolWriter:
             except OSError:
                 pass
             self.closed.set()
+
+
+class _AnyOf:
+    """Set when any of its events is."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 def _encodable(value: Any) -> Any:
@@ -391,6 +402,10 @@ class Runner:
         self.revision = 0
         self.config_id: Any = None
         self._stream_status: dict[str, str] = {}
+        # set by the stdin reader as soon as it reads `stop` or the end of stdin, before the run
+        # loop gets to it: the loop itself can be waiting to write a status (a config's) to a
+        # stdout nobody reads, and the stop has to end that wait (`ProtocolWriter.give_up_on`)
+        self.stop_read = threading.Event()
 
     # -- stdin -----------------------------------------------------------------------------------
     def _read_stdin(self) -> None:
@@ -408,6 +423,7 @@ class Runner:
         except (OSError, ValueError) as exc:
             log.error("cannot read stdin: %s", exc)
         finally:
+            self.stop_read.set()
             self.control.put(("eof", None))
 
     def _dispatch(self, raw: bytes, n: int) -> None:
@@ -426,6 +442,8 @@ class Runner:
         if kind == "ack":
             self._ack(msg, n)
         elif kind in ("config", "stop"):
+            if kind == "stop":
+                self.stop_read.set()
             self.control.put((kind, msg))
         else:
             log.warning("input line %d has unknown message type %r, skipped (known: config, ack, stop)",
@@ -481,6 +499,8 @@ class Runner:
             return
         self.writer.status("input", "configuring", "applying a new config", config_id=cid,
                            revision=self.revision + 1)
+        if self.writer.closed.is_set():  # given up after a stop, or the reader is gone: no new engine
+            return
         self._stop_engine()
         self.revision += 1
         self.config_id = cid
@@ -561,7 +581,7 @@ class Runner:
     def run(self, stop_signal: threading.Event) -> int:
         reader = threading.Thread(target=self._read_stdin, name="stdin", daemon=True)
         reader.start()
-        self.writer.give_up_on(stop_signal, self.ack_timeout)
+        self.writer.give_up_on(stop_signal, self.ack_timeout, self.stop_read)
         self.writer.status("input", "starting", f"openai-input protocol {PROTOCOL_VERSION}: waiting for a config",
                            protocol=PROTOCOL_VERSION)
         reason = "stop requested"

@@ -177,10 +177,12 @@ def test_stdout_closed_by_the_reader_ends_the_process_cleanly(simulator, tmp_pat
     assert "stdout was closed by the reader" in sup.stderr_text()
 
 
-@pytest.mark.parametrize("how", ["sigterm", "stop", "eof"])
+@pytest.mark.parametrize("how", ["sigterm", "stop", "eof", "config+stop", "bad-config+eof", "config+sigterm"])
 def test_a_supervisor_that_stops_reading_stdout_cannot_hold_a_stop_up(simulator, tmp_path, how):
     """The pipe fills during a backfill and the supervisor no longer reads it: a stop still ends
-    the process within about --ack-timeout, the batches it could not send kept in the outbox."""
+    the process within about --ack-timeout, the batches it could not send kept in the outbox.
+    A config sent before the stop (valid or not) has its status to write to that full pipe: the
+    stop that follows it on stdin still ends the process (it used to wait for ever behind it)."""
     import subprocess
     import sys
 
@@ -195,6 +197,12 @@ def test_a_supervisor_that_stops_reading_stdout_cannot_hold_a_stop_up(simulator,
         proc.stdin.flush()
         assert wait_for_commits(state, 2, lambda: proc.poll() is None, timeout=60), "the backfill did not start"
         time.sleep(1.5)  # stdout was never read: its pipe is full and a stream is blocked writing to it
+        if how.startswith(("config+", "bad-config+")):
+            again = cfg if how.startswith("config+") else {"url": 1}
+            proc.stdin.write(json.dumps({"type": "config", "config": again}).encode() + b"\n")
+            proc.stdin.flush()
+            time.sleep(0.5)
+            how = how.split("+")[1]
         if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:
