@@ -646,15 +646,17 @@ def run(state_dir, ack_on_flush, ack_timeout, max_inflight, now_text, log_level)
     stderr: ECS JSON logs. Exit status 0 after a stop, end of stdin, SIGTERM/SIGINT, or when the
     reader closes stdout.
     """
+    import sys
     import threading
     import time
 
     from . import app
-    from .logs import setup_logging
+    from .logs import UnblockedStream, setup_logging
     from .protocol import ProtocolWriter, Runner
 
     writer = ProtocolWriter.take_stdout()
-    setup_logging(log_level, "ecs")
+    logs = UnblockedStream(sys.stderr)  # a supervisor that does not read stderr must not stall the collector
+    setup_logging(log_level, "ecs", stream=logs)
     now = _parse_now(now_text)
     clock = app.fixed_clock(now) if now is not None else time.time
     stop = threading.Event()
@@ -666,9 +668,10 @@ def run(state_dir, ack_on_flush, ack_timeout, max_inflight, now_text, log_level)
     except Exception as exc:  # one clear line on stderr, never a traceback on the event stream
         from .logs import redact
 
-        click.echo(f"openai-input: run failed: {redact(str(exc)) or type(exc).__name__}", err=True)
+        logs.write(f"openai-input: run failed: {redact(str(exc)) or type(exc).__name__}\n")
         code = 1
     writer.close()
+    logs.wait_written(2.0)  # not for ever: nobody may be reading stderr
     import os
 
     os._exit(code)  # daemon threads (stdin reader) must not hold the exit

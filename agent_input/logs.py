@@ -167,6 +167,87 @@ def _ecs_formatter() -> logging.Formatter:
     return RedactingEcsFormatter()
 
 
+class UnblockedStream:
+    """A text stream for the log handler whose `write` never waits for the reader: lines are
+    queued (up to `limit` characters) and written to `stream` by a thread of their own. A
+    supervisor that does not read stderr (a full pipe) then costs log lines, not the collector:
+    logging to a full pipe blocked the thread that logged, with the handler's lock held, and so
+    every thread that logged after it: the stdin reader (no more acks), the streams, and the stop.
+    Lines that do not fit are dropped and counted; the count is logged where they were missing
+    (one ECS line) once the reader takes lines again. `wait_written` before exiting."""
+
+    def __init__(self, stream: TextIO, limit: int = 1 << 20):
+        self.stream = stream
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._items: list[str | list[int]] = []  # lines, and [n] where n lines were dropped
+        self._size = 0
+        self._busy = False
+        threading.Thread(target=self._drain, name="stderr", daemon=True).start()
+
+    def write(self, text: str) -> int:
+        with self._cond:
+            if self._size + len(text) > self.limit:
+                if self._items and isinstance(self._items[-1], list):
+                    self._items[-1][0] += 1
+                else:
+                    self._items.append([1])
+            else:
+                self._items.append(text)
+                self._size += len(text)
+            self._cond.notify_all()
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # the drain thread flushes what it wrote
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (AttributeError, ValueError, OSError):
+            return False
+
+    def _drain(self) -> None:
+        import json
+        import time
+
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                items, self._items, self._busy = self._items, [], True
+            for item in items:
+                # one line a write: a line up to PIPE_BUF is then whole in the pipe, even when the
+                # process exits while this thread waits for the reader (`wait_written` gave up)
+                text = item if isinstance(item, str) else json.dumps({
+                    "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "log.level": "warning",
+                    "message": f"{item[0]} log line(s) dropped: stderr was not read", "ecs.version": "1.6.0",
+                    "log": {"logger": __name__}}) + "\n"
+                try:
+                    self.stream.write(text)
+                    self.stream.flush()
+                except (OSError, ValueError, AttributeError):  # AttributeError: no stderr at all (None)
+                    pass  # stderr closed: the lines go nowhere, as a direct write's would
+                with self._cond:
+                    self._size -= len(item) if isinstance(item, str) else 0
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def wait_written(self, timeout: float) -> bool:
+        """Whether every queued line was written within `timeout` seconds."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._items or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
 def setup_logging(
     level: str | int = "INFO",
     fmt: Literal["auto", "ecs", "text"] = "auto",

@@ -237,3 +237,34 @@ def test_a_url_password_is_redacted_as_written_and_as_sent(tmp_path):
     for written, sent in (("Zq8%40word%2Fx-71", "Zq8@word/x-71"), ("Kp2%3Aproxy%25y-88", "Kp2:proxy%y-88")):
         text = logs.redact(f"auth failed as elastic:{sent} (url had {written})")
         assert sent not in text and written not in text, text
+
+
+def test_an_unread_stderr_costs_log_lines_not_the_thread_that_logs():
+    """`run` logs through `UnblockedStream`: while the reader takes nothing, `write` returns at once;
+    lines past the limit are dropped, and the count is logged where they were missing."""
+    import threading
+
+    class Stuck(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.reading = threading.Event()
+
+        def write(self, text):
+            self.reading.wait()  # a full pipe: the write waits for the reader
+            return super().write(text)
+
+    out = Stuck()
+    stream = logs.UnblockedStream(out, limit=100)
+    for n in range(6):
+        stream.write(f"line {n} " + "x" * 30 + "\n")  # 38 characters: two wait, the rest are dropped
+    assert not stream.wait_written(0.2)
+    out.reading.set()
+    assert stream.wait_written(5)
+    stream.write("after\n")
+    assert stream.wait_written(5)
+    lines = out.getvalue().splitlines()
+    kept = [line.split()[1] for line in lines if line.startswith("line")]
+    assert len(kept) in (2, 3) and kept == sorted(kept)  # the drain thread may have taken line 0 first
+    notice = json.loads(lines[len(kept)])
+    assert notice["log.level"] == "warning" and notice["message"] == f"{6 - len(kept)} log line(s) dropped: stderr was not read"
+    assert lines[-1] == "after"

@@ -223,6 +223,72 @@ def test_a_supervisor_that_stops_reading_stdout_cannot_hold_a_stop_up(simulator,
     assert _pending(state) > 0  # what the supervisor did not take is sent again at the next start
 
 
+def test_a_supervisor_that_does_not_read_stderr_does_not_stall_the_collector(simulator, tmp_path):
+    """stderr's pipe full (nobody reads the logs): the collector goes on sending and taking acks,
+    lines that do not fit are dropped and counted, and a stop (even SIGTERM) still ends it. Logging
+    to the full pipe used to block every thread that logged, the stdin reader and the stop too."""
+    import fcntl
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "agent_input.cli", "run", "--state-dir", str(tmp_path / "state"),
+                             "--now", str(T0), "--log-level", "DEBUG"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    messages: list[dict] = []
+
+    def read_and_ack() -> None:
+        for line in proc.stdout:
+            msg = json.loads(line)
+            messages.append(msg)
+            if msg["type"] == "event" and msg["seq"] == msg["batch_size"] - 1:
+                proc.stdin.write(json.dumps({"type": "ack", "batch": msg["batch"]}).encode() + b"\n")
+                proc.stdin.write(b"not json: one more warning for the stdin reader to log\n")
+                proc.stdin.flush()
+
+    def stderr_full() -> bool:
+        size = fcntl.fcntl(proc.stderr.fileno(), 1032)  # F_GETPIPE_SZ
+        unread = bytearray(4)
+        fcntl.ioctl(proc.stderr.fileno(), termios.FIONREAD, unread)
+        return int.from_bytes(unread, sys.byteorder) >= size // 2  # lines do not fill its pages to the byte
+
+    def polls() -> int:
+        return sum(1 for m in list(messages) if m["type"] == "status" and m["status"] == "healthy"
+                   and m["scope"] == "stream")
+
+    reader = threading.Thread(target=read_and_ack, daemon=True)
+    try:
+        reader.start()
+        proc.stdin.write(json.dumps({"type": "config", "config": _config(simulator.base_url, interval="1s")}).encode()
+                         + b"\n" + b"not json: a warning to log\n" * 300)  # ~150 KB of warnings on stderr
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not stderr_full():
+            assert time.monotonic() < deadline and proc.poll() is None, "stderr's pipe did not fill"
+            time.sleep(0.1)
+        time.sleep(1)  # the rest of the 150 KB: the pipe is full now
+        then = polls()
+        deadline = time.monotonic() + 15
+        while polls() < then + 4:  # polls every second go on, and their batches are acknowledged
+            assert time.monotonic() < deadline, "the collector stalled on a full stderr"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=10) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGTERM did not end a collector whose stderr is full")
+        reader.join(5)
+        assert [m["status"] for m in messages if m["type"] == "status" and m["scope"] == "input"][-1] == "stopped"
+        for line in proc.stderr.read().splitlines():
+            json.loads(line)  # what was written is whole ECS lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_stdout_closed_while_every_stream_waits_for_its_next_poll_ends_the_process(simulator, tmp_path):
     """Between polls (interval 5m) nothing is written: the closed stdout is noticed all the same."""
     import subprocess
