@@ -35,11 +35,12 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
 - **rejected** for good (any other 4xx on an item: an error in the document itself, e.g.
   `mapper_parsing_exception`, `document_parsing_exception`, `strict_dynamic_mapping_exception`, an
   `illegal_argument_exception` about a field; or 413 for a document refused alone while others got
-  through): reported with the document id and dataset and written, with the error, to the
+  through): written, with the error, to the
   dead-letter file `<state dir>/dead-letter.ndjson` (fsynced) once the rest of the batch is delivered,
   just before the batch is acknowledged (a batch stopped part way dead-letters nothing, so its re-sending
   does not write the same record twice), so one bad document cannot block its stream forever, and it is never silently
-  lost. If the dead-letter file cannot be written, the batch is not acknowledged, and a record
+  lost; the batch's documents rejected for the same cause (dataset, status, error type) are one
+  ERROR line with their count, the reason and the first ids. If the dead-letter file cannot be written, the batch is not acknowledged, and a record
   written only in part (a full disk) is cut back at once, so the file only ever holds whole lines.
 
 Any other status for the whole request (401/403, 404, 400...) means nothing reached Elasticsearch
@@ -338,8 +339,17 @@ class ElasticsearchOutput:
         for part in _parts(payload, SEND_PART_LINES):
             if not self._send_part(stream, part, rejected, stored):
                 return  # stopped: not acknowledged, the batch is re-sent at the next start
+        causes: dict[tuple, list] = {}  # (dataset, status, error type) -> [ids, first reason]
         for doc, status, info in rejected:
             self._dead_letter(doc, status, info)
+            error = info.get("error")
+            cause = causes.setdefault((doc["dataset"], status, error.get("type") if isinstance(error, Mapping) else None),
+                                      [[], _reason(info)])
+            cause[0].append(doc["_id"])
+        for (dataset, status, _kind), (ids, reason) in causes.items():  # a line per cause, not per document
+            log.error("Elasticsearch rejected %d %s document%s (HTTP %s: %s); written to %s; first ids: %s",
+                      len(ids), dataset, "" if len(ids) == 1 else "s", status, reason, self.dead_letter_path,
+                      ", ".join(ids[:3]))
         for index, ids in stored.items():
             log.warning("Elasticsearch kept %d %s document%s in the failure store of %s, not in the data stream "
                         "(a mapping conflict or an ingest pipeline failure): the dashboards do not count %s. "
@@ -549,8 +559,6 @@ class ElasticsearchOutput:
                 ) from None
         with self._count_lock:
             self.rejected += 1
-        log.error("Elasticsearch rejected %s document %s (HTTP %s: %s); written to %s",
-                  doc["dataset"], doc["_id"], status, reason, self.dead_letter_path)
 
 
 def _append_record(path: Path, line: bytes) -> None:

@@ -528,6 +528,32 @@ def test_a_mapping_error_is_dead_lettered_with_id_and_dataset_and_the_rest_deliv
     assert docs[1][0] in logged and "openai.completions" in logged and "document_parsing_exception" in logged
 
 
+def test_documents_rejected_alike_are_one_error_line_per_batch_with_a_count(fake, tmp_path):
+    """A mapping conflict on every document of a dataset lasts until someone fixes the template:
+    one ERROR line per rejected document per batch buried every other line of the log (241 lines
+    per completions batch of the simulator's small organization). Documents rejected for the same
+    cause are one line per batch, with their count and the first ids; each still has its record."""
+    from agent_input.logs import setup_logging
+
+    buf = io.StringIO()
+    setup_logging("INFO", "ecs", stream=buf)
+    out = _output(fake.url, tmp_path)
+    docs = [_doc(i, bad="x") for i in range(40)] + [_doc(i, "openai.embeddings", other="y") for i in range(3)]
+    fake.reject = lambda src: ({"type": "document_parsing_exception", "reason": "failed to parse field [bad]"}
+                               if "bad" in src else
+                               {"type": "strict_dynamic_mapping_exception", "reason": "[other] not allowed"}
+                               if "other" in src else None)
+    ack = Acks()
+    out.send("completions", _payload(docs), len(docs), ack)
+    assert ack.n == 1 and out.rejected == 43
+    assert len((tmp_path / "dead-letter.ndjson").read_text().splitlines()) == 43
+    errors = [json.loads(line)["message"] for line in buf.getvalue().splitlines() if '"log.level":"error"' in line]
+    assert len(errors) == 2, errors
+    parsing = next(e for e in errors if "document_parsing_exception" in e)
+    assert "40 openai.completions documents" in parsing and docs[0][0] in parsing and docs[39][0] not in parsing
+    assert "1 openai.embeddings" not in errors[1] and "3 openai.embeddings documents" in errors[1]
+
+
 def test_a_document_kept_in_a_failure_store_is_said_and_counted_not_taken_as_created(fake, tmp_path):
     """Elasticsearch 9.2+ turns the failure store on for new logs-*-* data streams: a document
     with a mapping conflict is answered 201 with "failure_store": "used" and kept in
