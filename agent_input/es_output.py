@@ -40,7 +40,8 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
   just before the batch is acknowledged (a batch stopped part way dead-letters nothing, so its re-sending
   does not write the same record twice), so one bad document cannot block its stream forever, and it is never silently
   lost; the batch's documents rejected for the same cause (dataset, status, error type) are one
-  ERROR line with their count, the reason and the first ids. If the dead-letter file cannot be written, the batch is not acknowledged, and a record
+  ERROR line with their count, the reason and the first ids. Past `dead_letter_max_bytes` (100 MiB)
+  the file is moved to `dead-letter.ndjson.1`, replacing the older records there, with a WARNING. If the dead-letter file cannot be written, the batch is not acknowledged, and a record
   written only in part (a full disk) is cut back at once, so the file only ever holds whole lines.
 
 Any other status for the whole request (401/403, 404, 400...) means nothing reached Elasticsearch
@@ -80,7 +81,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from .config import credential_problem, display_url, url_problem
-from .durable import fsync, truncate_partial_line, write_all
+from .durable import fsync, fsync_dir, truncate_partial_line, write_all
 from .outputs import Ack, OutputError
 
 log = logging.getLogger("agent_input.es_output")
@@ -88,6 +89,9 @@ log = logging.getLogger("agent_input.es_output")
 COMPAT_MAJOR = 8
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 DEAD_LETTER_NAME = "dead-letter.ndjson"
+# Past this size the dead-letter file is moved to `dead-letter.ndjson.1` (replacing the older one)
+# before the next record: a dataset rejected for days must not fill the state directory's disk.
+DEAD_LETTER_MAX_BYTES = 100 * 1024 * 1024
 # Per-document errors that are about the target index or the cluster, not the document: every
 # document bound for that index gets the same, so they stop delivery instead of dead-lettering.
 INDEX_ERROR_TYPES = frozenset({
@@ -305,6 +309,7 @@ class ElasticsearchOutput:
         max_concurrent: int = 2,
         stop: threading.Event | None = None,
         sleep: Callable[[float], None] | None = None,
+        dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
     ):
         self.client = client
         self.namespace = namespace
@@ -319,6 +324,7 @@ class ElasticsearchOutput:
         self._slots = threading.BoundedSemaphore(max(1, max_concurrent))
         self._dead_lock = threading.Lock()
         self.dead_letter_path = Path(state_dir) / DEAD_LETTER_NAME
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         self._count_lock = threading.Lock()
         self.created = 0
         self.duplicates = 0
@@ -551,6 +557,7 @@ class ElasticsearchOutput:
         with self._dead_lock:
             try:
                 self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+                self._rotate_dead_letter(len(line))
                 _append_record(self.dead_letter_path, line)
             except OSError as exc:
                 raise OutputError(
@@ -559,6 +566,24 @@ class ElasticsearchOutput:
                 ) from None
         with self._count_lock:
             self.rejected += 1
+
+
+    def _rotate_dead_letter(self, incoming: int) -> None:
+        """Move the dead-letter file to `<name>.1` (the older one is deleted) when the next record
+        would take it past `dead_letter_max_bytes`: the two hold at most twice that (OSError)."""
+        path = self.dead_letter_path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0 or size + incoming <= self.dead_letter_max_bytes:
+            return
+        truncate_partial_line(path)  # a crash's fragment is not moved along with the whole records
+        older = path.with_name(path.name + ".1")
+        os.replace(path, older)
+        fsync_dir(path.parent)
+        log.warning("the dead-letter file reached %d bytes: moved to %s, replacing the records there "
+                    "before; new records go to %s", size, older, path)
 
 
 def _append_record(path: Path, line: bytes) -> None:

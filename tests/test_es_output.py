@@ -554,6 +554,31 @@ def test_documents_rejected_alike_are_one_error_line_per_batch_with_a_count(fake
     assert "1 openai.embeddings" not in errors[1] and "3 openai.embeddings documents" in errors[1]
 
 
+def test_the_dead_letter_file_is_bounded_when_a_dataset_is_rejected_for_days(fake, tmp_path, caplog):
+    """A mapping conflict on every document of one dataset, left for days, added each of its
+    documents (about 1.5 KB each) to dead-letter.ndjson for ever: the state directory's disk filled.
+    Past `dead_letter_max_bytes` the file is moved to dead-letter.ndjson.1 (the older one goes),
+    with a WARNING, so the two hold at most twice the cap, in whole records."""
+    import logging
+
+    out = _output(fake.url, tmp_path, dead_letter_max_bytes=4000)
+    fake.reject = lambda src: {"type": "document_parsing_exception", "reason": "bad"} if "bad" in src else None
+    ack = Acks()
+    with caplog.at_level(logging.WARNING, logger="agent_input.es_output"):
+        for batch in range(20):
+            docs = [_doc(batch * 10 + i, bad="x" * 100) for i in range(5)]
+            out.send("completions", _payload(docs), len(docs), ack)
+    assert ack.n == 20 and out.rejected == 100
+    current, older = tmp_path / "dead-letter.ndjson", tmp_path / "dead-letter.ndjson.1"
+    assert current.stat().st_size <= 4000 and older.stat().st_size <= 4000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dead-letter.ndjson", "dead-letter.ndjson.1"]
+    for path in (current, older):
+        assert all(json.loads(line)["status"] == 400 for line in path.read_text().splitlines())
+    last = json.loads(current.read_text().splitlines()[-1])
+    assert last["_id"] == _doc(194)[0], "the newest records are kept"
+    assert any("dead-letter.ndjson.1" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
 def test_a_document_kept_in_a_failure_store_is_said_and_counted_not_taken_as_created(fake, tmp_path):
     """Elasticsearch 9.2+ turns the failure store on for new logs-*-* data streams: a document
     with a mapping conflict is answered 201 with "failure_store": "used" and kept in
