@@ -40,9 +40,11 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
   just before the batch is acknowledged (a batch stopped part way dead-letters nothing, so its re-sending
   does not write the same record twice), so one bad document cannot block its stream forever, and it is never silently
   lost; the batch's documents rejected for the same cause (dataset, status, error type) are one
-  ERROR line with their count, the reason and the first ids. Past `dead_letter_max_bytes` (100 MiB)
-  the file is moved to `dead-letter.ndjson.1`, replacing the older records there, with a WARNING. If the dead-letter file cannot be written, the batch is not acknowledged, and a record
-  written only in part (a full disk) is cut back at once, so the file only ever holds whole lines.
+  ERROR line with their count, the reason and the first ids. A batch's records are one append and
+  one fsync. Once the file has reached `dead_letter_max_bytes` (100 MiB) it is moved to
+  `dead-letter.ndjson.1` before the next batch's records, replacing the older records there, with a WARNING.
+  If the dead-letter file cannot be written, the batch is not acknowledged, and records written
+  only in part (a full disk) are cut back at once, so the file only ever holds whole lines.
 
 Any other status for the whole request (401/403, 404, 400...) means nothing reached Elasticsearch
 and retrying will not help (a wrong URL, key or proxy): no document is dead-lettered, the batch
@@ -346,8 +348,9 @@ class ElasticsearchOutput:
             if not self._send_part(stream, part, rejected, stored):
                 return  # stopped: not acknowledged, the batch is re-sent at the next start
         causes: dict[tuple, list] = {}  # (dataset, status, error type) -> [ids, first reason]
+        if rejected:
+            self._dead_letter(rejected)
         for doc, status, info in rejected:
-            self._dead_letter(doc, status, info)
             error = info.get("error")
             cause = causes.setdefault((doc["dataset"], status, error.get("type") if isinstance(error, Mapping) else None),
                                       [[], _reason(info)])
@@ -541,42 +544,48 @@ class ElasticsearchOutput:
                              "(http.max_content_length, or a proxy's limit)"}))
         return last
 
-    def _dead_letter(self, doc: dict, status: Any, info: Mapping) -> None:
-        error = info.get("error")
-        reason = _reason(info)
-        record = {
-            "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "_id": doc["_id"],
-            "_index": doc["_index"],
-            "dataset": doc["dataset"],
-            "status": status,
-            "error": error if isinstance(error, (dict, str)) else str(error),
-            "document": doc["_source"],
-        }
-        line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+    def _dead_letter(self, rejected: list) -> None:
+        """Write a settled batch's rejected documents to the dead-letter file: one append and one
+        fsync for them all, and all or none (OutputError, the batch then stays in the outbox)."""
+        def lines() -> Iterator[bytes]:
+            for doc, status, info in rejected:
+                error = info.get("error")
+                record = {
+                    "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "_id": doc["_id"],
+                    "_index": doc["_index"],
+                    "dataset": doc["dataset"],
+                    "status": status,
+                    "error": error if isinstance(error, (dict, str)) else str(error),
+                    "document": doc["_source"],
+                }
+                yield (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+
         with self._dead_lock:
             try:
                 self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-                self._rotate_dead_letter(len(line))
-                _append_record(self.dead_letter_path, line)
+                self._rotate_dead_letter()
+                _append_records(self.dead_letter_path, lines())
             except OSError as exc:
+                doc, _status, info = rejected[0]
+                more = f" and {len(rejected) - 1} other document(s)" if len(rejected) > 1 else ""
                 raise OutputError(
-                    f"Elasticsearch rejected {doc['dataset']} document {doc['_id']} ({reason}) and it cannot be "
-                    f"written to {self.dead_letter_path}: {exc.strerror}; the batch stays in the outbox"
+                    f"Elasticsearch rejected {doc['dataset']} document {doc['_id']} ({_reason(info)}){more} and they "
+                    f"cannot be written to {self.dead_letter_path}: {exc.strerror}; the batch stays in the outbox"
                 ) from None
         with self._count_lock:
-            self.rejected += 1
+            self.rejected += len(rejected)
 
-
-    def _rotate_dead_letter(self, incoming: int) -> None:
-        """Move the dead-letter file to `<name>.1` (the older one is deleted) when the next record
-        would take it past `dead_letter_max_bytes`: the two hold at most twice that (OSError)."""
+    def _rotate_dead_letter(self) -> None:
+        """Move the dead-letter file to `<name>.1` (the older one is deleted) once it has reached
+        `dead_letter_max_bytes`, before a batch's records: each holds at most that plus one batch's
+        records (OSError)."""
         path = self.dead_letter_path
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             return
-        if size == 0 or size + incoming <= self.dead_letter_max_bytes:
+        if size < self.dead_letter_max_bytes:
             return
         truncate_partial_line(path)  # a crash's fragment is not moved along with the whole records
         older = path.with_name(path.name + ".1")
@@ -586,17 +595,30 @@ class ElasticsearchOutput:
                     "before; new records go to %s", size, older, path)
 
 
-def _append_record(path: Path, line: bytes) -> None:
-    """Append one whole record and fsync it, or leave the file as it was (OSError). A write that
-    fails part-way (a full disk, a file-size limit) is cut back at once, and a partial line left
-    by a crash in the middle of a write is cut back first: its batch was never acknowledged and
-    dead-letters its document again, while the record glued onto the fragment would be lost."""
+_WRITE_BYTES = 1 << 20  # records are written in slices of about this size: a batch is not joined whole
+
+
+def _append_records(path: Path, lines: Iterator[bytes]) -> None:
+    """Append whole records and fsync them once, or leave the file as it was (OSError). A write
+    that fails part-way (a full disk, a file-size limit) is cut back at once to where the file
+    ended, and a partial line left by a crash in the middle of a write is cut back first: its
+    batch was never acknowledged and dead-letters its documents again, while the record glued
+    onto the fragment would be lost."""
     truncate_partial_line(path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
         before = os.fstat(fd).st_size
         try:
-            write_all(fd, line)
+            buf: list[bytes] = []
+            size = 0
+            for line in lines:
+                buf.append(line)
+                size += len(line)
+                if size >= _WRITE_BYTES:
+                    write_all(fd, b"".join(buf))
+                    buf, size = [], 0
+            if buf:
+                write_all(fd, b"".join(buf))
             fsync(fd)
         except OSError:
             try:

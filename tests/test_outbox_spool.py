@@ -386,7 +386,7 @@ def test_where_the_system_has_f_fullfsync_every_durable_write_uses_it(tmp_path, 
     file_out = NdjsonFileOutput(tmp_path / "events.ndjson")
     file_out.send("s", b'{"_id":"a"}\n', 1, lambda: None)
     file_out.close()
-    es_output._append_record(tmp_path / "dead-letter.ndjson", b'{"_id":"b"}\n')
+    es_output._append_records(tmp_path / "dead-letter.ndjson", iter([b'{"_id":"b"}\n']))
     assert len(fake.calls) == 3 and all(cmd == 51 for _, cmd in fake.calls)
     assert plain == []  # F_FULLFSYNC did it: no second, weaker sync
 
