@@ -28,6 +28,8 @@ high-water mark instead, `hwm` = every event of the scope with `effective_at < h
 
 An API error or a crash in the middle of a slice leaves the mark at the slice start: the slice is
 read again from scratch and nothing of it was stored yet, so nothing is lost and nothing doubled.
+A scope's first poll that fails (or is stopped) before storing a slice stores its start as the
+mark (`_keep_starts`), so the next poll reads from there, not from its own later `now`.
 The overlap re-reads the last few minutes to catch events OpenAI records late; the ids already
 emitted there are remembered and skipped (and the document id is the audit log id anyway, so a
 re-emission would be a harmless duplicate).
@@ -71,6 +73,7 @@ from .ecs import ECS_VERSION, iso_timestamp
 from .engine import Lines, ListingCollector, PollStats, Progress, delivered_before, serialize
 from .http_client import (ApiError, AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError,
                           StoppedError, explain)
+from .org_guard import OrganizationMismatch, OrganizationUnverified
 from .paging import cursor_pages
 
 log = logging.getLogger("agent_input.audit")
@@ -145,20 +148,41 @@ class AuditCollector(ListingCollector):
         self.tenant_refused: str | None = None  # why, while tenant-scoped events cannot be listed
         self._tenant_retry_at = 0.0
         self._tenant_refusal_read = False  # the state's record of a refusal, read at the first poll
+        self._reading = False  # the poll under way went on to read the log (not quiet after a refusal)
 
     # -- polling -------------------------------------------------------------------------------
     def poll(self, now: float) -> PollStats:
         stats = PollStats()
+        self._reading = False
         try:
-            return self._poll(now, stats)
+            self._poll(now, stats)
         except BaseException as exc:  # slices stored before it are delivered: counted in the totals
+            if self._reading and not isinstance(exc, (OrganizationMismatch, OrganizationUnverified)):
+                self._keep_starts(now)  # (writes held by the organization check: not kept)
             raise delivered_before(exc, stats)
+        if self._reading and self.stop.is_set():  # cut short by a stop: a scope not read yet keeps its start
+            self._keep_starts(now)
+        return stats
+
+    def _keep_starts(self, now: float) -> None:
+        """A first poll that failed (a 5xx or 429 after the client's retries, a timeout, a page
+        against the API reference, a stop, the outbox refusing) before a scope stored anything:
+        that scope's would-be start is stored, as on a 403 (`_forbid`), so that the next poll
+        reads from there, not from `initial_interval` before its own later `now` (the oldest edge
+        of the first window was never read). A scope with a mark (slices stored) is left as is."""
+        try:
+            kv = self._would_be_starts(SCOPES, now)
+            if kv:
+                self.delivery.commit_events(self.name, [], kv)
+        except Exception as exc:  # noqa: BLE001 - e.g. the organization check holds writes: next time
+            log.debug("audit: cannot keep where the stream starts: %s", exc)
 
     def _poll(self, now: float, stats: PollStats) -> PollStats:
         if not self._refusal_read:
             self._recall_refusal(now)
         if self.forbidden is not None and now < self._forbidden_until:
             return stats
+        self._reading = True
         try:
             self._poll_scope(ORGANIZATION, now, stats)
         except PermissionDeniedError as exc:
@@ -183,6 +207,7 @@ class AuditCollector(ListingCollector):
                 msg = f"audit: tenant-scoped events: poll failed, mark kept, will retry: {exc}"
                 log.error("%s", msg)
                 stats.errors.append(msg)
+                self._keep_starts(now)  # a first read that failed: its start (no mark yet) is kept
             else:
                 if self.tenant_refused is not None and stats.requests > asked:  # not a stop before asking
                     log.warning("audit: tenant-scoped events are readable again; collecting from where they stopped")

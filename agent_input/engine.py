@@ -400,7 +400,7 @@ class UsageCollector(PollingCollector):
         self._unrecorded = None
         asked = _floor(now - self.config.initial_interval, w)
         if cur is not None and asked < cur.origin and self._never_read(cur):
-            # only a refused first poll's start (`_keep_origin`), nothing read since: a raised
+            # only a failed first poll's start (`_keep_origin`), nothing read since: a raised
             # initial_interval is still this stream's first run's, and delivers nothing twice
             cur = None
         if cur is None:
@@ -441,28 +441,34 @@ class UsageCollector(PollingCollector):
 
     def poll(self, now: float) -> PollStats:
         stats = PollStats()
+        self._unrecorded = None  # set by this poll's `window`, never a previous poll's
         try:
             return self._poll(now, stats)
         except BaseException as exc:
-            if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
+            if not isinstance(exc, (OrganizationMismatch, OrganizationUnverified)):  # writes held: not kept
                 self._keep_origin()
             raise delivered_before(exc, stats)
 
     def _keep_origin(self) -> None:
-        """A first poll refused (401, 403: a key without api.usage.read): its start is stored, so
-        that once the key is fixed, perhaps days later, the stream reads from there rather than
-        from `initial_interval` before that later day (the refused time was never collected)."""
+        """A first poll that failed before it stored anything, whatever the failure (refused, 401
+        or 403: a key without api.usage.read; a 5xx or 429 after the client's retries, a timeout,
+        a page against the API reference, a stop, the outbox refusing): its start is stored, so
+        that the next poll, perhaps days later, reads from there rather than from
+        `initial_interval` before its own later `now` (the oldest edge of the first window was
+        never collected). A first poll that stored a page has its cursor already: left as it is."""
         cur, self._unrecorded = self._unrecorded, None
-        stored = None if cur is None else self.store.cursor(self.name, self.width)
-        if cur is None or (stored is not None and not (self._never_read(stored) and cur.origin < stored.origin)):
+        if cur is None:
             return
         try:
+            stored = self.store.cursor(self.name, self.width)
+            if stored is not None and not (self._never_read(stored) and cur.origin < stored.origin):
+                return
             self.store.put_cursors(self.name, {self.width: cur})
-        except Exception as exc:  # noqa: BLE001 - e.g. the organization check holds writes: next start
+        except Exception as exc:  # noqa: BLE001 - e.g. the state unusable: the poll's own failure is said
             log.debug("%s: cannot keep the first poll's start: %s", self.name, exc)
 
     def _never_read(self, cur: Cursor) -> bool:
-        """The stream's only cursor is a start nothing was read from (a refused first poll's)."""
+        """The stream's only cursor is a start nothing was read from (a failed first poll's)."""
         return (cur.retired_at is None and cur.position == cur.origin == cur.settled
                 and set(self.store.cursors(self.name)) == {self.width}
                 and self.store.first_observation(self.name, self.width) is None)

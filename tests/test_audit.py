@@ -238,7 +238,8 @@ def test_a_page_without_has_more_fails_the_slice_rather_than_end_it(simulator, t
     simulator.add_fault(FaultRule(kind="invalid_results", path="/v1/organization/audit_logs", skip=1, count=1))
     with pytest.raises(BadAuditPage, match="has_more"):
         col.poll(T0)
-    assert store.get(KV_HWM) is None, "the mark moved past a slice that was not read whole"
+    # only the first poll's start is kept (where its slice began): the mark did not pass the slice
+    assert store.get(KV_HWM) == str(int(T0 - DAY)), "the mark moved past a slice that was not read whole"
     simulator.set_time(T0 + 60)
     col.poll(T0 + 60)
     for c in (output, store, client):
@@ -469,7 +470,7 @@ def test_a_last_id_that_comes_back_is_an_error_not_the_end_of_the_slice(tmp_path
     with pytest.raises(BadAuditPage, match="'audit_log-2' came back a second time"):
         col.poll(T0)
     assert asked == [None, "audit_log-2", "audit_log-3"]
-    assert store.get(KV_HWM) is None  # nothing passed over
+    assert store.get(KV_HWM) == str(int(T0 - DAY))  # nothing passed over: the first poll's start kept
     for c in (output, store, client):
         c.close()
 
@@ -1221,3 +1222,54 @@ def test_an_unread_mark_starts_the_first_read_at_it_without_the_overlap(tmp_path
     assert api.slices[0][0] == moved - OVERLAP
     output.close()
     store.close()
+
+
+@pytest.mark.parametrize("how", ["503", "stop", "tenant 503"])
+def test_a_first_poll_that_fails_keeps_each_scope_s_start(simulator, tmp_path, how):
+    """A first poll that fails before a scope stored anything, whatever the failure (OpenAI
+    answering 503 past the client's retries; a stop mid-slice; only the tenant scope's listing
+    failing): the next poll, hours later, reads each scope from where the first one asked. Before,
+    only a 403 kept those starts: the next poll began `initial_interval` before its own later
+    `now`, and the events of the first window's oldest hours were never stored."""
+    from agent_input.audit import KV_TENANT_HWM, KV_UNREAD
+    from agent_input.http_client import ApiError, StoppedError
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    if how == "stop":  # the second page of the first slice: a stop while it is awaited
+        real, calls = col.client.get_json, []
+
+        def stopped_at_the_second_page(path, params):
+            calls.append(params)
+            if len(calls) == 2:
+                col.stop.set()
+                raise StoppedError(None, "stopped while waiting to retry", "stopped", path)
+            return real(path, params)
+
+        col.client.get_json = stopped_at_the_second_page
+    else:
+        simulator.add_fault(FaultRule(kind="503", path="/v1/organization/audit_logs", count=None,
+                                      query="tenant_only=true" if how == "tenant 503" else ""))
+    simulator.set_time(T0)
+    if how == "tenant 503":  # the organization's events are stored; the tenant scope's failure reported
+        stats = col.poll(T0)
+        assert stats.events > 0 and len(stats.errors) == 1
+    else:
+        with pytest.raises(ApiError):  # RetriesExhaustedError; StoppedError
+            col.poll(T0)
+        assert store.get(KV_HWM) == str(int(T0 - DAY))
+    assert store.get(KV_TENANT_HWM) == str(int(T0 - DAY))
+    assert KV_TENANT_HWM in _json_loads(store.get(KV_UNREAD))  # nothing read from it yet
+    for c in (output, store, client):
+        c.close()
+    simulator.clear_faults()
+    later = int(T0) + 6 * HOUR
+    col, store, output, client = _collector(simulator, state, out)  # the next start
+    simulator.set_time(later)
+    assert col.poll(later).errors == []
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    org, tenant = _truth_by_scope(simulator, int(T0 - DAY), later - 120)
+    assert tenant and org <= set(ids) and tenant <= set(ids) and len(ids) == len(set(ids))

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from agent_input.config import config_from_dict
+from agent_input.ecs import iso_timestamp
 from agent_input.engine import Delivery, UsageCollector
 from agent_input.http_client import AdminApiClient
 from agent_input.outputs import NdjsonFileOutput
@@ -129,6 +130,45 @@ def test_a_first_poll_refused_403_keeps_its_start_for_when_the_scope_is_granted(
     docs = dedupe(read_ndjson(out))
     assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
                                                                               settled)
+
+
+@pytest.mark.parametrize("how", ["503", "stop"])
+def test_a_first_poll_that_fails_keeps_its_start_for_the_next(simulator, tmp_path, how):
+    """A first poll that fails before it stores anything, whatever the failure (OpenAI answering
+    503 past the client's retries; a stop, Ctrl-C or a `run` reconfiguration, while its first page
+    is awaited): the next poll, an hour later, reads from where the first one asked. Before, only a
+    401/403 kept that start: the next poll began `initial_interval` before its own later `now`,
+    and the first window's oldest hour was never read (every total low)."""
+    import threading
+
+    from agent_input.http_client import ApiError
+    from agent_input.simulator.faults import FaultRule
+
+    out = tmp_path / "events.ndjson"
+    store = StateStore(tmp_path / "state")
+    collector, output = _completions(simulator, store, out)
+    simulator.set_time(T0)
+    if how == "503":
+        simulator.add_fault(FaultRule(kind="503", path="usage/completions", count=None))
+    else:  # the first page takes long, and the collector is stopped meanwhile
+        simulator.add_fault(FaultRule(kind="slow", path="usage/completions", count=None, delay=1.5))
+        threading.Timer(0.3, collector.stop.set).start()
+    with pytest.raises(ApiError):  # RetriesExhaustedError; StoppedError
+        collector.poll(T0)
+    output.close()
+    simulator.clear_faults()
+    assert not out.exists() or read_ndjson(out) == []  # nothing delivered
+    collector, output = _completions(simulator, store, out)  # the next start, an hour later
+    later = T0 + HOUR + SETTLE
+    simulator.set_time(later)
+    collector.poll(later)
+    output.close()
+    origin, settled = int(T0 - 2 * HOUR), int(later - SETTLE)
+    docs = dedupe(read_ndjson(out))
+    assert min(d["openai"]["base"]["start_time"] for d in docs) == iso_timestamp(origin)
+    assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
+                                                                              settled)
+    assert len(docs) == len(read_ndjson(out)), "a document was delivered twice"
 
 
 def test_initial_interval_raised_while_the_first_polls_are_refused_still_applies(simulator, tmp_path, caplog):

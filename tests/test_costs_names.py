@@ -208,6 +208,55 @@ def test_costs_converge_to_final_amounts_through_revisions(simulator, tmp_path):
         assert math.isclose(got[key], v["amount"], rel_tol=1e-9, abs_tol=1e-6), key
 
 
+def test_a_first_costs_poll_failing_with_503s_keeps_its_start(simulator, tmp_path):
+    """OpenAI answering 503 past the client's retries at the costs stream's first poll: the next
+    poll, a day later, reads from the day the first one asked for. Before, only a 401/403 kept
+    that start, and the next poll began `initial_interval` before its own later day: the first
+    window's oldest day of spend was never read."""
+    from agent_input.http_client import ApiError
+    from agent_input.simulator import FaultRule
+
+    cfg = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 1,
+                            "data_streams": {"costs": {"initial_interval": "2d"}}}, env={})
+    store, out = StateStore(tmp_path / "state"), tmp_path / "costs.ndjson"
+
+    def collector():
+        client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1, backoff_base=0.001)
+        output = NdjsonFileOutput(out)
+        return UsageCollector(COSTS, cfg.stream("costs"), client, Delivery(store, output),
+                              clock=simulator.now), output, client
+
+    col, output, client = collector()
+    simulator.add_fault(FaultRule(kind="503", path="/v1/organization/costs", count=None))
+    simulator.set_time(T0)
+    with pytest.raises(ApiError):
+        col.poll(T0)
+    output.close()
+    client.close()
+    simulator.clear_faults()
+    col, output, client = collector()
+    later = T0 + 3 * DAY
+    simulator.set_time(later)
+    col.poll(later)
+    output.close()
+    client.close()
+    origin = int(T0 - 2 * DAY) // DAY * DAY
+    final = int(later - 2 * DAY) // DAY * DAY  # the simulator's costs settle within 2 days
+    got: dict[tuple, float] = defaultdict(float)
+    for d in dedupe(read_ndjson(out)):
+        base = d["openai"]["base"]
+        start = int(__import__("datetime").datetime.fromisoformat(base["start_time"].replace("Z", "+00:00")).timestamp())
+        if start < final:
+            assert start >= origin
+            key = (base.get("project_id"), d["openai"]["costs"].get("line_item"), base.get("api_key_id"))
+            got[key] += d["openai"]["costs"]["amount"]["value"]
+    want = simulator.truth("costs", origin, final, "1d", COSTS.group_by)
+    assert want and set(got) == set(want)
+    for key, v in want.items():
+        assert math.isclose(got[key], v["amount"], rel_tol=1e-9, abs_tol=1e-6), key
+    store.close()
+
+
 # -- names ------------------------------------------------------------------------------------
 def _doc(**base):
     return {"openai": {"base": dict(base)}}

@@ -1147,7 +1147,10 @@ def test_a_stop_ends_the_wait_for_a_hanging_page(harness):
     started = time.monotonic()
     with pytest.raises(StoppedError):
         h.collector.poll(NOW)
-    assert time.monotonic() - started < 3 and h.store.cursor("completions", "1m") is None
+    assert time.monotonic() - started < 3
+    # nothing read: only the first poll's start is kept, for the next poll to read from
+    start = h.store.cursor("completions", "1m")
+    assert start is not None and start.origin == start.position == start.settled and h.out.getvalue() == b""
     api.release.set()
 
 
@@ -1466,3 +1469,31 @@ def test_a_failed_poll_s_delivered_part_is_in_the_run_s_totals_once(kind):
     assert (totals.requests, totals.pages, totals.events) == (3, 3, done.events)
     assert "rate_limits: skipped 2 projects" not in totals.errors
     assert "completions" in engine.failed
+
+
+def test_a_first_poll_whose_writes_the_organization_check_holds_keeps_no_start(harness):
+    """The organization check holding writes fails the first poll's page: its start is not kept
+    either (the check is not asked again for it), and a first poll failing otherwise keeps it."""
+    from agent_input.org_guard import OrganizationUnverified
+    from agent_input.state import Cursor
+
+    h = harness(effective_revision_window=3600, initial_interval=600)
+    asked = []
+
+    def held():
+        asked.append(1)
+        raise OrganizationUnverified("the projects listing failed")
+
+    h.store.write_check = held
+    with pytest.raises(OrganizationUnverified):
+        h.collector.poll(NOW)
+    assert asked == [1] and h.store.cursor("completions", "1m") is None
+    h.store.write_check = None
+
+    def failing(path, params):
+        raise RuntimeError("the page could not be read")
+
+    h.collector.client = SimpleNamespace(get_json=failing)
+    with pytest.raises(RuntimeError):
+        h.collector.poll(NOW)
+    assert h.store.cursor("completions", "1m") == Cursor(NOW - 600, NOW - 600, NOW - 600)
