@@ -149,6 +149,9 @@ class AuditCollector(ListingCollector):
         self._tenant_retry_at = 0.0
         self._tenant_refusal_read = False  # the state's record of a refusal, read at the first poll
         self._reading = False  # the poll under way went on to read the log (not quiet after a refusal)
+        # a first poll's start whose writes the organization check held (nothing may be stored):
+        # this process's next poll starts each scope with no mark there (`_poll_scope`)
+        self._held_start: int | None = None
 
     # -- polling -------------------------------------------------------------------------------
     def poll(self, now: float) -> PollStats:
@@ -158,7 +161,10 @@ class AuditCollector(ListingCollector):
             self._poll(now, stats)
         except BaseException as exc:  # slices stored before it are delivered: counted in the totals
             if self._reading and not isinstance(exc, (OrganizationMismatch, OrganizationUnverified)):
-                self._keep_starts(now)  # (writes held by the organization check: not kept)
+                self._keep_starts(now)
+            elif self._reading:  # writes held by the organization check: the start is kept here
+                start = int(now - self.initial_interval)
+                self._held_start = start if self._held_start is None else min(self._held_start, start)
             raise delivered_before(exc, stats)
         if self._reading and self.stop.is_set():  # cut short by a stop: a scope not read yet keeps its start
             self._keep_starts(now)
@@ -253,6 +259,8 @@ class AuditCollector(ListingCollector):
             hwm, hwm_text = min(int(hwm_text), int(now - self.initial_interval)), None
         else:
             hwm = int(hwm_text) if hwm_text is not None else int(now - self.initial_interval)
+            if hwm_text is None and self._held_start is not None:  # a first poll the organization check held
+                hwm = min(hwm, self._held_start)
         # ids already emitted whose effective_at lies in the overlap, with that effective_at
         recent: dict[str, int] = _load_recent(self.store.get(scope.kv_recent))
         start = max(0, hwm - OVERLAP) if hwm_text is not None else hwm
@@ -346,7 +354,10 @@ class AuditCollector(ListingCollector):
         """The kv writes that hold each of `scopes` without a mark at its would-be start, and
         record those marks as unread (KV_UNREAD)."""
         unread = self._unread_marks()
-        kv = {scope.kv_hwm: str(int(now - self.initial_interval))
+        start = int(now - self.initial_interval)
+        if self._held_start is not None:  # a first poll the organization check held: from there
+            start = min(start, self._held_start)
+        kv = {scope.kv_hwm: str(start)
               for scope in scopes if self.store.get(scope.kv_hwm) is None}
         if kv:
             kv[KV_UNREAD] = json.dumps({**unread, **kv}, sort_keys=True)

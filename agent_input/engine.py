@@ -331,6 +331,9 @@ class UsageCollector(PollingCollector):
         self._waiting = False  # back to a width still being finished: the change waits for it
         self._told_origin = False  # the warning that initial_interval reaches before the state's start
         self._unrecorded: Cursor | None = None  # the first poll's start, while no cursor is stored
+        # a first poll's start whose writes the organization check held (nothing may be stored):
+        # this process's next poll starts there, not `initial_interval` before its own later `now`
+        self._held: Cursor | None = None
 
     def _widths_left(self, now: float) -> list["UsageCollector"]:
         """Collectors of the bucket widths this stream was collected at besides its current one,
@@ -399,6 +402,8 @@ class UsageCollector(PollingCollector):
         cur = self.store.cursor(self.name, self.width)
         self._unrecorded = None
         asked = _floor(now - self.config.initial_interval, w)
+        if self._held is not None:
+            asked = min(asked, self._held.origin)
         if cur is not None and asked < cur.origin and self._never_read(cur):
             # only a failed first poll's start (`_keep_origin`), nothing read since: a raised
             # initial_interval is still this stream's first run's, and delivers nothing twice
@@ -443,11 +448,16 @@ class UsageCollector(PollingCollector):
         stats = PollStats()
         self._unrecorded = None  # set by this poll's `window`, never a previous poll's
         try:
-            return self._poll(now, stats)
+            self._poll(now, stats)
         except BaseException as exc:
-            if not isinstance(exc, (OrganizationMismatch, OrganizationUnverified)):  # writes held: not kept
+            if not isinstance(exc, (OrganizationMismatch, OrganizationUnverified)):
                 self._keep_origin()
+            elif self._unrecorded is not None:  # writes held: the start is kept here, not in the state
+                self._held, self._unrecorded = self._unrecorded, None
             raise delivered_before(exc, stats)
+        if self._held is not None and self.store.cursor(self.name, self.width) is not None:
+            self._held = None  # stored now
+        return stats
 
     def _keep_origin(self) -> None:
         """A first poll that failed before it stored anything, whatever the failure (refused, 401

@@ -1273,3 +1273,32 @@ def test_a_first_poll_that_fails_keeps_each_scope_s_start(simulator, tmp_path, h
     ids = [d["_id"] for d in read_ndjson(out)]
     org, tenant = _truth_by_scope(simulator, int(T0 - DAY), later - 120)
     assert tenant and org <= set(ids) and tenant <= set(ids) and len(ids) == len(set(ids))
+
+
+def test_a_first_poll_the_organization_check_holds_starts_each_scope_where_it_asked(simulator, tmp_path):
+    """The organization check holding writes (the projects listing failing) at the audit stream's
+    first poll stores no mark: the same process's next poll, hours later once the check passes,
+    reads each scope from where the held poll asked, not from `initial_interval` before its own
+    later `now` (the events of the hours the check was held were never stored)."""
+    from agent_input.org_guard import OrganizationUnverified
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+
+    def held():
+        raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+    store.write_check = held
+    simulator.set_time(T0)
+    with pytest.raises(OrganizationUnverified):
+        col.poll(T0)
+    assert store.get(KV_HWM) is None  # nothing written while held
+    store.write_check = None
+    later = int(T0) + 6 * HOUR
+    simulator.set_time(later)
+    assert col.poll(later).errors == []
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    org, tenant = _truth_by_scope(simulator, int(T0 - DAY), later - 120)
+    assert tenant and org <= set(ids) and tenant <= set(ids) and len(ids) == len(set(ids))

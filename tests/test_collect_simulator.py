@@ -171,6 +171,37 @@ def test_a_first_poll_that_fails_keeps_its_start_for_the_next(simulator, tmp_pat
     assert len(docs) == len(read_ndjson(out)), "a document was delivered twice"
 
 
+def test_a_first_poll_the_organization_check_holds_starts_where_it_asked(simulator, tmp_path):
+    """The organization check holding writes (the projects listing failing) at a stream's first
+    poll stores nothing, not even its start: the same process's next poll, an hour later once the
+    check passes, reads from where the held poll asked. It used to start `initial_interval`
+    before its own later `now`: the hour the check was held was never read (every total low)."""
+    from agent_input.org_guard import OrganizationUnverified
+
+    out = tmp_path / "events.ndjson"
+    store = StateStore(tmp_path / "state")
+    collector, output = _completions(simulator, store, out)
+
+    def held():
+        raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+    store.write_check = held
+    simulator.set_time(T0)
+    with pytest.raises(OrganizationUnverified):
+        collector.poll(T0)
+    assert store.cursor("completions", "1m") is None  # nothing written while held
+    store.write_check = None
+    later = T0 + HOUR + SETTLE
+    simulator.set_time(later)
+    collector.poll(later)
+    output.close()
+    origin, settled = int(T0 - 2 * HOUR), int(later - SETTLE)
+    docs = dedupe(read_ndjson(out))
+    assert min(d["openai"]["base"]["start_time"] for d in docs) == iso_timestamp(origin)
+    assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
+                                                                              settled)
+
+
 def test_initial_interval_raised_while_the_first_polls_are_refused_still_applies(simulator, tmp_path, caplog):
     """A refused first poll keeps its start; nothing was read from it, so an initial_interval
     raised before the key works (the upgrade note's advice) is still the first run's: it reaches
