@@ -612,7 +612,32 @@ def test_a_dead_letter_record_is_fsynced_before_the_batch_is_acknowledged(fake, 
     fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"} if "bad" in src else None
     out.send("completions", _payload([_doc(1), _doc(2, bad="x")]), 2, lambda: events.append("ack"))
     dead = str(tmp_path / "dead-letter.ndjson")
-    assert events == [f"fsync {dead}", "ack"], events
+    assert events == [f"fsync {dead}", f"fsync {tmp_path}", "ack"], events  # its creation too
+    out.send("completions", _payload([_doc(3, bad="x")]), 1, lambda: events.append("ack"))
+    assert events[3:] == [f"fsync {dead}", "ack"], events  # appended to: the folder has its name
+
+
+def test_a_dead_letter_file_made_again_after_its_rotation_has_its_name_fsynced_before_the_ack(
+        fake, tmp_path, monkeypatch):
+    """Once the file reached its cap it is moved to dead-letter.ndjson.1 and the next batch's records
+    go to a new dead-letter.ndjson: the records were fsynced, but not the folder that names the new
+    file, so a power loss could leave no file at all while the batch was acknowledged (gone from
+    the outbox): the rejected documents' only copy lost, at every rotation."""
+    import agent_input.es_output as es_mod
+
+    events: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(es_mod.os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    out = _output(fake.url, tmp_path, dead_letter_max_bytes=100)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"} if "bad" in src else None
+    out.send("completions", _payload([_doc(1, bad="x")]), 1, lambda: events.append("ack"))
+    events.clear()
+    out.send("completions", _payload([_doc(2, bad="x")]), 1, lambda: events.append("ack"))
+    assert (tmp_path / "dead-letter.ndjson.1").exists()
+    dead = str(tmp_path / "dead-letter.ndjson")
+    # the rename's folder fsync, the records', then the new file's name, and only then the ack
+    assert events == [str(tmp_path), dead, str(tmp_path), "ack"], events
 
 def test_a_batchs_dead_letter_records_are_one_write_and_one_fsync(fake, tmp_path, monkeypatch):
     """Each record was opened, checked for a crash's fragment, written and fsynced on its own: a
@@ -632,7 +657,7 @@ def test_a_batchs_dead_letter_records_are_one_write_and_one_fsync(fake, tmp_path
     ack = Acks()
     out.send("completions", _payload(docs), len(docs), ack)
     assert ack.n == 1 and out.rejected == 50
-    assert fsyncs == [str(tmp_path / "dead-letter.ndjson")], len(fsyncs)
+    assert fsyncs == [str(tmp_path / "dead-letter.ndjson"), str(tmp_path)], len(fsyncs)  # (and its creation)
     assert [json.loads(line)["_id"] for line in (tmp_path / "dead-letter.ndjson").read_text().splitlines()] == \
         [d[0] for d in docs[:50]]
 

@@ -383,6 +383,7 @@ def test_where_the_system_has_f_fullfsync_every_durable_write_uses_it(tmp_path, 
     monkeypatch.setattr(durable.os, "fsync", lambda fd: plain.append(fd))
     durable.write_file(tmp_path / "spool", SMALL)
     monkeypatch.setattr(outputs, "fsync_dir", lambda d: None)  # a folder's fsync is not this test's
+    monkeypatch.setattr(es_output, "fsync_dir", lambda d: None)
     file_out = NdjsonFileOutput(tmp_path / "events.ndjson")
     file_out.send("s", b'{"_id":"a"}\n', 1, lambda: None)
     file_out.close()
