@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from kibana_assets import elasticsearch as E
 from kibana_assets import kibana as K
 from kibana_assets.cli import main
+from kibana_assets.installer import KIBANA_PRIVILEGE
 
 ES = "http://es.test:9200"
 KB = "http://kb.test:5601"
@@ -39,6 +40,8 @@ class FakeStack:
         self.es_version, self.kb_version = es_version, kb_version
         self.es_flavor = self.kb_flavor = "default"  # version.build_flavor: "serverless" on Elastic Cloud Serverless
         self.dashboards_api = True  # Serverless Kibana's DELETE /api/dashboards/{id}
+        self.dashboards_api_status = 200  # its answer to a delete that found the dashboard
+        self.answer: dict[tuple[str, str], tuple[int, dict]] = {}  # (method, Kibana path regex) -> (status, body)
         self.component, self.index, self.pipelines = {}, {}, {}
         self.data_streams: set[str] = set()  # index template names in use
         self.rollovers: list[tuple[str, dict]] = []  # (data stream, query) of each POST <stream>/_rollover
@@ -179,6 +182,9 @@ class FakeStack:
             return self._json(400, {"statusCode": 400, "error": "Bad Request", "message": "Request must contain a kbn-xsrf header."})
         if self._forbidden(m, path):
             return self._json(403, {"statusCode": 403, "error": "Forbidden", "message": "Unauthorized to do that"})
+        for (am, ap), (status, answer) in self.answer.items():
+            if am == m and re.fullmatch(ap, path):
+                return self._json(status, answer)
         ctype = call["headers"].get("Content-Type", "")
         body = json.loads(call["body"]) if call["body"] and ctype.startswith("application/json") else None
         if m == "GET" and path == "/api/status":
@@ -272,7 +278,7 @@ class FakeStack:
             if key not in self.saved_objects or not self.in_space(key, space):
                 return self._json(404, {"statusCode": 404, "error": "Not Found", "message": "not found"})
             del self.saved_objects[key]
-            return 200, {}, ""
+            return self.dashboards_api_status, {}, ""
         if mm and m == "DELETE":
             key = (mm.group(1), mm.group(2))
             if key not in self.saved_objects or not self.in_space(key, space):
@@ -1131,6 +1137,63 @@ def test_uninstall_on_serverless_without_a_dashboard_delete_api_keeps_them_and_s
     assert re.search(r"kept\s+dashboard openai-elastic-costs  \(this Kibana has no API to delete it: "
                      r"delete it in Stack Management > Saved objects\)", result.output)
     assert stack.data_views == {} and stack.index == {}  # the rest is removed
+
+
+def test_uninstall_on_serverless_takes_a_204_of_the_dashboards_api_as_deleted(stack):
+    _serverless(stack)
+    stack.dashboards_api_status = 204
+    assert install().exit_code == 0
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 0 and stack.saved_objects == {}, result.output
+    assert re.search(r"deleted\s+dashboard openai-elastic-costs", result.output)
+
+
+def test_uninstall_on_serverless_without_the_dashboard_privilege_stops_and_names_it(stack):
+    """A 403 of the dashboards API is a missing privilege, not a Kibana without that API: the
+    uninstall stops there and says which privilege, as a 403 of the saved objects API does."""
+    _serverless(stack)
+    assert install().exit_code == 0
+    stack.forbid.add(("DELETE", r"/api/dashboards/.*"))
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code != 0 and "kept" not in result.output, result.output
+    assert KIBANA_PRIVILEGE["dashboard"] in result.output
+    assert len(stack.saved_objects) == len(K.dashboards())
+
+
+@pytest.mark.parametrize("flavor", ["default", "serverless"])
+def test_uninstall_reports_a_400_that_is_not_the_internal_route_answer(stack, flavor):
+    """Only Serverless's "exists but is not available" answer to the saved objects DELETE sends
+    the delete to the dashboards API; any other 400 (and any 400 of another object) is an error
+    that stops the uninstall with Kibana's reason, never a dashboard reported as kept."""
+    stack.kb_flavor = flavor
+    assert install().exit_code == 0
+    stack.answer[("DELETE", r"/api/saved_objects/dashboard/.*")] = (400, {
+        "statusCode": 400, "error": "Bad Request", "message": "something else went wrong"})
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code != 0 and "something else went wrong" in result.output, result.output
+    assert not [c for c in stack.calls if c["path"].startswith("/api/dashboards/")]
+    stack.answer = {("DELETE", r"/api/data_views/data_view/.*"): (400, {
+        "statusCode": 400, "error": "Bad Request",
+        "message": "uri [/api/data_views/data_view/x] with method [delete] exists but is not available with the "
+                   "current configuration"})}
+    stack.saved_objects.clear()
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code != 0 and "exists but is not available" in result.output, result.output
+    assert not [c for c in stack.calls if c["path"].startswith("/api/dashboards/")]
+
+
+def test_each_product_is_told_serverless_by_its_own_answer(stack):
+    """Elasticsearch's flavor says nothing of Kibana's: a Kibana that is not Serverless has its
+    version checked, and its rules written for that version."""
+    stack.es_version, stack.es_flavor = "8.11.0", "serverless"
+    stack.kb_version = "8.11.0"
+    result = install()
+    assert result.exit_code == 4 and "Kibana 8.11.0 is not supported" in result.output, result.output
+    stack.kb_version = "8.18.0"
+    result = install()
+    assert result.exit_code == 0, result.output
+    assert "Elasticsearch serverless (reports 8.11.0), Kibana 8.18.0" in result.output
+    assert "per-row alerts need" in result.output
 
 
 def test_uninstall_delete_data(stack):
