@@ -611,6 +611,30 @@ def test_field_references_follow_the_columns_each_command_creates_in_order():
         assert query_problems(name, src + tail) == [f"{name}: references {ref}, which no dataset it reads maps"]
 
 
+def test_field_references_follow_each_command_s_own_order_and_patterns():
+    """A command reads its input before the column it creates exists (`EVAL x = x + 1`, `GROK x
+    "%{WORD:x}"` read the source's x); an unassigned aggregate is named after its text as written
+    (spaces kept); DISSECT's `->` and GROK's `:type` are not part of the column's name. (KEEP and
+    DROP take name patterns, which are not checked: the later commands here read the names.)"""
+    from kibana_assets.validate import query_problems
+
+    src = "FROM logs-openai.completions-*\n"
+    ok = {
+        "spaced": "| STATS SUM( openai.base.usage_tokens )\n| SORT `SUM( openai.base.usage_tokens )`",
+        "dissect": "| DISSECT openai.base.model \"%{family->}-%{size}\"\n| STATS c = COUNT(*) BY family, size",
+        "grok_type": "| GROK openai.base.model \"%{WORD:family}-%{NUMBER:size:int}\"\n| STATS c = COUNT(*) BY family, size",
+    }
+    for name, tail in ok.items():
+        assert query_problems(name, src + tail) == [], name
+    bad = {
+        "eval_self": "| EVAL tokens = tokens + 1\n| KEEP tokens",
+        "grok_self": "| GROK tokens \"%{NUMBER:tokens}\"\n| KEEP tokens",
+        "dissect_self": "| DISSECT tokens \"%{tokens}\"\n| KEEP tokens",
+    }
+    for name, tail in bad.items():
+        assert query_problems(name, src + tail) == [f"{name}: references tokens, which no dataset it reads maps"]
+
+
 def test_every_panel_and_rule_query_is_valid():
     from kibana_assets.validate import validate_bundle
 
