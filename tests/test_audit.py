@@ -391,6 +391,42 @@ def test_a_long_backfill_reports_its_progress_as_the_usage_streams_do(tmp_path):
     assert reports[0][1] == f"backfill 46%, up to {iso_timestamp(int(T0) - 13 * HOUR + 6 * HOUR - 1)}"
 
 
+def test_a_backfill_that_reaches_the_api_s_own_time_is_done_not_stuck_part_way(tmp_path):
+    """OpenAI's clock behind ours: the poll stops at the API's time, and that poll is done. It
+    said "backfill 61%" instead, as if it had stopped part way."""
+    from agent_input.engine import Progress
+
+    reports: list[tuple[str, str]] = []
+    api = _AuditListing([int(T0) - 12 * HOUR, int(T0) - HOUR])
+    api.now = int(T0)
+    cfg = _config(batch_size=100, initial_interval="13h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    client = SimpleNamespace(get_json=api.get_json, server_date=int(T0) - 5 * HOUR)  # in the 2nd slice
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now,
+                         progress=Progress(enabled=False, every=0, on_report=lambda s, m: reports.append((s, m))))
+    col.poll(T0)
+    output.close()
+    store.close()
+    assert [m[:len("backfill 46%")] for s, m in reports if s == "audit"] == ["backfill 46%"] * 2
+
+
+def test_the_collection_gives_the_audit_stream_the_progress(tmp_path, monkeypatch):
+    """`collect` and `run` build the collectors: the audit stream's backfill reports through the
+    same Progress as the usage streams' (it was given none, and said nothing)."""
+    from agent_input import app
+    from agent_input.engine import Progress
+
+    progress = Progress(enabled=False)
+    cfg = _config(initial_interval="1d")
+    collection = app.build(cfg, state_dir=tmp_path / "state", output=NdjsonFileOutput(tmp_path / "out.ndjson"),
+                           clock=lambda: T0, progress=progress)
+    try:
+        [audit] = [c for c in collection.engine.collectors if c.name == "audit"]
+        assert audit.progress is progress
+    finally:
+        collection.close()
+
+
 def test_forbidden_is_reported_once_and_the_stream_stays_quiet(tmp_path, caplog):
     from agent_input.simulator import Simulator
 
