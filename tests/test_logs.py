@@ -268,3 +268,37 @@ def test_an_unread_stderr_costs_log_lines_not_the_thread_that_logs():
     notice = json.loads(lines[len(kept)])
     assert notice["log.level"] == "warning" and notice["message"] == f"{6 - len(kept)} log line(s) dropped: stderr was not read"
     assert lines[-1] == "after"
+
+
+def test_the_limit_is_on_what_waits_not_on_all_that_was_ever_written():
+    """Written lines leave the limit's count: a long run (more than `limit` characters of logs
+    in all) with a stderr that is read keeps every line; the limit itself fits to the character."""
+    import threading
+    import time
+
+    out = io.StringIO()
+    stream = logs.UnblockedStream(out, limit=100)
+    for n in range(50):  # 1,900 characters in all, 38 at a time
+        stream.write(f"line {n:02d} " + "x" * 29 + "\n")
+        began = time.monotonic()
+        assert stream.wait_written(5)
+        assert time.monotonic() - began < 2.5  # told when the line is written, not at the timeout
+    assert out.getvalue().splitlines() == [f"line {n:02d} " + "x" * 29 for n in range(50)]
+
+    class Stuck(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.reading = threading.Event()
+
+        def write(self, text):
+            self.reading.wait()
+            return super().write(text)
+
+    stuck = Stuck()
+    stream = logs.UnblockedStream(stuck, limit=100)
+    for text in ("a" * 49 + "\n", "b" * 49 + "\n", "c\n"):  # 50 + 50 fit exactly; the third does not
+        stream.write(text)
+    stuck.reading.set()
+    assert stream.wait_written(5)
+    lines = stuck.getvalue().splitlines()
+    assert lines[:2] == ["a" * 49, "b" * 49] and json.loads(lines[2])["message"].startswith("1 log line(s) dropped")
