@@ -177,7 +177,8 @@ def test_stdout_closed_by_the_reader_ends_the_process_cleanly(simulator, tmp_pat
     assert "stdout was closed by the reader" in sup.stderr_text()
 
 
-@pytest.mark.parametrize("how", ["sigterm", "stop", "eof", "config+stop", "bad-config+eof", "config+sigterm"])
+@pytest.mark.parametrize("how", ["sigterm", "stop", "eof", "config+stop", "bad-config+eof", "config+sigterm",
+                                 "config+stop-open"])
 def test_a_supervisor_that_stops_reading_stdout_cannot_hold_a_stop_up(simulator, tmp_path, how):
     """The pipe fills during a backfill and the supervisor no longer reads it: a stop still ends
     the process within about --ack-timeout, the batches it could not send kept in the outbox.
@@ -206,9 +207,12 @@ def test_a_supervisor_that_stops_reading_stdout_cannot_hold_a_stop_up(simulator,
         if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:
-            if how == "stop":
+            if how.startswith("stop"):
                 proc.stdin.write(b'{"type": "stop"}\n')
-            proc.stdin.close()
+            if how == "stop-open":  # the stop alone, stdin left open: no end of stdin to help it
+                proc.stdin.flush()
+            else:
+                proc.stdin.close()
         started = time.monotonic()
         try:
             code = proc.wait(timeout=15)
