@@ -624,6 +624,13 @@ class Installer:
 
     def _drop_legacy(self, path: str, what: str, priv: str) -> None:
         resp = self.t.kb("DELETE", path)
+        if path.startswith(_SO_DASHBOARD) and _route_restricted(resp):  # Serverless: its dashboards API
+            so_id = path[len(_SO_DASHBOARD):]
+            status, detail = self._delete_dashboard_without_so_api(
+                so_id, lambda: self._export_saved_object("dashboard", so_id) is not None)
+            if status == "kept":
+                raise InstallerError(f"failed to {what}: {detail}")
+            return
         if resp.status_code != 404:
             _check(resp, what, priv, ok=(200, 204))
 
