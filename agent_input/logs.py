@@ -23,6 +23,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from typing import Callable, Iterable, Literal, Mapping, TextIO
 
 REDACTED = "***"
@@ -191,7 +192,7 @@ class UnblockedStream:
                 if self._items and isinstance(self._items[-1], list):
                     self._items[-1][0] += 1
                 else:
-                    self._items.append([1])
+                    self._items.append([1, time.time()])  # the count, and when the first was dropped
             else:
                 self._items.append(text)
                 self._size += len(text)
@@ -208,9 +209,6 @@ class UnblockedStream:
             return False
 
     def _drain(self) -> None:
-        import json
-        import time
-
         while True:
             with self._cond:
                 while not self._items:
@@ -219,10 +217,7 @@ class UnblockedStream:
             for item in items:
                 # one line a write: a line up to PIPE_BUF is then whole in the pipe, even when the
                 # process exits while this thread waits for the reader (`wait_written` gave up)
-                text = item if isinstance(item, str) else json.dumps({
-                    "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "log.level": "warning",
-                    "message": f"{item[0]} log line(s) dropped: stderr was not read", "ecs.version": "1.6.0",
-                    "log": {"logger": __name__}}) + "\n"
+                text = item if isinstance(item, str) else _dropped_notice(*item)
                 try:
                     self.stream.write(text)
                     self.stream.flush()
@@ -236,8 +231,6 @@ class UnblockedStream:
 
     def wait_written(self, timeout: float) -> bool:
         """Whether every queued line was written within `timeout` seconds."""
-        import time
-
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._items or self._busy:
@@ -246,6 +239,15 @@ class UnblockedStream:
                     return False
                 self._cond.wait(left)
         return True
+
+
+def _dropped_notice(count: int, first: float) -> str:
+    """The ECS line that stands where `count` log lines were dropped, formatted as every other
+    line (the ECS formatter), stamped when the first of them was dropped so it sorts among them."""
+    record = logging.LogRecord(__name__, logging.WARNING, __file__, 0,
+                               "%d log line(s) dropped: stderr was not read", (count,), None)
+    record.created, record.msecs = first, (first % 1) * 1000
+    return _ecs_formatter().format(record) + "\n"
 
 
 def setup_logging(

@@ -1,9 +1,12 @@
 """Logging: stderr only, ECS JSON or text, and the admin key redacted from every part of a record."""
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
+import os
+import time
 
 import pytest
 
@@ -255,8 +258,11 @@ def test_an_unread_stderr_costs_log_lines_not_the_thread_that_logs():
 
     out = Stuck()
     stream = logs.UnblockedStream(out, limit=100)
+    before = time.time()
     for n in range(6):
         stream.write(f"line {n} " + "x" * 30 + "\n")  # 38 characters: two wait, the rest are dropped
+    after = time.time()
+    time.sleep(0.3)  # the notice is written later: it is stamped when the lines were dropped
     assert not stream.wait_written(0.2)
     out.reading.set()
     assert stream.wait_written(5)
@@ -267,6 +273,11 @@ def test_an_unread_stderr_costs_log_lines_not_the_thread_that_logs():
     assert len(kept) in (2, 3) and kept == sorted(kept)  # the drain thread may have taken line 0 first
     notice = json.loads(lines[len(kept)])
     assert notice["log.level"] == "warning" and notice["message"] == f"{6 - len(kept)} log line(s) dropped: stderr was not read"
+    # formatted as every other ECS line (compact, the process and logger fields), stamped to the ms
+    assert lines[len(kept)] == json.dumps(notice, separators=(",", ":")) and notice["process"]["pid"] == os.getpid()
+    assert notice["log"]["logger"] == "agent_input.logs"
+    stamp = datetime.datetime.strptime(notice["@timestamp"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+    assert before - 0.001 <= stamp <= after + 0.001
     assert lines[-1] == "after"
 
 
