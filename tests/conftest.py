@@ -125,6 +125,23 @@ def audit_truth(sim, start: int, end: int) -> set[str]:
     return ids
 
 
+def first_poll_held(simulator, store, poll) -> None:
+    """A first poll at T0 while the organization check holds every write (its projects listing
+    failing): it raises, and the check is lifted after it."""
+    import pytest
+
+    from agent_input.org_guard import OrganizationUnverified
+
+    def held():
+        raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+    store.write_check = held
+    simulator.set_time(T0)
+    with pytest.raises(OrganizationUnverified):
+        poll(T0)
+    store.write_check = None
+
+
 def committed_batches(state_dir: Path) -> int:
     """How many batches a collector's state store has ever committed (its outbox's AUTOINCREMENT
     sequence), read beside the running collector: the progress that crash tests aim their kills

@@ -19,7 +19,7 @@ from agent_input.outputs import NdjsonFileOutput
 from agent_input.state import StateStore
 from kibana_assets.fields import undeclared_fields
 
-from conftest import ADMIN_KEY, T0, audit_truth, read_ndjson, traced_peak
+from conftest import ADMIN_KEY, T0, audit_truth, first_poll_held, read_ndjson, traced_peak
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 HOUR = 3600
@@ -1300,8 +1300,13 @@ def test_a_first_poll_that_fails_keeps_each_scope_s_start(simulator, tmp_path, h
     for c in (output, store, client):
         c.close()
     simulator.clear_faults()
+    _next_poll_reads_each_scope_from_its_start(simulator, *_collector(simulator, state, out), out)  # next start
+
+
+def _next_poll_reads_each_scope_from_its_start(simulator, col, store, output, client, out):
+    """The poll six hours after a failed first one at T0: every event of both scopes from the first
+    poll's start on is delivered, once."""
     later = int(T0) + 6 * HOUR
-    col, store, output, client = _collector(simulator, state, out)  # the next start
     simulator.set_time(later)
     assert col.poll(later).errors == []
     for c in (output, store, client):
@@ -1316,25 +1321,8 @@ def test_a_first_poll_the_organization_check_holds_starts_each_scope_where_it_as
     first poll stores no mark: the same process's next poll, hours later once the check passes,
     reads each scope from where the held poll asked, not from `initial_interval` before its own
     later `now` (the events of the hours the check was held were never stored)."""
-    from agent_input.org_guard import OrganizationUnverified
-
     state, out = tmp_path / "state", tmp_path / "audit.ndjson"
     col, store, output, client = _collector(simulator, state, out)
-
-    def held():
-        raise OrganizationUnverified("listing its projects failed: HTTP 500")
-
-    store.write_check = held
-    simulator.set_time(T0)
-    with pytest.raises(OrganizationUnverified):
-        col.poll(T0)
+    first_poll_held(simulator, store, col.poll)
     assert store.get(KV_HWM) is None  # nothing written while held
-    store.write_check = None
-    later = int(T0) + 6 * HOUR
-    simulator.set_time(later)
-    assert col.poll(later).errors == []
-    for c in (output, store, client):
-        c.close()
-    ids = [d["_id"] for d in read_ndjson(out)]
-    org, tenant = _truth_by_scope(simulator, int(T0 - DAY), later - 120)
-    assert tenant and org <= set(ids) and tenant <= set(ids) and len(ids) == len(set(ids))
+    _next_poll_reads_each_scope_from_its_start(simulator, col, store, output, client, out)  # the same process's

@@ -21,8 +21,8 @@ from agent_input.outputs import NdjsonFileOutput
 from agent_input.state import StateStore
 from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
 
-from conftest import (ADMIN_KEY, T0, committed_batches, dedupe, read_ndjson, started_simulator, stored_totals,
-                      truth_totals, wait_for_commits)
+from conftest import (ADMIN_KEY, T0, committed_batches, dedupe, first_poll_held, read_ndjson, started_simulator,
+                      stored_totals, truth_totals, wait_for_commits)
 
 HOUR = 3600
 SETTLE = 2 * HOUR  # the simulator revises a minute bucket for at most 2 hours
@@ -158,17 +158,23 @@ def test_a_first_poll_that_fails_keeps_its_start_for_the_next(simulator, tmp_pat
     output.close()
     simulator.clear_faults()
     assert not out.exists() or read_ndjson(out) == []  # nothing delivered
-    collector, output = _completions(simulator, store, out)  # the next start, an hour later
+    docs = _next_poll_reads_from(simulator, *_completions(simulator, store, out), out, int(T0 - 2 * HOUR))
+    assert len(docs) == len(read_ndjson(out)), "a document was delivered twice"
+
+
+def _next_poll_reads_from(simulator, collector, output, out, origin):
+    """The poll an hour after a failed first one at T0: its documents begin at `origin` (the first
+    poll's start) and their totals equal the simulator's from there."""
     later = T0 + HOUR + SETTLE
     simulator.set_time(later)
     collector.poll(later)
     output.close()
-    origin, settled = int(T0 - 2 * HOUR), int(later - SETTLE)
+    settled = int(later - SETTLE)
     docs = dedupe(read_ndjson(out))
     assert min(d["openai"]["base"]["start_time"] for d in docs) == iso_timestamp(origin)
     assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
                                                                               settled)
-    assert len(docs) == len(read_ndjson(out)), "a document was delivered twice"
+    return docs
 
 
 def test_a_first_poll_the_organization_check_holds_starts_where_it_asked(simulator, tmp_path):
@@ -176,30 +182,12 @@ def test_a_first_poll_the_organization_check_holds_starts_where_it_asked(simulat
     poll stores nothing, not even its start: the same process's next poll, an hour later once the
     check passes, reads from where the held poll asked. It used to start `initial_interval`
     before its own later `now`: the hour the check was held was never read (every total low)."""
-    from agent_input.org_guard import OrganizationUnverified
-
     out = tmp_path / "events.ndjson"
     store = StateStore(tmp_path / "state")
     collector, output = _completions(simulator, store, out)
-
-    def held():
-        raise OrganizationUnverified("listing its projects failed: HTTP 500")
-
-    store.write_check = held
-    simulator.set_time(T0)
-    with pytest.raises(OrganizationUnverified):
-        collector.poll(T0)
+    first_poll_held(simulator, store, collector.poll)
     assert store.cursor("completions", "1m") is None  # nothing written while held
-    store.write_check = None
-    later = T0 + HOUR + SETTLE
-    simulator.set_time(later)
-    collector.poll(later)
-    output.close()
-    origin, settled = int(T0 - 2 * HOUR), int(later - SETTLE)
-    docs = dedupe(read_ndjson(out))
-    assert min(d["openai"]["base"]["start_time"] for d in docs) == iso_timestamp(origin)
-    assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
-                                                                              settled)
+    _next_poll_reads_from(simulator, collector, output, out, int(T0 - 2 * HOUR))  # the same process's
 
 
 def test_initial_interval_raised_while_the_first_polls_are_refused_still_applies(simulator, tmp_path, caplog):
