@@ -29,7 +29,8 @@ high-water mark instead, `hwm` = every event of the scope with `effective_at < h
 An API error or a crash in the middle of a slice leaves the mark at the slice start: the slice is
 read again from scratch and nothing of it was stored yet, so nothing is lost and nothing doubled.
 A scope's first poll that fails (or is stopped) before storing a slice stores its start as the
-mark (`_keep_starts`), so the next poll reads from there, not from its own later `now`.
+mark (`_keep_starts`), so the next poll reads from there, not from its own later `now`; one the
+organization check holds may store nothing, and keeps that start in memory (`_held_start`).
 The overlap re-reads the last few minutes to catch events OpenAI records late; the ids already
 emitted there are remembered and skipped (and the document id is the audit log id anyway, so a
 re-emission would be a harmless duplicate).

@@ -60,7 +60,8 @@ A stop (SIGTERM) waits for the bulk requests in flight only: no
 request starts after it, and a batch not wholly delivered is not acknowledged, so it is sent again
 at the next start.
 
-Compatibility: Elasticsearch 8.18+ and 9.x. The 9.x Python client sends
+Compatibility: Elasticsearch 8.18+ and 9.x, and Elastic Cloud Serverless (told by `build_flavor`,
+its version number not checked: `check_cluster`). The 9.x Python client sends
 `Accept/Content-Type: application/vnd.elasticsearch+json; compatible-with=9`, which 8.x servers
 reject ("Accept version must be either version 8 or 7"); 9.x servers accept compatible-with=8.
 So the client is built with a transport that pins every request to `compatible-with=8`, which both

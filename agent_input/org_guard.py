@@ -33,7 +33,8 @@ name cache's first load anyway, so only audit and rate limits may wait a little 
   whose client retries little, then at most every RETRY_AFTER seconds) and,
   while that fails, fails its poll with `OrganizationUnverified` (the cursor stays: the poll is
   read again later, nothing is lost; a stream's first poll, with no cursor, keeps its start in
-  memory for the same process's next poll).
+  memory only, for the same process's next poll: a new process, `collect --once`, starts from its
+  own later `now`).
 
 One exception to the last: a key that may not list the projects at all (403) never records a
 fingerprint, and its directory's second start would look like one from before this check (stored
