@@ -164,12 +164,17 @@ class AuditCollector(ListingCollector):
             if self._reading and not isinstance(exc, (OrganizationMismatch, OrganizationUnverified)):
                 self._keep_starts(now)
             elif self._reading:  # writes held by the organization check: the start is kept here
-                start = int(now - self.initial_interval)
-                self._held_start = start if self._held_start is None else min(self._held_start, start)
+                self._hold_start(now)
             raise delivered_before(exc, stats)
         if self._reading and self.stop.is_set():  # cut short by a stop: a scope not read yet keeps its start
             self._keep_starts(now)
         return stats
+
+    def _hold_start(self, now: float) -> None:
+        """The organization check holds the writes that would keep the starts of scopes with no
+        mark: kept in memory instead (`_held_start`), for this process's next poll."""
+        start = int(now - self.initial_interval)
+        self._held_start = start if self._held_start is None else min(self._held_start, start)
 
     def _keep_starts(self, now: float) -> None:
         """A first poll that failed (a 5xx or 429 after the client's retries, a timeout, a page
@@ -181,7 +186,9 @@ class AuditCollector(ListingCollector):
             kv = self._would_be_starts(SCOPES, now)
             if kv:
                 self.delivery.commit_events(self.name, [], kv)
-        except Exception as exc:  # noqa: BLE001 - e.g. the organization check holds writes: next time
+        except (OrganizationMismatch, OrganizationUnverified):  # held: kept in memory, as a held poll's
+            self._hold_start(now)
+        except Exception as exc:  # noqa: BLE001 - e.g. the state unusable: the poll's own failure is said
             log.debug("audit: cannot keep where the stream starts: %s", exc)
 
     def _poll(self, now: float, stats: PollStats) -> PollStats:
@@ -380,7 +387,9 @@ class AuditCollector(ListingCollector):
             self.delivery.commit_events(self.name, [], kv)
         except StoppedError:
             raise
-        except Exception as exc_kv:  # noqa: BLE001 - e.g. the organization check holds writes: next time
+        except (OrganizationMismatch, OrganizationUnverified):  # held: the start kept in memory
+            self._hold_start(now)
+        except Exception as exc_kv:  # noqa: BLE001 - e.g. the state unusable: next time
             log.debug("audit: cannot keep the refusal and where the stream starts: %s", exc_kv)
         if first:
             log.error("audit: %s; the audit stream stays quiet and asks again every %dh",

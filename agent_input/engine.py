@@ -465,7 +465,9 @@ class UsageCollector(PollingCollector):
         a page against the API reference, a stop, the outbox refusing): its start is stored, so
         that the next poll, perhaps days later, reads from there rather than from
         `initial_interval` before its own later `now` (the oldest edge of the first window was
-        never collected). A first poll that stored a page has its cursor already: left as it is."""
+        never collected). A first poll that stored a page has its cursor already: left as it is.
+        That write held by the organization check (OpenAI down for the projects listing too):
+        the start is kept in memory (`_held`), as a poll the check itself held."""
         cur, self._unrecorded = self._unrecorded, None
         if cur is None:
             return
@@ -474,6 +476,8 @@ class UsageCollector(PollingCollector):
             if stored is not None and not (self._never_read(stored) and cur.origin < stored.origin):
                 return
             self.store.put_cursors(self.name, {self.width: cur})
+        except (OrganizationMismatch, OrganizationUnverified):  # writes held as well: kept here, as in `poll`
+            self._held = cur
         except Exception as exc:  # noqa: BLE001 - e.g. the state unusable: the poll's own failure is said
             log.debug("%s: cannot keep the first poll's start: %s", self.name, exc)
 

@@ -125,9 +125,10 @@ def audit_truth(sim, start: int, end: int) -> set[str]:
     return ids
 
 
-def first_poll_held(simulator, store, poll) -> None:
+def first_poll_held(simulator, store, poll, raises=None) -> None:
     """A first poll at T0 while the organization check holds every write (its projects listing
-    failing): it raises, and the check is lifted after it."""
+    failing): it raises (OrganizationUnverified, or `raises` when the poll fails another way
+    first), and the check is lifted after it."""
     import pytest
 
     from agent_input.org_guard import OrganizationUnverified
@@ -137,7 +138,7 @@ def first_poll_held(simulator, store, poll) -> None:
 
     store.write_check = held
     simulator.set_time(T0)
-    with pytest.raises(OrganizationUnverified):
+    with pytest.raises(raises or OrganizationUnverified):
         poll(T0)
     store.write_check = None
 

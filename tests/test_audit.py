@@ -1326,3 +1326,36 @@ def test_a_first_poll_the_organization_check_holds_starts_each_scope_where_it_as
     first_poll_held(simulator, store, col.poll)
     assert store.get(KV_HWM) is None  # nothing written while held
     _next_poll_reads_each_scope_from_its_start(simulator, col, store, output, client, out)  # the same process's
+
+
+@pytest.mark.parametrize("how", ["503", "403"])
+def test_a_first_poll_that_fails_while_the_organization_check_holds_keeps_each_scope_s_start(
+        simulator, tmp_path, how):
+    """The audit stream's first poll failing another way (OpenAI down for every endpoint: 503 past
+    the retries; audit logs refused, 403) while the organization check holds writes too: the
+    writes that keep each scope's start were held, and the start dropped (logged at debug), so the
+    same process's next poll began `initial_interval` before its own later `now`. It is kept in
+    memory, as a poll the check itself held."""
+    from agent_input.http_client import ApiError
+    from agent_input.org_guard import OrganizationUnverified
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    simulator.add_fault(FaultRule(kind=how, path="/v1/organization/audit_logs", count=None))
+
+    def held():
+        raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+    store.write_check = held
+    simulator.set_time(T0)
+    if how == "503":
+        with pytest.raises(ApiError):
+            col.poll(T0)
+    else:  # refused: the stream stays quiet, and asks again 6 hours later
+        col.poll(T0)
+        assert col.forbidden is not None
+    store.write_check = None
+    simulator.clear_faults()
+    assert store.get(KV_HWM) is None  # nothing written while held
+    _next_poll_reads_each_scope_from_its_start(simulator, col, store, output, client, out)  # the same process's

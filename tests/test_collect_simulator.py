@@ -190,6 +190,25 @@ def test_a_first_poll_the_organization_check_holds_starts_where_it_asked(simulat
     _next_poll_reads_from(simulator, collector, output, out, int(T0 - 2 * HOUR))  # the same process's
 
 
+def test_a_first_poll_that_fails_while_the_organization_check_holds_keeps_its_start(simulator, tmp_path):
+    """OpenAI down for every endpoint at a stream's first poll: the usage page fails (503 past the
+    retries) and keeping its start is a write the organization check holds too (the projects
+    listing failing as well). That start was dropped (logged at debug): the same process's next
+    poll, once OpenAI answers, began `initial_interval` before its own later `now` (totals low).
+    It is kept in memory, as a poll the check itself held."""
+    from agent_input.http_client import ApiError
+    from agent_input.simulator.faults import FaultRule
+
+    out = tmp_path / "events.ndjson"
+    store = StateStore(tmp_path / "state")
+    collector, output = _completions(simulator, store, out)
+    simulator.add_fault(FaultRule(kind="503", path="usage/completions", count=None))
+    first_poll_held(simulator, store, collector.poll, raises=ApiError)
+    simulator.clear_faults()
+    assert store.cursor("completions", "1m") is None  # nothing written while held
+    _next_poll_reads_from(simulator, collector, output, out, int(T0 - 2 * HOUR))  # the same process's
+
+
 def test_initial_interval_raised_while_the_first_polls_are_refused_still_applies(simulator, tmp_path, caplog):
     """A refused first poll keeps its start; nothing was read from it, so an initial_interval
     raised before the key works (the upgrade note's advice) is still the first run's: it reaches
