@@ -41,7 +41,7 @@ acknowledged (and leaves the outbox) only when every document in it is accounted
   does not write the same record twice), so one bad document cannot block its stream forever, and it is never silently
   lost; the batch's documents rejected for the same cause (dataset, status, error type) are one
   ERROR line with their count, the reason and the first ids. A batch's records are one append and
-  one fsync (and one of the folder when the file is new: the first, or after a rotation). Once the file has reached `dead_letter_max_bytes` (100 MiB) it is moved to
+  one fsync (and one of the folder when the file is new or empty: the first, or after a rotation). Once the file has reached `dead_letter_max_bytes` (100 MiB) it is moved to
   `dead-letter.ndjson.1` before the next batch's records, replacing the older records there, with a WARNING.
   If the dead-letter file cannot be written, the batch is not acknowledged, and records written
   only in part (a full disk) are cut back at once, so the file only ever holds whole lines.
@@ -625,7 +625,9 @@ def _append_records(path: Path, lines: Iterator[bytes]) -> None:
             if buf:
                 write_all(fd, b"".join(buf))
             fsync(fd)
-            if created:  # the first, or after a rotation: its name too, before the batch is acknowledged
+            # the first, or after a rotation: its name too, before the batch is acknowledged; and a
+            # file found empty (made by an append that failed after creating it) may not be named yet
+            if created or before == 0:
                 fsync_dir(path.parent)
         except OSError:
             try:

@@ -639,6 +639,35 @@ def test_a_dead_letter_file_made_again_after_its_rotation_has_its_name_fsynced_b
     # the rename's folder fsync, the records', then the new file's name, and only then the ack
     assert events == [str(tmp_path), dead, str(tmp_path), "ack"], events
 
+def test_a_dead_letter_file_whose_first_append_failed_has_its_name_fsynced_at_the_retry(fake, tmp_path, monkeypatch):
+    """The folder's fsync (or the records' write, a full disk) failing at the append that created
+    the file: the batch is not acknowledged and the file is cut back, empty but there. The retry
+    found it there (no O_EXCL creation) and acknowledged the batch without fsyncing the folder:
+    its name was never made durable, and a power loss could take the rejected documents' only copy."""
+    import errno
+
+    import agent_input.es_output as es_mod
+    from agent_input.outputs import OutputError
+
+    events: list[str] = []
+    fail = [True]
+
+    def fsync_dir(d):
+        if fail.pop() if fail else False:
+            raise OSError(errno.EIO, "Input/output error")
+        events.append(f"fsync_dir {d}")
+
+    monkeypatch.setattr(es_mod, "fsync_dir", fsync_dir)
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"} if "bad" in src else None
+    with pytest.raises(OutputError):
+        out.send("completions", _payload([_doc(1, bad="x")]), 1, lambda: events.append("ack"))
+    assert events == [] and (tmp_path / "dead-letter.ndjson").read_bytes() == b""  # cut back, not acknowledged
+    out.send("completions", _payload([_doc(1, bad="x")]), 1, lambda: events.append("ack"))
+    assert events == [f"fsync_dir {tmp_path}", "ack"], events
+    assert len((tmp_path / "dead-letter.ndjson").read_text().splitlines()) == 1  # written once
+
+
 def test_a_batchs_dead_letter_records_are_one_write_and_one_fsync(fake, tmp_path, monkeypatch):
     """Each record was opened, checked for a crash's fragment, written and fsynced on its own: a
     completions batch of 5,000 documents rejected alike (a mapping conflict) cost 5,000 fsyncs
