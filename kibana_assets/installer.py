@@ -717,8 +717,12 @@ class Installer:
             if moved and moved != dashboard.id:
                 # Kibana created it under a new random id: another space holds ours. A copy under
                 # an id no later run knows would be left behind at every install: remove it.
-                self._drop_legacy(f"/api/saved_objects/dashboard/{moved}", f"delete dashboard {moved}", priv)
-                raise _taken_elsewhere("dashboard", dashboard.id, self.space, self._space_holding(held))
+                taken = _taken_elsewhere("dashboard", dashboard.id, self.space, self._space_holding(held))
+                try:
+                    self._drop_legacy(f"/api/saved_objects/dashboard/{moved}", f"delete dashboard {moved}", priv)
+                except InstallerError as exc:  # (Serverless without the dashboards API) the cause is said too
+                    raise type(exc)(f"{taken}; and Kibana imported it under a new id, {exc}") from None
+                raise taken
         if legacy:
             drop(legacy)
         if status == "updated":

@@ -790,6 +790,26 @@ def test_a_dashboard_kibana_imports_under_a_new_id_is_removed_and_an_error(stack
     assert [c["method"] for c in stack.writes()] == ["POST", "DELETE"]  # the import, then its copy
 
 
+def test_a_dashboard_kibana_imports_under_a_new_id_on_serverless_says_which_space_holds_it(stack):
+    """On Serverless the copy Kibana imported under a new random id is deleted through the
+    dashboards API; a Kibana without that API cannot delete it, and the install stopped on "failed
+    to delete dashboard <uuid>" alone: the cause (another space holds the id) and its remedy were
+    never said, and deleting the copy by hand only made the next install import a new one."""
+    _serverless(stack)
+    assert install().exit_code == 0
+    stack.space[("dashboard", "openai-elastic-costs")] = "team-a"
+    stack.dashboards_api = False
+    result = install()
+    assert result.exit_code == 1, result.output
+    assert "dashboard openai-elastic-costs exists in Kibana space team-a" in result.output
+    assert "install --space team-a`" in result.output and "Stack Management > Saved objects" in result.output
+    stack.dashboards_api = True
+    result = install()
+    assert result.exit_code == 1 and "install --space team-a`" in result.output, result.output
+    copies = {k for k in stack.saved_objects if k[0] == "dashboard"} - {("dashboard", d.id) for d in K.dashboards()}
+    assert len(copies) == 1  # the one the first install could not delete; this one's is deleted
+
+
 def test_uninstall_of_a_space_also_removes_an_earlier_version_s_objects_there(stack):
     assert install().exit_code == 0
     for key in list(stack.objects_in("default")):
