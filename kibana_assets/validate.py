@@ -27,16 +27,20 @@ def datasets_of_query(query: str) -> list[str]:
 
 
 def query_problems(name: str, query: str) -> list[str]:
-    """Syntax errors and references to fields that a dataset the query reads does not map.
+    """Syntax errors, references to fields that a dataset the query reads does not map, and names
+    read where no column has them.
 
     ES|QL fails a query naming a column that no index it reads maps ("Unknown column"), and any
     data stream of a FROM may not exist yet (a stream disabled or never used): a field the query
     names must be mapped on *each* dataset it reads, so that it resolves on any one of them alone.
-    (Elasticsearch reads a field another index maps as null there: mapping it is enough.)"""
+    (Elasticsearch reads a field another index maps as null there: mapping it is enough.) A KEEP
+    or DROP pattern must match a field there. After a STATS only its aggregates and groups are
+    columns, and after a KEEP only those it kept; a DROP or RENAME takes its names away: a name
+    read after those fails ("Unknown column", "No matches found for pattern") mapped or not."""
     from . import esql  # needs esql-parser
 
     try:
-        refs = esql.field_references(query)
+        walk = esql.columns(query)
     except esql.EsqlSyntaxError as exc:
         return [f"{name}: ES|QL syntax: {exc}"]
     read = datasets_of_query(query)
@@ -44,13 +48,15 @@ def query_problems(name: str, query: str) -> list[str]:
                 for ds in read if ds not in F.datasets()]
     read = [ds for ds in read if ds in F.datasets()]
     types = {ds: F.field_types(ds) for ds in read}
-    for r in refs:
-        missing = [ds for ds in read if r not in types[ds]]
+    for r in walk.refs:
+        missing = [ds for ds in read if not any(esql.name_matches(f, r) for f in types[ds])]
         if not read or len(missing) == len(read):
             problems.append(f"{name}: references {r}, which no dataset it reads maps")
         elif missing:
             problems.append(f"{name}: references {r}, which {', '.join(missing)} {'does' if len(missing) == 1 else 'do'}"
                             " not map: ES|QL fails (Unknown column) while no data stream that maps it exists")
+    problems += [f"{name}: references {r}, which {'matches' if '*' in r else 'is'} no column after the {after} before it:"
+                 " ES|QL fails (Unknown column)" for r, after in walk.missing]
     return problems
 
 
@@ -90,7 +96,8 @@ def validate_bundle() -> tuple[list[str], list[str]]:
     try:
         for name, q in queries.items():
             problems += query_problems(name, q)
-        notes.append(f"{len(queries)} ES|QL queries parse and name only fields mapped on each dataset they read")
+        notes.append(f"{len(queries)} ES|QL queries parse, name only fields mapped on each dataset they read"
+                     " and read no column a command before them removed")
     except ImportError:
         notes.append("ES|QL grammar check skipped: pip install esql-parser")
     headroom = next(r for r in K.rules() if r.name == K.HEADROOM_RULE_NAME)

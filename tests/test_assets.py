@@ -417,6 +417,8 @@ def test_every_panel_declares_exactly_the_columns_its_query_returns(panel):
     ('FROM i | STATS n = COUNT(*) BY pm | DISSECT pm "%{?x} %{}:%{p->} %{+p/2} %{m}"', ["n", "pm", "p", "m"]),
     ('FROM i | STATS n = COUNT(*) BY pm | DISSECT pm "%{*k}=%{&k}"', None),
     ("FROM i | KEEP a, b | SORT a | LIMIT 5", ["a", "b"]),
+    # a plain name wins over a wildcard, wherever it stands
+    ("FROM i | STATS a = COUNT(*), b = MAX(x) | KEEP *, a", ["b", "a"]),
     ("FROM i | WHERE a > 1 | EVAL b = 2", None),
 ])
 def test_output_columns_follows_each_command(query, want):

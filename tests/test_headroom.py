@@ -614,8 +614,7 @@ def test_field_references_follow_the_columns_each_command_creates_in_order():
 def test_field_references_follow_each_command_s_own_order_and_patterns():
     """A command reads its input before the column it creates exists (`EVAL x = x + 1`, `GROK x
     "%{WORD:x}"` read the source's x); an unassigned aggregate is named after its text as written
-    (spaces kept); DISSECT's `->` and GROK's `:type` are not part of the column's name. (KEEP and
-    DROP take name patterns, which are not checked: the later commands here read the names.)"""
+    (spaces kept); DISSECT's `->` and GROK's `:type` are not part of the column's name."""
     from kibana_assets.validate import query_problems
 
     src = "FROM logs-openai.completions-*\n"
@@ -633,6 +632,55 @@ def test_field_references_follow_each_command_s_own_order_and_patterns():
     }
     for name, tail in bad.items():
         assert query_problems(name, src + tail) == [f"{name}: references tokens, which no dataset it reads maps"]
+
+
+def test_field_references_follow_the_columns_each_command_leaves():
+    """After a STATS only its aggregates and groups are columns, after a KEEP only what it kept; a
+    DROP or RENAME takes its names away; and each KEEP or DROP name or pattern must match a column.
+    ES|QL fails each bad query here ("Unknown column", "No matches found for pattern"); validate
+    passed them all, reading any name not created before as a source field and never checking
+    KEEP or DROP."""
+    from kibana_assets.validate import query_problems
+
+    src = "FROM logs-openai.completions-*\n"
+    ok = {
+        "stats_keep": "| STATS c = COUNT(*) BY m = openai.base.model\n| KEEP c*, m\n| SORT c DESC",
+        "keep_pattern": "| KEEP @timestamp, openai.base.*\n| WHERE openai.base.usage_tokens > 0",
+        "drop_then_eval": "| STATS c = COUNT(*) BY m = openai.base.model\n| DROP m\n| EVAL m = \"x\"\n| KEEP m, c",
+        "eval_in_order": "| EVAL a = openai.base.usage_tokens, b = a + 1\n| STATS SUM(b)",
+    }
+    for name, tail in ok.items():
+        assert query_problems(name, src + tail) == [], name
+    gone = {
+        "after_stats": ("| STATS c = COUNT(*) BY m = openai.base.model\n| WHERE openai.base.usage_tokens > 0",
+                        "openai.base.usage_tokens", "is", "STATS"),
+        "after_keep": ("| KEEP openai.base.model\n| WHERE openai.base.usage_tokens > 0", "openai.base.usage_tokens", "is", "KEEP"),
+        "after_keep_pattern": ("| KEEP openai.base.*\n| WHERE event.action == \"x\"", "event.action", "is", "KEEP"),
+        "after_drop": ("| DROP openai.base.model\n| STATS c = COUNT(*) BY openai.base.model", "openai.base.model", "is", "DROP"),
+        "after_rename": ("| RENAME openai.base.model AS m\n| WHERE openai.base.model == \"x\"", "openai.base.model", "is", "RENAME"),
+        "stats_drop": ("| STATS c = COUNT(*) BY m = openai.base.model\n| DROP m\n| SORT m", "m", "is", "DROP"),
+        "as_written": ("| STATS SUM( openai.base.usage_tokens )\n| SORT `SUM(openai.base.usage_tokens)`",
+                       "SUM(openai.base.usage_tokens)", "is", "STATS"),
+        "keep_after_stats": ("| STATS c = COUNT(*) BY openai.base.model\n| KEEP c, openai.base.usage_tokens",
+                             "openai.base.usage_tokens", "is", "STATS"),
+        "pattern_after_stats": ("| STATS c = COUNT(*) BY openai.base.model\n| DROP openai.base.usage*", "openai.base.usage*",
+                                "matches", "STATS"),
+    }
+    for name, (tail, ref, verb, after) in gone.items():
+        assert query_problems(name, src + tail) == [
+            f"{name}: references {ref}, which {verb} no column after the {after} before it: ES|QL fails (Unknown column)"], name
+    unmapped = {
+        "keep": ("| KEEP @timestamp, openai.base.no_such", "openai.base.no_such"),
+        "drop": ("| DROP openai.base.no_such", "openai.base.no_such"),
+        "keep_pattern": ("| KEEP openai.base.no_such*", "openai.base.no_such*"),
+    }
+    for name, (tail, ref) in unmapped.items():
+        assert query_problems(name, src + tail) == [f"{name}: references {ref}, which no dataset it reads maps"], name
+    # a pattern too must match on each dataset read
+    both = "FROM logs-openai.completions-*, logs-openai.embeddings-*\n| KEEP @timestamp, openai.completions.input_*"
+    assert query_problems("both", both) == [
+        "both: references openai.completions.input_*, which embeddings does not map:"
+        " ES|QL fails (Unknown column) while no data stream that maps it exists"]
 
 
 def test_every_panel_and_rule_query_is_valid():
