@@ -349,10 +349,25 @@ class UsageCollector(PollingCollector):
         Back to a width that is still being finished: if the widths used since (the one in use and
         any in between) have collected nothing, the change is undone; else the width in use goes on
         until the old range of this one is final, and the change is taken over then (checked at
-        every poll till then)."""
+        every poll till then).
+
+        A stream nothing was ever read from (its first polls failed, their start kept by
+        `_keep_origin`, at one width or at several) has nothing to hand over: a change is its first
+        run at the new width, from the kept start floored to the new width's boundary (or from
+        further back, should `initial_interval` ask: `window`). The other widths' cursors go."""
         if self._left is not None:
             return self._left
         cursors = self.store.cursors(self.name)
+        if cursors and all(self._unread(w, c) for w, c in cursors.items()) and (
+                set(cursors) != {self.width} or cursors[self.width].retired_at is not None):
+            start = _floor(min(c.origin for c in cursors.values()), self.width_s)
+            others = sorted(w for w in cursors if w != self.width)
+            self.store.put_cursors(self.name, {self.width: Cursor(start, start, start)}, drop=others)
+            asked = _floor(now - self.config.initial_interval, self.width_s)  # further back: `window` reads it
+            log.info("%s: bucket width is now %s; nothing was read at %s yet, so %s starts as on a first run, "
+                     "from %s", self.name, self.width, ", ".join(others) or self.width, self.width,
+                     iso_timestamp(min(start, asked)))
+            cursors = {self.width: Cursor(start, start, start)}
         mine = cursors.pop(self.width, None)
         in_use = {w: c for w, c in cursors.items() if c.retired_at is None}
         waiting = False
@@ -482,10 +497,19 @@ class UsageCollector(PollingCollector):
             log.debug("%s: cannot keep the first poll's start: %s", self.name, exc)
 
     def _never_read(self, cur: Cursor) -> bool:
-        """The stream's only cursor is a start nothing was read from (a failed first poll's)."""
-        return (cur.retired_at is None and cur.position == cur.origin == cur.settled
-                and set(self.store.cursors(self.name)) == {self.width}
-                and self.store.first_observation(self.name, self.width) is None)
+        """The stream's only cursor is a start nothing was read from (a failed first poll's). A
+        stream whose cursors at other widths were never read either has only one by now: a change
+        of width moves them to this one (`_widths_left`)."""
+        return (cur.retired_at is None and set(self.store.cursors(self.name)) == {self.width}
+                and self._unread(self.width, cur))
+
+    def _unread(self, width: str, cur: Cursor) -> bool:
+        """Nothing was read from `cur` (the cursor of `width`): it never moved from its origin and
+        no observation is kept at that width. A page read stores either: an emitted bucket moves
+        the cursor, or (after a gap or a bad bucket) keeps its observations, pruned only as the
+        cursor passes them. A cursor from before `settled` (NULL) counts as read."""
+        return (cur.position == cur.origin == cur.settled
+                and self.store.first_observation(self.name, width) is None)
 
     def _poll(self, now: float, stats: PollStats) -> PollStats:
         for left in self._widths_left(now):

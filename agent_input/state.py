@@ -343,12 +343,14 @@ class StateStore:
                 "SELECT width, origin, position, settled, retired_at FROM cursors WHERE stream=?", (stream,)).fetchall()
         return {width: Cursor(*rest) for width, *rest in rows}
 
-    def put_cursors(self, stream: str, cursors: Mapping[str, Cursor]) -> None:
-        """Set several of a stream's cursors at once (a change of bucket width)."""
+    def put_cursors(self, stream: str, cursors: Mapping[str, Cursor], drop: Iterable[str] = ()) -> None:
+        """Set several of a stream's cursors at once (a change of bucket width), deleting those of
+        the widths in `drop` in the same transaction."""
         self._check_write()
         conn = self._conn()
         with self._transaction(conn):
             self._still_there()
+            conn.executemany("DELETE FROM cursors WHERE stream=? AND width=?", [(stream, w) for w in drop])
             conn.executemany(
                 "INSERT OR REPLACE INTO cursors (stream, width, origin, position, settled, retired_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",

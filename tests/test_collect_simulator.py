@@ -18,7 +18,7 @@ from agent_input.ecs import iso_timestamp
 from agent_input.engine import Delivery, UsageCollector
 from agent_input.http_client import AdminApiClient
 from agent_input.outputs import NdjsonFileOutput
-from agent_input.state import StateStore
+from agent_input.state import Cursor, StateStore
 from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
 
 from conftest import (ADMIN_KEY, T0, committed_batches, dedupe, first_poll_held, read_ndjson, started_simulator,
@@ -236,6 +236,64 @@ def test_initial_interval_raised_while_the_first_polls_are_refused_still_applies
     assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
                                                                               settled)
     assert "initial_interval reaches back" not in caplog.text
+
+
+@pytest.mark.parametrize("raised", [True, False])
+def test_a_width_changed_while_nothing_was_read_yet_is_a_first_run_at_the_new_width(
+        simulator, tmp_path, caplog, raised):
+    """A 1m first poll at 10:30 gets 503s: its start, 08:30, is kept, nothing was read. Then
+    bucket_width becomes 1h (initial_interval raised from 2h to 6h, or left at 2h). Nothing was
+    collected at 1m, so there is nothing to hand over: it is the stream's first run, at 1h.
+    Before, the change was taken over as for a width with data: 1m was read from 08:30 up to 09:00,
+    1h from 09:00, a raised initial_interval was ignored and a WARNING claimed the state directory
+    had collected the stream from 08:30.
+
+    Without a raise the kept start is honoured at the new width, floored to its boundary (08:00),
+    not rounded up (09:00) nor dropped for `initial_interval` before the later `now` (09:30): both
+    would lose 08:30-09:30, never read. Reading from 08:00 delivers nothing twice, since nothing
+    was delivered at 1m, and a whole first hour beats a half hour of minutes kept apart."""
+    from agent_input.http_client import ApiError
+    from agent_input.simulator.faults import FaultRule
+
+    caplog.set_level("INFO", logger="agent_input.engine")
+    out = tmp_path / "events.ndjson"
+    store = StateStore(tmp_path / "state")
+    first = T0 + 1800  # 10:30; initial_interval 2h: the start is 08:30
+    simulator.add_fault(FaultRule(kind="503", path="usage/completions", count=None))
+    collector, output = _completions(simulator, store, out, initial="2h")
+    simulator.set_time(first)
+    with pytest.raises(ApiError):
+        collector.poll(first)
+    output.close()
+    simulator.clear_faults()
+    assert store.cursors("completions") == {"1m": Cursor(int(T0 - 5400), int(T0 - 5400), int(T0 - 5400))}
+
+    cfg = _config(simulator.base_url, "0s", "6h" if raised else "2h")
+    cfg["data_streams"]["completions"]["bucket_width"] = "1h"
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=2)
+    output = NdjsonFileOutput(out)
+    collector = UsageCollector(STREAMS_BY_NAME["completions"], config_from_dict(cfg, env={}).stream("completions"),
+                               client, Delivery(store, output), clock=simulator.now)
+    later = first + HOUR  # 11:30: 6h reaches back to 05:00 (05:30 floored), 2h to 09:00
+    now = later
+    while now <= later + SETTLE + HOUR:
+        simulator.set_time(now)
+        collector.poll(now)
+        now += 1800
+    output.close()
+    client.close()
+    origin = int(T0 - 5 * HOUR) if raised else int(T0 - 2 * HOUR)  # 05:00, or 08:30 floored to 08:00
+    settled = int(now - SETTLE) // HOUR * HOUR
+    delivered = read_ndjson(out)
+    docs = dedupe(delivered)
+    assert len(docs) == len(delivered), "a document was delivered twice"
+    assert {d["openai"]["base"]["bucket_width"] for d in docs} == {"1h"}, "minutes read from a never-read start"
+    assert min(d["openai"]["base"]["start_time"] for d in docs) == iso_timestamp(origin)
+    assert stored_totals(docs, "completions", origin, settled) == truth_totals(simulator, "completions", origin,
+                                                                              settled)
+    assert set(store.cursors("completions")) == {"1h"}
+    assert "initial_interval reaches back" not in caplog.text
+    assert "collected this stream" not in caplog.text
 
 
 def test_a_group_by_that_gains_a_field_keeps_the_stored_totals_exact(simulator, tmp_path):

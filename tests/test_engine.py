@@ -1122,6 +1122,45 @@ def test_a_changed_bucket_width_is_not_taken_for_a_raised_initial_interval(tmp_p
     _minutes_delivered_through(tmp_path, plan, 1, day, day + 86400)
     assert not [r for r in caplog.records if "initial_interval" in r.getMessage()]
 
+@pytest.mark.parametrize("width, origin", [("1h", "2026-11-23T08:00:00"), ("1m", "2026-11-23T08:30:00"),
+                                           ("1d", "2026-11-23T00:00:00")])
+def test_widths_never_read_from_are_one_first_run_at_the_width_now_set(tmp_path, caplog, width, origin):
+    """What an earlier version left after a 1m first poll at 10:30 failed (start 08:30 kept) and a
+    1h one failed after a change to 1h: a 1m cursor retired at 09:00 and a 1h one at 09:00, neither
+    read. At 1h, at 1m again or at 1d, it is the stream's first run at that width, from 08:30
+    floored to its boundary: one cursor, every minute from there delivered once, no WARNING.
+    Before, 1m went on to 09:00 and 1h from there (1d: 1h until midnight) and a WARNING claimed
+    a collection."""
+    from agent_input.config import StreamConfig
+    from agent_input.state import Cursor, StateStore
+
+    caplog.set_level("INFO", logger="agent_input.engine")
+    api, day = WidthApi(), ts("2026-11-23T00:00:00")
+    for m in range(day - 86400, day + 3 * 86400, 60):
+        api.minutes[m] = 1
+    store, out = StateStore(tmp_path / "state"), io.BytesIO()
+    kept, hour = ts("2026-11-23T08:30:00"), ts("2026-11-23T09:00:00")
+    store.put_cursors("completions", {"1m": Cursor(kept, kept, kept, hour), "1h": Cursor(hour, hour, hour)})
+    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=2 * 3600,
+                        bucket_width=width, finalization_grace=0, revision_window=3 * 3600, batch_size=None,
+                        include_archived=False)
+    now = day + 50 * 3600  # the next day's 02:00: 1d's first day is final
+    UsageCollector(STREAMS_BY_NAME["completions"], base, api, Delivery(store, NdjsonOutput(out)),
+                   clock=lambda: now).poll(now)
+    got = {d["_id"]: d for d in docs(out)}
+    assert len(got) == len(docs(out))
+    assert {d["openai"]["base"]["bucket_width"] for d in got.values()} == {width}
+    assert min(d["openai"]["base"]["start_time"] for d in got.values()) == iso_timestamp(ts(origin))
+    end = _floor_to(now, {"1m": 60, "1h": 3600, "1d": 86400}[width])
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in got.values()) == (end - ts(origin)) // 60
+    assert set(store.cursors("completions")) == {width}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def _floor_to(t: int, width: int) -> int:
+    return t // width * width
+
+
 class HangingApi:
     """A request that never answers (an API that hangs for up to http_timeout)."""
 
