@@ -403,7 +403,9 @@ class UsageCollector(PollingCollector):
             UsageCollector(self.spec, replace(self.config, bucket_width=width), self.client, self.delivery,
                            namespace=self.namespace, stop=self.stop, clock=self.clock, names=self.names)
             for width, c in cursors.items()
-            if c.retired_at is None or not _finished(c)  # in use (while this width waits), or unfinished
+            # in use (while this width waits), or unfinished; never this width, which a change
+            # above put back into `cursors` (polled as a width left too, it was read twice a poll)
+            if width != self.width and (c.retired_at is None or not _finished(c))
         ]
         for collector in left:
             collector._left = []

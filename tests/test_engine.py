@@ -1087,6 +1087,49 @@ def test_back_to_a_width_through_a_third_one_counts_no_time_twice(tmp_path, hour
     assert _minutes_delivered_through(tmp_path, plan, 3, lo, hi) == (hi - lo) // 60
 
 
+@pytest.mark.parametrize("back", [False, True])
+def test_a_changed_width_is_asked_for_once_a_poll(tmp_path, back):
+    """1m, then 1h from 10:10 (1m goes on to 11:00), in one process polled every hour; or back
+    to 1m at once, undoing the change. The width now set was also taken for one of the widths
+    left: a second collector of it polled inside every poll of the process, every window asked
+    for twice (the revision window read again, the rate limit spent twice)."""
+    from dataclasses import replace as _replace
+
+    from agent_input.config import StreamConfig
+    from agent_input.state import StateStore
+
+    class Counting(WidthApi):
+        calls: list
+
+        def get_json(self, path, params):
+            self.calls.append(params["bucket_width"])
+            return super().get_json(path, params)
+
+    api, day = Counting(), ts("2026-11-23T00:00:00")
+    api.calls = []
+    for m in range(day - 86400, day + 86400, 60):
+        api.minutes[m] = 1
+    store, out = StateStore(tmp_path / "state"), io.BytesIO()
+    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
+                        bucket_width="1m", finalization_grace=0, revision_window=3 * 3600, batch_size=None,
+                        include_archived=False)
+    t = day + 10 * 3600 + 300
+
+    def collector(width):
+        return UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width), api,
+                              Delivery(store, NdjsonOutput(out)), clock=lambda: t)
+
+    collector("1m").poll(t)
+    if back:
+        collector("1h").poll(t + 300)
+    c = collector("1m" if back else "1h")
+    for hour in range(1, 5):
+        api.calls.clear()
+        c.poll(t + hour * 3600)
+        # (1h's first bucket, 11:00, is asked for once it has ended)
+        assert api.calls.count(c.width) == (1 if back or hour > 1 else 0), api.calls
+
+
 def test_an_initial_interval_raised_with_state_in_place_is_said_not_silently_ignored(tmp_path, caplog):
     """initial_interval sets where a stream's first poll starts; raised from 24h to 30d on a state
     directory that holds a backfill, nothing before the first start is read. Before, nothing said
