@@ -455,7 +455,7 @@ class UsageCollector(PollingCollector):
         self._told_origin = True
         first = min(c.origin for c in self.store.cursors(self.name).values())
         asked = _floor(now - self.config.initial_interval, self.width_s)
-        if asked < first:
+        if asked < _floor(first, self.width_s):  # (a wider width's flooring alone reaches back by nothing asked)
             log.warning("%s: initial_interval reaches back to %s, but the state directory collected this stream "
                         "from %s on: initial_interval applies to a stream's first run only, so nothing before %s "
                         "is collected (a new state directory would deliver everything after it a second time)",

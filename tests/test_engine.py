@@ -1,5 +1,6 @@
 """The usage engine against an in-memory API: windows, grace, revisions, errors, bad data."""
 import json
+import logging
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
@@ -1128,6 +1129,37 @@ def test_a_changed_width_is_asked_for_once_a_poll(tmp_path, back):
         c.poll(t + hour * 3600)
         # (1h's first bucket, 11:00, is asked for once it has ended)
         assert api.calls.count(c.width) == (1 if back or hour > 1 else 0), api.calls
+
+
+def test_a_wider_width_s_flooring_is_not_taken_for_a_raised_initial_interval(tmp_path, caplog):
+    """A 1m first run at 10:05 with initial_interval 4h starts at 06:05; polled at 1h from 10:15,
+    `initial_interval` floored to the hour asks from 06:00, before 06:05, only because of the
+    flooring: it was not raised, and the WARNING that it reaches before the collection was false."""
+    from dataclasses import replace as _replace
+
+    from agent_input.config import StreamConfig
+    from agent_input.state import StateStore
+
+    api, day = WidthApi(), ts("2026-11-23T00:00:00")
+    for m in range(day - 86400, day + 86400, 60):
+        api.minutes[m] = 1
+    store, out = StateStore(tmp_path / "state"), io.BytesIO()
+    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
+                        bucket_width="1m", finalization_grace=0, revision_window=3 * 3600, batch_size=None,
+                        include_archived=False)
+    t = day + 10 * 3600 + 300
+    UsageCollector(STREAMS_BY_NAME["completions"], base, api, Delivery(store, NdjsonOutput(out)),
+                   clock=lambda: t).poll(t)
+    wider = UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width="1h"), api,
+                           Delivery(store, NdjsonOutput(out)), clock=lambda: t + 600)
+    with caplog.at_level(logging.WARNING, logger="agent_input"):
+        wider.poll(t + 600)
+    assert "initial_interval reaches back" not in caplog.text
+    raised = UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width="1h", initial_interval=5 * 3600),
+                            api, Delivery(store, NdjsonOutput(out)), clock=lambda: t + 900)
+    with caplog.at_level(logging.WARNING, logger="agent_input"):
+        raised.poll(t + 900)  # raised by an hour: said
+    assert "initial_interval reaches back to 2026-11-23T05:00:00" in caplog.text
 
 
 def test_an_initial_interval_raised_with_state_in_place_is_said_not_silently_ignored(tmp_path, caplog):
