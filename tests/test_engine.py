@@ -1088,26 +1088,16 @@ def test_back_to_a_width_through_a_third_one_counts_no_time_twice(tmp_path, hour
     assert _minutes_delivered_through(tmp_path, plan, 3, lo, hi) == (hi - lo) // 60
 
 
-@pytest.mark.parametrize("back", [False, True])
-def test_a_changed_width_is_asked_for_once_a_poll(tmp_path, back):
-    """1m, then 1h from 10:10 (1m goes on to 11:00), in one process polled every hour; or back
-    to 1m at once, undoing the change. The width now set was also taken for one of the widths
-    left: a second collector of it polled inside every poll of the process, every window asked
-    for twice (the revision window read again, the rate limit spent twice)."""
+def _width_changes(tmp_path, api):
+    """A completions stream over two days of one-token minutes (`api`, a WidthApi), first polled
+    at 1m at 10:05 with initial_interval 4h. Returns `collector(width, **changes)`, which builds
+    it again as a new start with another config would, and that clock, `t`."""
     from dataclasses import replace as _replace
 
     from agent_input.config import StreamConfig
     from agent_input.state import StateStore
 
-    class Counting(WidthApi):
-        calls: list
-
-        def get_json(self, path, params):
-            self.calls.append(params["bucket_width"])
-            return super().get_json(path, params)
-
-    api, day = Counting(), ts("2026-11-23T00:00:00")
-    api.calls = []
+    day = ts("2026-11-23T00:00:00")
     for m in range(day - 86400, day + 86400, 60):
         api.minutes[m] = 1
     store, out = StateStore(tmp_path / "state"), io.BytesIO()
@@ -1116,11 +1106,31 @@ def test_a_changed_width_is_asked_for_once_a_poll(tmp_path, back):
                         include_archived=False)
     t = day + 10 * 3600 + 300
 
-    def collector(width):
-        return UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width), api,
+    def collector(width, **changes):
+        return UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width, **changes), api,
                               Delivery(store, NdjsonOutput(out)), clock=lambda: t)
 
     collector("1m").poll(t)
+    return collector, t
+
+
+@pytest.mark.parametrize("back", [False, True])
+def test_a_changed_width_is_asked_for_once_a_poll(tmp_path, back):
+    """1m, then 1h from 10:10 (1m goes on to 11:00), in one process polled every hour; or back
+    to 1m at once, undoing the change. The width now set was also taken for one of the widths
+    left: a second collector of it polled inside every poll of the process, every window asked
+    for twice (the revision window read again, the rate limit spent twice)."""
+
+    class Counting(WidthApi):
+        calls: list
+
+        def get_json(self, path, params):
+            self.calls.append(params["bucket_width"])
+            return super().get_json(path, params)
+
+    api = Counting()
+    api.calls = []
+    collector, t = _width_changes(tmp_path, api)
     if back:
         collector("1h").poll(t + 300)
     c = collector("1m" if back else "1h")
@@ -1135,28 +1145,11 @@ def test_a_wider_width_s_flooring_is_not_taken_for_a_raised_initial_interval(tmp
     """A 1m first run at 10:05 with initial_interval 4h starts at 06:05; polled at 1h from 10:15,
     `initial_interval` floored to the hour asks from 06:00, before 06:05, only because of the
     flooring: it was not raised, and the WARNING that it reaches before the collection was false."""
-    from dataclasses import replace as _replace
-
-    from agent_input.config import StreamConfig
-    from agent_input.state import StateStore
-
-    api, day = WidthApi(), ts("2026-11-23T00:00:00")
-    for m in range(day - 86400, day + 86400, 60):
-        api.minutes[m] = 1
-    store, out = StateStore(tmp_path / "state"), io.BytesIO()
-    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
-                        bucket_width="1m", finalization_grace=0, revision_window=3 * 3600, batch_size=None,
-                        include_archived=False)
-    t = day + 10 * 3600 + 300
-    UsageCollector(STREAMS_BY_NAME["completions"], base, api, Delivery(store, NdjsonOutput(out)),
-                   clock=lambda: t).poll(t)
-    wider = UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width="1h"), api,
-                           Delivery(store, NdjsonOutput(out)), clock=lambda: t + 600)
+    collector, t = _width_changes(tmp_path, WidthApi())
     with caplog.at_level(logging.WARNING, logger="agent_input"):
-        wider.poll(t + 600)
+        collector("1h").poll(t + 600)
     assert "initial_interval reaches back" not in caplog.text
-    raised = UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width="1h", initial_interval=5 * 3600),
-                            api, Delivery(store, NdjsonOutput(out)), clock=lambda: t + 900)
+    raised = collector("1h", initial_interval=5 * 3600)
     with caplog.at_level(logging.WARNING, logger="agent_input"):
         raised.poll(t + 900)  # raised by an hour: said
     assert "initial_interval reaches back to 2026-11-23T05:00:00" in caplog.text
