@@ -1328,6 +1328,103 @@ def test_a_first_poll_the_organization_check_holds_starts_each_scope_where_it_as
     _next_poll_reads_each_scope_from_its_start(simulator, col, store, output, client, out)  # the same process's
 
 
+
+@pytest.mark.parametrize("when", ["before the first slice", "after the organization's first slice"])
+def test_a_first_poll_cut_short_by_a_stop_keeps_the_start_of_each_scope_not_read(simulator, tmp_path, when):
+    """A stop (SIGTERM) that ends the first poll between slices raises nothing: the scopes it had
+    not reached yet keep their would-be starts all the same, so the next process reads them from
+    there, not from `initial_interval` before its own later `now`."""
+    from agent_input.audit import KV_TENANT_HWM
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    if when == "before the first slice":
+        col.stop.set()
+    else:
+        real = col.client.get_json
+
+        def stop_once_answered(path, params):
+            col.stop.set()  # the slice's pages are read and stored; no further slice starts
+            return real(path, params)
+
+        col.client.get_json = stop_once_answered
+    simulator.set_time(T0)
+    stats = col.poll(T0)
+    assert stats.errors == []
+    assert store.get(KV_TENANT_HWM) == str(int(T0 - DAY))
+    if when == "before the first slice":
+        assert stats.requests == 0 and store.get(KV_HWM) == str(int(T0 - DAY))
+    for c in (output, store, client):
+        c.close()
+    _next_poll_reads_each_scope_from_its_start(simulator, *_collector(simulator, state, out), out)  # next start
+
+
+def test_first_polls_the_organization_check_holds_twice_start_where_the_first_asked(simulator, tmp_path):
+    """Two first polls held in a row, hours apart: the next poll reads from where the first of them
+    asked, not the second (whose start is hours later: those hours were never stored)."""
+    from agent_input.org_guard import OrganizationUnverified
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    first_poll_held(simulator, store, col.poll)
+
+    def held():
+        raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+    store.write_check = held
+    simulator.set_time(int(T0) + 3 * HOUR)
+    with pytest.raises(OrganizationUnverified):
+        col.poll(int(T0) + 3 * HOUR)
+    store.write_check = None
+    assert store.get(KV_HWM) is None
+    _next_poll_reads_each_scope_from_its_start(simulator, col, store, output, client, out)  # the same process's
+
+
+def test_after_a_held_first_poll_later_polls_read_from_their_marks_not_the_held_start(simulator, tmp_path):
+    """The held poll's start is only where a scope with no mark starts: once a scope has its mark,
+    each poll reads from there (with the overlap), never again from the held start, which would
+    emit every event since then a second time at every poll."""
+    from agent_input.audit import OVERLAP
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    first_poll_held(simulator, store, col.poll)
+    for hours in (6, 7, 8):
+        simulator.set_time(int(T0) + hours * HOUR)
+        assert col.poll(int(T0) + hours * HOUR).errors == []
+    mark = int(store.get(KV_HWM))
+    real, asked = col.client.get_json, []
+    col.client.get_json = lambda path, params: asked.append(params["effective_at[gte]"]) or real(path, params)
+    simulator.set_time(int(T0) + 9 * HOUR)
+    col.poll(int(T0) + 9 * HOUR)
+    assert asked and asked[0] == mark - OVERLAP
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    assert ids and len(ids) == len(set(ids))
+
+def test_a_held_first_poll_then_one_that_fails_stores_the_held_poll_s_start(simulator, tmp_path):
+    """A first poll the organization check held, then a poll that fails another way (OpenAI 503
+    past the retries) with the check passing: the start it stores is the held poll's, not
+    `initial_interval` before its own later `now`, so the next process reads every event."""
+    from agent_input.audit import KV_TENANT_HWM
+    from agent_input.http_client import ApiError
+    from agent_input.simulator import FaultRule
+
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    col, store, output, client = _collector(simulator, state, out)
+    first_poll_held(simulator, store, col.poll)
+    simulator.add_fault(FaultRule(kind="503", path="/v1/organization/audit_logs", count=None))
+    simulator.set_time(int(T0) + 3 * HOUR)
+    with pytest.raises(ApiError):
+        col.poll(int(T0) + 3 * HOUR)
+    simulator.clear_faults()
+    assert store.get(KV_HWM) == store.get(KV_TENANT_HWM) == str(int(T0 - DAY))
+    for c in (output, store, client):
+        c.close()
+    _next_poll_reads_each_scope_from_its_start(simulator, *_collector(simulator, state, out), out)  # next start
+
+
 @pytest.mark.parametrize("how", ["503", "403"])
 def test_a_first_poll_that_fails_while_the_organization_check_holds_keeps_each_scope_s_start(
         simulator, tmp_path, how):
