@@ -551,6 +551,7 @@ def test_documents_rejected_alike_are_one_error_line_per_batch_with_a_count(fake
     assert len(errors) == 2, errors
     parsing = next(e for e in errors if "document_parsing_exception" in e)
     assert "40 openai.completions documents" in parsing and docs[0][0] in parsing and docs[39][0] not in parsing
+    assert docs[2][0] in parsing and docs[3][0] not in parsing  # the first three ids
     assert "1 openai.embeddings" not in errors[1] and "3 openai.embeddings documents" in errors[1]
 
 
@@ -594,6 +595,20 @@ def test_a_document_kept_in_a_failure_store_is_said_and_counted_not_taken_as_cre
     assert len(warnings) == 1 and '"log.level":"warn' in warnings[0].replace(" ", ""), warnings
     assert docs[1][0] in warnings[0] and "logs-openai.completions-default::failures" in warnings[0]
 
+
+def test_a_batch_with_documents_both_in_a_failure_store_and_rejected_dead_letters_the_rejected(fake, tmp_path):
+    """A batch whose answer mixes a document kept in a failure store and one rejected for good
+    (its target has no failure store: here the fake's index outside `logs-*-*`): the rejected one
+    is still written to the dead-letter file before the batch is acknowledged."""
+    fake.failure_store = True
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "document_parsing_exception", "reason": "bad"} if "bad" in src else None
+    docs = [_doc(1, bad="x"), _doc(2, namespace="no-store", bad="x"), _doc(3)]
+    ack = Acks()
+    out.send("completions", _payload(docs), 3, ack)
+    assert ack.n == 1 and (out.failure_stored, out.rejected) == (1, 1)
+    dead = [json.loads(line) for line in (tmp_path / "dead-letter.ndjson").read_text().splitlines()]
+    assert [d["_id"] for d in dead] == [docs[1][0]]
 
 def test_a_dead_letter_record_is_fsynced_before_the_batch_is_acknowledged(fake, tmp_path, monkeypatch):
     """The acknowledgement removes the batch from the outbox: the rejected document's only copy is
@@ -742,6 +757,68 @@ def test_a_partial_dead_letter_line_left_by_a_crash_is_cut_back_before_the_next_
     out.send("completions", _payload([_doc(2)]), 1, Acks())
     dead = [json.loads(line) for line in dead_letter.read_bytes().splitlines()]
     assert [d["_id"] for d in dead] == [_doc(1)[0], _doc(2)[0]]
+
+
+
+def test_a_dead_letter_file_of_exactly_the_cap_is_moved_before_the_next_batch(fake, tmp_path):
+    """`dead_letter_max_bytes` is where the file is full: one that has reached it (not only gone
+    past it) is moved to dead-letter.ndjson.1 before the next batch's records."""
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"} if "bad" in src else None
+    out.send("completions", _payload([_doc(1, bad="x")]), 1, Acks())
+    current = tmp_path / "dead-letter.ndjson"
+    out.dead_letter_max_bytes = current.stat().st_size  # exactly at the cap
+    out.send("completions", _payload([_doc(2, bad="x")]), 1, Acks())
+    older = tmp_path / "dead-letter.ndjson.1"
+    assert [json.loads(line)["_id"] for line in older.read_text().splitlines()] == [_doc(1)[0]]
+    assert [json.loads(line)["_id"] for line in current.read_text().splitlines()] == [_doc(2)[0]]
+
+
+def test_a_crash_s_fragment_is_cut_back_before_the_dead_letter_file_is_moved(fake, tmp_path):
+    """A record half written by a crash at the end of a full file is cut back before the file is
+    moved to dead-letter.ndjson.1: that file, too, only ever holds whole records (its batch was
+    never acknowledged and dead-letters its documents again into the new file)."""
+    out = _output(fake.url, tmp_path, dead_letter_max_bytes=100)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"} if "bad" in src else None
+    out.send("completions", _payload([_doc(1, bad="x")]), 1, Acks())
+    current = tmp_path / "dead-letter.ndjson"
+    whole = current.read_bytes()
+    with open(current, "ab") as fh:  # what a SIGKILL in the middle of a write leaves
+        fh.write(whole[:-40])
+    out.send("completions", _payload([_doc(2, bad="x")]), 1, Acks())
+    older = (tmp_path / "dead-letter.ndjson.1").read_bytes()
+    assert older == whole, "the fragment went along into dead-letter.ndjson.1"
+    assert [json.loads(line)["_id"] for line in current.read_text().splitlines()] == [_doc(2)[0]]
+
+
+def test_a_large_batch_s_dead_letter_records_are_written_in_slices_not_one_write_each(fake, tmp_path, monkeypatch):
+    """A batch's records are written in slices of about 1 MiB: neither joined whole (a batch can
+    hold 138 MB) nor one write per record once the first slice is written."""
+    import agent_input.es_output as es_mod
+
+    writes: list[int] = []
+    real_write_all = es_mod.write_all
+    monkeypatch.setattr(es_mod, "write_all", lambda fd, data: writes.append(len(data)) or real_write_all(fd, data))
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"} if "bad" in src else None
+    docs = [_doc(i, bad="x" * 20_000) for i in range(150)]  # about 3 MB of records
+    ack = Acks()
+    out.send("completions", _payload(docs), len(docs), ack)
+    assert ack.n == 1 and out.rejected == 150
+    total = (tmp_path / "dead-letter.ndjson").stat().st_size
+    assert sum(writes) == total and 2 <= len(writes) <= total // es_mod._WRITE_BYTES + 1, writes
+    assert max(writes) < es_mod._WRITE_BYTES + 30_000
+
+
+def test_a_batch_whose_dead_letter_write_fails_says_how_many_documents_it_holds_back(fake, tmp_path):
+    """The error names the first rejected document and how many others the batch holds back."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "dead-letter.ndjson").mkdir()  # a directory where the file should be
+    out = _output(fake.url, tmp_path / "ro")
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"}
+    with pytest.raises(OutputError, match=rf"{_doc(1)[0]} \(mapper_parsing_exception: nope\) and 2 other "
+                                          r"document\(s\) and they cannot be written"):
+        out.send("completions", _payload([_doc(1), _doc(2), _doc(3)]), 3, Acks())
 
 
 # -- auth -------------------------------------------------------------------------------------------
