@@ -606,11 +606,7 @@ def _append_records(path: Path, lines: Iterator[bytes]) -> None:
     batch was never acknowledged and dead-letters its documents again, while the record glued
     onto the fragment would be lost."""
     truncate_partial_line(path)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-    try:
-        fd, created = os.open(path, flags | os.O_EXCL, 0o640), True
-    except FileExistsError:
-        fd, created = os.open(path, flags, 0o640), False
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
         before = os.fstat(fd).st_size
         try:
@@ -625,9 +621,9 @@ def _append_records(path: Path, lines: Iterator[bytes]) -> None:
             if buf:
                 write_all(fd, b"".join(buf))
             fsync(fd)
-            # the first, or after a rotation: its name too, before the batch is acknowledged; and a
-            # file found empty (made by an append that failed after creating it) may not be named yet
-            if created or before == 0:
+            # a file found empty is new (the first, or after a rotation) or was made by an append
+            # that failed: its name may not be durable yet, and must be before the batch's ack
+            if before == 0:
                 fsync_dir(path.parent)
         except OSError:
             try:
