@@ -623,16 +623,9 @@ class Installer:
         return self._other_spaces
 
     def _drop_legacy(self, path: str, what: str, priv: str) -> None:
-        resp = self.t.kb("DELETE", path)
-        if path.startswith(_SO_DASHBOARD) and _route_restricted(resp):  # Serverless: its dashboards API
-            so_id = path[len(_SO_DASHBOARD):]
-            status, detail = self._delete_dashboard_without_so_api(
-                so_id, lambda: self._export_saved_object("dashboard", so_id) is not None)
-            if status == "kept":
-                raise InstallerError(f"failed to {what}: {detail}")
-            return
-        if resp.status_code != 404:
-            _check(resp, what, priv, ok=(200, 204))
+        status, detail = self._kb_delete(path, priv, what)
+        if status == "kept":
+            raise InstallerError(f"failed to {what}: {detail}")
 
     def _left_behind(self, status: str, detail: str, default_id: str, exists: Callable[[str], bool],
                      drop: Callable[[str], None]) -> tuple[str, str]:
@@ -902,20 +895,29 @@ class Installer:
                     _check(resp, what.replace("delete", "read", 1), priv)
                 found = resp.status_code != 404
             return ("would delete", "") if found else ("absent", "")
+        return self._kb_delete(path, priv, what, exists)
+
+    def _kb_delete(self, path: str, priv: str, what: str,
+                   exists: Callable[[], bool] | None = None) -> tuple[str, str]:
+        """DELETE `path`: deleted, absent (404), or, for a dashboard on a Kibana whose saved objects
+        API answers the route is internal (Serverless), through its dashboards API (`kept` when
+        that is missing too). `exists` reads the dashboard there (default: through `_export`)."""
         resp = self.t.kb("DELETE", path)
         if resp.status_code == 404:
             return "absent", ""
         if path.startswith(_SO_DASHBOARD) and _route_restricted(resp):
-            return self._delete_dashboard_without_so_api(path[len(_SO_DASHBOARD):], exists)
+            so_id = path[len(_SO_DASHBOARD):]
+            return self._delete_dashboard_without_so_api(
+                so_id, exists or (lambda: self._export_saved_object("dashboard", so_id) is not None))
         _check(resp, what, priv, ok=(200, 204))
         return "deleted", ""
 
-    def _delete_dashboard_without_so_api(self, so_id: str, exists: Callable[[], bool] | None) -> tuple[str, str]:
+    def _delete_dashboard_without_so_api(self, so_id: str, exists: Callable[[], bool]) -> tuple[str, str]:
         """Serverless Kibana keeps the saved objects CRUD routes internal (only `_import`/`_export`
         are public there): a DELETE is answered 400 whether or not the dashboard exists. Its public
         dashboards API deletes it; a Kibana without that API keeps it, and the line says how to
-        delete it by hand. The uninstall goes on either way."""
-        if exists is not None and not exists():
+        delete it by hand."""
+        if not exists():
             return "absent", ""
         resp = self.t.kb("DELETE", f"/api/dashboards/{so_id}")
         if resp.status_code in (200, 204):
