@@ -346,10 +346,10 @@ class UsageCollector(PollingCollector):
         documents never cover the same time, so summing every width stays exact; before, the new
         width started over at `initial_interval` and the panels counted the overlap twice.
 
-        Back to a width that is still being finished: if the widths used since (the one in use and
-        any in between) have collected nothing, the change is undone; else the width in use goes on
-        until the old range of this one is final, and the change is taken over then (checked at
-        every poll till then).
+        Back to a width the stream left: if the widths used since (the one in use and any in
+        between) have collected nothing, the change is undone, whether or not its old range is final
+        yet; else, still being finished, the width in use goes on until the old range of this one is
+        final, and the change is taken over then (checked at every poll till then).
 
         A stream nothing was ever read from (its first polls failed, their start kept by
         `_keep_origin`, at one width or at several) has nothing to hand over: a change is its first
@@ -371,11 +371,17 @@ class UsageCollector(PollingCollector):
         mine = cursors.pop(self.width, None)
         in_use = {w: c for w, c in cursors.items() if c.retired_at is None}
         waiting = False
-        if mine is not None and mine.retired_at is not None and not _finished(mine):
-            # every width that started where this one stopped, or later: the one in use, and any
-            # in between (1m -> 1h -> 1d -> 1m), which goes on up to where the next one starts
-            later = {w: c for w, c in cursors.items() if c.retired_at is None or c.origin >= mine.retired_at}
-            if all(c.position <= c.origin for c in later.values()):
+        # every width that started where this one stopped, or later: the one in use, and any
+        # in between (1m -> 1h -> 1d -> 1m), which goes on up to where the next one starts
+        later = ({w: c for w, c in cursors.items() if c.retired_at is None or c.origin >= mine.retired_at}
+                 if mine is not None and mine.retired_at is not None else {})
+        # (a page with a gap keeps its documents' observations without moving the cursor)
+        undo = all(c.position <= c.origin and self.store.first_observation(self.name, w) is None
+                   for w, c in later.items())
+        if mine is not None and mine.retired_at is not None and (undo or not _finished(mine)):
+            # undone even when this width is final up to where it stopped: taken over instead, its
+            # cursor started anew there and none read since, the stream looked never collected
+            if undo:
                 changed = {w: replace(c, retired_at=c.origin, settled=c.origin) for w, c in later.items()
                            if c.retired_at is None or not _finished(c)}
                 changed[self.width] = replace(mine, retired_at=None)

@@ -1604,3 +1604,50 @@ def test_a_first_poll_whose_writes_the_organization_check_holds_keeps_no_start(h
     with pytest.raises(RuntimeError):
         h.collector.poll(NOW)
     assert h.store.cursor("completions", "1m") == Cursor(NOW - 600, NOW - 600, NOW - 600)
+
+
+def test_back_to_a_finished_width_the_widths_since_never_read_from_is_no_first_run(tmp_path, caplog):
+    """1m from 06:05 (initial_interval 4h), 1h from 10:10 (1m goes on to 11:00), 1m finished at
+    11:20 (revision_window 15m) while 1h has read nothing yet, then 1m again at 11:25, a poll that
+    fails (OpenAI answering 503), and a restart at 11:30. The change back was taken over at 11:00
+    with a new 1m cursor there, nothing read at either width since: the restart took the stream
+    for one never collected and read it again from initial_interval (07:30), every minute of
+    07:30-11:00 delivered a second time (twice in the panels once a rollover came between)."""
+    from dataclasses import replace as _replace
+
+    from agent_input.config import StreamConfig
+    from agent_input.state import StateStore
+
+    class Outage(WidthApi):
+        down = False
+
+        def get_json(self, path, params):
+            if self.down:
+                raise RuntimeError("503 Service Unavailable")
+            return super().get_json(path, params)
+
+    caplog.set_level("INFO", logger="agent_input.engine")
+    api, day = Outage(), ts("2026-11-23T00:00:00")
+    for m in range(day - 86400, day + 86400, 60):
+        api.minutes[m] = 1
+    out = io.BytesIO()
+    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
+                        bucket_width="1m", finalization_grace=0, revision_window=900, batch_size=None,
+                        include_archived=False)
+    for now, width, down in ((day + 10 * 3600 + 300, "1m", False), (day + 10 * 3600 + 600, "1h", False),
+                             (day + 11 * 3600 + 1200, "1h", False), (day + 11 * 3600 + 1500, "1m", True),
+                             (day + 11 * 3600 + 1800, "1m", False), (day + 12 * 3600, "1m", False)):
+        store, api.down = StateStore(tmp_path / "state"), down
+        try:
+            UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width), api,
+                           Delivery(store, NdjsonOutput(out)), clock=lambda: now).poll(now)
+        except RuntimeError:
+            assert down
+        store.close()
+    first = [d for d in docs(out) if d["openai"]["base"].get("revision", 0) == 0]
+    ids = [d["_id"] for d in first]
+    assert len(ids) == len(set(ids)), "a bucket's first document delivered twice"
+    lo, hi = day + 6 * 3600 + 300, day + 12 * 3600
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in first
+               if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi) == (hi - lo) // 60
+    assert not [r for r in caplog.records if "first run" in r.getMessage()]
