@@ -219,9 +219,6 @@ def ndjson_line(doc: Mapping[str, Any]) -> bytes:
     return _dumps(doc, option=_NEWLINE)
 
 
-_MAPPERS: dict[tuple, Any] = {}  # (id(spec), width, namespace) -> mapper; specs live in _PLANS
-
-
 def usage_event(
     spec: UsageStreamSpec,
     *,
@@ -235,11 +232,12 @@ def usage_event(
     created: str,
     group: tuple | None = None,
 ) -> tuple[str, dict]:
-    """Build (id, document) for one result of one bucket: `mapper` with keyword arguments."""
-    key = (id(spec), width, namespace)
-    map_one = _MAPPERS.get(key)
-    if map_one is None:
-        map_one = _MAPPERS[key] = mapper(spec, width, namespace)
+    """Build (id, document) for one result of one bucket: `mapper` with keyword arguments.
+
+    The document is the caller's own: a mapper of its own each call (the spec's plan is cached),
+    since a mapper's documents share their `ecs`, `data_stream`, `event` and `tags` objects (a
+    process-wide cache of mappers let one caller's change to them reach every later document)."""
+    map_one = mapper(spec, width, namespace)
     return map_one(bucket_start, bucket_end, result, counters, revision, created, group)
 
 

@@ -195,6 +195,27 @@ def test_usage_event_keeps_each_namespace_apart():
         assert doc["data_stream"]["namespace"] == namespace
 
 
+def test_a_document_from_usage_event_is_its_own():
+    """usage_event's documents are the caller's to change (a test, a program adding a tag): one
+    changed must not change the next ones of the same stream, width and namespace. The mappers
+    were cached process-wide and shared their `ecs`, `data_stream`, `event` and `tags` objects."""
+    spec = STREAMS_BY_NAME["embeddings"]
+    result = {"object": "organization.usage.embeddings.result", "input_tokens": 7, "num_model_requests": 1}
+
+    def event():
+        return usage_event(spec, bucket_start=0, bucket_end=60, width="1m", result=result,
+                           counters={"input_tokens": 7, "num_model_requests": 1}, revision=0,
+                           namespace="default", created="2026-01-01T00:00:00.000Z")[1]
+
+    first = event()
+    pristine = copy.deepcopy(first)
+    first["tags"].append("mine")
+    first["event"]["outcome"] = "failure"
+    first["data_stream"]["namespace"] = "prod"
+    first["ecs"]["version"] = "1.0.0"
+    assert event() == pristine
+
+
 def test_every_usage_dimension_is_grouped_by():
     """The usage API fills a result's dimension only when the request groups by it (otherwise it adds
     the groups together and leaves it null: a priority tier's spend, or a web search's context level,
