@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from . import memory
 from .engine import Clock, Collector, Delivery, Engine, Progress, UsageCollector
 from .http_client import AdminApiClient
 from .org_guard import OrganizationGuard
@@ -77,9 +76,9 @@ def build(
 ) -> Collection:
     """One collector per enabled data stream, each with its own HTTP client (sessions are not
     shared across threads). The state is `store`, or a store opened on `state_dir` (and closed
-    again if the build fails: it holds the directory's lock)."""
+    again if the build fails: it holds the directory's lock). The process's malloc options are
+    left alone: the commands set them (`memory.tune`), a program that embeds the collector keeps its own."""
     stop = stop or threading.Event()
-    memory.tune()  # before the stream threads exist: see agent_input/memory.py
     if store is not None:
         return _build(config, store, output, stop, clock, progress, on_status, on_poll)
     store = StateStore(state_dir)

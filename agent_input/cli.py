@@ -318,7 +318,7 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
     import threading
     import time
 
-    from . import app
+    from . import app, memory
     from .engine import Progress
     from .logs import register_secret, setup_logging
     from .outputs import OutputError
@@ -342,6 +342,7 @@ def collect(config_path, once, state_dir, output_kind, output_path, rotate_bytes
         output = _open_output(output_kind, output_path, config=config, state_dir=state_dir, stop=stop,
                               es_url=es_url, es_ca_file=es_ca_file, rotate_bytes=rotate_bytes,
                               rotate_keep=rotate_keep)
+        memory.tune()  # before the stream threads exist: see agent_input/memory.py
         collection = app.build(config, store=store, output=output,
                                stop=stop, clock=clock, progress=progress)
     except (StateError, OutputError) as exc:
@@ -449,7 +450,7 @@ def demo(out_path, org, seed, log_level):
     import time
     from pathlib import Path
 
-    from . import app
+    from . import app, memory
     from .config import config_from_dict
     from .engine import Progress
     from .logs import register_secret, setup_logging
@@ -458,6 +459,7 @@ def demo(out_path, org, seed, log_level):
     from .state import StateError
 
     setup_logging(log_level, "text")
+    memory.tune()  # before any thread exists (the simulator's too): see agent_input/memory.py
     out = Path(out_path)
     try:  # before the simulator starts: a path that cannot be written is one line, not a traceback
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -650,13 +652,14 @@ def run(state_dir, ack_on_flush, ack_timeout, max_inflight, now_text, log_level)
     import threading
     import time
 
-    from . import app
+    from . import app, memory
     from .logs import UnblockedStream, setup_logging
     from .protocol import ProtocolWriter, Runner
 
     writer = ProtocolWriter.take_stdout()
     logs = UnblockedStream(sys.stderr)  # a supervisor that does not read stderr must not stall the collector
     setup_logging(log_level, "ecs", stream=logs)
+    memory.tune()  # before the stream threads exist: see agent_input/memory.py
     now = _parse_now(now_text)
     clock = app.fixed_clock(now) if now is not None else time.time
     stop = threading.Event()

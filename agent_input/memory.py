@@ -11,6 +11,9 @@ the gap (the figures are in docs/performance.md):
 - a fixed 256 KiB mmap threshold (`M_MMAP_THRESHOLD`): page-sized buffers are mmapped and unmapped
   on free instead of fragmenting the heap;
 - `trim()` after each stored page (`malloc_trim`): gives freed heap pages back.
+
+The options are the process's, for good: the commands (`collect`, `demo`, `run`) call `tune()`;
+`app.build` does not, so a program that embeds the collector keeps its own.
 """
 from __future__ import annotations
 

@@ -251,13 +251,14 @@ def backfill(sim: Sim, org: str, name: str, width: str, span: int, latency_ms: i
 
 # -- 2. steady state -------------------------------------------------------------------------------
 def steady_state(sim: Sim, cfg_path: Path, state: str, polls: int, workdir: Path) -> dict:
-    from agent_input import app
+    from agent_input import app, memory
     from agent_input.config import load_config
     from agent_input.outputs import NdjsonFileOutput
 
     config = load_config(cfg_path)
     clock = {"now": float(NOW)}
     output = NdjsonFileOutput(workdir / "steady.ndjson")
+    memory.tune()  # as the commands do (app.build leaves the process's malloc alone)
     collection = app.build(config, state_dir=state, output=output, clock=lambda: clock["now"])
     rows = []
     try:

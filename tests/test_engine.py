@@ -905,6 +905,44 @@ def test_malloc_is_tuned_once_with_glibc_s_options_and_trimmed(monkeypatch):
         assert memory._load() is not None, "glibc has mallopt and malloc_trim"
 
 
+
+def test_building_a_collection_leaves_the_process_s_malloc_alone_the_commands_tune_it(tmp_path, monkeypatch):
+    """The malloc options are the process's, for good: `collect`, `demo` and `run` set them, a
+    program that builds a collection (an embedding one, a test) keeps its own. `app.build` set them."""
+    from click.testing import CliRunner
+
+    from agent_input import app, memory
+    from agent_input.cli import main
+    from agent_input.config import config_from_dict, data_streams
+    from agent_input.outputs import NdjsonFileOutput
+    from agent_input.state import StateError
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            return 1
+
+    monkeypatch.setattr(memory, "_libc", FakeLibc())
+    monkeypatch.setattr(memory, "_tuned", False)
+    config = config_from_dict({"url": "http://127.0.0.1:9", "api_key": "sk-admin-test-0123456789abcdef",
+                               "data_streams": {n: {"enabled": False} for n in data_streams()}}, env={})
+    output = NdjsonFileOutput(tmp_path / "out.ndjson")
+    app.build(config, state_dir=tmp_path / "state", output=output).close()
+    output.close()
+    assert calls == [], "app.build changed the process's malloc options"
+
+    def full(*a, **kw):
+        raise StateError("cannot write state file: disk I/O error")
+
+    monkeypatch.setattr(app, "build", full)
+    CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo.ndjson")])
+    assert calls == [(-8, 1), (-3, 256 * 1024)], "the demo command tunes malloc"
+
 # ---- a listing that breaks the API reference part way: the good buckets still go out ------------
 
 
