@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .http_client import AdminApiClient, ApiError, PermissionDeniedError, StoppedError
-from .paging import STOP_CHECK, cursor_pages, stopped
+from .paging import PAGE_GATE, STOP_CHECK, cursor_pages, stopped
 
 log = logging.getLogger("agent_input.names")
 
@@ -301,7 +301,10 @@ class NameCache:
                 if type(value) is str:
                     name = users.get(value)
                     if name is None and not self._all_loaded.is_set() and value not in self._service_accounts:
-                        self._wait(self._all_loaded, "user e-mails")  # not a key owner: the organization's users
+                        # not a key owner: the organization's users; the page gate (the
+                        # engine's, shared by every stream of the process) is not held meanwhile
+                        with PAGE_GATE.set_aside():
+                            self._wait(self._all_loaded, "user e-mails")
                         users = self._users
                         name = users.get(value)
                     if name:

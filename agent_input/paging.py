@@ -48,6 +48,7 @@ class PageGate:
         self._slots = slots
         self._waiters: list[tuple[float, int, threading.Event]] = []
         self._seq = itertools.count()
+        self._held = threading.local()  # the priority of this thread's slot, while it holds one
 
     def acquire(self, priority: float = 0.0, timeout: float | None = None) -> bool:
         """Take a slot, waiting behind every waiter of a higher priority; False on timeout."""
@@ -80,10 +81,29 @@ class PageGate:
     def slot(self, priority: float = 0.0):
         """`with gate.slot(priority):` holds one slot for the block."""
         self.acquire(priority)
+        self._held.priority = priority
         try:
             yield
         finally:
+            self._held.priority = None
             self.release()
+
+    @contextmanager
+    def set_aside(self):
+        """`with gate.set_aside():` around a wait for something else (the users listing) inside
+        this thread's `slot`: the slot goes to other pages meanwhile, and is taken back (at the
+        slot's priority) before the block's caller goes on. Outside a slot, nothing is done."""
+        priority = getattr(self._held, "priority", None)
+        if priority is None:
+            yield
+            return
+        self._held.priority = None
+        self.release()
+        try:
+            yield
+        finally:
+            self.acquire(priority)
+            self._held.priority = priority
 
 
 PAGE_GATE = PageGate(PAGE_WORKERS)

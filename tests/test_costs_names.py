@@ -537,6 +537,54 @@ def test_first_load_holds_a_document_up_only_for_the_names_it_needs(simulator):
     cache.close()
 
 
+
+def test_a_page_waiting_for_the_users_listing_lets_other_pages_through_the_gate(simulator):
+    """A document whose user owns no key (a deleted key's, or every user while the api_keys
+    listings are refused) waits for the users listing while its page is worked on, in the page
+    gate that every stream of the process shares: it held that gate the whole wait, so every
+    other stream, and every other collector of the process (another organization's), stopped
+    behind one listing. The wait now sets the gate aside, and takes it back before it goes on."""
+    import threading
+
+    from agent_input.paging import PAGE_GATE
+
+    org = simulator.org
+    release = threading.Event()
+
+    def hold_users(path):
+        if path.endswith("/organization/users"):
+            assert release.wait(30), "the test never released the users listing"
+
+    cache = _cache_calling_before_each_listing(simulator, hold_users)
+    warm = cache.warm_up()
+    cache.ready()
+    key = next(k for k in org.keys if k.owner_type == "user")
+    keyless = next(u for u in org.users if u.id not in {k.owner_id for k in org.keys})
+    keyless_doc = _doc(project_id=key.project_id, user_id=keyless.id)
+    in_gate_again = threading.Event()
+
+    def work_on_a_page():  # as the engine does: enrich_all inside the page gate
+        with PAGE_GATE.slot(1.0):
+            cache.enrich_all([keyless_doc])
+            in_gate_again.set()
+
+    page = threading.Thread(target=work_on_a_page)
+    page.start()
+    try:
+        page.join(0.5)
+        assert page.is_alive(), "the document waits for the users listing"
+        assert PAGE_GATE.acquire(timeout=5), "the page gate was held while the users listing ran"
+        PAGE_GATE.release()
+    finally:
+        release.set()
+    page.join(30)
+    warm.join(30)
+    assert in_gate_again.is_set() and not page.is_alive()
+    assert keyless_doc["openai"]["base"]["user_email"] == keyless.email
+    assert PAGE_GATE.acquire(timeout=1), "the slot was given back once"
+    PAGE_GATE.release()
+    cache.close()
+
 def test_build_wires_every_stream_and_names(simulator, tmp_path):
     """What `openai-input demo` runs: every data stream registered, usage and costs carry names."""
     from agent_input import app
