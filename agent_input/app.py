@@ -107,6 +107,8 @@ def _build_collectors(config, store, output, stop, clock, progress, on_status, o
                       clients: list[AdminApiClient], caches: list) -> Collection:
     delivery = Delivery(store, output)
     collectors: list[Collector] = []
+    if not config.ssl_verify:  # once per collection: each stream, the names and the check have a client
+        log.warning("TLS certificate verification is off (ssl_verify: false)")
     common = dict(namespace=config.namespace, stop=stop, clock=clock)
     # The state directory's organization: nothing is written to it (so nothing is sent) until the
     # key is known to reach the organization it was collected for (see agent_input/org_guard.py).

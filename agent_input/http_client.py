@@ -288,9 +288,8 @@ class AdminApiClient:
         # its user:password@ is as secret as proxy_url's, and urllib3 quotes a malformed one whole
         for env_proxy in urllib.request.getproxies().values():
             logs.register_url_password(env_proxy)
+        # (verify=False is warned about once per collection, by `app.build`, not once per client)
         self.session.verify = ca_file if (verify and ca_file) else bool(verify)
-        if not verify:
-            log.warning("TLS certificate verification is off (ssl_verify: false)")
 
     @classmethod
     def from_config(cls, config, **kwargs: Any) -> "AdminApiClient":

@@ -943,6 +943,25 @@ def test_building_a_collection_leaves_the_process_s_malloc_alone_the_commands_tu
     CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo.ndjson")])
     assert calls == [(-8, 1), (-3, 256 * 1024)], "the demo command tunes malloc"
 
+
+def test_ssl_verify_off_is_warned_about_once_per_collection_not_once_per_client(tmp_path, caplog):
+    """Every stream, the name cache and the organization check have an HTTP client of their own:
+    the warning was logged by each (14 lines for one setting)."""
+    from agent_input import app
+    from agent_input.config import config_from_dict
+    from agent_input.outputs import NdjsonFileOutput
+
+    config = config_from_dict({"url": "http://127.0.0.1:9", "api_key": "sk-admin-test-0123456789abcdef",
+                               "ssl_verify": False}, env={})
+    output = NdjsonFileOutput(tmp_path / "out.ndjson")
+    with caplog.at_level(logging.WARNING):
+        collection = app.build(config, state_dir=tmp_path / "state", output=output)
+        clients = len(collection.clients)
+        collection.close()
+    output.close()
+    warned = [r for r in caplog.records if "verification is off" in r.getMessage()]
+    assert clients > 1 and len(warned) == 1, (clients, [r.getMessage() for r in warned])
+
 # ---- a listing that breaks the API reference part way: the good buckets still go out ------------
 
 
