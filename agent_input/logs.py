@@ -286,6 +286,10 @@ def setup_logging(
     root.setLevel(level)
     # urllib3 logs every connection at DEBUG; keep it one notch quieter than ours.
     logging.getLogger("urllib3").setLevel(max(level, logging.INFO))
+    # Python warnings (urllib3's InsecureRequestWarning under ssl_verify: false, a library's) go
+    # through this handler too: formatted and redacted as every other line, and never written
+    # straight to the real stderr, which `run` leaves to its unblocked stream.
+    logging.captureWarnings(True)
     return handler
 
 

@@ -47,6 +47,7 @@ def _restore_logging():
             root.removeHandler(h)
     root.setLevel(levels[0])
     urllib3.setLevel(levels[1])
+    logging.captureWarnings(False)
 
 
 def started_simulator(seed: int = 7, admin_key: str = ADMIN_KEY):

@@ -44,6 +44,19 @@ def test_ecs_lines_on_stderr_only(stderr, capsys):
     assert line.get("ecs.version") or line.get("ecs", {}).get("version")
 
 
+def test_a_python_warning_is_an_ecs_line_on_the_logging_stream_redacted(stderr, capsys):
+    """urllib3 warns (InsecureRequestWarning, once per host) with `warnings`, which wrote two raw
+    lines to the real stderr: not ECS, and under `run` past the stream that never blocks."""
+    import warnings
+
+    logs.setup_logging("INFO", "ecs", stream=stderr)
+    warnings.warn(f"Unverified HTTPS request is being made with {KEY}", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == ""
+    line = json.loads(stderr.getvalue().strip().splitlines()[-1])
+    assert "Unverified HTTPS request" in line["message"] and KEY not in line["message"]
+    assert line["log"]["logger"] == "py.warnings" and line["log.level"] == "warning"
+
+
 def test_text_format(stderr):
     logs.setup_logging("DEBUG", "text", stream=stderr)
     logs.get_logger("x").debug("hello")
