@@ -1708,3 +1708,35 @@ def test_back_to_a_finished_width_the_widths_since_never_read_from_is_no_first_r
     assert sum(d["openai"]["completions"]["input_tokens"] for d in first
                if lo <= ts(d["openai"]["base"]["start_time"][:19]) < hi) == (hi - lo) // 60
     assert not [r for r in caplog.records if "first run" in r.getMessage()]
+
+
+@pytest.mark.parametrize("body, why", [([], "not a JSON object"), ({"object": "page", "has_more": False}, "no `data` list"),
+                                       ({"object": "page", "data": {"0": 1}}, "no `data` list")])
+def test_a_page_that_is_not_a_page_fails_the_poll_and_keeps_the_cursor(harness, body, why):
+    h = harness(effective_revision_window=0, initial_interval=180)
+    now = ts("2026-11-23T10:00:00")
+    h.api.override = body
+    with pytest.raises(BadPage, match=why):
+        h.collector.poll(now)
+    assert docs(h.out) == [] and h.store.cursor("completions", "1m").position == now - 180  # the start, kept
+    h.api.override = None
+    h.api.data[now - 180] = [result(1)]
+    h.collector.poll(now + 1)
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [1]
+
+
+def test_a_bucket_of_another_width_is_a_bad_bucket_that_holds_the_cursor(harness):
+    """An hour-wide bucket in a 1m stream: reported, nothing of it emitted, the cursor stays before it."""
+    h = harness(effective_revision_window=0, initial_interval=180)
+    now = ts("2026-11-23T10:00:00")
+    b = [{"object": "bucket", "start_time": t, "end_time": t + 60, "results": [result(1)]}
+         for t in range(now - 180, now, 60)]
+    wide = dict(b[1], end_time=b[1]["start_time"] + 3600)
+    h.api.override = {"object": "page", "data": [b[0], wide, b[2]], "has_more": False, "next_page": None}
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1 and "is not 1m wide" in stats.errors[0]
+    assert h.store.cursor("completions", "1m").position == b[1]["start_time"]
+    h.api.override = {"object": "page", "data": b, "has_more": False, "next_page": None}
+    h.collector.poll(now + 1)
+    got = docs(h.out)
+    assert len({d["_id"] for d in got}) == len(got) == 3
