@@ -1081,8 +1081,6 @@ class Engine:
                     if stats.errors:
                         self.failed.setdefault(collector.name, stats.errors[-1])
                     return
-            if once:
-                return
             self.stop.wait(max(0.0, collector.interval - (time.monotonic() - started)))
 
     def _fail(self, name: str, reason: str) -> None:
