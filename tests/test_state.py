@@ -543,3 +543,55 @@ def test_an_output_that_reports_ack_failures_itself_is_given_the_failed_delete(t
         delivery.commit_events("audit", [b'{"_id":"a"}\n'], {"audit:mark": "1"})
     assert out.getvalue() == b'{"_id":"a"}\n' and len(delivery.unremoved) == 1 and store.pending_count() == 1
     store.close()
+
+
+def test_a_state_dir_path_that_is_a_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "state").write_text("not a folder")
+    with pytest.raises(StateError, match=rf"^cannot create state directory {tmp_path / 'state'}: File exists$"):
+        StateStore(tmp_path / "state")
+
+
+def test_a_state_dir_on_a_file_system_without_flock_opens_with_a_warning(tmp_path, monkeypatch, caplog):
+    """NFS without a lock daemon: flock fails with ENOLCK. The store opens (the collector runs), and
+    the user is told to make sure no other collector shares the folder; any other flock error refuses."""
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(state_module.fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="agent_input.state"):
+        store = StateStore(tmp_path / "state")
+    assert "cannot be locked (No locks available): make sure no other collector uses it" in caplog.text
+    store.commit_page("completions", "1m", payload=b'{"_id":"a"}\n', events=1, observations=(), cursor=Cursor(0, 60))
+    assert [b.payload for b in store.pending()] == [b'{"_id":"a"}\n']
+    store.close()
+
+    def broken(fd, op):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(state_module.fcntl, "flock", broken)
+    with pytest.raises(StateError, match=r"^cannot lock state directory .*: Input/output error$"):
+        StateStore(tmp_path / "other")
+
+
+def test_an_unopenable_state_file_with_no_descriptors_left_says_so(tmp_path, monkeypatch):
+    """sqlite's "unable to open database file" is also what running out of file descriptors looks
+    like: the message then names the limit to raise, not the file's permissions."""
+    import errno
+    from pathlib import Path
+
+    exc = sqlite3.OperationalError("unable to open database file")
+    path = Path("/s/state.sqlite3")
+    assert state_module._sqlite_message(path, "open", exc) == f"cannot open state file {path}: {exc}"
+    real_open = os.open
+
+    def exhausted(name, flags, *a):
+        if name == os.devnull:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(name, flags, *a)
+
+    monkeypatch.setattr(state_module.os, "open", exhausted)
+    assert state_module._sqlite_message(path, "open", exc) == (
+        f"cannot open state file {path}: {exc} (too many open files: raise the collector's limit, `ulimit -n` "
+        "or systemd's LimitNOFILE)")
