@@ -420,17 +420,14 @@ class StateStore:
         return batch
 
     # -- outbox ------------------------------------------------------------------------------
-    def pending(self, stream: str | None = None, up_to: int | None = None) -> Iterator[PendingBatch]:
-        """Unacknowledged batches, oldest first (re-emitted at start-up, byte for byte); of one
-        stream, or up to batch `up_to` only, when given. Each is read when its turn comes, and one
+    def pending(self, up_to: int | None = None) -> Iterator[PendingBatch]:
+        """Unacknowledged batches, oldest first (re-emitted at start-up, byte for byte); up to
+        batch `up_to` only, when given. Each is read when its turn comes, and one
         acknowledged by then is left out: in protocol mode the supervisor acks what an earlier engine
         of this process sent while a new one re-sends the outbox (a reconfiguration), and that ack
         removes the row, then its spool file."""
         sql = "SELECT batch FROM outbox WHERE 1"
         args: tuple = ()
-        if stream is not None:
-            sql += " AND stream=?"
-            args += (stream,)
         if up_to is not None:
             sql += " AND batch<=?"
             args += (up_to,)
