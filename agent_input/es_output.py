@@ -755,7 +755,10 @@ def check_cluster(client) -> str:
     except ApiError as exc:
         if exc.status_code in (401, 403):
             raise _credentials_refused(str(exc.status_code)) from None
-        raise OutputError(f"Elasticsearch answered {exc.status_code}: {redact(str(exc.message))}") from None
+        body = exc.body if isinstance(exc.body, Mapping) else {}
+        # the reason, not only the error's type (which is all `exc.message` holds)
+        why = _reason(body) if isinstance(body.get("error"), Mapping) else redact(str(exc.message))
+        raise OutputError(f"Elasticsearch answered {exc.status_code}: {why}") from None
     except Exception as exc:  # noqa: BLE001
         raise OutputError(f"cannot reach Elasticsearch{_at(client)}: {_describe_exc(exc)}") from None
     version = str(info.get("version", {}).get("number", "?"))

@@ -338,6 +338,27 @@ def test_patience_runs_out_with_a_clear_error_and_no_ack(fake, tmp_path):
     assert ack.n == 0
 
 
+def test_a_cluster_that_refuses_the_first_request_says_why_not_only_the_error_type(tmp_path, caplog):
+    """`GET /` answered with an error (here a cluster past 9.x refusing compatible-with=8): the line
+    named the error type alone ("Elasticsearch answered 400: media_type_header_exception"), not
+    Elasticsearch's reason. An 8.17 cluster is warned about, and still used."""
+    es = FakeElasticsearch("10.0.0", auth=AUTH)
+    try:
+        with pytest.raises(OutputError) as refused:
+            check_cluster(_output(es.url, tmp_path).client)
+        assert str(refused.value).startswith("Elasticsearch answered 400: media_type_header_exception: ")
+        assert "Accept version must be either version 10 or 9, but found 8" in str(refused.value)
+    finally:
+        es.close()
+    es = FakeElasticsearch("8.17.2", auth=AUTH)
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent_input.es_output"):
+            assert check_cluster(_output(es.url, tmp_path).client) == "8.17.2"
+        assert "Elasticsearch 8.17.2 is older than 8.18" in caplog.text
+    finally:
+        es.close()
+
+
 def test_unreachable_cluster_is_one_clear_line(tmp_path):
     client = make_client("http://user:pw-in-url@127.0.0.1:9/es", env=ENV)
     with pytest.raises(OutputError, match="cannot reach Elasticsearch at http://127.0.0.1:9/es: ") as refused:
