@@ -602,3 +602,28 @@ def test_a_socks_proxy_url_is_used_not_refused(simulator):
     body = c.get_json("/v1/organization/projects", {"limit": 1})
     assert body["object"] == "list" and targets and targets[0][1] == int(simulator.base_url.rsplit(":", 1)[1])
     c.close()
+
+
+@responses.activate
+def test_an_error_body_whose_error_is_a_string_is_its_message(client):
+    """{"error": "..."} (a proxy's or an older API's shape): the string is the message, not the raw body."""
+    responses.get(URL, status=400, json={"error": "start_time must be in the past"})
+    with pytest.raises(BadRequestError) as info:
+        client.get_json(PATH)
+    assert info.value.message == "start_time must be in the past" and info.value.code is None
+
+
+@responses.activate
+def test_probe_api_says_a_usage_403_without_a_scope_is_permission_denied(client):
+    """A usage 403 that names no scope: check's line is '403: permission denied (OpenAI's words)',
+    not the audit hint nor a scope that does not exist, and the later probes still run."""
+    config = config_from_dict({"data_streams": {"audit": {"enabled": False}}}, env={"OPENAI_ADMIN_KEY": KEY})
+    responses.get(BASE + "/v1/organization/usage/completions", status=403,
+                  json=err("You have insufficient permissions for this operation."))
+    responses.get(BASE + "/v1/organization/costs", json=OK)
+    responses.get(BASE + "/v1/organization/projects", json=OK)
+    responses.get(BASE + "/v1/organization/users", json=OK)
+    results = probe_api(client, config, now=1_700_000_000)
+    assert results[0].name == "usage" and not results[0].ok
+    assert results[0].message == "403: permission denied (You have insufficient permissions for this operation.)"
+    assert [r.ok for r in results[1:]] == [True, True, True]
