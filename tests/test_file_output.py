@@ -462,3 +462,23 @@ def test_rotation_of_a_symbolic_link_is_refused_and_the_link_left_alone(tmp_path
     out.send("s", _batch(0, 3), 3, lambda: None)
     out.close()
     assert link.is_symlink() and len(_lines(target)) == 3
+
+
+def test_a_character_device_takes_the_batches_and_a_closed_output_refuses_them(tmp_path):
+    """/dev/null (or /dev/stdout on a terminal): opened for appending as it is, each batch acked;
+    a send after close is a clear OutputError, never a write to a reused descriptor."""
+    out = NdjsonFileOutput("/dev/null")
+    acks = []
+    out.send("completions", _batch(0, 3), 3, lambda: acks.append(1))
+    assert acks == [1] and out.events == 3
+    out.close()
+    out.close()  # twice: nothing left to close
+    with pytest.raises(OutputError, match=r"^cannot write /dev/null: the output is closed$"):
+        out.send("completions", _batch(3, 1), 1, lambda: acks.append(1))
+    assert acks == [1]
+
+
+def test_an_output_path_under_a_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OutputError, match=rf"^cannot open output file {tmp_path / 'f' / 'events.ndjson'}: "):
+        NdjsonFileOutput(tmp_path / "f" / "events.ndjson")
