@@ -896,6 +896,20 @@ def test_a_secret_file_that_is_not_text_or_endless_is_one_line(stack, tmp_path, 
     assert not stack.calls
 
 
+@pytest.mark.parametrize("kind", ["empty", "blank"])
+def test_a_secret_file_that_is_empty_is_one_line(stack, tmp_path, kind):
+    """An empty (or whitespace-only) key or password file is refused before any request, not sent
+    as an empty credential."""
+    path = tmp_path / "key"
+    path.write_text("" if kind == "empty" else " \n\t\n")
+    for option in (["--api-key-file", str(path)], ["--username", "u", "--password-file", str(path)]):
+        result = install(*option, "--skip-kibana", env={"ELASTIC_API_KEY": ""})
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        what = "API key" if option[0] == "--api-key-file" else "password"
+        assert result.output.strip() == f"openai-assets: {what} file {path} is empty"
+    assert not stack.calls
+
+
 def test_a_secret_file_that_is_a_fifo_nobody_writes_is_one_line_not_a_hang(stack, tmp_path, monkeypatch):
     """--api-key-file naming a named pipe with no writer blocked in open() for ever."""
     import agent_input.config as config_module
@@ -1818,3 +1832,24 @@ def test_a_proxy_page_echoing_the_authorization_header_is_not_printed():
     assert API_KEY[:12] not in str(InstallerError(f"failed: {page}"))
     basic = "Basic " + __import__("base64").b64encode(f"elastic:{PASSWORD}".encode()).decode()
     assert basic[6:18] not in str(InstallerError(f"Authorization: {basic[:40]}"))
+
+
+@pytest.mark.parametrize("body, said", [
+    ({"error": {"type": "security_exception", "reason": "action [indices:admin/create] is unauthorized"}},
+     "action [indices:admin/create] is unauthorized"),  # Elasticsearch
+    ({"error": {"type": "resource_already_exists_exception"}}, "resource_already_exists_exception"),
+    ({"statusCode": 409, "error": "Conflict", "message": "Saved object [dashboard/x] conflict"},
+     "Saved object [dashboard/x] conflict"),  # Kibana
+    ({"statusCode": 403, "error": "Forbidden", "message": ""}, "Forbidden"),  # Kibana, no message
+    (["not", "an", "object"], '["not", "an", "object"]'),
+])
+def test_an_error_answer_is_said_by_its_reason_in_every_shape(body, said):
+    """_reason: Elasticsearch's error.reason (else its type), Kibana's message (else its error
+    word), anything else as JSON; what `failed to ...: HTTP n: <reason>` lines end with."""
+    import requests as _requests
+
+    from kibana_assets.installer import _reason
+
+    resp = _requests.Response()
+    resp.status_code, resp._content = 400, json.dumps(body).encode()
+    assert _reason(resp) == said
