@@ -1006,6 +1006,22 @@ def test_unsupported_versions_are_refused_before_any_write(stack):
     assert result.exit_code == 4 and "Kibana 10.0.0 is not supported" in result.output
 
 
+def test_uninstall_refuses_unsupported_versions_before_any_delete(stack):
+    """uninstall runs the same preflight as install: an unsupported Elasticsearch or Kibana is
+    the same one line and exit code, and nothing is deleted."""
+    assert install().exit_code == 0
+    stack.calls.clear()
+    stack.es_version = "8.17.4"
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 4, result.output
+    assert "Elasticsearch 8.17.4 is not supported: openai-assets needs 8.18.0 or later" in result.output
+    stack.es_version, stack.kb_version = "9.1.0", "10.0.0"
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert result.exit_code == 4 and "Kibana 10.0.0 is not supported" in result.output
+    assert not [c for c in stack.calls if c["method"] == "DELETE"]
+    assert stack.rules and stack.saved_objects and stack.index
+
+
 def test_serverless_projects_are_installed_whatever_version_they_report(stack):
     """Elastic Cloud Serverless answers `GET /` with `build_flavor: serverless` and a version
     number that is not its feature level (8.11.0 for years: "Clients should detect a Serverless
