@@ -3,6 +3,7 @@ its stdin/stdout by a test supervisor — configure, receive, acknowledge, recon
 restart, stop — plus the done-when test: SIGKILL at random points, restart, exactly the truth."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -412,6 +413,51 @@ def test_an_ack_of_true_is_not_an_ack_of_batch_1(tmp_path, caplog):
     assert [b.batch for b in store.pending()] == [batch]
     store.close()
     assert caplog.text.count("batch ids are integers") == 3
+
+
+def test_an_ack_without_batches_or_of_an_unknown_batch_is_a_warning_and_nothing_is_deleted(tmp_path, caplog):
+    """{"type":"ack"} with no batch, an empty or non-list "batches", or a batch nobody awaits: each
+    skipped with one warning naming the input line; the outbox keeps its batch."""
+    state = tmp_path / "state"
+    store = StateStore(state)
+    batch = store.commit_events("audit", _event_line("a1"), 1, {})
+    run = InProcess(state, tmp_path / "stdout", ack_timeout=0.1)
+    try:
+        run.runner.output.send("audit", _event_line("a1"), 1, lambda: store.ack(batch))  # protocol batch 1
+        run.start()
+        run.send({"type": "ack", "batches": []})
+        run.send({"type": "ack", "batches": "1"})
+        run.send({"type": "ack", "batches": [7]})
+        assert run.stop() == 0
+    finally:
+        run.close()
+    assert [b.batch for b in store.pending()] == [batch]
+    store.close()
+    assert caplog.text.count('ack needs "batch" (an integer) or "batches" (a list), skipped') == 2
+    assert "input line 1: ack needs" in caplog.text and "input line 2: ack needs" in caplog.text
+    assert "input line 3: ack of batch 7 ignored: not awaiting an ack" in caplog.text
+
+
+def test_a_backfill_s_progress_is_the_stream_s_status_message_unless_it_says_why_it_is_degraded(tmp_path):
+    """Every 30 s of a long poll, the stream's status repeats with the progress as its message
+    (starting or healthy); a degraded or failed stream's status keeps its reason instead."""
+    from agent_input.protocol import ProtocolWriter, Runner
+
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        runner = Runner(ProtocolWriter(fd), state_dir=str(tmp_path / "state"), stdin=io.BytesIO(b""), env={})
+        runner._on_progress("completions", "backfill 10%")
+        runner._on_status("costs", "healthy", "")
+        runner._on_progress("costs", "backfill 20%, up to 2026-11-20T00:00:00.000Z")
+        runner._on_status("audit", "degraded", "HTTP 503")
+        runner._on_progress("audit", "backfill 30%")
+    finally:
+        os.close(fd)
+    said = [(m["stream"], m["status"], m["message"]) for m in map(json.loads, (tmp_path / "out").read_bytes().splitlines())
+            if m["type"] == "status" and m["scope"] == "stream"]
+    assert said == [("completions", "starting", "backfill 10%"), ("costs", "healthy", ""),
+                    ("costs", "healthy", "backfill 20%, up to 2026-11-20T00:00:00.000Z"),
+                    ("audit", "degraded", "HTTP 503")]
 
 
 def test_acks_that_arrive_after_stop_are_waited_for(tmp_path):
