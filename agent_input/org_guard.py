@@ -272,8 +272,9 @@ class Recorded(NamedTuple):
 def read_recorded(state_dir: Any) -> Recorded:
     """The state version, fingerprint and, without one (a directory an earlier version wrote), the
     projects its stored usage names, read without taking the directory (a collector may be running
-    on it): nothing when there is no state file or nothing to read. StateError for a file collect
-    refuses at its start: emptied, or not an sqlite database."""
+    on it): nothing when there is no state file or no tables in it yet. StateError for a file that
+    cannot be read (permissions, I/O) or that collect refuses at its start: emptied, or not an
+    sqlite database."""
     import sqlite3
 
     path = Path(state_dir) / "state.sqlite3"
@@ -296,8 +297,12 @@ def read_recorded(state_dir: Any) -> Recorded:
             started = conn.execute("SELECT 1 FROM kv WHERE k=?", (KV_STARTED,)).fetchone() is not None
         finally:
             conn.close()
-    except sqlite3.OperationalError:  # e.g. no kv table yet: collect makes it
-        return Recorded(0, [], [], False)
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # a file collect made no tables in yet: it makes them
+            return Recorded(0, [], [], False)
+        # unreadable (permissions, a lock held too long, I/O): not "nothing recorded", which
+        # `check` would pass while collect fails on the same file
+        raise StateError(f"cannot read state file {path}: {exc}") from None
     except sqlite3.DatabaseError as exc:  # "file is not a database": collect stops on it too
         raise StateError(f"cannot use state file {path}: {exc}") from None
     return Recorded(version, recorded, seen, started)

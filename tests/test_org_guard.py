@@ -175,3 +175,29 @@ def test_check_passes_a_refused_listing_only_where_collect_would(tmp_path, recor
     ok, message = check_state_dir(Refused(), tmp_path / "state")
     assert ok is not recorded
     assert (FORBIDDEN_HINT in message) is recorded
+
+
+@pytest.mark.parametrize("error, passes", [("no such table: kv", None),
+                                            ("unable to open database file", False),
+                                            ("disk I/O error", False)])
+def test_check_says_a_state_file_it_cannot_read_is_unreadable_not_that_it_records_nothing(
+        tmp_path, monkeypatch, error, passes):
+    """Any sqlite OperationalError read as "nothing recorded": `check --state-dir` run as a user
+    who cannot read the state file (or on a failing disk) passed the directory as one collect
+    would start afresh, while collect fails on it. Only a file with no tables yet is that."""
+    import sqlite3
+
+    from agent_input import org_guard
+
+    StateStore(tmp_path / "state").close()
+
+    def connect(*args, **kwargs):
+        raise sqlite3.OperationalError(error)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    result = org_guard.check_state_dir(object(), tmp_path / "state")
+    if passes is None:
+        assert result is None
+    else:
+        ok, message = result
+        assert ok is False and error in message and "state.sqlite3" in message
