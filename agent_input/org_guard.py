@@ -283,20 +283,18 @@ def read_recorded(state_dir: Any) -> Recorded:
     emptied = emptied_state_message(Path(state_dir))
     if emptied is not None:
         raise StateError(emptied)
+    # as_uri quotes what a URI would read otherwise (`#`, `?`, `%`, spaces) and writes a Windows
+    # path as file:///C:/...: `file:{path}` cut "Team #2/state.sqlite3" at the `#`
+    uri = Path(os.path.abspath(path)).as_uri()
     try:
-        # as_uri quotes what a URI would read otherwise (`#`, `?`, `%`, spaces) and writes a
-        # Windows path as file:///C:/...: `file:{path}` cut "Team #2/state.sqlite3" at the `#`
-        uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=5)
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            row = conn.execute("SELECT v FROM kv WHERE k=?", (KV_PROJECTS,)).fetchone()
-            recorded = parse_fingerprint(row[0] if row else None)
-            # as the collector's check reads them (StateStore.observed_values)
-            seen = [] if recorded else sorted(observed_values_in(conn, "proj_"))
-            started = conn.execute("SELECT 1 FROM kv WHERE k=?", (KV_STARTED,)).fetchone() is not None
-        finally:
-            conn.close()
+            return _read_recorded(sqlite3.connect(uri + "?mode=ro", uri=True, timeout=5))
+        except sqlite3.OperationalError as exc:
+            if "readonly database" not in str(exc) or path.with_name(path.name + "-shm").exists():
+                raise
+            # a reader who may not write the folder (another user's `check`) cannot make the WAL
+            # index a closed database lacks; with no index no connection is open: the file is whole
+            return _read_recorded(sqlite3.connect(uri + "?immutable=1", uri=True, timeout=5))
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):  # a file collect made no tables in yet: it makes them
             return Recorded(0, [], [], False)
@@ -305,6 +303,18 @@ def read_recorded(state_dir: Any) -> Recorded:
         raise StateError(f"cannot read state file {path}: {exc}") from None
     except sqlite3.DatabaseError as exc:  # "file is not a database": collect stops on it too
         raise StateError(f"cannot use state file {path}: {exc}") from None
+
+
+def _read_recorded(conn) -> Recorded:
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        row = conn.execute("SELECT v FROM kv WHERE k=?", (KV_PROJECTS,)).fetchone()
+        recorded = parse_fingerprint(row[0] if row else None)
+        # as the collector's check reads them (StateStore.observed_values)
+        seen = [] if recorded else sorted(observed_values_in(conn, "proj_"))
+        started = conn.execute("SELECT 1 FROM kv WHERE k=?", (KV_STARTED,)).fetchone() is not None
+    finally:
+        conn.close()
     return Recorded(version, recorded, seen, started)
 
 

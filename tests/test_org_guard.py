@@ -9,7 +9,7 @@ import pytest
 from agent_input.http_client import StoppedError
 from agent_input.org_guard import (FINGERPRINT_SIZE, KV_PROJECTS, OrganizationGuard, OrganizationMismatch,
                                    fingerprint)
-from agent_input.state import StateStore
+from agent_input.state import StateError, StateStore
 
 
 def _projects(n: int, base: int = 1_700_000_000, prefix: str = "proj_a") -> list[dict]:
@@ -201,3 +201,33 @@ def test_check_says_a_state_file_it_cannot_read_is_unreadable_not_that_it_record
     else:
         ok, message = result
         assert ok is False and error in message and "state.sqlite3" in message
+
+
+def test_check_reads_a_closed_state_file_it_may_read_but_whose_folder_it_may_not_write(tmp_path, monkeypatch):
+    """Another user's `check` (file readable, folder not writable) on a directory no collector has
+    open: a read-only connection must make the WAL index (`-shm`) a closed database lacks, and
+    sqlite says "attempt to write a readonly database". The file is whole then: read it as is."""
+    import json
+    import sqlite3
+
+    from agent_input import org_guard
+
+    store = StateStore(tmp_path / "state")
+    store.put_kv(org_guard.KV_PROJECTS, json.dumps(["proj_x"]))
+    store.close()
+    assert not (tmp_path / "state" / "state.sqlite3-shm").exists()
+    real, uris = sqlite3.connect, []
+
+    def connect(database, *args, **kwargs):
+        uris.append(database.rsplit("?", 1)[-1])
+        if database.endswith("?mode=ro"):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    assert org_guard.read_recorded(tmp_path / "state").recorded == ["proj_x"]
+    assert uris == ["mode=ro", "immutable=1"]
+    # an index there (a collector may have the file open, its last writes in the WAL): not read as is
+    (tmp_path / "state" / "state.sqlite3-shm").write_bytes(b"")
+    with pytest.raises(StateError, match="readonly database"):
+        org_guard.read_recorded(tmp_path / "state")
