@@ -1740,3 +1740,55 @@ def test_a_bucket_of_another_width_is_a_bad_bucket_that_holds_the_cursor(harness
     h.collector.poll(now + 1)
     got = docs(h.out)
     assert len({d["_id"] for d in got}) == len(got) == 3
+
+
+def test_back_to_a_width_the_width_since_delivered_a_page_with_a_gap_from_is_not_undone(tmp_path):
+    """1m from 06:05 (initial_interval 4h), 1h from 10:10 (1m goes on to 11:00, final at 14:00:
+    revision_window 3h), 1h's first page at 13:10 skips 11:00 but has 12:00 (delivered, its
+    observation kept, the cursor still at 11:00: a gap), then 1m again at 13:15. 1h had read
+    something: the change back waits for 1m's old range, 1h goes on. Taken for a width that had
+    collected nothing, it was undone: 1h dropped at 11:00 and 1m read 12:00-13:00 again, those
+    minutes delivered twice (once in 1h's 12:00 bucket)."""
+    from dataclasses import replace as _replace
+
+    from agent_input.config import StreamConfig
+    from agent_input.state import StateStore
+
+    class Gap(WidthApi):
+        skip: set[int] = set()
+
+        def get_json(self, path, params):
+            page = super().get_json(path, params)
+            page["data"] = [b for b in page["data"] if b["start_time"] not in self.skip]
+            return page
+
+    api, day = Gap(), ts("2026-11-23T00:00:00")
+    for m in range(day - 86400, day + 86400, 60):
+        api.minutes[m] = 1
+    out = io.BytesIO()
+    base = StreamConfig(name="completions", enabled=True, interval=300, initial_interval=4 * 3600,
+                        bucket_width="1m", finalization_grace=0, revision_window=3 * 3600, batch_size=None,
+                        include_archived=False)
+    plan = ((10 * 3600 + 300, "1m", set()), (10 * 3600 + 600, "1h", set()), (13 * 3600 + 600, "1h", {day + 11 * 3600}),
+            (13 * 3600 + 900, "1m", set()), (14 * 3600 + 1800, "1m", set()), (16 * 3600, "1m", set()),
+            (18 * 3600, "1m", set()))
+    for at, width, skip in plan:
+        now = day + at
+        store, api.skip = StateStore(tmp_path / "state"), skip
+        UsageCollector(STREAMS_BY_NAME["completions"], _replace(base, bucket_width=width), api,
+                       Delivery(store, NdjsonOutput(out)), clock=lambda: now).poll(now)
+        if (width, skip) == ("1h", {day + 11 * 3600}):
+            assert store.cursor("completions", "1h").position == day + 11 * 3600  # the gap: not moved
+            assert store.first_observation("completions", "1h") == day + 12 * 3600
+        store.close()
+    ids = [d["_id"] for d in docs(out)]
+    assert len(ids) == len(set(ids))
+    lo, hi = day + 6 * 3600 + 300, day + 17 * 3600
+    tokens = {}
+    for d in docs(out):
+        start = ts(d["openai"]["base"]["start_time"][:19])
+        if lo <= start < hi:
+            tokens[d["openai"]["base"]["bucket_width"]] = (tokens.get(d["openai"]["base"]["bucket_width"], 0)
+                                                           + d["openai"]["completions"]["input_tokens"])
+    assert sum(tokens.values()) == (hi - lo) // 60, tokens
+    assert tokens["1h"] == 3 * 60  # 11:00-14:00: 1h went on until 1m's old range was final (14:00)
