@@ -491,19 +491,26 @@ def _cache_calling_before_each_listing(simulator, before) -> NameCache:
     return NameCache(factory(), clock=simulator.now, client_factory=factory)
 
 
-def test_first_load_holds_a_document_up_only_for_the_names_it_needs(simulator):
-    """Projects and keys (with their owners' emails) are published before the users listing,
-    the longest chain, ends; only a document whose user owns no key waits for that listing."""
+def _cache_holding_the_users_listing(simulator):
+    """A name cache whose users listing waits for the returned event (set it before joining)."""
     import threading
 
-    org = simulator.org
     release = threading.Event()
 
     def hold_users(path):
         if path.endswith("/organization/users"):
             assert release.wait(30), "the test never released the users listing"
 
-    cache = _cache_calling_before_each_listing(simulator, hold_users)
+    return _cache_calling_before_each_listing(simulator, hold_users), release
+
+
+def test_first_load_holds_a_document_up_only_for_the_names_it_needs(simulator):
+    """Projects and keys (with their owners' emails) are published before the users listing,
+    the longest chain, ends; only a document whose user owns no key waits for that listing."""
+    import threading
+
+    org = simulator.org
+    cache, release = _cache_holding_the_users_listing(simulator)
     warm = cache.warm_up()
     key = next(k for k in org.keys if k.owner_type == "user")
     cache.ready()  # what the engine waits for before its page gate: projects and keys, not users
@@ -549,13 +556,7 @@ def test_a_page_waiting_for_the_users_listing_lets_other_pages_through_the_gate(
     from agent_input.paging import PAGE_GATE
 
     org = simulator.org
-    release = threading.Event()
-
-    def hold_users(path):
-        if path.endswith("/organization/users"):
-            assert release.wait(30), "the test never released the users listing"
-
-    cache = _cache_calling_before_each_listing(simulator, hold_users)
+    cache, release = _cache_holding_the_users_listing(simulator)
     warm = cache.warm_up()
     cache.ready()
     key = next(k for k in org.keys if k.owner_type == "user")
@@ -584,6 +585,7 @@ def test_a_page_waiting_for_the_users_listing_lets_other_pages_through_the_gate(
     assert PAGE_GATE.acquire(timeout=1), "the slot was given back once"
     PAGE_GATE.release()
     cache.close()
+
 
 def test_build_wires_every_stream_and_names(simulator, tmp_path):
     """What `openai-input demo` runs: every data stream registered, usage and costs carry names."""

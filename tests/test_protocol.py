@@ -396,8 +396,8 @@ def test_an_ack_whose_outbox_delete_fails_is_reported_and_the_batch_kept(tmp_pat
     assert run.statuses("input")[-1]["status"] == "stopped"
 
 
-def test_an_ack_of_true_is_not_an_ack_of_batch_1(tmp_path, caplog):
-    """JSON `true` is a Python int: taken as batch 1, it would delete a batch never delivered."""
+def _acks_delete_nothing(tmp_path, *acks: dict) -> None:
+    """`run` with one batch awaiting its ack (protocol batch 1) given `acks`: the batch stays."""
     state = tmp_path / "state"
     store = StateStore(state)
     batch = store.commit_events("audit", _event_line("a1"), 1, {})
@@ -405,34 +405,26 @@ def test_an_ack_of_true_is_not_an_ack_of_batch_1(tmp_path, caplog):
     try:
         run.runner.output.send("audit", _event_line("a1"), 1, lambda: store.ack(batch))  # protocol batch 1
         run.start()
-        run.send({"type": "ack", "batch": True})
-        run.send({"type": "ack", "batches": [True, 1.0]})
+        for ack in acks:
+            run.send(ack)
         assert run.stop() == 0
     finally:
         run.close()
     assert [b.batch for b in store.pending()] == [batch]
     store.close()
+
+
+def test_an_ack_of_true_is_not_an_ack_of_batch_1(tmp_path, caplog):
+    """JSON `true` is a Python int: taken as batch 1, it would delete a batch never delivered."""
+    _acks_delete_nothing(tmp_path, {"type": "ack", "batch": True}, {"type": "ack", "batches": [True, 1.0]})
     assert caplog.text.count("batch ids are integers") == 3
 
 
 def test_an_ack_without_batches_or_of_an_unknown_batch_is_a_warning_and_nothing_is_deleted(tmp_path, caplog):
     """{"type":"ack"} with no batch, an empty or non-list "batches", or a batch nobody awaits: each
     skipped with one warning naming the input line; the outbox keeps its batch."""
-    state = tmp_path / "state"
-    store = StateStore(state)
-    batch = store.commit_events("audit", _event_line("a1"), 1, {})
-    run = InProcess(state, tmp_path / "stdout", ack_timeout=0.1)
-    try:
-        run.runner.output.send("audit", _event_line("a1"), 1, lambda: store.ack(batch))  # protocol batch 1
-        run.start()
-        run.send({"type": "ack", "batches": []})
-        run.send({"type": "ack", "batches": "1"})
-        run.send({"type": "ack", "batches": [7]})
-        assert run.stop() == 0
-    finally:
-        run.close()
-    assert [b.batch for b in store.pending()] == [batch]
-    store.close()
+    _acks_delete_nothing(tmp_path, {"type": "ack", "batches": []}, {"type": "ack", "batches": "1"},
+                         {"type": "ack", "batches": [7]})
     assert caplog.text.count('ack needs "batch" (an integer) or "batches" (a list), skipped') == 2
     assert "input line 1: ack needs" in caplog.text and "input line 2: ack needs" in caplog.text
     assert "input line 3: ack of batch 7 ignored: not awaiting an ack" in caplog.text
