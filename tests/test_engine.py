@@ -600,6 +600,79 @@ def test_a_timed_out_waiter_leaves_the_line():
     assert gate._waiters == [] and gate.acquire(timeout=0)
 
 
+def test_set_aside_outside_a_slot_does_nothing_and_a_slot_s_end_leaves_none_held():
+    """`set_aside` outside the thread's slot (before one, after one, or while another thread holds
+    one) must neither release nor take a slot: released anyway, it freed another thread's slot."""
+    import threading
+
+    from agent_input.paging import PageGate
+
+    gate = PageGate(1)
+    with gate.set_aside():  # never in a slot
+        pass
+    with gate.slot(5.0):
+        pass
+    with gate.set_aside():  # after one: the slot's end leaves nothing held
+        pass
+    assert gate._free == 1
+    held, done = threading.Event(), threading.Event()
+
+    def other():
+        with gate.slot(1.0):
+            held.set()
+            done.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert held.wait(5)
+        with gate.set_aside():  # this thread holds no slot: the other thread's is not given away
+            assert gate.acquire(timeout=0) is False
+        assert gate.acquire(timeout=0) is False
+    finally:
+        done.set()
+        t.join(5)
+    assert gate.acquire(timeout=0) and not gate.acquire(timeout=0)
+
+
+def test_set_aside_gives_the_slot_away_each_time_and_takes_it_back_at_the_slot_s_priority():
+    """Inside a slot, each `set_aside` lets another thread in, and the block's caller goes on
+    only once it holds the slot again, ahead of the waiters of a lower priority than its slot's."""
+    import threading
+
+    from agent_input.paging import PageGate
+
+    gate = PageGate(1)
+    order = []
+
+    def page(name, priority, started):
+        started.set()
+        with gate.slot(priority):
+            order.append(name)
+
+    with gate.slot(10.0):
+        for _ in range(2):  # a second set_aside in the same slot gives it away again
+            with gate.set_aside():
+                assert gate.acquire(timeout=0), "the slot was not given away"
+                low, started = threading.Thread(target=page, args=("low", 1.0, s := threading.Event())), s
+                low.start()
+                assert started.wait(5)
+                while not gate._waiters:
+                    time.sleep(0.001)
+                back = threading.Timer(0.2, gate.release)  # the other page ends while this one waits
+                back.start()
+            # this thread was let in first: the low one still waits, and the slot is held here
+            assert order == [] and gate._free == 0 and len(gate._waiters) == 1
+            back.join(5)
+            with gate.set_aside():  # nested in the slot, once more: given away once
+                low.join(5)
+                assert order == ["low"]
+                with gate.set_aside():
+                    pass
+            order.clear()
+    assert gate._free == 1 and gate.acquire(timeout=0) and not gate.acquire(timeout=0)
+
+
 def test_pages_left_is_judged_by_how_far_the_pages_so_far_reached():
     from agent_input.engine import _pages_left
 
