@@ -1015,6 +1015,37 @@ def test_building_a_collection_leaves_the_process_s_malloc_alone_the_commands_tu
     monkeypatch.setattr(app, "build", full)
     CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo.ndjson")])
     assert calls == [(-8, 1), (-3, 256 * 1024)], "the demo command tunes malloc"
+    # `collect` too (its build refused the same way: the options are set before it)
+    monkeypatch.setattr(memory, "_tuned", False)
+    calls.clear()
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("url: http://127.0.0.1:9\napi_key: sk-admin-test-0123456789abcdef\n")
+    CliRunner().invoke(main, ["collect", "--config", str(cfg), "--state-dir", str(tmp_path / "s2"),
+                              "--output-path", str(tmp_path / "c.ndjson")])
+    assert calls == [(-8, 1), (-3, 256 * 1024)], "the collect command tunes malloc"
+    # and `run` (its protocol runner a stub here: the command ends the process with os._exit)
+    from agent_input import protocol
+
+    class Stub:
+        def __init__(self, *a, **kw):
+            pass
+
+        def run(self, stop):
+            return 0
+
+        def close(self):
+            pass
+
+    def leave(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(memory, "_tuned", False)
+    calls.clear()
+    monkeypatch.setattr(protocol.ProtocolWriter, "take_stdout", classmethod(lambda cls: Stub()))
+    monkeypatch.setattr(protocol, "Runner", Stub)
+    monkeypatch.setattr(os, "_exit", leave)
+    CliRunner().invoke(main, ["run", "--state-dir", str(tmp_path / "s3")])
+    assert calls == [(-8, 1), (-3, 256 * 1024)], "the run command tunes malloc"
 
 
 def test_ssl_verify_off_is_warned_about_once_per_collection_not_once_per_client(tmp_path, caplog):
