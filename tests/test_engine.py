@@ -1236,17 +1236,23 @@ def test_back_to_a_width_still_being_finished_loses_nothing(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("hour_collects", [True, False])
-def test_back_to_a_width_through_a_third_one_counts_no_time_twice(tmp_path, hour_collects):
+def test_back_to_a_width_through_a_third_one_counts_no_time_twice(tmp_path, caplog, hour_collects):
     """1m until 10:10, then 1h (1m goes on to 11:00), then 1d (1h goes on to midnight), then 1m
     again while its range is still revisable and 1d has collected nothing: undoing the change
     must also undo 1h's range. Before, 1m went on from 11:00 while 1h still covered 11:00 to
-    midnight, and those 13 hours were delivered twice (3720 minutes for 2940)."""
+    midnight, and those 13 hours were delivered twice (3720 minutes for 2940). With 1h having
+    read nothing either, the change is undone at once, 1m's own observations (it is still
+    revisable) notwithstanding; with 1h's 11:00 bucket read, 1m waits to be final."""
+    caplog.set_level("INFO", logger="agent_input.engine")
     day = ts("2026-11-23T00:00:00")
     hour = day + (12 if hour_collects else 10) * 3600  # at 12:00, 1h has its 11:00 bucket
     plan = [(day + 10 * 3600 + 300, "1m"), (day + 10 * 3600 + 600, "1h"), (hour + 900, "1h"),
             (hour + 1200, "1d"), (hour + 1800, "1m"), *[(day + h * 3600, "1m") for h in range(13, 60)]]
     lo, hi = day + 7 * 3600, day + 56 * 3600
     assert _minutes_delivered_through(tmp_path, plan, 3, lo, hi) == (hi - lo) // 60
+    undone = [r for r in caplog.records if "bucket width is 1m again; 1h, 1d had collected nothing"
+              in r.getMessage() or "bucket width is 1m again; 1d, 1h had collected nothing" in r.getMessage()]
+    assert bool(undone) is not hour_collects, [r.getMessage() for r in caplog.records]
 
 
 def _width_changes(tmp_path, api):
