@@ -87,6 +87,7 @@ def check(config_path: str, log_level: str, state_dir: str | None = None) -> Non
 
     Exit status: 0 all good, 1 a probe failed, 2 the config is invalid (no request is made).
     """
+    import logging
     import sys
 
     from .config import display_url
@@ -95,6 +96,8 @@ def check(config_path: str, log_level: str, state_dir: str | None = None) -> Non
 
     setup_logging(log_level, "text" if sys.stderr.isatty() else "ecs")
     config = _load_config_or_exit(config_path)
+    if not config.ssl_verify:  # as collect and run say it, once (app.build)
+        logging.getLogger("agent_input.cli").warning("TLS certificate verification is off (ssl_verify: false)")
     enabled = config.enabled_streams()
     click.echo(redact(f"config OK: {len(enabled)} of {len(config.streams)} data streams enabled "
                       f"({', '.join(s.name for s in enabled) or 'none'}); API {display_url(config.url)}"))

@@ -378,3 +378,15 @@ def test_a_name_listing_not_found_is_a_failure_not_a_warning(tmp_path):
     assert result.exit_code == 1, result.output
     line = next(line for line in result.output.splitlines() if "/v1/organization/users:" in line)
     assert "warning" not in line and "check FAILED" in stderr(result)
+
+
+@responses.activate
+def test_ssl_verify_off_is_said_by_check(tmp_path, caplog):
+    """The warning moved from each HTTP client to `app.build` (once per collection): check, which
+    builds no collection, no longer said that it talked to OpenAI without verifying its certificate."""
+    responses.get(f"{BASE}/v1/organization/usage/completions", json=OK)
+    with caplog.at_level(logging.WARNING):
+        result = run(tmp_path, "ssl_verify: false\n" + only("completions"))
+    assert result.exit_code == 0, result.output
+    warned = [r for r in caplog.records if "verification is off (ssl_verify: false)" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
