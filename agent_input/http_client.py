@@ -29,14 +29,12 @@ import re
 import threading
 import time
 import urllib.request
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import urlencode
 
 import orjson
 import requests
-import urllib3
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 
@@ -291,11 +289,8 @@ class AdminApiClient:
         for env_proxy in urllib.request.getproxies().values():
             logs.register_url_password(env_proxy)
         # (verify=False is warned about once per collection, by `app.build`, and by `check`, not
-        # once per client; urllib3's InsecureRequestWarning, which it repeats at every request
-        # ("always" for its SecurityWarnings), is silenced as the Elasticsearch output silences it)
+        # once per client; the commands' `setup_logging` silences urllib3's per-request warning)
         self.session.verify = ca_file if (verify and ca_file) else bool(verify)
-        if not verify:
-            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
 
     @classmethod
     def from_config(cls, config, **kwargs: Any) -> "AdminApiClient":

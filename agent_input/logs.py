@@ -24,6 +24,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from typing import Callable, Iterable, Literal, Mapping, TextIO
 
 REDACTED = "***"
@@ -286,10 +287,15 @@ def setup_logging(
     root.setLevel(level)
     # urllib3 logs every connection at DEBUG; keep it one notch quieter than ours.
     logging.getLogger("urllib3").setLevel(max(level, logging.INFO))
-    # Python warnings (urllib3's InsecureRequestWarning under ssl_verify: false, a library's) go
-    # through this handler too: formatted and redacted as every other line, and never written
-    # straight to the real stderr, which `run` leaves to its unblocked stream.
+    # Python warnings (a library's) go through this handler too: formatted and redacted as every
+    # other line, and never written straight to the real stderr, which `run` leaves to its
+    # unblocked stream. urllib3's InsecureRequestWarning it repeats at every request ("always"):
+    # ssl_verify: false is said once per collection instead (`app.build`, `check`), and the
+    # Elasticsearch output silences it too (ssl_show_warn=False).
     logging.captureWarnings(True)
+    from urllib3.exceptions import InsecureRequestWarning
+
+    warnings.filterwarnings("ignore", category=InsecureRequestWarning)
     return handler
 
 

@@ -45,8 +45,8 @@ def test_ecs_lines_on_stderr_only(stderr, capsys):
 
 
 def test_a_python_warning_is_an_ecs_line_on_the_logging_stream_redacted(stderr, capsys):
-    """urllib3 warns (InsecureRequestWarning, once per host) with `warnings`, which wrote two raw
-    lines to the real stderr: not ECS, and under `run` past the stream that never blocks."""
+    """A library's `warnings.warn` wrote two raw lines to the real stderr: not ECS, not redacted,
+    and under `run` past the stream that never blocks."""
     import warnings
 
     logs.setup_logging("INFO", "ecs", stream=stderr)
