@@ -279,6 +279,8 @@ def read_recorded(state_dir: Any) -> Recorded:
 
     path = Path(state_dir) / "state.sqlite3"
     if not path.is_file():
+        if path.exists():  # a folder, a FIFO: collect stops on it (a dangling link it creates)
+            raise StateError(f"cannot use state file {path}: not a regular file")
         return Recorded(0, [], [], False)
     emptied = emptied_state_message(Path(state_dir))
     if emptied is not None:

@@ -231,3 +231,18 @@ def test_check_reads_a_closed_state_file_it_may_read_but_whose_folder_it_may_not
     (tmp_path / "state" / "state.sqlite3-shm").write_bytes(b"")
     with pytest.raises(StateError, match="readonly database"):
         org_guard.read_recorded(tmp_path / "state")
+
+
+def test_check_fails_a_state_file_that_is_a_folder(tmp_path):
+    """`state.sqlite3` a folder: check said the directory records nothing (check OK) while collect
+    fails on it ("unable to open database file"). A link to nothing is still nothing recorded:
+    collect creates the file through it."""
+    from agent_input import org_guard
+
+    path = tmp_path / "state" / "state.sqlite3"
+    path.mkdir(parents=True)
+    ok, message = org_guard.check_state_dir(object(), tmp_path / "state")
+    assert ok is False and "not a regular file" in message and str(path) in message
+    path.rmdir()
+    path.symlink_to(tmp_path / "gone")
+    assert org_guard.check_state_dir(object(), tmp_path / "state") is None
