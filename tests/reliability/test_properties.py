@@ -166,19 +166,50 @@ def _delivered(out: "Out") -> list[tuple[int, dict]]:
             for d in by_id.values()]
 
 
+# late revisions (minutes ago, group, value)
+_revisions = st.lists(st.tuples(st.integers(0, 12), st.sampled_from(GROUPS), st.integers(0, 50)), max_size=4)
 width_step = st.tuples(
-    st.one_of(st.integers(0, 12), st.integers(25, 150)),  # minutes to advance: a poll interval, or a pause
-    st.lists(st.tuples(st.integers(0, 12), st.sampled_from(GROUPS), st.integers(0, 50)), max_size=4),  # revisions
+    # minutes to advance: a poll interval, or a pause; or to a boundary that matters to a width
+    # change: the next hour plus some minutes (past the revision-window edge of the hour a change to
+    # 1h starts at, or before the first 1h bucket after it ends), or that window edge itself
+    st.one_of(st.integers(0, 12), st.integers(25, 150), st.tuples(st.just("hour"), st.integers(0, 80)),
+              st.tuples(st.just("edge"), st.integers(0, 2))),
+    _revisions,
     # before the poll: nothing, a restart, or a restart with another bucket_width (the config's)
     st.sampled_from([None, None, "restart", "1m", "1h", "1m", "1h"]),
     # the n-th request of the poll fails (or none does): a change or a restart whose first poll
     # fails leaves cursors that read nothing yet, which the next start must not take for a first run
-    st.one_of(st.none(), st.integers(1, 4)),
+    # (the first request most often: the poll then reads nothing at all)
+    st.one_of(st.none(), st.just(1), st.integers(1, 4)),
 )
 
+# A round trip, the timing of 699ae9f's bug: a change to the other width ("swap"); a poll at the
+# revision-window edge of the hour it starts at (or some minutes into the next hour), where the
+# width left is final up to there and the new one, whose first bucket has not ended, has read
+# nothing; then, a few minutes on, back to the width left, that poll most often failing at once.
+width_round_trip = st.tuples(
+    st.tuples(st.one_of(st.integers(0, 12), st.integers(25, 150)),
+              _revisions, st.just("swap"), st.one_of(st.none(), st.integers(1, 4))),
+    st.tuples(st.one_of(st.tuples(st.just("edge"), st.integers(0, 2)), st.tuples(st.just("hour"), st.integers(0, 80))),
+              _revisions, st.sampled_from([None, None, "restart"]), st.none()),
+    st.tuples(st.integers(0, 12), _revisions, st.just("swap"), st.one_of(st.just(1), st.just(1), st.integers(1, 4))),
+)
+# a round trip counts as three steps; the whole is cut to at most 12, as before round trips
+width_steps = st.lists(st.one_of(width_step.map(lambda s: [s]), width_round_trip.map(list)), min_size=1,
+                       max_size=8).map(lambda parts: [s for part in parts for s in part][:12])
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=st.lists(width_step, min_size=1, max_size=12), page_buckets=st.integers(1, 8),
+
+def _advance(now: int, minutes, window: int) -> int:
+    """The clock after a width_step's advance from `now`."""
+    if isinstance(minutes, int):
+        return now + minutes * W
+    kind, n = minutes
+    hour = now // 3600 * 3600 + 3600  # the next hour boundary
+    return hour + n * W if kind == "hour" else hour + window + n * W
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=width_steps, page_buckets=st.integers(1, 8),
        initial_hours=st.integers(1, 3), first=st.sampled_from(sorted(WIDTHS)),
        window=st.sampled_from([SETTLE + 5 * W, WINDOW]), grace=st.sampled_from([0, 0, 15 * 60]))
 # (a short revision_window or a grace: a width left is final sooner, or the new one reads later,
@@ -199,8 +230,11 @@ def test_changing_the_bucket_width_keeps_delivered_sums_equal_to_the_truth(steps
 
     api = Api(page_buckets)
     history = T0 - initial_hours * 3600 - 3600
+    times = [T0]
+    for s in steps:
+        times.append(_advance(times[-1], s[0], window))
     # usage in every minute, before the first poll and after it (a minute read twice is seen)
-    for b in range(history, T0 + sum(s[0] for s in steps) * W + 4 * (WINDOW + SETTLE), W):
+    for b in range(history, times[-1] + 4 * (WINDOW + SETTLE), W):
         api.data[b] = {g: (b // W * 7 + i) % 13 for i, g in enumerate(GROUPS)}
     out = Out()
     width = first
@@ -220,12 +254,12 @@ def test_changing_the_bucket_width_keeps_delivered_sums_equal_to_the_truth(steps
                        + ([origin] if origin is not None else []), default=None)
 
         store, col = start()
-        for minutes, revisions, event, fail_at in steps:
-            api.now += minutes * W
+        for now, (_, revisions, event, fail_at) in zip(times[1:], steps):
+            api.now = now
             api.revise(revisions, history)
             api.calls = 0
             if event is not None:
-                width = event if event in WIDTHS else width
+                width = {"1m": "1h", "1h": "1m"}[width] if event == "swap" else event if event in WIDTHS else width
                 store.close()
                 store, col = start()
             api.fail_at = fail_at
