@@ -183,6 +183,15 @@ def _target(kw: dict) -> I.Target:
     verify: bool | str = kw["ca_cert"] or True
     if kw["insecure"]:
         verify = False
+        # urllib3 warns InsecureRequestWarning at every request to an unverified host ("always"
+        # for its SecurityWarnings): two raw lines per request. Said once here instead, as the
+        # collector says ssl_verify: false once (agent_input.logs.setup_logging).
+        import warnings
+
+        from urllib3.exceptions import InsecureRequestWarning
+
+        warnings.filterwarnings("ignore", category=InsecureRequestWarning)
+        click.echo("openai-assets: warning: TLS certificate verification is off (--insecure)", err=True)
     return I.Target(kw["es_url"], kw["kibana_url"], creds, space=kw["space"], verify=verify)
 
 
