@@ -116,51 +116,19 @@ def test_ssl_verify_off_is_not_a_warning_at_every_request(tmp_path):
     SecurityWarnings is "always"); since the commands' logs capture Python warnings, ssl_verify:
     false was a WARNING line per request, every poll, beside the collection's one line that says
     it. The commands' logging set-up silences it (the client itself changes no process setting)."""
-    import ssl
-    import subprocess
-    import threading
     import warnings
-    from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                        "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a test certificate here: {exc}")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b'{"object": "page", "data": [], "has_more": false}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     from agent_input.logs import setup_logging
+    from conftest import tls_server
 
     buf = io.StringIO()
-    try:
+    with tls_server(tmp_path, b'{"object": "page", "data": [], "has_more": false}') as url:
         with warnings.catch_warnings():  # the process's filters and showwarning, restored after
             setup_logging("INFO", "ecs", stream=buf)  # as the commands log: Python warnings captured
-            client = AdminApiClient(f"https://127.0.0.1:{server.server_address[1]}", KEY, verify=False,
-                                    max_retries=0)
+            client = AdminApiClient(url, KEY, verify=False, max_retries=0)
             for _ in range(3):
                 client.get_json("/v1/organization/projects", {})
             client.close()
-    finally:
-        server.shutdown()
-        server.server_close()
     assert "InsecureRequestWarning" not in buf.getvalue() and "Unverified HTTPS" not in buf.getvalue()
 
 

@@ -1631,44 +1631,14 @@ def test_insecure_is_said_once_not_urllib3_s_warning_at_every_request(tmp_path):
     """--insecure: urllib3 warns InsecureRequestWarning at every request to an unverified host (its
     filter for SecurityWarnings is "always"), two raw lines on stderr each: 44 for one install
     against a small cluster. The command says once that verification is off, as the collector does."""
-    import ssl
-    import subprocess
-    import threading
     import warnings
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                        "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a test certificate here: {exc}")
+    from conftest import tls_server
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"version": {"number": "8.18.0", "build_flavor": "default"}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"https://127.0.0.1:{server.server_address[1]}"
-    try:
+    body = json.dumps({"version": {"number": "8.18.0", "build_flavor": "default"}}).encode()
+    with tls_server(tmp_path, body) as url:
         with warnings.catch_warnings(record=True) as caught:  # the process's filters, restored after
             r = run("install", "--es-url", url, "--skip-kibana", "--dry-run", "--insecure")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [str(w.message)[:40] for w in caught] == [], r.output
     assert r.output.count("TLS certificate verification is off (--insecure)") == 1, r.output
 
