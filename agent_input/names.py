@@ -54,6 +54,10 @@ LISTING_WORKERS = 64
 # next refresh forward to this long after the last one, once per id: their documents went out
 # without names until the hourly refresh.
 EARLY_REFRESH_AFTER = 300.0
+# How long such an id is remembered as asked for: a deleted key's id, met again within it (usage
+# re-read within the revision window), brings nothing more forward; forgotten after it, so that the
+# ids of keys deleted over months do not pile up (one early refresh more if it is met again).
+ASKED_FOR = 7 * 86400.0
 # How long `close()` waits for a listing in flight to end (a request that hangs may take longer:
 # its thread is then left to end by itself).
 CLOSE_WAIT = 5.0
@@ -158,7 +162,7 @@ class NameCache:
         self._service_accounts: frozenset[str] = frozenset()  # key owners that are not users
         self._next_refresh: float | None = None  # None: never loaded
         self._listed_at: float | None = None  # when the last refresh ended
-        self._asked: set[str] = set()  # ids not named that brought a refresh forward (once each)
+        self._asked: dict[str, float] = {}  # ids not named that brought a refresh forward -> when
         self._early = False  # an id not named was met since the last refresh began
         # the kinds of id ("projects", "keys", "users") whose listing the last refresh was refused
         # (403): a refresh sooner cannot name them, so their ids bring none forward
@@ -328,10 +332,11 @@ class NameCache:
     def _refresh_early(self, ids: list[str]) -> None:
         """Bring the next refresh forward for ids the names lack (each id once)."""
         with self._maps_lock:
-            new = set(ids) - self._asked
+            new = set(ids).difference(self._asked)
             if not new or self._listed_at is None:
                 return  # asked before, or the first load (which lists them) is not over
-            self._asked |= new
+            now = self.clock()
+            self._asked.update(dict.fromkeys(new, now))
             self._early = True
             due = self._listed_at + EARLY_REFRESH_AFTER
             if self._next_refresh is not None and due < self._next_refresh:
@@ -477,7 +482,9 @@ class NameCache:
                 new_keys = keys if keys_complete else {**self._keys, **keys}
                 owners = owners if keys_complete else {**self._owners, **owners}
                 new_users = {**self._users, **owners}
-                new_service_accounts = self._service_accounts | service_accounts
+                # (as the owners: a complete listing replaces them, so a deleted account goes)
+                new_service_accounts = (frozenset(service_accounts) if keys_complete
+                                        else self._service_accounts | service_accounts)
             if first:
                 self._publish(new_projects, new_keys, new_users, new_service_accounts, owners)
                 self._keys_loaded.set()
@@ -512,6 +519,8 @@ class NameCache:
         # the due time and when it was listed change together: `_refresh_early` reads both
         with self._maps_lock:
             self._listed_at, self._refused = now, frozenset(refused_kinds)
+            if self._asked:
+                self._asked = {i: t for i, t in self._asked.items() if now - t < ASKED_FOR}
             if self._early:  # an id not named was met while this refresh ran: it may not have it
                 due = min(due, now + EARLY_REFRESH_AFTER)
             self._next_refresh = due

@@ -896,6 +896,37 @@ def test_a_key_owner_that_is_a_service_account_brings_no_refresh_forward():
     assert cache._next_refresh == 1000.0 + 3600
 
 
+def test_ids_asked_for_and_deleted_service_accounts_are_forgotten_not_kept_for_ever():
+    """The ids that brought a refresh forward (once each) and the service accounts that own keys
+    only grew: a month of 1,000 CI keys a day deleted was ~3 MB kept for the process's life. An id
+    is remembered ASKED_FOR (met again within it, it brings nothing more forward), and a complete
+    keys listing replaces the service accounts, as it replaces the keys and their owners."""
+    from agent_input.names import ASKED_FOR, EARLY_REFRESH_AFTER
+
+    now, api = [1000.0], _EarlyApi()
+    cache = _early_cache(api, now)
+    cache.ensure_fresh()
+    assert cache._service_accounts == {"svc-1"}
+    now[0] = 1100.0
+    cache.enrich_all([_doc(api_key_id="key-deleted")])
+    assert cache._next_refresh == 1000.0 + EARLY_REFRESH_AFTER and set(cache._asked) == {"key-deleted"}
+
+    def refresh_at(t):
+        now[0] = t
+        cache.ensure_fresh()
+        assert cache.wait_for_refresh(30)
+
+    api.service_accounts = {}  # svc-1's key deleted
+    refresh_at(1000.0 + EARLY_REFRESH_AFTER)
+    assert cache._service_accounts == frozenset()
+    cache.enrich_all([_doc(api_key_id="key-deleted")])  # still remembered: nothing moves
+    assert cache._next_refresh == now[0] + 3600 and set(cache._asked) == {"key-deleted"}
+    refresh_at(1100.0 + ASKED_FOR)
+    assert cache._asked == {}
+    cache.enrich_all([_doc(api_key_id="key-deleted")])  # met again after it: once more
+    assert cache._next_refresh == now[0] + EARLY_REFRESH_AFTER
+
+
 @pytest.mark.parametrize("failing, after", [(set(), 3600.0), ({"/api_keys"}, 60.0)])
 def test_an_id_met_while_a_refresh_runs_brings_the_next_one_forward(failing, after):
     """The refresh that was running may have listed before the id was created: the next one comes
