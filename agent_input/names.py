@@ -330,7 +330,7 @@ class NameCache:
             log.warning("names: enrichment skipped: %s", exc)
 
     def _refresh_early(self, ids: list[str]) -> None:
-        """Bring the next refresh forward for ids the names lack (each id once)."""
+        """Bring the next refresh forward for ids the names lack (each id once per `ASKED_FOR`)."""
         with self._maps_lock:
             new = set(ids).difference(self._asked)
             if not new or self._listed_at is None:
