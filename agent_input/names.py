@@ -165,8 +165,10 @@ class NameCache:
         self._asked: dict[str, float] = {}  # ids not named that brought a refresh forward -> when
         self._early = False  # an id not named was met since the last refresh began
         # the kinds of id ("projects", "keys", "users") whose listing the last refresh was refused
-        # (403): a refresh sooner cannot name them, so their ids bring none forward
+        # (403): a refresh sooner cannot name them, so their ids bring none forward; and the
+        # projects whose own keys listing was refused (the other projects' new keys still do)
         self._refused: frozenset[str] = frozenset()
+        self._refused_key_projects: frozenset[str] = frozenset()
         self._keys_loaded = threading.Event()  # first load: projects and every project's keys are in
         self._all_loaded = threading.Event()  # first load: done (users too), whatever failed
         # One refresh at a time (it also owns the client). A later refresh's thread holds it from
@@ -289,13 +291,13 @@ class NameCache:
             # refresh() swaps whole dicts, never mutates them: one consistent set, read at once
             with self._maps_lock:
                 projects, users, keys = self._projects, self._users, self._keys
-                refused = self._refused
+                refused, refused_key_projects = self._refused, self._refused_key_projects
             unknown: list[str] = []
             for doc in docs:
                 base = doc.get("openai", {}).get("base")
                 if not isinstance(base, dict):
                     continue
-                value = base.get("project_id")
+                value = project_id = base.get("project_id")
                 name = projects.get(value) if type(value) is str else None
                 if name:
                     base["project_name"] = name
@@ -320,7 +322,8 @@ class NameCache:
                 name = keys.get(value) if type(value) is str else None
                 if name:
                     base["api_key_name"] = name
-                elif type(value) is str and value and value not in keys and "keys" not in refused:
+                elif (type(value) is str and value and value not in keys and "keys" not in refused
+                      and not (type(project_id) is str and project_id in refused_key_projects)):
                     unknown.append(value)
             if unknown:
                 self._refresh_early(unknown)
@@ -409,6 +412,7 @@ class NameCache:
         failed: list[str] = []
         refused = 0  # of them, refused (403): a missing scope, which a retry in minutes does not give
         refused_kinds: set[str] = set()
+        refused_key_projects: set[str] = set()
         first = not self._all_loaded.is_set()  # publish in two steps (see the module docstring)
 
         def list_users() -> dict[str, str]:
@@ -464,12 +468,13 @@ class NameCache:
             owners: dict[str, str] = {}
             service_accounts: set[str] = set()
             keys_complete = projects is not None
-            for (label, _), (value, error) in zip(key_jobs, run([job for _, job in key_jobs])):
+            for pid, (label, _), (value, error) in zip(project_ids, key_jobs,
+                                                       run([job for _, job in key_jobs])):
                 if error is not None:
                     failed.append(f"{label}: {error}")
                     if isinstance(error, PermissionDeniedError):
                         refused += 1
-                        refused_kinds.add("keys")
+                        refused_key_projects.add(pid)
                     keys_complete = False
                 else:
                     keys.update(value[0])
@@ -519,6 +524,7 @@ class NameCache:
         # the due time and when it was listed change together: `_refresh_early` reads both
         with self._maps_lock:
             self._listed_at, self._refused = now, frozenset(refused_kinds)
+            self._refused_key_projects = frozenset(refused_key_projects)
             if self._asked:
                 self._asked = {i: t for i, t in self._asked.items() if now - t < ASKED_FOR}
             if self._early:  # an id not named was met while this refresh ran: it may not have it

@@ -444,6 +444,50 @@ def test_ids_of_a_refused_listing_do_not_bring_refreshes_forward(simulator, refu
     cache.close()
 
 
+def test_one_projects_refused_keys_listing_leaves_the_other_projects_new_keys_named_within_minutes(simulator):
+    """A key refused one project's API keys listing (403) marked every key id as one no early
+    refresh could name: a key created in any other project went out unnamed until the hourly
+    refresh. Only the refused project's key ids bring nothing forward now."""
+    from agent_input.names import EARLY_REFRESH_AFTER
+    from agent_input.simulator import FaultRule
+    from agent_input.simulator.org import ApiKey
+
+    org = simulator.org
+    refused = org.projects[0]
+    other = next(p for p in org.projects[1:] if p.archived_at is None)
+    simulator.add_fault(FaultRule(kind="403", path=f"/v1/organization/projects/{refused.id}/api_keys",
+                                  count=None, message="Missing scopes: api.management.read."))
+    cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    cache.ready()
+    assert cache.refreshes == 1 and any(refused.id in f for f in cache.failures)
+
+    def key_name(project_id: str, key_id: str):
+        doc = _doc(project_id=project_id, api_key_id=key_id)
+        cache.ready()
+        assert cache.wait_for_refresh(30)
+        cache.enrich_all([doc])
+        return doc["openai"]["base"].get("api_key_name")
+
+    # the refused project's unknown key ids: an hour of them brings no refresh forward
+    for i in range(12):
+        assert key_name(refused.id, f"key_in_refused_{i}") is None
+        simulator.advance(EARLY_REFRESH_AFTER + 1)
+    cache.ready()
+    assert cache.wait_for_refresh(30) and cache.refreshes == 2, "only the regular refresh"
+    # a key created in another project since the last listing: named within minutes
+    key = ApiKey(id="key_created_later", name="fresh", project_id=other.id, owner_type="user",
+                 owner_id=org.users[0].id, created_at=int(simulator.now()), weight=1.0,
+                 redacted_value="sk-proj-ab***cdef")
+    other.keys.append(key.id)
+    org.keys.append(key)
+    org.keys_by_id[key.id] = key
+    assert key_name(other.id, key.id) is None
+    simulator.advance(EARLY_REFRESH_AFTER + 1)
+    key_name(other.id, key.id)  # starts the early refresh
+    assert key_name(other.id, key.id) == "fresh" and cache.refreshes == 3
+    cache.close()
+
+
 def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulator):
     from agent_input.simulator import FaultRule
 
