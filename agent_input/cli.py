@@ -548,7 +548,9 @@ def _demo_summary(engine, out, sim, backfill_s) -> None:
             final = sum(v.get(counter, v.get(counter.split(".")[0], 0)) for v in truth.values())
             got = sums.get(name, 0)
             mark = "exact" if math.isclose(got, final) else "DIFFERS"
-            line += f"  {spec.counters[0]}: {got:,.0f} / {final:,.0f} {mark}"
+            # an amount to the cent (what a user reconciles with), a count as a whole number
+            fmt = ",.2f" if isinstance(got, float) or isinstance(final, float) else ",.0f"
+            line += f"  {spec.counters[0]}: {got:{fmt}} / {final:{fmt}} {mark}"
         elif name in notes:
             line += "  " + _demo_note_text(name, notes[name])
         if name in engine.failed:

@@ -511,6 +511,7 @@ def test_demo_shows_every_usage_total_equal_to_the_simulators_final_truth(tmp_pa
         assert f"{spec.counters[0]}: " in row and row.endswith(" exact"), row
         got, final = row.split(f"{spec.counters[0]}: ")[1].rsplit(" ", 1)[0].split(" / ")
         assert got == final and got not in ("0", "0.0"), row
+        assert ("." in got) == (name == "costs"), f"an amount to the cent, a count whole: {row}"
     assert "audit events: " in rows["audit"] and "limits: " in rows["rate_limits"]
     assert sum(int(rows[n].split()[2]) for n in STREAMS_BY_NAME) > 0, "the second poll brings late revisions"
     assert len(read_ndjson(out)) == sum(int(rows[n].split()[1]) for n in rows if n in set(STREAMS_BY_NAME) | {"audit", "rate_limits"})
