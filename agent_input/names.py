@@ -311,7 +311,9 @@ class NameCache:
                         # engine's, shared by every stream of the process) is not held meanwhile
                         with PAGE_GATE.set_aside():
                             self._wait(self._all_loaded, "user e-mails")
-                        users = self._users
+                        with self._maps_lock:  # and which listings it was refused (403), now known
+                            users, refused = self._users, self._refused
+                            refused_key_projects = self._refused_key_projects
                         name = users.get(value)
                     if name:
                         base["user_email"] = name

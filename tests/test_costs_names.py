@@ -486,6 +486,34 @@ def test_one_projects_refused_keys_listing_leaves_the_other_projects_new_keys_na
     key_name(other.id, key.id)  # starts the early refresh
     assert key_name(other.id, key.id) == "fresh" and cache.refreshes == 3
     cache.close()
+def test_a_user_id_met_while_the_refused_users_listing_ran_brings_no_refresh_forward():
+    """A page waiting for the first users listing read which listings were refused before the
+    wait, when none had been yet: the users listing refused (403) during the wait, its user ids
+    still brought the next refresh, every listing again, forward to 5 minutes."""
+    from agent_input.http_client import PermissionDeniedError
+
+    now, api = [1000.0], _EarlyApi()
+    api.error, api.failing = PermissionDeniedError, {"/organization/users"}
+    listing = threading.Event()
+    real = api.get_json
+
+    def get_json(path, params):
+        if path.endswith("/organization/users"):
+            listing.wait(30)  # until the page below waits for it
+        return real(path, params)
+
+    api.get_json = get_json
+    cache = _early_cache(api, now)
+    warm = cache.warm_up()
+    assert cache._keys_loaded.wait(30)
+    waited = threading.Thread(target=cache.enrich_all, args=([_doc(user_id="user-not-listed")],))
+    waited.start()
+    time.sleep(0.2)
+    listing.set()
+    waited.join(30)
+    warm.join(30)
+    assert cache._refused == {"users"}
+    assert cache._next_refresh == 1000.0 + 3600 and cache._asked == {}
 
 
 def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulator):
