@@ -999,6 +999,22 @@ def test_ids_asked_for_and_deleted_service_accounts_are_forgotten_not_kept_for_e
     assert cache._next_refresh == now[0] + EARLY_REFRESH_AFTER
 
 
+def test_a_keys_listing_that_fails_for_one_project_keeps_the_service_accounts_it_had():
+    """Only a complete keys listing replaces the service accounts (5601237): one that failed for a
+    project keeps those it had, or their usage documents would each bring a refresh forward."""
+    now, api = [1000.0], _EarlyApi()
+    cache = _early_cache(api, now)
+    cache.ensure_fresh()
+    assert cache._service_accounts == {"svc-1"}
+    api.failing = {"proj-1/api_keys"}
+    now[0] = 1000.0 + 3600
+    cache.ensure_fresh()
+    assert cache.wait_for_refresh(30)
+    assert cache._service_accounts == {"svc-1"} and cache.api_key_name("key-sa") == "key-sa"
+    cache.enrich_all([_doc(user_id="svc-1")])
+    assert cache._asked == {}
+
+
 @pytest.mark.parametrize("failing, after", [(set(), 3600.0), ({"/api_keys"}, 60.0)])
 def test_an_id_met_while_a_refresh_runs_brings_the_next_one_forward(failing, after):
     """The refresh that was running may have listed before the id was created: the next one comes
