@@ -160,6 +160,9 @@ class NameCache:
         # key owners' emails as the keys' listings gave them (a few owners are in no users listing)
         self._owners: dict[str, str] = {}
         self._service_accounts: frozenset[str] = frozenset()  # key owners that are not users
+        # each project's last keys listing that succeeded (names, owners' emails, service accounts):
+        # a project whose listing fails keeps its own, and only its own, from the one before
+        self._listed_keys: dict[str, tuple[dict[str, str], dict[str, str], set[str]]] = {}
         self._next_refresh: float | None = None  # None: never loaded
         self._listed_at: float | None = None  # when the last refresh ended
         self._asked: dict[str, float] = {}  # ids not named that brought a refresh forward -> when
@@ -466,32 +469,35 @@ class NameCache:
                 if guard is not None:
                     guard.observe(listed)  # before a document can wait for the keys below
             key_jobs = [(f"api keys of {pid}", lambda pid=pid: list_keys(pid)) for pid in project_ids]
+            # no projects listing: every project's keys as they were; else the listed projects',
+            # each from this listing or, where it failed, from its last one (a deleted key, owner
+            # or service account goes with the next listing of its project, whatever the others')
+            listed_keys = dict(self._listed_keys) if projects is None else {}
+            for pid, (label, _), (value, error) in zip(project_ids, key_jobs,
+                                                       run([job for _, job in key_jobs])):
+                if error is None:
+                    listed_keys[pid] = value
+                    continue
+                failed.append(f"{label}: {error}")
+                if isinstance(error, PermissionDeniedError):
+                    refused += 1
+                    refused_key_projects.add(pid)
+                if pid in self._listed_keys:
+                    listed_keys[pid] = self._listed_keys[pid]
             keys: dict[str, str] = {}
             owners: dict[str, str] = {}
             service_accounts: set[str] = set()
-            keys_complete = projects is not None
-            for pid, (label, _), (value, error) in zip(project_ids, key_jobs,
-                                                       run([job for _, job in key_jobs])):
-                if error is not None:
-                    failed.append(f"{label}: {error}")
-                    if isinstance(error, PermissionDeniedError):
-                        refused += 1
-                        refused_key_projects.add(pid)
-                    keys_complete = False
-                else:
-                    keys.update(value[0])
-                    owners.update(value[1])
-                    service_accounts |= value[2]
+            for names_, owners_, service_accounts_ in listed_keys.values():
+                keys.update(names_)
+                owners.update(owners_)
+                service_accounts |= service_accounts_
+            self._listed_keys = listed_keys  # only this refresh reads or writes it
             # only this refresh swaps the maps: what it publishes is built from what they hold now
             with self._maps_lock:
                 new_projects = projects if projects is not None else self._projects
-                # keep the keys of projects that could not be listed this time, and their owners' emails
-                new_keys = keys if keys_complete else {**self._keys, **keys}
-                owners = owners if keys_complete else {**self._owners, **owners}
+                new_keys = keys
                 new_users = {**self._users, **owners}
-                # (as the owners: a complete listing replaces them, so a deleted account goes)
-                new_service_accounts = (frozenset(service_accounts) if keys_complete
-                                        else self._service_accounts | service_accounts)
+                new_service_accounts = frozenset(service_accounts)
             if first:
                 self._publish(new_projects, new_keys, new_users, new_service_accounts, owners)
                 self._keys_loaded.set()

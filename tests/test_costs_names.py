@@ -532,6 +532,34 @@ def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulat
     cache.close()
 
 
+def test_a_project_whose_keys_listing_keeps_failing_keeps_only_its_own_keys(simulator):
+    """One project whose keys listing fails at every refresh (a 403 on it, say) made every listing
+    incomplete: the keys, owners and service accounts of every project were then merged into the
+    old ones for good, so a key deleted in any other project kept its name (and its memory) for the
+    process's life. The failing project keeps its last listed keys; the others follow their listing."""
+    from agent_input.simulator import FaultRule
+
+    org = simulator.org
+    cache = NameCache(AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=0), clock=simulator.now)
+    cache.refresh()
+    with_keys = [p for p in org.projects if p.keys]
+    broken, other = with_keys[0], with_keys[1]
+    simulator.add_fault(FaultRule(kind="403", path=f"/v1/organization/projects/{broken.id}/api_keys",
+                                  count=None, message="Missing scopes: api.management.read."))
+    deleted = org.keys_by_id[other.keys[0]]
+    other.keys.remove(deleted.id)
+    assert cache.api_key_name(deleted.id) == deleted.name
+    for refreshes in (2, 3):
+        simulator.advance(3601)
+        cache.ready()
+        assert cache.wait_for_refresh(30) and cache.refreshes == refreshes
+        assert any(f"api keys of {broken.id}" in f for f in cache.failures)
+        assert all(cache.api_key_name(k) == org.keys_by_id[k].name for k in broken.keys), "kept"
+        assert cache.api_key_name(deleted.id) is None, "gone with its project's listing"
+        assert all(cache.api_key_name(k) == org.keys_by_id[k].name for k in other.keys)
+    cache.close()
+
+
 def test_api_keys_are_listed_whatever_their_owners_project_access(simulator):
     """Without owner_project_access=any the endpoint applies membership-based visibility and may
     leave enabled keys out (e.g. a key whose owner left the project): their names would be missing."""
