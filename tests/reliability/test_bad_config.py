@@ -26,6 +26,10 @@ CORPUS = {
                                   "data_streams.costs.finalization_grace"),
     "enabled is not a bool": ("data_streams:\n  images:\n    enabled: maybe\n", "data_streams.images.enabled"),
     "max_retries not an integer": ("max_retries: many\n", "max_retries"),
+    # a number of the wrong type or out of bounds must not be truncated or taken as it is
+    "max_retries a fraction": ("url: http://127.0.0.1:9\nmax_retries: 2.5\n", "max_retries"),
+    "max_retries negative": ("url: http://127.0.0.1:9\nmax_retries: -1\n", "max_retries"),
+    "batch_size 0": (f"{LOCAL}data_streams:\n  audit:\n    batch_size: 0\n", "data_streams.audit.batch_size"),
     "http_timeout not a duration": ("http_timeout: soon\n", "http_timeout"),
     "data_streams not a mapping": ("data_streams: [completions]\n", "data_streams"),
     "missing admin key": ("url: http://127.0.0.1:9\n", "api_key"),
