@@ -199,3 +199,34 @@ def test_sigkill_matrix_backfill_steady_state_delivery(simulator, tmp_path, kind
         assert not wrong, wrong
     finally:
         d.close()
+
+
+def test_protocol_batches_the_supervisor_never_acknowledged_are_sent_again_after_a_kill(simulator, tmp_path):
+    """The matrix's supervisor persists every batch it reads, so a collector that counted a batch
+    delivered once written (before the supervisor's ack) lost nothing there. A supervisor that
+    dies before acknowledging is the case the outbox is for: every batch it was sent and never
+    acknowledged comes again, same ids and content, from the next collector."""
+    from protocol_supervisor import Supervisor
+
+    state = tmp_path / "state"
+    cfg = full_config(simulator.base_url, initial="2h")
+    simulator.set_time(T0)
+    first = Supervisor(state, T0, ack=False)
+    try:
+        first.configure(cfg)
+        first.wait_polled([s.name for s in USAGE_STREAMS] + ["costs", "audit"], timeout=120)
+    finally:
+        first.kill()
+    unacked = dedupe(first.persisted)
+    assert unacked, "the first collector sent nothing"
+    second = Supervisor(state, T0)
+    try:
+        second.configure(cfg)
+        second.wait_polled([s.name for s in USAGE_STREAMS] + ["costs", "audit"], timeout=120)
+        assert second.stop() == 0, second.stderr_text()[-2000:]
+    finally:
+        if second.proc.poll() is None:
+            second.kill()
+    again = {d["_id"]: d for d in dedupe(second.persisted)}
+    missing = [d["_id"] for d in unacked if again.get(d["_id"]) != d]
+    assert not missing, f"{len(missing)} of {len(unacked)} unacknowledged documents were not sent again"
