@@ -249,3 +249,56 @@ def test_the_engine_reports_and_carries_on(h):
     kept = h.store.cursor("completions", "1m")  # only the first poll's start: the next one reads from it
     assert kept is not None and kept.origin == kept.position == kept.settled
     h.assert_truth()
+
+
+def test_a_cost_day_violating_the_spec_is_reported_with_what_was_wrong(simulator, tmp_path):
+    """Costs go through the same bucket checks as usage but nest their counter (`amount.value`):
+    the bad day is reported with its fault, the cursor stays before it, and it is read again."""
+    simulator.max_results_per_page = 40
+    store = StateStore(tmp_path / "state")
+    out = io.BytesIO()
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1, backoff_base=0.01, backoff_cap=0.02)
+    cfg = SimpleNamespace(name="costs", bucket_width="1d", interval=3600, initial_interval=5 * 86400,
+                          finalization_grace=0, effective_revision_window=0)
+    col = UsageCollector(STREAMS_BY_NAME["costs"], cfg, client, Delivery(store, NdjsonOutput(out)),
+                         clock=simulator.now)
+    try:
+        simulator.add_fault(FaultRule(kind="invalid_results", path="costs", count=1))
+        stats = col.poll(T0)
+        assert stats.bad_buckets == 1
+        assert any(e.startswith("costs: ") and "does not match the API reference" in e and "not integers" in e
+                   for e in stats.errors), stats.errors
+        cur = store.cursor("costs", "1d")
+        assert cur is None or cur.position == cur.origin, "the cursor moved past the bad day"
+        assert col.poll(T0).bad_buckets == 0  # read again, and stored
+        assert any(b'"openai.costs"' in line for line in out.getvalue().splitlines())
+    finally:
+        client.close()
+        store.close()
+
+
+def test_a_rate_limits_429_storm_is_counted_in_the_stream_s_figures(simulator, tmp_path):
+    """The limits are read on worker clients of their own: their 429s and Retry-After waits must
+    reach the stream's client, which `collect --once`'s summary reads."""
+    from agent_input.config import config_from_dict
+    from agent_input.rate_limits import RateLimitsCollector
+
+    cfg = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 2,
+                            "data_streams": {"rate_limits": {}}}, env={})
+    store = StateStore(tmp_path / "state")
+
+    def client():
+        return AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=4, backoff_base=0.001,
+                              backoff_cap=0.002, sleep=lambda s: None)
+
+    main = client()
+    col = RateLimitsCollector(cfg, cfg.stream("rate_limits"), main, Delivery(store, NdjsonOutput(io.BytesIO())),
+                              clock=simulator.now, client_factory=client)
+    try:
+        simulator.add_fault(FaultRule(kind="429", path="*/rate_limits", count=4, retry_after=2))
+        stats = col.poll(T0)
+        assert not stats.errors, stats.errors
+        assert main.stats.throttled == 4 and main.stats.retry_after_seconds_total == 8
+    finally:
+        main.close()
+        store.close()
