@@ -302,3 +302,24 @@ def test_a_rate_limits_429_storm_is_counted_in_the_stream_s_figures(simulator, t
     finally:
         main.close()
         store.close()
+
+
+def test_an_audit_event_violating_the_spec_is_reported_with_its_id_and_the_field_at_fault(tmp_path):
+    """README: an audit event that does not match the API reference is reported with its id and
+    the field at fault, and the events around it are stored."""
+    from test_audit import BAD_FIELDS, _AuditListing, _bad, _listing_collector, _session_event
+
+    now = int(T0)
+    api = _AuditListing([])
+    api.now = now
+    field, value, why = BAD_FIELDS[0]
+    api.events = [_session_event(1, now - 900), _bad(2, now - 800, field, value), _session_event(3, now - 700)]
+    col, store, output = _listing_collector(tmp_path, api)
+    try:
+        stats = col.poll(now)
+        assert stats.events == 2
+        (error,) = stats.errors
+        assert "audit_log-2" in error and why in error, error
+    finally:
+        output.close()
+        store.close()
