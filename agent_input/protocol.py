@@ -392,6 +392,11 @@ class Runner:
         self.clock = clock
         self.ack_timeout = ack_timeout
         self.env = env
+        if stdin is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python leaves it None
+            import io
+
+            log.warning("stdin is closed: no config can arrive; stopping as at the end of stdin")
+            stdin = io.BytesIO()
         self.stdin = stdin if stdin is not None else sys.stdin.buffer
         self.output = ProtocolOutput(writer, ack_on_flush=ack_on_flush, max_inflight=max_inflight,
                                      on_status=self._on_status)

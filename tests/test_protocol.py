@@ -339,6 +339,22 @@ def test_end_of_stdin_and_sigterm_stop_gracefully(simulator, tmp_path):
     assert b.statuses("input")[-1]["status"] == "stopped"
 
 
+def test_a_closed_stdin_is_the_end_of_stdin_not_a_traceback(tmp_path):
+    """`run <&-` (a supervisor that gives no stdin): Python leaves sys.stdin None, and the Runner
+    took `sys.stdin.buffer` from it, an AttributeError traceback and exit 1 before any status."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "agent_input.cli", "run", "--state-dir", str(tmp_path / "state"),
+                           "--ack-timeout", "1"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60, preexec_fn=lambda: os.close(0))
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"Traceback" not in proc.stderr
+    assert b"stdin is closed" in proc.stderr
+    statuses = [json.loads(line)["status"] for line in proc.stdout.splitlines()]
+    assert statuses == ["starting", "stopping", "stopped"]
+
+
 def test_failed_stream_is_reported(simulator, tmp_path):
     sup = Supervisor(tmp_path / "state", T0)
     cfg = _config(simulator.base_url, streams=("completions",))
