@@ -94,7 +94,7 @@ def check(config_path: str, log_level: str, state_dir: str | None = None) -> Non
     from .http_client import AdminApiClient, probe_api
     from .logs import redact, setup_logging
 
-    setup_logging(log_level, "text" if sys.stderr.isatty() else "ecs")
+    setup_logging(log_level, "auto")  # text on a terminal, else ECS; a closed stderr (None) is no terminal
     config = _load_config_or_exit(config_path)
     if not config.ssl_verify:  # as collect and run say it, once (app.build)
         logging.getLogger("agent_input.cli").warning("TLS certificate verification is off (ssl_verify: false)")

@@ -390,3 +390,32 @@ def test_ssl_verify_off_is_said_by_check(tmp_path, caplog):
     assert result.exit_code == 0, result.output
     warned = [r for r in caplog.records if "verification is off (ssl_verify: false)" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+
+
+def _check_process(simulator, tmp_path, **popen):
+    """`openai-input check` as a process of its own, against the simulator (a closed stderr or a
+    reader that goes away cannot be had under CliRunner, which replaces both streams)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ADMIN_KEY
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"url: {simulator.base_url}\napi_key: {ADMIN_KEY}\n" + only("completions"))
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+    return subprocess.Popen([sys.executable, "-m", "agent_input.cli", "check", "--config", str(cfg),
+                             "--state-dir", str(tmp_path / "state")], env=env, **popen)
+
+
+def test_check_with_stderr_closed_still_checks(simulator, tmp_path):
+    """`check 2>&-` (Python leaves sys.stderr None) died in its logging set-up on
+    `sys.stderr.isatty()`: exit 1 with nothing on stdout, the traceback lost with stderr."""
+    import os
+    import subprocess
+
+    proc = _check_process(simulator, tmp_path, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode()
+    assert b"check OK" in out
+
