@@ -120,6 +120,8 @@ def check(config_path: str, log_level: str, state_dir: str | None = None) -> Non
     except Exception as exc:  # never a traceback from `check`
         from .logs import redact
 
+        if isinstance(exc, OSError) and _raised_by_echo_to_stdout(exc):
+            raise  # its reader went away (`| head -1`) or stdout is full: not the API's failure (main says it)
         click.echo(f"openai-input: check failed: {redact(str(exc)) or type(exc).__name__}", err=True)
         sys.exit(1)
     if failed:

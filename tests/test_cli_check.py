@@ -419,3 +419,16 @@ def test_check_with_stderr_closed_still_checks(simulator, tmp_path):
     assert proc.returncode == 0, out.decode()
     assert b"check OK" in out
 
+
+def test_a_reader_that_goes_away_is_not_a_failed_check(simulator, tmp_path):
+    """`check | head -1`: the lines after the first meet a closed pipe. The BrokenPipeError was
+    caught as a probe's failure and reported "openai-input: check failed: [Errno 32] Broken pipe",
+    as if the key or the API were at fault."""
+    import subprocess
+
+    proc = _check_process(simulator, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"config OK")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert b"check failed" not in err and b"Traceback" not in err, err.decode()
