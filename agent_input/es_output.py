@@ -565,6 +565,7 @@ class ElasticsearchOutput:
         with self._dead_lock:
             try:
                 self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+                _refuse_special_file(self.dead_letter_path)
                 self._rotate_dead_letter()
                 _append_records(self.dead_letter_path, lines())
             except OSError as exc:
@@ -572,7 +573,7 @@ class ElasticsearchOutput:
                 more = f" and {len(rejected) - 1} other document(s)" if len(rejected) > 1 else ""
                 raise OutputError(
                     f"Elasticsearch rejected {doc['dataset']} document {doc['_id']} ({_reason(info)}){more} and they "
-                    f"cannot be written to {self.dead_letter_path}: {exc.strerror}; the batch stays in the outbox"
+                    f"cannot be written to {self.dead_letter_path}: {exc.strerror or exc}; the batch stays in the outbox"
                 ) from None
         with self._count_lock:
             self.rejected += len(rejected)
@@ -594,6 +595,20 @@ class ElasticsearchOutput:
         fsync_dir(path.parent)
         log.warning("the dead-letter file reached %d bytes: moved to %s, replacing the records there "
                     "before; new records go to %s", size, older, path)
+
+
+def _refuse_special_file(path: Path) -> None:
+    """OSError for a FIFO or a device where the dead-letter file should be: its first seek failed
+    with an error that names nothing (io.UnsupportedOperation), and records are appended, cut back
+    and rotated there as in a file (a folder there gives open()'s own "Is a directory")."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(0, "it is not a regular file (a FIFO or a device)")
 
 
 _WRITE_BYTES = 1 << 20  # records are written in slices of about this size: a batch is not joined whole

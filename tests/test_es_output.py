@@ -738,6 +738,20 @@ def test_an_unwritable_dead_letter_file_keeps_the_batch(fake, tmp_path):
     assert ack.n == 0
 
 
+def test_a_dead_letter_path_that_is_a_fifo_is_named_as_such_and_keeps_the_batch(fake, tmp_path):
+    """A FIFO (or device) where the dead-letter file should be failed on its first seek, an
+    io.UnsupportedOperation without strerror: the line ended "cannot be written to ...: None"."""
+    os.mkfifo(tmp_path / "dead-letter.ndjson")
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"}
+    ack = Acks()
+    with pytest.raises(OutputError) as info:
+        out.send("completions", _payload([_doc(1)]), 1, ack)
+    assert ack.n == 0
+    assert str(info.value).endswith(f"cannot be written to {tmp_path / 'dead-letter.ndjson'}: it is not a regular "
+                                    "file (a FIFO or a device); the batch stays in the outbox"), str(info.value)
+
+
 def test_a_dead_letter_write_that_fails_part_way_is_cut_back_and_the_batch_kept(fake, tmp_path, monkeypatch):
     """A full disk (or a file-size limit) may take part of a record before failing: the fragment
     must not stay, or the record appended at the retry is glued onto it and both are unreadable."""
