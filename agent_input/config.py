@@ -485,6 +485,10 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) ->
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
+        if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):  # no mark, no problem
+            before = text[:exc.position]
+            where = f" (line {before.count(chr(10)) + 1}, column {exc.position - before.rfind(chr(10))})"
+            problem = f"it holds the control character U+{exc.character:04X}, which YAML does not allow"
         if problem.startswith("found undefined alias"):  # its name is the user's text: a key typed `*sk-...`
             problem = "a value starting with * is read as an alias, and none has that name (quote the value)"
         raise ConfigError("config", f"{str(p)!r} is not valid YAML{where}: {problem}") from None

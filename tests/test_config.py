@@ -421,6 +421,17 @@ def test_file_not_yaml(tmp_path):
     assert info.value.key == "config" and "not valid YAML" in info.value.message and "line" in info.value.message
 
 
+def test_a_control_character_in_the_file_is_named_with_its_line(tmp_path):
+    """PyYAML's ReaderError (a NUL, a BEL: a binary file, a paste from a terminal) has no problem
+    nor mark: the line said only "is not valid YAML: syntax error"."""
+    p = tmp_path / "c.yml"
+    p.write_bytes(b"url: https://api.openai.com\nnamespace: a\x07b\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert info.value.message.endswith("is not valid YAML (line 2, column 13): it holds the control character "
+                                       "U+0007, which YAML does not allow"), info.value.message
+
+
 def test_file_not_a_mapping(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("- url\n- namespace\n")
