@@ -278,10 +278,13 @@ def read_recorded(state_dir: Any) -> Recorded:
     import sqlite3
 
     path = Path(state_dir) / "state.sqlite3"
-    if not path.is_file():
-        if path.exists():  # a folder, a FIFO: collect stops on it (a dangling link it creates)
-            raise StateError(f"cannot use state file {path}: not a regular file")
-        return Recorded(0, [], [], False)
+    try:
+        if not path.is_file():
+            if path.exists():  # a folder, a FIFO: collect stops on it (a dangling link it creates)
+                raise StateError(f"cannot use state file {path}: not a regular file")
+            return Recorded(0, [], [], False)
+    except OSError as exc:  # a directory this user may not search (is_file re-raises EACCES)
+        raise StateError(f"cannot read state file {path}: {exc.strerror or exc}") from None
     emptied = emptied_state_message(Path(state_dir))
     if emptied is not None:
         raise StateError(emptied)

@@ -246,3 +246,25 @@ def test_check_fails_a_state_file_that_is_a_folder(tmp_path):
     path.rmdir()
     path.symlink_to(tmp_path / "gone")
     assert org_guard.check_state_dir(object(), tmp_path / "state") is None
+
+
+def test_check_says_a_state_directory_it_may_not_search_is_unreadable(tmp_path, monkeypatch):
+    """`check --state-dir` as a user who may not search the directory (or its parent): Path.is_file
+    re-raises EACCES, and the PermissionError left check through its catch-all as "check failed:
+    [Errno 13] Permission denied: '.../state.sqlite3'" instead of the state dir's own line."""
+    import pathlib
+
+    from agent_input import org_guard
+
+    StateStore(tmp_path / "state").close()
+    path = tmp_path / "state" / "state.sqlite3"
+    real = pathlib.Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    ok, message = org_guard.check_state_dir(object(), tmp_path / "state")
+    assert ok is False and message == f"cannot read state file {path}: Permission denied"
