@@ -770,6 +770,14 @@ def check_cluster(client) -> str:
     except ApiError as exc:
         if exc.status_code in (401, 403):
             raise _credentials_refused(str(exc.status_code)) from None
+        if isinstance(exc.status_code, int) and 300 <= exc.status_code < 400:  # no body: its message is None
+            try:
+                location = exc.meta.headers.get("location")
+            except Exception:  # noqa: BLE001 - an error of another shape: said without it
+                location = None
+            to = f" to {display_url(location)[:200]}" if location else ""
+            raise OutputError(f"Elasticsearch{_at(client)} answered {exc.status_code}, a redirect{to}, which the "
+                              "client does not follow: give the URL it redirects to") from None
         body = exc.body if isinstance(exc.body, Mapping) else {}
         # the reason, not only the error's type (which is all `exc.message` holds)
         why = _reason(body) if isinstance(body.get("error"), Mapping) else redact(str(exc.message))

@@ -359,6 +359,35 @@ def test_a_cluster_that_refuses_the_first_request_says_why_not_only_the_error_ty
         es.close()
 
 
+def test_a_url_that_redirects_says_so_and_where_not_none(tmp_path):
+    """A proxy in front of the cluster redirecting http:// to https:// (301 with a Location, no
+    body): the client does not follow it, and the line read "Elasticsearch answered 301: None"."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(301)
+            self.send_header("Location", "https://es.example:9200/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(OutputError) as refused:
+            check_cluster(make_client(url, env=ENV))
+        assert str(refused.value) == (f"Elasticsearch at {url} answered 301, a redirect to https://es.example:9200/, "
+                                      "which the client does not follow: give the URL it redirects to"), str(refused.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_unreachable_cluster_is_one_clear_line(tmp_path):
     client = make_client("http://user:pw-in-url@127.0.0.1:9/es", env=ENV)
     with pytest.raises(OutputError, match="cannot reach Elasticsearch at http://127.0.0.1:9/es: ") as refused:
