@@ -620,6 +620,12 @@ def probe_api(client: AdminApiClient, config: Any, now: float | None = None) -> 
             elif exc.status is None:
                 skip = "skipped: the API is unreachable"
         else:
+            if not isinstance(body.get("data"), list):  # collect fails every poll on it ("no `data` list")
+                from .config import display_url
+
+                results.append(ProbeResult(name, path, False, "the answer has no `data` list, as OpenAI's lists "
+                                           f"have: is `url` the OpenAI API ({display_url(config.url)})?"))
+                continue
             results.append(ProbeResult(name, path, True, "OK"))
             if name == "audit_logs":  # the stream's second scope, listed apart (see audit.py)
                 probes.insert(probes.index((name, path, params)) + 1,

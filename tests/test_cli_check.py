@@ -432,3 +432,17 @@ def test_a_reader_that_goes_away_is_not_a_failed_check(simulator, tmp_path):
     err = proc.stderr.read()
     proc.wait(timeout=60)
     assert b"check failed" not in err and b"Traceback" not in err, err.decode()
+
+
+@responses.activate
+def test_an_answer_that_is_not_an_openai_list_fails_check_as_collect_fails_on_it(tmp_path):
+    """`url` at a service that answers every path 200 with some other JSON object (a gateway's
+    status page, another API): check said OK for each probe, and collect then failed every poll
+    with "response has no `data` list of buckets"."""
+    for url in (f"{BASE}/v1/organization/usage/completions", *NAME_PROBES.values()):
+        responses.get(url, json={"status": "ok"})
+    result = run(tmp_path, only("completions"))
+    assert result.exit_code == 1, result.output
+    assert "check OK" not in result.output
+    assert ("/v1/organization/usage/completions: the answer has no `data` list, as OpenAI's lists have: is "
+            f"`url` the OpenAI API ({BASE})?") in result.output, result.output
