@@ -287,6 +287,9 @@ def setup_logging(
     root.setLevel(level)
     # urllib3 logs every connection at DEBUG; keep it one notch quieter than ours.
     logging.getLogger("urllib3").setLevel(max(level, logging.INFO))
+    # The Elasticsearch client logs each request at INFO and a failed one at WARNING: the output
+    # says what failed in its own lines (and retries itself; the client's retries are off).
+    logging.getLogger("elastic_transport").setLevel(level if level <= logging.DEBUG else max(level, logging.ERROR))
     # Python warnings (a library's) go through this handler too: formatted and redacted as every
     # other line, and never written straight to the real stderr, which `run` leaves to its
     # unblocked stream. urllib3's InsecureRequestWarning it repeats at every request ("always"):

@@ -223,6 +223,25 @@ def test_urllib3_stays_at_info_when_we_log_at_debug(stderr):
         urllib3.setLevel(saved)
 
 
+def test_the_elasticsearch_clients_own_request_lines_are_left_out_but_at_debug(stderr):
+    """elastic_transport logs every request at INFO ("PUT http://es:9200/_bulk [status:200 ...]")
+    and a failed one at WARNING ("Node ... has failed for 1 times in a row, putting on 1 second
+    timeout"): at the default INFO a collect to Elasticsearch wrote a line per bulk request, and an
+    unreachable cluster two raw lines before the collector's own one (which says it, and whose
+    retries are its own: the client's are off)."""
+    transport = logging.getLogger("elastic_transport.transport")
+    logs.setup_logging("INFO", "text", stream=stderr)
+    transport.info("PUT http://es:9200/_bulk [status:200 duration:0.004s]")
+    logging.getLogger("elastic_transport.node_pool").warning("Node <es> has failed for 1 times in a row")
+    transport.error("kept")
+    assert "_bulk" not in stderr.getvalue() and "has failed" not in stderr.getvalue()
+    assert "kept" in stderr.getvalue()
+    logs.setup_logging("DEBUG", "text", stream=stderr)
+    transport.info("PUT http://es:9200/_bulk [status:200 duration:0.004s]")
+    assert "_bulk" in stderr.getvalue()
+    logging.getLogger("elastic_transport").setLevel(logging.NOTSET)
+
+
 def test_a_secret_cut_short_is_redacted_too():
     """An error line quotes 45 characters of a value, a body is cut at 200: the cut secret no
     longer matched whole, and its first 45 (or 40) characters went out."""
