@@ -485,6 +485,9 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] = os.environ) ->
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
+        context = getattr(exc, "context", None)
+        if problem.startswith("but ") and isinstance(context, str):  # "but found another document": what was expected
+            problem = f"{context}, {problem}"
         if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):  # no mark, no problem
             before = text[:exc.position]
             where = f" (line {before.count(chr(10)) + 1}, column {exc.position - before.rfind(chr(10))})"

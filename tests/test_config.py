@@ -432,6 +432,18 @@ def test_a_control_character_in_the_file_is_named_with_its_line(tmp_path):
                                        "U+0007, which YAML does not allow"), info.value.message
 
 
+def test_a_second_yaml_document_is_named_not_only_but_found_another_document(tmp_path):
+    """A `---` that starts a second document (two configs pasted into one file): PyYAML puts
+    "expected a single document in the stream" in the error's context and only "but found another
+    document" in its problem, which was all the line gave."""
+    p = tmp_path / "c.yml"
+    p.write_text("namespace: a\n---\nnamespace: b\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert info.value.message.endswith("is not valid YAML (line 2, column 1): expected a single document in the "
+                                       "stream, but found another document"), info.value.message
+
+
 def test_file_not_a_mapping(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("- url\n- namespace\n")
