@@ -745,9 +745,16 @@ def _refused(exc, doc: Mapping) -> OutputError:
 
 
 def _describe_exc(exc: Exception) -> str:
+    from elastic_transport import TlsError
+
     from .logs import redact
 
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, TlsError) and exc.__cause__ is not None:  # its own text is only "TLS error"
+        cause = str(exc.__cause__) or type(exc.__cause__).__name__
+        hint = ("; give --es-ca-file (or es_ssl_ca_file) the CA that signed the cluster's certificate"
+                if "CERTIFICATE_VERIFY_FAILED" in cause else "")
+        return redact(f"{type(exc).__name__}: {text}: {cause}")[:300] + hint
     return redact(f"{type(exc).__name__}: {text}")[:300]
 
 

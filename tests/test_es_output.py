@@ -1019,6 +1019,27 @@ def test_tls_verification_is_on_by_default_and_a_ca_file_is_honoured(tls_files, 
         es.close()
 
 
+def test_a_tls_failure_says_why_and_what_to_give_not_only_tls_error(tls_files, tmp_path):
+    """A cluster with a certificate of its own CA (Elasticsearch 8's default security) and no
+    --es-ca-file, or a CA file that holds no certificate: both said only "cannot reach
+    Elasticsearch at ...: TlsError: TLS error", the cause left in the exception's __cause__."""
+    ca, cert, key = tls_files
+    es = FakeElasticsearch("9.1.0", auth=AUTH, certfile=str(cert), keyfile=str(key))
+    try:
+        with pytest.raises(OutputError) as unverified:
+            check_cluster(make_client(es.url, env=ENV))
+        assert "CERTIFICATE_VERIFY_FAILED" in str(unverified.value), str(unverified.value)
+        assert str(unverified.value).endswith("give --es-ca-file (or es_ssl_ca_file) the CA that signed the "
+                                              "cluster's certificate"), str(unverified.value)
+        not_a_ca = tmp_path / "not-a-ca.pem"
+        not_a_ca.write_text("not a certificate\n")
+        with pytest.raises(OutputError) as unread:
+            check_cluster(make_client(es.url, ca_file=str(not_a_ca), env=ENV))
+        assert "no certificate or crl found" in str(unread.value), str(unread.value)
+    finally:
+        es.close()
+
+
 # -- backpressure -----------------------------------------------------------------------------------
 def test_bounded_requests_and_concurrency_when_the_cluster_is_slow(fake, tmp_path):
     fake.delay = 0.05
