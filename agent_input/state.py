@@ -188,6 +188,9 @@ class StateStore:
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # "File exists" said nothing of what is wrong with it
+            raise StateError(f"cannot create state directory {self.directory}: something else has that name (a file, "
+                             "a FIFO, a device, or a link to no directory)") from None
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.directory}: {exc.strerror}") from None
         # One collector per state directory, for as long as this store is open: a second one would

@@ -545,9 +545,19 @@ def test_an_output_that_reports_ack_failures_itself_is_given_the_failed_delete(t
     store.close()
 
 
-def test_a_state_dir_path_that_is_a_file_is_one_line_naming_it(tmp_path):
-    (tmp_path / "state").write_text("not a folder")
-    with pytest.raises(StateError, match=rf"^cannot create state directory {tmp_path / 'state'}: File exists$"):
+@pytest.mark.parametrize("thing", ["file", "fifo", "link loop"])
+def test_a_state_dir_path_that_is_a_file_is_one_line_naming_it(tmp_path, thing):
+    """What stands there was said as "File exists" (`run --state-dir` on a FIFO, or a link loop,
+    which click's own directory check lets through), as if the directory were there."""
+    if thing == "file":
+        (tmp_path / "state").write_text("not a folder")
+    elif thing == "fifo":
+        os.mkfifo(tmp_path / "state")
+    else:
+        (tmp_path / "state").symlink_to(tmp_path / "loop")
+        (tmp_path / "loop").symlink_to(tmp_path / "state")
+    with pytest.raises(StateError, match=rf"^cannot create state directory {tmp_path / 'state'}: something else has "
+                                         r"that name \(a file, a FIFO, a device, or a link to no directory\)$"):
         StateStore(tmp_path / "state")
 
 
