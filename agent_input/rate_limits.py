@@ -16,6 +16,14 @@ And one document per project whose limits could not be read (`event.action:
 rate-limits-project-failure`, the project's id and name, `error.message`): a project that keeps
 failing while the others are read would otherwise go silent alone, its cycles all successes.
 
+A limit that does not match the API reference (`ProjectRateLimit`: no string `id` or `model`, a
+limit that is not an integer, such as `"lots"`, which Elasticsearch's `long` would refuse) is
+reported with its project, its id and the field at fault, and not stored; the project's other
+limits are. The cycle counts it in `openai.rate_limits.collection.bad_limits`, and a project none
+of whose limits could be stored is a failed project (its failure document says why). A project of
+the listing without a string `id` cannot be asked for its limits: reported, and counted among the
+failed projects.
+
 Document ids come from (cycle time, project, limit id): re-running the same cycle produces the same
 documents. The whole cycle goes to the outbox in one transaction with the cycle's time, and a cycle
 already stored is not collected again.
@@ -31,7 +39,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Lines, ListingCollector, PollStats, delivered_before, serialize
+from .engine import COUNTER_LIMIT, Lines, ListingCollector, PollStats, delivered_before, serialize
 from .http_client import AdminApiClient, ApiError, AuthenticationError, PermissionDeniedError, StoppedError
 from .paging import cursor_pages
 
@@ -43,6 +51,15 @@ LIMITS_PAGE = 100  # rate limits per page (the endpoint's default)
 LIMITS_WORKERS = 8  # projects whose limits are read at once (see `_each_projects_limits`)
 KV_LAST_CYCLE = "rate_limits:last_cycle"
 MAX_PAGES = 10_000
+BAD_SHOWN = 5  # bad limits or projects a cycle reports one line each; the rest are one line in all
+
+# ProjectRateLimit in the API reference: the strings a limit document cannot do without (its id, and
+# the model the headroom joins on), and the limits, integers (the reference's, and
+# `max_tokens_per_1_day`, which the seed maps as a long too)
+REQUIRED_STRINGS = ("id", "model")
+LIMITS = ("max_requests_per_1_minute", "max_tokens_per_1_minute", "max_images_per_1_minute",
+          "max_audio_megabytes_per_1_minute", "max_requests_per_1_day", "max_tokens_per_1_day",
+          "batch_1_day_max_input_tokens")
 
 
 class RateLimitsCollector(ListingCollector):
@@ -75,8 +92,18 @@ class RateLimitsCollector(ListingCollector):
                 fatal = exc
         limits = 0
         read = 0
+        bad_limits = 0
+        bad: list[str] = []  # what was wrong, one line per bad limit or project (`_report_bad`)
         refusals: dict[tuple, list[tuple[str, ApiError]]] = {}  # alike failures, said once (`_skipped`)
-        each = closing(self._each_projects_limits([p for p in projects if isinstance(p.get("id"), str)], stats))
+        readable: list[Mapping] = []
+        for project in projects:
+            if isinstance(project, Mapping) and isinstance(project.get("id"), str):
+                readable.append(project)
+                continue
+            failed.append("(no id)")  # its limits cannot be asked for
+            bad.append(f"a project of the listing has no string `id` ({_short(project)}): its limits cannot "
+                       f"be read")
+        each = closing(self._each_projects_limits(readable, stats))
         with each as results:  # leaving it (a rejected key, an error) drops the projects not read yet
             for project, rows, exc in results:
                 pid = project["id"]
@@ -89,13 +116,31 @@ class RateLimitsCollector(ListingCollector):
                         fatal = exc
                         break
                     continue
-                read += 1
-                for row in rows:
-                    if not isinstance(row, Mapping) or not isinstance(row.get("id"), str):
+                good = 0
+                wrong: list[tuple[str, str]] = []  # (which limit, what is wrong with it)
+                for n, row in enumerate(rows):
+                    why = check_limit(row)
+                    if why is not None:
+                        which = f"limit {_short(row.get('id'))}" if isinstance(row, Mapping) and isinstance(
+                            row.get("id"), str) else f"limit #{n + 1}"
+                        wrong.append((which, why))
                         continue
                     doc_id, doc = limit_event(row, project, collected=cycle, namespace=self.namespace)
                     lines.append(serialize(doc_id, doc))
-                    limits += 1
+                    good += 1
+                limits += good
+                bad_limits += len(wrong)
+                bad.extend(f"project {pid}: {which} does not match the API reference, not stored: {why}"
+                           for which, why in wrong)
+                if wrong and not good:
+                    # nothing of it stored: a failed project, so the per-project rule sees it go silent
+                    failed.append(pid)
+                    reason = (f"none of its {len(wrong)} limit(s) matches the API reference (first: {wrong[0][0]}: {wrong[0][1]})")
+                    doc_id, doc = project_failure_event(project, reason, collected=cycle, namespace=self.namespace)
+                    lines.append(serialize(doc_id, doc))
+                    continue
+                read += 1
+        _report_bad(bad, stats)
         refused = _refused_for_a_scope(refusals) if fatal is None and read == 0 else None
         for alike in refusals.values():
             msg = _skipped(alike)
@@ -112,7 +157,8 @@ class RateLimitsCollector(ListingCollector):
         if error is None and fatal is not None:  # a key rejected part way: not a whole cycle
             error = f"stopped after {read} of {len(projects)} project(s): {fatal}"
         status_id, status = status_event(collected=cycle, projects=read, limits=limits,
-                                         failed_projects=len(failed), error=error, namespace=self.namespace)
+                                         failed_projects=len(failed), bad_limits=bad_limits, error=error,
+                                         namespace=self.namespace)
         lines.append(serialize(status_id, status))
         self.delivery.commit_events(self.name, lines, {KV_LAST_CYCLE: str(cycle)})
         stats.events += len(lines)
@@ -177,10 +223,71 @@ class RateLimitsCollector(ListingCollector):
         for data in cursor_pages((client or self.client).get_json, path, params, max_pages=MAX_PAGES):
             stats.requests += 1
             stats.pages += 1
-            yield from (d for d in data if isinstance(d, Mapping))
+            yield from data  # an entry that is not an object is reported by the caller
 
 
 SKIPPED_IDS_SHOWN = 3  # project ids a line about projects that failed alike names
+
+_JSON_TYPE = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+              float: "a number", type(None): "null"}
+
+
+def _short(value: Any) -> str:
+    """A value as a report shows it: bounded, whatever the API sent (audit's `_short`)."""
+    from .audit import _short as short
+
+    return short(value)
+
+
+def _wrong(name: str, value: Any, want: str) -> str:
+    got = next((t for k, t in _JSON_TYPE.items() if type(value) is k), type(value).__name__)
+    return f"`{name}` is {got} ({_short(value)}), not {want}"
+
+
+def _is_integer(value: Any) -> bool:
+    """An integer of the reference that Elasticsearch's `long` stores as sent (JSON `5.0` too)."""
+    if type(value) is float and not value.is_integer():
+        return False
+    return type(value) in (int, float) and -COUNTER_LIMIT < value < COUNTER_LIMIT
+
+
+def check_limit(row: Any) -> str | None:
+    """What makes one limit row not match the API reference (`ProjectRateLimit`), or None.
+
+    A limit that is not an integer (`"lots"`) would be refused by the `long` mapping (the whole
+    document; the direct output dead-letters it); one without `id` has no document id, and one
+    without `model` is no headroom's limit."""
+    if not isinstance(row, Mapping):
+        return f"it is not an object ({_short(row)})"
+    for name in REQUIRED_STRINGS:
+        value = row.get(name)
+        if value is None:
+            return f"it lacks required `{name}`"
+        if not isinstance(value, str):
+            return _wrong(name, value, "a string")
+    if row.get("object") is not None and not isinstance(row["object"], str):
+        return _wrong("object", row["object"], "a string")
+    for name in LIMITS:
+        value = row.get(name)
+        if value is None:
+            continue  # a limit it lacks is only not in the document (the reference requires the first two)
+        if not _is_integer(value):
+            numeric = type(value) is int or type(value) is float and value.is_integer()
+            return _wrong(name, value, "within ±2^53 (Kibana would show it rounded)" if numeric else "an integer")
+    return None
+
+
+def _report_bad(bad: list[str], stats: PollStats) -> None:
+    """Each bad limit or project of a cycle, a WARNING and a poll error each, the first BAD_SHOWN of
+    them: an API that changed a field's type would otherwise make a line of every limit, every cycle."""
+    for line in bad[:BAD_SHOWN]:
+        msg = f"rate_limits: {line}"
+        stats.errors.append(msg)
+        log.warning(msg)
+    if len(bad) > BAD_SHOWN:
+        msg = f"rate_limits: and {len(bad) - BAD_SHOWN} more bad limit(s) or project(s) in this cycle, not stored"
+        stats.errors.append(msg)
+        log.warning(msg)
 
 
 def _alike(exc: ApiError) -> tuple:
@@ -280,7 +387,7 @@ def project_failure_event(project: Mapping[str, Any], reason: str, *, collected:
 
 
 def status_event(*, collected: int, projects: int, limits: int, failed_projects: int, error: str | None,
-                 namespace: str = "default") -> tuple[str, dict]:
+                 bad_limits: int = 0, namespace: str = "default") -> tuple[str, dict]:
     """The once-per-cycle status document the stale-limits rule reads."""
     ts = iso_timestamp(collected)
     doc: dict[str, Any] = {
@@ -295,7 +402,7 @@ def status_event(*, collected: int, projects: int, limits: int, failed_projects:
             "created": ts,
         },
         "openai": {"rate_limits": {"collection": {
-            "projects": projects, "limits": limits, "failed_projects": failed_projects,
+            "projects": projects, "limits": limits, "failed_projects": failed_projects, "bad_limits": bad_limits,
         }}},
         "tags": ["forwarded", "openai-rate-limits"],
     }

@@ -305,11 +305,13 @@ def project_limits_failing_rule(sources: Sources = DEFAULT_SOURCES,
 def limits_freshness(sources: Sources = DEFAULT_SOURCES) -> str:
     """Panel: collection cycles and the last success per namespace (one collector per OpenAI
     organization, as the stale rule groups them), so a stale headroom table is visible even while
-    another organization's collector keeps succeeding."""
+    another organization's collector keeps succeeding; with the projects that failed and the limits
+    that did not match the API reference (not stored: a successful cycle that is not clean)."""
     return "\n".join([
         sources.from_clause(["rate_limits"]),
         "| WHERE event.action == \"rate-limits-collection\"",
-        "| STATS cycles = COUNT(*), last_cycle = MAX(@timestamp), failed_projects = SUM(openai.rate_limits.collection.failed_projects)"
+        "| STATS cycles = COUNT(*), last_cycle = MAX(@timestamp), failed_projects = SUM(openai.rate_limits.collection.failed_projects),"
+        " bad_limits = SUM(openai.rate_limits.collection.bad_limits)"
         " BY namespace = data_stream.namespace, event.outcome",
         "| SORT namespace, event.outcome",
     ])

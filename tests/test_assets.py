@@ -103,7 +103,7 @@ def test_everything_the_collector_emits_is_declared():
     rl = F.field_types("rate_limits")
     assert rl["openai.base.project_name"] == "keyword"
     assert rl["event.action"] == rl["event.outcome"] == "keyword"
-    for n in ("projects", "limits", "failed_projects"):
+    for n in ("projects", "limits", "failed_projects", "bad_limits"):
         assert rl[f"openai.rate_limits.collection.{n}"] == "long"
     audit = F.field_types("audit")
     assert audit["openai.audit.project.id"] == audit["openai.audit.project.name"] == "keyword"

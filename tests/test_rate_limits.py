@@ -64,7 +64,8 @@ def test_status_document_fields():
     _, ok = status_event(collected=1_700_000_000, projects=3, limits=90, failed_projects=1, error=None)
     assert ok["event"] == {"kind": "event", "action": "rate-limits-collection", "outcome": "success",
                            "dataset": "openai.rate_limits", "created": "2023-11-14T22:13:20.000Z"}
-    assert ok["openai"]["rate_limits"]["collection"] == {"projects": 3, "limits": 90, "failed_projects": 1}
+    assert ok["openai"]["rate_limits"]["collection"] == {"projects": 3, "limits": 90, "failed_projects": 1,
+                                                           "bad_limits": 0}
     assert "error" not in ok
     _, bad = status_event(collected=1_700_000_000, projects=0, limits=0, failed_projects=0, error="boom")
     assert bad["event"]["outcome"] == "failure" and bad["error"] == {"message": "boom"}
@@ -110,7 +111,7 @@ def test_multi_page_projects_with_one_refused_yield_every_other_projects_limits(
     assert len(status) == 1
     assert status[0]["event"]["outcome"] == "success"
     assert status[0]["openai"]["rate_limits"]["collection"] == {
-        "projects": len(projects) - 1, "limits": len(limits), "failed_projects": 1}
+        "projects": len(projects) - 1, "limits": len(limits), "failed_projects": 1, "bad_limits": 0}
     # the project that failed has a document of its own, for the per-project failing rule
     (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
     assert failure["event"]["outcome"] == "failure" and failure["@timestamp"] == iso_timestamp(T0)
@@ -277,7 +278,8 @@ def test_project_list_failure_is_a_failure_status_document(simulator, tmp_path):
     status = [d for d in read_ndjson(out) if d["event"].get("action") == "rate-limits-collection"]
     assert [s["event"]["outcome"] for s in status] == ["failure", "success"]
     assert "cannot list projects" in status[0]["error"]["message"]
-    assert status[0]["openai"]["rate_limits"]["collection"] == {"projects": 0, "limits": 0, "failed_projects": 0}
+    assert status[0]["openai"]["rate_limits"]["collection"] == {"projects": 0, "limits": 0, "failed_projects": 0,
+                                                                 "bad_limits": 0}
 
 
 def test_missing_scope_writes_a_failure_and_stops_the_stream(tmp_path):
@@ -541,3 +543,122 @@ def test_a_line_for_projects_failed_alike_names_their_count_and_first_ids():
     assert f"({', '.join(ids[:SKIPPED_IDS_SHOWN])}, ...)" in more and ids[-1] not in more
     gone = NotFoundError(404, "not found", None, "/p")
     assert _skipped([("proj_a", gone), ("proj_b", gone)]) == f"rate_limits: skipped 2 projects (proj_a, proj_b): first: {gone}"
+
+
+class _BadListing:
+    """Projects and limits as given, one page each (issue 6: bad API data)."""
+
+    def __init__(self, projects: list, limits: dict[str, list]):
+        self.projects, self.limits = projects, limits
+
+    def get_json(self, path, params):
+        data = self.projects if path.endswith("/projects") else self.limits[path.split("/")[-2]]
+        return {"object": "list", "data": data, "has_more": False}
+
+
+def _bad_data_cycle(tmp_path, projects, limits, caplog):
+    cfg = config_from_dict({"url": "http://127.0.0.1:1", "api_key": ADMIN_KEY,
+                            "data_streams": {"rate_limits": {}}}, env={})
+    store = StateStore(tmp_path / "state")
+    out = tmp_path / "rl.ndjson"
+    output = NdjsonFileOutput(out)
+    col = RateLimitsCollector(cfg, cfg.stream("rate_limits"), _BadListing(projects, limits),
+                              Delivery(store, output), clock=lambda: T0)
+    try:
+        with caplog.at_level("WARNING", logger="agent_input.rate_limits"):
+            stats = col.poll(T0)
+    finally:
+        output.close()
+        store.close()
+    return stats, read_ndjson(out)
+
+
+def _row(rid, model, **limits):
+    return {"object": "project.rate_limit", "id": rid, "model": model, "max_requests_per_1_minute": 5,
+            "max_tokens_per_1_minute": 100, **limits}
+
+
+def test_bad_limits_and_a_project_without_id_are_reported_and_the_good_rows_stored(tmp_path, caplog):
+    """A project without `id`, a limit without `id`, and a limit of "lots" (a string where the
+    reference and the `long` mapping want an integer) were dropped or stored without a word: no
+    error, no log line, and a clean cycle (`failed_projects: 0`)."""
+    projects = [{"id": "proj_a", "name": "A", "status": "active"}, {"name": "no id", "status": "active"}]
+    rows = [_row("rl-1", "m1"), {k: v for k, v in _row("x", "m2").items() if k != "id"},
+            _row("rl-3", "m3", max_requests_per_1_minute="lots"), _row("rl-4", "m4")]
+    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": rows}, caplog)
+    stored = [d["openai"]["rate_limits"] for d in docs if "model" in d["openai"]["rate_limits"]]
+    assert [r["id"] for r in stored] == ["rl-1", "rl-4"]  # the good rows of the page
+    assert all(type(r["max_requests_per_1_minute"]) is int for r in stored)
+    text = "\n".join(stats.errors)
+    assert "a project of the listing has no string `id`" in text and "'no id'" in text, text
+    assert "project proj_a: limit #2 does not match the API reference, not stored: it lacks required `id`" in text
+    assert ("project proj_a: limit 'rl-3' does not match the API reference, not stored: "
+            "`max_requests_per_1_minute` is a string ('lots'), not an integer") in text
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(logged) == 3 and all(m in stats.errors for m in logged), logged
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "success"  # proj_a's other limits are fresh
+    assert status["openai"]["rate_limits"]["collection"] == {"projects": 1, "limits": 2, "failed_projects": 1,
+                                                             "bad_limits": 2}
+    assert all(undeclared_fields(d) == [] for d in docs)
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("max_tokens_per_1_minute", "150000", "`max_tokens_per_1_minute` is a string ('150000'), not an integer"),
+    ("max_images_per_1_minute", 2.5, "`max_images_per_1_minute` is a number (2.5), not an integer"),
+    ("max_requests_per_1_day", True, "`max_requests_per_1_day` is a boolean (True), not an integer"),
+    ("batch_1_day_max_input_tokens", {"v": 1}, "`batch_1_day_max_input_tokens` is an object ({'v': 1}), not an integer"),
+    ("max_tokens_per_1_minute", 2**60, "is an integer (1152921504606846976), not within ±2^53"),
+    ("model", 7, "`model` is an integer (7), not a string"),
+    ("model", None, "it lacks required `model`"),
+    ("id", ["a"], "`id` is an array (['a']), not a string"),
+])
+def test_each_kind_of_bad_limit_is_named_with_its_field_and_type(tmp_path, caplog, field, value, why):
+    """ProjectRateLimit: `id` and `model` strings, every limit an integer. A project none of whose
+    limits could be stored is a failed project with a failure document (the per-project rule)."""
+    row = _row("rl-x", "mx")
+    row[field] = value
+    projects = [{"id": "proj_a", "name": "A"}, {"id": "proj_b", "name": "B"}]
+    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": [row], "proj_b": [_row("rl-1", "m1")]}, caplog)
+    assert any(e.startswith("rate_limits: project proj_a: ") and why in e for e in stats.errors), stats.errors
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "success"
+    assert status["openai"]["rate_limits"]["collection"] == {"projects": 1, "limits": 1, "failed_projects": 1,
+                                                             "bad_limits": 1}
+    (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert failure["openai"]["rate_limits"]["project_id"] == "proj_a"
+    assert "none of its 1 limit(s) matches the API reference" in failure["error"]["message"]
+    assert why in failure["error"]["message"]
+
+
+def test_limits_the_reference_allows_are_stored_as_before(tmp_path, caplog):
+    """Optional limits absent or null, an integral float (JSON 600.0), and no `object` are fine."""
+    rows = [{"id": "rl-1", "model": "m1", "max_requests_per_1_minute": 600.0},
+            _row("rl-2", "m2", max_images_per_1_minute=None, max_tokens_per_1_day=9_000_000)]
+    stats, docs = _bad_data_cycle(tmp_path, [{"id": "proj_a"}], {"proj_a": rows}, caplog)
+    assert stats.errors == [] and not caplog.records
+    assert sum("model" in d["openai"]["rate_limits"] for d in docs) == 2
+
+
+def test_a_cycle_with_every_limit_bad_fails_and_reports_a_bounded_number_of_lines(tmp_path, caplog):
+    """An API that changed a limit's type: every project fails (the stale rule's failure), and the
+    cycle says so in a few lines, not one per limit."""
+    projects = [{"id": f"proj_{i}"} for i in range(4)]
+    limits = {p["id"]: [_row(f"rl-{j}", f"m{j}", max_tokens_per_1_minute="many") for j in range(5)]
+              for p in projects}
+    stats, docs = _bad_data_cycle(tmp_path, projects, limits, caplog)
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "failure"
+    assert "the rate limits of all 4 project(s) failed" in status["error"]["message"]
+    assert status["openai"]["rate_limits"]["collection"] == {"projects": 0, "limits": 0, "failed_projects": 4,
+                                                             "bad_limits": 20}
+    assert len(stats.errors) == 7  # 5 limits, "and 15 more", the failed cycle
+    assert "and 15 more bad limit(s) or project(s)" in stats.errors[5]
+    assert not any("model" in d["openai"]["rate_limits"] for d in docs)
+
+
+def test_an_entry_of_the_projects_listing_that_is_not_an_object_is_reported(tmp_path, caplog):
+    stats, docs = _bad_data_cycle(tmp_path, ["proj_z", {"id": "proj_a"}], {"proj_a": [_row("rl-1", "m1")]}, caplog)
+    assert any("a project of the listing has no string `id` ('proj_z')" in e for e in stats.errors), stats.errors
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["openai"]["rate_limits"]["collection"]["failed_projects"] == 1
