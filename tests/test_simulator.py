@@ -784,6 +784,29 @@ def test_fault_kinds(http, sim, validate):
         sim.clear_faults()
 
 
+def test_invalid_items_break_a_list_s_items_and_keep_its_paging(http, sim, validate):
+    """`invalid_results` on a list endpoint also drops `has_more`, so a collector's page-level check
+    fires and its item-level reports are never reached: `invalid_items` breaks the items only."""
+    pid = sim.org.projects[0].id
+    path = f"projects/{pid}/rate_limits"
+    want = get(http, sim, path, {"limit": 3}).json()
+    assert want["has_more"] is True and len(want["data"]) == 3
+    sim.add_fault(FaultRule("invalid_items", path=f"*/projects/{pid}/rate_limits"))
+    try:
+        got = get(http, sim, path, {"limit": 3}).json()
+        with pytest.raises(AssertionError):
+            validate("ProjectRateLimitListResponse", got)
+        assert "id" not in got["data"][0] and got["data"][1]["max_requests_per_1_minute"] == "lots"
+        assert got["data"][2] == want["data"][2]
+        assert {k: got[k] for k in ("has_more", "first_id", "last_id")} == {
+            k: want[k] for k in ("has_more", "first_id", "last_id")}
+        # the next page is still there, untouched (count=1)
+        nxt = get(http, sim, path, {"limit": 3, "after": got["last_id"]}).json()
+        validate("ProjectRateLimitListResponse", nxt)
+    finally:
+        sim.clear_faults()
+
+
 def test_a_reset_fault_is_a_tcp_reset(sim):
     """Not a polite close: the client sees ECONNRESET, as when a proxy or the API drops it."""
     import socket

@@ -62,7 +62,9 @@ Faults
     "503", "401", "403" (on audit_logs: "audit logging is not enabled"; with tenant_only=true: "cannot list
     tenant-scoped audit events"), "404", "reset" (connection dropped with
     an RST), "slow" (sleep ``delay`` s, then answer), "malformed_json" (200, truncated body),
-    "invalid_results" (200, JSON violating the spec). ``path`` is a prefix (``/v1/organization`` may be
+    "invalid_results" (200, JSON violating the spec; a list loses ``has_more``), "invalid_items" (200, a
+    list page whose items violate the spec: the first without ``id``, the second with ``"lots"`` for its
+    first integer; ``has_more`` and ``last_id`` kept, so the listing goes on past it). ``path`` is a prefix (``/v1/organization`` may be
     left out) or a glob (``*/projects/proj_x/rate_limits``); ``query`` (``tenant_only=true``) narrows a rule
     to requests carrying those parameters. ``latency`` adds seconds to every API request.
 

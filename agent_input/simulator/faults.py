@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from urllib.parse import parse_qsl
 
 FAULT_KINDS = ("429", "500", "502", "503", "401", "403", "404", "reset", "slow", "malformed_json",
-               "invalid_results")
+               "invalid_results", "invalid_items")
 
 
 @dataclass

@@ -419,6 +419,24 @@ def corrupt(body: object) -> object:
     return {"object": None}
 
 
+def corrupt_items(body: object) -> object:
+    """A list page whose items violate the spec while the page itself does not: the first item
+    without its `id`, the second with a word (`"lots"`) for its first integer. `has_more`,
+    `first_id` and `last_id` are kept, so the listing goes on past it (`invalid_results` drops
+    `has_more`, and only a collector's page-level check fires). Anything but a list: unchanged."""
+    if not (isinstance(body, dict) and body.get("object") == "list" and isinstance(body.get("data"), list)):
+        return body
+    items = [dict(i) if isinstance(i, dict) else i for i in body["data"]]
+    if items and isinstance(items[0], dict):
+        items[0].pop("id", None)
+    if len(items) > 1 and isinstance(items[1], dict):
+        for k, v in items[1].items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                items[1][k] = "lots"
+                break
+    return {**body, "data": items}
+
+
 _STATUS_ERRORS = {
     "401": (401, "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
             "invalid_request_error", "invalid_api_key"),
@@ -577,6 +595,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if status == 200 and mode == "invalid_results":
             body = corrupt(body)
+        elif status == 200 and mode == "invalid_items":
+            body = corrupt_items(body)
         sim._count(path, status)
         self._send(status, body, headers)
 

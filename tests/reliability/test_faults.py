@@ -1,7 +1,7 @@
 """Fault injection from the simulator into the real client and engine: 429 storms (Retry-After
 honoured and counted), 5xx bursts, connection resets, responses slower than the timeout, a page of
-malformed JSON, a page whose results violate the spec. Every good bucket is delivered, each bad one
-is reported with what was wrong, nothing crashes, and the cursor never moves past a bucket that was
+malformed JSON, a page whose results violate the spec, a rate limits page whose items do (its paging
+intact). Every good bucket or limit is delivered, each bad one is reported with what was wrong, nothing crashes, and the cursor never moves past a bucket that was
 not delivered.
 
 Reads are made 2h after the buckets end (finalization grace) with no revision window, so what is
@@ -301,6 +301,62 @@ def test_a_rate_limits_429_storm_is_counted_in_the_stream_s_figures(simulator, t
         assert main.stats.throttled == 4 and main.stats.retry_after_seconds_total == 8
     finally:
         main.close()
+        store.close()
+
+
+def test_rate_limits_violating_the_spec_are_reported_and_the_rest_of_the_listing_stored(simulator, tmp_path,
+                                                                                         monkeypatch):
+    """Issue 6 for rate limits: a page of one project's limits whose items break the reference (one
+    without `id`, one with "lots" for an integer; the page's paging intact: `invalid_items`) is
+    reported item by item with the project, the limit and the field, the cycle counts them, and
+    every other limit (of that page, the project's next pages and the other projects) is stored."""
+    from agent_input import rate_limits
+    from agent_input.config import config_from_dict
+    from agent_input.rate_limits import RateLimitsCollector
+    from agent_input.simulator.org import rate_limit_rows
+
+    monkeypatch.setattr(rate_limits, "LIMITS_PAGE", 5)  # several pages per project: fault a middle one
+    cfg = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 1,
+                            "data_streams": {"rate_limits": {}}}, env={})
+    store = StateStore(tmp_path / "state")
+    out = io.BytesIO()
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1, backoff_base=0.01, backoff_cap=0.02)
+    col = RateLimitsCollector(cfg, cfg.stream("rate_limits"), client, Delivery(store, NdjsonOutput(out)),
+                              clock=simulator.now)
+    projects = [p for p in simulator.org.projects if p.status == "active"]
+    target = projects[0]
+    rows = rate_limit_rows(simulator.org, target)
+    assert len(rows) > 10
+    bad_ids = {rows[5]["id"], rows[6]["id"]}  # the second page's first two items
+    try:
+        simulator.add_fault(FaultRule(kind="invalid_items", path=f"*/projects/{target.id}/rate_limits", skip=1,
+                                      count=1))
+        stats = col.poll(T0)
+        docs = [json.loads(line) for line in out.getvalue().splitlines()]
+        (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+        collection = status["openai"]["rate_limits"]["collection"]
+        assert status["event"]["outcome"] == "success"
+        assert collection["bad_limits"] == 2 and collection["failed_projects"] == 0, collection
+        stored = {(d["openai"]["rate_limits"]["project_id"], d["openai"]["rate_limits"]["id"])
+                  for d in docs if "model" in d["openai"]["rate_limits"]}
+        want = {(p.id, r["id"]) for p in projects for r in rate_limit_rows(simulator.org, p)}
+        assert stored == want - {(target.id, i) for i in bad_ids}
+        assert collection["limits"] == len(stored)
+        text = "\n".join(stats.errors)
+        assert f"project {target.id}: limit #6 does not match the API reference" in text and "`id`" in text, text
+        assert (f"project {target.id}: limit {rows[6]['id']!r} does not match the API reference, not stored: "
+                "`max_requests_per_1_minute` is a string ('lots'), not an integer") in text, text
+        assert len(stats.errors) == 2
+        # the next cycle, without the fault, stores them and is clean
+        out.truncate(0)
+        out.seek(0)
+        clean = col.poll(T0 + 300)
+        assert clean.errors == []
+        docs = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert {(d["openai"]["rate_limits"]["project_id"], d["openai"]["rate_limits"]["id"])
+                for d in docs if "model" in d["openai"]["rate_limits"]} == want
+    finally:
+        client.close()
         store.close()
 
 
