@@ -18,12 +18,15 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def full_config(url: str, *, initial: str = "1h", audit: bool = True, costs: bool = True, **top) -> dict:
-    """Every stream that has a truth: the ten usage streams (1m), costs (1d) and audit."""
+def full_config(url: str, *, initial: str = "1h", audit: bool = True, costs: bool = True, rate_limits: bool = False,
+                **top) -> dict:
+    """Every stream that has a truth: the ten usage streams (1m), costs (1d) and audit; and
+    `rate_limits` when asked (a snapshot, not a sum: `compare_all` has nothing to compare, but a
+    crash must not lose or double a cycle, and nothing it writes may hold a secret)."""
     streams = {s.name: {"initial_interval": initial} for s in USAGE_STREAMS}
     streams["costs"] = {"enabled": costs, "initial_interval": "5d"}
     streams["audit"] = {"enabled": audit, "initial_interval": "6h"}
-    streams["rate_limits"] = {"enabled": False}  # a snapshot, not a sum: nothing to compare
+    streams["rate_limits"] = {"enabled": rate_limits}
     cfg = {"url": url, "api_key": ADMIN_KEY, "max_retries": 3, "data_streams": streams}
     cfg.update(top)
     return cfg

@@ -3,7 +3,8 @@ steady-state polling with late revisions, and during delivery, then restart; for
 (NDJSON file, the agent protocol with an acknowledging supervisor, the direct Elasticsearch
 output into a create-only recording fake) and every stream with a truth: the ten usage streams,
 costs and audit. Stored totals (deduplicated by id) must equal the simulator's final truth, and
-no id may ever carry two contents. Rate limits are a snapshot, not a sum, and are left out."""
+no id may ever carry two contents. Rate limits are a snapshot, not a sum: their cycles must each be
+stored once, every completed run's cycle present with its one collection document."""
 from __future__ import annotations
 
 import os
@@ -48,7 +49,8 @@ class Driver:
     def __init__(self, kind: str, sim, tmp_path):
         self.kind, self.sim, self.tmp = kind, sim, tmp_path
         self.state = tmp_path / "state"
-        self.cfg = full_config(sim.base_url, initial=BACKFILL)
+        self.cfg = full_config(sim.base_url, initial=BACKFILL, rate_limits=True)
+        self.completed: set[int] = set()  # the times of the runs that completed: each one's rate limits cycle
         self.cfg_path = tmp_path / "config.yml"
         self.cfg_path.write_text(yaml.safe_dump(self.cfg))
         self.out = tmp_path / "events.ndjson"
@@ -78,6 +80,12 @@ class Driver:
         else:
             committed_enough = lambda: False  # noqa: E731
         kill_after = 180.0 if after_batches is not None or during_delivery else None
+        outcome = self._run(now, kill_after, during_delivery, committed_enough)
+        if outcome == "completed":
+            self.completed.add(int(now))
+        return outcome
+
+    def _run(self, now, kill_after, during_delivery, committed_enough) -> str:
         if self.kind == "protocol":
             return self._run_protocol(now, kill_after, during_delivery, committed_enough)
         if self.kind == "ndjson":
@@ -109,7 +117,7 @@ class Driver:
 
         sup = Supervisor(self.state, now, persisted=self.persisted)
         sup.configure(self.cfg)
-        names = [s.name for s in USAGE_STREAMS] + ["costs", "audit"]
+        names = [s.name for s in USAGE_STREAMS] + ["costs", "audit", "rate_limits"]
         if kill_after is None:
             sup.wait_polled(names, timeout=180)
             assert sup.stop() == 0, sup.stderr_text()[-2000:]
@@ -197,8 +205,34 @@ def test_sigkill_matrix_backfill_steady_state_delivery(simulator, tmp_path, kind
         finally:
             store.close()
         assert not wrong, wrong
+        assert_rate_limit_cycles(docs, d.completed)
     finally:
         d.close()
+
+
+def assert_rate_limit_cycles(docs: list[dict], completed: set[int]) -> None:
+    """One collection document per cycle (a cycle is a run's time: a run killed and run again at
+    the same time stores it once), every completed run's cycle there, a success with its limits;
+    none for a time no run had. `docs` are deduplicated, so an id never carried two contents."""
+    rl = [d for d in docs if d["data_stream"]["dataset"] == "openai.rate_limits"]
+    cycles: dict[int, list[dict]] = {}
+    limits: dict[int, int] = {}
+    for doc in rl:
+        t = int(_epoch(doc["@timestamp"]))
+        if doc["event"].get("action") == "rate-limits-collection":
+            cycles.setdefault(t, []).append(doc)
+        elif "model" in doc["openai"]["rate_limits"]:
+            limits[t] = limits.get(t, 0) + 1
+    assert completed, "no run completed"
+    lost = sorted(completed - set(cycles))
+    assert not lost, f"the rate limits cycles of completed runs at {lost[:3]} have no collection document"
+    doubled = {t: len(c) for t, c in cycles.items() if len(c) != 1}
+    assert not doubled, f"cycles with more than one collection document: {doubled}"
+    assert set(limits) <= set(cycles), "limits of a cycle without its collection document"
+    for t, (doc,) in cycles.items():
+        collection = doc["openai"]["rate_limits"]["collection"]
+        assert doc["event"]["outcome"] == "success" and collection["failed_projects"] == 0, doc
+        assert collection["limits"] == limits.get(t, 0) > 0, (t, collection, limits.get(t))
 
 
 def test_protocol_batches_the_supervisor_never_acknowledged_are_sent_again_after_a_kill(simulator, tmp_path):

@@ -51,7 +51,7 @@ def test_no_secret_in_anything_written(simulator, tmp_path):
     written: dict[str, bytes] = {}
     env = {"OPENAI_ADMIN_KEY": ADMIN_KEY, "ELASTIC_API_KEY": ES_API_KEY, "ELASTIC_USERNAME": ES_USER,
            "ELASTIC_PASSWORD": ES_PASSWORD}
-    cfg = full_config(simulator.base_url)
+    cfg = full_config(simulator.base_url, rate_limits=True)
     cfg.pop("api_key")  # from OPENAI_ADMIN_KEY, as in production
     cfg["max_retries"] = 2
     cfg_path = tmp_path / "openai.yml"
@@ -59,7 +59,11 @@ def test_no_secret_in_anything_written(simulator, tmp_path):
     faults = [FaultRule(kind="429", count=3, retry_after=1), FaultRule(kind="500", path="usage/", count=2),
               FaultRule(kind="reset", path="usage/", skip=3, count=1),
               FaultRule(kind="malformed_json", path="usage/images", count=1),
-              FaultRule(kind="invalid_results", path="usage/embeddings", count=1)]
+              FaultRule(kind="invalid_results", path="usage/embeddings", count=1),
+              # rate limits: a project whose limits fail (its failure document quotes the error) and
+              # limits that do not match the reference (reported, quoting the values)
+              FaultRule(kind="404", path="*/rate_limits", count=1),
+              FaultRule(kind="invalid_items", path="*/rate_limits", skip=1, count=1)]
 
     def arm():
         simulator.clear_faults()
@@ -104,8 +108,8 @@ def test_no_secret_in_anything_written(simulator, tmp_path):
 
     arm()
     sup = Supervisor(tmp_path / "state-run", T0, log_level="DEBUG")
-    sup.configure(full_config(simulator.base_url))
-    sup.wait_polled(["completions", "costs", "audit"], timeout=120)
+    sup.configure(full_config(simulator.base_url, rate_limits=True))
+    sup.wait_polled(["completions", "costs", "audit", "rate_limits"], timeout=120)
     sup.stop()
     import json
 
@@ -117,6 +121,8 @@ def test_no_secret_in_anything_written(simulator, tmp_path):
             written[str(path.relative_to(tmp_path))] = path.read_bytes()
     assert len(written) > 12
     assert any(b"429" in v for k, v in written.items() if "stderr" in k), "the faults were not exercised"
+    assert b"rate-limits-project-failure" in written["events.ndjson"], "the rate limits faults were not exercised"
+    assert b"does not match the API reference" in written["collect stderr"]
 
     leaks = [f"{what} in {where}" for where, data in written.items() for what, secret in _secrets().items()
              if secret in data]
