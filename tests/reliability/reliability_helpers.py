@@ -53,8 +53,11 @@ def cost_totals_truth(sim, start: int, end: int) -> dict[tuple, float]:
     return {k: v["amount"] for k, v in raw.items() if abs(v.get("amount", 0)) > 1e-9}
 
 
-def compare_all(sim, docs, store, *, end_of_test: float, audit_since: float | None = None) -> list[str]:
-    """Every mismatch between deduplicated stored documents and the simulator's truth."""
+def compare_all(sim, docs, store, *, end_of_test: float, audit_since: float | None = None,
+                costs: bool = True) -> list[str]:
+    """Every mismatch between deduplicated stored documents and the simulator's truth. `costs`: the
+    stream was enabled (`full_config`'s default), so a collector that never committed a costs
+    cursor is a mismatch, not a stream left out."""
     wrong: list[str] = []
     settled = int(end_of_test - SETTLE) // 60 * 60
     for spec in USAGE_STREAMS:
@@ -70,7 +73,10 @@ def compare_all(sim, docs, store, *, end_of_test: float, audit_since: float | No
             bad = [k for k in set(got) | set(want) if got.get(k) != want.get(k)]
             wrong.append(f"{spec.name}: {len(bad)} groups differ, e.g. {bad[:1]} {got.get(bad[0])} != {want.get(bad[0])}")
     cur = store.cursor("costs", "1d")
-    if cur is not None:
+    if cur is None:
+        if costs:
+            wrong.append("costs: never committed a cursor")
+    else:
         cost_end = int(end_of_test - COSTS_SETTLE) // DAY * DAY - DAY
         got, want = cost_totals_stored(docs, cur.origin, cost_end), cost_totals_truth(sim, cur.origin, cost_end)
         if not want:

@@ -210,6 +210,18 @@ def test_sigkill_matrix_backfill_steady_state_delivery(simulator, tmp_path, kind
         d.close()
 
 
+def test_compare_all_fails_a_collector_that_never_committed_costs(simulator, tmp_path):
+    """Costs were compared only when a costs cursor existed: a collector that never collected
+    costs (enabled) passed the matrix."""
+    store = StateStore(tmp_path / "state")
+    try:
+        wrong = compare_all(simulator, [], store, end_of_test=T0)
+        assert "costs: never committed a cursor" in wrong, wrong
+        assert not any(w.startswith("costs") for w in compare_all(simulator, [], store, end_of_test=T0, costs=False))
+    finally:
+        store.close()
+
+
 def assert_rate_limit_cycles(docs: list[dict], completed: set[int]) -> None:
     """One collection document per cycle (a cycle is a run's time: a run killed and run again at
     the same time stores it once), every completed run's cycle there, a success with its limits;
