@@ -66,7 +66,6 @@ import ipaddress
 import json
 import logging
 import re
-import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -76,6 +75,7 @@ from .http_client import (ApiError, AuthenticationError, BadRequestError, NotFou
                           StoppedError, explain)
 from .org_guard import OrganizationMismatch, OrganizationUnverified
 from .paging import cursor_pages
+from .reports import JSON_TYPE, clip as _clip, short as _short, wrong
 
 log = logging.getLogger("agent_input.audit")
 
@@ -448,30 +448,8 @@ def _load_recent(text: str | None) -> dict[str, int]:
     return {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
 
 
-_repr = reprlib.Repr()
-_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxstring, _repr.maxother = 2, 4, 4, 60, 60
-
-
-def _short(value: Any) -> str:
-    """A value as a report shows it: bounded in depth and length, whatever the API sent."""
-    try:
-        text = _repr.repr(value)
-    except Exception:  # noqa: BLE001 - a report must never fail
-        text = f"<{type(value).__name__}>"
-    return _clip(text)
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-_JSON_TYPE = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-              float: "a number", type(None): "null"}
-
-
 def _wrong(path: str, value: Any, want: str) -> BadAuditPage:
-    got = next((name for t, name in _JSON_TYPE.items() if type(value) is t), type(value).__name__)
-    return BadAuditPage(f"`{path}` is {got} ({_short(value)}), not {want}")
+    return BadAuditPage(wrong(path, value, want))
 
 
 def _want(event: Mapping, key: str, path: str, kind: type) -> Any:
@@ -483,7 +461,7 @@ def _want(event: Mapping, key: str, path: str, kind: type) -> Any:
         if not isinstance(value, Mapping):
             raise _wrong(path, value, "an object")
     elif not isinstance(value, kind) or isinstance(value, bool):
-        raise _wrong(path, value, _JSON_TYPE.get(kind, kind.__name__))
+        raise _wrong(path, value, JSON_TYPE.get(kind, kind.__name__))
     return value
 
 

@@ -42,6 +42,7 @@ from .ecs import ECS_VERSION, iso_timestamp
 from .engine import COUNTER_LIMIT, Lines, ListingCollector, PollStats, delivered_before, serialize
 from .http_client import AdminApiClient, ApiError, AuthenticationError, PermissionDeniedError, StoppedError
 from .paging import cursor_pages
+from .reports import short as _short, wrong as _wrong
 
 log = logging.getLogger("agent_input.rate_limits")
 
@@ -227,22 +228,6 @@ class RateLimitsCollector(ListingCollector):
 
 
 SKIPPED_IDS_SHOWN = 3  # project ids a line about projects that failed alike names
-
-_JSON_TYPE = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-              float: "a number", type(None): "null"}
-
-
-def _short(value: Any) -> str:
-    """A value as a report shows it: bounded, whatever the API sent (audit's `_short`)."""
-    from .audit import _short as short
-
-    return short(value)
-
-
-def _wrong(name: str, value: Any, want: str) -> str:
-    got = next((t for k, t in _JSON_TYPE.items() if type(value) is k), type(value).__name__)
-    return f"`{name}` is {got} ({_short(value)}), not {want}"
-
 
 def _is_integer(value: Any) -> bool:
     """An integer of the reference that Elasticsearch's `long` stores as sent (JSON `5.0` too)."""
