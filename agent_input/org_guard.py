@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 from .http_client import ApiError, PermissionDeniedError
 from .paging import STOP_CHECK, cursor_pages, stopped
 from .state import (STATE_VERSION, StateError, StateStore, emptied_state_message, newer_state_message,
-                    observed_values_in)
+                    not_a_directory_message, observed_values_in)
 
 log = logging.getLogger("agent_input.org_guard")
 
@@ -274,10 +274,14 @@ def read_recorded(state_dir: Any) -> Recorded:
     projects its stored usage names, read without taking the directory (a collector may be running
     on it): nothing when there is no state file or no tables in it yet. StateError for a file that
     cannot be read (permissions, I/O) or that collect refuses at its start: emptied, or not an
-    sqlite database."""
+    sqlite database, or a state directory path collect cannot make a directory (a file, a FIFO, a
+    link loop)."""
     import sqlite3
 
     path = Path(state_dir) / "state.sqlite3"
+    problem = not_a_directory_message(state_dir)
+    if problem is not None:  # collect stops on it with this line
+        raise StateError(problem)
     try:
         if not path.is_file():
             if path.exists():  # a folder, a FIFO: collect stops on it (a dangling link it creates)

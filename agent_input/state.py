@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -132,6 +133,27 @@ def newer_state_message(path: Path, found: int) -> str:
             "(the streams then read again from initial_interval)")
 
 
+def not_a_directory_message(directory: str | Path) -> str | None:
+    """Why `directory` cannot be made the state directory, as StateStore says it, or None: its name
+    taken by something else (a file, a FIFO, a device, a link to nothing or a link loop), or a path
+    through a file. Read without creating anything, for `check`: Path.is_file and exists read a
+    link loop (ELOOP) or a path through a file (ENOTDIR) as "nothing there", "nothing recorded"."""
+    directory = Path(directory)
+    try:
+        if stat.S_ISDIR(os.stat(directory).st_mode):
+            return None
+    except FileNotFoundError:
+        if not os.path.islink(directory):
+            return None  # nothing there yet: collect creates it
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            if exc.errno == errno.ENOTDIR:
+                return f"cannot create state directory {directory}: {exc.strerror}"
+            return None  # (permissions) the state file's own read says it
+    return (f"cannot create state directory {directory}: something else has that name (a file, a FIFO, a device, "
+            "or a link to no directory)")
+
+
 def emptied_state_message(directory: Path) -> str | None:
     """Why the state file of `directory` is refused as emptied, or None. `outbox/` is made only
     once the file has its schema, so an empty file beside it was emptied; without it (a crash
@@ -189,8 +211,8 @@ class StateStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # "File exists" said nothing of what is wrong with it
-            raise StateError(f"cannot create state directory {self.directory}: something else has that name (a file, "
-                             "a FIFO, a device, or a link to no directory)") from None
+            raise StateError(not_a_directory_message(self.directory) or f"cannot create state directory "
+                             f"{self.directory}: something else has that name") from None
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.directory}: {exc.strerror}") from None
         # One collector per state directory, for as long as this store is open: a second one would

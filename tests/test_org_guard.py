@@ -2,6 +2,7 @@
 fingerprint's choice of projects and the guard's judgement of a listing."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -246,6 +247,33 @@ def test_check_fails_a_state_file_that_is_a_folder(tmp_path):
     path.rmdir()
     path.symlink_to(tmp_path / "gone")
     assert org_guard.check_state_dir(object(), tmp_path / "state") is None
+
+
+@pytest.mark.parametrize("thing", ["link loop", "fifo", "file", "dangling link", "path through a file"])
+def test_check_fails_a_state_dir_path_collect_cannot_make_a_directory(tmp_path, thing):
+    """`check --state-dir loopA` (loopA -> loopB -> loopA) said "check OK" while collect stops on it:
+    Path.is_file and exists read ELOOP (and ENOTDIR, a path through a file) as nothing there. Check
+    now fails with collect's own line."""
+    from agent_input import org_guard
+
+    state = tmp_path / "state"
+    if thing == "link loop":
+        state.symlink_to(tmp_path / "loop")
+        (tmp_path / "loop").symlink_to(state)
+    elif thing == "fifo":
+        os.mkfifo(state)
+    elif thing == "file":
+        state.write_text("not a folder")
+    elif thing == "dangling link":
+        state.symlink_to(tmp_path / "gone")
+    else:
+        (tmp_path / "file").write_text("not a folder")
+        state = tmp_path / "file" / "state"
+    with pytest.raises(StateError) as collect:
+        StateStore(state)
+    ok, message = org_guard.check_state_dir(object(), state)
+    assert ok is False and message == str(collect.value)
+    assert message.startswith(f"cannot create state directory {state}: ")
 
 
 def test_check_says_a_state_directory_it_may_not_search_is_unreadable(tmp_path, monkeypatch):
