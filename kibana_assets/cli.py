@@ -180,7 +180,7 @@ def _target(kw: dict) -> I.Target:
     if kw["kibana_url"] and not kw["skip_kibana"]:
         I.check_url(kw["kibana_url"], "--kibana-url")
     creds = I.resolve_credentials(kw["api_key_file"], kw["username"], kw["password_file"])
-    verify: bool | str = kw["ca_cert"] or True
+    verify: bool | str = I.ca_bundle(kw["ca_cert"]) if kw["ca_cert"] and not kw["insecure"] else True
     if kw["insecure"]:
         verify = False
         # urllib3 warns InsecureRequestWarning at every request to an unverified host ("always"

@@ -122,6 +122,37 @@ def _read_secret(path: str, what: str) -> str:
     return value
 
 
+CA_FILE_LIMIT = 10 * 1024 * 1024  # bytes: far past any CA bundle (a system's whole bundle is ~250 KiB)
+
+
+def ca_bundle(path: str) -> str:
+    """The path requests verifies with for `--ca-cert PATH`. A regular file is used as it is. A
+    named pipe (`<(vault read ...)`) or a device is read as the key and password files are (a pipe's
+    writer waited for 10 s at most, at most CA_FILE_LIMIT bytes) into a private temporary file:
+    OpenSSL's own open() of a FIFO that nobody writes to blocked for ever, and /dev/zero was read
+    without end."""
+    import atexit
+    import stat
+    import tempfile
+
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return path
+        data = read_text_file(path, CA_FILE_LIMIT)
+    except OSError as exc:
+        raise InstallerError(f"cannot read CA file {path}: {exc.strerror or exc}", code=2) from None
+    except UnicodeDecodeError:
+        raise InstallerError(f"cannot read CA file {path}: it is not UTF-8 text (expected a PEM CA bundle)",
+                             code=2) from None
+    except (FileTooLarge, PipeNotWritten) as exc:
+        raise InstallerError(f"cannot read CA file {path}: {exc}", code=2) from None
+    fd, copy = tempfile.mkstemp(prefix="openai-assets-ca-", suffix=".pem")
+    atexit.register(lambda: os.path.exists(copy) and os.unlink(copy))
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(data)
+    return copy
+
+
 def resolve_credentials(api_key_file: str | None = None, username: str | None = None,
                         password_file: str | None = None, env: dict | None = None) -> Credentials:
     """API key (file, then ELASTIC_API_KEY) wins over basic auth (username option or

@@ -923,6 +923,42 @@ def test_a_secret_file_that_is_a_fifo_nobody_writes_is_one_line_not_a_hang(stack
     assert not stack.calls
 
 
+def test_a_ca_cert_that_is_a_fifo_is_read_with_the_same_bounded_wait(stack, tmp_path, monkeypatch):
+    """--ca-cert naming a named pipe with no writer hung for ever (OpenSSL's own open() of it), where
+    the key and password files wait 10 s at most. Written to, it is read and used."""
+    import threading
+
+    import agent_input.config as config_module
+    monkeypatch.setattr(config_module, "FIFO_WAIT_SECONDS", 0.2)
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    result = install("--ca-cert", str(fifo), "--skip-kibana")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip() == f"openai-assets: cannot read CA file {fifo}: nothing was written to the pipe in 0.2 s"
+    assert not stack.calls
+    monkeypatch.setattr(config_module, "FIFO_WAIT_SECONDS", 5.0)
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+    def write():
+        with open(fifo, "w") as fh:
+            fh.write(pem)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    from kibana_assets import installer
+
+    copy = installer.ca_bundle(str(fifo))
+    writer.join()
+    assert copy != str(fifo) and open(copy).read() == pem
+
+
+def test_a_ca_cert_that_is_a_device_is_refused_not_read_for_ever(stack):
+    result = install("--ca-cert", "/dev/zero", "--skip-kibana")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "openai-assets: cannot read CA file /dev/zero: it is larger than 10 MiB"
+    assert not stack.calls
+
+
 @pytest.mark.parametrize("env_set", [False, True])
 def test_a_secret_pasted_in_place_of_its_file_is_never_echoed(stack, tmp_path, env_set):
     """`--api-key-file "$ELASTIC_API_KEY"` or `--password-file "$ELASTIC_PASSWORD"` (the value
