@@ -365,21 +365,32 @@ class _StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            seen: set = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                    seen.add(key)
-                except TypeError:  # an unhashable key: construct_mapping says so itself
-                    continue
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {_shown(key)} appears twice in one mapping (the second would silently "
-                        "replace the first)", key_node.start_mark)
+            self._refuse_duplicate_keys(node)
         return super().construct_mapping(node, deep=deep)
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        """A key written twice in `node`, or in a mapping it merges (`<<: {namespace: a, namespace:
+        b}`: PyYAML folds a merged mapping's pairs into the one merging it without constructing
+        it, so its own duplicates went unseen). Keys of the mapping itself still override merged
+        ones, and the mappings of `<<: [*a, *b]` may share keys: that is what merging is for."""
+        seen: set = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for sub in merged:
+                    if isinstance(sub, yaml.MappingNode):  # anything else: flatten_mapping says so
+                        self._refuse_duplicate_keys(sub)
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping says so itself
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_shown(key)} appears twice in one mapping (the second would silently "
+                    "replace the first)", key_node.start_mark)
 
 
 def _node_size(node: yaml.Node, sizes: dict[int, int]) -> int:

@@ -402,6 +402,31 @@ def test_a_key_written_twice_is_an_error_not_last_one_wins(tmp_path):
     assert info.value.key == "base" and "appears twice" not in str(info.value)  # only: no such setting
 
 
+@pytest.mark.parametrize("text, line", [
+    ("<<: {namespace: a, namespace: b}\n", 1),
+    ("<<:\n  namespace: a\n  namespace: b\n", 3),
+    ("<<: [{url: 'http://x'}, {namespace: a, namespace: b}]\n", 1),
+    ("data_streams:\n  completions:\n    <<: {<<: {interval: 5m, interval: 10m}}\n", 3),
+])
+def test_a_key_written_twice_inside_a_merged_mapping_is_an_error(tmp_path, text, line):
+    """`<<: {namespace: a, namespace: b}` was accepted silently (namespace b): PyYAML folds a merged
+    mapping into the one merging it without constructing it, so the duplicate check never saw it."""
+    p = tmp_path / "c.yml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert "appears twice in one mapping" in info.value.message and f"line {line}," in info.value.message
+
+
+def test_merged_mappings_may_still_override_each_other(tmp_path):
+    """What merging is for: the mapping's own keys override merged ones, and two merged mappings
+    may hold the same key (which one wins is PyYAML's)."""
+    p = tmp_path / "c.yml"
+    p.write_text("<<: [{namespace: a}, {namespace: a, url: 'http://127.0.0.1:1'}]\nurl: 'http://127.0.0.1:2'\n")
+    config = load_config(p, env=ENV)
+    assert config.namespace == "a" and config.url == "http://127.0.0.1:2"
+
+
 def test_an_unquoted_key_read_as_a_yaml_alias_is_not_echoed(tmp_path):
     """`api_key: *<key>` (a stray * before the key) is a YAML alias: the parser's error named it,
     so a key that does not start with sk- (not caught by the redaction) was printed."""
