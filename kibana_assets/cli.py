@@ -17,6 +17,7 @@ from .validate import validate_bundle
 
 _DURATION = re.compile(r"^([0-9]+)(d|h|m)$")  # ASCII digits: Python's \d also takes "３０"
 MAX_WINDOW_MINUTES = 365 * 1440
+MAX_RETENTION_DAYS = 36500  # --retention, --rate-limits-retention: 100 years
 
 
 def _minutes(text: str, name: str) -> int:
@@ -38,6 +39,11 @@ def _retention(param: click.Parameter, value: str) -> str:
         raise click.BadParameter(f"{value!r} is not a retention like 90d", param_hint=name)
     if int(value[:-1]) == 0:  # data stream lifecycle could delete each document as it lands
         raise click.BadParameter(f"{value!r} must be longer than 0", param_hint=name)
+    if int(value[:-1]) * (1 if value.endswith("h") else 24) > MAX_RETENTION_DAYS * 24:
+        # Elasticsearch reads data_retention as a count of its unit in a Java long: 20 digits made
+        # every template write fail at install time (or a bundle no cluster loads), and any retention
+        # this long is a typo, not a plan
+        raise click.BadParameter(f"{value[:30]!r} is longer than {MAX_RETENTION_DAYS}d (100 years)", param_hint=name)
     return value
 
 

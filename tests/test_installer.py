@@ -1650,6 +1650,23 @@ def test_a_zero_retention_is_refused_naming_the_option(stack, option, value):
     assert not stack.calls
 
 
+@pytest.mark.parametrize("option", ["--retention", "--rate-limits-retention"])
+@pytest.mark.parametrize("value", ["36501d", "876001h", "99999999999999999999d"])
+def test_a_retention_past_100_years_is_refused_naming_the_option(stack, option, value):
+    """`--retention 99999999999999999999d` was written into the templates (and `export`'s bundle) as
+    typed: Elasticsearch reads data_retention as a count of its unit in a Java long, so the
+    template writes fail; --headroom-window is capped at 365d the same way."""
+    r = run("install", "--es-url", ES, "--kibana-url", KB, option, value)
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for {option}: '{value}' is longer than 36500d (100 years)" in r.output
+    assert not stack.calls
+
+
+def test_a_retention_of_100_years_is_taken(stack):
+    assert install("--retention", "36500d", "--rate-limits-retention", "876000h", "--skip-kibana").exit_code == 0
+    assert stack.index["logs-openai.completions"]["template"]["lifecycle"]["data_retention"] == "36500d"
+
+
 def test_tls_options_reach_every_request(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked by the fake\n")
