@@ -756,6 +756,8 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str], errors: list[Co
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the path; UnicodeError: not UTF-8
             readable = isinstance(exc, (FileTooLarge, PipeNotWritten))  # says nothing of the key itself
             reason = getattr(exc, "strerror", None) or (str(exc) if readable else type(exc).__name__)
+            if isinstance(exc, UnicodeDecodeError):  # its text quotes the bytes: part of the key, maybe
+                reason = "it is not UTF-8 text"
             errors.append(ConfigError("api_key_file", f"cannot read the file: {reason} ({_KEY_FILE_FORM})"))
             return Secret(""), "file"
         if not text:

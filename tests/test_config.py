@@ -218,6 +218,17 @@ def test_unreadable_key_file(tmp_path):
         assert one_error({"api_key_file": str(f)}, env={}).key == "api_key_file"
 
 
+def test_a_key_file_that_is_not_utf8_says_so_without_its_bytes(tmp_path):
+    """It said "cannot read the file: UnicodeDecodeError", where openai-assets says "it is not UTF-8
+    text" (a key saved as UTF-16 by an editor, or a binary file named by mistake)."""
+    f = tmp_path / "k"
+    f.write_bytes("sk-admin-Zq\u00e9secret".encode("utf-16"))
+    e = one_error({"api_key_file": str(f)}, env={})
+    assert e.key == "api_key_file"
+    assert e.message.startswith("cannot read the file: it is not UTF-8 text (")
+    assert "secret" not in str(e) and "\\x" not in str(e) and "0x" not in str(e)
+
+
 def test_key_and_key_file_together(tmp_path):
     f = tmp_path / "k"
     f.write_text("sk-admin-file")
