@@ -158,6 +158,11 @@ def _parse_now(value: str | None) -> float | None:
     return now
 
 
+# `run --ack-timeout`: an hour is far past any supervisor's patience at a stop; `inf` (or 1e308) made
+# a stop with batches unacknowledged wait for ever, the batches being safe in the outbox anyway
+MAX_ACK_TIMEOUT = 3600.0
+
+
 def _not_nan(ctx, param, value: float) -> float:
     """FloatRange lets `nan` through (no comparison with it is true): as --ack-timeout it made the
     stop spin for ever, deaf to SIGTERM, waiting for acks with a deadline never reached."""
@@ -641,8 +646,9 @@ def simulate(port, seed, org, latency_ms, now_text, cache_responses):
                    "or ~/.local/state/openai-input]")
 @click.option("--ack-on-flush", is_flag=True,
               help="No supervisor acks (a plain pipe): a batch counts as delivered once written and flushed.")
-@click.option("--ack-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True, callback=_not_nan,
-              help="On stop, seconds to wait for the acks of batches already sent.")
+@click.option("--ack-timeout", type=click.FloatRange(min=0, max=MAX_ACK_TIMEOUT), default=10.0, show_default=True,
+              callback=_not_nan, help="On stop, seconds to wait for the acks of batches already sent (at most "
+                                      "3600).")
 @click.option("--max-inflight", type=click.IntRange(min=1), default=32, show_default=True,
               help="Batches sent but not acked before the collectors wait (backpressure).")
 @click.option("--now", "now_text", default=None, hidden=True,
