@@ -8,6 +8,7 @@ import json
 import os
 import re
 import uuid
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -1020,6 +1021,27 @@ def test_a_request_that_fails_is_one_clear_line(error, says):
         result = install()
     assert result.exit_code == 2
     assert result.output.splitlines()[0] == "install incomplete: " + says.format(ES=ES)
+
+
+@pytest.mark.parametrize("status", [400, 404, 500, 503])
+def test_an_error_answer_exits_1_not_2(status):
+    """The exit-status rule of docs/assets.md: 2 is a request that got no answer (or a bad option
+    before any); an answer that is an HTTP error (other than 401 and a missing privilege) is 1. The
+    table said "any other failed request" exits 2, which a 500 or a 400 never did."""
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.GET, ES + "/", status=status, json={"error": {"type": "x", "reason": "boom"}})
+        result = install()
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[0] == f"install incomplete: failed to read the Elasticsearch version: HTTP {status}: boom"
+
+
+def test_assets_doc_states_the_exit_status_rule():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "assets.md").read_text()
+    table = text[text.index("| exit | cause |"):]
+    table = table[:table.index("\n\n")]
+    row = {line.split("|")[1].strip(): line.split("|")[2] for line in table.splitlines()[2:]}
+    assert "any other failed request" not in row["2"] and "got no answer" in row["2"]
+    assert "HTTP error" in row["1"]
 
 
 def test_bad_credentials(stack):
