@@ -611,7 +611,8 @@ def _epoch(iso: str) -> float:
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the synthetic organization.")
 @click.option("--org", type=click.Choice(["small", "large"]), default="small", show_default=True,
               help="Size of the simulated organization.")
-@click.option("--latency-ms", type=int, default=0, show_default=True, help="Added latency per API request.")
+@click.option("--latency-ms", type=click.IntRange(min=0, max=600_000), default=0, show_default=True,
+              help="Added latency per API request, in milliseconds (at most 10 minutes).")
 @click.option("--now", "now_text", default=None,
               help="Freeze the simulated clock here (ISO 8601 or unix seconds); default: follow the wall clock.")
 @click.option("--cache-responses", is_flag=True,

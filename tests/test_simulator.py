@@ -1126,3 +1126,16 @@ def test_cli_simulate_on_a_taken_or_impossible_port_says_so_in_one_line(taken):
         assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in result.output
     else:
         assert "70000 is not in the range 0<=x<=65535" in result.output
+
+
+@pytest.mark.parametrize("value", ["-5", "600001", "99999999999999999999"])
+def test_cli_simulate_refuses_a_negative_or_endless_latency(value):
+    """`simulate --latency-ms -5` was taken (a negative added latency: nonsense the simulator slept
+    as none), and a huge one made every request's sleep fail (OverflowError) or never end."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    result = CliRunner().invoke(main, ["simulate", "--port", "0", "--latency-ms", value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--latency-ms': {value} is not in the range 0<=x<=600000" in result.output
