@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import queue
 import re
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
@@ -137,14 +137,17 @@ class PageFetcher:
     objects: no token to read, one page at a time, the next asked for by `request`. Leaving the
     block on an error or a stop drops what is still in flight (a later poll asks again) without
     waiting for it, so the error is reported at once; a stop also ends a wait in `take` (a request
-    may hang for up to `http_timeout`, 10 minutes at most).
+    may hang for up to `http_timeout`, 10 minutes at most). The fetch thread is a daemon: a
+    ThreadPoolExecutor's worker is joined at the interpreter's exit, and a request that hung held
+    `collect`'s exit after a SIGTERM for as long.
     """
 
     def __init__(self, client, path: str, stop: threading.Event | None = None):
         self.client, self.path, self._stop = client, path, stop
         self._raw = getattr(client, "get_raw", None)
         self._ahead = max(1, PAGES_AHEAD)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-fetch")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (chain, params) to fetch; None: closed
+        self._worker: threading.Thread | None = None
         self._cond = threading.Condition()
         self._pages: deque = deque()  # (answer, failed, token the next request used), in order
         self._chain = 0  # bumped by request/discard: answers of an older chain are dropped
@@ -158,12 +161,19 @@ class PageFetcher:
             self._closed = True
             self._pages.clear()
             self._cond.notify_all()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._jobs.put(None)  # the worker ends after the request in flight, if any: not waited for
         return False
 
     def request(self, params: Mapping[str, Any]) -> None:
         """Start a chain at this page; what an earlier chain fetched or will fetch is dropped."""
-        self._pool.submit(self._fetch, self._new_chain(), dict(params))
+        self._jobs.put((self._new_chain(), dict(params)))
+        if self._worker is None:  # one thread: never more than one request in flight
+            self._worker = threading.Thread(target=self._work, name="page-fetch", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._fetch(*job)  # a closed fetcher's (or a dropped chain's) job returns at once
 
     def discard(self) -> None:
         """End the chain: the page after the last one was guessed; its answer is dropped."""

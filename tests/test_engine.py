@@ -948,6 +948,51 @@ def test_an_answer_for_a_dropped_read_ahead_chain_never_reaches_the_engine():
         assert pages.parse(raw)["data"] == ["from Y"]
 
 
+
+def test_sigterm_while_a_usage_page_request_hangs_exits_at_once(simulator, tmp_path):
+    """A stop leaves a page request in flight to end by itself (`PageFetcher.take` gives up on
+    the stop), but the fetch thread was a ThreadPoolExecutor's, which the interpreter joins at
+    exit: `collect` stopped by SIGTERM while OpenAI sat on a usage page exited only when the
+    request ended (http_timeout: 30 s by default, up to 10 minutes; systemd's stop timeout may
+    SIGKILL it first), having logged that it was stopping."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from agent_input.simulator import FaultRule
+
+    from conftest import ADMIN_KEY, T0
+
+    rule = FaultRule(kind="slow", path="/v1/organization/usage/completions", count=None, delay=30)
+    simulator.add_fault(rule)
+    streams = {name: {"enabled": False} for name in STREAMS_BY_NAME if name != "completions"}
+    streams["audit"] = streams["rate_limits"] = {"enabled": False}
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"url": simulator.base_url, "api_key": ADMIN_KEY, "data_streams": streams}))
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--state-dir",
+         str(tmp_path / "state"), "--output-path", str(tmp_path / "out.ndjson"), "--now", str(T0),
+         "--log-level", "ERROR"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while rule.to_dict()["fired"] == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert rule.to_dict()["fired"] == 1, "the completions page was never asked for"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert took < 5.0, f"the exit waited {took:.1f} s for the page request that hung"
+
 # -- agent_input/memory.py (found by mutation testing) ----------------------------------------------
 def test_malloc_is_tuned_once_with_glibc_s_options_and_trimmed(monkeypatch):
     import platform
