@@ -276,7 +276,7 @@ def _open_output(kind: str, path: str | None, *, config=None, state_dir: str | N
             ca_file=es_ca_file or (config.es_ssl_ca_file if config is not None else None),
             verify=config.es_ssl_verify if config is not None else True,
         )
-        version = check_cluster(client)
+        version = check_cluster(client, stop)
         import logging
 
         logging.getLogger("agent_input.cli").info("Elasticsearch %s: sending events with create operations", version)

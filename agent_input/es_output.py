@@ -766,14 +766,44 @@ def _at(client) -> str:
         return ""
 
 
-def check_cluster(client) -> str:
-    """`GET /`: the cluster's version, or OutputError with one clear line (auth, TLS, version)."""
+class _Stopped(Exception):
+    pass
+
+
+def _info(client, stop: threading.Event | None):
+    if stop is None:
+        return client.info()
+    done, box = threading.Event(), {}
+
+    def ask() -> None:
+        try:
+            box["info"] = client.info()
+        except BaseException as exc:  # noqa: BLE001 - raised by the caller
+            box["exc"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=ask, name="es-info", daemon=True).start()
+    while not done.wait(0.2):
+        if stop.is_set():
+            raise _Stopped
+    if "exc" in box:
+        raise box["exc"]
+    return box["info"]
+
+
+def check_cluster(client, stop: threading.Event | None = None) -> str:
+    """`GET /`: the cluster's version, or OutputError with one clear line (auth, TLS, version).
+    A `stop` ends the wait for the answer (OutputError): a cluster that never answers held a
+    SIGTERM for the whole request timeout; the request is left to its daemon thread."""
     from elasticsearch import ApiError
 
     from .logs import redact
 
     try:
-        info = client.info()
+        info = _info(client, stop)
+    except _Stopped:
+        raise OutputError("stopped while waiting for Elasticsearch's answer to GET /") from None
     except ApiError as exc:
         if exc.status_code in (401, 403):
             raise _credentials_refused(str(exc.status_code)) from None

@@ -387,6 +387,37 @@ def test_a_url_that_redirects_says_so_and_where_not_none(tmp_path):
         server.shutdown()
         server.server_close()
 
+def test_sigterm_while_the_cluster_sits_on_the_first_request_exits_at_once(simulator, tmp_path):
+    """`collect --output elasticsearch` asks the cluster `GET /` before it starts; a cluster (or a
+    proxy in front of it) that takes the connection and never answers held a SIGTERM for the whole
+    request timeout (60 s): nothing is collected yet, so the stop can end the wait at once."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepted by the kernel, never answered
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"url": simulator.base_url, "api_key": ADMIN_KEY}))
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+    env["ELASTIC_API_KEY"] = "ZXM6c2VjcmV0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--state-dir", str(tmp_path / "state"),
+         "--output", "elasticsearch", "--es-url", f"http://127.0.0.1:{listener.getsockname()[1]}", "--now", str(T0)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        time.sleep(2.0)  # up and waiting for the answer
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - started
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert took < 5.0, f"the stop waited {took:.1f} s for Elasticsearch's answer"
 
 def test_unreachable_cluster_is_one_clear_line(tmp_path):
     client = make_client("http://user:pw-in-url@127.0.0.1:9/es", env=ENV)
