@@ -54,7 +54,10 @@ class Collection:
     def close(self, names_wait: float | None = None) -> None:
         """`names_wait`: how long the name cache waits for a listing in flight (its default when
         None). `run` passes 0: a reconfiguration must not wait on a listing whose result the old
-        cache no longer needs (a hanging one held every new config up 5 s)."""
+        cache no longer needs (a hanging one held every new config up 5 s); nor does a stop (a
+        SIGTERM to `collect`: a projects listing that hung held its exit up 5 s)."""
+        if names_wait is None and self.engine.stop.is_set():
+            names_wait = 0
         if self.names is not None:
             self.names.close() if names_wait is None else self.names.close(names_wait)
         for c in self.clients:

@@ -422,7 +422,7 @@ class AuditCollector(ListingCollector):
                                   **scope.params}
         events: dict[str, dict] = {}
         bad: list[str] = []
-        for data in cursor_pages(self.client.get_json, PATH, params, lambda what: BadAuditPage(f"{PATH}: {what}"),
+        for data in cursor_pages(self.get_json, PATH, params, lambda what: BadAuditPage(f"{PATH}: {what}"),
                                  MAX_PAGES_PER_SLICE):
             stats.requests += 1
             stats.pages += 1

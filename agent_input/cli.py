@@ -191,7 +191,8 @@ def _default_state_dir(required: bool = True) -> str | None:
 
 
 def _install_stop_handlers(stop) -> None:
-    """SIGINT/SIGTERM: finish the page in flight, flush, save state, exit 0.
+    """SIGINT/SIGTERM: finish the page in flight (not a request still waiting for its answer), flush,
+    save state, exit 0.
 
     A handler runs on the main thread between two bytecodes, wherever that thread is, so it must
     not take a lock the interrupted code may hold: `stop.set()` takes the event's (not reentrant)

@@ -25,7 +25,7 @@ from .ecs import iso_timestamp, mapper, ndjson_line, to_ndjson_line
 from .http_client import AuthenticationError, PermissionDeniedError, StoppedError
 from .org_guard import OrganizationGuard, OrganizationMismatch, OrganizationUnverified
 from .outputs import Output, OutputError
-from .paging import PAGE_GATE, PageFetcher
+from .paging import PAGE_GATE, DaemonPool, PageFetcher
 from .state import Cursor, Observation, StateError, StateStore, group_json
 from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
 
@@ -291,6 +291,17 @@ class ListingCollector(PollingCollector):
         self.config = config
         self.batch_size = stream.batch_size or 100
         self.client_factory = client_factory
+        self._requests: DaemonPool | None = None  # the thread `get_json` asks on, made at the first request
+
+    def get_json(self, path: str, params: Mapping[str, Any]) -> dict:
+        """`client.get_json`, asked on the collector's own daemon thread and waited for until a stop,
+        which raises StoppedError at once: the request is left to end by itself, its answer
+        dropped (nothing of it is stored, and the next poll asks again). Asked on the stream's
+        thread, a request that hangs held a SIGTERM (or `run`'s stop, or a new config) for up to
+        `http_timeout`, 10 minutes at most."""
+        if self._requests is None:
+            self._requests = DaemonPool(1, f"{self.name}-request")
+        return self._requests.run(self.stop, "an answer from OpenAI", path, self.client.get_json, path, dict(params))
 
 
 class UsageCollector(PollingCollector):

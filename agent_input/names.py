@@ -27,15 +27,13 @@ account waits for the users, as all of them used to.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .http_client import AdminApiClient, ApiError, PermissionDeniedError, StoppedError
-from .paging import PAGE_GATE, STOP_CHECK, cursor_pages, stopped
+from .paging import PAGE_GATE, STOP_CHECK, DaemonPool, cursor_pages, stopped
 
 log = logging.getLogger("agent_input.names")
 
@@ -61,57 +59,6 @@ ASKED_FOR = 7 * 86400.0
 # How long `close()` waits for a listing in flight to end (a request that hangs may take longer:
 # its thread is then left to end by itself).
 CLOSE_WAIT = 5.0
-
-
-class _ListingPool:
-    """ThreadPoolExecutor's `submit` and `shutdown` on daemon threads. ThreadPoolExecutor's workers
-    are joined at the interpreter's exit: a listing whose request hangs (its whole `http_timeout`)
-    held `collect --once`'s exit up long after close() had given up waiting for it, and a Ctrl-C
-    in that wait was a KeyboardInterrupt traceback from threading's shutdown."""
-
-    def __init__(self, max_workers: int, thread_name_prefix: str, initializer: Callable[[], None]):
-        self._max, self._prefix, self._initializer = max_workers, thread_name_prefix, initializer
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._idle = threading.Semaphore(0)  # workers waiting for a job
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        self._queue.put((future, fn, args))
-        if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
-            thread = threading.Thread(target=self._work, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        return future
-
-    def _work(self) -> None:
-        try:
-            self._initializer()
-        except Exception as exc:  # noqa: BLE001 - the worker lists on the cache's own client instead
-            log.debug("names: a listing worker's client could not be made: %s", exc)
-        while (item := self._queue.get()) is not None:
-            future, fn, args = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the future
-                    future.set_exception(exc)
-            self._idle.release()
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        if cancel_futures:
-            try:
-                while True:
-                    item = self._queue.get_nowait()
-                    if item is not None:
-                        item[0].cancel()
-            except queue.Empty:
-                pass
-        for _ in self._threads:
-            self._queue.put(None)
-        if wait:
-            for thread in self._threads:
-                thread.join()
 
 
 class _EitherSet:
@@ -566,8 +513,7 @@ class NameCache:
 
             yield run_serially
             return
-        pool = _ListingPool(max_workers=LISTING_WORKERS, thread_name_prefix="names",
-                            initializer=self._start_worker)
+        pool = DaemonPool(max_workers=LISTING_WORKERS, thread_name_prefix="names", initializer=self._start_worker)
 
         def run_on_pool(jobs, wait: bool = True):
             futures = [pool.submit(outcome, job) for job in jobs]

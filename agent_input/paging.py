@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import queue
 import re
 import threading
 from collections import deque
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
@@ -126,6 +128,77 @@ def stopped(what: str, path: str = "") -> Exception:
     return StoppedError(None, f"stopped while waiting for {what}", "stopped", path)
 
 
+class DaemonPool:
+    """ThreadPoolExecutor's `submit` and `shutdown` on daemon threads, made as jobs need them (up
+    to `max_workers`) and kept until `shutdown`. ThreadPoolExecutor's workers are joined at the
+    interpreter's exit: a request that hangs (its whole `http_timeout`, up to 10 minutes) held
+    `collect`'s exit after a SIGTERM for as long, and a Ctrl-C in that wait was a KeyboardInterrupt
+    traceback from threading's shutdown. `result` waits for a job until a stop, then leaves it to
+    end by itself on its daemon thread (its answer is dropped)."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str, initializer: Callable[[], None] | None = None):
+        self._max, self._prefix, self._initializer = max_workers, thread_name_prefix, initializer
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = threading.Semaphore(0)  # workers waiting for a job
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
+            thread = threading.Thread(target=self._work, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        return future
+
+    def _work(self) -> None:
+        if self._initializer is not None:
+            try:
+                self._initializer()
+            except Exception as exc:  # noqa: BLE001 - the worker's jobs use their caller's fallback
+                logging.getLogger("agent_input.paging").debug("%s: a worker could not be set up: %s",
+                                                              self._prefix, exc)
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the future
+                    future.set_exception(exc)
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        if cancel_futures:
+            try:
+                while True:
+                    item = self._queue.get_nowait()
+                    if item is not None:
+                        item[0].cancel()
+            except queue.Empty:
+                pass
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def run(self, stop: threading.Event | None, what: str, path: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on a worker, waited for until a stop (`result`)."""
+        return result(self.submit(fn, *args), stop, what, path)
+
+
+def result(future: Future, stop: threading.Event | None, what: str, path: str = "") -> Any:
+    """`future`'s result (or its exception), or StoppedError once `stop` is set while it is not
+    done: the job is cancelled if it has not started, and left to end by itself (on a daemon
+    thread: `DaemonPool`) if it has; what it would have given is dropped, so nothing of it is
+    stored and the next poll asks again."""
+    while stop is not None and not wait((future,), STOP_CHECK).done:
+        if stop.is_set():
+            future.cancel()
+            raise stopped(what, path)
+    return future.result()
+
+
 class PageFetcher:
     """One stream's chain of page requests, read ahead of the pages being worked on.
 
@@ -137,17 +210,15 @@ class PageFetcher:
     objects: no token to read, one page at a time, the next asked for by `request`. Leaving the
     block on an error or a stop drops what is still in flight (a later poll asks again) without
     waiting for it, so the error is reported at once; a stop also ends a wait in `take` (a request
-    may hang for up to `http_timeout`, 10 minutes at most). The fetch thread is a daemon: a
-    ThreadPoolExecutor's worker is joined at the interpreter's exit, and a request that hung held
-    `collect`'s exit after a SIGTERM for as long.
+    may hang for up to `http_timeout`, 10 minutes at most). The fetch thread is a daemon
+    (`DaemonPool`): a request that hangs does not hold `collect`'s exit after a SIGTERM.
     """
 
     def __init__(self, client, path: str, stop: threading.Event | None = None):
         self.client, self.path, self._stop = client, path, stop
         self._raw = getattr(client, "get_raw", None)
         self._ahead = max(1, PAGES_AHEAD)
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (chain, params) to fetch; None: closed
-        self._worker: threading.Thread | None = None
+        self._pool = DaemonPool(1, "page-fetch")  # one thread: never more than one request in flight
         self._cond = threading.Condition()
         self._pages: deque = deque()  # (answer, failed, token the next request used), in order
         self._chain = 0  # bumped by request/discard: answers of an older chain are dropped
@@ -161,19 +232,12 @@ class PageFetcher:
             self._closed = True
             self._pages.clear()
             self._cond.notify_all()
-        self._jobs.put(None)  # the worker ends after the request in flight, if any: not waited for
+        self._pool.shutdown(wait=False, cancel_futures=True)  # the request in flight is not waited for
         return False
 
     def request(self, params: Mapping[str, Any]) -> None:
         """Start a chain at this page; what an earlier chain fetched or will fetch is dropped."""
-        self._jobs.put((self._new_chain(), dict(params)))
-        if self._worker is None:  # one thread: never more than one request in flight
-            self._worker = threading.Thread(target=self._work, name="page-fetch", daemon=True)
-            self._worker.start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._fetch(*job)  # a closed fetcher's (or a dropped chain's) job returns at once
+        self._pool.submit(self._fetch, self._new_chain(), dict(params))
 
     def discard(self) -> None:
         """End the chain: the page after the last one was guessed; its answer is dropped."""

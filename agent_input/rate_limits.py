@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
@@ -41,7 +40,7 @@ from typing import Any, Iterator, Mapping
 from .ecs import ECS_VERSION, iso_timestamp
 from .engine import COUNTER_LIMIT, Lines, ListingCollector, PollStats, delivered_before, serialize
 from .http_client import AdminApiClient, ApiError, AuthenticationError, PermissionDeniedError, StoppedError
-from .paging import cursor_pages
+from .paging import DaemonPool, cursor_pages, result
 from .reports import short as _short, wrong as _wrong
 
 log = logging.getLogger("agent_input.rate_limits")
@@ -177,15 +176,16 @@ class RateLimitsCollector(ListingCollector):
         One project after another would take a cycle of 5,000 projects twelve minutes at 150 ms a
         request, against a 5-minute interval; so the limits are read on up to LIMITS_WORKERS
         threads, each with a client of its own from `client_factory` (without one: one project
-        after another on the stream's client). A stop raises StoppedError (the cycle is not stored); the caller stops
-        taking results on a rejected key, and the projects not started yet are dropped."""
-        def read(project: Mapping, client) -> tuple[Mapping, list[Mapping], ApiError | None, PollStats]:
+        after another on the stream's client). A stop raises StoppedError at once, a request in
+        flight or not (the cycle is not stored; the workers are daemon threads, left to end by
+        themselves); the caller stops taking results on a rejected key, and the projects not
+        started yet are dropped."""
+        def read(project: Mapping, get) -> tuple[Mapping, list[Mapping], ApiError | None, PollStats]:
             own = PollStats()
             if self.stop.is_set():
                 raise StoppedError(None, "stopped before every project was read", "stopped", PROJECTS)
             try:
-                rows = list(self._list(f"{PROJECTS}/{project['id']}/rate_limits", {"limit": LIMITS_PAGE}, own,
-                                       client))
+                rows = list(self._list(f"{PROJECTS}/{project['id']}/rate_limits", {"limit": LIMITS_PAGE}, own, get))
             except StoppedError:
                 raise
             except ApiError as exc:
@@ -198,7 +198,7 @@ class RateLimitsCollector(ListingCollector):
                 yield project, rows, exc
 
         if self.client_factory is None or len(projects) < 2:
-            yield from results(read(p, self.client) for p in projects)
+            yield from results(read(p, self.get_json) for p in projects)
             return
         local = threading.local()
         clients: list[AdminApiClient] = []
@@ -209,19 +209,25 @@ class RateLimitsCollector(ListingCollector):
             with lock:
                 clients.append(local.client)
 
-        pool = ThreadPoolExecutor(max_workers=min(LIMITS_WORKERS, len(projects)), initializer=start_worker,
-                                  thread_name_prefix="rate-limits")
+        def on_worker(project: Mapping) -> tuple:
+            return read(project, (getattr(local, "client", None) or self.client).get_json)
+
+        pool = DaemonPool(min(LIMITS_WORKERS, len(projects)), "rate-limits", initializer=start_worker)
+        futures = [pool.submit(on_worker, p) for p in projects]
         try:
-            yield from results(pool.map(lambda p: read(p, local.client), projects))
+            yield from results(result(f, self.stop, "a project's rate limits", PROJECTS) for f in futures)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # on a stop, a request in flight is not waited for (its answer is dropped)
+            pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
             for client in clients:
                 # their 429s and Retry-After waits are the stream's (`collect --once`'s summary row)
                 self.client.add_stats(client.stats)
                 client.close()
 
-    def _list(self, path: str, params: Mapping[str, Any], stats: PollStats, client=None) -> Iterator[Mapping]:
-        for data in cursor_pages((client or self.client).get_json, path, params, max_pages=MAX_PAGES):
+    def _list(self, path: str, params: Mapping[str, Any], stats: PollStats, get=None) -> Iterator[Mapping]:
+        """The listing's entries, asked with `get` (a worker's client), else on the collector's
+        own thread until a stop (`get_json`)."""
+        for data in cursor_pages(get or self.get_json, path, params, max_pages=MAX_PAGES):
             stats.requests += 1
             stats.pages += 1
             yield from data  # an entry that is not an object is reported by the caller

@@ -225,3 +225,28 @@ def tls_server(tmp_path: Path, body: bytes):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def sigterm_once_asked(proc, rule, settle: float = 0.3) -> tuple[bytes, float]:
+    """SIGTERM to `proc` once the simulator's `rule` (a `slow` fault) has held a request of it
+    `settle` seconds: (its stderr, the seconds it took to exit after the signal)."""
+    import signal
+    import subprocess
+    import time
+
+    try:
+        deadline = time.monotonic() + 30
+        while rule.to_dict()["fired"] == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert rule.to_dict()["fired"] >= 1, f"{rule.path} was never asked for"
+        time.sleep(settle)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        return err, time.monotonic() - started
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the stop waited more than 90 s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

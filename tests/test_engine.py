@@ -955,7 +955,6 @@ def test_sigterm_while_a_usage_page_request_hangs_exits_at_once(simulator, tmp_p
     exit: `collect` stopped by SIGTERM while OpenAI sat on a usage page exited only when the
     request ended (http_timeout: 30 s by default, up to 10 minutes; systemd's stop timeout may
     SIGKILL it first), having logged that it was stopping."""
-    import signal
     import subprocess
     import sys
 
@@ -963,7 +962,7 @@ def test_sigterm_while_a_usage_page_request_hangs_exits_at_once(simulator, tmp_p
 
     from agent_input.simulator import FaultRule
 
-    from conftest import ADMIN_KEY, T0
+    from conftest import ADMIN_KEY, T0, sigterm_once_asked
 
     rule = FaultRule(kind="slow", path="/v1/organization/usage/completions", count=None, delay=30)
     simulator.add_fault(rule)
@@ -976,20 +975,7 @@ def test_sigterm_while_a_usage_page_request_hangs_exits_at_once(simulator, tmp_p
         [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--state-dir",
          str(tmp_path / "state"), "--output-path", str(tmp_path / "out.ndjson"), "--now", str(T0),
          "--log-level", "ERROR"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while rule.to_dict()["fired"] == 0 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert rule.to_dict()["fired"] == 1, "the completions page was never asked for"
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        took = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err, took = sigterm_once_asked(proc, rule)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert took < 5.0, f"the exit waited {took:.1f} s for the page request that hung"
 

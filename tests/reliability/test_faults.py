@@ -379,3 +379,62 @@ def test_an_audit_event_violating_the_spec_is_reported_with_its_id_and_the_field
     finally:
         output.close()
         store.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/organization/audit_logs", "*/rate_limits", "/v1/organization/projects"])
+def test_sigterm_while_an_audit_rate_limits_or_projects_request_hangs_exits_at_once(simulator, tmp_path, path):
+    """Audit pages, the projects listing and the projects' rate limits were asked on the stream's
+    thread (the limits on a ThreadPoolExecutor's, joined at exit), which the engine waits for: a
+    SIGTERM while OpenAI sat on one exited only when the request ended (http_timeout: 30 s by
+    default, up to 10 minutes). The stop now leaves the request in flight: nothing of it is stored,
+    and a restart delivers exactly the truth (every stream, audit, one rate limits cycle per run)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from agent_input.state import StateStore
+    from conftest import read_ndjson, sigterm_once_asked
+    from reliability_helpers import HOUR, SETTLE, compare_all, full_config
+    from test_crash_matrix import assert_rate_limit_cycles
+
+    simulator.set_time(T0)
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump(full_config(simulator.base_url, initial="2h", rate_limits=True)))
+    state, out = tmp_path / "state", tmp_path / "out.ndjson"
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
+
+    def collect(now: float, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--state-dir", str(state),
+             "--output-path", str(out), "--now", str(now), "--log-level", "ERROR", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+    rule = FaultRule(kind="slow", path=path, count=None, delay=60)
+    simulator.add_fault(rule)
+    proc = collect(T0)
+    err, took = sigterm_once_asked(proc, rule, settle=0.5)
+    assert proc.returncode == 0, err.decode()[-2000:]  # README: a stop exits 0
+    assert took < 5.0, f"the stop waited {took:.1f} s for the {path} request that hung"
+    simulator.clear_faults()
+    completed: set[int] = set()
+    now, end_of_test = T0, T0 + SETTLE + 300
+    while True:
+        simulator.set_time(now)
+        run = collect(now, "--once")
+        _, err = run.communicate(timeout=180)
+        assert run.returncode == 0, err.decode()[-2000:]
+        completed.add(int(now))
+        if now >= end_of_test:
+            break
+        now = min(now + 1800, end_of_test)
+    docs = dedupe(read_ndjson(out))
+    store = StateStore(state)
+    try:
+        assert store.pending_count() == 0
+        wrong = compare_all(simulator, docs, store, end_of_test=end_of_test, audit_since=T0 - 6 * HOUR)
+    finally:
+        store.close()
+    assert not wrong, wrong
+    assert_rate_limit_cycles(docs, completed)
