@@ -60,6 +60,10 @@ class Collection:
             names_wait = 0
         if self.names is not None:
             self.names.close() if names_wait is None else self.names.close(names_wait)
+        for collector in self.engine.collectors:
+            close = getattr(collector, "close", None)
+            if close is not None:
+                close()
         for c in self.clients:
             c.close()
         self.store.close()

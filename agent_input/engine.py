@@ -303,6 +303,12 @@ class ListingCollector(PollingCollector):
             self._requests = DaemonPool(1, f"{self.name}-request")
         return self._requests.run(self.stop, "an answer from OpenAI", path, self.client.get_json, path, dict(params))
 
+    def close(self) -> None:
+        """End `get_json`'s thread (after the request in flight, if any, without waiting for it):
+        `run` builds new collectors at each config, and the old ones' threads were left waiting."""
+        if self._requests is not None:
+            self._requests.shutdown(wait=False, cancel_futures=True)
+
 
 class UsageCollector(PollingCollector):
     """Drives one usage-like endpoint: windows, grace, revisions, pages, outbox."""

@@ -427,6 +427,35 @@ def test_the_collection_gives_the_audit_stream_the_progress(tmp_path, monkeypatc
         collection.close()
 
 
+def test_closing_a_collection_ends_its_listing_collectors_request_threads(simulator, tmp_path):
+    """The audit and rate limits collectors ask OpenAI on a daemon thread of their own (a stop does
+    not wait for a request that hangs). `run` builds new collectors at every config: the old ones'
+    threads, left waiting for a next request, piled up, one per listing stream and config."""
+    import threading
+    import time
+
+    from agent_input import app
+
+    cfg = config_from_dict({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 0,
+                            "data_streams": {"audit": {"initial_interval": "1h"},
+                                             "rate_limits": {"enabled": True}}}, env={})
+    before = set(threading.enumerate())
+    for _ in range(3):  # three configs, one after another
+        collection = app.build(cfg, state_dir=tmp_path / "state", output=NdjsonFileOutput(tmp_path / "out.ndjson"),
+                               clock=simulator.now)
+        try:
+            collection.engine.run(once=True)
+        finally:
+            collection.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = [t.name for t in set(threading.enumerate()) - before if t.name.endswith("-request_0")]
+        if not left:
+            break
+        time.sleep(0.05)
+    assert left == [], left
+
+
 def test_forbidden_is_reported_once_and_the_stream_stays_quiet(tmp_path, caplog):
     from agent_input.simulator import Simulator
 
