@@ -242,7 +242,7 @@ class NameCache:
             with self._maps_lock:
                 projects, users, keys = self._projects, self._users, self._keys
                 refused, refused_key_projects = self._refused, self._refused_key_projects
-            unknown: list[str] = []
+            unknown: list[tuple[str, str, Any]] = []  # (kind, id, its document's project id)
             for doc in docs:
                 base = doc.get("openai", {}).get("base")
                 if not isinstance(base, dict):
@@ -252,7 +252,7 @@ class NameCache:
                 if name:
                     base["project_name"] = name
                 elif type(value) is str and value and value not in projects and "projects" not in refused:
-                    unknown.append(value)
+                    unknown.append(("projects", value, project_id))
                 value = base.get("user_id")
                 if type(value) is str:
                     name = users.get(value)
@@ -269,16 +269,21 @@ class NameCache:
                         base["user_email"] = name
                     elif (value and value not in users and value not in self._service_accounts
                           and "users" not in refused):
-                        unknown.append(value)
+                        unknown.append(("users", value, project_id))
                 value = base.get("api_key_id")
                 name = keys.get(value) if type(value) is str else None
                 if name:
                     base["api_key_name"] = name
                 elif (type(value) is str and value and value not in keys and "keys" not in refused
                       and not (type(project_id) is str and project_id in refused_key_projects)):
-                    unknown.append(value)
+                    unknown.append(("keys", value, project_id))
             if unknown:
-                self._refresh_early(unknown)
+                # ids met before a wait for the first users listing were judged by the refusals
+                # known then (none, during the first load): judged again by those known now
+                with self._maps_lock:
+                    refused, refused_key_projects = self._refused, self._refused_key_projects
+                self._refresh_early([i for kind, i, pid in unknown if kind not in refused and not (
+                    kind == "keys" and type(pid) is str and pid in refused_key_projects)])
         except StoppedError:
             raise  # stopped while waiting: nothing is stored without its names
         except Exception as exc:  # noqa: BLE001 - enrichment must never cost a document

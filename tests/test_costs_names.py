@@ -516,6 +516,38 @@ def test_a_user_id_met_while_the_refused_users_listing_ran_brings_no_refresh_for
     assert cache._next_refresh == 1000.0 + 3600 and cache._asked == {}
 
 
+def test_ids_of_a_refused_listing_met_before_a_page_waits_for_the_users_bring_no_refresh_forward():
+    """The same page, an earlier document (or the same one's project id) read before the wait: a
+    key of a project whose keys listing is refused (403) was asked for with the refusals known
+    before the wait (none), and brought every listing forward to 5 minutes once the wait ended."""
+    from agent_input.http_client import PermissionDeniedError
+
+    now, api = [1000.0], _EarlyApi()
+    api.error, api.failing = PermissionDeniedError, {"/projects/proj-1/api_keys"}
+    listing = threading.Event()
+    real = api.get_json
+
+    def get_json(path, params):
+        if path.endswith("/organization/users"):
+            listing.wait(30)  # until the page below waits for it
+        return real(path, params)
+
+    api.get_json = get_json
+    cache = _early_cache(api, now)
+    warm = cache.warm_up()
+    assert cache._keys_loaded.wait(30)
+    page = [_doc(project_id="proj-1", api_key_id="key-of-a-refused-project"), _doc(user_id="user-member")]
+    waited = threading.Thread(target=cache.enrich_all, args=(page,))
+    waited.start()
+    time.sleep(0.2)
+    listing.set()
+    waited.join(30)
+    warm.join(30)
+    assert cache._refused_key_projects == {"proj-1"}
+    assert page[1]["openai"]["base"]["user_email"] == "member@example.com"  # it did wait for the users
+    assert cache._next_refresh == 1000.0 + 3600 and cache._asked == {}
+
+
 def test_a_refresh_keeps_the_key_names_of_a_project_whose_listing_failed(simulator):
     from agent_input.simulator import FaultRule
 
