@@ -456,6 +456,11 @@ def test_collection_status_panel_shows_each_collector_apart():
     layer = next(iter(status["embeddableConfig"]["attributes"]["state"]["datasourceStates"]["textBased"]["layers"].values()))
     assert [c["columnId"] for c in layer["columns"]][:2] == ["namespace", "event.outcome"]
     assert Q.limits_freshness().splitlines()[-2].endswith("BY namespace = data_stream.namespace, event.outcome")
+    # each column sums its own counter of the status documents (bad_limits: limits not stored)
+    assert [c["columnId"] for c in layer["columns"]][-2:] == ["failed_projects", "bad_limits"]
+    stats = Q.limits_freshness().splitlines()[-2]
+    assert "failed_projects = SUM(openai.rate_limits.collection.failed_projects)" in stats
+    assert "bad_limits = SUM(openai.rate_limits.collection.bad_limits)" in stats
 
 
 def test_dashboard_fingerprint_marks_content():

@@ -609,6 +609,10 @@ def test_bad_limits_and_a_project_without_id_are_reported_and_the_good_rows_stor
     ("max_requests_per_1_day", True, "`max_requests_per_1_day` is a boolean (True), not an integer"),
     ("batch_1_day_max_input_tokens", {"v": 1}, "`batch_1_day_max_input_tokens` is an object ({'v': 1}), not an integer"),
     ("max_tokens_per_1_minute", 2**60, "is an integer (1152921504606846976), not within ±2^53"),
+    ("max_tokens_per_1_minute", 2**53, "is an integer (9007199254740992), not within ±2^53"),
+    ("max_tokens_per_1_minute", -2**53, "is an integer (-9007199254740992), not within ±2^53"),
+    ("max_tokens_per_1_minute", False, "`max_tokens_per_1_minute` is a boolean (False), not an integer"),
+    ("object", 5, "`object` is an integer (5), not a string"),
     ("model", 7, "`model` is an integer (7), not a string"),
     ("model", None, "it lacks required `model`"),
     ("id", ["a"], "`id` is an array (['a']), not a string"),
@@ -634,10 +638,11 @@ def test_each_kind_of_bad_limit_is_named_with_its_field_and_type(tmp_path, caplo
 def test_limits_the_reference_allows_are_stored_as_before(tmp_path, caplog):
     """Optional limits absent or null, an integral float (JSON 600.0), and no `object` are fine."""
     rows = [{"id": "rl-1", "model": "m1", "max_requests_per_1_minute": 600.0},
-            _row("rl-2", "m2", max_images_per_1_minute=None, max_tokens_per_1_day=9_000_000)]
+            _row("rl-2", "m2", max_images_per_1_minute=None, max_tokens_per_1_day=9_000_000),
+            _row("rl-3", "m3", max_tokens_per_1_minute=2**53 - 1, max_requests_per_1_day=-(2**53 - 1))]
     stats, docs = _bad_data_cycle(tmp_path, [{"id": "proj_a"}], {"proj_a": rows}, caplog)
     assert stats.errors == [] and not caplog.records
-    assert sum("model" in d["openai"]["rate_limits"] for d in docs) == 2
+    assert sum("model" in d["openai"]["rate_limits"] for d in docs) == 3
 
 
 def test_a_cycle_with_every_limit_bad_fails_and_reports_a_bounded_number_of_lines(tmp_path, caplog):
