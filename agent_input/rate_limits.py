@@ -141,7 +141,10 @@ class RateLimitsCollector(ListingCollector):
                     continue
                 read += 1
         _report_bad(bad, stats)
-        refused = _refused_for_a_scope(refusals) if fatal is None and read == 0 else None
+        # every project refused, not only none read: one whose listing was answered with limits none
+        # of which could be stored, or one without an id, does not say the key lacks a scope
+        asked_refused = sum(len(alike) for alike in refusals.values()) == len(failed)
+        refused = _refused_for_a_scope(refusals) if fatal is None and read == 0 and asked_refused else None
         for alike in refusals.values():
             msg = _skipped(alike)
             stats.errors.append(msg)

@@ -645,6 +645,30 @@ def test_limits_the_reference_allows_are_stored_as_before(tmp_path, caplog):
     assert sum("model" in d["openai"]["rate_limits"] for d in docs) == 3
 
 
+def test_a_project_refused_for_a_scope_beside_projects_of_bad_limits_does_not_stop_the_stream(tmp_path, caplog,
+                                                                                           monkeypatch):
+    """Projects whose listing was answered, with limits none of which could be stored (or without
+    an id in the projects listing), count as failed, but they were not refused: one project refused
+    for a missing scope beside them stopped the stream, saying the key lacks the scope and that
+    'every project's rate limits were refused (1 project(s))'."""
+    real = _BadListing.get_json
+
+    def get_json(self, path, params):
+        if "/proj_a/" in path:
+            raise PermissionDeniedError(403, "Missing scopes: api.management.read.", None, path)
+        return real(self, path, params)
+
+    monkeypatch.setattr(_BadListing, "get_json", get_json)
+    projects = [{"id": "proj_a"}, {"id": "proj_b"}, {"name": "no id"}]
+    limits = {"proj_b": [_row("rl-1", "m1", max_tokens_per_1_minute="lots")]}
+    stats, docs = _bad_data_cycle(tmp_path, projects, limits, caplog)  # no PermissionDeniedError raised
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "failure"
+    assert "the rate limits of all 3 project(s) failed" in status["error"]["message"]
+    assert "every project" not in status["error"]["message"]
+    assert any("skipped project proj_a" in e for e in stats.errors), stats.errors
+
+
 def test_a_cycle_with_every_limit_bad_fails_and_reports_a_bounded_number_of_lines(tmp_path, caplog):
     """An API that changed a limit's type: every project fails (the stale rule's failure), and the
     cycle says so in a few lines, not one per limit."""
