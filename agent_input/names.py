@@ -241,7 +241,6 @@ class NameCache:
             # refresh() swaps whole dicts, never mutates them: one consistent set, read at once
             with self._maps_lock:
                 projects, users, keys = self._projects, self._users, self._keys
-                refused, refused_key_projects = self._refused, self._refused_key_projects
             unknown: list[tuple[str, str, Any]] = []  # (kind, id, its document's project id)
             for doc in docs:
                 base = doc.get("openai", {}).get("base")
@@ -251,7 +250,7 @@ class NameCache:
                 name = projects.get(value) if type(value) is str else None
                 if name:
                     base["project_name"] = name
-                elif type(value) is str and value and value not in projects and "projects" not in refused:
+                elif type(value) is str and value and value not in projects:
                     unknown.append(("projects", value, project_id))
                 value = base.get("user_id")
                 if type(value) is str:
@@ -261,25 +260,22 @@ class NameCache:
                         # engine's, shared by every stream of the process) is not held meanwhile
                         with PAGE_GATE.set_aside():
                             self._wait(self._all_loaded, "user e-mails")
-                        with self._maps_lock:  # and which listings it was refused (403), now known
-                            users, refused = self._users, self._refused
-                            refused_key_projects = self._refused_key_projects
+                        users = self._users
                         name = users.get(value)
                     if name:
                         base["user_email"] = name
-                    elif (value and value not in users and value not in self._service_accounts
-                          and "users" not in refused):
+                    elif value and value not in users and value not in self._service_accounts:
                         unknown.append(("users", value, project_id))
                 value = base.get("api_key_id")
                 name = keys.get(value) if type(value) is str else None
                 if name:
                     base["api_key_name"] = name
-                elif (type(value) is str and value and value not in keys and "keys" not in refused
-                      and not (type(project_id) is str and project_id in refused_key_projects)):
+                elif type(value) is str and value and value not in keys:
                     unknown.append(("keys", value, project_id))
             if unknown:
-                # ids met before a wait for the first users listing were judged by the refusals
-                # known then (none, during the first load): judged again by those known now
+                # not the ids of a listing the last refresh was refused (403), which a refresh
+                # sooner cannot name: the refusals known now, after any wait for the first users
+                # listing above (before it, during the first load, none are known)
                 with self._maps_lock:
                     refused, refused_key_projects = self._refused, self._refused_key_projects
                 self._refresh_early([i for kind, i, pid in unknown if kind not in refused and not (
