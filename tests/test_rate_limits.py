@@ -612,6 +612,7 @@ def test_bad_limits_and_a_project_without_id_are_reported_and_the_good_rows_stor
     ("max_tokens_per_1_minute", 2**53, "is an integer (9007199254740992), not within ±2^53"),
     ("max_tokens_per_1_minute", -2**53, "is an integer (-9007199254740992), not within ±2^53"),
     ("max_tokens_per_1_minute", False, "`max_tokens_per_1_minute` is a boolean (False), not an integer"),
+    ("max_tokens_per_1_minute", 2.0**60, "is a number (1.152921504606847e+18), not within ±2^53"),
     ("object", 5, "`object` is an integer (5), not a string"),
     ("model", 7, "`model` is an integer (7), not a string"),
     ("model", None, "it lacks required `model`"),
@@ -667,6 +668,21 @@ def test_a_project_refused_for_a_scope_beside_projects_of_bad_limits_does_not_st
     assert "the rate limits of all 3 project(s) failed" in status["error"]["message"]
     assert "every project" not in status["error"]["message"]
     assert any("skipped project proj_a" in e for e in stats.errors), stats.errors
+
+
+def test_the_largest_limits_within_the_bound_are_stored(tmp_path, caplog):
+    """±(2^53 - 1) is the last integer Kibana shows as sent: stored, not reported."""
+    rows = [_row("rl-1", "m1", max_tokens_per_1_day=2**53 - 1), _row("rl-2", "m2", max_tokens_per_1_day=-(2**53 - 1))]
+    stats, docs = _bad_data_cycle(tmp_path, [{"id": "proj_a"}], {"proj_a": rows}, caplog)
+    assert stats.errors == []
+    assert sorted(d["openai"]["rate_limits"]["max_tokens_per_1_day"] for d in docs
+                  if "model" in d["openai"]["rate_limits"]) == [-(2**53 - 1), 2**53 - 1]
+
+
+def test_exactly_as_many_bad_limits_as_are_shown_make_no_and_more_line(tmp_path, caplog):
+    rows = [_row(f"rl-{j}", f"m{j}", max_tokens_per_1_minute="many") for j in range(5)] + [_row("rl-ok", "m9")]
+    stats, _ = _bad_data_cycle(tmp_path, [{"id": "proj_a"}], {"proj_a": rows}, caplog)
+    assert len(stats.errors) == 5 and not any("more bad limit" in e for e in stats.errors), stats.errors
 
 
 def test_a_cycle_with_every_limit_bad_fails_and_reports_a_bounded_number_of_lines(tmp_path, caplog):
