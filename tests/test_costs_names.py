@@ -1135,6 +1135,43 @@ def test_key_owners_emails_follow_the_listings():
     assert cache.user_email("user-old") == "member-now@example.com"
 
 
+def test_the_keys_of_a_project_no_longer_listed_are_not_kept():
+    """Each listed project's keys come from its own last listing: a project gone from the projects
+    listing takes its keys (and its keys' owners) with it, rather than keeping them for good."""
+    now, api = [0.0], _EarlyApi()
+    cache = _early_cache(api, now)
+    cache.ensure_fresh()
+    assert cache.api_key_name("key-2") == "key-2"
+    del api.projects["proj-2"]
+    now[0] = 3601.0
+    cache.ensure_fresh()
+    assert cache.wait_for_refresh(30) and not cache.failures
+    assert cache.api_key_name("key-2") is None and cache.api_key_name("key-1") == "key-1"
+
+
+def test_a_key_of_a_refused_project_met_while_the_first_users_listing_ran_brings_no_refresh_forward():
+    """A page waiting for the first users listing reads which projects' keys listings were refused
+    again after the wait: read before it (none yet), a key of the refused project was asked for."""
+    from agent_input.http_client import PermissionDeniedError
+
+    now, api = [1000.0], _EarlyApi()
+    api.error, api.failing = PermissionDeniedError, {"proj-1/api_keys"}
+    api.hold.clear()
+    cache = _early_cache(api, now)
+    warm = cache.warm_up()
+    assert cache._keys_loaded.wait(30)
+    doc = _doc(project_id="proj-1", user_id="user-member", api_key_id="key-new")
+    waited = threading.Thread(target=cache.enrich_all, args=([doc],))
+    waited.start()
+    time.sleep(0.2)
+    api.hold.set()
+    waited.join(30)
+    warm.join(30)
+    assert doc["openai"]["base"]["user_email"] == "member@example.com"
+    assert cache._refused_key_projects == {"proj-1"}
+    assert cache._next_refresh == 1000.0 + 3600 and cache._asked == {}
+
+
 def test_the_names_client_retries_as_few_times_as_the_configuration_says():
     from agent_input.names import NAMES_MAX_RETRIES
 
