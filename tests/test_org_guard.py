@@ -296,3 +296,26 @@ def test_check_says_a_state_directory_it_may_not_search_is_unreadable(tmp_path, 
     monkeypatch.setattr(pathlib.Path, "stat", stat)
     ok, message = org_guard.check_state_dir(object(), tmp_path / "state")
     assert ok is False and message == f"cannot read state file {path}: Permission denied"
+
+
+def test_check_does_not_call_a_state_directory_it_may_not_stat_taken_by_something_else(tmp_path, monkeypatch):
+    """A state directory this user may not reach (EACCES on the directory itself) is unreadable, not
+    "something else has that name": the state file's own read says Permission denied."""
+    import os
+
+    from agent_input import org_guard
+    from agent_input.state import not_a_directory_message
+
+    StateStore(tmp_path / "state").close()
+    state = tmp_path / "state"
+    real = os.stat
+
+    def stat(p, *args, **kwargs):
+        if str(p).startswith(str(state)):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert not_a_directory_message(state) is None
+    ok, message = org_guard.check_state_dir(object(), state)
+    assert ok is False and message == f"cannot read state file {state / 'state.sqlite3'}: Permission denied"
