@@ -455,6 +455,9 @@ def test_file_not_yaml(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(p, env=ENV)
     assert info.value.key == "config" and "not valid YAML" in info.value.message and "line" in info.value.message
+    # the problem alone: PyYAML's context ("while parsing a flow sequence") is added only to a "but ..."
+    assert info.value.message.endswith("is not valid YAML (line 2, column 12): expected ',' or ']', but got ':'"), \
+        info.value.message
 
 
 def test_a_control_character_in_the_file_is_named_with_its_line(tmp_path):
