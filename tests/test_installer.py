@@ -953,6 +953,52 @@ def test_a_ca_cert_that_is_a_fifo_is_read_with_the_same_bounded_wait(stack, tmp_
     assert copy != str(fifo) and open(copy).read() == pem
 
 
+def test_a_ca_cert_pipe_that_is_not_pem_text_is_a_usage_error_not_a_traceback(stack, tmp_path):
+    import threading
+
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as fh:
+            fh.write(b"0\x82\x01\xff DER bytes")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    result = install("--ca-cert", str(fifo), "--skip-kibana")
+    writer.join()
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip() == (f"openai-assets: cannot read CA file {fifo}: it is not UTF-8 text "
+                                     "(expected a PEM CA bundle)")
+    assert not stack.calls
+
+
+def test_a_ca_cert_that_cannot_be_read_is_a_usage_error(stack, tmp_path, monkeypatch):
+    """A pipe this user may not read (EACCES): exit 2 with the reason, as for the key files."""
+    from kibana_assets import installer
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(installer, "read_text_file", refused)
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    result = install("--ca-cert", str(fifo), "--skip-kibana")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"openai-assets: cannot read CA file {fifo}: Permission denied"
+    assert not stack.calls
+
+
+def test_insecure_wins_over_a_ca_cert_that_is_not_read(stack, tmp_path, monkeypatch):
+    """--insecure turns verification off: the --ca-cert beside it (a pipe nobody writes) is not read."""
+    import agent_input.config as config_module
+    monkeypatch.setattr(config_module, "FIFO_WAIT_SECONDS", 0.2)
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    result = install("--insecure", "--ca-cert", str(fifo), "--skip-kibana", "--dry-run")
+    assert result.exit_code == 0, result.output
+
+
 def test_a_ca_cert_that_is_a_device_is_refused_not_read_for_ever(stack):
     result = install("--ca-cert", "/dev/zero", "--skip-kibana")
     assert result.exit_code == 2, result.output
