@@ -446,3 +446,34 @@ def test_an_answer_that_is_not_an_openai_list_fails_check_as_collect_fails_on_it
     assert "check OK" not in result.output
     assert ("/v1/organization/usage/completions: the answer has no `data` list, as OpenAI's lists have: is "
             f"`url` the OpenAI API ({BASE})?") in result.output, result.output
+
+
+def test_only_an_echo_to_stdout_is_stdout_s_failure(monkeypatch):
+    """A write to stderr that fails (its reader gone) is not worded "cannot write to stdout", nor
+    does it send stdout's unwritten lines to /dev/null: only click.echo's writes to stdout are."""
+    import sys
+
+    import click
+
+    from agent_input.cli import _raised_by_echo_to_stdout
+
+    class Broken:
+        encoding = "utf-8"
+
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    outcomes = []
+    for name, err in (("stderr", True), ("stdout", False)):
+        monkeypatch.setattr(sys, name, Broken())
+        with pytest.raises(OSError) as info:
+            click.echo("x", err=err)
+        outcomes.append(_raised_by_echo_to_stdout(info.value))
+    assert outcomes == [False, True]
+    assert _raised_by_echo_to_stdout(OSError(5, "I/O error")) is False
