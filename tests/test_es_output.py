@@ -359,7 +359,12 @@ def test_a_cluster_that_refuses_the_first_request_says_why_not_only_the_error_ty
         es.close()
 
 
-def test_a_url_that_redirects_says_so_and_where_not_none(tmp_path):
+@pytest.mark.parametrize("status, location, shown", [
+    (301, "https://es.example:9200/", "https://es.example:9200/"),
+    # any 3xx; a Location's user info is not echoed, nor a long one whole
+    (300, "https://proxy-user:proxy-pw@es.example/" + "p" * 300, "https://***@es.example/" + "p" * 177),
+])
+def test_a_url_that_redirects_says_so_and_where_not_none(tmp_path, status, location, shown):
     """A proxy in front of the cluster redirecting http:// to https:// (301 with a Location, no
     body): the client does not follow it, and the line read "Elasticsearch answered 301: None"."""
     import threading
@@ -367,8 +372,8 @@ def test_a_url_that_redirects_says_so_and_where_not_none(tmp_path):
 
     class Redirect(BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(301)
-            self.send_header("Location", "https://es.example:9200/")
+            self.send_response(status)
+            self.send_header("Location", location)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -381,7 +386,7 @@ def test_a_url_that_redirects_says_so_and_where_not_none(tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}"
         with pytest.raises(OutputError) as refused:
             check_cluster(make_client(url, env=ENV))
-        assert str(refused.value) == (f"Elasticsearch at {url} answered 301, a redirect to https://es.example:9200/, "
+        assert str(refused.value) == (f"Elasticsearch at {url} answered {status}, a redirect to {shown}, "
                                       "which the client does not follow: give the URL it redirects to"), str(refused.value)
     finally:
         server.shutdown()
@@ -812,6 +817,26 @@ def test_a_dead_letter_path_that_is_a_fifo_is_named_as_such_and_keeps_the_batch(
                                     "file (a FIFO or a device); the batch stays in the outbox"), str(info.value)
 
 
+def test_a_dead_letter_path_that_is_a_folder_says_so_and_keeps_the_batch(fake, tmp_path):
+    (tmp_path / "dead-letter.ndjson").mkdir()
+    out = _output(fake.url, tmp_path)
+    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"}
+    ack = Acks()
+    with pytest.raises(OutputError) as info:
+        out.send("completions", _payload([_doc(1)]), 1, ack)
+    assert ack.n == 0
+    assert str(info.value).endswith(f"cannot be written to {tmp_path / 'dead-letter.ndjson'}: Is a directory; "
+                                    "the batch stays in the outbox"), str(info.value)
+
+
+def test_a_tls_error_without_a_cause_is_described_without_none():
+    from elastic_transport import TlsError
+
+    from agent_input.es_output import _describe_exc
+
+    assert _describe_exc(TlsError("TLS error")) == "TlsError: TLS error"
+
+
 def test_a_dead_letter_write_that_fails_part_way_is_cut_back_and_the_batch_kept(fake, tmp_path, monkeypatch):
     """A full disk (or a file-size limit) may take part of a record before failing: the fragment
     must not stay, or the record appended at the retry is glued onto it and both are unreadable."""
@@ -1067,6 +1092,7 @@ def test_a_tls_failure_says_why_and_what_to_give_not_only_tls_error(tls_files, t
         with pytest.raises(OutputError) as unread:
             check_cluster(make_client(es.url, ca_file=str(not_a_ca), env=ENV))
         assert "no certificate or crl found" in str(unread.value), str(unread.value)
+        assert "give --es-ca-file" not in str(unread.value)  # its CA file is the problem, not a missing one
     finally:
         es.close()
 
