@@ -12,6 +12,11 @@ CPU its documents cost, under one GIL. Two pieces aim at the larger of the two:
   every stream, which keeps memory flat (the GIL runs one at a time anyway). Waiting pages go in
   longest chain first: the long pole's pages are worked on as they arrive, so its fetch thread
   never stalls on a full read-ahead, and the other streams' pages fill the time in between.
+
+It also holds how a request is waited for until a stop (`DaemonPool`, `result`): the fetch thread,
+the audit and rate limits collectors' requests and the limits' workers run on daemon threads, and a
+stop leaves a request that hangs to end by itself, its answer dropped, rather than wait out
+`http_timeout`.
 """
 from __future__ import annotations
 
