@@ -85,6 +85,7 @@ import orjson
 
 from .config import credential_problem, display_url, url_problem
 from .durable import fsync, fsync_dir, truncate_partial_line, write_all
+from .http_client import StoppedError
 from .outputs import Ack, OutputError
 
 log = logging.getLogger("agent_input.es_output")
@@ -766,30 +767,18 @@ def _at(client) -> str:
         return ""
 
 
-class _Stopped(Exception):
-    pass
-
-
 def _info(client, stop: threading.Event | None):
+    """`client.info()`, waited for until a stop (StoppedError): on a daemon thread, left to end by
+    itself, as every request a stop must not wait for (`paging.result`)."""
     if stop is None:
         return client.info()
-    done, box = threading.Event(), {}
+    from .paging import DaemonPool
 
-    def ask() -> None:
-        try:
-            box["info"] = client.info()
-        except BaseException as exc:  # noqa: BLE001 - raised by the caller
-            box["exc"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=ask, name="es-info", daemon=True).start()
-    while not done.wait(0.2):
-        if stop.is_set():
-            raise _Stopped
-    if "exc" in box:
-        raise box["exc"]
-    return box["info"]
+    pool = DaemonPool(1, "es-info")
+    try:
+        return pool.run(stop, "Elasticsearch's answer", "GET /", client.info)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def check_cluster(client, stop: threading.Event | None = None) -> str:
@@ -802,7 +791,7 @@ def check_cluster(client, stop: threading.Event | None = None) -> str:
 
     try:
         info = _info(client, stop)
-    except _Stopped:
+    except StoppedError:
         raise OutputError("stopped while waiting for Elasticsearch's answer to GET /") from None
     except ApiError as exc:
         if exc.status_code in (401, 403):
