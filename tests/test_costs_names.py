@@ -486,14 +486,15 @@ def test_one_projects_refused_keys_listing_leaves_the_other_projects_new_keys_na
     key_name(other.id, key.id)  # starts the early refresh
     assert key_name(other.id, key.id) == "fresh" and cache.refreshes == 3
     cache.close()
-def test_a_user_id_met_while_the_refused_users_listing_ran_brings_no_refresh_forward():
-    """A page waiting for the first users listing read which listings were refused before the
-    wait, when none had been yet: the users listing refused (403) during the wait, its user ids
-    still brought the next refresh, every listing again, forward to 5 minutes."""
+
+
+def _enrich_while_the_first_users_listing_is_held(refused: str, page: list[dict]) -> NameCache:
+    """A first load whose `refused` listing answers 403 and whose users listing is held until
+    `page` (enriched on another thread) waits for it; the cache once both are over."""
     from agent_input.http_client import PermissionDeniedError
 
     now, api = [1000.0], _EarlyApi()
-    api.error, api.failing = PermissionDeniedError, {"/organization/users"}
+    api.error, api.failing = PermissionDeniedError, {refused}
     listing = threading.Event()
     real = api.get_json
 
@@ -506,12 +507,20 @@ def test_a_user_id_met_while_the_refused_users_listing_ran_brings_no_refresh_for
     cache = _early_cache(api, now)
     warm = cache.warm_up()
     assert cache._keys_loaded.wait(30)
-    waited = threading.Thread(target=cache.enrich_all, args=([_doc(user_id="user-not-listed")],))
+    waited = threading.Thread(target=cache.enrich_all, args=(page,))
     waited.start()
     time.sleep(0.2)
     listing.set()
     waited.join(30)
     warm.join(30)
+    return cache
+
+
+def test_a_user_id_met_while_the_refused_users_listing_ran_brings_no_refresh_forward():
+    """A page waiting for the first users listing read which listings were refused before the
+    wait, when none had been yet: the users listing refused (403) during the wait, its user ids
+    still brought the next refresh, every listing again, forward to 5 minutes."""
+    cache = _enrich_while_the_first_users_listing_is_held("/organization/users", [_doc(user_id="user-not-listed")])
     assert cache._refused == {"users"}
     assert cache._next_refresh == 1000.0 + 3600 and cache._asked == {}
 
@@ -520,29 +529,8 @@ def test_ids_of_a_refused_listing_met_before_a_page_waits_for_the_users_bring_no
     """The same page, an earlier document (or the same one's project id) read before the wait: a
     key of a project whose keys listing is refused (403) was asked for with the refusals known
     before the wait (none), and brought every listing forward to 5 minutes once the wait ended."""
-    from agent_input.http_client import PermissionDeniedError
-
-    now, api = [1000.0], _EarlyApi()
-    api.error, api.failing = PermissionDeniedError, {"/projects/proj-1/api_keys"}
-    listing = threading.Event()
-    real = api.get_json
-
-    def get_json(path, params):
-        if path.endswith("/organization/users"):
-            listing.wait(30)  # until the page below waits for it
-        return real(path, params)
-
-    api.get_json = get_json
-    cache = _early_cache(api, now)
-    warm = cache.warm_up()
-    assert cache._keys_loaded.wait(30)
     page = [_doc(project_id="proj-1", api_key_id="key-of-a-refused-project"), _doc(user_id="user-member")]
-    waited = threading.Thread(target=cache.enrich_all, args=(page,))
-    waited.start()
-    time.sleep(0.2)
-    listing.set()
-    waited.join(30)
-    warm.join(30)
+    cache = _enrich_while_the_first_users_listing_is_held("/projects/proj-1/api_keys", page)
     assert cache._refused_key_projects == {"proj-1"}
     assert page[1]["openai"]["base"]["user_email"] == "member@example.com"  # it did wait for the users
     assert cache._next_refresh == 1000.0 + 3600 and cache._asked == {}

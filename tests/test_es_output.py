@@ -803,29 +803,20 @@ def test_an_unwritable_dead_letter_file_keeps_the_batch(fake, tmp_path):
     assert ack.n == 0
 
 
-def test_a_dead_letter_path_that_is_a_fifo_is_named_as_such_and_keeps_the_batch(fake, tmp_path):
-    """A FIFO (or device) where the dead-letter file should be failed on its first seek, an
-    io.UnsupportedOperation without strerror: the line ended "cannot be written to ...: None"."""
-    os.mkfifo(tmp_path / "dead-letter.ndjson")
+@pytest.mark.parametrize("make, why", [
+    # failed on its first seek, an io.UnsupportedOperation without strerror: "...: None"
+    (os.mkfifo, "it is not a regular file (a FIFO or a device)"),
+    (os.mkdir, "Is a directory"),
+])
+def test_a_dead_letter_path_that_is_not_a_file_says_why_and_keeps_the_batch(fake, tmp_path, make, why):
+    make(tmp_path / "dead-letter.ndjson")
     out = _output(fake.url, tmp_path)
     fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"}
     ack = Acks()
     with pytest.raises(OutputError) as info:
         out.send("completions", _payload([_doc(1)]), 1, ack)
     assert ack.n == 0
-    assert str(info.value).endswith(f"cannot be written to {tmp_path / 'dead-letter.ndjson'}: it is not a regular "
-                                    "file (a FIFO or a device); the batch stays in the outbox"), str(info.value)
-
-
-def test_a_dead_letter_path_that_is_a_folder_says_so_and_keeps_the_batch(fake, tmp_path):
-    (tmp_path / "dead-letter.ndjson").mkdir()
-    out = _output(fake.url, tmp_path)
-    fake.reject = lambda src: {"type": "mapper_parsing_exception", "reason": "nope"}
-    ack = Acks()
-    with pytest.raises(OutputError) as info:
-        out.send("completions", _payload([_doc(1)]), 1, ack)
-    assert ack.n == 0
-    assert str(info.value).endswith(f"cannot be written to {tmp_path / 'dead-letter.ndjson'}: Is a directory; "
+    assert str(info.value).endswith(f"cannot be written to {tmp_path / 'dead-letter.ndjson'}: {why}; "
                                     "the batch stays in the outbox"), str(info.value)
 
 
