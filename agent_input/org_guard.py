@@ -163,7 +163,7 @@ class OrganizationGuard:
         self.refusal = refusal_reason(self.store.directory, listed, self.recorded, self.seen)
         if self.refusal is None:
             found = fingerprint(projects) if not self.recorded else []
-            if found:
+            if found and not self._stopped():  # else recorded at a later start (see `_stopped`)
                 try:
                     self.store.put_kv(KV_PROJECTS, json.dumps(found))
                     self.recorded = found
@@ -184,7 +184,8 @@ class OrganizationGuard:
     def _unavailable(self, reason: str, forbidden: bool = False) -> None:
         if forbidden and not self.recorded and self.refusal is None and (self.passed or self.started):
             # this key may not list the projects, and never could here: as at the first start
-            if self.new and not self.started:  # that first start: only a refused key is marked
+            # that first start: only a refused key is marked (not after a stop: `_stopped`)
+            if self.new and not self.started and not self._stopped():
                 try:
                     self.store.put_kv(KV_STARTED, "1")
                     self.started = True
@@ -202,6 +203,13 @@ class OrganizationGuard:
                                f"{reason}); nothing is stored until it can" + (FORBIDDEN_HINT if forbidden else ""))
             self._retry_at = self._clock() + self._retry_after
         self._decided.set()
+
+    def _stopped(self) -> bool:
+        """Whether the engine was stopped: a listing that answers after it records nothing. `run`
+        stops an old config's engine without waiting for its first listing, and a late answer
+        recorded that key's organization over the one the new config's key had recorded (the next
+        start then refused the new key as another organization's)."""
+        return self._stop is not None and self._stop.is_set()
 
     def reported(self) -> bool:
         """Whether a listing's outcome came in (the name cache calls `unavailable` when its first

@@ -319,3 +319,25 @@ def test_check_does_not_call_a_state_directory_it_may_not_stat_taken_by_somethin
     assert not_a_directory_message(state) is None
     ok, message = org_guard.check_state_dir(object(), state)
     assert ok is False and message == f"cannot read state file {state / 'state.sqlite3'}: Permission denied"
+
+
+@pytest.mark.parametrize("outcome", ["observe", "refused"])
+def test_a_listing_that_answers_after_the_stop_records_nothing_in_the_state_directory(tmp_path, outcome):
+    """`run` stops the old config's engine without waiting for its first projects listing (the
+    name cache's, or the check's own): a listing that answered later recorded that config's
+    organization (or marked the directory started) over what the new config's key had recorded,
+    and the next start refused the new key as another organization's. A stopped guard stores
+    nothing; the next start lists again."""
+    from agent_input.org_guard import KV_STARTED
+
+    stop = threading.Event()
+    store = StateStore(tmp_path / "state")
+    guard = OrganizationGuard(store, stop=stop)
+    stop.set()
+    if outcome == "observe":
+        guard.observe(_projects(3, prefix="proj_old"))
+        assert store.get(KV_PROJECTS) is None and guard.recorded == []
+    else:
+        guard.unavailable("permission denied (403)", forbidden=True)
+        assert store.get(KV_STARTED) is None
+    store.close()
