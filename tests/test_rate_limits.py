@@ -707,3 +707,22 @@ def test_an_entry_of_the_projects_listing_that_is_not_an_object_is_reported(tmp_
     assert any("a project of the listing has no string `id` ('proj_z')" in e for e in stats.errors), stats.errors
     (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
     assert status["openai"]["rate_limits"]["collection"]["failed_projects"] == 1
+
+
+def test_workers_whose_client_cannot_be_made_read_the_limits_on_the_stream_s_client(simulator, tmp_path):
+    """A worker whose own client `client_factory` could not make (a DaemonPool initializer that
+    raised) reads its projects' limits on the stream's client: every project is still read, not
+    an AttributeError for each project (found by mutating the fallback: no test failed)."""
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out, include_archived=True)
+
+    def factory():
+        raise OSError("no client for you")
+
+    col.client_factory = factory
+    stats = col.poll(T0)
+    for c in closing:
+        c.close()
+    assert not stats.errors, stats.errors
+    (status,) = [d for d in read_ndjson(out) if d["event"].get("action") == "rate-limits-collection"]
+    assert status["openai"]["rate_limits"]["collection"]["projects"] == len(simulator.org.projects)
