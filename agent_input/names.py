@@ -104,8 +104,6 @@ class NameCache:
         self._projects: dict[str, str] = {}
         self._users: dict[str, str] = {}
         self._keys: dict[str, str] = {}
-        # key owners' emails as the keys' listings gave them (a few owners are in no users listing)
-        self._owners: dict[str, str] = {}
         self._service_accounts: frozenset[str] = frozenset()  # key owners that are not users
         # each project's last keys listing that succeeded (names, owners' emails, service accounts):
         # a project whose listing fails keeps its own, and only its own, from the one before
@@ -443,11 +441,10 @@ class NameCache:
             # only this refresh swaps the maps: what it publishes is built from what they hold now
             with self._maps_lock:
                 new_projects = projects if projects is not None else self._projects
-                new_keys = keys
                 new_users = {**self._users, **owners}
                 new_service_accounts = frozenset(service_accounts)
             if first:
-                self._publish(new_projects, new_keys, new_users, new_service_accounts, owners)
+                self._publish(new_projects, keys, new_users, new_service_accounts)
                 self._keys_loaded.set()
             ((users, error),) = users_outcome()
         if error is not None:
@@ -457,7 +454,7 @@ class NameCache:
                 refused_kinds.add("users")
         else:
             new_users = {**owners, **users}
-        self._publish(new_projects, new_keys, new_users, new_service_accounts, owners)
+        self._publish(new_projects, keys, new_users, new_service_accounts)
         self.refreshes += 1
         now = self.clock()
         if failed:
@@ -490,11 +487,11 @@ class NameCache:
                   len(self._keys))
 
     def _publish(self, projects: dict[str, str], keys: dict[str, str], users: dict[str, str],
-                 service_accounts: frozenset[str], owners: dict[str, str]) -> None:
+                 service_accounts: frozenset[str]) -> None:
         """Swap in a whole set of maps at once: a reader sees the old set or the new, never a mix."""
         with self._maps_lock:
             self._projects, self._keys, self._users = projects, keys, users
-            self._service_accounts, self._owners = service_accounts, owners
+            self._service_accounts = service_accounts
 
     @contextmanager
     def _listings(self) -> Iterator[Callable[..., Any]]:
