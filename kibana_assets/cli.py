@@ -186,8 +186,10 @@ def _target(kw: dict) -> I.Target:
     if kw["kibana_url"] and not kw["skip_kibana"]:
         I.check_url(kw["kibana_url"], "--kibana-url")
     creds = I.resolve_credentials(kw["api_key_file"], kw["username"], kw["password_file"])
-    verify: bool | str = I.ca_bundle(kw["ca_cert"]) if kw["ca_cert"] and not kw["insecure"] else True
-    if kw["insecure"]:
+    verify: bool | str = True
+    if not kw["insecure"] and kw["ca_cert"]:  # --insecure wins: the CA file is not read
+        verify = I.ca_bundle(kw["ca_cert"])
+    elif kw["insecure"]:
         verify = False
         # urllib3 warns InsecureRequestWarning at every request to an unverified host ("always"
         # for its SecurityWarnings): two raw lines per request. Said once here instead, as the
