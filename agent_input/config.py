@@ -372,7 +372,14 @@ class _StrictLoader(yaml.SafeLoader):
         """A key written twice in `node`, or in a mapping it merges (`<<: {namespace: a, namespace:
         b}`: PyYAML folds a merged mapping's pairs into the one merging it without constructing
         it, so its own duplicates went unseen). Keys of the mapping itself still override merged
-        ones, and the mappings of `<<: [*a, *b]` may share keys: that is what merging is for."""
+        ones, and the mappings of `<<: [*a, *b]` may share keys: that is what merging is for.
+        Each mapping is judged once, as written: flatten_mapping rewrites a mapping that merges
+        into its merged pairs followed by its own, so an anchored one (`b: &b {<<: *a, interval:
+        1m}`) merged again later (`<<: *b`) would show an override as a key written twice."""
+        judged = self.__dict__.setdefault("_judged_mappings", set())
+        if id(node) in judged:
+            return
+        judged.add(id(node))
         seen: set = set()
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":

@@ -438,6 +438,26 @@ def test_merged_mappings_may_still_override_each_other(tmp_path):
     assert config.namespace == "a" and config.url == "http://127.0.0.1:2"
 
 
+def test_a_mapping_that_merges_may_itself_be_merged_again(tmp_path):
+    """A chain of defaults (`embeddings: &fast {<<: *hourly, interval: 5m}`, then `<<: *fast`) was
+    refused as "key 'interval' appears twice": PyYAML rewrites a mapping that merges into the
+    merged pairs followed by its own, and the duplicate check read that rewrite when it was merged
+    again. Each mapping is judged as written, once."""
+    p = tmp_path / "c.yml"
+    p.write_text("data_streams:\n  completions: &hourly\n    bucket_width: 1h\n    interval: 10m\n"
+                 "  embeddings: &fast\n    <<: *hourly\n    interval: 5m\n"
+                 "  moderations:\n    <<: *fast\n  images:\n    <<: [*fast, *hourly]\n    interval: 20m\n")
+    c = load_config(p, env=ENV)
+    assert [c.streams[s].interval for s in ("completions", "embeddings", "moderations", "images")] == [
+        600, 300, 300, 1200]
+    assert c.streams["moderations"].bucket_width == c.streams["completions"].bucket_width
+    # a duplicate written inside a mapping that is merged again is still found, once, at its line
+    p.write_text("data_streams:\n  completions: &a {interval: 5m, interval: 10m}\n  embeddings: {<<: *a}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert "key 'interval' appears twice" in info.value.message and "line 2," in info.value.message
+
+
 def test_an_unquoted_key_read_as_a_yaml_alias_is_not_echoed(tmp_path):
     """`api_key: *<key>` (a stray * before the key) is a YAML alias: the parser's error named it,
     so a key that does not start with sk- (not caught by the redaction) was printed."""
