@@ -35,6 +35,27 @@ def _config(url: str, streams=TWO, initial: str = "1h", interval: str = "5m", **
     return {"url": url, "api_key": ADMIN_KEY, "max_retries": 2, "data_streams": ds, **top}
 
 
+def _wait_until_full(proc, pipe, deadline: float) -> None:
+    """Wait until `pipe` (the collector's end of it unread by the test) is full: less than a page
+    (PIPE_BUF, an atomic write) free and nothing more written to it over 0.2 s, so the collector's
+    next write to it blocks."""
+    import fcntl
+    import sys
+    import termios
+
+    size = fcntl.fcntl(pipe.fileno(), 1032)  # F_GETPIPE_SZ
+    last = -1
+    while True:
+        unread = bytearray(4)
+        fcntl.ioctl(pipe.fileno(), termios.FIONREAD, unread)
+        n = int.from_bytes(unread, sys.byteorder)
+        if n == last and n > size - 4096:
+            return
+        assert time.monotonic() < deadline and proc.poll() is None, f"the pipe did not fill ({n} of {size} bytes)"
+        last = n
+        time.sleep(0.2)
+
+
 def _pending(state) -> int:
     store = StateStore(state)
     try:
@@ -198,7 +219,8 @@ def test_a_supervisor_that_stops_reading_stdout_cannot_hold_a_stop_up(simulator,
         proc.stdin.write(json.dumps({"type": "config", "config": cfg}).encode() + b"\n")
         proc.stdin.flush()
         assert wait_for_commits(state, 2, lambda: proc.poll() is None, timeout=60), "the backfill did not start"
-        time.sleep(1.5)  # stdout was never read: its pipe is full and a stream is blocked writing to it
+        # stdout was never read: its pipe is full and a stream is blocked writing to it
+        _wait_until_full(proc, proc.stdout, time.monotonic() + 30)
         if how.startswith(("config+", "bad-config+")):
             again = cfg if how.startswith("config+") else {"url": 1}
             proc.stdin.write(json.dumps({"type": "config", "config": again}).encode() + b"\n")
