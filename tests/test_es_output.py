@@ -400,7 +400,7 @@ def test_sigterm_while_the_cluster_sits_on_the_first_request_exits_at_once(simul
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(8)  # accepted by the kernel, never answered
+    listener.listen(8)
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(yaml.safe_dump({"url": simulator.base_url, "api_key": ADMIN_KEY}))
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_ADMIN_KEY"}
@@ -409,14 +409,25 @@ def test_sigterm_while_the_cluster_sits_on_the_first_request_exits_at_once(simul
         [sys.executable, "-m", "agent_input.cli", "collect", "--config", str(cfg), "--state-dir", str(tmp_path / "state"),
          "--output", "elasticsearch", "--es-url", f"http://127.0.0.1:{listener.getsockname()[1]}", "--now", str(T0)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    conn = None
     try:
-        time.sleep(2.0)  # up and waiting for the answer
+        listener.settimeout(30)
+        conn, _ = listener.accept()  # taken, never answered
+        conn.settimeout(30)
+        request = b""
+        while b"\r\n\r\n" not in request:  # the whole request is in: it waits for the answer now
+            chunk = conn.recv(65536)
+            assert chunk, "the collector closed the connection before its request was whole"
+            request += chunk
+        assert request.startswith(b"GET / "), request[:200]
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - started
     finally:
+        if conn is not None:
+            conn.close()
         listener.close()
         if proc.poll() is None:
             proc.kill()
