@@ -50,7 +50,9 @@ class Driver:
         self.kind, self.sim, self.tmp = kind, sim, tmp_path
         self.state = tmp_path / "state"
         self.cfg = full_config(sim.base_url, initial=BACKFILL, rate_limits=True)
-        self.completed: set[int] = set()  # the times of the runs that completed: each one's rate limits cycle
+        # each completed run's rate limits cycle lies in its window: the run's --now to --now plus its
+        # wall time (the --now clock runs on at wall speed, and a loaded machine starts the poll late)
+        self.completed: list[tuple[int, int]] = []
         self.cfg_path = tmp_path / "config.yml"
         self.cfg_path.write_text(yaml.safe_dump(self.cfg))
         self.out = tmp_path / "events.ndjson"
@@ -80,9 +82,10 @@ class Driver:
         else:
             committed_enough = lambda: False  # noqa: E731
         kill_after = 180.0 if after_batches is not None or during_delivery else None
+        started = time.monotonic()
         outcome = self._run(now, kill_after, during_delivery, committed_enough)
         if outcome == "completed":
-            self.completed.add(int(now))
+            self.completed.append(run_window(now, time.monotonic() - started))
         return outcome
 
     def _run(self, now, kill_after, during_delivery, committed_enough) -> str:
@@ -109,7 +112,8 @@ class Driver:
             proc.wait()
             proc.stderr.close()
             return "killed"
-        proc.communicate()
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err.decode()[-2000:]  # a run that ended before its kill ended well
         return "completed"
 
     def _run_protocol(self, now, kill_after, during_delivery, committed_enough) -> str:
@@ -222,10 +226,17 @@ def test_compare_all_fails_a_collector_that_never_committed_costs(simulator, tmp
         store.close()
 
 
-def assert_rate_limit_cycles(docs: list[dict], completed: set[int]) -> None:
+def run_window(now: float, took: float) -> tuple[int, int]:
+    """The seconds a run's rate limits cycle can have: its clock starts at `now` and runs at wall
+    speed, and the poll takes its cycle when it starts, up to `took` seconds later."""
+    return int(now), int(now + took) + 1
+
+
+def assert_rate_limit_cycles(docs: list[dict], completed: list[tuple[int, int]]) -> None:
     """One collection document per cycle (a cycle is a run's time: a run killed and run again at
-    the same time stores it once), every completed run's cycle there, a success with its limits;
-    none for a time no run had. `docs` are deduplicated, so an id never carried two contents."""
+    the same time stores it once), every completed run's cycle there (in its `run_window`), a
+    success with its limits; none for a time no run had. `docs` are deduplicated, so an id never
+    carried two contents."""
     rl = [d for d in docs if d["data_stream"]["dataset"] == "openai.rate_limits"]
     cycles: dict[int, list[dict]] = {}
     limits: dict[int, int] = {}
@@ -236,7 +247,7 @@ def assert_rate_limit_cycles(docs: list[dict], completed: set[int]) -> None:
         elif "model" in doc["openai"]["rate_limits"]:
             limits[t] = limits.get(t, 0) + 1
     assert completed, "no run completed"
-    lost = sorted(completed - set(cycles))
+    lost = sorted(first for first, last in completed if not any(first <= t <= last for t in cycles))
     assert not lost, f"the rate limits cycles of completed runs at {lost[:3]} have no collection document"
     doubled = {t: len(c) for t, c in cycles.items() if len(c) != 1}
     assert not doubled, f"cycles with more than one collection document: {doubled}"

@@ -397,7 +397,7 @@ def test_sigterm_while_an_audit_rate_limits_or_projects_request_hangs_exits_at_o
     from agent_input.state import StateStore
     from conftest import read_ndjson, sigterm_once_asked
     from reliability_helpers import HOUR, SETTLE, compare_all, full_config
-    from test_crash_matrix import assert_rate_limit_cycles
+    from test_crash_matrix import assert_rate_limit_cycles, run_window
 
     simulator.set_time(T0)
     cfg = tmp_path / "cfg.yml"
@@ -418,14 +418,15 @@ def test_sigterm_while_an_audit_rate_limits_or_projects_request_hangs_exits_at_o
     assert proc.returncode == 0, err.decode()[-2000:]  # README: a stop exits 0
     assert took < 5.0, f"the stop waited {took:.1f} s for the {path} request that hung"
     simulator.clear_faults()
-    completed: set[int] = set()
+    completed: list[tuple[int, int]] = []
     now, end_of_test = T0, T0 + SETTLE + 300
     while True:
         simulator.set_time(now)
+        started = time.monotonic()
         run = collect(now, "--once")
         _, err = run.communicate(timeout=180)
         assert run.returncode == 0, err.decode()[-2000:]
-        completed.add(int(now))
+        completed.append(run_window(now, time.monotonic() - started))
         if now >= end_of_test:
             break
         now = min(now + 1800, end_of_test)
