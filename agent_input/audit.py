@@ -274,6 +274,7 @@ class AuditCollector(ListingCollector):
         start = max(0, hwm - OVERLAP) if hwm_text is not None else hwm
         first = start  # where this poll began, for its progress
         length = SLICE  # shorter while the log is busier than MAX_SLICE_EVENTS a slice
+        rewound = hwm_text is None  # a mark ahead of the API's time is pulled back once (below)
         while start <= end and not self.stop.is_set():
             slice_end = min(end, start + length - 1)
             if length == SLICE and end - slice_end < OVERLAP:  # no tiny last slice: one request less
@@ -292,6 +293,21 @@ class AuditCollector(ListingCollector):
             # records meanwhile would fall behind the mark (and the overlap, once more than 5
             # minutes ahead) for good. The mark stops at the API's own time (its Date header).
             served_to = getattr(self.client, "server_date", None)
+            if not rewound and type(served_to) is int and start > served_to:
+                # A stored mark more than the overlap ahead of the API's own time: an earlier
+                # version marked its reads up to the local clock, ahead of OpenAI's (this one only
+                # the start of a first read a lead past initial_interval put there), and waiting
+                # for OpenAI to reach that mark skipped for good the events it records until then
+                # (after the upgrade too). Back by the local clock's lead (where that version's
+                # last read ended, if it ran on this clock), and to the API's time at most.
+                rewound = True
+                hwm = max(0, min(served_to + 1, hwm - max(0, int(now) - served_to)))
+                log.warning("audit: the %s scope's mark %s is ahead of OpenAI's time %s (set on a clock ahead "
+                            "of OpenAI's, by an earlier version): reading again from %s", scope.name,
+                            iso_timestamp(int(hwm_text)), iso_timestamp(served_to), iso_timestamp(hwm))
+                start = first = max(0, hwm - OVERLAP)
+                continue
+            rewound = True
             behind = type(served_to) is int and served_to < slice_end
             if behind:
                 slice_end = max(start - 1, served_to)

@@ -304,6 +304,35 @@ def test_a_local_clock_ahead_of_openai_s_loses_no_event(simulator, tmp_path):
         c.close()
 
 
+def test_a_mark_an_earlier_version_set_ahead_of_openai_s_time_loses_no_later_event(simulator, tmp_path):
+    """A version before the mark stopped at the API's time, on a clock 2 hours ahead of OpenAI's,
+    left the organization scope's mark 2 hours past OpenAI's time. The upgrade waited for OpenAI to
+    reach it and read from 5 minutes before it: every event OpenAI recorded in the 2 hours after
+    the upgrade but those 5 minutes was never stored. The mark is pulled back by the clock's lead."""
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    cfg = _config(simulator.base_url, initial_interval="1h")
+    store, output = StateStore(state), NdjsonFileOutput(out)
+    lead = 2 * HOUR
+    store.put_kv(KV_HWM, str(int(T0) + lead + 1))  # its last read, at OpenAI's T0: up to its own clock
+    store.put_kv(KV_RECENT, "{}")
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output),
+                         clock=lambda: simulator.now() + lead)
+    now = T0 + 300
+    while now <= T0 + 4 * HOUR:
+        simulator.set_time(now)
+        col.poll(now + lead)
+        now += 300
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    want = audit_truth(simulator, int(T0) + 1, int(now - 600))
+    assert len(want) > 5
+    assert len(ids) == len(set(ids))
+    assert not want - set(ids), f"{len(want - set(ids))} of {len(want)} events after the upgrade lost"
+    for c in (store, client):
+        c.close()
+
+
 _EMPTY = {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
 
 
