@@ -312,7 +312,7 @@ def test_an_item_403_security_exception_is_about_the_credentials(fake, tmp_path)
 
 def test_whole_request_429_and_5xx_and_connection_errors_are_retried(fake, tmp_path):
     out = _output(fake.url, tmp_path)
-    fake.fail_requests = [503, 429, 502]
+    fake.fail_requests = [503, 429, 502, 507]  # every 5xx, not only those of RETRY_STATUS
     ack = Acks()
     out.send("completions", _payload([_doc(1)]), 1, ack)
     assert ack.n == 1 and len(fake.docs) == 1
@@ -1113,6 +1113,20 @@ def test_bounded_requests_and_concurrency_when_the_cluster_is_slow(fake, tmp_pat
     assert acks.n == 4 and len(fake.docs) == 480
     assert fake.max_items <= 50, "a bulk request carries at most chunk_size documents"
     assert fake.max_active == 1, "at most max_concurrent bulk requests are in flight"
+
+
+def test_a_stop_during_the_last_attempt_is_a_stop_not_patience_run_out(fake, tmp_path):
+    """A stop while the last allowed request is in flight ends delivery quietly (the batch not
+    acknowledged, sent again at the next start), as on any other attempt: not an OutputError saying
+    that Elasticsearch did not take the documents."""
+    stop = threading.Event()
+    out = _output(fake.url, tmp_path, attempts=1, stop=stop)
+    docs = [_doc(1)]
+    fake.item_faults = {docs[0][0]: [503]}
+    fake.mangle = lambda answer: (stop.set(), answer)[1]  # the stop arrives during the request
+    ack = Acks()
+    out.send("completions", _payload(docs), 1, ack)
+    assert ack.n == 0 and not fake.docs and out.rejected == 0
 
 
 def test_a_stop_ends_a_slow_clusters_delivery_after_the_request_in_flight(fake, tmp_path):
