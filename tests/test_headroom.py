@@ -2,6 +2,8 @@
 that renders it into the panels and rules (parsed with the official grammar)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kibana_assets import headroom as H
@@ -506,6 +508,16 @@ def test_project_failing_model_fires_for_a_project_that_keeps_failing_not_one_th
     assert row["failures"] == 13 and row["last_read"] == H._time(iso(NOW - 65 * MIN))
 
 
+def test_project_failing_model_counts_a_failure_exactly_half_of_stale_after_ago():
+    """The query keeps `last_failure >= NOW() - 30 minutes` (stale-after 60): a failure exactly
+    that long ago still counts as recent, in the reference as in the ES|QL."""
+    fail = lambda t: project_failure(iso(t), "p")  # noqa: E731
+    docs = [limit(iso(NOW - 65 * MIN), "p", "gpt-4o", tpm=1000), fail(NOW - 60 * MIN), fail(NOW - 30 * MIN)]
+    assert [r["project_id"] for r in H.projects_failing(docs, now=NOW, stale_after_minutes=60)] == ["p"]
+    docs[-1] = fail(NOW - 30 * MIN - 1)
+    assert H.projects_failing(docs, now=NOW, stale_after_minutes=60) == []
+
+
 def test_project_failing_query_text_matches_its_model():
     q = Q.project_limits_failing_rule(stale_after_minutes=60).splitlines()
     assert q[0] == "FROM logs-openai.rate_limits-*"
@@ -544,6 +556,29 @@ def test_with_the_defaults_a_project_whose_limits_keep_failing_is_never_silent()
 def test_failed_logins_panel_counts_only_failures():
     q = Q.audit_panels()["failed_logins"]
     assert '| WHERE openai.audit.type IN ("login.failed", "logout.failed")' in q.splitlines()
+
+
+def test_key_lifecycle_panel_lists_every_api_key_event_type():
+    """Every created/updated/deleted type of an API key in OpenAI's audit log (one declared
+    flattened field each, pinned to the API reference by test_assets), admin and project keys too."""
+    from kibana_assets import fields as F
+
+    declared = {n[len("openai.audit."):] for n, t in F.field_types("audit").items() if t == "flattened"}
+    key_types = {t for t in declared if t.rsplit(".", 1)[0].endswith("api_key")}
+    assert {"api_key.created", "api_key.deleted", "tenant.admin_api_key.deleted"} <= key_types
+    where = next(line for line in Q.audit_panels()["key_lifecycle"].splitlines() if line.startswith("| WHERE"))
+    listed = set(re.findall(r'"([^"]+)"', where))
+    assert listed == key_types
+
+
+@pytest.mark.parametrize("name", sorted(set(Q.usage_panels()) | set(Q.costs_panels())))
+def test_usage_and_cost_panels_sum_every_figure(name):
+    """The dashboards' promise: every figure sums the bucket documents (corrections carry only the
+    difference), so a field is aggregated with SUM, never COUNT (documents, not requests) or MAX."""
+    query = {**Q.usage_panels(), **Q.costs_panels()}[name]
+    aggs = re.findall(r"\b([A-Z_]+)\((openai\.[a-z0-9_.]+)\)", query)
+    assert aggs, "no figure found"
+    assert [f for f, _ in aggs if f != "SUM"] == [], aggs
 
 
 esql = pytest.importorskip("kibana_assets.esql", reason="esql-parser is not installed")
