@@ -357,6 +357,26 @@ def test_router_reroutes_by_dataset():
     assert reroute["if"].endswith("ctx.data_stream.dataset.startsWith('openai.')")
 
 
+def test_router_maps_each_collector_tag_back_to_its_dataset():
+    """Under Elastic Agent's filestream the dataset fields are overwritten: the router falls back
+    to the collector's tag `openai-<dataset with dashes>` (audio_speeches -> openai-audio-speeches),
+    skipping the pipelines' own `openai-pipeline-error` tag. Painless does not run here, so the
+    expression is pinned and applied in Python to every dataset's tag as the collector writes it."""
+    from agent_input.streams import STREAMS_BY_NAME
+
+    p = _assets()[("pipeline", E.ROUTER_PIPELINE)]
+    script = p["processors"][0]["script"]["source"]
+    known = set(p["processors"][0]["script"]["params"]["known"])
+    assert "if (t instanceof String && t.startsWith('openai-') && !t.equals('openai-pipeline-error')) {" in script
+    assert "ds = 'openai.' + t.substring(7).replace('-', '_');" in script
+    tags = {f"openai.{name}": spec.tag for name, spec in STREAMS_BY_NAME.items()}
+    tags.update({"openai.audit": "openai-audit", "openai.rate_limits": "openai-rate-limits"})
+    assert set(tags) == known
+    for dataset, tag in tags.items():
+        assert tag.startswith("openai-") and "openai." + tag[7:].replace("-", "_") == dataset
+    assert any("_" in d for d in known), "a dataset with an underscore is what the replace is for"
+
+
 def test_fingerprints_are_stable_and_content_based():
     a, b = E.es_assets(), E.es_assets()
     assert [x.body["_meta"]["fingerprint"] for x in a] == [x.body["_meta"]["fingerprint"] for x in b]
