@@ -524,6 +524,14 @@ def test_space_prefixes_every_kibana_path(stack):
     assert kb_paths and all(p.startswith("/s/team-ai/api/") for p in kb_paths)
 
 
+def test_space_default_uses_the_unprefixed_paths(stack):
+    """The default space's URLs have no `/s/<space>` prefix: `--space default` is the same install
+    as none, on the same paths as the exported manifest's."""
+    assert install("--space", "default").exit_code == 0
+    kb_paths = [c["path"] for c in stack.calls if c["service"] == "kb"]
+    assert kb_paths and all(p.startswith("/api/") for p in kb_paths), kb_paths
+
+
 # ---------------------------------------------------------------------------------------------
 # Kibana spaces: ids are unique across all spaces, so each space gets its own
 
@@ -774,6 +782,35 @@ def test_a_move_stopped_between_create_and_delete_is_finished_by_the_next_instal
     stack.calls.clear()
     result = install("--space", "team-a")
     assert stack.writes() == [] and f"install complete: {N_ES + N_KB} unchanged" in result.output
+
+
+def test_a_dry_run_names_the_data_view_left_by_a_move_also_when_its_own_changed(stack):
+    """team-a has its data view under its own id, edited since, and the default space's id is still
+    there (a move that stopped before its delete): the dry run says `would update` and that it would
+    delete the leftover, as the install then does, not only `would update`."""
+    assert install("--space", "team-a").exit_code == 0
+    ours = K.data_view_id("team-a")
+    stack.data_views[K.DATA_VIEW_ID] = dict(stack.data_views[ours], id=K.DATA_VIEW_ID)
+    stack.space[("index-pattern", K.DATA_VIEW_ID)] = "team-a"
+    stack.data_views[ours]["name"] = "renamed by someone"
+    stack.calls.clear()
+    result = install("--space", "team-a", "--dry-run")
+    assert result.exit_code == 0 and stack.writes() == [], result.output
+    line = next(x for x in result.output.splitlines() if f"data_view {ours}" in x)
+    assert line.startswith("would update") and f"deleted {K.DATA_VIEW_ID}, left by an earlier move" in line, line
+    result = install("--space", "team-a")
+    assert result.exit_code == 0, result.output
+    assert K.DATA_VIEW_ID not in stack.data_views and stack.data_views[ours]["name"] == K.DATA_VIEW_NAME
+
+
+def test_an_import_answer_that_does_not_say_success_is_a_failure(stack):
+    """Only `success: true` in `_import`'s answer means the dashboard was written: an answer
+    without it (a proxy's 200, another API) is a failure, not an install reported complete."""
+    stack.answer[("POST", r"/api/saved_objects/_import")] = (200, {"successCount": 0})
+    result = install()
+    assert result.exit_code == 1, result.output
+    assert "failed to import dashboard openai-elastic-usage-overview: unknown error" in result.output
+    assert "install complete" not in result.output and "not done: dashboard openai-elastic-usage-overview" in result.output
 
 
 def test_a_dashboard_kibana_imports_under_a_new_id_is_removed_and_an_error(stack):
@@ -1542,6 +1579,21 @@ def test_install_refuses_foreign_assets_before_writing_anything(stack):
         assert re.search(r"refused\s+component_template logs-openai.completions@package", result.output)
         assert "the Elastic OpenAI integration" in result.output and "--replace-foreign-assets" in result.output
         assert stack.index["logs-openai.completions"]["_meta"] == FLEET_META
+
+
+def test_install_refuses_an_unmanaged_asset_of_our_name_before_writing_anything(stack):
+    """A pipeline someone made by hand under our name (no `_meta.managed_by` at all) is another
+    tool's too: refused up front with every other asset left unwritten, not overwritten, nor
+    found only half-way through the install."""
+    mine = {"description": "hand-made", "processors": [{"set": {"field": "x", "value": 1}}]}
+    stack.pipelines["logs-openai.audit@pipeline"] = mine
+    result = install("--skip-kibana")
+    assert result.exit_code == 1, result.output
+    assert stack.writes() == []
+    assert re.search(r"refused\s+pipeline logs-openai.audit@pipeline  \(no _meta.managed_by, not openai-assets\)",
+                     result.output), result.output
+    assert "another tool manages them (unknown)" in result.output
+    assert stack.pipelines["logs-openai.audit@pipeline"] == mine
 
 
 def test_replace_foreign_assets_takes_them_over(stack):
