@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from .http_client import ApiError, PermissionDeniedError
-from .paging import STOP_CHECK, cursor_pages, stopped
+from .paging import STOP_CHECK, DaemonPool, cursor_pages, stopped
 from .state import (STATE_VERSION, StateError, StateStore, emptied_state_message, newer_state_message,
                     not_a_directory_message, observed_values_in)
 
@@ -235,16 +235,26 @@ class OrganizationGuard:
         """List the projects with a client of its own (under `_lock`)."""
         if self._client_factory is None:
             return
-        client = self._client_factory()
+
+        def listing() -> list[Mapping[str, Any]]:
+            client = self._client_factory()
+            try:
+                return list_projects(client)
+            finally:
+                client.close()
+
+        # on a daemon thread, waited for until a stop: a projects request that hangs must not hold
+        # the stop (or `run`'s next config) for its whole `http_timeout`; its answer is dropped
+        pool = DaemonPool(1, "org-check-listing")
         try:
-            projects = list_projects(client)
+            projects = pool.run(self._stop, "the organization check", PROJECTS, listing)
         except ApiError as exc:
             if self._stop is not None and self._stop.is_set():
                 raise
             self._unavailable(str(exc), isinstance(exc, PermissionDeniedError))
             return
         finally:
-            client.close()
+            pool.shutdown(wait=False)
         self._observe(projects)
 
     # -- before a write ------------------------------------------------------------------------

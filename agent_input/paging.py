@@ -14,7 +14,8 @@ CPU its documents cost, under one GIL. Two pieces aim at the larger of the two:
   never stalls on a full read-ahead, and the other streams' pages fill the time in between.
 
 It also holds how a request is waited for until a stop (`DaemonPool`, `result`): the fetch thread,
-the audit and rate limits collectors' requests and the limits' workers run on daemon threads, and a
+the audit and rate limits collectors' requests, the limits' workers and the organization check's own
+projects listing run on daemon threads, and a
 stop leaves a request that hangs to end by itself, its answer dropped, rather than wait out
 `http_timeout`.
 """

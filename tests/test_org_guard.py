@@ -88,6 +88,40 @@ def test_a_stop_during_the_check_s_own_listing_is_a_stop_not_an_unverified_check
     guard.store.close()
 
 
+def test_a_stop_does_not_wait_for_the_check_s_own_listing_that_hangs(tmp_path):
+    """The check's own listing (the name cache's failed: the first write lists again) ran on the
+    stream's thread: a projects request that hung held the stop, or `run`'s next config, for up to
+    `http_timeout` (30 s in a soak, where `--ack-timeout` was 2 s). It is waited for until a stop,
+    then left to end by itself, its answer dropped."""
+    import time
+
+    stop, release, asked, closed = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+
+    class Client:
+        def get_json(self, path, params):
+            asked.set()
+            release.wait(10)
+            return {"data": [{"id": "proj_a000"}], "has_more": False}
+
+        def close(self):
+            closed.set()
+
+    guard = _guard(tmp_path, ["proj_a000"], client_factory=Client, stop=stop, clock=lambda: 100.0)
+    guard.unavailable("HTTP 503")
+    threading.Thread(target=lambda: asked.wait(5) and stop.set(), daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoppedError):
+            guard.wait()
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert took < 5, f"the stop waited {took:.1f}s for the hung listing"
+    assert closed.wait(5), "the listing's client is closed once its request ends"
+    assert not guard.passed and guard.store.get(KV_PROJECTS) == '["proj_a000"]'
+    guard.store.close()
+
+
 @pytest.mark.parametrize("started, forbidden, passes", [
     (True, True, True),  # the check started it, and this key never could list: as at that start
     (True, False, False),  # a 5xx: that listing will work again, wait for it
