@@ -388,9 +388,12 @@ class UsageCollector(PollingCollector):
         mine = cursors.pop(self.width, None)
         in_use = {w: c for w, c in cursors.items() if c.retired_at is None}
         waiting = False
-        # every width that started where this one stopped, or later: the one in use, and any
-        # in between (1m -> 1h -> 1d -> 1m), which goes on up to where the next one starts
-        later = ({w: c for w, c in cursors.items() if c.retired_at is None or c.origin >= mine.retired_at}
+        # every width that covers time after where this one stopped: the one in use, any in
+        # between (1m -> 1h -> 1d -> 1m), which goes on up to where the next one starts, and one
+        # that started before it but was taken up again since (1m -> 1h -> 1m, undone, -> 1d -> 1h:
+        # 1m goes on to midnight, past where 1h stopped)
+        later = ({w: c for w, c in cursors.items() if c.retired_at is None or c.origin >= mine.retired_at
+                  or c.retired_at > mine.retired_at}
                  if mine is not None and mine.retired_at is not None else {})
         # (a page with a gap keeps its documents' observations without moving the cursor)
         undo = all(c.position <= c.origin and self.store.first_observation(self.name, w) is None

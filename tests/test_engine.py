@@ -1312,6 +1312,20 @@ def _width_changes(tmp_path, api):
     return collector, t
 
 
+def test_back_to_a_width_whose_change_was_undone_while_another_width_went_on_counts_no_time_twice(tmp_path):
+    """1m, 1h at 10:30 (1m goes on to 11:00), back to 1m at 10:31 (undone: 1h's range is empty at
+    11:00), 1d at 10:36 (1m goes on to midnight), then 1h at 11:36: 1d had read nothing, so that
+    change was undone, but 1m, which started before 1h's 11:00 and goes on past it, was not counted
+    among the widths used since. 1h went on from 11:00 while 1m covered 11:00 to midnight: those
+    13 hours were delivered twice (found by tests/soak_protocol.py, bucket widths replaced under run)."""
+    day = ts("2026-11-23T00:00:00")
+    h = 3600
+    plan = [(day + 10 * h, "1m"), (day + 10 * h + 1800, "1h"), (day + 10 * h + 1860, "1m"),
+            (day + 10 * h + 2160, "1d"), (day + 11 * h + 2160, "1h"), *[(day + t * h, "1h") for t in range(12, 80)]]
+    lo, hi = day + 6 * h, day + 3 * 86400
+    assert _minutes_delivered_through(tmp_path, plan, 4, lo, hi) == (hi - lo) // 60
+
+
 @pytest.mark.parametrize("back", [False, True])
 def test_a_changed_width_is_asked_for_once_a_poll(tmp_path, back):
     """1m, then 1h from 10:10 (1m goes on to 11:00), in one process polled every hour; or back
