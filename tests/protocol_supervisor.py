@@ -17,10 +17,10 @@ from collections import defaultdict
 
 class Supervisor:
     def __init__(self, state_dir, now: float | None = None, *, ack: bool = True, args=(), persisted=None,
-                 log_level: str = "WARNING"):
-        env = dict(os.environ)
+                 log_level: str = "WARNING", python_args=("-m", "agent_input.cli"), env=None):
+        env = {**os.environ, **(env or {})}
         env.pop("OPENAI_ADMIN_KEY", None)
-        cmd = [sys.executable, "-m", "agent_input.cli", "run", "--state-dir", str(state_dir),
+        cmd = [sys.executable, *python_args, "run", "--state-dir", str(state_dir),
                "--log-level", log_level, *args]
         if now is not None:
             cmd += ["--now", str(now)]
@@ -80,13 +80,16 @@ class Supervisor:
                     batch = self.partial[msg["batch"]]
                     batch.append(msg)
                     if len(batch) == msg["batch_size"]:
-                        docs = [dict(_id=m["id"], **m["document"]) for m in batch]
-                        self.persisted.extend(docs)  # persist first ...
-                        self.complete.append(msg["batch"])
                         del self.partial[msg["batch"]]
-                        if self.ack and self.send({"type": "ack", "batch": msg["batch"]}):  # ... then ack
-                            self.acked.append(msg["batch"])
+                        self.batch_complete(msg["batch"], [dict(_id=m["id"], **m["document"]) for m in batch])
                 self._cond.notify_all()
+
+    def batch_complete(self, batch: int, docs: list[dict]) -> None:
+        """All of a batch's events arrived (called holding `_cond`): persist, then acknowledge."""
+        self.persisted.extend(docs)  # persist first ...
+        self.complete.append(batch)
+        if self.ack and self.send({"type": "ack", "batch": batch}):  # ... then ack
+            self.acked.append(batch)
 
     def _read_stderr(self) -> None:
         for line in self.proc.stderr:

@@ -1177,3 +1177,20 @@ def _replay_with(output, send, store, fd: int, stdout) -> bytes:
         return stdout.read_bytes()
     finally:
         os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_soak_of_replacements_faults_acks_and_kills_gives_truth_and_stays_bounded(tmp_path, capsys):
+    """`tests/soak_protocol.py` in short: a `run` process on a clock 1200x the wall's through
+    some 15 simulated hours of configs replaced every few polls (streams, bucket widths, revision
+    windows, a wrong key and back), acks delayed and withheld, requests hung at a replacement,
+    faults, SIGKILLs and stops; then every usage stream, costs and audit equal the simulator's
+    truth, no id acknowledged before a drained stop comes again, a burst of replacements leaves no
+    thread or file behind, and every stop ends within --ack-timeout. The full soak:
+    `python tests/soak_protocol.py --hours 26` (minutes; any seed)."""
+    import soak_protocol
+
+    code = soak_protocol.main(["--seed", "5", "--hours", "3", "--speed", "1200", "--widths", "1m,1h",
+                               "--settle", "4", "--hang", "4", "--burst", "6", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out

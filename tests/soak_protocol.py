@@ -1,0 +1,567 @@
+"""A soak of `openai-input run` (docs/protocol.md) against the simulator, over simulated hours or days.
+
+The collector and the simulator share one accelerated clock (`SPEED` simulated seconds per wall
+second, from the machine-wide monotonic clock), so a `run` process lives through many polls,
+late revisions and day boundaries in a few minutes. A seeded random script drives it the way a
+supervisor may: configs replaced every few polls (streams enabled and disabled, bucket widths,
+revision windows, a wrong key and back), acks prompt, delayed or withheld, requests hung at the
+moment of a replacement, faults and latency, SIGKILL and a restart on the same state directory,
+stops with acks withheld. At the end every stream runs until it settles, and the check is:
+
+- what the supervisor acknowledged, de-duplicated by id as Elasticsearch would, sums to the
+  simulator's final truth for every usage stream, costs and audit;
+- no id acknowledged in a life that ended drained (graceful stop, every ack in) is sent again;
+- the process's threads, open files and RSS come back to where they were after a burst of
+  replacements (with requests hung at some of them) once the hung requests ended;
+- every stop ends within `--ack-timeout` and a margin; nothing but JSON lines on stderr, no traceback.
+
+    python tests/soak_protocol.py [--seed 1] [--hours 26] [--speed 600] [--widths 1m,1h,1d]
+
+Exit status 0 when every check holds; the findings otherwise (and always a summary) on stdout.
+`tests/test_protocol.py` runs a short one (`slow`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import ADMIN_KEY, audit_truth, dedupe, stored_totals, truth_totals  # noqa: E402
+from protocol_supervisor import Supervisor  # noqa: E402
+
+from agent_input.simulator import FaultRule, Simulator  # noqa: E402
+from agent_input.state import StateStore  # noqa: E402
+from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS  # noqa: E402
+
+HOUR, DAY = 3600, 86400
+# 2026-11-23T06:00Z: a first window of 6h starts at midnight, a day boundary for every width
+START = 1763877600.0
+WRONG_KEY = "sk-admin-wrong-0123456789abcdef"
+USAGE = [s.name for s in USAGE_STREAMS]
+ACK_TIMEOUT = 2.0
+STOP_MARGIN = 8.0  # seconds beyond --ack-timeout a stop may take: the page in flight, the exit
+
+# `run` with its --now clock running at the soak's speed from the soak's monotonic origin
+BOOT = (
+    "import os, sys, time\n"
+    "import agent_input.app as app\n"
+    "m0, speed = float(os.environ['SOAK_M0']), float(os.environ['SOAK_SPEED'])\n"
+    "app.fixed_clock = lambda start: (lambda: start + (time.monotonic() - m0) * speed)\n"
+    "from agent_input.cli import main\n"
+    "sys.argv[0] = 'openai-input'\n"
+    "main()\n"
+)
+
+
+class Clock:
+    def __init__(self, start: float, speed: float):
+        self.start, self.speed, self.m0 = start, speed, time.monotonic()
+
+    def __call__(self) -> float:
+        return self.start + (time.monotonic() - self.m0) * self.speed
+
+    def wall(self, sim_seconds: float) -> float:
+        return sim_seconds / self.speed
+
+
+class SoakSimulator(Simulator):
+    def __init__(self, clock: Clock, **kwargs):
+        super().__init__(now=clock.start, running_clock=False, **kwargs)
+        self._soak_clock = clock
+
+    def now(self) -> float:
+        return self._soak_clock()
+
+
+class SoakSupervisor(Supervisor):
+    """Persists a batch only when it acknowledges it; acks now, after a delay, or not (held)."""
+
+    def __init__(self, state_dir, clock: Clock, persisted: list, life: int):
+        self.mode, self.delay = "ack", 0.0
+        self.held: dict[int, list[dict]] = {}
+        self.due: list[tuple[float, int]] = []
+        self.life = life
+        self.acked_ids: list[str] = []
+        super().__init__(state_dir, clock.start, persisted=persisted, args=("--ack-timeout", str(ACK_TIMEOUT)),
+                         python_args=("-c", BOOT), env={"SOAK_M0": repr(clock.m0), "SOAK_SPEED": repr(clock.speed)})
+        self._acker = threading.Thread(target=self._ack_due, daemon=True)
+        self._acker.start()
+
+    def batch_complete(self, batch: int, docs: list[dict]) -> None:
+        self.complete.append(batch)
+        self.held[batch] = docs
+        if self.mode == "ack":
+            self._release(batch)
+        elif self.mode == "delay":
+            self.due.append((time.monotonic() + self.delay, batch))
+
+    def _release(self, batch: int) -> None:
+        docs = self.held.pop(batch, None)
+        if docs is None:
+            return
+        self.persisted.extend(docs)  # persist first, then ack
+        self.acked_ids.extend(d["_id"] for d in docs)
+        if self.send({"type": "ack", "batch": batch}):
+            self.acked.append(batch)
+
+    def _ack_due(self) -> None:
+        while self.proc.poll() is None:
+            time.sleep(0.05)
+            with self._cond:
+                now = time.monotonic()
+                for when, batch in [d for d in self.due if d[0] <= now]:
+                    self.due.remove((when, batch))
+                    self._release(batch)
+
+    def set_mode(self, mode: str, delay: float = 0.0) -> None:
+        with self._cond:
+            self.mode, self.delay = mode, delay
+            if mode == "ack":
+                self.release_all()
+
+    def release_all(self) -> None:
+        with self._cond:
+            self.due.clear()
+            for batch in sorted(self.held):
+                self._release(batch)
+
+
+def proc_sample(pid: int) -> dict:
+    fds = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        fds[target.split(":")[0] if ":" in target else os.path.basename(target)] += 1
+    out = {"threads": len(os.listdir(f"/proc/{pid}/task")), "fds": sum(fds.values()), "fd_kinds": dict(fds),
+           "thread_names": Counter()}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as fh:
+                out["thread_names"][fh.read().strip()] += 1
+        except OSError:
+            pass
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                out["rss_mb"] = int(line.split()[1]) / 1024
+    return out
+
+
+class Soak:
+    def __init__(self, args, workdir: str):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.clock = Clock(START, args.speed)
+        self.sim = SoakSimulator(self.clock, seed=args.seed, org="small", admin_key=ADMIN_KEY, latency=args.latency)
+        self.url = self.sim.start()
+        self.state = os.path.join(workdir, "state")
+        self.widths = args.widths.split(",")
+        self.persisted: list[dict] = []
+        self.findings: list[str] = []
+        self.notes: Counter = Counter()
+        self.samples: list[dict] = []
+        self.stop_times: list[float] = []
+        self.hung_waits: list[float] = []
+        self.cid = 0
+        self.life = 0
+        # the stream settings a stream last had (kept for the final phase: no width hand-over there)
+        self.last: dict[str, dict] = {}
+        self.drained_ids: set[str] = set()  # acked in a life that ended with a drained stop
+        self.redelivered_after_drain: Counter = Counter()
+        self.burst: tuple[dict, dict] | None = None
+        self.first_enabled: dict[str, float] = {}  # sim time a config first enabled a stream with the right key
+        # sim time by which an audit poll went through: a first poll before it that the organization
+        # check held (a wrong key, the projects listing failing) keeps its start in memory only, and a
+        # new config starts from its own `now` (docs/ARCHITECTURE.md), so the compared range starts here
+        self.audit_read_by: float | None = None
+
+    # -- configs ---------------------------------------------------------------------------------
+    def stream_cfg(self, name: str, enabled: bool, keep: bool = False) -> dict:
+        if keep and name in self.last:
+            return {**self.last[name], "enabled": enabled}
+        if name in USAGE:
+            width = self.rng.choice(self.widths)
+            # the first window holds at least one whole bucket (the config loader's rule)
+            cfg = {"interval": "1s", "initial_interval": "1d" if width == "1d" else "6h", "bucket_width": width}
+            window = self.rng.choice((None, "3h", "5h"))
+            if window:
+                cfg["revision_window"] = window
+        elif name == "costs":
+            cfg = {"interval": "1s", "initial_interval": "5d"}
+        elif name == "audit":
+            cfg = {"interval": "1s", "initial_interval": "6h", "batch_size": self.rng.choice((20, 100))}
+        else:
+            cfg = {"interval": "2s"}
+        cfg["enabled"] = enabled
+        if enabled:
+            self.last[name] = cfg
+        return cfg
+
+    def config(self, *, final: bool = False, key: str = ADMIN_KEY) -> dict:
+        ds = {}
+        for name in [*USAGE, "costs", "audit", "rate_limits"]:
+            if final:
+                ds[name] = self.stream_cfg(name, name != "rate_limits", keep=True)
+            else:
+                ds[name] = self.stream_cfg(name, self.rng.random() < 0.6)
+            if ds[name]["enabled"] and key == ADMIN_KEY:
+                self.first_enabled.setdefault(name, self.clock())
+        return {"url": self.url, "api_key": key, "max_retries": 2, "http_timeout": 30, "data_streams": ds}
+
+    def send_config(self, sup: SoakSupervisor, cfg: dict) -> int:
+        self.cid += 1
+        mark = len(sup.messages)
+        sup.configure(cfg, cid=self.cid)
+        return mark
+
+    def wait_revision(self, sup: SoakSupervisor, mark: int, timeout: float = 30.0) -> dict:
+        cid = self.cid
+        status = sup.wait_for(lambda: [m for m in sup.messages[mark:] if m["type"] == "status" and m["scope"] == "input"
+                                     and m.get("config_id") == cid and m["status"] in ("healthy", "failed")],
+                            timeout, f"config {cid} to be applied")[0]
+        if "config rejected" in status["message"]:
+            self.findings.append(f"life {sup.life}: the soak's config {cid} was rejected: {status['message']}")
+        return status
+
+    # -- a life: one process --------------------------------------------------------------------
+    def start(self) -> SoakSupervisor:
+        self.life += 1
+        return SoakSupervisor(self.state, self.clock, self.persisted, self.life)
+
+    def check_stderr(self, sup: SoakSupervisor) -> None:
+        text = sup.stderr_text()
+        if "Traceback" in text:
+            i = text.index("Traceback")
+            self.findings.append(f"life {sup.life}: traceback on stderr: {text[i:i + 1500]}")
+        for raw in sup.stderr:
+            if raw.strip():
+                try:
+                    json.loads(raw)
+                except ValueError:
+                    self.findings.append(f"life {sup.life}: a stderr line is not JSON: {raw[:300]!r}")
+                    break
+        if sup.bad_lines:
+            self.findings.append(f"life {sup.life}: non-protocol stdout lines: {sup.bad_lines[:2]}")
+        for raw in sup.stderr:
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if rec.get("log.level") in ("error", "critical"):
+                self.notes[f"error log: {str(rec.get('message'))[:90]}"] += 1
+
+    def note_redeliveries(self, sup: SoakSupervisor) -> None:
+        for m in sup.events():
+            if m["id"] in self.drained_ids:
+                self.redelivered_after_drain[m["stream"]] += 1
+
+    def timed_stop(self, sup: SoakSupervisor, what: str) -> None:
+        started = time.monotonic()
+        try:
+            code = sup.stop(timeout=ACK_TIMEOUT + 60)
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+            self.findings.append(f"life {sup.life}: {what}: no exit 60 s past --ack-timeout")
+            sup.kill()
+            return
+        took = time.monotonic() - started
+        self.stop_times.append(took)
+        if code != 0:
+            self.findings.append(f"life {sup.life}: {what}: exit {code}")
+        if took > ACK_TIMEOUT + STOP_MARGIN:
+            self.findings.append(f"life {sup.life}: {what}: the stop took {took:.1f}s (--ack-timeout {ACK_TIMEOUT:g})")
+        statuses = [m["status"] for m in sup.statuses("input")]
+        if statuses[-1:] != ["stopped"]:
+            self.findings.append(f"life {sup.life}: {what}: last input status {statuses[-1:]}")
+
+    def sample(self, sup: SoakSupervisor, why: str) -> None:
+        if self.audit_read_by is None and any(m.get("stream") == "audit" and m["status"] == "healthy"
+                                              for m in sup.statuses("stream")):
+            self.audit_read_by = self.clock()
+        try:
+            s = proc_sample(sup.proc.pid)
+        except OSError:
+            return
+        s.update(life=sup.life, why=why, sim=self.clock())
+        if self.args.verbose:
+            print(json.dumps(s), flush=True)
+        self.samples.append(s)
+
+    def hang_then_replace(self, sup: SoakSupervisor, cfg: dict) -> None:
+        """A request of a running stream hangs (longer than the soak waits for anything); a new
+        config arrives while it does: the new revision must run at once."""
+        path = self.hang(sup)
+        started = time.monotonic()
+        mark = self.send_config(sup, cfg)
+        status = self.wait_revision(sup, mark, timeout=self.args.hang + 30)
+        took = time.monotonic() - started
+        self.hung_waits.append(took)
+        if took > 5:
+            self.findings.append(f"life {sup.life}: a replacement while {path} hung took {took:.1f}s to apply "
+                                 f"({status['status']})")
+
+    def hang(self, sup: SoakSupervisor) -> str:
+        """A request of a running stream (or of the names, the organization check) hangs
+        `--hang` seconds; returns once it does (or after 5 s)."""
+        running = [n for n, v in self.last.items() if n in USAGE and v.get("enabled")]
+        path = "usage/" + self.rng.choice(running) if running and self.rng.random() < 0.7 else \
+            self.rng.choice(("projects", "costs", "audit_logs", "users"))
+        rule = FaultRule(kind="slow", path=path, delay=self.args.hang, count=1)
+        self.sim.add_fault(rule)
+        deadline = time.monotonic() + 5
+        while rule.to_dict()["fired"] == 0 and time.monotonic() < deadline and sup.proc.poll() is None:
+            time.sleep(0.02)
+        if rule.to_dict()["fired"] == 0:
+            self.notes["hang not reached"] += 1
+        else:
+            self.notes["hang reached"] += 1
+            time.sleep(0.2)
+        return path
+
+    def random_fault(self) -> None:
+        kind = self.rng.choice(("429", "500", "503", "reset", "malformed_json", "slow"))
+        path = self.rng.choice(("usage/", "costs", "audit_logs", "projects", "users", "*/rate_limits"))
+        self.sim.add_fault(FaultRule(kind=kind, path=path, count=self.rng.randint(1, 3), delay=1.0, retry_after=1))
+
+    def run_life(self) -> None:
+        sup = self.start()
+        drained = False
+        try:
+            mark = self.send_config(sup, self.config())
+            self.wait_revision(sup, mark)
+            self.sample(sup, "start")
+            wrong = False
+            for _ in range(self.rng.randint(3, 8)):
+                time.sleep(self.rng.uniform(1.0, 3.5))
+                if sup.proc.poll() is not None:
+                    self.findings.append(f"life {sup.life}: the process exited by itself ({sup.proc.returncode})")
+                    return
+                action = self.rng.choices(("replace", "hang", "acks", "fault", "wrong"), (5, 2, 2, 2, 1))[0]
+                if wrong:  # a wrong key is followed by the right one
+                    action, wrong = "replace", False
+                if action == "wrong":
+                    wrong = True
+                    mark = self.send_config(sup, self.config(key=WRONG_KEY))
+                    self.wait_revision(sup, mark)
+                elif action == "replace":
+                    mark = self.send_config(sup, self.config())
+                    self.wait_revision(sup, mark)
+                elif action == "hang":
+                    self.hang_then_replace(sup, self.config())
+                elif action == "acks":
+                    mode = self.rng.choice(("ack", "delay", "withhold"))
+                    sup.set_mode(mode, self.rng.uniform(0.2, 2.0))
+                elif action == "fault":
+                    self.random_fault()
+                self.notes[f"action {action}"] += 1
+                time.sleep(0.5)
+                self.sample(sup, action)
+            end = self.rng.choices(("stop", "withheld-stop", "hung-stop", "kill"), (3, 2, 2, 2))[0]
+            self.notes[f"end {end}"] += 1
+            if end == "kill":
+                sup.proc.send_signal(signal.SIGKILL)
+                sup.kill()
+            elif end == "hung-stop":
+                sup.set_mode("ack")
+                self.hang(sup)
+                self.timed_stop(sup, "a stop while a request hung")
+            elif end == "withheld-stop":
+                sup.set_mode("withhold")
+                self.timed_stop(sup, "a stop with acks withheld")
+            else:
+                sup.set_mode("ack")
+                self.timed_stop(sup, "a stop")
+                drained = sup.proc.returncode == 0
+        finally:
+            if sup.proc.poll() is None:
+                sup.kill()
+            self.note_redeliveries(sup)
+            self.check_stderr(sup)
+        if drained:
+            self.drained_ids.update(sup.acked_ids)
+
+    def final(self) -> float:
+        """Every stream at its last settings, acks on, no faults, until everything read is final."""
+        self.sim.clear_faults()
+        sup = self.start()
+        try:
+            mark = self.send_config(sup, self.config(final=True))
+            self.wait_revision(sup, mark)
+            streams = [n for n in [*USAGE, "costs", "audit"]]
+            sup.wait_for(lambda: sup.polled(streams, after=mark), 180, "a poll of every stream")
+            self.replacement_burst(sup, streams)
+            until = self.clock() + self.args.settle * HOUR
+            while self.clock() < until and sup.proc.poll() is None:
+                time.sleep(0.5)
+                if len(self.samples) % 5 == 0:
+                    self.sample(sup, "final")
+            self.sample(sup, "final")
+            end_now = self.clock()
+            time.sleep(self.clock.wall(20 * 60))  # a poll after end_now
+            sup.wait_for(lambda: not sup.partial and not sup.held, 30, "every batch acknowledged")
+            self.timed_stop(sup, "the final stop")
+        finally:
+            if sup.proc.poll() is None:
+                sup.kill()
+            self.note_redeliveries(sup)
+            self.check_stderr(sup)
+        return end_now
+
+    # -- the checks ------------------------------------------------------------------------------
+    def compare(self, end_now: float) -> None:
+        docs = dedupe(self.persisted)
+        if self.args.workdir:  # kept for a look at a finding
+            with open(os.path.join(self.args.workdir, "acknowledged.ndjson"), "w") as fh:
+                fh.writelines(json.dumps(d) + "\n" for d in docs)
+        largest = max(("1m", "1h", "1d").index(w) for w in self.widths)
+        align = (60, HOUR, DAY)[largest]
+        end = int(end_now - 4 * HOUR) // align * align
+        store = StateStore(self.state)
+        try:
+            for spec in USAGE_STREAMS:
+                cursors = store.cursors(spec.name)
+                if not cursors:
+                    self.notes[f"{spec.name} never ran"] += 1
+                    continue
+                origin = min(c.origin for c in cursors.values())
+                if spec.name == "vector_stores" and set(cursors) != {"1m"}:
+                    # a level: an hour's or a day's bucket is its highest minute, not their sum
+                    self.notes["vector_stores not compared: read at widths other than 1m"] += 1
+                    continue
+                got = stored_totals(docs, spec.name, origin, end)
+                want = truth_totals(self.sim, spec.name, origin, end)
+                if got != want:
+                    keys = sorted(set(got) | set(want), key=str)
+                    bad = [(k, got.get(k), want.get(k)) for k in keys if got.get(k) != want.get(k)]
+                    self.findings.append(f"{spec.name} [{origin}, {end}) widths {sorted(cursors)}: {len(bad)} of "
+                                         f"{len(keys)} groups differ from the truth, e.g. {bad[:2]}")
+                self.notes[f"compared {spec.name}: {sum(sum(v.values()) for v in want.values()):.0f}"] += 1
+            costs = store.cursors("costs")
+            if costs:
+                origin = min(c.origin for c in costs.values())
+                cend = int(end_now - 2 * DAY - HOUR) // DAY * DAY
+                spec = STREAMS_BY_NAME["costs"]
+                got: dict[tuple, float] = defaultdict(float)
+                for d in docs:
+                    if d["data_stream"]["dataset"] != "openai.costs":
+                        continue
+                    base = d["openai"]["base"]
+                    from datetime import datetime
+
+                    t = datetime.fromisoformat(base["start_time"].replace("Z", "+00:00")).timestamp()
+                    if origin <= t < cend:
+                        key = (base.get("project_id"), d["openai"]["costs"].get("line_item"), base.get("api_key_id"))
+                        got[key] += (d["openai"]["costs"].get("amount") or {}).get("value") or 0.0
+                want = self.sim.truth("costs", origin, cend, "1d", spec.group_by)
+                bad = [k for k in set(got) | set(want)
+                       if not math.isclose(got.get(k, 0.0), want.get(k, {}).get("amount", 0.0), rel_tol=1e-9, abs_tol=1e-6)]
+                if bad or not want:
+                    self.findings.append(f"costs [{origin}, {cend}): {len(bad)} of {len(want)} groups differ, e.g. "
+                                         f"{[(k, got.get(k), want.get(k)) for k in bad[:2]]}")
+                self.notes[f"compared costs: {len(want)} groups over {(cend - origin) // DAY} days"] += 1
+        finally:
+            store.close()
+        audit = {d["_id"] for d in docs if d["data_stream"]["dataset"] == "openai.audit"}
+        if audit:
+            lo, hi = int((self.audit_read_by or end_now) - 6 * HOUR), int(end_now - 30 * 60)
+            want = audit_truth(self.sim, lo, hi)
+            inside = audit & audit_truth(self.sim, int(START - 2 * DAY), int(end_now) + HOUR)
+            missing, extra = want - audit, audit - inside
+            if missing:
+                when = {e["id"]: e["effective_at"] for h in range(lo // HOUR * HOUR, hi + HOUR, HOUR)
+                        for e in self.sim.audit.hour_events(h)}
+                self.notes["audit missing at (s after lo)"] = sorted(int(when[i]) - lo for i in missing)[:10]
+            if missing or extra:
+                self.findings.append(f"audit: {len(missing)} of {len(want)} events missing, {len(extra)} not in the "
+                                     f"simulator's log, e.g. {sorted(missing)[:2]} {sorted(extra)[:2]}")
+            self.notes[f"compared audit: {len(want)} events"] += 1
+        if self.redelivered_after_drain:
+            self.findings.append(f"events acknowledged before a drained stop sent again by a later process: "
+                                 f"{dict(self.redelivered_after_drain)}")
+
+    def replacement_burst(self, sup: SoakSupervisor, streams: list[str]) -> None:
+        """The same config replaced `--burst` times, a request hung at every third replacement:
+        once the hung requests have ended by themselves, the process holds what it held before."""
+        time.sleep(1.0)
+        before = proc_sample(sup.proc.pid)
+        for i in range(self.args.burst):
+            if i % 3 == 2:
+                self.hang_then_replace(sup, self.config(final=True))
+            else:
+                mark = self.send_config(sup, self.config(final=True))
+                self.wait_revision(sup, mark)
+                time.sleep(self.rng.uniform(0.1, 0.6))
+            self.sample(sup, "burst")
+        time.sleep(self.args.hang + 1.0)  # the hung requests end, their answers dropped
+        mark = self.send_config(sup, self.config(final=True))
+        self.wait_revision(sup, mark)
+        sup.wait_for(lambda: sup.polled(streams, after=mark), 180, "a poll of every stream after the burst")
+        time.sleep(1.0)
+        after = proc_sample(sup.proc.pid)
+        self.burst = (before, after)
+        for what, slack in (("threads", 2), ("fds", 4), ("rss_mb", 40)):
+            if after[what] > before[what] + slack:
+                self.findings.append(f"{what} grew over {self.args.burst + 1} replacements of one config: "
+                                     f"{before[what]} before, {after[what]} after ({before} -> {after})")
+
+    def run(self) -> int:
+        wall0 = time.monotonic()
+        until = START + self.args.hours * HOUR
+        try:
+            while self.clock() < until:
+                self.run_life()
+            end_now = self.final()
+            self.compare(end_now)
+        finally:
+            self.sim.stop()
+        print(json.dumps({
+            "seed": self.args.seed, "lives": self.life, "configs": self.cid,
+            "simulated_hours": round((self.clock() - START) / HOUR, 1), "wall_s": round(time.monotonic() - wall0),
+            "events_acked": len(self.persisted), "stop_s_max": round(max(self.stop_times, default=0), 2),
+            "hung_replacement_s_max": round(max(self.hung_waits, default=0), 2),
+            "threads": [min(s["threads"] for s in self.samples), max(s["threads"] for s in self.samples)],
+            "fds": [min(s["fds"] for s in self.samples), max(s["fds"] for s in self.samples)],
+            "rss_mb": [round(min(s["rss_mb"] for s in self.samples)), round(max(s["rss_mb"] for s in self.samples))],
+            "burst": {k: [b[k] for b in self.burst] for k in ("threads", "fds", "rss_mb")} if self.burst else None,
+            "notes": dict(sorted(self.notes.items())),
+        }, indent=1))
+        for f in self.findings:
+            print("FINDING:", f)
+        return 1 if self.findings else 0
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--hours", type=float, default=26, help="simulated hours of lives before the final phase")
+    p.add_argument("--speed", type=float, default=600, help="simulated seconds per wall second")
+    p.add_argument("--widths", default="1m,1h,1d", help="the bucket widths a config may pick")
+    p.add_argument("--settle", type=float, default=5, help="simulated hours of the final phase")
+    p.add_argument("--hang", type=float, default=20, help="wall seconds a hung request hangs")
+    p.add_argument("--burst", type=int, default=20, help="replacements of one config in the final phase")
+    p.add_argument("--latency", type=float, default=0.002, help="simulator latency per request (s)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--verbose", action="store_true", help="print each resource sample")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import tempfile
+
+    args = parse(argv)
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        return Soak(args, args.workdir or tmp).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
