@@ -425,8 +425,6 @@ def test_a_stop_ends_the_wait_for_a_fifo_reader(tmp_path):
 
 
 def test_collect_stopped_while_its_fifo_has_no_reader_exits_0(tmp_path):
-    import time
-
     fifo = tmp_path / "events.fifo"
     os.mkfifo(fifo)
     cfg = tmp_path / "c.yml"
@@ -436,7 +434,13 @@ def test_collect_stopped_while_its_fifo_has_no_reader_exits_0(tmp_path):
                             env={**os.environ, "OPENAI_ADMIN_KEY": "sk-admin-fifo-test-000000"},
                             stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
+        # until it says it waits for a reader: a SIGTERM before that (a sleep of 1.5 s was not long
+        # enough for a loaded machine to start it) finds no handler and tests nothing of the FIFO
+        silent = threading.Timer(60, proc.kill)  # one that never says so is killed: EOF ends the wait
+        silent.start()
+        said = next((line for line in iter(proc.stderr.readline, "") if "waiting for a reader" in line), None)
+        silent.cancel()
+        assert said, "the collector never said it was waiting for a reader"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     finally:
