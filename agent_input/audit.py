@@ -275,6 +275,16 @@ class AuditCollector(ListingCollector):
         first = start  # where this poll began, for its progress
         length = SLICE  # shorter while the log is busier than MAX_SLICE_EVENTS a slice
         rewound = hwm_text is None  # a mark ahead of the API's time is pulled back once (below)
+        if not rewound and start > end and not self.stop.is_set():
+            # A mark ahead of the local clock too (corrected since an earlier version set the mark
+            # on it ahead of OpenAI's): no slice to read, and waiting for the clock to reach the
+            # mark skipped what OpenAI records until then. A read of one second asks the API's time.
+            self._read_slice(scope, end, end, stats, None)
+            rewound = True
+            served_to = getattr(self.client, "server_date", None)
+            if type(served_to) is int and start > served_to:
+                hwm = self._pulled_back(scope, hwm, hwm_text, served_to, now)
+                start = first = max(0, hwm - OVERLAP)
         while start <= end and not self.stop.is_set():
             slice_end = min(end, start + length - 1)
             if length == SLICE and end - slice_end < OVERLAP:  # no tiny last slice: one request less
@@ -301,10 +311,7 @@ class AuditCollector(ListingCollector):
                 # (after the upgrade too). Back by the local clock's lead (where that version's
                 # last read ended, if it ran on this clock), and to the API's time at most.
                 rewound = True
-                hwm = max(0, min(served_to + 1, hwm - max(0, int(now) - served_to)))
-                log.warning("audit: the %s scope's mark %s is ahead of OpenAI's time %s (set on a clock ahead "
-                            "of OpenAI's, by an earlier version): reading again from %s", scope.name,
-                            iso_timestamp(int(hwm_text)), iso_timestamp(served_to), iso_timestamp(hwm))
+                hwm = self._pulled_back(scope, hwm, hwm_text, served_to, now)
                 start = first = max(0, hwm - OVERLAP)
                 continue
             rewound = True
@@ -356,6 +363,17 @@ class AuditCollector(ListingCollector):
                                      slice_end)
             if behind:
                 break  # the rest is in the API's future: the next poll reads it
+
+    @staticmethod
+    def _pulled_back(scope: "Scope", hwm: int, hwm_text: str, served_to: int, now: float) -> int:
+        """A stored mark ahead of the API's time `served_to`, pulled back by the local clock's lead
+        (where the earlier version's last read ended, if it ran on this clock), to the API's time at
+        most (a clock corrected since: all this version can tell)."""
+        pulled = max(0, min(served_to + 1, hwm - max(0, int(now) - served_to)))
+        log.warning("audit: the %s scope's mark %s is ahead of OpenAI's time %s (set on a clock ahead "
+                    "of OpenAI's, by an earlier version): reading again from %s", scope.name,
+                    iso_timestamp(int(hwm_text)), iso_timestamp(served_to), iso_timestamp(pulled))
+        return pulled
 
     @staticmethod
     def _skip(stats: PollStats, which: str, exc: Exception) -> None:

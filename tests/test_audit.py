@@ -333,6 +333,35 @@ def test_a_mark_an_earlier_version_set_ahead_of_openai_s_time_loses_no_later_eve
         c.close()
 
 
+def test_a_mark_an_earlier_version_set_ahead_of_a_clock_corrected_since_loses_no_later_event(simulator, tmp_path):
+    """The same mark, 2 hours past OpenAI's time, with the clock corrected at the upgrade: the mark
+    lay ahead of the local clock too, so no slice was read (and the API's time never asked) until
+    the clock reached it, and every event OpenAI recorded in those 2 hours but the last 5 minutes
+    was never stored. The API's time is asked, and the mark pulled back to it."""
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    cfg = _config(simulator.base_url, initial_interval="1h")
+    store, output = StateStore(state), NdjsonFileOutput(out)
+    lead = 2 * HOUR  # of the clock that earlier version ran on; none now
+    store.put_kv(KV_HWM, str(int(T0) + lead + 1))
+    store.put_kv(KV_RECENT, "{}")
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output),
+                         clock=lambda: simulator.now())
+    now = T0 + 300
+    while now <= T0 + 4 * HOUR:
+        simulator.set_time(now)
+        col.poll(now)
+        now += 300
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    want = audit_truth(simulator, int(T0) + 1, int(now - 600))
+    assert len(ids) == len(set(ids))
+    assert len(want) > 5
+    assert not want - set(ids), f"{len(want - set(ids))} of {len(want)} events after the upgrade lost"
+    for c in (store, client):
+        c.close()
+
+
 _EMPTY = {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
 
 
