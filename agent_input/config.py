@@ -381,8 +381,14 @@ class _StrictLoader(yaml.SafeLoader):
             return
         judged.add(id(node))
         seen: set = set()
+        merges = 0
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
+                merges += 1
+                if merges == 2:  # `{<<: *a, <<: *b}`: PyYAML would merge both, in an order nobody wrote
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "key '<<' appears twice in one mapping (merge several with `<<: [*a, *b]`)",
+                        key_node.start_mark)
                 merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
                 for sub in merged:
                     if isinstance(sub, yaml.MappingNode):  # anything else: flatten_mapping says so

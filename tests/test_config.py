@@ -458,6 +458,22 @@ def test_a_mapping_that_merges_may_itself_be_merged_again(tmp_path):
     assert "key 'interval' appears twice" in info.value.message and "line 2," in info.value.message
 
 
+def test_a_merge_key_written_twice_is_refused_at_its_line(tmp_path):
+    """`{<<: *a, <<: *b}` is a key written twice like any other: PyYAML accepted it and merged both,
+    so which of two shared settings won was not what the user wrote. The line names the list form."""
+    p = tmp_path / "c.yml"
+    p.write_text("data_streams:\n  completions: &a {interval: 5m}\n  images: &b {interval: 10m}\n"
+                 "  embeddings:\n    <<: *a\n    <<: *b\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=ENV)
+    assert "key '<<' appears twice" in info.value.message and "line 6," in info.value.message
+    assert "<<: [*a, *b]" in info.value.message
+    p.write_text("data_streams:\n  completions: &a {interval: 5m}\n  images: &b {bucket_width: 1h}\n"
+                 "  embeddings:\n    <<: [*a, *b]\n")
+    embeddings = load_config(p, env=ENV).streams["embeddings"]
+    assert (embeddings.interval, embeddings.bucket_width) == (300, "1h")
+
+
 def test_an_unquoted_key_read_as_a_yaml_alias_is_not_echoed(tmp_path):
     """`api_key: *<key>` (a stray * before the key) is a YAML alias: the parser's error named it,
     so a key that does not start with sk- (not caught by the redaction) was printed."""
