@@ -54,7 +54,6 @@ def per_project(docs: Iterable[Mapping[str, Any]], *, now: Any = None,
         since = _time(now).timestamp() - usage_minutes * 60
     used: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # (pm, minute) -> u -> sum
     used_seen: dict[tuple, set] = defaultdict(set)  # which units had a non-null value
-    limits: dict[tuple, dict[str, int]] = defaultdict(dict)
     latest: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # u -> (minute, MAX limit of that minute)
     recent_limits: dict[tuple, dict[str, int]] = defaultdict(dict)
     keys: set[tuple] = set()
@@ -89,7 +88,6 @@ def per_project(docs: Iterable[Mapping[str, Any]], *, now: Any = None,
                 used_seen[(pm, minute)].add(u)
             lim = flat.get(limit_field)
             if lim is not None:
-                limits[pm][u] = max(limits[pm].get(u, lim), lim)
                 last = latest[pm].get(u)
                 if last is None or (minute, lim) > last:
                     latest[pm][u] = (minute, lim)
@@ -97,8 +95,9 @@ def per_project(docs: Iterable[Mapping[str, Any]], *, now: Any = None,
                     recent_limits[pm][u] = max(recent_limits[pm].get(u, lim), lim)
     rows = []
     for pm in sorted(keys):
-        # per unit: the MAX of the usage window, else (the rules) the latest limit, (panels) the MAX
-        known = {u: v for u, (_, v) in latest.get(pm, {}).items()} if since is not None else limits.get(pm, {})
+        # per unit: the MAX of the usage window (for the panels, every document is in it), else
+        # (the rules) the latest limit
+        known = {u: v for u, (_, v) in latest.get(pm, {}).items()} if since is not None else {}
         lim = {**known, **recent_limits.get(pm, {})}
         if not lim:
             continue  # usage without any limit: nothing to divide by
