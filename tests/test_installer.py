@@ -948,12 +948,17 @@ def test_a_secret_file_that_is_empty_is_one_line(stack, tmp_path, kind):
     assert not stack.calls
 
 
-def test_a_secret_file_that_is_a_fifo_nobody_writes_is_one_line_not_a_hang(stack, tmp_path, monkeypatch):
-    """--api-key-file naming a named pipe with no writer blocked in open() for ever."""
+def _unwritten_fifo(path, monkeypatch):
+    """A named pipe at `path` that nobody writes, and the programs' wait for a writer cut to 0.2 s."""
     import agent_input.config as config_module
     monkeypatch.setattr(config_module, "FIFO_WAIT_SECONDS", 0.2)
-    fifo = tmp_path / "key.fifo"
-    os.mkfifo(fifo)
+    os.mkfifo(path)
+    return path
+
+
+def test_a_secret_file_that_is_a_fifo_nobody_writes_is_one_line_not_a_hang(stack, tmp_path, monkeypatch):
+    """--api-key-file naming a named pipe with no writer blocked in open() for ever."""
+    fifo = _unwritten_fifo(tmp_path / "key.fifo", monkeypatch)
     result = install("--api-key-file", str(fifo), "--skip-kibana", env={"ELASTIC_API_KEY": ""})
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert result.output.strip() == (f"openai-assets: cannot read API key file {fifo}: "
@@ -967,9 +972,7 @@ def test_a_ca_cert_that_is_a_fifo_is_read_with_the_same_bounded_wait(stack, tmp_
     import threading
 
     import agent_input.config as config_module
-    monkeypatch.setattr(config_module, "FIFO_WAIT_SECONDS", 0.2)
-    fifo = tmp_path / "ca.fifo"
-    os.mkfifo(fifo)
+    fifo = _unwritten_fifo(tmp_path / "ca.fifo", monkeypatch)
     result = install("--ca-cert", str(fifo), "--skip-kibana")
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert result.output.strip() == f"openai-assets: cannot read CA file {fifo}: nothing was written to the pipe in 0.2 s"
@@ -1028,10 +1031,7 @@ def test_a_ca_cert_that_cannot_be_read_is_a_usage_error(stack, tmp_path, monkeyp
 
 def test_insecure_wins_over_a_ca_cert_that_is_not_read(stack, tmp_path, monkeypatch):
     """--insecure turns verification off: the --ca-cert beside it (a pipe nobody writes) is not read."""
-    import agent_input.config as config_module
-    monkeypatch.setattr(config_module, "FIFO_WAIT_SECONDS", 0.2)
-    fifo = tmp_path / "ca.fifo"
-    os.mkfifo(fifo)
+    fifo = _unwritten_fifo(tmp_path / "ca.fifo", monkeypatch)
     result = install("--insecure", "--ca-cert", str(fifo), "--skip-kibana", "--dry-run")
     assert result.exit_code == 0, result.output
 
