@@ -150,3 +150,34 @@ def test_the_protocol_examples_are_accepted_and_what_comes_out_has_the_documente
         assert set(shown) == set(doc_status), (doc_status, shown)
     healthy = next(m for m in run.statuses("input") if m["status"] == "healthy")
     assert healthy["config_id"] == config["id"] and healthy["message"].startswith("running revision 1 (completions")
+
+
+# -- and the other way: what the programs take is in the docs ----------------------------------------
+def _docs_text() -> str:
+    return "\n".join(path.read_text() for path in DOCS)
+
+
+def test_every_option_of_every_command_is_documented():
+    """A user learns an option from the docs, not by reading `--help` of every command: each one
+    (but --help) is named in README.md or docs/*.md."""
+    from agent_input.cli import main as openai_input
+    from kibana_assets.cli import main as openai_assets
+
+    text = _docs_text()
+    missing = [f"{prog} {name} {opt}"
+               for prog, group in (("openai-input", openai_input), ("openai-assets", openai_assets))
+               for name, command in group.commands.items()
+               for param in command.params if isinstance(param, click.Option) and not param.hidden
+               for opt in param.opts if opt.startswith("--") and opt != "--help" and opt not in text]
+    assert missing == []
+
+
+def test_every_manifest_var_is_documented():
+    """README.md says each variable is declared in manifest.yml; each is also named in the docs
+    (`name`, or a `name:` line of an example config), so what it does is found there."""
+    from agent_input import config as C
+
+    text = _docs_text()
+    names = set(C.global_vars()) | {v for stream in C.data_streams() for v in C._stream_vars(stream)}
+    missing = sorted(n for n in names if not re.search(rf"`{n}[`:]|^\s*#?\s*{n}:", text, re.M))
+    assert missing == []
