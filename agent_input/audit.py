@@ -368,8 +368,10 @@ class AuditCollector(ListingCollector):
     def _pulled_back(scope: "Scope", hwm: int, hwm_text: str, served_to: int, now: float) -> int:
         """A stored mark ahead of the API's time `served_to`, pulled back by the local clock's lead
         (where the earlier version's last read ended, if it ran on this clock), to the API's time at
-        most (a clock corrected since: all this version can tell)."""
-        pulled = max(0, min(served_to + 1, hwm - max(0, int(now) - served_to)))
+        most (a clock corrected since: all this version can tell), and to the local clock's at most:
+        a poll reads no further than that, so a mark left past it (a clock corrected to behind
+        OpenAI's) read nothing, and lost the same events, until the clock reached the old mark."""
+        pulled = max(0, min(served_to + 1, int(now) - LAG + 1, hwm - max(0, int(now) - served_to)))
         log.warning("audit: the %s scope's mark %s is ahead of OpenAI's time %s (set on a clock ahead "
                     "of OpenAI's, by an earlier version): reading again from %s", scope.name,
                     iso_timestamp(int(hwm_text)), iso_timestamp(served_to), iso_timestamp(pulled))

@@ -362,6 +362,39 @@ def test_a_mark_an_earlier_version_set_ahead_of_a_clock_corrected_since_loses_no
         c.close()
 
 
+def test_a_mark_an_earlier_version_set_ahead_of_a_clock_corrected_to_behind_openai_s_loses_no_later_event(
+        simulator, tmp_path, caplog):
+    """The same mark, with the clock corrected past OpenAI's time, to 10 minutes behind it: the mark
+    pulled back to the API's time lay still ahead of the local clock, so no slice was read (and the
+    mark pulled back again, and said again, at every poll) until the clock reached the old mark, and
+    the events OpenAI recorded until then were lost (2 hours: 3 of 9). It is pulled back to the
+    local clock at most, and said once."""
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    cfg = _config(simulator.base_url, initial_interval="1h")
+    store, output = StateStore(state), NdjsonFileOutput(out)
+    lead, behind = 2 * HOUR, 600
+    store.put_kv(KV_HWM, str(int(T0) + lead + 1))
+    store.put_kv(KV_RECENT, "{}")
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output),
+                         clock=lambda: simulator.now() - behind)
+    now = T0 + 300
+    with caplog.at_level(logging.WARNING, logger="agent_input.audit"):
+        while now <= T0 + 4 * HOUR:
+            simulator.set_time(now)
+            col.poll(now - behind)
+            now += 300
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    want = audit_truth(simulator, int(T0) + 1, int(now - 600 - behind))
+    assert len(ids) == len(set(ids))
+    assert len(want) > 5
+    assert not want - set(ids), f"{len(want - set(ids))} of {len(want)} events after the upgrade lost"
+    assert sum("is ahead of OpenAI's time" in r.getMessage() for r in caplog.records) == 1
+    for c in (store, client):
+        c.close()
+
+
 _EMPTY = {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
 
 
