@@ -47,8 +47,9 @@ def per_project(docs: Iterable[Mapping[str, Any]], *, now: Any = None,
 
     `docs` are the documents in the window (the panel's time range, or the rule's limits
     look-back). With `now` and `usage_minutes` (the rules): usage only from
-    `[now - usage_minutes, ...]`, and per unit the MAX limit of those minutes if any, else the MAX
-    of all limit documents given (the last known limits)."""
+    `[now - usage_minutes, ...]`, and per unit the MAX limit of those minutes if any, else the
+    limit of the latest minute that has one (the last known limits; not the MAX of all limit
+    documents given, which read a limit lowered before the limits stopped at its old value)."""
     since = None
     if usage_minutes is not None:
         since = _time(now).timestamp() - usage_minutes * 60
