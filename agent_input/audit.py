@@ -153,6 +153,7 @@ class AuditCollector(ListingCollector):
         # a first poll's start whose writes the organization check held (nothing may be stored):
         # this process's next poll starts each scope with no mark there (`_poll_scope`)
         self._held_start: int | None = None
+        self._own_marks: set[str] = set()  # the marks (their keys) this process has stored a slice at
 
     # -- polling -------------------------------------------------------------------------------
     def poll(self, now: float) -> PollStats:
@@ -274,7 +275,11 @@ class AuditCollector(ListingCollector):
         start = max(0, hwm - OVERLAP) if hwm_text is not None else hwm
         first = start  # where this poll began, for its progress
         length = SLICE  # shorter while the log is busier than MAX_SLICE_EVENTS a slice
-        rewound = hwm_text is None  # a mark ahead of the API's time is pulled back once (below)
+        # A mark ahead of the API's time is pulled back once (below), and only a mark this process
+        # has not stored yet: its own never pass the API's time, and one behind a `Date` that went
+        # back (a proxy's, a backend's on a slow clock) was pulled back again at every such poll,
+        # the events of the minutes before it written again each time.
+        rewound = hwm_text is None or scope.kv_hwm in self._own_marks
         if not rewound and start > end and not self.stop.is_set():
             # A mark ahead of the local clock too (corrected since an earlier version set the mark
             # on it ahead of OpenAI's): no slice to read, and waiting for the clock to reach the
@@ -355,6 +360,8 @@ class AuditCollector(ListingCollector):
             if unread.pop(scope.kv_hwm, None) is not None:  # read from now on
                 kv[KV_UNREAD] = json.dumps(unread, sort_keys=True)
             self.delivery.commit_events(self.name, lines, kv)
+            if type(served_to) is int:  # a mark kept to the API's time (without one, checked again)
+                self._own_marks.add(scope.kv_hwm)
             stats.events += len(lines)
             recent = next_recent
             start = new_hwm

@@ -395,6 +395,47 @@ def test_a_mark_an_earlier_version_set_ahead_of_a_clock_corrected_to_behind_open
         c.close()
 
 
+class _DateBehind(AdminApiClient):
+    """A client whose answers' `Date` is `behind` seconds behind the API's clock (a proxy's, or a
+    load balancer's backend on a slow clock)."""
+
+    behind = 0
+
+    def get_json(self, *args, **kwargs):
+        body = super().get_json(*args, **kwargs)
+        if self.server_date is not None:
+            self.server_date -= self.behind
+        return body
+
+
+def test_a_date_that_goes_back_between_polls_writes_no_event_twice(simulator, tmp_path):
+    """Every other poll's `Date` 15 minutes behind (a proxy, or a backend on a slow clock): the mark
+    this process stored at the API's time lay more than the overlap past it, and was pulled back as
+    if an earlier version had set it, at every such poll, the 10 minutes before it read and written
+    again each time (12 hours: 71 events twice, of 50). The pull-back is for a mark this process did
+    not store; the mark only waits for the API's time."""
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    cfg = _config(simulator.base_url, initial_interval="1h")
+    store, output = StateStore(state), NdjsonFileOutput(out)
+    client = _DateBehind(simulator.base_url, ADMIN_KEY, max_retries=1)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output),
+                         clock=lambda: simulator.now())
+    now, polls = T0, 0
+    while now <= T0 + 12 * HOUR:
+        simulator.set_time(now)
+        client.behind = 900 if polls % 2 else 0
+        col.poll(now)
+        now, polls = now + 300, polls + 1
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    want = audit_truth(simulator, int(T0) - HOUR, int(now - 300 - 900))
+    assert len(want) > 20
+    assert not want - set(ids)
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} events written twice"
+    for c in (store, client):
+        c.close()
+
+
 _EMPTY = {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
 
 
