@@ -14,8 +14,17 @@ fi
 # The tests run in one worker process per CPU (pytest-xdist), at most 4; on one CPU in this
 # process (-n 0). Much of the suite waits on the collector processes it starts, not the CPU: on
 # 2 CPUs -n 2 took 6-7 minutes where one process took 11 under the same load. An -n passed to
-# this script comes after this one and wins.
+# this script comes after this one and wins; with `-p no:xdist` none is passed (pytest would
+# refuse the -n it no longer knows).
 cpus="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
 workers=$(( cpus > 4 ? 4 : cpus ))
 [ "$workers" -gt 1 ] || workers=0
+previous=""
+for arg in "$@"; do
+    case "$previous $arg" in
+        "-p no:xdist" | *" -pno:xdist")
+            exec "$(dirname "$0")/dev.sh" python -m pytest "$@" ;;
+    esac
+    previous="$arg"
+done
 exec "$(dirname "$0")/dev.sh" python -m pytest -n "$workers" "$@"
