@@ -781,6 +781,7 @@ class Installer:
         current = _json(resp, "a rule", pick=_rule_shape)
         want = rule.update_body(self.rules_kibana_version, actions=_actions_for_update(current.get("actions") or []))
         want["tags"] = _tags_kept(want["tags"], current)
+        want.update(_rule_level_frequency(current))
         exists = lambda i: self._found(f"/api/alerting/rule/{i}", f"read rule {rule.name}", priv)  # noqa: E731
         drop = lambda i: self._drop_legacy(f"/api/alerting/rule/{i}", f"delete rule {i}", priv)  # noqa: E731
         if _rule_matches(current, want):
@@ -813,6 +814,7 @@ class Installer:
             body["actions"] = _actions_for_update(legacy.get("actions") or [])
             body["enabled"] = bool(legacy.get("enabled", body["enabled"]))
             body["tags"] = _tags_kept(body["tags"], legacy)
+            body.update(_rule_level_frequency(legacy))
         resp = self.t.kb("POST", f"/api/alerting/rule/{rule.id}", json=body)
         if resp.status_code == 409:
             raise _taken_elsewhere("rule", rule.id, self.space, self._space_holding(held))
@@ -1074,6 +1076,17 @@ _ACTION_KEYS = ("group", "id", "params", "frequency", "uuid", "alerts_filter", "
 def _actions_for_update(actions: list[dict]) -> list[dict]:
     """The rule's current actions in the shape PUT accepts: the user's actions survive upgrades."""
     return [{k: a[k] for k in _ACTION_KEYS if k in a} for a in actions]
+
+
+def _rule_level_frequency(current: dict) -> dict:
+    """The rule's own `notify_when` and `throttle` when its actions rely on them (none has a
+    `frequency`: a rule written through the API in the rule-level form). Kibana refuses a write
+    whose actions have no frequency and no rule-level one ("Actions missing frequency parameters"),
+    and one that has both, so they go back with the actions exactly when the actions need them."""
+    actions = current.get("actions") or []
+    if any(a.get("frequency") for a in actions):
+        return {}
+    return {k: current[k] for k in ("notify_when", "throttle") if current.get(k) is not None}
 
 
 def _tags_kept(ours: list[str], current: dict) -> list[str]:

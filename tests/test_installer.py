@@ -25,6 +25,8 @@ ES = "http://es.test:9200"
 KB = "http://kb.test:5601"
 API_KEY = "c2VjcmV0LWtleS1kby1ub3QtcHJpbnQ="
 PASSWORD = "hunter2-do-not-print"
+# an action's `frequency` as Kibana 8.7+ writes it (the UI always does)
+FREQUENCY = {"summary": False, "notify_when": "onActiveAlert", "throttle": None}
 
 
 class FakeStack:
@@ -296,6 +298,18 @@ class FakeStack:
                 return self._json(200, self.rules[rid])
             if m in ("POST", "PUT") and body.get("actions") and not self.connectors_readable:
                 return self._json(403, {"statusCode": 403, "error": "Forbidden", "message": "Unauthorized to get actions"})
+            if m in ("POST", "PUT"):
+                # the rules client's validateActions: every action has a frequency, or the rule has
+                # a rule-level notify_when/throttle and no action has one (system actions, which have
+                # no group, are not checked)
+                rule_level = body.get("notify_when") is not None or body.get("throttle") is not None
+                groups = [a["group"] for a in body.get("actions", [])
+                          if a.get("group") and bool(a.get("frequency")) == rule_level]
+                if groups:
+                    why = ("Cannot specify per-action frequency params when notify_when or throttle are defined "
+                           "at the rule level" if rule_level else "Actions missing frequency parameters")
+                    return self._json(400, {"statusCode": 400, "error": "Bad Request", "message":
+                        f"Failed to validate actions due to the following error: {why}: {', '.join(map(str, groups))}"})
             if m == "POST":
                 if rid in self.rules:  # in this space or in any other: rule ids are unique across spaces
                     return self._json(409, {"statusCode": 409, "error": "Conflict",
@@ -427,6 +441,38 @@ def test_upgrade_updates_only_what_changed_and_keeps_rule_actions(stack):
     assert (put["params"]["timeWindowSize"], put["alert_delay"]) == (70, {"active": 3})
     assert stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"][0]["id"] == "my-connector"
     assert stack.rules[K.RULE_ID_HEADROOM_RPM]["enabled"] is False
+
+
+def test_a_rule_whose_connectors_use_the_rule_level_frequency_is_updated_and_moved(stack):
+    """A connector attached through the API (or Terraform) in the rule-level form: `notify_when`
+    (and `throttle`) on the rule, none on its actions. Kibana refuses a write whose actions have no
+    frequency and no rule-level one ("Actions missing frequency parameters"), so an upgrade that
+    sent the actions back without the rule's notify_when stopped at that rule, and so did the
+    move of such a rule into a space's id."""
+    assert install().exit_code == 0
+    action = {"group": "query matched", "id": "my-connector", "uuid": "a1", "params": {"message": "x"}}
+    stack.rules[K.RULE_ID_HEADROOM_TPM].update(actions=[action], notify_when="onThrottleInterval", throttle="1h")
+    stack.calls.clear()
+    result = install("--headroom-threshold", "0.9")
+    assert result.exit_code == 0, result.output
+    put = json.loads([c for c in stack.writes() if c["path"].endswith(K.RULE_ID_HEADROOM_TPM)][0]["body"])
+    assert (put["notify_when"], put["throttle"], put["actions"]) == ("onThrottleInterval", "1h", [action])
+    # an action with its own frequency: the rule's notify_when (null, as Kibana answers) stays out
+    stack.rules[K.RULE_ID_HEADROOM_RPM].update(actions=[dict(action, frequency=FREQUENCY)], notify_when=None,
+                                               throttle=None)
+    stack.calls.clear()
+    assert install("--headroom-threshold", "0.8").exit_code == 0
+    put = json.loads([c for c in stack.writes() if c["path"].endswith(K.RULE_ID_HEADROOM_RPM)][0]["body"])
+    assert "notify_when" not in put and "throttle" not in put
+    # an earlier version's rule in team-a moves to the space's id with its rule-level frequency
+    for key in {("index-pattern", K.DATA_VIEW_ID)} | {("dashboard", d.id) for d in K.dashboards()} | {
+            ("alert", r.id) for r in K.rules()}:
+        stack.space[key] = "team-a"
+    result = install("--space", "team-a")
+    assert result.exit_code == 0, result.output
+    moved = stack.rules[K.rule_id(K.RULE_ID_HEADROOM_TPM, "team-a")]
+    assert (moved["notify_when"], moved["throttle"], [a["id"] for a in moved["actions"]]) == (
+        "onThrottleInterval", "1h", ["my-connector"])
 
 
 def test_tags_a_user_added_to_a_rule_survive_installs(stack):
@@ -578,7 +624,7 @@ def test_installs_in_two_spaces_in_either_order_are_idempotent(stack, first, sec
 def test_uninstall_of_one_space_leaves_the_other_whole(stack):
     assert install().exit_code == 0
     assert install("--space", "team-a").exit_code == 0
-    stack.rules[K.rule_id(K.RULE_ID_HEADROOM_TPM, None)]["actions"] = [{"group": "query matched", "id": "c1", "params": {}}]
+    stack.rules[K.rule_id(K.RULE_ID_HEADROOM_TPM, None)]["actions"] = [{"group": "query matched", "id": "c1", "params": {}, "frequency": FREQUENCY}]
     es_before = copy.deepcopy((stack.component, stack.index, stack.pipelines))
     stack.calls.clear()
     result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--space", "team-a")
@@ -680,7 +726,7 @@ def test_an_install_into_a_space_by_an_earlier_version_is_moved_to_the_space_ids
     assert install().exit_code == 0  # the earlier version's objects, moved to team-a
     for key in legacy:
         stack.space[key] = "team-a"
-    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}}]
+    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}, "frequency": FREQUENCY}]
     stack.rules[K.RULE_ID_LIMITS_STALE]["enabled"] = False
     # the default space cannot take those ids while team-a holds them: said, with what to do
     result = install()
@@ -1245,7 +1291,7 @@ def test_a_rule_with_connectors_names_the_connectors_privilege(stack):
     rule's actions back, so an installer without it was refused half way through the install,
     and the error named 'Stack Rules: All', which the user had."""
     assert install().exit_code == 0
-    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}}]
+    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}, "frequency": FREQUENCY}]
     stack.connectors_readable = False
     result = install("--headroom-threshold", "0.9")
     assert result.exit_code == 3
@@ -1263,7 +1309,7 @@ def test_a_rule_moved_into_a_space_with_its_connectors_names_the_connectors_priv
     for key in {("index-pattern", K.DATA_VIEW_ID)} | {("dashboard", d.id) for d in K.dashboards()} | {
             ("alert", r.id) for r in K.rules()}:
         stack.space[key] = "team-a"
-    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}}]
+    stack.rules[K.RULE_ID_HEADROOM_TPM]["actions"] = [{"group": "query matched", "id": "my-connector", "params": {}, "frequency": FREQUENCY}]
     stack.connectors_readable = False
     result = install("--space", "team-a")
     assert result.exit_code == 3, result.output
