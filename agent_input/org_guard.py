@@ -159,7 +159,9 @@ class OrganizationGuard:
     def _observe(self, projects: list[Mapping[str, Any]]) -> None:
         if self.refusal is not None:
             return
-        listed = {p.get("id") for p in projects}
+        # a project without a string id (the reference requires one) is no evidence either way: as
+        # a set member a list or object id failed every stream's poll ("unhashable type") for good
+        listed = {p["id"] for p in projects if isinstance(p.get("id"), str)}
         self.refusal = refusal_reason(self.store.directory, listed, self.recorded, self.seen)
         if self.refusal is None:
             found = fingerprint(projects) if not self.recorded else []

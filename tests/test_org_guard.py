@@ -54,6 +54,23 @@ def test_a_listing_that_holds_one_recorded_project_is_the_same_organization(tmp_
     guard.store.close()
 
 
+def test_a_project_whose_id_is_not_a_string_is_left_out_of_the_check(tmp_path):
+    """The reference's `Project.id` is a string; one listed as a list or an object (or a number)
+    made the check fail with "unhashable type", and with it every stream's every poll, while the
+    listing said so. It is left out: the other projects decide, as they would without it."""
+    recorded = [p["id"] for p in _projects(3)]
+    guard = _guard(tmp_path, recorded)
+    guard.observe([{"id": ["proj_x"]}, {"id": {"a": 1}}, {"id": 5}, {"id": recorded[1], "created_at": 1}])
+    guard.wait()
+    assert guard.passed and guard.refusal is None
+    guard.store.close()
+    other = _guard(tmp_path / "other", recorded)
+    other.observe([{"id": [recorded[0]]}, *_projects(2, prefix="proj_b")])
+    with pytest.raises(OrganizationMismatch):
+        other.wait()
+    other.store.close()
+
+
 def test_a_refusal_is_not_lifted_by_a_later_listing(tmp_path):
     """Once another organization's key was found, the engine stops: a later listing (the check's
     own, say) does not turn it into a pass."""
