@@ -687,8 +687,13 @@ class UsageCollector(PollingCollector):
         data = body.get("data")
         if not isinstance(data, list):
             raise BadPage("response has no `data` list of buckets")
+        has_more = body.get("has_more")
+        if not isinstance(has_more, bool):
+            # read as "no more", the page's last bucket (perhaps continued on the next page) was
+            # taken as whole and the cursor passed it: the rest of its results lost, unsaid
+            raise BadPage(f"response has no boolean `has_more` ({has_more!r:.40}): the rest of the listing is unknown")
         token = body.get("next_page")
-        return list(data), bool(body.get("has_more")), token if isinstance(token, str) else None
+        return list(data), has_more, token if isinstance(token, str) else None
 
     def _check_bucket(self, bucket: Any, resume: int, end: int) -> tuple[int | None, int]:
         if not isinstance(bucket, Mapping):

@@ -1866,7 +1866,10 @@ def test_back_to_a_finished_width_the_widths_since_never_read_from_is_no_first_r
 
 
 @pytest.mark.parametrize("body, why", [([], "not a JSON object"), ({"object": "page", "has_more": False}, "no `data` list"),
-                                       ({"object": "page", "data": {"0": 1}}, "no `data` list")])
+                                       ({"object": "page", "data": {"0": 1}}, "no `data` list"),
+                                       ({"object": "page", "data": [], "next_page": None}, "no boolean `has_more`"),
+                                       ({"object": "page", "data": [], "has_more": "false", "next_page": None},
+                                        "no boolean `has_more`")])
 def test_a_page_that_is_not_a_page_fails_the_poll_and_keeps_the_cursor(harness, body, why):
     h = harness(effective_revision_window=0, initial_interval=180)
     now = ts("2026-11-23T10:00:00")
@@ -1947,3 +1950,23 @@ def test_back_to_a_width_the_width_since_delivered_a_page_with_a_gap_from_is_not
                                                            + d["openai"]["completions"]["input_tokens"])
     assert sum(tokens.values()) == (hi - lo) // 60, tokens
     assert tokens["1h"] == 3 * 60  # 11:00-14:00: 1h went on until 1m's old range was final (14:00)
+
+
+def test_a_page_without_has_more_is_not_taken_for_the_last_one(harness):
+    """The reference requires `has_more`. A page without it was read as the listing's last: its
+    last bucket, whose other results were on the next page, was emitted as whole, the cursor
+    passed it, and the rest of it was never asked for, with nothing said. It fails the poll as a
+    page without `data` does; the cursor stays and the next poll reads the whole bucket."""
+    h = harness(effective_revision_window=0, initial_interval=60)
+    now = ts("2026-11-23T10:00:00")
+    bucket = {"object": "bucket", "start_time": now - 60, "end_time": now}
+    pages = {None: {"object": "page", "data": [dict(bucket, results=[result(5, model="a")])], "next_page": "p2"},
+             "p2": {"object": "page", "data": [dict(bucket, results=[result(7, model="b")])], "has_more": False,
+                    "next_page": None}}
+    h.api.get_json = lambda path, params: pages[params.get("page")]
+    with pytest.raises(BadPage, match="no boolean `has_more`"):
+        h.collector.poll(now)
+    assert docs(h.out) == [] and h.store.cursor("completions", "1m").position == now - 60
+    pages[None]["has_more"] = True
+    h.collector.poll(now + 1)
+    assert sorted(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == [5, 7]
