@@ -27,7 +27,7 @@ from .org_guard import OrganizationGuard, OrganizationMismatch, OrganizationUnve
 from .outputs import Output, OutputError
 from .paging import PAGE_GATE, DaemonPool, PageFetcher
 from .state import Cursor, Observation, StateError, StateStore, group_json
-from .streams import WIDTH_SECONDS, UsageStreamSpec, get_field
+from .streams import BOOLEAN_DIMENSIONS, WIDTH_SECONDS, UsageStreamSpec, get_field
 
 log = logging.getLogger("agent_input.engine")
 
@@ -816,8 +816,13 @@ def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:
         counters[name] = value
     for name in spec.dimensions:
         value = get_field(result, name)
-        if value is not None and not isinstance(value, (str, bool)):
-            raise BadBucket(f"`{name}` is {value!r:.40}, not a string ({_describe(result)})")
+        if value is None:
+            continue
+        # the reference's type: a string where it wants a boolean (`batch: "yes"`) made Elasticsearch
+        # refuse the whole document, and a boolean where it wants a string was stored as "true"
+        want, kind = (bool, "a boolean") if name in BOOLEAN_DIMENSIONS else (str, "a string")
+        if not isinstance(value, want):
+            raise BadBucket(f"`{name}` is {value!r:.40}, not {kind} ({_describe(result)})")
     return counters
 
 
@@ -825,8 +830,9 @@ def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float
     """`result -> counters` for one spec, raising BadBucket on anything the API reference forbids.
 
     The hot loop of a backfill runs this once per result: plain dicts with flat int/float counters
-    and str/bool/None dimensions take the fast path; anything else (nested fields, int subclasses,
-    non-finite floats, wrong types) goes through the reference check, which raises the message.
+    and dimensions of the reference's type (or None) take the fast path; anything else (nested
+    fields, int subclasses, non-finite floats, wrong types) goes through the reference check,
+    which raises the message.
     """
     checked = functools.partial(checked_counters, spec)
     if any("." in f for f in spec.counters + spec.dimensions):
@@ -841,8 +847,9 @@ def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float
                 f"    elif v is None: {missing}",
                 "    else: return checked(result)"]
     for name in spec.dimensions:
+        want = "bool" if name in BOOLEAN_DIMENSIONS else "str"
         src += [f"    t = type(get({name!r}))",
-                "    if t is not str and t is not NoneType and t is not bool: return checked(result)"]
+                f"    if t is not {want} and t is not NoneType: return checked(result)"]
     src.append("    return counters")
     namespace = {"checked": checked, "NoneType": type(None)}
     exec(compile("\n".join(src), f"<extract {spec.name}>", "exec"), namespace)  # noqa: S102

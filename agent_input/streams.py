@@ -18,6 +18,8 @@ MAX_LIMIT: Mapping[str, int] = {"1m": 1440, "1h": 168, "1d": 31}
 # Result fields that go to openai.base.* rather than openai.<stream>.*
 BASE_DIMENSIONS = ("project_id", "user_id", "api_key_id", "model")
 BASE_COUNTERS = ("num_model_requests",)
+# The dimensions the reference types boolean (`batch`, mapped `boolean`); every other one is a string
+BOOLEAN_DIMENSIONS = frozenset({"batch"})
 
 
 @dataclass(frozen=True)

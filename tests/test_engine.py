@@ -1,5 +1,6 @@
 """The usage engine against an in-memory API: windows, grace, revisions, errors, bad data."""
 import json
+import re
 import logging
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -1970,3 +1971,29 @@ def test_a_page_without_has_more_is_not_taken_for_the_last_one(harness):
     pages[None]["has_more"] = True
     h.collector.poll(now + 1)
     assert sorted(d["openai"]["completions"]["input_tokens"] for d in docs(h.out)) == [5, 7]
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("batch", "yes", "`batch` is 'yes', not a boolean"),  # Elasticsearch's `boolean` refused the document
+    ("batch", 1, "`batch` is 1, not a boolean"),
+    ("project_id", True, "`project_id` is True, not a string"),  # was stored as the keyword "true"
+    ("service_tier", False, "`service_tier` is False, not a string"),
+])
+def test_a_dimension_of_another_type_than_the_reference_s_is_a_bad_bucket(harness, field, value, says):
+    """Each dimension has the reference's type: `batch` a boolean, the others strings (or null). A
+    boolean passed for any of them and a string for `batch`: `batch: "yes"` made Elasticsearch
+    refuse the whole document (mapped `boolean`), after the cursor had passed it."""
+    h = harness(effective_revision_window=0, initial_interval=180)
+    now = ts("2026-11-23T10:00:00")
+    h.api.data[now - 180] = [result(1)]
+    h.api.data[now - 120] = [result(2, **{field: value})]
+    h.api.data[now - 60] = [result(3, batch=True, service_tier="priority")]
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1 and says in stats.errors[0]
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [1, 3]
+    assert h.store.cursor("completions", "1m").position == now - 120  # before it: read again
+    # the slow path (a result that is not a plain dict) judges alike
+    from agent_input.engine import BadBucket, checked_counters
+    with pytest.raises(BadBucket, match=re.escape(says)):
+        checked_counters(STREAMS_BY_NAME["completions"], result(2, **{field: value}))
+    assert checked_counters(STREAMS_BY_NAME["completions"], result(3, batch=True))["input_tokens"] == 3
