@@ -801,6 +801,11 @@ def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:
     """The reference check of one result: its counters, or BadBucket saying what is wrong."""
     if not isinstance(result, Mapping):
         raise BadBucket(f"a result is not an object: {result!r:.80}")
+    kind = result.get("object")
+    if kind is not None and not isinstance(kind, str):
+        # it is the document's openai.base.usage_object_type (a keyword): an object there made
+        # Elasticsearch refuse the whole document
+        raise BadBucket(f"`object` is {kind!r:.40}, not a string ({_describe(result)})")
     counters: dict[str, float] = {}
     for name in spec.counters:
         value = get_field(result, name)
@@ -839,7 +844,8 @@ def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float
         return checked
     # straight-line code per spec (no per-field loop): this runs once per result of a backfill
     src = ["def extract(result):", "    if type(result) is not dict: return checked(result)",
-           "    get = result.get", "    counters = {}"]
+           "    get = result.get", "    t = type(get('object'))",
+           "    if t is not str and t is not NoneType: return checked(result)", "    counters = {}"]
     for name in spec.counters:
         missing = "return checked(result)" if name in spec.required else "pass"
         src += [f"    v = get({name!r}); t = type(v)",

@@ -1997,3 +1997,21 @@ def test_a_dimension_of_another_type_than_the_reference_s_is_a_bad_bucket(harnes
     with pytest.raises(BadBucket, match=re.escape(says)):
         checked_counters(STREAMS_BY_NAME["completions"], result(2, **{field: value}))
     assert checked_counters(STREAMS_BY_NAME["completions"], result(3, batch=True))["input_tokens"] == 3
+
+
+@pytest.mark.parametrize("value", [{"type": "completions"}, ["organization.usage.completions.result"], 5])
+def test_a_result_whose_object_is_not_a_string_is_a_bad_bucket(harness, value):
+    """A result's `object` is its document's openai.base.usage_object_type, a keyword: an object
+    there made Elasticsearch refuse the whole document after the cursor had passed it. The
+    reference's `object` is a string; anything else is reported and read again."""
+    h = harness(effective_revision_window=0, initial_interval=120)
+    now = ts("2026-11-23T10:00:00")
+    h.api.data[now - 120] = [result(1)]
+    h.api.data[now - 60] = [result(2, object=value)]
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1 and "`object` is" in stats.errors[0] and "not a string" in stats.errors[0]
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [1]
+    assert h.store.cursor("completions", "1m").position == now - 60
+    h.api.data[now - 60] = [result(2, object=None)]  # absent or null: the document only lacks it
+    h.collector.poll(now + 1)
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [1, 2]
