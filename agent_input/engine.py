@@ -818,6 +818,11 @@ def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:
         if not -COUNTER_LIMIT < value < COUNTER_LIMIT:
             raise BadBucket(f"`{name}` is {value!r:.40}, beyond ±2^53 (Kibana would show it rounded, and a "
                             f"sum could pass Elasticsearch's long) ({_describe(result)})")
+        if spec.integer_counters and type(value) is not int:
+            # a fraction in a `long` field is cut off by Elasticsearch: 1.5 tokens were stored as 1
+            if not float(value).is_integer():
+                raise BadBucket(f"`{name}` is {value!r:.40}, not an integer ({_describe(result)})")
+            value = int(value)  # `5.0`, the same JSON number as 5
         counters[name] = value
     for name in spec.dimensions:
         value = get_field(result, name)
@@ -834,10 +839,10 @@ def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:
 def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float]]:
     """`result -> counters` for one spec, raising BadBucket on anything the API reference forbids.
 
-    The hot loop of a backfill runs this once per result: plain dicts with flat int/float counters
-    and dimensions of the reference's type (or None) take the fast path; anything else (nested
-    fields, int subclasses, non-finite floats, wrong types) goes through the reference check,
-    which raises the message.
+    The hot loop of a backfill runs this once per result: plain dicts with flat int counters (int
+    or float where the reference's are numbers: costs) and dimensions of the reference's type (or
+    None) take the fast path; anything else (nested fields, int subclasses, whole floats, non-finite
+    floats, wrong types) goes through the reference check, which raises the message.
     """
     checked = functools.partial(checked_counters, spec)
     if any("." in f for f in spec.counters + spec.dimensions):
@@ -846,10 +851,11 @@ def _counter_extractor(spec: UsageStreamSpec) -> Callable[[Any], dict[str, float
     src = ["def extract(result):", "    if type(result) is not dict: return checked(result)",
            "    get = result.get", "    t = type(get('object'))",
            "    if t is not str and t is not NoneType: return checked(result)", "    counters = {}"]
+    number = "t is int" if spec.integer_counters else "(t is int or t is float)"
     for name in spec.counters:
         missing = "return checked(result)" if name in spec.required else "pass"
         src += [f"    v = get({name!r}); t = type(v)",
-                f"    if (t is int or t is float) and {-COUNTER_LIMIT} < v < {COUNTER_LIMIT}: counters[{name!r}] = v",
+                f"    if {number} and {-COUNTER_LIMIT} < v < {COUNTER_LIMIT}: counters[{name!r}] = v",
                 f"    elif v is None: {missing}",
                 "    else: return checked(result)"]
     for name in spec.dimensions:

@@ -37,6 +37,8 @@ class UsageStreamSpec:
     # result field -> ECS leaf name under openai.<name>, where it differs
     renames: Mapping[str, str] = field(default_factory=dict)
     # costs: 1d only, counters may be float amounts
+    # the reference's counters are integers (usage) or numbers (costs' amount and quantity)
+    integer_counters: bool = True
     # counters the reference marks required; a result without one is bad data, not a zero
     required_counters: tuple[str, ...] | None = None
     widths: tuple[str, ...] = ("1m", "1h", "1d")
@@ -189,6 +191,7 @@ COSTS = UsageStreamSpec(
     path="/v1/organization/costs",
     group_by=("project_id", "line_item", "api_key_id"),
     counters=("amount.value", "quantity"),
+    integer_counters=False,
     required_counters=(),  # the reference requires only `object`: a result without an amount is not bad data
     dimensions=("project_id", "api_key_id", "line_item", "amount.currency", "quantity_unit"),
     has_grace=False,

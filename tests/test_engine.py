@@ -2015,3 +2015,24 @@ def test_a_result_whose_object_is_not_a_string_is_a_bad_bucket(harness, value):
     h.api.data[now - 60] = [result(2, object=None)]  # absent or null: the document only lacks it
     h.collector.poll(now + 1)
     assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [1, 2]
+
+
+def test_a_counter_with_a_fraction_is_a_bad_bucket_and_a_whole_float_its_integer(harness):
+    """The reference's usage counters are integers, mapped `long`: Elasticsearch cut 1.5 tokens
+    to 1 and the stored sums fell short of OpenAI's, with nothing said. A fraction is a bad bucket,
+    reported and read again; `7.0` is the same JSON number as 7 and is taken as it. Costs' amounts
+    and quantities are numbers: a fraction there is their value."""
+    h = harness(effective_revision_window=0, initial_interval=180)
+    now = ts("2026-11-23T10:00:00")
+    h.api.data[now - 180] = [result(1)]
+    h.api.data[now - 120] = [result(1.5)]
+    h.api.data[now - 60] = [result(7.0, output_tokens=2.0)]
+    stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1 and "`input_tokens` is 1.5, not an integer" in stats.errors[0]
+    got = docs(h.out)
+    assert [d["openai"]["completions"]["input_tokens"] for d in got] == [1, 7]
+    assert type(got[1]["openai"]["completions"]["input_tokens"]) is int and got[1]["openai"]["base"]["usage_tokens"] == 9
+    assert h.store.cursor("completions", "1m").position == now - 120
+    from agent_input.engine import checked_counters
+    cost = {"object": "organization.costs.result", "amount": {"value": 0.25, "currency": "usd"}, "quantity": 1.5}
+    assert checked_counters(STREAMS_BY_NAME["costs"], cost) == {"amount.value": 0.25, "quantity": 1.5}
