@@ -522,7 +522,11 @@ def check_event(event: Any) -> None:
     t = event.get("effective_at")
     if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_EFFECTIVE_AT:
         raise _wrong("effective_at", t, "a whole Unix time in seconds between 1970 and 9999")
-    _want(event, "project", "project", Mapping)
+    project = _want(event, "project", "project", Mapping)
+    if project is not None:
+        # mapped keywords: an object there made Elasticsearch refuse the whole event
+        _want(project, "id", "project.id", str)
+        _want(project, "name", "project.name", str)
     _want(event, etype, etype, Mapping)
     actor = _want(event, "actor", "actor", Mapping)
     if actor is None:

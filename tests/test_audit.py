@@ -686,7 +686,7 @@ def _bad(i, t, field, value):
     if field == "actor.api_key":
         ev["actor"] = {"type": "api_key", "api_key": value}
         return ev
-    if not field.startswith("actor."):  # a top-level key (the payload's key has dots of its own)
+    if not field.startswith(("actor.", "project.")):  # a top-level key (the payload's key has dots of its own)
         ev[field] = value
         return ev
     *parents, leaf = field.split(".")
@@ -713,6 +713,10 @@ BAD_FIELDS = [
     ("actor.session.user.email", {"a": 1}, "`actor.session.user.email` is an object"),
     ("actor.session.ip_address", 1234, "`actor.session.ip_address` is an integer"),
     ("project", "proj_1", "`project` is a string ('proj_1'), not an object"),
+    # openai.audit.project.{id,name} are keywords: an object there had Elasticsearch refuse the event
+    ("project.id", {"id": "proj_1"}, "`project.id` is an object ({'id': 'proj_1'}), not a string"),
+    ("project.name", ["a", "b"], "`project.name` is an array"),
+    ("project.id", 17, "`project.id` is an integer (17), not a string"),
     ("login.succeeded", [1, 2], "`login.succeeded` is an array"),
     ("type", 3, "`type` is an integer (3)"),
     ("type", "a..b", "`type` is a string ('a..b'), not an event type name"),
