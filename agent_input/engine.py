@@ -806,6 +806,11 @@ def checked_counters(spec: UsageStreamSpec, result: Any) -> dict[str, float]:
         # it is the document's openai.base.usage_object_type (a keyword): an object there made
         # Elasticsearch refuse the whole document
         raise BadBucket(f"`object` is {kind!r:.40}, not a string ({_describe(result)})")
+    for parent in spec.parents:
+        value = result.get(parent)
+        if value is not None and not isinstance(value, Mapping):
+            # its fields would read as absent: `amount: 0.06` was a cost stored without its amount
+            raise BadBucket(f"`{parent}` is {value!r:.40}, not an object ({_describe(result)})")
     counters: dict[str, float] = {}
     for name in spec.counters:
         value = get_field(result, name)

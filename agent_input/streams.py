@@ -52,6 +52,11 @@ class UsageStreamSpec:
         return self.result_object or f"organization.usage.{self.name}.result"
 
     @property
+    def parents(self) -> tuple[str, ...]:
+        """The objects dotted fields are read from (costs' `amount`)."""
+        return tuple(dict.fromkeys(f.split(".")[0] for f in self.counters + self.dimensions if "." in f))
+
+    @property
     def required(self) -> tuple[str, ...]:
         return self.counters if self.required_counters is None else self.required_counters
 

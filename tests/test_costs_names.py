@@ -88,6 +88,17 @@ def test_a_cost_result_without_an_amount_is_stored_not_refused():
     assert "amount" not in doc["openai"]["costs"] and doc["openai"]["costs"]["quantity"] == 12.0
     with pytest.raises(BadBucket, match="not a number"):
         checked_counters(COSTS, dict(result, amount={"value": "12", "currency": "usd"}))
+    assert checked_counters(COSTS, dict(result, amount=None)) == {"quantity": 12.0}  # null: as absent
+
+
+@pytest.mark.parametrize("amount", [0.06, "0.06", [0.06, "usd"]])
+def test_a_cost_result_whose_amount_is_not_an_object_is_refused_not_stored_without_it(amount):
+    """The reference's `amount` is an object ({value, currency}); one that is not was read as no
+    amount at all: the day's cost stored without it (and its currency), with nothing said."""
+    result = {"object": "organization.costs.result", "amount": amount, "line_item": "Web search",
+              "project_id": "proj_abc", "quantity": 12.0, "quantity_unit": "calls"}
+    with pytest.raises(BadBucket, match=r"`amount` is .*, not an object"):
+        checked_counters(COSTS, result)
 
 
 def test_file_search_result():
