@@ -92,6 +92,8 @@ MAX_SLICE_EVENTS = 20_000
 
 MAX_EFFECTIVE_AT = 253402300799  # 9999-12-31T23:59:59Z: the last second an ISO date can name
 TYPE_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+# The event's id is its document's `_id`, which Elasticsearch refuses empty or over 512 bytes
+MAX_ID_BYTES = 512
 
 KV_HWM = "audit:hwm"  # the organization scope's keys: the ones from before there were two scopes
 KV_RECENT = "audit:recent_ids"
@@ -516,6 +518,8 @@ def check_event(event: Any) -> None:
         raise _wrong("entry", event, "an object")
     if not isinstance(event.get("id"), str):
         raise _wrong("id", event.get("id"), "a string")
+    if not event["id"] or len(event["id"].encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise _wrong("id", event["id"], f"a document id (1 to {MAX_ID_BYTES} bytes; it is the event's `_id`)")
     etype = event.get("type")
     if not isinstance(etype, str) or not TYPE_NAME.fullmatch(etype):
         raise _wrong("type", etype, "an event type name")
