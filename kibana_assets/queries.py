@@ -334,6 +334,14 @@ def project_limit_failures(sources: Sources = DEFAULT_SOURCES) -> str:
 # ---------------------------------------------------------------------------------------------
 # Usage, costs and audit panels (all sum per bucket: corrections add up)
 
+# The over-time panels return a row per display bucket (BUCKET's target: 50) and series (project,
+# model, stream, action). Without a LIMIT ES|QL returns 1,000 rows (its implicit LIMIT), the
+# earliest ones after `SORT t`: a 50-project organization's vector store or code interpreter chart
+# of the last 24 hours lost its latest 8 to 10 hours. 10,000 is the most ES|QL returns (200 series).
+TIME_SERIES_ROWS = 10_000
+_SERIES_LIMIT = f"| LIMIT {TIME_SERIES_ROWS}"
+
+
 def _usage(datasets, *tail: str, sources: Sources = DEFAULT_SOURCES) -> str:
     return "\n".join([sources.from_clause(datasets), *tail])
 
@@ -378,12 +386,12 @@ def usage_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
         "requests_over_time": _usage(
             ALL_REQUEST_DATASETS,
             "| STATS requests = SUM(openai.base.num_model_requests) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), dataset = data_stream.dataset",
-            "| SORT t", sources=sources),
+            "| SORT t", _SERIES_LIMIT, sources=sources),
         "tokens_over_time_by_model": _usage(
             USAGE_TOKEN_DATASETS,
             f"| EVAL model = {model}",
             "| STATS tokens = SUM(openai.base.usage_tokens) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), model",
-            "| SORT t", sources=sources),
+            "| SORT t", _SERIES_LIMIT, sources=sources),
         "by_model": _usage(
             ALL_REQUEST_DATASETS,
             "| STATS requests = SUM(openai.base.num_model_requests), tokens = SUM(openai.base.usage_tokens), images = SUM(openai.base.usage_images) BY model = openai.base.model",
@@ -419,11 +427,11 @@ def usage_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
             # a 1h and a 1m bucket starting together are two readings of one level, not two parts.)
             "| STATS bytes = SUM(openai.vector_stores.usage_bytes) BY start = @timestamp, width = openai.base.bucket_width, project_id = openai.base.project_id",
             "| STATS bytes = MAX(bytes) BY t = BUCKET(start, 50, ?_tstart, ?_tend), project_id",
-            "| SORT t", sources=sources),
+            "| SORT t", _SERIES_LIMIT, sources=sources),
         "code_interpreter_sessions": _usage(
             ("code_interpreter_sessions",),
             "| STATS sessions = SUM(openai.code_interpreter_sessions.sessions) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), project_id = openai.base.project_id",
-            "| SORT t", sources=sources),
+            "| SORT t", _SERIES_LIMIT, sources=sources),
         "tool_calls": _usage(
             ("file_search_calls", "web_search_calls"),
             "| STATS file_search = SUM(openai.file_search_calls.num_requests), web_search = SUM(openai.web_search_calls.num_requests) BY project_id = openai.base.project_id",
@@ -436,7 +444,7 @@ def costs_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
         "cost_over_time": _usage(
             ("costs",),
             "| STATS cost = SUM(openai.costs.amount.value) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), currency = openai.costs.amount.currency",
-            "| SORT t", sources=sources),
+            "| SORT t", _SERIES_LIMIT, sources=sources),
         "cost_by_project": _usage(
             ("costs",),
             *_by_id_with_name("cost = SUM(openai.costs.amount.value)", "openai.base.project_id", "project_id",
@@ -455,7 +463,7 @@ def audit_panels(sources: Sources = DEFAULT_SOURCES) -> dict[str, str]:
         "events_over_time": _usage(
             ("audit",),
             "| STATS events = COUNT(*) BY t = BUCKET(@timestamp, 50, ?_tstart, ?_tend), action = event.action",
-            "| SORT t", sources=sources),
+            "| SORT t", _SERIES_LIMIT, sources=sources),
         "actors": _usage(
             ("audit",),
             "| EVAL actor = COALESCE(user.email, openai.audit.actor.api_key.user.email, openai.audit.actor.api_key.service_account.id, openai.audit.actor.api_key.id)",
