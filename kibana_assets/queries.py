@@ -155,13 +155,18 @@ PER_PROJECT_COLUMNS = ["project_id", "model"] + [
 ]
 
 
+# The most rows ES|QL returns (its result_truncation_max_size, 10,000 by default)
+PER_PROJECT_ROWS = 10_000
+
+
 def headroom_per_project(sources: Sources = DEFAULT_SOURCES) -> str:
     """Panel: rate limit headroom per project and model (the dashboard time range is the window)."""
     lines = _per_project_core(sources) + [
         "| EVAL " + ", ".join(_utilization(u) for u in UNITS),
         "| SORT tpm_utilization DESC NULLS LAST, rpm_utilization DESC NULLS LAST, project_id, model",
         "| KEEP " + ", ".join(PER_PROJECT_COLUMNS),
-        "| LIMIT 1000",
+        # every pair's row (7. above): 1,000 cut a 50-project organization's 1,260 pairs
+        f"| LIMIT {PER_PROJECT_ROWS}",
     ]
     return "\n".join(lines)
 

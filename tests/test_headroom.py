@@ -611,6 +611,14 @@ def test_over_time_panels_return_every_series_of_every_display_bucket(name):
     assert _rows_returned(query) == Q.TIME_SERIES_ROWS == 10_000
 
 
+def test_the_per_project_panel_returns_every_pair_with_a_limit():
+    """The headroom table has a row for every (project, model) with a limit, 0% when unused. Its
+    LIMIT 1,000 cut the large demo organization's 1,260 pairs (50 projects), the least used
+    first, models near only their images/min limit among them (not in the SORT)."""
+    query = Q.headroom_per_project()
+    assert _rows_returned(query) == Q.PER_PROJECT_ROWS == 10_000
+
+
 esql = pytest.importorskip("kibana_assets.esql", reason="esql-parser is not installed")
 
 
