@@ -157,18 +157,15 @@ def not_a_directory_message(directory: str | Path) -> str | None:
 def emptied_state_message(directory: Path) -> str | None:
     """Why the state file of `directory` is refused as emptied, or None. `outbox/` is made only
     once the file has its schema, so an empty file beside it was emptied; without it (a crash
-    inside the very first open) there was nothing in it to lose."""
+    inside the very first open) there was nothing in it to lose. A write-ahead log beside the
+    empty file does not save it: sqlite never reads one beside a database of no pages, it
+    deletes it (the file gets its header before anything goes to the log: `PRAGMA journal_mode=WAL`)."""
     path = Path(directory) / "state.sqlite3"
     try:
         if path.stat().st_size or not (Path(directory) / "outbox").is_dir():
             return None
     except OSError:
         return None  # a new state directory (no file yet), or one sqlite will say is unusable
-    try:
-        if os.stat(f"{path}-wal").st_size:
-            return None  # the pages are all in the write-ahead log still: sqlite reads them from there
-    except OSError:
-        pass
     return (f"state file {path} is empty (0 bytes: truncated, or restored from a bad backup), so its "
             f"cursors and unacknowledged batches are gone. Restore it from a backup, or move {Path(directory)} "
             "aside to start afresh (the streams then read again from initial_interval)")

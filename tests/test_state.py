@@ -605,3 +605,20 @@ def test_an_unopenable_state_file_with_no_descriptors_left_says_so(tmp_path, mon
     assert state_module._sqlite_message(path, "open", exc) == (
         f"cannot open state file {path}: {exc} (too many open files: raise the collector's limit, `ulimit -n` "
         "or systemd's LimitNOFILE)")
+
+
+def test_a_state_file_emptied_beside_a_write_ahead_log_is_refused_too(tmp_path):
+    """A collector killed leaves its write-ahead log (not checkpointed); the state file then cut
+    to 0 bytes (a bad restore of that file alone) was let through, as if sqlite would read the
+    pages from the log: it does not, it deletes the log of a database with no pages. The
+    collector started afresh without a word, its cursors and outbox gone."""
+    state = tmp_path / "state"
+    killed = ("import os, sys\nfrom agent_input.state import StateStore, Cursor\ns = StateStore(sys.argv[1])\n"
+              "s.commit_page('completions', '1m', payload=b'{\"_id\":\"a\"}\\n', events=1, observations=(), "
+              "cursor=Cursor(0, 60))\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", killed, str(state)], check=True, timeout=60)
+    assert (state / "state.sqlite3-wal").stat().st_size > 0
+    os.truncate(state / "state.sqlite3", 0)
+    with pytest.raises(StateError, match=r"^state file .* is empty \(0 bytes"):
+        StateStore(state)
+    assert os.path.getsize(state / "state.sqlite3") == 0 and (state / "state.sqlite3-wal").stat().st_size > 0
