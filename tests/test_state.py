@@ -607,6 +607,36 @@ def test_an_unopenable_state_file_with_no_descriptors_left_says_so(tmp_path, mon
         "or systemd's LimitNOFILE)")
 
 
+def test_a_flock_refused_with_eacces_is_another_collector_not_a_broken_lock(tmp_path, monkeypatch):
+    """Some systems answer a lock held elsewhere with EACCES rather than EWOULDBLOCK (POSIX allows
+    either): that is a collector in the way, said as such, not "cannot lock"."""
+    import errno
+
+    def held(fd, op):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(state_module.fcntl, "flock", held)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / LOCK_NAME).write_text("4242\n")
+    with pytest.raises(StateError, match=r"^state directory .* is in use by another collector \(pid 4242\)$"):
+        StateStore(tmp_path / "state")
+
+
+def test_a_batch_acknowledged_while_the_outbox_is_re_sent_is_left_out(tmp_path):
+    """`pending` reads each batch when its turn comes: one the supervisor acknowledged meanwhile
+    (an earlier engine's batch, acked while a new engine re-sends the outbox) is not sent again,
+    nor does its missing row end the re-send."""
+    store = StateStore(tmp_path / "state")
+    batches = [store.commit_events("audit", LINE, 1, {}) for _ in range(3)]
+    sent = []
+    for b in store.pending():
+        sent.append(b.batch)
+        if b.batch == batches[0]:
+            store.ack(batches[1])
+    assert sent == [batches[0], batches[2]]
+    store.close()
+
+
 def test_a_state_file_emptied_beside_a_write_ahead_log_is_refused_too(tmp_path):
     """A collector killed leaves its write-ahead log (not checkpointed); the state file then cut
     to 0 bytes (a bad restore of that file alone) was let through, as if sqlite would read the
@@ -622,3 +652,32 @@ def test_a_state_file_emptied_beside_a_write_ahead_log_is_refused_too(tmp_path):
     with pytest.raises(StateError, match=r"^state file .* is empty \(0 bytes"):
         StateStore(state)
     assert os.path.getsize(state / "state.sqlite3") == 0 and (state / "state.sqlite3-wal").stat().st_size > 0
+
+
+def test_a_state_file_from_the_first_release_gets_the_columns_added_since_and_goes_on(tmp_path):
+    """The first release's tables had no `settled`/`retired_at` cursor columns, no observation
+    `dims` and no outbox `spool`: such a file is given them, its cursors read as they were (NULL
+    settled: counted as read) and its observations kept, then written with the new columns."""
+    (tmp_path / "state").mkdir()
+    with sqlite3.connect(tmp_path / "state" / "state.sqlite3") as db:
+        db.executescript(
+            "CREATE TABLE cursors (stream TEXT NOT NULL, width TEXT NOT NULL, origin INTEGER NOT NULL,"
+            " position INTEGER NOT NULL, PRIMARY KEY (stream, width));"
+            "CREATE TABLE observations (stream TEXT NOT NULL, width TEXT NOT NULL, bucket_start INTEGER NOT NULL,"
+            " grp TEXT NOT NULL, revision INTEGER NOT NULL, counters TEXT NOT NULL,"
+            " PRIMARY KEY (stream, width, bucket_start, grp));"
+            "CREATE TABLE outbox (batch INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL,"
+            " events INTEGER NOT NULL, payload BLOB NOT NULL);"
+            "CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT NOT NULL);"
+            "INSERT INTO cursors VALUES ('completions', '1m', 0, 120);"
+            "INSERT INTO observations VALUES ('completions', '1m', 60, '[\"proj_1\"]', 0, '{\"input_tokens\": 5}');")
+    store = StateStore(tmp_path / "state")
+    assert store.cursor("completions", "1m") == Cursor(0, 120, None, None)
+    (obs,) = store.observations("completions", "1m", 0, 120)[60].values()
+    assert obs.revision == 0 and obs.counters == {"input_tokens": 5} and obs.dims is None
+    store.commit_page("completions", "1m", payload=LINE, events=1, observations=[(120, '["proj_1"]', 0, {"n": 1},
+                                                                                  {"currency": "usd"})],
+                      cursor=Cursor(0, 180, settled=120, retired_at=None))
+    assert store.cursor("completions", "1m") == Cursor(0, 180, 120, None)
+    assert store.observations("completions", "1m", 120, 180)[120]['["proj_1"]'].dims == {"currency": "usd"}
+    store.close()
