@@ -180,6 +180,32 @@ def test_coordinates_a_geo_point_cannot_hold_are_not_a_location(lat, lon):
     assert doc["openai"]["audit"]["actor"]["session"]["ip_address_details"]["latitude"] == float(lat)
 
 
+@pytest.mark.parametrize("lat,lon", [("90", "180"), ("-90.0", "-180"), ("89.99", "179.5")])
+def test_coordinates_on_the_edge_a_geo_point_holds_are_a_location(lat, lon):
+    """±90 and ±180 themselves are coordinates a geo_point takes (a pole, the antimeridian): a
+    location there is kept, only one beyond them is left out."""
+    seed = json.loads((SEED / "audit.json").read_text())
+    api = json.loads(seed["event"]["original"])
+    api["actor"]["session"]["ip_address_details"].update(latitude=lat, longitude=lon)
+    _, doc = audit_event(api)
+    assert doc["source"]["geo"]["location"] == {"lat": float(lat), "lon": float(lon)}
+
+
+@pytest.mark.parametrize("asn,kept", [(2**32 - 1, True), ("AS4294967295", True), (2**32, False), (-1, False)])
+def test_an_as_number_is_kept_only_within_its_32_bits(asn, kept):
+    """An AS number is 32 bits: 4294967295 is the last one, anything past it is no AS number
+    (left out of source.as and ip_address_details, not stored as nonsense)."""
+    seed = json.loads((SEED / "audit.json").read_text())
+    api = json.loads(seed["event"]["original"])
+    api["actor"]["session"]["ip_address_details"]["asn"] = asn
+    _, doc = audit_event(api)
+    details = doc["openai"]["audit"]["actor"]["session"]["ip_address_details"]
+    if kept:
+        assert doc["source"]["as"] == {"number": 2**32 - 1} and details["asn"] == 2**32 - 1
+    else:
+        assert "as" not in doc["source"] and "asn" not in details
+
+
 # -- against the simulator ---------------------------------------------------------------------------
 def _collector(sim, state: Path, out: Path, **audit):
     cfg = _config(sim.base_url, batch_size=3, **audit)
@@ -1164,6 +1190,39 @@ def test_tenant_scope_400_or_404_is_a_refusal_and_a_500_a_failed_slice(simulator
     ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
     assert len(ids) == len(set(ids))
     assert set(ids) == audit_truth(simulator, int(T0 - DAY), int(T0) + 600)
+
+
+def test_tenant_scope_400_is_a_refusal_not_a_failed_slice(simulator, tmp_path):
+    """A 400 on the tenant listing (an organization that cannot list tenant-scoped events) is a
+    refusal, as a 403 or 404 is: warned once, asked again every FORBIDDEN_RETRY, the poll not
+    failed, and the organization scope's events stored."""
+    from agent_input.audit import FORBIDDEN_RETRY, KV_TENANT_HWM, KV_TENANT_REFUSED
+    from agent_input.http_client import BadRequestError
+
+    col, store, output, client = _collector(simulator, tmp_path / "state", tmp_path / "audit.ndjson")
+    get_json = client.get_json
+    asked = []
+
+    def tenant_400(path, params=None):
+        if (params or {}).get("tenant_only"):
+            asked.append(params)
+            raise BadRequestError(400, "tenant_only is not supported for this organization",
+                                  "invalid_request_error", path)
+        return get_json(path, params)
+
+    client.get_json = tenant_400
+    stats = col.poll(T0)
+    assert stats.errors == [] and "400" in col.tenant_refused and len(asked) == 1
+    assert json.loads(store.get(KV_TENANT_REFUSED))["why"] == col.tenant_refused
+    assert store.get(KV_HWM) == str(int(T0) + 1) and store.get(KV_TENANT_HWM) == str(int(T0 - DAY))
+    simulator.set_time(T0 + 300)
+    assert col.poll(T0 + 300).errors == [] and len(asked) == 1  # not asked again before FORBIDDEN_RETRY
+    for c in (output, store, client):
+        c.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == _truth_by_scope(simulator, int(T0 - DAY), int(T0) + 300)[0]
+    assert FORBIDDEN_RETRY > 300
 
 
 def test_an_old_state_directory_goes_on_for_the_organization_and_starts_the_tenant_scope(
