@@ -392,3 +392,106 @@ def test_a_listing_that_answers_after_the_stop_records_nothing_in_the_state_dire
         guard.unavailable("permission denied (403)", forbidden=True)
         assert store.get(KV_STARTED) is None
     store.close()
+
+
+def test_a_fingerprint_holding_other_values_than_ids_is_judged_by_its_ids(tmp_path):
+    """`org:projects` as another program (or a hand edit) left it, with numbers or objects among
+    the ids: only its string ids count. An object among them made the judgement of a listing
+    fail with a TypeError (unhashable) instead of passing or refusing the key."""
+    recorded = [{"id": "proj_a000"}, 7, None, "proj_a001"]
+    guard = _guard(tmp_path, recorded)
+    assert guard.recorded == ["proj_a001"]
+    guard.observe(_projects(3))
+    guard.wait()
+    assert guard.passed and guard.refusal is None
+    guard.store.close()
+    other = _guard(tmp_path / "other", recorded)
+    other.observe(_projects(3, prefix="proj_b"))
+    with pytest.raises(OrganizationMismatch, match="e.g. proj_a001"):
+        other.wait()
+    other.store.close()
+
+
+def test_a_check_that_cannot_be_done_lists_again_at_most_every_retry_after(tmp_path):
+    """While the projects listing fails, each write that needs the check lists again (at once after
+    the name cache's failed listing), then not before `retry_after` has passed: every stream's
+    every poll listing all the organization's projects again would hammer an API already failing."""
+    from agent_input.http_client import RetriesExhaustedError
+    from agent_input.org_guard import OrganizationUnverified
+
+    now = [100.0]
+    listings = []
+    failing = [True]
+
+    class Client:
+        def get_json(self, path, params):
+            listings.append(now[0])
+            if failing[0]:
+                raise RetriesExhaustedError(503, "Service Unavailable", path=path)
+            data = _projects(2)
+            return {"object": "list", "data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
+                    "has_more": False}
+
+        def close(self):
+            pass
+
+    guard = _guard(tmp_path, [p["id"] for p in _projects(3)], client_factory=Client, stop=threading.Event(),
+                   clock=lambda: now[0], retry_after=60.0)
+    guard.unavailable("HTTP 503")
+    with pytest.raises(OrganizationUnverified):
+        guard.wait()  # lists again at once, with the collector's own client
+    assert listings == [100.0]
+    now[0] = 159.0
+    with pytest.raises(OrganizationUnverified):
+        guard.wait()
+    assert listings == [100.0], "listed again before retry_after"
+    now[0], failing[0] = 160.0, False
+    guard.wait()
+    assert listings == [100.0, 160.0] and guard.passed
+    guard.store.close()
+
+
+def test_an_organization_whose_recorded_projects_are_all_archived_since_is_still_recognised(tmp_path):
+    """Projects are archived, never deleted: the fingerprint's oldest projects are the likeliest to
+    be archived later. The check lists the archived ones too (the API leaves them out unless
+    asked), so an organization whose recorded projects were all archived is not refused as another."""
+    recorded = _projects(3)
+    active = _projects(5, base=1_800_000_000, prefix="proj_new")
+
+    class Client:  # as the API: archived projects only with include_archived
+        def get_json(self, path, params):
+            data = active + (recorded if str(params.get("include_archived")).lower() == "true" else [])
+            return {"object": "list", "data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
+                    "has_more": False}
+
+        def close(self):
+            pass
+
+    guard = _guard(tmp_path, [p["id"] for p in recorded], client_factory=Client, stop=threading.Event())
+    guard.start().join(10)
+    guard.wait()
+    assert guard.passed and guard.refusal is None
+    guard.store.close()
+
+
+def test_another_organization_found_by_the_check_s_own_listing_after_a_failed_one_is_a_mismatch(tmp_path):
+    """The name cache's listing failed (the check could not be done), then the check's own
+    listing found another organization's projects: that is a mismatch, which stops the engine
+    naming the directory, not "cannot check" again (which holds it, retrying for ever)."""
+    class Client:
+        def get_json(self, path, params):
+            data = _projects(3, prefix="proj_b")
+            return {"object": "list", "data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
+                    "has_more": False}
+
+        def close(self):
+            pass
+
+    guard = _guard(tmp_path, [p["id"] for p in _projects(3)], client_factory=Client, stop=threading.Event(),
+                   clock=lambda: 100.0)
+    guard.unavailable("HTTP 503")
+    with pytest.raises(OrganizationMismatch, match="holds the collection of another OpenAI organization"):
+        guard.wait()
+    with pytest.raises(OrganizationMismatch):
+        guard.wait()
+    guard.store.close()
