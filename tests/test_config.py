@@ -317,6 +317,17 @@ def test_bad_url(url):
     assert e.key == "url" and "not a valid URL" in e.message
 
 
+def test_a_ca_file_this_user_may_not_read_is_said_to_be_unreadable(tmp_path, monkeypatch):
+    """A CA bundle that exists but that the collector may not read is named at once, not left to
+    fail every TLS handshake later (patched: a root test run reads any file)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert config_from_dict({"ssl_ca_file": str(ca)}, env=ENV).ssl_ca_file == str(ca)
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **kw: False)
+    e = one_error({"ssl_ca_file": str(ca)})
+    assert e.key == "ssl_ca_file" and "is not readable" in e.message
+
+
 def test_bad_proxy_and_ca(tmp_path):
     e = errors_of({"proxy_url": "proxy:3128", "ssl_ca_file": str(tmp_path / "none.pem")})
     assert [x.key for x in e.errors] == ["proxy_url", "ssl_ca_file"]
@@ -326,7 +337,7 @@ def test_bad_proxy_and_ca(tmp_path):
 
 
 @pytest.mark.parametrize("ns,fragment", [
-    ("my-ns", "'-'"), ("x" * 101, "at most 100"), ("Prod", "lowercase"), ("a b", "' '"), ("_x", "'_'"),
+    ("my-ns", "'-'"), ("x" * 101, "at most 100"), ("Prod", "lowercase"), ("a b", "' '"), ("_x", "'_'"), ("+x", "'+'"),
     ("team\ud800", "not valid Unicode"),  # a lone surrogate, as JSON "\ud800" decodes: no event could be encoded
     ("日" * 100, "300 bytes long in UTF-8"),  # 100 characters, but no backing index could be named with it
 ])
@@ -863,3 +874,40 @@ def test_a_plain_key_pasted_elsewhere_is_not_quoted_even_cut():
         e = errors_of(data, env=env)
         shown = " ".join(str(x) for x in e.errors)
         assert e.errors and plain[:12] not in shown and es_key[:12] not in shown, shown
+
+
+def test_aliases_that_stand_for_exactly_the_bound_are_accepted(tmp_path):
+    """The bound is on more than MAX_ALIASED_VALUES: aliases standing for exactly that many
+    values pass, one more is refused."""
+    from agent_input.config import MAX_ALIASED_VALUES
+
+    def aliasing(n_items: int) -> str:  # an alias of a list of n_items stands for n_items + 1 values
+        p = tmp_path / f"c{n_items}.yml"
+        p.write_text("tags: &a [" + ", ".join(["x"] * n_items) + "]\nmore_tags: *a\n")
+        with pytest.raises(ConfigError) as info:  # unknown settings: the file itself was read
+            load_config(p, env=ENV)
+        return str(info.value)
+
+    accepted = aliasing(MAX_ALIASED_VALUES - 1)
+    assert "alias" not in accepted and "unknown setting" in accepted
+    assert f"aliases stand for more than {MAX_ALIASED_VALUES} values" in aliasing(MAX_ALIASED_VALUES)
+
+
+def test_a_file_of_exactly_the_size_limit_is_read_one_byte_more_refused(tmp_path):
+    from agent_input.config import FileTooLarge, read_text_file
+
+    p = tmp_path / "f"
+    p.write_bytes(b"k" * 2048)
+    assert read_text_file(p, 2048) == "k" * 2048
+    with pytest.raises(FileTooLarge, match="larger than 1 KiB"):
+        read_text_file(p, 2047)
+
+
+def test_an_empty_value_is_the_manifest_default_as_an_absent_one(tmp_path):
+    """Elastic Agent sends a policy's empty fields as "" (and a YAML `key:` with an empty string
+    reads the same): each takes the manifest's default, as an absent one does, rather than being
+    refused as no integer, duration or boolean, or kept as an empty URL or namespace."""
+    empty = {"url": "", "namespace": "", "http_timeout": "", "max_retries": "", "ssl_verify": "",
+             "names_refresh_interval": "", "data_streams": {"audit": {"interval": "", "initial_interval": "",
+                                                                       "batch_size": "", "enabled": ""}}}
+    assert config_from_dict(empty, env=ENV) == config_from_dict({}, env=ENV)
