@@ -480,10 +480,11 @@ class StateStore:
     def ack(self, batch: int) -> None:
         """The output has the batch durably: drop it from the outbox (row first, then its file:
         a crash in between leaves a file no row names, removed at the next start)."""
-        with self._sqlite("write"):
-            conn = self._conn()
         try:
-            with self._transaction(conn):
+            # the connection is taken once the write lock is held: `close` (a reconfiguration, while
+            # the ack reader deletes the old engine's batches) closes every connection under it, and
+            # one taken before the queue for the lock could be closed before its transaction began
+            with self._transaction(None, connect=self._conn) as conn:
                 row = conn.execute("SELECT spool FROM outbox WHERE batch=?", (batch,)).fetchone()
                 conn.execute("DELETE FROM outbox WHERE batch=?", (batch,))
         finally:
@@ -575,12 +576,14 @@ class StateStore:
     def _spool_name(self) -> str:
         return f"{os.getpid()}-{self._spool_token}-{next(self._spool_names)}{SPOOL_SUFFIX}"
 
-    def _transaction(self, conn: sqlite3.Connection, spool: str | None = None) -> "_transaction":
+    def _transaction(self, conn: sqlite3.Connection | None, spool: str | None = None, *,
+                     connect: Callable[[], sqlite3.Connection] | None = None) -> "_transaction":
         """A write transaction (BEGIN IMMEDIATE .. COMMIT) under the store's write lock; rolled
-        back, and its spool file removed, on any error."""
+        back, and its spool file removed, on any error. `connect` instead of `conn`: the
+        connection is taken once the lock is held (`with ... as conn`)."""
         return _transaction(conn, self._write_lock,
                             on_rollback=(lambda: _unlink(self.spool_dir / spool)) if spool else None,
-                            path=self.path)
+                            path=self.path, connect=connect)
 
 
 def _insert_batch(conn: sqlite3.Connection, stream: str, payload: bytes, events: int,
@@ -706,8 +709,10 @@ class _transaction:
     StateDatabaseError naming the state file: the callers (a stream thread, the start-up replay,
     an ack) report one line, and nothing the transaction wrote counts."""
 
-    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock, on_rollback=None, path: Path | None = None):
+    def __init__(self, conn: sqlite3.Connection | None, lock: threading.Lock, on_rollback=None,
+                 path: Path | None = None, connect: Callable[[], sqlite3.Connection] | None = None):
         self.conn = conn
+        self.connect = connect
         self.lock = lock
         self.on_rollback = on_rollback
         self.path = path
@@ -717,6 +722,8 @@ class _transaction:
         if not self.lock.acquire(timeout=BUSY_TIMEOUT):  # another thread waited out the lock before us
             raise self._error(sqlite3.OperationalError("database is locked"))
         try:
+            if self.connect is not None:
+                self.conn = self.connect()
             # what is left of the wait, not a whole busy timeout more after the queue for the lock
             left = BUSY_TIMEOUT - (time.monotonic() - started)
             self.conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
@@ -726,6 +733,7 @@ class _transaction:
             if isinstance(exc, sqlite3.Error):
                 raise self._error(exc) from None
             raise
+        return self.conn
 
     def __exit__(self, exc_type, exc, tb):
         try:

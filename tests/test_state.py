@@ -307,6 +307,44 @@ def test_closing_a_store_closes_the_connections_of_every_thread_that_used_it(tmp
         gc.enable()
 
 
+def test_an_ack_the_store_s_close_comes_just_before_deletes_its_batch_all_the_same(tmp_path):
+    """`run` closes the old engine's store at a reconfiguration while the ack reader deletes that
+    engine's acknowledged batches. The ack took its thread's connection, then queued for the write
+    lock; the close got the lock first and closed that connection: "Cannot operate on a closed
+    database", the batch left in the outbox and sent again by the next process though
+    acknowledged and drained (the soak, seed 2611: 24 moderations events)."""
+    store = StateStore(tmp_path / "state")
+    batch = store.commit_events("moderations", b'{"_id":"a"}\n', 1, {"k": "v"})
+    lock = store._write_lock
+
+    class CloseFirst:
+        """The write lock, with the store's close getting it just before the ack does."""
+        armed = True
+
+        def acquire(self, *args, **kwargs):
+            if CloseFirst.armed:
+                CloseFirst.armed = False
+                store.close()
+            return lock.acquire(*args, **kwargs)
+
+        def release(self):
+            lock.release()
+
+        def __enter__(self):
+            self.acquire()
+
+        def __exit__(self, *exc):
+            self.release()
+
+    store._write_lock = CloseFirst()
+    store.ack(batch)
+    assert not CloseFirst.armed, "the close must have come between"
+    assert _open_files_under(tmp_path) == []
+    again = StateStore(tmp_path / "state")
+    assert again.pending_count() == 0
+    again.close()
+
+
 def test_a_state_file_cut_to_0_bytes_is_refused_in_one_line_not_taken_for_a_new_one(tmp_path):
     """sqlite takes an empty file for a new database: after a bad restore the collector started
     afresh without a word, its outbox gone, and re-emitted revision 0 of buckets already emitted
