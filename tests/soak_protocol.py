@@ -9,7 +9,8 @@ moment of a replacement, faults and latency, SIGKILL and a restart on the same s
 stops with acks withheld. At the end every stream runs until it settles, and the check is:
 
 - what the supervisor acknowledged, de-duplicated by id as Elasticsearch would, sums to the
-  simulator's final truth for every usage stream, costs and audit;
+  simulator's final truth for every usage stream, costs and audit; vector_stores, a level, bucket
+  by bucket at whatever width each was read (the buckets tiling the compared range once);
 - no id acknowledged in a life that ended drained (graceful stop, every ack in) is sent again;
 - the process's threads, open files and RSS come back to where they were after a burst of
   replacements (with requests hung at some of them) once the hung requests ended;
@@ -18,6 +19,7 @@ stops with acks withheld. At the end every stream runs until it settles, and the
     python tests/soak_protocol.py [--seed 1] [--hours 26] [--speed 600] [--widths 1m,1h,1d]
 
 Exit status 0 when every check holds; the findings otherwise (and always a summary) on stdout.
+With `--workdir`, what was acknowledged and each life's stderr are kept there.
 `tests/test_protocol.py` runs a short one (`slow`).
 """
 from __future__ import annotations
@@ -241,6 +243,9 @@ class Soak:
 
     def check_stderr(self, sup: SoakSupervisor) -> None:
         text = sup.stderr_text()
+        if self.args.workdir:  # kept for a look at a finding
+            with open(os.path.join(self.args.workdir, f"life-{sup.life}.stderr"), "w") as fh:
+                fh.write(text)
         if "Traceback" in text:
             i = text.index("Traceback")
             self.findings.append(f"life {sup.life}: traceback on stderr: {text[i:i + 1500]}")
@@ -434,9 +439,8 @@ class Soak:
                     self.notes[f"{spec.name} never ran"] += 1
                     continue
                 origin = min(c.origin for c in cursors.values())
-                if spec.name == "vector_stores" and set(cursors) != {"1m"}:
-                    # a level: an hour's or a day's bucket is its highest minute, not their sum
-                    self.notes["vector_stores not compared: read at widths other than 1m"] += 1
+                if spec.name == "vector_stores":
+                    self.compare_levels(docs, spec, origin, end, sorted(cursors))
                     continue
                 got = stored_totals(docs, spec.name, origin, end)
                 want = truth_totals(self.sim, spec.name, origin, end)
@@ -488,6 +492,47 @@ class Soak:
         if self.redelivered_after_drain:
             self.findings.append(f"events acknowledged before a drained stop sent again by a later process: "
                                  f"{dict(self.redelivered_after_drain)}")
+
+    def compare_levels(self, docs: list[dict], spec, origin: int, end: int, widths: list[str]) -> None:
+        """vector_stores is a level, not a flow (the seed's `usage_bytes`, "vector stores usage in
+        bytes"; the simulator's hour or day bucket is the highest level of its minutes): a sum over
+        buckets of mixed widths means nothing, so every API bucket is compared on its own. The
+        documents of one bucket (start, end, project; corrections add up, as the panel sums them)
+        give that bucket's level at its width, and the buckets, whatever their widths, tile
+        [origin, end) once: none missing, none read at two widths."""
+        from datetime import datetime
+
+        def ts(text: str) -> int:
+            return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+
+        got: dict[tuple[int, int], dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
+        for d in docs:
+            if d["data_stream"]["dataset"] != spec.dataset:
+                continue
+            base = d["openai"]["base"]
+            s, e = ts(base["start_time"]), ts(base["end_time"])
+            if origin <= s and e <= end:
+                key = tuple(base.get(g) for g in spec.group_by)
+                got[(s, e)][key] += d["openai"].get("vector_stores", {}).get("usage_bytes") or 0
+        names = {60: "1m", HOUR: "1h", DAY: "1d"}
+        wrong, gaps, at = [], [], origin
+        for s, e in sorted(got):
+            if s != at:
+                gaps.append((at, s))
+            at = max(at, e)
+            want = {k: v["usage_bytes"] for k, v in
+                    self.sim.truth(spec.name, s, e, names.get(e - s, "?"), spec.group_by).items() if v["usage_bytes"]}
+            have = {k: v for k, v in got[(s, e)].items() if v}
+            if have != want:
+                wrong.append((s, names.get(e - s), have, want))
+        if at != end:
+            gaps.append((at, end))
+        if wrong or gaps or not got:
+            self.findings.append(f"vector_stores [{origin}, {end}) widths {widths}: {len(wrong)} of {len(got)} buckets "
+                                 f"differ from the level, e.g. {wrong[:1]}; {len(gaps)} gaps or overlaps, e.g. "
+                                 f"{gaps[:2]}")
+        by_width = Counter(names.get(e - s) for s, e in got)
+        self.notes[f"compared vector_stores levels: {dict(sorted(by_width.items()))} buckets"] += 1
 
     def replacement_burst(self, sup: SoakSupervisor, streams: list[str]) -> None:
         """The same config replaced `--burst` times, a request hung at every third replacement:
