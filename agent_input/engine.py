@@ -419,6 +419,10 @@ class UsageCollector(PollingCollector):
             w = self.width_s
             reached = max(c.position for c in in_use.values()) if in_use else mine.retired_at
             start = -(-reached // w) * w  # the first boundary of this width at or after it
+            if mine is not None and mine.origin < start:
+                # this width's cursor starts again at `start`: where the state's collection of the
+                # stream began, if it was this width's origin, would be gone with it (`_tell_origin`)
+                self._keep_collected_from(mine.origin)
             changed = {width: replace(c, retired_at=start) for width, c in in_use.items()}
             changed[self.width] = Cursor(start, start, start)
             self.store.put_cursors(self.name, changed)
@@ -474,12 +478,22 @@ class UsageCollector(PollingCollector):
             end = min(end, cur.retired_at)
         return cur, resume, end, final_before
 
+    def _collected_from_key(self) -> str:
+        return f"{self.name}:collected_from"
+
+    def _keep_collected_from(self, origin: int) -> None:
+        kept = self.store.get(self._collected_from_key())
+        if kept is None or origin < int(kept):
+            self.store.put_kv(self._collected_from_key(), str(origin))
+
     def _tell_origin(self, now: float) -> None:
         """`initial_interval` only sets where a stream's first poll starts: raised later, with
         state in place, it reaches before what was ever collected and nothing is read there.
-        Said once (per process), not silently ignored."""
+        Said once (per process), not silently ignored. The collection began at the earliest
+        origin of its widths' cursors, or of a width's cursor started again since (kept then)."""
         self._told_origin = True
-        first = min(c.origin for c in self.store.cursors(self.name).values())
+        kept = self.store.get(self._collected_from_key())
+        first = min([c.origin for c in self.store.cursors(self.name).values()] + ([int(kept)] if kept else []))
         asked = _floor(now - self.config.initial_interval, self.width_s)
         if asked < _floor(first, self.width_s):  # (a wider width's flooring alone reaches back by nothing asked)
             log.warning("%s: initial_interval reaches back to %s, but the state directory collected this stream "

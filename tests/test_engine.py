@@ -1403,6 +1403,22 @@ def test_a_changed_bucket_width_is_not_taken_for_a_raised_initial_interval(tmp_p
     _minutes_delivered_through(tmp_path, plan, 1, day, day + 86400)
     assert not [r for r in caplog.records if "initial_interval" in r.getMessage()]
 
+def test_back_to_a_finished_width_is_not_taken_for_a_raised_initial_interval(tmp_path, caplog):
+    """1m from 06:05 (a first run at 10:05, initial_interval 4h), 1h from 10:15 (1m goes on to
+    11:00), back to 1m at 14:10 once 1m is final and 1h has read up to 14:00: 1m starts again at
+    14:00, its cursor's origin with it, and the state's collection was taken to begin at 1h's
+    11:00. initial_interval, never changed, asked from 10:10: a WARNING at every start that
+    nothing before 11:00 is collected, though 06:05-11:00 was (tests/soak_protocol.py, 1d with a
+    2d initial_interval, 1h, 1d again: "collected this stream from" two days late)."""
+    day = ts("2026-11-23T00:00:00")
+    plan = [(day + 10 * 3600 + 300, "1m"), (day + 10 * 3600 + 900, "1h"), (day + 12 * 3600 + 300, "1h"),
+            (day + 14 * 3600 + 600, "1m"), (day + 14 * 3600 + 900, "1m")]
+    lo, hi = day + 6 * 3600 + 300, day + 14 * 3600
+    with caplog.at_level(logging.WARNING, logger="agent_input"):
+        assert _minutes_delivered_through(tmp_path, plan, 1, lo, hi) == (hi - lo) // 60
+    assert not [r.getMessage() for r in caplog.records if "initial_interval" in r.getMessage()]
+
+
 @pytest.mark.parametrize("width, origin", [("1h", "2026-11-23T08:00:00"), ("1m", "2026-11-23T08:30:00"),
                                            ("1d", "2026-11-23T00:00:00")])
 def test_widths_never_read_from_are_one_first_run_at_the_width_now_set(tmp_path, caplog, width, origin):
