@@ -16,7 +16,7 @@ stops with acks withheld. At the end every stream runs until it settles, and the
   replacements (with requests hung at some of them) once the hung requests ended;
 - every stop ends within `--ack-timeout` and a margin; nothing but JSON lines on stderr, no traceback.
 
-    python tests/soak_protocol.py [--seed 1] [--hours 26] [--speed 600] [--widths 1m,1h,1d]
+    python tests/soak_protocol.py [--seed 1] [--hours 26] [--speed 600] [--widths 1m,1h,1d] [--graces 0,5m,30m]
 
 Exit status 0 when every check holds; the findings otherwise (and always a summary) on stdout.
 With `--workdir`, what was acknowledged and each life's stderr are kept there.
@@ -169,6 +169,7 @@ class Soak:
         self.url = self.sim.start()
         self.state = os.path.join(workdir, "state")
         self.widths = args.widths.split(",")
+        self.graces = [g for g in args.graces.split(",") if g]
         self.persisted: list[dict] = []
         self.findings: list[str] = []
         self.notes: Counter = Counter()
@@ -199,6 +200,11 @@ class Soak:
             window = self.rng.choice((None, "3h", "5h"))
             if window:
                 cfg["revision_window"] = window
+            grace = self.rng.choice(self.graces) if STREAMS_BY_NAME[name].has_grace and self.graces else None
+            if grace:
+                cfg["finalization_grace"] = grace
+                if width == "1d":  # a first window of a whole day after the grace
+                    cfg["initial_interval"] = "2d"
         elif name == "costs":
             cfg = {"interval": "1s", "initial_interval": "5d"}
         elif name == "audit":
@@ -599,6 +605,7 @@ def parse(argv=None):
     p.add_argument("--hours", type=float, default=26, help="simulated hours of lives before the final phase")
     p.add_argument("--speed", type=float, default=600, help="simulated seconds per wall second")
     p.add_argument("--widths", default="1m,1h,1d", help="the bucket widths a config may pick")
+    p.add_argument("--graces", default="", help="the finalization graces a config may pick (0 or none: no grace)")
     p.add_argument("--settle", type=float, default=5, help="simulated hours of the final phase")
     p.add_argument("--hang", type=float, default=20, help="wall seconds a hung request hangs")
     p.add_argument("--burst", type=int, default=20, help="replacements of one config in the final phase")
