@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 from . import memory
+from .config import format_duration
 from .ecs import iso_timestamp, mapper, ndjson_line, to_ndjson_line
 from .http_client import AuthenticationError, PermissionDeniedError, StoppedError
 from .org_guard import OrganizationGuard, OrganizationMismatch, OrganizationUnverified
@@ -247,6 +248,10 @@ def _pages_left(start: int, end: int, reached: int, pages: int) -> float:
     return (end - reached) * (pages - 1) / (reached - start)
 
 
+# A local clock this far ahead of or behind OpenAI's (its `Date`) is said (`_final_by_api`).
+CLOCK_WARNING = 300
+
+
 def _floor(ts: float, width: int) -> int:
     return int(math.floor(ts / width)) * width
 
@@ -346,6 +351,7 @@ class UsageCollector(PollingCollector):
         self._extra_dims = tuple(d for d in spec.dimensions if d not in spec.group_by)
         self._left: list[UsageCollector] | None = None  # widths this stream left, until final
         self._waiting = False  # back to a width still being finished: the change waits for it
+        self._told_clock = False  # the warning that this host's clock is far from OpenAI's
         self._told_origin = False  # the warning that initial_interval reaches before the state's start
         self._unrecorded: Cursor | None = None  # the first poll's start, while no cursor is stored
         # a first poll's start whose writes the organization check held (nothing may be stored):
@@ -486,6 +492,25 @@ class UsageCollector(PollingCollector):
         if kept is None or origin < int(kept):
             self.store.put_kv(self._collected_from_key(), str(origin))
 
+    def _final_by_api(self, final_before: int) -> int:
+        """`final_before` by OpenAI's clock (the `Date` of its last answer) too: on a host whose
+        clock runs ahead of OpenAI's, a bucket the local clock took as past the revision window was
+        still revisable for OpenAI (by a day: the bucket in progress itself), emitted once and its
+        late revisions never read (6 hours ahead: 11% of a day's tokens lost). A lead or lag of
+        more than `CLOCK_WARNING` is said once."""
+        served = getattr(self.client, "server_date", None)
+        if type(served) is not int:
+            return final_before
+        lead = self.clock() - served
+        if abs(lead) > CLOCK_WARNING and not self._told_clock:
+            self._told_clock = True
+            log.warning("%s: this host's clock is %s %s OpenAI's (the Date of its answers): %s; keep the clock "
+                        "synchronized (NTP)", self.name, format_duration(int(abs(lead))),
+                        "ahead of" if lead > 0 else "behind",
+                        "buckets are re-read until final by OpenAI's clock, and the finalization grace is that "
+                        "much shorter" if lead > 0 else "the latest buckets are collected that much later")
+        return min(final_before, _floor(served - self.revision_window, self.width_s))
+
     def _tell_origin(self, now: float) -> None:
         """`initial_interval` only sets where a stream's first poll starts: raised later, with
         state in place, it reaches before what was ever collected and nothing is read there.
@@ -585,6 +610,7 @@ class UsageCollector(PollingCollector):
                 raw, guessed = pages.take()
                 stats.requests += 1
                 stats.pages += 1
+                final_before = self._final_by_api(final_before)
                 if self.names is not None:
                     self.names.ready()  # the first load is waited for here (not in the gate); a refresh runs apart
                 # parse, compare, map: at most PAGE_WORKERS pages at once, the longest chain first

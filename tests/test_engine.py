@@ -13,6 +13,8 @@ from agent_input.engine import BadPage, Delivery, UsageCollector
 from agent_input.outputs import NdjsonOutput
 from agent_input.streams import STREAMS_BY_NAME
 
+from conftest import dedupe
+
 import io
 import os
 import time
@@ -2052,3 +2054,66 @@ def test_a_counter_with_a_fraction_is_a_bad_bucket_and_a_whole_float_its_integer
     from agent_input.engine import checked_counters
     cost = {"object": "organization.costs.result", "amount": {"value": 0.25, "currency": "usd"}, "quantity": 1.5}
     assert checked_counters(STREAMS_BY_NAME["costs"], cost) == {"amount.value": 0.25, "quantity": 1.5}
+
+
+class SkewedApi(FakeApi):
+    """Buckets up to OpenAI's own `now` (the one in progress included, as the real API does), and
+    that time in `server_date`, as the client keeps it from the `Date` header."""
+
+    def __init__(self, now: int):
+        super().__init__()
+        self.now = now
+
+    @property
+    def server_date(self) -> int:
+        return self.now
+
+    def get_json(self, path, params):
+        end = min(params["end_time"], self.now // self.width * self.width + self.width)
+        if end <= int(params.get("page") or params["start_time"]):
+            return {"object": "page", "data": [], "has_more": False, "next_page": None}
+        return super().get_json(path, {**params, "end_time": end})
+
+
+@pytest.mark.parametrize("lead", [2 * 3600, 6 * 3600, 86400])
+def test_a_host_clock_ahead_of_openai_s_takes_no_bucket_as_final_before_openai_does(harness, caplog, lead):
+    """The revision window is OpenAI's: 6 hours ahead (3h window), the local clock took the
+    minutes OpenAI had just served, the one in progress among them, as final, emitted once and
+    never read again; their late revisions were lost."""
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, effective_revision_window=3 * 3600, initial_interval=2 * 86400)
+    skew = [lead]
+    h.collector.clock = lambda: api.now + skew[0]
+    x = ts("2026-11-23T09:59:00")
+    api.data[x] = [result(5)]
+    api.data[x + 60] = [result(2)]  # in progress
+    with caplog.at_level(logging.WARNING, logger="agent_input.engine"):
+        h.collector.poll(api.now + lead)
+    api.now += 1800  # both revised by OpenAI within its revision window
+    api.data[x] = [result(8)]
+    api.data[x + 60] = [result(9)]
+    h.collector.poll(api.now + lead)
+    api.now += 4 * 3600  # the clocks agree again, past the revision window
+    skew[0] = 0
+    h.collector.poll(api.now)
+    by_bucket: dict = {}
+    for d in dedupe(docs(h.out)):
+        start = d["openai"]["base"]["start_time"]
+        by_bucket[start] = by_bucket.get(start, 0) + d["openai"]["completions"]["input_tokens"]
+    assert by_bucket == {iso_timestamp(x): 8, iso_timestamp(x + 60): 9}
+    assert h.store.cursor("completions", "1m").settled >= x + 120
+    said = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+    assert len(said) == 1 and "ahead of OpenAI's" in said[0] and "NTP" in said[0]
+
+
+def test_a_host_clock_within_minutes_of_openai_s_is_not_warned_about(harness, caplog):
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api)
+    skew = [60]
+    h.collector.clock = lambda: api.now + skew[0]
+    api.data[ts("2026-11-23T09:59:00")] = [result(5)]
+    with caplog.at_level(logging.WARNING, logger="agent_input.engine"):
+        h.collector.poll(api.now + 60)
+        skew[0] = -60
+        h.collector.poll(api.now - 60)
+    assert not [r for r in caplog.records if "clock" in r.getMessage()]
