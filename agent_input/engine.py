@@ -578,12 +578,17 @@ class UsageCollector(PollingCollector):
         return (cur.position == cur.origin == cur.settled
                 and self.store.first_observation(self.name, width) is None)
 
-    def _poll(self, now: float, stats: PollStats) -> PollStats:
+    def _poll(self, now: float, stats: PollStats, *, again: bool = True) -> PollStats:
         for left in self._widths_left(now):
             stats.add(left.poll(now))
         cur, resume, end, final_before = self.window(now)
         if resume >= end:
             return stats
+        # a first run's start is `initial_interval` before OpenAI's time, not only this host's:
+        # ahead by more than initial_interval, it lay in OpenAI's future, and what OpenAI recorded
+        # until it got there was never read (by a day, 3h asked: 21 hours of usage lost)
+        first_run = again and self._unrecorded is not None and cur is self._unrecorded
+        restart: int | None = None
         created = iso_timestamp(self.clock())
         seen = self.store.observations(self.name, self.width, resume, end)
         params: dict[str, Any] = {
@@ -611,6 +616,12 @@ class UsageCollector(PollingCollector):
                 stats.requests += 1
                 stats.pages += 1
                 final_before = self._final_by_api(final_before)
+                served = getattr(self.client, "server_date", None)
+                if first_run and type(served) is int and served < now and _floor(
+                        served - self.config.initial_interval, self.width_s) < resume:
+                    restart = served  # nothing of this listing is used: asked again from OpenAI's time
+                    break
+                first_run = False  # (only its first page is looked at)
                 if self.names is not None:
                     self.names.ready()  # the first load is waited for here (not in the gate); a refresh runs apart
                 # parse, compare, map: at most PAGE_WORKERS pages at once, the longest chain first
@@ -719,6 +730,8 @@ class UsageCollector(PollingCollector):
                     self.progress.update(self.name, contiguous - resume, end - resume, contiguous)
                 if not more or self.stop.is_set():
                     break  # when stopped mid-way, the carried bucket is re-read next poll
+        if restart is not None and not self.stop.is_set():
+            return self._poll(restart, stats, again=False)
         return stats
 
     def _page(self, body: Mapping) -> tuple[list, bool, str | None]:

@@ -2117,3 +2117,24 @@ def test_a_host_clock_within_minutes_of_openai_s_is_not_warned_about(harness, ca
         skew[0] = -60
         h.collector.poll(api.now - 60)
     assert not [r for r in caplog.records if "clock" in r.getMessage()]
+
+
+@pytest.mark.parametrize("lead", [2 * 3600, 86400])
+def test_a_first_run_on_a_host_clock_ahead_of_openai_s_starts_initial_interval_before_openai_s_time(harness, lead):
+    """A day ahead with a 3h initial_interval, the first run started 21 hours in OpenAI's future:
+    nothing there to read, and what OpenAI recorded until it reached that start was never read."""
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, initial_interval=3 * 3600)
+    skew = [lead]
+    h.collector.clock = lambda: api.now + skew[0]
+    early, late = ts("2026-11-23T07:30:00"), ts("2026-11-23T11:00:00")
+    api.data[early] = [result(5)]
+    api.data[late] = [result(7)]  # recorded after the first run, before OpenAI reaches its old start
+    h.collector.poll(api.now + lead)
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
+    api.now += 4 * 3600  # the clocks agree again
+    skew[0] = 0
+    h.collector.poll(api.now)
+    by_bucket = {d["openai"]["base"]["start_time"]: d["openai"]["completions"]["input_tokens"]
+                 for d in dedupe(docs(h.out))}
+    assert by_bucket == {iso_timestamp(early): 5, iso_timestamp(late): 7}
