@@ -297,10 +297,17 @@ class NameCache:
                 self._next_refresh = due
 
     # -- refresh -------------------------------------------------------------------------------
+    def _due(self, now: float) -> bool:
+        """A refresh is due at `now`: its time has come, or the clock went back behind the last
+        listing (stepped back, NTP), which waiting for the due time again held for as long as the
+        step: a day back, the names of that day's new projects, keys and users were left out."""
+        due, listed = self._next_refresh, self._listed_at
+        return due is not None and (now >= due or (listed is not None and now < listed))
+
     def ensure_fresh(self) -> None:
         now = self.clock()
         due = self._next_refresh
-        if due is not None and now < due:
+        if due is not None and not self._due(now):
             return
         if due is None:
             # First load: one thread runs it (warm_up's, or the first caller); enrich waits for
@@ -320,7 +327,7 @@ class NameCache:
             return
         started = False
         try:
-            if self._next_refresh is not None and self.clock() >= self._next_refresh:
+            if self._due(self.clock()):
                 thread = threading.Thread(target=self._refresh_in_background, name="names-refresh",
                                           daemon=True)
                 self._refreshing = thread

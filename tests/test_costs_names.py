@@ -1426,3 +1426,21 @@ def test_a_listing_that_hangs_does_not_hold_the_process_exit_after_close(simulat
     assert done.stdout == "closed\n", done.stderr
     assert rule.to_dict()["fired"] == 1, "the users listing was not asked (or asked again)"
     assert time.monotonic() - started < 6.0, "the exit waited for the listing that hung"
+
+
+def test_a_clock_stepped_back_behind_the_last_listing_does_not_hold_the_next_refresh():
+    """NTP steps the clock back a day: the next refresh waited for the clock to reach its due
+    time again, and that day's new projects (keys, users) were stored without names."""
+    api = _EarlyApi()
+    now = [100000.0]
+    cache = _early_cache(api, now)
+    cache.ensure_fresh()
+    now[0] -= 86400
+    api.projects["proj-new"] = "new"
+    now[0] += 3600  # refresh_interval later, on the stepped clock
+    cache.ensure_fresh()
+    if cache._refreshing is not None:
+        cache._refreshing.join(10)
+    assert cache.refreshes == 2 and cache._projects.get("proj-new") == "new"
+    cache.ensure_fresh()  # due again refresh_interval after that listing, not at once
+    assert cache.refreshes == 2 and cache._next_refresh == now[0] + 3600
