@@ -492,14 +492,24 @@ class UsageCollector(PollingCollector):
         if kept is None or origin < int(kept):
             self.store.put_kv(self._collected_from_key(), str(origin))
 
-    def _final_by_api(self, final_before: int) -> int:
+    def _api_time(self, served_from: int | None) -> int | None:
+        """OpenAI's time, the `Date` of its last answer; None without one, or with one behind a
+        bucket OpenAI has served (starting at `served_from`): it serves none after its own time,
+        so that Date is not its clock (a proxy's), and taken as one it kept every bucket since
+        revisable, or a first run's start that far back."""
+        served = getattr(self.client, "server_date", None)
+        if type(served) is not int or (served_from is not None and served < served_from):
+            return None
+        return served
+
+    def _final_by_api(self, final_before: int, position: int) -> int:
         """`final_before` by OpenAI's clock (the `Date` of its last answer) too: on a host whose
         clock runs ahead of OpenAI's, a bucket the local clock took as past the revision window was
         still revisable for OpenAI (by a day: the bucket in progress itself), emitted once and its
         late revisions never read (6 hours ahead: 11% of a day's tokens lost). A lead or lag of
         more than `CLOCK_WARNING` is said once."""
-        served = getattr(self.client, "server_date", None)
-        if type(served) is not int:
+        served = self._api_time(position - self.width_s)
+        if served is None:
             return final_before
         lead = self.clock() - served
         if abs(lead) > CLOCK_WARNING and not self._told_clock:
@@ -615,13 +625,7 @@ class UsageCollector(PollingCollector):
                 raw, guessed = pages.take()
                 stats.requests += 1
                 stats.pages += 1
-                final_before = self._final_by_api(final_before)
-                served = getattr(self.client, "server_date", None)
-                if first_run and type(served) is int and served < now and _floor(
-                        served - self.config.initial_interval, self.width_s) < resume:
-                    restart = served  # nothing of this listing is used: asked again from OpenAI's time
-                    break
-                first_run = False  # (only its first page is looked at)
+                final_before = self._final_by_api(final_before, position)
                 if self.names is not None:
                     self.names.ready()  # the first load is waited for here (not in the gate); a refresh runs apart
                 # parse, compare, map: at most PAGE_WORKERS pages at once, the longest chain first
@@ -629,6 +633,15 @@ class UsageCollector(PollingCollector):
                     body = pages.parse(raw)
                     raw = None
                     buckets, has_more, page_token = self._page(body)
+                    if first_run:  # (only its first page is looked at)
+                        first_run = False
+                        served = self._api_time(max((_as_int(b.get("start_time")) for b in buckets
+                                                     if isinstance(b, Mapping) and _is_int(_as_int(b.get("start_time")))),
+                                                    default=None))
+                        if served is not None and served < now and _floor(
+                                served - self.config.initial_interval, self.width_s) < resume:
+                            restart = served  # nothing of this listing is used: asked again from OpenAI's time
+                            break
                     cut_short = has_more and not page_token
                     if cut_short:
                         # the rest of the listing cannot be asked for: this page's whole buckets

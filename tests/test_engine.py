@@ -2138,3 +2138,27 @@ def test_a_first_run_on_a_host_clock_ahead_of_openai_s_starts_initial_interval_b
     by_bucket = {d["openai"]["base"]["start_time"]: d["openai"]["completions"]["input_tokens"]
                  for d in dedupe(docs(h.out))}
     assert by_bucket == {iso_timestamp(early): 5, iso_timestamp(late): 7}
+
+
+def test_a_date_behind_buckets_openai_served_is_not_taken_as_openai_s_clock(harness, caplog):
+    """OpenAI serves no bucket after its own time: a Date a year behind the buckets served (a
+    proxy's clock) would have started a first run a year back, and kept every bucket since
+    revisable, re-read at every poll."""
+
+    class StaleDate(SkewedApi):
+        server_date = ts("2025-11-23T10:00:00")
+
+    api = StaleDate(ts("2026-11-23T10:00:30"))
+    h = harness(api, initial_interval=3 * 3600, effective_revision_window=3 * 3600)
+    h.collector.clock = lambda: api.now
+    api.data[ts("2026-11-23T09:00:00")] = [result(5)]
+    with caplog.at_level(logging.WARNING, logger="agent_input.engine"):
+        h.collector.poll(api.now)
+        api.now += 4 * 3600
+        h.collector.poll(api.now)
+    cur = h.store.cursor("completions", "1m")
+    assert cur.origin == ts("2026-11-23T07:00:00") and cur.settled == ts("2026-11-23T11:00:00")
+    api.now += 300
+    h.collector.poll(api.now)
+    assert api.calls[-1]["start_time"] == ts("2026-11-23T11:00:00")  # not from 07:00 again
+    assert not [r for r in caplog.records if "clock" in r.getMessage()]
