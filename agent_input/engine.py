@@ -597,7 +597,8 @@ class UsageCollector(PollingCollector):
         # a first run's start is `initial_interval` before OpenAI's time, not only this host's:
         # ahead by more than initial_interval, it lay in OpenAI's future, and what OpenAI recorded
         # until it got there was never read (by a day, 3h asked: 21 hours of usage lost)
-        first_run = again and self._unrecorded is not None and cur is self._unrecorded
+        # (or a start a failed first run kept, `_keep_origin`, nothing read since)
+        first_run = again and cur.retired_at is None and cur.position == cur.origin == cur.settled
         restart: int | None = None
         created = iso_timestamp(self.clock())
         seen = self.store.observations(self.name, self.width, resume, end)
@@ -639,7 +640,8 @@ class UsageCollector(PollingCollector):
                                                      if isinstance(b, Mapping) and _is_int(_as_int(b.get("start_time")))),
                                                     default=None))
                         if served is not None and served < now and _floor(
-                                served - self.config.initial_interval, self.width_s) < resume:
+                                served - self.config.initial_interval, self.width_s) < resume and (
+                                cur is self._unrecorded or self._never_read(cur)):
                             restart = served  # nothing of this listing is used: asked again from OpenAI's time
                             break
                     cut_short = has_more and not page_token

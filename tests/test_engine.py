@@ -2071,7 +2071,7 @@ class SkewedApi(FakeApi):
     def get_json(self, path, params):
         end = min(params["end_time"], self.now // self.width * self.width + self.width)
         if end <= int(params.get("page") or params["start_time"]):
-            return {"object": "page", "data": [], "has_more": False, "next_page": None}
+            return super().get_json(path, {**params, "end_time": int(params.get("page") or params["start_time"])})
         return super().get_json(path, {**params, "end_time": end})
 
 
@@ -2162,3 +2162,19 @@ def test_a_date_behind_buckets_openai_served_is_not_taken_as_openai_s_clock(harn
     h.collector.poll(api.now)
     assert api.calls[-1]["start_time"] == ts("2026-11-23T11:00:00")  # not from 07:00 again
     assert not [r for r in caplog.records if "clock" in r.getMessage()]
+
+
+def test_a_first_run_that_failed_on_a_host_clock_ahead_of_openai_s_keeps_no_start_in_openai_s_future(harness):
+    """The start a failed first run keeps (`_keep_origin`) was taken on the local clock, a day
+    ahead: the next run went on from there, in OpenAI's future, and lost what came before it."""
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, initial_interval=3 * 3600)
+    h.collector.clock = lambda: api.now + 86400
+    early = ts("2026-11-23T07:30:00")
+    api.data[early] = [result(5)]
+    api.fail_on = (1, ConnectionError("OpenAI down"))
+    with pytest.raises(ConnectionError):
+        h.collector.poll(api.now + 86400)  # no answer, so no Date: the start is the local clock's
+    h.collector.poll(api.now + 86400)
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
