@@ -639,8 +639,12 @@ class UsageCollector(PollingCollector):
                         served = self._api_time(max((_as_int(b.get("start_time")) for b in buckets
                                                      if isinstance(b, Mapping) and _is_int(_as_int(b.get("start_time")))),
                                                     default=None))
-                        if served is not None and served < now and _floor(
-                                served - self.config.initial_interval, self.width_s) < resume and (
+                        # the start past OpenAI's time, or a lead over CLOCK_WARNING: a clock a
+                        # second ahead across a boundary alone (a Date has whole seconds) does not
+                        # throw a backfill's first pages away
+                        if served is not None and served < now and (
+                                resume > served or resume - _floor(served - self.config.initial_interval,
+                                                                   self.width_s) > CLOCK_WARNING) and (
                                 cur is self._unrecorded or self._never_read(cur)):
                             restart = served  # nothing of this listing is used: asked again from OpenAI's time
                             break

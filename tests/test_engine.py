@@ -2140,6 +2140,31 @@ def test_a_first_run_on_a_host_clock_ahead_of_openai_s_starts_initial_interval_b
     assert by_bucket == {iso_timestamp(early): 5, iso_timestamp(late): 7}
 
 
+def test_a_first_run_a_second_ahead_of_openai_s_clock_across_a_boundary_is_not_asked_again(harness):
+    """A Date has whole seconds: a host a second ahead across a minute's boundary put the start a
+    bucket after initial_interval before OpenAI's time, and the first listing (a backfill's first
+    pages) was thrown away and asked again for that one minute, which the asked range leaves
+    out by the same second on a host in step."""
+    api = SkewedApi(ts("2026-11-23T10:00:59"))
+    h = harness(api, initial_interval=3 * 3600)
+    h.collector.clock = lambda: api.now + 1
+    h.collector.poll(api.now + 1)
+    assert [c["start_time"] for c in api.calls] == [ts("2026-11-23T07:01:00")]
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:01:00")
+
+
+@pytest.mark.parametrize("lead", [90, 400])
+def test_a_first_run_whose_start_is_past_openai_s_time_or_that_far_ahead_is_asked_again(harness, lead):
+    """The start past OpenAI's time (1m asked, 90 s ahead) would never read the usage between;
+    a lead over CLOCK_WARNING is put right however short the initial_interval asked."""
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, initial_interval=60 if lead == 90 else 3 * 3600)
+    h.collector.clock = lambda: api.now + lead
+    h.collector.poll(api.now + lead)
+    starts = [c["start_time"] for c in api.calls]
+    assert len(starts) == 2 and starts[1] == _floor_to(api.now - (60 if lead == 90 else 3 * 3600), 60)
+
+
 def test_a_date_behind_buckets_openai_served_is_not_taken_as_openai_s_clock(harness, caplog):
     """OpenAI serves no bucket after its own time: a Date a year behind the buckets served (a
     proxy's clock) would have started a first run a year back, and kept every bucket since
