@@ -539,10 +539,15 @@ class StateStore:
             return observed_values_in(self._conn(), prefix, limit)
 
     def put_kv(self, key: str, value: str) -> None:
-        """One key of the state's own bookkeeping (not collected data: no `write_check`)."""
-        conn = self._conn()
-        with self._transaction(conn):
-            conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+        """One key of the state's own bookkeeping (not collected data: no `write_check`). The
+        organization check writes it from the name cache's listing thread, which a stop does not
+        wait for: like `ack`, the connection is taken once the write lock is held (a `close` in
+        between closed the one taken before), and closed again after a `close`."""
+        try:
+            with self._transaction(None, connect=self._conn) as conn:
+                conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+        finally:
+            self._release_if_closed()
 
     def _check_write(self) -> None:
         if self.write_check is not None:

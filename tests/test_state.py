@@ -345,6 +345,45 @@ def test_an_ack_the_store_s_close_comes_just_before_deletes_its_batch_all_the_sa
     again.close()
 
 
+def test_a_key_the_store_s_close_comes_just_before_is_stored_on_a_connection_of_its_own(tmp_path):
+    """The organization check records its fingerprint (`put_kv`) from the name cache's listing
+    thread, which a stop does not wait for: its write could take the thread's connection, then
+    queue for the write lock while the collection's close took the lock and closed that
+    connection ("Cannot operate on a closed database"), or used it while close() was still
+    closing it, outside the lock: a segfault in a stress of put_kv against close. Like `ack`, the
+    connection is taken once the write lock is held, and closed again after a close."""
+    store = StateStore(tmp_path / "state")
+    store.put_kv("a", "1")  # this thread has its connection
+    lock = store._write_lock
+
+    class CloseFirst:
+        """The write lock, with the store's close getting it just before the write does."""
+        armed = True
+
+        def acquire(self, *args, **kwargs):
+            if CloseFirst.armed:
+                CloseFirst.armed = False
+                store.close()
+            return lock.acquire(*args, **kwargs)
+
+        def release(self):
+            lock.release()
+
+        def __enter__(self):
+            self.acquire()
+
+        def __exit__(self, *exc):
+            self.release()
+
+    store._write_lock = CloseFirst()
+    store.put_kv("b", "2")
+    assert not CloseFirst.armed, "the close must have come between"
+    assert _open_files_under(tmp_path) == []
+    again = StateStore(tmp_path / "state")
+    assert (again.get("a"), again.get("b")) == ("1", "2")
+    again.close()
+
+
 def test_a_state_file_cut_to_0_bytes_is_refused_in_one_line_not_taken_for_a_new_one(tmp_path):
     """sqlite takes an empty file for a new database: after a bad restore the collector started
     afresh without a word, its outbox gone, and re-emitted revision 0 of buckets already emitted
