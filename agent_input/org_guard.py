@@ -162,6 +162,10 @@ class OrganizationGuard:
         # a project without a string id (the reference requires one) is no evidence either way: as
         # a set member a list or object id failed every stream's poll ("unhashable type") for good
         listed = {p["id"] for p in projects if isinstance(p.get("id"), str)}
+        if projects and not listed:
+            # all left out: nothing to decide on, which is not another organization's listing
+            self._unavailable(f"it names no project by a string id ({len(projects)} listed)")
+            return
         self.refusal = refusal_reason(self.store.directory, listed, self.recorded, self.seen)
         if self.refusal is None:
             found = fingerprint(projects) if not self.recorded else []

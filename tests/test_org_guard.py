@@ -71,6 +71,27 @@ def test_a_project_whose_id_is_not_a_string_is_left_out_of_the_check(tmp_path):
     other.store.close()
 
 
+def test_a_listing_whose_every_project_lacks_a_string_id_is_no_evidence_of_another_organization(tmp_path):
+    """Projects listed, none with a string id (the reference's `Project.id`): left out, they left
+    nothing to decide on, and the check took the key for another organization's ("none of the 3
+    recorded project(s) is among the 0 project(s) this admin key lists"), a refusal that holds
+    every stream until a restart and tells the user to give the key another --state-dir. Such a
+    listing cannot be checked: nothing is stored until a later listing can be, as for a failed one."""
+    from agent_input.org_guard import OrganizationUnverified
+
+    recorded = [p["id"] for p in _projects(3)]
+    now = [0.0]
+    guard = _guard(tmp_path, recorded, clock=lambda: now[0], retry_after=30)
+    guard.observe([{"id": {"id": recorded[0]}, "created_at": 1}, {"id": [recorded[1]]}])
+    with pytest.raises(OrganizationUnverified, match="no project"):
+        guard.wait()
+    assert guard.refusal is None
+    guard.observe([{"id": recorded[2], "created_at": 1}])  # a later listing decides
+    guard.wait()
+    assert guard.passed
+    guard.store.close()
+
+
 def test_a_refusal_is_not_lifted_by_a_later_listing(tmp_path):
     """Once another organization's key was found, the engine stops: a later listing (the check's
     own, say) does not turn it into a pass."""
