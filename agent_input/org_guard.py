@@ -364,7 +364,7 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
     if not recorded and not seen:
         return None
     try:
-        listed = {p.get("id") for p in list_projects(client)}
+        projects = list_projects(client)
     except ApiError as exc:
         if isinstance(exc, PermissionDeniedError) and started and not recorded:  # as OrganizationGuard
             return True, (f"state directory {state_dir} is not checked against this key's organization (listing "
@@ -373,6 +373,11 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
         return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
                        f"(listing the projects failed: {exc}); collect would store nothing until it can"
                        + (FORBIDDEN_HINT if isinstance(exc, PermissionDeniedError) else ""))
+    listed = {p["id"] for p in projects if isinstance(p.get("id"), str)}  # as OrganizationGuard reads it
+    if projects and not listed:
+        return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
+                       f"(the projects listing names no project by a string id: {len(projects)} listed); "
+                       "collect would store nothing until it can")
     refused = refusal_reason(state_dir, listed, recorded, seen)  # as OrganizationGuard judges it
     if refused is None:
         return True, f"state directory {state_dir} was collected for this key's organization"

@@ -92,6 +92,35 @@ def test_a_listing_whose_every_project_lacks_a_string_id_is_no_evidence_of_anoth
     guard.store.close()
 
 
+@pytest.mark.parametrize("listing, ok", [
+    ([{"id": ["proj_x"]}, {"id": {"a": 1}}, {"id": "proj_a001", "created_at": 1}], True),
+    ([{"id": ["proj_a000"]}, {"id": "proj_b000", "created_at": 1}], False),
+    ([{"id": ["proj_a000"]}, {"id": 5}], False),
+])
+def test_check_leaves_out_a_project_whose_id_is_not_a_string_as_collect_does(tmp_path, listing, ok):
+    """`openai-input check` judges the listing "as OrganizationGuard judges it", but still took
+    every id as listed: a list id failed it ("check failed: unhashable type: 'list'") where collect
+    goes on. Such projects are left out as collect leaves them out; when none is left, the key
+    cannot be checked (not another organization's)."""
+    import json
+
+    from agent_input.org_guard import check_state_dir
+
+    store = StateStore(tmp_path / "state")
+    store.put_kv(KV_PROJECTS, json.dumps([p["id"] for p in _projects(3)]))
+    store.close()
+
+    class Listing:
+        def get_json(self, path, params):
+            return {"object": "list", "data": listing, "has_more": False, "first_id": None, "last_id": None}
+
+    passed, message = check_state_dir(Listing(), tmp_path / "state")
+    assert passed is ok
+    assert ("another OpenAI organization" in message) is (listing[1].get("id") == "proj_b000"), message
+    if listing[1].get("id") == 5:
+        assert "cannot check" in message and "no project by a string id" in message, message
+
+
 def test_a_refusal_is_not_lifted_by_a_later_listing(tmp_path):
     """Once another organization's key was found, the engine stops: a later listing (the check's
     own, say) does not turn it into a pass."""
