@@ -641,10 +641,11 @@ class UsageCollector(PollingCollector):
                                                     default=None))
                         # the start past OpenAI's time, or a lead over CLOCK_WARNING: a clock a
                         # second ahead across a boundary alone (a Date has whole seconds) does not
-                        # throw a backfill's first pages away
+                        # throw a backfill's first pages away, at any width (the lead is the
+                        # clocks', not the starts': those differ by a whole bucket, an hour or a day)
                         if served is not None and served < now and (
-                                resume > served or resume - _floor(served - self.config.initial_interval,
-                                                                   self.width_s) > CLOCK_WARNING) and (
+                                resume > served or now - served > CLOCK_WARNING) and _floor(
+                                served - self.config.initial_interval, self.width_s) < resume and (
                                 cur is self._unrecorded or self._never_read(cur)):
                             restart = served  # nothing of this listing is used: asked again from OpenAI's time
                             break

@@ -2153,6 +2153,22 @@ def test_a_first_run_a_second_ahead_of_openai_s_clock_across_a_boundary_is_not_a
     assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:01:00")
 
 
+@pytest.mark.parametrize("width", ["1h", "1d"])
+def test_a_first_run_in_step_with_openai_s_clock_across_an_hour_or_day_boundary_is_not_asked_again(harness, width):
+    """The lead was judged by the two starts, which differ by a whole bucket across a boundary: at
+    1h or 1d a host less than a second ahead of a Date (whole seconds) at midnight threw its first
+    listing away and asked it again from an hour or a day further back."""
+    w = {"1h": 3600, "1d": 86400}[width]
+    midnight = ts("2026-11-23T00:00:00")
+    api = SkewedApi(midnight - 1)  # OpenAI's Date 23:59:59, this host at 00:00:00.4
+    api.width = w
+    h = harness(api, bucket_width=width, initial_interval=3 * w, effective_revision_window=w)
+    h.collector.clock = lambda: midnight + 0.4
+    h.collector.poll(midnight + 0.4)
+    assert [c["start_time"] for c in api.calls] == [midnight - 3 * w]
+    assert h.store.cursor("completions", width).origin == midnight - 3 * w
+
+
 @pytest.mark.parametrize("lead", [90, 400])
 def test_a_first_run_whose_start_is_past_openai_s_time_or_that_far_ahead_is_asked_again(harness, lead):
     """The start past OpenAI's time (1m asked, 90 s ahead) would never read the usage between;
