@@ -750,8 +750,14 @@ class UsageCollector(PollingCollector):
                     self.progress.update(self.name, contiguous - resume, end - resume, contiguous)
                 if not more or self.stop.is_set():
                     break  # when stopped mid-way, the carried bucket is re-read next poll
-        if restart is not None and not self.stop.is_set():
-            return self._poll(restart, stats, again=False)
+        if restart is not None:
+            if not self.stop.is_set():
+                return self._poll(restart, stats, again=False)
+            # stopped before asking again: nothing of the listing was stored, and the next run
+            # (hours later, perhaps) went on from its own later start; this one's is kept, by
+            # OpenAI's time, as a failed first run's (`_keep_origin`)
+            self.window(restart)
+            self._keep_origin()
         return stats
 
     def _page(self, body: Mapping) -> tuple[list, bool, str | None]:

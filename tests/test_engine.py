@@ -2219,3 +2219,32 @@ def test_a_first_run_that_failed_on_a_host_clock_ahead_of_openai_s_keeps_no_star
     h.collector.poll(api.now + 86400)
     assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
     assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
+
+
+def test_a_first_run_stopped_before_it_asked_again_from_openai_s_time_keeps_that_start(harness):
+    """A stop (SIGTERM) as the first answer of a first run a day ahead came: the listing was thrown
+    away to be asked again, nothing was stored, and the next run, 5 hours later, started from its
+    own later start, the 5 hours before it never read."""
+    import threading
+
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, initial_interval=3 * 3600)
+    h.collector.clock = lambda: api.now + 86400
+    h.collector.stop = stop = threading.Event()
+    early = ts("2026-11-23T07:30:00")
+    api.data[early] = [result(5)]
+    answer = api.get_json
+
+    def stopped_as_it_answers(path, params):
+        page = answer(path, params)
+        stop.set()
+        return page
+
+    api.get_json = stopped_as_it_answers
+    h.collector.poll(api.now + 86400)
+    assert len(api.calls) == 1
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
+    api.get_json, api.now = answer, api.now + 5 * 3600
+    h.collector.stop = threading.Event()
+    h.collector.poll(api.now + 86400)
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
