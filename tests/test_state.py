@@ -307,6 +307,34 @@ def test_closing_a_store_closes_the_connections_of_every_thread_that_used_it(tmp
         gc.enable()
 
 
+class _CloseFirst:
+    """A store's write lock, with the store's close getting it just before the next write does
+    (once): what `run`'s reconfiguration does to a write from another thread."""
+
+    def __init__(self, store: StateStore):
+        self.store, self.lock, self.armed = store, store._write_lock, True
+
+    def acquire(self, *args, **kwargs):
+        if self.armed:
+            self.armed = False
+            self.store.close()
+        return self.lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self.lock.release()
+
+    def __enter__(self):
+        self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _close_just_before_the_write_lock(store: StateStore) -> _CloseFirst:
+    store._write_lock = _CloseFirst(store)
+    return store._write_lock
+
+
 def test_an_ack_the_store_s_close_comes_just_before_deletes_its_batch_all_the_same(tmp_path):
     """`run` closes the old engine's store at a reconfiguration while the ack reader deletes that
     engine's acknowledged batches. The ack took its thread's connection, then queued for the write
@@ -315,30 +343,9 @@ def test_an_ack_the_store_s_close_comes_just_before_deletes_its_batch_all_the_sa
     acknowledged and drained (the soak, seed 2611: 24 moderations events)."""
     store = StateStore(tmp_path / "state")
     batch = store.commit_events("moderations", b'{"_id":"a"}\n', 1, {"k": "v"})
-    lock = store._write_lock
-
-    class CloseFirst:
-        """The write lock, with the store's close getting it just before the ack does."""
-        armed = True
-
-        def acquire(self, *args, **kwargs):
-            if CloseFirst.armed:
-                CloseFirst.armed = False
-                store.close()
-            return lock.acquire(*args, **kwargs)
-
-        def release(self):
-            lock.release()
-
-        def __enter__(self):
-            self.acquire()
-
-        def __exit__(self, *exc):
-            self.release()
-
-    store._write_lock = CloseFirst()
+    close_first = _close_just_before_the_write_lock(store)
     store.ack(batch)
-    assert not CloseFirst.armed, "the close must have come between"
+    assert not close_first.armed, "the close must have come between"
     assert _open_files_under(tmp_path) == []
     again = StateStore(tmp_path / "state")
     assert again.pending_count() == 0
@@ -354,30 +361,9 @@ def test_a_key_the_store_s_close_comes_just_before_is_stored_on_a_connection_of_
     connection is taken once the write lock is held, and closed again after a close."""
     store = StateStore(tmp_path / "state")
     store.put_kv("a", "1")  # this thread has its connection
-    lock = store._write_lock
-
-    class CloseFirst:
-        """The write lock, with the store's close getting it just before the write does."""
-        armed = True
-
-        def acquire(self, *args, **kwargs):
-            if CloseFirst.armed:
-                CloseFirst.armed = False
-                store.close()
-            return lock.acquire(*args, **kwargs)
-
-        def release(self):
-            lock.release()
-
-        def __enter__(self):
-            self.acquire()
-
-        def __exit__(self, *exc):
-            self.release()
-
-    store._write_lock = CloseFirst()
+    close_first = _close_just_before_the_write_lock(store)
     store.put_kv("b", "2")
-    assert not CloseFirst.armed, "the close must have come between"
+    assert not close_first.armed, "the close must have come between"
     assert _open_files_under(tmp_path) == []
     again = StateStore(tmp_path / "state")
     assert (again.get("a"), again.get("b")) == ("1", "2")
