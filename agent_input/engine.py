@@ -352,6 +352,7 @@ class UsageCollector(PollingCollector):
         self._left: list[UsageCollector] | None = None  # widths this stream left, until final
         self._waiting = False  # back to a width still being finished: the change waits for it
         self._told_clock = False  # the warning that this host's clock is far from OpenAI's
+        self._clock_teller: UsageCollector = self  # who says it: the stream's collector, for its widths left too
         self._told_origin = False  # the warning that initial_interval reaches before the state's start
         self._unrecorded: Cursor | None = None  # the first poll's start, while no cursor is stored
         # a first poll's start whose writes the organization check held (nothing may be stored):
@@ -445,6 +446,7 @@ class UsageCollector(PollingCollector):
         ]
         for collector in left:
             collector._left = []
+            collector._clock_teller = self  # the same stream: its clock WARNING is said once
         self._left, self._waiting = (None if waiting else left), waiting
         return left
 
@@ -512,8 +514,8 @@ class UsageCollector(PollingCollector):
         if served is None:
             return final_before
         lead = self.clock() - served
-        if abs(lead) > CLOCK_WARNING and not self._told_clock:
-            self._told_clock = True
+        if abs(lead) > CLOCK_WARNING and not self._clock_teller._told_clock:
+            self._clock_teller._told_clock = True
             log.warning("%s: this host's clock is %s %s OpenAI's (the Date of its answers): %s; keep the clock "
                         "synchronized (NTP)", self.name, format_duration(int(abs(lead))),
                         "ahead of" if lead > 0 else "behind",

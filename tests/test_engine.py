@@ -2106,6 +2106,26 @@ def test_a_host_clock_ahead_of_openai_s_takes_no_bucket_as_final_before_openai_d
     assert len(said) == 1 and "ahead of OpenAI's" in said[0] and "NTP" in said[0]
 
 
+def test_a_host_clock_far_from_openai_s_is_said_once_by_a_stream_that_changed_width(tmp_path, caplog):
+    """1m, then 1h from 10:10 (1m goes on to 11:00), on a host 2 hours ahead of OpenAI's Date:
+    the width left, polled inside the stream's poll, is the same stream, yet it said the WARNING
+    as well: twice for one stream."""
+
+    class Dated(WidthApi):
+        server_date = ts("2026-11-23T10:10:00")
+
+    api = Dated()
+    collector, t = _width_changes(tmp_path, api)
+    hourly = collector("1h")
+    with caplog.at_level(logging.WARNING, logger="agent_input.engine"):
+        for later in (600, 900, 1200):
+            hourly.clock = lambda later=later: t + 2 * 3600 + later
+            api.server_date = t + later
+            hourly.poll(t + 2 * 3600 + later)
+    said = [r.getMessage() for r in caplog.records if "this host's clock" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("completions: ") and "2h ahead of" in said[0], said
+
+
 def test_a_host_clock_within_minutes_of_openai_s_is_not_warned_about(harness, caplog):
     api = SkewedApi(ts("2026-11-23T10:00:30"))
     h = harness(api)
