@@ -201,7 +201,10 @@ class Soak:
             if window:
                 cfg["revision_window"] = window
             grace = self.rng.choice(self.graces) if STREAMS_BY_NAME[name].has_grace and self.graces else None
-            if grace:
+            if grace in ("0", "none"):  # (the string "0" is no duration the config loader takes: an int is)
+                if grace == "0":
+                    cfg["finalization_grace"] = 0
+            elif grace:
                 cfg["finalization_grace"] = grace
                 if width == "1d":  # a first window of a whole day after the grace
                     cfg["initial_interval"] = "2d"

@@ -1194,3 +1194,26 @@ def test_a_soak_of_replacements_faults_acks_and_kills_gives_truth_and_stays_boun
                                "--settle", "4", "--hang", "4", "--burst", "6", "--workdir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
+
+
+@pytest.mark.parametrize("grace", ["0", "none", "5m"])
+def test_the_soak_s_graces_give_configs_run_takes(grace):
+    """`--graces 0` (its help: "0 or none: no grace") put the string '0' in the config, which is no
+    duration the loader takes: every config that picked it was rejected, and the soak's streams
+    ran on the config before (found by `--graces 0,5m,30m`)."""
+    import random
+
+    import soak_protocol
+
+    from agent_input.config import config_from_dict
+
+    soak = object.__new__(soak_protocol.Soak)
+    soak.rng, soak.widths, soak.graces, soak.last = random.Random(1), ["1m", "1h", "1d"], [grace], {}
+    soak.first_enabled, soak.clock, soak.url = {}, lambda: soak_protocol.START, "http://127.0.0.1:1"
+    for _ in range(5):
+        cfg = soak.config()
+        config = config_from_dict(cfg, env={})
+        graces = {s.finalization_grace for s in config.enabled_streams()
+                  if s.name in soak_protocol.USAGE and soak_protocol.STREAMS_BY_NAME[s.name].has_grace}
+        assert graces <= ({300} if grace == "5m" else {0})
+
