@@ -403,8 +403,12 @@ class UsageCollector(PollingCollector):
                   or c.retired_at > mine.retired_at}
                  if mine is not None and mine.retired_at is not None else {})
         # (a page with a gap keeps its documents' observations without moving the cursor)
-        undo = all(c.position <= c.origin and self.store.first_observation(self.name, w) is None
-                   for w, c in later.items())
+        # Undone, they stop where they started and this width goes on from its cursor: only when
+        # that is where they started. A width itself undone before (1h -> 1d -> 1h -> 1d: 1d from
+        # midnight, cut back to its start, 1h from 14:00 again) starts after them, and cutting 1h
+        # back to 14:00 left 14:00 to midnight to no width (10 hours never read).
+        undo = all(c.position <= c.origin and c.origin >= mine.position
+                   and self.store.first_observation(self.name, w) is None for w, c in later.items())
         if mine is not None and mine.retired_at is not None and (undo or not _finished(mine)):
             # undone even when this width is final up to where it stopped: taken over instead, its
             # cursor started anew there and none read since, the stream looked never collected

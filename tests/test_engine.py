@@ -1329,6 +1329,19 @@ def test_back_to_a_width_whose_change_was_undone_while_another_width_went_on_cou
     assert _minutes_delivered_through(tmp_path, plan, 4, lo, hi) == (hi - lo) // 60
 
 
+def test_a_change_back_to_a_width_itself_undone_leaves_no_time_unread(tmp_path):
+    """1m at 10:05, 1h at 10:10 (from 11:00), 1d at 10:15 (from midnight; 1h goes on until then),
+    1h at 10:20 (1d read nothing: undone), 1d again at 10:25: 1h had read nothing either and was
+    cut back to where it started, 11:00, while 1d went on from midnight, where it had started:
+    11:00 to midnight was read at no width (tests/soak_protocol.py --seed 2611, audio_speeches a
+    third of the truth)."""
+    day = ts("2026-11-23T00:00:00")
+    plan = [(day + 10 * 3600 + 300 * (i + 1), w) for i, w in enumerate(("1m", "1h", "1d", "1h", "1d"))]
+    plan += [(day + 86400 + t * 3600, "1d") for t in range(4, 60, 4)]
+    lo, hi = day + 6 * 3600 + 300, day + 2 * 86400
+    assert _minutes_delivered_through(tmp_path, plan, 4, lo, hi) == (hi - lo) // 60
+
+
 @pytest.mark.parametrize("back", [False, True])
 def test_a_changed_width_is_asked_for_once_a_poll(tmp_path, back):
     """1m, then 1h from 10:10 (1m goes on to 11:00), in one process polled every hour; or back
