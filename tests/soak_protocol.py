@@ -14,9 +14,17 @@ stops with acks withheld. At the end every stream runs until it settles, and the
 - no id acknowledged in a life that ended drained (graceful stop, every ack in) is sent again;
 - the process's threads, open files and RSS come back to where they were after a burst of
   replacements (with requests hung at some of them) once the hung requests ended;
-- every stop ends within `--ack-timeout` and a margin; nothing but JSON lines on stderr, no traceback.
+- every stop ends within `--ack-timeout` and a margin; nothing but JSON lines on stderr, no traceback;
+- with `--skew` (this host's clock ahead of or behind OpenAI's, the simulator's `Date`, constant or
+  stepped): the totals as above, compared up to where both clocks are; over 5 minutes every usage
+  stream says so in a WARNING, once per config; under, none does.
+
+The simulator's `Date` is the soak's clock (the simulated time, whole seconds, as OpenAI's), so
+without `--skew` the two clocks agree as on a host kept by NTP, but for the wall time of a request
+times `--speed`.
 
     python tests/soak_protocol.py [--seed 1] [--hours 26] [--speed 600] [--widths 1m,1h,1d] [--graces 0,5m,30m]
+                                  [--skew=-900,6:7200]
 
 Exit status 0 when every check holds; the findings otherwise (and always a summary) on stdout.
 With `--workdir`, what was acknowledged and each life's stderr are kept there.
@@ -52,12 +60,16 @@ USAGE = [s.name for s in USAGE_STREAMS]
 ACK_TIMEOUT = 2.0
 STOP_MARGIN = 8.0  # seconds beyond --ack-timeout a stop may take: the page in flight, the exit
 
-# `run` with its --now clock running at the soak's speed from the soak's monotonic origin
+# `run` with its --now clock running at the soak's speed from the soak's monotonic origin, plus
+# the host's skew (--skew: [[from simulated time, seconds ahead of OpenAI's clock], ...])
 BOOT = (
-    "import os, sys, time\n"
+    "import json, os, sys, time\n"
     "import agent_input.app as app\n"
     "m0, speed = float(os.environ['SOAK_M0']), float(os.environ['SOAK_SPEED'])\n"
-    "app.fixed_clock = lambda start: (lambda: start + (time.monotonic() - m0) * speed)\n"
+    "steps = json.loads(os.environ.get('SOAK_SKEW') or '[[0, 0]]')\n"
+    "def skewed(t):\n"
+    "    return t + [s for at, s in steps if at <= t][-1]\n"
+    "app.fixed_clock = lambda start: (lambda: skewed(start + (time.monotonic() - m0) * speed))\n"
     "from agent_input.cli import main\n"
     "sys.argv[0] = 'openai-input'\n"
     "main()\n"
@@ -75,6 +87,23 @@ class Clock:
         return sim_seconds / self.speed
 
 
+def parse_skew(text: str, start: float = START) -> list[list[float]]:
+    """`--skew`: seconds this host's clock is ahead of OpenAI's (negative: behind), constant
+    (`3600`) or stepped (`-900,6:7200`: 15 minutes behind, from simulated hour 6 two hours ahead),
+    as [[from simulated time, seconds], ...] (the BOOT clock's `SOAK_SKEW`)."""
+    steps = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        at, _, seconds = part.rpartition(":")
+        steps.append([start + float(at or 0) * HOUR, float(seconds)])
+    if not steps or steps[0][0] != start:
+        steps.insert(0, [start, 0.0])
+    return sorted(steps)
+
+
+def skew_at(steps: list[list[float]], t: float) -> float:
+    return [s for at, s in steps if at <= t][-1]
+
+
 class SoakSimulator(Simulator):
     def __init__(self, clock: Clock, **kwargs):
         super().__init__(now=clock.start, running_clock=False, **kwargs)
@@ -87,14 +116,15 @@ class SoakSimulator(Simulator):
 class SoakSupervisor(Supervisor):
     """Persists a batch only when it acknowledges it; acks now, after a delay, or not (held)."""
 
-    def __init__(self, state_dir, clock: Clock, persisted: list, life: int):
+    def __init__(self, state_dir, clock: Clock, persisted: list, life: int, skew: list | None = None):
         self.mode, self.delay = "ack", 0.0
         self.held: dict[int, list[dict]] = {}
         self.due: list[tuple[float, int]] = []
         self.life = life
         self.acked_ids: list[str] = []
         super().__init__(state_dir, clock.start, persisted=persisted, args=("--ack-timeout", str(ACK_TIMEOUT)),
-                         python_args=("-c", BOOT), env={"SOAK_M0": repr(clock.m0), "SOAK_SPEED": repr(clock.speed)})
+                         python_args=("-c", BOOT), env={"SOAK_M0": repr(clock.m0), "SOAK_SPEED": repr(clock.speed),
+                              "SOAK_SKEW": json.dumps(skew or [[clock.start, 0]])})
         self._acker = threading.Thread(target=self._ack_due, daemon=True)
         self._acker.start()
 
@@ -169,6 +199,9 @@ class Soak:
         self.url = self.sim.start()
         self.state = os.path.join(workdir, "state")
         self.widths = args.widths.split(",")
+        self.skew = parse_skew(args.skew)
+        self.clock_warnings: Counter = Counter()  # (life, stream): the WARNINGs that the clock is off
+        self.configs_in_life: Counter = Counter()
         self.graces = [g for g in args.graces.split(",") if g]
         self.persisted: list[dict] = []
         self.findings: list[str] = []
@@ -232,6 +265,7 @@ class Soak:
 
     def send_config(self, sup: SoakSupervisor, cfg: dict) -> int:
         self.cid += 1
+        self.configs_in_life[sup.life] += 1
         mark = len(sup.messages)
         sup.configure(cfg, cid=self.cid)
         return mark
@@ -248,7 +282,11 @@ class Soak:
     # -- a life: one process --------------------------------------------------------------------
     def start(self) -> SoakSupervisor:
         self.life += 1
-        return SoakSupervisor(self.state, self.clock, self.persisted, self.life)
+        return SoakSupervisor(self.state, self.clock, self.persisted, self.life, self.skew)
+
+    def host(self, t: float) -> float:
+        """The collector's clock at the simulator's (OpenAI's) time `t`."""
+        return t + skew_at(self.skew, t)
 
     def check_stderr(self, sup: SoakSupervisor) -> None:
         text = sup.stderr_text()
@@ -274,6 +312,10 @@ class Soak:
                 continue
             if rec.get("log.level") in ("error", "critical"):
                 self.notes[f"error log: {str(rec.get('message'))[:90]}"] += 1
+            message = str(rec.get("message"))
+            if "this host's clock is" in message:
+                self.clock_warnings[(sup.life, message.split(":")[0])] += 1
+                self.notes["clock warnings"] += 1
 
     def note_redeliveries(self, sup: SoakSupervisor) -> None:
         for m in sup.events():
@@ -439,7 +481,9 @@ class Soak:
                 fh.writelines(json.dumps(d) + "\n" for d in docs)
         largest = max(("1m", "1h", "1d").index(w) for w in self.widths)
         align = (60, HOUR, DAY)[largest]
-        end = int(end_now - 4 * HOUR) // align * align
+        # what is read and final by both clocks: a host behind OpenAI reads up to its own time only
+        read_to = min(end_now, self.host(end_now))
+        end = int(read_to - 4 * HOUR) // align * align
         store = StateStore(self.state)
         try:
             for spec in USAGE_STREAMS:
@@ -462,7 +506,7 @@ class Soak:
             costs = store.cursors("costs")
             if costs:
                 origin = min(c.origin for c in costs.values())
-                cend = int(end_now - 2 * DAY - HOUR) // DAY * DAY
+                cend = int(read_to - 2 * DAY - HOUR) // DAY * DAY
                 spec = STREAMS_BY_NAME["costs"]
                 got: dict[tuple, float] = defaultdict(float)
                 for d in docs:
@@ -486,7 +530,10 @@ class Soak:
             store.close()
         audit = {d["_id"] for d in docs if d["data_stream"]["dataset"] == "openai.audit"}
         if audit:
-            lo, hi = int((self.audit_read_by or end_now) - 6 * HOUR), int(end_now - 30 * 60)
+            # the first audit read starts initial_interval before this host's time (OpenAI's, once
+            # that is past OpenAI's own)
+            read_by = self.audit_read_by or end_now
+            lo, hi = int(min(self.host(read_by) - 6 * HOUR, read_by)), int(read_to - 30 * 60)
             want = audit_truth(self.sim, lo, hi)
             inside = audit & audit_truth(self.sim, int(START - 2 * DAY), int(end_now) + HOUR)
             missing, extra = want - audit, audit - inside
@@ -501,6 +548,30 @@ class Soak:
         if self.redelivered_after_drain:
             self.findings.append(f"events acknowledged before a drained stop sent again by a later process: "
                                  f"{dict(self.redelivered_after_drain)}")
+
+    def check_clock_warnings(self) -> None:
+        """A skew over 5 minutes (CLOCK_WARNING) is said once per stream (per config: each builds
+        its collectors anew), and every usage stream that ran says it; none is said otherwise.
+        A margin either side: a wall stall is `--speed` times longer on this clock."""
+        from agent_input.engine import CLOCK_WARNING
+
+        skews = [abs(s) for _, s in self.skew]
+        margin = max(60.0, self.args.speed * 0.2)
+        if max(skews) < CLOCK_WARNING - margin and self.clock_warnings:
+            self.findings.append(f"clock WARNINGs with a skew of at most {max(skews):g}s: {dict(self.clock_warnings)}")
+        if min(skews) > CLOCK_WARNING + margin:
+            twice = {k: n for k, n in self.clock_warnings.items() if n > self.configs_in_life[k[0]]}
+            if twice:
+                self.findings.append(f"a clock WARNING said more than once per stream and config: {twice} "
+                                     f"(configs per life {dict(self.configs_in_life)})")
+            store = StateStore(self.state)
+            try:
+                ran = {spec.name for spec in USAGE_STREAMS if store.cursors(spec.name)}
+            finally:
+                store.close()
+            silent = ran - {stream for _, stream in self.clock_warnings}
+            if silent:
+                self.findings.append(f"no clock WARNING from {sorted(silent)} with a skew of {min(skews):g}s or more")
 
     def compare_levels(self, docs: list[dict], spec, origin: int, end: int, widths: list[str]) -> None:
         """vector_stores is a level, not a flow (the seed's `usage_bytes`, "vector stores usage in
@@ -595,6 +666,7 @@ class Soak:
                 self.run_life()
             end_now = self.final()
             self.compare(end_now)
+            self.check_clock_warnings()
         finally:
             self.sim.stop()
         print(json.dumps({
@@ -625,6 +697,9 @@ def parse(argv=None):
     p.add_argument("--burst", type=int, default=20, help="replacements of one config in the final phase")
     p.add_argument("--latency", type=float, default=0.002, help="simulator latency per request (s)")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--skew", default="0", help="seconds this host's clock is ahead of OpenAI's (the simulator's; "
+                   "negative: behind), constant (3600) or stepped (--skew=-900,6:7200: from simulated hour 6 on, 2h "
+                   "ahead); over 5 minutes, each stream's WARNING is checked")
     p.add_argument("--verbose", action="store_true", help="print each resource sample")
     return p.parse_args(argv)
 

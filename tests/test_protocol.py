@@ -1217,3 +1217,12 @@ def test_the_soak_s_graces_give_configs_run_takes(grace):
                   if s.name in soak_protocol.USAGE and soak_protocol.STREAMS_BY_NAME[s.name].has_grace}
         assert graces <= ({300} if grace == "5m" else {0})
 
+
+def test_the_soak_s_skew_is_constant_or_stepped():
+    import soak_protocol
+
+    start, hour = soak_protocol.START, 3600
+    assert soak_protocol.parse_skew("0") == [[start, 0.0]]
+    steps = soak_protocol.parse_skew("-900,6:7200")
+    assert [soak_protocol.skew_at(steps, start + h * hour) for h in (0, 5.9, 6, 30)] == [-900, -900, 7200, 7200]
+    assert soak_protocol.parse_skew("3:600") == [[start, 0.0], [start + 3 * hour, 600.0]]
