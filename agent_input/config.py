@@ -214,6 +214,11 @@ def parse_duration(value: str | int, key: str = "") -> int:
             raise ConfigError(key, f"{_shown(value)} is negative; expected {DURATION_FORM}")
         if _DURATION_RE.match(text) and len(text) <= 40:  # int() refuses 4,300+ digits with a ValueError
             return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+        if text.isascii() and text.isdigit() and len(text) <= 40:
+            # a number in quotes (or a policy's text field): the form's "integer number of seconds"
+            # read as allowing it, and a bare "5" may be meant as minutes, so the unit is asked for
+            raise ConfigError(key, f"{_shown(value)} has no unit: write {text}s for seconds "
+                                   f"(or the number unquoted), or a duration like 5m, 24h, 1d or 1h30m")
     raise ConfigError(key, f"{_shown(value)} is not {DURATION_FORM}")
 
 
