@@ -369,8 +369,7 @@ class StateStore:
         """Set several of a stream's cursors at once (a change of bucket width), deleting those of
         the widths in `drop` in the same transaction."""
         self._check_write()
-        conn = self._conn()
-        with self._transaction(conn):
+        with self._transaction() as conn:
             self._still_there()
             conn.executemany("DELETE FROM cursors WHERE stream=? AND width=?", [(stream, w) for w in drop])
             conn.executemany(
@@ -415,9 +414,8 @@ class StateStore:
         """Store a page's outbox batch, observations and cursor atomically; return the batch id
         (None when the page produced no documents, only a cursor move)."""
         self._check_write()
-        conn = self._conn()
         spool = self._spool(payload, events)
-        with self._transaction(conn, spool):
+        with self._transaction(spool) as conn:
             self._still_there()
             batch = _insert_batch(conn, stream, payload, events, spool)
             conn.executemany(
@@ -481,10 +479,8 @@ class StateStore:
         """The output has the batch durably: drop it from the outbox (row first, then its file:
         a crash in between leaves a file no row names, removed at the next start)."""
         try:
-            # the connection is taken once the write lock is held: `close` (a reconfiguration, while
-            # the ack reader deletes the old engine's batches) closes every connection under it, and
-            # one taken before the queue for the lock could be closed before its transaction began
-            with self._transaction(None, connect=self._conn) as conn:
+            # (the ack reader deletes the old engine's batches while a reconfiguration closes it)
+            with self._transaction() as conn:
                 row = conn.execute("SELECT spool FROM outbox WHERE batch=?", (batch,)).fetchone()
                 conn.execute("DELETE FROM outbox WHERE batch=?", (batch,))
         finally:
@@ -524,9 +520,8 @@ class StateStore:
     def commit_events(self, stream: str, payload: bytes, events: int, kv: Mapping[str, str]) -> int | None:
         """Outbox batch plus key/value state (e.g. an audit cursor) in one transaction."""
         self._check_write()
-        conn = self._conn()
         spool = self._spool(payload, events)
-        with self._transaction(conn, spool):
+        with self._transaction(spool) as conn:
             self._still_there()
             batch = _insert_batch(conn, stream, payload, events, spool)
             conn.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)", kv.items())
@@ -541,10 +536,9 @@ class StateStore:
     def put_kv(self, key: str, value: str) -> None:
         """One key of the state's own bookkeeping (not collected data: no `write_check`). The
         organization check writes it from the name cache's listing thread, which a stop does not
-        wait for: like `ack`, the connection is taken once the write lock is held (a `close` in
-        between closed the one taken before), and closed again after a `close`."""
+        wait for: like `ack`, its connection is closed again after a `close`."""
         try:
-            with self._transaction(None, connect=self._conn) as conn:
+            with self._transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
         finally:
             self._release_if_closed()
@@ -581,14 +575,16 @@ class StateStore:
     def _spool_name(self) -> str:
         return f"{os.getpid()}-{self._spool_token}-{next(self._spool_names)}{SPOOL_SUFFIX}"
 
-    def _transaction(self, conn: sqlite3.Connection | None, spool: str | None = None, *,
-                     connect: Callable[[], sqlite3.Connection] | None = None) -> "_transaction":
-        """A write transaction (BEGIN IMMEDIATE .. COMMIT) under the store's write lock; rolled
-        back, and its spool file removed, on any error. `connect` instead of `conn`: the
-        connection is taken once the lock is held (`with ... as conn`)."""
-        return _transaction(conn, self._write_lock,
+    def _transaction(self, spool: str | None = None) -> "_transaction":
+        """A write transaction (BEGIN IMMEDIATE .. COMMIT) under the store's write lock, on this
+        thread's connection (`with ... as conn`); rolled back, and its spool file removed, on any
+        error. The connection is taken once the lock is held: `close` (a reconfiguration under
+        `run`, while the ack reader or the name cache's listing thread still writes) closes every
+        connection under that lock, and one taken before the queue for it could be closed before
+        its transaction began ("Cannot operate on a closed database"), or while in use."""
+        return _transaction(self._conn, self._write_lock,
                             on_rollback=(lambda: _unlink(self.spool_dir / spool)) if spool else None,
-                            path=self.path, connect=connect)
+                            path=self.path)
 
 
 def _insert_batch(conn: sqlite3.Connection, stream: str, payload: bytes, events: int,
@@ -714,10 +710,10 @@ class _transaction:
     StateDatabaseError naming the state file: the callers (a stream thread, the start-up replay,
     an ack) report one line, and nothing the transaction wrote counts."""
 
-    def __init__(self, conn: sqlite3.Connection | None, lock: threading.Lock, on_rollback=None,
-                 path: Path | None = None, connect: Callable[[], sqlite3.Connection] | None = None):
-        self.conn = conn
-        self.connect = connect
+    def __init__(self, connect: Callable[[], sqlite3.Connection], lock: threading.Lock, on_rollback=None,
+                 path: Path | None = None):
+        self.conn: sqlite3.Connection | None = None
+        self.connect = connect  # called once the lock is held
         self.lock = lock
         self.on_rollback = on_rollback
         self.path = path
@@ -727,8 +723,7 @@ class _transaction:
         if not self.lock.acquire(timeout=BUSY_TIMEOUT):  # another thread waited out the lock before us
             raise self._error(sqlite3.OperationalError("database is locked"))
         try:
-            if self.connect is not None:
-                self.conn = self.connect()
+            self.conn = self.connect()
             # what is left of the wait, not a whole busy timeout more after the queue for the lock
             left = BUSY_TIMEOUT - (time.monotonic() - started)
             self.conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")

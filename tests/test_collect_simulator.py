@@ -626,8 +626,8 @@ def _as_an_earlier_version_left_it(state: Path) -> str | None:
 
     store = StateStore(state)
     recorded = store.get(KV_PROJECTS)
-    with store._transaction(store._conn()):
-        store._conn().execute("DELETE FROM kv WHERE k IN (?, ?)", (KV_PROJECTS, KV_STARTED))
+    with store._transaction() as conn:
+        conn.execute("DELETE FROM kv WHERE k IN (?, ?)", (KV_PROJECTS, KV_STARTED))
     store.close()
     return recorded
 

@@ -200,9 +200,9 @@ def test_a_refused_listing_passes_only_a_directory_the_check_started(tmp_path, s
     from agent_input.org_guard import KV_STARTED, OrganizationUnverified
 
     store = StateStore(tmp_path / "state")
-    with store._transaction(store._conn()):  # stored usage naming a project: something to protect
-        store._conn().execute("INSERT INTO observations VALUES ('completions', '1m', 1700000000, "
-                              "'[\"proj_x\", \"gpt-4o\"]', 0, '{}', NULL)")
+    with store._transaction() as conn:  # stored usage naming a project: something to protect
+        conn.execute("INSERT INTO observations VALUES ('completions', '1m', 1700000000, "
+                     "'[\"proj_x\", \"gpt-4o\"]', 0, '{}', NULL)")
     if started:
         store.put_kv(KV_STARTED, "1")
     guard = OrganizationGuard(store, clock=time.monotonic)
@@ -262,9 +262,9 @@ def test_check_passes_a_refused_listing_only_where_collect_would(tmp_path, recor
     from agent_input.org_guard import FORBIDDEN_HINT, KV_STARTED, check_state_dir
 
     store = StateStore(tmp_path / "state")
-    with store._transaction(store._conn()):  # stored usage naming a project: something to protect
-        store._conn().execute("INSERT INTO observations VALUES ('completions', '1m', 1700000000, "
-                              "'[\"proj_x\", \"gpt-4o\"]', 0, '{}', NULL)")
+    with store._transaction() as conn:  # stored usage naming a project: something to protect
+        conn.execute("INSERT INTO observations VALUES ('completions', '1m', 1700000000, "
+                     "'[\"proj_x\", \"gpt-4o\"]', 0, '{}', NULL)")
     store.put_kv(KV_STARTED, "1")
     if recorded:
         store.put_kv(KV_PROJECTS, json.dumps(["proj_x"]))

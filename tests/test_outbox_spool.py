@@ -227,7 +227,7 @@ def test_write_transactions_queue_on_the_store_lock_not_in_sqlite(tmp_path, monk
             raise sqlite3.OperationalError("database is locked")
 
     with pytest.raises(StateDatabaseError, match="database is locked"):
-        with store._transaction(Locked()):
+        with state_mod._transaction(Locked, store._write_lock):
             pass
     assert store._write_lock.acquire(timeout=1), "a failed BEGIN kept the write lock"
     store._write_lock.release()
