@@ -112,6 +112,12 @@ def list_projects(client: Any) -> list[Mapping[str, Any]]:
             for p in data if isinstance(p, Mapping)]
 
 
+def listed_ids(projects: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The ids a listing names. A project without a string id (the reference requires one) is no
+    evidence either way: as a set member a list or object id failed every check ("unhashable")."""
+    return {p["id"] for p in projects if isinstance(p.get("id"), str)}
+
+
 def refusal_reason(state_dir: Any, listed: set, recorded: list[str], seen: list[str]) -> str | None:
     """Why the key's projects (`listed`) are another organization's: none of them is in the
     fingerprint (`recorded`) or, without one (a directory an earlier version wrote), among the
@@ -159,9 +165,7 @@ class OrganizationGuard:
     def _observe(self, projects: list[Mapping[str, Any]]) -> None:
         if self.refusal is not None:
             return
-        # a project without a string id (the reference requires one) is no evidence either way: as
-        # a set member a list or object id failed every stream's poll ("unhashable type") for good
-        listed = {p["id"] for p in projects if isinstance(p.get("id"), str)}
+        listed = listed_ids(projects)
         if projects and not listed:
             # all left out: nothing to decide on, which is not another organization's listing
             self._unavailable(f"it names no project by a string id ({len(projects)} listed)")
@@ -373,7 +377,7 @@ def check_state_dir(client: Any, state_dir: Any) -> tuple[bool, str] | None:
         return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
                        f"(listing the projects failed: {exc}); collect would store nothing until it can"
                        + (FORBIDDEN_HINT if isinstance(exc, PermissionDeniedError) else ""))
-    listed = {p["id"] for p in projects if isinstance(p.get("id"), str)}  # as OrganizationGuard reads it
+    listed = listed_ids(projects)  # as OrganizationGuard reads it
     if projects and not listed:
         return False, (f"state directory {state_dir}: cannot check that this key reaches its organization "
                        f"(the projects listing names no project by a string id: {len(projects)} listed); "
