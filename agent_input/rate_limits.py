@@ -19,7 +19,9 @@ failing while the others are read would otherwise go silent alone, its cycles al
 A limit that does not match the API reference (`ProjectRateLimit`: no string `id` or `model`, a
 limit that is not an integer, such as `"lots"`, which Elasticsearch's `long` would refuse) is
 reported with its project, its id and the field at fault, and not stored; the project's other
-limits are. The cycle counts it in `openai.rate_limits.collection.bad_limits`, and a project none
+limits are. One whose only fault is an integer at or past ±2^53 (Kibana would show it rounded) is
+stored without that field, reported with its project, model and the field. The cycle counts either
+in `openai.rate_limits.collection.bad_limits`, and a project none
 of whose limits could be stored is a failed project (its failure document says why). A project of
 the listing without a string `id` cannot be asked for its limits: reported, and counted among the
 failed projects.
@@ -125,6 +127,12 @@ class RateLimitsCollector(ListingCollector):
                             row.get("id"), str) else f"limit #{n + 1}"
                         wrong.append((which, why))
                         continue
+                    row, past = trim_limit(row)
+                    if past:
+                        # only the field at fault is left out: the limit's others still feed the headroom
+                        bad_limits += 1
+                        bad.append(f"project {pid}: limit {_short(row['id'])} of model {_short(row['model'])}: "
+                                   + "; ".join(f"{why}, stored without it" for why in past))
                     doc_id, doc = limit_event(row, project, collected=cycle, namespace=self.namespace)
                     lines.append(serialize(doc_id, doc))
                     good += 1
@@ -245,12 +253,29 @@ def _is_integer(value: Any) -> bool:
     return type(value) in (int, float) and -COUNTER_LIMIT < value < COUNTER_LIMIT
 
 
+def _is_integral(value: Any) -> bool:
+    """An integer of any size (JSON `5.0` too): what the reference allows, before the bound."""
+    return type(value) is int or type(value) is float and value.is_integer()
+
+
+def trim_limit(row: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
+    """A row `check_limit` passed, without its limits at or past ±2^53 (Kibana would show them
+    rounded), and why each was left out: the row's other limits are kept, so a `max_tokens_per_1_day`
+    out of bounds does not take the per-minute limits the headroom reads with it."""
+    past = [name for name in LIMITS if _is_integral(row.get(name)) and not _is_integer(row[name])]
+    if not past:
+        return row, []
+    return ({k: v for k, v in row.items() if k not in past},
+            [_wrong(name, row[name], "within ±2^53 (Kibana would show it rounded)") for name in past])
+
+
 def check_limit(row: Any) -> str | None:
     """What makes one limit row not match the API reference (`ProjectRateLimit`), or None.
 
     A limit that is not an integer (`"lots"`) would be refused by the `long` mapping (the whole
     document; the direct output dead-letters it); one without `id` has no document id, and one
-    without `model` is no headroom's limit."""
+    without `model` is no headroom's limit. An integer at or past ±2^53 is not the row's fault
+    (`trim_limit` leaves that field alone out)."""
     if not isinstance(row, Mapping):
         return f"it is not an object ({_short(row)})"
     for name in REQUIRED_STRINGS:
@@ -265,9 +290,8 @@ def check_limit(row: Any) -> str | None:
         value = row.get(name)
         if value is None:
             continue  # a limit it lacks is only not in the document (the reference requires the first two)
-        if not _is_integer(value):
-            numeric = type(value) is int or type(value) is float and value.is_integer()
-            return _wrong(name, value, "within ±2^53 (Kibana would show it rounded)" if numeric else "an integer")
+        if not _is_integral(value):
+            return _wrong(name, value, "an integer")
     return None
 
 
@@ -279,7 +303,8 @@ def _report_bad(bad: list[str], stats: PollStats) -> None:
         stats.errors.append(msg)
         log.warning(msg)
     if len(bad) > BAD_SHOWN:
-        msg = f"rate_limits: and {len(bad) - BAD_SHOWN} more bad limit(s) or project(s) in this cycle, not stored"
+        msg = (f"rate_limits: and {len(bad) - BAD_SHOWN} more bad limit(s) or project(s) in this cycle, not stored "
+               f"(or stored without a limit past ±2^53)")
         stats.errors.append(msg)
         log.warning(msg)
 

@@ -903,3 +903,21 @@ def test_one_breaching_minute_fires_the_headroom_rule_on_its_own():
     assert f"@timestamp >= NOW() - {o.headroom_window_minutes} minutes" in head.query
     assert _worst(15) < head.alert_delay and _worst(21) < head.alert_delay
     assert _worst(o.headroom_window_minutes) >= head.alert_delay
+
+
+def test_a_limit_stored_without_a_field_past_the_bound_reads_as_no_limit_for_that_unit():
+    """A limit whose `max_requests_per_1_minute` was past ±2^53 is stored without it (the
+    collector's `trim_limit`): its TPM still counts, and no RPM limit is read as a limit of 0 (no
+    row of 100% or more, no RPM alert)."""
+    from agent_input.rate_limits import check_limit, limit_event, trim_limit
+
+    row = {"object": "project.rate_limit", "id": "rl-1", "model": "m", "max_requests_per_1_minute": 2**60,
+           "max_tokens_per_1_minute": 1000}
+    assert check_limit(row) is None
+    _, doc = limit_event(trim_limit(row)[0], {"id": "p"}, collected=int(NOW))
+    docs = [doc, usage("completions", iso(NOW - 5 * MIN), "p", "m", tokens=900, requests=50)]
+    for kw in ({}, {"now": NOW, "usage_minutes": 15}):  # the panels, the rules
+        (r,) = H.per_project(docs, **kw)
+        assert (r["tpm_limit"], r["tpm_utilization"]) == (1000, 0.9)
+        assert (r["peak_rpm"], r["rpm_limit"], r["rpm_utilization"]) == (50, None, None)
+        assert H.alerts(docs, "rpm", **kw) == [] and H.alerts(docs, "tpm", **kw) == ["p::m"]

@@ -608,11 +608,7 @@ def test_bad_limits_and_a_project_without_id_are_reported_and_the_good_rows_stor
     ("max_images_per_1_minute", 2.5, "`max_images_per_1_minute` is a number (2.5), not an integer"),
     ("max_requests_per_1_day", True, "`max_requests_per_1_day` is a boolean (True), not an integer"),
     ("batch_1_day_max_input_tokens", {"v": 1}, "`batch_1_day_max_input_tokens` is an object ({'v': 1}), not an integer"),
-    ("max_tokens_per_1_minute", 2**60, "is an integer (1152921504606846976), not within ±2^53"),
-    ("max_tokens_per_1_minute", 2**53, "is an integer (9007199254740992), not within ±2^53"),
-    ("max_tokens_per_1_minute", -2**53, "is an integer (-9007199254740992), not within ±2^53"),
     ("max_tokens_per_1_minute", False, "`max_tokens_per_1_minute` is a boolean (False), not an integer"),
-    ("max_tokens_per_1_minute", 2.0**60, "is a number (1.152921504606847e+18), not within ±2^53"),
     ("object", 5, "`object` is an integer (5), not a string"),
     ("model", 7, "`model` is an integer (7), not a string"),
     ("model", None, "it lacks required `model`"),
@@ -634,6 +630,48 @@ def test_each_kind_of_bad_limit_is_named_with_its_field_and_type(tmp_path, caplo
     assert failure["openai"]["rate_limits"]["project_id"] == "proj_a"
     assert "none of its 1 limit(s) matches the API reference" in failure["error"]["message"]
     assert why in failure["error"]["message"]
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("max_tokens_per_1_minute", 2**60, "is an integer (1152921504606846976), not within ±2^53"),
+    ("max_tokens_per_1_minute", 2**53, "is an integer (9007199254740992), not within ±2^53"),
+    ("max_requests_per_1_day", -2**53, "is an integer (-9007199254740992), not within ±2^53"),
+    ("max_tokens_per_1_day", 2.0**60, "is a number (1.152921504606847e+18), not within ±2^53"),
+])
+def test_a_limit_past_the_bound_leaves_out_only_that_field(tmp_path, caplog, field, value, why):
+    """A value at or past ±2^53 (Kibana would show it rounded) dropped the whole limit: its
+    per-minute limits too, which the headroom panels and rules then lacked, and a project of that
+    one limit became a failed project. Now only the field at fault is left out, said with the
+    project, the model and the field, and counted in `bad_limits`."""
+    row = _row("rl-x", "mx", **{field: value})
+    projects = [{"id": "proj_a", "name": "A"}, {"id": "proj_b", "name": "B"}]
+    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": [row], "proj_b": [_row("rl-1", "m1")]}, caplog)
+    stored = {d["openai"]["rate_limits"]["id"]: d["openai"]["rate_limits"] for d in docs
+              if "model" in d["openai"]["rate_limits"]}
+    assert set(stored) == {"rl-x", "rl-1"}
+    assert field not in stored["rl-x"]
+    assert stored["rl-x"]["max_requests_per_1_minute"] == 5 and stored["rl-x"]["model"] == "mx"
+    if field != "max_tokens_per_1_minute":
+        assert stored["rl-x"]["max_tokens_per_1_minute"] == 100
+    (line,) = stats.errors
+    assert line.startswith("rate_limits: project proj_a: limit 'rl-x' of model 'mx': ") and why in line, line
+    assert f"`{field}`" in line and "stored without it" in line, line
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [line]
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "success"
+    assert status["openai"]["rate_limits"]["collection"] == {"projects": 2, "limits": 2, "failed_projects": 0,
+                                                             "bad_limits": 1}
+    assert not [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert all(undeclared_fields(d) == [] for d in docs)
+
+
+def test_a_limit_past_the_bound_beside_a_wrong_field_is_not_stored(tmp_path, caplog):
+    """A limit that is wrong otherwise too (a string limit) is still left out whole, said once."""
+    row = _row("rl-x", "mx", max_tokens_per_1_day=2**60, max_requests_per_1_minute="lots")
+    stats, docs = _bad_data_cycle(tmp_path, [{"id": "proj_a"}], {"proj_a": [row, _row("rl-1", "m1")]}, caplog)
+    assert [d["openai"]["rate_limits"]["id"] for d in docs if "model" in d["openai"]["rate_limits"]] == ["rl-1"]
+    (line,) = stats.errors
+    assert "limit 'rl-x' does not match the API reference, not stored: `max_requests_per_1_minute` is a string" in line
 
 
 def test_limits_the_reference_allows_are_stored_as_before(tmp_path, caplog):

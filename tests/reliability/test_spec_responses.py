@@ -37,7 +37,7 @@ from agent_input.ecs import iso_timestamp
 from agent_input.engine import Delivery, UsageCollector
 from agent_input.http_client import AdminApiClient
 from agent_input.outputs import NdjsonOutput
-from agent_input.rate_limits import check_limit, limit_event
+from agent_input.rate_limits import check_limit, limit_event, trim_limit
 from agent_input.state import StateStore
 from agent_input.streams import STREAMS_BY_NAME, get_field
 from kibana_assets import fields as F
@@ -299,5 +299,5 @@ LIMIT_FIELDS = ("object", "id", "model", "max_requests_per_1_minute", "max_token
 def test_a_rate_limit_is_mapped_to_a_document_the_template_accepts_or_reported(row, project):
     if check_limit(row) is not None:
         return
-    _, doc = limit_event(row, project, collected=NOW)
+    _, doc = limit_event(trim_limit(row)[0], project, collected=NOW)
     assert refused(json.loads(json.dumps(doc)), "rate_limits") == [], doc
