@@ -344,7 +344,11 @@ class NameCache:
         except Exception as exc:  # noqa: BLE001 - e.g. the pools were shut down under it
             # not a traceback from a dying thread, and not a new thread for every page either
             self.failures = [f"refresh: {exc}"]
-            self._next_refresh = self.clock() + self.retry_after_failure
+            now = self.clock()
+            # ended, as a refresh whose listings failed does: with the clock stepped back behind the
+            # last listing, a due time alone left a refresh due at every check (`_due`)
+            with self._maps_lock:
+                self._listed_at, self._next_refresh = now, now + self.retry_after_failure
             log.warning("names: refresh failed, next try in %.0fs: %s", self.retry_after_failure, exc)
         finally:
             self._refresh_lock.release()

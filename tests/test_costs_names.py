@@ -1444,3 +1444,41 @@ def test_a_clock_stepped_back_behind_the_last_listing_does_not_hold_the_next_ref
     assert cache.refreshes == 2 and cache._projects.get("proj-new") == "new"
     cache.ensure_fresh()  # due again refresh_interval after that listing, not at once
     assert cache.refreshes == 2 and cache._next_refresh == now[0] + 3600
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyError])
+def test_a_refresh_that_raised_with_the_clock_behind_the_last_listing_waits_for_the_retry_spacing(error, caplog):
+    """A background refresh that raised something other than an API error set its retry time, but
+    with the clock stepped back behind the last listing a refresh stayed due at every check (the
+    clock still behind that listing): a new refresh, every listing again and a WARNING, at every
+    page of every stream. It is tried again after `retry_after_failure`, on the stepped clock."""
+    api = _EarlyApi()
+    now = [100000.0]
+    cache = _early_cache(api, now)
+    cache.ensure_fresh()
+    assert cache.refreshes == 1
+    now[0] -= 86400  # NTP steps the clock back a day
+    api.error, api.failing = error, {"/organization/projects"}
+    asked = []
+    real = api.get_json
+    api.get_json = lambda path, params: (asked.append(path), real(path, params))[1]
+
+    def check():
+        cache.ensure_fresh()
+        assert cache.wait_for_refresh(10)
+
+    with caplog.at_level("WARNING", logger="agent_input.names"):
+        check()  # the stepped clock makes a refresh due: it raises
+        tried = len(asked)
+        assert tried >= 1 and cache.refreshes == 1
+        for _ in range(5):
+            now[0] += 10
+            check()
+        assert len(asked) == tried, "a refresh was started again at every check"
+        assert len([r for r in caplog.records if "refresh failed" in r.getMessage()]) == 1
+        now[0] += cache.retry_after_failure  # the retry spacing after the failure
+        api.failing = set()
+        api.projects["proj-new"] = "new"
+        check()
+    assert cache.refreshes == 2 and cache.project_name("proj-new") == "new"
+    assert cache._next_refresh == now[0] + 3600
