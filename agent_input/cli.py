@@ -424,8 +424,10 @@ def _undelivered(store) -> int:
 
 
 def _print_summary(engine) -> None:
-    """One row per stream: what it emitted, the pages it read, how often OpenAI throttled it (429s,
-    and the seconds waited because of Retry-After: each retry is also a WARNING line), its status."""
+    """One row per stream: what it emitted, the requests OpenAI answered (a listing page each, a first
+    run's first page asked again from OpenAI's time included: a request made, though none of its page
+    is used), how often OpenAI throttled it (429s, and the seconds waited because of Retry-After:
+    each retry is also a WARNING line), its status."""
     clients = {c.name: getattr(c, "client", None) for c in engine.collectors}
     rows = [("stream", "documents", "corrections", "requests", "throttled", "status")]
     for name, t in sorted(engine.totals.items()):

@@ -125,9 +125,9 @@ KEEP_ERRORS = 20  # the last errors a run's totals keep per stream
 
 @dataclass
 class PollStats:
-    requests: int = 0
-    pages: int = 0
-    events: int = 0
+    requests: int = 0  # listing requests answered (a retried one once), used or not
+    pages: int = 0  # pages read: not a first run's first page asked again from OpenAI's time
+    events: int = 0  # documents committed to the outbox
     corrections: int = 0
     bad_buckets: int = 0
     errors: list[str] = field(default_factory=list)
@@ -654,6 +654,7 @@ class UsageCollector(PollingCollector):
                                 served - self.config.initial_interval, self.width_s) < resume and (
                                 cur is self._unrecorded or self._never_read(cur)):
                             restart = served  # nothing of this listing is used: asked again from OpenAI's time
+                            stats.pages -= 1  # a request made (counted), not a page read
                             break
                     cut_short = has_more and not page_token
                     if cut_short:

@@ -2281,3 +2281,19 @@ def test_a_first_run_stopped_before_it_asked_again_from_openai_s_time_keeps_that
     h.collector.stop = threading.Event()
     h.collector.poll(api.now + 86400)
     assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
+
+
+def test_a_first_run_asked_again_counts_the_request_but_not_the_page_thrown_away(harness):
+    """The first listing of a first run asked again from OpenAI's time is a request made (the
+    `requests` of `collect --once`'s summary and the poll's INFO line), but none of its page is
+    used: it was counted among the poll's pages read too (the page gate's estimate of the pages
+    left, a looping listing's 'stopped after N pages'), and its documents are not counted."""
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, initial_interval=3 * 3600)
+    h.collector.clock = lambda: api.now + 400
+    api.data[ts("2026-11-23T07:30:00")] = [result(5)]
+    api.data[ts("2026-11-23T07:10:00")] = [result(3)]  # only in the listing asked again
+    stats = h.collector.poll(api.now + 400)
+    assert len(api.calls) == 2
+    assert (stats.requests, stats.pages) == (2, 1)
+    assert stats.events == len(docs(h.out)) == 2
