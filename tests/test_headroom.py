@@ -921,3 +921,19 @@ def test_a_limit_stored_without_a_field_past_the_bound_reads_as_no_limit_for_tha
         assert (r["tpm_limit"], r["tpm_utilization"]) == (1000, 0.9)
         assert (r["peak_rpm"], r["rpm_limit"], r["rpm_utilization"]) == (50, None, None)
         assert H.alerts(docs, "rpm", **kw) == [] and H.alerts(docs, "tpm", **kw) == ["p::m"]
+
+
+def test_kibana_s_appended_alert_limit_keeps_the_most_breaching_rows():
+    """Kibana's Elasticsearch query rule runs an ES|QL rule as `<query> | limit <N>`, N being its
+    alerts-per-run cap (`xpack.alerting.rules.run.alerts.max`, 1,000 by default), and ES|QL keeps
+    the smaller LIMIT: a LIMIT of the rule's own would change nothing (docs/assets.md, *At most
+    1,000 alerts a run*). What it keeps is what the rule sorts first: the highest utilization, so
+    an organization past the cap loses the least breaching pairs, never the worst."""
+    from kibana_assets.esql import parse
+
+    for rule in K.rules():
+        parse(rule.query + "\n| limit 1000")  # as Kibana runs it
+        assert not any(line.startswith("| LIMIT") for line in rule.query.splitlines()), rule.name
+    for unit in ("tpm", "rpm"):
+        lines = Q.headroom_rule(unit).splitlines()
+        assert lines[-2] == f"| SORT {unit}_utilization DESC" and lines[-1].startswith("| KEEP ")
