@@ -316,6 +316,10 @@ class NameCache:
                 try:
                     if self._next_refresh is None:
                         self.refresh()
+                except StoppedError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - not run again at every page of every stream
+                    self._refresh_raised(exc)
                 finally:
                     self._refresh_lock.release()
             return
@@ -343,15 +347,20 @@ class NameCache:
             self.refresh()
         except Exception as exc:  # noqa: BLE001 - e.g. the pools were shut down under it
             # not a traceback from a dying thread, and not a new thread for every page either
-            self.failures = [f"refresh: {exc}"]
-            now = self.clock()
-            # ended, as a refresh whose listings failed does: with the clock stepped back behind the
-            # last listing, a due time alone left a refresh due at every check (`_due`)
-            with self._maps_lock:
-                self._listed_at, self._next_refresh = now, now + self.retry_after_failure
-            log.warning("names: refresh failed, next try in %.0fs: %s", self.retry_after_failure, exc)
+            self._refresh_raised(exc)
         finally:
             self._refresh_lock.release()
+
+    def _refresh_raised(self, exc: Exception) -> None:
+        """A refresh (the first load too) that raised something other than an API error ends as one
+        whose listings failed: tried again after `retry_after_failure`. A due time alone left it due
+        at every check with the clock stepped back behind the last listing (`_due`), and a first
+        load none at all, so every page of every stream ran it again."""
+        self.failures = [f"refresh: {exc}"]
+        now = self.clock()
+        with self._maps_lock:
+            self._listed_at, self._next_refresh = now, now + self.retry_after_failure
+        log.warning("names: refresh failed, next try in %.0fs: %s", self.retry_after_failure, exc)
 
     def refresh(self) -> None:
         """List projects, every project's API keys and users; keep what a failed listing had.

@@ -1482,3 +1482,32 @@ def test_a_refresh_that_raised_with_the_clock_behind_the_last_listing_waits_for_
         check()
     assert cache.refreshes == 2 and cache.project_name("proj-new") == "new"
     assert cache._next_refresh == now[0] + 3600
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyError])
+def test_a_first_load_that_raised_waits_for_the_retry_spacing(error, caplog):
+    """A first load that raised something other than an API error left the cache never loaded, so
+    every page of every stream (`ready()`) ran the whole first load again, synchronously, with a
+    WARNING each time. It ends as a failed listing does: documents go on without the names, and
+    the load is tried again after `retry_after_failure`."""
+    api = _EarlyApi()
+    api.error, api.failing = error, {"/organization/projects"}
+    asked = []
+    real = api.get_json
+    api.get_json = lambda path, params: (asked.append(path), real(path, params))[1]
+    now = [100000.0]
+    cache = _early_cache(api, now)
+    with caplog.at_level("WARNING", logger="agent_input.names"):
+        cache.ready()
+        tried = asked.count("/v1/organization/projects")
+        assert tried == 1 and cache.refreshes == 0
+        for _ in range(5):
+            now[0] += 10
+            cache.ready()
+        assert asked.count("/v1/organization/projects") == tried, "the first load was run again at every page"
+        assert len([r for r in caplog.records if "refresh failed" in r.getMessage()]) == 1
+        now[0] += cache.retry_after_failure
+        api.failing = set()
+        cache.ready()
+        assert cache.wait_for_refresh(10)
+    assert cache.refreshes == 1 and cache.project_name("proj-1") == "one"
