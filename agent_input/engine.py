@@ -27,6 +27,7 @@ from .http_client import AuthenticationError, PermissionDeniedError, StoppedErro
 from .org_guard import OrganizationGuard, OrganizationMismatch, OrganizationUnverified
 from .outputs import Output, OutputError
 from .paging import PAGE_GATE, DaemonPool, PageFetcher
+from .reports import clip
 from .state import Cursor, Observation, StateError, StateStore, group_json
 from .streams import BOOLEAN_DIMENSIONS, WIDTH_SECONDS, UsageStreamSpec, get_field
 
@@ -1014,8 +1015,16 @@ def _is_number(value: Any) -> bool:
 
 
 def _describe(result: Mapping) -> str:
-    dims = {k: v for k, v in result.items() if isinstance(v, str)}
-    return ", ".join(f"{k}={v}" for k, v in list(dims.items())[:4]) or "no dimensions"
+    """The result's first string fields, as a bad bucket's report names them: each escaped and cut
+    (a model name with a line break or of 5,000 characters, as sent, made the one-line report two
+    lines, or one of 5 kB)."""
+    dims = [(k, v) for k, v in result.items() if isinstance(v, str)][:4]
+    return ", ".join(f"{_as_text(k)}={_as_text(v)}" for k, v in dims) or "no dimensions"
+
+
+def _as_text(value: Any) -> str:
+    text = str(value)
+    return clip(text if text.isprintable() else repr(text)[1:-1], 60)
 
 
 def _difference(new: Mapping[str, float], old: Mapping[str, float]) -> dict[str, float]:

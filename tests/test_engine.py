@@ -2088,6 +2088,23 @@ class SkewedApi(FakeApi):
         return super().get_json(path, {**params, "end_time": end})
 
 
+def test_a_bad_bucket_s_report_is_one_short_line_whatever_the_result_s_strings(harness, caplog):
+    """A bad bucket's report names the result by its first string fields, which were written as
+    the API sent them: a model name with a line break made the one-line report two (the second
+    reading as a line of its own in the text log), one of 5,000 characters a report of 5 kB.
+    They are escaped and cut; the report still names the field that is wrong."""
+    h = harness(effective_revision_window=0, initial_interval=60)
+    now = ts("2026-11-23T10:00:00")
+    h.api.data[now - 60] = [result(1.5, model="gpt-4o\nERROR forged line " + "x" * 5000)]
+    with caplog.at_level(logging.WARNING, logger="agent_input.engine"):
+        stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1
+    (report,) = stats.errors
+    assert "`input_tokens` is 1.5, not an integer" in report and "model=gpt-4o\\nERROR forged" in report
+    assert "\n" not in report and len(report) < 400, report
+    assert [r.getMessage() for r in caplog.records if "does not match" in r.getMessage()] == [report]
+
+
 @pytest.mark.parametrize("lead", [2 * 3600, 6 * 3600, 86400])
 def test_a_host_clock_ahead_of_openai_s_takes_no_bucket_as_final_before_openai_does(harness, caplog, lead):
     """The revision window is OpenAI's: 6 hours ahead (3h window), the local clock took the
