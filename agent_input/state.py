@@ -721,6 +721,7 @@ class _transaction:
     def __enter__(self):
         started = time.monotonic()
         if not self.lock.acquire(timeout=BUSY_TIMEOUT):  # another thread waited out the lock before us
+            self._discard()
             raise self._error(sqlite3.OperationalError("database is locked"))
         try:
             self.conn = self.connect()
@@ -730,6 +731,9 @@ class _transaction:
             self.conn.execute("BEGIN IMMEDIATE")
         except BaseException as exc:
             self.lock.release()
+            # nothing began, and nothing will name the spool file: a BEGIN another program's lock
+            # held off (or a connection that could not open) left a large batch's file at each try
+            self._discard()
             if isinstance(exc, sqlite3.Error):
                 raise self._error(exc) from None
             raise
@@ -759,5 +763,8 @@ class _transaction:
             self.conn.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # no transaction left to roll back (COMMIT failed and sqlite ended it)
+        self._discard()
+
+    def _discard(self) -> None:
         if self.on_rollback is not None:
             self.on_rollback()

@@ -233,6 +233,46 @@ def test_write_transactions_queue_on_the_store_lock_not_in_sqlite(tmp_path, monk
     store._write_lock.release()
 
 
+def test_a_commit_that_cannot_begin_removes_its_spool_file(tmp_path, monkeypatch):
+    """A large batch's file is written before its transaction; one that never began (another
+    program's write transaction on the state file outlasting the busy timeout, or the store's own
+    lock waited out) left the file behind at every try, until the next start: a poll retried under
+    a backup's lock wrote one more page-sized file each time. It goes as a rolled-back one does."""
+    import threading
+
+    store = StateStore(tmp_path)
+    _commit(store, SMALL, 60)
+    monkeypatch.setattr(state_mod, "BUSY_TIMEOUT", 0.2)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another program's write transaction
+    for _ in range(2):
+        with pytest.raises(StateDatabaseError, match="database is locked"):
+            _commit(store, BIG, 120)
+    other.execute("ROLLBACK")
+    other.close()
+    assert _spooled(store) == []
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with store._write_lock:
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(5)
+    with pytest.raises(StateDatabaseError, match="database is locked"):
+        _commit(store, BIG, 120)
+    release.set()
+    t.join()
+    assert _spooled(store) == []
+    assert store.cursor("completions", "1m") == Cursor(0, 60)
+    _commit(store, BIG, 120)
+    assert len(_spooled(store)) == 1 and [b.payload for b in store.pending()] == [SMALL, BIG]
+    store.close()
+
+
 # -- durability order and a failed COMMIT (found by mutation testing) -------------------------------
 def test_a_spool_file_and_its_folder_are_fsynced_before_a_row_names_it(tmp_path, monkeypatch):
     import os
