@@ -812,8 +812,10 @@ class UsageCollector(PollingCollector):
         """A bucket's results by group: key -> (result, counters, group), a group seen twice
         added up rather than one lost. The key is the group's JSON (how observations are stored)
         or, where nothing is looked up, the tuple itself: `extract` has checked every group value
-        is a str, bool or None (`_hashable_groups`), so equal tuples are equal JSON."""
-        extract, group_key = self._extract, self._group_key
+        is a str, bool or None (`_hashable_groups`), so equal tuples are equal JSON.
+        A group seen twice in two currencies (`spec.unmergeable`) is bad data: 10 usd and 5 eur
+        were stored as 15 usd, unsaid."""
+        extract, group_key, unmergeable = self._extract, self._group_key, self.spec.unmergeable
         current: dict = {}
         for result in _results(bucket):
             counters = extract(result)
@@ -823,6 +825,10 @@ class UsageCollector(PollingCollector):
             if same is None:
                 current[key] = (result, counters, group)
             else:
+                for d in unmergeable:
+                    if get_field(same[0], d) != get_field(result, d):
+                        raise BadBucket(f"one group has results with `{d}` {get_field(same[0], d)!r:.20} and "
+                                        f"{get_field(result, d)!r:.20}, which cannot be added up ({_describe(result)})")
                 for k, v in counters.items():
                     same[1][k] = same[1].get(k, 0) + v
         return current

@@ -46,6 +46,9 @@ class UsageStreamSpec:
     # the API's `object` of one result (a group that vanished from a re-read bucket gets it too);
     # None: organization.usage.<name>.result
     result_object: str | None = None
+    # dimensions outside the group key whose values cannot be added up across (costs' currency): a
+    # group with two of them in one bucket is bad data, not one sum
+    unmergeable: tuple[str, ...] = ()
 
     @property
     def object_type(self) -> str:
@@ -203,6 +206,7 @@ COSTS = UsageStreamSpec(
     widths=("1d",),
     max_limit={"1d": 180},
     result_object="organization.costs.result",
+    unmergeable=("amount.currency",),
 )
 
 STREAMS_BY_NAME: Mapping[str, UsageStreamSpec] = {s.name: s for s in USAGE_STREAMS + (COSTS,)}

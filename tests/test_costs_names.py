@@ -173,6 +173,42 @@ def test_a_vanished_cost_group_is_corrected_to_zero_with_the_costs_object(tmp_pa
         assert _leaf(zero["openai"]["costs"], field) == _leaf(first["openai"]["costs"], field) is not None, field
 
 
+def _costs_run(tmp_path, bodies):
+    """Polls a costs collector once per scripted body (two days from START); its documents and stats."""
+    cfg = config_from_dict({"url": "http://127.0.0.1:1", "api_key": ADMIN_KEY,
+                            "data_streams": {"costs": {"initial_interval": "2d"}}}, env={})
+    now = START + 2 * DAY + 3600
+    store, out = StateStore(tmp_path / "s"), tmp_path / "c.ndjson"
+    output = NdjsonFileOutput(out)
+    col = UsageCollector(COSTS, cfg.stream("costs"), _Scripted(bodies), Delivery(store, output), clock=lambda: now)
+    stats = [col.poll(now + 60 * i) for i in range(len(bodies))]
+    output.close()
+    store.close()
+    return read_ndjson(out), stats
+
+
+def _costs_page(results_by_day):
+    return {"object": "page", "has_more": False, "next_page": None, "data": [
+        {"object": "bucket", "start_time": START + i * DAY, "end_time": START + (i + 1) * DAY, "results": r}
+        for i, r in enumerate(results_by_day)]}
+
+
+def _cost_row(value, currency="usd", **kw):
+    return {"object": "organization.costs.result", "amount": {"value": value, "currency": currency},
+            "line_item": "x", "project_id": "p", "api_key_id": "k", "quantity": 3.0, "quantity_unit": "tokens", **kw}
+
+
+def test_one_group_in_two_currencies_is_reported_not_added_up(tmp_path):
+    """Results of one group are added up (a group seen twice is not one lost), but amounts in two
+    currencies cannot be: 10 usd and 5 eur were stored as one document of 15 usd, unsaid."""
+    docs, (stats,) = _costs_run(tmp_path, [_costs_page([[_cost_row(10.0), _cost_row(5.0, "eur")],
+                                                        [_cost_row(1.0), _cost_row(2.0)]])])
+    assert stats.bad_buckets == 1 and "`amount.currency` 'usd' and 'eur'" in stats.errors[0]
+    # the other day's group seen twice in one currency is still added up
+    assert [(d["openai"]["base"]["start_time"], d["openai"]["costs"]["amount"]) for d in docs] == [
+        ("2024-11-02T00:00:00.000Z", {"currency": "usd", "value": 3.0})]
+
+
 def _leaf(doc, name):
     """The value of the first key `name` anywhere in `doc`."""
     for key, value in doc.items():
