@@ -861,8 +861,21 @@ class UsageCollector(PollingCollector):
         extra = self._extra_dims
         for key, (result, counters, group) in current.items():
             old = previous.get(key)
+            dims = {d: get_field(result, d) for d in extra} if extra else None
             if old is None:
                 revision, values = 0, counters
+            elif old.dims is not None and dims != old.dims and any(old.counters.values()):
+                # a dimension outside the group key changed (costs' currency or quantity unit):
+                # the panels sum by it, so a difference under the new one left the old one's
+                # total standing (10 usd revised to 9 eur showed 10 usd and -1 eur). The group's
+                # documents are zeroed under the old dimensions, and it is emitted whole under
+                # the new ones.
+                gone = _nested(dict(zip(spec.group_by, group)), dict(old.dims))
+                gone["object"] = spec.object_type
+                append(event(start, stop_, gone, _difference({k: 0 for k in old.counters}, old.counters),
+                             old.revision + 1, created, group))
+                revision, values = old.revision + 2, counters
+                stats.corrections += 2
             else:
                 values = _difference(counters, old.counters)
                 if not values:
@@ -870,8 +883,7 @@ class UsageCollector(PollingCollector):
                 revision = old.revision + 1
                 stats.corrections += 1
             append(event(start, stop_, result, values, revision, created, group))
-            add_update((start, key, revision, counters,
-                        {d: get_field(result, d) for d in extra} if extra else None))
+            add_update((start, key, revision, counters, dims))
         for key, old in previous.items():
             if key in current or not any(old.counters.values()):
                 continue

@@ -209,6 +209,34 @@ def test_one_group_in_two_currencies_is_reported_not_added_up(tmp_path):
         ("2024-11-02T00:00:00.000Z", {"currency": "usd", "value": 3.0})]
 
 
+def _panel_sums(docs, by):
+    """What the cost panels show: documents summed per (line item, `by` leaf under openai.costs)."""
+    sums: dict[tuple, dict] = defaultdict(lambda: defaultdict(float))
+    for d in docs:
+        costs = d["openai"]["costs"]
+        row = sums[(costs.get("line_item"), _leaf(costs, by))]
+        row["cost"] += costs.get("amount", {}).get("value", 0)
+        row["quantity"] += costs.get("quantity", 0)
+    return {k: dict(v) for k, v in sums.items() if any(v.values())}
+
+
+@pytest.mark.parametrize("revised,by,want", [
+    # 10 usd revised to 9 eur: the panels showed 10 usd and -1 eur
+    (_cost_row(9.0, "eur"), "currency", {("x", "eur"): {"cost": 9.0, "quantity": 3.0}}),
+    # the same amount under another unit: nothing was emitted, the line item stayed in tokens
+    (_cost_row(10.0, quantity_unit="1000_tokens"), "quantity_unit",
+     {("x", "1000_tokens"): {"cost": 10.0, "quantity": 3.0}}),
+])
+def test_a_day_revised_into_another_currency_or_unit_moves_the_group_whole(tmp_path, revised, by, want):
+    """The cost panels sum by currency (and unit); the group key leaves them out. A re-read day whose
+    group changed currency or unit zeroes the group under the old ones and emits it whole under the
+    new, rather than a difference under the new one."""
+    docs, (_, stats) = _costs_run(tmp_path, [_costs_page([[_cost_row(10.0)], []]), _costs_page([[revised], []])])
+    assert _panel_sums(docs, by) == want
+    assert len(dedupe(docs)) == len(docs) and stats.corrections == 2
+    assert [d["openai"]["base"]["revision"] for d in docs] == [0, 1, 2]
+
+
 def _leaf(doc, name):
     """The value of the first key `name` anywhere in `doc`."""
     for key, value in doc.items():
