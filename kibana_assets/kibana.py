@@ -364,7 +364,7 @@ def dashboards(space: str | None = None) -> list[Dashboard]:
                   (("project_id", S), ("project_name", S), ("currency", S), ("cost", N))),
             Panel("Cost by line item", c["cost_by_line_item"],
                   (("line_item", S), ("unit", S), ("currency", S), ("cost", N), ("quantity", N))),
-        ], time_from="now-30d")
+        ], time_from="now-30d/d")  # 30 whole UTC days (a day is stamped at its start), not 29
     headroom = Dashboard(
         "openai-elastic-rate-limit-headroom", "[OpenAI] Rate limit headroom",
         "How close each project and model is to its rate limits (tokens, requests and images per "

@@ -457,6 +457,27 @@ def test_usage_dashboard_covers_the_issue_list():
             "Source IPs", "API key lifecycle"} <= audit
 
 
+def test_the_costs_dashboard_s_default_range_holds_thirty_whole_utc_days():
+    """A day's cost is stamped at its start, 00:00 UTC, and the day in progress is never stored: a
+    default range of now-30d left the 30th day back's document just outside it, so "the last 30
+    days" summed 29 (about 3% under OpenAI's figure for the same days). Rounded to the day, with
+    Kibana's time zone at UTC as docs/assets.md asks, the range starts at that day's midnight."""
+    import datetime as dt
+
+    attributes = next(d for d in K.dashboards() if d.id == "openai-elastic-costs").saved_object()["attributes"]
+    m = re.fullmatch(r"now-(\d+)d(/d)?", attributes["timeFrom"])
+    assert m and attributes["timeTo"] == "now"
+    for now in (dt.datetime(2026, 12, 2, 9, 26, tzinfo=dt.timezone.utc),
+                dt.datetime(2026, 12, 2, 23, 59, tzinfo=dt.timezone.utc),
+                dt.datetime(2026, 12, 2, 0, 0, 1, tzinfo=dt.timezone.utc)):
+        start = now - dt.timedelta(days=int(m.group(1)))
+        if m.group(2):
+            start = start.replace(hour=0, minute=0, second=0, microsecond=0)
+        today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        days = [today - dt.timedelta(days=n) for n in range(1, 40)]  # the ended days' documents
+        assert len([d for d in days if start <= d <= now]) == 30, now
+
+
 def test_headroom_dashboard_has_both_seed_panels():
     panels = {p["title"]: p for p in _panels("openai-elastic-rate-limit-headroom")}
     per = panels["Rate limit headroom - per project and model"]
