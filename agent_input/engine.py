@@ -531,7 +531,8 @@ class UsageCollector(PollingCollector):
     def _tell_origin(self, now: float) -> None:
         """`initial_interval` only sets where a stream's first poll starts: raised later, with
         state in place, it reaches before what was ever collected and nothing is read there.
-        Said once (per process), not silently ignored. The collection began at the earliest
+        Said once per collector (once a start; under `run`, again with each new config, whose
+        collectors are built anew), not silently ignored. The collection began at the earliest
         origin of its widths' cursors, or of a width's cursor started again since (kept then)."""
         self._told_origin = True
         kept = self.store.get(self._collected_from_key())
