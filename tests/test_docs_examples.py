@@ -3,6 +3,7 @@ to the code that reads it, so a doc example that stopped loading (a renamed sett
 message field) fails here rather than for the user who followed it."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -181,3 +182,210 @@ def test_every_manifest_var_is_documented():
     names = set(C.global_vars()) | {v for stream in C.data_streams() for v in C._stream_vars(stream)}
     missing = sorted(n for n in names if not re.search(rf"`{n}[`:]|^\s*#?\s*{n}:", text, re.M))
     assert missing == []
+
+
+# -- the code the docs name --------------------------------------------------------------------------
+# What a doc names in backticks as code: a module (`agent_input/engine.py`, `cli.py`), `module.Name`
+# and `module.Name.attr` (`paging.PageFetcher`, `engine.SWITCH_INTERVAL`), `Class.member`
+# (`UsageCollector._emit_bucket`, the class defined once in the project, or every class of that name
+# searched), keywords of a call shown (`UsageCollector(names=...)`), and a bare `ClassName`,
+# `CONSTANT` or `_member`. Each must still be there: a renamed or removed one sends a reader of the
+# docs to code that does not exist.
+PACKAGES = ("agent_input", "kibana_assets")
+# Backticked names that are deliberately not code of this project (each with why); dotted tokens whose
+# first word is no module or class of the project (`openai.base.revision`, `requests.Session`) are
+# never taken for code, so only the clashes are here.
+NOT_CODE = {
+    "ecs.version": "an ECS field (`ecs` is also a module's name)",
+    "Date": "OpenAI's HTTP response header",
+    "GET": "an HTTP method", "PUT": "an HTTP method",
+    "LIMIT": "the ES|QL command",
+    "AuditLog": "a schema of OpenAI's API reference", "AuditLogEventType": "a schema of OpenAI's API reference",
+    "UTC": "a value of Kibana's dateFormat:tz", "Browser": "a value of Kibana's dateFormat:tz",
+    "PATH": "README's placeholder for the output file's path",
+    "STATE": "docs/protocol.md's placeholder for the supervisor's acknowledged state",
+    "TMPDIR": "an environment variable Python's tempfile reads",
+    "HTTP_PROXY": "an environment variable requests reads", "HTTPS_PROXY": "an environment variable requests reads",
+    "NO_PROXY": "an environment variable requests reads",
+    "REQUESTS_CA_BUNDLE": "an environment variable requests reads",
+    "_id": "an Elasticsearch metadata field", "_source": "an Elasticsearch metadata field",
+    "_meta": "an Elasticsearch mapping's metadata",
+    "_rollover": "an Elasticsearch API", "_import": "a Kibana API", "_export": "a Kibana API",
+}
+# where a file named by itself is looked for (`state.py`, `_usage.yml`, `manifest.yml`)
+FILE_HOMES = ("", "agent_input", "agent_input/simulator", "kibana_assets", "kibana_assets/fields", "benchmarks",
+              "scripts", "tests")
+UNITS = {"": 1, "s": 1, "second": 1, "seconds": 1, "minute": 60, "minutes": 60, "hour": 3600, "hours": 3600,
+         "day": 86400, "days": 86400, "KiB": 1024, "MiB": 1 << 20}
+
+
+def _project_modules() -> dict[str, list]:
+    """Each module by its dotted name and by its last part (`cli` is two modules)."""
+    import importlib
+    import pkgutil
+
+    modules: dict[str, list] = {}
+    for package in PACKAGES:
+        root = importlib.import_module(package)
+        for name in [package] + [i.name for i in pkgutil.walk_packages(root.__path__, package + ".")]:
+            module = importlib.import_module(name)
+            for key in {name, name.rsplit(".", 1)[-1]}:
+                modules.setdefault(key, []).append(module)
+    return modules
+
+
+def _project_classes(modules: dict[str, list]) -> dict[str, list[type]]:
+    import inspect
+
+    classes: dict[str, list[type]] = {}
+    for module in {id(m): m for ms in modules.values() for m in ms}.values():
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and obj.__module__ == module.__name__:
+                classes.setdefault(name, []).append(obj)
+    return classes
+
+
+@functools.lru_cache(maxsize=None)
+def _members(cls: type) -> frozenset[str]:
+    """A class's attributes, its dataclass fields and what its methods assign to `self.<name>`."""
+    import ast
+    import inspect
+    import textwrap
+
+    names = set(dir(cls))
+    for klass in cls.__mro__:
+        names |= set(getattr(klass, "__annotations__", {}))
+        if klass.__module__.split(".")[0] in PACKAGES:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                      and isinstance(n.value, ast.Name) and n.value.id == "self" and isinstance(n.ctx, ast.Store)}
+    return frozenset(names)
+
+
+def _source_names() -> tuple[set[str], set[str]]:
+    """Top-level names of the scripts the docs name (benchmarks/, scripts/, tests/), and every string
+    literal of the project's code (an environment variable it reads, `ES_URL`)."""
+    import ast
+
+    top, strings = set(), set()
+    for path in [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")]:
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            top |= {t.id for t in targets if isinstance(t, ast.Name)}
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                top.add(node.name)
+    for package in (*PACKAGES, "benchmarks"):
+        for path in (ROOT / package).rglob("*.py"):
+            strings |= {n.value for n in ast.walk(ast.parse(path.read_text()))
+                        if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return top, strings
+
+
+def _code_spans() -> list[tuple[str, int, str, str]]:
+    """(doc, line, the backticked text, the text right after it) of every inline code span."""
+    spans = []
+    for path in DOCS:
+        text = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), path.read_text(), flags=re.S)
+        for m in re.finditer(r"`([^`\n]+)`(?=([^`]{0,40}))", text):
+            after = re.sub(r"\s+", " ", m.group(2))
+            spans.append((path.name, text.count("\n", 0, m.start()) + 1, m.group(1), after))
+    return spans
+
+
+def _resolve(parts: list[str], modules, classes):
+    """What `a.b.c` names: the object, or `None` if its first word is no module or class of the
+    project (not code); raises LookupError with what is missing when it names code that is not there."""
+    for n in range(len(parts), 0, -1):
+        head = ".".join(parts[:n])
+        if head in modules:
+            candidates, rest = modules[head], parts[n:]
+            break
+    else:
+        if parts[0] not in classes:
+            return None
+        candidates, rest = classes[parts[0]], parts[1:]
+    for part in rest:
+        found = []
+        for obj in candidates:
+            if isinstance(obj, type) and part in _members(obj):
+                found.append(getattr(obj, part, obj))  # an instance attribute: its class stands in
+            elif not isinstance(obj, type) and hasattr(obj, part):
+                found.append(getattr(obj, part))
+        if not found:
+            raise LookupError(f"{'.'.join(parts)}: no {part!r} in {', '.join(getattr(c, '__name__', repr(c)) for c in candidates)}")
+        candidates = found
+    return candidates[0]
+
+
+def _code_reference_problems() -> list[str]:
+    import inspect
+
+    modules = _project_modules()
+    classes = _project_classes(modules)
+    top, strings = _source_names()
+    everywhere = {name for ms in modules.values() for m in ms for name in vars(m)}
+    everywhere |= {name for cs in classes.values() for c in cs for name in _members(c)}
+    problems, checked, values = [], 0, 0
+    for doc, line, span, after in _code_spans():
+        where = f"{doc}:{line}: `{span}`"
+        if span in NOT_CODE:
+            continue
+        # a path of the repository (`agent_input/engine.py`, `python benchmarks/run.py --org large`)
+        for path in re.findall(r"(?<![\w/.])((?:agent_input|kibana_assets|benchmarks|tests|scripts|docs|simulator)/[\w./<>-]*)", span):
+            path = re.sub(r"<[^>]*>", "*", path)
+            base = ROOT / "agent_input" if path.startswith("simulator/") else ROOT
+            checked += 1
+            if not list(base.glob(path.rstrip("/"))):
+                problems.append(f"{where}: no file {path}")
+        # a file of the project named by itself (`state.py`, `manifest.yml`, `_usage.yml`)
+        # (not `openai.yml`, `kibana.yml`: a user's files)
+        if re.fullmatch(r"[\w-]+\.py|_\w+\.yml|setup\.py|pyproject\.toml|manifest\.yml|MANIFEST\.in", span):
+            checked += 1
+            if not any((ROOT / home / span).exists() for home in FILE_HOMES):
+                problems.append(f"{where}: no such file in the project")
+            continue
+        if re.fullmatch(r"[\w-]+\.(yml|json|ndjson|toml|in)", span):
+            continue
+        # `module.Name`, `Class.member`, a call shown with its keywords
+        m = re.fullmatch(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(\((.*)\))?", span)
+        if not m:
+            continue
+        name, call, args = m.group(1), m.group(2), m.group(3) or ""
+        parts = name.split(".")
+        if len(parts) > 1 or call and parts[0] in classes:
+            try:
+                obj = _resolve(parts, modules, classes)
+            except LookupError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            if obj is None:
+                continue
+            checked += 1
+            keywords = re.findall(r"(\w+)=", args)
+            if keywords and callable(obj):
+                params = inspect.signature(obj).parameters
+                problems += [f"{where}: {obj.__qualname__} takes no {k}=" for k in keywords if k not in params]
+        elif not call and re.fullmatch(r"[A-Z]\w*[a-z]\w*|[A-Z][A-Z0-9]*(_[A-Z0-9]+)+|[A-Z]{2,}|_[a-z]\w*", name):
+            checked += 1
+            if name not in everywhere and name not in top and name not in strings:
+                problems.append(f"{where}: no {name} in the project's code")
+                continue
+            defined = {id(vars(m)[name]): vars(m)[name] for ms in modules.values() for m in ms if name in vars(m)}
+            if len(defined) != 1:
+                continue
+            (obj,) = defined.values()
+        else:
+            continue
+        # a value stated with a constant: "`PAGES_AHEAD` (4)", "`EARLY_REFRESH_AFTER` = 5 minutes"
+        v = re.match(r" (?:\(|= )(\d[\d,]*(?:\.\d+)?)(?: ([A-Za-z]+))?", after)
+        if v and parts[-1].isupper() and v.group(2) in (None, *UNITS):
+            stated = float(v.group(1).replace(",", "")) * UNITS[v.group(2) or ""]
+            values += 1
+            if obj != stated:
+                problems.append(f"{where}: the doc says {' '.join(filter(None, v.groups()))}, the code {obj!r}")
+    assert checked > 150 and values >= 5, f"{checked} references, {values} values checked: the extraction lost track of the docs"
+    return problems
+
+
+def test_every_code_name_in_the_docs_is_in_the_code():
+    assert _code_reference_problems() == []
