@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
-from .engine import Lines, ListingCollector, PollStats, Progress, delivered_before, serialize
+from .engine import CLOCK_WARNING, Lines, ListingCollector, PollStats, Progress, delivered_before, serialize
 from .http_client import (ApiError, AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError,
                           StoppedError, explain)
 from .org_guard import OrganizationMismatch, OrganizationUnverified
@@ -282,6 +282,7 @@ class AuditCollector(ListingCollector):
         # back (a proxy's, a backend's on a slow clock) was pulled back again at every such poll,
         # the events of the minutes before it written again each time.
         rewound = hwm_text is None or scope.kv_hwm in self._own_marks
+        first_read = hwm_text is None  # a scope's first read: it starts `initial_interval` before OpenAI's time
         if not rewound and start > end and not self.stop.is_set():
             # A mark ahead of the local clock too (corrected since an earlier version set the mark
             # on it ahead of OpenAI's): no slice to read, and waiting for the clock to reach the
@@ -310,10 +311,22 @@ class AuditCollector(ListingCollector):
             # records meanwhile would fall behind the mark (and the overlap, once more than 5
             # minutes ahead) for good. The mark stops at the API's own time (its Date header).
             served_to = getattr(self.client, "server_date", None)
+            if first_read and type(served_to) is int:
+                first_read = False
+                # A first read's start is `initial_interval` before OpenAI's time, not only this
+                # host's (as a usage stream's first run): on a clock ahead by more than the
+                # initial_interval it lay in OpenAI's future, the mark was stored there, and what
+                # OpenAI recorded until it reached it was never read (8 hours ahead, 6h asked: the
+                # 6 hours before and the 2 after the first poll). Nothing of this slice is stored.
+                asked = int(served_to - self.initial_interval)
+                if asked < start and (start > served_to or now - served_to > CLOCK_WARNING):
+                    hwm = start = first = max(0, asked)
+                    length = SLICE
+                    continue
             if not rewound and type(served_to) is int and start > served_to:
                 # A stored mark more than the overlap ahead of the API's own time: an earlier
                 # version marked its reads up to the local clock, ahead of OpenAI's (this one only
-                # the start of a first read a lead past initial_interval put there), and waiting
+                # the kept start of a failed first read, on a lead past initial_interval), and waiting
                 # for OpenAI to reach that mark skipped for good the events it records until then
                 # (after the upgrade too). Back by the local clock's lead (where that version's
                 # last read ended, if it ran on this clock), and to the API's time at most.

@@ -14,7 +14,8 @@ stops with acks withheld. At the end every stream runs until it settles, and the
 - no id acknowledged in a life that ended drained (graceful stop, every ack in) is sent again;
 - the process's threads, open files and RSS come back to where they were after a burst of
   replacements (with requests hung at some of them) once the hung requests ended;
-- every stop ends within `--ack-timeout` and a margin; nothing but JSON lines on stderr, no traceback;
+- every stop ends within `--ack-timeout` and a margin; nothing but JSON lines on stderr, no traceback,
+  no audit mark taken for an earlier version's (no earlier version wrote the state);
 - with `--skew` (this host's clock ahead of or behind OpenAI's, the simulator's `Date`, constant or
   stepped): the totals as above, compared up to where both clocks are; over 5 minutes every usage
   stream says so in a WARNING, once per config; under, none does.
@@ -313,6 +314,8 @@ class Soak:
             if rec.get("log.level") in ("error", "critical"):
                 self.notes[f"error log: {str(rec.get('message'))[:90]}"] += 1
             message = str(rec.get("message"))
+            if "by an earlier version" in message:  # no earlier version wrote this state directory
+                self.findings.append(f"life {sup.life}: {message[:300]}")
             if "this host's clock is" in message:
                 self.clock_warnings[(sup.life, message.split(":")[0])] += 1
                 self.notes["clock warnings"] += 1
@@ -530,10 +533,15 @@ class Soak:
             store.close()
         audit = {d["_id"] for d in docs if d["data_stream"]["dataset"] == "openai.audit"}
         if audit:
-            # the first audit read starts initial_interval before this host's time (OpenAI's, once
-            # that is past OpenAI's own)
+            # the first audit read starts initial_interval before this host's time, or before
+            # OpenAI's with this host ahead of it by more than CLOCK_WARNING (and a margin) all along
+            # (else compared from this host's time, or OpenAI's once that is past it)
+            from agent_input.engine import CLOCK_WARNING
+
             read_by = self.audit_read_by or end_now
-            lo, hi = int(min(self.host(read_by) - 6 * HOUR, read_by)), int(read_to - 30 * 60)
+            ahead = min(s for _, s in self.skew) > CLOCK_WARNING + max(60.0, self.args.speed * 0.2)
+            lo = int(read_by - 6 * HOUR if ahead else min(self.host(read_by) - 6 * HOUR, read_by))
+            hi = int(read_to - 30 * 60)
             want = audit_truth(self.sim, lo, hi)
             inside = audit & audit_truth(self.sim, int(START - 2 * DAY), int(end_now) + HOUR)
             missing, extra = want - audit, audit - inside

@@ -324,9 +324,41 @@ def test_a_local_clock_ahead_of_openai_s_loses_no_event(simulator, tmp_path):
         now += 300
     output.close()
     ids = [d["_id"] for d in read_ndjson(out)]
-    want = audit_truth(simulator, int(T0) + 600 - HOUR, int(now - 300))
+    want = audit_truth(simulator, int(T0) - HOUR, int(now - 300))  # the first read: 1h before OpenAI's time
     assert len(want) > 50
     assert len(ids) == len(set(ids)) and set(ids) == want
+    for c in (store, client):
+        c.close()
+
+
+@pytest.mark.parametrize("lead", [8 * HOUR, HOUR])
+def test_a_first_read_on_a_clock_ahead_starts_initial_interval_before_openai_s_time(simulator, tmp_path, caplog, lead):
+    """A first read on a clock 8 hours ahead of OpenAI's, initial_interval 6h: its start lay 2 hours
+    in OpenAI's future, the mark was stored there, and every event OpenAI recorded before reaching
+    it was never read (the 6 hours asked for, and 3 of the 10 of the 4 hours after the first poll),
+    while a new collector (a new config under `run`) took the mark for an earlier version's. Like
+    a usage stream's first run, it starts initial_interval before OpenAI's time (the `Date` of its
+    first answer) when ahead of it by more than 5 minutes (1 hour: not 5 hours of the 6 asked)."""
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    cfg = _config(simulator.base_url, initial_interval="6h")
+    store, output = StateStore(state), NdjsonFileOutput(out)
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output),
+                         clock=lambda: simulator.now() + lead)
+    now = T0
+    with caplog.at_level(logging.WARNING, logger="agent_input.audit"):
+        while now <= T0 + 4 * HOUR:
+            simulator.set_time(now)
+            col.poll(now + lead)
+            assert int(store.get(KV_HWM)) <= now + 1
+            now += 300
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    want = audit_truth(simulator, int(T0) - 6 * HOUR, int(now - 600))
+    assert len(want) > 10
+    assert len(ids) == len(set(ids))
+    assert not want - set(ids), f"{len(want - set(ids))} of {len(want)} events lost"
+    assert not [r for r in caplog.records if "is ahead of OpenAI's time" in r.getMessage()]
     for c in (store, client):
         c.close()
 
@@ -560,6 +592,9 @@ def test_a_backfill_that_reaches_the_api_s_own_time_is_done_not_stuck_part_way(t
     api.now = int(T0)
     cfg = _config(batch_size=100, initial_interval="13h")
     store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    # marks at 13h before (with the overlap): a first read would start 13h before OpenAI's time
+    for key in (KV_HWM, "audit:tenant:hwm"):
+        store.put_kv(key, str(int(T0) - 13 * HOUR + 300))
     client = SimpleNamespace(get_json=api.get_json, server_date=int(T0) - 5 * HOUR)  # in the 2nd slice
     col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now,
                          progress=Progress(enabled=False, every=0, on_report=lambda s, m: reports.append((s, m))))
