@@ -248,6 +248,34 @@ def test_the_documented_collect_command_uses_options_that_exist():
         assert opt in help_text or opt in CliRunner().invoke(main, ["run", "--help"]).output, opt
 
 
+def test_a_first_batch_larger_than_the_limit_does_not_rotate_the_empty_file(tmp_path):
+    """An empty file is not rotated away before a batch larger than --rotate-bytes: that would put
+    an empty file in `.1` and drop the oldest rotated one (here the only one, with its records)."""
+    path = tmp_path / "e.ndjson"
+    path.with_name("e.ndjson.1").write_bytes(_batch(0, 5))  # a former run's rotated file
+    path.touch()  # and its new file, empty
+    out = NdjsonFileOutput(path, rotate_bytes=100, rotate_keep=1)
+    out.send("s", _batch(5, 5), 5, lambda: None)
+    out.close()
+    assert out.rotations == 0
+    assert [d["n"] for d in _lines(path)] == [5, 6, 7, 8, 9]
+    assert [d["n"] for d in _lines(tmp_path / "e.ndjson.1")] == [0, 1, 2, 3, 4]
+
+
+def test_a_batch_on_stdout_is_flushed_before_it_is_acknowledged():
+    """NdjsonOutput acks a batch once it has left the process: a batch still in the stream's buffer
+    when the ack deleted it from the outbox is lost with a crash (or is never read by the pipe)."""
+    import io
+
+    from agent_input.outputs import NdjsonOutput
+
+    raw = io.BytesIO()
+    out = NdjsonOutput(io.BufferedWriter(raw, buffer_size=1 << 20))
+    seen_at_ack = []
+    payload = _batch(0, 3)
+    out.send("s", payload, 3, lambda: seen_at_ack.append(raw.getvalue()))
+    assert seen_at_ack == [payload] and out.events == 3
+
 def test_a_batch_is_fsynced_before_it_is_acknowledged(tmp_path, monkeypatch):
     from agent_input import outputs
 
