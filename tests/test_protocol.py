@@ -736,6 +736,41 @@ def test_a_connection_reset_on_stdout_is_the_reader_gone_not_a_write_error(tmp_p
         os.close(fd)
 
 
+def test_a_pipe_whose_reader_closed_is_stdout_closed_not_a_write_error():
+    """A write to a pipe the supervisor closed fails with EPIPE (Python ignores SIGPIPE): that is
+    StdoutClosed and stdout counts as closed, so the engine ends quietly and the run loop stops,
+    not an output error the engine reports as its failure."""
+    from agent_input.protocol import ProtocolWriter, StdoutClosed
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    writer = ProtocolWriter(write_end)
+    try:
+        with pytest.raises(StdoutClosed):
+            writer.write({"type": "status"})
+        assert writer.closed.is_set()
+    finally:
+        os.close(write_end)
+
+
+def test_an_event_goes_to_the_data_stream_its_document_names(tmp_path):
+    """A batch is encoded with its document's own data_stream (a batch left in the outbox by a
+    config with another namespace keeps it), the output's namespace only standing in for a
+    document without one."""
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    output = ProtocolOutput(ProtocolWriter(fd), namespace="now")
+    old = {"_id": "a1", "data_stream": {"dataset": "openai.audit", "namespace": "before"}}
+    bare = {"_id": "a2"}
+    try:
+        output.send("audit", (json.dumps(old) + "\n" + json.dumps(bare) + "\n").encode(), 2, lambda: None)
+    finally:
+        os.close(fd)
+    events = [json.loads(line) for line in (tmp_path / "stdout").read_bytes().splitlines()]
+    assert [(m["id"], m["dataset"], m["index"]) for m in events] == [
+        ("a1", "openai.audit", "logs-openai.audit-before"), ("a2", "openai.audit", "logs-openai.audit-now")]
+
 def test_waiting_for_acks_at_a_stop_ends_at_once_when_stdout_is_closed(tmp_path):
     """Nobody can ack once stdout is closed: the stop does not wait the whole ack_timeout."""
     from agent_input.protocol import ProtocolOutput, ProtocolWriter
@@ -938,6 +973,32 @@ def test_a_config_that_breaks_validation_is_rejected_and_the_process_goes_on(tmp
     (failed,) = [m for m in run.statuses("input") if m["status"] == "failed"]
     assert "could not be validated (ValueError)" in failed["message"]
 
+
+def test_a_config_whose_validation_breaks_on_its_key_does_not_log_the_key(tmp_path, monkeypatch, caplog):
+    """The config message's api_key is registered for redaction before validation: a validation
+    that raises with the key in its text (not a ConfigError, which hides it itself) is logged
+    without it. A key of its own, and not shaped `sk-...` (which is redacted by its shape alone):
+    ADMIN_KEY is registered by every other test."""
+    import uuid
+
+    from agent_input import config as config_module
+
+    key = f"admin{uuid.uuid4().hex}"
+
+    def broken(data, env=None):
+        raise ValueError(f"cannot read {data['api_key']!r}")
+
+    run = InProcess(tmp_path / "state", tmp_path / "stdout").start()
+    try:
+        monkeypatch.setattr(config_module, "config_from_dict", broken)
+        run.send({"type": "config", "id": "c1", "config": {"url": "http://127.0.0.1:1", "api_key": key}})
+        run.wait_for(lambda: any(m["status"] == "failed" for m in run.statuses("input")), what="the rejection")
+        assert run.stop() == 0
+    finally:
+        run.close()
+    assert "config validation failed unexpectedly: ValueError: cannot read" in caplog.text
+    assert key not in caplog.text and key[:12] not in caplog.text
+    assert key not in (tmp_path / "stdout").read_text()
 
 def test_a_status_with_text_that_is_not_utf8_is_sent_escaped_not_dropped(tmp_path, caplog):
     """A lone surrogate (JSON "\\ud800" from the supervisor) made orjson refuse the whole status:
