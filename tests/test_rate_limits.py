@@ -382,6 +382,31 @@ def test_a_key_rejected_part_way_is_a_failed_cycle(simulator, tmp_path):
     assert read_ndjson(out)[-1]["event"]["outcome"] == "failure"
 
 
+def test_a_key_rejected_on_the_limits_stops_taking_the_cycle_s_projects(simulator, tmp_path):
+    """A key revoked after the projects listing: the first rejection ends the cycle (its projects
+    not taken yet are dropped), one failure document, not one for every project asked with a key
+    that no longer works."""
+    from agent_input.http_client import AuthenticationError
+
+    out = tmp_path / "limits.ndjson"
+    col, closing = _collector(simulator, tmp_path / "state", out)
+
+    def reject(path):
+        if path.endswith("/rate_limits"):
+            raise AuthenticationError(401, "the admin key was rejected", "invalid_api_key", path)
+
+    _before_each_listing(col, reject)
+    with pytest.raises(AuthenticationError):
+        col.poll(T0)
+    for c in closing:
+        c.close()
+    docs = read_ndjson(out)
+    failures = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    projects = [p for p in simulator.org.projects if p.status == "active"]
+    assert len(projects) >= 2 and len(failures) == 1 and len(docs) == 2
+    assert status["openai"]["rate_limits"]["collection"]["failed_projects"] == 1
+
 def test_a_cycle_of_many_projects_holds_about_its_payload_not_ten_times_it(tmp_path):
     """A cycle's lines were kept in a list until the cycle's one transaction, each in the buffer
     orjson made it in (4 KiB or more, never shrunk, from orjson 3.12 on): 5,000 projects' 171,000
