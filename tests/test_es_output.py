@@ -359,6 +359,17 @@ def test_a_cluster_that_refuses_the_first_request_says_why_not_only_the_error_ty
         es.close()
 
 
+@pytest.mark.parametrize("version", ["8.18.0", "9.0.0", "9.3.1"])
+def test_a_supported_version_is_not_warned_about(tmp_path, caplog, version):
+    """8.18 up to every 9.x are the versions tested: none is said to be too old or too new."""
+    es = FakeElasticsearch(version, auth=AUTH)
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent_input.es_output"):
+            assert check_cluster(_output(es.url, tmp_path).client) == version
+        assert not [r.getMessage() for r in caplog.records if r.name == "agent_input.es_output"]
+    finally:
+        es.close()
+
 @pytest.mark.parametrize("status, location, shown", [
     (301, "https://es.example:9200/", "https://es.example:9200/"),
     # any 3xx; a Location's user info is not echoed, nor a long one whole

@@ -379,6 +379,8 @@ def test_parse_retry_after_forms():
     assert parse_retry_after({"Retry-After": past}, now) == 0.0
     assert parse_retry_after({"Retry-After": "soon"}, now) is None
     assert parse_retry_after({"retry-after-ms": "250", "Retry-After": "9"}, now) == 0.25
+    # an unreadable retry-after-ms does not hide a readable Retry-After
+    assert parse_retry_after({"retry-after-ms": "soon", "Retry-After": "9"}, now) == 9.0
 
 
 def test_a_retry_after_date_without_a_known_zone_is_gmt_whatever_the_host_zone(monkeypatch):
