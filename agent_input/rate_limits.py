@@ -163,10 +163,11 @@ class RateLimitsCollector(ListingCollector):
             # projects listing is refused (docs/protocol.md: `failed`, naming the scope)
             fatal = refused
             error = f"the rate limits of all {len(failed)} project(s) failed (first: {failed[0]}): {refused}"
+        if error is None and fatal is not None:  # a key rejected part way: not a whole cycle (and why;
+            # on the first project too, where "all 1 project(s) failed" hid both)
+            error = f"stopped after {read} of {len(projects)} project(s): {fatal}"
         if error is None and failed and read == 0:
             error = f"the rate limits of all {len(failed)} project(s) failed (first: {failed[0]})"
-        if error is None and fatal is not None:  # a key rejected part way: not a whole cycle
-            error = f"stopped after {read} of {len(projects)} project(s): {fatal}"
         status_id, status = status_event(collected=cycle, projects=read, limits=limits,
                                          failed_projects=len(failed), bad_limits=bad_limits, error=error,
                                          namespace=self.namespace)

@@ -406,6 +406,10 @@ def test_a_key_rejected_on_the_limits_stops_taking_the_cycle_s_projects(simulato
     projects = [p for p in simulator.org.projects if p.status == "active"]
     assert len(projects) >= 2 and len(failures) == 1 and len(docs) == 2
     assert status["openai"]["rate_limits"]["collection"]["failed_projects"] == 1
+    # the status document says why and how far the cycle got, not "all 1 project(s) failed"
+    assert status["error"]["message"] == (f"stopped after 0 of {len(projects)} project(s): the admin key was "
+                                          "rejected (401 invalid_api_key): the admin key was rejected")
+
 
 def test_a_cycle_of_many_projects_holds_about_its_payload_not_ten_times_it(tmp_path):
     """A cycle's lines were kept in a list until the cycle's one transaction, each in the buffer
