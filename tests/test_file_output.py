@@ -407,6 +407,74 @@ def test_a_fifo_is_written_batch_by_batch_once_a_reader_has_it(tmp_path, monkeyp
     assert fifo.exists() and not list(tmp_path.glob("events.fifo.*"))
 
 
+def test_a_fifo_whose_reader_is_slow_holds_the_batch_back_and_drops_nothing(tmp_path):
+    """The FIFO is opened non-blocking (to wait for a reader without hanging) and then made
+    blocking: a batch larger than the pipe's buffer waits for a slow reader instead of failing
+    with EAGAIN once the buffer is full."""
+    import threading
+    import time
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    got = []
+
+    def slow_reader():
+        with open(fifo, "rb") as fh:
+            time.sleep(0.3)  # the writer fills the pipe's 64 KiB meanwhile
+            got.append(fh.read())
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    out = NdjsonFileOutput(fifo)
+    payload = _batch(0, 3000)
+    assert len(payload) > 3 * 65536
+    acks = []
+    out.send("s", payload, 3000, lambda: acks.append(1))
+    out.close()
+    reader.join(10)
+    assert acks == [1] and got == [payload]
+
+
+def test_a_fifo_that_cannot_be_opened_is_a_clear_error_not_a_wait_for_a_reader(tmp_path, monkeypatch):
+    """Only ENXIO (no reader yet) is waited on; any other error opening the FIFO (here EACCES, which
+    root never gets from the file's mode) is the output's error at once."""
+    import errno
+    import threading
+
+    from agent_input import outputs
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    real = os.open
+
+    def refused(path, flags, *mode):
+        if str(path) == str(fifo):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, flags, *mode)
+
+    monkeypatch.setattr(outputs.os, "open", refused)
+    stop = threading.Event()
+    threading.Timer(3, stop.set).start()  # (a wait would end here, with another message)
+    with pytest.raises(OutputError) as err:
+        NdjsonFileOutput(fifo, stop=stop)
+    stop.set()
+    assert str(err.value) == f"cannot open output file {fifo}: {os.strerror(errno.EACCES)}"
+
+
+def test_a_closed_stdout_is_the_output_s_error_not_a_traceback():
+    """A closed stream raises ValueError (not OSError) on write: NdjsonOutput says it as an
+    OutputError, and acknowledges nothing."""
+    import io
+
+    from agent_input.outputs import NdjsonOutput
+
+    stream = io.BytesIO()
+    stream.close()
+    acks = []
+    with pytest.raises(OutputError, match="cannot write events: I/O operation on closed file"):
+        NdjsonOutput(stream).send("s", _batch(0, 1), 1, lambda: acks.append(1))
+    assert acks == []
+
 def test_dev_stdout_as_a_pipe_gets_the_events(tmp_path):
     code = ("import sys; from agent_input.outputs import NdjsonFileOutput\n"
             "out = NdjsonFileOutput('/dev/stdout')\n"
