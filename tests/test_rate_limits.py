@@ -60,6 +60,17 @@ def test_optional_limit_fields_only_when_present():
                                                  "project_status", "collected_at"}
 
 
+def test_a_project_failure_document_never_carries_the_key():
+    """A failure's reason may quote what the API sent (a limit's value, an error body): the
+    document that goes to Elasticsearch has it redacted, like every log line."""
+    from agent_input.rate_limits import project_failure_event
+
+    reason = f"none of its 1 limit(s) matches the API reference (first: limit #1: `model` is {ADMIN_KEY!r})"
+    _, doc = project_failure_event({"id": "proj_1", "name": "P"}, reason, collected=int(T0))
+    text = json.dumps(doc)
+    assert "sk-admin" not in text and ADMIN_KEY[-8:] not in text
+    assert doc["error"]["message"].startswith("none of its 1 limit(s) matches the API reference")
+
 def test_status_document_fields():
     _, ok = status_event(collected=1_700_000_000, projects=3, limits=90, failed_projects=1, error=None)
     assert ok["event"] == {"kind": "event", "action": "rate-limits-collection", "outcome": "success",
