@@ -60,6 +60,21 @@ def test_optional_limit_fields_only_when_present():
                                                  "project_status", "collected_at"}
 
 
+@pytest.mark.parametrize("name, status", [(7, None), ({"en": "P"}, ["active"])])
+def test_a_project_name_or_status_that_is_not_a_string_is_left_out(name, status):
+    """`project_name` and `project_status` are keywords: a number or an object from the listing
+    would make Elasticsearch refuse the whole limit document (a mapping conflict)."""
+    from agent_input.rate_limits import project_failure_event
+
+    project = {"id": "proj_1", "name": name, "status": status}
+    row = {"id": "rl-gpt-4o", "model": "gpt-4o", "max_requests_per_1_minute": 10}
+    _, doc = limit_event(row, project, collected=int(T0))
+    _, failure = project_failure_event(project, "404", collected=int(T0))
+    for fields in (doc["openai"]["rate_limits"], failure["openai"]["rate_limits"]):
+        assert fields["project_id"] == "proj_1"
+        assert "project_name" not in fields and "project_status" not in fields
+    assert "project_name" not in doc["openai"]["base"]
+
 def test_a_project_failure_document_never_carries_the_key():
     """A failure's reason may quote what the API sent (a limit's value, an error body): the
     document that goes to Elasticsearch has it redacted, like every log line."""
