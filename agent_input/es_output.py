@@ -440,7 +440,7 @@ class ElasticsearchOutput:
             try:
                 source = json.loads(line)
                 doc_id = source.pop("_id")
-            except (ValueError, KeyError, AttributeError):
+            except (ValueError, KeyError, AttributeError, TypeError):
                 raise OutputError(f"{stream}: outbox line {n} is not a JSON document with an `_id`") from None
             dataset, index = target_index(source, stream, self.namespace)
             docs.append({"_id": doc_id, "_index": index, "dataset": dataset, "_source": source})

@@ -1342,3 +1342,14 @@ def test_collect_says_how_many_documents_a_failure_store_kept(simulator, fake, t
     assert fake.failures and not fake.docs
     assert f"0 created, 0 already there (409), 0 rejected, {len(fake.failures)} kept in a failure store" \
         in err.decode()
+
+
+@pytest.mark.parametrize("line", [b'[1, 2]', b'"text"', b'{"no_id": 1}', b'{not json'])
+def test_an_outbox_line_that_is_no_document_is_one_clear_error(fake, tmp_path, line):
+    """A corrupted outbox line that is JSON but no object (an array) raised TypeError out of the
+    output (list.pop("_id")), a traceback where every other bad line is one clear error."""
+    out = _output(fake.url, tmp_path)
+    ack = Acks()
+    with pytest.raises(OutputError, match=r"outbox line 2 is not a JSON document with an `_id`"):
+        out.send("completions", _payload([_doc(1)]) + line + b"\n", 2, ack)
+    assert ack.n == 0 and not fake.docs
