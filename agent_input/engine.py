@@ -788,7 +788,8 @@ class UsageCollector(PollingCollector):
             raise BadBucket("bucket is not an object")
         start, stop_ = _as_int(bucket.get("start_time")), _as_int(bucket.get("end_time"))
         if not _is_int(start) or not _is_int(stop_):
-            raise BadBucket(f"start_time/end_time are not integers ({start!r}, {stop_!r})")
+            # each cut: a `start_time` of 5,000 characters was a report of 10 kB
+            raise BadBucket(f"start_time/end_time are not integers ({start!r:.40}, {stop_!r:.40})")
         if stop_ - start != self.width_s:
             raise BadBucket(f"bucket {start}..{stop_} is not {self.width} wide")
         if start % self.width_s:

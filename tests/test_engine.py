@@ -2105,6 +2105,24 @@ def test_a_bad_bucket_s_report_is_one_short_line_whatever_the_result_s_strings(h
     assert [r.getMessage() for r in caplog.records if "does not match" in r.getMessage()] == [report]
 
 
+@pytest.mark.parametrize("field,value", [("start_time", "x\n" * 3000), ("end_time", list(range(3000)))])
+def test_a_bad_bucket_time_s_report_is_one_short_line(harness, caplog, field, value):
+    """A bucket time that is not an integer was named whole in the report: a `start_time` of 3,000
+    lines was a WARNING of 9 kB (an `end_time` array of 3,000 numbers, 17 kB). It is cut."""
+    h = harness(effective_revision_window=0, initial_interval=60)
+    now = ts("2026-11-23T10:00:00")
+    bucket = {"object": "bucket", "start_time": now - 60, "end_time": now, "results": [result(9)]}
+    bucket[field] = value
+    h.api.override = {"object": "page", "data": [bucket], "has_more": False, "next_page": None}
+    with caplog.at_level(logging.WARNING, logger="agent_input.engine"):
+        stats = h.collector.poll(now)
+    assert stats.bad_buckets == 1
+    (report,) = stats.errors
+    assert "start_time/end_time are not integers" in report
+    assert "\n" not in report and len(report) < 300, report[:300]
+    assert [r.getMessage() for r in caplog.records if "does not match" in r.getMessage()] == [report]
+
+
 @pytest.mark.parametrize("lead", [2 * 3600, 6 * 3600, 86400])
 def test_a_host_clock_ahead_of_openai_s_takes_no_bucket_as_final_before_openai_does(harness, caplog, lead):
     """The revision window is OpenAI's: 6 hours ahead (3h window), the local clock took the
