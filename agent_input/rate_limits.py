@@ -20,7 +20,8 @@ A limit that does not match the API reference (`ProjectRateLimit`: no string `id
 limit that is not an integer, such as `"lots"`, which Elasticsearch's `long` would refuse) is
 reported with its project, its id and the field at fault, and not stored; the project's other
 limits are. One whose only fault is an integer at or past ±2^53 (Kibana would show it rounded) is
-stored without that field, reported with its project, model and the field. The cycle counts either
+stored without that field, reported with its project, model and the field (unless no limit of it
+would be left: then it is not stored, as a bad limit). The cycle counts either
 in `openai.rate_limits.collection.bad_limits`, and a project none
 of whose limits could be stored is a failed project (its failure document says why). A project of
 the listing without a string `id` cannot be asked for its limits: reported, and counted among the
@@ -128,6 +129,11 @@ class RateLimitsCollector(ListingCollector):
                         wrong.append((which, why))
                         continue
                     row, past = trim_limit(row)
+                    if past and all(row.get(name) is None for name in LIMITS):
+                        # no limit of it left: a document without one feeds no headroom, and stored
+                        # it counted its project as read (no failure document, no per-project alert)
+                        wrong.append((f"limit {_short(row['id'])}", "; ".join(past)))
+                        continue
                     if past:
                         # only the field at fault is left out: the limit's others still feed the headroom
                         bad_limits += 1
@@ -262,7 +268,8 @@ def _is_integral(value: Any) -> bool:
 def trim_limit(row: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
     """A row `check_limit` passed, without its limits at or past ±2^53 (Kibana would show them
     rounded), and why each was left out: the row's other limits are kept, so a `max_tokens_per_1_day`
-    out of bounds does not take the per-minute limits the headroom reads with it."""
+    out of bounds does not take the per-minute limits the headroom reads with it. (A row left with
+    no limit at all is not stored: the caller checks.)"""
     past = [name for name in LIMITS if _is_integral(row.get(name)) and not _is_integer(row[name])]
     if not past:
         return row, []

@@ -729,6 +729,28 @@ def test_a_limit_past_the_bound_beside_a_wrong_field_is_not_stored(tmp_path, cap
     assert "limit 'rl-x' does not match the API reference, not stored: `max_requests_per_1_minute` is a string" in line
 
 
+
+def test_a_limit_with_every_limit_past_the_bound_is_not_stored_and_its_project_fails(tmp_path, caplog):
+    """A limit each of whose limits is past ±2^53 was stored with none left (`id` and `model`
+    alone): no headroom panel or rule reads such a document, yet it counted as a stored limit, so a
+    project of that one limit was a read one, with no failure document for the per-project rule.
+    It is not stored, as a bad limit, and such a project is a failed one again."""
+    row = _row("rl-x", "mx", max_requests_per_1_minute=2**60, max_tokens_per_1_minute=2**53)
+    projects = [{"id": "proj_a", "name": "A"}, {"id": "proj_b", "name": "B"}]
+    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": [row], "proj_b": [_row("rl-1", "m1")]}, caplog)
+    assert [d["openai"]["rate_limits"]["id"] for d in docs if "model" in d["openai"]["rate_limits"]] == ["rl-1"]
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["openai"]["rate_limits"]["collection"] == {"projects": 1, "limits": 1, "failed_projects": 1,
+                                                             "bad_limits": 1}
+    (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert failure["openai"]["rate_limits"]["project_id"] == "proj_a"
+    (line,) = stats.errors
+    assert line.startswith("rate_limits: project proj_a: limit 'rl-x' does not match the API reference, not "
+                           "stored: `max_requests_per_1_minute` is an integer (1152921504606846976), not within "
+                           "±2^53"), line
+    assert "`max_tokens_per_1_minute` is an integer (9007199254740992)" in line and "stored without" not in line
+    assert "\n" not in line
+
 def test_limits_the_reference_allows_are_stored_as_before(tmp_path, caplog):
     """Optional limits absent or null, an integral float (JSON 600.0), and no `object` are fine."""
     rows = [{"id": "rl-1", "model": "m1", "max_requests_per_1_minute": 600.0},
