@@ -816,8 +816,11 @@ class UsageCollector(PollingCollector):
         or, where nothing is looked up, the tuple itself: `extract` has checked every group value
         is a str, bool or None (`_hashable_groups`), so equal tuples are equal JSON.
         A group seen twice in two currencies (`spec.unmergeable`) is bad data: 10 usd and 5 eur
-        were stored as 15 usd, unsaid."""
+        were stored as 15 usd, unsaid. One in two quantity units (`spec.unit_fields`) is added up
+        with no unit, as the API gives a result no single unit applies to: 3 tokens and 3
+        1000_tokens were stored as 6 tokens."""
         extract, group_key, unmergeable = self._extract, self._group_key, self.spec.unmergeable
+        unit_fields = self.spec.unit_fields
         current: dict = {}
         for result in _results(bucket):
             counters = extract(result)
@@ -831,6 +834,9 @@ class UsageCollector(PollingCollector):
                     if get_field(same[0], d) != get_field(result, d):
                         raise BadBucket(f"one group has results with `{d}` {get_field(same[0], d)!r:.20} and "
                                         f"{get_field(result, d)!r:.20}, which cannot be added up ({_describe(result)})")
+                for d in unit_fields:
+                    if same[0].get(d) is not None and same[0].get(d) != result.get(d):
+                        current[key] = same = ({**same[0], d: None}, same[1], same[2])
                 for k, v in counters.items():
                     same[1][k] = same[1].get(k, 0) + v
         return current

@@ -209,6 +209,19 @@ def test_one_group_in_two_currencies_is_reported_not_added_up(tmp_path):
         ("2024-11-02T00:00:00.000Z", {"currency": "usd", "value": 3.0})]
 
 
+def test_one_group_in_two_quantity_units_is_added_up_with_no_unit(tmp_path):
+    """The cost panels sum quantities by unit: 3 tokens and 3 1000_tokens of one group in one day
+    were stored as one document of 6 tokens, unsaid. The reference leaves `quantity_unit` null where
+    no single unit applies to a result: the group's amounts are added up (they are one currency)
+    and its unit left null, rather than the day (and every later one) held as bad data."""
+    day = [_cost_row(10.0), _cost_row(5.0, quantity_unit="1000_tokens"), _cost_row(1.0)]
+    docs, (stats,) = _costs_run(tmp_path, [_costs_page([day, [_cost_row(1.0), _cost_row(2.0)]])])
+    assert stats.bad_buckets == 0, stats.errors
+    assert sorted((d["openai"]["base"]["start_time"], d["openai"]["costs"].get("quantity_unit"),
+                   d["openai"]["costs"]["quantity"], d["openai"]["costs"]["amount"]["value"]) for d in docs) == [
+        ("2024-11-01T00:00:00.000Z", None, 9.0, 16.0), ("2024-11-02T00:00:00.000Z", "tokens", 6.0, 3.0)]
+
+
 def _panel_sums(docs, by):
     """What the cost panels show: documents summed per (line item, `by` leaf under openai.costs)."""
     sums: dict[tuple, dict] = defaultdict(lambda: defaultdict(float))
