@@ -318,7 +318,12 @@ class AuditCollector(ListingCollector):
                 # initial_interval it lay in OpenAI's future, the mark was stored there, and what
                 # OpenAI recorded until it reached it was never read (8 hours ahead, 6h asked: the
                 # 6 hours before and the 2 after the first poll). Nothing of this slice is stored.
-                asked = int(served_to - self.initial_interval)
+                # The start is moved back by the clock's lead, not set to `initial_interval` before
+                # this answer's Date: a start kept by a refusal, a failed or a held first poll was
+                # taken on the same clock, hours or days earlier, and set to `initial_interval`
+                # before this later Date it still lay in OpenAI's future of then (tenant-scoped
+                # events refused, 8 hours ahead, 6h asked: the 6 hours asked and the 2 after lost).
+                asked = start - (int(now) - served_to)
                 if asked < start and (start > served_to or now - served_to > CLOCK_WARNING):
                     hwm = start = first = max(0, asked)
                     length = SLICE

@@ -363,6 +363,61 @@ def test_a_first_read_on_a_clock_ahead_starts_initial_interval_before_openai_s_t
         c.close()
 
 
+@pytest.mark.parametrize("how,later", [("tenant 403", 6 * HOUR), ("tenant 503", HOUR), ("503", 3 * DAY),
+                                       ("403", 3 * DAY), ("held", HOUR)])
+def test_a_first_read_kept_from_a_failed_first_poll_on_a_clock_ahead_starts_by_openai_s_time(
+        simulator, tmp_path, caplog, how, later):
+    """A clock 8 hours ahead of OpenAI's, initial_interval 6h, and a first poll that read nothing of
+    a scope (the tenant scope refused or failing, the whole log refused or failing, the writes held
+    by the organization check): the start it kept was taken on that clock, 2 hours in OpenAI's
+    future. The first read from it, hours or days later, started `initial_interval` before that
+    later Date, or not earlier at all once OpenAI's time had passed it: the 6 hours asked and 2
+    after were never read (a tenant refusal retried 6h later: its events of those 6 hours; the
+    log refused 3 days: 8 hours). The kept start is moved back by the clock's lead instead."""
+    from agent_input.http_client import ApiError
+    from agent_input.org_guard import OrganizationUnverified
+    from agent_input.simulator import FaultRule
+
+    lead = 8 * HOUR
+    state, out = tmp_path / "state", tmp_path / "audit.ndjson"
+    cfg = _config(simulator.base_url, initial_interval="6h")
+    store, output = StateStore(state), NdjsonFileOutput(out)
+    client = AdminApiClient(simulator.base_url, ADMIN_KEY, max_retries=1, backoff_base=0.001, backoff_cap=0.01)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output),
+                         clock=lambda: simulator.now() + lead)
+    if how == "held":
+        def held():
+            raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+        store.write_check = held
+    else:
+        simulator.add_fault(FaultRule(kind=how.split()[-1], path="/v1/organization/audit_logs", count=None,
+                                      query="tenant_only=true" if how.startswith("tenant") else ""))
+    simulator.set_time(T0)
+    if how in ("503", "held"):
+        with pytest.raises((ApiError, OrganizationUnverified)):
+            col.poll(T0 + lead)
+    else:
+        col.poll(T0 + lead)
+    simulator.clear_faults()
+    store.write_check = None
+    t = int(T0) + later
+    simulator.set_time(t)
+    with caplog.at_level(logging.WARNING, logger="agent_input.audit"):
+        assert col.poll(t + lead).errors == []
+    assert col.forbidden is None and col.tenant_refused is None
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(out)]
+    org, tenant = _truth_by_scope(simulator, int(T0) - 6 * HOUR, t - 120)
+    assert org and tenant
+    assert len(ids) == len(set(ids))
+    assert not org - set(ids) and not tenant - set(ids), \
+        f"lost {len(org - set(ids))} of {len(org)} organization, {len(tenant - set(ids))} of {len(tenant)} tenant events"
+    assert not [r for r in caplog.records if "is ahead of OpenAI's time" in r.getMessage()]
+    for c in (store, client):
+        c.close()
+
+
 def test_a_mark_an_earlier_version_set_ahead_of_openai_s_time_loses_no_later_event(simulator, tmp_path):
     """A version before the mark stopped at the API's time, on a clock 2 hours ahead of OpenAI's,
     left the organization scope's mark 2 hours past OpenAI's time. The upgrade waited for OpenAI to
