@@ -312,7 +312,6 @@ class AuditCollector(ListingCollector):
             # minutes ahead) for good. The mark stops at the API's own time (its Date header).
             served_to = getattr(self.client, "server_date", None)
             if first_read and type(served_to) is int:
-                first_read = False
                 # A first read's start is `initial_interval` before OpenAI's time, not only this
                 # host's (as a usage stream's first run): on a clock ahead by more than the
                 # initial_interval it lay in OpenAI's future, the mark was stored there, and what
@@ -327,7 +326,12 @@ class AuditCollector(ListingCollector):
                 if asked < start and (start > served_to or now - served_to > CLOCK_WARNING):
                     hwm = start = first = max(0, asked)
                     length = SLICE
+                    first_read = False
                     continue
+            # Only before anything is stored: a first answer without a Date (as before the rule)
+            # stored its slice, and a later one's Date sent the read back over it, the events of
+            # the slices stored before written a second time.
+            first_read = False
             if not rewound and type(served_to) is int and start > served_to:
                 # A stored mark more than the overlap ahead of the API's own time: an earlier
                 # version marked its reads up to the local clock, ahead of OpenAI's (this one only

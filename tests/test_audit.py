@@ -659,6 +659,32 @@ def test_a_backfill_that_reaches_the_api_s_own_time_is_done_not_stuck_part_way(t
     assert [m[:len("backfill 46%")] for s, m in reports if s == "audit"] == ["backfill 46%"] * 2
 
 
+def test_a_first_answer_without_a_date_keeps_the_first_read_where_it_began(tmp_path):
+    """A first read whose first answer has no `Date` (a proxy that drops it) stores that slice as
+    before; a later slice's answer with one, on a clock an hour ahead of OpenAI's, sent the read
+    back by the first-read rule over the slices already stored: their events written a second
+    time (24h asked, an hour ahead: 6 of 144 events twice). The rule applies only before anything is stored."""
+    lead = HOUR
+    api = _AuditListing(list(range(int(T0) - 30 * HOUR, int(T0) - lead, 600)))
+    api.now = int(T0) - lead  # OpenAI's time
+
+    def get_json(path, params):
+        client.server_date = api.now if api.slices else None  # none on the first slice's answer
+        return api.get_json(path, params)
+
+    client = SimpleNamespace(get_json=get_json, server_date=None)
+    cfg = _config(batch_size=100, initial_interval="24h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: T0)
+    col.poll(T0)
+    output.close()
+    store.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} events written twice"
+    assert set(ids) == {e["id"] for e in api.events if e["effective_at"] >= int(T0) - 24 * HOUR}
+    assert all(b[0] == a[1] + 1 for a, b in zip(api.slices, api.slices[1:])), api.slices  # none read again
+
+
 def test_the_collection_gives_the_audit_stream_the_progress(tmp_path, monkeypatch):
     """`collect` and `run` build the collectors: the audit stream's backfill reports through the
     same Progress as the usage streams' (it was given none, and said nothing)."""
