@@ -359,6 +359,9 @@ class UsageCollector(PollingCollector):
         # a first poll's start whose writes the organization check held (nothing may be stored):
         # this process's next poll starts there, not `initial_interval` before its own later `now`
         self._held: Cursor | None = None
+        # a first run's start asked again from OpenAI's time: a kept or held start (taken on this
+        # clock, hours or days before) moved back by the clock's lead (`_poll`), for its `window`
+        self._moved: int | None = None
 
     def _widths_left(self, now: float) -> list["UsageCollector"]:
         """Collectors of the bucket widths this stream was collected at besides its current one,
@@ -464,6 +467,8 @@ class UsageCollector(PollingCollector):
         asked = _floor(now - self.config.initial_interval, w)
         if self._held is not None:
             asked = min(asked, self._held.origin)
+        if self._moved is not None:
+            asked = min(asked, self._moved)
         if cur is not None and asked < cur.origin and self._never_read(cur):
             # only a failed first poll's start (`_keep_origin`), nothing read since: a raised
             # initial_interval is still this stream's first run's, and delivers nothing twice
@@ -651,11 +656,22 @@ class UsageCollector(PollingCollector):
                         # second ahead across a boundary alone (a Date has whole seconds) does not
                         # throw a backfill's first pages away, at any width (the lead is the
                         # clocks', not the starts': those differ by a whole bucket, an hour or a day)
+                        # A start kept by a failed or held first run (earlier than this poll's
+                        # own) was taken on the same clock, hours or days before: moved back by
+                        # the lead, not to initial_interval before this later Date, which left
+                        # it in OpenAI's future of then (a day ahead, 3h asked, the next run 5
+                        # hours later: those 5 hours lost; days later: the whole day ahead)
+                        moved = None
+                        if served is not None and cur.origin < _floor(now - self.config.initial_interval,
+                                                                      self.width_s):
+                            moved = _floor(cur.origin - (int(now) - served), self.width_s)
                         if served is not None and served < now and (
-                                resume > served or now - served > CLOCK_WARNING) and _floor(
-                                served - self.config.initial_interval, self.width_s) < resume and (
+                                resume > served or now - served > CLOCK_WARNING) and min(_floor(
+                                served - self.config.initial_interval, self.width_s),
+                                resume if moved is None else moved) < resume and (
                                 cur is self._unrecorded or self._never_read(cur)):
                             restart = served  # nothing of this listing is used: asked again from OpenAI's time
+                            self._moved = moved
                             stats.pages -= 1  # a request made (counted), not a page read
                             break
                     cut_short = has_more and not page_token
@@ -760,13 +776,16 @@ class UsageCollector(PollingCollector):
                 if not more or self.stop.is_set():
                     break  # when stopped mid-way, the carried bucket is re-read next poll
         if restart is not None:
-            if not self.stop.is_set():
-                return self._poll(restart, stats, again=False)
-            # stopped before asking again: nothing of the listing was stored, and the next run
-            # (hours later, perhaps) went on from its own later start; this one's is kept, by
-            # OpenAI's time, as a failed first run's (`_keep_origin`)
-            self.window(restart)
-            self._keep_origin()
+            try:
+                if not self.stop.is_set():
+                    return self._poll(restart, stats, again=False)
+                # stopped before asking again: nothing of the listing was stored, and the next run
+                # (hours later, perhaps) went on from its own later start; this one's is kept, by
+                # OpenAI's time, as a failed first run's (`_keep_origin`)
+                self.window(restart)
+                self._keep_origin()
+            finally:
+                self._moved = None
         return stats
 
     def _page(self, body: Mapping) -> tuple[list, bool, str | None]:

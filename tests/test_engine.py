@@ -2289,6 +2289,27 @@ def test_a_first_run_that_failed_on_a_host_clock_ahead_of_openai_s_keeps_no_star
     assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
 
 
+@pytest.mark.parametrize("later", [5 * 3600, 3 * 86400])
+def test_a_start_a_failed_first_run_kept_on_a_host_clock_ahead_is_moved_back_by_the_lead(harness, later):
+    """The start a failed first run kept was taken on the local clock, a day ahead (07:00 the next
+    day, 3h asked). The next run, 5 hours later, was asked again from initial_interval before its
+    own Date (12:00): the 5 hours between never read; 3 days later it was not asked again at all,
+    and the day the kept start lay in OpenAI's future was never read. It is moved back by the lead."""
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, initial_interval=3 * 3600)
+    h.collector.clock = lambda: api.now + 86400
+    early = ts("2026-11-23T07:30:00")
+    api.data[early] = [result(5)]
+    api.fail_on = (1, ConnectionError("OpenAI down"))
+    with pytest.raises(ConnectionError):
+        h.collector.poll(api.now + 86400)  # no answer, so no Date: the start is the local clock's
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-24T07:00:00")
+    api.now += later
+    h.collector.poll(api.now + 86400)
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
+
+
 def test_a_first_run_stopped_before_it_asked_again_from_openai_s_time_keeps_that_start(harness):
     """A stop (SIGTERM) as the first answer of a first run a day ahead came: the listing was thrown
     away to be asked again, nothing was stored, and the next run, 5 hours later, started from its
