@@ -311,6 +311,13 @@ class AuditCollector(ListingCollector):
             # records meanwhile would fall behind the mark (and the overlap, once more than 5
             # minutes ahead) for good. The mark stops at the API's own time (its Date header).
             served_to = getattr(self.client, "server_date", None)
+            if type(served_to) is int and any(type(ev.get("effective_at")) is int and ev["effective_at"] > served_to
+                                              for ev in events.values()):
+                # behind an event OpenAI served (it serves none after its own time): not its clock
+                # but a proxy's, as for a usage stream (`_api_time`). Taken as OpenAI's time, a Date
+                # a year behind started a first read a year back and held the mark there, every
+                # event since never read.
+                served_to = None
             if first_read and type(served_to) is int:
                 # A first read's start is `initial_interval` before OpenAI's time, not only this
                 # host's (as a usage stream's first run): on a clock ahead by more than the

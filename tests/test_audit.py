@@ -685,6 +685,30 @@ def test_a_first_answer_without_a_date_keeps_the_first_read_where_it_began(tmp_p
     assert all(b[0] == a[1] + 1 for a, b in zip(api.slices, api.slices[1:])), api.slices  # none read again
 
 
+def test_a_date_behind_events_openai_served_is_not_taken_as_openai_s_time(tmp_path):
+    """OpenAI serves no event after its own time: a Date a year behind the events served (a proxy's
+    clock) was taken as OpenAI's, the first read started a year back and the mark was held at that
+    Date, so no event of the 24 hours asked nor any since was ever stored (before the first-read
+    rule: the mark held at the first read's start, 240 of 312 lost). Such a Date is ignored, as
+    a usage stream ignores a Date behind a bucket it served."""
+    api = _AuditListing(list(range(int(T0) - 60 * HOUR, int(T0) + 4 * HOUR, 300)))
+    client = SimpleNamespace(get_json=api.get_json, server_date=int(T0) - 365 * DAY)
+    cfg = _config(batch_size=100, initial_interval="24h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    now = int(T0)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: now)
+    while now <= T0 + 2 * HOUR:
+        api.now = now
+        col.poll(now)
+        now += 300
+    output.close()
+    ids = [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {e["id"] for e in api.events if T0 - DAY <= e["effective_at"] <= now - 300}
+    assert api.slices[0][0] == int(T0) - DAY and int(store.get(KV_HWM)) == now - 300 + 1
+    store.close()
+
+
 def test_the_collection_gives_the_audit_stream_the_progress(tmp_path, monkeypatch):
     """`collect` and `run` build the collectors: the audit stream's backfill reports through the
     same Progress as the usage streams' (it was given none, and said nothing)."""
