@@ -341,8 +341,9 @@ class AuditCollector(ListingCollector):
             first_read = False
             if not rewound and type(served_to) is int and start > served_to:
                 # A stored mark more than the overlap ahead of the API's own time: an earlier
-                # version marked its reads up to the local clock, ahead of OpenAI's (this one only
-                # the kept start of a failed first read, on a lead past initial_interval), and waiting
+                # version marked its reads up to the local clock, ahead of OpenAI's (this one stores
+                # none there: a start a refusal or failed first read kept is a first read's, moved
+                # back by the lead above), and waiting
                 # for OpenAI to reach that mark skipped for good the events it records until then
                 # (after the upgrade too). Back by the local clock's lead (where that version's
                 # last read ended, if it ran on this clock), and to the API's time at most.
