@@ -362,6 +362,11 @@ class UsageCollector(PollingCollector):
         # a first run's start asked again from OpenAI's time: a kept or held start (taken on this
         # clock, hours or days before) moved back by the clock's lead (`_poll`), for its `window`
         self._moved: int | None = None
+        # the start of a first run asked again from OpenAI's time (`window(by_api=True)`): kept by
+        # a failure or a stop (`_kept_by_api_key` in the state too) or held, it is not moved back
+        # by the clock's lead again at the next run (once a poll: a day ahead, a day further back
+        # at each poll the organization check held or whose listing asked again failed)
+        self._by_api: int | None = None
 
     def _widths_left(self, now: float) -> list["UsageCollector"]:
         """Collectors of the bucket widths this stream was collected at besides its current one,
@@ -459,7 +464,7 @@ class UsageCollector(PollingCollector):
         return left
 
     # The window a poll at `now` covers, per the seed's worked example.
-    def window(self, now: float) -> tuple[Cursor, int, int, int]:
+    def window(self, now: float, *, by_api: bool = False) -> tuple[Cursor, int, int, int]:
         w = self.width_s
         end = _floor(now - self.grace, w)
         cur = self.store.cursor(self.name, self.width)
@@ -475,6 +480,8 @@ class UsageCollector(PollingCollector):
             cur = None
         if cur is None:
             cur = self._unrecorded = Cursor(asked, asked, asked)
+            if by_api:
+                self._by_api = asked
         elif cur.retired_at is None and not self._told_origin:
             self._tell_origin(now)
         final_before = _floor(now - self.revision_window, w)
@@ -495,6 +502,14 @@ class UsageCollector(PollingCollector):
         if cur.retired_at is not None:  # a width the stream left: only up to where the next one starts
             end = min(end, cur.retired_at)
         return cur, resume, end, final_before
+
+    def _kept_by_api_key(self) -> str:
+        return f"{self.name}:start_by_openai"
+
+    def _taken_by_api(self, origin: int) -> bool:
+        """`origin`, a start nothing was read from, was taken by OpenAI's time (a first run's asked
+        again from its Date, then kept or held), not on this host's clock."""
+        return origin == self._by_api or self.store.get(self._kept_by_api_key()) == str(origin)
 
     def _collected_from_key(self) -> str:
         return f"{self.name}:collected_from"
@@ -581,6 +596,8 @@ class UsageCollector(PollingCollector):
             if stored is not None and not (self._never_read(stored) and cur.origin < stored.origin):
                 return
             self.store.put_cursors(self.name, {self.width: cur})
+            if cur.origin == self._by_api:  # by OpenAI's time already: not moved back again
+                self.store.put_kv(self._kept_by_api_key(), str(cur.origin))
         except (OrganizationMismatch, OrganizationUnverified):  # writes held as well: kept here, as in `poll`
             self._held = cur
         except Exception as exc:  # noqa: BLE001 - e.g. the state unusable: the poll's own failure is said
@@ -604,7 +621,7 @@ class UsageCollector(PollingCollector):
     def _poll(self, now: float, stats: PollStats, *, again: bool = True) -> PollStats:
         for left in self._widths_left(now):
             stats.add(left.poll(now))
-        cur, resume, end, final_before = self.window(now)
+        cur, resume, end, final_before = self.window(now, by_api=not again)
         if resume >= end:
             return stats
         # a first run's start is `initial_interval` before OpenAI's time, not only this host's:
@@ -661,9 +678,11 @@ class UsageCollector(PollingCollector):
                         # the lead, not to initial_interval before this later Date, which left
                         # it in OpenAI's future of then (a day ahead, 3h asked, the next run 5
                         # hours later: those 5 hours lost; days later: the whole day ahead)
+                        # (not a start taken by OpenAI's time already: asked again from a Date,
+                        # then kept or held, it was moved back by the lead once more at each run)
                         moved = None
                         if served is not None and cur.origin < _floor(now - self.config.initial_interval,
-                                                                      self.width_s):
+                                                                      self.width_s) and not self._taken_by_api(cur.origin):
                             moved = _floor(cur.origin - (int(now) - served), self.width_s)
                         if served is not None and served < now and (
                                 resume > served or now - served > CLOCK_WARNING) and min(_floor(
@@ -782,7 +801,7 @@ class UsageCollector(PollingCollector):
                 # stopped before asking again: nothing of the listing was stored, and the next run
                 # (hours later, perhaps) went on from its own later start; this one's is kept, by
                 # OpenAI's time, as a failed first run's (`_keep_origin`)
-                self.window(restart)
+                self.window(restart, by_api=True)
                 self._keep_origin()
             finally:
                 self._moved = None

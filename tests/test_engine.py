@@ -2353,3 +2353,61 @@ def test_a_first_run_asked_again_counts_the_request_but_not_the_page_thrown_away
     assert len(api.calls) == 2
     assert (stats.requests, stats.pages) == (2, 1)
     assert stats.events == len(docs(h.out)) == 2
+
+
+@pytest.mark.parametrize("how", ["failed", "held", "stopped"])
+def test_a_start_kept_by_openai_s_time_is_not_moved_back_by_the_lead_again(harness, how):
+    """A first run a day ahead (3h asked) asks again from 07:00 by OpenAI's Date; that listing
+    failed, the organization check held its writes, or a stop came first: the start kept (or held)
+    is by OpenAI's time already, yet each next run moved it back by the day's lead once more, a
+    day further back at every poll (3 polls: 3 days more than asked, read from 2026-11-20). A
+    kept start is a run's of `collect --once` too: a new process each time."""
+    import threading
+    from agent_input.org_guard import OrganizationUnverified
+
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    api.data[ts("2026-11-23T07:30:00")] = [result(5)]
+    answer = api.get_json
+    runs = []
+
+    def refused(path, params):
+        page = answer(path, params)
+        if how == "stopped":
+            runs[-1].collector.stop.set()
+        elif how == "failed" and params["start_time"] < ts("2026-11-24T00:00:00"):  # asked again: fails
+            raise ConnectionError("OpenAI down")
+        return page
+
+    def held(*args, **kwargs):
+        raise OrganizationUnverified("the organization cannot be verified")
+
+    api.get_json = refused
+    for _ in range(3):
+        if how != "held" or not runs:  # held: kept in memory, by the process that goes on
+            if runs:
+                runs[-1].store.close()
+            runs.append(harness(api, initial_interval=3 * 3600))
+        h = runs[-1]
+        h.collector.clock = lambda: api.now + 86400
+        h.collector.stop = threading.Event()
+        if how == "held":
+            h.collector.delivery.commit_page = held
+        try:
+            h.collector.poll(api.now + 86400)
+        except (ConnectionError, OrganizationUnverified):
+            pass
+        api.now += 300
+    api.get_json = answer
+    if how == "held":
+        h = runs[-1]
+        del h.collector.delivery.commit_page
+    else:
+        runs[-1].store.close()
+        h = harness(api, initial_interval=3 * 3600)
+    h.collector.clock = lambda: api.now + 86400
+    h.collector.stop = threading.Event()
+    h.collector.poll(api.now + 86400)
+    assert min(c["start_time"] for c in api.calls) == ts("2026-11-23T07:00:00")
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
+    delivered = [d for run in {id(r): r for r in runs + [h]}.values() for d in docs(run.out)]
+    assert [d["openai"]["completions"]["input_tokens"] for d in delivered] == [5]
