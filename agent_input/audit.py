@@ -283,6 +283,7 @@ class AuditCollector(ListingCollector):
         # the events of the minutes before it written again each time.
         rewound = hwm_text is None or scope.kv_hwm in self._own_marks
         first_read = hwm_text is None  # a scope's first read: it starts `initial_interval` before OpenAI's time
+        others_kept = hwm_text is not None  # a first read's first slice also keeps the other scopes' starts
         if not rewound and start > end and not self.stop.is_set():
             # A mark ahead of the local clock too (corrected since an earlier version set the mark
             # on it ahead of OpenAI's): no slice to read, and waiting for the clock to reach the
@@ -395,7 +396,21 @@ class AuditCollector(ListingCollector):
             # `recent` no longer holds: each emitted a second time.
             kv = {scope.kv_hwm: str(max(new_hwm, hwm)),
                   scope.kv_recent: json.dumps(next_recent, sort_keys=True, separators=(",", ":"))}
-            if unread.pop(scope.kv_hwm, None) is not None:  # read from now on
+            popped = unread.pop(scope.kv_hwm, None) is not None  # read from now on
+            if not others_kept:
+                # A scope's first mark holds the other scopes that have none at their would-be
+                # start too: a first run killed between the organization scope's first slice and
+                # the tenant scope's (SIGKILL, a crash, a machine restart) left the tenant scope
+                # to start `initial_interval` before the next start, and its events of the time
+                # in between were never read (a failed or stopped poll keeps them: `_keep_starts`).
+                others_kept = True
+                others = self._would_be_starts([s for s in SCOPES if s is not scope], now)
+                others.pop(KV_UNREAD, None)
+                if others:
+                    unread.update(others)
+                    popped = True
+                    kv.update(others)
+            if popped:
                 kv[KV_UNREAD] = json.dumps(unread, sort_keys=True)
             self.delivery.commit_events(self.name, lines, kv)
             if type(served_to) is int:  # a mark kept to the API's time (without one, checked again)

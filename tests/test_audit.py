@@ -1402,6 +1402,7 @@ def test_an_old_state_directory_goes_on_for_the_organization_and_starts_the_tena
     state, out = tmp_path / "state", tmp_path / "audit.ndjson"
     real = AuditCollector._poll_scope
     with monkeypatch.context() as m:  # the old collector: the organization scope only
+        m.setattr(audit_mod, "SCOPES", (audit_mod.ORGANIZATION,))  # nor kept a start for another
         m.setattr(AuditCollector, "_poll_scope",
                   lambda self, scope, now, stats: real(self, scope, now, stats)
                   if scope is audit_mod.ORGANIZATION else None)

@@ -410,6 +410,55 @@ def test_sigkill_at_random_points_then_restart_gives_truth(simulator, tmp_path):
         assert stored_totals(docs, spec.name, origin, settled) == truth_totals(simulator, spec.name, origin, settled), spec.name
 
 
+
+def test_a_first_run_killed_between_the_audit_scopes_keeps_the_tenant_scope_s_start(simulator, tmp_path):
+    """A first run killed (SIGKILL, a crash) after the audit organization scope stored its first
+    slice and before the tenant scope stored anything: the next start, 6 hours later, read the
+    tenant scope from `initial_interval` before its own time, and the tenant events of the first
+    window's oldest 6 hours were never read (the organization's were: its mark was stored)."""
+    import sqlite3
+    import time
+
+    from agent_input.simulator import FaultRule
+
+    cfg = tmp_path / "config.yml"
+    streams = {s.name: {"enabled": False} for s in USAGE_STREAMS}
+    streams.update(costs={"enabled": False}, rate_limits={"enabled": False}, audit={"initial_interval": "24h"})
+    cfg.write_text(yaml.safe_dump({"url": simulator.base_url, "api_key": ADMIN_KEY, "max_retries": 2,
+                                   "data_streams": streams}))
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    # the tenant scope's listing hangs: the run is killed once the organization scope has its mark
+    simulator.add_fault(FaultRule(kind="slow", path="audit_logs", query="tenant_only=true", delay=60, count=None))
+    simulator.set_time(T0)
+    proc = _run_collector(cfg, state, out, T0)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with sqlite3.connect(state / "state.sqlite3") as db:
+                    if db.execute("SELECT 1 FROM kv WHERE k='audit:hwm'").fetchone():
+                        break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.communicate()
+    simulator.clear_faults()
+    later = T0 + 6 * HOUR
+    simulator.set_time(later)
+    proc = _run_collector(cfg, state, out, later)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    got = {d["_id"] for d in read_ndjson(out)}
+    first_start = T0 - 24 * HOUR
+    oldest = [e["id"] for h in range(int(first_start) // HOUR * HOUR, int(first_start + 6 * HOUR), HOUR)
+              for e in simulator.audit.hour_events(h)
+              if e["_tenant"] and first_start <= e["effective_at"] < first_start + 6 * HOUR]
+    assert oldest, "the simulated organization needs tenant events in the first window's oldest hours"
+    assert [i for i in oldest if i not in got] == []
+
+
 # ------------------------------------------------------------------------------------ requests vs the reference
 SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-admin-openapi.yaml"
 
