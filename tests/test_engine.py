@@ -2310,6 +2310,56 @@ def test_a_start_a_failed_first_run_kept_on_a_host_clock_ahead_is_moved_back_by_
     assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
 
 
+@pytest.mark.parametrize("lead", [86400, 0])
+@pytest.mark.parametrize("how", ["stop", "failed", "held"])
+def test_a_start_kept_as_a_first_run_is_asked_again_is_moved_back_by_the_lead_once(harness, how, lead):
+    """A first run a day ahead (3h asked) threw its first listing away to ask again from OpenAI's
+    time (07:00), and was stopped before it asked, or the listing asked again failed, or its
+    writes were held by the organization check. That start was kept by OpenAI's time, moved back
+    already, and the next run 5 hours later moved it back by the lead once more: it read from
+    07:00 the day before, 27 hours, a bucket of 12:00 that day delivered though never asked for.
+    It is not moved back again (nor kept on this host's clock: the next run, on a clock set right
+    meanwhile, would read from 07:00 that day's morrow, the day between lost)."""
+    import threading
+
+    from agent_input.org_guard import OrganizationUnverified
+
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, initial_interval=3 * 3600)
+    h.collector.clock = lambda: api.now + 86400
+    h.collector.stop = stop = threading.Event()
+    api.data[ts("2026-11-23T07:30:00")] = [result(5)]
+    api.data[ts("2026-11-22T12:00:00")] = [result(7)]  # a day before the start asked
+    answer = api.get_json
+
+    def stopped_as_it_answers(path, params):
+        page = answer(path, params)
+        stop.set()
+        return page
+
+    def held():
+        raise OrganizationUnverified("the projects listing failed")
+
+    if how == "stop":
+        api.get_json = stopped_as_it_answers
+        h.collector.poll(api.now + 86400)
+    else:
+        if how == "failed":
+            api.fail_on = (2, ConnectionError("OpenAI down"))
+        else:
+            h.store.write_check = held
+        with pytest.raises((ConnectionError, OrganizationUnverified)):
+            h.collector.poll(api.now + 86400)
+    assert len(api.calls) == 1 + (how != "stop")
+    api.get_json, api.fail_on, h.store.write_check = answer, None, None
+    api.now += 5 * 3600
+    h.collector.stop = threading.Event()
+    h.collector.clock = lambda: api.now + lead
+    h.collector.poll(api.now + lead)
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
+
+
 def test_a_first_run_stopped_before_it_asked_again_from_openai_s_time_keeps_that_start(harness):
     """A stop (SIGTERM) as the first answer of a first run a day ahead came: the listing was thrown
     away to be asked again, nothing was stored, and the next run, 5 hours later, started from its
