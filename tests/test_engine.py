@@ -2273,28 +2273,13 @@ def test_a_date_behind_buckets_openai_served_is_not_taken_as_openai_s_clock(harn
     assert not [r for r in caplog.records if "clock" in r.getMessage()]
 
 
-def test_a_first_run_that_failed_on_a_host_clock_ahead_of_openai_s_keeps_no_start_in_openai_s_future(harness):
-    """The start a failed first run keeps (`_keep_origin`) was taken on the local clock, a day
-    ahead: the next run went on from there, in OpenAI's future, and lost what came before it."""
-    api = SkewedApi(ts("2026-11-23T10:00:30"))
-    h = harness(api, initial_interval=3 * 3600)
-    h.collector.clock = lambda: api.now + 86400
-    early = ts("2026-11-23T07:30:00")
-    api.data[early] = [result(5)]
-    api.fail_on = (1, ConnectionError("OpenAI down"))
-    with pytest.raises(ConnectionError):
-        h.collector.poll(api.now + 86400)  # no answer, so no Date: the start is the local clock's
-    h.collector.poll(api.now + 86400)
-    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
-    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
-
-
-@pytest.mark.parametrize("later", [5 * 3600, 3 * 86400])
+@pytest.mark.parametrize("later", [0, 5 * 3600, 3 * 86400])
 def test_a_start_a_failed_first_run_kept_on_a_host_clock_ahead_is_moved_back_by_the_lead(harness, later):
     """The start a failed first run kept was taken on the local clock, a day ahead (07:00 the next
-    day, 3h asked). The next run, 5 hours later, was asked again from initial_interval before its
-    own Date (12:00): the 5 hours between never read; 3 days later it was not asked again at all,
-    and the day the kept start lay in OpenAI's future was never read. It is moved back by the lead."""
+    day, 3h asked). The next run at once went on from there, in OpenAI's future, and lost what came
+    before it; 5 hours later it was asked again from initial_interval before its own Date (12:00):
+    the 5 hours between never read; 3 days later it was not asked again at all, and the day the
+    kept start lay in OpenAI's future was never read. It is moved back by the lead."""
     api = SkewedApi(ts("2026-11-23T10:00:30"))
     h = harness(api, initial_interval=3 * 3600)
     h.collector.clock = lambda: api.now + 86400
