@@ -589,11 +589,12 @@ class UsageCollector(PollingCollector):
         That write held by the organization check (OpenAI down for the projects listing too):
         the start is kept in memory (`_held`), as a poll the check itself held."""
         cur, self._unrecorded = self._unrecorded, None
-        if cur is None:
-            return
         try:
             stored = self.store.cursor(self.name, self.width)
-            if stored is not None and not (self._never_read(stored) and cur.origin < stored.origin):
+            if cur is None or (stored is not None and not (self._never_read(stored) and cur.origin < stored.origin)):
+                if stored is not None and stored.origin == self._by_api and self._never_read(stored):
+                    # stored by an empty first page, then the listing failed: by OpenAI's time as well
+                    self.store.put_kv(self._kept_by_api_key(), str(stored.origin))
                 return
             self.store.put_cursors(self.name, {self.width: cur})
             if cur.origin == self._by_api:  # by OpenAI's time already: not moved back again
@@ -693,6 +694,12 @@ class UsageCollector(PollingCollector):
                             self._moved = moved
                             stats.pages -= 1  # a request made (counted), not a page read
                             break
+                        if served is not None:
+                            # kept as it is by OpenAI's Date: were this run's writes held or its
+                            # listing to fail, the start kept is by OpenAI's time too, not moved
+                            # back by a lead the clock took since (a day ahead after it: read from
+                            # a day before what initial_interval asked)
+                            self._by_api = cur.origin
                     cut_short = has_more and not page_token
                     if cut_short:
                         # the rest of the listing cannot be asked for: this page's whole buckets

@@ -2446,3 +2446,40 @@ def test_a_start_kept_by_openai_s_time_is_not_moved_back_by_the_lead_again(harne
     assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
     delivered = [d for run in {id(r): r for r in runs + [h]}.values() for d in docs(run.out)]
     assert [d["openai"]["completions"]["input_tokens"] for d in delivered] == [5]
+
+
+@pytest.mark.parametrize("how", ["held", "failed"])
+def test_a_start_a_first_run_kept_with_the_clocks_in_step_is_not_moved_back_by_a_later_lead(harness, how):
+    """A first run with the clocks in step (3h asked, OpenAI's Date agreeing) reads its first page,
+    and the organization check holds its writes (or its listing's next page fails, its first page
+    empty of buckets). That start was checked against OpenAI's Date, yet the next run, its clock
+    stepped a day ahead, took it for one kept on a clock ahead and moved it back by the day: read
+    from a day before the 3 hours asked."""
+    from agent_input.org_guard import OrganizationUnverified
+
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    api.data[ts("2026-11-23T07:30:00")] = [result(5)]
+    h = harness(api, initial_interval=3 * 3600)
+    lead = [0]
+    h.collector.clock = lambda: api.now + lead[0]
+    if how == "held":
+        def held():
+            raise OrganizationUnverified("the organization cannot be verified")
+
+        h.store.write_check = held
+    else:
+        api.override = {"object": "page", "data": [], "has_more": True, "next_page": str(api.now)}
+        api.fail_on = (2, ConnectionError("OpenAI down"))
+    with pytest.raises((OrganizationUnverified, ConnectionError)):
+        h.collector.poll(api.now)
+    h.store.write_check, api.override, api.fail_on = None, None, None
+    api.now += 300
+    lead[0] = 86400  # the host's clock stepped a day ahead
+    if how == "failed":  # kept in the state: a new process (`collect --once`) as well
+        h.store.close()
+        h = harness(api, initial_interval=3 * 3600)
+        h.collector.clock = lambda: api.now + lead[0]
+    h.collector.poll(api.now + 86400)
+    assert min(c["start_time"] for c in api.calls) == ts("2026-11-23T07:00:00")
+    assert h.store.cursor("completions", "1m").origin == ts("2026-11-23T07:00:00")
+    assert [d["openai"]["completions"]["input_tokens"] for d in docs(h.out)] == [5]
