@@ -104,6 +104,9 @@ KV_REFUSED = "audit:refused"  # the same for the organization scope (the whole s
 # {mark key: value}: marks stored at a scope's would-be start while it was refused, nothing read from
 # them yet, so an initial_interval raised meanwhile still reaches further back (as a first run's does)
 KV_UNREAD = "audit:unread_marks"
+# {mark key: value}: unread marks that are a first read's start moved back by the clock's lead an
+# answer gave (by OpenAI's time), kept when reading from there failed: not moved back again
+KV_BY_OPENAI = "audit:start_by_openai"
 
 
 @dataclass(frozen=True)
@@ -156,11 +159,14 @@ class AuditCollector(ListingCollector):
         # this process's next poll starts each scope with no mark there (`_poll_scope`)
         self._held_start: int | None = None
         self._own_marks: set[str] = set()  # the marks (their keys) this process has stored a slice at
+        self._moved: dict[str, int] = {}  # this poll's first reads moved back by an answer's lead: mark key -> start
+        self._lead: int | None = None  # that lead
 
     # -- polling -------------------------------------------------------------------------------
     def poll(self, now: float) -> PollStats:
         stats = PollStats()
         self._reading = False
+        self._moved, self._lead = {}, None
         try:
             self._poll(now, stats)
         except BaseException as exc:  # slices stored before it are delivered: counted in the totals
@@ -187,6 +193,7 @@ class AuditCollector(ListingCollector):
         of the first window was never read). A scope with a mark (slices stored) is left as is."""
         try:
             kv = self._would_be_starts(SCOPES, now)
+            kv.update(self._moved_starts(kv))
             if kv:
                 self.delivery.commit_events(self.name, [], kv)
         except (OrganizationMismatch, OrganizationUnverified):  # held: kept in memory, as a held poll's
@@ -264,10 +271,13 @@ class AuditCollector(ListingCollector):
         end = int(now) - LAG  # inclusive upper bound of this poll
         hwm_text = self.store.get(scope.kv_hwm)
         unread = self._unread_marks()
+        by_openai = False  # a start moved back by an answer's lead already (`_moved_starts`)
         if hwm_text is not None and unread.get(scope.kv_hwm) == hwm_text:
             # a refusal's would-be start that nothing was read from: this is still the scope's
             # first read, and an initial_interval raised since reaches further back (no overlap)
+            by_openai = self._json_kv(KV_BY_OPENAI).get(scope.kv_hwm) == hwm_text
             hwm, hwm_text = min(int(hwm_text), int(now - self.initial_interval)), None
+            by_openai = by_openai and hwm == int(unread[scope.kv_hwm])
         else:
             hwm = int(hwm_text) if hwm_text is not None else int(now - self.initial_interval)
             if hwm_text is None and self._held_start is not None:  # a first poll the organization check held
@@ -282,7 +292,8 @@ class AuditCollector(ListingCollector):
         # back (a proxy's, a backend's on a slow clock) was pulled back again at every such poll,
         # the events of the minutes before it written again each time.
         rewound = hwm_text is None or scope.kv_hwm in self._own_marks
-        first_read = hwm_text is None  # a scope's first read: it starts `initial_interval` before OpenAI's time
+        # a scope's first read: it starts `initial_interval` before OpenAI's time
+        first_read = hwm_text is None and not by_openai
         others_kept = hwm_text is not None  # a first read's first slice also keeps the other scopes' starts
         if not rewound and start > end and not self.stop.is_set():
             # A mark ahead of the local clock too (corrected since an earlier version set the mark
@@ -338,7 +349,8 @@ class AuditCollector(ListingCollector):
                 # events refused, 8 hours ahead, 6h asked: the 6 hours asked and the 2 after lost).
                 asked = start - (int(now) - served_to)
                 if asked < start and (start > served_to or now - served_to > CLOCK_WARNING):
-                    hwm = start = first = max(0, asked)
+                    hwm = start = first = self._moved[scope.kv_hwm] = max(0, asked)
+                    self._lead = int(now) - served_to
                     length = SLICE
                     first_read = False
                     continue
@@ -448,11 +460,44 @@ class AuditCollector(ListingCollector):
         log.warning(msg)
 
     def _unread_marks(self) -> dict[str, str]:
+        return self._json_kv(KV_UNREAD)
+
+    def _json_kv(self, key: str) -> dict[str, str]:
         try:
-            value = json.loads(self.store.get(KV_UNREAD) or "{}")
+            value = json.loads(self.store.get(key) or "{}")
         except ValueError:
             return {}
         return {k: v for k, v in value.items() if isinstance(v, str)} if isinstance(value, dict) else {}
+
+    def _moved_starts(self, kv: Mapping[str, str]) -> dict[str, str]:
+        """The kv writes that keep, for each scope nothing was read from, its start moved back by
+        the lead an answer of this poll gave (the start a first read was moved back to, or the
+        would-be start on the local clock, `kv`'s or one kept before, moved by that lead) rather
+        than the start on the local clock: were the clock corrected (NTP) before the next poll,
+        nothing moved that back, and what lay between was never read (a day ahead, 3h asked: the
+        time between the two polls, up to the day). Marked by OpenAI's time (KV_BY_OPENAI): not
+        moved back again."""
+        if self._lead is None:
+            return {}
+        unread = json.loads(kv[KV_UNREAD]) if KV_UNREAD in kv else self._unread_marks()
+        by_openai = self._json_kv(KV_BY_OPENAI)
+        out: dict[str, str] = {}
+        for scope in SCOPES:
+            key = scope.kv_hwm
+            mark = kv.get(key, self.store.get(key))
+            if mark is None or unread.get(key) != mark:
+                continue  # read from already (this poll stored a slice of it)
+            if key in self._moved:
+                start = self._moved[key]
+            elif by_openai.get(key) == mark:
+                continue
+            else:
+                start = max(0, int(mark) - self._lead)
+            out[key] = unread[key] = by_openai[key] = str(start)
+        if out:
+            out[KV_UNREAD] = json.dumps(unread, sort_keys=True)
+            out[KV_BY_OPENAI] = json.dumps(by_openai, sort_keys=True)
+        return out
 
     def _would_be_starts(self, scopes: Iterable["Scope"], now: float) -> dict[str, str]:
         """The kv writes that hold each of `scopes` without a mark at its would-be start, and

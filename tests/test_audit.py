@@ -1851,3 +1851,56 @@ def test_a_first_poll_that_fails_while_the_organization_check_holds_keeps_each_s
     simulator.clear_faults()
     assert store.get(KV_HWM) is None  # nothing written while held
     _next_poll_reads_each_scope_from_its_start(simulator, col, store, output, client, out)  # the same process's
+
+
+@pytest.mark.parametrize("process", ["same", "new"])
+def test_a_first_read_moved_back_by_an_answer_s_lead_keeps_that_start_when_its_read_fails(tmp_path, process):
+    """A clock a day ahead, 3h asked: the first poll's request fails (no answer, the start kept on
+    that clock, 21 hours in OpenAI's future); the next poll's answer gives the lead and the read is
+    moved back to 3 hours before OpenAI's time, but asking again fails too. The start kept was still
+    the local clock's: with the clock corrected (NTP) before the next poll, nothing moved it back,
+    and the read started 3 hours before that later poll's `now`: the 20 minutes between the first
+    poll and it (as long as the clock stayed ahead, up to a day) were never read. The start moved
+    by the lead an answer gave is kept, by OpenAI's time, and not moved again."""
+    now = int(T0)
+    api = _AuditListing([now - 2 * HOUR - 50 * 60, now + 600])
+    api.now = now
+    lead = [DAY]
+    cfg = _config(batch_size=10, initial_interval="3h")
+    calls = [0]
+    fail = [{1}]
+
+    def get_json(path, params):
+        calls[0] += 1
+        if calls[0] in fail[0]:
+            raise RetriesExhaustedError(503, "OpenAI down", path=path)
+        return _organization_only(api.get_json)(path, params)
+
+    client = SimpleNamespace(get_json=get_json, server_date=None)
+
+    def dated(path, params):
+        answer = get_json(path, params)
+        client.server_date = api.now
+        return answer
+
+    client.get_json = dated
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + lead[0])
+    with pytest.raises(RetriesExhaustedError):
+        col.poll(api.now + DAY)  # no answer: the start is this clock's, a day ahead
+    api.now += 300
+    calls[0], fail[0] = 0, {2}  # answered (a day ahead: moved back), asking again fails
+    with pytest.raises(RetriesExhaustedError):
+        col.poll(api.now + DAY)
+    api.now += 900
+    lead[0] = 0  # the clock corrected
+    calls[0], fail[0] = 0, set()
+    if process == "new":
+        store.close()
+        store = StateStore(tmp_path / "state")
+        col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now)
+    col.poll(api.now)
+    assert min(gte for gte, _ in api.slices[-2:]) == now - 3 * HOUR
+    output.close()
+    assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == sorted(e["id"] for e in api.events)
+    store.close()
