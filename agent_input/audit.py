@@ -158,6 +158,7 @@ class AuditCollector(ListingCollector):
         # a first poll's start whose writes the organization check held (nothing may be stored):
         # this process's next poll starts each scope with no mark there (`_poll_scope`)
         self._held_start: int | None = None
+        self._held_by_openai = False  # that start was moved back by an answer's lead: not moved again
         self._own_marks: set[str] = set()  # the marks (their keys) this process has stored a slice at
         self._moved: dict[str, int] = {}  # this poll's first reads moved back by an answer's lead: mark key -> start
         self._lead: int | None = None  # that lead
@@ -183,7 +184,11 @@ class AuditCollector(ListingCollector):
         """The organization check holds the writes that would keep the starts of scopes with no
         mark: kept in memory instead (`_held_start`), for this process's next poll."""
         start = int(now - self.initial_interval)
-        self._held_start = start if self._held_start is None else min(self._held_start, start)
+        if self._lead is not None:  # moved back by the lead an answer of this poll gave (`_moved_starts`)
+            start = min([max(0, start - self._lead), *self._moved.values()])
+        if self._held_start is None or start < self._held_start:
+            self._held_start = start
+            self._held_by_openai = self._lead is not None
 
     def _keep_starts(self, now: float) -> None:
         """A first poll that failed (a 5xx or 429 after the client's retries, a timeout, a page
@@ -282,6 +287,7 @@ class AuditCollector(ListingCollector):
             hwm = int(hwm_text) if hwm_text is not None else int(now - self.initial_interval)
             if hwm_text is None and self._held_start is not None:  # a first poll the organization check held
                 hwm = min(hwm, self._held_start)
+                by_openai = self._held_by_openai and hwm == self._held_start
         # ids already emitted whose effective_at lies in the overlap, with that effective_at
         recent: dict[str, int] = _load_recent(self.store.get(scope.kv_recent))
         start = max(0, hwm - OVERLAP) if hwm_text is not None else hwm
@@ -480,7 +486,7 @@ class AuditCollector(ListingCollector):
         if self._lead is None:
             return {}
         unread = json.loads(kv[KV_UNREAD]) if KV_UNREAD in kv else self._unread_marks()
-        by_openai = self._json_kv(KV_BY_OPENAI)
+        by_openai = json.loads(kv[KV_BY_OPENAI]) if KV_BY_OPENAI in kv else self._json_kv(KV_BY_OPENAI)
         out: dict[str, str] = {}
         for scope in SCOPES:
             key = scope.kv_hwm
@@ -508,8 +514,12 @@ class AuditCollector(ListingCollector):
             start = min(start, self._held_start)
         kv = {scope.kv_hwm: str(start)
               for scope in scopes if self.store.get(scope.kv_hwm) is None}
+        if kv and self._held_by_openai and start == self._held_start:
+            # moved back by an answer's lead already: not moved again (`_moved_starts`)
+            kv[KV_BY_OPENAI] = json.dumps({**self._json_kv(KV_BY_OPENAI), **kv}, sort_keys=True)
         if kv:
-            kv[KV_UNREAD] = json.dumps({**unread, **kv}, sort_keys=True)
+            kv[KV_UNREAD] = json.dumps({**unread, **{k: v for k, v in kv.items() if k != KV_BY_OPENAI}},
+                                       sort_keys=True)
         return kv
 
     def _forbid(self, exc: PermissionDeniedError, now: float) -> None:

@@ -1904,3 +1904,87 @@ def test_a_first_read_moved_back_by_an_answer_s_lead_keeps_that_start_when_its_r
     output.close()
     assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == sorted(e["id"] for e in api.events)
     store.close()
+
+
+def test_a_first_read_moved_back_by_an_answer_s_lead_and_held_keeps_that_start(tmp_path):
+    """The same with the organization check holding the first poll's writes, a day ahead: its read
+    was moved back to 3 hours before OpenAI's time, but the start held in memory was the local
+    clock's; corrected before the next poll, that read started 3 hours before its own `now`."""
+    from agent_input.org_guard import OrganizationUnverified
+
+    now = int(T0)
+    api = _AuditListing([now - 2 * HOUR - 50 * 60, now + 600])
+    api.now = now
+    lead = [DAY]
+    cfg = _config(batch_size=10, initial_interval="3h")
+    client = SimpleNamespace(server_date=None)
+
+    def dated(path, params):
+        answer = _organization_only(api.get_json)(path, params)
+        client.server_date = api.now
+        return answer
+
+    def held():
+        raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+    client.get_json = dated
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + lead[0])
+    store.write_check = held
+    with pytest.raises(OrganizationUnverified):
+        col.poll(api.now + DAY)
+    store.write_check = None
+    api.now += 1200
+    lead[0] = 0  # the clock corrected
+    asked = len(api.slices)
+    col.poll(api.now)
+    assert min(gte for gte, _ in api.slices[asked:]) == now - 3 * HOUR
+    output.close()
+    assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == sorted(e["id"] for e in api.events)
+    store.close()
+
+
+def test_a_start_held_by_openai_s_time_then_kept_by_a_failed_poll_is_not_moved_back_again(tmp_path):
+    """A day ahead, 3h asked: the first poll's read, moved back to 3 hours before OpenAI's time, is
+    held by the organization check (that start in memory); the next poll's first request fails, and
+    it keeps the held start in the state, where the next process moved it back by the day once
+    more: read from a day and 3 hours before."""
+    from agent_input.org_guard import OrganizationUnverified
+
+    now = int(T0)
+    api = _AuditListing([now - 2 * HOUR])
+    api.now = now
+    cfg = _config(batch_size=10, initial_interval="3h")
+    client = SimpleNamespace(server_date=None)
+    fail = [False]
+
+    def dated(path, params):
+        if fail[0]:
+            raise RetriesExhaustedError(503, "OpenAI down", path=path)
+        answer = _organization_only(api.get_json)(path, params)
+        client.server_date = api.now
+        return answer
+
+    def held():
+        raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+    client.get_json = dated
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + DAY)
+    store.write_check = held
+    with pytest.raises(OrganizationUnverified):
+        col.poll(api.now + DAY)
+    store.write_check, fail[0] = None, True
+    api.now += 300
+    with pytest.raises(RetriesExhaustedError):
+        col.poll(api.now + DAY)
+    store.close()
+    fail[0], api.now = False, api.now + 300
+    store = StateStore(tmp_path / "state")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + DAY)
+    asked = len(api.slices)
+    col.poll(api.now + DAY)
+    assert min(gte for gte, _ in api.slices[asked:]) == now - 3 * HOUR
+    output.close()
+    assert [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")] == [api.events[0]["id"]]
+    store.close()
