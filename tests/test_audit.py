@@ -1853,6 +1853,28 @@ def test_a_first_poll_that_fails_while_the_organization_check_holds_keeps_each_s
     _next_poll_reads_each_scope_from_its_start(simulator, col, store, output, client, out)  # the same process's
 
 
+def _dated_organization_client(api, failing=lambda: False):
+    """The organization scope of `api` through a client whose answers carry `api.now` as their
+    Date; a call for which `failing()` is true fails as OpenAI down past the retries (no Date)."""
+    client = SimpleNamespace(server_date=None)
+
+    def get_json(path, params):
+        if failing():
+            raise RetriesExhaustedError(503, "OpenAI down", path=path)
+        answer = _organization_only(api.get_json)(path, params)
+        client.server_date = api.now
+        return answer
+
+    client.get_json = get_json
+    return client
+
+
+def _held_by_the_check():
+    from agent_input.org_guard import OrganizationUnverified
+
+    raise OrganizationUnverified("listing its projects failed: HTTP 500")
+
+
 @pytest.mark.parametrize("process", ["same", "new"])
 def test_a_first_read_moved_back_by_an_answer_s_lead_keeps_that_start_when_its_read_fails(tmp_path, process):
     """A clock a day ahead, 3h asked: the first poll's request fails (no answer, the start kept on
@@ -1870,20 +1892,11 @@ def test_a_first_read_moved_back_by_an_answer_s_lead_keeps_that_start_when_its_r
     calls = [0]
     fail = [{1}]
 
-    def get_json(path, params):
+    def failing():
         calls[0] += 1
-        if calls[0] in fail[0]:
-            raise RetriesExhaustedError(503, "OpenAI down", path=path)
-        return _organization_only(api.get_json)(path, params)
+        return calls[0] in fail[0]
 
-    client = SimpleNamespace(get_json=get_json, server_date=None)
-
-    def dated(path, params):
-        answer = get_json(path, params)
-        client.server_date = api.now
-        return answer
-
-    client.get_json = dated
+    client = _dated_organization_client(api, failing)
     store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
     col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + lead[0])
     with pytest.raises(RetriesExhaustedError):
@@ -1917,17 +1930,8 @@ def test_a_first_read_moved_back_by_an_answer_s_lead_and_held_keeps_that_start(t
     api.now = now
     lead = [DAY]
     cfg = _config(batch_size=10, initial_interval="3h")
-    client = SimpleNamespace(server_date=None)
-
-    def dated(path, params):
-        answer = _organization_only(api.get_json)(path, params)
-        client.server_date = api.now
-        return answer
-
-    def held():
-        raise OrganizationUnverified("listing its projects failed: HTTP 500")
-
-    client.get_json = dated
+    client = _dated_organization_client(api)
+    held = _held_by_the_check
     store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
     col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + lead[0])
     store.write_check = held
@@ -1955,20 +1959,9 @@ def test_a_start_held_by_openai_s_time_then_kept_by_a_failed_poll_is_not_moved_b
     api = _AuditListing([now - 2 * HOUR])
     api.now = now
     cfg = _config(batch_size=10, initial_interval="3h")
-    client = SimpleNamespace(server_date=None)
     fail = [False]
-
-    def dated(path, params):
-        if fail[0]:
-            raise RetriesExhaustedError(503, "OpenAI down", path=path)
-        answer = _organization_only(api.get_json)(path, params)
-        client.server_date = api.now
-        return answer
-
-    def held():
-        raise OrganizationUnverified("listing its projects failed: HTTP 500")
-
-    client.get_json = dated
+    client = _dated_organization_client(api, lambda: fail[0])
+    held = _held_by_the_check
     store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
     col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + DAY)
     store.write_check = held

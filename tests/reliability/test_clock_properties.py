@@ -115,6 +115,24 @@ def _held():
     raise OrganizationUnverified("injected: the projects listing failed (503)")
 
 
+def _armed_poll(api, store, col, action: str, n: int, at: float) -> None:
+    """One step's poll at host time `at`, with the step's failure, stop or organization-check hold
+    armed, and disarmed after it (a failure it arms is the poll's own)."""
+    api.calls = 0
+    api.fail_at = {"fail_first": 1, "fail_again": 2, "fail_n": n}.get(action)
+    if action == "stop":
+        api.stop_after = (n - 1, col.stop)
+    if action == "held":
+        store.write_check = _held
+    try:
+        col.poll(at)
+    except (RetriesExhaustedError, OrganizationUnverified):
+        pass
+    finally:
+        store.write_check = None
+        api.fail_at, api.stop_after = None, None
+
+
 usage_step = st.tuples(
     # seconds to advance OpenAI's clock first: nothing, a second, around the 5-minute warning, a
     # poll interval, up to an hour, or a pause of up to two days
@@ -180,19 +198,7 @@ def test_usage_on_a_skewed_clock_delivers_every_bucket_once_from_initial_interva
             if epoch is not None and (cur is None or cur.position == cur.origin == cur.settled
                                       and store.first_observation("completions", width) is None):
                 epoch["leads"].append(host[0])  # a first run's still: nothing read yet
-            api.calls = 0
-            api.fail_at = {"fail_first": 1, "fail_again": 2, "fail_n": n}.get(action)
-            if action == "stop":
-                api.stop_after = (n - 1, col.stop)
-            if action == "held":
-                store.write_check = _held
-            try:
-                col.poll(api.now + host[0])
-            except (RetriesExhaustedError, OrganizationUnverified):
-                pass
-            finally:
-                store.write_check = None
-                api.fail_at, api.stop_after = None, None
+            _armed_poll(api, store, col, action, n, api.now + host[0])
             if epoch is not None and epoch["answered"] is None and api.calls >= (2 if action == "fail_first" else 1):
                 epoch["answered"] = host[0]
             if action == "stop":  # a stop ends the process
@@ -395,19 +401,7 @@ def test_audit_on_a_skewed_clock_delivers_every_event_once_from_initial_interval
             epoch["all"].append(host[0])
             if unread():
                 epoch["leads"].append(host[0])
-            api.calls = 0
-            api.fail_at = {"fail_first": 1, "fail_again": 2, "fail_n": n}.get(action)
-            if action == "stop":
-                api.stop_after = (n - 1, col.stop)
-            if action == "held":
-                store.write_check = _held
-            try:
-                col.poll(api.now + host[0])
-            except (RetriesExhaustedError, OrganizationUnverified):
-                pass
-            finally:
-                store.write_check = None
-                api.fail_at, api.stop_after = None, None
+            _armed_poll(api, store, col, action, n, api.now + host[0])
             if epoch["answered"] is None and api.calls >= (2 if action == "fail_first" else 1):
                 epoch["answered"] = host[0]
             if action == "stop":
