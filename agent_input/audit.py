@@ -423,9 +423,9 @@ class AuditCollector(ListingCollector):
                 # in between were never read (a failed or stopped poll keeps them: `_keep_starts`).
                 others_kept = True
                 others = self._would_be_starts([s for s in SCOPES if s is not scope], now)
-                others.pop(KV_UNREAD, None)
+                others.pop(KV_UNREAD, None)  # written below, with this scope's own mark gone from it
                 if others:
-                    unread.update(others)
+                    unread.update((s.kv_hwm, others[s.kv_hwm]) for s in SCOPES if s.kv_hwm in others)
                     popped = True
                     kv.update(others)
             if popped:
@@ -512,14 +512,14 @@ class AuditCollector(ListingCollector):
         start = int(now - self.initial_interval)
         if self._held_start is not None:  # a first poll the organization check held: from there
             start = min(start, self._held_start)
-        kv = {scope.kv_hwm: str(start)
-              for scope in scopes if self.store.get(scope.kv_hwm) is None}
-        if kv and self._held_by_openai and start == self._held_start:
+        marks = {scope.kv_hwm: str(start)
+                 for scope in scopes if self.store.get(scope.kv_hwm) is None}
+        if not marks:
+            return {}
+        kv = {**marks, KV_UNREAD: json.dumps({**unread, **marks}, sort_keys=True)}
+        if self._held_by_openai and start == self._held_start:
             # moved back by an answer's lead already: not moved again (`_moved_starts`)
-            kv[KV_BY_OPENAI] = json.dumps({**self._json_kv(KV_BY_OPENAI), **kv}, sort_keys=True)
-        if kv:
-            kv[KV_UNREAD] = json.dumps({**unread, **{k: v for k, v in kv.items() if k != KV_BY_OPENAI}},
-                                       sort_keys=True)
+            kv[KV_BY_OPENAI] = json.dumps({**self._json_kv(KV_BY_OPENAI), **marks}, sort_keys=True)
         return kv
 
     def _forbid(self, exc: PermissionDeniedError, now: float) -> None:

@@ -1948,6 +1948,32 @@ def test_a_first_read_moved_back_by_an_answer_s_lead_and_held_keeps_that_start(t
     store.close()
 
 
+def test_a_first_slice_after_a_held_read_keeps_only_marks_in_the_unread_map(tmp_path):
+    """A first read moved back by the clock's lead and held by the organization check, then read:
+    its first stored slice keeps the other scope's would-be start, marked by OpenAI's time. That
+    mark's kv write went into the unread-marks map as well, under its own key: the map, which
+    holds a scope's mark key and its start, then named `audit:start_by_openai` as a mark."""
+    from agent_input.audit import KV_UNREAD, SCOPES
+    from agent_input.org_guard import OrganizationUnverified
+
+    now = int(T0)
+    api = _AuditListing([now - 2 * HOUR])
+    api.now = now
+    cfg = _config(batch_size=10, initial_interval="3h")
+    client = _dated_organization_client(api)
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + DAY)
+    store.write_check = _held_by_the_check
+    with pytest.raises(OrganizationUnverified):
+        col.poll(api.now + DAY)
+    store.write_check = None
+    api.now += 300
+    col.poll(api.now + DAY)
+    output.close()
+    assert set(json.loads(store.get(KV_UNREAD) or "{}")) <= {s.kv_hwm for s in SCOPES}
+    store.close()
+
+
 def test_a_start_held_by_openai_s_time_then_kept_by_a_failed_poll_is_not_moved_back_again(tmp_path):
     """A day ahead, 3h asked: the first poll's read, moved back to 3 hours before OpenAI's time, is
     held by the organization check (that start in memory); the next poll's first request fails, and
