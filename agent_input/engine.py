@@ -27,7 +27,7 @@ from .http_client import AuthenticationError, PermissionDeniedError, StoppedErro
 from .org_guard import OrganizationGuard, OrganizationMismatch, OrganizationUnverified
 from .outputs import Output, OutputError
 from .paging import PAGE_GATE, DaemonPool, PageFetcher
-from .reports import clip
+from .reports import clip, short
 from .state import Cursor, Observation, StateError, StateStore, group_json
 from .streams import BOOLEAN_DIMENSIONS, WIDTH_SECONDS, UsageStreamSpec, get_field
 
@@ -833,8 +833,8 @@ class UsageCollector(PollingCollector):
             raise BadBucket("bucket is not an object")
         start, stop_ = _as_int(bucket.get("start_time")), _as_int(bucket.get("end_time"))
         if not _is_int(start) or not _is_int(stop_):
-            # each cut: a `start_time` of 5,000 characters was a report of 10 kB
-            raise BadBucket(f"start_time/end_time are not integers ({start!r:.40}, {stop_!r:.40})")
+            # each as a report shows a value (a `start_time` of 5,000 characters was a report of 10 kB)
+            raise BadBucket(f"start_time/end_time are not integers ({short(start)}, {short(stop_)})")
         if stop_ - start != self.width_s:
             raise BadBucket(f"bucket {start}..{stop_} is not {self.width} wide")
         if start % self.width_s:
