@@ -208,6 +208,8 @@ def parse_duration(value: str | int, key: str = "") -> int:
         return value
     if isinstance(value, float) and value.is_integer() and value >= 0:
         return int(value)
+    if isinstance(value, float) and value < 0:
+        raise ConfigError(key, f"{_shown(value)} is negative; expected {DURATION_FORM}")
     if isinstance(value, str):
         text = value.strip().lower()
         if text.startswith("-"):
@@ -215,6 +217,8 @@ def parse_duration(value: str | int, key: str = "") -> int:
         if _DURATION_RE.match(text) and len(text) <= 40:  # int() refuses 4,300+ digits with a ValueError
             return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
         if text.isascii() and text.isdigit() and len(text) <= 40:
+            if int(text) == 0:  # zero is zero in every unit: nothing to ask (the hint would be "0s")
+                return 0
             # a number in quotes (or a policy's text field): the form's "integer number of seconds"
             # read as allowing it, and a bare "5" may be meant as minutes, so the unit is asked for
             raise ConfigError(key, f"{_shown(value)} has no unit: write {text}s for seconds "

@@ -53,6 +53,25 @@ def test_a_duration_of_digits_in_quotes_asks_for_its_unit(digits):
     assert info.value.message.startswith(f"{digits!r} has no unit: write {number}s for seconds (or the number unquoted)")
 
 
+@pytest.mark.parametrize("zero", ["0", " 00 "])
+def test_a_zero_in_quotes_is_zero_seconds(zero):
+    """A quoted "0" was told to write "0s", and "0s" was then refused where a duration must be over
+    zero (two lines in turn for one mistake); zero has no unit to ask for, so it is 0, and the
+    key's own bound speaks."""
+    assert parse_duration(zero, "data_streams.vector_stores.revision_window") == 0
+    exc = one_error({"data_streams": {"audit": {"interval": "0"}}})
+    assert exc.errors[0].key == "data_streams.audit.interval"
+    assert "no unit" not in str(exc) and "greater than 0s" in str(exc)
+
+
+@pytest.mark.parametrize("negative", [-60.0, -5.5, float("-inf")])
+def test_a_negative_float_duration_is_told_it_is_negative(negative):
+    """-5.0 got the general "not a duration" line where -5 and "-5.0" are told they are negative."""
+    with pytest.raises(ConfigError) as info:
+        parse_duration(negative, "data_streams.audit.interval")
+    assert " is negative; expected a duration like" in info.value.message
+
+
 @pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "1.5h", "-5m", "five minutes", True, -3, -1, -60.0, 1.5,
                                  None, [1]])
 def test_bad_duration_names_key_and_allowed_form(bad):
