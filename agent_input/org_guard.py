@@ -87,7 +87,7 @@ def fingerprint(projects: Iterable[Mapping[str, Any]]) -> list[str]:
         value = p.get("created_at")
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("inf")
 
-    ids = sorted(((created(p), p["id"]) for p in projects if isinstance(p.get("id"), str)))
+    ids = sorted(((created(p), p["id"]) for p in projects if _is_id(p.get("id"))))
     out: list[str] = []
     for _, pid in ids:
         if pid not in out:
@@ -103,7 +103,13 @@ def parse_fingerprint(text: str | None) -> list[str]:
         value = json.loads(text or "[]")
     except ValueError:
         return []
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    return [v for v in value if _is_id(v)] if isinstance(value, list) else []
+
+
+def _is_id(value: Any) -> bool:
+    """A project id that can be evidence: a string, not empty (two organizations whose listings each
+    held a project of id "" shared it, and a key of the one passed for the other's)."""
+    return isinstance(value, str) and value != ""
 
 
 def list_projects(client: Any) -> list[Mapping[str, Any]]:
@@ -114,8 +120,9 @@ def list_projects(client: Any) -> list[Mapping[str, Any]]:
 
 def listed_ids(projects: Iterable[Mapping[str, Any]]) -> set[str]:
     """The ids a listing names. A project without a string id (the reference requires one) is no
-    evidence either way: as a set member a list or object id failed every check ("unhashable")."""
-    return {p["id"] for p in projects if isinstance(p.get("id"), str)}
+    evidence either way: as a set member a list or object id failed every check ("unhashable"); an
+    empty one would be the same project in every organization that listed one."""
+    return {p["id"] for p in projects if _is_id(p.get("id"))}
 
 
 def refusal_reason(state_dir: Any, listed: set, recorded: list[str], seen: list[str]) -> str | None:

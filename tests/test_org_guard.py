@@ -71,6 +71,19 @@ def test_a_project_whose_id_is_not_a_string_is_left_out_of_the_check(tmp_path):
     other.store.close()
 
 
+def test_a_project_whose_id_is_empty_is_no_evidence_of_the_same_organization(tmp_path):
+    """An empty id (the reference's `Project.id` is a non-empty identifier) was evidence like any:
+    recorded in the fingerprint, it made a listing of another organization that also named a
+    project "" pass as the same one. It is neither recorded nor compared."""
+    assert fingerprint([{"id": "", "created_at": 1}, *_projects(2)]) == ["proj_a000", "proj_a001"]
+    guard = _guard(tmp_path, ["", "proj_a000"])  # a fingerprint an earlier version recorded
+    assert guard.recorded == ["proj_a000"]
+    guard.observe([{"id": "", "created_at": 1}, *_projects(2, prefix="proj_b")])
+    with pytest.raises(OrganizationMismatch):
+        guard.wait()
+    guard.store.close()
+
+
 def test_a_listing_whose_every_project_lacks_a_string_id_is_no_evidence_of_another_organization(tmp_path):
     """Projects listed, none with a string id (the reference's `Project.id`): left out, they left
     nothing to decide on, and the check took the key for another organization's ("none of the 3
