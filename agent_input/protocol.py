@@ -316,14 +316,18 @@ class ProtocolOutput:
         with self._cond:
             return len(self._inflight)
 
-    def wait_drained(self, timeout: float) -> bool:
+    def wait_drained(self, timeout: float, acks_ended: threading.Event | None = None) -> bool:
         """Every batch sent acknowledged and its outbox entry deleted (False on timeout): a process
-        that stopped between the ack and the delete would send the batch again at its next start."""
+        that stopped between the ack and the delete would send the batch again at its next start.
+        Nobody can ack once stdout is closed, nor once `acks_ended` is set (the end of stdin, read
+        after every ack before it was handled): no waiting for acks then, only for deletes under way."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._inflight or self._deleting:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.writer.closed.is_set():
+                    return False
+                if acks_ended is not None and acks_ended.is_set() and not self._deleting:
                     return False
                 self._cond.wait(min(left, 0.2))
         return True
@@ -411,6 +415,7 @@ class Runner:
         # loop gets to it: the loop itself can be waiting to write a status (a config's) to a
         # stdout nobody reads, and the stop has to end that wait (`ProtocolWriter.give_up_on`)
         self.stop_read = threading.Event()
+        self.stdin_ended = threading.Event()  # the stdin reader is done: every ack it read was handled
 
     # -- stdin -----------------------------------------------------------------------------------
     def _read_stdin(self) -> None:
@@ -428,6 +433,7 @@ class Runner:
         except (OSError, ValueError) as exc:
             log.error("cannot read stdin: %s", exc)
         finally:
+            self.stdin_ended.set()  # no ack can come any more: a stop waits for none (`wait_drained`)
             self.stop_read.set()
             self.control.put(("eof", None))
 
@@ -621,7 +627,7 @@ class Runner:
         self.writer.status("input", "stopping", f"{reason}: finishing the page in flight")
         self._stop_engine()
         if not self.output.ack_on_flush and self.output.inflight():
-            if not self.output.wait_drained(self.ack_timeout):
+            if not self.output.wait_drained(self.ack_timeout, self.stdin_ended):
                 log.info("%d batches were not acknowledged; they are sent again at the next start",
                          self.output.inflight())
         self.writer.status("input", "stopped", "")

@@ -518,6 +518,33 @@ def test_acks_that_arrive_after_stop_are_waited_for(tmp_path):
     store.close()
 
 
+def test_at_the_end_of_stdin_the_stop_waits_for_no_ack(tmp_path, caplog):
+    """Nobody can ack once stdin is closed (the agent stopping the process that way, or after a
+    `stop`): the runner stops without waiting out --ack-timeout (an hour here) for a batch in
+    flight, which stays in the outbox for the next start."""
+    caplog.set_level("INFO", logger="agent_input.protocol")
+    state = tmp_path / "state"
+    store = StateStore(state)
+    batch = store.commit_events("audit", _event_line("a1"), 1, {})
+    for stop_first in (False, True):
+        run = InProcess(state, tmp_path / "stdout", ack_timeout=3600)
+        try:
+            run.runner.output.send("audit", _event_line("a1"), 1, lambda: store.ack(batch))
+            run.start()
+            if stop_first:
+                run.send({"type": "stop"})
+                run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "stopping"],
+                             what="stopping")
+            run.close()  # the end of stdin (joins the runner for up to 10 s)
+            assert not run._thread.is_alive(), "the stop waited for acks that can no longer come"
+            assert run.code == 0 and run.statuses("input")[-1]["status"] == "stopped"
+        finally:
+            run.close()
+    assert [b.batch for b in store.pending()] == [batch]
+    store.close()
+    assert caplog.text.count("1 batches were not acknowledged; they are sent again at the next start") == 2
+
+
 def test_a_batch_whose_write_fails_is_not_acknowledged(tmp_path):
     """stdout fails mid-batch: the batch is forgotten as in flight, but never acknowledged, so it
     stays in the outbox for the next start."""
