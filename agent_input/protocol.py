@@ -178,6 +178,14 @@ class _AnyOf:
         return any(e.is_set() for e in self.events)
 
 
+def _some(values: list, shown: int = 5) -> str:
+    """The first `shown` of `values`, each bounded (`reports.short`), and how many more."""
+    from .reports import short
+
+    text = ", ".join(short(v) for v in values[:shown])
+    return text + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
 def _encodable(value: Any) -> Any:
     """`value` (a message, or any JSON value in it) with every string made encodable as UTF-8:
     what cannot be (a lone surrogate, as a supervisor's JSON may carry) is written as `\\udXXX`."""
@@ -465,12 +473,20 @@ class Runner:
         if not isinstance(batches, list) or not batches:
             log.warning("input line %d: ack needs \"batch\" (an integer) or \"batches\" (a list), skipped", n)
             return
+        # one line per kind of problem, its values bounded: an ack of thousands of ids, or of a
+        # megabyte string, is still a short line (a long one is dropped whole by the stderr queue)
+        bad, unknown = [], []
         for b in batches:
             if not isinstance(b, int) or isinstance(b, bool):
-                log.warning("input line %d: ack of %r skipped: batch ids are integers", n, b)
+                bad.append(b)
             elif not self.output.ack(b):
-                log.warning("input line %d: ack of batch %d ignored: not awaiting an ack "
-                            "(already acked, or sent by an earlier process)", n, b)
+                unknown.append(b)
+        if bad:
+            log.warning("input line %d: ack of %s skipped: batch ids are integers", n, _some(bad))
+        if unknown:
+            log.warning("input line %d: ack of batch%s %s ignored: not awaiting an ack "
+                        "(already acked, or sent by an earlier process)", n, "es" if len(unknown) > 1 else "",
+                        _some(unknown))
 
     # -- configuration ---------------------------------------------------------------------------
     def _configure(self, msg: dict) -> None:

@@ -455,7 +455,8 @@ def _acks_delete_nothing(tmp_path, *acks: dict) -> None:
 def test_an_ack_of_true_is_not_an_ack_of_batch_1(tmp_path, caplog):
     """JSON `true` is a Python int: taken as batch 1, it would delete a batch never delivered."""
     _acks_delete_nothing(tmp_path, {"type": "ack", "batch": True}, {"type": "ack", "batches": [True, 1.0]})
-    assert caplog.text.count("batch ids are integers") == 3
+    assert "input line 1: ack of True skipped: batch ids are integers" in caplog.text
+    assert "input line 2: ack of True, 1.0 skipped: batch ids are integers" in caplog.text
 
 
 def test_an_ack_without_batches_or_of_an_unknown_batch_is_a_warning_and_nothing_is_deleted(tmp_path, caplog):
@@ -466,6 +467,21 @@ def test_an_ack_without_batches_or_of_an_unknown_batch_is_a_warning_and_nothing_
     assert caplog.text.count('ack needs "batch" (an integer) or "batches" (a list), skipped') == 2
     assert "input line 1: ack needs" in caplog.text and "input line 2: ack needs" in caplog.text
     assert "input line 3: ack of batch 7 ignored: not awaiting an ack" in caplog.text
+
+
+def test_an_ack_of_huge_or_many_ids_is_one_short_warning_line_each_kind(tmp_path, caplog):
+    """An ack of a 3 MB string, or of thousands of ids, was quoted whole, one line per id: a line
+    past the stderr queue's megabyte was dropped whole ("stderr was not read"), and thousands of
+    lines drowned the log. Each kind of problem is one line, its values bounded, with a count."""
+    _acks_delete_nothing(tmp_path, {"type": "ack", "batch": "x" * 3_000_000},
+                         {"type": "ack", "batches": [{"k": "y" * 1000}] * 2000 + list(range(100, 3100))})
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent_input.protocol" and "input line" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert all(len(line) < 1000 for line in lines), [len(line) for line in lines]
+    assert lines[0].startswith("input line 1: ack of 'xxxx") and lines[0].endswith("skipped: batch ids are integers")
+    assert "and 1995 more skipped: batch ids are integers" in lines[1]
+    assert lines[2].startswith("input line 2: ack of batches 100, 101, 102, 103, 104 and 2995 more ignored: "
+                               "not awaiting an ack")
 
 
 def test_a_backfill_s_progress_is_the_stream_s_status_message_unless_it_says_why_it_is_degraded(tmp_path):
