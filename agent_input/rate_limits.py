@@ -43,6 +43,7 @@ from typing import Any, Iterator, Mapping
 from .ecs import ECS_VERSION, iso_timestamp
 from .engine import COUNTER_LIMIT, Lines, ListingCollector, PollStats, delivered_before, serialize
 from .http_client import AdminApiClient, ApiError, AuthenticationError, PermissionDeniedError, StoppedError
+from .org_guard import OrganizationUnverified
 from .paging import DaemonPool, cursor_pages, result
 from .reports import short as _short, wrong as _wrong
 
@@ -178,7 +179,14 @@ class RateLimitsCollector(ListingCollector):
                                          failed_projects=len(failed), bad_limits=bad_limits, error=error,
                                          namespace=self.namespace)
         lines.append(serialize(status_id, status))
-        self.delivery.commit_events(self.name, lines, {KV_LAST_CYCLE: str(cycle)})
+        try:
+            self.delivery.commit_events(self.name, lines, {KV_LAST_CYCLE: str(cycle)})
+        except OrganizationUnverified:
+            if fatal is None:
+                raise
+            # the organization check lists the projects with this same key, refused as well: held,
+            # the cycle's documents are not stored, but the stream cannot go on for the key's reason
+            raise delivered_before(fatal, stats) from None
         stats.events += len(lines)
         if fatal is not None:  # a rejected key or missing scope: the engine stops the stream and says why
             raise delivered_before(fatal, stats)  # (the cycle's documents are stored, and counted)

@@ -389,6 +389,30 @@ def test_failed_stream_is_reported(simulator, tmp_path):
     assert sup.stop() == 0
 
 
+def test_a_rejected_key_fails_rate_limits_on_a_directory_that_recorded_its_organization(simulator, tmp_path):
+    """The admin key rotated to one OpenAI rejects (401): rate limits, whose projects listing is
+    refused, is `failed` like every stream (docs/protocol.md), not `degraded` for ever because the
+    organization check, listing with the same key, held the write of its failure document."""
+    cfg = _config(simulator.base_url, streams=())
+    cfg["data_streams"]["rate_limits"] = {}
+    with Supervisor(tmp_path / "state", T0) as sup:
+        sup.configure(cfg, cid="a")
+        sup.wait_polled(["rate_limits"], revision=1)  # the organization is recorded
+        assert sup.stop() == 0
+    cfg["api_key"] = "sk-admin-revoked-key-0000000000"
+    with Supervisor(tmp_path / "state", T0 + HOUR) as sup:
+        sup.configure(cfg, cid="b")
+        said = sup.wait_for(lambda: [m for m in sup.statuses("stream") if m["status"] in ("failed", "degraded")],
+                            what="the stream's outcome")[0]
+        assert (said["stream"], said["status"]) == ("rate_limits", "failed"), said
+        assert "the admin key was rejected (401" in said["message"]
+        sup.wait_for(lambda: [m for m in sup.statuses("input") if m["status"] == "failed"
+                              and "every stream stopped" in m["message"]], what="the input failed")
+        assert sup.stop() == 0
+        _assert_clean_streams(sup)
+        assert "sk-admin-revoked-key-0000000000" not in json.dumps(sup.messages) + sup.stderr_text()
+
+
 def test_a_deeply_nested_input_line_is_skipped_not_fatal(tmp_path):
     with Supervisor(tmp_path / "state", T0) as sup:
         assert sup.send(b"[" * 200_000)  # json.loads: RecursionError, not ValueError
