@@ -516,7 +516,9 @@ class Runner:
         if problems:
             text = redact("; ".join(map(str, problems)))
             log.error("config rejected: %s", text)
-            if self.collection is not None:
+            # the old config runs only while its engine does: one whose every stream stopped, or
+            # that stopped on an error, is no longer running (the input said `failed`)
+            if self.collection is not None and self.engine_thread is not None and self.engine_thread.is_alive():
                 self.writer.status("input", "degraded",
                                    f"config rejected, still running revision {self.revision}: {text}",
                                    config_id=cid, revision=self.revision)

@@ -910,6 +910,26 @@ def test_a_config_whose_every_stream_stopped_is_failed_under_its_own_id(tmp_path
     assert [(m["revision"], m["config_id"]) for m in failed] == [(1, "policy-1"), (2, "policy-2")]
 
 
+def test_a_bad_config_after_every_stream_stopped_is_failed_not_still_running(tmp_path):
+    """Every stream of revision 1 stopped (input `failed`), then a config is rejected: nothing
+    runs, so the input stays `failed` "waiting for a valid one"; it said `degraded` "still
+    running revision 1", as if the supervisor's old config were collecting."""
+    run = InProcess(tmp_path / "state", tmp_path / "stdout").start()
+    try:
+        run.send({"type": "config", "id": "policy-1", "config": _config("http://127.0.0.1:1", streams=())})
+        run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "failed"
+                              and "every stream stopped" in m["message"]], what="revision 1 to end")
+        run.send({"type": "config", "id": "policy-2", "config": {**_config("http://127.0.0.1:1"), "namespace": "BAD"}})
+        said = run.wait_for(lambda: [m for m in run.statuses("input") if m.get("config_id") == "policy-2"],
+                            what="the rejection")[0]
+        assert run.stop() == 0
+    finally:
+        run.close()
+    assert said["status"] == "failed", said
+    assert said["message"].startswith("config rejected, waiting for a valid one: namespace: 'BAD'")
+    assert said["revision"] == 1
+
+
 def test_a_state_dir_in_use_by_another_collector_fails_the_config_until_it_is_free(tmp_path):
     state = tmp_path / "state"
     other = StateStore(state)  # another collector holds the directory
