@@ -440,6 +440,9 @@ class ElasticsearchOutput:
             try:
                 source = json.loads(line)
                 doc_id = source.pop("_id")
+                if not isinstance(doc_id, str):  # every id the collector writes is one (`ecs`): a
+                    # list or object was no dict key (TypeError), a number or null no id to re-send by
+                    raise TypeError(doc_id)
             except (ValueError, KeyError, AttributeError, TypeError):
                 raise OutputError(f"{stream}: outbox line {n} is not a JSON document with an `_id`") from None
             dataset, index = target_index(source, stream, self.namespace)

@@ -1344,10 +1344,14 @@ def test_collect_says_how_many_documents_a_failure_store_kept(simulator, fake, t
         in err.decode()
 
 
-@pytest.mark.parametrize("line", [b'[1, 2]', b'"text"', b'{"no_id": 1}', b'{not json'])
+@pytest.mark.parametrize("line", [b'[1, 2]', b'"text"', b'{"no_id": 1}', b'{not json',
+                                  # an `_id` that is no string: a list or object raised TypeError
+                                  # (unhashable) out of the output, a number or null was sent on
+                                  b'{"_id": [1]}', b'{"_id": {"a": 1}}', b'{"_id": 5}', b'{"_id": null}'])
 def test_an_outbox_line_that_is_no_document_is_one_clear_error(fake, tmp_path, line):
     """A corrupted outbox line that is JSON but no object (an array) raised TypeError out of the
-    output (list.pop("_id")), a traceback where every other bad line is one clear error."""
+    output (list.pop("_id")), a traceback where every other bad line is one clear error; so did
+    one whose `_id` was a list or an object (a dict key), and a number or null was sent on."""
     out = _output(fake.url, tmp_path)
     ack = Acks()
     with pytest.raises(OutputError, match=r"outbox line 2 is not a JSON document with an `_id`"):
