@@ -17,7 +17,8 @@ rate-limits-project-failure`, the project's id and name, `error.message`): a pro
 failing while the others are read would otherwise go silent alone, its cycles all successes.
 
 A limit that does not match the API reference (`ProjectRateLimit`: no string `id` or `model`, a
-limit that is not an integer, such as `"lots"`, which Elasticsearch's `long` would refuse) is
+limit that is not an integer, such as `"lots"`, which Elasticsearch's `long` would refuse, or no
+limit at all) is
 reported with its project, its id and the field at fault, and not stored; the project's other
 limits are. One whose only fault is an integer at or past ±2^53 (Kibana would show it rounded) is
 stored without that field, reported with its project, model and the field (unless no limit of it
@@ -290,8 +291,8 @@ def check_limit(row: Any) -> str | None:
 
     A limit that is not an integer (`"lots"`) would be refused by the `long` mapping (the whole
     document; the direct output dead-letters it); one without `id` has no document id, and one
-    without `model` is no headroom's limit. An integer at or past ±2^53 is not the row's fault
-    (`trim_limit` leaves that field alone out)."""
+    without `model` is no headroom's limit, and one without any limit no limit at all. An integer
+    at or past ±2^53 is not the row's fault (`trim_limit` leaves that field alone out)."""
     if not isinstance(row, Mapping):
         return f"it is not an object ({_short(row)})"
     for name in REQUIRED_STRINGS:
@@ -308,6 +309,10 @@ def check_limit(row: Any) -> str | None:
             continue  # a limit it lacks is only not in the document (the reference requires the first two)
         if not _is_integral(value):
             return _wrong(name, value, "an integer")
+    if all(row.get(name) is None for name in LIMITS):
+        # a document of `id` and `model` alone feeds no headroom, and stored it counted its project
+        # as read (no failure document, no per-project alert), as one left with none by `trim_limit`
+        return "it has no limit (the reference requires `max_requests_per_1_minute` and `max_tokens_per_1_minute`)"
     return None
 
 

@@ -751,6 +751,30 @@ def test_a_limit_with_every_limit_past_the_bound_is_not_stored_and_its_project_f
     assert "`max_tokens_per_1_minute` is an integer (9007199254740992)" in line and "stored without" not in line
     assert "\n" not in line
 
+@pytest.mark.parametrize("row", [
+    {"object": "project.rate_limit", "id": "rl-x", "model": "mx"},
+    {"id": "rl-x", "model": "mx", "max_requests_per_1_minute": None, "max_tokens_per_1_minute": None},
+])
+def test_a_limit_that_has_no_limit_at_all_is_not_stored_and_its_project_fails(tmp_path, caplog, row):
+    """A limit without any limit (the reference requires two) was stored as `id` and `model` alone,
+    which no headroom panel or rule reads, and counted as a stored limit: a project of such limits
+    was a read one, with no failure document for the per-project rule, as 1202b6d found of a limit
+    left with none once those past ±2^53 were left out. It is a bad limit, and its project fails."""
+    projects = [{"id": "proj_a", "name": "A"}, {"id": "proj_b", "name": "B"}]
+    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": [row], "proj_b": [_row("rl-1", "m1")]}, caplog)
+    assert [d["openai"]["rate_limits"]["id"] for d in docs if "model" in d["openai"]["rate_limits"]] == ["rl-1"]
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "success"
+    assert status["openai"]["rate_limits"]["collection"] == {"projects": 1, "limits": 1, "failed_projects": 1,
+                                                             "bad_limits": 1}
+    (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert failure["openai"]["rate_limits"]["project_id"] == "proj_a"
+    (line,) = stats.errors
+    assert line == ("rate_limits: project proj_a: limit 'rl-x' does not match the API reference, not stored: "
+                    "it has no limit (the reference requires `max_requests_per_1_minute` and "
+                    "`max_tokens_per_1_minute`)"), line
+
+
 def test_limits_the_reference_allows_are_stored_as_before(tmp_path, caplog):
     """Optional limits absent or null, an integral float (JSON 600.0), and no `object` are fine."""
     rows = [{"id": "rl-1", "model": "m1", "max_requests_per_1_minute": 600.0},
