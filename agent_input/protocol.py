@@ -186,6 +186,16 @@ def _some(values: list, shown: int = 5) -> str:
     return text + (f" and {len(values) - shown} more" if len(values) > shown else "")
 
 
+def _line_number(payload: bytes, seq: int) -> int:
+    """The line number in `payload` of its `seq`-th (from 0) line that is not blank."""
+    for n, line in enumerate(payload.splitlines(), 1):
+        if line.strip():
+            if not seq:
+                return n
+            seq -= 1
+    return 0
+
+
 def _encodable(value: Any) -> Any:
     """`value` (a message, or any JSON value in it) with every string made encodable as UTF-8:
     what cannot be (a lone surrogate, as a supervisor's JSON may carry) is written as `\\udXXX`."""
@@ -360,8 +370,18 @@ class ProtocolOutput:
         lines = [line for line in payload.splitlines() if line.strip()]
         out = bytearray()
         for seq, line in enumerate(lines):
-            doc = orjson.loads(line)  # orjson: this path runs once per event
-            doc_id = doc.pop("_id", None)
+            try:
+                doc = orjson.loads(line)  # orjson: this path runs once per event
+                doc_id = doc.pop("_id")
+                if not isinstance(doc_id, str):
+                    raise TypeError(doc_id)
+            except (ValueError, KeyError, AttributeError, TypeError):
+                # a corrupted outbox line (every line the collector writes is an object with a string
+                # `_id`): one clear error, as the Elasticsearch output's, and the batch no longer in
+                # flight (a TypeError or JSONDecodeError left it there, its slot taken and every
+                # re-send of it dropped unsaid as a replay of a batch in flight)
+                n = _line_number(payload, seq)
+                raise OutputError(f"{stream}: outbox line {n} is not a JSON document with an `_id`") from None
             ds = doc.get("data_stream") if isinstance(doc.get("data_stream"), dict) else {}
             dataset = ds.get("dataset") or f"openai.{stream}"
             namespace = ds.get("namespace") or self.namespace

@@ -1374,3 +1374,28 @@ def test_the_soak_s_skew_is_constant_or_stepped():
     steps = soak_protocol.parse_skew("-900,6:7200")
     assert [soak_protocol.skew_at(steps, start + h * hour) for h in (0, 5.9, 6, 30)] == [-900, -900, 7200, 7200]
     assert soak_protocol.parse_skew("3:600") == [[start, 0.0], [start + 3 * hour, 600.0]]
+
+
+@pytest.mark.parametrize("line", [b'[1, 2]', b'"text"', b'{not json', b'{"no_id": 1}', b'{"_id": [1]}', b'{"_id": 5}'])
+def test_an_outbox_line_that_is_no_document_is_one_clear_error_and_leaves_no_batch_in_flight(tmp_path, line):
+    """A corrupted outbox line raised TypeError or JSONDecodeError out of the protocol output ("pop
+    expected at most 1 argument", naming no line), and its batch stayed in flight: its slot taken
+    for good (with max_inflight 1 every later send waited for ever) and every re-send of it (the
+    next engine's) dropped unsaid as a replay of a batch in flight. It is the Elasticsearch
+    output's one clear error, and the batch is forgotten, unacknowledged."""
+    from agent_input.outputs import OutputError
+    from agent_input.protocol import ProtocolOutput, ProtocolWriter
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    output = ProtocolOutput(ProtocolWriter(fd), max_inflight=1)
+    acked: list[int] = []
+    payload = _event_line("a1") + b"\n" + line + b"\n"
+    try:
+        for _ in range(2):  # sent again (a restart's re-send): said again, not dropped as in flight
+            with pytest.raises(OutputError, match=r"^audit: outbox line 3 is not a JSON document with an `_id`$"):
+                output.send("audit", payload, 2, lambda: acked.append(1))
+            assert output.inflight() == 0
+        output.send("audit", _event_line("a2"), 1, lambda: acked.append(2))  # not held up by a lost slot
+    finally:
+        os.close(fd)
+    assert acked == [] and b"a1" not in (tmp_path / "stdout").read_bytes()
