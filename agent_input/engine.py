@@ -861,7 +861,7 @@ class UsageCollector(PollingCollector):
         or, where nothing is looked up, the tuple itself: `extract` has checked every group value
         is a str, bool or None (`_hashable_groups`), so equal tuples are equal JSON.
         A group seen twice in two currencies (`spec.unmergeable`) is bad data: 10 usd and 5 eur
-        were stored as 15 usd, unsaid. One in two quantity units (`spec.unit_fields`) is added up
+        were stored as 15 usd, unsaid (a result without an amount has no currency to differ in). One in two quantity units (`spec.unit_fields`) is added up
         with no unit, as the API gives a result no single unit applies to: 3 tokens and 3
         1000_tokens were stored as 6 tokens."""
         extract, group_key, unmergeable = self._extract, self._group_key, self.spec.unmergeable
@@ -876,15 +876,30 @@ class UsageCollector(PollingCollector):
                 current[key] = (result, counters, group)
             else:
                 for d in unmergeable:
-                    if get_field(same[0], d) != get_field(result, d):
-                        raise BadBucket(f"one group has results with `{d}` {get_field(same[0], d)!r:.20} and "
-                                        f"{get_field(result, d)!r:.20}, which cannot be added up ({_describe(result)})")
+                    mine, theirs = get_field(same[0], d), get_field(result, d)
+                    if mine == theirs or theirs is None and not self._valued(result, d):
+                        continue  # (a result without an amount has none to add up in another currency)
+                    if mine is None and not self._valued(same[0], d):
+                        # the group's results so far had no amount: the group's is this one's currency
+                        top = d.split(".", 1)[0]
+                        current[key] = same = ({**same[0], top: result[top]}, same[1], same[2])
+                        continue
+                    raise BadBucket(f"one group has results with `{d}` {mine!r:.20} and {theirs!r:.20}, which "
+                                    f"cannot be added up ({_describe(result)})")
                 for d in unit_fields:
                     if same[0].get(d) is not None and same[0].get(d) != result.get(d):
                         current[key] = same = ({**same[0], d: None}, same[1], same[2])
                 for k, v in counters.items():
                     same[1][k] = same[1].get(k, 0) + v
         return current
+
+    def _valued(self, result: Mapping, dimension: str) -> bool:
+        """`result` has a counter beside `dimension` (costs' `amount.value` beside `amount.currency`).
+        The reference leaves a cost result's amount out at will: one without any is no amount in
+        another currency, and a group with it and a priced one was held as a bad bucket, the
+        cursor with it, for as long as OpenAI answered so."""
+        parent = dimension.rpartition(".")[0]
+        return any(get_field(result, c) is not None for c in self.spec.counters if c.rpartition(".")[0] == parent)
 
     def _encode(self, out: list[tuple[str, dict]], lines: bytearray) -> int:
         """Add names to a bucket's documents and append their NDJSON lines; how many."""

@@ -209,6 +209,27 @@ def test_one_group_in_two_currencies_is_reported_not_added_up(tmp_path):
         ("2024-11-02T00:00:00.000Z", {"currency": "usd", "value": 3.0})]
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_a_result_without_an_amount_is_added_up_with_a_priced_one_of_its_group(tmp_path, first):
+    """The reference leaves a cost result's `amount` out at will (`required_counters`): one of a
+    group beside a priced one has no amount in another currency, yet the day was reported as two
+    currencies (`'usd' and None`), not stored, and the cursor held before it for as long as OpenAI
+    answered so. Its quantity is added up, and the group's amount keeps its currency, whichever
+    result came first."""
+    free = {k: v for k, v in _cost_row(0.0).items() if k != "amount"}
+    day = [free, _cost_row(10.0)] if first else [_cost_row(10.0), free]
+    docs, (stats,) = _costs_run(tmp_path, [_costs_page([day, [_cost_row(2.0)]])])
+    assert stats.bad_buckets == 0, stats.errors
+    assert sorted((d["openai"]["base"]["start_time"], d["openai"]["costs"]["amount"], d["openai"]["costs"]["quantity"])
+                  for d in docs) == [("2024-11-01T00:00:00.000Z", {"currency": "usd", "value": 10.0}, 6.0),
+                                     ("2024-11-02T00:00:00.000Z", {"currency": "usd", "value": 2.0}, 3.0)]
+    # an amount without a currency beside a priced one is still two currencies, not one sum
+    unpriced = _cost_row(5.0)
+    del unpriced["amount"]["currency"]
+    docs, (stats,) = _costs_run(tmp_path / "b", [_costs_page([[_cost_row(10.0), unpriced], []])])
+    assert stats.bad_buckets == 1 and "'usd' and None" in stats.errors[0] and not docs
+
+
 def test_one_group_in_two_quantity_units_is_added_up_with_no_unit(tmp_path):
     """The cost panels sum quantities by unit: 3 tokens and 3 1000_tokens of one group in one day
     were stored as one document of 6 tokens, unsaid. The reference leaves `quantity_unit` null where
