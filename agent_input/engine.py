@@ -861,9 +861,10 @@ class UsageCollector(PollingCollector):
         or, where nothing is looked up, the tuple itself: `extract` has checked every group value
         is a str, bool or None (`_hashable_groups`), so equal tuples are equal JSON.
         A group seen twice in two currencies (`spec.unmergeable`) is bad data: 10 usd and 5 eur
-        were stored as 15 usd, unsaid (a result without an amount has no currency to differ in). One in two quantity units (`spec.unit_fields`) is added up
-        with no unit, as the API gives a result no single unit applies to: 3 tokens and 3
-        1000_tokens were stored as 6 tokens."""
+        were stored as 15 usd, unsaid (a result without an amount has no currency to differ in).
+        One in two quantity units (`spec.unit_fields`) is added up with no unit, as the API gives a
+        result no single unit applies to: 3 tokens and 3 1000_tokens were stored as 6 tokens (a
+        result without a quantity has no unit to differ in)."""
         extract, group_key, unmergeable = self._extract, self._group_key, self.spec.unmergeable
         unit_fields = self.spec.unit_fields
         current: dict = {}
@@ -886,8 +887,12 @@ class UsageCollector(PollingCollector):
                         continue
                     raise BadBucket(f"one group has results with `{d}` {mine!r:.20} and {theirs!r:.20}, which "
                                     f"cannot be added up ({_describe(result)})")
-                for d in unit_fields:
-                    if same[0].get(d) is not None and same[0].get(d) != result.get(d):
+                for d, counter in unit_fields:
+                    if counter not in counters:
+                        continue  # no quantity: no unit to differ in (3 tokens and an amount alone had none)
+                    if counter not in same[1]:  # none of the group's results so far had a quantity
+                        current[key] = same = ({**same[0], d: result.get(d)}, same[1], same[2])
+                    elif same[0].get(d) is not None and same[0].get(d) != result.get(d):
                         current[key] = same = ({**same[0], d: None}, same[1], same[2])
                 for k, v in counters.items():
                     same[1][k] = same[1].get(k, 0) + v

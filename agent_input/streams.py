@@ -49,9 +49,10 @@ class UsageStreamSpec:
     # dimensions outside the group key whose values cannot be added up across (costs' currency): a
     # group with two of them in one bucket is bad data, not one sum
     unmergeable: tuple[str, ...] = ()
-    # top-level fields naming the unit of a counter (costs' quantity_unit): a group whose results
-    # differ in it is added up with it null, as the API leaves it where no single unit applies
-    unit_fields: tuple[str, ...] = ()
+    # (top-level field naming the unit of a counter, that counter) (costs' quantity_unit of
+    # quantity): a group whose results with the counter differ in it is added up with it null, as
+    # the API leaves it where no single unit applies
+    unit_fields: tuple[tuple[str, str], ...] = ()
 
     @property
     def object_type(self) -> str:
@@ -210,7 +211,7 @@ COSTS = UsageStreamSpec(
     max_limit={"1d": 180},
     result_object="organization.costs.result",
     unmergeable=("amount.currency",),
-    unit_fields=("quantity_unit",),
+    unit_fields=(("quantity_unit", "quantity"),),
 )
 
 STREAMS_BY_NAME: Mapping[str, UsageStreamSpec] = {s.name: s for s in USAGE_STREAMS + (COSTS,)}

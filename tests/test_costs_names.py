@@ -243,6 +243,22 @@ def test_one_group_in_two_quantity_units_is_added_up_with_no_unit(tmp_path):
         ("2024-11-01T00:00:00.000Z", None, 9.0, 16.0), ("2024-11-02T00:00:00.000Z", "tokens", 6.0, 3.0)]
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_a_result_without_a_quantity_leaves_its_group_s_unit_alone(tmp_path, first):
+    """A result without a quantity (the reference leaves it out) beside one of 3 tokens in its group
+    made the group's `quantity_unit` null, as if the 3 were in two units: the cost by line item
+    panel showed 3 of no unit. It has no unit to differ in; two results with quantities in two
+    units still have none."""
+    amount_only = {k: v for k, v in _cost_row(1.0).items() if k not in ("quantity", "quantity_unit")}
+    day = [amount_only, _cost_row(10.0)] if first else [_cost_row(10.0), amount_only]
+    day2 = [amount_only, _cost_row(1.0), _cost_row(1.0, quantity_unit="1000_tokens")]
+    docs, (stats,) = _costs_run(tmp_path, [_costs_page([day, day2])])
+    assert stats.bad_buckets == 0, stats.errors
+    assert sorted((d["openai"]["base"]["start_time"], d["openai"]["costs"].get("quantity_unit"),
+                   d["openai"]["costs"]["quantity"], d["openai"]["costs"]["amount"]["value"]) for d in docs) == [
+        ("2024-11-01T00:00:00.000Z", "tokens", 3.0, 11.0), ("2024-11-02T00:00:00.000Z", None, 6.0, 3.0)]
+
+
 def _panel_sums(docs, by):
     """What the cost panels show: documents summed per (line item, `by` leaf under openai.costs)."""
     sums: dict[tuple, dict] = defaultdict(lambda: defaultdict(float))
