@@ -529,6 +529,7 @@ class AuditCollector(ListingCollector):
         # (a key given api.audit_logs.read days later) it is caught up from there, not from
         # `initial_interval` before that later day, which never read the refused days' events.
         kv = self._would_be_starts(SCOPES, now)
+        kv.update(self._moved_starts(kv))  # a 403 after an answer gave the clock's lead (`_refuse_tenant`)
         self.forbidden = why
         self._forbidden_until = now + FORBIDDEN_RETRY
         # the refusal is kept too (as the tenant scope's is): a process started again (`collect
@@ -553,6 +554,10 @@ class AuditCollector(ListingCollector):
         # where the scope would have started: kept, so that it catches up from there once allowed
         # (not from `initial_interval` before that later day)
         kv = {KV_TENANT_REFUSED: json.dumps({"at": int(now), "why": str(exc)}), **self._would_be_starts([TENANT], now)}
+        # moved back by the lead an answer of this poll gave (the organization scope's first read
+        # kept this scope's start on the local clock): as a failed read's (`_keep_starts`), else
+        # with the clock corrected before it is asked again the time in between was never read
+        kv.update(self._moved_starts(kv))
         self.delivery.commit_events(self.name, [], kv)
         self.tenant_refused = str(exc)
         self._tenant_retry_at = now + FORBIDDEN_RETRY

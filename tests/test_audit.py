@@ -2007,3 +2007,98 @@ def test_a_start_held_by_openai_s_time_then_kept_by_a_failed_poll_is_not_moved_b
     output.close()
     assert [d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")] == [api.events[0]["id"]]
     store.close()
+
+
+@pytest.mark.parametrize("process", ["same", "new"])
+def test_a_tenant_scope_refused_after_a_first_read_moved_back_by_the_lead_keeps_its_start_moved_back(tmp_path,
+                                                                                                     process):
+    """A clock a day ahead, 3h asked: the organization scope's first read is moved back by the
+    lead its answer gave, and its first slice keeps the tenant scope's would-be start on this
+    clock (21 hours in OpenAI's future). The tenant scope's first request is refused (403). That
+    start was kept as it was: with the clock corrected (NTP) before the tenant scope is asked again
+    (at once by a new process, a day and FORBIDDEN_RETRY later by the same one), nothing moved it back, and
+    the tenant events of the 3 hours asked and of the time since were never read (as for a read
+    that failed, `_keep_starts`, the start is kept moved back by that lead)."""
+    from agent_input.audit import FORBIDDEN_RETRY
+    from agent_input.http_client import PermissionDeniedError
+
+    now = int(T0)
+    org = _AuditListing([now - 2 * HOUR - 50 * 60, now + 600])
+    tenant = _AuditListing([now - 2 * HOUR - 40 * 60, now + 700, now + 2 * HOUR])
+    for e in tenant.events:
+        e["id"], e["type"] = e["id"].replace("audit_log-", "audit_log-t"), "tenant.admin_api_key.created"
+    org.now = tenant.now = now
+    lead = [DAY]
+    refuse = [True]
+    client = SimpleNamespace(server_date=None)
+
+    def get_json(path, params):
+        if params.get("tenant_only") and refuse[0]:
+            raise PermissionDeniedError(403, "cannot list tenant-scoped audit events", path=path)
+        listing = tenant if params.get("tenant_only") else org
+        answer = listing.get_json(path, {k: v for k, v in params.items() if k != "tenant_only"})
+        client.server_date = org.now
+        return answer
+
+    client.get_json = get_json
+    cfg = _config(batch_size=10, initial_interval="3h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: org.now + lead[0])
+    col.poll(org.now + DAY)
+    assert col.tenant_refused
+    lead[0], refuse[0] = 0, False  # the clock corrected; tenant-scoped events readable
+    # asked again at once by a new process, FORBIDDEN_RETRY after the refusal on the clock ahead by the same one
+    org.now = tenant.now = now + (900 if process == "new" else DAY + FORBIDDEN_RETRY)
+    if process == "new":
+        store.close()
+        store = StateStore(tmp_path / "state")
+        col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: org.now)
+    col.poll(org.now)
+    assert col.tenant_refused is None
+    assert min(gte for gte, _ in tenant.slices) == now - 3 * HOUR
+    output.close()
+    want = sorted(e["id"] for e in org.events + tenant.events if e["effective_at"] <= org.now - 60)
+    assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == want
+    store.close()
+
+
+def test_audit_logs_refused_after_a_first_read_moved_back_by_the_lead_keep_the_starts_moved_back(tmp_path):
+    """The same for a 403 of the organization scope itself (audit logs refused between two
+    requests: a key's scope taken away), once an answer gave a day's lead and the first read was
+    moved back: each scope's start is kept moved back, not on the clock a day ahead (corrected
+    before the next process asked again: what OpenAI recorded from 3 hours before the first poll
+    until then never read)."""
+    from agent_input.http_client import PermissionDeniedError
+
+    now = int(T0)
+    api = _AuditListing([now - 2 * HOUR - 50 * 60, now + 600])
+    api.now = now
+    refuse = [False]
+    client = SimpleNamespace(server_date=None)
+
+    def get_json(path, params):
+        if refuse[0]:
+            raise PermissionDeniedError(403, "audit logging is not enabled", path=path)
+        refuse[0] = True  # the first answer only; asking again (moved back by its lead) is refused
+        answer = _organization_only(api.get_json)(path, params)
+        client.server_date = api.now
+        return answer
+
+    client.get_json = get_json
+    cfg = _config(batch_size=10, initial_interval="3h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + DAY)
+    col.poll(api.now + DAY)
+    assert col.forbidden
+    store.close()
+    api.now += 900
+    refuse[0] = False
+    client.get_json = lambda path, params: _organization_only(api.get_json)(path, params)
+    store = StateStore(tmp_path / "state")  # a new process on the clock corrected: asks again at once
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now)
+    col.poll(api.now)
+    assert col.forbidden is None
+    assert min(gte for gte, _ in api.slices[1:]) == now - 3 * HOUR
+    output.close()
+    assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == sorted(e["id"] for e in api.events)
+    store.close()
