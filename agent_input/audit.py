@@ -415,6 +415,7 @@ class AuditCollector(ListingCollector):
             kv = {scope.kv_hwm: str(max(new_hwm, hwm)),
                   scope.kv_recent: json.dumps(next_recent, sort_keys=True, separators=(",", ":"))}
             popped = unread.pop(scope.kv_hwm, None) is not None  # read from now on
+            keeping = not others_kept
             if not others_kept:
                 # A scope's first mark holds the other scopes that have none at their would-be
                 # start too: a first run killed between the organization scope's first slice and
@@ -430,6 +431,12 @@ class AuditCollector(ListingCollector):
                     kv.update(others)
             if popped:
                 kv[KV_UNREAD] = json.dumps(unread, sort_keys=True)
+            if keeping and self._lead is not None:
+                # this first read moved back by the lead its answer gave: the other scopes' starts
+                # kept with it, taken on the local clock, are moved back by it too, by OpenAI's time
+                # (killed before they store anything and started again with the clock corrected,
+                # NTP as a restart does, nothing moved them back: what lay between never read)
+                kv.update(self._moved_starts(kv))
             self.delivery.commit_events(self.name, lines, kv)
             if type(served_to) is int:  # a mark kept to the API's time (without one, checked again)
                 self._own_marks.add(scope.kv_hwm)

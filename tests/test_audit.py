@@ -2102,3 +2102,50 @@ def test_audit_logs_refused_after_a_first_read_moved_back_by_the_lead_keep_the_s
     output.close()
     assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == sorted(e["id"] for e in api.events)
     store.close()
+
+
+@pytest.mark.parametrize("gap", [900, 2 * HOUR])
+def test_a_first_run_killed_after_a_slice_moved_back_by_the_lead_keeps_the_tenant_start_moved_back(tmp_path, gap):
+    """A clock a day ahead, 3h asked: the organization scope's first read is moved back by the lead
+    its answer gave, and its first slice keeps the tenant scope's would-be start with it (for a
+    first run killed before the tenant scope stores anything). That start was the local clock's,
+    21 hours in OpenAI's future: killed there (SIGKILL, a machine restart) and started again with
+    the clock corrected (NTP, as a restart does), nothing moved it back, and the tenant events from
+    3 hours before the first poll until the restart were never read. It is kept moved back by the
+    lead the organization scope's answer gave, by OpenAI's time (not moved again)."""
+    import shutil
+
+    now = int(T0)
+    org = _AuditListing([now - 2 * HOUR - 50 * 60, now + 600])
+    tenant = _AuditListing([now - 2 * HOUR - 40 * 60, now + 700, now + gap - 60])
+    for e in tenant.events:
+        e["id"], e["type"] = e["id"].replace("audit_log-", "audit_log-t"), "tenant.admin_api_key.created"
+    org.now = tenant.now = now
+    state, killed = tmp_path / "state", tmp_path / "killed"
+    client = SimpleNamespace(server_date=None)
+
+    def get_json(path, params):
+        if params.get("tenant_only") and not killed.exists():
+            shutil.copytree(state, killed)  # the state as a SIGKILL here leaves it
+            raise KeyboardInterrupt  # (this process goes no further)
+        listing = tenant if params.get("tenant_only") else org
+        answer = listing.get_json(path, {k: v for k, v in params.items() if k != "tenant_only"})
+        client.server_date = org.now
+        return answer
+
+    client.get_json = get_json
+    cfg = _config(batch_size=10, initial_interval="3h")
+    store, output = StateStore(state), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: org.now + DAY)
+    with pytest.raises(KeyboardInterrupt):
+        col.poll(org.now + DAY)
+    store.close()
+    org.now = tenant.now = now + gap  # started again, the clock corrected
+    store = StateStore(killed)
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: org.now)
+    col.poll(org.now)
+    assert min(gte for gte, _ in tenant.slices) == now - 3 * HOUR
+    output.close()
+    want = sorted(e["id"] for e in org.events + tenant.events)
+    assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == want
+    store.close()
