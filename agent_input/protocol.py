@@ -444,6 +444,7 @@ class Runner:
         # stdout nobody reads, and the stop has to end that wait (`ProtocolWriter.give_up_on`)
         self.stop_read = threading.Event()
         self.stdin_ended = threading.Event()  # the stdin reader is done: every ack it read was handled
+        self._engine_ended = False  # this loop read the current engine's `engine-ended`
 
     # -- stdin -----------------------------------------------------------------------------------
     def _read_stdin(self) -> None:
@@ -537,8 +538,10 @@ class Runner:
             text = redact("; ".join(map(str, problems)))
             log.error("config rejected: %s", text)
             # the old config runs only while its engine does: one whose every stream stopped, or
-            # that stopped on an error, is no longer running (the input said `failed`)
-            if self.collection is not None and self.engine_thread is not None and self.engine_thread.is_alive():
+            # that stopped on an error, is no longer running (the input said `failed`). Told by the
+            # engine's `engine-ended` as this loop read it, not by its thread being alive: the thread
+            # queues that message, then ends, and a config read in between is after the `failed`
+            if self.collection is not None and not self._engine_ended:
                 self.writer.status("input", "degraded",
                                    f"config rejected, still running revision {self.revision}: {text}",
                                    config_id=cid, revision=self.revision)
@@ -575,6 +578,7 @@ class Runner:
             log.error("cannot start revision %d: %s", self.revision, exc)
             return
         self.collection, self.engine_stop = collection, stop
+        self._engine_ended = False
         names = ", ".join(c.name for c in collection.engine.collectors)
         self.writer.status("input", "healthy", f"running revision {self.revision} ({names or 'no streams'})",
                            config_id=self.config_id, revision=self.revision)
@@ -657,6 +661,8 @@ class Runner:
                 break
             elif kind == "engine-ended":
                 collection, reported = msg
+                if collection is self.collection:
+                    self._engine_ended = True
                 if collection is self.collection and not reported and not self.writer.closed.is_set():
                     failed = collection.engine.failed
                     why = "; ".join(f"{k}: {v}" for k, v in failed.items()) or "no data stream is enabled"
