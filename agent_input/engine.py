@@ -861,7 +861,7 @@ class UsageCollector(PollingCollector):
         or, where nothing is looked up, the tuple itself: `extract` has checked every group value
         is a str, bool or None (`_hashable_groups`), so equal tuples are equal JSON.
         A group seen twice in two currencies (`spec.unmergeable`) is bad data: 10 usd and 5 eur
-        were stored as 15 usd, unsaid (a result without an amount has no currency to differ in).
+        were stored as 15 usd, unsaid (a result without an amount value has no currency to differ in).
         One in two quantity units (`spec.unit_fields`) is added up with no unit, as the API gives a
         result no single unit applies to: 3 tokens and 3 1000_tokens were stored as 6 tokens (a
         result without a quantity has no unit to differ in)."""
@@ -878,9 +878,11 @@ class UsageCollector(PollingCollector):
             else:
                 for d in unmergeable:
                     mine, theirs = get_field(same[0], d), get_field(result, d)
-                    if mine == theirs or theirs is None and not self._valued(result, d):
-                        continue  # (a result without an amount has none to add up in another currency)
-                    if mine is None and not self._valued(same[0], d):
+                    if mine == theirs or not self._valued(result, d):
+                        # a result without an amount has none to add up in another currency, whatever
+                        # currency it names (`amount: {"currency": "eur"}`, its value left out or null)
+                        continue
+                    if not self._valued(same[0], d):
                         # the group's results so far had no amount: the group's is this one's currency
                         top = d.split(".", 1)[0]
                         current[key] = same = ({**same[0], top: result[top]}, same[1], same[2])

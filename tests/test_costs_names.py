@@ -230,6 +230,26 @@ def test_a_result_without_an_amount_is_added_up_with_a_priced_one_of_its_group(t
     assert stats.bad_buckets == 1 and "'usd' and None" in stats.errors[0] and not docs
 
 
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("value", ["left out", None])
+def test_a_result_with_a_currency_but_no_amount_is_added_up_with_a_priced_one(tmp_path, first, value):
+    """An amount naming a currency without a value (the reference requires neither) has no amount
+    in that currency either: beside a priced one of its group in another currency the day was
+    reported as two currencies ('eur' and 'usd'), not stored, and the cursor held before it. It is
+    added up as a result without an amount is, the group keeping its priced results' currency."""
+    unpriced = _cost_row(0.0, "eur")
+    if value == "left out":
+        del unpriced["amount"]["value"]
+    else:
+        unpriced["amount"]["value"] = value
+    day = [unpriced, _cost_row(10.0)] if first else [_cost_row(10.0), unpriced]
+    docs, (stats,) = _costs_run(tmp_path, [_costs_page([day, [_cost_row(2.0)]])])
+    assert stats.bad_buckets == 0, stats.errors
+    assert sorted((d["openai"]["base"]["start_time"], d["openai"]["costs"]["amount"], d["openai"]["costs"]["quantity"])
+                  for d in docs) == [("2024-11-01T00:00:00.000Z", {"currency": "usd", "value": 10.0}, 6.0),
+                                     ("2024-11-02T00:00:00.000Z", {"currency": "usd", "value": 2.0}, 3.0)]
+
+
 def test_one_group_in_two_quantity_units_is_added_up_with_no_unit(tmp_path):
     """The cost panels sum quantities by unit: 3 tokens and 3 1000_tokens of one group in one day
     were stored as one document of 6 tokens, unsaid. The reference leaves `quantity_unit` null where
