@@ -279,6 +279,16 @@ def test_a_result_without_a_quantity_leaves_its_group_s_unit_alone(tmp_path, fir
         ("2024-11-01T00:00:00.000Z", "tokens", 3.0, 11.0), ("2024-11-02T00:00:00.000Z", None, 6.0, 3.0)]
 
 
+def test_a_day_re_read_with_its_results_in_another_order_gives_no_correction(tmp_path):
+    """One group's amounts are added up in the order the API lists them, and floats do not add up
+    the same in every order (0.1 + 0.2 + 0.3 is 0.6000000000000001, 0.3 + 0.2 + 0.1 is 0.6): a day
+    re-read with its results reordered is unchanged, not a correction of -1e-16 at every poll."""
+    day = [_cost_row(0.1), _cost_row(0.2), _cost_row(0.3)]
+    docs, (_, stats) = _costs_run(tmp_path, [_costs_page([day, []]), _costs_page([day[::-1], []])])
+    assert stats.corrections == 0 and len(docs) == 1
+    assert docs[0]["openai"]["costs"]["amount"]["value"] == pytest.approx(0.6)
+
+
 def _panel_sums(docs, by):
     """What the cost panels show: documents summed per (line item, `by` leaf under openai.costs)."""
     sums: dict[tuple, dict] = defaultdict(lambda: defaultdict(float))

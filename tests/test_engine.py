@@ -173,6 +173,37 @@ def test_vanished_group_is_corrected_to_zero(harness):
     assert per_model == {"a": 120, "b": 0}
 
 
+def test_a_vanished_group_is_zeroed_once_not_again_at_every_poll(harness):
+    """Once its correction brought a vanished group to zero, a later re-read of the bucket that
+    still lacks it emits nothing for it (an empty correction at each poll of the revision window
+    was a document a poll, each under a new revision)."""
+    h = harness()
+    b = ts("2026-11-23T09:58:00")
+    h.api.data[b] = [result(100, model="a"), result(50, model="b")]
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    h.api.data[b] = [result(100, model="a")]
+    h.collector.poll(ts("2026-11-23T10:05:00"))
+    assert len(docs(h.out)) == 3  # two first observations, b's correction to zero
+    h.collector.poll(ts("2026-11-23T10:10:00"))
+    h.collector.poll(ts("2026-11-23T10:15:00"))
+    assert len(docs(h.out)) == 3
+
+
+def test_a_counter_a_re_read_result_no_longer_has_is_corrected_to_zero(harness):
+    """An optional counter (input_cached_tokens) the first read had and the re-read lacks: the
+    correction takes it back to zero, as for a vanished group, rather than leave it standing."""
+    h = harness()
+    b = ts("2026-11-23T09:58:00")
+    h.api.data[b] = [result(100, input_cached_tokens=40)]
+    h.collector.poll(ts("2026-11-23T10:00:00"))
+    h.api.data[b] = [result(100)]
+    h.collector.poll(ts("2026-11-23T10:05:00"))
+    got = docs(h.out)
+    assert [d["openai"]["base"]["revision"] for d in got] == [0, 1]
+    assert got[1]["openai"]["completions"].get("input_cached_tokens") == -40
+    assert sum(d["openai"]["completions"].get("input_tokens", 0) for d in got) == 100
+
+
 def test_buckets_older_than_revision_window_are_final(harness):
     h = harness(effective_revision_window=3600)
     b = ts("2026-11-23T08:00:00")
