@@ -711,6 +711,7 @@ def test_pages_left_is_judged_by_how_far_the_pages_so_far_reached():
     from agent_input.engine import _pages_left
 
     assert _pages_left(0, 1000, 0, 1) == float("inf")  # nothing worked on yet
+    assert _pages_left(0, 1000, 100, 1) == float("inf")  # no page worked on to judge by (not 0 left)
     assert _pages_left(0, 1000, 100, 2) == 9  # one page reached a tenth of the window
     assert _pages_left(0, 1000, 500, 3) == 2  # two pages reached half
     assert _pages_left(0, 1000, 1000, 5) == 0
@@ -862,6 +863,13 @@ def test_cursor_pages_follows_last_id_and_refuses_a_loop_a_missing_list_and_no_e
                 {"data": [], "has_more": True}):
         with pytest.raises(Bad, match="has_more"):
             list(cursor_pages(listing({None: cut, "a": {"data": [2], "has_more": False}}), "/p", {}, Bad))
+    # of the reference's types: a has_more that is not a boolean ("false", 1) is not read as one by
+    # its truth, and a last_id that is not a string (7) is not gone on from
+    for wrong, says in (({"data": [1], "has_more": "false", "last_id": "a"}, "no boolean `has_more`"),
+                        ({"data": [1], "has_more": 1, "last_id": "a"}, "no boolean `has_more`"),
+                        ({"data": [{"id": 7}], "has_more": True, "last_id": 7}, "no `last_id`")):
+        with pytest.raises(Bad, match=says):
+            list(cursor_pages(listing({None: wrong, "a": {"data": [2], "has_more": False}}), "/p", {}, Bad))
     endless = {None: {"data": [0], "has_more": True, "last_id": "x0"}}
     endless.update({f"x{i}": {"data": [i], "has_more": True, "last_id": f"x{i + 1}"} for i in range(10)})
     with pytest.raises(Bad, match="more than 5 pages"):
