@@ -1163,6 +1163,20 @@ def test_an_id_not_named_brings_the_refresh_forward_once_after_the_first_load(do
     assert cache._next_refresh == 1000.0 + EARLY_REFRESH_AFTER
 
 
+def test_a_listed_project_with_an_empty_name_brings_no_refresh_forward():
+    """A project the listing has, named "" (nothing to show): a refresh sooner names it no better."""
+    now = [1000.0]
+    api = _EarlyApi()
+    api.projects["proj-1"] = ""
+    cache = _early_cache(api, now)
+    cache.ensure_fresh()
+    now[0] = 1100.0
+    doc = _doc(project_id="proj-1")
+    cache.enrich_all([doc])
+    assert "project_name" not in doc["openai"]["base"]
+    assert cache._next_refresh == 1000.0 + 3600
+
+
 def test_a_key_owner_that_is_a_service_account_brings_no_refresh_forward():
     now = [1000.0]
     cache = _early_cache(_EarlyApi(), now)
