@@ -94,6 +94,20 @@ def test_a_crash_mid_line_is_cut_back_at_open_and_rotation_keeps_going(tmp_path)
         _lines(f)
 
 
+@pytest.mark.parametrize("whole,tail", [(1, 70_000), (1, 65_536), (0, 70_000)])
+def test_a_crash_s_partial_line_longer_than_a_read_or_with_no_line_before_it_is_cut_back_at_open(tmp_path, whole, tail):
+    """The walk back to the last newline goes on past a 64 KiB read, and finds one that ends the
+    read before (a partial line of exactly 64 KiB); a file holding nothing but a partial line (a
+    crash in its first write) is emptied, not left with it at its head."""
+    path = tmp_path / "e.ndjson"
+    fragment = b'{"n": 99, "pad": "'
+    path.write_bytes(_batch(0, whole) + fragment + b"y" * (tail - len(fragment)))
+    out = NdjsonFileOutput(path)
+    out.send("s", _batch(whole, 2), 2, lambda: None)
+    out.close()
+    assert [d["n"] for d in _lines(path)] == list(range(whole + 2))
+
+
 def test_a_failed_write_is_cut_back_at_once(tmp_path, monkeypatch):
     path = tmp_path / "e.ndjson"
     out = NdjsonFileOutput(path)
