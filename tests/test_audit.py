@@ -2149,3 +2149,14 @@ def test_a_first_run_killed_after_a_slice_moved_back_by_the_lead_keeps_the_tenan
     want = sorted(e["id"] for e in org.events + tenant.events)
     assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == want
     store.close()
+
+
+def test_a_report_shows_a_value_however_wide_in_at_most_200_characters():
+    """`reports.clip` cuts to its limit, the "..." included; `short` bounds a value however wide it
+    is (ten keys of ten 100-character strings: 200 characters, not the kilobytes its repr is)."""
+    from agent_input.reports import clip
+
+    assert clip("x" * 200) == "x" * 200
+    assert clip("x" * 201) == "x" * 197 + "..."
+    wide = {f"key{i}": ["v" * 100] * 10 for i in range(10)}
+    assert len(short(wide)) == 200 and short(wide).endswith("...")
