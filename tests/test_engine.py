@@ -2193,6 +2193,26 @@ def test_a_host_clock_ahead_of_openai_s_takes_no_bucket_as_final_before_openai_d
     assert len(said) == 1 and "ahead of OpenAI's" in said[0] and "NTP" in said[0]
 
 
+@pytest.mark.parametrize("lead", [6 * 3600, 86400])
+def test_a_bucket_first_read_after_the_first_run_on_a_clock_ahead_is_read_again_while_openai_may_revise_it(
+        harness, lead):
+    """Past the first run (whose start is asked again from OpenAI's time), a bucket read for the first
+    time on a host hours ahead is final by OpenAI's revision window, not the host's: taken as final
+    by the host's, it was emitted once, the cursor settled past it, and its revision never read."""
+    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    h = harness(api, effective_revision_window=3 * 3600, initial_interval=2 * 86400)
+    h.collector.clock = lambda: api.now + lead
+    x = ts("2026-11-23T10:10:00")
+    h.collector.poll(api.now + lead)  # the first run: nothing at x yet
+    api.now += 1800
+    api.data[x] = [result(5)]
+    h.collector.poll(api.now + lead)  # x read for the first time
+    api.now += 1800
+    api.data[x] = [result(7)]  # revised by OpenAI, well inside its revision window
+    h.collector.poll(api.now + lead)
+    assert sum(d["openai"]["completions"]["input_tokens"] for d in dedupe(docs(h.out))) == 7
+
+
 def test_a_host_clock_far_from_openai_s_is_said_once_by_a_stream_that_changed_width(tmp_path, caplog):
     """1m, then 1h from 10:10 (1m goes on to 11:00), on a host 2 hours ahead of OpenAI's Date:
     the width left, polled inside the stream's poll, is the same stream, yet it said the WARNING
