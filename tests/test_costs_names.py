@@ -317,6 +317,17 @@ def test_a_day_revised_into_another_currency_or_unit_moves_the_group_whole(tmp_p
     assert [d["openai"]["base"]["revision"] for d in docs] == [0, 1, 2]
 
 
+def test_a_group_back_in_another_currency_after_it_vanished_is_one_document_not_an_empty_zeroing_too(tmp_path):
+    """A group zeroed when it vanished has nothing left under its old currency to take back: back
+    in another one, it is emitted whole under it, without an empty correction under the old one."""
+    docs, (_, _, stats) = _costs_run(tmp_path, [_costs_page([[_cost_row(10.0)], []]), _costs_page([[], []]),
+                                                _costs_page([[_cost_row(9.0, "eur")], []])])
+    assert [(d["openai"]["base"]["revision"], d["openai"]["costs"]["amount"]) for d in docs] == [
+        (0, {"currency": "usd", "value": 10.0}), (1, {"currency": "usd", "value": -10.0}),
+        (2, {"currency": "eur", "value": 9.0})]
+    assert stats.corrections == 1
+
+
 def _leaf(doc, name):
     """The value of the first key `name` anywhere in `doc`."""
     for key, value in doc.items():
