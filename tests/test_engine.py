@@ -2246,11 +2246,14 @@ def test_a_host_clock_within_minutes_of_openai_s_is_not_warned_about(harness, ca
     assert not [r for r in caplog.records if "clock" in r.getMessage()]
 
 
-@pytest.mark.parametrize("lead", [2 * 3600, 86400])
-def test_a_first_run_on_a_host_clock_ahead_of_openai_s_starts_initial_interval_before_openai_s_time(harness, lead):
+# (OpenAI's Date on the very second its latest bucket starts: that bucket is served, and the Date
+# is still OpenAI's clock, not a proxy's behind what it served)
+@pytest.mark.parametrize("lead,openai_now", [(2 * 3600, "10:00:30"), (86400, "10:00:30"), (2 * 3600, "10:00:00")])
+def test_a_first_run_on_a_host_clock_ahead_of_openai_s_starts_initial_interval_before_openai_s_time(
+        harness, lead, openai_now):
     """A day ahead with a 3h initial_interval, the first run started 21 hours in OpenAI's future:
     nothing there to read, and what OpenAI recorded until it reached that start was never read."""
-    api = SkewedApi(ts("2026-11-23T10:00:30"))
+    api = SkewedApi(ts(f"2026-11-23T{openai_now}"))
     h = harness(api, initial_interval=3 * 3600)
     skew = [lead]
     h.collector.clock = lambda: api.now + skew[0]
