@@ -443,7 +443,7 @@ class ElasticsearchOutput:
                 if not isinstance(doc_id, str):  # every id the collector writes is one (`ecs`): a
                     # list or object was no dict key (TypeError), a number or null no id to re-send by
                     raise TypeError(doc_id)
-            except (ValueError, KeyError, AttributeError, TypeError):
+            except (ValueError, KeyError, AttributeError, TypeError, RecursionError):  # (nested too deep)
                 raise OutputError(f"{stream}: outbox line {n} is not a JSON document with an `_id`") from None
             dataset, index = target_index(source, stream, self.namespace)
             docs.append({"_id": doc_id, "_index": index, "dataset": dataset, "_source": source})

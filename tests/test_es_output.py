@@ -1347,7 +1347,9 @@ def test_collect_says_how_many_documents_a_failure_store_kept(simulator, fake, t
 @pytest.mark.parametrize("line", [b'[1, 2]', b'"text"', b'{"no_id": 1}', b'{not json',
                                   # an `_id` that is no string: a list or object raised TypeError
                                   # (unhashable) out of the output, a number or null was sent on
-                                  b'{"_id": [1]}', b'{"_id": {"a": 1}}', b'{"_id": 5}', b'{"_id": null}'])
+                                  b'{"_id": [1]}', b'{"_id": {"a": 1}}', b'{"_id": 5}', b'{"_id": null}',
+                                  # nested past the parser's recursion limit: RecursionError
+                                  b'[' * 100_000 + b']' * 100_000])
 def test_an_outbox_line_that_is_no_document_is_one_clear_error(fake, tmp_path, line):
     """A corrupted outbox line that is JSON but no object (an array) raised TypeError out of the
     output (list.pop("_id")), a traceback where every other bad line is one clear error; so did
