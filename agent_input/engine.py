@@ -877,15 +877,18 @@ class UsageCollector(PollingCollector):
                 current[key] = (result, counters, group)
             else:
                 for d in unmergeable:
-                    mine, theirs = get_field(same[0], d), get_field(result, d)
-                    if mine == theirs or not self._valued(result, d):
+                    if not self._valued(result, d):
                         # a result without an amount has none to add up in another currency, whatever
-                        # currency it names (`amount: {"currency": "eur"}`, its value left out or null)
+                        # currency its amount names (`amount: {"currency": "eur"}`, its value left out or null)
                         continue
+                    mine, theirs = get_field(same[0], d), get_field(result, d)
                     if not self._valued(same[0], d):
-                        # the group's results so far had no amount: the group's is this one's currency
+                        # the group's results so far had no amount: the group's is this one's, in its
+                        # currency or in none (then a later priced one is in another)
                         top = d.split(".", 1)[0]
                         current[key] = same = ({**same[0], top: result[top]}, same[1], same[2])
+                        continue
+                    if mine == theirs:
                         continue
                     raise BadBucket(f"one group has results with `{d}` {mine!r:.20} and {theirs!r:.20}, which "
                                     f"cannot be added up ({_describe(result)})")

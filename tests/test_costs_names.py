@@ -250,6 +250,19 @@ def test_a_result_with_a_currency_but_no_amount_is_added_up_with_a_priced_one(tm
                                      ("2024-11-02T00:00:00.000Z", {"currency": "usd", "value": 2.0}, 3.0)]
 
 
+def test_an_amount_without_a_currency_after_a_result_without_an_amount_is_still_not_added_up(tmp_path):
+    """An amount without a currency beside a priced one is two currencies (above), but after a
+    result of its group without any amount it was taken for one of no amount too: the group kept
+    that first result, amount-less, so a later usd one became the group's currency and the 5 of no
+    currency was stored as part of 15 usd, unsaid. The group's amount is the first priced result's,
+    currency or none, and the usd one after it is in another."""
+    free = {k: v for k, v in _cost_row(0.0).items() if k != "amount"}
+    unpriced = _cost_row(5.0)
+    del unpriced["amount"]["currency"]
+    docs, (stats,) = _costs_run(tmp_path, [_costs_page([[free, unpriced, _cost_row(10.0)], []])])
+    assert stats.bad_buckets == 1 and "None and 'usd'" in stats.errors[0] and not docs
+
+
 def test_one_group_in_two_quantity_units_is_added_up_with_no_unit(tmp_path):
     """The cost panels sum quantities by unit: 3 tokens and 3 1000_tokens of one group in one day
     were stored as one document of 6 tokens, unsaid. The reference leaves `quantity_unit` null where
