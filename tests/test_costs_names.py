@@ -263,6 +263,25 @@ def test_an_amount_without_a_currency_after_a_result_without_an_amount_is_still_
     assert stats.bad_buckets == 1 and "None and 'usd'" in stats.errors[0] and not docs
 
 
+@pytest.mark.parametrize("amount", [{"currency": "eur"}, {"value": None, "currency": "eur"}])
+@pytest.mark.parametrize("first", [True, False])
+def test_an_amount_without_a_value_is_no_amount_in_its_currency(tmp_path, amount, first):
+    """The reference leaves an amount's `value` out too: an amount that names a currency (eur) but
+    has no value beside a priced result of its group in usd was reported as two currencies
+    ('usd' and 'eur'), the day not stored and the cursor held before it for as long as OpenAI
+    answered so. It has no amount to add up in another currency: its quantity is added up, and the
+    group's amount is the priced results' (usd), whichever came first."""
+    unvalued = {**_cost_row(0.0), "amount": amount}
+    day = [unvalued, _cost_row(10.0)] if first else [_cost_row(10.0), unvalued]
+    # first a result in the unvalued one's currency (usd here), then one in another: still two
+    # currencies, whatever the group's first result named
+    mixed = [{**_cost_row(0.0), "amount": {**amount, "currency": "usd"}}, _cost_row(2.0), _cost_row(1.0, "eur")]
+    docs, (stats,) = _costs_run(tmp_path, [_costs_page([day, mixed])])
+    assert stats.bad_buckets == 1 and "'usd' and 'eur'" in stats.errors[0], stats.errors
+    assert [(d["openai"]["base"]["start_time"], d["openai"]["costs"]["amount"], d["openai"]["costs"]["quantity"])
+            for d in docs] == [("2024-11-01T00:00:00.000Z", {"currency": "usd", "value": 10.0}, 6.0)]
+
+
 def test_one_group_in_two_quantity_units_is_added_up_with_no_unit(tmp_path):
     """The cost panels sum quantities by unit: 3 tokens and 3 1000_tokens of one group in one day
     were stored as one document of 6 tokens, unsaid. The reference leaves `quantity_unit` null where
