@@ -2009,6 +2009,23 @@ def test_a_start_held_by_openai_s_time_then_kept_by_a_failed_poll_is_not_moved_b
     store.close()
 
 
+def _two_scopes(now: int, org_times: list[int], tenant_times: list[int]) -> tuple["_AuditListing", "_AuditListing"]:
+    """The organization scope's listing and the tenant scope's (its events tenant-scoped), both at `now`."""
+    org, tenant = _AuditListing(org_times), _AuditListing(tenant_times)
+    for e in tenant.events:
+        e["id"], e["type"] = e["id"].replace("audit_log-", "audit_log-t"), "tenant.admin_api_key.created"
+    org.now = tenant.now = now
+    return org, tenant
+
+
+def _dated_answer(org, tenant, client, path: str, params: dict) -> dict:
+    """The scope's answer `params` ask for, its `Date` (OpenAI's time) on `client`."""
+    listing = tenant if params.get("tenant_only") else org
+    answer = listing.get_json(path, {k: v for k, v in params.items() if k != "tenant_only"})
+    client.server_date = org.now
+    return answer
+
+
 @pytest.mark.parametrize("process", ["same", "new"])
 def test_a_tenant_scope_refused_after_a_first_read_moved_back_by_the_lead_keeps_its_start_moved_back(tmp_path,
                                                                                                      process):
@@ -2023,11 +2040,8 @@ def test_a_tenant_scope_refused_after_a_first_read_moved_back_by_the_lead_keeps_
     from agent_input.http_client import PermissionDeniedError
 
     now = int(T0)
-    org = _AuditListing([now - 2 * HOUR - 50 * 60, now + 600])
-    tenant = _AuditListing([now - 2 * HOUR - 40 * 60, now + 700, now + 2 * HOUR])
-    for e in tenant.events:
-        e["id"], e["type"] = e["id"].replace("audit_log-", "audit_log-t"), "tenant.admin_api_key.created"
-    org.now = tenant.now = now
+    org, tenant = _two_scopes(now, [now - 2 * HOUR - 50 * 60, now + 600],
+                              [now - 2 * HOUR - 40 * 60, now + 700, now + 2 * HOUR])
     lead = [DAY]
     refuse = [True]
     client = SimpleNamespace(server_date=None)
@@ -2035,10 +2049,7 @@ def test_a_tenant_scope_refused_after_a_first_read_moved_back_by_the_lead_keeps_
     def get_json(path, params):
         if params.get("tenant_only") and refuse[0]:
             raise PermissionDeniedError(403, "cannot list tenant-scoped audit events", path=path)
-        listing = tenant if params.get("tenant_only") else org
-        answer = listing.get_json(path, {k: v for k, v in params.items() if k != "tenant_only"})
-        client.server_date = org.now
-        return answer
+        return _dated_answer(org, tenant, client, path, params)
 
     client.get_json = get_json
     cfg = _config(batch_size=10, initial_interval="3h")
@@ -2116,11 +2127,8 @@ def test_a_first_run_killed_after_a_slice_moved_back_by_the_lead_keeps_the_tenan
     import shutil
 
     now = int(T0)
-    org = _AuditListing([now - 2 * HOUR - 50 * 60, now + 600])
-    tenant = _AuditListing([now - 2 * HOUR - 40 * 60, now + 700, now + gap - 60])
-    for e in tenant.events:
-        e["id"], e["type"] = e["id"].replace("audit_log-", "audit_log-t"), "tenant.admin_api_key.created"
-    org.now = tenant.now = now
+    org, tenant = _two_scopes(now, [now - 2 * HOUR - 50 * 60, now + 600],
+                              [now - 2 * HOUR - 40 * 60, now + 700, now + gap - 60])
     state, killed = tmp_path / "state", tmp_path / "killed"
     client = SimpleNamespace(server_date=None)
 
@@ -2128,10 +2136,7 @@ def test_a_first_run_killed_after_a_slice_moved_back_by_the_lead_keeps_the_tenan
         if params.get("tenant_only") and not killed.exists():
             shutil.copytree(state, killed)  # the state as a SIGKILL here leaves it
             raise KeyboardInterrupt  # (this process goes no further)
-        listing = tenant if params.get("tenant_only") else org
-        answer = listing.get_json(path, {k: v for k, v in params.items() if k != "tenant_only"})
-        client.server_date = org.now
-        return answer
+        return _dated_answer(org, tenant, client, path, params)
 
     client.get_json = get_json
     cfg = _config(batch_size=10, initial_interval="3h")

@@ -611,6 +611,22 @@ class _BadListing:
         return {"object": "list", "data": data, "has_more": False}
 
 
+def _refused_row_cycle(tmp_path, row, caplog):
+    """A cycle of two projects: proj_a's one limit `row`, refused, proj_b's one good limit. Only
+    proj_b's is stored, the cycle is a success of one project read, and proj_a has a failure
+    document (the per-project rule's). The cycle's stats and that document."""
+    projects = [{"id": "proj_a", "name": "A"}, {"id": "proj_b", "name": "B"}]
+    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": [row], "proj_b": [_row("rl-1", "m1")]}, caplog)
+    assert [d["openai"]["rate_limits"]["id"] for d in docs if "model" in d["openai"]["rate_limits"]] == ["rl-1"]
+    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
+    assert status["event"]["outcome"] == "success"
+    assert status["openai"]["rate_limits"]["collection"] == {"projects": 1, "limits": 1, "failed_projects": 1,
+                                                             "bad_limits": 1}
+    (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
+    assert failure["openai"]["rate_limits"]["project_id"] == "proj_a"
+    return stats, failure
+
+
 def _bad_data_cycle(tmp_path, projects, limits, caplog):
     cfg = config_from_dict({"url": "http://127.0.0.1:1", "api_key": ADMIN_KEY,
                             "data_streams": {"rate_limits": {}}}, env={})
@@ -674,15 +690,8 @@ def test_each_kind_of_bad_limit_is_named_with_its_field_and_type(tmp_path, caplo
     limits could be stored is a failed project with a failure document (the per-project rule)."""
     row = _row("rl-x", "mx")
     row[field] = value
-    projects = [{"id": "proj_a", "name": "A"}, {"id": "proj_b", "name": "B"}]
-    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": [row], "proj_b": [_row("rl-1", "m1")]}, caplog)
+    stats, failure = _refused_row_cycle(tmp_path, row, caplog)
     assert any(e.startswith("rate_limits: project proj_a: ") and why in e for e in stats.errors), stats.errors
-    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
-    assert status["event"]["outcome"] == "success"
-    assert status["openai"]["rate_limits"]["collection"] == {"projects": 1, "limits": 1, "failed_projects": 1,
-                                                             "bad_limits": 1}
-    (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
-    assert failure["openai"]["rate_limits"]["project_id"] == "proj_a"
     assert "none of its 1 limit(s) matches the API reference" in failure["error"]["message"]
     assert why in failure["error"]["message"]
 
@@ -736,20 +745,14 @@ def test_a_limit_with_every_limit_past_the_bound_is_not_stored_and_its_project_f
     project of that one limit was a read one, with no failure document for the per-project rule.
     It is not stored, as a bad limit, and such a project is a failed one again."""
     row = _row("rl-x", "mx", max_requests_per_1_minute=2**60, max_tokens_per_1_minute=2**53)
-    projects = [{"id": "proj_a", "name": "A"}, {"id": "proj_b", "name": "B"}]
-    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": [row], "proj_b": [_row("rl-1", "m1")]}, caplog)
-    assert [d["openai"]["rate_limits"]["id"] for d in docs if "model" in d["openai"]["rate_limits"]] == ["rl-1"]
-    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
-    assert status["openai"]["rate_limits"]["collection"] == {"projects": 1, "limits": 1, "failed_projects": 1,
-                                                             "bad_limits": 1}
-    (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
-    assert failure["openai"]["rate_limits"]["project_id"] == "proj_a"
+    stats, failure = _refused_row_cycle(tmp_path, row, caplog)
     (line,) = stats.errors
     assert line.startswith("rate_limits: project proj_a: limit 'rl-x' does not match the API reference, not "
                            "stored: `max_requests_per_1_minute` is an integer (1152921504606846976), not within "
                            "±2^53"), line
     assert "`max_tokens_per_1_minute` is an integer (9007199254740992)" in line and "stored without" not in line
     assert "\n" not in line
+
 
 @pytest.mark.parametrize("row", [
     {"object": "project.rate_limit", "id": "rl-x", "model": "mx"},
@@ -760,15 +763,7 @@ def test_a_limit_that_has_no_limit_at_all_is_not_stored_and_its_project_fails(tm
     which no headroom panel or rule reads, and counted as a stored limit: a project of such limits
     was a read one, with no failure document for the per-project rule, as 1202b6d found of a limit
     left with none once those past ±2^53 were left out. It is a bad limit, and its project fails."""
-    projects = [{"id": "proj_a", "name": "A"}, {"id": "proj_b", "name": "B"}]
-    stats, docs = _bad_data_cycle(tmp_path, projects, {"proj_a": [row], "proj_b": [_row("rl-1", "m1")]}, caplog)
-    assert [d["openai"]["rate_limits"]["id"] for d in docs if "model" in d["openai"]["rate_limits"]] == ["rl-1"]
-    (status,) = [d for d in docs if d["event"].get("action") == "rate-limits-collection"]
-    assert status["event"]["outcome"] == "success"
-    assert status["openai"]["rate_limits"]["collection"] == {"projects": 1, "limits": 1, "failed_projects": 1,
-                                                             "bad_limits": 1}
-    (failure,) = [d for d in docs if d["event"].get("action") == "rate-limits-project-failure"]
-    assert failure["openai"]["rate_limits"]["project_id"] == "proj_a"
+    stats, failure = _refused_row_cycle(tmp_path, row, caplog)
     (line,) = stats.errors
     assert line == ("rate_limits: project proj_a: limit 'rl-x' does not match the API reference, not stored: "
                     "it has no limit (the reference requires `max_requests_per_1_minute` and "

@@ -5,6 +5,7 @@ import math
 from collections import defaultdict
 from datetime import datetime
 
+from agent_input.outputs import OutputError
 from agent_input.streams import STREAMS_BY_NAME, USAGE_STREAMS
 
 from conftest import ADMIN_KEY, audit_truth, stored_totals, truth_totals
@@ -94,3 +95,25 @@ def compare_all(sim, docs, store, *, end_of_test: float, audit_since: float | No
         if extra:
             wrong.append(f"audit: {len(extra)} events that the API never had")
     return wrong
+
+
+class Out:
+    """An output for the property tests: keeps every payload it is sent; `fail` set to "before"
+    fails the next send with nothing written, "after" writes it and fails before the ack (a crash
+    between the two)."""
+
+    def __init__(self):
+        self.delivered: list[bytes] = []
+        self.fail: str | None = None  # "before": nothing written; "after": written, never acked
+
+    def send(self, stream, payload, events, on_ack):
+        mode, self.fail = self.fail, None
+        if mode == "before":
+            raise OutputError("injected: output down")
+        self.delivered.append(payload)
+        if mode == "after":
+            raise OutputError("injected: crash before the ack")
+        on_ack()
+
+    def close(self):
+        pass

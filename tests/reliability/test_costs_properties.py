@@ -29,6 +29,8 @@ from agent_input.outputs import OutputError
 from agent_input.state import StateStore
 from agent_input.streams import COSTS
 
+from reliability_helpers import Out
+
 EXAMPLES = int(os.environ.get("COSTS_EXAMPLES", 30))
 
 DAY = 86400
@@ -164,24 +166,6 @@ class CostsApi:
             day, skip = day + DAY, 0
         more = day < end
         return {"object": "page", "data": buckets, "has_more": more, "next_page": f"{day}:{skip}" if more else None}
-
-
-class Out:
-    def __init__(self):
-        self.delivered: list[bytes] = []
-        self.fail: str | None = None  # "before": nothing written; "after": written, never acked
-
-    def send(self, stream, payload, events, on_ack):
-        mode, self.fail = self.fail, None
-        if mode == "before":
-            raise OutputError("injected: output down")
-        self.delivered.append(payload)
-        if mode == "after":
-            raise OutputError("injected: crash before the ack")
-        on_ack()
-
-    def close(self):
-        pass
 
 
 def _stored(out: Out) -> tuple[dict, dict]:

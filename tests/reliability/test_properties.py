@@ -19,6 +19,8 @@ from agent_input.outputs import OutputError
 from agent_input.state import StateStore
 from agent_input.streams import STREAMS_BY_NAME
 
+from reliability_helpers import Out
+
 W = 60
 T0 = 1763892000
 WINDOW = 30 * 60  # revision window
@@ -66,24 +68,6 @@ class Api:
             t += width
         more = t < end
         return {"object": "page", "data": buckets, "has_more": more, "next_page": str(t) if more else None}
-
-
-class Out:
-    def __init__(self):
-        self.delivered: list[bytes] = []
-        self.fail: str | None = None  # "before": nothing written; "after": written, never acked
-
-    def send(self, stream, payload, events, on_ack):
-        mode, self.fail = self.fail, None
-        if mode == "before":
-            raise OutputError("injected: output down")
-        self.delivered.append(payload)
-        if mode == "after":
-            raise OutputError("injected: crash before the ack")
-        on_ack()
-
-    def close(self):
-        pass
 
 
 step = st.tuples(
