@@ -117,3 +117,35 @@ class Out:
 
     def close(self):
         pass
+
+
+def poll_steps(api, out: Out, start, steps, unit: int, revise):
+    """Drive a property test's steps: each (units of time to advance by `unit` seconds, the
+    revisions handed to `revise`, an action, where an API error strikes): a poll, a restart before
+    it, a poll whose request fails part-way, or whose output fails before or after writing (the
+    process then dies, and the restart re-sends the outbox); then a last clean restart and poll.
+    `start()` opens the store and the collector as a (re)start does. The store (still open) and
+    the last poll's stats."""
+    store, col = start()
+    for amount, revisions, action, fail_at in steps:
+        api.now += amount * unit
+        revise(revisions)
+        api.calls = 0
+        if action == "restart":
+            store.close()
+            store, col = start()
+            action = "poll"
+        if action == "api_error":
+            api.fail_at = fail_at
+        elif action.startswith("output_"):
+            out.fail = action.split("_")[1]
+        try:
+            col.poll(api.now)
+        except (ConnectionError, OutputError):
+            if action.startswith("output_"):
+                store.close()
+                store, col = start()  # the process died: the restart re-sends the outbox
+        api.fail_at, out.fail = None, None  # a fault belongs to its poll (armed but maybe not reached)
+    store.close()
+    store, col = start()
+    return store, col.poll(api.now)

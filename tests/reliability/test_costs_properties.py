@@ -25,11 +25,10 @@ from hypothesis import strategies as st
 
 from agent_input.config import StreamConfig
 from agent_input.engine import Delivery, UsageCollector
-from agent_input.outputs import OutputError
 from agent_input.state import StateStore
 from agent_input.streams import COSTS
 
-from reliability_helpers import Out
+from reliability_helpers import Out, poll_steps
 
 EXAMPLES = int(os.environ.get("COSTS_EXAMPLES", 30))
 
@@ -243,30 +242,7 @@ def test_stored_costs_sum_to_openai_s_latest_answer_for_every_good_day(history, 
             delivery.replay_pending()  # what Engine.run does first after a (re)start
             return store, UsageCollector(COSTS, cfg, api, delivery, clock=lambda: api.now)
 
-        store, col = start()
-        for hours, revisions, action, fail_at in steps:
-            api.now += hours * HOUR
-            api.revise(revisions)
-            api.calls = 0
-            if action == "restart":
-                store.close()
-                store, col = start()
-                action = "poll"
-            if action == "api_error":
-                api.fail_at = fail_at
-            elif action.startswith("output_"):
-                out.fail = action.split("_")[1]
-            try:
-                col.poll(api.now)
-            except (ConnectionError, OutputError):
-                if action.startswith("output_"):
-                    store.close()
-                    store, col = start()  # the process died: the restart re-sends the outbox
-            api.fail_at, out.fail = None, None  # a fault belongs to its poll (armed but maybe not reached)
-        # a last clean restart and poll
-        store.close()
-        store, col = start()
-        stats = col.poll(api.now)
+        store, stats = poll_steps(api, out, start, steps, HOUR, api.revise)
         origin = store.cursor("costs", "1d").origin
         store.close()
 

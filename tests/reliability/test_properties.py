@@ -19,7 +19,7 @@ from agent_input.outputs import OutputError
 from agent_input.state import StateStore
 from agent_input.streams import STREAMS_BY_NAME
 
-from reliability_helpers import Out
+from reliability_helpers import Out, poll_steps
 
 W = 60
 T0 = 1763892000
@@ -95,33 +95,7 @@ def test_delivered_sums_equal_the_truth(steps, page_buckets, initial):
             delivery.replay_pending()  # what Engine.run does first after a (re)start
             return store, UsageCollector(STREAMS_BY_NAME["completions"], cfg, api, delivery, clock=lambda: api.now)
 
-        store, col = start()
-        for minutes, revisions, action, fail_at in steps:
-            api.now += minutes * W
-            api.revise(revisions, T0 - initial * W - W)
-            api.calls = 0
-            if action == "restart":
-                store.close()
-                store, col = start()
-                action = "poll"
-            if action == "api_error":
-                api.fail_at = fail_at
-            elif action.startswith("output_"):
-                out.fail = action.split("_")[1]
-            try:
-                col.poll(api.now)
-            except (ConnectionError, OutputError):
-                api.fail_at, out.fail = None, None  # a fault belongs to this poll only
-                if action == "output_after" or action == "output_before":
-                    store.close()
-                    store, col = start()  # the process died: restart re-sends the outbox
-                continue
-            api.fail_at, out.fail = None, None  # armed but not reached (nothing to send this time)
-        # a last clean restart and poll
-        store.close()
-        store, col = start()
-        api.fail_at, out.fail = None, None
-        col.poll(api.now)
+        store, _ = poll_steps(api, out, start, steps, W, lambda revisions: api.revise(revisions, T0 - initial * W - W))
         origin = store.cursor("completions", "1m").origin
         end = api.now // W * W
         store.close()
