@@ -1,6 +1,7 @@
 """Shared by the reliability suite: truth for every stream with a truth (usage, costs, audit)."""
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from datetime import datetime
@@ -117,6 +118,17 @@ class Out:
 
     def close(self):
         pass
+
+    def by_id(self) -> dict[str, dict]:
+        """Every document delivered, by id, as Elasticsearch's `create` keeps it (the first wins),
+        asserting that no id was ever delivered with other content."""
+        by_id: dict[str, dict] = {}
+        for payload in self.delivered:
+            for line in payload.splitlines():
+                doc = json.loads(line)
+                prev = by_id.setdefault(doc["_id"], doc)
+                assert prev == doc, "one id, two contents"
+        return by_id
 
 
 def poll_steps(api, out: Out, start, steps, unit: int, revise):

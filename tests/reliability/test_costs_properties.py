@@ -171,12 +171,7 @@ def _stored(out: Out) -> tuple[dict, dict]:
     """Every id delivered, as Elasticsearch's `create` keeps it (the first wins; no id carries two
     contents), summed as the cost panels sum: amount per (day, group, currency), quantity per
     (day, group, unit)."""
-    by_id: dict[str, dict] = {}
-    for payload in out.delivered:
-        for line in payload.splitlines():
-            doc = json.loads(line)
-            prev = by_id.setdefault(doc["_id"], doc)
-            assert prev == doc, "one id, two contents"
+    by_id = out.by_id()
     amounts: dict[int, dict] = defaultdict(lambda: defaultdict(float))
     quantities: dict[int, dict] = defaultdict(lambda: defaultdict(float))
     for doc in by_id.values():

@@ -114,12 +114,7 @@ def _delivered(out: "Out") -> list[tuple[int, dict]]:
     first wins), asserting that no id was ever delivered with other content."""
     from datetime import datetime
 
-    by_id: dict[str, dict] = {}
-    for payload in out.delivered:
-        for line in payload.splitlines():
-            doc = json.loads(line)
-            prev = by_id.setdefault(doc["_id"], doc)
-            assert prev == doc, "one id, two contents"
+    by_id = out.by_id()
     return [(int(datetime.fromisoformat(d["openai"]["base"]["start_time"].replace("Z", "+00:00")).timestamp()), d)
             for d in by_id.values()]
 
