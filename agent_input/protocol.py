@@ -396,7 +396,11 @@ class ProtocolOutput:
                 "id": doc_id,
                 "document": doc,
             }
-            out += orjson.dumps(msg)
+            try:
+                out += orjson.dumps(msg)
+            except TypeError:  # orjson's JSONEncodeError: nested past 254 levels, which it parses up to 1024
+                n = _line_number(payload, seq)
+                raise OutputError(f"{stream}: outbox line {n} is not a JSON document with an `_id`") from None
             out += b"\n"
         return out
 

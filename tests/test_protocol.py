@@ -1420,13 +1420,18 @@ def test_the_soak_s_skew_is_constant_or_stepped():
     assert soak_protocol.parse_skew("3:600") == [[start, 0.0], [start + 3 * hour, 600.0]]
 
 
-@pytest.mark.parametrize("line", [b'[1, 2]', b'"text"', b'{not json', b'{"no_id": 1}', b'{"_id": [1]}', b'{"_id": 5}'])
+@pytest.mark.parametrize("line", [b'[1, 2]', b'"text"', b'{not json', b'{"no_id": 1}', b'{"_id": [1]}', b'{"_id": 5}',
+                                  # nested past 254 levels: orjson parses it (up to 1024) but cannot
+                                  # write it back, and its TypeError was raised from the event's encoding
+                                  b'{"_id": "a3", "a": ' + b'[' * 300 + b']' * 300 + b'}',
+                                  b'[' * 2000 + b']' * 2000])  # past 1024: not parsed
 def test_an_outbox_line_that_is_no_document_is_one_clear_error_and_leaves_no_batch_in_flight(tmp_path, line):
     """A corrupted outbox line raised TypeError or JSONDecodeError out of the protocol output ("pop
     expected at most 1 argument", naming no line), and its batch stayed in flight: its slot taken
     for good (with max_inflight 1 every later send waited for ever) and every re-send of it (the
     next engine's) dropped unsaid as a replay of a batch in flight. It is the Elasticsearch
-    output's one clear error, and the batch is forgotten, unacknowledged."""
+    output's one clear error, and the batch is forgotten, unacknowledged. So is a line nested 300
+    deep, which orjson reads but cannot write back ("Recursion limit reached", a TypeError)."""
     from agent_input.outputs import OutputError
     from agent_input.protocol import ProtocolOutput, ProtocolWriter
 
