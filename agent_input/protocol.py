@@ -448,7 +448,9 @@ class Runner:
         # stdout nobody reads, and the stop has to end that wait (`ProtocolWriter.give_up_on`)
         self.stop_read = threading.Event()
         self.stdin_ended = threading.Event()  # the stdin reader is done: every ack it read was handled
-        self._engine_ended = False  # this loop read the current engine's `engine-ended`
+        # the current engine's end was said: this loop read its `engine-ended`, or its thread said
+        # it stopped on an error (`_run_engine`)
+        self._engine_ended = False
 
     # -- stdin -----------------------------------------------------------------------------------
     def _read_stdin(self) -> None:
@@ -543,8 +545,9 @@ class Runner:
             log.error("config rejected: %s", text)
             # the old config runs only while its engine does: one whose every stream stopped, or
             # that stopped on an error, is no longer running (the input said `failed`). Told by the
-            # engine's `engine-ended` as this loop read it, not by its thread being alive: the thread
-            # queues that message, then ends, and a config read in between is after the `failed`
+            # engine's `engine-ended` as this loop read it, or by the engine's thread as it said the
+            # error, not by its thread being alive: the thread queues that message, then ends, and a
+            # config read in between is after the `failed`
             if self.collection is not None and not self._engine_ended:
                 self.writer.status("input", "degraded",
                                    f"config rejected, still running revision {self.revision}: {text}",
@@ -602,6 +605,10 @@ class Runner:
             from .logs import redact
 
             log.error("engine stopped: %s", redact(str(exc)) or type(exc).__name__)
+            if collection is self.collection:
+                # before the `failed` is out: a config the loop reads after it, before this thread's
+                # `engine-ended`, said "still running revision N"
+                self._engine_ended = True
             self.writer.status("input", "failed", f"engine stopped: {exc}", config_id=self.config_id,
                                revision=self.revision)
             reported = True

@@ -947,6 +947,56 @@ def test_a_bad_config_after_every_stream_stopped_is_failed_not_still_running(tmp
     assert said["revision"] == 1
 
 
+def test_a_bad_config_after_the_engine_said_it_stopped_on_an_error_is_failed(tmp_path, monkeypatch):
+    """An engine that raises says `failed` "engine stopped: ..." from its own thread, then queues
+    `engine-ended` for the loop: a config rejected in between (the supervisor answering that
+    `failed` with a config it cannot apply, read before the loop got to the message) said
+    `degraded` "still running revision 1", after the input had said it stopped."""
+    import queue as queue_module
+
+    from agent_input import app
+
+    class Engine:
+        collectors: list = []
+        failed: dict = {}
+
+        def run(self, once=False):
+            raise RuntimeError("cannot read spool")
+
+    class Collection:
+        engine = Engine()
+
+        def close(self):
+            pass
+
+    release = threading.Event()
+
+    class Control(queue_module.Queue):
+        def put(self, item, *args, **kwargs):
+            if item[0] == "engine-ended":
+                release.wait(10)  # the engine thread between its `failed` and its `engine-ended`
+            super().put(item, *args, **kwargs)
+
+    monkeypatch.setattr(app, "build", lambda *a, **kw: Collection())
+    run = InProcess(tmp_path / "state", tmp_path / "stdout")
+    run.runner.control = Control()
+    run.start()
+    try:
+        run.send({"type": "config", "id": "policy-1", "config": _config("http://127.0.0.1:1")})
+        run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "failed"
+                              and "engine stopped" in m["message"]], what="revision 1 to fail")
+        run.send({"type": "config", "id": "policy-2", "config": {**_config("http://127.0.0.1:1"), "namespace": "BAD"}})
+        said = run.wait_for(lambda: [m for m in run.statuses("input") if m.get("config_id") == "policy-2"],
+                            what="the rejection")[0]
+        release.set()
+        assert run.stop() == 0
+    finally:
+        release.set()
+        run.close()
+    assert said["status"] == "failed", said
+    assert said["message"].startswith("config rejected, waiting for a valid one: namespace: 'BAD'")
+
+
 def test_a_state_dir_in_use_by_another_collector_fails_the_config_until_it_is_free(tmp_path):
     state = tmp_path / "state"
     other = StateStore(state)  # another collector holds the directory
