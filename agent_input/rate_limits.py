@@ -18,9 +18,8 @@ failing while the others are read would otherwise go silent alone, its cycles al
 
 A limit that does not match the API reference (`ProjectRateLimit`: no string `id` or `model`, a
 limit that is not an integer, such as `"lots"`, which Elasticsearch's `long` would refuse, or no
-limit at all) is
-reported with its project, its id and the field at fault, and not stored; the project's other
-limits are. One whose only fault is an integer at or past ±2^53 (Kibana would show it rounded) is
+limit at all) is reported with its project, its id and the field at fault, and not stored; the
+project's other limits are. One whose only fault is an integer at or past ±2^53 (Kibana would show it rounded) is
 stored without that field, reported with its project, model and the field (unless no limit of it
 would be left: then it is not stored, as a bad limit). The cycle counts either
 in `openai.rate_limits.collection.bad_limits`, and a project none
