@@ -911,6 +911,27 @@ def test_a_config_whose_every_stream_stopped_is_failed_under_its_own_id(tmp_path
     assert [(m["revision"], m["config_id"]) for m in failed] == [(1, "policy-1"), (2, "policy-2")]
 
 
+def _bad_config_after_the_first_ended(run, first: dict, ended: str, release: threading.Event) -> dict:
+    """Revision 1 (`first`) ends, the input `failed` with `ended` in its message; then a config is
+    rejected (a bad namespace). Its status, asserted `failed` "waiting for a valid one": nothing
+    runs. `release` lets a held engine thread go on once the rejection is said."""
+    try:
+        run.send({"type": "config", "id": "policy-1", "config": first})
+        run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "failed"
+                              and ended in m["message"]], what="revision 1 to end")
+        run.send({"type": "config", "id": "policy-2", "config": {**_config("http://127.0.0.1:1"), "namespace": "BAD"}})
+        said = run.wait_for(lambda: [m for m in run.statuses("input") if m.get("config_id") == "policy-2"],
+                            what="the rejection")[0]
+        release.set()
+        assert run.stop() == 0
+    finally:
+        release.set()
+        run.close()
+    assert said["status"] == "failed", said
+    assert said["message"].startswith("config rejected, waiting for a valid one: namespace: 'BAD'")
+    return said
+
+
 @pytest.mark.parametrize("lingering", [False, True])
 def test_a_bad_config_after_every_stream_stopped_is_failed_not_still_running(tmp_path, monkeypatch, lingering):
     """Every stream of revision 1 stopped (input `failed`), then a config is rejected: nothing
@@ -930,20 +951,8 @@ def test_a_bad_config_after_every_stream_stopped_is_failed_not_still_running(tmp
 
         monkeypatch.setattr(Runner, "_run_engine", linger)
     run = InProcess(tmp_path / "state", tmp_path / "stdout").start()
-    try:
-        run.send({"type": "config", "id": "policy-1", "config": _config("http://127.0.0.1:1", streams=())})
-        run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "failed"
-                              and "every stream stopped" in m["message"]], what="revision 1 to end")
-        run.send({"type": "config", "id": "policy-2", "config": {**_config("http://127.0.0.1:1"), "namespace": "BAD"}})
-        said = run.wait_for(lambda: [m for m in run.statuses("input") if m.get("config_id") == "policy-2"],
-                            what="the rejection")[0]
-        release.set()
-        assert run.stop() == 0
-    finally:
-        release.set()
-        run.close()
-    assert said["status"] == "failed", said
-    assert said["message"].startswith("config rejected, waiting for a valid one: namespace: 'BAD'")
+    said = _bad_config_after_the_first_ended(run, _config("http://127.0.0.1:1", streams=()), "every stream stopped",
+                                             release)
     assert said["revision"] == 1
 
 
@@ -981,20 +990,7 @@ def test_a_bad_config_after_the_engine_said_it_stopped_on_an_error_is_failed(tmp
     run = InProcess(tmp_path / "state", tmp_path / "stdout")
     run.runner.control = Control()
     run.start()
-    try:
-        run.send({"type": "config", "id": "policy-1", "config": _config("http://127.0.0.1:1")})
-        run.wait_for(lambda: [m for m in run.statuses("input") if m["status"] == "failed"
-                              and "engine stopped" in m["message"]], what="revision 1 to fail")
-        run.send({"type": "config", "id": "policy-2", "config": {**_config("http://127.0.0.1:1"), "namespace": "BAD"}})
-        said = run.wait_for(lambda: [m for m in run.statuses("input") if m.get("config_id") == "policy-2"],
-                            what="the rejection")[0]
-        release.set()
-        assert run.stop() == 0
-    finally:
-        release.set()
-        run.close()
-    assert said["status"] == "failed", said
-    assert said["message"].startswith("config rejected, waiting for a valid one: namespace: 'BAD'")
+    _bad_config_after_the_first_ended(run, _config("http://127.0.0.1:1"), "engine stopped", release)
 
 
 def test_a_state_dir_in_use_by_another_collector_fails_the_config_until_it_is_free(tmp_path):
