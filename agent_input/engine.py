@@ -864,7 +864,7 @@ class UsageCollector(PollingCollector):
         were stored as 15 usd, unsaid (a result without an amount value has no currency to differ in).
         One in two quantity units (`spec.unit_fields`) is added up with no unit, as the API gives a
         result no single unit applies to: 3 tokens and 3 1000_tokens were stored as 6 tokens (a
-        result without a quantity has no unit to differ in)."""
+        result without a quantity, or with 0, has no unit to differ in)."""
         extract, group_key, unmergeable = self._extract, self._group_key, self.spec.unmergeable
         unit_fields = self.spec.unit_fields
         current: dict = {}
@@ -893,9 +893,11 @@ class UsageCollector(PollingCollector):
                     raise BadBucket(f"one group has results with `{d}` {mine!r:.20} and {theirs!r:.20}, which "
                                     f"cannot be added up ({_describe(result)})")
                 for d, counter in unit_fields:
-                    if counter not in counters:
-                        continue  # no quantity: no unit to differ in (3 tokens and an amount alone had none)
-                    if counter not in same[1]:  # none of the group's results so far had a quantity
+                    if not counters.get(counter):
+                        # no quantity, or 0: no unit to differ in (3 tokens beside an amount alone, or
+                        # beside 0 images, had none)
+                        continue
+                    if not same[1].get(counter):  # none of the group's results so far had a quantity but 0
                         current[key] = same = ({**same[0], d: result.get(d)}, same[1], same[2])
                     elif same[0].get(d) is not None and same[0].get(d) != result.get(d):
                         current[key] = same = ({**same[0], d: None}, same[1], same[2])

@@ -295,13 +295,16 @@ def test_one_group_in_two_quantity_units_is_added_up_with_no_unit(tmp_path):
         ("2024-11-01T00:00:00.000Z", None, 9.0, 16.0), ("2024-11-02T00:00:00.000Z", "tokens", 6.0, 3.0)]
 
 
+@pytest.mark.parametrize("quantity", ["none", "zero"])
 @pytest.mark.parametrize("first", [True, False])
-def test_a_result_without_a_quantity_leaves_its_group_s_unit_alone(tmp_path, first):
+def test_a_result_without_a_quantity_leaves_its_group_s_unit_alone(tmp_path, first, quantity):
     """A result without a quantity (the reference leaves it out) beside one of 3 tokens in its group
     made the group's `quantity_unit` null, as if the 3 were in two units: the cost by line item
-    panel showed 3 of no unit. It has no unit to differ in; two results with quantities in two
-    units still have none."""
+    panel showed 3 of no unit. It has no unit to differ in; nor has one of 0 images, which nulled
+    it the same way; two results with quantities in two units still have none."""
     amount_only = {k: v for k, v in _cost_row(1.0).items() if k not in ("quantity", "quantity_unit")}
+    if quantity == "zero":
+        amount_only.update(quantity=0, quantity_unit="images")
     day = [amount_only, _cost_row(10.0)] if first else [_cost_row(10.0), amount_only]
     day2 = [amount_only, _cost_row(1.0), _cost_row(1.0, quantity_unit="1000_tokens")]
     docs, (stats,) = _costs_run(tmp_path, [_costs_page([day, day2])])
