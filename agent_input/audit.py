@@ -67,7 +67,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .ecs import ECS_VERSION, iso_timestamp
 from .engine import CLOCK_WARNING, Lines, ListingCollector, PollStats, Progress, delivered_before, serialize
@@ -315,8 +315,12 @@ class AuditCollector(ListingCollector):
             slice_end = min(end, start + length - 1)
             if length == SLICE and end - slice_end < OVERLAP:  # no tiny last slice: one request less
                 slice_end = end
+            # a first read's first answer already says whether its start moves back (below): a
+            # failure of the slice's later pages keeps that start moved back too (`_keep_starts`)
             read = self._read_slice(scope, start, slice_end, stats,
-                                    MAX_SLICE_EVENTS if slice_end > start else None)
+                                    MAX_SLICE_EVENTS if slice_end > start else None,
+                                    (lambda evs, at=start: self._moved_back(at, self._served_to(evs), now) is not None)
+                                    if first_read else None)
             if read is None:  # too many events for one slice: read it again as its older half
                 length = max(1, (slice_end - start + 1) // 2)
                 log.info("audit: more than %d %s events between %s and %s; reading %ds slices",
@@ -328,20 +332,7 @@ class AuditCollector(ListingCollector):
             # A local clock ahead of OpenAI's: the API has not reached slice_end yet, and events it
             # records meanwhile would fall behind the mark (and the overlap, once more than 5
             # minutes ahead) for good. The mark stops at the API's own time (its Date header).
-            served_to = getattr(self.client, "server_date", None)
-            if type(served_to) is int and any(type(ev.get("effective_at")) is int
-                                              and ev["effective_at"] > served_to + OVERLAP
-                                              for ev in events.values()):
-                # behind an event OpenAI served (it serves none after its own time): not its clock
-                # but a proxy's, as for a usage stream (`_api_time`). Taken as OpenAI's time, a Date
-                # a year behind started a first read a year back and held the mark there, every
-                # event since never read. A second or two behind is OpenAI's own servers' clocks
-                # differing: ignored for that, a first read on a host an hour ahead was not moved
-                # back (its first hour never read) and the mark went to the local clock, pulled
-                # back at the next poll over events already written (3h asked: 97 of 510 lost,
-                # 241 twice). Within the overlap the Date is harmless: what lies past it is kept
-                # in `recent` and skipped when read again.
-                served_to = None
+            served_to = self._served_to(events)
             if first_read and type(served_to) is int:
                 # A first read's start is `initial_interval` before OpenAI's time, not only this
                 # host's (as a usage stream's first run): on a clock ahead by more than the
@@ -353,9 +344,9 @@ class AuditCollector(ListingCollector):
                 # taken on the same clock, hours or days earlier, and set to `initial_interval`
                 # before this later Date it still lay in OpenAI's future of then (tenant-scoped
                 # events refused, 8 hours ahead, 6h asked: the 6 hours asked and the 2 after lost).
-                asked = start - (int(now) - served_to)
-                if asked < start and (start > served_to or now - served_to > CLOCK_WARNING):
-                    hwm = start = first = self._moved[scope.kv_hwm] = max(0, asked)
+                asked = self._moved_back(start, served_to, now)
+                if asked is not None:
+                    hwm = start = first = self._moved[scope.kv_hwm] = asked
                     self._lead = int(now) - served_to
                     length = SLICE
                     first_read = False
@@ -448,6 +439,35 @@ class AuditCollector(ListingCollector):
                                      slice_end)
             if behind:
                 break  # the rest is in the API's future: the next poll reads it
+
+    def _served_to(self, events: Mapping[str, Mapping]) -> int | None:
+        """OpenAI's time: the `Date` of its last answer, whose `events` were read; None without one."""
+        served_to = getattr(self.client, "server_date", None)
+        if type(served_to) is int and any(type(ev.get("effective_at")) is int
+                                          and ev["effective_at"] > served_to + OVERLAP
+                                          for ev in events.values()):
+            # behind an event OpenAI served (it serves none after its own time): not its clock
+            # but a proxy's, as for a usage stream (`_api_time`). Taken as OpenAI's time, a Date
+            # a year behind started a first read a year back and held the mark there, every
+            # event since never read. A second or two behind is OpenAI's own servers' clocks
+            # differing: ignored for that, a first read on a host an hour ahead was not moved
+            # back (its first hour never read) and the mark went to the local clock, pulled
+            # back at the next poll over events already written (3h asked: 97 of 510 lost,
+            # 241 twice). Within the overlap the Date is harmless: what lies past it is kept
+            # in `recent` and skipped when read again.
+            return None
+        return served_to
+
+    @staticmethod
+    def _moved_back(start: int, served_to: int | None, now: float) -> int | None:
+        """Where a first read from `start` starts instead, moved back by the clock's lead over
+        OpenAI's time `served_to`: None when it stays (no Date, or a lead of a few seconds)."""
+        if type(served_to) is not int:
+            return None
+        asked = start - (int(now) - served_to)
+        if asked < start and (start > served_to or now - served_to > CLOCK_WARNING):
+            return max(0, asked)
+        return None
 
     @staticmethod
     def _pulled_back(scope: "Scope", hwm: int, hwm_text: str, served_to: int, now: float) -> int:
@@ -577,10 +597,14 @@ class AuditCollector(ListingCollector):
             log.debug("audit: tenant-scoped events still refused: %s", self.tenant_refused)
 
     def _read_slice(self, scope: "Scope", gte: int, lte: int, stats: PollStats,
-                    max_events: int | None = None) -> tuple[dict[str, dict], list[str]] | None:
+                    max_events: int | None = None, moves: Callable[[dict[str, dict]], bool] | None = None
+                    ) -> tuple[dict[str, dict], list[str]] | None:
         """Every event of `scope` with gte <= effective_at <= lte, by id (pages newest first, any
         order), and what was wrong with each entry that is not an object with a string `id`; None
-        as soon as there are more than `max_events` (what was read is let go)."""
+        as soon as there are more than `max_events` (what was read is let go). `moves`: a first
+        read's check of its first page (its Date gives the clock's lead): when it says the read
+        moves back, that page's events alone, the rest not asked for (as a usage stream's first
+        page: the start kept moved back were a later page to fail, not on the clock ahead)."""
         params: dict[str, Any] = {"effective_at[gte]": gte, "effective_at[lte]": lte, "limit": self.batch_size,
                                   **scope.params}
         events: dict[str, dict] = {}
@@ -600,6 +624,9 @@ class AuditCollector(ListingCollector):
                 events[ev["id"]] = ev
             if max_events is not None and len(events) > max_events:
                 return None
+            if moves is not None and moves(events):
+                return events, bad
+            moves = None
         return events, bad
 
 

@@ -2165,3 +2165,56 @@ def test_a_report_shows_a_value_however_wide_in_at_most_200_characters():
     assert clip("x" * 201) == "x" * 197 + "..."
     wide = {f"key{i}": ["v" * 100] * 10 for i in range(10)}
     assert len(short(wide)) == 200 and short(wide).endswith("...")
+
+
+@pytest.mark.parametrize("failure", ["5xx", "403", "stop"])
+def test_a_first_slice_failing_after_its_first_dated_page_keeps_the_start_moved_back_by_the_lead(tmp_path, failure):
+    """A clock 2 hours ahead, 3h asked, a first slice of two pages: its first page's Date gave the
+    clock's lead, but the first read was moved back only once the whole slice was read. The second
+    page failing (OpenAI down past the retries, the audit log refused, a stop) kept the start as
+    taken on the clock ahead, 1 hour before OpenAI's time: with the clock corrected (NTP) before the
+    next process asked again, nothing moved it back, and the event of the first 2 hours asked was
+    never read. The first answer's Date moves the read back at once (as a usage stream's first page
+    does), and a failure after it keeps the start moved back."""
+    from agent_input.http_client import PermissionDeniedError, RetriesExhaustedError, StoppedError
+
+    now = int(T0)
+    api = _AuditListing([now - 2 * HOUR - 50 * 60, now - 50 * 60, now - 30 * 60, now - 10 * 60])
+    api.now = now
+    client = SimpleNamespace(server_date=None)
+    answered = [0]
+    col = None
+
+    def get_json(path, params):
+        if answered[0] == 1:  # the second page of the first slice
+            if failure == "5xx":
+                raise RetriesExhaustedError(503, "OpenAI down", path=path)
+            if failure == "403":
+                raise PermissionDeniedError(403, "audit logging is not enabled", path=path)
+            col.stop.set()  # (SIGTERM) while the page is asked for: its wait ends at once
+            raise StoppedError(None, "stopped while waiting for an answer from OpenAI", "stopped", path)
+        answered[0] += 1
+        answer = _organization_only(api.get_json)(path, params)
+        client.server_date = api.now
+        return answer
+
+    client.get_json = get_json
+    cfg = _config(batch_size=2, initial_interval="3h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + 2 * HOUR)
+    try:
+        col.poll(api.now + 2 * HOUR)
+    except (RetriesExhaustedError, StoppedError) as exc:
+        assert failure == ("5xx" if isinstance(exc, RetriesExhaustedError) else "stop")
+    else:
+        assert failure == "403" and col.forbidden
+    store.close()
+    api.now += 900
+    answered[0] = 2  # OpenAI answers again, each answer dated
+    store = StateStore(tmp_path / "state")  # a new process on the clock corrected: asks again at once
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now)
+    col.poll(api.now)
+    assert col.forbidden is None
+    output.close()
+    assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == sorted(e["id"] for e in api.events)
+    store.close()
