@@ -39,6 +39,7 @@ BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_RE = re.compile(r"^(?:\d+[smhd])+$")
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
+_ZERO_RE = re.compile(r"^(?:0+|(?:0+[smhd])+)$")  # a duration of zero, in any unit
 DURATION_FORM = "a duration like 30s, 5m, 24h, 1d or 1h30m (or an integer number of seconds)"
 _KEY_FILE_FORM = "expected the path of a file holding the admin key, not the key itself; the value is not shown"
 # Elasticsearch's rules for the namespace part of a data stream name (plus the data stream rules).
@@ -213,7 +214,9 @@ def parse_duration(value: str | int, key: str = "") -> int:
     if isinstance(value, str):
         text = value.strip().lower()
         if text.startswith("-"):
-            raise ConfigError(key, f"{_shown(value)} is negative; expected {DURATION_FORM}")
+            if not _ZERO_RE.match(text[1:]):  # "-0s" is zero, as -0 unquoted is (the key's bound speaks)
+                raise ConfigError(key, f"{_shown(value)} is negative; expected {DURATION_FORM}")
+            text = text[1:]
         if _DURATION_RE.match(text) and len(text) <= 40:  # int() refuses 4,300+ digits with a ValueError
             return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
         if text.isascii() and text.isdigit() and len(text) <= 40:

@@ -64,6 +64,19 @@ def test_a_zero_in_quotes_is_zero_seconds(zero):
     assert "no unit" not in str(exc) and "greater than 0s" in str(exc)
 
 
+@pytest.mark.parametrize("zero", ["-0", "-0s", " -00m ", "-0h0m"])
+def test_a_minus_zero_in_quotes_is_zero_not_negative(zero):
+    """"-0" (or "-0s") was told it is negative, where -0 and -0.0 unquoted are 0, and a key that
+    may be 0 (a revision window, a grace) refused it: zero is zero whatever its sign, and the
+    key's own bound speaks."""
+    assert parse_duration(zero, "data_streams.vector_stores.revision_window") == 0
+    assert config_from_dict({"data_streams": {"completions": {"finalization_grace": zero}}},
+                            env=ENV).streams["completions"].finalization_grace == 0
+    exc = one_error({"data_streams": {"audit": {"interval": zero}}})
+    assert exc.errors[0].key == "data_streams.audit.interval"
+    assert "negative" not in str(exc) and "greater than 0s" in str(exc)
+
+
 @pytest.mark.parametrize("negative", [-60.0, -5.5, float("-inf")])
 def test_a_negative_float_duration_is_told_it_is_negative(negative):
     """-5.0 got the general "not a duration" line where -5 and "-5.0" are told they are negative."""
