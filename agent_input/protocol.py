@@ -337,13 +337,14 @@ class ProtocolOutput:
     def wait_drained(self, timeout: float, acks_ended: threading.Event | None = None) -> bool:
         """Every batch sent acknowledged and its outbox entry deleted (False on timeout): a process
         that stopped between the ack and the delete would send the batch again at its next start.
-        Nobody can ack once stdout is closed, nor once `acks_ended` is set (the end of stdin, read
+        Nobody can ack once stdout is closed (asked of the pipe: nothing is written while this
+        waits, so no write finds it out), nor once `acks_ended` is set (the end of stdin, read
         after every ack before it was handled): no waiting for acks then, only for deletes under way."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._inflight or self._deleting:
                 left = deadline - time.monotonic()
-                if left <= 0 or self.writer.closed.is_set():
+                if left <= 0 or self.writer.reader_gone():
                     return False
                 if acks_ended is not None and acks_ended.is_set() and not self._deleting:
                     return False

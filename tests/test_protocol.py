@@ -586,6 +586,48 @@ def test_at_the_end_of_stdin_the_stop_waits_for_no_ack(tmp_path, caplog):
     assert caplog.text.count("1 batches were not acknowledged; they are sent again at the next start") == 2
 
 
+def test_stdout_closed_while_the_stop_waits_for_acks_ends_the_wait(tmp_path):
+    """A supervisor that closes stdout while the stop waits for acks (stdin still open) is gone:
+    the run loop notices a closed stdout between polls, but the stop's wait looked only at a write
+    having failed, and none is made while it waits, so it waited out --ack-timeout (an hour
+    here) for acks nobody would send. The batch in flight stays in the outbox for the next start."""
+    from agent_input.protocol import ProtocolWriter, Runner
+
+    state = tmp_path / "state"
+    store = StateStore(state)
+    batch = store.commit_events("audit", _event_line("a1"), 1, {})
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    runner = Runner(ProtocolWriter(out_w), state_dir=str(state), stdin=os.fdopen(stdin_r, "rb"), env={},
+                    ack_timeout=3600)
+    said: list[dict] = []
+
+    def supervisor():  # reads stdout until the input says `stopping`, then closes it
+        with os.fdopen(out_r, "rb") as out:
+            for line in out:
+                said.append(json.loads(line))
+                if said[-1].get("status") == "stopping":
+                    return
+
+    reader = threading.Thread(target=supervisor, daemon=True)
+    reader.start()
+    runner.output.send("audit", _event_line("a1"), 1, lambda: store.ack(batch))
+    thread = threading.Thread(target=runner.run, args=(threading.Event(),), daemon=True)
+    thread.start()
+    try:
+        os.write(stdin_w, b'{"type": "stop"}\n')
+        reader.join(30)
+        assert said and said[-1]["status"] == "stopping"
+        thread.join(10)
+        assert not thread.is_alive(), "the stop waited for acks from a supervisor that closed stdout"
+    finally:
+        os.close(stdin_w)  # the end of stdin: a runner still waiting stops
+        thread.join(10)
+        os.close(out_w)
+    assert [b.batch for b in store.pending()] == [batch]
+    store.close()
+
+
 def test_a_batch_whose_write_fails_is_not_acknowledged(tmp_path):
     """stdout fails mid-batch: the batch is forgotten as in flight, but never acknowledged, so it
     stays in the outbox for the next start."""
