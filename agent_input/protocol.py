@@ -682,8 +682,10 @@ class Runner:
                                        revision=self.revision)
         self.writer.status("input", "stopping", f"{reason}: finishing the page in flight")
         self._stop_engine()
-        if not self.output.ack_on_flush and self.output.inflight():
-            if not self.output.wait_drained(self.ack_timeout, self.stdin_ended):
+        # not only while a batch is in flight: an ack the stdin reader took just before may still
+        # be deleting its batch, and a process that exits under the delete sends it again
+        if not self.output.ack_on_flush:
+            if not self.output.wait_drained(self.ack_timeout, self.stdin_ended) and self.output.inflight():
                 log.info("%d batches were not acknowledged; they are sent again at the next start",
                          self.output.inflight())
         self.writer.status("input", "stopped", "")

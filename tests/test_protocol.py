@@ -559,6 +559,48 @@ def test_acks_that_arrive_after_stop_are_waited_for(tmp_path):
     store.close()
 
 
+def test_a_stop_waits_for_the_delete_of_a_batch_acked_as_it_stops(tmp_path):
+    """A SIGTERM while the ack of the last batch in flight was being deleted from the outbox (no
+    batch left in flight, its delete under way on the stdin reader): the stop asked only whether a
+    batch was in flight, did not wait, and the process exited under the delete, the acknowledged
+    batch sent again at the next start. It waits for the delete, as for one after the stop."""
+    from agent_input.protocol import ProtocolWriter, Runner
+
+    state = tmp_path / "state"
+    store = StateStore(state)
+    batch = store.commit_events("audit", _event_line("a1"), 1, {})
+    deleting, release = threading.Event(), threading.Event()
+
+    def slow_delete():
+        deleting.set()
+        release.wait(10)
+        store.ack(batch)
+
+    stdin_r, stdin_w = os.pipe()
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT, 0o600)
+    runner = Runner(ProtocolWriter(fd), state_dir=str(state), stdin=os.fdopen(stdin_r, "rb"), env={}, ack_timeout=30)
+    runner.output.send("audit", _event_line("a1"), 1, slow_delete)
+    signal_ = threading.Event()
+    thread = threading.Thread(target=runner.run, args=(signal_,), daemon=True)
+    thread.start()
+    try:
+        os.write(stdin_w, b'{"type": "ack", "batch": 1}\n')
+        assert deleting.wait(10)
+        signal_.set()  # SIGTERM
+        time.sleep(0.5)
+        assert thread.is_alive(), "the stop did not wait for the outbox delete under way"
+        release.set()
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        release.set()
+        os.close(stdin_w)
+        thread.join(10)
+        os.close(fd)
+    assert list(store.pending()) == []
+    store.close()
+
+
 def test_at_the_end_of_stdin_the_stop_waits_for_no_ack(tmp_path, caplog):
     """Nobody can ack once stdin is closed (the agent stopping the process that way, or after a
     `stop`): the runner stops without waiting out --ack-timeout (an hour here) for a batch in
