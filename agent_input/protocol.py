@@ -344,9 +344,10 @@ class ProtocolOutput:
         with self._cond:
             while self._inflight or self._deleting:
                 left = deadline - time.monotonic()
-                if left <= 0 or self.writer.reader_gone():
+                if left <= 0:
                     return False
-                if acks_ended is not None and acks_ended.is_set() and not self._deleting:
+                if not self._deleting and (self.writer.reader_gone()
+                                           or (acks_ended is not None and acks_ended.is_set())):
                     return False
                 self._cond.wait(min(left, 0.2))
         return True
@@ -654,6 +655,7 @@ class Runner:
             if self.writer.reader_gone():
                 log.warning("stdout was closed by the reader; stopping")
                 self._stop_engine()
+                self.output.wait_drained(self.ack_timeout)  # no ack can come: only a delete under way
                 return 0
             if stop_signal.is_set():
                 reason = "signal"

@@ -601,6 +601,53 @@ def test_a_stop_waits_for_the_delete_of_a_batch_acked_as_it_stops(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_supervisor_that_acks_then_closes_stdout_has_the_ack_s_delete_done(tmp_path, stopped):
+    """The supervisor acks the last batch and closes stdout (stdin still open): nobody can take
+    more, so nothing is waited for but the delete under way on the stdin reader. It was not: the
+    run loop (`stopped` False), or the stop's wait for acks, returned as soon as stdout was closed
+    and the process exited under the delete, the acknowledged batch sent again at the next start."""
+    from agent_input.protocol import ProtocolWriter, Runner
+
+    state = tmp_path / "state"
+    store = StateStore(state)
+    batch = store.commit_events("audit", _event_line("a1"), 1, {})
+    deleting, release = threading.Event(), threading.Event()
+
+    def slow_delete():
+        deleting.set()
+        release.wait(10)
+        store.ack(batch)
+
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    runner = Runner(ProtocolWriter(out_w), state_dir=str(state), stdin=os.fdopen(stdin_r, "rb"), env={},
+                    ack_timeout=30)
+    runner.output.send("audit", _event_line("a1"), 1, slow_delete)
+    signal_ = threading.Event()
+    thread = threading.Thread(target=runner.run, args=(signal_,), daemon=True)
+    thread.start()
+    try:
+        os.write(stdin_w, b'{"type": "ack", "batch": 1}\n')
+        assert deleting.wait(10)
+        if stopped:  # SIGTERM: the stop waits for the delete under way
+            signal_.set()
+            time.sleep(0.3)
+        os.close(out_r)  # the supervisor closes stdout
+        time.sleep(0.5)
+        assert thread.is_alive(), "the process stopped under the outbox delete of an acknowledged batch"
+        release.set()
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        release.set()
+        os.close(stdin_w)
+        thread.join(10)
+        os.close(out_w)
+    assert list(store.pending()) == []
+    store.close()
+
+
 def test_at_the_end_of_stdin_the_stop_waits_for_no_ack(tmp_path, caplog):
     """Nobody can ack once stdin is closed (the agent stopping the process that way, or after a
     `stop`): the runner stops without waiting out --ack-timeout (an hour here) for a batch in
