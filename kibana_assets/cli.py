@@ -253,6 +253,8 @@ def uninstall(delete_data: bool, **kw) -> None:
     try:
         if not kw["es_url"]:
             raise I.InstallerError("--es-url (or ES_URL) is required", code=2)
+        if not kw["kibana_url"] and not kw["skip_kibana"]:  # its objects are removed first
+            raise I.InstallerError("--kibana-url (or KIBANA_URL) is required (or pass --skip-kibana)", code=2)
         inst = I.Installer(_target(kw), _build_options(kw), dry_run=kw["dry_run"], echo=click.echo)
     except I.InstallerError as exc:
         _fail(exc)

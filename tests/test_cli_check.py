@@ -344,7 +344,7 @@ def test_the_tests_do_not_depend_on_the_developers_environment():
              "tests/test_cli_check.py::test_bad_log_level_is_a_usage_error_not_a_traceback",
              "tests/test_installer.py::test_missing_urls_and_credentials_files",
              "tests/test_installer.py::test_a_netrc_entry_never_replaces_or_adds_credentials",
-             "tests/test_installer.py::test_install_without_kibana_url_is_one_line_before_any_request",
+             "tests/test_installer.py::test_without_kibana_url_is_one_line_before_any_request",
              "tests/test_collect_cli.py::test_once_exits_1_and_its_summary_names_the_stream_that_failed"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root,

@@ -1862,9 +1862,12 @@ def test_insecure_is_said_once_not_urllib3_s_warning_at_every_request(tmp_path):
     assert r.output.count("TLS certificate verification is off (--insecure)") == 1, r.output
 
 
-def test_install_without_kibana_url_is_one_line_before_any_request():
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_without_kibana_url_is_one_line_before_any_request(command):
+    """uninstall read the Elasticsearch version first, then stopped at Kibana's with "no Kibana
+    URL given" and a summary of "0 assets not done", where install says what to pass up front."""
     with responses.RequestsMock() as rsps:  # any request would raise ConnectionError
-        line = _one_line_error(run("install", "--es-url", ES))
+        line = _one_line_error(run(command, "--es-url", ES))
         assert len(rsps.calls) == 0
     assert "--kibana-url (or KIBANA_URL) is required (or pass --skip-kibana)" in line
 
