@@ -824,6 +824,20 @@ class Installer:
         return "created", detail
 
     # -- uninstall ---------------------------------------------------------------------------
+    def _uninstall_labels(self, delete_data: bool) -> list[str]:
+        """What uninstall would go through, in its order: the summary's "not done" when it stops
+        before the first."""
+        labels = []
+        if self.o.with_kibana:
+            labels += [f"rule {r.id} {r.name}" for r in K.rules(self.o.rules, self.space)]
+            labels += [f"dashboard {d.id}" for d in K.dashboards(self.space)]
+            labels.append(f"data_view {K.data_view_id(self.space)}")
+        if delete_data:
+            labels += [f"data_stream {E.ROUTER_PATTERN}"] + [f"data_stream logs-openai.{ds}-*" for ds in E.F.datasets()]
+        assets = E.es_assets(self.o.retention, self.o.namespace)
+        return labels + [a.label for a in assets if a.kind == "index_template"] + [
+            a.label for a in assets if a.kind != "index_template"]
+
     def uninstall(self, delete_data: bool = False) -> Report:
         report = Report()
         self._es_read.clear()
@@ -831,13 +845,10 @@ class Installer:
             self.preflight()
             self.check_es_privileges(["manage_index_templates", "manage_pipeline"],
                                      ["delete_index"] if delete_data else [])
-        except InstallerError as exc:
-            report.error = exc
-            return report
-        try:
             elsewhere = self._installed_in_other_spaces() if self.o.with_kibana else []
         except InstallerError as exc:
             report.error = exc
+            report.pending = self._uninstall_labels(delete_data)
             return report
         steps: list[tuple[str, Callable[[], tuple[str, str]]]] = []
         if self.o.with_kibana:

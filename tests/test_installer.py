@@ -1193,6 +1193,24 @@ def test_unsupported_versions_are_refused_before_any_write(stack):
     assert result.exit_code == 4 and "Kibana 10.0.0 is not supported" in result.output
 
 
+@pytest.mark.parametrize("extra", [(), ("--delete-data",), ("--skip-kibana",)])
+def test_an_uninstall_stopped_before_its_first_delete_says_what_it_did_not_do(stack, extra):
+    """Its summary said "nothing was written (0 assets not done)": as if there were nothing to do."""
+    from kibana_assets import installer as I
+
+    assert install().exit_code == 0
+    stack.es_version = "8.17.4"
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, *extra)
+    assert result.exit_code == 4, result.output
+    stack.es_version = "9.1.3"
+    inst = I.Installer(I.Target(ES, KB, I.resolve_credentials(env={"ELASTIC_API_KEY": API_KEY})),
+                       I.Options(with_kibana="--skip-kibana" not in extra))
+    done = inst.uninstall(delete_data="--delete-data" in extra)
+    assert done.error is None and done.steps
+    assert f"nothing was written ({len(done.steps)} assets not done)" in result.output, result.output
+    assert inst._uninstall_labels("--delete-data" in extra) == [step.label for step in done.steps]
+
+
 def test_uninstall_refuses_unsupported_versions_before_any_delete(stack):
     """uninstall runs the same preflight as install: an unsupported Elasticsearch or Kibana is
     the same one line and exit code, and nothing is deleted."""
