@@ -260,10 +260,11 @@ def uninstall(delete_data: bool, **kw) -> None:
         _fail(exc)
         return
     report = inst.uninstall(delete_data=delete_data)
+    verb = "dry run" if kw["dry_run"] else "uninstall"
     if report.error is not None:
-        click.echo(report.summary("uninstall"), err=True)
+        click.echo(report.summary(verb), err=True)
         sys.exit(report.error.code)
-    click.echo(report.summary("uninstall"))
+    click.echo(report.summary(verb))
 
 
 @main.command()

@@ -1490,6 +1490,9 @@ def test_uninstall_dry_run_deletes_nothing(stack):
     result = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--dry-run")
     assert result.exit_code == 0, result.output
     assert stack.writes() == [] and "would delete" in result.output
+    # summed up as a dry run, as install's is: "uninstall complete" said it was done
+    assert f"dry run complete: {N_ES + N_KB} would delete" in result.output
+    assert "uninstall complete" not in result.output
 
 
 def test_export_makes_no_requests(tmp_path):
