@@ -879,7 +879,7 @@ class Installer:
             for pattern in stream_patterns:
                 steps.append((f"data_stream {pattern}", lambda p=pattern: self._delete_data_streams(p)))
         for a in [a for a in assets if a.kind == "index_template"]:
-            steps.append((a.label, lambda a=a: self._delete_index_template(a, kept)))
+            steps.append((a.label, lambda a=a: self._delete_index_template(a, kept, delete_data)))
         for a in [a for a in assets if a.kind != "index_template"]:
             steps.append((a.label, lambda a=a: self._delete_es(a, kept.get(a.name))))
         return self._run_steps(steps, report)
@@ -1028,7 +1028,8 @@ class Installer:
         _check(resp, f"delete {asset.label}", ES_PRIVILEGE[asset.kind])
         return "deleted", ""
 
-    def _delete_index_template(self, asset: E.EsAsset, kept: dict[str, str]) -> tuple[str, str]:
+    def _delete_index_template(self, asset: E.EsAsset, kept: dict[str, str],
+                               delete_data: bool = False) -> tuple[str, str]:
         current, result = self._foreign(asset)
         if result:
             if result[0] == "kept":  # another tool's template: what it is composed of stays as well
@@ -1036,19 +1037,36 @@ class Installer:
                     kept.setdefault(str(name), f"used by index template {asset.name}, {_owner_text(_owner(current))}")
             return result
         if self.dry_run:
+            # what the DELETE below would be answered: refused while a data stream uses the
+            # template (with --delete-data, ours are gone by then)
+            if not delete_data and self._template_in_use(asset):
+                return self._keep_in_use(asset, kept)
             return "would delete", ""
         resp = self.t.es("DELETE", asset.path)
         if resp.status_code == 404:
             return "absent", ""
         if resp.status_code == 400 and "data stream" in _reason(resp):
-            # Elasticsearch refuses to remove a template that live data streams use; keep it and
-            # what it references so ingestion keeps working.
-            why = "its index template is in use by data streams"
-            kept[asset.body["template"]["settings"]["index"]["default_pipeline"]] = why
-            kept.update((name, why) for name in asset.body["composed_of"])
-            return "kept", "in use by data streams (pass --delete-data to remove data and templates)"
+            return self._keep_in_use(asset, kept)
         _check(resp, f"delete {asset.label}", ES_PRIVILEGE[asset.kind])
         return "deleted", ""
+
+    @staticmethod
+    def _keep_in_use(asset: E.EsAsset, kept: dict[str, str]) -> tuple[str, str]:
+        """Elasticsearch refuses to remove a template that live data streams use; keep it and what
+        it references so ingestion keeps working."""
+        why = "its index template is in use by data streams"
+        kept[asset.body["template"]["settings"]["index"]["default_pipeline"]] = why
+        kept.update((name, why) for name in asset.body["composed_of"])
+        return "kept", "in use by data streams (pass --delete-data to remove data and templates)"
+
+    def _template_in_use(self, asset: E.EsAsset) -> bool:
+        """Whether a data stream uses index template `asset` (one the streams' listing cannot be
+        read for counts as none: the dry run then says what it said before)."""
+        resp = self.t.es("GET", "/_data_stream/" + ",".join(asset.body["index_patterns"]))
+        if resp.status_code != 200:
+            return False
+        return bool(_json(resp, "a list of data streams", pick=lambda d: [
+            ds for ds in d["data_streams"] if ds.get("template") == asset.name]))
 
 
 _SO_DASHBOARD = "/api/saved_objects/dashboard/"

@@ -1495,6 +1495,34 @@ def test_uninstall_dry_run_deletes_nothing(stack):
     assert "uninstall complete" not in result.output
 
 
+def test_uninstall_dry_run_keeps_what_uninstall_keeps_for_data_streams_in_use(stack):
+    """The dry run said `would delete` for an index template live data streams use, and for its
+    pipeline and component template: uninstall keeps all three (Elasticsearch refuses that delete)."""
+    assert install().exit_code == 0
+    stack.data_streams |= {"logs-openai.audit", "logs-openai"}
+    stack.calls.clear()
+    dry = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert stack.writes() == []
+    real = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+    assert real.exit_code == 0, real.output
+    steps = lambda out: [ln.split(None, 1) for ln in out.splitlines() if ln.startswith(("kept ", "would delete"))]  # noqa: E731
+    kept = {label for status, label in steps(dry.output) if status == "kept"}
+    assert kept == {label for status, label in steps(real.output) if status == "kept"} == {
+        "index_template logs-openai.audit  (in use by data streams (pass --delete-data to remove data and templates))",
+        "pipeline logs-openai.audit@pipeline  (its index template is in use by data streams)",
+        "component_template logs-openai.audit@package  (its index template is in use by data streams)",
+        "index_template logs-openai  (in use by data streams (pass --delete-data to remove data and templates))",
+        "pipeline logs-openai@router  (its index template is in use by data streams)"}
+    assert f"dry run complete: {N_ES + N_KB - 5} would delete, 5 kept" in dry.output
+    # with --delete-data, the data streams go first and the templates with them
+    assert install().exit_code == 0
+    stack.data_streams |= {"logs-openai.audit"}
+    dry = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--dry-run", "--delete-data")
+    assert dry.exit_code == 0 and not re.search(r"^kept", dry.output, re.M), dry.output
+    assert re.search(r"would delete\s+index_template logs-openai.audit\n", dry.output), dry.output
+
+
 def test_export_makes_no_requests(tmp_path):
     with responses.RequestsMock() as rsps:  # any request would raise ConnectionError
         result = run("export", str(tmp_path / "bundle"))
