@@ -185,6 +185,7 @@ def _target(kw: dict) -> I.Target:
     I.check_url(kw["es_url"], "--es-url")
     if kw["kibana_url"] and not kw["skip_kibana"]:
         I.check_url(kw["kibana_url"], "--kibana-url")
+        I.check_kibana_url(kw["kibana_url"])
     creds = I.resolve_credentials(kw["api_key_file"], kw["username"], kw["password_file"])
     verify: bool | str = True
     if not kw["insecure"] and kw["ca_cert"]:  # --insecure wins: the CA file is not read

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 import requests
 
@@ -74,6 +75,21 @@ def check_url(value: str, option: str) -> None:
     if problem:
         raise InstallerError(f"{option} {display_url(value)!r} is not a valid URL: {problem} "
                              "(for example https://localhost:9200)", code=2)
+
+
+_SPACE_PATH = re.compile(r"/s/([^/]+)/*$")
+
+
+def check_kibana_url(value: str) -> None:
+    """A Kibana URL that ends in a space's path (`https://kb:5601/s/team-a`, as the browser shows
+    it) would put every object in that space under the default space's ids, since the requests'
+    own `/s/<id>` is added only for --space: an install there that the next default-space install
+    took for an earlier version's, and refused with advice that did not apply."""
+    found = _SPACE_PATH.search(urlsplit(value).path)
+    if found:
+        space = found.group(1)
+        raise InstallerError(f"--kibana-url {display_url(value)!r} ends in the path of Kibana space {space!r} "
+                             f"(/s/{space}): pass Kibana's URL without it, and --space {space}", code=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1572,6 +1572,19 @@ def test_malformed_urls_are_one_line(url, says):
         assert says in line
 
 
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+@pytest.mark.parametrize("url", [f"{KB}/s/team-a", f"{KB}/s/team-a/", f"{KB}/kibana/s/team-a"])
+def test_a_kibana_url_that_names_a_space_is_refused_before_any_request(stack, command, url):
+    """The space's URL as the browser shows it put every object in that space under the default
+    space's ids (the installer adds /s/<id> for --space only), and the next install into the
+    default space was refused as if an earlier openai-assets had installed there."""
+    line = _one_line_error(run(command, "--es-url", ES, "--kibana-url", url))
+    assert "ends in the path of Kibana space 'team-a' (/s/team-a)" in line and "--space team-a" in line, line
+    assert stack.calls == [] and stack.objects_in("team-a") == set()
+    # a Kibana under a base path, and the space given as --space, are as before
+    assert install("--space", "team-a").exit_code == 0 and stack.objects_in("team-a") == _kb_ids("team-a")
+
+
 @pytest.mark.parametrize("key, says", [
     ("…", "a non-ASCII character"),                              # the docs' placeholder pasted as is
     ("c2VjcmV0LWtleS1k\nby1ub3QtcHJpbnQ=", "a line break"),      # two keys, or a wrapped key
