@@ -477,6 +477,20 @@ class Installer:
             raise InstallerError("--ilm-policy: Elasticsearch Serverless has no ILM (data stream lifecycle only): "
                                  "drop --ilm-policy and set the retention with --retention", code=2)
 
+    def check_ilm_policy(self) -> None:
+        """`--ilm-policy` names a policy that exists. Elasticsearch takes a template naming any
+        policy: each new backing index then has an ILM error instead of a policy, and with the data
+        stream lifecycle turned off for ILM, no retention at all. Without the privilege to read
+        policies (`read_ilm`, not in the installer role) it cannot be told, and is not refused."""
+        name = self.o.retention.ilm_policy
+        if not name:
+            return
+        from urllib.parse import quote
+
+        if self.t.es("GET", f"/_ilm/policy/{quote(name, safe='')}").status_code == 404:
+            raise InstallerError(f"--ilm-policy {name!r}: Elasticsearch has no ILM policy of that name: create it "
+                                 "first, or drop --ilm-policy to keep data stream lifecycle retention", code=2)
+
     def check_es_privileges(self, cluster: Iterable[str], index_privs: Iterable[str] = (),
                             rules_read: bool = False) -> None:
         """`rules_read`: also `read` on what the rules query. They run with an API key Kibana
@@ -528,6 +542,7 @@ class Installer:
             self.preflight()
             self.check_serverless_options()
             self.check_es_privileges(["manage_index_templates", "manage_pipeline"], rules_read=self.o.with_kibana)
+            self.check_ilm_policy()
             foreign = self.foreign_es_assets()
         except InstallerError as exc:
             report.error = exc

@@ -59,6 +59,7 @@ class FakeStack:
         # Kibana reads the connectors of a rule written with actions, and answers 403 without it
         self.connectors_readable = True
         self.status = {"es": 200, "kb": 200}
+        self.ilm_policies: set[str] = set()  # GET /_ilm/policy/<name>
 
     # -- plumbing -----------------------------------------------------------------------------
     def install(self, rsps: responses.RequestsMock) -> None:
@@ -154,6 +155,12 @@ class FakeStack:
                             f"unable to remove composable templates [{name}] as they are in use by a data streams [{name}-default]"}})
                     del store[name]
                     return self._json(200, {"acknowledged": True})
+        if path.startswith("/_ilm/policy/") and m == "GET":
+            name = path[len("/_ilm/policy/"):]
+            if name not in self.ilm_policies:
+                return self._json(404, {"error": {"type": "resource_not_found_exception",
+                                                  "reason": f"Lifecycle policy not found: {name}"}, "status": 404})
+            return self._json(200, {name: {"version": 1, "policy": {"phases": {"delete": {"min_age": "30d"}}}}})
         if path.startswith("/_data_stream/") and m in ("GET", "DELETE"):
             pattern = path[len("/_data_stream/"):]  # a comma-separated list of names or wildcards
             rx = re.compile("|".join(p.replace(".", r"\.").replace("*", ".*") for p in pattern.split(",")))
@@ -1122,6 +1129,7 @@ def test_retention_and_ilm_options_reach_the_templates(stack):
     assert install("--retention", "30d", "--skip-kibana").exit_code == 0
     t = stack.index["logs-openai.completions"]["template"]
     assert t["lifecycle"]["data_retention"] == "30d"
+    stack.ilm_policies.add("openai-logs")
     assert install("--ilm-policy", "openai-logs", "--skip-kibana").exit_code == 0
     t = stack.index["logs-openai.completions"]["template"]
     assert t["settings"]["index"]["lifecycle"] == {"name": "openai-logs"} and t["lifecycle"] == {"enabled": False}
@@ -1243,6 +1251,21 @@ def test_serverless_projects_are_installed_whatever_version_they_report(stack):
     assert "per-row alerts need" not in result.output
     again = install()
     assert again.exit_code == 0 and f"{N_ES + N_KB} unchanged" in again.output, again.output
+
+
+def test_an_ilm_policy_that_does_not_exist_is_refused_before_any_write(stack):
+    """Elasticsearch takes a template naming any policy: a typo in --ilm-policy was installed, each
+    new backing index then had an ILM error instead of a policy, and with the data stream
+    lifecycle turned off, the data had no retention at all."""
+    for extra in ((), ("--dry-run",)):
+        result = install("--ilm-policy", "opnai-logs", *extra)
+        assert result.exit_code == 2, result.output
+        assert "--ilm-policy 'opnai-logs': Elasticsearch has no ILM policy of that name" in result.output
+        assert stack.writes() == [] and "nothing was written" in result.output
+    # one whose policies the installer may not read (read_ilm) is not refused
+    stack.forbid.add(("GET", r"/_ilm/policy/.*"))
+    assert install("--ilm-policy", "opnai-logs", "--skip-kibana").exit_code == 0
+    assert stack.index["logs-openai.audit"]["template"]["settings"]["index"]["lifecycle"] == {"name": "opnai-logs"}
 
 
 def test_ilm_policy_on_serverless_is_refused_before_any_write(stack):
