@@ -1587,6 +1587,32 @@ def test_the_soak_takes_a_clock_warning_an_answer_s_lag_explains_for_none_under_
     assert bool(soak.findings) == false, soak.findings
 
 
+@pytest.mark.parametrize("killed, line, finding", [
+    (True, b'{"type":"event","batch":68,"seq":40,"document":{"openai":{"revision"', False),
+    (True, b'{"type":"event","batch":68,"seq":40,"document":{"openai":{"revision"\n', True),
+    (False, b'{"type":"event","batch":68,"seq":40,"document":{"openai":{"revision"', True)])
+def test_the_soak_takes_a_line_its_sigkill_cut_for_the_kill_s_not_the_protocol_s(killed, line, finding):
+    """A life the soak ends with SIGKILL can be killed in the middle of writing an event line
+    (one written in pieces into a full pipe): stdout ends in that line's first part, without its
+    newline, and the soak reported it as a "non-protocol stdout line" (seed 35023, --skew 28800,
+    the process killed while writing an embeddings event). Cut so, at the end of a killed life's
+    stdout, it is the kill's; a whole line that is no protocol message, or a cut one in a life
+    not killed, is a finding still."""
+    import argparse
+    from collections import Counter, defaultdict
+    from types import SimpleNamespace
+
+    import soak_protocol
+
+    sup = SimpleNamespace(life=1, stderr=[], bad_lines=[line], stderr_text=lambda: "", killed=killed)
+    soak = object.__new__(soak_protocol.Soak)
+    soak.args = argparse.Namespace(workdir=None, speed=600.0)
+    soak.findings, soak.notes = [], Counter()
+    soak.clock_warnings, soak.clock_leads = Counter(), defaultdict(list)
+    soak.check_stderr(sup)
+    assert bool(soak.findings) == finding, soak.findings
+
+
 def test_the_soak_s_skew_is_constant_or_stepped():
     import soak_protocol
 
