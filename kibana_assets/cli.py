@@ -184,7 +184,7 @@ def _target(kw: dict) -> I.Target:
     """Checks the URLs (those that will be used) and the credentials before any request."""
     I.check_url(kw["es_url"], "--es-url")
     if kw["kibana_url"] and not kw["skip_kibana"]:
-        I.check_url(kw["kibana_url"], "--kibana-url")
+        I.check_url(kw["kibana_url"], "--kibana-url", "https://localhost:5601")
         I.check_kibana_url(kw["kibana_url"])
     creds = I.resolve_credentials(kw["api_key_file"], kw["username"], kw["password_file"])
     verify: bool | str = True

@@ -68,13 +68,13 @@ class MissingPrivilege(InstallerError):
 # URLs
 
 
-def check_url(value: str, option: str) -> None:
+def check_url(value: str, option: str, example: str = "https://localhost:9200") -> None:
     """Reject what requests would turn into a traceback (no scheme, no host, a bad port) with one
     line naming the option."""
     problem = url_problem(value)
     if problem:
         raise InstallerError(f"{option} {display_url(value)!r} is not a valid URL: {problem} "
-                             "(for example https://localhost:9200)", code=2)
+                             f"(for example {example})", code=2)
 
 
 _SPACE_PATH = re.compile(r"/s/([^/]+)/*$")

@@ -1588,9 +1588,10 @@ def _one_line_error(result, code=2):
 def test_malformed_urls_are_one_line(url, says):
     with responses.RequestsMock(assert_all_requests_are_fired=False):
         line = _one_line_error(run("install", "--es-url", url, "--kibana-url", KB))
-        assert says in line and "--es-url" in line
+        assert says in line and "--es-url" in line and "(for example https://localhost:9200)" in line
         line = _one_line_error(run("install", "--es-url", ES, "--kibana-url", url))
-        assert says in line and "--kibana-url" in line
+        # Kibana's example is Kibana's port, not Elasticsearch's
+        assert says in line and "--kibana-url" in line and "(for example https://localhost:5601)" in line
         line = _one_line_error(run("uninstall", "--es-url", url, "--skip-kibana"))
         assert says in line
 
