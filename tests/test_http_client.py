@@ -90,6 +90,7 @@ def test_params_lists_repeated_bools_lowercase_none_dropped(client):
     assert req.url == URL + "?start_time=1700000000&group_by=project_id&group_by=model&batch=true"
     assert req.headers["Authorization"] == f"Bearer {KEY}"
     assert req.headers["User-Agent"].startswith("openai-elastic/")
+    assert req.headers["Accept"] == "application/json"  # not requests' */*
 
 
 @responses.activate
@@ -383,6 +384,17 @@ def test_parse_retry_after_forms():
     assert parse_retry_after({"retry-after-ms": "soon", "Retry-After": "9"}, now) == 9.0
 
 
+@responses.activate
+def test_the_api_s_clock_is_kept_from_a_2xx_date_header(client):
+    """`server_date`: the audit collector never marks as read a time the API has not reached, and
+    the usage engine reads its clock from here (a fake of the client sets it directly)."""
+    assert client.server_date is None
+    responses.get(URL, status=503, headers={"Date": email.utils.formatdate(1_700_000_999, usegmt=True)})
+    responses.get(URL, json=OK, headers={"Date": email.utils.formatdate(1_700_000_000, usegmt=True)})
+    client.get_json(PATH)
+    assert client.server_date == 1_700_000_000  # the answer's, not the retried error's
+
+
 def test_a_retry_after_date_without_a_known_zone_is_gmt_whatever_the_host_zone(monkeypatch):
     """HTTP dates are GMT (RFC 9110), but `-0000` makes Python's parser return a naive time, which
     .timestamp() read in the host's zone: on a UTC+10 host a 20 s wait became 0 (or 10 h + 20 s)."""
@@ -399,6 +411,34 @@ def test_a_retry_after_date_without_a_known_zone_is_gmt_whatever_the_host_zone(m
     finally:
         monkeypatch.delenv("TZ")
         time_module.tzset()
+
+
+@responses.activate
+def test_a_stop_ends_a_retry_after_wait_at_once():
+    """The module's promise: a stop (SIGTERM, the agent's) never waits out a Retry-After of
+    minutes. The wait is on the stop event itself, not a sleep checked after it."""
+    import threading
+
+    from agent_input.http_client import StoppedError
+
+    responses.get(URL, status=429, headers={"Retry-After": "3600"}, json=err("Rate limit reached"))
+    stop = threading.Event()
+    c = AdminApiClient(BASE, KEY, stop=stop, max_retries=3, sleep=lambda s: pytest.fail("slept without the stop"))
+    raised: list[BaseException] = []
+
+    def call():
+        try:
+            c.get_json(PATH)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            raised.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    threading.Timer(0.2, stop.set).start()
+    caller.join(60)  # a liveness bound, not a speed figure: the wait it ends is an hour
+    assert not caller.is_alive(), "the stop did not end the Retry-After wait"
+    assert len(raised) == 1 and isinstance(raised[0], StoppedError), raised
+    assert len(responses.calls) == 1  # not asked again after the stop
 
 
 @responses.activate
@@ -635,6 +675,16 @@ def test_an_error_body_whose_error_is_a_string_is_its_message(client):
     with pytest.raises(BadRequestError) as info:
         client.get_json(PATH)
     assert info.value.message == "start_time must be in the past" and info.value.code is None
+
+
+@responses.activate
+def test_an_error_body_with_an_empty_message_says_the_status_text(client):
+    """OpenAI's error object with `message: ""` (or null): the status' reason stands for it, not
+    a bare "error" that tells a user nothing."""
+    responses.get(URL, status=404, json={"error": {"message": "", "type": "invalid_request_error", "code": None}})
+    with pytest.raises(NotFoundError) as info:
+        client.get_json(PATH)
+    assert info.value.message == "Not Found"
 
 
 @responses.activate
