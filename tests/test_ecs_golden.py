@@ -78,6 +78,26 @@ def test_seed_example_maps_exactly(name):
     assert doc["openai"]["base"]["revision"] == 0
     assert doc["openai"]["base"]["bucket_width"] == "1d"
     assert doc_id == document_id(spec.dataset, "1d", _ts(base["start_time"]), spec.group_key(result), 0)
+    # and a correction's: `document_id` is the mapper's id for every revision, not only the first
+    correction_id, _ = usage_event(spec, bucket_start=_ts(base["start_time"]), bucket_end=_ts(base["end_time"]),
+                                   width="1d", result=result, counters={}, revision=2, namespace="default",
+                                   created="2025-01-28T21:56:17.149Z")
+    assert correction_id != doc_id
+    assert correction_id == document_id(spec.dataset, "1d", _ts(base["start_time"]), spec.group_key(result), 2)
+
+
+@pytest.mark.parametrize("name", ["completions", "images"])
+def test_null_dimensions_are_left_out_of_a_flat_streams_document(name):
+    """An ungrouped result (or one whose user is unknown) has its dimensions null: the seed's
+    examples leave such fields out, on openai.base and openai.<stream> alike."""
+    spec = STREAMS_BY_NAME[name]
+    result = {"object": f"organization.usage.{name}.result", **{d: None for d in spec.dimensions},
+              **{c: 3 for c in spec.counters}}
+    _, doc = usage_event(spec, bucket_start=0, bucket_end=60, width="1m", result=result,
+                         counters={c: 3 for c in spec.counters}, revision=0, namespace="default", created="x")
+    base, own = doc["openai"]["base"], doc["openai"].get(name, {})
+    assert None not in base.values() and None not in own.values(), doc["openai"]
+    assert not set(spec.dimensions) & set(base) and not set(spec.dimensions) & set(own)
 
 
 def test_normalized_fields():
