@@ -49,6 +49,8 @@ def test_seed_rate_limits_example():
     assert limit_event(row, project, collected=_ts(rl["collected_at"]))[0] == doc_id
     assert limit_event(row, project, collected=_ts(rl["collected_at"]) + 300)[0] != doc_id
     assert limit_event(row, dict(project, id="proj_b"), collected=_ts(rl["collected_at"]))[0] != doc_id
+    # the limit's own id, not its model: two limits of one model in a project are two documents
+    assert limit_event(dict(row, id="rl-other"), project, collected=_ts(rl["collected_at"]))[0] != doc_id
 
 
 def test_optional_limit_fields_only_when_present():
