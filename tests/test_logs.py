@@ -152,6 +152,8 @@ def test_unregistered_bearer_and_openai_shaped_keys_are_redacted(stderr):
     text = stderr.getvalue()
     assert "abc.def-ghi" not in text and other not in text
     assert "Bearer ***" in text
+    # the shortest key of that shape (sk- and 8 characters) is one too, registered or not
+    assert logs.redact("key sk-a1B2c3D4, ok") == "key ***, ok"
 
 
 def test_redact_function():
@@ -242,6 +244,16 @@ def test_the_elasticsearch_clients_own_request_lines_are_left_out_but_at_debug(s
     logging.getLogger("elastic_transport").setLevel(logging.NOTSET)
 
 
+def test_map_strings_reaches_mapping_keys_only_when_asked():
+    """The protocol makes every string of a status encodable, its keys too (`keys=True`: a
+    supervisor's config may carry a lone surrogate in a key); the log formatter leaves keys be."""
+    from agent_input.logs import map_strings
+
+    value = {"a": ["b", {"c": "d", "n": 1}], "e": None}
+    assert map_strings(value, str.upper, keys=True) == {"A": ["B", {"C": "D", "N": 1}], "E": None}
+    assert map_strings(value, str.upper) == {"a": ["B", {"c": "D", "n": 1}], "e": None}
+
+
 def test_a_secret_cut_short_is_redacted_too():
     """An error line quotes 45 characters of a value, a body is cut at 200: the cut secret no
     longer matched whole, and its first 45 (or 40) characters went out."""
@@ -250,6 +262,7 @@ def test_a_secret_cut_short_is_redacted_too():
     plain = "Zq8xPLAINADMINKEY0123456789abcdefghijklmnopqrstuvwxyz"
     register_secret(plain)
     assert redact(f"namespace: {plain[:45]!r}... (61 characters)") == "namespace: '***'... (61 characters)"
+    assert redact(f"x {plain[:12]} y") == "x *** y", "12 characters are a prefix"
     assert redact(f"x {plain[:11]} y") == f"x {plain[:11]} y", "under 12 characters is no secret's prefix"
     # an Elasticsearch Authorization value a proxy echoed, cut at 200 characters
     assert redact("<pre>Authorization: ApiKey VnVhQ2ZHY0JDZGJrUW0tZTVhT3g6dWkybHAy") == \
