@@ -492,6 +492,15 @@ def test_a_now_that_is_no_time_is_refused(text):
         _parse_now(text)
 
 
+@pytest.mark.parametrize("text, now", [("0", 0), ("1970-01-01T00:00:00Z", 0), ("253402300799", 253402300799),
+                                       ("9999-12-31T23:59:59Z", 253402300799)])
+def test_a_now_at_either_end_of_the_range_is_taken(text, now):
+    """The help says from 1970 to 9999: its first and last seconds are times too."""
+    from agent_input.cli import _parse_now
+
+    assert _parse_now(text) == now
+
+
 @pytest.mark.parametrize("command", ["collect", "run", "simulate"])
 def test_a_now_that_is_no_time_is_one_usage_line_before_anything_starts(tmp_path, command):
     cfg = tmp_path / "config.yml"

@@ -765,6 +765,24 @@ def test_a_key_that_may_not_list_the_projects_is_not_held_from_its_directory_s_s
     assert "collect goes on without the check" in result.output
 
 
+def test_check_with_a_rejected_key_does_not_go_on_to_the_state_directory(simulator, tmp_path):
+    """A probe that failed already says what is wrong (and a rejected key skips the rest): the
+    state directory's organization is not asked for with that key, which would be one more
+    request and one more line about the same rejection."""
+    from click.testing import CliRunner
+
+    from agent_input.cli import main
+
+    state, out = tmp_path / "state", tmp_path / "events.ndjson"
+    assert _collect_with(simulator, ADMIN_KEY, state, out, rate_limits=False) == 0  # it records its organization
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(_org_config(simulator.base_url, "sk-admin-NOT-THIS-ORGS-KEY-0123456789",
+                                              rate_limits=False)))
+    result = CliRunner().invoke(main, ["check", "--config", str(cfg), "--state-dir", str(state)])
+    assert result.exit_code == 1 and "401: the admin key was rejected" in result.output, result.output
+    assert "state dir" not in result.output, result.output
+
+
 def test_a_directory_from_before_the_check_is_still_held_while_the_listing_is_refused(simulator, tmp_path):
     """The exception above is for directories the check started: one an earlier version wrote
     holds usage of an organization nobody has checked yet, and waits for a listing."""
