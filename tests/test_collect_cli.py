@@ -727,3 +727,26 @@ def test_once_summary_counts_what_a_failed_stream_delivered_before_it_failed(sim
     assert written > 0, err
     row = next(ln for ln in err.splitlines() if ln.split()[:1] == [stream])
     assert f" {written:,} " in f" {row} " or f" {written} " in f" {row} ", (written, err)
+
+
+@pytest.mark.parametrize("stopped, waits", [(True, [0]), (False, [None])])
+def test_a_stopped_collection_does_not_wait_for_the_name_cache_s_listing(stopped, waits):
+    """A SIGTERM to `collect`: a projects listing that hung held its exit up 5 s (the name cache's
+    close waits that long for a listing in flight). Once the stop is set the collection's close
+    waits for none; without a stop the cache's own wait stands."""
+    import threading
+    from types import SimpleNamespace
+
+    from agent_input.app import Collection
+
+    got = []
+
+    class Names:
+        def close(self, timeout=None):
+            got.append(timeout)
+
+    stop = threading.Event()
+    if stopped:
+        stop.set()
+    Collection(SimpleNamespace(stop=stop, collectors=[]), SimpleNamespace(close=lambda: None), [], Names()).close()
+    assert got == waits
