@@ -314,6 +314,19 @@ def test_a_result_without_a_quantity_leaves_its_group_s_unit_alone(tmp_path, fir
         ("2024-11-01T00:00:00.000Z", "tokens", 3.0, 11.0), ("2024-11-02T00:00:00.000Z", None, 6.0, 3.0)]
 
 
+def test_a_day_an_earlier_version_stored_with_no_unit_is_moved_whole_to_its_unit_when_re_read(tmp_path):
+    """README, *Upgrading*: a version before 7bb7399 and 5f70a82 stored a group of 3 tokens beside 0
+    images (or beside a result without a quantity) with `quantity_unit` null. Its first poll after the
+    upgrade, within the revision window, reads the day again: the group is zeroed under no unit and
+    stored whole under tokens, the panels' sums per unit and currency right, nothing added twice."""
+    earlier = [_cost_row(10.0, quantity_unit=None)]  # what that version stored: 10 usd, 3 of no unit
+    now = [_cost_row(10.0), _cost_row(0.0, quantity=0, quantity_unit="images")]
+    docs, (_, stats) = _costs_run(tmp_path, [_costs_page([earlier, []]), _costs_page([now, []])])
+    assert _panel_sums(docs, "quantity_unit") == {("x", "tokens"): {"cost": 10.0, "quantity": 3.0}}
+    assert _panel_sums(docs, "currency") == {("x", "usd"): {"cost": 10.0, "quantity": 3.0}}
+    assert len(dedupe(docs)) == len(docs) and stats.corrections == 2
+
+
 def test_a_day_re_read_with_its_results_in_another_order_gives_no_correction(tmp_path):
     """One group's amounts are added up in the order the API lists them, and floats do not add up
     the same in every order (0.1 + 0.2 + 0.3 is 0.6000000000000001, 0.3 + 0.2 + 0.1 is 0.6): a day
