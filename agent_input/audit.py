@@ -556,6 +556,7 @@ class AuditCollector(ListingCollector):
         # (a key given api.audit_logs.read days later) it is caught up from there, not from
         # `initial_interval` before that later day, which never read the refused days' events.
         kv = self._would_be_starts(SCOPES, now)
+        self._lead_of_refusal(exc, now)
         kv.update(self._moved_starts(kv))  # a 403 after an answer gave the clock's lead (`_refuse_tenant`)
         self.forbidden = why
         self._forbidden_until = now + FORBIDDEN_RETRY
@@ -576,6 +577,16 @@ class AuditCollector(ListingCollector):
         else:
             log.debug("audit: still forbidden: %s", self.forbidden)
 
+    def _lead_of_refusal(self, exc: ApiError, now: float) -> None:
+        """The clock's lead a refusal's own `Date` gives, where no answer of this poll gave one: a
+        403 to the very first request (audit logging not enabled yet, a key without the scope, the
+        tenant scope refused beside a mark of the organization's) kept the would-be start on a
+        clock hours ahead, and with the clock corrected (NTP) before the log was readable what
+        OpenAI recorded from `initial_interval` before its time of the first poll until that start
+        was never read."""
+        if self._lead is None and self._moved_back(int(now - self.initial_interval), exc.server_date, now) is not None:
+            self._lead = int(now) - exc.server_date  # type: ignore[operator]
+
     def _refuse_tenant(self, exc: ApiError, now: float) -> None:
         first = self.tenant_refused != str(exc)  # new, or its reason changed
         # where the scope would have started: kept, so that it catches up from there once allowed
@@ -584,6 +595,7 @@ class AuditCollector(ListingCollector):
         # moved back by the lead an answer of this poll gave (the organization scope's first read
         # kept this scope's start on the local clock): as a failed read's (`_keep_starts`), else
         # with the clock corrected before it is asked again the time in between was never read
+        self._lead_of_refusal(exc, now)
         kv.update(self._moved_starts(kv))
         self.delivery.commit_events(self.name, [], kv)
         self.tenant_refused = str(exc)

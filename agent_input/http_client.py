@@ -59,6 +59,8 @@ _HOST_END_RE = re.compile(r"\.(?:com|org|net|io|ai|dev|co)$")
 class ApiError(Exception):
     """A request to the Admin API failed. `str()` is one line and never contains the key."""
 
+    server_date: int | None = None  # the `Date` of the answer that refused (None: no answer, or none given)
+
     def __init__(self, status: int | None, message: str, code: str | None = None, path: str = "",
                  *, error_type: str | None = None) -> None:
         self.status = status
@@ -428,7 +430,11 @@ class AdminApiClient:
                 self._count(retries=1)
                 self._pause(delay, path)
                 continue
-            raise _typed_error(status, message, code, path, etype)
+            error = _typed_error(status, message, code, path, etype)
+            # OpenAI's time as the refusal gave it (its `Date`): a 403 of a first read tells the
+            # clock's lead as an answer does (`AuditCollector._forbid`)
+            error.server_date = server_date(response.headers)
+            raise error
 
     def _pause(self, delay: float, path: str) -> None:
         if self._stop is None:

@@ -2218,3 +2218,55 @@ def test_a_first_slice_failing_after_its_first_dated_page_keeps_the_start_moved_
     output.close()
     assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == sorted(e["id"] for e in api.events)
     store.close()
+
+
+@pytest.mark.parametrize("scope", ["organization", "tenant"])
+def test_a_first_request_refused_on_a_clock_ahead_keeps_the_start_moved_back_by_the_refusal_s_date(tmp_path, scope):
+    """A clock a day ahead, 3h asked, and the very first request refused (403: audit logging not
+    enabled yet, or the tenant scope refused beside a mark of the organization's): no answer gave
+    the clock's lead, and each unread scope's would-be start was kept on the clock ahead (21 hours
+    in OpenAI's future). With the clock corrected (NTP) before the log was readable, what OpenAI
+    recorded from 3 hours before the first poll until then was never read. The refusal's own Date
+    gives the lead: the starts are kept moved back by it, as after an answer."""
+    from agent_input.http_client import PermissionDeniedError
+
+    now = int(T0)
+    api = _AuditListing([now - 2 * HOUR - 50 * 60, now + 600])
+    tenant = _AuditListing([now - 2 * HOUR - 40 * 60, now + 700])
+    for e in tenant.events:
+        e["id"], e["type"] = e["id"].replace("audit_log-", "audit_log-t"), "tenant.admin_api_key.created"
+    api.now = tenant.now = now
+    refuse = [True]
+    client = SimpleNamespace(server_date=None)
+
+    def get_json(path, params):
+        refused = params.get("tenant_only") if scope == "tenant" else True
+        if refuse[0] and refused:
+            error = PermissionDeniedError(403, "audit logging is not enabled", path=path)
+            error.server_date = api.now  # OpenAI's Date on the refusal
+            raise error
+        listing = tenant if params.get("tenant_only") else api
+        answer = listing.get_json(path, {k: v for k, v in params.items() if k != "tenant_only"})
+        client.server_date = api.now
+        return answer
+
+    client.get_json = get_json
+    cfg = _config(batch_size=10, initial_interval="3h")
+    store, output = StateStore(tmp_path / "state"), NdjsonFileOutput(tmp_path / "audit.ndjson")
+    if scope == "tenant":  # the organization scope read before, up to the first poll
+        store.put_kv("audit:hwm", str(now - 3 * HOUR))
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now + DAY)
+    col.poll(api.now + DAY)
+    assert (col.tenant_refused if scope == "tenant" else col.forbidden)
+    store.close()
+    api.now = tenant.now = now + 900
+    refuse[0] = False
+    store = StateStore(tmp_path / "state")  # a new process on the clock corrected: asks again at once
+    col = AuditCollector(cfg, cfg.stream("audit"), client, Delivery(store, output), clock=lambda: api.now)
+    col.poll(api.now)
+    assert col.forbidden is None and col.tenant_refused is None
+    assert min(gte for gte, _ in tenant.slices) == now - 3 * HOUR
+    output.close()
+    assert sorted(d["_id"] for d in read_ndjson(tmp_path / "audit.ndjson")) == sorted(
+        e["id"] for e in api.events + tenant.events)
+    store.close()

@@ -223,6 +223,21 @@ def test_403_without_scope(client):
     assert "permission denied" in str(info.value) and "Audit logging" in str(info.value)
 
 
+@responses.activate
+def test_a_refusal_carries_the_date_openai_gave_it(client):
+    """A 403 of a first read is OpenAI's answer too: its `Date` gives the clock's lead, which the
+    audit stream keeps its refused starts moved back by (`AuditCollector._lead_of_refusal`)."""
+    responses.get(URL, status=403, json=err("Audit logging is not enabled for this organization."),
+                  headers={"Date": email.utils.formatdate(1_000_020.0, usegmt=True)})
+    with pytest.raises(PermissionDeniedError) as info:
+        client.get_json(PATH)
+    assert info.value.server_date == 1_000_020
+    responses.replace(responses.GET, URL, status=403, json=err("Audit logging is not enabled for this organization."))
+    with pytest.raises(PermissionDeniedError) as info:
+        client.get_json(PATH)
+    assert info.value.server_date is None
+
+
 @pytest.mark.parametrize("body", [
     {"json": err("Access to api.openai.com is denied by your network's policy.")},
     {"body": "<html><title>403 Forbidden</title>Blocked: https://api.openai.com/v1/organization</html>"},
