@@ -364,6 +364,25 @@ def test_a_fault_rule_with_a_query_hits_only_requests_that_carry_it(http, sim, v
     assert get(http, sim, "audit_logs", {"limit": 1, "tenant_only": "true"}).status_code == 200
 
 
+def test_a_refused_key_gets_its_401_before_a_fault_only_an_allowed_caller_gets(http, sim):
+    """OpenAI answers a key it refuses with 401 before any 403, 404 or 429 it gives an allowed caller:
+    the simulator answered a wrong key with an audit 403 fault (a soak's config with a wrong key took
+    audit logging for not enabled), and used up the fault a later request with the right key was to
+    get. A 5xx comes whatever the key, as a gateway's does."""
+    url = sim.base_url + "/v1/organization/audit_logs"
+    wrong = {"Authorization": "Bearer sk-admin-this-is-wrong-123456"}
+    try:
+        sim.add_fault(FaultRule("403", path="audit_logs"))
+        r = requests.get(url, params={"limit": 1}, headers=wrong, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = get(http, sim, "audit_logs", {"limit": 1})  # the fault is still there for the right key
+        assert r.status_code == 403 and r.json()["error"]["code"] == "audit_logs_not_enabled"
+        sim.add_fault(FaultRule("503", path="audit_logs"))
+        assert requests.get(url, params={"limit": 1}, headers=wrong, timeout=10).status_code == 503
+    finally:
+        sim.clear_faults()
+
+
 # ------------------------------------------------------------------------------------ parameters
 @pytest.mark.parametrize("width", ["1m", "1h", "1d"])
 def test_limit_defaults_and_bounds(http, sim, validate, width):

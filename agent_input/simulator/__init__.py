@@ -66,7 +66,9 @@ Faults
     list page whose items violate the spec: the first without ``id``, the second with ``"lots"`` for its
     first integer; ``has_more`` and ``last_id`` kept, so the listing goes on past it). ``path`` is a prefix (``/v1/organization`` may be
     left out) or a glob (``*/projects/proj_x/rate_limits``); ``query`` (``tenant_only=true``) narrows a rule
-    to requests carrying those parameters. ``latency`` adds seconds to every API request.
+    to requests carrying those parameters. A key the simulator refuses gets its 401 (or its missing scope's
+    403) before a "403", "404", "429" or 200-body fault, which only an allowed key meets, as OpenAI answers;
+    a 5xx, "reset" or "slow" comes whatever the key. ``latency`` adds seconds to every API request.
 
 Control interface (no auth)
     ``GET/POST /_sim/clock`` ({"now": ts} or {"advance": s}), ``GET/POST /_sim/faults`` (a JSON list of

@@ -9,6 +9,9 @@ from urllib.parse import parse_qsl
 
 FAULT_KINDS = ("429", "500", "502", "503", "401", "403", "404", "reset", "slow", "malformed_json",
                "invalid_results", "invalid_items")
+# what OpenAI answers only a key it took: a refused key gets its 401 (or its missing scope's 403)
+# instead, as a gateway's 5xx, a reset or a slow answer come whatever the key
+AFTER_AUTH = frozenset({"403", "404", "429", "malformed_json", "invalid_results", "invalid_items"})
 
 
 @dataclass
@@ -105,11 +108,15 @@ class FaultSet:
         with self._lock:
             return [r.to_dict() for r in self._rules]
 
-    def pick(self, path: str, query: str = "") -> FaultRule | None:
-        """The first rule that fires for this request (consuming one of its uses), or None."""
+    def pick(self, path: str, query: str = "", authorized: bool = True) -> FaultRule | None:
+        """The first rule that fires for this request (consuming one of its uses), or None.
+        `authorized`: the request's key may make it; OpenAI answers a key it refuses before
+        anything it decides for an allowed caller (`AFTER_AUTH`), so those rules skip it."""
         with self._lock:
             for r in self._rules:
                 if r.count is not None and r._fired >= r.count:
+                    continue
+                if not authorized and r.kind in AFTER_AUTH:
                     continue
                 if not r.matches(path, query):
                     continue

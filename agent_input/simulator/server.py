@@ -545,7 +545,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _api_get(self, sim: "Simulator", url, path: str) -> None:
         if sim.latency > 0:
             time.sleep(sim.latency)
-        rule = sim.faults.pick(path, url.query)
+        try:
+            sim._auth(self.headers.get("Authorization"), path)
+            refused = None
+        except ApiError as e:
+            refused = e  # answered after the faults that come whatever the key (a 5xx, a reset)
+        rule = sim.faults.pick(path, url.query, authorized=refused is None)
         mode = None
         if rule is not None:
             sim._count_fault(rule.kind)
@@ -572,7 +577,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 mode = rule.kind
         try:
-            sim._auth(self.headers.get("Authorization"), path)
+            if refused is not None:
+                raise refused
             cached = sim._responses.get(path, url.query, sim.now()) if mode is None else None
             if cached is not None:
                 sim._count(path, 200)
