@@ -26,7 +26,7 @@ without `--skew` the two clocks agree as on a host kept by NTP, but for the wall
 times `--speed`.
 
     python tests/soak_protocol.py [--seed 1] [--hours 26] [--speed 600] [--widths 1m,1h,1d] [--graces 0,5m,30m]
-                                  [--skew=-900,6:7200]
+                                  [--skew=-900,6:7200] [--audit-refusals]
 
 Exit status 0 when every check holds; the findings otherwise (and always a summary) on stdout.
 With `--workdir`, what was acknowledged and each life's stderr are kept there.
@@ -410,12 +410,28 @@ class Soak:
             time.sleep(0.2)
         return path
 
+    def audit_refusal(self, tenant: bool | None = None) -> None:
+        """A 403 of the organization scope (audit logging not enabled), or of the tenant scope alone
+        (tenant_only=true: a 403 or a 404), for 1-3 requests."""
+        tenant = self.rng.random() < 0.5 if tenant is None else tenant
+        kind = self.rng.choice(("403", "404")) if tenant else "403"
+        self.sim.add_fault(FaultRule(kind=kind, path="audit_logs", count=self.rng.randint(1, 3),
+                                     query="tenant_only=true" if tenant else ""))
+        self.notes["fault audit refusal " + ("tenant" if tenant else "organization")] += 1
+
     def random_fault(self) -> None:
+        if self.args.audit_refusals and self.rng.random() < 0.4:
+            return self.audit_refusal()
         kind = self.rng.choice(("429", "500", "503", "reset", "malformed_json", "slow"))
         path = self.rng.choice(("usage/", "costs", "audit_logs", "projects", "users", "*/rate_limits"))
         self.sim.add_fault(FaultRule(kind=kind, path=path, count=self.rng.randint(1, 3), delay=1.0, retry_after=1))
 
     def run_life(self) -> None:
+        if self.args.audit_refusals:  # a first read refused, of either scope, then at random
+            if self.life < 2:
+                self.audit_refusal(tenant=self.life == 1)
+            elif self.rng.random() < 0.5:
+                self.audit_refusal()
         sup = self.start()
         drained = False
         try:
@@ -738,6 +754,9 @@ def parse(argv=None):
     p.add_argument("--skew", default="0", help="seconds this host's clock is ahead of OpenAI's (the simulator's; "
                    "negative: behind), constant (3600) or stepped (--skew=-900,6:7200: from simulated hour 6 on, 2h "
                    "ahead); over 5 minutes, each stream's WARNING is checked")
+    p.add_argument("--audit-refusals", action="store_true",
+                   help="audit refusals among the faults: a 403 of the organization scope or of the tenant scope "
+                        "alone, at the first two lives' start, at half the others' and in 40%% of the random faults")
     p.add_argument("--verbose", action="store_true", help="print each resource sample")
     return p.parse_args(argv)
 
