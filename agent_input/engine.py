@@ -868,6 +868,9 @@ class UsageCollector(PollingCollector):
         extract, group_key, unmergeable = self._extract, self._group_key, self.spec.unmergeable
         unit_fields = self.spec.unit_fields
         current: dict = {}
+        # (key, counter) of the groups with a result whose quantity is other than 0 (their sum may
+        # be 0: 3 tokens and a credit of -3 tokens are in tokens still)
+        quantified: set = set()
         for result in _results(bucket):
             counters = extract(result)
             group = group_key(result)
@@ -875,6 +878,9 @@ class UsageCollector(PollingCollector):
             same = current.get(key)
             if same is None:
                 current[key] = (result, counters, group)
+                for _, counter in unit_fields:
+                    if counters.get(counter):
+                        quantified.add((key, counter))
             else:
                 for d in unmergeable:
                     if not self._valued(result, d):
@@ -897,7 +903,8 @@ class UsageCollector(PollingCollector):
                         # no quantity, or 0: no unit to differ in (3 tokens beside an amount alone, or
                         # beside 0 images, had none)
                         continue
-                    if not same[1].get(counter):  # none of the group's results so far had a quantity but 0
+                    if (key, counter) not in quantified:  # none of the group's results so far had a quantity but 0
+                        quantified.add((key, counter))
                         current[key] = same = ({**same[0], d: result.get(d)}, same[1], same[2])
                     elif same[0].get(d) is not None and same[0].get(d) != result.get(d):
                         current[key] = same = ({**same[0], d: None}, same[1], same[2])

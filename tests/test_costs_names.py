@@ -327,6 +327,20 @@ def test_a_day_an_earlier_version_stored_with_no_unit_is_moved_whole_to_its_unit
     assert len(dedupe(docs)) == len(docs) and stats.corrections == 2
 
 
+def test_a_group_whose_quantities_add_up_to_0_in_one_unit_still_has_that_unit(tmp_path):
+    """A group's unit is that of its results with a quantity other than 0, whatever they add up to:
+    3 tokens and a credit of -3 tokens, then 5 images, were stored as 5 images, the 0 they had
+    added up to so far taken for no quantity at all; it is two units, stored with none. 3 tokens
+    and -3 tokens alone are still 0 tokens."""
+    credited = [_cost_row(10.0), _cost_row(-10.0, quantity=-3.0), _cost_row(1.0, quantity=5.0, quantity_unit="images")]
+    even = [_cost_row(10.0), _cost_row(-10.0, quantity=-3.0), _cost_row(1.0, quantity=0.0, quantity_unit="images")]
+    docs, (stats,) = _costs_run(tmp_path, [_costs_page([credited, even])])
+    assert stats.bad_buckets == 0, stats.errors
+    assert sorted((d["openai"]["base"]["start_time"], d["openai"]["costs"].get("quantity_unit"),
+                   d["openai"]["costs"]["quantity"], d["openai"]["costs"]["amount"]["value"]) for d in docs) == [
+        ("2024-11-01T00:00:00.000Z", None, 5.0, 1.0), ("2024-11-02T00:00:00.000Z", "tokens", 0.0, 1.0)]
+
+
 def test_a_day_re_read_with_its_results_in_another_order_gives_no_correction(tmp_path):
     """One group's amounts are added up in the order the API lists them, and floats do not add up
     the same in every order (0.1 + 0.2 + 0.3 is 0.6000000000000001, 0.3 + 0.2 + 0.1 is 0.6): a day
