@@ -480,14 +480,21 @@ class Installer:
     def check_ilm_policy(self) -> None:
         """`--ilm-policy` names a policy that exists. Elasticsearch takes a template naming any
         policy: each new backing index then has an ILM error instead of a policy, and with the data
-        stream lifecycle turned off for ILM, no retention at all. Without the privilege to read
-        policies (`read_ilm`, not in the installer role) it cannot be told, and is not refused."""
+        stream lifecycle turned off for ILM, no retention at all. Elasticsearch reads the name as
+        a list or a wildcard and answers 200 with the policies it matches (`openai-*`, none of them
+        named so): the answer names the policy itself. Without the privilege to read policies
+        (`read_ilm`, not in the installer role) it cannot be told, and is not refused."""
         name = self.o.retention.ilm_policy
         if not name:
             return
         from urllib.parse import quote
 
-        if self.t.es("GET", f"/_ilm/policy/{quote(name, safe='')}").status_code == 404:
+        resp = self.t.es("GET", f"/_ilm/policy/{quote(name, safe='')}")
+        try:
+            named = resp.status_code != 200 or name in resp.json()
+        except (ValueError, TypeError):  # not JSON (a proxy's page): not told
+            named = True
+        if resp.status_code == 404 or not named:
             raise InstallerError(f"--ilm-policy {name!r}: Elasticsearch has no ILM policy of that name: create it "
                                  "first, or drop --ilm-policy to keep data stream lifecycle retention", code=2)
 

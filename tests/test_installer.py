@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import email.parser
+import fnmatch
 import json
 import os
 import re
 import uuid
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 import requests
@@ -156,11 +157,17 @@ class FakeStack:
                     del store[name]
                     return self._json(200, {"acknowledged": True})
         if path.startswith("/_ilm/policy/") and m == "GET":
-            name = path[len("/_ilm/policy/"):]
-            if name not in self.ilm_policies:
+            # as Elasticsearch reads it: comma-separated names, or one wildcard (what it matches)
+            names = unquote(path[len("/_ilm/policy/"):]).split(",")
+            if any("*" in n for n in names):
+                found = [p for p in sorted(self.ilm_policies) if fnmatch.fnmatchcase(p, names[0])]
+            elif all(n in self.ilm_policies for n in names):
+                found = names
+            else:
                 return self._json(404, {"error": {"type": "resource_not_found_exception",
-                                                  "reason": f"Lifecycle policy not found: {name}"}, "status": 404})
-            return self._json(200, {name: {"version": 1, "policy": {"phases": {"delete": {"min_age": "30d"}}}}})
+                                                  "reason": f"Lifecycle policy not found: {names}"}, "status": 404})
+            return self._json(200, {n: {"version": 1, "policy": {"phases": {"delete": {"min_age": "30d"}}}}
+                                    for n in found})
         if path.startswith("/_data_stream/") and m in ("GET", "DELETE"):
             pattern = path[len("/_data_stream/"):]  # a comma-separated list of names or wildcards
             rx = re.compile("|".join(p.replace(".", r"\.").replace("*", ".*") for p in pattern.split(",")))
@@ -1262,6 +1269,15 @@ def test_an_ilm_policy_that_does_not_exist_is_refused_before_any_write(stack):
         assert result.exit_code == 2, result.output
         assert "--ilm-policy 'opnai-logs': Elasticsearch has no ILM policy of that name" in result.output
         assert stack.writes() == [] and "nothing was written" in result.output
+    # Elasticsearch reads the name as a list or a wildcard, and answers 200 with the policies it
+    # names: "openai-*" or "openai-logs,openai-keep" named none, yet was installed, an ILM error
+    # at each new backing index as for a typo
+    stack.ilm_policies.update({"openai-logs", "openai-keep"})
+    for name in ("openai-*", "openai-logs,openai-keep", "nothing-*"):
+        result = install("--ilm-policy", name, "--skip-kibana")
+        assert result.exit_code == 2, result.output
+        assert f"--ilm-policy {name!r}: Elasticsearch has no ILM policy of that name" in result.output
+        assert stack.writes() == []
     # one whose policies the installer may not read (read_ilm) is not refused
     stack.forbid.add(("GET", r"/_ilm/policy/.*"))
     assert install("--ilm-policy", "opnai-logs", "--skip-kibana").exit_code == 0
