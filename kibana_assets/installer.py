@@ -1063,6 +1063,10 @@ class Installer:
         resp = self.t.es("DELETE", asset.path)
         if resp.status_code == 404:
             return "absent", ""
+        if resp.status_code == 400 and asset.kind == "pipeline" and "pipeline for" in _reason(resp):
+            # an index that exists names it (its template deleted, the data streams unread): kept,
+            # or its next document were refused for a missing pipeline
+            return "kept", "the default pipeline of indices that exist (pass --delete-data to remove data and templates)"
         _check(resp, f"delete {asset.label}", ES_PRIVILEGE[asset.kind])
         return "deleted", ""
 
@@ -1074,11 +1078,13 @@ class Installer:
                 for name in current.get("composed_of") or []:
                     kept.setdefault(str(name), f"used by index template {asset.name}, {_owner_text(_owner(current))}")
             return result
+        # kept while a data stream uses it (with --delete-data, ours are gone by then), not only
+        # when Elasticsearch refuses the delete: it deletes it where another template matches the
+        # stream (its built-in `logs`, logs-*-*, on most clusters), and the stream's next backing
+        # index would take that one's mappings, its pipeline's delete then refused
+        if not delete_data and self._template_in_use(asset):
+            return self._keep_in_use(asset, kept)
         if self.dry_run:
-            # what the DELETE below would be answered: refused while a data stream uses the
-            # template (with --delete-data, ours are gone by then)
-            if not delete_data and self._template_in_use(asset):
-                return self._keep_in_use(asset, kept)
             return "would delete", ""
         resp = self.t.es("DELETE", asset.path)
         if resp.status_code == 404:
@@ -1090,8 +1096,8 @@ class Installer:
 
     @staticmethod
     def _keep_in_use(asset: E.EsAsset, kept: dict[str, str]) -> tuple[str, str]:
-        """Elasticsearch refuses to remove a template that live data streams use; keep it and what
-        it references so ingestion keeps working."""
+        """A template that live data streams use is kept, and what it references, so ingestion
+        keeps working."""
         why = "its index template is in use by data streams"
         kept[asset.body["template"]["settings"]["index"]["default_pipeline"]] = why
         kept.update((name, why) for name in asset.body["composed_of"])
@@ -1099,7 +1105,7 @@ class Installer:
 
     def _template_in_use(self, asset: E.EsAsset) -> bool:
         """Whether a data stream uses index template `asset` (one the streams' listing cannot be
-        read for counts as none: the dry run then says what it said before)."""
+        read for counts as none: the delete's own refusal, where Elasticsearch gives it, keeps it)."""
         resp = self.t.es("GET", "/_data_stream/" + ",".join(asset.body["index_patterns"]))
         if resp.status_code != 200:
             return False

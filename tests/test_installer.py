@@ -61,6 +61,11 @@ class FakeStack:
         self.connectors_readable = True
         self.status = {"es": 200, "kb": 200}
         self.ilm_policies: set[str] = set()  # GET /_ilm/policy/<name>
+        # Elasticsearch's built-in `logs` template (logs-*-*, priority 100), on every cluster that has
+        # not turned stack templates off: a data stream another template matches does not hold its
+        # own template's delete, and Elasticsearch deletes it
+        self.builtin_logs_template = False
+        self.pipelines_in_use: dict[str, str] = {}  # index template -> its default pipeline, as its indices have it
 
     # -- plumbing -----------------------------------------------------------------------------
     def install(self, rsps: responses.RequestsMock) -> None:
@@ -147,13 +152,20 @@ class FakeStack:
                         return self._json(400, {"error": {"type": "illegal_argument_exception", "reason":
                             "Settings [index.lifecycle.name] are not available when running in serverless mode"}})
                     store[name] = body
+                    if kind == "index" and settings.get("default_pipeline"):
+                        self.pipelines_in_use[name] = settings["default_pipeline"]
                     return self._json(200, {"acknowledged": True})
                 if m == "DELETE":
                     if name not in store:
                         return self._json(404, {"error": {"type": "resource_not_found_exception", "reason": name}})
-                    if kind == "index" and name in self.data_streams:
+                    if kind == "index" and name in self.data_streams and not self.builtin_logs_template:
                         return self._json(400, {"error": {"type": "illegal_argument_exception", "reason":
                             f"unable to remove composable templates [{name}] as they are in use by a data streams [{name}-default]"}})
+                    users = [t for t in sorted(self.data_streams) if self.pipelines_in_use.get(t) == name]
+                    if kind == "pipeline" and users:  # the default pipeline of a backing index (7.16+)
+                        return self._json(400, {"error": {"type": "illegal_argument_exception", "reason":
+                            f"pipeline [{name}] cannot be deleted because it is the default pipeline for "
+                            f"{len(users)} index(es) including [.ds-{users[0]}-default-000001]"}})
                     del store[name]
                     return self._json(200, {"acknowledged": True})
         if path.startswith("/_ilm/policy/") and m == "GET":
@@ -1405,7 +1417,8 @@ def test_uninstall_removes_assets_but_never_data(stack):
     stack.calls.clear()
     result = run("uninstall", "--es-url", ES, "--kibana-url", KB)
     assert result.exit_code == 0, result.output
-    assert not any(c["path"].startswith("/_data_stream") for c in stack.calls)
+    # the data streams are read (is a template in use?), never deleted
+    assert not any(c["path"].startswith("/_data_stream") for c in stack.calls if c["method"] != "GET")
     assert stack.rules == {} and stack.saved_objects == {} and stack.data_views == {}
     # the template in use stays, with what it references, so ingestion keeps working
     assert set(stack.index) == {"logs-openai.completions"}
@@ -1534,9 +1547,15 @@ def test_uninstall_dry_run_deletes_nothing(stack):
     assert "uninstall complete" not in result.output
 
 
-def test_uninstall_dry_run_keeps_what_uninstall_keeps_for_data_streams_in_use(stack):
+@pytest.mark.parametrize("builtin_logs_template", [False, True])
+def test_uninstall_dry_run_keeps_what_uninstall_keeps_for_data_streams_in_use(stack, builtin_logs_template):
     """The dry run said `would delete` for an index template live data streams use, and for its
-    pipeline and component template: uninstall keeps all three (Elasticsearch refuses that delete)."""
+    pipeline and component template: uninstall keeps all three. Elasticsearch refuses that delete
+    only while no other template matches the data stream; on a cluster with its built-in `logs`
+    template (logs-*-*) it deleted ours, and the uninstall then stopped at the pipeline, which the
+    backing indices still name (refused: "the default pipeline for 1 index(es)"), its data stream
+    left to the `logs` template's mappings at its next rollover. It looks at the data streams first."""
+    stack.builtin_logs_template = builtin_logs_template
     assert install().exit_code == 0
     stack.data_streams |= {"logs-openai.audit", "logs-openai"}
     stack.calls.clear()
@@ -1554,6 +1573,14 @@ def test_uninstall_dry_run_keeps_what_uninstall_keeps_for_data_streams_in_use(st
         "index_template logs-openai  (in use by data streams (pass --delete-data to remove data and templates))",
         "pipeline logs-openai@router  (its index template is in use by data streams)"}
     assert f"dry run complete: {N_ES + N_KB - 5} would delete, 5 kept" in dry.output
+    if builtin_logs_template:  # the data streams unreadable: the pipeline's refused delete keeps it
+        assert install().exit_code == 0
+        stack.forbid.add(("GET", "/_data_stream/.*"))
+        real = run("uninstall", "--es-url", ES, "--kibana-url", KB)
+        assert real.exit_code == 0, real.output
+        assert re.search(r"kept\s+pipeline logs-openai.audit@pipeline  \(the default pipeline of indices", real.output)
+        assert "logs-openai.audit@pipeline" in stack.pipelines
+        stack.forbid.clear()
     # with --delete-data, the data streams go first and the templates with them
     assert install().exit_code == 0
     stack.data_streams |= {"logs-openai.audit"}
