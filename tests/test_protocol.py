@@ -573,7 +573,7 @@ def test_a_stop_waits_for_the_delete_of_a_batch_acked_as_it_stops(tmp_path):
 
     def slow_delete():
         deleting.set()
-        release.wait(10)
+        release.wait(60)  # a liveness bound: the test releases it
         store.ack(batch)
 
     stdin_r, stdin_w = os.pipe()
@@ -616,24 +616,38 @@ def test_a_supervisor_that_acks_then_closes_stdout_has_the_ack_s_delete_done(tmp
 
     def slow_delete():
         deleting.set()
-        release.wait(10)
+        release.wait(60)  # a liveness bound: the test releases it
         store.ack(batch)
 
     stdin_r, stdin_w = os.pipe()
     out_r, out_w = os.pipe()
+    out = os.fdopen(out_r, "rb")
     runner = Runner(ProtocolWriter(out_w), state_dir=str(state), stdin=os.fdopen(stdin_r, "rb"), env={},
                     ack_timeout=30)
     runner.output.send("audit", _event_line("a1"), 1, slow_delete)
     signal_ = threading.Event()
     thread = threading.Thread(target=runner.run, args=(signal_,), daemon=True)
     thread.start()
+    said: list[dict] = []
+
+    def until_stopping():  # the supervisor reads stdout until the input says `stopping`
+        for line in out:
+            said.append(json.loads(line))
+            if said[-1].get("status") == "stopping":
+                return
+
     try:
         os.write(stdin_w, b'{"type": "ack", "batch": 1}\n')
         assert deleting.wait(10)
         if stopped:  # SIGTERM: the stop waits for the delete under way
             signal_.set()
-            time.sleep(0.3)
-        os.close(out_r)  # the supervisor closes stdout
+            # stdout closes once the stop has begun: after a sleep (0.3 s, the run loop asks every
+            # 0.2 s) a loaded machine could find stdout closed in the run loop first, untested the stop's wait
+            reader = threading.Thread(target=until_stopping, daemon=True)
+            reader.start()
+            reader.join(30)
+            assert said and said[-1]["status"] == "stopping"
+        out.close()  # the supervisor closes stdout
         time.sleep(0.5)
         assert thread.is_alive(), "the process stopped under the outbox delete of an acknowledged batch"
         release.set()
