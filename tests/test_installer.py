@@ -66,6 +66,10 @@ class FakeStack:
         # own template's delete, and Elasticsearch deletes it
         self.builtin_logs_template = False
         self.pipelines_in_use: dict[str, str] = {}  # index template -> its default pipeline, as its indices have it
+        # data stream (by its template's name) -> the template that matches it now, when another's
+        # (the Elastic integration's, upgraded with a higher priority): GET _data_stream names that one
+        self.stream_template: dict[str, str] = {}
+        self.es_answer: dict[tuple[str, str], tuple[int, str]] = {}  # (method, path regex) -> (status, raw body)
 
     # -- plumbing -----------------------------------------------------------------------------
     def install(self, rsps: responses.RequestsMock) -> None:
@@ -122,6 +126,9 @@ class FakeStack:
         body = json.loads(call["body"]) if call["body"] else None
         if self._forbidden(m, path):
             return self._json(403, {"error": {"type": "security_exception", "reason": f"action [{path}] is unauthorized"}})
+        for (am, ap), (status, raw) in self.es_answer.items():
+            if am == m and re.fullmatch(ap, path):
+                return status, {"content-type": "text/plain"}, raw
         if m == "GET" and path == "/":
             return self._json(200, {"name": "n", "version": {"number": self.es_version, "build_flavor": self.es_flavor},
                                     "tagline": "You Know, for Search"})
@@ -187,7 +194,8 @@ class FakeStack:
             if m == "GET":  # a wildcard that matches nothing is 200 with an empty list
                 if not hit and "*" not in pattern:
                     return self._json(404, {"error": {"type": "index_not_found_exception", "reason": pattern}})
-                return self._json(200, {"data_streams": [{"name": t + "-default", "template": t} for t in sorted(hit)]})
+                return self._json(200, {"data_streams": [{"name": t + "-default", "template": self.stream_template.get(t, t)}
+                                                         for t in sorted(hit)]})
             if not hit:
                 return self._json(404, {"error": {"type": "index_not_found_exception", "reason": pattern}})
             self.data_streams -= hit
@@ -1573,20 +1581,50 @@ def test_uninstall_dry_run_keeps_what_uninstall_keeps_for_data_streams_in_use(st
         "index_template logs-openai  (in use by data streams (pass --delete-data to remove data and templates))",
         "pipeline logs-openai@router  (its index template is in use by data streams)"}
     assert f"dry run complete: {N_ES + N_KB - 5} would delete, 5 kept" in dry.output
-    if builtin_logs_template:  # the data streams unreadable: the pipeline's refused delete keeps it
+    if builtin_logs_template:  # a stream another template matches now: ours goes, the pipeline its indices name stays
         assert install().exit_code == 0
-        stack.forbid.add(("GET", "/_data_stream/.*"))
+        stack.stream_template["logs-openai.audit"] = "logs-openai.audit-integration"
         real = run("uninstall", "--es-url", ES, "--kibana-url", KB)
         assert real.exit_code == 0, real.output
+        assert "logs-openai.audit" not in stack.index
         assert re.search(r"kept\s+pipeline logs-openai.audit@pipeline  \(the default pipeline of indices", real.output)
         assert "logs-openai.audit@pipeline" in stack.pipelines
-        stack.forbid.clear()
+        stack.stream_template.clear()
     # with --delete-data, the data streams go first and the templates with them
     assert install().exit_code == 0
     stack.data_streams |= {"logs-openai.audit"}
     dry = run("uninstall", "--es-url", ES, "--kibana-url", KB, "--dry-run", "--delete-data")
     assert dry.exit_code == 0 and not re.search(r"^kept", dry.output, re.M), dry.output
     assert re.search(r"would delete\s+index_template logs-openai.audit\n", dry.output), dry.output
+
+
+@pytest.mark.parametrize("answer, code, says", [
+    ((403, None), 3, "missing privilege: view_index_metadata (index privilege on logs-openai.*) is needed to list "
+                     "the data streams of index template logs-openai.audit"),
+    ((503, "upstream connect error"), 1, "failed to list the data streams of index template logs-openai.audit: "
+                                         "HTTP 503"),
+    ((200, "<html>login</html>"), 1, "answered with something that is not a list of data streams"),
+])
+def test_uninstall_stops_when_the_data_streams_of_a_template_cannot_be_read(stack, answer, code, says):
+    """An unread data streams listing (403, a 5xx, a login page) counted as no stream: the template
+    live data streams use was deleted (Elasticsearch deletes it where its built-in `logs` template
+    matches the stream too), and the stream's next backing index took that one's mappings, the
+    uninstall reporting success. It stops there, that template and what follows it not deleted."""
+    stack.builtin_logs_template = True
+    assert install().exit_code == 0
+    stack.data_streams |= {"logs-openai.audit"}
+    status, raw = answer
+    if status == 403:
+        stack.forbid.add(("GET", r"/_data_stream/logs-openai\.audit-.*"))
+    else:
+        stack.es_answer[("GET", r"/_data_stream/logs-openai\.audit-.*")] = (status, raw)
+    for extra in ((), ("--dry-run",)):
+        result = run("uninstall", "--es-url", ES, "--kibana-url", KB, *extra)
+        assert result.exit_code == code, result.output
+        assert says in result.output, result.output
+        assert "Traceback" not in result.output
+        assert {"logs-openai.audit", "logs-openai"} <= set(stack.index)
+        assert "logs-openai.audit@pipeline" in stack.pipelines
 
 
 def test_export_makes_no_requests(tmp_path):
