@@ -881,8 +881,10 @@ class Installer:
         self._es_read.clear()
         try:
             self.preflight()
+            # view_index_metadata: without it, GET /_data_stream/<pattern> lists none of the streams,
+            # with 200, and a template they use was taken for unused (or none found to delete)
             self.check_es_privileges(["manage_index_templates", "manage_pipeline"],
-                                     ["delete_index"] if delete_data else [])
+                                     ["view_index_metadata"] + (["delete_index"] if delete_data else []))
             elsewhere = self._installed_in_other_spaces() if self.o.with_kibana else []
         except InstallerError as exc:
             report.error = exc

@@ -191,6 +191,9 @@ class FakeStack:
             pattern = path[len("/_data_stream/"):]  # a comma-separated list of names or wildcards
             rx = re.compile("|".join(p.replace(".", r"\.").replace("*", ".*") for p in pattern.split(",")))
             hit = {t for t in self.data_streams if rx.fullmatch(t + "-default")}
+            if m == "GET" and "view_index_metadata" in self.missing_privileges and "*" in pattern:
+                # security resolves a wildcard to the names the user may see: none, not a 403
+                return self._json(200, {"data_streams": []})
             if m == "GET":  # a wildcard that matches nothing is 200 with an empty list
                 if not hit and "*" not in pattern:
                     return self._json(404, {"error": {"type": "index_not_found_exception", "reason": pattern}})
@@ -1541,7 +1544,7 @@ def test_uninstall_delete_data(stack):
     assert any(c["method"] == "DELETE" and c["path"] == "/_data_stream/logs-openai.completions-default"
                for c in stack.calls)
     hp = json.loads([c for c in stack.calls if c["path"] == "/_security/user/_has_privileges"][-1]["body"])
-    assert hp["index"][0]["privileges"] == ["delete_index"]
+    assert hp["index"][0]["privileges"] == ["view_index_metadata", "delete_index"]
 
 
 def test_uninstall_dry_run_deletes_nothing(stack):
@@ -1625,6 +1628,24 @@ def test_uninstall_stops_when_the_data_streams_of_a_template_cannot_be_read(stac
         assert "Traceback" not in result.output
         assert {"logs-openai.audit", "logs-openai"} <= set(stack.index)
         assert "logs-openai.audit@pipeline" in stack.pipelines
+
+
+@pytest.mark.parametrize("extra", [(), ("--delete-data",)])
+def test_uninstall_needs_view_index_metadata_to_see_the_data_streams(stack, extra):
+    """Without view_index_metadata on logs-openai.*, Elasticsearch resolves GET /_data_stream/<pattern>
+    to the streams the user may see, none, with 200: the uninstall took the template live data streams
+    use for unused and deleted it (the built-in `logs` template matching them too), or with
+    --delete-data found no stream to delete, and reported success. The privilege is checked first."""
+    stack.builtin_logs_template = True
+    assert install().exit_code == 0
+    stack.data_streams |= {"logs-openai.audit"}
+    stack.missing_privileges = ["view_index_metadata"]
+    stack.calls.clear()
+    result = run("uninstall", "--es-url", ES, "--kibana-url", KB, *extra)
+    assert result.exit_code == 3, result.output
+    assert "missing Elasticsearch privilege: view_index_metadata (index privilege on logs-openai.*)" in result.output
+    assert "logs-openai.audit" in stack.index and "logs-openai.audit" in stack.data_streams
+    assert not [c for c in stack.writes() if c["service"] == "es"]
 
 
 def test_export_makes_no_requests(tmp_path):
