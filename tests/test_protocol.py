@@ -559,46 +559,62 @@ def test_acks_that_arrive_after_stop_are_waited_for(tmp_path):
     store.close()
 
 
+class _HeldDelete:
+    """A Runner on a real stdin pipe, its one batch in flight acknowledged, whose outbox delete on
+    the stdin reader is under way and held until `release` is set."""
+
+    def __init__(self, tmp_path, stdout_fd: int):
+        from agent_input.protocol import ProtocolWriter, Runner
+
+        state = tmp_path / "state"
+        self.store = store = StateStore(state)
+        batch = store.commit_events("audit", _event_line("a1"), 1, {})
+        deleting, self.release = threading.Event(), threading.Event()
+
+        def slow_delete():
+            deleting.set()
+            self.release.wait(60)  # a liveness bound: the test releases it
+            store.ack(batch)
+
+        stdin_r, self.stdin_w = os.pipe()
+        runner = Runner(ProtocolWriter(stdout_fd), state_dir=str(state), stdin=os.fdopen(stdin_r, "rb"), env={},
+                        ack_timeout=30)
+        runner.output.send("audit", _event_line("a1"), 1, slow_delete)
+        self.signal = threading.Event()
+        self.thread = threading.Thread(target=runner.run, args=(self.signal,), daemon=True)
+        self.thread.start()
+        os.write(self.stdin_w, b'{"type": "ack", "batch": 1}\n')
+        assert deleting.wait(10)
+
+    def waits_for_the_delete(self, why: str) -> None:
+        time.sleep(0.5)
+        assert self.thread.is_alive(), why
+        self.release.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+    def close(self) -> None:
+        """Ends the runner if a check failed first; the acknowledged batch's delete is done."""
+        self.release.set()
+        os.close(self.stdin_w)
+        self.thread.join(10)
+        assert list(self.store.pending()) == []
+        self.store.close()
+
+
 def test_a_stop_waits_for_the_delete_of_a_batch_acked_as_it_stops(tmp_path):
     """A SIGTERM while the ack of the last batch in flight was being deleted from the outbox (no
     batch left in flight, its delete under way on the stdin reader): the stop asked only whether a
     batch was in flight, did not wait, and the process exited under the delete, the acknowledged
     batch sent again at the next start. It waits for the delete, as for one after the stop."""
-    from agent_input.protocol import ProtocolWriter, Runner
-
-    state = tmp_path / "state"
-    store = StateStore(state)
-    batch = store.commit_events("audit", _event_line("a1"), 1, {})
-    deleting, release = threading.Event(), threading.Event()
-
-    def slow_delete():
-        deleting.set()
-        release.wait(60)  # a liveness bound: the test releases it
-        store.ack(batch)
-
-    stdin_r, stdin_w = os.pipe()
     fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT, 0o600)
-    runner = Runner(ProtocolWriter(fd), state_dir=str(state), stdin=os.fdopen(stdin_r, "rb"), env={}, ack_timeout=30)
-    runner.output.send("audit", _event_line("a1"), 1, slow_delete)
-    signal_ = threading.Event()
-    thread = threading.Thread(target=runner.run, args=(signal_,), daemon=True)
-    thread.start()
+    held = _HeldDelete(tmp_path, fd)
     try:
-        os.write(stdin_w, b'{"type": "ack", "batch": 1}\n')
-        assert deleting.wait(10)
-        signal_.set()  # SIGTERM
-        time.sleep(0.5)
-        assert thread.is_alive(), "the stop did not wait for the outbox delete under way"
-        release.set()
-        thread.join(10)
-        assert not thread.is_alive()
+        held.signal.set()  # SIGTERM
+        held.waits_for_the_delete("the stop did not wait for the outbox delete under way")
     finally:
-        release.set()
-        os.close(stdin_w)
-        thread.join(10)
+        held.close()
         os.close(fd)
-    assert list(store.pending()) == []
-    store.close()
 
 
 @pytest.mark.parametrize("stopped", [False, True])
@@ -607,27 +623,9 @@ def test_a_supervisor_that_acks_then_closes_stdout_has_the_ack_s_delete_done(tmp
     more, so nothing is waited for but the delete under way on the stdin reader. It was not: the
     run loop (`stopped` False), or the stop's wait for acks, returned as soon as stdout was closed
     and the process exited under the delete, the acknowledged batch sent again at the next start."""
-    from agent_input.protocol import ProtocolWriter, Runner
-
-    state = tmp_path / "state"
-    store = StateStore(state)
-    batch = store.commit_events("audit", _event_line("a1"), 1, {})
-    deleting, release = threading.Event(), threading.Event()
-
-    def slow_delete():
-        deleting.set()
-        release.wait(60)  # a liveness bound: the test releases it
-        store.ack(batch)
-
-    stdin_r, stdin_w = os.pipe()
     out_r, out_w = os.pipe()
     out = os.fdopen(out_r, "rb")
-    runner = Runner(ProtocolWriter(out_w), state_dir=str(state), stdin=os.fdopen(stdin_r, "rb"), env={},
-                    ack_timeout=30)
-    runner.output.send("audit", _event_line("a1"), 1, slow_delete)
-    signal_ = threading.Event()
-    thread = threading.Thread(target=runner.run, args=(signal_,), daemon=True)
-    thread.start()
+    held = _HeldDelete(tmp_path, out_w)
     said: list[dict] = []
 
     def until_stopping():  # the supervisor reads stdout until the input says `stopping`
@@ -637,10 +635,8 @@ def test_a_supervisor_that_acks_then_closes_stdout_has_the_ack_s_delete_done(tmp
                 return
 
     try:
-        os.write(stdin_w, b'{"type": "ack", "batch": 1}\n')
-        assert deleting.wait(10)
         if stopped:  # SIGTERM: the stop waits for the delete under way
-            signal_.set()
+            held.signal.set()
             # stdout closes once the stop has begun: after a sleep (0.3 s, the run loop asks every
             # 0.2 s) a loaded machine could find stdout closed in the run loop first, untested the stop's wait
             reader = threading.Thread(target=until_stopping, daemon=True)
@@ -648,18 +644,10 @@ def test_a_supervisor_that_acks_then_closes_stdout_has_the_ack_s_delete_done(tmp
             reader.join(30)
             assert said and said[-1]["status"] == "stopping"
         out.close()  # the supervisor closes stdout
-        time.sleep(0.5)
-        assert thread.is_alive(), "the process stopped under the outbox delete of an acknowledged batch"
-        release.set()
-        thread.join(10)
-        assert not thread.is_alive()
+        held.waits_for_the_delete("the process stopped under the outbox delete of an acknowledged batch")
     finally:
-        release.set()
-        os.close(stdin_w)
-        thread.join(10)
+        held.close()
         os.close(out_w)
-    assert list(store.pending()) == []
-    store.close()
 
 
 def test_at_the_end_of_stdin_the_stop_waits_for_no_ack(tmp_path, caplog):
