@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -487,8 +487,6 @@ class Installer:
         name = self.o.retention.ilm_policy
         if not name:
             return
-        from urllib.parse import quote
-
         resp = self.t.es("GET", f"/_ilm/policy/{quote(name, safe='')}")
         try:
             named = resp.status_code != 200 or name in resp.json()
