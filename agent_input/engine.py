@@ -899,14 +899,19 @@ class UsageCollector(PollingCollector):
                     raise BadBucket(f"one group has results with `{d}` {mine!r:.20} and {theirs!r:.20}, which "
                                     f"cannot be added up ({_describe(result)})")
                 for d, counter in unit_fields:
-                    if not counters.get(counter):
-                        # no quantity, or 0: no unit to differ in (3 tokens beside an amount alone, or
-                        # beside 0 images, had none)
-                        continue
-                    if (key, counter) not in quantified:  # none of the group's results so far had a quantity but 0
+                    quantity = counters.get(counter)
+                    if quantity is None:
+                        continue  # no quantity: no unit to differ in (3 tokens beside an amount alone had none)
+                    if (key, counter) in quantified:  # a result so far had a quantity other than 0
+                        if quantity and same[0].get(d) is not None and same[0].get(d) != result.get(d):
+                            current[key] = same = ({**same[0], d: None}, same[1], same[2])
+                        continue  # 0 has no unit to differ in (3 tokens beside 0 images)
+                    if quantity:  # the group's first quantity other than 0: its unit is the group's
                         quantified.add((key, counter))
                         current[key] = same = ({**same[0], d: result.get(d)}, same[1], same[2])
-                    elif same[0].get(d) is not None and same[0].get(d) != result.get(d):
+                    elif counter not in same[1]:  # its first quantity, 0: its unit, until another
+                        current[key] = same = ({**same[0], d: result.get(d)}, same[1], same[2])
+                    elif same[0].get(d) != result.get(d):  # 0 alone, in two units: none applies, whatever the order
                         current[key] = same = ({**same[0], d: None}, same[1], same[2])
                 for k, v in counters.items():
                     same[1][k] = same[1].get(k, 0) + v

@@ -341,6 +341,21 @@ def test_a_group_whose_quantities_add_up_to_0_in_one_unit_still_has_that_unit(tm
         ("2024-11-01T00:00:00.000Z", None, 5.0, 1.0), ("2024-11-02T00:00:00.000Z", "tokens", 0.0, 1.0)]
 
 
+def test_a_group_of_quantities_of_0_alone_has_the_same_unit_whatever_their_order(tmp_path):
+    """A group whose results all have a quantity of 0, in two units, took its first result's unit:
+    a re-read listing them in another order moved the group to the other unit (zeroed under one,
+    emitted again under the other) though nothing changed. 0 in two units has none that applies;
+    0 in one unit is under that unit, whatever else is listed beside it without a quantity."""
+    amount_only = {k: v for k, v in _cost_row(1.0).items() if k not in ("quantity", "quantity_unit")}
+    zeros = [_cost_row(1.0, quantity=0.0), _cost_row(1.0, quantity=0.0, quantity_unit="images")]
+    docs, (_, stats) = _costs_run(tmp_path / "a", [_costs_page([zeros, [amount_only, zeros[0]]]),
+                                                   _costs_page([zeros[::-1], [zeros[0], amount_only]])])
+    assert stats.corrections == 0, docs
+    assert sorted((d["openai"]["base"]["start_time"], d["openai"]["costs"].get("quantity_unit"),
+                   d["openai"]["costs"]["quantity"]) for d in docs) == [
+        ("2024-11-01T00:00:00.000Z", None, 0.0), ("2024-11-02T00:00:00.000Z", "tokens", 0.0)]
+
+
 def test_a_day_re_read_with_its_results_in_another_order_gives_no_correction(tmp_path):
     """One group's amounts are added up in the order the API lists them, and floats do not add up
     the same in every order (0.1 + 0.2 + 0.3 is 0.6000000000000001, 0.3 + 0.2 + 0.1 is 0.6): a day

@@ -106,23 +106,20 @@ def _good(results: list[dict]) -> bool:
 def _truth(results: list[dict]) -> tuple[dict, dict]:
     """One day's answer as the dashboard should show it: amount per (group, currency); quantity per
     (group, unit), a group whose results with a quantity differ in unit under no unit (null), as the
-    reference says OpenAI gives one no single unit applies to. A quantity of 0 has no unit to differ in:
-    a group with no other is under its first result's unit."""
+    reference says OpenAI gives one no single unit applies to. A quantity of 0 has no unit to differ in
+    beside another; a group with quantities of 0 alone is under their unit, or none if they differ."""
     amounts: dict[tuple, float] = defaultdict(float)
-    units: dict[tuple, set] = defaultdict(set)
-    first_unit: dict[tuple, str | None] = {}
+    units: dict[tuple, set] = defaultdict(set)  # of the quantities other than 0
+    zeros: dict[tuple, set] = defaultdict(set)  # of the quantities of 0
     quantities: dict[tuple, float] = defaultdict(float)
     for r in results:
         amount = r.get("amount") or {}
         if amount.get("value") is not None:
             amounts[_key(r) + (amount.get("currency"),)] += amount["value"]
-        first_unit.setdefault(_key(r), r.get("quantity_unit"))
         if r.get("quantity") is not None:
-            if r["quantity"]:
-                units[_key(r)].add(r.get("quantity_unit"))
+            (units if r["quantity"] else zeros)[_key(r)].add(r.get("quantity_unit"))
             quantities[_key(r)] += r["quantity"]
-    unit = {k: next(iter(u)) if len(u) == 1 else None if u else first_unit[k]
-            for k, u in ((k, units[k]) for k in quantities)}
+    unit = {k: next(iter(u)) if len(u) == 1 else None for k, u in ((k, units[k] or zeros[k]) for k in quantities)}
     by_unit = {k + (unit[k],): v for k, v in quantities.items()}
     return dict(amounts), by_unit
 
