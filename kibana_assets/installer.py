@@ -860,20 +860,6 @@ class Installer:
         return "created", detail
 
     # -- uninstall ---------------------------------------------------------------------------
-    def _uninstall_labels(self, delete_data: bool) -> list[str]:
-        """What uninstall would go through, in its order: the summary's "not done" when it stops
-        before the first."""
-        labels = []
-        if self.o.with_kibana:
-            labels += [f"rule {r.id} {r.name}" for r in K.rules(self.o.rules, self.space)]
-            labels += [f"dashboard {d.id}" for d in K.dashboards(self.space)]
-            labels.append(f"data_view {K.data_view_id(self.space)}")
-        if delete_data:
-            labels += [f"data_stream {E.ROUTER_PATTERN}"] + [f"data_stream logs-openai.{ds}-*" for ds in E.F.datasets()]
-        assets = E.es_assets(self.o.retention, self.o.namespace)
-        return labels + [a.label for a in assets if a.kind == "index_template"] + [
-            a.label for a in assets if a.kind != "index_template"]
-
     def uninstall(self, delete_data: bool = False) -> Report:
         report = Report()
         self._es_read.clear()
@@ -886,8 +872,15 @@ class Installer:
             elsewhere = self._installed_in_other_spaces() if self.o.with_kibana else []
         except InstallerError as exc:
             report.error = exc
-            report.pending = self._uninstall_labels(delete_data)
+            report.pending = [label for label, _ in self._uninstall_steps(delete_data, [])]
             return report
+        return self._run_steps(self._uninstall_steps(delete_data, elsewhere), report)
+
+    def _uninstall_steps(self, delete_data: bool,
+                         elsewhere: list[str]) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
+        """What uninstall goes through, in its order, each step's work deferred: run, or only
+        listed as "not done" when the uninstall stops before the first. `elsewhere`: the other
+        Kibana spaces that hold an install, for which the Elasticsearch assets stay."""
         steps: list[tuple[str, Callable[[], tuple[str, str]]]] = []
         if self.o.with_kibana:
             # this space's ids only: the other spaces' objects have their own ids and stay
@@ -911,7 +904,7 @@ class Installer:
                    f"{'have' if len(elsewhere) > 1 else 'has'} openai-assets' dashboards: uninstall there too")
             for label in [f"data_stream {p}" for p in stream_patterns if delete_data] + [a.label for a in assets]:
                 steps.append((label, lambda: ("kept", why)))
-            return self._run_steps(steps, report)
+            return steps
         kept: dict[str, str] = {}  # pipeline or component template name -> why it stays
         if delete_data:
             for pattern in stream_patterns:
@@ -920,7 +913,7 @@ class Installer:
             steps.append((a.label, lambda a=a: self._delete_index_template(a, kept, delete_data)))
         for a in [a for a in assets if a.kind != "index_template"]:
             steps.append((a.label, lambda a=a: self._delete_es(a, kept.get(a.name))))
-        return self._run_steps(steps, report)
+        return steps
 
     def _installed_in_other_spaces(self) -> list[str]:
         """The other Kibana spaces (of those the user can see) that hold our data view, under their
@@ -1066,7 +1059,8 @@ class Installer:
         if resp.status_code == 400 and asset.kind == "pipeline" and "pipeline for" in _reason(resp):
             # an index that exists names it (its template deleted, the data streams unread): kept,
             # or its next document were refused for a missing pipeline
-            return "kept", "the default pipeline of indices that exist (pass --delete-data to remove data and templates)"
+            return "kept", ("the default pipeline of indices that exist "
+                            "(pass --delete-data to remove data and templates)")
         _check(resp, f"delete {asset.label}", ES_PRIVILEGE[asset.kind])
         return "deleted", ""
 
